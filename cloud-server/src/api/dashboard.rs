@@ -1,0 +1,134 @@
+//! `DashboardService`: read-only, aggregates only.
+use adaptivenet_proto::v1 as pb;
+use adaptivenet_proto::v1::dashboard_service_server::DashboardService;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+
+use super::{convert, management, ServerStream};
+use crate::app::App;
+use crate::auth::Access;
+use crate::domain::{parse_id, Page};
+
+/// Implements `DashboardService` over an [`App`].
+#[derive(Clone, Debug)]
+pub struct DashboardApi {
+    app: App,
+}
+
+impl DashboardApi {
+    pub fn new(app: App) -> Self {
+        DashboardApi { app }
+    }
+}
+
+fn page_of(p: &Option<pb::PageRequest>) -> Result<Page, Status> {
+    let p = p.clone().unwrap_or_default();
+    Ok(Page::new(p.page_size, &p.page_token)?)
+}
+
+fn opt_fleet(s: &str) -> Result<Option<uuid::Uuid>, Status> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        Ok(Some(parse_id("fleet_id", s)?))
+    }
+}
+
+#[tonic::async_trait]
+impl DashboardService for DashboardApi {
+    async fn list_fleets(&self, req: Request<pb::ListFleetsRequest>) -> Result<Response<pb::ListFleetsResponse>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let page = page_of(&req.get_ref().page)?;
+        let mut list = self.app.store().list_fleets(page).await?;
+        for f in &mut list {
+            f.desired = self.app.store().desired_state(f.id).await?;
+        }
+        Ok(Response::new(pb::ListFleetsResponse {
+            next_page_token: page.next_token(list.len()),
+            fleets: list.iter().map(convert::fleet).collect(),
+        }))
+    }
+
+    async fn list_devices(&self, req: Request<pb::ListDevicesRequest>) -> Result<Response<pb::ListDevicesResponse>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let r = req.get_ref();
+        let page = page_of(&r.page)?;
+        let list = self.app.store().list_devices(page, opt_fleet(&r.fleet_id)?).await?;
+        Ok(Response::new(pb::ListDevicesResponse {
+            next_page_token: page.next_token(list.len()),
+            devices: list.iter().map(convert::device).collect(),
+        }))
+    }
+
+    async fn list_supernets(
+        &self,
+        req: Request<pb::ListSupernetsForDashboardRequest>,
+    ) -> Result<Response<pb::ListSupernetsForDashboardResponse>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let page = page_of(&req.get_ref().page)?;
+        let list = self.app.store().list_supernets(page, None).await?;
+        Ok(Response::new(pb::ListSupernetsForDashboardResponse {
+            next_page_token: page.next_token(list.len()),
+            supernets: list.iter().map(convert::supernet).collect(),
+        }))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsForDashboardRequest>,
+    ) -> Result<Response<pb::ListJobsForDashboardResponse>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let page = page_of(&req.get_ref().page)?;
+        let list = self.app.store().list_jobs(page, None).await?;
+        Ok(Response::new(pb::ListJobsForDashboardResponse {
+            next_page_token: page.next_token(list.len()),
+            jobs: list.iter().map(convert::job).collect(),
+        }))
+    }
+
+    async fn get_fleet_aggregates(
+        &self,
+        req: Request<pb::GetFleetAggregatesRequest>,
+    ) -> Result<Response<pb::FleetAggregates>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let fleet = opt_fleet(&req.get_ref().fleet_id)?;
+        let a = self.app.store().fleet_aggregates(fleet).await?;
+        Ok(Response::new(convert::aggregates(&a)))
+    }
+
+    type WatchFleetStream = ServerStream<pb::FleetEvent>;
+
+    async fn watch_fleet(&self, req: Request<pb::WatchFleetRequest>) -> Result<Response<Self::WatchFleetStream>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let fleet = opt_fleet(&req.get_ref().fleet_id)?;
+        let mut rx = self.app.subscribe_fleet();
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        let stop = self.app.shutdown_token().clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = stop.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("server shutting down"))).await;
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                    ev = rx.recv() => ev,
+                };
+                match ev {
+                    Ok(e) => {
+                        if fleet.is_some_and(|f| f != e.fleet_id) {
+                            continue;
+                        }
+                        if tx.send(Ok(convert::fleet_event(&e))).await.is_err() {
+                            return;
+                        }
+                    }
+                    // A slow watcher skips events rather than buffering without bound.
+                    Err(RecvError::Lagged(n)) => tracing::debug!(skipped = n, "fleet watcher lagged"),
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+}

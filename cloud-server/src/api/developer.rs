@@ -1,0 +1,373 @@
+//! `DeveloperService`.
+use std::time::Duration;
+
+use adaptivenet_proto::v1 as pb;
+use adaptivenet_proto::v1::developer_service_server::DeveloperService;
+use adaptivenet_proto::v1::upload_oracle_request::Msg;
+use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
+
+use super::{convert, management, ServerStream};
+use crate::app::App;
+use crate::auth::Access;
+use crate::domain::{
+    check_name, check_sha256, now_ms, parse_id, Dataset, FleetEventKind, Job, JobState, Oracle,
+    Page,
+};
+use crate::error::CloudError;
+use crate::ops::metrics::Metrics;
+use crate::validate::validate_oracle;
+
+/// Largest accepted upload chunk (the gRPC message limit is 4 MiB).
+pub const MAX_CHUNK: usize = 4 << 20;
+/// Largest accepted architecture descriptor.
+pub const MAX_ARCH_JSON: usize = 1 << 20;
+
+/// Implements `DeveloperService` over an [`App`].
+#[derive(Clone, Debug)]
+pub struct DeveloperApi {
+    app: App,
+}
+
+impl DeveloperApi {
+    pub fn new(app: App) -> Self {
+        DeveloperApi { app }
+    }
+
+    /// Reads the header, streams chunks into a temp blob while hashing, checks size and
+    /// digest, validates the model and only then commits blob and row.
+    async fn upload(&self, mut stream: Streaming<pb::UploadOracleRequest>) -> Result<(Oracle, bool), CloudError> {
+        let app = &self.app;
+        let first = stream
+            .message()
+            .await
+            .map_err(|s| CloudError::invalid("header", format!("stream failed: {}", s.message())))?
+            .ok_or_else(|| CloudError::invalid("header", "stream ended before the header"))?;
+        let h = match first.msg {
+            Some(Msg::Header(h)) => h,
+            _ => return Err(CloudError::invalid("header", "the first message must be the header")),
+        };
+        check_name("header.name", &h.name)?;
+        check_sha256("header.weights_sha256", &h.weights_sha256)?;
+        if h.arch_json.len() > MAX_ARCH_JSON {
+            return Err(CloudError::exhausted("header.arch_json", format!("larger than {MAX_ARCH_JSON} bytes")));
+        }
+        if h.size_bytes == 0 {
+            return Err(CloudError::invalid("header.size_bytes", "must be positive"));
+        }
+        let limit = app.config().max_oracle_bytes;
+        if h.size_bytes > limit {
+            return Err(CloudError::exhausted(
+                "header.size_bytes",
+                format!("{} bytes exceeds the limit of {limit} bytes", h.size_bytes),
+            ));
+        }
+        let arch = String::from_utf8(h.arch_json.clone())
+            .map_err(|_| CloudError::invalid("header.arch_json", "not UTF-8"))?;
+        let mut w = app.blobs().writer().await?;
+        while let Some(m) = stream
+            .message()
+            .await
+            .map_err(|s| CloudError::invalid("chunk", format!("stream failed: {}", s.message())))?
+        {
+            match m.msg {
+                Some(Msg::Chunk(c)) => {
+                    if c.len() > MAX_CHUNK {
+                        return Err(CloudError::invalid("chunk", format!("larger than {MAX_CHUNK} bytes")));
+                    }
+                    if w.size() + c.len() as u64 > h.size_bytes {
+                        return Err(CloudError::invalid(
+                            "chunk",
+                            format!("more bytes than the declared header.size_bytes {}", h.size_bytes),
+                        ));
+                    }
+                    w.write(&c).await?;
+                }
+                Some(Msg::Header(_)) => return Err(CloudError::invalid("header", "sent more than once")),
+                None => return Err(CloudError::invalid("msg", "empty message")),
+            }
+        }
+        if w.size() != h.size_bytes {
+            return Err(CloudError::invalid(
+                "header.size_bytes",
+                format!("upload truncated: received {} of {} bytes", w.size(), h.size_bytes),
+            ));
+        }
+        let digest = w.digest();
+        if digest != h.weights_sha256 {
+            return Err(CloudError::invalid(
+                "header.weights_sha256",
+                format!("declared {} but the content hashes to {digest}", h.weights_sha256),
+            ));
+        }
+        if let Some(existing) = app.store().oracle_by_digest(&digest).await? {
+            return Ok((existing, false));
+        }
+        let tmp = w.tmp_path().expect("uncommitted writer has a temp file").to_path_buf();
+        let weights = tokio::fs::read(&tmp).await.map_err(|e| CloudError::io(&tmp, e))?;
+        let arch_bytes = h.arch_json;
+        let info = tokio::task::spawn_blocking(move || validate_oracle(&arch_bytes, &weights))
+            .await
+            .map_err(|e| CloudError::Internal(format!("validation task: {e}")))??;
+        let blob = w.commit(Some(("header.weights_sha256", &h.weights_sha256))).await?;
+        let o = Oracle {
+            id: Uuid::new_v4(),
+            name: h.name,
+            family: info.family,
+            weights_sha256: blob.sha256,
+            size_bytes: blob.size_bytes,
+            num_params: info.num_params,
+            num_tensors: info.num_tensors,
+            arch_json: arch,
+            created_ms: now_ms(),
+        };
+        let (o, created) = app.store().insert_oracle(&o).await?;
+        if created {
+            Metrics::inc(&app.metrics().oracle_uploads_total);
+            tracing::info!(oracle = %o.id, sha256 = %o.weights_sha256, "oracle uploaded");
+        }
+        Ok((o, created))
+    }
+}
+
+#[tonic::async_trait]
+impl DeveloperService for DeveloperApi {
+    async fn upload_oracle(
+        &self,
+        req: Request<Streaming<pb::UploadOracleRequest>>,
+    ) -> Result<Response<pb::UploadOracleResponse>, Status> {
+        management(&self.app, req.metadata(), Access::Write).await?;
+        let (o, created) = self.upload(req.into_inner()).await?;
+        Ok(Response::new(pb::UploadOracleResponse {
+            oracle: Some(convert::oracle(&o)),
+            created,
+        }))
+    }
+
+    async fn list_oracles(&self, req: Request<pb::ListOraclesRequest>) -> Result<Response<pb::ListOraclesResponse>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let p = req.get_ref().page.clone().unwrap_or_default();
+        let page = Page::new(p.page_size, &p.page_token)?;
+        let list = self.app.store().list_oracles(page).await?;
+        Ok(Response::new(pb::ListOraclesResponse {
+            next_page_token: page.next_token(list.len()),
+            oracles: list.iter().map(convert::oracle).collect(),
+        }))
+    }
+
+    async fn get_oracle(&self, req: Request<pb::GetOracleRequest>) -> Result<Response<pb::Oracle>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let id = parse_id("oracle_id", &req.get_ref().oracle_id)?;
+        Ok(Response::new(convert::oracle(&self.app.store().get_oracle(id).await?)))
+    }
+
+    async fn delete_oracle(&self, req: Request<pb::DeleteOracleRequest>) -> Result<Response<pb::Empty>, Status> {
+        management(&self.app, req.metadata(), Access::Write).await?;
+        let id = parse_id("oracle_id", &req.get_ref().oracle_id)?;
+        let sha = self.app.store().delete_oracle(id).await?;
+        self.app.blobs().delete(&sha).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn register_dataset(&self, req: Request<pb::RegisterDatasetRequest>) -> Result<Response<pb::Dataset>, Status> {
+        management(&self.app, req.metadata(), Access::Write).await?;
+        let r = req.into_inner();
+        check_name("name", &r.name)?;
+        check_name("format", &r.format)?;
+        if r.uri.is_empty() || r.uri.len() > 2048 || r.uri.chars().any(char::is_control) {
+            return Err(CloudError::invalid("uri", "must be 1-2048 printable characters").into());
+        }
+        let d = Dataset {
+            id: Uuid::new_v4(),
+            name: r.name,
+            uri: r.uri,
+            format: r.format,
+            num_samples: r.num_samples,
+            created_ms: now_ms(),
+        };
+        self.app.store().insert_dataset(&d).await?;
+        Ok(Response::new(convert::dataset(&d)))
+    }
+
+    async fn list_datasets(&self, req: Request<pb::ListDatasetsRequest>) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let p = req.get_ref().page.clone().unwrap_or_default();
+        let page = Page::new(p.page_size, &p.page_token)?;
+        let list = self.app.store().list_datasets(page).await?;
+        Ok(Response::new(pb::ListDatasetsResponse {
+            next_page_token: page.next_token(list.len()),
+            datasets: list.iter().map(convert::dataset).collect(),
+        }))
+    }
+
+    async fn start_elastification(&self, req: Request<pb::StartElastificationRequest>) -> Result<Response<pb::Job>, Status> {
+        management(&self.app, req.metadata(), Access::Write).await?;
+        let r = req.into_inner();
+        let store = self.app.store();
+        let oracle = store.get_oracle(parse_id("oracle_id", &r.oracle_id)?).await?;
+        let dataset_id = if r.dataset_id.is_empty() {
+            None
+        } else {
+            Some(store.get_dataset(parse_id("dataset_id", &r.dataset_id)?).await?.id)
+        };
+        let supernet_name = if r.supernet_name.is_empty() { oracle.name.clone() } else { r.supernet_name };
+        check_name("supernet_name", &supernet_name)?;
+        let params_json = if r.params_json.is_empty() { "{}".to_string() } else { r.params_json };
+        if params_json.len() > 64 << 10 {
+            return Err(CloudError::exhausted("params_json", "larger than 64 KiB").into());
+        }
+        match serde_json::from_str::<serde_json::Value>(&params_json) {
+            Ok(v) if v.is_object() => {}
+            _ => return Err(CloudError::invalid("params_json", "must be a JSON object").into()),
+        }
+        let now = now_ms();
+        let job = Job {
+            id: Uuid::new_v4(),
+            oracle_id: oracle.id,
+            dataset_id,
+            supernet_name,
+            params_json,
+            state: JobState::Queued,
+            stage: "queued".into(),
+            progress: 0.0,
+            attempts: 0,
+            max_attempts: self.app.config().job_max_attempts,
+            cancel_requested: false,
+            lease_owner: None,
+            lease_expires_ms: None,
+            checkpoint_sha256: None,
+            error: None,
+            supernet_id: None,
+            created_ms: now,
+            updated_ms: now,
+        };
+        store.insert_job(&job).await?;
+        self.app.emit_job(job.id);
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let id = parse_id("job_id", &req.get_ref().job_id)?;
+        Ok(Response::new(convert::job(&self.app.store().get_job(id).await?)))
+    }
+
+    type WatchJobStream = ServerStream<pb::JobEvent>;
+
+    async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let id = parse_id("job_id", &req.get_ref().job_id)?;
+        let app = self.app.clone();
+        let first = app.store().get_job(id).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut wake = app.subscribe_jobs();
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(pb::JobEvent { job: Some(convert::job(&last)) })).await.is_err() {
+                return;
+            }
+            while !last.state.is_terminal() {
+                tokio::select! {
+                    _ = app.shutdown_token().cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("server shutting down; watch again"))).await;
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                    r = wake.recv() => {
+                        if let Ok(j) = r { if j != id { continue; } }
+                    }
+                    // Workers in other processes do not wake us: poll as well.
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                let job = match app.store().get_job(id).await {
+                    Ok(j) => j,
+                    Err(e) => { let _ = tx.send(Err(e.into())).await; return; }
+                };
+                if job != last {
+                    if tx.send(Ok(pb::JobEvent { job: Some(convert::job(&job)) })).await.is_err() {
+                        return;
+                    }
+                    last = job;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
+        management(&self.app, req.metadata(), Access::Write).await?;
+        let id = parse_id("job_id", &req.get_ref().job_id)?;
+        let job = self.app.store().cancel_job(id, now_ms()).await?;
+        self.app.emit_job(id);
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let r = req.get_ref();
+        let p = r.page.clone().unwrap_or_default();
+        let page = Page::new(p.page_size, &p.page_token)?;
+        let state = pb::JobState::try_from(r.state)
+            .map_err(|_| CloudError::invalid("state", format!("unknown job state {}", r.state)))?;
+        let list = self.app.store().list_jobs(page, convert::job_state_from_pb(state)).await?;
+        Ok(Response::new(pb::ListJobsResponse {
+            next_page_token: page.next_token(list.len()),
+            jobs: list.iter().map(convert::job).collect(),
+        }))
+    }
+
+    async fn list_supernets(&self, req: Request<pb::ListSupernetsRequest>) -> Result<Response<pb::ListSupernetsResponse>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let r = req.get_ref();
+        let p = r.page.clone().unwrap_or_default();
+        let page = Page::new(p.page_size, &p.page_token)?;
+        let name = (!r.name.is_empty()).then_some(r.name.as_str());
+        let list = self.app.store().list_supernets(page, name).await?;
+        Ok(Response::new(pb::ListSupernetsResponse {
+            next_page_token: page.next_token(list.len()),
+            supernets: list.iter().map(convert::supernet).collect(),
+        }))
+    }
+
+    async fn get_supernet(&self, req: Request<pb::GetSupernetRequest>) -> Result<Response<pb::GetSupernetResponse>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let id = parse_id("supernet_id", &req.get_ref().supernet_id)?;
+        let (s, manifest, blobs) = self.app.store().get_supernet_full(id).await?;
+        Ok(Response::new(pb::GetSupernetResponse {
+            supernet: Some(convert::supernet(&s)),
+            manifest_json: manifest.into_bytes(),
+            blobs: blobs.iter().map(convert::blob_ref).collect(),
+        }))
+    }
+
+    async fn publish_supernet(&self, req: Request<pb::PublishSupernetRequest>) -> Result<Response<pb::Label>, Status> {
+        management(&self.app, req.metadata(), Access::Write).await?;
+        let r = req.into_inner();
+        let supernet = parse_id("supernet_id", &r.supernet_id)?;
+        let fleet = parse_id("fleet_id", &r.fleet_id)?;
+        check_name("label", &r.label)?;
+        let l = self.app.store().publish_label(fleet, &r.label, supernet).await?;
+        self.app.emit_fleet(FleetEventKind::LabelPublished, fleet, None, Some(supernet));
+        Ok(Response::new(convert::label(&l)))
+    }
+
+    async fn set_desired_state(&self, req: Request<pb::SetDesiredStateRequest>) -> Result<Response<pb::DesiredState>, Status> {
+        management(&self.app, req.metadata(), Access::Write).await?;
+        let r = req.into_inner();
+        let fleet = parse_id("fleet_id", &r.fleet_id)?;
+        let budget = convert::budget_from_pb(r.budget.as_ref());
+        budget.validate()?;
+        use pb::set_desired_state_request::Target;
+        let (label, supernet) = match r.target {
+            Some(Target::Label(l)) => {
+                check_name("label", &l)?;
+                (Some(l), None)
+            }
+            Some(Target::SupernetId(s)) => (None, Some(parse_id("supernet_id", &s)?)),
+            None => return Err(CloudError::invalid("target", "set label or supernet_id").into()),
+        };
+        let d = self.app.store().set_desired_state(fleet, label.as_deref(), supernet, budget).await?;
+        self.app.emit_fleet(FleetEventKind::DesiredStateChanged, fleet, None, d.supernet_id);
+        Ok(Response::new(convert::desired(&d)))
+    }
+}

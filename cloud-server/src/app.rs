@@ -1,0 +1,324 @@
+//! The shared state of a running cloud and the domain operations the services and the CLI
+//! call (no prost types here).
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::auth::{generate_token, hash_token, Authenticator, TokenKind};
+use crate::blobs::{sha256_hex, BlobStore};
+use crate::domain::{
+    check_sha256, now_ms, BlobRef, Device, DeviceClass, DeviceStatus, FleetEvent,
+    FleetEventKind, Role, Supernet, AdaptationReason,
+};
+use crate::error::{CloudError, Result};
+use crate::ops::metrics::Metrics;
+use crate::store::{NewSupernet, Store};
+
+/// Server configuration (filled by the CLI or by tests).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `sqlite://path` or `postgres://...`.
+    pub database_url: String,
+    /// Root of the local blob store.
+    pub blob_dir: PathBuf,
+    pub db_max_connections: u32,
+    /// Largest accepted oracle weights file.
+    pub max_oracle_bytes: u64,
+    /// Privacy minimum of samples behind a reported quality estimate.
+    pub min_report_samples: u64,
+    /// Heartbeat interval suggested to agents.
+    pub heartbeat_interval: Duration,
+    /// Devices missing this many heartbeats are marked stale.
+    pub stale_after_missed: u32,
+    /// Requests in flight beyond this are shed with RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
+    /// In-process job workers (0 = jobs run only in `worker` processes).
+    pub workers: usize,
+    pub job_lease: Duration,
+    pub job_max_attempts: u32,
+    /// How often an idle worker polls the queue.
+    pub job_poll: Duration,
+    pub auth_cache_ttl: Duration,
+    /// Lifetime of device credentials (`None` = until revoked).
+    pub device_credential_ttl: Option<Duration>,
+    /// How long health reports NOT_SERVING before the listener closes on shutdown.
+    pub drain_grace: Duration,
+}
+
+impl Config {
+    /// Defaults for a data directory (SQLite file and blobs inside it).
+    pub fn for_data_dir(dir: impl Into<PathBuf>) -> Self {
+        let dir = dir.into();
+        Config {
+            database_url: format!("sqlite://{}", dir.join("cloud.db").display()),
+            blob_dir: dir.join("blobs"),
+            db_max_connections: 8,
+            max_oracle_bytes: 512 << 20,
+            min_report_samples: 100,
+            heartbeat_interval: Duration::from_secs(30),
+            stale_after_missed: 3,
+            max_concurrent_requests: 512,
+            workers: 1,
+            job_lease: Duration::from_secs(30),
+            job_max_attempts: 3,
+            job_poll: Duration::from_secs(1),
+            auth_cache_ttl: Duration::from_secs(5),
+            device_credential_ttl: None,
+            drain_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Everything a request handler needs. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    store: Store,
+    blobs: BlobStore,
+    auth: Authenticator,
+    fleet_events: broadcast::Sender<FleetEvent>,
+    job_events: broadcast::Sender<Uuid>,
+    shutdown: CancellationToken,
+    metrics: Metrics,
+}
+
+/// Output of enrolling a device.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    pub device_id: Uuid,
+    pub fleet_id: Uuid,
+    pub credential: String,
+    pub expires_ms: Option<i64>,
+}
+
+/// A freshly created secret (shown once).
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub id: Uuid,
+    pub token: String,
+    pub expires_ms: Option<i64>,
+}
+
+impl App {
+    /// Connects the store (migrating it) and opens the blob store.
+    pub async fn open(config: Config) -> Result<Self> {
+        let store = Store::connect(&config.database_url, config.db_max_connections).await?;
+        store.migrate().await?;
+        let blobs = BlobStore::open(&config.blob_dir).await?;
+        Ok(Self::from_parts(config, store, blobs))
+    }
+
+    pub fn from_parts(config: Config, store: Store, blobs: BlobStore) -> Self {
+        let auth = Authenticator::new(store.clone(), config.auth_cache_ttl);
+        App {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                blobs,
+                auth,
+                fleet_events: broadcast::channel(1024).0,
+                job_events: broadcast::channel(1024).0,
+                shutdown: CancellationToken::new(),
+                metrics: Metrics::default(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+    pub fn blobs(&self) -> &BlobStore {
+        &self.inner.blobs
+    }
+    pub fn auth(&self) -> &Authenticator {
+        &self.inner.auth
+    }
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+    /// Cancelled when the server starts draining; long streams end on it.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// Publishes a fleet change to `WatchFleet` subscribers (dropped if nobody listens).
+    pub fn emit_fleet(&self, kind: FleetEventKind, fleet_id: Uuid, device_id: Option<Uuid>, supernet_id: Option<Uuid>) {
+        let _ = self.inner.fleet_events.send(FleetEvent {
+            kind,
+            fleet_id,
+            device_id,
+            supernet_id,
+            unix_ms: now_ms(),
+        });
+    }
+    pub fn subscribe_fleet(&self) -> broadcast::Receiver<FleetEvent> {
+        self.inner.fleet_events.subscribe()
+    }
+    /// Signals that a job row changed (wakes `WatchJob` streams and idle workers).
+    pub fn emit_job(&self, id: Uuid) {
+        let _ = self.inner.job_events.send(id);
+    }
+    pub fn subscribe_jobs(&self) -> broadcast::Receiver<Uuid> {
+        self.inner.job_events.subscribe()
+    }
+
+    /// Creates an API token with a role.
+    pub async fn create_api_token(&self, role: Role, description: &str, ttl: Option<Duration>) -> Result<NewToken> {
+        if role == Role::Device {
+            return Err(CloudError::invalid("role", "device credentials come from enrollment"));
+        }
+        let (token, hash) = generate_token(TokenKind::Api);
+        let id = Uuid::new_v4();
+        let now = now_ms();
+        let expires_ms = ttl.map(|t| now + t.as_millis() as i64);
+        self.store().insert_api_token(id, role, &hash, description, expires_ms, now).await?;
+        Ok(NewToken { id, token, expires_ms })
+    }
+
+    /// Creates an enrollment token for a fleet, valid for `uses` enrolments.
+    pub async fn create_enrollment_token(&self, fleet_id: Uuid, uses: u32, ttl: Option<Duration>) -> Result<NewToken> {
+        if uses == 0 || uses > 1_000_000 {
+            return Err(CloudError::invalid("uses", "must be in 1..=1000000"));
+        }
+        let (token, hash) = generate_token(TokenKind::Enrollment);
+        let id = Uuid::new_v4();
+        let now = now_ms();
+        let expires_ms = ttl.map(|t| now + t.as_millis() as i64);
+        self.store().insert_enrollment_token(id, fleet_id, &hash, uses, expires_ms, now).await?;
+        Ok(NewToken { id, token, expires_ms })
+    }
+
+    pub async fn revoke_api_token(&self, id: Uuid) -> Result<()> {
+        self.store().revoke_api_token(id).await?;
+        self.auth().invalidate();
+        Ok(())
+    }
+
+    pub async fn revoke_device(&self, id: Uuid) -> Result<()> {
+        let fleet = self.store().revoke_device(id).await?;
+        self.auth().invalidate();
+        self.emit_fleet(FleetEventKind::DeviceRevoked, fleet, Some(id), None);
+        Ok(())
+    }
+
+    /// Exchanges an enrollment token for a device id and credential.
+    pub async fn enroll(&self, token: &str, class: DeviceClass, agent_version: &str) -> Result<Enrollment> {
+        if !token.starts_with("anv1_enr_") {
+            return Err(CloudError::Unauthenticated("not an enrollment token".into()));
+        }
+        let now = now_ms();
+        let (credential, cred_hash) = generate_token(TokenKind::Device);
+        let expires_ms = self.config().device_credential_ttl.map(|t| now + t.as_millis() as i64);
+        let device = Device {
+            id: Uuid::new_v4(),
+            fleet_id: Uuid::nil(),
+            device_class: class,
+            status: DeviceStatus::Online,
+            agent_version: agent_version.to_string(),
+            active_supernet_id: None,
+            active_subnet: String::new(),
+            latency_p50_ms: 0.0,
+            latency_p95_ms: 0.0,
+            last_reason: AdaptationReason(0),
+            applied_generation: 0,
+            enrolled_ms: now,
+            last_heartbeat_ms: now,
+        };
+        let device = self
+            .store()
+            .enroll_device(&hash_token(token), device, &cred_hash, expires_ms, now)
+            .await?
+            .ok_or_else(|| {
+                CloudError::Unauthenticated("enrollment token unknown, used up, expired or revoked".into())
+            })?;
+        self.emit_fleet(FleetEventKind::DeviceEnrolled, device.fleet_id, Some(device.id), None);
+        Ok(Enrollment {
+            device_id: device.id,
+            fleet_id: device.fleet_id,
+            credential,
+            expires_ms,
+        })
+    }
+
+    /// Registers a supernet version whose module blobs are already in the blob store.
+    ///
+    /// Manifest assumption (until the core defines it): a JSON object whose optional
+    /// `modules` array holds objects with a `sha256` (64 lowercase hex) and optionally a
+    /// `size`; those digests are the blobs devices of an assigned fleet may fetch. Every
+    /// listed blob must exist and match its declared size.
+    pub async fn register_supernet(
+        &self,
+        name: &str,
+        oracle_id: Uuid,
+        job_id: Option<Uuid>,
+        manifest_json: &[u8],
+    ) -> Result<Supernet> {
+        let blobs = manifest_blobs(manifest_json)?;
+        let mut refs = Vec::with_capacity(blobs.len());
+        for (i, (sha, declared)) in blobs.into_iter().enumerate() {
+            let size = self.blobs().size(&sha).await.map_err(|_| {
+                CloudError::FailedPrecondition(format!("manifest modules[{i}]: blob {sha} is not stored"))
+            })?;
+            if declared.is_some_and(|d| d != size) {
+                return Err(CloudError::invalid(
+                    format!("manifest.modules[{i}].size"),
+                    format!("declared {declared:?}, stored blob has {size} bytes"),
+                ));
+            }
+            refs.push(BlobRef { sha256: sha, size_bytes: size });
+        }
+        let manifest = std::str::from_utf8(manifest_json)
+            .map_err(|_| CloudError::invalid("manifest", "not UTF-8"))?;
+        self.store()
+            .insert_supernet(&NewSupernet {
+                name,
+                oracle_id,
+                job_id,
+                manifest_json: manifest,
+                manifest_sha256: &sha256_hex(manifest_json),
+                blobs: &refs,
+            })
+            .await
+    }
+}
+
+/// The (digest, declared size) of each entry of a manifest's `modules` array.
+pub fn manifest_blobs(manifest_json: &[u8]) -> Result<Vec<(String, Option<u64>)>> {
+    let v: serde_json::Value = serde_json::from_slice(manifest_json)
+        .map_err(|e| CloudError::invalid("manifest", format!("not JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| CloudError::invalid("manifest", "must be a JSON object"))?;
+    let Some(modules) = obj.get("modules") else {
+        return Ok(Vec::new());
+    };
+    let modules = modules
+        .as_array()
+        .ok_or_else(|| CloudError::invalid("manifest.modules", "must be an array"))?;
+    let mut out = Vec::with_capacity(modules.len());
+    for (i, m) in modules.iter().enumerate() {
+        let field = format!("manifest.modules[{i}].sha256");
+        let sha = m
+            .get("sha256")
+            .and_then(|s| s.as_str())
+            .ok_or_else(|| CloudError::invalid(&field, "required string"))?;
+        check_sha256(&field, sha)?;
+        let size = m.get("size").and_then(|s| s.as_u64());
+        if !out.iter().any(|(s, _): &(String, Option<u64>)| s == sha) {
+            out.push((sha.to_string(), size));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,243 @@
+//! Identity: token generation and hashing, authentication of request metadata, and the
+//! authorisation rules of each API.
+//!
+//! Tokens are 256-bit random secrets (`anv1_<kind>_<64 hex>`); only their sha256 is stored,
+//! which is safe for secrets of that entropy and cheap enough for the report path. Lookups
+//! are cached for a short TTL; revocations through this process clear the cache at once,
+//! revocations by another process take effect within the TTL.
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::domain::{now_ms, DeviceStatus, Role};
+use crate::error::{CloudError, Result};
+use crate::store::Store;
+
+/// Kinds of secret, visible in the token prefix so a misplaced token is recognisable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    Api,
+    Enrollment,
+    Device,
+}
+
+impl TokenKind {
+    fn tag(self) -> &'static str {
+        match self {
+            TokenKind::Api => "api",
+            TokenKind::Enrollment => "enr",
+            TokenKind::Device => "dev",
+        }
+    }
+}
+
+/// A fresh secret and its stored hash.
+pub fn generate_token(kind: TokenKind) -> (String, String) {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = format!("anv1_{}_{}", kind.tag(), hex::encode(bytes));
+    let hash = hash_token(&token);
+    (token, hash)
+}
+
+/// The stored form of a secret.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Principal {
+    /// A management API token with a role (admin, developer, viewer).
+    Api { token_id: Uuid, role: Role },
+    /// An enrolled device, confined to its fleet.
+    Device { device_id: Uuid, fleet_id: Uuid },
+}
+
+impl Principal {
+    pub fn role(&self) -> Role {
+        match self {
+            Principal::Api { role, .. } => *role,
+            Principal::Device { .. } => Role::Device,
+        }
+    }
+}
+
+/// What a management method needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Read-only management (viewer, developer, admin).
+    Read,
+    /// Mutations of developer resources (developer, admin).
+    Write,
+    /// Operator actions (admin).
+    Admin,
+}
+
+/// The management-API authorisation rule. Devices never pass it.
+pub fn authorize_management(p: &Principal, access: Access) -> Result<()> {
+    let role = match p {
+        Principal::Device { .. } => {
+            return Err(CloudError::PermissionDenied(
+                "device credentials cannot call management APIs".into(),
+            ))
+        }
+        Principal::Api { role, .. } => *role,
+    };
+    let ok = match access {
+        Access::Read => matches!(role, Role::Admin | Role::Developer | Role::Viewer),
+        Access::Write => matches!(role, Role::Admin | Role::Developer),
+        Access::Admin => role == Role::Admin,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(CloudError::PermissionDenied(format!(
+            "role {} may not perform {access:?} operations",
+            role.as_str()
+        )))
+    }
+}
+
+/// The device-API rule: only device credentials; returns (device, fleet).
+pub fn authorize_device(p: &Principal) -> Result<(Uuid, Uuid)> {
+    match p {
+        Principal::Device {
+            device_id,
+            fleet_id,
+        } => Ok((*device_id, *fleet_id)),
+        Principal::Api { .. } => Err(CloudError::PermissionDenied(
+            "the device API needs a device credential".into(),
+        )),
+    }
+}
+
+#[derive(Clone, Copy)]
+struct CacheEntry {
+    principal: Principal,
+    expires_ms: Option<i64>,
+    fetched: Instant,
+}
+
+const CACHE_MAX: usize = 100_000;
+
+/// Authenticates bearer tokens against the store, with a small TTL cache.
+#[derive(Debug)]
+pub struct Authenticator {
+    store: Store,
+    ttl: Duration,
+    cache: RwLock<HashMap<String, CacheEntryDbg>>,
+}
+
+#[derive(Clone, Copy)]
+struct CacheEntryDbg(CacheEntry);
+
+impl std::fmt::Debug for CacheEntryDbg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CacheEntry")
+    }
+}
+
+impl Authenticator {
+    pub fn new(store: Store, ttl: Duration) -> Self {
+        Authenticator {
+            store,
+            ttl,
+            cache: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Drops every cached lookup (after a revocation).
+    pub fn invalidate(&self) {
+        self.cache.write().expect("auth cache lock").clear();
+    }
+
+    /// Extracts `authorization: Bearer <token>` and resolves it.
+    pub async fn authenticate(&self, md: &tonic::metadata::MetadataMap) -> Result<Principal> {
+        let raw = md
+            .get("authorization")
+            .ok_or_else(|| CloudError::Unauthenticated("missing authorization metadata".into()))?
+            .to_str()
+            .map_err(|_| CloudError::Unauthenticated("authorization is not ASCII".into()))?;
+        let token = raw
+            .strip_prefix("Bearer ")
+            .or_else(|| raw.strip_prefix("bearer "))
+            .ok_or_else(|| CloudError::Unauthenticated("expected `Bearer <token>`".into()))?
+            .trim();
+        self.authenticate_token(token).await
+    }
+
+    /// Resolves a bearer token.
+    pub async fn authenticate_token(&self, token: &str) -> Result<Principal> {
+        if token.is_empty() || token.len() > 200 {
+            return Err(CloudError::Unauthenticated("malformed token".into()));
+        }
+        let hash = hash_token(token);
+        let now = now_ms();
+        if let Some(CacheEntryDbg(e)) = self.cache.read().expect("auth cache lock").get(&hash).copied() {
+            if e.fetched.elapsed() < self.ttl {
+                if e.expires_ms.is_some_and(|x| x <= now) {
+                    return Err(CloudError::Unauthenticated("credential expired".into()));
+                }
+                return Ok(e.principal);
+            }
+        }
+        let (principal, expires_ms) = if token.starts_with("anv1_dev_") {
+            let row = self
+                .store
+                .device_by_credential(&hash)
+                .await?
+                .ok_or_else(|| CloudError::Unauthenticated("unknown device credential".into()))?;
+            if row.status == DeviceStatus::Revoked {
+                return Err(CloudError::Unauthenticated("device credential revoked".into()));
+            }
+            (
+                Principal::Device {
+                    device_id: row.device_id,
+                    fleet_id: row.fleet_id,
+                },
+                row.expires_ms,
+            )
+        } else if token.starts_with("anv1_api_") {
+            let row = self
+                .store
+                .api_token_by_hash(&hash)
+                .await?
+                .ok_or_else(|| CloudError::Unauthenticated("unknown API token".into()))?;
+            if row.revoked {
+                return Err(CloudError::Unauthenticated("API token revoked".into()));
+            }
+            (
+                Principal::Api {
+                    token_id: row.id,
+                    role: row.role,
+                },
+                row.expires_ms,
+            )
+        } else {
+            return Err(CloudError::Unauthenticated(
+                "not an API token or device credential".into(),
+            ));
+        };
+        if expires_ms.is_some_and(|x| x <= now) {
+            return Err(CloudError::Unauthenticated("credential expired".into()));
+        }
+        let mut cache = self.cache.write().expect("auth cache lock");
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(
+            hash,
+            CacheEntryDbg(CacheEntry {
+                principal,
+                expires_ms,
+                fetched: Instant::now(),
+            }),
+        );
+        Ok(principal)
+    }
+}

@@ -1,0 +1,254 @@
+//! Content-addressed blob storage (oracle weights, supernet modules, job checkpoints).
+//!
+//! Local disk layout: `ROOT/sha256/ab/abcdef...` (final, immutable) and `ROOT/tmp/` (writes in
+//! progress). A write goes to a temp file, is hashed while written, fsynced, checked against
+//! the expected digest and renamed into place, then the directory is fsynced: a crash leaves
+//! either no blob or the whole blob, never a part. A [`BlobWriter`] dropped before
+//! [`BlobWriter::commit`] deletes its temp file, so failed uploads leave nothing behind.
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use uuid::Uuid;
+
+use crate::domain::BlobRef;
+use crate::error::{CloudError, Result};
+
+/// Lowercase hex sha256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// The blob store (local disk).
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+impl BlobStore {
+    /// Opens (creating) a store under `root` and clears stale temp files of a previous run.
+    pub async fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        for d in [root.join("sha256"), root.join("tmp")] {
+            tokio::fs::create_dir_all(&d)
+                .await
+                .map_err(|e| CloudError::io(&d, e))?;
+        }
+        let store = BlobStore { root };
+        store.clear_tmp().await?;
+        Ok(store)
+    }
+
+    async fn clear_tmp(&self) -> Result<()> {
+        let tmp = self.root.join("tmp");
+        let mut rd = tokio::fs::read_dir(&tmp)
+            .await
+            .map_err(|e| CloudError::io(&tmp, e))?;
+        while let Ok(Some(e)) = rd.next_entry().await {
+            let _ = tokio::fs::remove_file(e.path()).await;
+        }
+        Ok(())
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Final path of a blob.
+    pub fn path_of(&self, sha256: &str) -> PathBuf {
+        self.root.join("sha256").join(&sha256[..2]).join(sha256)
+    }
+
+    /// Starts a write.
+    pub async fn writer(&self) -> Result<BlobWriter> {
+        let tmp = self.root.join("tmp").join(format!("{}.part", Uuid::new_v4()));
+        let file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| CloudError::io(&tmp, e))?;
+        Ok(BlobWriter {
+            store: self.clone(),
+            tmp: Some(tmp),
+            file: Some(file),
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Writes a whole blob from memory.
+    pub async fn put(&self, data: &[u8]) -> Result<BlobRef> {
+        let mut w = self.writer().await?;
+        w.write(data).await?;
+        w.commit(None).await
+    }
+
+    pub async fn exists(&self, sha256: &str) -> bool {
+        tokio::fs::metadata(self.path_of(sha256)).await.is_ok()
+    }
+
+    /// Size of a stored blob.
+    pub async fn size(&self, sha256: &str) -> Result<u64> {
+        let p = self.path_of(sha256);
+        match tokio::fs::metadata(&p).await {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(CloudError::not_found("blob", sha256))
+            }
+            Err(e) => Err(CloudError::io(&p, e)),
+        }
+    }
+
+    /// Reads a whole blob and checks its digest.
+    pub async fn read(&self, sha256: &str) -> Result<Vec<u8>> {
+        let p = self.path_of(sha256);
+        let data = match tokio::fs::read(&p).await {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CloudError::not_found("blob", sha256))
+            }
+            Err(e) => return Err(CloudError::io(&p, e)),
+        };
+        if sha256_hex(&data) != sha256 {
+            return Err(CloudError::DataLoss(format!("blob {sha256} fails its digest")));
+        }
+        Ok(data)
+    }
+
+    /// Opens a blob positioned at `offset`; returns the file and the blob's total size.
+    pub async fn open_at(&self, sha256: &str, offset: u64) -> Result<(tokio::fs::File, u64)> {
+        let p = self.path_of(sha256);
+        let mut f = match tokio::fs::File::open(&p).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CloudError::not_found("blob", sha256))
+            }
+            Err(e) => return Err(CloudError::io(&p, e)),
+        };
+        let size = f.metadata().await.map_err(|e| CloudError::io(&p, e))?.len();
+        if offset > size {
+            return Err(CloudError::invalid(
+                "offset",
+                format!("{offset} is beyond the blob size {size}"),
+            ));
+        }
+        f.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| CloudError::io(&p, e))?;
+        Ok((f, size))
+    }
+
+    /// Reads up to `max` bytes from an open blob.
+    pub async fn read_chunk(f: &mut tokio::fs::File, max: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; max];
+        let mut n = 0;
+        while n < max {
+            let k = f
+                .read(&mut buf[n..])
+                .await
+                .map_err(|e| CloudError::io("blob", e))?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Deletes a blob (used when its only owner is deleted).
+    pub async fn delete(&self, sha256: &str) -> Result<()> {
+        let p = self.path_of(sha256);
+        match tokio::fs::remove_file(&p).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(CloudError::io(&p, e)),
+        }
+    }
+}
+
+/// A blob being written; see the module docs for the atomicity protocol.
+#[derive(Debug)]
+pub struct BlobWriter {
+    store: BlobStore,
+    tmp: Option<PathBuf>,
+    file: Option<tokio::fs::File>,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl BlobWriter {
+    pub async fn write(&mut self, data: &[u8]) -> Result<()> {
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| CloudError::Internal("write after commit".into()))?;
+        f.write_all(data)
+            .await
+            .map_err(|e| CloudError::io(self.tmp.as_deref().unwrap_or(Path::new("tmp")), e))?;
+        self.hasher.update(data);
+        self.size += data.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Digest of what was written so far.
+    pub fn digest(&self) -> String {
+        hex::encode(self.hasher.clone().finalize())
+    }
+
+    /// Path of the temp file (to validate the content before committing).
+    pub fn tmp_path(&self) -> Option<&Path> {
+        self.tmp.as_deref()
+    }
+
+    /// fsyncs, checks the digest against `expected` (field name, digest) if given, and moves
+    /// the blob into place. An existing blob with the same digest is kept as is.
+    pub async fn commit(mut self, expected: Option<(&str, &str)>) -> Result<BlobRef> {
+        let digest = self.digest();
+        if let Some((field, want)) = expected {
+            if want != digest {
+                return Err(CloudError::invalid(
+                    field,
+                    format!("declared {want} but the content hashes to {digest}"),
+                ));
+            }
+        }
+        let tmp = self.tmp.clone().expect("tmp present until commit");
+        let mut f = self.file.take().expect("file present until commit");
+        f.flush().await.map_err(|e| CloudError::io(&tmp, e))?;
+        f.sync_all().await.map_err(|e| CloudError::io(&tmp, e))?;
+        drop(f);
+        let dst = self.store.path_of(&digest);
+        let dir = dst.parent().expect("blob path has a parent").to_path_buf();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| CloudError::io(&dir, e))?;
+        if tokio::fs::metadata(&dst).await.is_err() {
+            tokio::fs::rename(&tmp, &dst)
+                .await
+                .map_err(|e| CloudError::io(&dst, e))?;
+            self.tmp = None;
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || std::fs::File::open(&d).and_then(|f| f.sync_all()))
+                .await
+                .map_err(|e| CloudError::Internal(e.to_string()))?
+                .map_err(|e| CloudError::io(&dir, e))?;
+        }
+        Ok(BlobRef {
+            sha256: digest,
+            size_bytes: self.size,
+        })
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            // Synchronous remove: cheap, and must happen even when no runtime is polling.
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! `cloud-server client ...`: the developer/operator client over the public gRPC API.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use adaptivenet_proto::v1 as pb;
+use adaptivenet_proto::v1::developer_service_client::DeveloperServiceClient;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use sha2::{Digest, Sha256};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+#[derive(Args, Debug)]
+pub struct ClientArgs {
+    #[arg(long, env = "ADAPTIVENET_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    /// API token (`anv1_api_...`).
+    #[arg(long, env = "ADAPTIVENET_TOKEN")]
+    token: String,
+    #[command(subcommand)]
+    cmd: ClientCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClientCmd {
+    /// Upload an oracle (safetensors weights + architecture JSON) with a progress bar.
+    Upload {
+        weights: PathBuf,
+        #[arg(long)]
+        arch: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// Start an elastification job, optionally watching it to the end.
+    Elastify {
+        oracle_id: String,
+        #[arg(long, default_value = "")]
+        dataset_id: String,
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Watch a job with a progress bar.
+    Watch { job_id: String },
+    /// Cancel a job.
+    Cancel { job_id: String },
+    /// List oracles, jobs or supernets.
+    List {
+        #[arg(value_parser = ["oracles", "jobs", "supernets"])]
+        what: String,
+    },
+    /// Point a fleet's label at a supernet version.
+    Publish {
+        supernet_id: String,
+        #[arg(long)]
+        fleet: String,
+        #[arg(long, default_value = "stable")]
+        label: String,
+    },
+}
+
+type Client = DeveloperServiceClient<
+    tonic::service::interceptor::InterceptedService<Channel, Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>>,
+>;
+
+async fn connect(endpoint: &str, token: &str) -> anyhow::Result<Client> {
+    let channel = Channel::from_shared(endpoint.to_string())?
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {endpoint}"))?;
+    let value: MetadataValue<_> = format!("Bearer {token}").parse()?;
+    let f: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
+        Box::new(move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", value.clone());
+            Ok(req)
+        });
+    Ok(DeveloperServiceClient::with_interceptor(channel, f).max_decoding_message_size(8 << 20))
+}
+
+pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
+    let mut c = connect(&args.endpoint, &args.token).await?;
+    match args.cmd {
+        ClientCmd::Upload { weights, arch, name } => {
+            let data = std::fs::read(&weights).with_context(|| weights.display().to_string())?;
+            let arch_json = std::fs::read(&arch).with_context(|| arch.display().to_string())?;
+            let sha = hex::encode(Sha256::digest(&data));
+            let bar = indicatif::ProgressBar::new(data.len() as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
+                    .expect("valid template"),
+            );
+            let header = pb::UploadOracleRequest {
+                msg: Some(pb::upload_oracle_request::Msg::Header(pb::OracleUploadHeader {
+                    name,
+                    arch_json,
+                    size_bytes: data.len() as u64,
+                    weights_sha256: sha,
+                })),
+            };
+            let bar2 = bar.clone();
+            let chunks: Vec<Vec<u8>> = data.chunks(1 << 20).map(|c| c.to_vec()).collect();
+            let stream = futures::stream::iter(std::iter::once(header).chain(chunks.into_iter().map(
+                move |c| {
+                    bar2.inc(c.len() as u64);
+                    pb::UploadOracleRequest {
+                        msg: Some(pb::upload_oracle_request::Msg::Chunk(c)),
+                    }
+                },
+            )));
+            let r = c.upload_oracle(stream).await?.into_inner();
+            bar.finish();
+            let o = r.oracle.unwrap_or_default();
+            println!(
+                "{} oracle {} ({} params, sha256 {})",
+                if r.created { "created" } else { "existing" },
+                o.id,
+                o.num_params,
+                o.weights_sha256
+            );
+        }
+        ClientCmd::Elastify { oracle_id, dataset_id, watch } => {
+            let j = c
+                .start_elastification(pb::StartElastificationRequest {
+                    oracle_id,
+                    dataset_id,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            println!("job {}", j.id);
+            if watch {
+                watch_job(&mut c, j.id).await?;
+            }
+        }
+        ClientCmd::Watch { job_id } => watch_job(&mut c, job_id).await?,
+        ClientCmd::Cancel { job_id } => {
+            let j = c.cancel_job(pb::CancelJobRequest { job_id }).await?.into_inner();
+            println!("job {} state {:?}", j.id, pb::JobState::try_from(j.state).unwrap_or_default());
+        }
+        ClientCmd::List { what } => match what.as_str() {
+            "oracles" => {
+                for o in c.list_oracles(pb::ListOraclesRequest::default()).await?.into_inner().oracles {
+                    println!("{}  {:20}  {:10}  {}", o.id, o.name, o.family, o.weights_sha256);
+                }
+            }
+            "jobs" => {
+                for j in c.list_jobs(pb::ListJobsRequest::default()).await?.into_inner().jobs {
+                    let st = pb::JobState::try_from(j.state).unwrap_or_default();
+                    println!("{}  {:?}  {:.0}%  {}", j.id, st, j.progress * 100.0, j.error);
+                }
+            }
+            _ => {
+                for s in c.list_supernets(pb::ListSupernetsRequest::default()).await?.into_inner().supernets {
+                    println!("{}  {} v{}  {} modules", s.id, s.name, s.version, s.num_modules);
+                }
+            }
+        },
+        ClientCmd::Publish { supernet_id, fleet, label } => {
+            let l = c
+                .publish_supernet(pb::PublishSupernetRequest {
+                    supernet_id,
+                    fleet_id: fleet,
+                    label,
+                })
+                .await?
+                .into_inner();
+            println!("{} -> {} in fleet {}", l.label, l.supernet_id, l.fleet_id);
+        }
+    }
+    Ok(())
+}
+
+async fn watch_job(c: &mut Client, job_id: String) -> anyhow::Result<()> {
+    let mut s = c.watch_job(pb::WatchJobRequest { job_id }).await?.into_inner();
+    let bar = indicatif::ProgressBar::new(1000);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {percent}% {msg}").expect("valid template"));
+    let mut last = None;
+    while let Some(ev) = s.message().await? {
+        if let Some(j) = ev.job {
+            bar.set_position((j.progress * 1000.0) as u64);
+            bar.set_message(j.stage.clone());
+            last = Some(j);
+        }
+    }
+    bar.finish();
+    if let Some(j) = last {
+        let st = pb::JobState::try_from(j.state).unwrap_or_default();
+        println!("job {} {:?} {}{}", j.id, st, j.supernet_id, j.error);
+    }
+    Ok(())
+}

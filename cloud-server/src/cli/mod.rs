@@ -1,0 +1,243 @@
+//! Command-line interface (binary only; uses anyhow).
+mod client;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use adaptivenet_cloud::jobs::{UnimplementedRunner, Worker, worker_id_prefix};
+use adaptivenet_cloud::domain::{parse_id, Role};
+use adaptivenet_cloud::server::{self, TlsFiles};
+use adaptivenet_cloud::{App, Config};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "cloud-server", version, about = "adaptivenet cloud server")]
+pub struct Args {
+    /// Data directory (SQLite file and blobs unless overridden).
+    #[arg(long, env = "ADAPTIVENET_DATA_DIR", default_value = "./adaptivenet-data", global = true)]
+    data_dir: PathBuf,
+    /// Database URL (`sqlite://...` or `postgres://...`); default: SQLite in the data dir.
+    #[arg(long, env = "ADAPTIVENET_DATABASE_URL", global = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve the gRPC API (and run in-process job workers).
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// Prometheus metrics endpoint (`GET /metrics`).
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+        /// In-process job workers (0: only separate `worker` processes run jobs).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        #[arg(long, default_value_t = 512)]
+        max_concurrent_requests: usize,
+        /// Largest accepted oracle, MiB.
+        #[arg(long, default_value_t = 512)]
+        max_oracle_mib: u64,
+        #[arg(long, default_value_t = 100)]
+        min_report_samples: u64,
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+    },
+    /// Run job workers only (same database and blob store as the server).
+    Worker {
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage credentials directly in the database (bootstrap, break-glass).
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Manage fleets directly in the database.
+    Fleet {
+        #[command(subcommand)]
+        cmd: FleetCmd,
+    },
+    /// A gRPC client for developers and operators.
+    Client(client::ClientArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Create an API token (admin, developer, viewer); prints it once.
+    CreateApi {
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+    },
+    /// Create an enrollment token for a fleet (by id or name).
+    CreateEnrollment {
+        #[arg(long)]
+        fleet: String,
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+    },
+    /// List API tokens (never the secrets).
+    List,
+    /// Revoke an API token by id.
+    RevokeApi { id: String },
+    /// Revoke an enrollment token by id.
+    RevokeEnrollment { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum FleetCmd {
+    Create { name: String },
+}
+
+fn config(args: &Args) -> Config {
+    let mut c = Config::for_data_dir(&args.data_dir);
+    if let Some(u) = &args.database_url {
+        c.database_url = u.clone();
+    }
+    c
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    if let Cmd::Client(c) = args.cmd {
+        return client::run(c).await;
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let mut cfg = config(&args);
+    match args.cmd {
+        Cmd::Serve {
+            listen,
+            metrics_listen,
+            workers,
+            max_concurrent_requests,
+            max_oracle_mib,
+            min_report_samples,
+            tls_cert,
+            tls_key,
+        } => {
+            cfg.workers = workers;
+            cfg.max_concurrent_requests = max_concurrent_requests;
+            cfg.max_oracle_bytes = max_oracle_mib << 20;
+            cfg.min_report_samples = min_report_samples;
+            let tls = match (tls_cert, tls_key) {
+                (Some(c), Some(k)) => Some(TlsFiles {
+                    cert_pem: std::fs::read(&c).with_context(|| c.display().to_string())?,
+                    key_pem: std::fs::read(&k).with_context(|| k.display().to_string())?,
+                }),
+                (None, None) => None,
+                _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+            };
+            let app = App::open(cfg).await?;
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            let ml = match metrics_listen {
+                Some(a) => Some(tokio::net::TcpListener::bind(a).await?),
+                None => None,
+            };
+            let handle = server::start(app, listener, Some(Arc::new(UnimplementedRunner)), ml, tls).await?;
+            tracing::info!(addr = %handle.addr, metrics = ?handle.metrics_addr, "cloud-server ready");
+            shutdown_signal().await;
+            tracing::info!("draining");
+            handle.shutdown().await?;
+        }
+        Cmd::Worker { concurrency } => {
+            let app = App::open(cfg).await?;
+            let stop = CancellationToken::new();
+            let prefix = worker_id_prefix();
+            let handles: Vec<_> = (0..concurrency.max(1))
+                .map(|i| {
+                    let w = Worker::new(app.clone(), Arc::new(UnimplementedRunner), format!("{prefix}-{i}"));
+                    tokio::spawn(w.run(stop.clone()))
+                })
+                .collect();
+            shutdown_signal().await;
+            stop.cancel();
+            for h in handles {
+                let _ = h.await;
+            }
+        }
+        Cmd::Migrate => {
+            App::open(cfg).await?;
+            println!("migrations applied");
+        }
+        Cmd::Token { cmd } => {
+            let app = App::open(cfg).await?;
+            match cmd {
+                TokenCmd::CreateApi { role, description, ttl_secs } => {
+                    let t = app
+                        .create_api_token(Role::parse(&role)?, &description, ttl_secs.map(Duration::from_secs))
+                        .await?;
+                    println!("id:    {}\ntoken: {}", t.id, t.token);
+                }
+                TokenCmd::CreateEnrollment { fleet, uses, ttl_secs } => {
+                    let fleet_id = match parse_id("fleet", &fleet) {
+                        Ok(id) => id,
+                        Err(_) => app.store().fleet_by_name(&fleet).await?.id,
+                    };
+                    let t = app
+                        .create_enrollment_token(fleet_id, uses, ttl_secs.map(Duration::from_secs))
+                        .await?;
+                    println!("id:    {}\ntoken: {}", t.id, t.token);
+                }
+                TokenCmd::List => {
+                    for (t, desc) in app.store().list_api_tokens().await? {
+                        println!(
+                            "{}  {:9}  revoked={}  expires_ms={:?}  {desc}",
+                            t.id,
+                            t.role.as_str(),
+                            t.revoked,
+                            t.expires_ms
+                        );
+                    }
+                }
+                TokenCmd::RevokeApi { id } => {
+                    app.revoke_api_token(parse_id("id", &id)?).await?;
+                    println!("revoked");
+                }
+                TokenCmd::RevokeEnrollment { id } => {
+                    app.store().revoke_enrollment_token(parse_id("id", &id)?).await?;
+                    println!("revoked");
+                }
+            }
+        }
+        Cmd::Fleet { cmd: FleetCmd::Create { name } } => {
+            let app = App::open(cfg).await?;
+            let f = app.store().create_fleet(&name).await?;
+            println!("{}", f.id);
+        }
+        Cmd::Client(_) => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

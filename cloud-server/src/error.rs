@@ -1,0 +1,141 @@
+//! The crate's one error type and the one table that maps it to gRPC status codes.
+//!
+//! Every service method returns `Result<_, CloudError>` internally and converts at the edge
+//! with `Status::from`; [`CloudError::code`] is that table (tested in `tests/status_map.rs`).
+//! Internal details (SQL, I/O) are logged, never sent to clients.
+use thiserror::Error;
+use tonic::Code;
+
+/// Everything the cloud can fail with.
+#[derive(Debug, Error)]
+pub enum CloudError {
+    /// A request field is malformed or out of range.
+    #[error("invalid argument: {field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    /// An id that does not exist (or that the caller may not know exists).
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    /// A unique name is already taken.
+    #[error("{kind} {id} already exists")]
+    AlreadyExists { kind: &'static str, id: String },
+    /// The request is valid but the current state forbids it.
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// A size or rate limit was exceeded.
+    #[error("resource exhausted: {what}: {detail}")]
+    ResourceExhausted { what: String, detail: String },
+    /// Missing, malformed, wrong, expired or revoked credential.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller is known but its role or fleet does not allow this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The operation was cancelled (job cancel, client gone).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+    /// The server is draining or a dependency is temporarily unreachable.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data failed its integrity check (e.g. a blob whose digest no longer matches).
+    #[error("data loss: {0}")]
+    DataLoss(String),
+    /// A database error (details logged, not returned).
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration error.
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// An I/O error with the path it happened on.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bug or broken invariant.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Result alias of the cloud crate.
+pub type Result<T, E = CloudError> = std::result::Result<T, E>;
+
+impl CloudError {
+    /// Shorthand for [`CloudError::InvalidArgument`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        CloudError::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for [`CloudError::NotFound`].
+    pub fn not_found(kind: &'static str, id: impl Into<String>) -> Self {
+        CloudError::NotFound {
+            kind,
+            id: id.into(),
+        }
+    }
+
+    /// Shorthand for [`CloudError::ResourceExhausted`].
+    pub fn exhausted(what: impl Into<String>, detail: impl Into<String>) -> Self {
+        CloudError::ResourceExhausted {
+            what: what.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Wraps an I/O error with its path.
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        CloudError::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
+
+    /// The status-code table: the only place that decides which code a failure gets.
+    pub fn code(&self) -> Code {
+        match self {
+            CloudError::InvalidArgument { .. } => Code::InvalidArgument,
+            CloudError::NotFound { .. } => Code::NotFound,
+            CloudError::AlreadyExists { .. } => Code::AlreadyExists,
+            CloudError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CloudError::ResourceExhausted { .. } => Code::ResourceExhausted,
+            CloudError::Unauthenticated(_) => Code::Unauthenticated,
+            CloudError::PermissionDenied(_) => Code::PermissionDenied,
+            CloudError::Cancelled(_) => Code::Cancelled,
+            CloudError::Unavailable(_) => Code::Unavailable,
+            CloudError::DataLoss(_) => Code::DataLoss,
+            CloudError::Database(e) => match e {
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => Code::Unavailable,
+                sqlx::Error::RowNotFound => Code::NotFound,
+                _ => Code::Internal,
+            },
+            CloudError::Migrate(_) | CloudError::Io { .. } | CloudError::Internal(_) => {
+                Code::Internal
+            }
+        }
+    }
+
+    /// The message a client sees: the error itself for client-caused failures, a generic
+    /// text for internal ones (the details go to the log).
+    pub fn client_message(&self) -> String {
+        match self.code() {
+            Code::Internal => "internal error (see server log)".to_string(),
+            Code::Unavailable if matches!(self, CloudError::Database(_)) => {
+                "database temporarily unavailable".to_string()
+            }
+            _ => self.to_string(),
+        }
+    }
+}
+
+impl From<CloudError> for tonic::Status {
+    fn from(e: CloudError) -> Self {
+        let code = e.code();
+        if code == Code::Internal {
+            tracing::error!(error = %e, "internal error");
+        }
+        tonic::Status::new(code, e.client_message())
+    }
+}

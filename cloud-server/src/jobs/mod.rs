@@ -1,0 +1,299 @@
+//! Elastification jobs: the [`JobRunner`] plug-in point and the worker loop that leases jobs
+//! from the database queue, heartbeats the lease, relays progress, stores checkpoints and
+//! settles the job.
+//!
+//! Crash recovery: a worker that dies stops heartbeating; once its lease expires any other
+//! worker claims the job (attempt + 1) and the runner resumes from
+//! [`CheckpointStore::load`]. Every write of a running job is fenced by the lease owner, so a
+//! worker that comes back after losing its lease cannot clobber the new owner's work.
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::blobs::BlobStore;
+use crate::domain::{now_ms, Job, JobState, Oracle};
+use crate::error::{CloudError, Result};
+use crate::ops::metrics::Metrics;
+
+/// Progress of a running job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub stage: String,
+    /// Overall fraction in [0, 1].
+    pub fraction: f64,
+}
+
+/// Sends progress to the worker loop, which persists it (coalesced) and wakes watchers.
+/// Never blocks: only the latest value matters.
+#[derive(Debug, Clone)]
+pub struct ProgressSender(watch::Sender<Progress>);
+
+impl ProgressSender {
+    pub fn send(&self, stage: &str, fraction: f64) {
+        let _ = self.0.send(Progress {
+            stage: stage.to_string(),
+            fraction: fraction.clamp(0.0, 1.0),
+        });
+    }
+}
+
+/// Checkpoints of one job attempt: blobs in the blob store, the latest digest in the job row.
+#[derive(Debug, Clone)]
+pub struct CheckpointStore {
+    app: App,
+    job_id: Uuid,
+    worker_id: String,
+}
+
+impl CheckpointStore {
+    /// Stores a checkpoint; fails with CANCELLED if the lease was lost meanwhile.
+    pub async fn save(&self, data: &[u8]) -> Result<()> {
+        let r = self.app.blobs().put(data).await?;
+        let ok = self
+            .app
+            .store()
+            .job_checkpoint(self.job_id, &self.worker_id, &r.sha256, now_ms())
+            .await?;
+        if !ok {
+            return Err(CloudError::Cancelled("job lease lost".into()));
+        }
+        Ok(())
+    }
+
+    /// The latest checkpoint of the job, from any earlier attempt.
+    pub async fn load(&self) -> Result<Option<Vec<u8>>> {
+        let job = self.app.store().get_job(self.job_id).await?;
+        match job.checkpoint_sha256 {
+            Some(sha) => Ok(Some(self.app.blobs().read(&sha).await?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Everything a runner gets for one attempt.
+#[derive(Debug)]
+pub struct JobContext {
+    pub job: Job,
+    pub oracle: Oracle,
+    pub progress: ProgressSender,
+    /// Cancelled on user cancel, lost lease or worker shutdown: stop soon after, return
+    /// `Err(CloudError::Cancelled)` (a checkpoint saved before that is kept).
+    pub cancel: CancellationToken,
+    pub checkpoints: CheckpointStore,
+    /// To read the oracle weights and write module blobs.
+    pub blobs: BlobStore,
+}
+
+/// What a successful run produced: a supernet manifest whose `modules[].sha256` blobs the
+/// runner has already written to `ctx.blobs`.
+#[derive(Debug, Clone)]
+pub struct JobOutput {
+    pub manifest_json: Vec<u8>,
+}
+
+/// The body of an elastification job (the real one lives in `elastify`, later).
+pub trait JobRunner: Send + Sync + 'static {
+    fn run(&self, ctx: JobContext) -> BoxFuture<'static, Result<JobOutput>>;
+}
+
+/// Why a running attempt was interrupted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interrupt {
+    None,
+    UserCancel,
+    LeaseLost,
+    Shutdown,
+}
+
+/// A job worker: claims jobs one at a time and runs them with a [`JobRunner`].
+pub struct Worker {
+    app: App,
+    runner: Arc<dyn JobRunner>,
+    id: String,
+}
+
+impl Worker {
+    pub fn new(app: App, runner: Arc<dyn JobRunner>, id: impl Into<String>) -> Self {
+        Worker {
+            app,
+            runner,
+            id: id.into(),
+        }
+    }
+
+    /// Runs until `stop` is cancelled; a job in progress at that point is given back to the
+    /// queue.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut wake = self.app.subscribe_jobs();
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            match self.poll_once(&stop).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(worker = %self.id, error = %e, "job queue poll failed"),
+            }
+            let poll = self.app.config().job_poll;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(poll) => {}
+                _ = wake.recv() => {}
+            }
+        }
+    }
+
+    /// Claims and runs at most one job; returns whether there was one.
+    pub async fn poll_once(&self, stop: &CancellationToken) -> Result<bool> {
+        let store = self.app.store();
+        let now = now_ms();
+        store.reap_jobs(now).await?;
+        let lease = self.app.config().job_lease.as_millis() as i64;
+        let Some(claimed) = store.claim_job(&self.id, now, now + lease).await? else {
+            return Ok(false);
+        };
+        let job = claimed.job;
+        tracing::info!(worker = %self.id, job = %job.id, attempt = job.attempts, "job claimed");
+        self.app.emit_job(job.id);
+        self.run_job(job, stop).await?;
+        Ok(true)
+    }
+
+    async fn run_job(&self, job: Job, stop: &CancellationToken) -> Result<()> {
+        let app = &self.app;
+        let store = app.store();
+        let id = job.id;
+        let oracle = store.get_oracle(job.oracle_id).await?;
+        let (ptx, mut prx) = watch::channel(Progress {
+            stage: job.stage.clone(),
+            fraction: job.progress,
+        });
+        let cancel = CancellationToken::new();
+        let ctx = JobContext {
+            job: job.clone(),
+            oracle,
+            progress: ProgressSender(ptx),
+            cancel: cancel.clone(),
+            checkpoints: CheckpointStore {
+                app: app.clone(),
+                job_id: id,
+                worker_id: self.id.clone(),
+            },
+            blobs: app.blobs().clone(),
+        };
+        let mut run = tokio::spawn(self.runner.run(ctx));
+        let lease = app.config().job_lease;
+        let mut beat = tokio::time::interval((lease / 3).max(Duration::from_millis(20)));
+        beat.tick().await;
+        let mut interrupt = Interrupt::None;
+        let result = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                _ = beat.tick() => {
+                    let now = now_ms();
+                    match store.heartbeat_job(id, &self.id, now, now + lease.as_millis() as i64).await {
+                        Ok(None) => { interrupt = Interrupt::LeaseLost; cancel.cancel(); }
+                        Ok(Some(true)) if interrupt == Interrupt::None => {
+                            interrupt = Interrupt::UserCancel; cancel.cancel();
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(job = %id, error = %e, "lease heartbeat failed"),
+                    }
+                }
+                changed = prx.changed() => {
+                    if changed.is_ok() {
+                        let p = prx.borrow_and_update().clone();
+                        if let Ok(true) = store.job_progress(id, &self.id, &p.stage, p.fraction, now_ms()).await {
+                            app.emit_job(id);
+                        }
+                    }
+                }
+                _ = stop.cancelled(), if interrupt == Interrupt::None => {
+                    interrupt = Interrupt::Shutdown; cancel.cancel();
+                }
+            }
+        };
+        let now = now_ms();
+        let outcome = match result {
+            Ok(r) => r,
+            Err(join) => Err(CloudError::Internal(format!("job runner panicked: {join}"))),
+        };
+        match (outcome, interrupt) {
+            (_, Interrupt::LeaseLost) => {
+                tracing::warn!(job = %id, "lease lost; another worker owns the job now");
+            }
+            (Ok(out), _) => {
+                match app
+                    .register_supernet(&job.supernet_name, job.oracle_id, Some(id), &out.manifest_json)
+                    .await
+                {
+                    Ok(s) => {
+                        store.finish_job(id, &self.id, JobState::Succeeded, None, Some(s.id), now).await?;
+                        tracing::info!(job = %id, supernet = %s.id, version = s.version, "job succeeded");
+                    }
+                    Err(e) => {
+                        let msg = format!("registering the supernet failed: {e}");
+                        store.finish_job(id, &self.id, JobState::Failed, Some(&msg), None, now).await?;
+                    }
+                }
+                Metrics::inc(&app.metrics().jobs_finished_total);
+            }
+            (Err(_), Interrupt::Shutdown) => {
+                store.release_job(id, &self.id, now).await?;
+                tracing::info!(job = %id, "job released on shutdown");
+            }
+            (Err(_), Interrupt::UserCancel) | (Err(CloudError::Cancelled(_)), Interrupt::None) => {
+                store.finish_job(id, &self.id, JobState::Cancelled, Some("cancelled"), None, now).await?;
+                Metrics::inc(&app.metrics().jobs_finished_total);
+            }
+            (Err(e), Interrupt::None) => {
+                let msg = e.to_string();
+                store.finish_job(id, &self.id, JobState::Failed, Some(&msg), None, now).await?;
+                tracing::warn!(job = %id, error = %msg, "job failed");
+                Metrics::inc(&app.metrics().jobs_finished_total);
+            }
+        }
+        app.emit_job(id);
+        Ok(())
+    }
+}
+
+/// Starts `n` in-process workers; they stop when `stop` is cancelled.
+pub fn spawn_workers(
+    app: &App,
+    runner: Arc<dyn JobRunner>,
+    n: usize,
+    stop: CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|i| {
+            let w = Worker::new(app.clone(), runner.clone(), format!("{}-{i}", worker_id_prefix()));
+            tokio::spawn(w.run(stop.clone()))
+        })
+        .collect()
+}
+
+/// A process-unique worker id prefix (host name is not available portably; a UUID is).
+pub fn worker_id_prefix() -> String {
+    format!("w-{}", &Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// The placeholder runner until the real elastification lands: fails every job with a
+/// clear message instead of pretending to train.
+#[derive(Debug, Default)]
+pub struct UnimplementedRunner;
+
+impl JobRunner for UnimplementedRunner {
+    fn run(&self, _ctx: JobContext) -> BoxFuture<'static, Result<JobOutput>> {
+        Box::pin(async {
+            Err(CloudError::FailedPrecondition(
+                "elastification is not implemented in this build yet".into(),
+            ))
+        })
+    }
+}

@@ -1,0 +1,132 @@
+//! Prometheus metrics, kept in-process with atomics and rendered in the text format on
+//! `GET /metrics` (no metrics framework: the set is small and fixed).
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const BUCKETS_MS: [f64; 12] = [1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 30000.0];
+
+#[derive(Debug, Default)]
+struct Histogram {
+    counts: [u64; BUCKETS_MS.len()],
+    sum_ms: f64,
+    count: u64,
+}
+
+/// The server's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, String), u64>>,
+    latency: Mutex<BTreeMap<String, Histogram>>,
+    pub in_flight: AtomicU64,
+    pub shed_total: AtomicU64,
+    pub oracle_uploads_total: AtomicU64,
+    pub reports_total: AtomicU64,
+    pub enrollments_total: AtomicU64,
+    pub blob_bytes_sent_total: AtomicU64,
+    pub jobs_finished_total: AtomicU64,
+}
+
+impl Metrics {
+    /// Records one finished request (`code` is the gRPC status code number as text).
+    pub fn observe(&self, method: &str, code: &str, elapsed: Duration) {
+        *self
+            .requests
+            .lock()
+            .expect("metrics lock")
+            .entry((method.to_string(), code.to_string()))
+            .or_default() += 1;
+        let ms = elapsed.as_secs_f64() * 1e3;
+        let mut lat = self.latency.lock().expect("metrics lock");
+        let h = lat.entry(method.to_string()).or_default();
+        for (i, b) in BUCKETS_MS.iter().enumerate() {
+            if ms <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.sum_ms += ms;
+        h.count += 1;
+    }
+
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "# TYPE adaptivenet_grpc_requests_total counter");
+        for ((m, c), n) in self.requests.lock().expect("metrics lock").iter() {
+            let _ = writeln!(s, "adaptivenet_grpc_requests_total{{method=\"{m}\",code=\"{c}\"}} {n}");
+        }
+        let _ = writeln!(s, "# TYPE adaptivenet_grpc_request_duration_ms histogram");
+        for (m, h) in self.latency.lock().expect("metrics lock").iter() {
+            for (i, b) in BUCKETS_MS.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "adaptivenet_grpc_request_duration_ms_bucket{{method=\"{m}\",le=\"{b}\"}} {}",
+                    h.counts[i]
+                );
+            }
+            let _ = writeln!(s, "adaptivenet_grpc_request_duration_ms_bucket{{method=\"{m}\",le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(s, "adaptivenet_grpc_request_duration_ms_sum{{method=\"{m}\"}} {}", h.sum_ms);
+            let _ = writeln!(s, "adaptivenet_grpc_request_duration_ms_count{{method=\"{m}\"}} {}", h.count);
+        }
+        let gauges = [
+            ("adaptivenet_grpc_in_flight", "gauge", &self.in_flight),
+            ("adaptivenet_grpc_shed_total", "counter", &self.shed_total),
+            ("adaptivenet_oracle_uploads_total", "counter", &self.oracle_uploads_total),
+            ("adaptivenet_reports_total", "counter", &self.reports_total),
+            ("adaptivenet_enrollments_total", "counter", &self.enrollments_total),
+            ("adaptivenet_blob_bytes_sent_total", "counter", &self.blob_bytes_sent_total),
+            ("adaptivenet_jobs_finished_total", "counter", &self.jobs_finished_total),
+        ];
+        for (name, kind, v) in gauges {
+            let _ = writeln!(s, "# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
+        }
+        s
+    }
+}
+
+/// Serves `GET /metrics` (Prometheus) and `GET /healthz` over plain HTTP/1.1 until `stop`.
+/// Deliberately minimal: one request per connection, bounded request size.
+pub async fn serve_http(
+    listener: TcpListener,
+    metrics: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (mut sock, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if req.starts_with("GET /metrics") {
+                ("200 OK", metrics())
+            } else if req.starts_with("GET /healthz") {
+                ("200 OK", "ok\n".to_string())
+            } else {
+                ("404 Not Found", "not found\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,393 @@
+//! Fleets, desired state, devices, heartbeats, reports and the dashboard aggregates.
+use std::collections::BTreeMap;
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{get_opt_uuid, get_u64, get_uuid, is_unique_violation, Store};
+use crate::domain::{
+    now_ms, AdaptationReason, AggregateGroup, BudgetPolicy, DesiredState, Device, DeviceClass,
+    DeviceStatus, Distribution, Fleet, FleetAggregates, Heartbeat, Page, Report,
+};
+use crate::error::{CloudError, Result};
+
+const FLEET_COLS: &str = "id, name, desired_label, desired_supernet_id, budget_ms, \
+    budget_fraction, hysteresis, generation, created_ms";
+const DEVICE_COLS: &str = "id, fleet_id, device_class, status, agent_version, \
+    active_supernet_id, active_subnet, latency_p50_ms, latency_p95_ms, last_reason, \
+    applied_generation, enrolled_ms, last_heartbeat_ms";
+
+fn fleet_from_row(r: &AnyRow) -> Result<Fleet> {
+    let id = get_uuid(r, "id")?;
+    Ok(Fleet {
+        id,
+        name: r.try_get("name")?,
+        desired: DesiredState {
+            fleet_id: id,
+            label: r.try_get("desired_label")?,
+            supernet_id: get_opt_uuid(r, "desired_supernet_id")?,
+            supernet_version: 0,
+            manifest_sha256: String::new(),
+            budget: BudgetPolicy {
+                latency_budget_ms: r.try_get("budget_ms")?,
+                budget_fraction: r.try_get("budget_fraction")?,
+                hysteresis: r.try_get("hysteresis")?,
+            },
+            generation: get_u64(r, "generation")?,
+        },
+        created_ms: r.try_get("created_ms")?,
+    })
+}
+
+fn device_from_row(r: &AnyRow) -> Result<Device> {
+    let status: String = r.try_get("status")?;
+    Ok(Device {
+        id: get_uuid(r, "id")?,
+        fleet_id: get_uuid(r, "fleet_id")?,
+        device_class: DeviceClass(r.try_get::<i64, _>("device_class")? as i32),
+        status: DeviceStatus::parse(&status),
+        agent_version: r.try_get("agent_version")?,
+        active_supernet_id: get_opt_uuid(r, "active_supernet_id")?,
+        active_subnet: r.try_get("active_subnet")?,
+        latency_p50_ms: r.try_get("latency_p50_ms")?,
+        latency_p95_ms: r.try_get("latency_p95_ms")?,
+        last_reason: AdaptationReason(r.try_get::<i64, _>("last_reason")? as i32),
+        applied_generation: get_u64(r, "applied_generation")?,
+        enrolled_ms: r.try_get("enrolled_ms")?,
+        last_heartbeat_ms: r.try_get("last_heartbeat_ms")?,
+    })
+}
+
+impl Store {
+    pub async fn create_fleet(&self, name: &str) -> Result<Fleet> {
+        let id = Uuid::new_v4();
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO fleets (id, name, budget_ms, budget_fraction, hysteresis, generation, \
+             created_ms) VALUES ($1, $2, 0, 0, 0, 0, $3)",
+        )
+        .bind(id.to_string())
+        .bind(name)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                CloudError::AlreadyExists {
+                    kind: "fleet",
+                    id: name.to_string(),
+                }
+            } else {
+                e.into()
+            }
+        })?;
+        self.get_fleet(id).await
+    }
+
+    pub async fn get_fleet(&self, id: Uuid) -> Result<Fleet> {
+        let q = format!("SELECT {FLEET_COLS} FROM fleets WHERE id = $1");
+        let row = sqlx::query(&q)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| CloudError::not_found("fleet", id.to_string()))?;
+        fleet_from_row(&row)
+    }
+
+    pub async fn fleet_by_name(&self, name: &str) -> Result<Fleet> {
+        let q = format!("SELECT {FLEET_COLS} FROM fleets WHERE name = $1");
+        let row = sqlx::query(&q)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| CloudError::not_found("fleet", name.to_string()))?;
+        fleet_from_row(&row)
+    }
+
+    pub async fn list_fleets(&self, page: Page) -> Result<Vec<Fleet>> {
+        let q = format!("SELECT {FLEET_COLS} FROM fleets ORDER BY created_ms, id LIMIT $1 OFFSET $2");
+        sqlx::query(&q)
+            .bind(page.limit)
+            .bind(page.offset)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(fleet_from_row)
+            .collect()
+    }
+
+    /// Sets the desired state (exactly one of label / supernet) and bumps the generation.
+    pub async fn set_desired_state(
+        &self,
+        fleet_id: Uuid,
+        label: Option<&str>,
+        supernet_id: Option<Uuid>,
+        budget: BudgetPolicy,
+    ) -> Result<DesiredState> {
+        if let Some(s) = supernet_id {
+            self.get_supernet(s).await?;
+        }
+        let n = sqlx::query(
+            "UPDATE fleets SET desired_label = $1, desired_supernet_id = $2, budget_ms = $3, \
+             budget_fraction = $4, hysteresis = $5, generation = generation + 1 WHERE id = $6",
+        )
+        .bind(label.map(str::to_string))
+        .bind(supernet_id.map(|s| s.to_string()))
+        .bind(budget.latency_budget_ms)
+        .bind(budget.budget_fraction)
+        .bind(budget.hysteresis)
+        .bind(fleet_id.to_string())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(CloudError::not_found("fleet", fleet_id.to_string()));
+        }
+        self.desired_state(fleet_id).await
+    }
+
+    /// The fleet's desired state with its label resolved to a supernet version.
+    pub async fn desired_state(&self, fleet_id: Uuid) -> Result<DesiredState> {
+        let mut d = self.get_fleet(fleet_id).await?.desired;
+        if d.supernet_id.is_none() {
+            if let Some(label) = &d.label {
+                d.supernet_id = self.resolve_label(fleet_id, label).await?;
+            }
+        }
+        if let Some(s) = d.supernet_id {
+            let s = self.get_supernet(s).await?;
+            d.supernet_version = s.version;
+            d.manifest_sha256 = s.manifest_sha256;
+        }
+        Ok(d)
+    }
+
+    /// Inserts a freshly enrolled device.
+    pub(crate) async fn insert_device_tx(
+        tx: &mut sqlx::AnyConnection,
+        d: &Device,
+        credential_hash: &str,
+        credential_expires_ms: Option<i64>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO devices (id, fleet_id, credential_hash, credential_expires_ms, \
+             device_class, status, agent_version, active_supernet_id, active_subnet, \
+             latency_p50_ms, latency_p95_ms, last_reason, applied_generation, enrolled_ms, \
+             last_heartbeat_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,NULL,'',0,0,0,0,$8,$8)",
+        )
+        .bind(d.id.to_string())
+        .bind(d.fleet_id.to_string())
+        .bind(credential_hash)
+        .bind(credential_expires_ms)
+        .bind(d.device_class.0 as i64)
+        .bind(d.status.as_str())
+        .bind(&d.agent_version)
+        .bind(d.enrolled_ms)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_device(&self, id: Uuid) -> Result<Device> {
+        let q = format!("SELECT {DEVICE_COLS} FROM devices WHERE id = $1");
+        let row = sqlx::query(&q)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| CloudError::not_found("device", id.to_string()))?;
+        device_from_row(&row)
+    }
+
+    pub async fn list_devices(&self, page: Page, fleet: Option<Uuid>) -> Result<Vec<Device>> {
+        let rows = match fleet {
+            Some(f) => {
+                let q = format!(
+                    "SELECT {DEVICE_COLS} FROM devices WHERE fleet_id = $3 \
+                     ORDER BY enrolled_ms, id LIMIT $1 OFFSET $2"
+                );
+                sqlx::query(&q)
+                    .bind(page.limit)
+                    .bind(page.offset)
+                    .bind(f.to_string())
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                let q = format!(
+                    "SELECT {DEVICE_COLS} FROM devices ORDER BY enrolled_ms, id LIMIT $1 OFFSET $2"
+                );
+                sqlx::query(&q)
+                    .bind(page.limit)
+                    .bind(page.offset)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(device_from_row).collect()
+    }
+
+    /// Records a heartbeat; a stale device becomes online again. Returns false when the
+    /// device is revoked (or gone).
+    pub async fn device_heartbeat(&self, id: Uuid, hb: &Heartbeat, now: i64) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE devices SET agent_version = $1, active_supernet_id = $2, active_subnet = $3, \
+             latency_p50_ms = $4, latency_p95_ms = $5, last_reason = $6, applied_generation = $7, \
+             last_heartbeat_ms = $8, status = 'online' WHERE id = $9 AND status <> 'revoked'",
+        )
+        .bind(&hb.agent_version)
+        .bind(hb.active_supernet_id.map(|s| s.to_string()))
+        .bind(&hb.active_subnet)
+        .bind(hb.latency_p50_ms)
+        .bind(hb.latency_p95_ms)
+        .bind(hb.last_reason.0 as i64)
+        .bind(hb.applied_generation as i64)
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Marks online devices whose last heartbeat is older than `cutoff` as stale; returns
+    /// (device, fleet) of each.
+    pub async fn mark_stale(&self, cutoff: i64) -> Result<Vec<(Uuid, Uuid)>> {
+        sqlx::query(
+            "UPDATE devices SET status = 'stale' WHERE status = 'online' AND last_heartbeat_ms < $1 \
+             RETURNING id, fleet_id",
+        )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok((get_uuid(r, "id")?, get_uuid(r, "fleet_id")?)))
+        .collect()
+    }
+
+    /// Revokes a device: its credential stops working at once.
+    pub async fn revoke_device(&self, id: Uuid) -> Result<Uuid> {
+        let row = sqlx::query("UPDATE devices SET status = 'revoked' WHERE id = $1 RETURNING fleet_id")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| CloudError::not_found("device", id.to_string()))?;
+        get_uuid(&row, "fleet_id")
+    }
+
+    /// Stores a device's latest report (one upsert: the hot path of the fleet).
+    pub async fn upsert_report(&self, device_id: Uuid, fleet_id: Uuid, r: &Report, now: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO device_reports (device_id, fleet_id, supernet_id, device_class, \
+             active_subnet, latency_p50_ms, latency_p95_ms, latency_budget_ms, quality, \
+             quality_samples, search_generations, search_evaluated, search_seconds, front_size, \
+             lt_entries, lt_stem_ms, lt_head_ms, lt_oracle_ms, lt_calibration, report_count, \
+             reported_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,1,$20) \
+             ON CONFLICT (device_id) DO UPDATE SET fleet_id = $2, supernet_id = $3, \
+             device_class = $4, active_subnet = $5, latency_p50_ms = $6, latency_p95_ms = $7, \
+             latency_budget_ms = $8, quality = $9, quality_samples = $10, \
+             search_generations = $11, search_evaluated = $12, search_seconds = $13, \
+             front_size = $14, lt_entries = $15, lt_stem_ms = $16, lt_head_ms = $17, \
+             lt_oracle_ms = $18, lt_calibration = $19, \
+             report_count = device_reports.report_count + 1, reported_ms = $20",
+        )
+        .bind(device_id.to_string())
+        .bind(fleet_id.to_string())
+        .bind(r.supernet_id.to_string())
+        .bind(r.device_class.0 as i64)
+        .bind(&r.active_subnet)
+        .bind(r.latency_p50_ms)
+        .bind(r.latency_p95_ms)
+        .bind(r.latency_budget_ms)
+        .bind(r.quality_estimate)
+        .bind(r.quality_sample_count as i64)
+        .bind(r.search.generations as i64)
+        .bind(r.search.evaluated_subnets as i64)
+        .bind(r.search.search_seconds)
+        .bind(r.search.front_size as i64)
+        .bind(r.latency_table.num_entries as i64)
+        .bind(r.latency_table.stem_ms)
+        .bind(r.latency_table.head_ms)
+        .bind(r.latency_table.oracle_ms)
+        .bind(r.latency_table.calibration_factor)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Aggregates over the latest report of each non-revoked device, grouped by (supernet,
+    /// device class). Only distributions leave this function.
+    pub async fn fleet_aggregates(&self, fleet: Option<Uuid>) -> Result<FleetAggregates> {
+        let fleet_s = fleet.map(|f| f.to_string());
+        let counts = sqlx::query(
+            "SELECT status, COUNT(*) AS n FROM devices WHERE ($1 IS NULL OR fleet_id = $1) \
+             GROUP BY status",
+        )
+        .bind(fleet_s.clone())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut agg = FleetAggregates::default();
+        for r in &counts {
+            let status: String = r.try_get("status")?;
+            let n = r.try_get::<i64, _>("n")? as u32;
+            match DeviceStatus::parse(&status) {
+                DeviceStatus::Online => agg.devices_online += n,
+                DeviceStatus::Stale => agg.devices_stale += n,
+                DeviceStatus::Revoked => {}
+            }
+            agg.devices_total += n;
+        }
+        let rows = sqlx::query(
+            "SELECT r.supernet_id AS supernet_id, r.device_class AS device_class, \
+             r.active_subnet AS active_subnet, r.latency_p50_ms AS p50, r.latency_p95_ms AS p95, \
+             r.latency_budget_ms AS budget, r.quality AS quality \
+             FROM device_reports r JOIN devices d ON d.id = r.device_id \
+             WHERE d.status <> 'revoked' AND ($1 IS NULL OR r.fleet_id = $1)",
+        )
+        .bind(fleet_s)
+        .fetch_all(&self.pool)
+        .await?;
+        #[derive(Default)]
+        struct Acc {
+            p50: Vec<f64>,
+            p95: Vec<f64>,
+            quality: Vec<f64>,
+            within: u32,
+            subnets: BTreeMap<String, u32>,
+        }
+        let mut groups: BTreeMap<(Uuid, i32), Acc> = BTreeMap::new();
+        for r in &rows {
+            let key = (
+                get_uuid(r, "supernet_id")?,
+                r.try_get::<i64, _>("device_class")? as i32,
+            );
+            let a = groups.entry(key).or_default();
+            let p95: f64 = r.try_get("p95")?;
+            let budget: f64 = r.try_get("budget")?;
+            a.p50.push(r.try_get("p50")?);
+            a.p95.push(p95);
+            a.quality.push(r.try_get("quality")?);
+            if budget > 0.0 && p95 <= budget {
+                a.within += 1;
+            }
+            *a.subnets.entry(r.try_get("active_subnet")?).or_default() += 1;
+        }
+        for ((supernet_id, class), mut a) in groups {
+            let n = a.p50.len() as u32;
+            let mut subnets: Vec<(String, u32)> = a.subnets.into_iter().collect();
+            subnets.sort_by(|x, y| y.1.cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
+            agg.groups.push(AggregateGroup {
+                supernet_id,
+                device_class: DeviceClass(class),
+                devices: n,
+                latency_p50_ms: Distribution::of(&mut a.p50),
+                latency_p95_ms: Distribution::of(&mut a.p95),
+                quality: Distribution::of(&mut a.quality),
+                within_budget_fraction: a.within as f64 / n.max(1) as f64,
+                subnets,
+            });
+        }
+        Ok(agg)
+    }
+}

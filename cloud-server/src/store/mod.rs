@@ -1,0 +1,151 @@
+//! Persistence: one sqlx code path (`sqlx::Any`) over an SQLite file (WAL) or PostgreSQL.
+//!
+//! Portability rules the queries follow: `$N` placeholders (SQLite accepts them too); only
+//! TEXT / BIGINT / DOUBLE PRECISION columns (UUIDs as text, times as Unix ms, flags as 0/1);
+//! `INSERT ... ON CONFLICT` and `UPDATE ... RETURNING`, which both backends support. The one
+//! dialect difference is the row lock of the job queue (`FOR UPDATE SKIP LOCKED` on
+//! PostgreSQL; SQLite serialises writers anyway), chosen by [`Backend`].
+//!
+//! # Layout
+//! - `oracles`: oracles and datasets.
+//! - `jobs`: the job queue with leases, heartbeats, checkpoints and cancellation.
+//! - `supernets`: supernet versions, their blobs and labels.
+//! - `fleet`: fleets, desired state, devices, heartbeats, reports and aggregates.
+//! - `tokens`: enrollment tokens, API tokens, device credentials (hashes only).
+mod fleet;
+mod jobs;
+mod oracles;
+mod supernets;
+mod tokens;
+
+pub use jobs::ClaimedJob;
+pub use supernets::NewSupernet;
+pub use tokens::{ApiTokenRow, DeviceAuthRow};
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use uuid::Uuid;
+
+use crate::error::{CloudError, Result};
+
+/// The migrations embedded in the binary (`cloud-server/migrations`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Which database the URL pointed at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A handle to the database (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://path` creates the file; `postgres://...`), sets WAL mode
+    /// on SQLite. Does not migrate: call [`Store::migrate`].
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let (url, backend) = if let Some(rest) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let url = if rest.contains("mode=") || rest.contains(":memory:") {
+                format!("sqlite://{rest}")
+            } else if rest.contains('?') {
+                format!("sqlite://{rest}&mode=rwc")
+            } else {
+                format!("sqlite://{rest}?mode=rwc")
+            };
+            (url, Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (url.to_string(), Backend::Postgres)
+        } else {
+            return Err(CloudError::invalid(
+                "database_url",
+                "must start with sqlite:// or postgres://",
+            ));
+        };
+        let opts = AnyConnectOptions::from_str(&url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL is persistent per file; NORMAL sync is durable in WAL mode
+                        // except for the last transactions on power loss.
+                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await?;
+        Ok(Store { pool, backend })
+    }
+
+    /// Applies pending migrations (idempotent).
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Closes the pool (waits for connections to be returned).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Cheap liveness probe.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+fn get_uuid(row: &AnyRow, col: &str) -> Result<Uuid> {
+    let s: String = row.try_get(col)?;
+    Uuid::parse_str(&s).map_err(|e| CloudError::Internal(format!("column {col}: {e}")))
+}
+
+fn get_opt_uuid(row: &AnyRow, col: &str) -> Result<Option<Uuid>> {
+    let s: Option<String> = row.try_get(col)?;
+    s.filter(|s| !s.is_empty())
+        .map(|s| Uuid::parse_str(&s).map_err(|e| CloudError::Internal(format!("column {col}: {e}"))))
+        .transpose()
+}
+
+fn get_u64(row: &AnyRow, col: &str) -> Result<u64> {
+    let v: i64 = row.try_get(col)?;
+    Ok(v.max(0) as u64)
+}
+
+/// Whether a database error is a unique-constraint violation.
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            d.is_unique_violation()
+                || d.message().contains("UNIQUE constraint failed")
+                || d.code().as_deref() == Some("23505")
+        }
+        _ => false,
+    }
+}

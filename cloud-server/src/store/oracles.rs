@@ -1,0 +1,175 @@
+//! Oracles and datasets.
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{get_u64, get_uuid, is_unique_violation, Store};
+use crate::domain::{Dataset, Oracle, Page};
+use crate::error::{CloudError, Result};
+
+const ORACLE_COLS: &str = "id, name, family, weights_sha256, size_bytes, num_params, num_tensors, arch_json, created_ms";
+
+fn oracle_from_row(r: &AnyRow) -> Result<Oracle> {
+    Ok(Oracle {
+        id: get_uuid(r, "id")?,
+        name: r.try_get("name")?,
+        family: r.try_get("family")?,
+        weights_sha256: r.try_get("weights_sha256")?,
+        size_bytes: get_u64(r, "size_bytes")?,
+        num_params: get_u64(r, "num_params")?,
+        num_tensors: get_u64(r, "num_tensors")? as u32,
+        arch_json: r.try_get("arch_json")?,
+        created_ms: r.try_get("created_ms")?,
+    })
+}
+
+fn dataset_from_row(r: &AnyRow) -> Result<Dataset> {
+    Ok(Dataset {
+        id: get_uuid(r, "id")?,
+        name: r.try_get("name")?,
+        uri: r.try_get("uri")?,
+        format: r.try_get("format")?,
+        num_samples: get_u64(r, "num_samples")?,
+        created_ms: r.try_get("created_ms")?,
+    })
+}
+
+impl Store {
+    /// Inserts an oracle unless one with the same weights digest exists; returns the stored
+    /// row and whether it was created (idempotent uploads, race-free via the UNIQUE digest).
+    pub async fn insert_oracle(&self, o: &Oracle) -> Result<(Oracle, bool)> {
+        let res = sqlx::query(
+            "INSERT INTO oracles (id, name, family, weights_sha256, size_bytes, num_params, \
+             num_tensors, arch_json, created_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) \
+             ON CONFLICT (weights_sha256) DO NOTHING",
+        )
+        .bind(o.id.to_string())
+        .bind(&o.name)
+        .bind(&o.family)
+        .bind(&o.weights_sha256)
+        .bind(o.size_bytes as i64)
+        .bind(o.num_params as i64)
+        .bind(o.num_tensors as i64)
+        .bind(&o.arch_json)
+        .bind(o.created_ms)
+        .execute(&self.pool)
+        .await?;
+        let created = res.rows_affected() == 1;
+        let stored = self
+            .oracle_by_digest(&o.weights_sha256)
+            .await?
+            .ok_or_else(|| CloudError::Internal("oracle vanished after insert".into()))?;
+        Ok((stored, created))
+    }
+
+    pub async fn oracle_by_digest(&self, sha256: &str) -> Result<Option<Oracle>> {
+        let q = format!("SELECT {ORACLE_COLS} FROM oracles WHERE weights_sha256 = $1");
+        sqlx::query(&q)
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(oracle_from_row)
+            .transpose()
+    }
+
+    pub async fn get_oracle(&self, id: Uuid) -> Result<Oracle> {
+        let q = format!("SELECT {ORACLE_COLS} FROM oracles WHERE id = $1");
+        let row = sqlx::query(&q)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| CloudError::not_found("oracle", id.to_string()))?;
+        oracle_from_row(&row)
+    }
+
+    pub async fn list_oracles(&self, page: Page) -> Result<Vec<Oracle>> {
+        let q = format!(
+            "SELECT {ORACLE_COLS} FROM oracles ORDER BY created_ms, id LIMIT $1 OFFSET $2"
+        );
+        sqlx::query(&q)
+            .bind(page.limit)
+            .bind(page.offset)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(oracle_from_row)
+            .collect()
+    }
+
+    /// Deletes an oracle row; refuses while jobs or supernets reference it. Returns its
+    /// weights digest so the caller can drop the blob.
+    pub async fn delete_oracle(&self, id: Uuid) -> Result<String> {
+        let o = self.get_oracle(id).await?;
+        let refs: i64 = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM jobs WHERE oracle_id = $1) + \
+             (SELECT COUNT(*) FROM supernets WHERE oracle_id = $1) AS n",
+        )
+        .bind(id.to_string())
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?;
+        if refs > 0 {
+            return Err(CloudError::FailedPrecondition(format!(
+                "oracle {id} is referenced by {refs} job(s)/supernet(s)"
+            )));
+        }
+        sqlx::query("DELETE FROM oracles WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(o.weights_sha256)
+    }
+
+    pub async fn insert_dataset(&self, d: &Dataset) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO datasets (id, name, uri, format, num_samples, created_ms) \
+             VALUES ($1,$2,$3,$4,$5,$6)",
+        )
+        .bind(d.id.to_string())
+        .bind(&d.name)
+        .bind(&d.uri)
+        .bind(&d.format)
+        .bind(d.num_samples as i64)
+        .bind(d.created_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                CloudError::AlreadyExists {
+                    kind: "dataset",
+                    id: d.name.clone(),
+                }
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(())
+    }
+
+    pub async fn get_dataset(&self, id: Uuid) -> Result<Dataset> {
+        let row = sqlx::query(
+            "SELECT id, name, uri, format, num_samples, created_ms FROM datasets WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| CloudError::not_found("dataset", id.to_string()))?;
+        dataset_from_row(&row)
+    }
+
+    pub async fn list_datasets(&self, page: Page) -> Result<Vec<Dataset>> {
+        sqlx::query(
+            "SELECT id, name, uri, format, num_samples, created_ms FROM datasets \
+             ORDER BY created_ms, id LIMIT $1 OFFSET $2",
+        )
+        .bind(page.limit)
+        .bind(page.offset)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(dataset_from_row)
+        .collect()
+    }
+}
+

@@ -1,0 +1,189 @@
+//! Credentials: enrollment tokens, API tokens and device credentials. Only sha256 hashes of
+//! high-entropy tokens are stored (a fast hash is enough for 256-bit random secrets and
+//! keeps the report path cheap).
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{get_uuid, Store};
+use crate::domain::{Device, DeviceStatus, Role};
+use crate::error::{CloudError, Result};
+
+/// An API token as stored.
+#[derive(Debug, Clone)]
+pub struct ApiTokenRow {
+    pub id: Uuid,
+    pub role: Role,
+    pub expires_ms: Option<i64>,
+    pub revoked: bool,
+}
+
+/// What authenticating a device credential needs.
+#[derive(Debug, Clone)]
+pub struct DeviceAuthRow {
+    pub device_id: Uuid,
+    pub fleet_id: Uuid,
+    pub status: DeviceStatus,
+    pub expires_ms: Option<i64>,
+}
+
+impl Store {
+    pub async fn insert_enrollment_token(
+        &self,
+        id: Uuid,
+        fleet_id: Uuid,
+        token_hash: &str,
+        uses: u32,
+        expires_ms: Option<i64>,
+        now: i64,
+    ) -> Result<()> {
+        self.get_fleet(fleet_id).await?;
+        sqlx::query(
+            "INSERT INTO enrollment_tokens (id, fleet_id, token_hash, uses_left, expires_ms, \
+             revoked, created_ms) VALUES ($1,$2,$3,$4,$5,0,$6)",
+        )
+        .bind(id.to_string())
+        .bind(fleet_id.to_string())
+        .bind(token_hash)
+        .bind(uses as i64)
+        .bind(expires_ms)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn revoke_enrollment_token(&self, id: Uuid) -> Result<()> {
+        let n = sqlx::query("UPDATE enrollment_tokens SET revoked = 1 WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(CloudError::not_found("enrollment token", id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Consumes one use of an enrollment token and inserts the device, atomically. Returns
+    /// `Ok(None)` when the token is unknown, used up, expired or revoked.
+    pub async fn enroll_device(
+        &self,
+        token_hash: &str,
+        mut device: Device,
+        credential_hash: &str,
+        credential_expires_ms: Option<i64>,
+        now: i64,
+    ) -> Result<Option<Device>> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE token_hash = $1 \
+             AND uses_left > 0 AND revoked = 0 AND (expires_ms IS NULL OR expires_ms > $2) \
+             RETURNING fleet_id",
+        )
+        .bind(token_hash)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        device.fleet_id = get_uuid(&row, "fleet_id")?;
+        Store::insert_device_tx(&mut tx, &device, credential_hash, credential_expires_ms).await?;
+        tx.commit().await?;
+        Ok(Some(device))
+    }
+
+    pub async fn insert_api_token(
+        &self,
+        id: Uuid,
+        role: Role,
+        token_hash: &str,
+        description: &str,
+        expires_ms: Option<i64>,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_tokens (id, role, token_hash, description, expires_ms, revoked, \
+             created_ms) VALUES ($1,$2,$3,$4,$5,0,$6)",
+        )
+        .bind(id.to_string())
+        .bind(role.as_str())
+        .bind(token_hash)
+        .bind(description)
+        .bind(expires_ms)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn revoke_api_token(&self, id: Uuid) -> Result<()> {
+        let n = sqlx::query("UPDATE api_tokens SET revoked = 1 WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(CloudError::not_found("api token", id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// (id, role, description, expires, revoked) of every API token, for `token list`.
+    pub async fn list_api_tokens(&self) -> Result<Vec<(ApiTokenRow, String)>> {
+        sqlx::query("SELECT id, role, description, expires_ms, revoked FROM api_tokens ORDER BY created_ms")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                let role: String = r.try_get("role")?;
+                Ok((
+                    ApiTokenRow {
+                        id: get_uuid(r, "id")?,
+                        role: Role::parse(&role)?,
+                        expires_ms: r.try_get("expires_ms")?,
+                        revoked: r.try_get::<i64, _>("revoked")? != 0,
+                    },
+                    r.try_get("description")?,
+                ))
+            })
+            .collect()
+    }
+
+    pub async fn api_token_by_hash(&self, hash: &str) -> Result<Option<ApiTokenRow>> {
+        let row = sqlx::query("SELECT id, role, expires_ms, revoked FROM api_tokens WHERE token_hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let role: String = r.try_get("role")?;
+            Ok(ApiTokenRow {
+                id: get_uuid(&r, "id")?,
+                role: Role::parse(&role)?,
+                expires_ms: r.try_get("expires_ms")?,
+                revoked: r.try_get::<i64, _>("revoked")? != 0,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn device_by_credential(&self, hash: &str) -> Result<Option<DeviceAuthRow>> {
+        let row = sqlx::query(
+            "SELECT id, fleet_id, status, credential_expires_ms FROM devices WHERE credential_hash = $1",
+        )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let status: String = r.try_get("status")?;
+            Ok(DeviceAuthRow {
+                device_id: get_uuid(&r, "id")?,
+                fleet_id: get_uuid(&r, "fleet_id")?,
+                status: DeviceStatus::parse(&status),
+                expires_ms: r.try_get("credential_expires_ms")?,
+            })
+        })
+        .transpose()
+    }
+}

@@ -1,0 +1,418 @@
+//! Oracle models as a stem, an ordered chain of blocks and a head.
+//!
+//! Every family (see [`families`]) lowers to a [`ModelSpec`]; weights are held per module as
+//! [`Params`] under canonical local names (`conv1.weight`, `dw.bn.running_var`, ...), which is
+//! also how supernet modules are stored. One forward implementation serves the oracle, every
+//! subnet and every branch, which is what makes the all-original subnet reproduce the oracle
+//! bit for bit.
+pub mod families;
+pub mod ops;
+pub mod spec;
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, Tensor};
+
+pub use families::{canonical, global_name, ArchDescriptor, Slot};
+pub use spec::{Act, BlockSpec, HeadSpec, ModelSpec, Numerics, Padding, StemSpec};
+
+use crate::{CoreError, Result};
+
+/// The tensors of one module under canonical local names.
+pub type Params = BTreeMap<String, Tensor>;
+
+/// Train-mode bookkeeping: BN layers normalise with batch statistics and record their new
+/// running statistics here (local BN prefix → (mean, var)) for the caller to store.
+#[derive(Debug, Default)]
+pub struct TrainCtx {
+    pub momentum: f64,
+    pub bn_updates: Vec<(String, Tensor, Tensor)>,
+}
+
+impl TrainCtx {
+    pub fn new(momentum: f64) -> Self {
+        Self {
+            momentum,
+            bn_updates: Vec::new(),
+        }
+    }
+
+    /// Writes the recorded running statistics into `params` and clears the record.
+    pub fn apply(&mut self, params: &mut Params) {
+        for (prefix, mean, var) in self.bn_updates.drain(..) {
+            params.insert(format!("{prefix}.running_mean"), mean);
+            params.insert(format!("{prefix}.running_var"), var);
+        }
+    }
+}
+
+fn get<'a>(p: &'a Params, name: &str) -> Result<&'a Tensor> {
+    p.get(name).ok_or_else(|| CoreError::MissingTensor {
+        name: name.to_string(),
+        expected: vec![],
+    })
+}
+
+/// conv → BN (eval or train) → optional activation.
+#[allow(clippy::too_many_arguments)]
+fn conv_bn(
+    x: &Tensor,
+    p: &Params,
+    conv: &str,
+    bn: &str,
+    stride: usize,
+    groups: usize,
+    num: &Numerics,
+    act: Option<Act>,
+    train: &mut Option<&mut TrainCtx>,
+) -> Result<Tensor> {
+    let w = get(p, &format!("{conv}.weight"))?;
+    let (_, _, h, wd) = x.dims4()?;
+    let k = w.dim(2)?;
+    let y = ops::conv2d(x, w, stride, num.pad(h, wd, k, stride), groups)?;
+    let (g, b) = (
+        get(p, &format!("{bn}.weight"))?,
+        get(p, &format!("{bn}.bias"))?,
+    );
+    let (m, v) = (
+        get(p, &format!("{bn}.running_mean"))?,
+        get(p, &format!("{bn}.running_var"))?,
+    );
+    let y = match train {
+        Some(ctx) => {
+            let (y, nm, nv) = ops::batch_norm_train(&y, g, b, m, v, num.bn_eps, ctx.momentum)?;
+            ctx.bn_updates.push((bn.to_string(), nm, nv));
+            y
+        }
+        None => ops::batch_norm_eval(&y, g, b, m, v, num.bn_eps)?,
+    };
+    match act {
+        Some(a) => ops::activation(&y, a),
+        None => Ok(y),
+    }
+}
+
+/// Runs the stem.
+pub fn stem_forward(
+    spec: &StemSpec,
+    num: &Numerics,
+    p: &Params,
+    x: &Tensor,
+    mut train: Option<&mut TrainCtx>,
+) -> Result<Tensor> {
+    let y = conv_bn(
+        x,
+        p,
+        "conv",
+        "bn",
+        spec.stride,
+        1,
+        num,
+        Some(num.act),
+        &mut train,
+    )?;
+    if spec.maxpool {
+        ops::max_pool_3x3_s2_p1(&y)
+    } else {
+        Ok(y)
+    }
+}
+
+/// Runs one block (original or branch).
+pub fn block_forward(
+    spec: &BlockSpec,
+    num: &Numerics,
+    p: &Params,
+    x: &Tensor,
+    mut train: Option<&mut TrainCtx>,
+) -> Result<Tensor> {
+    let t = &mut train;
+    match *spec {
+        BlockSpec::Basic { stride, proj, .. } => {
+            let y = conv_bn(x, p, "conv1", "bn1", stride, 1, num, Some(num.act), t)?;
+            let y = conv_bn(&y, p, "conv2", "bn2", 1, 1, num, None, t)?;
+            let sc = if proj {
+                conv_bn(x, p, "downsample.0", "downsample.1", stride, 1, num, None, t)?
+            } else {
+                x.clone()
+            };
+            ops::activation(&(y + sc)?, num.act)
+        }
+        BlockSpec::Bottleneck { stride, proj, .. } => {
+            let y = conv_bn(x, p, "conv1", "bn1", 1, 1, num, Some(num.act), t)?;
+            let y = conv_bn(&y, p, "conv2", "bn2", stride, 1, num, Some(num.act), t)?;
+            let y = conv_bn(&y, p, "conv3", "bn3", 1, 1, num, None, t)?;
+            let sc = if proj {
+                conv_bn(x, p, "downsample.0", "downsample.1", stride, 1, num, None, t)?
+            } else {
+                x.clone()
+            };
+            ops::activation(&(y + sc)?, num.act)
+        }
+        BlockSpec::MbConv {
+            hidden,
+            stride,
+            expand,
+            residual,
+            ..
+        } => {
+            let h = if expand {
+                conv_bn(x, p, "expand.conv", "expand.bn", 1, 1, num, Some(num.act), t)?
+            } else {
+                x.clone()
+            };
+            let h = conv_bn(&h, p, "dw.conv", "dw.bn", stride, hidden, num, Some(num.act), t)?;
+            let y = conv_bn(&h, p, "project.conv", "project.bn", 1, 1, num, None, t)?;
+            if residual {
+                Ok((y + x)?)
+            } else {
+                Ok(y)
+            }
+        }
+    }
+}
+
+/// Runs the head: [1x1 conv-BN-act] → global average pool → linear (dropout is eval-identity).
+pub fn head_forward(
+    spec: &HeadSpec,
+    num: &Numerics,
+    p: &Params,
+    x: &Tensor,
+    mut train: Option<&mut TrainCtx>,
+) -> Result<Tensor> {
+    let x = match spec.conv {
+        Some(_) => conv_bn(x, p, "conv", "bn", 1, 1, num, Some(num.act), &mut train)?,
+        None => x.clone(),
+    };
+    let f = ops::global_avg_pool(&x)?;
+    ops::linear(&f, get(p, "fc.weight")?, get(p, "fc.bias")?)
+}
+
+/// A loaded chain model: spec plus weights per module.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub spec: ModelSpec,
+    pub stem: Params,
+    pub blocks: Vec<Params>,
+    pub head: Params,
+}
+
+/// The shapes every module of a spec expects, by slot.
+pub fn expected_shapes(spec: &ModelSpec) -> Vec<(Slot, String, Vec<usize>)> {
+    let mut out = Vec::new();
+    for (n, s) in spec.stem.param_shapes() {
+        out.push((Slot::Stem, n, s));
+    }
+    for (i, b) in spec.blocks.iter().enumerate() {
+        for (n, s) in b.param_shapes() {
+            out.push((Slot::Block(i), n, s));
+        }
+    }
+    for (n, s) in spec.head.param_shapes() {
+        out.push((Slot::Head, n, s));
+    }
+    out
+}
+
+impl Model {
+    /// Builds a model from a family's tensors: every expected tensor must be present with its
+    /// exact shape, and no unknown tensor may be left over. Tensors are converted to f32.
+    pub fn load(arch: &ArchDescriptor, tensors: Vec<(String, Tensor)>) -> Result<Model> {
+        let mut by_slot: HashMap<(Slot, String), (String, Tensor)> = HashMap::new();
+        for (name, t) in tensors {
+            if families::is_ignored_key(&name) {
+                continue;
+            }
+            match arch.canonical_name(&name) {
+                Some(key) => {
+                    by_slot.insert(key, (name, t));
+                }
+                None => {
+                    return Err(CoreError::UnexpectedTensor {
+                        found: t.dims().to_vec(),
+                        name,
+                    })
+                }
+            }
+        }
+        let spec = arch.spec.clone();
+        let mut stem = Params::new();
+        let mut blocks = vec![Params::new(); spec.blocks.len()];
+        let mut head = Params::new();
+        for (slot, local, shape) in expected_shapes(&spec) {
+            let (orig, t) = by_slot.remove(&(slot, local.clone())).ok_or_else(|| {
+                CoreError::MissingTensor {
+                    name: family_name_hint(arch, slot, &local),
+                    expected: shape.clone(),
+                }
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(CoreError::ShapeMismatch {
+                    name: orig,
+                    expected: shape,
+                    found: t.dims().to_vec(),
+                });
+            }
+            let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?;
+            match slot {
+                Slot::Stem => stem.insert(local, t),
+                Slot::Block(i) => blocks[i].insert(local, t),
+                Slot::Head => head.insert(local, t),
+            };
+        }
+        if let Some(((_, _), (name, t))) = by_slot.into_iter().next() {
+            return Err(CoreError::UnexpectedTensor {
+                name,
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(Model {
+            spec,
+            stem,
+            blocks,
+            head,
+        })
+    }
+
+    /// A freshly initialised model (Kaiming-normal convs, identity BN, PyTorch-default
+    /// linear), reproducible for a seed: the starting point of training from scratch.
+    pub fn init(spec: &ModelSpec, seed: u64) -> Result<Model> {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut fill = |shapes: Vec<(String, Vec<usize>)>| -> Result<Params> {
+            shapes
+                .into_iter()
+                .map(|(n, s)| {
+                    let t = crate::supernet::branches::fresh_tensor(&n, &s, &mut rng)?;
+                    Ok((n, t))
+                })
+                .collect()
+        };
+        let stem = fill(spec.stem.param_shapes())?;
+        let blocks = spec
+            .blocks
+            .iter()
+            .map(|b| fill(b.param_shapes()))
+            .collect::<Result<Vec<_>>>()?;
+        let head = fill(spec.head.param_shapes())?;
+        Ok(Model {
+            spec: spec.clone(),
+            stem,
+            blocks,
+            head,
+        })
+    }
+
+    /// Reads an architecture descriptor and a weight file of any supported format.
+    pub fn from_files(arch_json: &std::path::Path, weights: &std::path::Path) -> Result<Model> {
+        let bytes = std::fs::read(arch_json).map_err(|e| CoreError::io(arch_json, e))?;
+        let arch = ArchDescriptor::from_json(&bytes)?;
+        Model::load(&arch, crate::weights::read_tensors(weights)?)
+    }
+
+    /// Full forward pass, eval mode.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let num = &self.spec.numerics;
+        let mut h = stem_forward(&self.spec.stem, num, &self.stem, x, None)?;
+        for (b, p) in self.spec.blocks.iter().zip(&self.blocks) {
+            h = block_forward(b, num, p, &h, None)?;
+        }
+        head_forward(&self.spec.head, num, &self.head, &h, None)
+    }
+
+    /// Trainable parameter count (BN running statistics excluded).
+    pub fn num_params(&self) -> u64 {
+        self.spec.num_params()
+    }
+
+    /// All tensors under canonical global names (`stem.*`, `blocks.N.*`, `head.*`).
+    pub fn canonical_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (n, t) in &self.stem {
+            out.push((global_name(Slot::Stem, n), t.clone()));
+        }
+        for (i, p) in self.blocks.iter().enumerate() {
+            for (n, t) in p {
+                out.push((global_name(Slot::Block(i), n), t.clone()));
+            }
+        }
+        for (n, t) in &self.head {
+            out.push((global_name(Slot::Head, n), t.clone()));
+        }
+        out
+    }
+
+    /// Writes the model as a self-contained pair: `adaptivenet.chain` descriptor JSON and a
+    /// safetensors file with canonical names (loadable with [`Model::from_files`]).
+    pub fn save(&self, arch_path: &std::path::Path, weights_path: &std::path::Path) -> Result<()> {
+        let desc = ArchDescriptor::chain(self.spec.clone());
+        crate::artifact::write_atomic(arch_path, &serde_json::to_vec_pretty(&desc.raw)?)?;
+        let bytes = crate::artifact::params_to_safetensors(self.canonical_tensors())?;
+        crate::artifact::write_atomic(weights_path, &bytes)
+    }
+}
+
+/// The family's own name of a tensor, for error messages ("layer1.0.conv1.weight" rather than
+/// the canonical "blocks.0.conv1.weight"); falls back to the canonical name.
+fn family_name_hint(arch: &ArchDescriptor, slot: Slot, local: &str) -> String {
+    let canonical = global_name(slot, local);
+    // Family names are found by searching candidates that map back to the same pair.
+    let candidates = candidate_family_names(&arch.spec, slot, local);
+    candidates
+        .into_iter()
+        .find(|c| arch.canonical_name(c) == Some((slot, local.to_string())))
+        .unwrap_or(canonical)
+}
+
+fn candidate_family_names(spec: &ModelSpec, slot: Slot, local: &str) -> Vec<String> {
+    let mut v = vec![global_name(slot, local)];
+    match slot {
+        Slot::Stem => {
+            let l = local.replace("conv.", "").replace("bn.", "");
+            v.push(format!("conv1.{l}"));
+            v.push(format!("bn1.{l}"));
+            v.push(format!("features.0.0.{l}"));
+            v.push(format!("features.0.1.{l}"));
+            v.push(format!("_conv_stem.{l}"));
+            v.push(format!("_bn0.{l}"));
+        }
+        Slot::Head => {
+            let l = local
+                .replace("conv.", "")
+                .replace("bn.", "")
+                .replace("fc.", "");
+            let last = spec.blocks.len() + 1;
+            v.push(format!("fc.{l}"));
+            v.push(format!("classifier.1.{l}"));
+            v.push(format!("features.{last}.0.{l}"));
+            v.push(format!("features.{last}.1.{l}"));
+            v.push(format!("_conv_head.{l}"));
+            v.push(format!("_bn1.{l}"));
+            v.push(format!("_fc.{l}"));
+        }
+        Slot::Block(i) => {
+            let last = local.rsplit('.').next().unwrap_or(local);
+            // The stage of a torchvision ResNet block is not known here: try every one.
+            for s in 1..=8 {
+                for j in 0..=i {
+                    v.push(format!("layer{s}.{j}.{local}"));
+                }
+            }
+            let f = i + 1;
+            for p in ["conv.0.0", "conv.0.1", "conv.1.0", "conv.1.1", "conv.1", "conv.2", "conv.3"] {
+                v.push(format!("features.{f}.{p}.{last}"));
+            }
+            for p in [
+                "_expand_conv",
+                "_bn0",
+                "_depthwise_conv",
+                "_bn1",
+                "_project_conv",
+                "_bn2",
+            ] {
+                v.push(format!("_blocks.{i}.{p}.{last}"));
+            }
+        }
+    }
+    v
+}

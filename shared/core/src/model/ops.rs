@@ -1,0 +1,112 @@
+//! The few tensor primitives the chain models are built from. Every forward pass of every
+//! family goes through these functions, so switching a primitive to a faster kernel is a
+//! one-place change and the oracle and its all-original subnet share one code path.
+use candle_core::{DType, Tensor, D};
+
+use super::spec::Act;
+use crate::Result;
+
+/// 2-D convolution with per-side padding (top, bottom, left, right).
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: (usize, usize, usize, usize),
+    groups: usize,
+) -> Result<Tensor> {
+    let (t, b, l, r) = pad;
+    if t == b && l == r && t == l {
+        return Ok(x.conv2d(w, t, stride, 1, groups)?);
+    }
+    let x = x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?;
+    Ok(x.conv2d(w, 0, stride, 1, groups)?)
+}
+
+/// Broadcasts a per-channel vector over NCHW.
+fn per_channel(v: &Tensor) -> Result<Tensor> {
+    Ok(v.reshape((1, v.elem_count(), 1, 1))?)
+}
+
+/// Eval-mode batch norm with running statistics.
+pub fn batch_norm_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let scale = (gamma / (var + eps)?.sqrt()?)?;
+    let shift = (beta - (mean * &scale)?)?;
+    Ok(x.broadcast_mul(&per_channel(&scale)?)?
+        .broadcast_add(&per_channel(&shift)?)?)
+}
+
+/// Train-mode batch norm: normalises with batch statistics and returns the updated running
+/// statistics (PyTorch semantics: unbiased variance in the running estimate).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+    momentum: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c, h, w) = x.dims4()?;
+    let count = (n * h * w) as f64;
+    let xt = x.transpose(0, 1)?.reshape((c, n * h * w))?;
+    let bmean = xt.mean(D::Minus1)?;
+    let centered = xt.broadcast_sub(&bmean.unsqueeze(1)?)?;
+    let bvar = centered.sqr()?.mean(D::Minus1)?;
+    let inv = ((&bvar + eps)?.sqrt()?.recip()? * gamma)?;
+    let y = centered
+        .broadcast_mul(&inv.unsqueeze(1)?)?
+        .broadcast_add(&beta.unsqueeze(1)?)?
+        .reshape((c, n, h, w))?
+        .transpose(0, 1)?;
+    let unbiased = if count > 1.0 {
+        (bvar.detach() * (count / (count - 1.0)))?
+    } else {
+        bvar.detach()
+    };
+    let new_mean = ((mean * (1.0 - momentum))? + (bmean.detach() * momentum)?)?;
+    let new_var = ((var * (1.0 - momentum))? + (unbiased * momentum)?)?;
+    Ok((y.contiguous()?, new_mean, new_var))
+}
+
+pub fn activation(x: &Tensor, act: Act) -> Result<Tensor> {
+    Ok(match act {
+        Act::Relu => x.relu()?,
+        Act::Relu6 => x.clamp(0f32, 6f32)?,
+    })
+}
+
+/// 3x3 / stride 2 / padding 1 max-pool (torchvision ResNet stem), padding acting as -inf.
+pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let neg = |shape: (usize, usize, usize, usize)| {
+        Tensor::full(f32::NEG_INFINITY, shape, x.device()).and_then(|t| t.to_dtype(x.dtype()))
+    };
+    let row = neg((n, c, 1, w))?;
+    let x = Tensor::cat(&[&row, x, &row], 2)?;
+    let col = neg((n, c, h + 2, 1))?;
+    let x = Tensor::cat(&[&col, &x, &col], 3)?;
+    Ok(x.max_pool2d_with_stride(3, 2)?)
+}
+
+/// Global average pool NCHW → NC.
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    Ok(x.mean((2, 3))?)
+}
+
+/// `x @ w^T + b`.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?.broadcast_add(b)?)
+}
+
+/// Whether a tensor is f32 (the only compute dtype).
+pub fn is_f32(t: &Tensor) -> bool {
+    t.dtype() == DType::F32
+}

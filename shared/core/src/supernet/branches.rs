@@ -1,0 +1,316 @@
+//! Branch construction with pretraining-assisted initialisation (METHOD.md §1).
+//!
+//! A merge branch is a copy of the first block of its span with the span's largest stride and
+//! the span's output channels; every tensor whose shape matches block i's is copied (convs, BN
+//! affine and running statistics), re-shaped ones start fresh (Kaiming-normal convs, identity
+//! BN). A pruned branch keeps the inner channels with the largest L2 filter norms, with their
+//! pretrained weights.
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{BranchKind, Choice, Supernet, SupernetConfig, SupernetSpec};
+use crate::model::{BlockSpec, Model, ModelSpec, Params};
+use crate::{CoreError, Result};
+
+/// Fraction of inner channels a prune level removes, per family.
+pub fn prune_ratio(block: &BlockSpec, kind: BranchKind) -> f64 {
+    match (block.is_mbconv(), kind) {
+        (true, BranchKind::Prune1) => 0.25,
+        (true, _) => 0.5,
+        (false, BranchKind::Prune1) => 0.2,
+        (false, _) => 0.4,
+    }
+}
+
+/// The spec of a branch of `kind` at position `i`, or `None` where the rules forbid it.
+pub fn branch_spec(oracle: &ModelSpec, i: usize, kind: BranchKind) -> Option<BlockSpec> {
+    let blocks = &oracle.blocks;
+    let n = blocks.len();
+    let first = &blocks[i];
+    match kind {
+        BranchKind::Merge2 | BranchKind::Merge3 => {
+            let span = kind.span();
+            if i + span > n {
+                return None;
+            }
+            let strides: Vec<usize> = blocks[i..i + span].iter().map(|b| b.stride()).collect();
+            // At most one strided block: a single conv stride must reproduce the span's
+            // spatial reduction (this is the MBConv rule, and keeps ResNet shapes exact too).
+            if strides.iter().filter(|&&s| s != 1).count() > 1 {
+                return None;
+            }
+            let stride = strides.into_iter().max().unwrap_or(1);
+            let cout = blocks[i + span - 1].cout();
+            Some(match *first {
+                BlockSpec::Basic { cin, mid, .. } => BlockSpec::Basic {
+                    cin,
+                    mid,
+                    cout,
+                    stride,
+                    proj: BlockSpec::needs_proj(cin, cout, stride),
+                },
+                BlockSpec::Bottleneck { cin, mid, .. } => BlockSpec::Bottleneck {
+                    cin,
+                    mid,
+                    cout,
+                    stride,
+                    proj: BlockSpec::needs_proj(cin, cout, stride),
+                },
+                BlockSpec::MbConv {
+                    cin,
+                    hidden,
+                    kernel,
+                    expand,
+                    ..
+                } => BlockSpec::MbConv {
+                    cin,
+                    hidden,
+                    cout,
+                    kernel,
+                    stride,
+                    expand,
+                    residual: stride == 1 && cin == cout,
+                },
+            })
+        }
+        BranchKind::Prune1 | BranchKind::Prune2 => {
+            if i + 1 == n {
+                return None;
+            }
+            if let BlockSpec::MbConv { expand: false, .. } = first {
+                return None;
+            }
+            let keep = kept_channels(first.inner(), prune_ratio(first, kind));
+            if keep == first.inner() {
+                return None;
+            }
+            let mut b = first.clone();
+            match &mut b {
+                BlockSpec::Basic { mid, .. } | BlockSpec::Bottleneck { mid, .. } => *mid = keep,
+                BlockSpec::MbConv { hidden, .. } => *hidden = keep,
+            }
+            Some(b)
+        }
+    }
+}
+
+fn kept_channels(c: usize, ratio: f64) -> usize {
+    ((c as f64 * (1.0 - ratio)).round() as usize).clamp(1, c)
+}
+
+/// The supernet's choices per position for a config (no weights).
+pub fn supernet_spec(oracle: &ModelSpec, config: &SupernetConfig) -> SupernetSpec {
+    let positions = (0..oracle.blocks.len())
+        .map(|i| {
+            let mut v = vec![Choice {
+                id: 0,
+                span: 1,
+                block: oracle.blocks[i].clone(),
+            }];
+            for &k in &config.branches {
+                if let Some(block) = branch_spec(oracle, i, k) {
+                    v.push(Choice {
+                        id: k.id(),
+                        span: k.span(),
+                        block,
+                    });
+                }
+            }
+            v
+        })
+        .collect();
+    SupernetSpec {
+        oracle: oracle.clone(),
+        branches: config.branches.clone(),
+        positions,
+    }
+}
+
+/// Builds the supernet of an oracle: original modules are shared (same tensors, so the
+/// all-original subnet is the oracle bit for bit); branches initialised from the oracle.
+pub fn build_supernet(oracle: &Model, config: &SupernetConfig) -> Result<Supernet> {
+    let spec = supernet_spec(&oracle.spec, config);
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let mut modules = BTreeMap::new();
+    for (i, choices) in spec.positions.iter().enumerate() {
+        for c in choices {
+            let params = match BranchKind::from_id(c.id) {
+                None => oracle.blocks[i].clone(),
+                Some(k) if k.span() > 1 => inherit(&oracle.blocks[i], &c.block, &mut rng)?,
+                Some(_) => prune(&oracle.spec.blocks[i], &oracle.blocks[i], &c.block)?,
+            };
+            modules.insert((i, c.id), params);
+        }
+    }
+    Ok(Supernet {
+        spec,
+        stem: oracle.stem.clone(),
+        head: oracle.head.clone(),
+        modules,
+    })
+}
+
+/// Fresh initialisation of one tensor by name: convs Kaiming-normal (fan-out, ReLU gain, as
+/// torchvision), BN weight 1 / bias 0 / mean 0 / var 1.
+pub fn fresh_tensor(name: &str, shape: &[usize], rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    let numel: usize = shape.iter().product();
+    let data: Vec<f32> = if name == "fc.weight" {
+        // PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        let bound = 1.0 / (shape[1].max(1) as f64).sqrt();
+        (0..numel)
+            .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+            .collect()
+    } else if name.ends_with("running_var") || is_bn_weight(name) {
+        vec![1.0; numel]
+    } else if name.ends_with("running_mean") || name.ends_with(".bias") {
+        vec![0.0; numel]
+    } else {
+        // conv weight [O, I/g, kh, kw]: fan_out = O * kh * kw.
+        let fan_out = shape[0] * shape.get(2).copied().unwrap_or(1) * shape.get(3).copied().unwrap_or(1);
+        let std = (2.0 / fan_out.max(1) as f64).sqrt();
+        (0..numel).map(|_| (normal(rng) * std) as f32).collect()
+    };
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+}
+
+fn is_bn_weight(name: &str) -> bool {
+    name.ends_with(".weight")
+        && (name.contains("bn") || name.starts_with("downsample.1"))
+}
+
+/// Standard normal via Box-Muller (seeded, reproducible across platforms).
+fn normal(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// Copies every tensor whose name and shape match the source block; fresh otherwise.
+fn inherit(src: &Params, target: &BlockSpec, rng: &mut ChaCha8Rng) -> Result<Params> {
+    let mut out = Params::new();
+    for (name, shape) in target.param_shapes() {
+        let t = match src.get(&name) {
+            Some(t) if t.dims() == shape.as_slice() => t.copy()?,
+            _ => fresh_tensor(&name, &shape, rng)?,
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Indices of the `keep` output channels of a conv weight with the largest L2 norms, ascending.
+fn top_channels(w: &Tensor, keep: usize) -> Result<Tensor> {
+    let o = w.dim(0)?;
+    let norms: Vec<f32> = w
+        .reshape((o, ()))?
+        .to_dtype(DType::F32)?
+        .sqr()?
+        .sum(1)?
+        .to_vec1()?;
+    let mut idx: Vec<u32> = (0..o as u32).collect();
+    // Stable order for ties keeps the result deterministic.
+    idx.sort_by(|&a, &b| norms[b as usize].total_cmp(&norms[a as usize]).then(a.cmp(&b)));
+    let mut kept: Vec<u32> = idx.into_iter().take(keep).collect();
+    kept.sort_unstable();
+    Ok(Tensor::from_vec(kept, keep, &Device::Cpu)?)
+}
+
+fn select(p: &Params, name: &str, dim: usize, idx: &Tensor) -> Result<Tensor> {
+    let t = p.get(name).ok_or_else(|| CoreError::MissingTensor {
+        name: name.to_string(),
+        expected: vec![],
+    })?;
+    Ok(t.index_select(idx, dim)?.contiguous()?)
+}
+
+fn select_bn(p: &Params, out: &mut Params, bn: &str, idx: &Tensor) -> Result<()> {
+    for part in crate::model::spec::BN_PARTS {
+        let name = format!("{bn}.{part}");
+        out.insert(name.clone(), select(p, &name, 0, idx)?);
+    }
+    Ok(())
+}
+
+/// Width-prunes a block's inner channels by L2 magnitude of the producing convs' filters.
+fn prune(orig: &BlockSpec, p: &Params, target: &BlockSpec) -> Result<Params> {
+    let keep = target.inner();
+    let mut out = Params::new();
+    let copy = |out: &mut Params, name: &str| -> Result<()> {
+        if let Some(t) = p.get(name) {
+            out.insert(name.to_string(), t.copy()?);
+        }
+        Ok(())
+    };
+    match orig {
+        BlockSpec::Basic { .. } => {
+            let a = top_channels(
+                p.get("conv1.weight").ok_or_else(|| missing("conv1.weight"))?,
+                keep,
+            )?;
+            out.insert("conv1.weight".into(), select(p, "conv1.weight", 0, &a)?);
+            select_bn(p, &mut out, "bn1", &a)?;
+            out.insert("conv2.weight".into(), select(p, "conv2.weight", 1, &a)?);
+            for part in crate::model::spec::BN_PARTS {
+                copy(&mut out, &format!("bn2.{part}"))?;
+            }
+        }
+        BlockSpec::Bottleneck { .. } => {
+            let a = top_channels(p.get("conv1.weight").ok_or_else(|| missing("conv1.weight"))?, keep)?;
+            let w2 = select(p, "conv2.weight", 1, &a)?;
+            let b = top_channels(&w2, keep)?;
+            out.insert("conv1.weight".into(), select(p, "conv1.weight", 0, &a)?);
+            select_bn(p, &mut out, "bn1", &a)?;
+            out.insert("conv2.weight".into(), w2.index_select(&b, 0)?.contiguous()?);
+            select_bn(p, &mut out, "bn2", &b)?;
+            out.insert("conv3.weight".into(), select(p, "conv3.weight", 1, &b)?);
+            for part in crate::model::spec::BN_PARTS {
+                copy(&mut out, &format!("bn3.{part}"))?;
+            }
+        }
+        BlockSpec::MbConv { .. } => {
+            let h = top_channels(
+                p.get("expand.conv.weight").ok_or_else(|| missing("expand.conv.weight"))?,
+                keep,
+            )?;
+            out.insert("expand.conv.weight".into(), select(p, "expand.conv.weight", 0, &h)?);
+            select_bn(p, &mut out, "expand.bn", &h)?;
+            out.insert("dw.conv.weight".into(), select(p, "dw.conv.weight", 0, &h)?);
+            select_bn(p, &mut out, "dw.bn", &h)?;
+            out.insert("project.conv.weight".into(), select(p, "project.conv.weight", 1, &h)?);
+            for part in crate::model::spec::BN_PARTS {
+                copy(&mut out, &format!("project.bn.{part}"))?;
+            }
+        }
+    }
+    if matches!(orig, BlockSpec::Basic { proj: true, .. } | BlockSpec::Bottleneck { proj: true, .. }) {
+        copy(&mut out, "downsample.0.weight")?;
+        for part in crate::model::spec::BN_PARTS {
+            copy(&mut out, &format!("downsample.1.{part}"))?;
+        }
+    }
+    // Every expected tensor must be present with its shape (guards the code above).
+    for (name, shape) in target.param_shapes() {
+        match out.get(&name) {
+            Some(t) if t.dims() == shape.as_slice() => {}
+            Some(t) => {
+                return Err(CoreError::ShapeMismatch {
+                    name,
+                    expected: shape,
+                    found: t.dims().to_vec(),
+                })
+            }
+            None => return Err(missing(&name)),
+        }
+    }
+    Ok(out)
+}
+
+fn missing(name: &str) -> CoreError {
+    CoreError::MissingTensor {
+        name: name.to_string(),
+        expected: vec![],
+    }
+}

@@ -1,0 +1,344 @@
+//! The supernet: the oracle's chain plus branches per position, and the subnet space.
+//!
+//! # Layout
+//! - [`code`]: subnet codes and their string form.
+//! - [`branches`]: building merge / prune branches from the oracle's weights.
+//! - this module: [`SupernetSpec`] (which choices stand where, shapes, costs), counting,
+//!   enumeration and sampling of subnets, and [`Supernet`] (spec + module weights) with the
+//!   forward pass of any subnet and export of one subnet as a standalone [`Model`].
+pub mod branches;
+pub mod code;
+
+use std::collections::BTreeMap;
+
+use candle_core::Tensor;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+pub use code::{BranchKind, Subnet, COVERED};
+
+use crate::model::{
+    block_forward, head_forward, spec::count_params, stem_forward, BlockSpec, Model, ModelSpec,
+    Params, TrainCtx,
+};
+use crate::{CoreError, Result};
+
+/// Which branch kinds to build.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupernetConfig {
+    pub branches: Vec<BranchKind>,
+    /// Seed of the fresh (Kaiming) initialisation of re-shaped tensors.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl SupernetConfig {
+    /// Merge-2 and merge-3 only (the configuration the reference numbers use).
+    pub fn merge_only() -> Self {
+        Self {
+            branches: vec![BranchKind::Merge2, BranchKind::Merge3],
+            seed: 0,
+        }
+    }
+
+    /// Parses branch names such as `["merge2", "merge3", "prune1"]`.
+    pub fn from_names<S: AsRef<str>>(names: &[S], seed: u64) -> Result<Self> {
+        let mut branches = Vec::new();
+        for n in names {
+            let k = BranchKind::parse(n.as_ref())?;
+            if !branches.contains(&k) {
+                branches.push(k);
+            }
+        }
+        branches.sort();
+        Ok(Self { branches, seed })
+    }
+}
+
+/// One choice at a position.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Choice {
+    /// 0 original, 1/2 merge-2/3, -1/-2 pruned.
+    pub id: i8,
+    /// Number of original blocks replaced.
+    pub span: usize,
+    pub block: BlockSpec,
+}
+
+/// Shapes and choices of a supernet; no weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SupernetSpec {
+    pub oracle: ModelSpec,
+    pub branches: Vec<BranchKind>,
+    /// `positions[i]` lists the choices at block position i; id 0 always comes first.
+    pub positions: Vec<Vec<Choice>>,
+}
+
+impl SupernetSpec {
+    pub fn num_positions(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn choice(&self, pos: usize, id: i8) -> Option<&Choice> {
+        self.positions.get(pos)?.iter().find(|c| c.id == id)
+    }
+
+    /// Checks a subnet against this supernet: length, spans, availability of every choice.
+    pub fn validate(&self, s: &Subnet) -> Result<()> {
+        if s.len() != self.num_positions() {
+            return Err(CoreError::InvalidSubnet {
+                position: s.len().min(self.num_positions()),
+                reason: format!(
+                    "code has {} positions, the supernet has {}",
+                    s.len(),
+                    self.num_positions()
+                ),
+            });
+        }
+        s.check_spans()?;
+        for (pos, id) in s.steps() {
+            if self.choice(pos, id).is_none() {
+                return Err(CoreError::InvalidSubnet {
+                    position: pos,
+                    reason: format!(
+                        "choice '{}' is not available at position {pos}",
+                        code::id_char(id).unwrap_or('?')
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Exact number of subnets (dynamic programming over positions).
+    pub fn count(&self) -> u128 {
+        let n = self.num_positions();
+        let mut ways = vec![0u128; n + 1];
+        ways[n] = 1;
+        for i in (0..n).rev() {
+            ways[i] = self.positions[i]
+                .iter()
+                .filter(|c| i + c.span <= n)
+                .map(|c| ways[i + c.span])
+                .fold(0u128, |a, b| a.saturating_add(b));
+        }
+        ways[0]
+    }
+
+    /// Every subnet, in lexicographic order of positions' choice lists; `None` if there are
+    /// more than `limit`.
+    pub fn enumerate(&self, limit: usize) -> Option<Vec<Subnet>> {
+        if self.count() > limit as u128 {
+            return None;
+        }
+        let n = self.num_positions();
+        let mut out = Vec::new();
+        let mut cur = Vec::with_capacity(n);
+        fn rec(spec: &SupernetSpec, i: usize, cur: &mut Vec<i8>, out: &mut Vec<Subnet>) {
+            let n = spec.num_positions();
+            if i == n {
+                out.push(Subnet(cur.clone()));
+                return;
+            }
+            for c in &spec.positions[i] {
+                if i + c.span > n {
+                    continue;
+                }
+                let len = cur.len();
+                cur.push(c.id);
+                cur.extend(std::iter::repeat_n(COVERED, c.span - 1));
+                rec(spec, i + c.span, cur, out);
+                cur.truncate(len);
+            }
+        }
+        rec(self, 0, &mut cur, &mut out);
+        Some(out)
+    }
+
+    /// A random valid subnet: uniform over the choices at each position, left to right.
+    /// With `require_branch`, resamples until at least one branch is used.
+    pub fn sample<R: Rng>(&self, rng: &mut R, require_branch: bool) -> Result<Subnet> {
+        if require_branch && self.count() <= 1 {
+            return Err(CoreError::InvalidConfig {
+                field: "branches".into(),
+                reason: "the supernet has no branch: only the original path exists".into(),
+            });
+        }
+        let n = self.num_positions();
+        loop {
+            let mut v = Vec::with_capacity(n);
+            let mut i = 0;
+            while i < n {
+                let fits: Vec<&Choice> = self.positions[i]
+                    .iter()
+                    .filter(|c| i + c.span <= n)
+                    .collect();
+                let c = fits[rng.random_range(0..fits.len())];
+                v.push(c.id);
+                v.extend(std::iter::repeat_n(COVERED, c.span - 1));
+                i += c.span;
+            }
+            let s = Subnet(v);
+            if !require_branch || s.uses_branch() {
+                return Ok(s);
+            }
+        }
+    }
+
+    /// The block specs a subnet runs, in order.
+    pub fn subnet_blocks(&self, s: &Subnet) -> Result<Vec<BlockSpec>> {
+        self.validate(s)?;
+        Ok(s.steps()
+            .map(|(p, id)| {
+                self.choice(p, id)
+                    .expect("validated above")
+                    .block
+                    .clone()
+            })
+            .collect())
+    }
+
+    /// The spec of a subnet as a standalone chain model.
+    pub fn subnet_spec(&self, s: &Subnet) -> Result<ModelSpec> {
+        let mut spec = self.oracle.clone();
+        spec.blocks = self.subnet_blocks(s)?;
+        spec.family = "adaptivenet.chain".into();
+        Ok(spec)
+    }
+
+    /// MACs of a subnet at the oracle's default input size.
+    pub fn subnet_macs(&self, s: &Subnet) -> Result<u64> {
+        Ok(self.subnet_spec(s)?.macs())
+    }
+
+    /// Trainable parameters of the whole supernet (every module once).
+    pub fn num_params(&self) -> u64 {
+        count_params(&self.oracle.stem.param_shapes())
+            + count_params(&self.oracle.head.param_shapes())
+            + self
+                .positions
+                .iter()
+                .flatten()
+                .map(|c| count_params(&c.block.param_shapes()))
+                .sum::<u64>()
+    }
+}
+
+/// A supernet with (some of) its module weights in memory. Edge devices load only the modules
+/// of the subnets they run; the cloud holds all of them.
+#[derive(Clone, Debug)]
+pub struct Supernet {
+    pub spec: SupernetSpec,
+    pub stem: Params,
+    pub head: Params,
+    /// (position, choice id) → weights.
+    pub modules: BTreeMap<(usize, i8), Params>,
+}
+
+impl Supernet {
+    /// The weights of one module, or an error naming it if not loaded.
+    pub fn module(&self, pos: usize, id: i8) -> Result<&Params> {
+        self.modules
+            .get(&(pos, id))
+            .ok_or_else(|| CoreError::Artifact {
+                module: module_name(pos, id),
+                reason: "module weights are not loaded".into(),
+            })
+    }
+
+    /// Runs the stem (the part every subnet shares; cache its output).
+    pub fn forward_stem(&self, x: &Tensor) -> Result<Tensor> {
+        stem_forward(
+            &self.spec.oracle.stem,
+            &self.spec.oracle.numerics,
+            &self.stem,
+            x,
+            None,
+        )
+    }
+
+    /// Runs one (position, choice) module, eval mode.
+    pub fn forward_module(&self, pos: usize, id: i8, x: &Tensor) -> Result<Tensor> {
+        let choice = self.spec.choice(pos, id).ok_or_else(|| CoreError::InvalidSubnet {
+            position: pos,
+            reason: format!("choice {id} not available"),
+        })?;
+        block_forward(
+            &choice.block,
+            &self.spec.oracle.numerics,
+            self.module(pos, id)?,
+            x,
+            None,
+        )
+    }
+
+    /// Runs one module in train mode (batch-statistics BN; updates recorded in `ctx`), with
+    /// explicitly given weights (e.g. trainable variables).
+    pub fn forward_module_train(
+        &self,
+        pos: usize,
+        id: i8,
+        params: &Params,
+        x: &Tensor,
+        ctx: &mut TrainCtx,
+    ) -> Result<Tensor> {
+        let choice = self.spec.choice(pos, id).ok_or_else(|| CoreError::InvalidSubnet {
+            position: pos,
+            reason: format!("choice {id} not available"),
+        })?;
+        block_forward(
+            &choice.block,
+            &self.spec.oracle.numerics,
+            params,
+            x,
+            Some(ctx),
+        )
+    }
+
+    pub fn forward_head(&self, h: &Tensor) -> Result<Tensor> {
+        head_forward(
+            &self.spec.oracle.head,
+            &self.spec.oracle.numerics,
+            &self.head,
+            h,
+            None,
+        )
+    }
+
+    /// Runs a subnet's blocks from position `from` on the feature `h` entering it.
+    pub fn forward_blocks_from(&self, s: &Subnet, from: usize, h: &Tensor) -> Result<Tensor> {
+        let mut h = h.clone();
+        for (pos, id) in s.steps().filter(|(p, _)| *p >= from) {
+            h = self.forward_module(pos, id, &h)?;
+        }
+        Ok(h)
+    }
+
+    /// Full forward pass of a subnet, eval mode.
+    pub fn forward(&self, s: &Subnet, x: &Tensor) -> Result<Tensor> {
+        self.spec.validate(s)?;
+        let h = self.forward_stem(x)?;
+        let h = self.forward_blocks_from(s, 0, &h)?;
+        self.forward_head(&h)
+    }
+
+    /// Exports one subnet as a standalone model (its own weights and an explicit chain spec).
+    pub fn materialize(&self, s: &Subnet) -> Result<Model> {
+        let spec = self.spec.subnet_spec(s)?;
+        let blocks = s
+            .steps()
+            .map(|(p, id)| self.module(p, id).cloned())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Model {
+            spec,
+            stem: self.stem.clone(),
+            blocks,
+            head: self.head.clone(),
+        })
+    }
+}
+
+/// The name of a (position, choice) module in manifests and errors, e.g. `p3c1`, `p5c-2`.
+pub fn module_name(pos: usize, id: i8) -> String {
+    format!("p{pos}c{id}")
+}

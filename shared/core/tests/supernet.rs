@@ -1,0 +1,217 @@
+//! Supernet IR, branches, subnet codes, counting and export.
+mod common;
+
+use adaptivenet_core::model::{ArchDescriptor, BlockSpec, Model};
+use adaptivenet_core::supernet::branches::{build_supernet, supernet_spec};
+use adaptivenet_core::supernet::{BranchKind, Subnet, SupernetConfig};
+use adaptivenet_core::CoreError;
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+
+fn resnet20() -> ArchDescriptor {
+    ArchDescriptor::from_json(
+        br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[3,3,3],
+            "widths":[16,32,64],"in_channels":1,"num_classes":10}"#,
+    )
+    .unwrap()
+}
+
+fn tv_resnet(block: &str, layers: &[usize]) -> ArchDescriptor {
+    ArchDescriptor::from_value(serde_json::json!({
+        "family": "torchvision.resnet", "block": block, "layers": layers, "num_classes": 1000
+    }))
+    .unwrap()
+}
+
+fn all_branches() -> SupernetConfig {
+    SupernetConfig::from_names(&["merge2", "merge3", "prune1", "prune2"], 7).unwrap()
+}
+
+#[test]
+fn resnet20_has_the_reference_parameter_count() {
+    assert_eq!(resnet20().spec.num_params(), 272_186);
+}
+
+#[test]
+fn merge_only_counts_match_the_paper() {
+    let m = SupernetConfig::merge_only();
+    assert_eq!(supernet_spec(&resnet20().spec, &m).count(), 149);
+    assert_eq!(supernet_spec(&tv_resnet("bottleneck", &[3, 4, 6, 3]).spec, &m).count(), 10_609);
+    let r101 = supernet_spec(&tv_resnet("bottleneck", &[3, 4, 23, 3]).spec, &m).count();
+    println!("ResNet-101 merge-only subnets: {r101}");
+    assert!((3.3e8..3.4e8).contains(&(r101 as f64)), "{r101}");
+    // The DP agrees with brute-force enumeration where that is feasible.
+    let spec = supernet_spec(&resnet20().spec, &all_branches());
+    let all = spec.enumerate(1_000_000).unwrap();
+    assert_eq!(all.len() as u128, spec.count());
+    let distinct: std::collections::HashSet<String> = all.iter().map(|s| s.to_string()).collect();
+    assert_eq!(distinct.len(), all.len());
+    for s in &all {
+        spec.validate(s).unwrap();
+    }
+    println!("ResNet-20 merge+prune subnets: {}", spec.count());
+}
+
+#[test]
+fn subnet_codes_round_trip_and_errors_name_the_position() {
+    let spec = supernet_spec(&resnet20().spec, &all_branches());
+    for code in ["000000000", "2xx1xP0p0", "1x1x1x2xx", "0000000P0"] {
+        let s = Subnet::parse(code).unwrap();
+        assert_eq!(s.to_string(), code);
+        spec.validate(&s).unwrap();
+    }
+    let pos = |code: &str| match spec.validate(&Subnet(
+        code.chars()
+            .map(|c| match c {
+                '0' => 0,
+                '1' => 1,
+                '2' => 2,
+                'x' => 99,
+                'P' => -1,
+                'p' => -2,
+                _ => 42,
+            })
+            .collect(),
+    )) {
+        Err(CoreError::InvalidSubnet { position, .. }) => position,
+        other => panic!("{code}: expected InvalidSubnet, got {other:?}"),
+    };
+    assert_eq!(pos("2x0000000"), 2); // merge-3 needs two covered markers
+    assert_eq!(pos("x00000000"), 0); // covered without a merge
+    assert_eq!(pos("00000000P"), 8); // the last block is not pruned
+    assert_eq!(pos("0000000002"), 9); // too long
+    assert_eq!(pos("00000002x"), 7); // merge-3 does not fit
+    match Subnet::parse("00a") {
+        Err(CoreError::InvalidSubnet { position: 2, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn sampling_is_valid_deterministic_and_can_require_a_branch() {
+    let spec = supernet_spec(&resnet20().spec, &all_branches());
+    let draw = |seed| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..200)
+            .map(|_| spec.sample(&mut rng, true).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let a = draw(1);
+    assert_eq!(a, draw(1));
+    assert_ne!(a, draw(2));
+    for s in &a {
+        spec.validate(s).unwrap();
+        assert!(s.uses_branch());
+    }
+    // Without branches there is nothing to sample with require_branch.
+    let none = supernet_spec(&resnet20().spec, &SupernetConfig { branches: vec![], seed: 0 });
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    assert!(none.sample(&mut rng, true).is_err());
+    assert_eq!(none.sample(&mut rng, false).unwrap(), Subnet::original(9));
+}
+
+#[test]
+fn all_original_subnet_is_the_oracle_bit_for_bit_and_branches_run() {
+    let oracle = Model::init(&resnet20().spec, 3).unwrap();
+    let sn = build_supernet(&oracle, &all_branches()).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu).unwrap();
+    let want = oracle.forward(&x).unwrap();
+    let got = sn.forward(&Subnet::original(9), &x).unwrap();
+    assert_eq!(common::max_abs_diff(&want, &got), 0.0);
+    // Every module runs and produces the chain's shape at its span's end.
+    let shapes = sn.spec.oracle.block_shapes(28, 28);
+    let mut h_in = vec![sn.forward_stem(&x).unwrap()];
+    for b in 0..9 {
+        let next = sn.forward_module(b, 0, &h_in[b]).unwrap();
+        h_in.push(next);
+    }
+    for (i, choices) in sn.spec.positions.iter().enumerate() {
+        for c in choices {
+            let y = sn.forward_module(i, c.id, &h_in[i]).unwrap();
+            let [ch, hh, ww] = shapes[i + c.span];
+            assert_eq!(y.dims(), &[2, ch, hh, ww], "position {i} choice {}", c.id);
+        }
+    }
+    // Materialised subnets compute exactly what the supernet computes.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    for _ in 0..5 {
+        let s = sn.spec.sample(&mut rng, true).unwrap();
+        let m = sn.materialize(&s).unwrap();
+        assert_eq!(m.spec.blocks.len(), s.steps().count());
+        let d = common::max_abs_diff(&m.forward(&x).unwrap(), &sn.forward(&s, &x).unwrap());
+        assert_eq!(d, 0.0, "{s}");
+    }
+}
+
+#[test]
+fn branches_inherit_matching_tensors_and_prune_by_magnitude() {
+    let oracle = Model::init(&resnet20().spec, 11).unwrap();
+    let sn = build_supernet(&oracle, &all_branches()).unwrap();
+    let eq = |a: &Tensor, b: &Tensor| common::max_abs_diff(a, b) == 0.0;
+    // Merge-2 at 0: blocks 0-1 are 16→16 stride 1: an exact copy of block 0.
+    let m = sn.module(0, 1).unwrap();
+    for (n, t) in &oracle.blocks[0] {
+        assert!(eq(t, &m[n]), "{n} copied");
+    }
+    // Merge-2 at 2 spans 16→32 (crosses the stage): conv1/bn1 copied, conv2/bn2 re-shaped
+    // (fresh, identity BN), projection added fresh.
+    let m = sn.module(2, 1).unwrap();
+    assert!(eq(&oracle.blocks[2]["conv1.weight"], &m["conv1.weight"]));
+    assert!(eq(&oracle.blocks[2]["bn1.running_var"], &m["bn1.running_var"]));
+    assert_eq!(m["conv2.weight"].dims(), &[32, 16, 3, 3]);
+    assert_eq!(m["bn2.running_var"].to_vec1::<f32>().unwrap(), vec![1.0; 32]);
+    assert!(m.contains_key("downsample.0.weight"));
+    match &sn.spec.choice(2, 1).unwrap().block {
+        BlockSpec::Basic { stride: 2, proj: true, cout: 32, .. } => {}
+        b => panic!("{b:?}"),
+    }
+    // Prune-2 at 0 keeps round(16 * 0.6) = 10 inner channels: the ones with the largest L2.
+    let p = sn.module(0, BranchKind::Prune2.id()).unwrap();
+    assert_eq!(p["conv1.weight"].dims(), &[10, 16, 3, 3]);
+    let w = &oracle.blocks[0]["conv1.weight"];
+    let norms: Vec<f32> = w.sqr().unwrap().sum((1, 2, 3)).unwrap().to_vec1().unwrap();
+    let mut order: Vec<usize> = (0..16).collect();
+    order.sort_by(|&a, &b| norms[b].total_cmp(&norms[a]));
+    let mut kept: Vec<usize> = order[..10].to_vec();
+    kept.sort();
+    let pn: Vec<f32> = p["conv1.weight"].sqr().unwrap().sum((1, 2, 3)).unwrap().to_vec1().unwrap();
+    let want: Vec<f32> = kept.iter().map(|&i| norms[i]).collect();
+    assert_eq!(pn, want);
+    assert_eq!(p["conv2.weight"].dims(), &[16, 10, 3, 3]);
+    assert!(eq(&p["bn2.weight"], &oracle.blocks[0]["bn2.weight"]));
+}
+
+#[test]
+fn mbconv_rules_hold_for_efficientnet_lite0() {
+    let arch = ArchDescriptor::from_json(br#"{"family":"efficientnet_lite"}"#).unwrap();
+    // DATA.md: the real file holds 296 tensors with 4,694,073 numbers: parameters, BN running
+    // statistics and one `num_batches_tracked` counter per BN layer.
+    let shapes = adaptivenet_core::model::expected_shapes(&arch.spec);
+    let floats: usize = shapes.iter().map(|(_, _, s)| s.iter().product::<usize>()).sum();
+    let bn_layers = shapes.iter().filter(|(_, n, _)| n.ends_with("running_mean")).count();
+    assert_eq!(bn_layers, 49);
+    assert_eq!(floats + bn_layers, 4_694_073);
+    assert_eq!(shapes.len() + bn_layers, 296);
+    let spec = supernet_spec(&arch.spec, &all_branches());
+    let n = spec.num_positions();
+    assert_eq!(n, 16);
+    for (i, cs) in spec.positions.iter().enumerate() {
+        for c in cs {
+            if c.span > 1 {
+                let strided = arch.spec.blocks[i..i + c.span]
+                    .iter()
+                    .filter(|b| b.stride() != 1)
+                    .count();
+                assert!(strided <= 1, "position {i} merge {} spans {strided} strided", c.id);
+            }
+            if c.id < 0 {
+                assert!(i != 0 && i != n - 1, "position {i} must not be pruned");
+            }
+        }
+    }
+    // Every merge that crosses a stride-2 boundary twice is absent: position 1 (24, s2),
+    // blocks 1..=3 contain strides at 1 and 3.
+    assert!(spec.choice(1, 2).is_none());
+    assert!(spec.choice(1, 1).is_some());
+    println!("EfficientNet-Lite0 subnets (merge+prune): {}", spec.count());
+}

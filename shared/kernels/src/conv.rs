@@ -1,0 +1,229 @@
+//! conv2d as candle custom ops: forward (GEMM or depthwise path) and the two backward ops.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+
+use crate::geom::Geom;
+use crate::storage::{dims4, f32_slice};
+use crate::{depthwise, gemm_path, Activation, Conv2dParams, KernelError};
+
+type Dims4 = (usize, usize, usize, usize);
+
+/// Forward conv (+ bias + activation). Differentiable only with `act == None`.
+pub(crate) struct ConvOp {
+    pub p: Conv2dParams,
+    pub act: Activation,
+}
+
+impl ConvOp {
+    fn fwd(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let xs = f32_slice(x.0, x.1, "conv2d", "x")?;
+        let ws = f32_slice(w.0, w.1, "conv2d", "weight")?;
+        let g = Geom::new(dims4(x.1, "conv2d")?, dims4(w.1, "conv2d weight")?, &self.p)?;
+        let bs = match b {
+            Some((s, l)) => {
+                let b = f32_slice(s, l, "conv2d", "bias")?;
+                if b.len() != g.o || l.shape().rank() != 1 {
+                    return Err(KernelError::Shape(format!(
+                        "conv2d: bias shape {:?}, expected [{}]",
+                        l.shape().dims(),
+                        g.o
+                    ))
+                    .into());
+                }
+                Some(b)
+            }
+            None => None,
+        };
+        let mut out = vec![0f32; g.n * g.out_img()];
+        if g.is_depthwise() {
+            depthwise::forward(xs, ws, bs, &g, self.act, &mut out);
+        } else {
+            gemm_path::forward(xs, ws, bs, &g, self.act, &mut out);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(g.out_dims())))
+    }
+}
+
+fn conv_grads(
+    p: &Conv2dParams,
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    // Inputs that do not track gradients (e.g. the image batch) get no gradient computed.
+    let gx = if x.track_op() {
+        Some(grad.apply_op2_no_bwd(w, &ConvBwdData { p: *p, x_dims: x.dims4()? })?)
+    } else {
+        None
+    };
+    let gw = if w.track_op() {
+        Some(x.apply_op2_no_bwd(grad, &ConvBwdFilter { p: *p, w_dims: w.dims4()? })?)
+    } else {
+        None
+    };
+    Ok((gx, gw))
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "adaptivenet-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.act != Activation::None {
+            candle_core::bail!("adaptivenet-kernels: fused conv2d activation has no backward")
+        }
+        let grad = grad.contiguous()?;
+        conv_grads(&self.p, x, w, &grad)
+    }
+}
+
+impl CustomOp3 for ConvOp {
+    fn name(&self) -> &'static str {
+        "adaptivenet-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.act != Activation::None {
+            candle_core::bail!("adaptivenet-kernels: fused conv2d activation has no backward")
+        }
+        let grad = grad.contiguous()?;
+        let (gx, gw) = conv_grads(&self.p, x, w, &grad)?;
+        let gb = if b.track_op() {
+            Some(grad.apply_op1_no_bwd(&BiasGrad)?)
+        } else {
+            None
+        };
+        Ok((gx, gw, gb))
+    }
+}
+
+/// `(grad_out, w) -> grad_x`.
+struct ConvBwdData {
+    p: Conv2dParams,
+    x_dims: Dims4,
+}
+
+impl CustomOp2 for ConvBwdData {
+    fn name(&self) -> &'static str {
+        "adaptivenet-conv2d-bwd-data"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let go = f32_slice(s1, l1, "conv2d backward", "grad")?;
+        let w = f32_slice(s2, l2, "conv2d backward", "weight")?;
+        let g = Geom::new(self.x_dims, dims4(l2, "conv2d backward")?, &self.p)?;
+        if dims4(l1, "conv2d backward")? != g.out_dims() {
+            return Err(KernelError::Shape("conv2d backward: grad shape mismatch".into()).into());
+        }
+        let mut gx = vec![0f32; g.n * g.in_img()];
+        if g.is_depthwise() {
+            depthwise::backward_data(go, w, &g, &mut gx);
+        } else {
+            gemm_path::backward_data(go, w, &g, &mut gx);
+        }
+        Ok((CpuStorage::F32(gx), Shape::from(self.x_dims)))
+    }
+}
+
+/// `(x, grad_out) -> grad_w`.
+struct ConvBwdFilter {
+    p: Conv2dParams,
+    w_dims: Dims4,
+}
+
+impl CustomOp2 for ConvBwdFilter {
+    fn name(&self) -> &'static str {
+        "adaptivenet-conv2d-bwd-filter"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "conv2d backward", "x")?;
+        let go = f32_slice(s2, l2, "conv2d backward", "grad")?;
+        let g = Geom::new(dims4(l1, "conv2d backward")?, self.w_dims, &self.p)?;
+        if dims4(l2, "conv2d backward")? != g.out_dims() {
+            return Err(KernelError::Shape("conv2d backward: grad shape mismatch".into()).into());
+        }
+        let gw = if g.is_depthwise() {
+            depthwise::backward_filter(x, go, &g)
+        } else {
+            gemm_path::backward_filter(x, go, &g)
+        };
+        Ok((CpuStorage::F32(gw), Shape::from(self.w_dims)))
+    }
+}
+
+/// `grad_out [N, O, OH, OW] -> grad_b [O]`.
+struct BiasGrad;
+
+impl CustomOp1 for BiasGrad {
+    fn name(&self) -> &'static str {
+        "adaptivenet-conv2d-bwd-bias"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let go = f32_slice(s, l, "conv2d backward", "grad")?;
+        let (n, o, h, w) = dims4(l, "conv2d backward")?;
+        let p = h * w;
+        let mut gb = vec![0f64; o];
+        for i in 0..n {
+            for (oc, acc) in gb.iter_mut().enumerate() {
+                *acc += go[(i * o + oc) * p..][..p].iter().map(|v| *v as f64).sum::<f64>();
+            }
+        }
+        let gb: Vec<f32> = gb.into_iter().map(|v| v as f32).collect();
+        Ok((CpuStorage::F32(gb), Shape::from(o)))
+    }
+}

@@ -1,0 +1,317 @@
+//! groups != depthwise: im2col (into a reused per-thread buffer) + `gemm`, per image and group.
+//!
+//! Per image `n` and group `g`: `out[n,g] [Og, P] = W[g] [Og, K] x col [K, P]` with
+//! `K = Cg*KH*KW`, `P = OH*OW`. For 1x1 / stride 1 / no padding the input plane block
+//! `[Cg, H*W]` already is `col`, and no copy is made.
+
+use std::cell::Cell;
+use std::ops::Range;
+
+use gemm::Parallelism;
+
+use crate::geom::{valid_range, Geom};
+use crate::{threads, Activation};
+
+thread_local! {
+    static COL: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` with a per-thread scratch buffer of `len` elements (contents unspecified).
+pub(crate) fn with_col<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut v = COL.with(|c| c.take());
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    let r = f(&mut v[..len]);
+    COL.with(|c| {
+        let other = c.take();
+        c.set(if other.len() > v.len() { other } else { v });
+    });
+    r
+}
+
+/// A strided read-only matrix view.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// `dst [m x n]` (row-major, contiguous) `= (acc ? dst : 0) + lhs [m x k] * rhs [k x n]`.
+pub(crate) fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    acc: bool,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= m * n, "gemm dst too small");
+    if k == 0 {
+        if !acc {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!((m - 1) * lhs.rs + (k - 1) * lhs.cs < lhs.data.len(), "gemm lhs out of bounds");
+    assert!((k - 1) * rhs.rs + (n - 1) * rhs.cs < rhs.data.len(), "gemm rhs out of bounds");
+    // SAFETY: bounds checked above; dst does not alias lhs/rhs (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+pub(crate) fn gemm_par(t: usize) -> Parallelism {
+    if t > 1 {
+        Parallelism::Rayon(t)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// Thread plan: (threads, parallelise over the batch instead of inside each GEMM).
+pub(crate) fn plan(g: &Geom) -> (usize, bool) {
+    let t = threads::for_flops(g.flops());
+    if t <= 1 {
+        (1, false)
+    } else {
+        (t, g.n >= t && (g.n % t == 0 || g.n >= 4 * t))
+    }
+}
+
+/// im2col of one group block `x [Cg, H, W]` into `col [Cg*KH*KW, OH*OW]`.
+pub(crate) fn im2col(x: &[f32], g: &Geom, col: &mut [f32]) {
+    let (hw, p) = (g.h * g.w, g.p());
+    for c in 0..g.cg() {
+        let xp = &x[c * hw..][..hw];
+        for i in 0..g.kh {
+            let offh = (i * g.dh) as isize - g.pt as isize;
+            let (oh_lo, oh_hi) = valid_range(g.oh, g.h, g.sh, offh);
+            for j in 0..g.kw {
+                let offw = (j * g.dw) as isize - g.pl as isize;
+                let (lo, hi) = valid_range(g.ow, g.w, g.sw, offw);
+                let row = &mut col[((c * g.kh + i) * g.kw + j) * p..][..p];
+                row[..oh_lo * g.ow].fill(0.0);
+                row[oh_hi * g.ow..].fill(0.0);
+                for oh in oh_lo..oh_hi {
+                    let ih = ((oh * g.sh) as isize + offh) as usize;
+                    let xr = &xp[ih * g.w..][..g.w];
+                    let dst = &mut row[oh * g.ow..][..g.ow];
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    if g.sw == 1 {
+                        let s = (lo as isize + offw) as usize;
+                        dst[lo..hi].copy_from_slice(&xr[s..s + hi - lo]);
+                    } else {
+                        for (ow, d) in dst[lo..hi].iter_mut().enumerate() {
+                            *d = xr[(((ow + lo) * g.sw) as isize + offw) as usize];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adjoint of [`im2col`]: `x [Cg, H, W] += col2im(col)`.
+pub(crate) fn col2im_add(col: &[f32], g: &Geom, x: &mut [f32]) {
+    let (hw, p) = (g.h * g.w, g.p());
+    for c in 0..g.cg() {
+        let xp = &mut x[c * hw..][..hw];
+        for i in 0..g.kh {
+            let offh = (i * g.dh) as isize - g.pt as isize;
+            let (oh_lo, oh_hi) = valid_range(g.oh, g.h, g.sh, offh);
+            for j in 0..g.kw {
+                let offw = (j * g.dw) as isize - g.pl as isize;
+                let (lo, hi) = valid_range(g.ow, g.w, g.sw, offw);
+                let row = &col[((c * g.kh + i) * g.kw + j) * p..][..p];
+                for oh in oh_lo..oh_hi {
+                    let ih = ((oh * g.sh) as isize + offh) as usize;
+                    let xr = &mut xp[ih * g.w..][..g.w];
+                    let src = &row[oh * g.ow..][..g.ow];
+                    if g.sw == 1 {
+                        let s = (lo as isize + offw) as usize;
+                        for (d, v) in xr[s..s + hi - lo].iter_mut().zip(&src[lo..hi]) {
+                            *d += *v;
+                        }
+                    } else {
+                        for (ow, v) in src[lo..hi].iter().enumerate() {
+                            xr[(((ow + lo) * g.sw) as isize + offw) as usize] += *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the bias and applies the activation on one image's output `[O, P]`.
+pub(crate) fn epilogue(out: &mut [f32], bias: Option<&[f32]>, act: Activation, p: usize) {
+    if bias.is_none() && act == Activation::None {
+        return;
+    }
+    for (o, row) in out.chunks_exact_mut(p).enumerate() {
+        let b = bias.map_or(0.0, |b| b[o]);
+        match act {
+            Activation::None => row.iter_mut().for_each(|v| *v += b),
+            Activation::Relu => row.iter_mut().for_each(|v| *v = (*v + b).max(0.0)),
+            Activation::Relu6 => row.iter_mut().for_each(|v| *v = (*v + b).clamp(0.0, 6.0)),
+        }
+    }
+}
+
+fn fwd_image(x: &[f32], w: &[f32], out: &mut [f32], g: &Geom, par: Parallelism, col: &mut [f32]) {
+    let (cg, og, k, p, hw) = (g.cg(), g.og(), g.k(), g.p(), g.h * g.w);
+    for gi in 0..g.groups {
+        let xg = &x[gi * cg * hw..][..cg * hw];
+        let wg = &w[gi * og * k..][..og * k];
+        let outg = &mut out[gi * og * p..][..og * p];
+        let rhs: &[f32] = if g.identity_1x1 {
+            xg
+        } else {
+            im2col(xg, g, col);
+            &*col
+        };
+        gemm_f32(
+            og,
+            p,
+            k,
+            outg,
+            false,
+            Mat { data: wg, rs: k, cs: 1 },
+            Mat { data: rhs, rs: p, cs: 1 },
+            par,
+        );
+    }
+}
+
+fn bwd_data_image(go: &[f32], w: &[f32], gx: &mut [f32], g: &Geom, par: Parallelism, col: &mut [f32]) {
+    let (cg, og, k, p, hw) = (g.cg(), g.og(), g.k(), g.p(), g.h * g.w);
+    for gi in 0..g.groups {
+        let gog = &go[gi * og * p..][..og * p];
+        let wg = &w[gi * og * k..][..og * k];
+        let gxg = &mut gx[gi * cg * hw..][..cg * hw];
+        // W_g^T [K, Og]
+        let lhs = Mat { data: wg, rs: 1, cs: k };
+        let rhs = Mat { data: gog, rs: p, cs: 1 };
+        if g.identity_1x1 {
+            gemm_f32(k, p, og, gxg, false, lhs, rhs, par);
+        } else {
+            gemm_f32(k, p, og, col, false, lhs, rhs, par);
+            col2im_add(col, g, gxg);
+        }
+    }
+}
+
+fn bwd_filter_range(x: &[f32], go: &[f32], imgs: Range<usize>, g: &Geom, par: Parallelism) -> Vec<f32> {
+    let (cg, og, k, p, hw) = (g.cg(), g.og(), g.k(), g.p(), g.h * g.w);
+    let mut gw = vec![0f32; g.o * k];
+    let col_len = if g.identity_1x1 { 0 } else { k * p };
+    with_col(col_len, |col| {
+        for (j, i) in imgs.enumerate() {
+            let xi = &x[i * g.in_img()..][..g.in_img()];
+            let goi = &go[i * g.out_img()..][..g.out_img()];
+            for gi in 0..g.groups {
+                let xg = &xi[gi * cg * hw..][..cg * hw];
+                let gog = &goi[gi * og * p..][..og * p];
+                let gwg = &mut gw[gi * og * k..][..og * k];
+                let colm: &[f32] = if g.identity_1x1 {
+                    xg
+                } else {
+                    im2col(xg, g, col);
+                    &*col
+                };
+                // gw_g [Og, K] += go_g [Og, P] x col^T [P, K]
+                gemm_f32(
+                    og,
+                    k,
+                    p,
+                    gwg,
+                    j > 0,
+                    Mat { data: gog, rs: p, cs: 1 },
+                    Mat { data: colm, rs: 1, cs: p },
+                    par,
+                );
+            }
+        }
+    });
+    gw
+}
+
+/// Forward conv for groups that are not depthwise; `out` is `[N, O, OH, OW]`.
+pub(crate) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &Geom, act: Activation, out: &mut [f32]) {
+    let (t, batch_par) = plan(g);
+    let col_len = if g.identity_1x1 { 0 } else { g.k() * g.p() };
+    let (in_img, out_img, p) = (g.in_img(), g.out_img(), g.p());
+    let work = |i: usize, oi: &mut [f32], par: Parallelism| {
+        with_col(col_len, |col| fwd_image(&x[i * in_img..][..in_img], w, oi, g, par, col));
+        epilogue(oi, b, act, p);
+    };
+    if batch_par {
+        threads::for_each_item(out, out_img, t, |i, oi| work(i, oi, Parallelism::None));
+    } else {
+        let par = gemm_par(t);
+        for (i, oi) in out.chunks_exact_mut(out_img).enumerate() {
+            work(i, oi, par);
+        }
+    }
+}
+
+/// Gradient w.r.t. the input; `gx` (`[N, C, H, W]`) must be zero on entry.
+pub(crate) fn backward_data(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32]) {
+    let (t, batch_par) = plan(g);
+    let col_len = if g.identity_1x1 { 0 } else { g.k() * g.p() };
+    let (in_img, out_img) = (g.in_img(), g.out_img());
+    let work = |i: usize, gxi: &mut [f32], par: Parallelism| {
+        with_col(col_len, |col| bwd_data_image(&go[i * out_img..][..out_img], w, gxi, g, par, col));
+    };
+    if batch_par {
+        threads::for_each_item(gx, in_img, t, |i, gxi| work(i, gxi, Parallelism::None));
+    } else {
+        let par = gemm_par(t);
+        for (i, gxi) in gx.chunks_exact_mut(in_img).enumerate() {
+            work(i, gxi, par);
+        }
+    }
+}
+
+/// Gradient w.r.t. the weight, `[O, Cg, KH, KW]`.
+pub(crate) fn backward_filter(x: &[f32], go: &[f32], g: &Geom) -> Vec<f32> {
+    let (t, batch_par) = plan(g);
+    if batch_par {
+        let mut parts = threads::map_ranges(g.n, t, |r| bwd_filter_range(x, go, r, g, Parallelism::None));
+        let mut acc = parts.swap_remove(0);
+        for part in parts {
+            acc.iter_mut().zip(&part).for_each(|(a, b)| *a += *b);
+        }
+        acc
+    } else {
+        bwd_filter_range(x, go, 0..g.n, g, gemm_par(t))
+    }
+}

@@ -1,0 +1,177 @@
+//! Thread policy for every kernel of this crate.
+//!
+//! * A global cap on the number of threads ([`max_threads`], set with [`set_max_threads`] or
+//!   the environment variable [`ENV_VAR`] = `ADAPTIVENET_THREADS`, read once on first use).
+//! * A per-op FLOP threshold ([`flop_threshold`], [`set_flop_threshold`]): an op whose
+//!   arithmetic work is below it runs single-threaded, whatever the cap; per-op thread spin-up
+//!   and work splitting cost more than they save on small feature maps.
+//! * [`current`] returns the cap that is in force; record it with every latency figure
+//!   (see [`describe`] for a one-line summary).
+//!
+//! Parallel work is run on rayon's global pool (the one `gemm` uses), never on more than
+//! [`max_threads`] workers, and never on more workers than the pool has.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Environment variable read on first use: the maximum number of threads (`>= 1`).
+pub const ENV_VAR: &str = "ADAPTIVENET_THREADS";
+
+/// Default per-op FLOP threshold below which an op runs on one thread (see crate docs for the
+/// measurements behind it).
+pub const DEFAULT_FLOP_THRESHOLD: u64 = 20_000_000;
+
+static MAX_THREADS: AtomicUsize = AtomicUsize::new(0); // 0 = not initialised yet
+static FLOP_THRESHOLD: AtomicU64 = AtomicU64::new(DEFAULT_FLOP_THRESHOLD);
+
+/// Number of hardware threads usable by this process, bounded by rayon's global pool size.
+pub fn available() -> usize {
+    let hw = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    hw.min(rayon::current_num_threads()).max(1)
+}
+
+/// Default cap when neither [`set_max_threads`] nor [`ENV_VAR`] is used: all available
+/// hardware threads. Small ops are kept single-threaded by the FLOP threshold instead.
+pub fn default_threads() -> usize {
+    available()
+}
+
+fn init() -> usize {
+    let n = std::env::var(ENV_VAR)
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or_else(default_threads);
+    // Keep a value set concurrently by `set_max_threads`.
+    match MAX_THREADS.compare_exchange(0, n, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => n,
+        Err(cur) => cur,
+    }
+}
+
+/// The configured maximum number of threads (always `>= 1`).
+pub fn max_threads() -> usize {
+    match MAX_THREADS.load(Ordering::Relaxed) {
+        0 => init(),
+        n => n,
+    }
+}
+
+/// The thread cap in force right now: record it next to every latency figure.
+pub fn current() -> usize {
+    max_threads()
+}
+
+/// Sets the maximum number of threads; `0` restores the default (env var, else
+/// [`default_threads`]).
+pub fn set_max_threads(n: usize) {
+    if n == 0 {
+        MAX_THREADS.store(0, Ordering::Relaxed);
+        init();
+    } else {
+        MAX_THREADS.store(n, Ordering::Relaxed);
+    }
+}
+
+/// Per-op FLOP threshold: ops with less work run single-threaded.
+pub fn flop_threshold() -> u64 {
+    FLOP_THRESHOLD.load(Ordering::Relaxed)
+}
+
+/// Sets the per-op FLOP threshold (`0` = always use [`max_threads`]).
+pub fn set_flop_threshold(flops: u64) {
+    FLOP_THRESHOLD.store(flops, Ordering::Relaxed);
+}
+
+/// Number of threads an op doing `flops` floating point operations will use.
+pub fn for_flops(flops: u64) -> usize {
+    if flops < flop_threshold() {
+        1
+    } else {
+        max_threads().min(rayon::current_num_threads()).max(1)
+    }
+}
+
+/// One-line description of the policy, e.g. `threads=2 threshold=20000000flop`.
+pub fn describe() -> String {
+    format!("threads={} threshold={}flop", current(), flop_threshold())
+}
+
+/// Splits `0..n` into `parts` contiguous ranges of near-equal length.
+pub(crate) fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
+    let parts = parts.clamp(1, n.max(1));
+    let base = n / parts;
+    let rem = n % parts;
+    let mut out = Vec::with_capacity(parts);
+    let mut start = 0;
+    for i in 0..parts {
+        let len = base + usize::from(i < rem);
+        out.push(start..start + len);
+        start += len;
+    }
+    out
+}
+
+/// Runs `f(item_index, item)` over `out` cut into items of `item_len` elements, on up to
+/// `threads` workers (contiguous blocks of items per worker).
+pub(crate) fn for_each_item<T, F>(out: &mut [T], item_len: usize, threads: usize, f: F)
+where
+    T: Send,
+    F: Fn(usize, &mut [T]) + Sync,
+{
+    if item_len == 0 {
+        return;
+    }
+    let n_items = out.len() / item_len;
+    if threads <= 1 || n_items <= 1 {
+        for (i, item) in out.chunks_mut(item_len).enumerate() {
+            f(i, item);
+        }
+        return;
+    }
+    use rayon::prelude::*;
+    let per = n_items.div_ceil(threads.min(n_items));
+    out.par_chunks_mut(per * item_len)
+        .enumerate()
+        .for_each(|(ci, chunk)| {
+            for (j, item) in chunk.chunks_mut(item_len).enumerate() {
+                f(ci * per + j, item);
+            }
+        });
+}
+
+/// Runs `f(range)` for `0..n` split into up to `threads` contiguous ranges; returns the
+/// per-range results in order.
+pub(crate) fn map_ranges<R, F>(n: usize, threads: usize, f: F) -> Vec<R>
+where
+    R: Send,
+    F: Fn(Range<usize>) -> R + Sync,
+{
+    let ranges = split(n, threads);
+    if ranges.len() <= 1 {
+        return ranges.into_iter().map(f).collect();
+    }
+    use rayon::prelude::*;
+    ranges.into_par_iter().map(&f).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_covers() {
+        for n in 0..20 {
+            for p in 1..5 {
+                let r = split(n, p);
+                assert_eq!(r.first().map(|r| r.start).unwrap_or(0), 0);
+                assert_eq!(r.last().map(|r| r.end).unwrap_or(0), n);
+                for w in r.windows(2) {
+                    assert_eq!(w[0].end, w[1].start);
+                }
+            }
+        }
+    }
+}

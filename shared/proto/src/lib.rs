@@ -1,0 +1,7 @@
+//! Generated wire types for `adaptivenet.v1`. The only crate that knows prost/tonic types.
+#![allow(clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("adaptivenet.v1");
+}
+/// Encoded `FileDescriptorSet` for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("adaptivenet_descriptor");
