@@ -786,3 +786,23 @@ fn fashion_mnist_real_counts_and_pipeline() {
     );
     assert!(checksum.is_finite());
 }
+
+#[test]
+fn imagenet_lite_preprocessing_of_a_real_photo() {
+    let Some(p) = assets::asset("skimage/chelsea.png") else {
+        let reason = "skimage/chelsea.png not in the assets (run scripts/fetch-assets.sh)";
+        assert!(!assets::require_assets(), "{reason}");
+        println!("skipping: {reason}");
+        return;
+    };
+    let t = imagenet_preprocess_lite(&p).unwrap();
+    assert_eq!(t.dims(), &[1, 3, 224, 224]);
+    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (lo, hi) = v
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    assert!(
+        lo >= -127.0 / 128.0 && hi <= 1.0 && hi - lo > 1.0,
+        "range {lo}..{hi}"
+    );
+}

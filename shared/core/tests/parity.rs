@@ -93,3 +93,22 @@ fn exported_model_round_trips() {
     let (y0, y1) = (model.forward(&x).unwrap(), back.forward(&x).unwrap());
     assert_eq!(common::max_abs_diff(&y0, &y1), 0.0);
 }
+
+#[test]
+fn verify_reports_the_difference_and_reads_index_entries() {
+    use adaptivenet_core::model::verify::{read_descriptor, verify_io};
+    let dir = common::fixtures_dir();
+    let name = "tv_resnet_bottleneck1111_w16_c10";
+    let arch = read_descriptor(&dir.join("index.json"), Some(name)).unwrap();
+    let model =
+        Model::load(&arch, read_tensors(&dir.join(format!("{name}.safetensors"))).unwrap()).unwrap();
+    let r = verify_io(&model, &dir.join(format!("{name}.io.safetensors"))).unwrap();
+    assert!(r.max_abs_diff <= TOL, "{r:?}");
+    assert_eq!(r.top1_agreement, 1.0);
+    assert_eq!(r.logits_shape, vec![2, 10]);
+    // The wrong reference (another model's logits) is reported as a large difference.
+    let r = verify_io(&model, &dir.join("tv_resnet18_c10.io.safetensors")).unwrap();
+    assert!(r.max_abs_diff > 1e-2, "{r:?}");
+    let err = read_descriptor(&dir.join("index.json"), Some("nope")).unwrap_err().to_string();
+    assert!(err.contains("nope"), "{err}");
+}

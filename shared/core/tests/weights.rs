@@ -372,7 +372,8 @@ fn small_safetensors() -> Vec<u8> {
 }
 
 /// Truncations at every length and thousands of random byte flips of a valid file of each
-/// format must give `Ok` or `Err`, never a panic (a panic fails the test).
+/// format must give `Ok` or `Err`, never a panic (a panic fails the test). Set
+/// `WEIGHTS_FUZZ_ROUNDS` for a longer soak.
 #[test]
 fn corrupted_inputs_never_panic() {
     let mut inputs = vec![("safetensors", small_safetensors())];
@@ -394,12 +395,16 @@ fn corrupted_inputs_never_panic() {
         Ok(_) => ok += 1,
         Err(_) => err += 1,
     };
+    let rounds: usize = std::env::var("WEIGHTS_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1500);
     for (name, valid) in &inputs {
         assert!(read_tensors_from_bytes(valid).is_ok(), "{name} must load");
         for len in 0..valid.len() {
             tally(read_tensors_from_bytes(&valid[..len]));
         }
-        for round in 0..1500 {
+        for round in 0..rounds {
             let mut b = valid.clone();
             let flips = 1 + rng.below(if round % 10 == 0 { 16 } else { 3 });
             for _ in 0..flips {

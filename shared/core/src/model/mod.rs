@@ -8,6 +8,7 @@
 pub mod families;
 pub mod ops;
 pub mod spec;
+pub mod verify;
 
 use std::collections::{BTreeMap, HashMap};
 
