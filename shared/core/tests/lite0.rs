@@ -54,3 +54,28 @@ fn lite0_golden_values_for_a_constant_input() {
     println!("lite0 zero input top-5 = {classes:?}");
     assert_eq!(classes, vec![649, 979, 977, 445, 984]);
 }
+
+fn classify(model: &Model, photo: &str) -> Option<Vec<(usize, f32)>> {
+    let Some(path) = assets::asset(photo) else {
+        assert!(!assets::require_assets(), "{photo} missing (run scripts/fetch-assets.sh)");
+        println!("skipping: {photo} not fetched");
+        return None;
+    };
+    let x = adaptivenet_core::data::transform::imagenet_preprocess_lite(&path).unwrap();
+    assert_eq!(x.dims(), &[1, 3, 224, 224]);
+    let t5 = top5(&model.forward(&x).unwrap());
+    println!("{photo}: top-5 {t5:?}");
+    Some(t5)
+}
+
+#[test]
+fn lite0_classifies_the_sample_photos() {
+    let Some(model) = load() else { return };
+    if let Some(t5) = classify(&model, "skimage/chelsea.png") {
+        assert!([281, 282, 285].contains(&t5[0].0), "chelsea top-1 {:?}", t5[0]);
+    }
+    if let Some(t5) = classify(&model, "skimage/coffee.png") {
+        assert_eq!(t5[0].0, 967, "coffee top-1 {:?}", t5[0]);
+        assert!(t5[0].1 > 0.5, "espresso probability {}", t5[0].1);
+    }
+}

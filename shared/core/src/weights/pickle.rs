@@ -267,7 +267,7 @@ impl<'a> Vm<'a> {
     }
 
     fn set_items(&mut self, items: Vec<V>) -> PResult<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err("pickle: SETITEMS with an odd number of items".into());
         }
         self.charge(items.len())?;
@@ -635,11 +635,9 @@ mod tests {
 
     #[test]
     fn deep_nesting_is_rejected() {
-        let mut b = b"\x80\x02".to_vec();
-        b.extend(std::iter::repeat_n(b"]"[0], 1));
-        for _ in 0..(MAX_DEPTH + 10) {
-            b.push(0x85); // TUPLE1
-        }
+        // An empty list wrapped in TUPLE1 again and again.
+        let mut b = b"\x80\x02]".to_vec();
+        b.extend(std::iter::repeat_n(0x85, MAX_DEPTH as usize + 10));
         b.push(b'.');
         assert!(run(&b).unwrap_err().contains("deeper"));
     }
