@@ -112,3 +112,25 @@ fn verify_reports_the_difference_and_reads_index_entries() {
     let err = read_descriptor(&dir.join("index.json"), Some("nope")).unwrap_err().to_string();
     assert!(err.contains("nope"), "{err}");
 }
+
+#[test]
+fn folded_models_match_pytorch_too() {
+    let dir = common::fixtures_dir();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    for name in ["tv_resnet18_c10", "tv_resnet_bottleneck1111_w16_c10", "tv_mobilenet_v2_w050_c10"] {
+        let arch = ArchDescriptor::from_value(index[name].clone()).unwrap();
+        let model =
+            Model::load(&arch, read_tensors(&dir.join(format!("{name}.safetensors"))).unwrap())
+                .unwrap()
+                .folded()
+                .unwrap();
+        let r = adaptivenet_core::model::verify::verify_io(
+            &model,
+            &dir.join(format!("{name}.io.safetensors")),
+        )
+        .unwrap();
+        println!("folded parity {name}: max |diff| = {:.3e}", r.max_abs_diff);
+        assert!(r.max_abs_diff <= TOL, "{name}: {r:?}");
+    }
+}

@@ -215,3 +215,24 @@ fn mbconv_rules_hold_for_efficientnet_lite0() {
     assert!(spec.choice(1, 1).is_some());
     println!("EfficientNet-Lite0 subnets (merge+prune): {}", spec.count());
 }
+
+#[test]
+fn folded_supernet_matches_unfolded_and_keeps_the_oracle_exact() {
+    let oracle = Model::init(&resnet20().spec, 21).unwrap();
+    let mut sn = build_supernet(&oracle, &all_branches()).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let subnets: Vec<Subnet> = (0..6).map(|_| sn.spec.sample(&mut rng, true).unwrap()).collect();
+    let before: Vec<Tensor> = subnets.iter().map(|s| sn.forward(s, &x).unwrap()).collect();
+    sn.fold().unwrap();
+    for (s, want) in subnets.iter().zip(&before) {
+        let d = common::max_abs_diff(want, &sn.forward(s, &x).unwrap());
+        assert!(d < 1e-4, "{s}: folded differs by {d}");
+    }
+    let folded_oracle = oracle.folded().unwrap();
+    let d = common::max_abs_diff(
+        &folded_oracle.forward(&x).unwrap(),
+        &sn.forward(&Subnet::original(9), &x).unwrap(),
+    );
+    assert_eq!(d, 0.0);
+}

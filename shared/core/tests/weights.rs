@@ -65,7 +65,7 @@ fn torchvision_safetensors_fixtures_load_as_f32() {
         usize,
         &str,
         [usize; 4],
-        [f32; 3],
+        [f64; 3],
         &str,
         [usize; 2],
     ); 3] = [
@@ -76,7 +76,11 @@ fn torchvision_safetensors_fixtures_load_as_f32() {
             719_034,
             "features.0.0.weight",
             [16, 3, 3, 3],
-            [0.204_100_64, -0.160_490_27, -0.081_529_21],
+            [
+                0.20410063862800598,
+                -0.1604902744293213,
+                -0.08152920752763748,
+            ],
             "classifier.1.weight",
             [10, 1280],
         ),
@@ -87,7 +91,11 @@ fn torchvision_safetensors_fixtures_load_as_f32() {
             11_191_242,
             "conv1.weight",
             [64, 3, 7, 7],
-            [-0.004_222_869_9, -0.011_398_315, -0.007_503_509_5],
+            [
+                -0.004222869873046875,
+                -0.0113983154296875,
+                -0.007503509521484375,
+            ],
             "fc.weight",
             [10, 512],
         ),
@@ -98,7 +106,7 @@ fn torchvision_safetensors_fixtures_load_as_f32() {
             3_548_746,
             "conv1.weight",
             [64, 3, 7, 7],
-            [-0.022_628_784, -0.053_100_586, 0.009_834_29],
+            [-0.0226287841796875, -0.0531005859375, 0.00983428955078125],
             "fc.weight",
             [10, 2048],
         ),
@@ -119,7 +127,10 @@ fn torchvision_safetensors_fixtures_load_as_f32() {
         assert_eq!(t.dims(), shape);
         let v = values(t);
         for (got, want) in v.iter().zip(head) {
-            assert!((got - want).abs() < 1e-7, "{stem} {first}: {got} vs {want}");
+            assert!(
+                (*got as f64 - want).abs() < 1e-7,
+                "{stem} {first}: {got} vs {want}"
+            );
         }
         assert_eq!(get(&ts, fc).dims(), fc_shape);
         assert!(ts.iter().any(|(n, _)| n.ends_with("running_var")));

@@ -248,6 +248,8 @@ impl Transform {
 ///
 /// Reads the `rect = (top, left, height, width)` sub-rectangle of the `c x h x w` image `src`,
 /// so a centre crop followed by a resize needs no intermediate copy.
+///
+/// Panics when `rect` is empty or outside the image, or `src` is shorter than `c * h * w`.
 pub fn resize_bilinear(
     src: &[u8],
     (c, h, w): (usize, usize, usize),

@@ -6,6 +6,7 @@
 //! subnet and every branch, which is what makes the all-original subnet reproduce the oracle
 //! bit for bit.
 pub mod families;
+pub mod fold;
 pub mod ops;
 pub mod spec;
 pub mod verify;
@@ -54,7 +55,8 @@ fn get<'a>(p: &'a Params, name: &str) -> Result<&'a Tensor> {
     })
 }
 
-/// conv → BN (eval or train) → optional activation.
+/// conv → BN (eval or train) → optional activation. Folded params (no BN tensors, a conv
+/// bias instead; see [`fold`]) take one fused conv + bias + activation kernel.
 #[allow(clippy::too_many_arguments)]
 fn conv_bn(
     x: &Tensor,
@@ -70,11 +72,19 @@ fn conv_bn(
     let w = get(p, &format!("{conv}.weight"))?;
     let (_, _, h, wd) = x.dims4()?;
     let k = w.dim(2)?;
-    let y = ops::conv2d(x, w, stride, num.pad(h, wd, k, stride), groups)?;
-    let (g, b) = (
-        get(p, &format!("{bn}.weight"))?,
-        get(p, &format!("{bn}.bias"))?,
-    );
+    let pad = num.pad(h, wd, k, stride);
+    let Some(g) = p.get(&format!("{bn}.weight")) else {
+        if train.is_some() {
+            return Err(CoreError::InvalidConfig {
+                field: "params".into(),
+                reason: format!("{bn}: folded (inference-only) weights cannot train"),
+            });
+        }
+        let bias = get(p, &format!("{conv}.bias"))?;
+        return ops::conv2d_fused(x, w, bias, stride, pad, groups, act);
+    };
+    let y = ops::conv2d(x, w, stride, pad, groups)?;
+    let b = get(p, &format!("{bn}.bias"))?;
     let (m, v) = (
         get(p, &format!("{bn}.running_mean"))?,
         get(p, &format!("{bn}.running_var"))?,
@@ -319,6 +329,21 @@ impl Model {
             h = block_forward(b, num, p, &h, None)?;
         }
         head_forward(&self.spec.head, num, &self.head, &h, None)
+    }
+
+    /// The same model with BN folded into the convs (inference only; see [`fold`]).
+    pub fn folded(&self) -> Result<Model> {
+        let eps = self.spec.numerics.bn_eps;
+        Ok(Model {
+            spec: self.spec.clone(),
+            stem: fold::fold_params(&self.stem, eps)?,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|p| fold::fold_params(p, eps))
+                .collect::<Result<_>>()?,
+            head: fold::fold_params(&self.head, eps)?,
+        })
     }
 
     /// Trainable parameter count (BN running statistics excluded).

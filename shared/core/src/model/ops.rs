@@ -22,6 +22,31 @@ pub fn conv2d(
     Ok(x.conv2d(w, 0, stride, 1, groups)?)
 }
 
+/// Inference-only conv + bias + optional activation in one kernel (BN already folded).
+pub fn conv2d_fused(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    pad: (usize, usize, usize, usize),
+    groups: usize,
+    act: Option<Act>,
+) -> Result<Tensor> {
+    use adaptivenet_kernels::{Activation, Conv2dParams};
+    let p = Conv2dParams {
+        stride: (stride, stride),
+        padding: pad,
+        dilation: (1, 1),
+        groups,
+    };
+    let act = match act {
+        None => Activation::None,
+        Some(Act::Relu) => Activation::Relu,
+        Some(Act::Relu6) => Activation::Relu6,
+    };
+    Ok(adaptivenet_kernels::conv2d_fused(x, w, Some(bias), &p, act)?)
+}
+
 /// Broadcasts a per-channel vector over NCHW.
 fn per_channel(v: &Tensor) -> Result<Tensor> {
     Ok(v.reshape((1, v.elem_count(), 1, 1))?)

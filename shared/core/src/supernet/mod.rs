@@ -246,6 +246,18 @@ impl Supernet {
             })
     }
 
+    /// Folds BN into the convs of every loaded module, in place: inference only (profiling,
+    /// search, serving), several times faster per layer; results equal to ~1e-5.
+    pub fn fold(&mut self) -> Result<()> {
+        let eps = self.spec.oracle.numerics.bn_eps;
+        self.stem = crate::model::fold::fold_params(&self.stem, eps)?;
+        self.head = crate::model::fold::fold_params(&self.head, eps)?;
+        for p in self.modules.values_mut() {
+            *p = crate::model::fold::fold_params(p, eps)?;
+        }
+        Ok(())
+    }
+
     /// Runs the stem (the part every subnet shares; cache its output).
     pub fn forward_stem(&self, x: &Tensor) -> Result<Tensor> {
         stem_forward(
