@@ -4,11 +4,14 @@
 //!
 //! For each op: median wall time of repeated runs for ours with 1 thread, ours with 2 threads
 //! (FLOP threshold forced to 0), ours under the default policy, and candle (its own default
-//! thread count, printed). Ends with one `BENCH {json}` line.
+//! thread count, printed). Ends with one `BENCH {json}` line. Backward passes are seeded by
+//! `y.backward()` (a contiguous all-ones output gradient) for ours and candle alike.
 
 use std::time::Instant;
 
-use adaptivenet_kernels::{conv2d, conv2d_fused, global_avg_pool, max_pool2d, threads, Activation, Conv2dParams};
+use adaptivenet_kernels::{
+    conv2d, conv2d_fused, global_avg_pool, max_pool2d, threads, Activation, Conv2dParams,
+};
 use candle_core::{Device, Tensor, Var};
 
 fn median_ms(mut f: impl FnMut(), budget_ms: f64, max_runs: usize) -> f64 {
@@ -78,7 +81,12 @@ fn measure(
     set_mode(Mode::Policy);
     let policy_threads = threads::for_flops(flops as u64);
     let policy = median_ms(&mut *ours, budget, 200);
-    let candle = median_ms(&mut *candle, budget, 200);
+    // ADAPTIVENET_BENCH_NO_CANDLE=1 skips candle (for profiling ours alone).
+    let candle = if std::env::var_os("ADAPTIVENET_BENCH_NO_CANDLE").is_some() {
+        f64::NAN
+    } else {
+        median_ms(&mut *candle, budget, 200)
+    };
     let gf = |ms: f64| flops / ms / 1e6;
     println!(
         "{name:<44} {:>8.3} GFLOP | ours 1t {ours1:>9.3} ms {:>6.1} GF/s | 2t {ours2:>9.3} ms {:>6.1} GF/s | policy({policy_threads}t) {policy:>9.3} ms | candle {candle:>9.3} ms {:>6.1} GF/s | x{:.2}",
@@ -88,7 +96,15 @@ fn measure(
         gf(candle),
         candle / policy
     );
-    rows.push(Row { name, gflop: flops / 1e9, ours1, ours2, policy, policy_threads, candle });
+    rows.push(Row {
+        name,
+        gflop: flops / 1e9,
+        ours1,
+        ours2,
+        policy,
+        policy_threads,
+        candle,
+    });
 }
 
 struct ConvShape {
@@ -103,7 +119,12 @@ struct ConvShape {
 }
 
 fn conv_bench(rows: &mut Vec<Row>, cs: &ConvShape, train: bool, filter: &Option<String>) {
-    let label = format!("{} {}{}", cs.name, if train { "fwd+bwd" } else { "fwd" }, format_args!(" n{}", cs.n));
+    let label = format!(
+        "{} {}{}",
+        cs.name,
+        if train { "fwd+bwd" } else { "fwd" },
+        format_args!(" n{}", cs.n)
+    );
     if let Some(f) = filter {
         if !label.contains(f.as_str()) {
             return;
@@ -137,7 +158,7 @@ fn conv_bench(rows: &mut Vec<Row>, cs: &ConvShape, train: bool, filter: &Option<
         let bv = Var::from_tensor(&b).unwrap();
         let mut ours = || {
             let y = conv2d(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor()), &p).unwrap();
-            y.sum_all().unwrap().backward().unwrap();
+            y.backward().unwrap();
         };
         let mut candle = || {
             let y = xv
@@ -146,7 +167,7 @@ fn conv_bench(rows: &mut Vec<Row>, cs: &ConvShape, train: bool, filter: &Option<
                 .unwrap()
                 .broadcast_add(&bv.as_tensor().reshape((1, (), 1, 1)).unwrap())
                 .unwrap();
-            y.sum_all().unwrap().backward().unwrap();
+            y.backward().unwrap();
         };
         measure(rows, label, 3.0 * fwd_flops, budget, &mut ours, &mut candle);
     }
@@ -166,42 +187,242 @@ fn main() {
     let mut rows = Vec::new();
     let shapes = [
         // ResNet-18, 224x224, batch 1.
-        ConvShape { name: "r18 conv1 7x7s2 3->64 @224", n: 1, c: 3, o: 64, hw: 224, k: 7, s: 2, groups: 1 },
-        ConvShape { name: "r18 l1 3x3 64->64 @56", n: 1, c: 64, o: 64, hw: 56, k: 3, s: 1, groups: 1 },
-        ConvShape { name: "r18 l2 3x3s2 64->128 @56", n: 1, c: 64, o: 128, hw: 56, k: 3, s: 2, groups: 1 },
-        ConvShape { name: "r18 l2 1x1s2 64->128 @56", n: 1, c: 64, o: 128, hw: 56, k: 1, s: 2, groups: 1 },
-        ConvShape { name: "r18 l2 3x3 128->128 @28", n: 1, c: 128, o: 128, hw: 28, k: 3, s: 1, groups: 1 },
-        ConvShape { name: "r18 l3 3x3 256->256 @14", n: 1, c: 256, o: 256, hw: 14, k: 3, s: 1, groups: 1 },
-        ConvShape { name: "r18 l4 3x3 512->512 @7", n: 1, c: 512, o: 512, hw: 7, k: 3, s: 1, groups: 1 },
+        ConvShape {
+            name: "r18 conv1 7x7s2 3->64 @224",
+            n: 1,
+            c: 3,
+            o: 64,
+            hw: 224,
+            k: 7,
+            s: 2,
+            groups: 1,
+        },
+        ConvShape {
+            name: "r18 l1 3x3 64->64 @56",
+            n: 1,
+            c: 64,
+            o: 64,
+            hw: 56,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
+        ConvShape {
+            name: "r18 l2 3x3s2 64->128 @56",
+            n: 1,
+            c: 64,
+            o: 128,
+            hw: 56,
+            k: 3,
+            s: 2,
+            groups: 1,
+        },
+        ConvShape {
+            name: "r18 l2 1x1s2 64->128 @56",
+            n: 1,
+            c: 64,
+            o: 128,
+            hw: 56,
+            k: 1,
+            s: 2,
+            groups: 1,
+        },
+        ConvShape {
+            name: "r18 l2 3x3 128->128 @28",
+            n: 1,
+            c: 128,
+            o: 128,
+            hw: 28,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
+        ConvShape {
+            name: "r18 l3 3x3 256->256 @14",
+            n: 1,
+            c: 256,
+            o: 256,
+            hw: 14,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
+        ConvShape {
+            name: "r18 l4 3x3 512->512 @7",
+            n: 1,
+            c: 512,
+            o: 512,
+            hw: 7,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
         // Edge case: small maps, batch 1.
-        ConvShape { name: "edge 3x3 16->16 @28", n: 1, c: 16, o: 16, hw: 28, k: 3, s: 1, groups: 1 },
-        ConvShape { name: "edge 3x3 32->32 @28", n: 1, c: 32, o: 32, hw: 28, k: 3, s: 1, groups: 1 },
-        ConvShape { name: "edge 3x3 64->64 @28", n: 1, c: 64, o: 64, hw: 28, k: 3, s: 1, groups: 1 },
-        ConvShape { name: "edge 1x1 32->64 @28", n: 1, c: 32, o: 64, hw: 28, k: 1, s: 1, groups: 1 },
-        ConvShape { name: "edge dw3x3 96 @28", n: 1, c: 96, o: 96, hw: 28, k: 3, s: 1, groups: 96 },
+        ConvShape {
+            name: "edge 3x3 16->16 @28",
+            n: 1,
+            c: 16,
+            o: 16,
+            hw: 28,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
+        ConvShape {
+            name: "edge 3x3 32->32 @28",
+            n: 1,
+            c: 32,
+            o: 32,
+            hw: 28,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
+        ConvShape {
+            name: "edge 3x3 64->64 @28",
+            n: 1,
+            c: 64,
+            o: 64,
+            hw: 28,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
+        ConvShape {
+            name: "edge 1x1 32->64 @28",
+            n: 1,
+            c: 32,
+            o: 64,
+            hw: 28,
+            k: 1,
+            s: 1,
+            groups: 1,
+        },
+        ConvShape {
+            name: "edge dw3x3 96 @28",
+            n: 1,
+            c: 96,
+            o: 96,
+            hw: 28,
+            k: 3,
+            s: 1,
+            groups: 96,
+        },
         // ResNet-20 (CIFAR) shapes.
-        ConvShape { name: "r20 3x3 16->16 @32", n: 1, c: 16, o: 16, hw: 32, k: 3, s: 1, groups: 1 },
-        ConvShape { name: "r20 3x3 32->32 @16", n: 1, c: 32, o: 32, hw: 16, k: 3, s: 1, groups: 1 },
-        ConvShape { name: "r20 3x3 64->64 @8", n: 1, c: 64, o: 64, hw: 8, k: 3, s: 1, groups: 1 },
-        ConvShape { name: "r20 3x3 16->16 @32", n: 64, c: 16, o: 16, hw: 32, k: 3, s: 1, groups: 1 },
-        ConvShape { name: "r20 3x3s2 16->32 @32", n: 64, c: 16, o: 32, hw: 32, k: 3, s: 2, groups: 1 },
-        ConvShape { name: "r20 3x3 64->64 @8", n: 64, c: 64, o: 64, hw: 8, k: 3, s: 1, groups: 1 },
+        ConvShape {
+            name: "r20 3x3 16->16 @32",
+            n: 1,
+            c: 16,
+            o: 16,
+            hw: 32,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
+        ConvShape {
+            name: "r20 3x3 32->32 @16",
+            n: 1,
+            c: 32,
+            o: 32,
+            hw: 16,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
+        ConvShape {
+            name: "r20 3x3 64->64 @8",
+            n: 1,
+            c: 64,
+            o: 64,
+            hw: 8,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
+        ConvShape {
+            name: "r20 3x3 16->16 @32",
+            n: 64,
+            c: 16,
+            o: 16,
+            hw: 32,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
+        ConvShape {
+            name: "r20 3x3s2 16->32 @32",
+            n: 64,
+            c: 16,
+            o: 32,
+            hw: 32,
+            k: 3,
+            s: 2,
+            groups: 1,
+        },
+        ConvShape {
+            name: "r20 3x3 64->64 @8",
+            n: 64,
+            c: 64,
+            o: 64,
+            hw: 8,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
     ];
     for cs in &shapes {
         conv_bench(&mut rows, cs, false, &filter);
     }
     let train_shapes = [
-        ConvShape { name: "r20 3x3 16->16 @32", n: 64, c: 16, o: 16, hw: 32, k: 3, s: 1, groups: 1 },
-        ConvShape { name: "r20 3x3 32->32 @16", n: 64, c: 32, o: 32, hw: 16, k: 3, s: 1, groups: 1 },
-        ConvShape { name: "r20 3x3 64->64 @8", n: 64, c: 64, o: 64, hw: 8, k: 3, s: 1, groups: 1 },
-        ConvShape { name: "dw3x3 96 @28", n: 32, c: 96, o: 96, hw: 28, k: 3, s: 1, groups: 96 },
+        ConvShape {
+            name: "r20 3x3 16->16 @32",
+            n: 64,
+            c: 16,
+            o: 16,
+            hw: 32,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
+        ConvShape {
+            name: "r20 3x3 32->32 @16",
+            n: 64,
+            c: 32,
+            o: 32,
+            hw: 16,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
+        ConvShape {
+            name: "r20 3x3 64->64 @8",
+            n: 64,
+            c: 64,
+            o: 64,
+            hw: 8,
+            k: 3,
+            s: 1,
+            groups: 1,
+        },
+        ConvShape {
+            name: "dw3x3 96 @28",
+            n: 32,
+            c: 96,
+            o: 96,
+            hw: 28,
+            k: 3,
+            s: 1,
+            groups: 96,
+        },
     ];
     for cs in &train_shapes {
         conv_bench(&mut rows, cs, true, &filter);
     }
 
     // Pooling.
-    let run_pool = filter.as_deref().is_none_or(|f| "maxpool gap".contains(f) || f.contains("pool"));
+    let run_pool = filter
+        .as_deref()
+        .is_none_or(|f| "maxpool gap".contains(f) || f.contains("pool"));
     if run_pool {
         let x = randn(&[1, 64, 112, 112], 1.0);
         let flops = (64 * 56 * 56 * 9) as f64;
@@ -227,11 +448,11 @@ fn main() {
             300.0,
             &mut || {
                 let y = max_pool2d(xv.as_tensor(), (2, 2), (2, 2), (0, 0)).unwrap();
-                y.sum_all().unwrap().backward().unwrap();
+                y.backward().unwrap();
             },
             &mut || {
                 let y = xv.as_tensor().max_pool2d(2).unwrap();
-                y.sum_all().unwrap().backward().unwrap();
+                y.backward().unwrap();
             },
         );
         let x = randn(&[64, 64, 8, 8], 1.0);
@@ -243,11 +464,11 @@ fn main() {
             300.0,
             &mut || {
                 let y = global_avg_pool(xv.as_tensor()).unwrap();
-                y.sum_all().unwrap().backward().unwrap();
+                y.backward().unwrap();
             },
             &mut || {
                 let y = xv.as_tensor().mean((2, 3)).unwrap();
-                y.sum_all().unwrap().backward().unwrap();
+                y.backward().unwrap();
             },
         );
     }

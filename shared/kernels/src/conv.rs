@@ -57,12 +57,24 @@ fn conv_grads(
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
     // Inputs that do not track gradients (e.g. the image batch) get no gradient computed.
     let gx = if x.track_op() {
-        Some(grad.apply_op2_no_bwd(w, &ConvBwdData { p: *p, x_dims: x.dims4()? })?)
+        Some(grad.apply_op2_no_bwd(
+            w,
+            &ConvBwdData {
+                p: *p,
+                x_dims: x.dims4()?,
+            },
+        )?)
     } else {
         None
     };
     let gw = if w.track_op() {
-        Some(x.apply_op2_no_bwd(grad, &ConvBwdFilter { p: *p, w_dims: w.dims4()? })?)
+        Some(x.apply_op2_no_bwd(
+            grad,
+            &ConvBwdFilter {
+                p: *p,
+                w_dims: w.dims4()?,
+            },
+        )?)
     } else {
         None
     };
@@ -220,7 +232,7 @@ impl CustomOp1 for BiasGrad {
         let mut gb = vec![0f64; o];
         for i in 0..n {
             for (oc, acc) in gb.iter_mut().enumerate() {
-                *acc += go[(i * o + oc) * p..][..p].iter().map(|v| *v as f64).sum::<f64>();
+                *acc += crate::pool::sum8(&go[(i * o + oc) * p..][..p]) as f64;
             }
         }
         let gb: Vec<f32> = gb.into_iter().map(|v| v as f32).collect();

@@ -1,9 +1,12 @@
 //! Direct depthwise kernels (groups == C == O): no im2col, no per-group GEMM.
 //!
 //! Per plane `(n, c)` and per tap `(i, j)` the kernel runs an axpy over the valid part of each
-//! output row (contiguous when stride_w == 1, so it vectorises). On x86_64 the plane kernels
-//! are compiled twice and the AVX2+FMA copy is picked at run time.
+//! output row. Stride 1 (the common case) instead works on a zero-padded copy of the plane
+//! with the output at the padded row pitch, so that every tap is one long contiguous
+//! axpy (forward, grad-input) or dot product (grad-weight). On x86_64 the plane kernels are
+//! compiled twice and the AVX2+FMA copy is picked at run time.
 
+use crate::gemm_path::with_col;
 use crate::geom::{valid_range, Geom};
 use crate::{threads, Activation};
 
@@ -111,17 +114,191 @@ fn bwd_filter_plane_impl(x: &[f32], go: &[f32], g: &Geom, gw: &mut [f32]) {
     });
 }
 
+/// Stride-1 kernels on a zero-padded copy of the plane: with the output computed at the padded
+/// row pitch `Wp` ("wide" rows, the `Wp - OW` extra columns are scratch), every tap is one long
+/// contiguous axpy/dot with a constant offset `i*dh*Wp + j*dw`.
+struct Wide {
+    hp: usize,
+    wp: usize,
+    /// Length of the padded plane buffer (with slack for the last row's scratch columns).
+    pad_len: usize,
+    /// Length of the wide output: `OH * Wp`.
+    out_len: usize,
+}
+
+impl Wide {
+    fn new(g: &Geom) -> Self {
+        let hp = g.oh + g.dh * (g.kh - 1);
+        let wp = g.ow + g.dw * (g.kw - 1);
+        Self {
+            hp,
+            wp,
+            pad_len: hp * wp + g.dw * (g.kw - 1),
+            out_len: g.oh * wp,
+        }
+    }
+
+    #[inline(always)]
+    fn off(&self, g: &Geom, i: usize, j: usize) -> usize {
+        i * g.dh * self.wp + j * g.dw
+    }
+
+    /// Zero-padded copy of `x [H, W]` into `xpad [pad_len]` (rows/cols beyond Hp/Wp of the
+    /// padded input are dropped: they never reach a valid output).
+    #[inline(always)]
+    fn pad(&self, g: &Geom, x: &[f32], xpad: &mut [f32]) {
+        xpad.fill(0.0);
+        let rows = g.h.min(self.hp.saturating_sub(g.pt));
+        let cols = g.w.min(self.wp.saturating_sub(g.pl));
+        for ih in 0..rows {
+            xpad[(ih + g.pt) * self.wp + g.pl..][..cols].copy_from_slice(&x[ih * g.w..][..cols]);
+        }
+    }
+
+    /// `go [OH, OW]` into the wide layout with zero scratch columns.
+    #[inline(always)]
+    fn widen(&self, g: &Geom, go: &[f32], wide: &mut [f32]) {
+        for oh in 0..g.oh {
+            let row = &mut wide[oh * self.wp..][..self.wp];
+            row[..g.ow].copy_from_slice(&go[oh * g.ow..][..g.ow]);
+            row[g.ow..].fill(0.0);
+        }
+    }
+}
+
+#[inline(always)]
+fn fwd_plane_wide_impl(
+    x: &[f32],
+    w: &[f32],
+    b: f32,
+    act: Activation,
+    g: &Geom,
+    out: &mut [f32],
+    buf: &mut [f32],
+) {
+    let wd = Wide::new(g);
+    let (xpad, wide) = buf.split_at_mut(wd.pad_len);
+    let wide = &mut wide[..wd.out_len];
+    wd.pad(g, x, xpad);
+    wide.fill(b);
+    for i in 0..g.kh {
+        for j in 0..g.kw {
+            let off = wd.off(g, i, j);
+            axpy(wide, w[i * g.kw + j], &xpad[off..off + wd.out_len]);
+        }
+    }
+    for oh in 0..g.oh {
+        let src = &wide[oh * wd.wp..][..g.ow];
+        let dst = &mut out[oh * g.ow..][..g.ow];
+        match act {
+            Activation::None => dst.copy_from_slice(src),
+            Activation::Relu => dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.max(0.0)),
+            Activation::Relu6 => dst
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = s.clamp(0.0, 6.0)),
+        }
+    }
+}
+
+#[inline(always)]
+fn bwd_data_plane_wide_impl(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32], buf: &mut [f32]) {
+    let wd = Wide::new(g);
+    let (gxpad, wide) = buf.split_at_mut(wd.pad_len);
+    let wide = &mut wide[..wd.out_len];
+    wd.widen(g, go, wide);
+    gxpad.fill(0.0);
+    for i in 0..g.kh {
+        for j in 0..g.kw {
+            let off = wd.off(g, i, j);
+            axpy(&mut gxpad[off..off + wd.out_len], w[i * g.kw + j], wide);
+        }
+    }
+    let rows = g.h.min(wd.hp.saturating_sub(g.pt));
+    let cols = g.w.min(wd.wp.saturating_sub(g.pl));
+    for ih in 0..rows {
+        gx[ih * g.w..][..cols].copy_from_slice(&gxpad[(ih + g.pt) * wd.wp + g.pl..][..cols]);
+    }
+}
+
+#[inline(always)]
+fn bwd_filter_plane_wide_impl(x: &[f32], go: &[f32], g: &Geom, gw: &mut [f32], buf: &mut [f32]) {
+    let wd = Wide::new(g);
+    let (xpad, wide) = buf.split_at_mut(wd.pad_len);
+    let wide = &mut wide[..wd.out_len];
+    wd.pad(g, x, xpad);
+    wd.widen(g, go, wide);
+    for i in 0..g.kh {
+        for j in 0..g.kw {
+            let off = wd.off(g, i, j);
+            gw[i * g.kw + j] += dot(wide, &xpad[off..off + wd.out_len]);
+        }
+    }
+}
+
+fn use_wide(g: &Geom) -> bool {
+    g.sh == 1 && g.sw == 1
+}
+
+fn wide_buf_len(g: &Geom) -> usize {
+    if use_wide(g) {
+        let wd = Wide::new(g);
+        wd.pad_len + wd.out_len
+    } else {
+        0
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use super::*;
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn fwd_plane(x: &[f32], w: &[f32], b: f32, act: Activation, g: &Geom, out: &mut [f32]) {
+    pub(super) unsafe fn fwd_plane(
+        x: &[f32],
+        w: &[f32],
+        b: f32,
+        act: Activation,
+        g: &Geom,
+        out: &mut [f32],
+    ) {
         fwd_plane_impl(x, w, b, act, g, out)
     }
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn bwd_data_plane(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32]) {
         bwd_data_plane_impl(go, w, g, gx)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn fwd_plane_wide(
+        x: &[f32],
+        w: &[f32],
+        b: f32,
+        act: Activation,
+        g: &Geom,
+        out: &mut [f32],
+        buf: &mut [f32],
+    ) {
+        fwd_plane_wide_impl(x, w, b, act, g, out, buf)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn bwd_data_plane_wide(
+        go: &[f32],
+        w: &[f32],
+        g: &Geom,
+        gx: &mut [f32],
+        buf: &mut [f32],
+    ) {
+        bwd_data_plane_wide_impl(go, w, g, gx, buf)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn bwd_filter_plane_wide(
+        x: &[f32],
+        go: &[f32],
+        g: &Geom,
+        gw: &mut [f32],
+        buf: &mut [f32],
+    ) {
+        bwd_filter_plane_wide_impl(x, go, g, gw, buf)
     }
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn bwd_filter_plane(x: &[f32], go: &[f32], g: &Geom, gw: &mut [f32]) {
@@ -141,7 +318,23 @@ fn has_avx2() -> bool {
     }
 }
 
-fn fwd_plane(x: &[f32], w: &[f32], b: f32, act: Activation, g: &Geom, out: &mut [f32]) {
+fn fwd_plane(
+    x: &[f32],
+    w: &[f32],
+    b: f32,
+    act: Activation,
+    g: &Geom,
+    out: &mut [f32],
+    buf: &mut [f32],
+) {
+    if use_wide(g) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU supports avx2 and fma (checked at run time).
+            return unsafe { avx::fwd_plane_wide(x, w, b, act, g, out, buf) };
+        }
+        return fwd_plane_wide_impl(x, w, b, act, g, out, buf);
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports avx2 and fma (checked at run time).
@@ -150,7 +343,15 @@ fn fwd_plane(x: &[f32], w: &[f32], b: f32, act: Activation, g: &Geom, out: &mut 
     fwd_plane_impl(x, w, b, act, g, out)
 }
 
-fn bwd_data_plane(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32]) {
+fn bwd_data_plane(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32], buf: &mut [f32]) {
+    if use_wide(g) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU supports avx2 and fma (checked at run time).
+            return unsafe { avx::bwd_data_plane_wide(go, w, g, gx, buf) };
+        }
+        return bwd_data_plane_wide_impl(go, w, g, gx, buf);
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports avx2 and fma (checked at run time).
@@ -159,7 +360,15 @@ fn bwd_data_plane(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32]) {
     bwd_data_plane_impl(go, w, g, gx)
 }
 
-fn bwd_filter_plane(x: &[f32], go: &[f32], g: &Geom, gw: &mut [f32]) {
+fn bwd_filter_plane(x: &[f32], go: &[f32], g: &Geom, gw: &mut [f32], buf: &mut [f32]) {
+    if use_wide(g) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU supports avx2 and fma (checked at run time).
+            return unsafe { avx::bwd_filter_plane_wide(x, go, g, gw, buf) };
+        }
+        return bwd_filter_plane_wide_impl(x, go, g, gw, buf);
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports avx2 and fma (checked at run time).
@@ -173,33 +382,46 @@ fn plane_threads(g: &Geom) -> usize {
 }
 
 /// Depthwise forward; `out` is `[N, C, OH, OW]`.
-pub(crate) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &Geom, act: Activation, out: &mut [f32]) {
-    let (hw, kk) = (g.h * g.w, g.kh * g.kw);
+pub(crate) fn forward(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    g: &Geom,
+    act: Activation,
+    out: &mut [f32],
+) {
+    let (hw, kk, blen) = (g.h * g.w, g.kh * g.kw, wide_buf_len(g));
     threads::for_each_item(out, g.p(), plane_threads(g), |pi, op| {
         let c = pi % g.c;
         let bv = b.map_or(0.0, |b| b[c]);
-        fwd_plane(&x[pi * hw..][..hw], &w[c * kk..][..kk], bv, act, g, op);
+        with_col(blen, |buf| {
+            fwd_plane(&x[pi * hw..][..hw], &w[c * kk..][..kk], bv, act, g, op, buf)
+        });
     });
 }
 
 /// Depthwise gradient w.r.t. the input; `gx` must be zero on entry.
 pub(crate) fn backward_data(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32]) {
-    let (p, kk) = (g.p(), g.kh * g.kw);
+    let (p, kk, blen) = (g.p(), g.kh * g.kw, wide_buf_len(g));
     threads::for_each_item(gx, g.h * g.w, plane_threads(g), |pi, gxp| {
         let c = pi % g.c;
-        bwd_data_plane(&go[pi * p..][..p], &w[c * kk..][..kk], g, gxp);
+        with_col(blen, |buf| {
+            bwd_data_plane(&go[pi * p..][..p], &w[c * kk..][..kk], g, gxp, buf)
+        });
     });
 }
 
 /// Depthwise gradient w.r.t. the weight `[C, 1, KH, KW]` (parallel over channels).
 pub(crate) fn backward_filter(x: &[f32], go: &[f32], g: &Geom) -> Vec<f32> {
-    let (hw, p, kk) = (g.h * g.w, g.p(), g.kh * g.kw);
+    let (hw, p, kk, blen) = (g.h * g.w, g.p(), g.kh * g.kw, wide_buf_len(g));
     let mut gw = vec![0f32; g.c * kk];
     threads::for_each_item(&mut gw, kk, plane_threads(g), |c, gwc| {
-        for n in 0..g.n {
-            let pi = n * g.c + c;
-            bwd_filter_plane(&x[pi * hw..][..hw], &go[pi * p..][..p], g, gwc);
-        }
+        with_col(blen, |buf| {
+            for n in 0..g.n {
+                let pi = n * g.c + c;
+                bwd_filter_plane(&x[pi * hw..][..hw], &go[pi * p..][..p], g, gwc, buf);
+            }
+        });
     });
     gw
 }

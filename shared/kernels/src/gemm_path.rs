@@ -39,6 +39,7 @@ pub(crate) struct Mat<'a> {
 }
 
 /// `dst [m x n]` (row-major, contiguous) `= (acc ? dst : 0) + lhs [m x k] * rhs [k x n]`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_f32(
     m: usize,
     n: usize,
@@ -59,8 +60,14 @@ pub(crate) fn gemm_f32(
         }
         return;
     }
-    assert!((m - 1) * lhs.rs + (k - 1) * lhs.cs < lhs.data.len(), "gemm lhs out of bounds");
-    assert!((k - 1) * rhs.rs + (n - 1) * rhs.cs < rhs.data.len(), "gemm rhs out of bounds");
+    assert!(
+        (m - 1) * lhs.rs + (k - 1) * lhs.cs < lhs.data.len(),
+        "gemm lhs out of bounds"
+    );
+    assert!(
+        (k - 1) * rhs.rs + (n - 1) * rhs.cs < rhs.data.len(),
+        "gemm rhs out of bounds"
+    );
     // SAFETY: bounds checked above; dst does not alias lhs/rhs (distinct borrows).
     unsafe {
         gemm::gemm(
@@ -101,7 +108,7 @@ pub(crate) fn plan(g: &Geom) -> (usize, bool) {
     if t <= 1 {
         (1, false)
     } else {
-        (t, g.n >= t && (g.n % t == 0 || g.n >= 4 * t))
+        (t, g.n >= t && (g.n.is_multiple_of(t) || g.n >= 4 * t))
     }
 }
 
@@ -204,22 +211,45 @@ fn fwd_image(x: &[f32], w: &[f32], out: &mut [f32], g: &Geom, par: Parallelism, 
             k,
             outg,
             false,
-            Mat { data: wg, rs: k, cs: 1 },
-            Mat { data: rhs, rs: p, cs: 1 },
+            Mat {
+                data: wg,
+                rs: k,
+                cs: 1,
+            },
+            Mat {
+                data: rhs,
+                rs: p,
+                cs: 1,
+            },
             par,
         );
     }
 }
 
-fn bwd_data_image(go: &[f32], w: &[f32], gx: &mut [f32], g: &Geom, par: Parallelism, col: &mut [f32]) {
+fn bwd_data_image(
+    go: &[f32],
+    w: &[f32],
+    gx: &mut [f32],
+    g: &Geom,
+    par: Parallelism,
+    col: &mut [f32],
+) {
     let (cg, og, k, p, hw) = (g.cg(), g.og(), g.k(), g.p(), g.h * g.w);
     for gi in 0..g.groups {
         let gog = &go[gi * og * p..][..og * p];
         let wg = &w[gi * og * k..][..og * k];
         let gxg = &mut gx[gi * cg * hw..][..cg * hw];
         // W_g^T [K, Og]
-        let lhs = Mat { data: wg, rs: 1, cs: k };
-        let rhs = Mat { data: gog, rs: p, cs: 1 };
+        let lhs = Mat {
+            data: wg,
+            rs: 1,
+            cs: k,
+        };
+        let rhs = Mat {
+            data: gog,
+            rs: p,
+            cs: 1,
+        };
         if g.identity_1x1 {
             gemm_f32(k, p, og, gxg, false, lhs, rhs, par);
         } else {
@@ -229,7 +259,13 @@ fn bwd_data_image(go: &[f32], w: &[f32], gx: &mut [f32], g: &Geom, par: Parallel
     }
 }
 
-fn bwd_filter_range(x: &[f32], go: &[f32], imgs: Range<usize>, g: &Geom, par: Parallelism) -> Vec<f32> {
+fn bwd_filter_range(
+    x: &[f32],
+    go: &[f32],
+    imgs: Range<usize>,
+    g: &Geom,
+    par: Parallelism,
+) -> Vec<f32> {
     let (cg, og, k, p, hw) = (g.cg(), g.og(), g.k(), g.p(), g.h * g.w);
     let mut gw = vec![0f32; g.o * k];
     let col_len = if g.identity_1x1 { 0 } else { k * p };
@@ -254,8 +290,16 @@ fn bwd_filter_range(x: &[f32], go: &[f32], imgs: Range<usize>, g: &Geom, par: Pa
                     p,
                     gwg,
                     j > 0,
-                    Mat { data: gog, rs: p, cs: 1 },
-                    Mat { data: colm, rs: 1, cs: p },
+                    Mat {
+                        data: gog,
+                        rs: p,
+                        cs: 1,
+                    },
+                    Mat {
+                        data: colm,
+                        rs: 1,
+                        cs: p,
+                    },
                     par,
                 );
             }
@@ -265,12 +309,21 @@ fn bwd_filter_range(x: &[f32], go: &[f32], imgs: Range<usize>, g: &Geom, par: Pa
 }
 
 /// Forward conv for groups that are not depthwise; `out` is `[N, O, OH, OW]`.
-pub(crate) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &Geom, act: Activation, out: &mut [f32]) {
+pub(crate) fn forward(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    g: &Geom,
+    act: Activation,
+    out: &mut [f32],
+) {
     let (t, batch_par) = plan(g);
     let col_len = if g.identity_1x1 { 0 } else { g.k() * g.p() };
     let (in_img, out_img, p) = (g.in_img(), g.out_img(), g.p());
     let work = |i: usize, oi: &mut [f32], par: Parallelism| {
-        with_col(col_len, |col| fwd_image(&x[i * in_img..][..in_img], w, oi, g, par, col));
+        with_col(col_len, |col| {
+            fwd_image(&x[i * in_img..][..in_img], w, oi, g, par, col)
+        });
         epilogue(oi, b, act, p);
     };
     if batch_par {
@@ -289,7 +342,9 @@ pub(crate) fn backward_data(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32]) {
     let col_len = if g.identity_1x1 { 0 } else { g.k() * g.p() };
     let (in_img, out_img) = (g.in_img(), g.out_img());
     let work = |i: usize, gxi: &mut [f32], par: Parallelism| {
-        with_col(col_len, |col| bwd_data_image(&go[i * out_img..][..out_img], w, gxi, g, par, col));
+        with_col(col_len, |col| {
+            bwd_data_image(&go[i * out_img..][..out_img], w, gxi, g, par, col)
+        });
     };
     if batch_par {
         threads::for_each_item(gx, in_img, t, |i, gxi| work(i, gxi, Parallelism::None));
@@ -305,7 +360,8 @@ pub(crate) fn backward_data(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32]) {
 pub(crate) fn backward_filter(x: &[f32], go: &[f32], g: &Geom) -> Vec<f32> {
     let (t, batch_par) = plan(g);
     if batch_par {
-        let mut parts = threads::map_ranges(g.n, t, |r| bwd_filter_range(x, go, r, g, Parallelism::None));
+        let mut parts =
+            threads::map_ranges(g.n, t, |r| bwd_filter_range(x, go, r, g, Parallelism::None));
         let mut acc = parts.swap_remove(0);
         for part in parts {
             acc.iter_mut().zip(&part).for_each(|(a, b)| *a += *b);

@@ -121,7 +121,12 @@ impl Geom {
 
 /// Range `lo..hi` of output positions `o` with `0 <= o*stride + off < in_len`.
 #[inline]
-pub(crate) fn valid_range(out_len: usize, in_len: usize, stride: usize, off: isize) -> (usize, usize) {
+pub(crate) fn valid_range(
+    out_len: usize,
+    in_len: usize,
+    stride: usize,
+    off: isize,
+) -> (usize, usize) {
     let lo = if off >= 0 {
         0
     } else {
@@ -151,7 +156,11 @@ mod tests {
                         for o in 0..out_len {
                             let i = (o * stride) as isize + off;
                             let ok = i >= 0 && i < in_len as isize;
-                            assert_eq!(ok, o >= lo && o < hi, "{out_len} {in_len} {stride} {off} {o}");
+                            assert_eq!(
+                                ok,
+                                o >= lo && o < hi,
+                                "{out_len} {in_len} {stride} {off} {o}"
+                            );
                         }
                     }
                 }

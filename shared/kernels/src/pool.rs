@@ -2,6 +2,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
+use crate::geom::valid_range;
 use crate::storage::{dims4, f32_slice};
 use crate::{threads, KernelError};
 
@@ -31,7 +32,9 @@ impl PoolGeom {
     ) -> Result<Self, KernelError> {
         let (n, c, h, w) = x;
         if kernel.0 == 0 || kernel.1 == 0 || stride.0 == 0 || stride.1 == 0 {
-            return Err(KernelError::Shape("max_pool2d: kernel and stride must be >= 1".into()));
+            return Err(KernelError::Shape(
+                "max_pool2d: kernel and stride must be >= 1".into(),
+            ));
         }
         if 2 * padding.0 > kernel.0 || 2 * padding.1 > kernel.1 {
             return Err(KernelError::Shape(format!(
@@ -78,8 +81,8 @@ impl PoolGeom {
         let (hs, he, ws, we) = self.window(oh, ow);
         let mut best = (hs * self.w + ws, f32::NEG_INFINITY);
         for ih in hs..he {
-            let row = &x[ih * self.w..][..self.w];
-            for (iw, &v) in row.iter().enumerate().take(we).skip(ws) {
+            let row = &x[ih * self.w..][..we];
+            for (iw, &v) in row.iter().enumerate().skip(ws) {
                 if v > best.1 || v.is_nan() {
                     best = (ih * self.w + iw, v);
                     if v.is_nan() {
@@ -89,6 +92,58 @@ impl PoolGeom {
             }
         }
         best
+    }
+
+    /// Forward on one plane: a pass per tap over the valid part of each output row
+    /// (contiguous when the stride is 1); NaN propagates.
+    #[inline(never)]
+    fn fwd_plane(&self, x: &[f32], out: &mut [f32]) {
+        // Branch-free max on NaN-free planes; a plane holding a NaN takes the exact PyTorch
+        // path (NaN wins) instead.
+        if x.iter().fold(false, |acc, v| acc | v.is_nan()) {
+            for oh in 0..self.oh {
+                for ow in 0..self.ow {
+                    out[oh * self.ow + ow] = self.argmax(x, oh, ow).1;
+                }
+            }
+            return;
+        }
+        #[inline(always)]
+        fn nanmax(m: f32, v: f32) -> f32 {
+            // No NaN here: a plain compare-select (one `maxss`/`vmaxps`).
+            if v > m {
+                v
+            } else {
+                m
+            }
+        }
+        out.fill(f32::NEG_INFINITY);
+        for i in 0..self.kh {
+            let offh = i as isize - self.ph as isize;
+            let (oh_lo, oh_hi) = valid_range(self.oh, self.h, self.sh, offh);
+            for j in 0..self.kw {
+                let offw = j as isize - self.pw as isize;
+                let (lo, hi) = valid_range(self.ow, self.w, self.sw, offw);
+                if lo >= hi {
+                    continue;
+                }
+                let s = ((lo * self.sw) as isize + offw) as usize;
+                for oh in oh_lo..oh_hi {
+                    let ih = ((oh * self.sh) as isize + offh) as usize;
+                    let xr = &x[ih * self.w..][..self.w];
+                    let orow = &mut out[oh * self.ow..][lo..hi];
+                    if self.sw == 1 {
+                        for (o, v) in orow.iter_mut().zip(&xr[s..s + hi - lo]) {
+                            *o = nanmax(*o, *v);
+                        }
+                    } else {
+                        for (k, o) in orow.iter_mut().enumerate() {
+                            *o = nanmax(*o, xr[s + k * self.sw]);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn threads(&self) -> usize {
@@ -115,19 +170,22 @@ impl CustomOp1 for MaxPool {
         let (hw, op) = (g.h * g.w, g.oh * g.ow);
         let mut out = vec![0f32; g.n * g.c * op];
         threads::for_each_item(&mut out, op, g.threads(), |pi, o| {
-            let xp = &x[pi * hw..][..hw];
-            for oh in 0..g.oh {
-                for ow in 0..g.ow {
-                    o[oh * g.ow + ow] = g.argmax(xp, oh, ow).1;
-                }
-            }
+            g.fwd_plane(&x[pi * hw..][..hw], o);
         });
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.c, g.oh, g.ow))))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(&grad, &MaxPoolBwd(self.0, self.1, self.2))?))
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad,
+            &MaxPoolBwd(self.0, self.1, self.2),
+        )?))
     }
 }
 
@@ -150,7 +208,9 @@ impl CustomOp2 for MaxPoolBwd {
         let go = f32_slice(s2, l2, "max_pool2d backward", "grad")?;
         let g = PoolGeom::new(dims4(l1, "max_pool2d backward")?, self.0, self.1, self.2)?;
         if dims4(l2, "max_pool2d backward")? != (g.n, g.c, g.oh, g.ow) {
-            return Err(KernelError::Shape("max_pool2d backward: grad shape mismatch".into()).into());
+            return Err(
+                KernelError::Shape("max_pool2d backward: grad shape mismatch".into()).into(),
+            );
         }
         let (hw, op) = (g.h * g.w, g.oh * g.ow);
         let mut gx = vec![0f32; g.n * g.c * hw];
@@ -168,7 +228,7 @@ impl CustomOp2 for MaxPoolBwd {
 }
 
 #[inline(always)]
-fn sum8(a: &[f32]) -> f32 {
+pub(crate) fn sum8(a: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let c = a.chunks_exact(8);
     let r: f32 = c.remainder().iter().sum();
@@ -200,7 +260,12 @@ impl CustomOp1 for GlobalAvgPool {
         Ok((CpuStorage::F32(out), Shape::from((n, c))))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let (_, _, h, w) = arg.dims4()?;
         let grad = grad.contiguous()?;
         Ok(Some(grad.apply_op1_no_bwd(&GlobalAvgPoolBwd(h, w))?))

@@ -32,9 +32,14 @@ pub(crate) fn f32_slice<'a>(
     }
 }
 
-pub(crate) fn dims4(l: &Layout, op: &'static str) -> Result<(usize, usize, usize, usize), KernelError> {
+pub(crate) fn dims4(
+    l: &Layout,
+    op: &'static str,
+) -> Result<(usize, usize, usize, usize), KernelError> {
     match l.shape().dims() {
         &[a, b, c, d] => Ok((a, b, c, d)),
-        d => Err(KernelError::Shape(format!("{op}: expected a rank-4 tensor, got shape {d:?}"))),
+        d => Err(KernelError::Shape(format!(
+            "{op}: expected a rank-4 tensor, got shape {d:?}"
+        ))),
     }
 }

@@ -20,7 +20,11 @@ fn check_conv(seed: u64, x_dims: [usize; 4], w_dims: [usize; 4], p: Conv2dParams
     let x = rng.tensor(&x_dims, 1.0);
     let w = rng.tensor(&w_dims, 0.4);
     let b = rng.tensor(&[w_dims[0]], 0.5);
-    let (xv, wv, bv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+    let (xv, wv, bv) = (
+        Var::from_tensor(&x).unwrap(),
+        Var::from_tensor(&w).unwrap(),
+        Var::from_tensor(&b).unwrap(),
+    );
     let y = conv2d(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor()), &p).unwrap();
     let r = rng.tensor(y.dims(), 1.0);
     let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -33,25 +37,85 @@ fn check_conv(seed: u64, x_dims: [usize; 4], w_dims: [usize; 4], p: Conv2dParams
     let ex = fd_check(&fx, &x, gx, &r, 0.5, &sample_idx(x.elem_count(), 150));
     let ew = fd_check(&fw, &w, gw, &r, 0.5, &sample_idx(w.elem_count(), 150));
     let eb = fd_check(&fb, &b, gb, &r, 0.5, &sample_idx(b.elem_count(), 150));
-    assert!(ex <= TOL && ew <= TOL && eb <= TOL, "{p:?} x{x_dims:?} w{w_dims:?}: errors x {ex} w {ew} b {eb}");
+    assert!(
+        ex <= TOL && ew <= TOL && eb <= TOL,
+        "{p:?} x{x_dims:?} w{w_dims:?}: errors x {ex} w {ew} b {eb}"
+    );
 }
 
 fn conv_cases() -> Vec<([usize; 4], [usize; 4], Conv2dParams)> {
-    let p = |stride, padding, dilation, groups| Conv2dParams { stride, padding, dilation, groups };
+    let p = |stride, padding, dilation, groups| Conv2dParams {
+        stride,
+        padding,
+        dilation,
+        groups,
+    };
     vec![
-        ([2, 3, 7, 9], [4, 3, 3, 3], p((1, 1), (1, 1, 1, 1), (1, 1), 1)),
-        ([1, 3, 9, 8], [5, 3, 3, 3], p((2, 2), (0, 1, 1, 0), (1, 1), 1)),
-        ([2, 4, 6, 7], [3, 4, 1, 1], p((1, 1), (0, 0, 0, 0), (1, 1), 1)),
-        ([2, 4, 7, 7], [3, 4, 1, 1], p((2, 2), (0, 0, 0, 0), (1, 1), 1)),
-        ([1, 2, 11, 10], [3, 2, 5, 5], p((2, 1), (2, 2, 1, 3), (1, 1), 1)),
-        ([1, 2, 12, 12], [2, 2, 7, 7], p((2, 2), (3, 3, 3, 3), (1, 1), 1)),
-        ([2, 2, 9, 9], [2, 2, 3, 3], p((1, 1), (2, 2, 2, 2), (2, 2), 1)),
-        ([2, 5, 8, 7], [5, 1, 3, 3], p((1, 1), (1, 1, 1, 1), (1, 1), 5)),
-        ([2, 5, 9, 8], [5, 1, 3, 3], p((2, 2), (0, 1, 1, 0), (1, 1), 5)),
-        ([1, 3, 10, 11], [3, 1, 5, 5], p((2, 1), (2, 2, 2, 2), (1, 1), 3)),
-        ([1, 3, 9, 9], [3, 1, 3, 3], p((1, 2), (2, 2, 2, 2), (2, 2), 3)),
-        ([2, 4, 7, 8], [6, 2, 3, 3], p((1, 1), (1, 1, 1, 1), (1, 1), 2)),
-        ([1, 3, 8, 8], [6, 1, 3, 3], p((2, 2), (1, 1, 1, 1), (1, 1), 3)),
+        (
+            [2, 3, 7, 9],
+            [4, 3, 3, 3],
+            p((1, 1), (1, 1, 1, 1), (1, 1), 1),
+        ),
+        (
+            [1, 3, 9, 8],
+            [5, 3, 3, 3],
+            p((2, 2), (0, 1, 1, 0), (1, 1), 1),
+        ),
+        (
+            [2, 4, 6, 7],
+            [3, 4, 1, 1],
+            p((1, 1), (0, 0, 0, 0), (1, 1), 1),
+        ),
+        (
+            [2, 4, 7, 7],
+            [3, 4, 1, 1],
+            p((2, 2), (0, 0, 0, 0), (1, 1), 1),
+        ),
+        (
+            [1, 2, 11, 10],
+            [3, 2, 5, 5],
+            p((2, 1), (2, 2, 1, 3), (1, 1), 1),
+        ),
+        (
+            [1, 2, 12, 12],
+            [2, 2, 7, 7],
+            p((2, 2), (3, 3, 3, 3), (1, 1), 1),
+        ),
+        (
+            [2, 2, 9, 9],
+            [2, 2, 3, 3],
+            p((1, 1), (2, 2, 2, 2), (2, 2), 1),
+        ),
+        (
+            [2, 5, 8, 7],
+            [5, 1, 3, 3],
+            p((1, 1), (1, 1, 1, 1), (1, 1), 5),
+        ),
+        (
+            [2, 5, 9, 8],
+            [5, 1, 3, 3],
+            p((2, 2), (0, 1, 1, 0), (1, 1), 5),
+        ),
+        (
+            [1, 3, 10, 11],
+            [3, 1, 5, 5],
+            p((2, 1), (2, 2, 2, 2), (1, 1), 3),
+        ),
+        (
+            [1, 3, 9, 9],
+            [3, 1, 3, 3],
+            p((1, 2), (2, 2, 2, 2), (2, 2), 3),
+        ),
+        (
+            [2, 4, 7, 8],
+            [6, 2, 3, 3],
+            p((1, 1), (1, 1, 1, 1), (1, 1), 2),
+        ),
+        (
+            [1, 3, 8, 8],
+            [6, 1, 3, 3],
+            p((2, 2), (1, 1, 1, 1), (1, 1), 3),
+        ),
     ]
 }
 
@@ -89,7 +153,10 @@ fn max_pool_grads_match_finite_differences() {
 
 #[test]
 fn global_avg_pool_grads_match_finite_differences() {
-    for (i, dims) in [[1, 3, 5, 7], [2, 4, 3, 3], [2, 2, 1, 1]].into_iter().enumerate() {
+    for (i, dims) in [[1, 3, 5, 7], [2, 4, 3, 3], [2, 2, 1, 1]]
+        .into_iter()
+        .enumerate()
+    {
         let mut rng = Rng::new(300 + i as u64);
         let x = rng.tensor(&dims, 1.0);
         let xv = Var::from_tensor(&x).unwrap();
@@ -97,7 +164,14 @@ fn global_avg_pool_grads_match_finite_differences() {
         let r = rng.tensor(y.dims(), 1.0);
         let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gx = grads.get(xv.as_tensor()).unwrap();
-        let e = fd_check(&|t: &Tensor| global_avg_pool(t), &x, gx, &r, 0.5, &sample_idx(x.elem_count(), 200));
+        let e = fd_check(
+            &|t: &Tensor| global_avg_pool(t),
+            &x,
+            gx,
+            &r,
+            0.5,
+            &sample_idx(x.elem_count(), 200),
+        );
         assert!(e <= TOL, "{dims:?}: error {e}");
     }
 }

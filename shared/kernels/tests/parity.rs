@@ -28,12 +28,20 @@ fn conv_grid(square_only: bool) -> Vec<Case> {
     let mut out = Vec::new();
     for k in [1usize, 3, 5, 7] {
         for s in [1usize, 2] {
-            let pads = [(0, 0, 0, 0), (k / 2, k / 2, k / 2, k / 2), (k / 2, k / 2 + 1, 1, 0)];
+            let pads = [
+                (0, 0, 0, 0),
+                (k / 2, k / 2, k / 2, k / 2),
+                (k / 2, k / 2 + 1, 1, 0),
+            ];
             for pad in pads {
                 // (C, O, groups): dense, depthwise, 2 groups
                 for (c, o, groups) in [(5, 7, 1), (6, 6, 6), (4, 6, 2)] {
                     for n in [1usize, 3] {
-                        let sizes: &[(usize, usize)] = if square_only { &[(9, 9), (8, 8)] } else { &[(9, 11), (7, 6)] };
+                        let sizes: &[(usize, usize)] = if square_only {
+                            &[(9, 9), (8, 8)]
+                        } else {
+                            &[(9, 11), (7, 6)]
+                        };
                         for &(h, w) in sizes {
                             if h + pad.0 + pad.1 < k || w + pad.2 + pad.3 < k {
                                 continue;
@@ -45,7 +53,12 @@ fn conv_grid(square_only: bool) -> Vec<Case> {
                                 h,
                                 w,
                                 k: (k, k),
-                                p: Conv2dParams { stride: (s, s), padding: pad, dilation: (1, 1), groups },
+                                p: Conv2dParams {
+                                    stride: (s, s),
+                                    padding: pad,
+                                    dilation: (1, 1),
+                                    groups,
+                                },
                             });
                         }
                     }
@@ -95,7 +108,20 @@ fn conv_forward_nonsquare_stride_and_dilation_match_naive() {
             ((2, 2), (2, 1), (1, 0, 0, 1)),
             ((3, 2), (1, 2), (2, 1, 0, 3)),
         ] {
-            cases.push(Case { n: 2, c, o, h: 10, w: 9, k: (3, 2), p: Conv2dParams { stride, padding: pad, dilation, groups } });
+            cases.push(Case {
+                n: 2,
+                c,
+                o,
+                h: 10,
+                w: 9,
+                k: (3, 2),
+                p: Conv2dParams {
+                    stride,
+                    padding: pad,
+                    dilation,
+                    groups,
+                },
+            });
         }
     }
     for cs in &cases {
@@ -129,7 +155,10 @@ fn conv_fused_activations() {
         let (x, w, b) = inputs(&mut rng, cs);
         let lin = candle_conv(&x, &w, Some(&b), &cs.p).unwrap();
         let relu = conv2d_fused(&x, &w, Some(&b), &cs.p, Activation::Relu).unwrap();
-        assert!(max_abs_diff(&relu, &lin.relu().unwrap()) <= FWD_TOL, "{cs:?}");
+        assert!(
+            max_abs_diff(&relu, &lin.relu().unwrap()) <= FWD_TOL,
+            "{cs:?}"
+        );
         // Scale up so that the 6 clamp is exercised.
         let w8 = (&w * 8.0).unwrap();
         let lin8 = candle_conv(&x, &w8, Some(&b), &cs.p).unwrap();
@@ -141,7 +170,16 @@ fn conv_fused_activations() {
 }
 
 fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+    let scale = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
     max_abs_diff(a, b) / scale
 }
 
@@ -151,12 +189,22 @@ fn conv_backward_matches_candle_autograd() {
     let cases = conv_grid(true);
     for cs in cases.iter() {
         let (x, w, b) = inputs(&mut rng, cs);
-        let (xv, wv, bv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+        let (xv, wv, bv) = (
+            Var::from_tensor(&x).unwrap(),
+            Var::from_tensor(&w).unwrap(),
+            Var::from_tensor(&b).unwrap(),
+        );
         let ours = conv2d(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor()), &cs.p).unwrap();
         let r = rng.tensor(ours.dims(), 1.0);
         let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let theirs = candle_conv(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor()), &cs.p).unwrap();
-        let g2 = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let theirs =
+            candle_conv(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor()), &cs.p).unwrap();
+        let g2 = (&theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for (name, v) in [("x", &xv), ("w", &wv), ("b", &bv)] {
             let a = g1.get(v.as_tensor()).unwrap();
             let e = g2.get(v.as_tensor()).unwrap();
@@ -200,11 +248,17 @@ fn non_contiguous_inputs() {
 fn other_dtypes_error_with_dtype_name() {
     let x = Tensor::zeros((1, 2, 5, 5), DType::F64, &Device::Cpu).unwrap();
     let w = Tensor::zeros((2, 2, 3, 3), DType::F64, &Device::Cpu).unwrap();
-    let e = conv2d(&x, &w, None, &Conv2dParams::default()).unwrap_err().to_string();
+    let e = conv2d(&x, &w, None, &Conv2dParams::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("f64"), "{e}");
-    let e = max_pool2d(&x, (2, 2), (2, 2), (0, 0)).unwrap_err().to_string();
+    let e = max_pool2d(&x, (2, 2), (2, 2), (0, 0))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("f64"), "{e}");
-    let e = global_avg_pool(&x.to_dtype(DType::F16).unwrap()).unwrap_err().to_string();
+    let e = global_avg_pool(&x.to_dtype(DType::F16).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("f16"), "{e}");
 }
 
@@ -218,7 +272,12 @@ fn shape_errors() {
     assert!(max_pool2d(&x, (2, 2), (2, 2), (2, 2)).is_err());
 }
 
-fn pool_cases() -> Vec<((usize, usize, usize, usize), (usize, usize), (usize, usize), (usize, usize))> {
+fn pool_cases() -> Vec<(
+    (usize, usize, usize, usize),
+    (usize, usize),
+    (usize, usize),
+    (usize, usize),
+)> {
     vec![
         ((1, 3, 9, 11), (3, 3), (2, 2), (1, 1)),
         ((2, 4, 8, 8), (2, 2), (2, 2), (0, 0)),
@@ -244,13 +303,22 @@ fn max_pool_forward_matches_candle() {
 #[test]
 fn max_pool_backward_matches_candle_up_to_its_scale_bug() {
     let mut rng = Rng::new(9);
-    for (dims, k) in [((2, 3, 8, 8), (2, 2)), ((1, 2, 9, 12), (3, 3)), ((2, 2, 9, 8), (3, 2))] {
+    for (dims, k) in [
+        ((2, 3, 8, 8), (2, 2)),
+        ((1, 2, 9, 12), (3, 3)),
+        ((2, 2, 9, 8), (3, 2)),
+    ] {
         let x = Var::from_tensor(&rng.distinct(&[dims.0, dims.1, dims.2, dims.3], 0.01)).unwrap();
         let ours = max_pool2d(x.as_tensor(), k, k, (0, 0)).unwrap();
         let r = rng.tensor(ours.dims(), 1.0);
         let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let theirs = x.as_tensor().max_pool2d_with_stride(k, k).unwrap();
-        let g2 = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         // candle 0.11.1's max-pool backward scales the gradient by 1/(kh*kw): it multiplies by
         // avg_pool(mask) (= 1/(kh*kw) for a unique maximum) where it means to divide by the
         // number of maxima. Our gradient is checked against finite differences in
@@ -264,15 +332,29 @@ fn max_pool_backward_matches_candle_up_to_its_scale_bug() {
 #[test]
 fn global_avg_pool_matches_candle() {
     let mut rng = Rng::new(10);
-    for dims in [[1, 3, 7, 7], [4, 16, 8, 8], [2, 5, 1, 1], [1, 64, 28, 28], [3, 2, 5, 13]] {
+    for dims in [
+        [1, 3, 7, 7],
+        [4, 16, 8, 8],
+        [2, 5, 1, 1],
+        [1, 64, 28, 28],
+        [3, 2, 5, 13],
+    ] {
         let x = Var::from_tensor(&rng.tensor(&dims, 1.0)).unwrap();
         let ours = global_avg_pool(x.as_tensor()).unwrap();
         let theirs = x.as_tensor().mean((2, 3)).unwrap();
         assert!(max_abs_diff(&ours, &theirs) <= 1e-6, "{dims:?}");
         let r = rng.tensor(ours.dims(), 1.0);
         let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let d = max_abs_diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+        let g2 = (&theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let d = max_abs_diff(
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
         assert!(d <= 1e-6, "{dims:?}: {d}");
     }
 }
@@ -281,8 +363,21 @@ fn global_avg_pool_matches_candle() {
 fn bn_folding_is_exact() {
     let mut rng = Rng::new(11);
     let eps = 1e-5;
-    for (c, o, groups, with_bias) in [(8, 16, 1, false), (16, 16, 16, true), (6, 4, 2, true), (3, 32, 1, true)] {
-        let cs = Case { n: 2, c, o, h: 12, w: 10, k: (3, 3), p: Conv2dParams::new(1, 1).with_groups(groups) };
+    for (c, o, groups, with_bias) in [
+        (8, 16, 1, false),
+        (16, 16, 16, true),
+        (6, 4, 2, true),
+        (3, 32, 1, true),
+    ] {
+        let cs = Case {
+            n: 2,
+            c,
+            o,
+            h: 12,
+            w: 10,
+            k: (3, 3),
+            p: Conv2dParams::new(1, 1).with_groups(groups),
+        };
         let (x, w, b) = inputs(&mut rng, &cs);
         let gamma = (rng.tensor(&[o], 0.5) + 1.0).unwrap();
         let beta = rng.tensor(&[o], 0.5);
@@ -293,8 +388,13 @@ fn bn_folding_is_exact() {
         let bn = |y: &Tensor| -> Tensor {
             let sh = (1, o, 1, 1);
             let y = y.broadcast_sub(&mean.reshape(sh).unwrap()).unwrap();
-            let y = y.broadcast_div(&(var.reshape(sh).unwrap() + eps).unwrap().sqrt().unwrap()).unwrap();
-            y.broadcast_mul(&gamma.reshape(sh).unwrap()).unwrap().broadcast_add(&beta.reshape(sh).unwrap()).unwrap()
+            let y = y
+                .broadcast_div(&(var.reshape(sh).unwrap() + eps).unwrap().sqrt().unwrap())
+                .unwrap();
+            y.broadcast_mul(&gamma.reshape(sh).unwrap())
+                .unwrap()
+                .broadcast_add(&beta.reshape(sh).unwrap())
+                .unwrap()
         };
         let unfolded = bn(&candle_conv(&x, &w, bias, &cs.p).unwrap());
         let unfolded_ours = bn(&conv2d(&x, &w, bias, &cs.p).unwrap());
@@ -310,4 +410,23 @@ fn bn_folding_is_exact() {
         let folded_relu = conv2d_fused(&x, &w2, Some(&b2), &cs.p, Activation::Relu).unwrap();
         assert!(max_abs_diff(&folded_relu, &unfolded.relu().unwrap()) <= 1e-5);
     }
+}
+
+#[test]
+fn max_pool_propagates_nan() {
+    let mut v: Vec<f32> = (0..2 * 36).map(|i| i as f32).collect();
+    v[7] = f32::NAN; // plane 0, row 1, col 1
+    let x = Tensor::from_vec(v, (1, 2, 6, 6), &Device::Cpu).unwrap();
+    let y: Vec<f32> = max_pool2d(&x, (3, 3), (2, 2), (1, 1))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    // Windows of plane 0 that contain (1, 1): outputs (0, 0), (0, 1), (1, 0), (1, 1).
+    for (i, v) in y[..9].iter().enumerate() {
+        let has_nan = matches!(i, 0 | 1 | 3 | 4);
+        assert_eq!(v.is_nan(), has_nan, "output {i}: {v}");
+    }
+    assert!(y[9..].iter().all(|v| !v.is_nan()));
 }

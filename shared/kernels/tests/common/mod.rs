@@ -56,8 +56,20 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 pub fn naive_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: &Conv2dParams) -> Tensor {
     let (n, c, h, wd) = x.dims4().unwrap();
     let (o, cg, kh, kw) = w.dims4().unwrap();
-    let xv: Vec<f64> = x.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let wv: Vec<f64> = w.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let xv: Vec<f64> = x
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let wv: Vec<f64> = w
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let bv: Option<Vec<f64>> = b.map(|b| b.to_dtype(DType::F64).unwrap().to_vec1().unwrap());
     let (pt, pb, pl, pr) = p.padding;
     let oh = (h + pt + pb - p.dilation.0 * (kh - 1) - 1) / p.stride.0 + 1;
@@ -78,7 +90,8 @@ pub fn naive_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: &Conv2dParams) 
                                 continue;
                             }
                             for j in 0..kw {
-                                let iw = (xx * p.stride.1 + j * p.dilation.1) as isize - pl as isize;
+                                let iw =
+                                    (xx * p.stride.1 + j * p.dilation.1) as isize - pl as isize;
                                 if iw < 0 || iw >= wd as isize {
                                     continue;
                                 }
@@ -110,7 +123,12 @@ pub fn candle_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: &Conv2dParams)
 }
 
 /// Reference max-pool: explicit `-inf` padding, then candle's `max_pool2d_with_stride`.
-pub fn candle_max_pool(x: &Tensor, k: (usize, usize), s: (usize, usize), pad: (usize, usize)) -> Result<Tensor> {
+pub fn candle_max_pool(
+    x: &Tensor,
+    k: (usize, usize),
+    s: (usize, usize),
+    pad: (usize, usize),
+) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let mut x = x.clone();
     if pad.0 > 0 {
