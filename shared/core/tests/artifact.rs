@@ -10,7 +10,11 @@ use adaptivenet_core::supernet::{Subnet, SupernetConfig};
 use adaptivenet_core::CoreError;
 use candle_core::{Device, Tensor};
 
-fn tiny() -> (adaptivenet_core::supernet::Supernet, tempfile::TempDir, Manifest) {
+fn tiny() -> (
+    adaptivenet_core::supernet::Supernet,
+    tempfile::TempDir,
+    Manifest,
+) {
     let arch = ArchDescriptor::from_json(
         br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[2,2],
             "widths":[8,16],"in_channels":1,"num_classes":10}"#,
@@ -47,7 +51,10 @@ fn artifact_round_trips_and_loads_only_needed_modules() {
     assert_eq!(partial.modules.len(), 3);
     assert_eq!(back.modules_for(&s).unwrap().len(), 5);
     assert!(partial.forward(&Subnet::original(4), &x).is_err());
-    let d = common::max_abs_diff(&sn.forward(&s, &x).unwrap(), &partial.forward(&s, &x).unwrap());
+    let d = common::max_abs_diff(
+        &sn.forward(&s, &x).unwrap(),
+        &partial.forward(&s, &x).unwrap(),
+    );
     assert_eq!(d, 0.0);
 }
 
@@ -78,7 +85,9 @@ fn hostile_manifests_are_rejected_without_panicking() {
     let good = m.to_json().unwrap();
     let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
     v["format_version"] = 2.into();
-    let err = Manifest::from_json(&serde_json::to_vec(&v).unwrap()).unwrap_err().to_string();
+    let err = Manifest::from_json(&serde_json::to_vec(&v).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("format_version 2"), "{err}");
     let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
     v["stem"]["sha256"] = "xyz".into();
@@ -90,7 +99,9 @@ fn hostile_manifests_are_rejected_without_panicking() {
     let mut state = 0x1234_5678_u64;
     for i in 0..400 {
         let mut b = good.clone();
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let at = (state >> 33) as usize % b.len();
         if i % 2 == 0 {
             b.truncate(at);

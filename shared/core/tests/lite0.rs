@@ -18,8 +18,8 @@ fn load() -> Option<Model> {
         println!("skipping: {LITE0} not fetched (run scripts/fetch-assets.sh)");
         return None;
     };
-    let arch = ArchDescriptor::from_json(br#"{"family":"efficientnet_lite","variant":"lite0"}"#)
-        .unwrap();
+    let arch =
+        ArchDescriptor::from_json(br#"{"family":"efficientnet_lite","variant":"lite0"}"#).unwrap();
     Some(Model::load(&arch, read_tensors(&path).unwrap()).unwrap())
 }
 
@@ -57,7 +57,10 @@ fn lite0_golden_values_for_a_constant_input() {
 
 fn classify(model: &Model, photo: &str) -> Option<Vec<(usize, f32)>> {
     let Some(path) = assets::asset(photo) else {
-        assert!(!assets::require_assets(), "{photo} missing (run scripts/fetch-assets.sh)");
+        assert!(
+            !assets::require_assets(),
+            "{photo} missing (run scripts/fetch-assets.sh)"
+        );
         println!("skipping: {photo} not fetched");
         return None;
     };
@@ -72,7 +75,11 @@ fn classify(model: &Model, photo: &str) -> Option<Vec<(usize, f32)>> {
 fn lite0_classifies_the_sample_photos() {
     let Some(model) = load() else { return };
     if let Some(t5) = classify(&model, "skimage/chelsea.png") {
-        assert!([281, 282, 285].contains(&t5[0].0), "chelsea top-1 {:?}", t5[0]);
+        assert!(
+            [281, 282, 285].contains(&t5[0].0),
+            "chelsea top-1 {:?}",
+            t5[0]
+        );
     }
     if let Some(t5) = classify(&model, "skimage/coffee.png") {
         assert_eq!(t5[0].0, 967, "coffee top-1 {:?}", t5[0]);

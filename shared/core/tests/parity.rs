@@ -12,15 +12,19 @@ fn check_fixture(name: &str) -> f32 {
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
     let arch = ArchDescriptor::from_value(index[name].clone()).unwrap();
-    let model = Model::load(&arch, read_tensors(&dir.join(format!("{name}.safetensors"))).unwrap())
-        .unwrap();
+    let model = Model::load(
+        &arch,
+        read_tensors(&dir.join(format!("{name}.safetensors"))).unwrap(),
+    )
+    .unwrap();
     assert_eq!(
         model.num_params(),
         index[name]["params"].as_u64().unwrap(),
         "{name}: parameter count"
     );
-    let io = candle_core::safetensors::load(dir.join(format!("{name}.io.safetensors")), &Device::Cpu)
-        .unwrap();
+    let io =
+        candle_core::safetensors::load(dir.join(format!("{name}.io.safetensors")), &Device::Cpu)
+            .unwrap();
     let input = io["input"].to_dtype(DType::F32).unwrap();
     let want = io["logits"].to_dtype(DType::F32).unwrap();
     let got = model.forward(&input).unwrap();
@@ -65,9 +69,14 @@ fn wrong_shape_names_the_tensor() {
     let arch = ArchDescriptor::from_value(entry).unwrap();
     let tensors = read_tensors(&dir.join("tv_resnet18_c10.safetensors")).unwrap();
     let err = Model::load(&arch, tensors).unwrap_err().to_string();
-    assert!(err.contains("fc.weight") && err.contains("[7, 512]") && err.contains("[10, 512]"), "{err}");
+    assert!(
+        err.contains("fc.weight") && err.contains("[7, 512]") && err.contains("[10, 512]"),
+        "{err}"
+    );
     // Unknown family.
-    let err = ArchDescriptor::from_json(br#"{"family":"torchvision.vgg"}"#).unwrap_err().to_string();
+    let err = ArchDescriptor::from_json(br#"{"family":"torchvision.vgg"}"#)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("torchvision.vgg"), "{err}");
     // A missing field is named.
     let err = ArchDescriptor::from_json(br#"{"family":"torchvision.resnet","block":"basic"}"#)
@@ -83,10 +92,16 @@ fn exported_model_round_trips() {
         serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
     let name = "tv_mobilenet_v2_w050_c10";
     let arch = ArchDescriptor::from_value(index[name].clone()).unwrap();
-    let model =
-        Model::load(&arch, read_tensors(&dir.join(format!("{name}.safetensors"))).unwrap()).unwrap();
+    let model = Model::load(
+        &arch,
+        read_tensors(&dir.join(format!("{name}.safetensors"))).unwrap(),
+    )
+    .unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let (a, w) = (tmp.path().join("arch.json"), tmp.path().join("w.safetensors"));
+    let (a, w) = (
+        tmp.path().join("arch.json"),
+        tmp.path().join("w.safetensors"),
+    );
     model.save(&a, &w).unwrap();
     let back = Model::from_files(&a, &w).unwrap();
     let x = candle_core::Tensor::randn(0f32, 1.0, (1, 3, 64, 64), &Device::Cpu).unwrap();
@@ -100,8 +115,11 @@ fn verify_reports_the_difference_and_reads_index_entries() {
     let dir = common::fixtures_dir();
     let name = "tv_resnet_bottleneck1111_w16_c10";
     let arch = read_descriptor(&dir.join("index.json"), Some(name)).unwrap();
-    let model =
-        Model::load(&arch, read_tensors(&dir.join(format!("{name}.safetensors"))).unwrap()).unwrap();
+    let model = Model::load(
+        &arch,
+        read_tensors(&dir.join(format!("{name}.safetensors"))).unwrap(),
+    )
+    .unwrap();
     let r = verify_io(&model, &dir.join(format!("{name}.io.safetensors"))).unwrap();
     assert!(r.max_abs_diff <= TOL, "{r:?}");
     assert_eq!(r.top1_agreement, 1.0);
@@ -109,7 +127,9 @@ fn verify_reports_the_difference_and_reads_index_entries() {
     // The wrong reference (another model's logits) is reported as a large difference.
     let r = verify_io(&model, &dir.join("tv_resnet18_c10.io.safetensors")).unwrap();
     assert!(r.max_abs_diff > 1e-2, "{r:?}");
-    let err = read_descriptor(&dir.join("index.json"), Some("nope")).unwrap_err().to_string();
+    let err = read_descriptor(&dir.join("index.json"), Some("nope"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("nope"), "{err}");
 }
 
@@ -118,13 +138,19 @@ fn folded_models_match_pytorch_too() {
     let dir = common::fixtures_dir();
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
-    for name in ["tv_resnet18_c10", "tv_resnet_bottleneck1111_w16_c10", "tv_mobilenet_v2_w050_c10"] {
+    for name in [
+        "tv_resnet18_c10",
+        "tv_resnet_bottleneck1111_w16_c10",
+        "tv_mobilenet_v2_w050_c10",
+    ] {
         let arch = ArchDescriptor::from_value(index[name].clone()).unwrap();
-        let model =
-            Model::load(&arch, read_tensors(&dir.join(format!("{name}.safetensors"))).unwrap())
-                .unwrap()
-                .folded()
-                .unwrap();
+        let model = Model::load(
+            &arch,
+            read_tensors(&dir.join(format!("{name}.safetensors"))).unwrap(),
+        )
+        .unwrap()
+        .folded()
+        .unwrap();
         let r = adaptivenet_core::model::verify::verify_io(
             &model,
             &dir.join(format!("{name}.io.safetensors")),

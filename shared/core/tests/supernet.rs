@@ -36,7 +36,10 @@ fn resnet20_has_the_reference_parameter_count() {
 fn merge_only_counts_match_the_paper() {
     let m = SupernetConfig::merge_only();
     assert_eq!(supernet_spec(&resnet20().spec, &m).count(), 149);
-    assert_eq!(supernet_spec(&tv_resnet("bottleneck", &[3, 4, 6, 3]).spec, &m).count(), 10_609);
+    assert_eq!(
+        supernet_spec(&tv_resnet("bottleneck", &[3, 4, 6, 3]).spec, &m).count(),
+        10_609
+    );
     let r101 = supernet_spec(&tv_resnet("bottleneck", &[3, 4, 23, 3]).spec, &m).count();
     println!("ResNet-101 merge-only subnets: {r101}");
     assert!((3.3e8..3.4e8).contains(&(r101 as f64)), "{r101}");
@@ -104,7 +107,13 @@ fn sampling_is_valid_deterministic_and_can_require_a_branch() {
         assert!(s.uses_branch());
     }
     // Without branches there is nothing to sample with require_branch.
-    let none = supernet_spec(&resnet20().spec, &SupernetConfig { branches: vec![], seed: 0 });
+    let none = supernet_spec(
+        &resnet20().spec,
+        &SupernetConfig {
+            branches: vec![],
+            seed: 0,
+        },
+    );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     assert!(none.sample(&mut rng, true).is_err());
     assert_eq!(none.sample(&mut rng, false).unwrap(), Subnet::original(9));
@@ -157,12 +166,23 @@ fn branches_inherit_matching_tensors_and_prune_by_magnitude() {
     // (fresh, identity BN), projection added fresh.
     let m = sn.module(2, 1).unwrap();
     assert!(eq(&oracle.blocks[2]["conv1.weight"], &m["conv1.weight"]));
-    assert!(eq(&oracle.blocks[2]["bn1.running_var"], &m["bn1.running_var"]));
+    assert!(eq(
+        &oracle.blocks[2]["bn1.running_var"],
+        &m["bn1.running_var"]
+    ));
     assert_eq!(m["conv2.weight"].dims(), &[32, 16, 3, 3]);
-    assert_eq!(m["bn2.running_var"].to_vec1::<f32>().unwrap(), vec![1.0; 32]);
+    assert_eq!(
+        m["bn2.running_var"].to_vec1::<f32>().unwrap(),
+        vec![1.0; 32]
+    );
     assert!(m.contains_key("downsample.0.weight"));
     match &sn.spec.choice(2, 1).unwrap().block {
-        BlockSpec::Basic { stride: 2, proj: true, cout: 32, .. } => {}
+        BlockSpec::Basic {
+            stride: 2,
+            proj: true,
+            cout: 32,
+            ..
+        } => {}
         b => panic!("{b:?}"),
     }
     // Prune-2 at 0 keeps round(16 * 0.6) = 10 inner channels: the ones with the largest L2.
@@ -174,7 +194,13 @@ fn branches_inherit_matching_tensors_and_prune_by_magnitude() {
     order.sort_by(|&a, &b| norms[b].total_cmp(&norms[a]));
     let mut kept: Vec<usize> = order[..10].to_vec();
     kept.sort();
-    let pn: Vec<f32> = p["conv1.weight"].sqr().unwrap().sum((1, 2, 3)).unwrap().to_vec1().unwrap();
+    let pn: Vec<f32> = p["conv1.weight"]
+        .sqr()
+        .unwrap()
+        .sum((1, 2, 3))
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let want: Vec<f32> = kept.iter().map(|&i| norms[i]).collect();
     assert_eq!(pn, want);
     assert_eq!(p["conv2.weight"].dims(), &[16, 10, 3, 3]);
@@ -187,8 +213,14 @@ fn mbconv_rules_hold_for_efficientnet_lite0() {
     // DATA.md: the real file holds 296 tensors with 4,694,073 numbers: parameters, BN running
     // statistics and one `num_batches_tracked` counter per BN layer.
     let shapes = adaptivenet_core::model::expected_shapes(&arch.spec);
-    let floats: usize = shapes.iter().map(|(_, _, s)| s.iter().product::<usize>()).sum();
-    let bn_layers = shapes.iter().filter(|(_, n, _)| n.ends_with("running_mean")).count();
+    let floats: usize = shapes
+        .iter()
+        .map(|(_, _, s)| s.iter().product::<usize>())
+        .sum();
+    let bn_layers = shapes
+        .iter()
+        .filter(|(_, n, _)| n.ends_with("running_mean"))
+        .count();
     assert_eq!(bn_layers, 49);
     assert_eq!(floats + bn_layers, 4_694_073);
     assert_eq!(shapes.len() + bn_layers, 296);
@@ -202,7 +234,11 @@ fn mbconv_rules_hold_for_efficientnet_lite0() {
                     .iter()
                     .filter(|b| b.stride() != 1)
                     .count();
-                assert!(strided <= 1, "position {i} merge {} spans {strided} strided", c.id);
+                assert!(
+                    strided <= 1,
+                    "position {i} merge {} spans {strided} strided",
+                    c.id
+                );
             }
             if c.id < 0 {
                 assert!(i != 0 && i != n - 1, "position {i} must not be pruned");
@@ -222,7 +258,9 @@ fn folded_supernet_matches_unfolded_and_keeps_the_oracle_exact() {
     let mut sn = build_supernet(&oracle, &all_branches()).unwrap();
     let x = Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-    let subnets: Vec<Subnet> = (0..6).map(|_| sn.spec.sample(&mut rng, true).unwrap()).collect();
+    let subnets: Vec<Subnet> = (0..6)
+        .map(|_| sn.spec.sample(&mut rng, true).unwrap())
+        .collect();
     let before: Vec<Tensor> = subnets.iter().map(|s| sn.forward(s, &x).unwrap()).collect();
     sn.fold().unwrap();
     for (s, want) in subnets.iter().zip(&before) {

@@ -94,7 +94,9 @@ pub struct Manifest {
 }
 
 fn is_hex_digest(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 impl Manifest {
@@ -130,7 +132,9 @@ impl Manifest {
         let bad = |s: String| Err(CoreError::Manifest(s));
         for (name, e) in self.modules() {
             if !is_hex_digest(&e.sha256) {
-                return bad(format!("module {name}: sha256 is not 64 lowercase hex digits"));
+                return bad(format!(
+                    "module {name}: sha256 is not 64 lowercase hex digits"
+                ));
             }
         }
         let n = self.oracle.blocks.len();
@@ -150,7 +154,11 @@ impl Manifest {
             }
             match p.choices.first() {
                 Some(c) if c.id == 0 && c.block == self.oracle.blocks[i] => {}
-                _ => return bad(format!("positions[{i}]: first choice must be the original block")),
+                _ => {
+                    return bad(format!(
+                        "positions[{i}]: first choice must be the original block"
+                    ))
+                }
             }
             for c in &p.choices {
                 let kind = BranchKind::from_id(c.id);
@@ -159,7 +167,10 @@ impl Manifest {
                 }
                 let span = kind.map_or(1, |k| k.span());
                 if c.span != span || i + span > n {
-                    return bad(format!("positions[{i}] choice {}: bad span {}", c.id, c.span));
+                    return bad(format!(
+                        "positions[{i}] choice {}: bad span {}",
+                        c.id, c.span
+                    ));
                 }
                 if c.block.cin() != self.oracle.blocks[i].cin()
                     || c.block.cout() != self.oracle.blocks[i + span - 1].cout()
@@ -179,7 +190,10 @@ impl Manifest {
 
     /// Every module: (name, entry); names are `stem`, `head` and `p{pos}c{id}`.
     pub fn modules(&self) -> Vec<(String, &ModuleEntry)> {
-        let mut v = vec![("stem".to_string(), &self.stem), ("head".to_string(), &self.head)];
+        let mut v = vec![
+            ("stem".to_string(), &self.stem),
+            ("head".to_string(), &self.head),
+        ];
         for p in &self.positions {
             for c in &p.choices {
                 v.push((module_name(p.index, c.id), &c.module));
@@ -192,7 +206,10 @@ impl Manifest {
     pub fn modules_for(&self, s: &Subnet) -> Result<Vec<(String, &ModuleEntry)>> {
         let spec = self.supernet_spec();
         spec.validate(s)?;
-        let mut v = vec![("stem".to_string(), &self.stem), ("head".to_string(), &self.head)];
+        let mut v = vec![
+            ("stem".to_string(), &self.stem),
+            ("head".to_string(), &self.head),
+        ];
         for (pos, id) in s.steps() {
             let c = self.positions[pos]
                 .choices
@@ -235,7 +252,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// Writes a file atomically: temp file in the same directory, fsync, rename, fsync the dir.
 /// A crash at any point leaves either the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
@@ -266,7 +286,12 @@ where
 {
     let map: BTreeMap<String, Tensor> = tensors
         .into_iter()
-        .map(|(n, t)| Ok((n.as_ref().to_string(), t.to_dtype(DType::F32)?.contiguous()?)))
+        .map(|(n, t)| {
+            Ok((
+                n.as_ref().to_string(),
+                t.to_dtype(DType::F32)?.contiguous()?,
+            ))
+        })
         .collect::<Result<_>>()?;
     safetensors::tensor::serialize(map.iter().map(|(k, v)| (k.as_str(), v)), None)
         .map_err(|e| CoreError::Manifest(format!("safetensors serialisation: {e}")))
@@ -303,14 +328,19 @@ pub fn decode_module(
     let mut found: HashMap<String, Tensor> = HashMap::new();
     for (n, view) in st.tensors() {
         if view.dtype() != safetensors::Dtype::F32 {
-            return Err(err(format!("tensor {n}: dtype {:?}, expected F32", view.dtype())));
+            return Err(err(format!(
+                "tensor {n}: dtype {:?}, expected F32",
+                view.dtype()
+            )));
         }
         let t = Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), &Device::Cpu)?;
         found.insert(n, t);
     }
     let mut out = Params::new();
     for (n, shape) in expected {
-        let t = found.remove(n).ok_or_else(|| err(format!("missing tensor {n}")))?;
+        let t = found
+            .remove(n)
+            .ok_or_else(|| err(format!("missing tensor {n}")))?;
         if t.dims() != shape.as_slice() {
             return Err(err(format!(
                 "tensor {n}: expected shape {shape:?}, found {:?}",
@@ -416,7 +446,11 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 
 /// Loads a supernet from an artifact (or blob-cache) directory. With `subnets`, only the
 /// modules those subnets use are read (what an edge device holds); otherwise all.
-pub fn load_supernet(dir: &Path, manifest: &Manifest, subnets: Option<&[Subnet]>) -> Result<Supernet> {
+pub fn load_supernet(
+    dir: &Path,
+    manifest: &Manifest,
+    subnets: Option<&[Subnet]>,
+) -> Result<Supernet> {
     let spec = manifest.supernet_spec();
     let read = |name: &str, e: &ModuleEntry, expected: &[(String, Vec<usize>)]| -> Result<Params> {
         let path = blob_path(dir, &e.sha256);

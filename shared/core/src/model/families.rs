@@ -292,7 +292,10 @@ fn map_prefix(local: &str, table: &[(&str, &str)]) -> Option<String> {
 
 /// `0.weight` → `{conv}.weight`, `1.X` → `{bn}.X` (torchvision's Conv2dNormActivation).
 fn sequential_conv_bn(local: &str, conv: &str, bn: &str) -> Option<String> {
-    map_prefix(local, &[("0.", &format!("{conv}.")), ("1.", &format!("{bn}."))])
+    map_prefix(
+        local,
+        &[("0.", &format!("{conv}.")), ("1.", &format!("{bn}."))],
+    )
 }
 
 fn resnet(raw: &Value, small: bool) -> Result<(ModelSpec, KeyMap)> {
@@ -315,7 +318,11 @@ fn resnet(raw: &Value, small: bool) -> Result<(ModelSpec, KeyMap)> {
         if widths.len() != layers.len() {
             return Err(CoreError::InvalidArch {
                 field: "widths".into(),
-                reason: format!("has {} entries but layers has {}", widths.len(), layers.len()),
+                reason: format!(
+                    "has {} entries but layers has {}",
+                    widths.len(),
+                    layers.len()
+                ),
             });
         }
         let stem = StemSpec {
@@ -404,7 +411,12 @@ fn resnet(raw: &Value, small: bool) -> Result<(ModelSpec, KeyMap)> {
             classes,
         },
     };
-    Ok((spec, KeyMap::TorchvisionResnet { stage_sizes: layers }))
+    Ok((
+        spec,
+        KeyMap::TorchvisionResnet {
+            stage_sizes: layers,
+        },
+    ))
 }
 
 fn mobilenet_v2(raw: &Value) -> Result<(ModelSpec, KeyMap)> {
@@ -477,7 +489,10 @@ fn mobilenet_v2(raw: &Value) -> Result<(ModelSpec, KeyMap)> {
 }
 
 fn efficientnet_lite(raw: &Value) -> Result<(ModelSpec, KeyMap)> {
-    let variant = raw.get("variant").and_then(Value::as_str).unwrap_or("lite0");
+    let variant = raw
+        .get("variant")
+        .and_then(Value::as_str)
+        .unwrap_or("lite0");
     if variant != "lite0" {
         return Err(CoreError::InvalidArch {
             field: "variant".into(),
@@ -576,4 +591,3 @@ fn validate_chain(spec: &ModelSpec) -> Result<()> {
 pub(crate) fn is_ignored_key(key: &str) -> bool {
     key.ends_with("num_batches_tracked")
 }
-

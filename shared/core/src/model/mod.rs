@@ -143,7 +143,17 @@ pub fn block_forward(
             let y = conv_bn(x, p, "conv1", "bn1", stride, 1, num, Some(num.act), t)?;
             let y = conv_bn(&y, p, "conv2", "bn2", 1, 1, num, None, t)?;
             let sc = if proj {
-                conv_bn(x, p, "downsample.0", "downsample.1", stride, 1, num, None, t)?
+                conv_bn(
+                    x,
+                    p,
+                    "downsample.0",
+                    "downsample.1",
+                    stride,
+                    1,
+                    num,
+                    None,
+                    t,
+                )?
             } else {
                 x.clone()
             };
@@ -154,7 +164,17 @@ pub fn block_forward(
             let y = conv_bn(&y, p, "conv2", "bn2", stride, 1, num, Some(num.act), t)?;
             let y = conv_bn(&y, p, "conv3", "bn3", 1, 1, num, None, t)?;
             let sc = if proj {
-                conv_bn(x, p, "downsample.0", "downsample.1", stride, 1, num, None, t)?
+                conv_bn(
+                    x,
+                    p,
+                    "downsample.0",
+                    "downsample.1",
+                    stride,
+                    1,
+                    num,
+                    None,
+                    t,
+                )?
             } else {
                 x.clone()
             };
@@ -168,11 +188,31 @@ pub fn block_forward(
             ..
         } => {
             let h = if expand {
-                conv_bn(x, p, "expand.conv", "expand.bn", 1, 1, num, Some(num.act), t)?
+                conv_bn(
+                    x,
+                    p,
+                    "expand.conv",
+                    "expand.bn",
+                    1,
+                    1,
+                    num,
+                    Some(num.act),
+                    t,
+                )?
             } else {
                 x.clone()
             };
-            let h = conv_bn(&h, p, "dw.conv", "dw.bn", stride, hidden, num, Some(num.act), t)?;
+            let h = conv_bn(
+                &h,
+                p,
+                "dw.conv",
+                "dw.bn",
+                stride,
+                hidden,
+                num,
+                Some(num.act),
+                t,
+            )?;
             let y = conv_bn(&h, p, "project.conv", "project.bn", 1, 1, num, None, t)?;
             if residual {
                 Ok((y + x)?)
@@ -251,12 +291,13 @@ impl Model {
         let mut blocks = vec![Params::new(); spec.blocks.len()];
         let mut head = Params::new();
         for (slot, local, shape) in expected_shapes(&spec) {
-            let (orig, t) = by_slot.remove(&(slot, local.clone())).ok_or_else(|| {
-                CoreError::MissingTensor {
-                    name: family_name_hint(arch, slot, &local),
-                    expected: shape.clone(),
-                }
-            })?;
+            let (orig, t) =
+                by_slot
+                    .remove(&(slot, local.clone()))
+                    .ok_or_else(|| CoreError::MissingTensor {
+                        name: family_name_hint(arch, slot, &local),
+                        expected: shape.clone(),
+                    })?;
             if t.dims() != shape.as_slice() {
                 return Err(CoreError::ShapeMismatch {
                     name: orig,
@@ -264,7 +305,10 @@ impl Model {
                     found: t.dims().to_vec(),
                 });
             }
-            let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?;
+            let t = t
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .contiguous()?;
             match slot {
                 Slot::Stem => stem.insert(local, t),
                 Slot::Block(i) => blocks[i].insert(local, t),
@@ -425,7 +469,9 @@ fn candidate_family_names(spec: &ModelSpec, slot: Slot, local: &str) -> Vec<Stri
                 }
             }
             let f = i + 1;
-            for p in ["conv.0.0", "conv.0.1", "conv.1.0", "conv.1.1", "conv.1", "conv.2", "conv.3"] {
+            for p in [
+                "conv.0.0", "conv.0.1", "conv.1.0", "conv.1.1", "conv.1", "conv.2", "conv.3",
+            ] {
                 v.push(format!("features.{f}.{p}.{last}"));
             }
             for p in [

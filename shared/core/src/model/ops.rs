@@ -44,7 +44,13 @@ pub fn conv2d_fused(
         Some(Act::Relu) => Activation::Relu,
         Some(Act::Relu6) => Activation::Relu6,
     };
-    Ok(adaptivenet_kernels::conv2d_fused(x, w, Some(bias), &p, act)?)
+    Ok(adaptivenet_kernels::conv2d_fused(
+        x,
+        w,
+        Some(bias),
+        &p,
+        act,
+    )?)
 }
 
 /// Broadcasts a per-channel vector over NCHW.

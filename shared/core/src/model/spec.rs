@@ -285,7 +285,11 @@ impl BlockSpec {
 impl StemSpec {
     pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let mut v = Vec::new();
-        push_conv(&mut v, "conv", [self.cout, self.cin, self.kernel, self.kernel]);
+        push_conv(
+            &mut v,
+            "conv",
+            [self.cout, self.cin, self.kernel, self.kernel],
+        );
         push_bn(&mut v, "bn", self.cout);
         v
     }

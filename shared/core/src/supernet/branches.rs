@@ -169,7 +169,8 @@ pub fn fresh_tensor(name: &str, shape: &[usize], rng: &mut ChaCha8Rng) -> Result
         vec![0.0; numel]
     } else {
         // conv weight [O, I/g, kh, kw]: fan_out = O * kh * kw.
-        let fan_out = shape[0] * shape.get(2).copied().unwrap_or(1) * shape.get(3).copied().unwrap_or(1);
+        let fan_out =
+            shape[0] * shape.get(2).copied().unwrap_or(1) * shape.get(3).copied().unwrap_or(1);
         let std = (2.0 / fan_out.max(1) as f64).sqrt();
         (0..numel).map(|_| (normal(rng) * std) as f32).collect()
     };
@@ -177,8 +178,7 @@ pub fn fresh_tensor(name: &str, shape: &[usize], rng: &mut ChaCha8Rng) -> Result
 }
 
 fn is_bn_weight(name: &str) -> bool {
-    name.ends_with(".weight")
-        && (name.contains("bn") || name.starts_with("downsample.1"))
+    name.ends_with(".weight") && (name.contains("bn") || name.starts_with("downsample.1"))
 }
 
 /// Standard normal via Box-Muller (seeded, reproducible across platforms).
@@ -212,7 +212,11 @@ fn top_channels(w: &Tensor, keep: usize) -> Result<Tensor> {
         .to_vec1()?;
     let mut idx: Vec<u32> = (0..o as u32).collect();
     // Stable order for ties keeps the result deterministic.
-    idx.sort_by(|&a, &b| norms[b as usize].total_cmp(&norms[a as usize]).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| {
+        norms[b as usize]
+            .total_cmp(&norms[a as usize])
+            .then(a.cmp(&b))
+    });
     let mut kept: Vec<u32> = idx.into_iter().take(keep).collect();
     kept.sort_unstable();
     Ok(Tensor::from_vec(kept, keep, &Device::Cpu)?)
@@ -247,7 +251,8 @@ fn prune(orig: &BlockSpec, p: &Params, target: &BlockSpec) -> Result<Params> {
     match orig {
         BlockSpec::Basic { .. } => {
             let a = top_channels(
-                p.get("conv1.weight").ok_or_else(|| missing("conv1.weight"))?,
+                p.get("conv1.weight")
+                    .ok_or_else(|| missing("conv1.weight"))?,
                 keep,
             )?;
             out.insert("conv1.weight".into(), select(p, "conv1.weight", 0, &a)?);
@@ -258,7 +263,11 @@ fn prune(orig: &BlockSpec, p: &Params, target: &BlockSpec) -> Result<Params> {
             }
         }
         BlockSpec::Bottleneck { .. } => {
-            let a = top_channels(p.get("conv1.weight").ok_or_else(|| missing("conv1.weight"))?, keep)?;
+            let a = top_channels(
+                p.get("conv1.weight")
+                    .ok_or_else(|| missing("conv1.weight"))?,
+                keep,
+            )?;
             let w2 = select(p, "conv2.weight", 1, &a)?;
             let b = top_channels(&w2, keep)?;
             out.insert("conv1.weight".into(), select(p, "conv1.weight", 0, &a)?);
@@ -272,20 +281,30 @@ fn prune(orig: &BlockSpec, p: &Params, target: &BlockSpec) -> Result<Params> {
         }
         BlockSpec::MbConv { .. } => {
             let h = top_channels(
-                p.get("expand.conv.weight").ok_or_else(|| missing("expand.conv.weight"))?,
+                p.get("expand.conv.weight")
+                    .ok_or_else(|| missing("expand.conv.weight"))?,
                 keep,
             )?;
-            out.insert("expand.conv.weight".into(), select(p, "expand.conv.weight", 0, &h)?);
+            out.insert(
+                "expand.conv.weight".into(),
+                select(p, "expand.conv.weight", 0, &h)?,
+            );
             select_bn(p, &mut out, "expand.bn", &h)?;
             out.insert("dw.conv.weight".into(), select(p, "dw.conv.weight", 0, &h)?);
             select_bn(p, &mut out, "dw.bn", &h)?;
-            out.insert("project.conv.weight".into(), select(p, "project.conv.weight", 1, &h)?);
+            out.insert(
+                "project.conv.weight".into(),
+                select(p, "project.conv.weight", 1, &h)?,
+            );
             for part in crate::model::spec::BN_PARTS {
                 copy(&mut out, &format!("project.bn.{part}"))?;
             }
         }
     }
-    if matches!(orig, BlockSpec::Basic { proj: true, .. } | BlockSpec::Bottleneck { proj: true, .. }) {
+    if matches!(
+        orig,
+        BlockSpec::Basic { proj: true, .. } | BlockSpec::Bottleneck { proj: true, .. }
+    ) {
         copy(&mut out, "downsample.0.weight")?;
         for part in crate::model::spec::BN_PARTS {
             copy(&mut out, &format!("downsample.1.{part}"))?;

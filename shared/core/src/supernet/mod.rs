@@ -189,12 +189,7 @@ impl SupernetSpec {
     pub fn subnet_blocks(&self, s: &Subnet) -> Result<Vec<BlockSpec>> {
         self.validate(s)?;
         Ok(s.steps()
-            .map(|(p, id)| {
-                self.choice(p, id)
-                    .expect("validated above")
-                    .block
-                    .clone()
-            })
+            .map(|(p, id)| self.choice(p, id).expect("validated above").block.clone())
             .collect())
     }
 
@@ -271,10 +266,13 @@ impl Supernet {
 
     /// Runs one (position, choice) module, eval mode.
     pub fn forward_module(&self, pos: usize, id: i8, x: &Tensor) -> Result<Tensor> {
-        let choice = self.spec.choice(pos, id).ok_or_else(|| CoreError::InvalidSubnet {
-            position: pos,
-            reason: format!("choice {id} not available"),
-        })?;
+        let choice = self
+            .spec
+            .choice(pos, id)
+            .ok_or_else(|| CoreError::InvalidSubnet {
+                position: pos,
+                reason: format!("choice {id} not available"),
+            })?;
         block_forward(
             &choice.block,
             &self.spec.oracle.numerics,
@@ -294,10 +292,13 @@ impl Supernet {
         x: &Tensor,
         ctx: &mut TrainCtx,
     ) -> Result<Tensor> {
-        let choice = self.spec.choice(pos, id).ok_or_else(|| CoreError::InvalidSubnet {
-            position: pos,
-            reason: format!("choice {id} not available"),
-        })?;
+        let choice = self
+            .spec
+            .choice(pos, id)
+            .ok_or_else(|| CoreError::InvalidSubnet {
+                position: pos,
+                reason: format!("choice {id} not available"),
+            })?;
         block_forward(
             &choice.block,
             &self.spec.oracle.numerics,
