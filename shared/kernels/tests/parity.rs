@@ -272,12 +272,14 @@ fn shape_errors() {
     assert!(max_pool2d(&x, (2, 2), (2, 2), (2, 2)).is_err());
 }
 
-fn pool_cases() -> Vec<(
+type PoolCase = (
     (usize, usize, usize, usize),
     (usize, usize),
     (usize, usize),
     (usize, usize),
-)> {
+);
+
+fn pool_cases() -> Vec<PoolCase> {
     vec![
         ((1, 3, 9, 11), (3, 3), (2, 2), (1, 1)),
         ((2, 4, 8, 8), (2, 2), (2, 2), (0, 0)),

@@ -6,7 +6,8 @@ use candle_core::{DType, Tensor, D};
 use super::spec::Act;
 use crate::Result;
 
-/// 2-D convolution with per-side padding (top, bottom, left, right).
+/// 2-D convolution with per-side padding (top, bottom, left, right); differentiable (the
+/// kernels crate's GEMM / direct depthwise ops with their own backward).
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -14,12 +15,13 @@ pub fn conv2d(
     pad: (usize, usize, usize, usize),
     groups: usize,
 ) -> Result<Tensor> {
-    let (t, b, l, r) = pad;
-    if t == b && l == r && t == l {
-        return Ok(x.conv2d(w, t, stride, 1, groups)?);
-    }
-    let x = x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?;
-    Ok(x.conv2d(w, 0, stride, 1, groups)?)
+    let p = adaptivenet_kernels::Conv2dParams {
+        stride: (stride, stride),
+        padding: pad,
+        dilation: (1, 1),
+        groups,
+    };
+    Ok(adaptivenet_kernels::conv2d(x, w, None, &p)?)
 }
 
 /// Inference-only conv + bias + optional activation in one kernel (BN already folded).
@@ -114,17 +116,10 @@ pub fn activation(x: &Tensor, act: Act) -> Result<Tensor> {
     })
 }
 
-/// 3x3 / stride 2 / padding 1 max-pool (torchvision ResNet stem), padding acting as -inf.
+/// 3x3 / stride 2 / padding 1 max-pool (torchvision ResNet stem), padding acting as -inf;
+/// differentiable.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    let neg = |shape: (usize, usize, usize, usize)| {
-        Tensor::full(f32::NEG_INFINITY, shape, x.device()).and_then(|t| t.to_dtype(x.dtype()))
-    };
-    let row = neg((n, c, 1, w))?;
-    let x = Tensor::cat(&[&row, x, &row], 2)?;
-    let col = neg((n, c, h + 2, 1))?;
-    let x = Tensor::cat(&[&col, &x, &col], 3)?;
-    Ok(x.max_pool2d_with_stride(3, 2)?)
+    Ok(adaptivenet_kernels::max_pool2d(x, (3, 3), (2, 2), (1, 1))?)
 }
 
 /// Global average pool NCHW → NC.
