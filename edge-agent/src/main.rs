@@ -1,1 +1,466 @@
-fn main() {}
+//! `edge-agent`: profile, search, serve and adapt a subnet on this device (local-artifact
+//! mode). Errors print a one-line cause chain and exit non-zero.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use adaptivenet_core::artifact::{write_artifact, InputSpec};
+use adaptivenet_core::data::FASHION_MNIST_CLASSES;
+use adaptivenet_core::model::{ArchDescriptor, Model};
+use adaptivenet_core::supernet::{branches::build_supernet, Subnet, SupernetConfig};
+use adaptivenet_edge::adapt::{maintain, AdaptConfig, AdaptEvent, Controller};
+use adaptivenet_edge::profile::{self, pin_threads, LatencyTable, ProfileConfig};
+use adaptivenet_edge::quality::{load_local_data, EvalSet, QualityMode};
+use adaptivenet_edge::search::{self, Budget, SearchConfig, Speedups};
+use adaptivenet_edge::serve::{ArtifactSource, Server};
+use adaptivenet_edge::state::{ActiveRecord, SearchRecord, StateDir};
+use adaptivenet_edge::EdgeError;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Post-deployment architecture adaptation on the edge (AdaptiveNet).
+///
+/// Typical use: `edge-agent run --artifact DIR --data DIR --budget 0.6 --threads 1 --state DIR`
+/// profiles this device (once), searches the supernet on the local data (once per budget),
+/// then serves the chosen subnet and steps along the Pareto front when live latency drifts.
+/// State (latency table, front, active subnet) persists in --state, so a restart serves again
+/// without a new search.
+#[derive(Parser)]
+#[command(name = "edge-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Time every module of the supernet and validate the additive latency model.
+    Profile(ProfileArgs),
+    /// Search the best subnet per budget on local data (profiles first if needed).
+    Search(SearchArgs),
+    /// Profile and search if needed, then serve local data and adapt to live latency.
+    Run(RunArgs),
+    /// Write an untrained ResNet-20 supernet artifact (development without a trained one).
+    DemoArtifact {
+        #[arg(long)]
+        out: PathBuf,
+        /// Stage widths of the ResNet-20 oracle.
+        #[arg(long, default_value = "16,32,64", value_delimiter = ',')]
+        widths: Vec<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Supernet artifact directory (manifest.json + blobs/).
+    #[arg(long)]
+    artifact: PathBuf,
+    /// State directory (latency table, search result, active subnet).
+    #[arg(long)]
+    state: PathBuf,
+    /// Tensor worker threads (pinned before any computation; recorded in the table).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Deployment batch size.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+}
+
+#[derive(Args, Clone)]
+struct ProfileArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Timed rounds per module (interleaved).
+    #[arg(long, default_value_t = 40)]
+    rounds: usize,
+    /// Random subnets measured end to end to validate the table (0 skips validation).
+    #[arg(long, default_value_t = 30)]
+    validate: usize,
+    /// Re-profile even if a table for this artifact exists.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Clone)]
+struct SearchArgs {
+    #[command(flatten)]
+    profile: ProfileArgs,
+    /// Local data: an IDX directory (Fashion-MNIST layout) or an ImageFolder tree.
+    #[arg(long)]
+    data: PathBuf,
+    /// Budgets: fractions of the oracle's latency (0.6 or 0.6x) or milliseconds (12ms);
+    /// comma-separated for several in one run. The first one is served by `run`.
+    #[arg(long, default_value = "0.6", value_delimiter = ',')]
+    budget: Vec<String>,
+    /// Local images used for the search.
+    #[arg(long, default_value_t = 500)]
+    images: usize,
+    #[arg(long, default_value_t = 64)]
+    population: usize,
+    #[arg(long, default_value_t = 8)]
+    generations: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Quality = agreement with the oracle's predictions (no labels needed).
+    #[arg(long)]
+    label_free: bool,
+    /// Plain EA: all four speed-ups off (for comparison).
+    #[arg(long)]
+    plain: bool,
+    /// Search again even if a stored result matches.
+    #[arg(long)]
+    research: bool,
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    #[command(flatten)]
+    search: SearchArgs,
+    /// Seconds to serve (0 = until Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    duration: u64,
+    /// Milliseconds between maintenance checks.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let threads = match &cli.cmd {
+        Cmd::Profile(p) => p.common.threads,
+        Cmd::Search(s) => s.profile.common.threads,
+        Cmd::Run(r) => r.search.profile.common.threads,
+        Cmd::DemoArtifact { .. } => 1,
+    };
+    pin_threads(threads);
+    if let Err(e) = dispatch(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Profile(a) => {
+            let src = ArtifactSource::open(&a.common.artifact).context("opening the artifact")?;
+            let t = ensure_table(&src, &a)?;
+            print_table(&t);
+            Ok(())
+        }
+        Cmd::Search(a) => {
+            let src =
+                ArtifactSource::open(&a.profile.common.artifact).context("opening the artifact")?;
+            let (_t, rec) = ensure_search(&src, &a)?;
+            print_search(&rec);
+            Ok(())
+        }
+        Cmd::Run(a) => run(a),
+        Cmd::DemoArtifact { out, widths, seed } => demo_artifact(&out, &widths, seed),
+    }
+}
+
+fn bar(len: u64, msg: &'static str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_message(msg);
+    pb
+}
+
+fn state_or_recompute<T>(what: &str, r: std::result::Result<Option<T>, EdgeError>) -> Option<T> {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!("{what}: {e}; recomputing");
+            None
+        }
+    }
+}
+
+fn ensure_table(src: &ArtifactSource, a: &ProfileArgs) -> Result<LatencyTable> {
+    let state = StateDir::new(&a.common.state);
+    let id = src.manifest.supernet_id.to_string();
+    if !a.force {
+        if let Some(t) = state_or_recompute("latency table", state.load_table(&id)) {
+            if t.conditions.threads == a.common.threads && t.conditions.batch == a.common.batch {
+                tracing::info!(
+                    "using the stored latency table ({})",
+                    state.table_path().display()
+                );
+                return Ok(t);
+            }
+            tracing::info!("stored table was measured under other conditions; re-profiling");
+        }
+    }
+    let supernet = src.load(None).context("loading the supernet")?;
+    let cfg = ProfileConfig {
+        batch: a.common.batch,
+        rounds: a.rounds.max(1),
+        ..ProfileConfig::default()
+    };
+    let pb = bar((cfg.warmup + cfg.rounds) as u64, "profile");
+    let mut t = profile::profile(&supernet, &cfg, |d, _| pb.set_position(d as u64))?;
+    pb.finish_and_clear();
+    t.supernet_id = Some(id);
+    if a.validate > 0 {
+        let v = profile::validate_table(&supernet, &mut t, a.validate, 15, 1)?;
+        tracing::info!(
+            "latency model: raw median {:.1}% p90 {:.1}%, calibrated (x{:.3}) median {:.1}% p90 {:.1}%",
+            100.0 * v.raw_median_err,
+            100.0 * v.raw_p90_err,
+            v.bias,
+            100.0 * v.calibrated_median_err,
+            100.0 * v.calibrated_p90_err
+        );
+    }
+    state.save_table(&t)?;
+    Ok(t)
+}
+
+fn print_table(t: &LatencyTable) {
+    let c = &t.conditions;
+    println!(
+        "conditions: threads={} batch={} cpu={:?} governor={}",
+        c.threads,
+        c.batch,
+        c.cpu_model,
+        c.governor.as_deref().unwrap_or("unreadable")
+    );
+    println!(
+        "stem {:.4} ms  head {:.4} ms",
+        t.stem.median_ms, t.head.median_ms
+    );
+    println!(
+        "{:>4} {:>6} {:>10} {:>10} {:>5}",
+        "pos", "choice", "median_ms", "p95_ms", "runs"
+    );
+    for m in &t.modules {
+        println!(
+            "{:>4} {:>6} {:>10.4} {:>10.4} {:>5}",
+            m.position, m.choice, m.stat.median_ms, m.stat.p95_ms, m.stat.runs
+        );
+    }
+    if let Some(v) = &t.validation {
+        println!(
+            "validation on {} subnets: bias x{:.3}; raw median {:.1}% p90 {:.1}%; calibrated median {:.1}% p90 {:.1}%",
+            v.subnets,
+            v.bias,
+            100.0 * v.raw_median_err,
+            100.0 * v.raw_p90_err,
+            100.0 * v.calibrated_median_err,
+            100.0 * v.calibrated_p90_err
+        );
+    }
+}
+
+fn resolve_budgets(a: &SearchArgs, t: &LatencyTable, n: usize) -> Result<Vec<f64>> {
+    a.budget
+        .iter()
+        .map(|s| Ok(Budget::parse(s)?.resolve(t, n)?))
+        .collect()
+}
+
+fn ensure_search(src: &ArtifactSource, a: &SearchArgs) -> Result<(LatencyTable, SearchRecord)> {
+    let table = ensure_table(src, &a.profile)?;
+    let state = StateDir::new(&a.profile.common.state);
+    let id = src.manifest.supernet_id.to_string();
+    let spec = src.manifest.supernet_spec();
+    let budgets = resolve_budgets(a, &table, spec.num_positions())?;
+    let cfg = SearchConfig {
+        population: a.population,
+        generations: a.generations,
+        seed: a.seed,
+        speedups: if a.plain {
+            Speedups::none()
+        } else {
+            Speedups::all()
+        },
+        ..SearchConfig::default()
+    };
+    if !a.research {
+        if let Some(rec) = state_or_recompute("search result", state.load_search(&id)) {
+            let same_budgets = rec.result.best.len() == budgets.len()
+                && rec
+                    .result
+                    .best
+                    .iter()
+                    .zip(&budgets)
+                    .all(|(r, b)| (r.budget_ms - b).abs() < 1e-9);
+            if rec.config == cfg && same_budgets {
+                tracing::info!(
+                    "using the stored search result ({})",
+                    state.search_path().display()
+                );
+                return Ok((table, rec));
+            }
+        }
+    }
+    let data = load_local_data(&a.data, &src.manifest.input).context("reading local data")?;
+    let supernet = src.load(None).context("loading the supernet")?;
+    let mode = if a.label_free {
+        QualityMode::OracleAgreement
+    } else {
+        QualityMode::Labelled
+    };
+    let set = EvalSet::from_dataset(
+        &supernet,
+        &src.manifest.input,
+        &data,
+        a.images,
+        100,
+        mode,
+        a.seed,
+    )?;
+    let pb = bar((budgets.len() * (cfg.generations + 1)) as u64, "search");
+    let result = search::search(&supernet, &table, &set, &budgets, &cfg, |d, _| {
+        pb.set_position(d as u64)
+    })?;
+    pb.finish_and_clear();
+    let rec = SearchRecord {
+        config: cfg,
+        result,
+    };
+    state.save_search(&id, &rec)?;
+    Ok((table, rec))
+}
+
+fn print_search(rec: &SearchRecord) {
+    let r = &rec.result;
+    println!(
+        "search: {} evaluations in {:.2} s ({:.1} evals/s, {} module applications)",
+        r.stats.evaluations, r.stats.seconds, r.stats.evals_per_s, r.stats.module_applications
+    );
+    for b in &r.best {
+        println!(
+            "budget {:.3} ms: {} latency {:.3} ms quality {:.2}%",
+            b.budget_ms, b.best.subnet, b.best.latency_ms, b.best.quality
+        );
+    }
+    println!("pareto front ({} points):", r.front.len());
+    for c in &r.front {
+        println!("  {} {:.3} ms {:.2}%", c.subnet, c.latency_ms, c.quality);
+    }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let s = &a.search;
+    let common = &s.profile.common;
+    let src = ArtifactSource::open(&common.artifact).context("opening the artifact")?;
+    let id = src.manifest.supernet_id.to_string();
+    let state = StateDir::new(&common.state);
+    let (_table, rec) = ensure_search(&src, s)?;
+    print_search(&rec);
+    let budget = rec.result.best[0].budget_ms;
+    let front = rec.result.front.clone();
+    // Resume the previously active subnet if it is still on the front.
+    let mut idx = Controller::initial_index(&front, budget);
+    if let Some(act) = state_or_recompute("active subnet", state.load_active(&id)) {
+        if let Some(i) = front.iter().position(|c| c.subnet == act.subnet) {
+            idx = i;
+        }
+    }
+    let start: Subnet = front[idx].subnet.clone();
+    let server =
+        Arc::new(Server::start(src.clone(), &start, 50).context("loading the active subnet")?);
+    state.save_active(
+        &id,
+        &ActiveRecord {
+            subnet: start.clone(),
+            budget_ms: budget,
+        },
+    )?;
+    println!("serving {start} (budget {budget:.3} ms)");
+    let data = load_local_data(&s.data, &src.manifest.input)?;
+    let t = adaptivenet_edge::quality::transform_for(&src.manifest.input, &data)?;
+    let mut cfg = AdaptConfig::new(budget);
+    cfg.interval_ms = a.interval_ms;
+    let ctl = Controller::new(cfg, front, idx);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let st = state.clone();
+        let sid = id.clone();
+        let loop_server = server.clone();
+        let maint = tokio::spawn(maintain(loop_server, ctl, rx, move |ev, c| match ev {
+            AdaptEvent::Switched(r) => {
+                println!("switched {} -> {} (loaded {}, reused {}, {:.1} ms)", r.from, r.to, r.loaded, r.reused, r.millis);
+                let _ = st.save_active(&sid, &ActiveRecord { subnet: r.to.clone(), budget_ms: c.cfg.budget_ms });
+            }
+            AdaptEvent::SwitchFailed { to, error } => eprintln!("switch to {to} failed, still serving: {error}"),
+        }));
+        // Local request stream: the device's own data, batch by batch.
+        let batch = common.batch.max(1);
+        let worker_server = server.clone();
+        let stop = tx.clone();
+        let worker = tokio::task::spawn_blocking(move || -> Result<usize> {
+            let mut served = 0usize;
+            let mut i = 0usize;
+            while !*stop.borrow() {
+                let idx: Vec<usize> = (0..batch).map(|k| (i + k) % data.len()).collect();
+                i += batch;
+                let (x, _) = data.batch_tensor(&idx, &t, &candle_core::Device::Cpu)?;
+                worker_server.infer(&x)?;
+                served += batch;
+            }
+            Ok(served)
+        });
+        if a.duration > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(a.duration)).await;
+        } else {
+            tokio::signal::ctrl_c().await?;
+        }
+        let _ = tx.send(true);
+        let served = worker.await??;
+        let events = maint.await?;
+        let (n, p50, p95) = server.window_stats();
+        println!(
+            "served {served} images; live p50 {p50:.3} ms p95 {p95:.3} ms over {n} samples; {} switches; active {}",
+            events.len(),
+            server.active().subnet
+        );
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+fn demo_artifact(out: &Path, widths: &[usize], seed: u64) -> Result<()> {
+    if widths.len() != 3 || widths.contains(&0) {
+        bail!("--widths needs three positive stage widths, e.g. 16,32,64");
+    }
+    let arch = serde_json::json!({
+        "family": "adaptivenet.resnet_small", "block": "basic", "layers": [3, 3, 3],
+        "widths": widths, "in_channels": 1, "num_classes": 10
+    });
+    let arch = ArchDescriptor::from_json(arch.to_string().as_bytes())?;
+    let oracle = Model::init(&arch.spec, seed)?;
+    let sn = build_supernet(&oracle, &SupernetConfig::merge_only())?;
+    let input = InputSpec {
+        shape: [1, 28, 28],
+        mean: vec![0.2860],
+        std: vec![0.3530],
+        class_names: FASHION_MNIST_CLASSES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    };
+    let m = write_artifact(out, &sn, input, &"0".repeat(64), vec![])?;
+    println!(
+        "wrote {} ({} subnets, supernet {})",
+        out.display(),
+        m.subnet_count,
+        m.supernet_id
+    );
+    Ok(())
+}
