@@ -11,8 +11,8 @@ use uuid::Uuid;
 use crate::auth::{generate_token, hash_token, Authenticator, TokenKind};
 use crate::blobs::{sha256_hex, BlobStore};
 use crate::domain::{
-    check_sha256, now_ms, BlobRef, Device, DeviceClass, DeviceStatus, FleetEvent,
-    FleetEventKind, Role, Supernet, AdaptationReason,
+    check_sha256, now_ms, AdaptationReason, BlobRef, Device, DeviceClass, DeviceStatus, FleetEvent,
+    FleetEventKind, Role, Supernet,
 };
 use crate::error::{CloudError, Result};
 use crate::ops::metrics::Metrics;
@@ -154,7 +154,13 @@ impl App {
     }
 
     /// Publishes a fleet change to `WatchFleet` subscribers (dropped if nobody listens).
-    pub fn emit_fleet(&self, kind: FleetEventKind, fleet_id: Uuid, device_id: Option<Uuid>, supernet_id: Option<Uuid>) {
+    pub fn emit_fleet(
+        &self,
+        kind: FleetEventKind,
+        fleet_id: Uuid,
+        device_id: Option<Uuid>,
+        supernet_id: Option<Uuid>,
+    ) {
         let _ = self.inner.fleet_events.send(FleetEvent {
             kind,
             fleet_id,
@@ -175,20 +181,39 @@ impl App {
     }
 
     /// Creates an API token with a role.
-    pub async fn create_api_token(&self, role: Role, description: &str, ttl: Option<Duration>) -> Result<NewToken> {
+    pub async fn create_api_token(
+        &self,
+        role: Role,
+        description: &str,
+        ttl: Option<Duration>,
+    ) -> Result<NewToken> {
         if role == Role::Device {
-            return Err(CloudError::invalid("role", "device credentials come from enrollment"));
+            return Err(CloudError::invalid(
+                "role",
+                "device credentials come from enrollment",
+            ));
         }
         let (token, hash) = generate_token(TokenKind::Api);
         let id = Uuid::new_v4();
         let now = now_ms();
         let expires_ms = ttl.map(|t| now + t.as_millis() as i64);
-        self.store().insert_api_token(id, role, &hash, description, expires_ms, now).await?;
-        Ok(NewToken { id, token, expires_ms })
+        self.store()
+            .insert_api_token(id, role, &hash, description, expires_ms, now)
+            .await?;
+        Ok(NewToken {
+            id,
+            token,
+            expires_ms,
+        })
     }
 
     /// Creates an enrollment token for a fleet, valid for `uses` enrolments.
-    pub async fn create_enrollment_token(&self, fleet_id: Uuid, uses: u32, ttl: Option<Duration>) -> Result<NewToken> {
+    pub async fn create_enrollment_token(
+        &self,
+        fleet_id: Uuid,
+        uses: u32,
+        ttl: Option<Duration>,
+    ) -> Result<NewToken> {
         if uses == 0 || uses > 1_000_000 {
             return Err(CloudError::invalid("uses", "must be in 1..=1000000"));
         }
@@ -196,8 +221,14 @@ impl App {
         let id = Uuid::new_v4();
         let now = now_ms();
         let expires_ms = ttl.map(|t| now + t.as_millis() as i64);
-        self.store().insert_enrollment_token(id, fleet_id, &hash, uses, expires_ms, now).await?;
-        Ok(NewToken { id, token, expires_ms })
+        self.store()
+            .insert_enrollment_token(id, fleet_id, &hash, uses, expires_ms, now)
+            .await?;
+        Ok(NewToken {
+            id,
+            token,
+            expires_ms,
+        })
     }
 
     pub async fn revoke_api_token(&self, id: Uuid) -> Result<()> {
@@ -214,13 +245,23 @@ impl App {
     }
 
     /// Exchanges an enrollment token for a device id and credential.
-    pub async fn enroll(&self, token: &str, class: DeviceClass, agent_version: &str) -> Result<Enrollment> {
+    pub async fn enroll(
+        &self,
+        token: &str,
+        class: DeviceClass,
+        agent_version: &str,
+    ) -> Result<Enrollment> {
         if !token.starts_with("anv1_enr_") {
-            return Err(CloudError::Unauthenticated("not an enrollment token".into()));
+            return Err(CloudError::Unauthenticated(
+                "not an enrollment token".into(),
+            ));
         }
         let now = now_ms();
         let (credential, cred_hash) = generate_token(TokenKind::Device);
-        let expires_ms = self.config().device_credential_ttl.map(|t| now + t.as_millis() as i64);
+        let expires_ms = self
+            .config()
+            .device_credential_ttl
+            .map(|t| now + t.as_millis() as i64);
         let device = Device {
             id: Uuid::new_v4(),
             fleet_id: Uuid::nil(),
@@ -241,9 +282,16 @@ impl App {
             .enroll_device(&hash_token(token), device, &cred_hash, expires_ms, now)
             .await?
             .ok_or_else(|| {
-                CloudError::Unauthenticated("enrollment token unknown, used up, expired or revoked".into())
+                CloudError::Unauthenticated(
+                    "enrollment token unknown, used up, expired or revoked".into(),
+                )
             })?;
-        self.emit_fleet(FleetEventKind::DeviceEnrolled, device.fleet_id, Some(device.id), None);
+        self.emit_fleet(
+            FleetEventKind::DeviceEnrolled,
+            device.fleet_id,
+            Some(device.id),
+            None,
+        );
         Ok(Enrollment {
             device_id: device.id,
             fleet_id: device.fleet_id,
@@ -269,7 +317,9 @@ impl App {
         let mut refs = Vec::with_capacity(blobs.len());
         for (i, (sha, declared)) in blobs.into_iter().enumerate() {
             let size = self.blobs().size(&sha).await.map_err(|_| {
-                CloudError::FailedPrecondition(format!("manifest modules[{i}]: blob {sha} is not stored"))
+                CloudError::FailedPrecondition(format!(
+                    "manifest modules[{i}]: blob {sha} is not stored"
+                ))
             })?;
             if declared.is_some_and(|d| d != size) {
                 return Err(CloudError::invalid(
@@ -277,7 +327,10 @@ impl App {
                     format!("declared {declared:?}, stored blob has {size} bytes"),
                 ));
             }
-            refs.push(BlobRef { sha256: sha, size_bytes: size });
+            refs.push(BlobRef {
+                sha256: sha,
+                size_bytes: size,
+            });
         }
         let manifest = std::str::from_utf8(manifest_json)
             .map_err(|_| CloudError::invalid("manifest", "not UTF-8"))?;

@@ -22,8 +22,15 @@ pub fn parse_id(field: &str, s: &str) -> Result<Uuid> {
 
 /// Checks a lowercase-hex sha256 string.
 pub fn check_sha256(field: &str, s: &str) -> Result<()> {
-    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        return Err(CloudError::invalid(field, "expected 64 lowercase hex characters"));
+    if s.len() != 64
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(CloudError::invalid(
+            field,
+            "expected 64 lowercase hex characters",
+        ));
     }
     Ok(())
 }
@@ -50,7 +57,10 @@ pub fn check_subnet_code(field: &str, s: &str) -> Result<()> {
     if s.len() > 512 {
         return Err(CloudError::invalid(field, "longer than 512 characters"));
     }
-    if !s.bytes().all(|b| b.is_ascii_digit() || b == b'x' || b == b'-') {
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_digit() || b == b'x' || b == b'-')
+    {
         return Err(CloudError::invalid(
             field,
             "a subnet code has only digits, 'x' and '-'",
@@ -195,10 +205,16 @@ impl BudgetPolicy {
             ));
         }
         if !(b.budget_fraction.is_finite() && (0.0..=1.0).contains(&b.budget_fraction)) {
-            return Err(CloudError::invalid("budget.budget_fraction", "must be in [0, 1]"));
+            return Err(CloudError::invalid(
+                "budget.budget_fraction",
+                "must be in [0, 1]",
+            ));
         }
         if !(b.hysteresis.is_finite() && (0.0..0.5).contains(&b.hysteresis)) {
-            return Err(CloudError::invalid("budget.hysteresis", "must be in [0, 0.5)"));
+            return Err(CloudError::invalid(
+                "budget.hysteresis",
+                "must be in [0, 0.5)",
+            ));
         }
         Ok(())
     }
@@ -249,7 +265,12 @@ impl Role {
             "developer" => Role::Developer,
             "device" => Role::Device,
             "viewer" => Role::Viewer,
-            other => return Err(CloudError::invalid("role", format!("unknown role {other:?}"))),
+            other => {
+                return Err(CloudError::invalid(
+                    "role",
+                    format!("unknown role {other:?}"),
+                ))
+            }
         })
     }
 }
@@ -264,7 +285,10 @@ impl DeviceClass {
         if (1..=Self::MAX).contains(&v) {
             Ok(DeviceClass(v))
         } else {
-            Err(CloudError::invalid(field, format!("unknown device class {v}")))
+            Err(CloudError::invalid(
+                field,
+                format!("unknown device class {v}"),
+            ))
         }
     }
 }
@@ -279,7 +303,10 @@ impl AdaptationReason {
         if (0..=Self::MAX).contains(&v) {
             Ok(AdaptationReason(v))
         } else {
-            Err(CloudError::invalid(field, format!("unknown adaptation reason {v}")))
+            Err(CloudError::invalid(
+                field,
+                format!("unknown adaptation reason {v}"),
+            ))
         }
     }
 }
@@ -356,24 +383,27 @@ pub fn check_version_string(field: &str, s: &str) -> Result<()> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | '_'))
     {
-        return Err(CloudError::invalid(
-            field,
-            "at most 64 of [A-Za-z0-9.+_-]",
-        ));
+        return Err(CloudError::invalid(field, "at most 64 of [A-Za-z0-9.+_-]"));
     }
     Ok(())
 }
 
 fn check_latency(field: &str, v: f64) -> Result<()> {
     if !(v.is_finite() && (0.0..=600_000.0).contains(&v)) {
-        return Err(CloudError::invalid(field, "must be a finite number in [0, 600000] ms"));
+        return Err(CloudError::invalid(
+            field,
+            "must be a finite number in [0, 600000] ms",
+        ));
     }
     Ok(())
 }
 
 fn check_range(field: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
     if !(v.is_finite() && v >= lo && v <= hi) {
-        return Err(CloudError::invalid(field, format!("must be in [{lo}, {hi}]")));
+        return Err(CloudError::invalid(
+            field,
+            format!("must be in [{lo}, {hi}]"),
+        ));
     }
     Ok(())
 }
@@ -441,11 +471,17 @@ impl Report {
             ));
         }
         if self.quality_sample_count > 1_000_000_000 {
-            return Err(CloudError::invalid("quality_sample_count", "implausibly large"));
+            return Err(CloudError::invalid(
+                "quality_sample_count",
+                "implausibly large",
+            ));
         }
         let s = &self.search;
         if s.generations > 10_000 {
-            return Err(CloudError::invalid("search.generations", "must be at most 10000"));
+            return Err(CloudError::invalid(
+                "search.generations",
+                "must be at most 10000",
+            ));
         }
         if s.evaluated_subnets > 10_000_000 {
             return Err(CloudError::invalid(
@@ -462,12 +498,20 @@ impl Report {
         }
         let t = &self.latency_table;
         if t.num_entries > 1_000_000 {
-            return Err(CloudError::invalid("latency_table.num_entries", "must be at most 1000000"));
+            return Err(CloudError::invalid(
+                "latency_table.num_entries",
+                "must be at most 1000000",
+            ));
         }
         check_latency("latency_table.stem_ms", t.stem_ms)?;
         check_latency("latency_table.head_ms", t.head_ms)?;
         check_latency("latency_table.oracle_ms", t.oracle_ms)?;
-        check_range("latency_table.calibration_factor", t.calibration_factor, 0.0, 100.0)?;
+        check_range(
+            "latency_table.calibration_factor",
+            t.calibration_factor,
+            0.0,
+            100.0,
+        )?;
         Ok(())
     }
 }

@@ -23,6 +23,7 @@ pub mod app;
 pub mod auth;
 pub mod blobs;
 pub mod domain;
+pub mod elastify;
 pub mod error;
 pub mod jobs;
 pub mod ops;

@@ -71,9 +71,13 @@ impl ServerHandle {
     /// Runs the shutdown sequence (see the module docs) and waits for the server to stop.
     pub async fn shutdown(self) -> Result<()> {
         for s in SERVICE_NAMES {
-            self.health.set_service_status(s, ServingStatus::NotServing).await;
+            self.health
+                .set_service_status(s, ServingStatus::NotServing)
+                .await;
         }
-        self.health.set_service_status("", ServingStatus::NotServing).await;
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         self.app.shutdown_token().cancel();
         tokio::time::sleep(self.app.config().drain_grace).await;
         self.close.cancel();
@@ -125,7 +129,10 @@ pub async fn start(
     }
     #[cfg(not(feature = "tls"))]
     if tls.is_some() {
-        return Err(CloudError::invalid("tls", "this build has no TLS support (cargo feature `tls`)"));
+        return Err(CloudError::invalid(
+            "tls",
+            "this build has no TLS support (cargo feature `tls`)",
+        ));
     }
     let router = builder
         .layer(OpsLayer::new(
@@ -134,7 +141,10 @@ pub async fn start(
         ))
         .add_service(health_svc)
         .add_service(reflection)
-        .add_service(DeveloperServiceServer::new(DeveloperApi::new(app.clone())).max_decoding_message_size(msg_limit))
+        .add_service(
+            DeveloperServiceServer::new(DeveloperApi::new(app.clone()))
+                .max_decoding_message_size(msg_limit),
+        )
         .add_service(DeviceServiceServer::new(DeviceApi::new(app.clone())))
         .add_service(DashboardServiceServer::new(DashboardApi::new(app.clone())))
         .add_service(AdminServiceServer::new(AdminApi::new(app.clone())));
@@ -156,8 +166,13 @@ pub async fn start(
         Some(l) => {
             let a = l.local_addr().ok();
             let m = app.clone();
-            let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || m.metrics().render());
-            background.push(tokio::spawn(crate::ops::metrics::serve_http(l, render, stop.clone())));
+            let render: Arc<dyn Fn() -> String + Send + Sync> =
+                Arc::new(move || m.metrics().render());
+            background.push(tokio::spawn(crate::ops::metrics::serve_http(
+                l,
+                render,
+                stop.clone(),
+            )));
             a
         }
         None => None,

@@ -29,9 +29,7 @@ pub fn validate_oracle(arch_json: &[u8], weights: &[u8]) -> Result<OracleInfo> {
         .get("family")
         .and_then(|f| f.as_str())
         .filter(|f| !f.is_empty() && f.len() <= 64)
-        .ok_or_else(|| {
-            CloudError::invalid("header.arch_json.family", "required non-empty string")
-        })?
+        .ok_or_else(|| CloudError::invalid("header.arch_json.family", "required non-empty string"))?
         .to_string();
     let st = safetensors::SafeTensors::deserialize(weights)
         .map_err(|e| CloudError::invalid("chunk", format!("weights are not safetensors: {e}")))?;

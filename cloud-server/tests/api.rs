@@ -15,7 +15,9 @@ use tonic::Code;
 // ---------------------------------------------------------------- upload
 
 async fn upload_semantics(db: Db) {
-    let Some(h) = Harness::start(db, |c| c.max_oracle_bytes = 64 << 10, None).await else { return };
+    let Some(h) = Harness::start(db, |c| c.max_oracle_bytes = 64 << 10, None).await else {
+        return;
+    };
     let dev = h.token(Role::Developer).await;
     let data = safetensors_bytes(3000, 1); // ~12 KB, several chunks
     let r = upload(&h, &dev, "resnet20", &data).await.expect("upload");
@@ -26,7 +28,9 @@ async fn upload_semantics(db: Db) {
     assert_eq!(o.num_params, 3001);
     assert_eq!(o.weights_sha256, sha256_hex(&data));
     // Idempotent: same digest -> same oracle, not created again.
-    let again = upload(&h, &dev, "resnet20-again", &data).await.expect("re-upload");
+    let again = upload(&h, &dev, "resnet20-again", &data)
+        .await
+        .expect("re-upload");
     assert!(!again.created);
     assert_eq!(again.oracle.expect("oracle").id, o.id);
     assert_eq!(blob_files(&h), (1, 0));
@@ -34,13 +38,48 @@ async fn upload_semantics(db: Db) {
     let bad = safetensors_bytes(100, 7);
     let sha = sha256_hex(&bad);
     let cases: Vec<(&str, Vec<pb::UploadOracleRequest>, Code, &str)> = vec![
-        ("truncated", upload_msgs("t", &bad[..bad.len() - 10], bad.len() as u64, &sha, 64), Code::InvalidArgument, "header.size_bytes"),
-        ("too many bytes", upload_msgs("t", &bad, bad.len() as u64 - 10, &sha, 64), Code::InvalidArgument, "chunk"),
-        ("wrong digest", upload_msgs("t", &bad, bad.len() as u64, &sha256_hex(b"other"), 64), Code::InvalidArgument, "header.weights_sha256"),
-        ("malformed digest", upload_msgs("t", &bad, bad.len() as u64, "xyz", 64), Code::InvalidArgument, "header.weights_sha256"),
-        ("oversized declared", upload_msgs("t", &bad, 1 << 30, &sha, 64), Code::ResourceExhausted, "header.size_bytes"),
-        ("not safetensors", upload_msgs("t", b"garbage!", 8, &sha256_hex(b"garbage!"), 64), Code::InvalidArgument, "chunk"),
-        ("no header", upload_msgs("t", &bad, bad.len() as u64, &sha, 64)[1..].to_vec(), Code::InvalidArgument, "header"),
+        (
+            "truncated",
+            upload_msgs("t", &bad[..bad.len() - 10], bad.len() as u64, &sha, 64),
+            Code::InvalidArgument,
+            "header.size_bytes",
+        ),
+        (
+            "too many bytes",
+            upload_msgs("t", &bad, bad.len() as u64 - 10, &sha, 64),
+            Code::InvalidArgument,
+            "chunk",
+        ),
+        (
+            "wrong digest",
+            upload_msgs("t", &bad, bad.len() as u64, &sha256_hex(b"other"), 64),
+            Code::InvalidArgument,
+            "header.weights_sha256",
+        ),
+        (
+            "malformed digest",
+            upload_msgs("t", &bad, bad.len() as u64, "xyz", 64),
+            Code::InvalidArgument,
+            "header.weights_sha256",
+        ),
+        (
+            "oversized declared",
+            upload_msgs("t", &bad, 1 << 30, &sha, 64),
+            Code::ResourceExhausted,
+            "header.size_bytes",
+        ),
+        (
+            "not safetensors",
+            upload_msgs("t", b"garbage!", 8, &sha256_hex(b"garbage!"), 64),
+            Code::InvalidArgument,
+            "chunk",
+        ),
+        (
+            "no header",
+            upload_msgs("t", &bad, bad.len() as u64, &sha, 64)[1..].to_vec(),
+            Code::InvalidArgument,
+            "header",
+        ),
         ("empty stream", vec![], Code::InvalidArgument, "header"),
     ];
     for (what, msgs, code, field) in cases {
@@ -57,21 +96,44 @@ async fn upload_semantics(db: Db) {
     if let Some(pb::upload_oracle_request::Msg::Header(hd)) = &mut msgs[0].msg {
         hd.arch_json = br#"{"depth":20}"#.to_vec();
     }
-    let err = h.developer().upload_oracle(authed(futures::stream::iter(msgs), &dev)).await.expect_err("arch");
+    let err = h
+        .developer()
+        .upload_oracle(authed(futures::stream::iter(msgs), &dev))
+        .await
+        .expect_err("arch");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("family"), "{}", err.message());
     // Nothing partial is stored; the server keeps serving.
     assert_eq!(blob_files(&h), (1, 0));
-    let list = h.developer().list_oracles(authed(pb::ListOraclesRequest::default(), &dev)).await.expect("list").into_inner();
+    let list = h
+        .developer()
+        .list_oracles(authed(pb::ListOraclesRequest::default(), &dev))
+        .await
+        .expect("list")
+        .into_inner();
     assert_eq!(list.oracles.len(), 1);
     // Unknown ids.
     let err = h
         .developer()
-        .get_oracle(authed(pb::GetOracleRequest { oracle_id: uuid::Uuid::new_v4().to_string() }, &dev))
+        .get_oracle(authed(
+            pb::GetOracleRequest {
+                oracle_id: uuid::Uuid::new_v4().to_string(),
+            },
+            &dev,
+        ))
         .await
         .expect_err("unknown");
     assert_eq!(err.code(), Code::NotFound);
-    let err = h.developer().get_oracle(authed(pb::GetOracleRequest { oracle_id: "nope".into() }, &dev)).await.expect_err("bad id");
+    let err = h
+        .developer()
+        .get_oracle(authed(
+            pb::GetOracleRequest {
+                oracle_id: "nope".into(),
+            },
+            &dev,
+        ))
+        .await
+        .expect_err("bad id");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("oracle_id"));
     h.finish().await;
@@ -81,110 +143,293 @@ both_backends!(upload, upload_semantics);
 // ---------------------------------------------------------------- auth
 
 async fn auth_matrix(db: Db) {
-    let Some(h) = Harness::start(db, |_| {}, None).await else { return };
+    let Some(h) = Harness::start(db, |_| {}, None).await else {
+        return;
+    };
     let dev = h.token(Role::Developer).await;
     let viewer = h.token(Role::Viewer).await;
     let list = || pb::ListOraclesRequest::default();
 
     // Missing / wrong tokens.
-    let err = h.developer().list_oracles(tonic::Request::new(list())).await.expect_err("no token");
+    let err = h
+        .developer()
+        .list_oracles(tonic::Request::new(list()))
+        .await
+        .expect_err("no token");
     assert_eq!(err.code(), Code::Unauthenticated);
-    let err = h.developer().list_oracles(authed(list(), "anv1_api_0000")).await.expect_err("wrong");
+    let err = h
+        .developer()
+        .list_oracles(authed(list(), "anv1_api_0000"))
+        .await
+        .expect_err("wrong");
     assert_eq!(err.code(), Code::Unauthenticated);
-    let err = h.developer().list_oracles(authed(list(), "garbage")).await.expect_err("garbage");
+    let err = h
+        .developer()
+        .list_oracles(authed(list(), "garbage"))
+        .await
+        .expect_err("garbage");
     assert_eq!(err.code(), Code::Unauthenticated);
 
     // Viewer reads but cannot mutate; developer cannot administer.
-    h.developer().list_oracles(authed(list(), &viewer)).await.expect("viewer reads");
-    let err = upload(&h, &viewer, "x", &safetensors_bytes(10, 0)).await.expect_err("viewer upload");
+    h.developer()
+        .list_oracles(authed(list(), &viewer))
+        .await
+        .expect("viewer reads");
+    let err = upload(&h, &viewer, "x", &safetensors_bytes(10, 0))
+        .await
+        .expect_err("viewer upload");
     assert_eq!(err.code(), Code::PermissionDenied);
     let err = h
         .developer()
-        .register_dataset(authed(pb::RegisterDatasetRequest { name: "d".into(), uri: "/d".into(), format: "idx".into(), num_samples: 1 }, &viewer))
+        .register_dataset(authed(
+            pb::RegisterDatasetRequest {
+                name: "d".into(),
+                uri: "/d".into(),
+                format: "idx".into(),
+                num_samples: 1,
+            },
+            &viewer,
+        ))
         .await
         .expect_err("viewer dataset");
     assert_eq!(err.code(), Code::PermissionDenied);
-    let err = h.admin_client().create_fleet(authed(pb::CreateFleetRequest { name: "f".into() }, &dev)).await.expect_err("dev admin");
+    let err = h
+        .admin_client()
+        .create_fleet(authed(pb::CreateFleetRequest { name: "f".into() }, &dev))
+        .await
+        .expect_err("dev admin");
     assert_eq!(err.code(), Code::PermissionDenied);
 
     // Enrollment: one-shot token; device credential works only on the device API.
     let (fleet_a, _dev_a, cred_a) = h.enrolled_device("fleet-a").await;
     let tok = h
         .admin_client()
-        .create_enrollment_token(authed(pb::CreateEnrollmentTokenRequest { fleet_id: fleet_a.clone(), uses: 1, ttl_seconds: 0 }, &h.admin))
+        .create_enrollment_token(authed(
+            pb::CreateEnrollmentTokenRequest {
+                fleet_id: fleet_a.clone(),
+                uses: 1,
+                ttl_seconds: 0,
+            },
+            &h.admin,
+        ))
         .await
         .expect("token")
         .into_inner();
-    let enroll = |t: String| pb::EnrollRequest { enrollment_token: t, device_class: 1, agent_version: "0.1.0".into() };
-    h.device().enroll(enroll(tok.token.clone())).await.expect("first use");
-    let err = h.device().enroll(enroll(tok.token.clone())).await.expect_err("second use");
+    let enroll = |t: String| pb::EnrollRequest {
+        enrollment_token: t,
+        device_class: 1,
+        agent_version: "0.1.0".into(),
+    };
+    h.device()
+        .enroll(enroll(tok.token.clone()))
+        .await
+        .expect("first use");
+    let err = h
+        .device()
+        .enroll(enroll(tok.token.clone()))
+        .await
+        .expect_err("second use");
     assert_eq!(err.code(), Code::Unauthenticated);
-    let err = h.device().enroll(enroll("anv1_enr_ffff".into())).await.expect_err("unknown");
+    let err = h
+        .device()
+        .enroll(enroll("anv1_enr_ffff".into()))
+        .await
+        .expect_err("unknown");
     assert_eq!(err.code(), Code::Unauthenticated);
-    let bad_class = pb::EnrollRequest { device_class: 99, ..enroll(tok.token.clone()) };
+    let bad_class = pb::EnrollRequest {
+        device_class: 99,
+        ..enroll(tok.token.clone())
+    };
     let err = h.device().enroll(bad_class).await.expect_err("class");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("device_class"));
     // Revoked enrollment token.
     let tok2 = h
         .admin_client()
-        .create_enrollment_token(authed(pb::CreateEnrollmentTokenRequest { fleet_id: fleet_a.clone(), uses: 5, ttl_seconds: 0 }, &h.admin))
+        .create_enrollment_token(authed(
+            pb::CreateEnrollmentTokenRequest {
+                fleet_id: fleet_a.clone(),
+                uses: 5,
+                ttl_seconds: 0,
+            },
+            &h.admin,
+        ))
         .await
         .expect("token")
         .into_inner();
-    h.admin_client().revoke_enrollment_token(authed(pb::RevokeTokenRequest { token_id: tok2.token_id }, &h.admin)).await.expect("revoke");
-    let err = h.device().enroll(enroll(tok2.token)).await.expect_err("revoked");
+    h.admin_client()
+        .revoke_enrollment_token(authed(
+            pb::RevokeTokenRequest {
+                token_id: tok2.token_id,
+            },
+            &h.admin,
+        ))
+        .await
+        .expect("revoke");
+    let err = h
+        .device()
+        .enroll(enroll(tok2.token))
+        .await
+        .expect_err("revoked");
     assert_eq!(err.code(), Code::Unauthenticated);
 
-    h.device().get_desired_state(authed(pb::Empty {}, &cred_a)).await.expect("device reads its state");
-    let err = h.developer().list_oracles(authed(list(), &cred_a)).await.expect_err("device on mgmt");
+    h.device()
+        .get_desired_state(authed(pb::Empty {}, &cred_a))
+        .await
+        .expect("device reads its state");
+    let err = h
+        .developer()
+        .list_oracles(authed(list(), &cred_a))
+        .await
+        .expect_err("device on mgmt");
     assert_eq!(err.code(), Code::PermissionDenied);
-    let err = h.dashboard().list_devices(authed(pb::ListDevicesRequest::default(), &cred_a)).await.expect_err("device on dashboard");
+    let err = h
+        .dashboard()
+        .list_devices(authed(pb::ListDevicesRequest::default(), &cred_a))
+        .await
+        .expect_err("device on dashboard");
     assert_eq!(err.code(), Code::PermissionDenied);
-    let err = h.device().get_desired_state(authed(pb::Empty {}, &dev)).await.expect_err("api token on device api");
+    let err = h
+        .device()
+        .get_desired_state(authed(pb::Empty {}, &dev))
+        .await
+        .expect_err("api token on device api");
     assert_eq!(err.code(), Code::PermissionDenied);
 
     // Cross-fleet reads are denied.
-    let o = upload(&h, &dev, "o", &safetensors_bytes(50, 3)).await.expect("upload").oracle.expect("oracle");
+    let o = upload(&h, &dev, "o", &safetensors_bytes(50, 3))
+        .await
+        .expect("upload")
+        .oracle
+        .expect("oracle");
     let module = b"module-bytes-of-fleet-b".to_vec();
     let supernet = make_supernet(&h, &o.id, std::slice::from_ref(&module)).await;
     let (fleet_b, _, cred_b) = h.enrolled_device("fleet-b").await;
     h.developer()
-        .publish_supernet(authed(pb::PublishSupernetRequest { supernet_id: supernet.clone(), fleet_id: fleet_b.clone(), label: "stable".into() }, &dev))
+        .publish_supernet(authed(
+            pb::PublishSupernetRequest {
+                supernet_id: supernet.clone(),
+                fleet_id: fleet_b.clone(),
+                label: "stable".into(),
+            },
+            &dev,
+        ))
         .await
         .expect("publish");
-    let dl = |cred: &str| authed(pb::DownloadBlobRequest { sha256: sha256_hex(&module), offset: 0, chunk_size: 0 }, cred);
-    h.device().download_blob(dl(&cred_b)).await.expect("own fleet");
-    let err = h.device().download_blob(dl(&cred_a)).await.expect_err("other fleet blob");
-    assert_eq!(err.code(), Code::PermissionDenied);
-    let err = h.device().get_manifest(authed(pb::GetManifestRequest { supernet_id: supernet.clone() }, &cred_a)).await.expect_err("other fleet manifest");
+    let dl = |cred: &str| {
+        authed(
+            pb::DownloadBlobRequest {
+                sha256: sha256_hex(&module),
+                offset: 0,
+                chunk_size: 0,
+            },
+            cred,
+        )
+    };
+    h.device()
+        .download_blob(dl(&cred_b))
+        .await
+        .expect("own fleet");
+    let err = h
+        .device()
+        .download_blob(dl(&cred_a))
+        .await
+        .expect_err("other fleet blob");
     assert_eq!(err.code(), Code::PermissionDenied);
     let err = h
         .device()
-        .download_blob(authed(pb::DownloadBlobRequest { sha256: "0".repeat(64), offset: 0, chunk_size: 0 }, &cred_b))
+        .get_manifest(authed(
+            pb::GetManifestRequest {
+                supernet_id: supernet.clone(),
+            },
+            &cred_a,
+        ))
+        .await
+        .expect_err("other fleet manifest");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = h
+        .device()
+        .download_blob(authed(
+            pb::DownloadBlobRequest {
+                sha256: "0".repeat(64),
+                offset: 0,
+                chunk_size: 0,
+            },
+            &cred_b,
+        ))
         .await
         .expect_err("unknown blob");
     assert_eq!(err.code(), Code::NotFound);
 
     // Revocation: API token and device credential stop working at once.
     let (id, victim) = {
-        let t = h.app().create_api_token(Role::Developer, "victim", None).await.expect("token");
+        let t = h
+            .app()
+            .create_api_token(Role::Developer, "victim", None)
+            .await
+            .expect("token");
         (t.id, t.token)
     };
-    h.developer().list_oracles(authed(list(), &victim)).await.expect("works before revoke");
-    h.admin_client().revoke_api_token(authed(pb::RevokeTokenRequest { token_id: id.to_string() }, &h.admin)).await.expect("revoke");
-    let err = h.developer().list_oracles(authed(list(), &victim)).await.expect_err("revoked");
+    h.developer()
+        .list_oracles(authed(list(), &victim))
+        .await
+        .expect("works before revoke");
+    h.admin_client()
+        .revoke_api_token(authed(
+            pb::RevokeTokenRequest {
+                token_id: id.to_string(),
+            },
+            &h.admin,
+        ))
+        .await
+        .expect("revoke");
+    let err = h
+        .developer()
+        .list_oracles(authed(list(), &victim))
+        .await
+        .expect_err("revoked");
     assert_eq!(err.code(), Code::Unauthenticated);
-    let dev_b = h.dashboard().list_devices(authed(pb::ListDevicesRequest { fleet_id: fleet_b.clone(), ..Default::default() }, &viewer)).await.expect("devices").into_inner();
+    let dev_b = h
+        .dashboard()
+        .list_devices(authed(
+            pb::ListDevicesRequest {
+                fleet_id: fleet_b.clone(),
+                ..Default::default()
+            },
+            &viewer,
+        ))
+        .await
+        .expect("devices")
+        .into_inner();
     assert_eq!(dev_b.devices.len(), 1);
-    h.admin_client().revoke_device(authed(pb::RevokeDeviceRequest { device_id: dev_b.devices[0].id.clone() }, &h.admin)).await.expect("revoke device");
-    let err = h.device().get_desired_state(authed(pb::Empty {}, &cred_b)).await.expect_err("revoked device");
+    h.admin_client()
+        .revoke_device(authed(
+            pb::RevokeDeviceRequest {
+                device_id: dev_b.devices[0].id.clone(),
+            },
+            &h.admin,
+        ))
+        .await
+        .expect("revoke device");
+    let err = h
+        .device()
+        .get_desired_state(authed(pb::Empty {}, &cred_b))
+        .await
+        .expect_err("revoked device");
     assert_eq!(err.code(), Code::Unauthenticated);
 
     // Expired API token.
-    let t = h.app().create_api_token(Role::Viewer, "short", Some(Duration::from_millis(1))).await.expect("token");
+    let t = h
+        .app()
+        .create_api_token(Role::Viewer, "short", Some(Duration::from_millis(1)))
+        .await
+        .expect("token");
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let err = h.developer().list_oracles(authed(list(), &t.token)).await.expect_err("expired");
+    let err = h
+        .developer()
+        .list_oracles(authed(list(), &t.token))
+        .await
+        .expect_err("expired");
     assert_eq!(err.code(), Code::Unauthenticated);
     h.finish().await;
 }
@@ -193,9 +438,15 @@ both_backends!(auth, auth_matrix);
 // ---------------------------------------------------------------- download
 
 async fn resumable_download(db: Db) {
-    let Some(h) = Harness::start(db, |_| {}, None).await else { return };
+    let Some(h) = Harness::start(db, |_| {}, None).await else {
+        return;
+    };
     let dev = h.token(Role::Developer).await;
-    let o = upload(&h, &dev, "o", &safetensors_bytes(20, 0)).await.expect("upload").oracle.expect("oracle");
+    let o = upload(&h, &dev, "o", &safetensors_bytes(20, 0))
+        .await
+        .expect("upload")
+        .oracle
+        .expect("oracle");
     let big: Vec<u8> = (0..700_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let small = b"tiny".to_vec();
     let supernet = make_supernet(&h, &o.id, &[big.clone(), small.clone()]).await;
@@ -204,25 +455,61 @@ async fn resumable_download(db: Db) {
         .set_desired_state(authed(
             pb::SetDesiredStateRequest {
                 fleet_id: fleet.clone(),
-                target: Some(pb::set_desired_state_request::Target::Label("stable".into())),
-                budget: Some(pb::LatencyBudgetPolicy { latency_budget_ms: 5.0, budget_fraction: 0.6, hysteresis: 0.1 }),
+                target: Some(pb::set_desired_state_request::Target::Label(
+                    "stable".into(),
+                )),
+                budget: Some(pb::LatencyBudgetPolicy {
+                    latency_budget_ms: 5.0,
+                    budget_fraction: 0.6,
+                    hysteresis: 0.1,
+                }),
             },
             &dev,
         ))
         .await
         .expect("desired");
     // Label not yet published: the desired state names no supernet.
-    let d = h.device().get_desired_state(authed(pb::Empty {}, &cred)).await.expect("desired").into_inner();
+    let d = h
+        .device()
+        .get_desired_state(authed(pb::Empty {}, &cred))
+        .await
+        .expect("desired")
+        .into_inner();
     assert!(d.supernet_id.is_empty());
     h.developer()
-        .publish_supernet(authed(pb::PublishSupernetRequest { supernet_id: supernet.clone(), fleet_id: fleet.clone(), label: "stable".into() }, &dev))
+        .publish_supernet(authed(
+            pb::PublishSupernetRequest {
+                supernet_id: supernet.clone(),
+                fleet_id: fleet.clone(),
+                label: "stable".into(),
+            },
+            &dev,
+        ))
         .await
         .expect("publish");
-    let d = h.device().get_desired_state(authed(pb::Empty {}, &cred)).await.expect("desired").into_inner();
+    let d = h
+        .device()
+        .get_desired_state(authed(pb::Empty {}, &cred))
+        .await
+        .expect("desired")
+        .into_inner();
     assert_eq!(d.supernet_id, supernet);
     assert_eq!(d.supernet_version, 1);
-    assert!(d.generation >= 2, "publishing the followed label bumps the generation");
-    let m = h.device().get_manifest(authed(pb::GetManifestRequest { supernet_id: supernet.clone() }, &cred)).await.expect("manifest").into_inner();
+    assert!(
+        d.generation >= 2,
+        "publishing the followed label bumps the generation"
+    );
+    let m = h
+        .device()
+        .get_manifest(authed(
+            pb::GetManifestRequest {
+                supernet_id: supernet.clone(),
+            },
+            &cred,
+        ))
+        .await
+        .expect("manifest")
+        .into_inner();
     assert_eq!(m.blobs.len(), 2);
     let manifest: serde_json::Value = serde_json::from_slice(&m.manifest_json).expect("json");
     assert_eq!(manifest["modules"].as_array().expect("modules").len(), 2);
@@ -232,7 +519,14 @@ async fn resumable_download(db: Db) {
     let mut got = Vec::new();
     let mut s = h
         .device()
-        .download_blob(authed(pb::DownloadBlobRequest { sha256: sha.clone(), offset: 0, chunk_size: 100_000 }, &cred))
+        .download_blob(authed(
+            pb::DownloadBlobRequest {
+                sha256: sha.clone(),
+                offset: 0,
+                chunk_size: 100_000,
+            },
+            &cred,
+        ))
         .await
         .expect("download")
         .into_inner();
@@ -244,7 +538,14 @@ async fn resumable_download(db: Db) {
     drop(s);
     let mut s = h
         .device()
-        .download_blob(authed(pb::DownloadBlobRequest { sha256: sha.clone(), offset: got.len() as u64, chunk_size: 0 }, &cred))
+        .download_blob(authed(
+            pb::DownloadBlobRequest {
+                sha256: sha.clone(),
+                offset: got.len() as u64,
+                chunk_size: 0,
+            },
+            &cred,
+        ))
         .await
         .expect("resume")
         .into_inner();
@@ -262,7 +563,14 @@ async fn resumable_download(db: Db) {
     // Offset at the end: one empty last chunk; beyond the end: INVALID_ARGUMENT.
     let mut s = h
         .device()
-        .download_blob(authed(pb::DownloadBlobRequest { sha256: sha.clone(), offset: big.len() as u64, chunk_size: 0 }, &cred))
+        .download_blob(authed(
+            pb::DownloadBlobRequest {
+                sha256: sha.clone(),
+                offset: big.len() as u64,
+                chunk_size: 0,
+            },
+            &cred,
+        ))
         .await
         .expect("at end")
         .into_inner();
@@ -270,7 +578,14 @@ async fn resumable_download(db: Db) {
     assert!(c.last && c.data.is_empty());
     let err = h
         .device()
-        .download_blob(authed(pb::DownloadBlobRequest { sha256: sha.clone(), offset: big.len() as u64 + 1, chunk_size: 0 }, &cred))
+        .download_blob(authed(
+            pb::DownloadBlobRequest {
+                sha256: sha.clone(),
+                offset: big.len() as u64 + 1,
+                chunk_size: 0,
+            },
+            &cred,
+        ))
         .await
         .expect_err("beyond");
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -290,26 +605,67 @@ fn report(supernet: &str, subnet: &str, p50: f64, quality: f64, samples: u64) ->
         latency_budget_ms: 10.0,
         quality_estimate: quality,
         quality_sample_count: samples,
-        search: Some(pb::SearchStats { generations: 5, evaluated_subnets: 300, search_seconds: 12.0, front_size: 8 }),
-        latency_table: Some(pb::LatencyTableSummary { num_entries: 40, stem_ms: 0.1, head_ms: 0.05, oracle_ms: 3.0, calibration_factor: 1.08 }),
+        search: Some(pb::SearchStats {
+            generations: 5,
+            evaluated_subnets: 300,
+            search_seconds: 12.0,
+            front_size: 8,
+        }),
+        latency_table: Some(pb::LatencyTableSummary {
+            num_entries: 40,
+            stem_ms: 0.1,
+            head_ms: 0.05,
+            oracle_ms: 3.0,
+            calibration_factor: 1.08,
+        }),
         device_class: pb::DeviceClass::CpuSmall as i32,
     }
 }
 
 async fn reports_and_aggregates(db: Db) {
-    let Some(h) = Harness::start(db, |_| {}, None).await else { return };
+    let Some(h) = Harness::start(db, |_| {}, None).await else {
+        return;
+    };
     let dev = h.token(Role::Developer).await;
     let viewer = h.token(Role::Viewer).await;
-    let o = upload(&h, &dev, "o", &safetensors_bytes(20, 0)).await.expect("upload").oracle.expect("oracle");
+    let o = upload(&h, &dev, "o", &safetensors_bytes(20, 0))
+        .await
+        .expect("upload")
+        .oracle
+        .expect("oracle");
     let supernet = make_supernet(&h, &o.id, &[b"m".to_vec()]).await;
-    let fleet = h.admin_client().create_fleet(authed(pb::CreateFleetRequest { name: "fleet".into() }, &h.admin)).await.expect("fleet").into_inner();
+    let fleet = h
+        .admin_client()
+        .create_fleet(authed(
+            pb::CreateFleetRequest {
+                name: "fleet".into(),
+            },
+            &h.admin,
+        ))
+        .await
+        .expect("fleet")
+        .into_inner();
     h.developer()
-        .publish_supernet(authed(pb::PublishSupernetRequest { supernet_id: supernet.clone(), fleet_id: fleet.id.clone(), label: "stable".into() }, &dev))
+        .publish_supernet(authed(
+            pb::PublishSupernetRequest {
+                supernet_id: supernet.clone(),
+                fleet_id: fleet.id.clone(),
+                label: "stable".into(),
+            },
+            &dev,
+        ))
         .await
         .expect("publish");
     let tok = h
         .admin_client()
-        .create_enrollment_token(authed(pb::CreateEnrollmentTokenRequest { fleet_id: fleet.id.clone(), uses: 3, ttl_seconds: 3600 }, &h.admin))
+        .create_enrollment_token(authed(
+            pb::CreateEnrollmentTokenRequest {
+                fleet_id: fleet.id.clone(),
+                uses: 3,
+                ttl_seconds: 3600,
+            },
+            &h.admin,
+        ))
         .await
         .expect("token")
         .into_inner();
@@ -317,43 +673,126 @@ async fn reports_and_aggregates(db: Db) {
     for _ in 0..3 {
         let e = h
             .device()
-            .enroll(pb::EnrollRequest { enrollment_token: tok.token.clone(), device_class: 1, agent_version: "0.1.0".into() })
+            .enroll(pb::EnrollRequest {
+                enrollment_token: tok.token.clone(),
+                device_class: 1,
+                agent_version: "0.1.0".into(),
+            })
             .await
             .expect("enroll")
             .into_inner();
         assert_eq!(e.fleet_id, fleet.id);
         creds.push(e.device_credential);
     }
-    let mut watch = h.dashboard().watch_fleet(authed(pb::WatchFleetRequest { fleet_id: fleet.id.clone() }, &viewer)).await.expect("watch").into_inner();
+    let mut watch = h
+        .dashboard()
+        .watch_fleet(authed(
+            pb::WatchFleetRequest {
+                fleet_id: fleet.id.clone(),
+            },
+            &viewer,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
 
     // Malformed reports: the right code, the field named, nothing stored.
     let bad: Vec<(pb::ReportRequest, &str)> = vec![
-        (report(&supernet, "0000", 5.0, 0.9, 99), "quality_sample_count"),
+        (
+            report(&supernet, "0000", 5.0, 0.9, 99),
+            "quality_sample_count",
+        ),
         (report(&supernet, "0000", 5.0, 1.5, 500), "quality_estimate"),
         (report(&supernet, "0000", -1.0, 0.9, 500), "latency_p50_ms"),
-        (report(&supernet, "0000", f64::NAN, 0.9, 500), "latency_p50_ms"),
-        (report(&supernet, "free text!", 5.0, 0.9, 500), "active_subnet"),
+        (
+            report(&supernet, "0000", f64::NAN, 0.9, 500),
+            "latency_p50_ms",
+        ),
+        (
+            report(&supernet, "free text!", 5.0, 0.9, 500),
+            "active_subnet",
+        ),
         (report("not-a-uuid", "0000", 5.0, 0.9, 500), "supernet_id"),
-        (pb::ReportRequest { device_class: 42, ..report(&supernet, "0000", 5.0, 0.9, 500) }, "device_class"),
-        (pb::ReportRequest { latency_p95_ms: 1.0, ..report(&supernet, "0000", 5.0, 0.9, 500) }, "latency_p95_ms"),
+        (
+            pb::ReportRequest {
+                device_class: 42,
+                ..report(&supernet, "0000", 5.0, 0.9, 500)
+            },
+            "device_class",
+        ),
+        (
+            pb::ReportRequest {
+                latency_p95_ms: 1.0,
+                ..report(&supernet, "0000", 5.0, 0.9, 500)
+            },
+            "latency_p95_ms",
+        ),
     ];
     for (r, field) in bad {
-        let err = h.device().report(authed(r, &creds[0])).await.expect_err(field);
-        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {}", err.message());
+        let err = h
+            .device()
+            .report(authed(r, &creds[0]))
+            .await
+            .expect_err(field);
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{field}: {}",
+            err.message()
+        );
         assert!(err.message().contains(field), "{field}: {}", err.message());
     }
     let other = uuid::Uuid::new_v4().to_string();
-    let err = h.device().report(authed(report(&other, "0000", 5.0, 0.9, 500), &creds[0])).await.expect_err("unassigned supernet");
+    let err = h
+        .device()
+        .report(authed(report(&other, "0000", 5.0, 0.9, 500), &creds[0]))
+        .await
+        .expect_err("unassigned supernet");
     assert_eq!(err.code(), Code::PermissionDenied);
-    let agg = h.dashboard().get_fleet_aggregates(authed(pb::GetFleetAggregatesRequest { fleet_id: fleet.id.clone() }, &viewer)).await.expect("agg").into_inner();
+    let agg = h
+        .dashboard()
+        .get_fleet_aggregates(authed(
+            pb::GetFleetAggregatesRequest {
+                fleet_id: fleet.id.clone(),
+            },
+            &viewer,
+        ))
+        .await
+        .expect("agg")
+        .into_inner();
     assert!(agg.groups.is_empty(), "nothing stored by rejected reports");
 
     // Valid reports from three devices (the second report of device 0 replaces its first).
-    h.device().report(authed(report(&supernet, "2xx0", 50.0, 0.5, 100), &creds[0])).await.expect("report");
-    h.device().report(authed(report(&supernet, "2xx0", 4.0, 0.90, 100), &creds[0])).await.expect("report");
-    h.device().report(authed(report(&supernet, "2xx0", 6.0, 0.92, 1000), &creds[1])).await.expect("report");
-    h.device().report(authed(report(&supernet, "0000", 9.0, 0.94, 300), &creds[2])).await.expect("report");
-    let agg = h.dashboard().get_fleet_aggregates(authed(pb::GetFleetAggregatesRequest { fleet_id: fleet.id.clone() }, &viewer)).await.expect("agg").into_inner();
+    h.device()
+        .report(authed(report(&supernet, "2xx0", 50.0, 0.5, 100), &creds[0]))
+        .await
+        .expect("report");
+    h.device()
+        .report(authed(report(&supernet, "2xx0", 4.0, 0.90, 100), &creds[0]))
+        .await
+        .expect("report");
+    h.device()
+        .report(authed(
+            report(&supernet, "2xx0", 6.0, 0.92, 1000),
+            &creds[1],
+        ))
+        .await
+        .expect("report");
+    h.device()
+        .report(authed(report(&supernet, "0000", 9.0, 0.94, 300), &creds[2]))
+        .await
+        .expect("report");
+    let agg = h
+        .dashboard()
+        .get_fleet_aggregates(authed(
+            pb::GetFleetAggregatesRequest {
+                fleet_id: fleet.id.clone(),
+            },
+            &viewer,
+        ))
+        .await
+        .expect("agg")
+        .into_inner();
     assert_eq!(agg.devices_total, 3);
     assert_eq!(agg.devices_online, 3);
     assert_eq!(agg.groups.len(), 1);
@@ -366,8 +805,20 @@ async fn reports_and_aggregates(db: Db) {
     assert!((q.mean - 0.92).abs() < 1e-9, "{q:?}");
     // p95 = 1.2 * p50: 4.8, 7.2 within budget 10; 10.8 not.
     assert!((g.within_budget_fraction - 2.0 / 3.0).abs() < 1e-9);
-    assert_eq!(g.subnets[0], pb::SubnetCount { subnet: "2xx0".into(), devices: 2 });
-    assert_eq!(g.subnets[1], pb::SubnetCount { subnet: "0000".into(), devices: 1 });
+    assert_eq!(
+        g.subnets[0],
+        pb::SubnetCount {
+            subnet: "2xx0".into(),
+            devices: 2
+        }
+    );
+    assert_eq!(
+        g.subnets[1],
+        pb::SubnetCount {
+            subnet: "0000".into(),
+            devices: 1
+        }
+    );
 
     // Heartbeats feed device state; the watch stream saw the reports.
     let hb = pb::HeartbeatRequest {
@@ -379,34 +830,83 @@ async fn reports_and_aggregates(db: Db) {
         last_adaptation_reason: pb::AdaptationReason::OverBudget as i32,
         applied_generation: 1,
     };
-    let r = h.device().heartbeat(authed(hb.clone(), &creds[0])).await.expect("heartbeat").into_inner();
-    assert!(r.desired_generation >= 1);
-    let err = h.device().heartbeat(authed(pb::HeartbeatRequest { active_subnet: "a b".into(), ..hb }, &creds[0])).await.expect_err("bad hb");
+    let r = h
+        .device()
+        .heartbeat(authed(hb.clone(), &creds[0]))
+        .await
+        .expect("heartbeat")
+        .into_inner();
+    assert_eq!((r.desired_generation, r.heartbeat_interval_ms), (0, 30_000));
+    let err = h
+        .device()
+        .heartbeat(authed(
+            pb::HeartbeatRequest {
+                active_subnet: "a b".into(),
+                ..hb
+            },
+            &creds[0],
+        ))
+        .await
+        .expect_err("bad hb");
     assert_eq!(err.code(), Code::InvalidArgument);
-    let devices = h.dashboard().list_devices(authed(pb::ListDevicesRequest::default(), &viewer)).await.expect("devices").into_inner().devices;
-    let d0 = devices.iter().find(|d| d.agent_version == "0.1.1").expect("heartbeat applied");
+    let devices = h
+        .dashboard()
+        .list_devices(authed(pb::ListDevicesRequest::default(), &viewer))
+        .await
+        .expect("devices")
+        .into_inner()
+        .devices;
+    let d0 = devices
+        .iter()
+        .find(|d| d.agent_version == "0.1.1")
+        .expect("heartbeat applied");
     assert_eq!(d0.active_subnet, "2xx0");
-    assert_eq!(d0.last_adaptation_reason, pb::AdaptationReason::OverBudget as i32);
+    assert_eq!(
+        d0.last_adaptation_reason,
+        pb::AdaptationReason::OverBudget as i32
+    );
     let mut kinds = Vec::new();
     while kinds.len() < 5 {
-        let ev = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.expect("event in time").expect("ok").expect("some");
+        let ev = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .expect("event in time")
+            .expect("ok")
+            .expect("some");
         kinds.push(ev.kind);
     }
-    assert_eq!(kinds.iter().filter(|k| **k == pb::fleet_event::Kind::Report as i32).count(), 4);
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == pb::fleet_event::Kind::Report as i32)
+            .count(),
+        4
+    );
     h.finish().await;
 }
 both_backends!(reports, reports_and_aggregates);
 
 async fn stale_devices(db: Db) {
-    let Some(h) = Harness::start(db, |c| {
-        c.heartbeat_interval = Duration::from_millis(100);
-        c.stale_after_missed = 2;
-    }, None)
-    .await else { return };
+    let Some(h) = Harness::start(
+        db,
+        |c| {
+            c.heartbeat_interval = Duration::from_millis(100);
+            c.stale_after_missed = 2;
+        },
+        None,
+    )
+    .await
+    else {
+        return;
+    };
     let viewer = h.token(Role::Viewer).await;
     let (_, _, _cred) = h.enrolled_device("f").await;
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let agg = h.dashboard().get_fleet_aggregates(authed(pb::GetFleetAggregatesRequest::default(), &viewer)).await.expect("agg").into_inner();
+    let agg = h
+        .dashboard()
+        .get_fleet_aggregates(authed(pb::GetFleetAggregatesRequest::default(), &viewer))
+        .await
+        .expect("agg")
+        .into_inner();
     assert_eq!((agg.devices_total, agg.devices_stale), (1, 1));
     h.finish().await;
 }
@@ -426,7 +926,8 @@ struct StepRunner {
 
 impl JobRunner for StepRunner {
     fn run(&self, ctx: JobContext) -> BoxFuture<'static, Result<JobOutput, CloudError>> {
-        let (steps, step_ms, hang_at, starts) = (self.steps, self.step_ms, self.hang_at, self.starts.clone());
+        let (steps, step_ms, hang_at, starts) =
+            (self.steps, self.step_ms, self.hang_at, self.starts.clone());
         Box::pin(async move {
             let from = match ctx.checkpoints.load().await? {
                 Some(b) => u32::from_le_bytes(b[..4].try_into().expect("4 bytes")),
@@ -442,29 +943,54 @@ impl JobRunner for StepRunner {
                     _ = tokio::time::sleep(Duration::from_millis(step_ms)) => {}
                 }
                 ctx.checkpoints.save(&(step + 1).to_le_bytes()).await?;
-                ctx.progress.send("stage0", (step + 1) as f64 / steps as f64);
+                ctx.progress
+                    .send("stage0", (step + 1) as f64 / steps as f64);
             }
-            let m = ctx.blobs.put(format!("module of {}", ctx.job.id).as_bytes()).await?;
-            let manifest = serde_json::json!({"modules": [{"sha256": m.sha256, "size": m.size_bytes}]});
-            Ok(JobOutput { manifest_json: serde_json::to_vec(&manifest).expect("json") })
+            let m = ctx
+                .blobs
+                .put(format!("module of {}", ctx.job.id).as_bytes())
+                .await?;
+            let manifest =
+                serde_json::json!({"modules": [{"sha256": m.sha256, "size": m.size_bytes}]});
+            Ok(JobOutput {
+                manifest_json: serde_json::to_vec(&manifest).expect("json"),
+            })
         })
     }
 }
 
 async fn job_lease_takeover(db: Db) {
-    let Some(h) = Harness::start(db, |c| c.workers = 0, None).await else { return };
+    let Some(h) = Harness::start(db, |c| c.workers = 0, None).await else {
+        return;
+    };
     let dev = h.token(Role::Developer).await;
-    let o = upload(&h, &dev, "o", &safetensors_bytes(20, 0)).await.expect("upload").oracle.expect("oracle");
+    let o = upload(&h, &dev, "o", &safetensors_bytes(20, 0))
+        .await
+        .expect("upload")
+        .oracle
+        .expect("oracle");
     let job = h
         .developer()
-        .start_elastification(authed(pb::StartElastificationRequest { oracle_id: o.id.clone(), params_json: "{\"epochs\":1}".into(), ..Default::default() }, &dev))
+        .start_elastification(authed(
+            pb::StartElastificationRequest {
+                oracle_id: o.id.clone(),
+                params_json: "{\"epochs\":1}".into(),
+                ..Default::default()
+            },
+            &dev,
+        ))
         .await
         .expect("start")
         .into_inner();
     assert_eq!(job.state, pb::JobState::Queued as i32);
     let job_id = uuid::Uuid::parse_str(&job.id).expect("uuid");
     let starts = Arc::new(Mutex::new(Vec::new()));
-    let runner_a = Arc::new(StepRunner { steps: 6, step_ms: 10, hang_at: Some(3), starts: starts.clone() });
+    let runner_a = Arc::new(StepRunner {
+        steps: 6,
+        step_ms: 10,
+        hang_at: Some(3),
+        starts: starts.clone(),
+    });
     let stop_a = tokio_util::sync::CancellationToken::new();
     let a = tokio::spawn(Worker::new(h.app().clone(), runner_a, "worker-a").run(stop_a.clone()));
     // Wait for A to checkpoint step 3, then "crash" it (no more heartbeats).
@@ -474,29 +1000,71 @@ async fn job_lease_takeover(db: Db) {
         if j.checkpoint_sha256.is_some() && j.progress >= 0.5 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "worker A made no progress: {j:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker A made no progress: {j:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     a.abort();
     let running = h.app().store().get_job(job_id).await.expect("job");
-    assert_eq!((running.state, running.lease_owner.as_deref()), (JobState::Running, Some("worker-a")));
+    assert_eq!(
+        (running.state, running.lease_owner.as_deref()),
+        (JobState::Running, Some("worker-a"))
+    );
     // B cannot claim before the lease expires, then takes over and resumes from step 3.
-    let runner_b = Arc::new(StepRunner { steps: 6, step_ms: 10, hang_at: None, starts: starts.clone() });
+    let runner_b = Arc::new(StepRunner {
+        steps: 6,
+        step_ms: 10,
+        hang_at: None,
+        starts: starts.clone(),
+    });
     let b = Worker::new(h.app().clone(), runner_b, "worker-b");
     let stop_b = tokio_util::sync::CancellationToken::new();
-    assert!(!b.poll_once(&stop_b).await.expect("poll"), "lease still held by A");
+    assert!(
+        !b.poll_once(&stop_b).await.expect("poll"),
+        "lease still held by A"
+    );
     tokio::time::sleep(h.app().config().job_lease + Duration::from_millis(100)).await;
-    assert!(b.poll_once(&stop_b).await.expect("poll"), "B claims after expiry");
-    let done = h.developer().get_job(authed(pb::GetJobRequest { job_id: job.id.clone() }, &dev)).await.expect("job").into_inner();
+    assert!(
+        b.poll_once(&stop_b).await.expect("poll"),
+        "B claims after expiry"
+    );
+    let done = h
+        .developer()
+        .get_job(authed(
+            pb::GetJobRequest {
+                job_id: job.id.clone(),
+            },
+            &dev,
+        ))
+        .await
+        .expect("job")
+        .into_inner();
     assert_eq!(done.state, pb::JobState::Succeeded as i32, "{done:?}");
     assert_eq!(done.attempts, 2);
     assert_eq!(done.progress, 1.0);
     assert_eq!(*starts.lock().expect("lock"), vec![0, 3]);
-    let s = h.developer().get_supernet(authed(pb::GetSupernetRequest { supernet_id: done.supernet_id.clone() }, &dev)).await.expect("supernet").into_inner();
+    let s = h
+        .developer()
+        .get_supernet(authed(
+            pb::GetSupernetRequest {
+                supernet_id: done.supernet_id.clone(),
+            },
+            &dev,
+        ))
+        .await
+        .expect("supernet")
+        .into_inner();
     assert_eq!(s.supernet.expect("supernet").version, 1);
     assert_eq!(s.blobs.len(), 1);
     // A stale worker cannot write to a job it lost.
-    assert!(!h.app().store().job_progress(job_id, "worker-a", "x", 0.1, 0).await.expect("fenced"));
+    assert!(!h
+        .app()
+        .store()
+        .job_progress(job_id, "worker-a", "x", 0.1, 0)
+        .await
+        .expect("fenced"));
     stop_a.cancel();
     h.finish().await;
 }
@@ -504,39 +1072,100 @@ both_backends!(job_lease, job_lease_takeover);
 
 async fn job_watch_and_cancel(db: Db) {
     let starts = Arc::new(Mutex::new(Vec::new()));
-    let runner = Arc::new(StepRunner { steps: 10_000, step_ms: 5, hang_at: None, starts });
-    let Some(h) = Harness::start(db, |_| {}, Some(runner)).await else { return };
+    let runner = Arc::new(StepRunner {
+        steps: 10_000,
+        step_ms: 5,
+        hang_at: None,
+        starts,
+    });
+    let Some(h) = Harness::start(db, |_| {}, Some(runner)).await else {
+        return;
+    };
     let dev = h.token(Role::Developer).await;
-    let o = upload(&h, &dev, "o", &safetensors_bytes(20, 0)).await.expect("upload").oracle.expect("oracle");
+    let o = upload(&h, &dev, "o", &safetensors_bytes(20, 0))
+        .await
+        .expect("upload")
+        .oracle
+        .expect("oracle");
     let job = h
         .developer()
-        .start_elastification(authed(pb::StartElastificationRequest { oracle_id: o.id.clone(), ..Default::default() }, &dev))
+        .start_elastification(authed(
+            pb::StartElastificationRequest {
+                oracle_id: o.id.clone(),
+                ..Default::default()
+            },
+            &dev,
+        ))
         .await
         .expect("start")
         .into_inner();
-    let mut watch = h.developer().watch_job(authed(pb::WatchJobRequest { job_id: job.id.clone() }, &dev)).await.expect("watch").into_inner();
+    let mut watch = h
+        .developer()
+        .watch_job(authed(
+            pb::WatchJobRequest {
+                job_id: job.id.clone(),
+            },
+            &dev,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
     // Wait until it runs with some progress, then cancel.
     loop {
-        let ev = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.expect("event").expect("ok").expect("open");
+        let ev = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .expect("event")
+            .expect("ok")
+            .expect("open");
         let j = ev.job.expect("job");
         if j.state == pb::JobState::Running as i32 && j.progress > 0.0 {
             break;
         }
     }
-    let c = h.developer().cancel_job(authed(pb::CancelJobRequest { job_id: job.id.clone() }, &dev)).await.expect("cancel").into_inner();
+    let c = h
+        .developer()
+        .cancel_job(authed(
+            pb::CancelJobRequest {
+                job_id: job.id.clone(),
+            },
+            &dev,
+        ))
+        .await
+        .expect("cancel")
+        .into_inner();
     assert!(c.cancel_requested);
     let mut last = None;
-    while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.expect("event").expect("ok") {
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("event")
+        .expect("ok")
+    {
         last = ev.job;
     }
     let last = last.expect("final event");
     assert_eq!(last.state, pb::JobState::Cancelled as i32, "{last:?}");
     // Cancelling a queued job is immediate; unknown jobs are NOT_FOUND.
-    let err = h.developer().cancel_job(authed(pb::CancelJobRequest { job_id: uuid::Uuid::new_v4().to_string() }, &dev)).await.expect_err("unknown");
+    let err = h
+        .developer()
+        .cancel_job(authed(
+            pb::CancelJobRequest {
+                job_id: uuid::Uuid::new_v4().to_string(),
+            },
+            &dev,
+        ))
+        .await
+        .expect_err("unknown");
     assert_eq!(err.code(), Code::NotFound);
     let err = h
         .developer()
-        .start_elastification(authed(pb::StartElastificationRequest { oracle_id: o.id.clone(), params_json: "[1]".into(), ..Default::default() }, &dev))
+        .start_elastification(authed(
+            pb::StartElastificationRequest {
+                oracle_id: o.id.clone(),
+                params_json: "[1]".into(),
+                ..Default::default()
+            },
+            &dev,
+        ))
         .await
         .expect_err("params");
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -548,36 +1177,63 @@ both_backends!(job_cancel, job_watch_and_cancel);
 // ---------------------------------------------------------------- ops
 
 async fn load_shedding_health_metrics(db: Db) {
-    let Some(h) = Harness::start(db, |c| c.max_concurrent_requests = 1, None).await else { return };
+    let Some(h) = Harness::start(db, |c| c.max_concurrent_requests = 1, None).await else {
+        return;
+    };
     let dev = h.token(Role::Developer).await;
     // Hold the only slot with an upload that never finishes sending.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let data = safetensors_bytes(10, 0);
-    for m in upload_msgs("slow", &data, data.len() as u64, &sha256_hex(&data), 8).into_iter().take(2) {
+    for m in upload_msgs("slow", &data, data.len() as u64, &sha256_hex(&data), 8)
+        .into_iter()
+        .take(2)
+    {
         tx.send(m).await.expect("send");
     }
     let mut client = h.developer();
     let held = tokio::spawn(async move {
-        client.upload_oracle(authed(tokio_stream::wrappers::ReceiverStream::new(rx), &dev)).await
+        client
+            .upload_oracle(authed(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                &dev,
+            ))
+            .await
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let err = h.dashboard().list_fleets(authed(pb::ListFleetsRequest::default(), &h.admin)).await.expect_err("shed");
+    let err = h
+        .dashboard()
+        .list_fleets(authed(pb::ListFleetsRequest::default(), &h.admin))
+        .await
+        .expect_err("shed");
     assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
     drop(tx);
     let r = held.await.expect("join").expect_err("truncated upload");
     assert_eq!(r.code(), Code::InvalidArgument);
     // The server keeps serving once the slot is free.
-    h.dashboard().list_fleets(authed(pb::ListFleetsRequest::default(), &h.admin)).await.expect("served again");
+    h.dashboard()
+        .list_fleets(authed(pb::ListFleetsRequest::default(), &h.admin))
+        .await
+        .expect("served again");
 
     // Health: SERVING, metrics exposed.
     let mut health = tonic_health::pb::health_client::HealthClient::new(h.channel.clone());
     let st = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "adaptivenet.v1.DeviceService".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "adaptivenet.v1.DeviceService".into(),
+        })
         .await
         .expect("health")
         .into_inner();
-    assert_eq!(st.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
-    let maddr = h.handle.as_ref().expect("running").metrics_addr.expect("metrics");
+    assert_eq!(
+        st.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let maddr = h
+        .handle
+        .as_ref()
+        .expect("running")
+        .metrics_addr
+        .expect("metrics");
     let body = http_get(maddr, "/metrics").await;
     assert!(body.contains("adaptivenet_grpc_shed_total 1"), "{body}");
     assert!(body.contains("adaptivenet_grpc_requests_total{method=\"/adaptivenet.v1.DashboardService/ListFleets\",code=\"8\"} 1"), "{body}");
@@ -588,7 +1244,9 @@ both_backends!(ops, load_shedding_health_metrics);
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.expect("write");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).await.expect("read");
     out
@@ -596,20 +1254,40 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_reports_not_serving_and_ends_watches() {
-    let Some(mut h) = Harness::start(Db::Sqlite, |c| c.drain_grace = Duration::from_millis(400), None).await else { return };
+    let Some(mut h) = Harness::start(
+        Db::Sqlite,
+        |c| c.drain_grace = Duration::from_millis(400),
+        None,
+    )
+    .await
+    else {
+        return;
+    };
     let viewer = h.token(Role::Viewer).await;
-    let mut watch = h.dashboard().watch_fleet(authed(pb::WatchFleetRequest::default(), &viewer)).await.expect("watch").into_inner();
+    let mut watch = h
+        .dashboard()
+        .watch_fleet(authed(pb::WatchFleetRequest::default(), &viewer))
+        .await
+        .expect("watch")
+        .into_inner();
     let handle = h.handle.take().expect("running");
     let mut health = tonic_health::pb::health_client::HealthClient::new(h.channel.clone());
     let shutdown = tokio::spawn(handle.shutdown());
     tokio::time::sleep(Duration::from_millis(150)).await;
     let st = health
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .expect("health while draining")
         .into_inner();
-    assert_eq!(st.status, tonic_health::pb::health_check_response::ServingStatus::NotServing as i32);
-    let end = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.expect("watch ends");
+    assert_eq!(
+        st.status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("watch ends");
     assert_eq!(end.expect_err("unavailable").code(), Code::Unavailable);
     shutdown.await.expect("join").expect("clean");
     h.finish().await;

@@ -8,17 +8,47 @@ fn every_domain_error_maps_to_its_status_code() {
     let table: Vec<(CloudError, Code)> = vec![
         (CloudError::invalid("field", "bad"), Code::InvalidArgument),
         (CloudError::not_found("oracle", "x"), Code::NotFound),
-        (CloudError::AlreadyExists { kind: "fleet", id: "a".into() }, Code::AlreadyExists),
-        (CloudError::FailedPrecondition("busy".into()), Code::FailedPrecondition),
-        (CloudError::exhausted("size", "too big"), Code::ResourceExhausted),
-        (CloudError::Unauthenticated("no".into()), Code::Unauthenticated),
-        (CloudError::PermissionDenied("no".into()), Code::PermissionDenied),
+        (
+            CloudError::AlreadyExists {
+                kind: "fleet",
+                id: "a".into(),
+            },
+            Code::AlreadyExists,
+        ),
+        (
+            CloudError::FailedPrecondition("busy".into()),
+            Code::FailedPrecondition,
+        ),
+        (
+            CloudError::exhausted("size", "too big"),
+            Code::ResourceExhausted,
+        ),
+        (
+            CloudError::Unauthenticated("no".into()),
+            Code::Unauthenticated,
+        ),
+        (
+            CloudError::PermissionDenied("no".into()),
+            Code::PermissionDenied,
+        ),
         (CloudError::Cancelled("c".into()), Code::Cancelled),
-        (CloudError::Unavailable("draining".into()), Code::Unavailable),
+        (
+            CloudError::Unavailable("draining".into()),
+            Code::Unavailable,
+        ),
         (CloudError::DataLoss("digest".into()), Code::DataLoss),
-        (CloudError::Database(sqlx::Error::PoolTimedOut), Code::Unavailable),
-        (CloudError::Database(sqlx::Error::RowNotFound), Code::NotFound),
-        (CloudError::Database(sqlx::Error::Protocol("x".into())), Code::Internal),
+        (
+            CloudError::Database(sqlx::Error::PoolTimedOut),
+            Code::Unavailable,
+        ),
+        (
+            CloudError::Database(sqlx::Error::RowNotFound),
+            Code::NotFound,
+        ),
+        (
+            CloudError::Database(sqlx::Error::Protocol("x".into())),
+            Code::Internal,
+        ),
         (CloudError::io("/x", io()), Code::Internal),
         (CloudError::Internal("bug".into()), Code::Internal),
     ];
@@ -29,7 +59,11 @@ fn every_domain_error_maps_to_its_status_code() {
         assert_eq!(status.code(), code, "{text}");
         assert_ne!(status.code(), Code::Unknown);
         if code == Code::Internal {
-            assert!(!status.message().contains("/x"), "internal details leak: {}", status.message());
+            assert!(
+                !status.message().contains("/x"),
+                "internal details leak: {}",
+                status.message()
+            );
         }
     }
 }

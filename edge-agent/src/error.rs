@@ -31,12 +31,58 @@ pub enum EdgeError {
     MissingLatency { module: String },
     #[error("no evaluation data: {0}")]
     NoData(String),
+    /// The cloud endpoint cannot be reached (bad address, refused, connect timeout).
+    #[error("cloud {endpoint} unreachable: {reason}")]
+    CloudUnreachable { endpoint: String, reason: String },
+    /// A cloud RPC returned an error status.
+    #[error("cloud {op} failed ({code:?}): {message}")]
+    Cloud {
+        op: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
+    /// The agent has no stored identity and no enrollment token was given.
+    #[error("not enrolled: no device identity in {path} (pass an enrollment token)")]
+    NotEnrolled { path: String },
+    /// A downloaded blob does not match its digest or size; the partial data was deleted.
+    #[error("blob {sha256}: {reason}")]
+    BlobMismatch { sha256: String, reason: String },
+    /// A download stopped before the blob was complete; the `.part` file is kept for resume.
+    #[error("download of blob {sha256} interrupted at {held} of {size} bytes: {reason}")]
+    Interrupted {
+        sha256: String,
+        held: u64,
+        size: u64,
+        reason: String,
+    },
 }
 
 /// Result alias of the edge agent.
 pub type Result<T> = std::result::Result<T, EdgeError>;
 
 impl EdgeError {
+    /// Whether retrying the same cloud operation later may succeed (transport failures,
+    /// deadlines, server overload or shutdown, interrupted downloads, digest mismatches).
+    pub fn is_transient(&self) -> bool {
+        use tonic::Code;
+        match self {
+            EdgeError::CloudUnreachable { .. }
+            | EdgeError::Interrupted { .. }
+            | EdgeError::BlobMismatch { .. } => true,
+            EdgeError::Cloud { code, .. } => matches!(
+                code,
+                Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::ResourceExhausted
+                    | Code::Aborted
+                    | Code::Cancelled
+                    | Code::Unknown
+                    | Code::Internal
+            ),
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
         EdgeError::Io {
             path: path.as_ref().display().to_string(),

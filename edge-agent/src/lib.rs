@@ -13,11 +13,14 @@
 //! - [`serve`]: the active subnet behind an atomic swap that loads only differing modules.
 //! - [`adapt`]: the hysteresis controller and the maintenance loop over live latency.
 //! - [`state`]: atomic persistence of table, search result and active subnet.
+//! - [`client`]: the cloud client (enrollment, resumable supernet sync, aggregate reports).
 //!
-//! Architecture invariants: local data never leaves this crate's process (nothing here does
-//! network I/O); every subnet returned by search is valid and within budget per the table;
+//! Architecture invariants: local data never leaves this crate's process (only [`client`]
+//! does network I/O, and it sends aggregates only);
+//! every subnet returned by search is valid and within budget per the table;
 //! timing-dependent logic is driven by injected samples in tests, never by wall-clock limits.
 pub mod adapt;
+pub mod client;
 pub mod error;
 pub mod profile;
 pub mod quality;

@@ -29,7 +29,10 @@ fn ttl(secs: u64) -> Option<Duration> {
 
 #[tonic::async_trait]
 impl AdminService for AdminApi {
-    async fn create_fleet(&self, req: Request<pb::CreateFleetRequest>) -> Result<Response<pb::Fleet>, Status> {
+    async fn create_fleet(
+        &self,
+        req: Request<pb::CreateFleetRequest>,
+    ) -> Result<Response<pb::Fleet>, Status> {
         management(&self.app, req.metadata(), Access::Admin).await?;
         check_name("name", &req.get_ref().name)?;
         let f = self.app.store().create_fleet(&req.get_ref().name).await?;
@@ -44,7 +47,10 @@ impl AdminService for AdminApi {
         let r = req.into_inner();
         let fleet = parse_id("fleet_id", &r.fleet_id)?;
         let uses = if r.uses == 0 { 1 } else { r.uses };
-        let t = self.app.create_enrollment_token(fleet, uses, ttl(r.ttl_seconds)).await?;
+        let t = self
+            .app
+            .create_enrollment_token(fleet, uses, ttl(r.ttl_seconds))
+            .await?;
         Ok(Response::new(pb::CreateEnrollmentTokenResponse {
             token_id: t.id.to_string(),
             token: t.token,
@@ -52,26 +58,39 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn revoke_enrollment_token(&self, req: Request<pb::RevokeTokenRequest>) -> Result<Response<pb::Empty>, Status> {
+    async fn revoke_enrollment_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
         management(&self.app, req.metadata(), Access::Admin).await?;
         let id = parse_id("token_id", &req.get_ref().token_id)?;
         self.app.store().revoke_enrollment_token(id).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn create_api_token(&self, req: Request<pb::CreateApiTokenRequest>) -> Result<Response<pb::CreateApiTokenResponse>, Status> {
+    async fn create_api_token(
+        &self,
+        req: Request<pb::CreateApiTokenRequest>,
+    ) -> Result<Response<pb::CreateApiTokenResponse>, Status> {
         management(&self.app, req.metadata(), Access::Admin).await?;
         let r = req.into_inner();
         let role = match pb::Role::try_from(r.role) {
             Ok(pb::Role::Admin) => Role::Admin,
             Ok(pb::Role::Developer) => Role::Developer,
             Ok(pb::Role::Viewer) => Role::Viewer,
-            _ => return Err(CloudError::invalid("role", "must be admin, developer or viewer").into()),
+            _ => {
+                return Err(
+                    CloudError::invalid("role", "must be admin, developer or viewer").into(),
+                )
+            }
         };
         if r.description.len() > 256 {
             return Err(CloudError::invalid("description", "longer than 256 characters").into());
         }
-        let t = self.app.create_api_token(role, &r.description, ttl(r.ttl_seconds)).await?;
+        let t = self
+            .app
+            .create_api_token(role, &r.description, ttl(r.ttl_seconds))
+            .await?;
         Ok(Response::new(pb::CreateApiTokenResponse {
             token_id: t.id.to_string(),
             token: t.token,
@@ -79,14 +98,20 @@ impl AdminService for AdminApi {
         }))
     }
 
-    async fn revoke_api_token(&self, req: Request<pb::RevokeTokenRequest>) -> Result<Response<pb::Empty>, Status> {
+    async fn revoke_api_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
         management(&self.app, req.metadata(), Access::Admin).await?;
         let id = parse_id("token_id", &req.get_ref().token_id)?;
         self.app.revoke_api_token(id).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn revoke_device(&self, req: Request<pb::RevokeDeviceRequest>) -> Result<Response<pb::Empty>, Status> {
+    async fn revoke_device(
+        &self,
+        req: Request<pb::RevokeDeviceRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
         management(&self.app, req.metadata(), Access::Admin).await?;
         let id = parse_id("device_id", &req.get_ref().device_id)?;
         self.app.revoke_device(id).await?;

@@ -5,8 +5,8 @@ use uuid::Uuid;
 
 use crate::domain::{
     AggregateGroup, BlobRef, BudgetPolicy, Dataset, DesiredState, Device, DeviceStatus,
-    Distribution, Fleet, FleetAggregates, FleetEvent, FleetEventKind, Job, JobState, Label,
-    Oracle, Supernet,
+    Distribution, Fleet, FleetAggregates, FleetEvent, FleetEventKind, Job, JobState, Label, Oracle,
+    Supernet,
 };
 
 fn opt_id(id: Option<Uuid>) -> String {

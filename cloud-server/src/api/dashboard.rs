@@ -36,7 +36,10 @@ fn opt_fleet(s: &str) -> Result<Option<uuid::Uuid>, Status> {
 
 #[tonic::async_trait]
 impl DashboardService for DashboardApi {
-    async fn list_fleets(&self, req: Request<pb::ListFleetsRequest>) -> Result<Response<pb::ListFleetsResponse>, Status> {
+    async fn list_fleets(
+        &self,
+        req: Request<pb::ListFleetsRequest>,
+    ) -> Result<Response<pb::ListFleetsResponse>, Status> {
         management(&self.app, req.metadata(), Access::Read).await?;
         let page = page_of(&req.get_ref().page)?;
         let mut list = self.app.store().list_fleets(page).await?;
@@ -49,11 +52,18 @@ impl DashboardService for DashboardApi {
         }))
     }
 
-    async fn list_devices(&self, req: Request<pb::ListDevicesRequest>) -> Result<Response<pb::ListDevicesResponse>, Status> {
+    async fn list_devices(
+        &self,
+        req: Request<pb::ListDevicesRequest>,
+    ) -> Result<Response<pb::ListDevicesResponse>, Status> {
         management(&self.app, req.metadata(), Access::Read).await?;
         let r = req.get_ref();
         let page = page_of(&r.page)?;
-        let list = self.app.store().list_devices(page, opt_fleet(&r.fleet_id)?).await?;
+        let list = self
+            .app
+            .store()
+            .list_devices(page, opt_fleet(&r.fleet_id)?)
+            .await?;
         Ok(Response::new(pb::ListDevicesResponse {
             next_page_token: page.next_token(list.len()),
             devices: list.iter().map(convert::device).collect(),
@@ -98,7 +108,10 @@ impl DashboardService for DashboardApi {
 
     type WatchFleetStream = ServerStream<pb::FleetEvent>;
 
-    async fn watch_fleet(&self, req: Request<pb::WatchFleetRequest>) -> Result<Response<Self::WatchFleetStream>, Status> {
+    async fn watch_fleet(
+        &self,
+        req: Request<pb::WatchFleetRequest>,
+    ) -> Result<Response<Self::WatchFleetStream>, Status> {
         management(&self.app, req.metadata(), Access::Read).await?;
         let fleet = opt_fleet(&req.get_ref().fleet_id)?;
         let mut rx = self.app.subscribe_fleet();
@@ -124,11 +137,15 @@ impl DashboardService for DashboardApi {
                         }
                     }
                     // A slow watcher skips events rather than buffering without bound.
-                    Err(RecvError::Lagged(n)) => tracing::debug!(skipped = n, "fleet watcher lagged"),
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::debug!(skipped = n, "fleet watcher lagged")
+                    }
                     Err(RecvError::Closed) => return,
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
     }
 }

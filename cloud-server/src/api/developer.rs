@@ -36,7 +36,10 @@ impl DeveloperApi {
 
     /// Reads the header, streams chunks into a temp blob while hashing, checks size and
     /// digest, validates the model and only then commits blob and row.
-    async fn upload(&self, mut stream: Streaming<pb::UploadOracleRequest>) -> Result<(Oracle, bool), CloudError> {
+    async fn upload(
+        &self,
+        mut stream: Streaming<pb::UploadOracleRequest>,
+    ) -> Result<(Oracle, bool), CloudError> {
         let app = &self.app;
         let first = stream
             .message()
@@ -45,12 +48,20 @@ impl DeveloperApi {
             .ok_or_else(|| CloudError::invalid("header", "stream ended before the header"))?;
         let h = match first.msg {
             Some(Msg::Header(h)) => h,
-            _ => return Err(CloudError::invalid("header", "the first message must be the header")),
+            _ => {
+                return Err(CloudError::invalid(
+                    "header",
+                    "the first message must be the header",
+                ))
+            }
         };
         check_name("header.name", &h.name)?;
         check_sha256("header.weights_sha256", &h.weights_sha256)?;
         if h.arch_json.len() > MAX_ARCH_JSON {
-            return Err(CloudError::exhausted("header.arch_json", format!("larger than {MAX_ARCH_JSON} bytes")));
+            return Err(CloudError::exhausted(
+                "header.arch_json",
+                format!("larger than {MAX_ARCH_JSON} bytes"),
+            ));
         }
         if h.size_bytes == 0 {
             return Err(CloudError::invalid("header.size_bytes", "must be positive"));
@@ -73,43 +84,59 @@ impl DeveloperApi {
             match m.msg {
                 Some(Msg::Chunk(c)) => {
                     if c.len() > MAX_CHUNK {
-                        return Err(CloudError::invalid("chunk", format!("larger than {MAX_CHUNK} bytes")));
+                        return Err(CloudError::invalid(
+                            "chunk",
+                            format!("larger than {MAX_CHUNK} bytes"),
+                        ));
                     }
                     if w.size() + c.len() as u64 > h.size_bytes {
                         return Err(CloudError::invalid(
                             "chunk",
-                            format!("more bytes than the declared header.size_bytes {}", h.size_bytes),
+                            format!(
+                                "more bytes than the declared header.size_bytes {}",
+                                h.size_bytes
+                            ),
                         ));
                     }
                     w.write(&c).await?;
                 }
-                Some(Msg::Header(_)) => return Err(CloudError::invalid("header", "sent more than once")),
+                Some(Msg::Header(_)) => {
+                    return Err(CloudError::invalid("header", "sent more than once"))
+                }
                 None => return Err(CloudError::invalid("msg", "empty message")),
             }
         }
         if w.size() != h.size_bytes {
             return Err(CloudError::invalid(
                 "header.size_bytes",
-                format!("upload truncated: received {} of {} bytes", w.size(), h.size_bytes),
+                format!(
+                    "upload truncated: received {} of {} bytes",
+                    w.size(),
+                    h.size_bytes
+                ),
             ));
         }
         let digest = w.digest();
         if digest != h.weights_sha256 {
             return Err(CloudError::invalid(
                 "header.weights_sha256",
-                format!("declared {} but the content hashes to {digest}", h.weights_sha256),
+                format!(
+                    "declared {} but the content hashes to {digest}",
+                    h.weights_sha256
+                ),
             ));
         }
         if let Some(existing) = app.store().oracle_by_digest(&digest).await? {
             return Ok((existing, false));
         }
-        let tmp = w.tmp_path().expect("uncommitted writer has a temp file").to_path_buf();
-        let weights = tokio::fs::read(&tmp).await.map_err(|e| CloudError::io(&tmp, e))?;
+        let weights = w.contents().await?;
         let arch_bytes = h.arch_json;
         let info = tokio::task::spawn_blocking(move || validate_oracle(&arch_bytes, &weights))
             .await
             .map_err(|e| CloudError::Internal(format!("validation task: {e}")))??;
-        let blob = w.commit(Some(("header.weights_sha256", &h.weights_sha256))).await?;
+        let blob = w
+            .commit(Some(("header.weights_sha256", &h.weights_sha256)))
+            .await?;
         let o = Oracle {
             id: Uuid::new_v4(),
             name: h.name,
@@ -144,7 +171,10 @@ impl DeveloperService for DeveloperApi {
         }))
     }
 
-    async fn list_oracles(&self, req: Request<pb::ListOraclesRequest>) -> Result<Response<pb::ListOraclesResponse>, Status> {
+    async fn list_oracles(
+        &self,
+        req: Request<pb::ListOraclesRequest>,
+    ) -> Result<Response<pb::ListOraclesResponse>, Status> {
         management(&self.app, req.metadata(), Access::Read).await?;
         let p = req.get_ref().page.clone().unwrap_or_default();
         let page = Page::new(p.page_size, &p.page_token)?;
@@ -155,13 +185,21 @@ impl DeveloperService for DeveloperApi {
         }))
     }
 
-    async fn get_oracle(&self, req: Request<pb::GetOracleRequest>) -> Result<Response<pb::Oracle>, Status> {
+    async fn get_oracle(
+        &self,
+        req: Request<pb::GetOracleRequest>,
+    ) -> Result<Response<pb::Oracle>, Status> {
         management(&self.app, req.metadata(), Access::Read).await?;
         let id = parse_id("oracle_id", &req.get_ref().oracle_id)?;
-        Ok(Response::new(convert::oracle(&self.app.store().get_oracle(id).await?)))
+        Ok(Response::new(convert::oracle(
+            &self.app.store().get_oracle(id).await?,
+        )))
     }
 
-    async fn delete_oracle(&self, req: Request<pb::DeleteOracleRequest>) -> Result<Response<pb::Empty>, Status> {
+    async fn delete_oracle(
+        &self,
+        req: Request<pb::DeleteOracleRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
         management(&self.app, req.metadata(), Access::Write).await?;
         let id = parse_id("oracle_id", &req.get_ref().oracle_id)?;
         let sha = self.app.store().delete_oracle(id).await?;
@@ -169,7 +207,10 @@ impl DeveloperService for DeveloperApi {
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn register_dataset(&self, req: Request<pb::RegisterDatasetRequest>) -> Result<Response<pb::Dataset>, Status> {
+    async fn register_dataset(
+        &self,
+        req: Request<pb::RegisterDatasetRequest>,
+    ) -> Result<Response<pb::Dataset>, Status> {
         management(&self.app, req.metadata(), Access::Write).await?;
         let r = req.into_inner();
         check_name("name", &r.name)?;
@@ -189,7 +230,10 @@ impl DeveloperService for DeveloperApi {
         Ok(Response::new(convert::dataset(&d)))
     }
 
-    async fn list_datasets(&self, req: Request<pb::ListDatasetsRequest>) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+    async fn list_datasets(
+        &self,
+        req: Request<pb::ListDatasetsRequest>,
+    ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
         management(&self.app, req.metadata(), Access::Read).await?;
         let p = req.get_ref().page.clone().unwrap_or_default();
         let page = Page::new(p.page_size, &p.page_token)?;
@@ -200,19 +244,37 @@ impl DeveloperService for DeveloperApi {
         }))
     }
 
-    async fn start_elastification(&self, req: Request<pb::StartElastificationRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn start_elastification(
+        &self,
+        req: Request<pb::StartElastificationRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
         management(&self.app, req.metadata(), Access::Write).await?;
         let r = req.into_inner();
         let store = self.app.store();
-        let oracle = store.get_oracle(parse_id("oracle_id", &r.oracle_id)?).await?;
+        let oracle = store
+            .get_oracle(parse_id("oracle_id", &r.oracle_id)?)
+            .await?;
         let dataset_id = if r.dataset_id.is_empty() {
             None
         } else {
-            Some(store.get_dataset(parse_id("dataset_id", &r.dataset_id)?).await?.id)
+            Some(
+                store
+                    .get_dataset(parse_id("dataset_id", &r.dataset_id)?)
+                    .await?
+                    .id,
+            )
         };
-        let supernet_name = if r.supernet_name.is_empty() { oracle.name.clone() } else { r.supernet_name };
+        let supernet_name = if r.supernet_name.is_empty() {
+            oracle.name.clone()
+        } else {
+            r.supernet_name
+        };
         check_name("supernet_name", &supernet_name)?;
-        let params_json = if r.params_json.is_empty() { "{}".to_string() } else { r.params_json };
+        let params_json = if r.params_json.is_empty() {
+            "{}".to_string()
+        } else {
+            r.params_json
+        };
         if params_json.len() > 64 << 10 {
             return Err(CloudError::exhausted("params_json", "larger than 64 KiB").into());
         }
@@ -249,12 +311,17 @@ impl DeveloperService for DeveloperApi {
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         management(&self.app, req.metadata(), Access::Read).await?;
         let id = parse_id("job_id", &req.get_ref().job_id)?;
-        Ok(Response::new(convert::job(&self.app.store().get_job(id).await?)))
+        Ok(Response::new(convert::job(
+            &self.app.store().get_job(id).await?,
+        )))
     }
 
     type WatchJobStream = ServerStream<pb::JobEvent>;
 
-    async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+    async fn watch_job(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
         management(&self.app, req.metadata(), Access::Read).await?;
         let id = parse_id("job_id", &req.get_ref().job_id)?;
         let app = self.app.clone();
@@ -263,7 +330,13 @@ impl DeveloperService for DeveloperApi {
         let mut wake = app.subscribe_jobs();
         tokio::spawn(async move {
             let mut last = first;
-            if tx.send(Ok(pb::JobEvent { job: Some(convert::job(&last)) })).await.is_err() {
+            if tx
+                .send(Ok(pb::JobEvent {
+                    job: Some(convert::job(&last)),
+                }))
+                .await
+                .is_err()
+            {
                 return;
             }
             while !last.state.is_terminal() {
@@ -281,20 +354,34 @@ impl DeveloperService for DeveloperApi {
                 }
                 let job = match app.store().get_job(id).await {
                     Ok(j) => j,
-                    Err(e) => { let _ = tx.send(Err(e.into())).await; return; }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
                 };
                 if job != last {
-                    if tx.send(Ok(pb::JobEvent { job: Some(convert::job(&job)) })).await.is_err() {
+                    if tx
+                        .send(Ok(pb::JobEvent {
+                            job: Some(convert::job(&job)),
+                        }))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     last = job;
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
         management(&self.app, req.metadata(), Access::Write).await?;
         let id = parse_id("job_id", &req.get_ref().job_id)?;
         let job = self.app.store().cancel_job(id, now_ms()).await?;
@@ -302,21 +389,31 @@ impl DeveloperService for DeveloperApi {
         Ok(Response::new(convert::job(&job)))
     }
 
-    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
         management(&self.app, req.metadata(), Access::Read).await?;
         let r = req.get_ref();
         let p = r.page.clone().unwrap_or_default();
         let page = Page::new(p.page_size, &p.page_token)?;
         let state = pb::JobState::try_from(r.state)
             .map_err(|_| CloudError::invalid("state", format!("unknown job state {}", r.state)))?;
-        let list = self.app.store().list_jobs(page, convert::job_state_from_pb(state)).await?;
+        let list = self
+            .app
+            .store()
+            .list_jobs(page, convert::job_state_from_pb(state))
+            .await?;
         Ok(Response::new(pb::ListJobsResponse {
             next_page_token: page.next_token(list.len()),
             jobs: list.iter().map(convert::job).collect(),
         }))
     }
 
-    async fn list_supernets(&self, req: Request<pb::ListSupernetsRequest>) -> Result<Response<pb::ListSupernetsResponse>, Status> {
+    async fn list_supernets(
+        &self,
+        req: Request<pb::ListSupernetsRequest>,
+    ) -> Result<Response<pb::ListSupernetsResponse>, Status> {
         management(&self.app, req.metadata(), Access::Read).await?;
         let r = req.get_ref();
         let p = r.page.clone().unwrap_or_default();
@@ -329,7 +426,10 @@ impl DeveloperService for DeveloperApi {
         }))
     }
 
-    async fn get_supernet(&self, req: Request<pb::GetSupernetRequest>) -> Result<Response<pb::GetSupernetResponse>, Status> {
+    async fn get_supernet(
+        &self,
+        req: Request<pb::GetSupernetRequest>,
+    ) -> Result<Response<pb::GetSupernetResponse>, Status> {
         management(&self.app, req.metadata(), Access::Read).await?;
         let id = parse_id("supernet_id", &req.get_ref().supernet_id)?;
         let (s, manifest, blobs) = self.app.store().get_supernet_full(id).await?;
@@ -340,18 +440,29 @@ impl DeveloperService for DeveloperApi {
         }))
     }
 
-    async fn publish_supernet(&self, req: Request<pb::PublishSupernetRequest>) -> Result<Response<pb::Label>, Status> {
+    async fn publish_supernet(
+        &self,
+        req: Request<pb::PublishSupernetRequest>,
+    ) -> Result<Response<pb::Label>, Status> {
         management(&self.app, req.metadata(), Access::Write).await?;
         let r = req.into_inner();
         let supernet = parse_id("supernet_id", &r.supernet_id)?;
         let fleet = parse_id("fleet_id", &r.fleet_id)?;
         check_name("label", &r.label)?;
-        let l = self.app.store().publish_label(fleet, &r.label, supernet).await?;
-        self.app.emit_fleet(FleetEventKind::LabelPublished, fleet, None, Some(supernet));
+        let l = self
+            .app
+            .store()
+            .publish_label(fleet, &r.label, supernet)
+            .await?;
+        self.app
+            .emit_fleet(FleetEventKind::LabelPublished, fleet, None, Some(supernet));
         Ok(Response::new(convert::label(&l)))
     }
 
-    async fn set_desired_state(&self, req: Request<pb::SetDesiredStateRequest>) -> Result<Response<pb::DesiredState>, Status> {
+    async fn set_desired_state(
+        &self,
+        req: Request<pb::SetDesiredStateRequest>,
+    ) -> Result<Response<pb::DesiredState>, Status> {
         management(&self.app, req.metadata(), Access::Write).await?;
         let r = req.into_inner();
         let fleet = parse_id("fleet_id", &r.fleet_id)?;
@@ -366,8 +477,17 @@ impl DeveloperService for DeveloperApi {
             Some(Target::SupernetId(s)) => (None, Some(parse_id("supernet_id", &s)?)),
             None => return Err(CloudError::invalid("target", "set label or supernet_id").into()),
         };
-        let d = self.app.store().set_desired_state(fleet, label.as_deref(), supernet, budget).await?;
-        self.app.emit_fleet(FleetEventKind::DesiredStateChanged, fleet, None, d.supernet_id);
+        let d = self
+            .app
+            .store()
+            .set_desired_state(fleet, label.as_deref(), supernet, budget)
+            .await?;
+        self.app.emit_fleet(
+            FleetEventKind::DesiredStateChanged,
+            fleet,
+            None,
+            d.supernet_id,
+        );
         Ok(Response::new(convert::desired(&d)))
     }
 }

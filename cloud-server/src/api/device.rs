@@ -40,8 +40,8 @@ impl DeviceApi {
 
 /// Wire report -> domain report (field names as on the wire).
 pub fn report_from_pb(r: &pb::ReportRequest) -> Result<Report, CloudError> {
-    let s = r.search.clone().unwrap_or_default();
-    let t = r.latency_table.clone().unwrap_or_default();
+    let s = r.search.unwrap_or_default();
+    let t = r.latency_table.unwrap_or_default();
     Ok(Report {
         supernet_id: parse_id("supernet_id", &r.supernet_id)?,
         active_subnet: r.active_subnet.clone(),
@@ -69,14 +69,20 @@ pub fn report_from_pb(r: &pb::ReportRequest) -> Result<Report, CloudError> {
 
 #[tonic::async_trait]
 impl DeviceService for DeviceApi {
-    async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+    async fn enroll(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
         let r = req.into_inner();
         if r.enrollment_token.is_empty() {
             return Err(CloudError::Unauthenticated("enrollment_token is required".into()).into());
         }
         let class = DeviceClass::new("device_class", r.device_class)?;
         check_version_string("agent_version", &r.agent_version)?;
-        let e = self.app.enroll(&r.enrollment_token, class, &r.agent_version).await?;
+        let e = self
+            .app
+            .enroll(&r.enrollment_token, class, &r.agent_version)
+            .await?;
         Metrics::inc(&self.app.metrics().enrollments_total);
         Ok(Response::new(pb::EnrollResponse {
             device_id: e.device_id.to_string(),
@@ -86,19 +92,28 @@ impl DeviceService for DeviceApi {
         }))
     }
 
-    async fn get_desired_state(&self, req: Request<pb::Empty>) -> Result<Response<pb::DesiredState>, Status> {
+    async fn get_desired_state(
+        &self,
+        req: Request<pb::Empty>,
+    ) -> Result<Response<pb::DesiredState>, Status> {
         let (_, fleet) = self.device(req.metadata()).await?;
         let d = self.app.store().desired_state(fleet).await?;
         Ok(Response::new(convert::desired(&d)))
     }
 
-    async fn get_manifest(&self, req: Request<pb::GetManifestRequest>) -> Result<Response<pb::GetManifestResponse>, Status> {
+    async fn get_manifest(
+        &self,
+        req: Request<pb::GetManifestRequest>,
+    ) -> Result<Response<pb::GetManifestResponse>, Status> {
         let (_, fleet) = self.device(req.metadata()).await?;
         let id = parse_id("supernet_id", &req.get_ref().supernet_id)?;
         let store = self.app.store();
         store.get_supernet(id).await?;
         if !store.fleet_has_supernet(fleet, id).await? {
-            return Err(CloudError::PermissionDenied(format!("supernet {id} is not assigned to this device's fleet")).into());
+            return Err(CloudError::PermissionDenied(format!(
+                "supernet {id} is not assigned to this device's fleet"
+            ))
+            .into());
         }
         let (s, manifest, blobs) = store.get_supernet_full(id).await?;
         Ok(Response::new(pb::GetManifestResponse {
@@ -110,15 +125,30 @@ impl DeviceService for DeviceApi {
 
     type DownloadBlobStream = ServerStream<pb::BlobChunk>;
 
-    async fn download_blob(&self, req: Request<pb::DownloadBlobRequest>) -> Result<Response<Self::DownloadBlobStream>, Status> {
+    async fn download_blob(
+        &self,
+        req: Request<pb::DownloadBlobRequest>,
+    ) -> Result<Response<Self::DownloadBlobStream>, Status> {
         let (_, fleet) = self.device(req.metadata()).await?;
         let r = req.into_inner();
         check_sha256("sha256", &r.sha256)?;
-        let size = self.app.store().fleet_blob_size(fleet, &r.sha256).await?.ok_or_else(|| {
-            CloudError::PermissionDenied(format!("blob {} is not assigned to this device's fleet", r.sha256))
-        })?;
+        let size = self
+            .app
+            .store()
+            .fleet_blob_size(fleet, &r.sha256)
+            .await?
+            .ok_or_else(|| {
+                CloudError::PermissionDenied(format!(
+                    "blob {} is not assigned to this device's fleet",
+                    r.sha256
+                ))
+            })?;
         if r.offset > size {
-            return Err(CloudError::invalid("offset", format!("{} is beyond the blob size {size}", r.offset)).into());
+            return Err(CloudError::invalid(
+                "offset",
+                format!("{} is beyond the blob size {size}", r.offset),
+            )
+            .into());
         }
         let chunk = match r.chunk_size as usize {
             0 => DEFAULT_CHUNK,
@@ -157,17 +187,24 @@ impl DeviceService for DeviceApi {
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
                 }
-                app.metrics().blob_bytes_sent_total.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                app.metrics()
+                    .blob_bytes_sent_total
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 offset += n;
                 if last || n == 0 {
                     return;
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let (device, fleet) = self.device(req.metadata()).await?;
         let r = req.into_inner();
         let hb = Heartbeat {
@@ -189,7 +226,12 @@ impl DeviceService for DeviceApi {
             return Err(CloudError::Unauthenticated("device revoked".into()).into());
         }
         let generation = store.get_fleet(fleet).await?.desired.generation;
-        self.app.emit_fleet(FleetEventKind::DeviceHeartbeat, fleet, Some(device), hb.active_supernet_id);
+        self.app.emit_fleet(
+            FleetEventKind::DeviceHeartbeat,
+            fleet,
+            Some(device),
+            hb.active_supernet_id,
+        );
         Ok(Response::new(pb::HeartbeatResponse {
             desired_generation: generation,
             heartbeat_interval_ms: self.app.config().heartbeat_interval.as_millis() as u32,
@@ -208,9 +250,16 @@ impl DeviceService for DeviceApi {
             ))
             .into());
         }
-        store.upsert_report(device, fleet, &report, now_ms()).await?;
+        store
+            .upsert_report(device, fleet, &report, now_ms())
+            .await?;
         Metrics::inc(&self.app.metrics().reports_total);
-        self.app.emit_fleet(FleetEventKind::Report, fleet, Some(device), Some(report.supernet_id));
+        self.app.emit_fleet(
+            FleetEventKind::Report,
+            fleet,
+            Some(device),
+            Some(report.supernet_id),
+        );
         Ok(Response::new(pb::Empty {}))
     }
 }

@@ -178,7 +178,13 @@ impl Authenticator {
         }
         let hash = hash_token(token);
         let now = now_ms();
-        if let Some(CacheEntryDbg(e)) = self.cache.read().expect("auth cache lock").get(&hash).copied() {
+        if let Some(CacheEntryDbg(e)) = self
+            .cache
+            .read()
+            .expect("auth cache lock")
+            .get(&hash)
+            .copied()
+        {
             if e.fetched.elapsed() < self.ttl {
                 if e.expires_ms.is_some_and(|x| x <= now) {
                     return Err(CloudError::Unauthenticated("credential expired".into()));
@@ -193,7 +199,9 @@ impl Authenticator {
                 .await?
                 .ok_or_else(|| CloudError::Unauthenticated("unknown device credential".into()))?;
             if row.status == DeviceStatus::Revoked {
-                return Err(CloudError::Unauthenticated("device credential revoked".into()));
+                return Err(CloudError::Unauthenticated(
+                    "device credential revoked".into(),
+                ));
             }
             (
                 Principal::Device {

@@ -61,7 +61,10 @@ impl BlobStore {
 
     /// Starts a write.
     pub async fn writer(&self) -> Result<BlobWriter> {
-        let tmp = self.root.join("tmp").join(format!("{}.part", Uuid::new_v4()));
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("{}.part", Uuid::new_v4()));
         let file = tokio::fs::File::create(&tmp)
             .await
             .map_err(|e| CloudError::io(&tmp, e))?;
@@ -108,7 +111,9 @@ impl BlobStore {
             Err(e) => return Err(CloudError::io(&p, e)),
         };
         if sha256_hex(&data) != sha256 {
-            return Err(CloudError::DataLoss(format!("blob {sha256} fails its digest")));
+            return Err(CloudError::DataLoss(format!(
+                "blob {sha256} fails its digest"
+            )));
         }
         Ok(data)
     }
@@ -199,9 +204,19 @@ impl BlobWriter {
         hex::encode(self.hasher.clone().finalize())
     }
 
-    /// Path of the temp file (to validate the content before committing).
-    pub fn tmp_path(&self) -> Option<&Path> {
-        self.tmp.as_deref()
+    /// Reads back what was written so far (to validate it before committing). Flushes
+    /// first: tokio's `File` completes writes in the background.
+    pub async fn contents(&mut self) -> Result<Vec<u8>> {
+        let tmp = self
+            .tmp
+            .clone()
+            .ok_or_else(|| CloudError::Internal("read after commit".into()))?;
+        if let Some(f) = self.file.as_mut() {
+            f.flush().await.map_err(|e| CloudError::io(&tmp, e))?;
+        }
+        tokio::fs::read(&tmp)
+            .await
+            .map_err(|e| CloudError::io(&tmp, e))
     }
 
     /// fsyncs, checks the digest against `expected` (field name, digest) if given, and moves

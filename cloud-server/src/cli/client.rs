@@ -12,7 +12,11 @@ use tonic::transport::Channel;
 
 #[derive(Args, Debug)]
 pub struct ClientArgs {
-    #[arg(long, env = "ADAPTIVENET_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "ADAPTIVENET_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
     endpoint: String,
     /// API token (`anv1_api_...`).
     #[arg(long, env = "ADAPTIVENET_TOKEN")]
@@ -58,9 +62,12 @@ enum ClientCmd {
     },
 }
 
-type Client = DeveloperServiceClient<
-    tonic::service::interceptor::InterceptedService<Channel, Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>>,
->;
+/// Adds the bearer token to every call.
+type AuthFn =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+
+type Client =
+    DeveloperServiceClient<tonic::service::interceptor::InterceptedService<Channel, AuthFn>>;
 
 async fn connect(endpoint: &str, token: &str) -> anyhow::Result<Client> {
     let channel = Channel::from_shared(endpoint.to_string())?
@@ -69,44 +76,51 @@ async fn connect(endpoint: &str, token: &str) -> anyhow::Result<Client> {
         .await
         .with_context(|| format!("connecting to {endpoint}"))?;
     let value: MetadataValue<_> = format!("Bearer {token}").parse()?;
-    let f: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
-        Box::new(move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", value.clone());
-            Ok(req)
-        });
+    let f: AuthFn = Box::new(move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", value.clone());
+        Ok(req)
+    });
     Ok(DeveloperServiceClient::with_interceptor(channel, f).max_decoding_message_size(8 << 20))
 }
 
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let mut c = connect(&args.endpoint, &args.token).await?;
     match args.cmd {
-        ClientCmd::Upload { weights, arch, name } => {
+        ClientCmd::Upload {
+            weights,
+            arch,
+            name,
+        } => {
             let data = std::fs::read(&weights).with_context(|| weights.display().to_string())?;
             let arch_json = std::fs::read(&arch).with_context(|| arch.display().to_string())?;
             let sha = hex::encode(Sha256::digest(&data));
             let bar = indicatif::ProgressBar::new(data.len() as u64);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
-                    .expect("valid template"),
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .expect("valid template"),
             );
             let header = pb::UploadOracleRequest {
-                msg: Some(pb::upload_oracle_request::Msg::Header(pb::OracleUploadHeader {
-                    name,
-                    arch_json,
-                    size_bytes: data.len() as u64,
-                    weights_sha256: sha,
-                })),
+                msg: Some(pb::upload_oracle_request::Msg::Header(
+                    pb::OracleUploadHeader {
+                        name,
+                        arch_json,
+                        size_bytes: data.len() as u64,
+                        weights_sha256: sha,
+                    },
+                )),
             };
             let bar2 = bar.clone();
             let chunks: Vec<Vec<u8>> = data.chunks(1 << 20).map(|c| c.to_vec()).collect();
-            let stream = futures::stream::iter(std::iter::once(header).chain(chunks.into_iter().map(
-                move |c| {
+            let stream = futures::stream::iter(std::iter::once(header).chain(
+                chunks.into_iter().map(move |c| {
                     bar2.inc(c.len() as u64);
                     pb::UploadOracleRequest {
                         msg: Some(pb::upload_oracle_request::Msg::Chunk(c)),
                     }
-                },
-            )));
+                }),
+            ));
             let r = c.upload_oracle(stream).await?.into_inner();
             bar.finish();
             let o = r.oracle.unwrap_or_default();
@@ -118,7 +132,11 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 o.weights_sha256
             );
         }
-        ClientCmd::Elastify { oracle_id, dataset_id, watch } => {
+        ClientCmd::Elastify {
+            oracle_id,
+            dataset_id,
+            watch,
+        } => {
             let j = c
                 .start_elastification(pb::StartElastificationRequest {
                     oracle_id,
@@ -134,28 +152,66 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         }
         ClientCmd::Watch { job_id } => watch_job(&mut c, job_id).await?,
         ClientCmd::Cancel { job_id } => {
-            let j = c.cancel_job(pb::CancelJobRequest { job_id }).await?.into_inner();
-            println!("job {} state {:?}", j.id, pb::JobState::try_from(j.state).unwrap_or_default());
+            let j = c
+                .cancel_job(pb::CancelJobRequest { job_id })
+                .await?
+                .into_inner();
+            println!(
+                "job {} state {:?}",
+                j.id,
+                pb::JobState::try_from(j.state).unwrap_or_default()
+            );
         }
         ClientCmd::List { what } => match what.as_str() {
             "oracles" => {
-                for o in c.list_oracles(pb::ListOraclesRequest::default()).await?.into_inner().oracles {
-                    println!("{}  {:20}  {:10}  {}", o.id, o.name, o.family, o.weights_sha256);
+                for o in c
+                    .list_oracles(pb::ListOraclesRequest::default())
+                    .await?
+                    .into_inner()
+                    .oracles
+                {
+                    println!(
+                        "{}  {:20}  {:10}  {}",
+                        o.id, o.name, o.family, o.weights_sha256
+                    );
                 }
             }
             "jobs" => {
-                for j in c.list_jobs(pb::ListJobsRequest::default()).await?.into_inner().jobs {
+                for j in c
+                    .list_jobs(pb::ListJobsRequest::default())
+                    .await?
+                    .into_inner()
+                    .jobs
+                {
                     let st = pb::JobState::try_from(j.state).unwrap_or_default();
-                    println!("{}  {:?}  {:.0}%  {}", j.id, st, j.progress * 100.0, j.error);
+                    println!(
+                        "{}  {:?}  {:.0}%  {}",
+                        j.id,
+                        st,
+                        j.progress * 100.0,
+                        j.error
+                    );
                 }
             }
             _ => {
-                for s in c.list_supernets(pb::ListSupernetsRequest::default()).await?.into_inner().supernets {
-                    println!("{}  {} v{}  {} modules", s.id, s.name, s.version, s.num_modules);
+                for s in c
+                    .list_supernets(pb::ListSupernetsRequest::default())
+                    .await?
+                    .into_inner()
+                    .supernets
+                {
+                    println!(
+                        "{}  {} v{}  {} modules",
+                        s.id, s.name, s.version, s.num_modules
+                    );
                 }
             }
         },
-        ClientCmd::Publish { supernet_id, fleet, label } => {
+        ClientCmd::Publish {
+            supernet_id,
+            fleet,
+            label,
+        } => {
             let l = c
                 .publish_supernet(pb::PublishSupernetRequest {
                     supernet_id,
@@ -171,9 +227,15 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
 }
 
 async fn watch_job(c: &mut Client, job_id: String) -> anyhow::Result<()> {
-    let mut s = c.watch_job(pb::WatchJobRequest { job_id }).await?.into_inner();
+    let mut s = c
+        .watch_job(pb::WatchJobRequest { job_id })
+        .await?
+        .into_inner();
     let bar = indicatif::ProgressBar::new(1000);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {percent}% {msg}").expect("valid template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {percent}% {msg}")
+            .expect("valid template"),
+    );
     let mut last = None;
     while let Some(ev) = s.message().await? {
         if let Some(j) = ev.job {

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adaptivenet_cloud::jobs::{UnimplementedRunner, Worker, worker_id_prefix};
 use adaptivenet_cloud::domain::{parse_id, Role};
+use adaptivenet_cloud::jobs::{worker_id_prefix, UnimplementedRunner, Worker};
 use adaptivenet_cloud::server::{self, TlsFiles};
 use adaptivenet_cloud::{App, Config};
 use anyhow::Context;
@@ -18,7 +18,12 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "cloud-server", version, about = "adaptivenet cloud server")]
 pub struct Args {
     /// Data directory (SQLite file and blobs unless overridden).
-    #[arg(long, env = "ADAPTIVENET_DATA_DIR", default_value = "./adaptivenet-data", global = true)]
+    #[arg(
+        long,
+        env = "ADAPTIVENET_DATA_DIR",
+        default_value = "./adaptivenet-data",
+        global = true
+    )]
     data_dir: PathBuf,
     /// Database URL (`sqlite://...` or `postgres://...`); default: SQLite in the data dir.
     #[arg(long, env = "ADAPTIVENET_DATABASE_URL", global = true)]
@@ -149,7 +154,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 Some(a) => Some(tokio::net::TcpListener::bind(a).await?),
                 None => None,
             };
-            let handle = server::start(app, listener, Some(Arc::new(UnimplementedRunner)), ml, tls).await?;
+            let handle =
+                server::start(app, listener, Some(Arc::new(UnimplementedRunner)), ml, tls).await?;
             tracing::info!(addr = %handle.addr, metrics = ?handle.metrics_addr, "cloud-server ready");
             shutdown_signal().await;
             tracing::info!("draining");
@@ -161,7 +167,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let prefix = worker_id_prefix();
             let handles: Vec<_> = (0..concurrency.max(1))
                 .map(|i| {
-                    let w = Worker::new(app.clone(), Arc::new(UnimplementedRunner), format!("{prefix}-{i}"));
+                    let w = Worker::new(
+                        app.clone(),
+                        Arc::new(UnimplementedRunner),
+                        format!("{prefix}-{i}"),
+                    );
                     tokio::spawn(w.run(stop.clone()))
                 })
                 .collect();
@@ -178,13 +188,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Token { cmd } => {
             let app = App::open(cfg).await?;
             match cmd {
-                TokenCmd::CreateApi { role, description, ttl_secs } => {
+                TokenCmd::CreateApi {
+                    role,
+                    description,
+                    ttl_secs,
+                } => {
                     let t = app
-                        .create_api_token(Role::parse(&role)?, &description, ttl_secs.map(Duration::from_secs))
+                        .create_api_token(
+                            Role::parse(&role)?,
+                            &description,
+                            ttl_secs.map(Duration::from_secs),
+                        )
                         .await?;
                     println!("id:    {}\ntoken: {}", t.id, t.token);
                 }
-                TokenCmd::CreateEnrollment { fleet, uses, ttl_secs } => {
+                TokenCmd::CreateEnrollment {
+                    fleet,
+                    uses,
+                    ttl_secs,
+                } => {
                     let fleet_id = match parse_id("fleet", &fleet) {
                         Ok(id) => id,
                         Err(_) => app.store().fleet_by_name(&fleet).await?.id,
@@ -210,12 +232,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     println!("revoked");
                 }
                 TokenCmd::RevokeEnrollment { id } => {
-                    app.store().revoke_enrollment_token(parse_id("id", &id)?).await?;
+                    app.store()
+                        .revoke_enrollment_token(parse_id("id", &id)?)
+                        .await?;
                     println!("revoked");
                 }
             }
         }
-        Cmd::Fleet { cmd: FleetCmd::Create { name } } => {
+        Cmd::Fleet {
+            cmd: FleetCmd::Create { name },
+        } => {
             let app = App::open(cfg).await?;
             let f = app.store().create_fleet(&name).await?;
             println!("{}", f.id);

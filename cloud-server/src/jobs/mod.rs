@@ -229,16 +229,25 @@ impl Worker {
             }
             (Ok(out), _) => {
                 match app
-                    .register_supernet(&job.supernet_name, job.oracle_id, Some(id), &out.manifest_json)
+                    .register_supernet(
+                        &job.supernet_name,
+                        job.oracle_id,
+                        Some(id),
+                        &out.manifest_json,
+                    )
                     .await
                 {
                     Ok(s) => {
-                        store.finish_job(id, &self.id, JobState::Succeeded, None, Some(s.id), now).await?;
+                        store
+                            .finish_job(id, &self.id, JobState::Succeeded, None, Some(s.id), now)
+                            .await?;
                         tracing::info!(job = %id, supernet = %s.id, version = s.version, "job succeeded");
                     }
                     Err(e) => {
                         let msg = format!("registering the supernet failed: {e}");
-                        store.finish_job(id, &self.id, JobState::Failed, Some(&msg), None, now).await?;
+                        store
+                            .finish_job(id, &self.id, JobState::Failed, Some(&msg), None, now)
+                            .await?;
                     }
                 }
                 Metrics::inc(&app.metrics().jobs_finished_total);
@@ -248,12 +257,23 @@ impl Worker {
                 tracing::info!(job = %id, "job released on shutdown");
             }
             (Err(_), Interrupt::UserCancel) | (Err(CloudError::Cancelled(_)), Interrupt::None) => {
-                store.finish_job(id, &self.id, JobState::Cancelled, Some("cancelled"), None, now).await?;
+                store
+                    .finish_job(
+                        id,
+                        &self.id,
+                        JobState::Cancelled,
+                        Some("cancelled"),
+                        None,
+                        now,
+                    )
+                    .await?;
                 Metrics::inc(&app.metrics().jobs_finished_total);
             }
             (Err(e), Interrupt::None) => {
                 let msg = e.to_string();
-                store.finish_job(id, &self.id, JobState::Failed, Some(&msg), None, now).await?;
+                store
+                    .finish_job(id, &self.id, JobState::Failed, Some(&msg), None, now)
+                    .await?;
                 tracing::warn!(job = %id, error = %msg, "job failed");
                 Metrics::inc(&app.metrics().jobs_finished_total);
             }
@@ -272,7 +292,11 @@ pub fn spawn_workers(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..n)
         .map(|i| {
-            let w = Worker::new(app.clone(), runner.clone(), format!("{}-{i}", worker_id_prefix()));
+            let w = Worker::new(
+                app.clone(),
+                runner.clone(),
+                format!("{}-{i}", worker_id_prefix()),
+            );
             tokio::spawn(w.run(stop.clone()))
         })
         .collect()

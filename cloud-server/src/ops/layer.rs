@@ -92,10 +92,12 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let m = metrics.metrics();
-            m.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            m.in_flight
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let start = Instant::now();
             let res = inner.call(req).await.map_err(Into::into);
-            m.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            m.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             drop(permit);
             let code = match &res {
                 Ok(r) => r

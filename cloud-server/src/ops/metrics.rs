@@ -9,7 +9,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-const BUCKETS_MS: [f64; 12] = [1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 30000.0];
+const BUCKETS_MS: [f64; 12] = [
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 30000.0,
+];
 
 #[derive(Debug, Default)]
 struct Histogram {
@@ -63,7 +65,10 @@ impl Metrics {
         let mut s = String::new();
         let _ = writeln!(s, "# TYPE adaptivenet_grpc_requests_total counter");
         for ((m, c), n) in self.requests.lock().expect("metrics lock").iter() {
-            let _ = writeln!(s, "adaptivenet_grpc_requests_total{{method=\"{m}\",code=\"{c}\"}} {n}");
+            let _ = writeln!(
+                s,
+                "adaptivenet_grpc_requests_total{{method=\"{m}\",code=\"{c}\"}} {n}"
+            );
         }
         let _ = writeln!(s, "# TYPE adaptivenet_grpc_request_duration_ms histogram");
         for (m, h) in self.latency.lock().expect("metrics lock").iter() {
@@ -74,21 +79,53 @@ impl Metrics {
                     h.counts[i]
                 );
             }
-            let _ = writeln!(s, "adaptivenet_grpc_request_duration_ms_bucket{{method=\"{m}\",le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(s, "adaptivenet_grpc_request_duration_ms_sum{{method=\"{m}\"}} {}", h.sum_ms);
-            let _ = writeln!(s, "adaptivenet_grpc_request_duration_ms_count{{method=\"{m}\"}} {}", h.count);
+            let _ = writeln!(
+                s,
+                "adaptivenet_grpc_request_duration_ms_bucket{{method=\"{m}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                s,
+                "adaptivenet_grpc_request_duration_ms_sum{{method=\"{m}\"}} {}",
+                h.sum_ms
+            );
+            let _ = writeln!(
+                s,
+                "adaptivenet_grpc_request_duration_ms_count{{method=\"{m}\"}} {}",
+                h.count
+            );
         }
         let gauges = [
             ("adaptivenet_grpc_in_flight", "gauge", &self.in_flight),
             ("adaptivenet_grpc_shed_total", "counter", &self.shed_total),
-            ("adaptivenet_oracle_uploads_total", "counter", &self.oracle_uploads_total),
+            (
+                "adaptivenet_oracle_uploads_total",
+                "counter",
+                &self.oracle_uploads_total,
+            ),
             ("adaptivenet_reports_total", "counter", &self.reports_total),
-            ("adaptivenet_enrollments_total", "counter", &self.enrollments_total),
-            ("adaptivenet_blob_bytes_sent_total", "counter", &self.blob_bytes_sent_total),
-            ("adaptivenet_jobs_finished_total", "counter", &self.jobs_finished_total),
+            (
+                "adaptivenet_enrollments_total",
+                "counter",
+                &self.enrollments_total,
+            ),
+            (
+                "adaptivenet_blob_bytes_sent_total",
+                "counter",
+                &self.blob_bytes_sent_total,
+            ),
+            (
+                "adaptivenet_jobs_finished_total",
+                "counter",
+                &self.jobs_finished_total,
+            ),
         ];
         for (name, kind, v) in gauges {
-            let _ = writeln!(s, "# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                s,
+                "# TYPE {name} {kind}\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         s
     }

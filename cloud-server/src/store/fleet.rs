@@ -106,7 +106,8 @@ impl Store {
     }
 
     pub async fn list_fleets(&self, page: Page) -> Result<Vec<Fleet>> {
-        let q = format!("SELECT {FLEET_COLS} FROM fleets ORDER BY created_ms, id LIMIT $1 OFFSET $2");
+        let q =
+            format!("SELECT {FLEET_COLS} FROM fleets ORDER BY created_ms, id LIMIT $1 OFFSET $2");
         sqlx::query(&q)
             .bind(page.limit)
             .bind(page.offset)
@@ -267,16 +268,23 @@ impl Store {
 
     /// Revokes a device: its credential stops working at once.
     pub async fn revoke_device(&self, id: Uuid) -> Result<Uuid> {
-        let row = sqlx::query("UPDATE devices SET status = 'revoked' WHERE id = $1 RETURNING fleet_id")
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| CloudError::not_found("device", id.to_string()))?;
+        let row =
+            sqlx::query("UPDATE devices SET status = 'revoked' WHERE id = $1 RETURNING fleet_id")
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or_else(|| CloudError::not_found("device", id.to_string()))?;
         get_uuid(&row, "fleet_id")
     }
 
     /// Stores a device's latest report (one upsert: the hot path of the fleet).
-    pub async fn upsert_report(&self, device_id: Uuid, fleet_id: Uuid, r: &Report, now: i64) -> Result<()> {
+    pub async fn upsert_report(
+        &self,
+        device_id: Uuid,
+        fleet_id: Uuid,
+        r: &Report,
+        now: i64,
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO device_reports (device_id, fleet_id, supernet_id, device_class, \
              active_subnet, latency_p50_ms, latency_p95_ms, latency_budget_ms, quality, \

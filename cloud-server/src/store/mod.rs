@@ -74,18 +74,33 @@ impl Store {
             ));
         };
         let opts = AnyConnectOptions::from_str(&url)?;
+        if backend == Backend::Sqlite {
+            // WAL is persistent per file. Switching needs an exclusive lock that busy_timeout
+            // does not wait for, so do it once here rather than on every pooled connection.
+            use sqlx::Connection;
+            let mut c = sqlx::AnyConnection::connect_with(&opts).await?;
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&mut c)
+                .await?;
+            c.close().await?;
+        }
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(10))
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
-                        // WAL is persistent per file; NORMAL sync is durable in WAL mode
-                        // except for the last transactions on power loss.
-                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                        // NORMAL sync is durable in WAL mode except for the last
+                        // transactions on power loss.
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA busy_timeout = 10000")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA foreign_keys = ON")
+                            .execute(&mut *conn)
+                            .await?;
                     }
                     Ok(())
                 })
@@ -129,7 +144,9 @@ fn get_uuid(row: &AnyRow, col: &str) -> Result<Uuid> {
 fn get_opt_uuid(row: &AnyRow, col: &str) -> Result<Option<Uuid>> {
     let s: Option<String> = row.try_get(col)?;
     s.filter(|s| !s.is_empty())
-        .map(|s| Uuid::parse_str(&s).map_err(|e| CloudError::Internal(format!("column {col}: {e}"))))
+        .map(|s| {
+            Uuid::parse_str(&s).map_err(|e| CloudError::Internal(format!("column {col}: {e}")))
+        })
         .transpose()
 }
 

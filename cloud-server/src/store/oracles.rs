@@ -7,7 +7,8 @@ use super::{get_u64, get_uuid, is_unique_violation, Store};
 use crate::domain::{Dataset, Oracle, Page};
 use crate::error::{CloudError, Result};
 
-const ORACLE_COLS: &str = "id, name, family, weights_sha256, size_bytes, num_params, num_tensors, arch_json, created_ms";
+const ORACLE_COLS: &str =
+    "id, name, family, weights_sha256, size_bytes, num_params, num_tensors, arch_json, created_ms";
 
 fn oracle_from_row(r: &AnyRow) -> Result<Oracle> {
     Ok(Oracle {
@@ -84,9 +85,8 @@ impl Store {
     }
 
     pub async fn list_oracles(&self, page: Page) -> Result<Vec<Oracle>> {
-        let q = format!(
-            "SELECT {ORACLE_COLS} FROM oracles ORDER BY created_ms, id LIMIT $1 OFFSET $2"
-        );
+        let q =
+            format!("SELECT {ORACLE_COLS} FROM oracles ORDER BY created_ms, id LIMIT $1 OFFSET $2");
         sqlx::query(&q)
             .bind(page.limit)
             .bind(page.offset)
@@ -172,4 +172,3 @@ impl Store {
         .collect()
     }
 }
-

@@ -167,7 +167,12 @@ impl Store {
 
     /// Points `label` of a fleet at a supernet; bumps the fleet's generation when its desired
     /// state follows that label.
-    pub async fn publish_label(&self, fleet_id: Uuid, label: &str, supernet_id: Uuid) -> Result<Label> {
+    pub async fn publish_label(
+        &self,
+        fleet_id: Uuid,
+        label: &str,
+        supernet_id: Uuid,
+    ) -> Result<Label> {
         self.get_supernet(supernet_id).await?;
         self.get_fleet(fleet_id).await?;
         let now = now_ms();
@@ -200,11 +205,12 @@ impl Store {
 
     /// The supernet a label of a fleet points at.
     pub async fn resolve_label(&self, fleet_id: Uuid, label: &str) -> Result<Option<Uuid>> {
-        let row = sqlx::query("SELECT supernet_id FROM fleet_labels WHERE fleet_id = $1 AND label = $2")
-            .bind(fleet_id.to_string())
-            .bind(label)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT supernet_id FROM fleet_labels WHERE fleet_id = $1 AND label = $2")
+                .bind(fleet_id.to_string())
+                .bind(label)
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|r| get_uuid(&r, "supernet_id")).transpose()
     }
 

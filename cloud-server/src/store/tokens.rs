@@ -132,30 +132,34 @@ impl Store {
 
     /// (id, role, description, expires, revoked) of every API token, for `token list`.
     pub async fn list_api_tokens(&self) -> Result<Vec<(ApiTokenRow, String)>> {
-        sqlx::query("SELECT id, role, description, expires_ms, revoked FROM api_tokens ORDER BY created_ms")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| {
-                let role: String = r.try_get("role")?;
-                Ok((
-                    ApiTokenRow {
-                        id: get_uuid(r, "id")?,
-                        role: Role::parse(&role)?,
-                        expires_ms: r.try_get("expires_ms")?,
-                        revoked: r.try_get::<i64, _>("revoked")? != 0,
-                    },
-                    r.try_get("description")?,
-                ))
-            })
-            .collect()
+        sqlx::query(
+            "SELECT id, role, description, expires_ms, revoked FROM api_tokens ORDER BY created_ms",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            let role: String = r.try_get("role")?;
+            Ok((
+                ApiTokenRow {
+                    id: get_uuid(r, "id")?,
+                    role: Role::parse(&role)?,
+                    expires_ms: r.try_get("expires_ms")?,
+                    revoked: r.try_get::<i64, _>("revoked")? != 0,
+                },
+                r.try_get("description")?,
+            ))
+        })
+        .collect()
     }
 
     pub async fn api_token_by_hash(&self, hash: &str) -> Result<Option<ApiTokenRow>> {
-        let row = sqlx::query("SELECT id, role, expires_ms, revoked FROM api_tokens WHERE token_hash = $1")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, role, expires_ms, revoked FROM api_tokens WHERE token_hash = $1",
+        )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| {
             let role: String = r.try_get("role")?;
             Ok(ApiTokenRow {

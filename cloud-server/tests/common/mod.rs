@@ -23,15 +23,15 @@ pub enum Db {
 /// Runs the same test body against both backends.
 #[macro_export]
 macro_rules! both_backends {
-    ($name:ident, $body:path) => {
+    ($name:ident, $body:ident) => {
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
-                crate::$body(crate::common::Db::Sqlite).await
+                $crate::$body($crate::common::Db::Sqlite).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                crate::$body(crate::common::Db::Postgres).await
+                $crate::$body($crate::common::Db::Postgres).await
             }
         }
     };
@@ -54,13 +54,18 @@ pub async fn database_url(db: Db, dir: &std::path::Path) -> Option<(String, Opti
             let name = format!("an_{}", uuid::Uuid::new_v4().simple());
             let created = async {
                 let mut c = sqlx::PgConnection::connect(PG_ADMIN_URL).await?;
-                sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut c).await?;
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut c)
+                    .await?;
                 c.close().await?;
                 Ok::<_, sqlx::Error>(())
             }
             .await;
             match created {
-                Ok(()) => Some((format!("postgres://postgres@127.0.0.1:5432/{name}"), Some(name))),
+                Ok(()) => Some((
+                    format!("postgres://postgres@127.0.0.1:5432/{name}"),
+                    Some(name),
+                )),
                 Err(e) => {
                     if std::env::var("ADAPTIVENET_REQUIRE_PG").as_deref() == Ok("1") {
                         panic!("PostgreSQL required but unreachable at {PG_ADMIN_URL}: {e}");
@@ -111,8 +116,12 @@ impl Harness {
             .await
             .expect("admin token")
             .token;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let handle = server::start(app, listener, runner, Some(metrics), None)
             .await
             .expect("start server");
@@ -149,21 +158,34 @@ impl Harness {
 
     /// Creates an API token of a role.
     pub async fn token(&self, role: Role) -> String {
-        self.app().create_api_token(role, "test", None).await.expect("token").token
+        self.app()
+            .create_api_token(role, "test", None)
+            .await
+            .expect("token")
+            .token
     }
 
     /// Creates a fleet and enrolls one device in it; returns (fleet id, device id, credential).
     pub async fn enrolled_device(&self, fleet_name: &str) -> (String, String, String) {
         let fleet = self
             .admin_client()
-            .create_fleet(authed(pb::CreateFleetRequest { name: fleet_name.into() }, &self.admin))
+            .create_fleet(authed(
+                pb::CreateFleetRequest {
+                    name: fleet_name.into(),
+                },
+                &self.admin,
+            ))
             .await
             .expect("create fleet")
             .into_inner();
         let tok = self
             .admin_client()
             .create_enrollment_token(authed(
-                pb::CreateEnrollmentTokenRequest { fleet_id: fleet.id.clone(), uses: 1, ttl_seconds: 0 },
+                pb::CreateEnrollmentTokenRequest {
+                    fleet_id: fleet.id.clone(),
+                    uses: 1,
+                    ttl_seconds: 0,
+                },
                 &self.admin,
             ))
             .await
@@ -196,8 +218,10 @@ impl Harness {
 /// Wraps a message with `authorization: Bearer <token>`.
 pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().expect("ascii"));
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
     r
 }
 
@@ -228,7 +252,13 @@ pub fn sha256_hex(b: &[u8]) -> String {
 pub const ARCH: &[u8] = br#"{"family":"resnet_cifar","depth":20}"#;
 
 /// The messages of an upload: header then chunks of `chunk` bytes.
-pub fn upload_msgs(name: &str, data: &[u8], declared_size: u64, declared_sha: &str, chunk: usize) -> Vec<pb::UploadOracleRequest> {
+pub fn upload_msgs(
+    name: &str,
+    data: &[u8],
+    declared_size: u64,
+    declared_sha: &str,
+    chunk: usize,
+) -> Vec<pb::UploadOracleRequest> {
     use pb::upload_oracle_request::Msg;
     let mut v = vec![pb::UploadOracleRequest {
         msg: Some(Msg::Header(pb::OracleUploadHeader {
@@ -239,13 +269,20 @@ pub fn upload_msgs(name: &str, data: &[u8], declared_size: u64, declared_sha: &s
         })),
     }];
     for c in data.chunks(chunk) {
-        v.push(pb::UploadOracleRequest { msg: Some(Msg::Chunk(c.to_vec())) });
+        v.push(pb::UploadOracleRequest {
+            msg: Some(Msg::Chunk(c.to_vec())),
+        });
     }
     v
 }
 
 /// Uploads an oracle as `token`.
-pub async fn upload(h: &Harness, token: &str, name: &str, data: &[u8]) -> Result<pb::UploadOracleResponse, tonic::Status> {
+pub async fn upload(
+    h: &Harness,
+    token: &str,
+    name: &str,
+    data: &[u8],
+) -> Result<pb::UploadOracleResponse, tonic::Status> {
     let msgs = upload_msgs(name, data, data.len() as u64, &sha256_hex(data), 1 << 16);
     h.developer()
         .upload_oracle(authed(futures::stream::iter(msgs), token))
@@ -256,16 +293,22 @@ pub async fn upload(h: &Harness, token: &str, name: &str, data: &[u8]) -> Result
 /// Files under the blob store's final area and temp area.
 pub fn blob_files(h: &Harness) -> (usize, usize) {
     let root = h.app().blobs().root().to_path_buf();
-    let count = |p: std::path::PathBuf| -> usize {
-        walk(&p)
-    };
+    let count = |p: std::path::PathBuf| -> usize { walk(&p) };
     (count(root.join("sha256")), count(root.join("tmp")))
 }
 
 fn walk(p: &std::path::Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
     rd.flatten()
-        .map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 })
+        .map(|e| {
+            if e.path().is_dir() {
+                walk(&e.path())
+            } else {
+                1
+            }
+        })
         .sum()
 }
 
@@ -275,11 +318,19 @@ pub async fn make_supernet(h: &Harness, oracle_id: &str, modules: &[Vec<u8>]) ->
     let mut entries = Vec::new();
     for (i, m) in modules.iter().enumerate() {
         let r = app.blobs().put(m).await.expect("put blob");
-        entries.push(serde_json::json!({"name": format!("m{i}"), "sha256": r.sha256, "size": r.size_bytes}));
+        entries.push(
+            serde_json::json!({"name": format!("m{i}"), "sha256": r.sha256, "size": r.size_bytes}),
+        );
     }
-    let manifest = serde_json::to_vec(&serde_json::json!({"format": 1, "modules": entries})).expect("json");
+    let manifest =
+        serde_json::to_vec(&serde_json::json!({"format": 1, "modules": entries})).expect("json");
     let s = app
-        .register_supernet("net", uuid::Uuid::parse_str(oracle_id).expect("uuid"), None, &manifest)
+        .register_supernet(
+            "net",
+            uuid::Uuid::parse_str(oracle_id).expect("uuid"),
+            None,
+            &manifest,
+        )
         .await
         .expect("register supernet");
     s.id.to_string()

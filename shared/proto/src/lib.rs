@@ -4,4 +4,5 @@ pub mod v1 {
     tonic::include_proto!("adaptivenet.v1");
 }
 /// Encoded `FileDescriptorSet` for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("adaptivenet_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("adaptivenet_descriptor");

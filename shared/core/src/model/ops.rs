@@ -1,10 +1,43 @@
 //! The few tensor primitives the chain models are built from. Every forward pass of every
 //! family goes through these functions, so switching a primitive to a faster kernel is a
 //! one-place change and the oracle and its all-original subnet share one code path.
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{DType, Tensor, D};
 
 use super::spec::Act;
 use crate::Result;
+
+/// Process-wide backend switch: `true` runs [`conv2d`], [`conv2d_fused`] and
+/// [`max_pool_3x3_s2_p1`] on stock candle ops instead of the kernels crate (the reference
+/// column of `cargo bench --bench kernels` and of `tests/backends.rs`). Default: `false`.
+static STOCK_CANDLE: AtomicBool = AtomicBool::new(false);
+
+/// Selects stock candle ops (`true`) or the kernels crate (`false`, the default) for the
+/// conv and max-pool primitives, process-wide.
+pub fn set_stock_candle(on: bool) {
+    STOCK_CANDLE.store(on, Ordering::Relaxed);
+}
+
+/// Whether stock candle ops are selected (see [`set_stock_candle`]).
+pub fn stock_candle() -> bool {
+    STOCK_CANDLE.load(Ordering::Relaxed)
+}
+
+/// Stock candle conv2d (zero padding per side, explicit when asymmetric).
+fn conv2d_stock(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    (t, b, l, r): (usize, usize, usize, usize),
+    groups: usize,
+) -> Result<Tensor> {
+    if t == b && t == l && t == r {
+        return Ok(x.conv2d(w, t, stride, 1, groups)?);
+    }
+    let x = x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?;
+    Ok(x.conv2d(w, 0, stride, 1, groups)?)
+}
 
 /// 2-D convolution with per-side padding (top, bottom, left, right); differentiable (the
 /// kernels crate's GEMM / direct depthwise ops with their own backward).
@@ -15,6 +48,9 @@ pub fn conv2d(
     pad: (usize, usize, usize, usize),
     groups: usize,
 ) -> Result<Tensor> {
+    if stock_candle() {
+        return conv2d_stock(x, w, stride, pad, groups);
+    }
     let p = adaptivenet_kernels::Conv2dParams {
         stride: (stride, stride),
         padding: pad,
@@ -35,6 +71,13 @@ pub fn conv2d_fused(
     act: Option<Act>,
 ) -> Result<Tensor> {
     use adaptivenet_kernels::{Activation, Conv2dParams};
+    if stock_candle() {
+        let y = conv2d_stock(x, w, stride, pad, groups)?.broadcast_add(&per_channel(bias)?)?;
+        return match act {
+            Some(a) => activation(&y, a),
+            None => Ok(y),
+        };
+    }
     let p = Conv2dParams {
         stride: (stride, stride),
         padding: pad,
@@ -119,6 +162,17 @@ pub fn activation(x: &Tensor, act: Act) -> Result<Tensor> {
 /// 3x3 / stride 2 / padding 1 max-pool (torchvision ResNet stem), padding acting as -inf;
 /// differentiable.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+    if stock_candle() {
+        let (n, c, h, w) = x.dims4()?;
+        let ninf = |shape: (usize, usize, usize, usize)| {
+            Tensor::full(f32::NEG_INFINITY, shape, x.device())?.to_dtype(x.dtype())
+        };
+        let col = ninf((n, c, h, 1))?;
+        let xp = Tensor::cat(&[&col, x, &col], 3)?;
+        let row = ninf((n, c, 1, w + 2))?;
+        let xp = Tensor::cat(&[&row, &xp, &row], 2)?;
+        return Ok(xp.max_pool2d_with_stride((3, 3), (2, 2))?);
+    }
     Ok(adaptivenet_kernels::max_pool2d(x, (3, 3), (2, 2), (1, 1))?)
 }
 

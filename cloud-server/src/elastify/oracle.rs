@@ -1,0 +1,258 @@
+//! Training the oracle from scratch: the small-input ResNet on Fashion-MNIST with the
+//! reference recipe (SGD momentum 0.9 Nesterov, weight decay 5e-4, lr 0.1 with linear warm-up
+//! and cosine decay, batch 128, pad-2 random crop + flip, BN in train mode).
+use std::time::{Duration, Instant};
+
+use adaptivenet_core::data::Dataset;
+use adaptivenet_core::model::{
+    block_forward, head_forward, stem_forward, Model, ModelSpec, TrainCtx,
+};
+use candle_core::Device;
+use tokio_util::sync::CancellationToken;
+
+use super::optim::{Optimizer, Sgd, WarmupCosine};
+use super::train::{
+    accuracy, cross_entropy, fashion_transform, step_rng, BatchSampler, TrainModule, BN_MOMENTUM,
+};
+use super::{OrCloud, ProgressEvent, ProgressSink};
+use crate::error::{CloudError, Result};
+
+/// The oracle-training recipe.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainOracleConfig {
+    /// Optimisation steps (17 epochs of 60,000 at batch 128 is 7,969).
+    pub steps: u64,
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup_steps: u64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    /// Pad-2 random crop + horizontal flip.
+    pub augment: bool,
+    pub seed: u64,
+    /// Evaluation batch size.
+    pub eval_batch: usize,
+}
+
+impl Default for TrainOracleConfig {
+    fn default() -> Self {
+        Self {
+            steps: 7969,
+            batch: 128,
+            lr: 0.1,
+            warmup_steps: 469,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 5e-4,
+            augment: true,
+            seed: 0,
+            eval_batch: 500,
+        }
+    }
+}
+
+impl TrainOracleConfig {
+    /// Steps for `epochs` passes over `n` images.
+    pub fn steps_for_epochs(epochs: f64, n: usize, batch: usize) -> u64 {
+        ((epochs * n as f64) / batch.max(1) as f64).ceil() as u64
+    }
+
+    /// Rejects a bad recipe before any work, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            return Err(CloudError::invalid("steps", "must be at least 1"));
+        }
+        if self.batch == 0 || self.batch > 4096 {
+            return Err(CloudError::invalid(
+                "batch",
+                format!("{} not in 1..=4096", self.batch),
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 10.0) {
+            return Err(CloudError::invalid(
+                "lr",
+                format!("{} not in (0, 10]", self.lr),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(CloudError::invalid(
+                "momentum",
+                format!("{} not in [0, 1)", self.momentum),
+            ));
+        }
+        if !(self.weight_decay.is_finite() && (0.0..1.0).contains(&self.weight_decay)) {
+            return Err(CloudError::invalid(
+                "weight_decay",
+                format!("{} not in [0, 1)", self.weight_decay),
+            ));
+        }
+        if self.warmup_steps > self.steps {
+            return Err(CloudError::invalid("warmup_steps", "exceeds steps"));
+        }
+        Ok(())
+    }
+}
+
+/// What a training run measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OracleReport {
+    pub steps: u64,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    /// Mean training loss of the last min(50, steps) steps.
+    pub final_mean_loss: f64,
+    /// Training throughput (augmentation + forward + backward + update).
+    pub images_per_sec: f64,
+    pub train_time: Duration,
+    /// Top-1 accuracy on `test`, if given.
+    pub test_accuracy: Option<f64>,
+}
+
+/// Trains a model of `spec` from a seeded Kaiming initialisation on `train`, evaluates it on
+/// `test`, and returns it (save it with [`Model::save`]). Cancel stops after the current step
+/// with `Err(Cancelled)`.
+pub fn train_oracle(
+    spec: &ModelSpec,
+    config: &TrainOracleConfig,
+    train: &Dataset,
+    test: Option<&Dataset>,
+    progress: &mut dyn ProgressSink,
+    cancel: &CancellationToken,
+) -> Result<(Model, OracleReport)> {
+    config.validate()?;
+    check_data(spec, train, "train")?;
+    if let Some(t) = test {
+        check_data(spec, t, "test")?;
+    }
+    let init = Model::init(spec, config.seed).cl()?;
+    let mut stem = TrainModule::new(&init.stem).cl()?;
+    let mut blocks = init
+        .blocks
+        .iter()
+        .map(TrainModule::new)
+        .collect::<candle_core::Result<Vec<_>>>()
+        .cl()?;
+    let mut head = TrainModule::new(&init.head).cl()?;
+    let mut vars: Vec<_> = stem.named_vars("stem").collect();
+    for (i, b) in blocks.iter().enumerate() {
+        vars.extend(b.named_vars(&format!("blocks.{i}")));
+    }
+    vars.extend(head.named_vars("head"));
+
+    let mut opt = Sgd::new(config.momentum, config.nesterov, config.weight_decay);
+    let sched = WarmupCosine {
+        base_lr: config.lr,
+        min_lr: 0.0,
+        warmup_steps: config.warmup_steps,
+        total_steps: config.steps,
+    };
+    let transform = fashion_transform(config.augment);
+    let mut sampler = BatchSampler::new(train.len(), config.seed);
+    let num = &spec.numerics;
+    let start = Instant::now();
+    let mut losses = Vec::with_capacity(config.steps as usize);
+    for step in 0..config.steps {
+        let pos = step * config.batch as u64;
+        let idx = sampler.batch(pos, config.batch);
+        let mut rng = step_rng(config.seed, 100, step);
+        let (x, y) = train
+            .batch_tensor_augmented(&idx, &transform, &mut rng, &Device::Cpu)
+            .cl()?;
+        let mut c = TrainCtx::new(BN_MOMENTUM);
+        let mut h = stem_forward(&spec.stem, num, &stem.params(), &x, Some(&mut c)).cl()?;
+        stem.apply(&mut c);
+        for (b, m) in spec.blocks.iter().zip(blocks.iter_mut()) {
+            h = block_forward(b, num, &m.params(), &h, Some(&mut c)).cl()?;
+            m.apply(&mut c);
+        }
+        let logits = head_forward(&spec.head, num, &head.params(), &h, Some(&mut c)).cl()?;
+        head.apply(&mut c);
+        let loss = cross_entropy(&logits, &y).cl()?;
+        let grads = loss.backward().cl()?;
+        let lr = sched.lr(step);
+        opt.step(&vars, &grads, lr).cl()?;
+        let lv = loss.to_scalar::<f32>().cl()? as f64;
+        if !lv.is_finite() {
+            return Err(CloudError::Internal(format!(
+                "training diverged at step {step} (loss {lv}); lower lr"
+            )));
+        }
+        losses.push(lv);
+        let el = start.elapsed().as_secs_f64();
+        let done = step + 1;
+        let rate = (done * config.batch as u64) as f64 / el.max(1e-9);
+        let eta = Duration::from_secs_f64(el / done as f64 * (config.steps - done) as f64);
+        progress.report(&ProgressEvent {
+            stage: "oracle".into(),
+            epoch: pos / train.len() as u64,
+            step: done,
+            stage_steps: config.steps,
+            global_step: done,
+            total_steps: config.steps,
+            loss: lv,
+            lr,
+            samples_per_sec: rate,
+            eta,
+        });
+        if cancel.is_cancelled() && done < config.steps {
+            return Err(CloudError::Cancelled(format!(
+                "oracle training cancelled after step {done}"
+            )));
+        }
+    }
+    let train_time = start.elapsed();
+    let model = Model {
+        spec: spec.clone(),
+        stem: stem.snapshot().cl()?,
+        blocks: blocks
+            .iter()
+            .map(TrainModule::snapshot)
+            .collect::<candle_core::Result<_>>()
+            .cl()?,
+        head: head.snapshot().cl()?,
+    };
+    let test_accuracy = match test {
+        Some(t) => Some(accuracy(&model, t, config.eval_batch).cl()?),
+        None => None,
+    };
+    let tail = losses.len().min(50);
+    let report = OracleReport {
+        steps: config.steps,
+        first_loss: losses[0],
+        last_loss: *losses.last().expect("steps >= 1"),
+        final_mean_loss: losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64,
+        images_per_sec: (config.steps * config.batch as u64) as f64
+            / train_time.as_secs_f64().max(1e-9),
+        train_time,
+        test_accuracy,
+    };
+    Ok((model, report))
+}
+
+/// The dataset must be non-empty, with the model's input channels and classes.
+pub(crate) fn check_data(spec: &ModelSpec, data: &Dataset, field: &str) -> Result<()> {
+    if data.is_empty() {
+        return Err(CloudError::invalid(field, "the dataset is empty"));
+    }
+    if data.channels != spec.stem.cin {
+        return Err(CloudError::invalid(
+            field,
+            format!(
+                "images have {} channels, the model expects {}",
+                data.channels, spec.stem.cin
+            ),
+        ));
+    }
+    if data.num_classes() != spec.head.classes {
+        return Err(CloudError::invalid(
+            field,
+            format!(
+                "the dataset has {} classes, the model {}",
+                data.num_classes(),
+                spec.head.classes
+            ),
+        ));
+    }
+    Ok(())
+}

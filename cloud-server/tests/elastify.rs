@@ -1,0 +1,486 @@
+//! Elastification and oracle training on tiny models and synthetic data (seconds on 2 cores).
+use std::cell::Cell;
+
+use adaptivenet_cloud::elastify::supernet::{feature_mse, oracle_digest};
+use adaptivenet_cloud::elastify::train::{accuracy, fashion_transform};
+use adaptivenet_cloud::elastify::{
+    elastify, evaluate_priors, priors::prior_subnets, train_oracle, DirCheckpoints, ElastifyArgs,
+    ElastifyConfig, NoProgress, ProgressEvent, TrainOracleConfig,
+};
+use adaptivenet_cloud::CloudError;
+use adaptivenet_core::data::Dataset;
+use adaptivenet_core::model::{ArchDescriptor, Model, ModelSpec};
+use adaptivenet_core::supernet::{branches::build_supernet, Subnet, SupernetConfig};
+use candle_core::{Device, Tensor};
+use tokio_util::sync::CancellationToken;
+
+fn spec(layers: &str) -> ModelSpec {
+    let json = format!(
+        r#"{{"family":"adaptivenet.resnet_small","block":"basic","layers":{layers},"widths":[8,16],"in_channels":1,"num_classes":10}}"#
+    );
+    ArchDescriptor::from_json(json.as_bytes()).unwrap().spec
+}
+
+/// `n` 12x12 grey images: class c has a bright 3x3 patch at a class-specific place plus
+/// deterministic noise, so the task is learnable.
+fn synthetic(n: usize) -> Dataset {
+    let (h, w) = (12, 12);
+    let mut images = Vec::with_capacity(n * h * w);
+    let mut labels = Vec::with_capacity(n);
+    let mut s: u32 = 12345;
+    for i in 0..n {
+        let c = (i % 10) as u32;
+        let (py, px) = (1 + (c as usize / 4) * 3, 1 + (c as usize % 4) * 3);
+        for y in 0..h {
+            for x in 0..w {
+                s = s.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                let noise = (s >> 24) as u8 / 4;
+                let on = (py..py + 3).contains(&y) && (px..px + 3).contains(&x);
+                images.push(if on { 200 + noise / 2 } else { noise });
+            }
+        }
+        labels.push(c);
+    }
+    let names = (0..10).map(|c| format!("c{c}")).collect();
+    Dataset::new(images, labels, (1, h, w), names).unwrap()
+}
+
+fn tiny_config() -> ElastifyConfig {
+    ElastifyConfig {
+        branches: vec!["merge2".into(), "merge3".into()],
+        seed: 3,
+        stage0_steps: 6,
+        stage1_steps: 6,
+        batch: 16,
+        lr_stage0: 3e-3,
+        lr_stage1: 1e-3,
+        warmup_steps: 2,
+        checkpoint_every: 4,
+        ..ElastifyConfig::default()
+    }
+}
+
+fn field_of(e: CloudError) -> String {
+    match e {
+        CloudError::InvalidArgument { field, .. } => field,
+        other => panic!("expected InvalidArgument, got {other}"),
+    }
+}
+
+fn branch_tensors(sn: &adaptivenet_core::supernet::Supernet) -> Vec<(String, Vec<f32>)> {
+    let mut v = Vec::new();
+    for (&(p, id), params) in &sn.modules {
+        if id == 0 {
+            continue;
+        }
+        for (n, t) in params {
+            v.push((
+                format!("p{p}c{id}.{n}"),
+                t.flatten_all().unwrap().to_vec1().unwrap(),
+            ));
+        }
+    }
+    v
+}
+
+#[test]
+fn bad_configs_fail_before_work_naming_the_field() {
+    let oracle = Model::init(&spec("[1,1]"), 0).unwrap();
+    let data = synthetic(20);
+    let run = |c: ElastifyConfig, d: &Dataset| {
+        let progressed = Cell::new(false);
+        let mut sink = |_: &ProgressEvent| progressed.set(true);
+        let r = elastify(&oracle, &c, d, &mut sink, None, &CancellationToken::new());
+        assert!(!progressed.get(), "no step may run on a bad config");
+        field_of(r.expect_err("must fail"))
+    };
+    let base = tiny_config();
+    let unknown = ElastifyConfig {
+        branches: vec!["merge2".into(), "merge9".into()],
+        ..base.clone()
+    };
+    assert_eq!(run(unknown, &data), "branches");
+    let zero = ElastifyConfig {
+        stage0_steps: 0,
+        stage1_steps: 0,
+        ..base.clone()
+    };
+    assert_eq!(run(zero, &data), "stage0_steps");
+    let lr = ElastifyConfig {
+        lr_stage1: 5.0,
+        ..base.clone()
+    };
+    assert_eq!(run(lr, &data), "lr_stage1");
+    let nan = ElastifyConfig {
+        lr_stage0: f64::NAN,
+        ..base.clone()
+    };
+    assert_eq!(run(nan, &data), "lr_stage0");
+    let batch = ElastifyConfig {
+        batch: 0,
+        ..base.clone()
+    };
+    assert_eq!(run(batch, &data), "batch");
+    let empty = Dataset::new(vec![], vec![], (1, 12, 12), data.class_names.clone()).unwrap();
+    assert_eq!(run(base.clone(), &empty), "data");
+
+    // The CLI entry: a missing dataset folder is named before anything is loaded.
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ElastifyArgs {
+        oracle_arch: tmp.path().join("a.json"),
+        oracle_weights: tmp.path().join("w.safetensors"),
+        data_dir: Some(tmp.path().join("no-such-dir")),
+        out_dir: tmp.path().join("out"),
+        branches: vec!["merge2".into()],
+        stage0_steps: 1,
+        stage1_steps: 1,
+        batch: 8,
+        lr: 1e-3,
+        lr_stage1: 1e-3,
+        temperature: 4.0,
+        seed: 0,
+        checkpoint_every: 0,
+        checkpoint_dir: None,
+        val_size: 10,
+        priors: 4,
+        no_augment: false,
+    };
+    let e = adaptivenet_cloud::elastify::run_elastify(&args, &CancellationToken::new());
+    assert_eq!(field_of(e.err().unwrap()), "data_dir");
+    let bad_kind = ElastifyArgs {
+        branches: vec!["wide".into()],
+        ..args
+    };
+    let e = adaptivenet_cloud::elastify::run_elastify(&bad_kind, &CancellationToken::new());
+    assert_eq!(field_of(e.err().unwrap()), "branches");
+
+    let bad_oracle = TrainOracleConfig {
+        lr: -1.0,
+        ..TrainOracleConfig::default()
+    };
+    let e = train_oracle(
+        &oracle.spec,
+        &bad_oracle,
+        &data,
+        None,
+        &mut NoProgress,
+        &CancellationToken::new(),
+    );
+    assert_eq!(field_of(e.err().unwrap()), "lr");
+}
+
+#[test]
+fn elastify_keeps_the_oracle_exact_and_trains_branches() {
+    // Two blocks and merge-2 only: one branch, so every step trains the same module and the
+    // stage-0 loss must go down.
+    // A briefly trained oracle: its BN statistics describe the data, as a real oracle's do.
+    let data = synthetic(160);
+    let quick = TrainOracleConfig {
+        steps: 15,
+        batch: 32,
+        lr: 0.05,
+        warmup_steps: 2,
+        augment: false,
+        ..TrainOracleConfig::default()
+    };
+    let never = CancellationToken::new();
+    let (oracle, _) =
+        train_oracle(&spec("[1,1]"), &quick, &data, None, &mut NoProgress, &never).unwrap();
+    let config = ElastifyConfig {
+        branches: vec!["merge2".into()],
+        stage0_steps: 30,
+        stage1_steps: 8,
+        batch: 32,
+        lr_stage0: 1e-2,
+        warmup_steps: 0,
+        augment: false,
+        checkpoint_every: 0,
+        ..tiny_config()
+    };
+    let before = build_supernet(
+        &oracle,
+        &SupernetConfig::from_names(&["merge2"], 3).unwrap(),
+    )
+    .unwrap();
+    let (x, _) = data
+        .batch_tensor(
+            &(0..64).collect::<Vec<_>>(),
+            &fashion_transform(false),
+            &Device::Cpu,
+        )
+        .unwrap();
+    let branch_path = Subnet::parse("1x").unwrap();
+    let mse_before = feature_mse(&before, &branch_path, &x).unwrap();
+
+    let mut events: Vec<ProgressEvent> = Vec::new();
+    let mut sink = |e: &ProgressEvent| events.push(e.clone());
+    let out = elastify(
+        &oracle,
+        &config,
+        &data,
+        &mut sink,
+        None,
+        &CancellationToken::new(),
+    )
+    .unwrap();
+    let sn = &out.supernet;
+
+    // The all-original subnet is the oracle, bit for bit.
+    let a: Vec<f32> = sn
+        .forward(&Subnet::original(2), &x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = oracle
+        .forward(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(a, b);
+
+    // Branch weights and BN running statistics changed.
+    let (old, new) = (&before.modules[&(0, 1)], &sn.modules[&(0, 1)]);
+    for name in [
+        "conv1.weight",
+        "conv2.weight",
+        "bn2.running_mean",
+        "bn2.running_var",
+    ] {
+        let d = (&old[name] - &new[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d > 0.0, "{name} did not change");
+    }
+
+    // Stage-0 loss decreased, in training and in eval mode on a fixed batch.
+    let s0 = &out.report.stages[0];
+    assert_eq!(s0.losses.len(), 30);
+    assert!(
+        s0.tail_mean(5) < 0.7 * s0.head_mean(5),
+        "stage-0 training loss {:?}",
+        s0.losses
+    );
+    let mse_after = feature_mse(sn, &branch_path, &x).unwrap();
+    assert!(
+        mse_after < mse_before,
+        "eval feature MSE {mse_before} -> {mse_after}"
+    );
+    assert_eq!(out.report.stages[1].losses.len(), 8);
+    assert!(out.report.stages[1]
+        .losses
+        .iter()
+        .all(|l| l.is_finite() && *l > 0.0));
+
+    // One progress event per step, in order, with stage names and a finishing fraction.
+    assert_eq!(events.len(), 38);
+    assert!(events
+        .windows(2)
+        .all(|w| w[1].global_step == w[0].global_step + 1));
+    assert_eq!(events[0].stage, "stage0");
+    assert_eq!(events[37].stage, "stage1");
+    assert_eq!(events[37].fraction(), 1.0);
+    assert!(events.iter().all(|e| e.samples_per_sec > 0.0));
+}
+
+#[test]
+fn resume_after_cancel_or_kill_ends_bit_identical() {
+    let oracle = Model::init(&spec("[2,1]"), 11).unwrap();
+    let data = synthetic(64);
+    let config = tiny_config();
+    let never = CancellationToken::new();
+
+    // A: uninterrupted.
+    let dir_a = tempfile::tempdir().unwrap();
+    let ck_a = DirCheckpoints::new(dir_a.path());
+    let a = elastify(
+        &oracle,
+        &config,
+        &data,
+        &mut NoProgress,
+        Some(&ck_a),
+        &never,
+    )
+    .unwrap();
+    assert_eq!(a.report.resumed_from, None);
+
+    // B: cancelled in stage 1; keep a copy of the periodic checkpoint at step 4 on the way.
+    let dir_b = tempfile::tempdir().unwrap();
+    let ck_b = DirCheckpoints::new(dir_b.path());
+    let kill_copy = tempfile::tempdir().unwrap();
+    let cancel = CancellationToken::new();
+    let mut sink = |e: &ProgressEvent| {
+        if e.global_step == 5 {
+            std::fs::copy(ck_b.path(), kill_copy.path().join("checkpoint.safetensors")).unwrap();
+        }
+        if e.global_step == 9 {
+            cancel.cancel();
+        }
+    };
+    let r = elastify(&oracle, &config, &data, &mut sink, Some(&ck_b), &cancel);
+    assert!(matches!(r, Err(CloudError::Cancelled(_))), "{r:?}");
+    let b = elastify(
+        &oracle,
+        &config,
+        &data,
+        &mut NoProgress,
+        Some(&ck_b),
+        &never,
+    )
+    .unwrap();
+    assert_eq!(b.report.resumed_from, Some((1, 3)));
+    assert_eq!(branch_tensors(&b.supernet), branch_tensors(&a.supernet));
+    assert_eq!(b.report.stages[1].losses, a.report.stages[1].losses);
+
+    // C: "killed" after the periodic checkpoint of step 4 (stage 0), resumed from it.
+    let ck_c = DirCheckpoints::new(kill_copy.path());
+    let c = elastify(
+        &oracle,
+        &config,
+        &data,
+        &mut NoProgress,
+        Some(&ck_c),
+        &never,
+    )
+    .unwrap();
+    assert_eq!(c.report.resumed_from, Some((0, 4)));
+    assert_eq!(branch_tensors(&c.supernet), branch_tensors(&a.supernet));
+    assert_eq!(c.report.stages[0].losses, a.report.stages[0].losses);
+
+    // A checkpoint of another config is refused, not silently mixed in.
+    let other = ElastifyConfig {
+        seed: 4,
+        ..config.clone()
+    };
+    let r = elastify(&oracle, &other, &data, &mut NoProgress, Some(&ck_a), &never);
+    assert!(matches!(r, Err(CloudError::FailedPrecondition(_))), "{r:?}");
+    assert_ne!(oracle_digest(&oracle).unwrap(), "");
+}
+
+#[test]
+fn priors_match_direct_evaluation_and_land_in_the_artifact() {
+    let oracle = Model::init(&spec("[2,1]"), 5).unwrap();
+    let data = synthetic(50);
+    let sn = build_supernet(&oracle, &SupernetConfig::merge_only()).unwrap();
+    let subnets = prior_subnets(&sn, 100, 0).unwrap();
+    assert_eq!(
+        subnets.len() as u128,
+        sn.spec.count(),
+        "small spaces are enumerated"
+    );
+    let priors = evaluate_priors(&sn, &subnets, &data, "validation", 16).unwrap();
+    let t = fashion_transform(false);
+    for p in &priors {
+        let model = sn.materialize(&p.subnet).unwrap();
+        let direct = accuracy(&model, &data, 50).unwrap();
+        assert_eq!(p.accuracy, direct, "{}", p.subnet);
+        assert_eq!(p.samples, 50);
+        assert_eq!(p.macs, sn.spec.subnet_macs(&p.subnet).unwrap());
+    }
+    let (x, _) = data.batch_tensor(&[0, 1], &t, &Device::Cpu).unwrap();
+    assert!(x.dims() == [2, 1, 12, 12]);
+    let sampled = prior_subnets(&sn, 2, 1).unwrap();
+    assert_eq!(
+        sampled.len(),
+        2,
+        "above the limit: the oracle plus sampled subnets, at most 2"
+    );
+    assert!(sampled.contains(&Subnet::original(3)));
+
+    let dir = tempfile::tempdir().unwrap();
+    let input = adaptivenet_core::artifact::InputSpec {
+        shape: [1, 12, 12],
+        mean: vec![0.286],
+        std: vec![0.353],
+        class_names: data.class_names.clone(),
+    };
+    adaptivenet_core::artifact::write_artifact(
+        dir.path(),
+        &sn,
+        input,
+        &"0".repeat(64),
+        priors.clone(),
+    )
+    .unwrap();
+    let m = adaptivenet_core::artifact::read_manifest(dir.path()).unwrap();
+    assert_eq!(m.priors, priors);
+}
+
+#[test]
+fn oracle_training_learns_and_updates_bn_statistics() {
+    let spec = spec("[1,1]");
+    let data = synthetic(200);
+    let config = TrainOracleConfig {
+        steps: 40,
+        batch: 32,
+        lr: 0.05,
+        warmup_steps: 4,
+        seed: 1,
+        augment: false,
+        ..TrainOracleConfig::default()
+    };
+    let mut n = 0;
+    let mut sink = |_: &ProgressEvent| n += 1;
+    let (model, report) = train_oracle(
+        &spec,
+        &config,
+        &data,
+        Some(&data),
+        &mut sink,
+        &CancellationToken::new(),
+    )
+    .unwrap();
+    assert_eq!(n, 40);
+    assert!(report.last_loss < 0.8 * report.first_loss, "{report:?}");
+    assert!(report.test_accuracy.unwrap() > 0.3, "{report:?}");
+    assert!(report.images_per_sec > 0.0);
+    let rm = model.stem["bn.running_mean"]
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(rm > 0.0, "BN running statistics were updated");
+
+    // Same seed, same model; and it round-trips through Model::save.
+    let (again, _) = train_oracle(
+        &spec,
+        &config,
+        &data,
+        None,
+        &mut NoProgress,
+        &CancellationToken::new(),
+    )
+    .unwrap();
+    let w = |m: &Model| -> Vec<f32> {
+        m.blocks[1]["conv2.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    assert_eq!(w(&model), w(&again));
+    let dir = tempfile::tempdir().unwrap();
+    let (ap, wp) = (dir.path().join("a.json"), dir.path().join("w.safetensors"));
+    model.save(&ap, &wp).unwrap();
+    let loaded = Model::from_files(&ap, &wp).unwrap();
+    let x = Tensor::ones((2, 1, 12, 12), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let f = |m: &Model| -> Vec<f32> {
+        m.forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    assert_eq!(f(&model), f(&loaded));
+}

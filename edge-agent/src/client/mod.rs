@@ -1,0 +1,552 @@
+//! The agent's cloud client: enrollment, supernet sync (resumable, verified blob downloads)
+//! and aggregate-only heartbeats and reports over the `DeviceService` gRPC API.
+//!
+//! - Every call carries a per-request deadline (`Request::set_timeout`, also enforced on the
+//!   client side) and, after enrollment, `authorization: Bearer <device credential>`.
+//! - The identity (device id, fleet id, credential) is persisted once in the state directory
+//!   (`identity.json`, atomic write, mode 0600) and reused on restart: no second enrollment.
+//! - [`CloudClient::sync_supernet`] lays out a local cache directory exactly as an artifact
+//!   directory (`manifest.json` + `blobs/<sha256>`), so [`crate::serve::ArtifactSource`]
+//!   opens it; see [`sync`] for the download protocol.
+//! - Heartbeats and reports carry only the aggregates of [`AgentAggregates`]; a report that
+//!   cannot be delivered is kept (the latest one only) and retried later, while the agent
+//!   keeps serving.
+//!
+//! This is the only module of the crate that does network I/O, and nothing it sends is
+//! per-sample: local data never leaves the device.
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use adaptivenet_core::supernet::Subnet;
+use adaptivenet_proto::v1 as pb;
+use adaptivenet_proto::v1::device_service_client::DeviceServiceClient;
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Request;
+
+use crate::profile::LatencyTable;
+use crate::search::Candidate;
+use crate::state::SearchRecord;
+use crate::{EdgeError, Result};
+
+pub mod sync;
+
+pub use sync::{BlobSelection, DownloadStats, SyncOptions, SyncReport};
+
+/// Default per-request deadline.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+/// Version of `identity.json`.
+pub const IDENTITY_FORMAT: u32 = 1;
+/// File name of the persisted identity inside the state directory.
+pub const IDENTITY_FILE: &str = "identity.json";
+
+/// The device identity issued at enrollment.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub format_version: u32,
+    /// The endpoint the identity was issued by.
+    pub endpoint: String,
+    pub device_id: String,
+    pub fleet_id: String,
+    pub credential: String,
+    /// 0 = does not expire.
+    pub credential_expires_unix_ms: i64,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("endpoint", &self.endpoint)
+            .field("device_id", &self.device_id)
+            .field("fleet_id", &self.fleet_id)
+            .field("credential", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Path of the identity file in a state directory.
+pub fn identity_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(IDENTITY_FILE)
+}
+
+/// Reads a stored identity: `Ok(None)` when absent, `CorruptState` when unusable.
+pub fn load_identity(state_dir: &Path) -> Result<Option<Identity>> {
+    let path = identity_path(state_dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(EdgeError::io(&path, e)),
+    };
+    let corrupt = |reason: String| EdgeError::CorruptState {
+        path: path.display().to_string(),
+        reason,
+    };
+    let id: Identity = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    if id.format_version != IDENTITY_FORMAT {
+        return Err(corrupt(format!(
+            "unsupported format_version {}",
+            id.format_version
+        )));
+    }
+    if id.credential.is_empty() || id.device_id.is_empty() {
+        return Err(corrupt("empty device id or credential".into()));
+    }
+    Ok(Some(id))
+}
+
+/// Writes `bytes` to `path` atomically with owner-only permissions (0600 on Unix): temp file
+/// created 0600 in the same directory, fsync, rename, fsync the directory.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| EdgeError::io(dir, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp).map_err(|e| EdgeError::io(&tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| EdgeError::io(&tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| EdgeError::io(path, e))?;
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Best-effort fsync of a directory (makes a rename durable on Unix).
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// The coarse device class of this machine (CPU only: cores <= 4 is small).
+pub fn local_device_class() -> pb::DeviceClass {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if cores <= 4 {
+        pb::DeviceClass::CpuSmall
+    } else {
+        pb::DeviceClass::CpuLarge
+    }
+}
+
+/// An error and its sources on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+pub(crate) fn status_err(op: &'static str, s: tonic::Status) -> EdgeError {
+    let mut message = s.message().to_string();
+    if let Some(src) = std::error::Error::source(&s) {
+        message.push_str(": ");
+        message.push_str(&chain(src));
+    }
+    EdgeError::Cloud {
+        op,
+        code: s.code(),
+        message,
+    }
+}
+
+/// The aggregates the agent reports: nothing per-sample, no identifiers beyond the ids the
+/// cloud issued.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentAggregates {
+    /// The cloud's supernet id (not the manifest's internal id).
+    pub supernet_id: String,
+    pub active_subnet: Subnet,
+    pub latency_p50_ms: f64,
+    pub latency_p95_ms: f64,
+    pub latency_budget_ms: f64,
+    /// Local quality in [0, 1].
+    pub quality_estimate: f64,
+    pub quality_sample_count: u64,
+    pub generations: u32,
+    pub evaluated_subnets: u32,
+    pub search_seconds: f64,
+    pub front_size: u32,
+    pub table_entries: u32,
+    pub stem_ms: f64,
+    pub head_ms: f64,
+    pub oracle_ms: f64,
+    /// Measured/predicted end-to-end latency of the active subnet.
+    pub calibration_factor: f64,
+    pub device_class: pb::DeviceClass,
+}
+
+impl AgentAggregates {
+    /// Builds the aggregates from the agent's state. `live` is `(samples, p50, p95)` of the
+    /// serving window; without live samples (e.g. right after search) the table's
+    /// prediction stands in for both percentiles.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_state(
+        supernet_id: &str,
+        table: &LatencyTable,
+        rec: &SearchRecord,
+        active: &Candidate,
+        budget_ms: f64,
+        live: Option<(usize, f64, f64)>,
+        quality_samples: u64,
+        device_class: pb::DeviceClass,
+    ) -> Self {
+        let n = active.subnet.len();
+        let predicted = table.predict_ms(&active.subnet).unwrap_or(active.latency_ms);
+        let (p50, p95) = match live {
+            Some((k, p50, p95)) if k > 0 && p50.is_finite() && p95.is_finite() => (p50, p95),
+            _ => (predicted, predicted),
+        };
+        let calibration = match live {
+            Some((k, p50, _)) if k > 0 && predicted > 0.0 => p50 / predicted,
+            _ => table.calibration.scale,
+        };
+        let sat = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        AgentAggregates {
+            supernet_id: supernet_id.to_string(),
+            active_subnet: active.subnet.clone(),
+            latency_p50_ms: p50,
+            latency_p95_ms: p95.max(p50),
+            latency_budget_ms: budget_ms,
+            quality_estimate: (active.quality / 100.0).clamp(0.0, 1.0),
+            quality_sample_count: quality_samples,
+            generations: sat(rec.config.generations),
+            evaluated_subnets: sat(rec.result.stats.evaluations),
+            search_seconds: rec.result.stats.seconds.max(0.0),
+            front_size: sat(rec.result.front.len()),
+            table_entries: sat(table.modules.len() + 2),
+            stem_ms: table.stem.median_ms,
+            head_ms: table.head.median_ms,
+            oracle_ms: table.predict_ms(&Subnet::original(n)).unwrap_or(0.0),
+            calibration_factor: calibration,
+            device_class,
+        }
+    }
+
+    /// The wire report (closed schema).
+    pub fn to_report(&self) -> pb::ReportRequest {
+        pb::ReportRequest {
+            supernet_id: self.supernet_id.clone(),
+            active_subnet: self.active_subnet.to_string(),
+            latency_p50_ms: self.latency_p50_ms,
+            latency_p95_ms: self.latency_p95_ms,
+            latency_budget_ms: self.latency_budget_ms,
+            quality_estimate: self.quality_estimate,
+            quality_sample_count: self.quality_sample_count,
+            search: Some(pb::SearchStats {
+                generations: self.generations,
+                evaluated_subnets: self.evaluated_subnets,
+                search_seconds: self.search_seconds,
+                front_size: self.front_size,
+            }),
+            latency_table: Some(pb::LatencyTableSummary {
+                num_entries: self.table_entries,
+                stem_ms: self.stem_ms,
+                head_ms: self.head_ms,
+                oracle_ms: self.oracle_ms,
+                calibration_factor: self.calibration_factor,
+            }),
+            device_class: self.device_class as i32,
+        }
+    }
+}
+
+/// What a heartbeat says about the agent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeartbeatInput {
+    pub supernet_id: String,
+    pub active_subnet: Subnet,
+    pub latency_p50_ms: f64,
+    pub latency_p95_ms: f64,
+    pub reason: pb::AdaptationReason,
+    pub applied_generation: u64,
+}
+
+/// A connection to the cloud's `DeviceService`.
+#[derive(Debug)]
+pub struct CloudClient {
+    endpoint: String,
+    inner: DeviceServiceClient<Channel>,
+    deadline: Duration,
+    state_dir: Option<PathBuf>,
+    identity: Option<Identity>,
+    pending_report: Mutex<Option<pb::ReportRequest>>,
+}
+
+impl CloudClient {
+    fn endpoint(endpoint: &str, deadline: Duration) -> Result<Endpoint> {
+        Ok(Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| EdgeError::config("cloud endpoint", format!("{endpoint}: {e}")))?
+            .connect_timeout(deadline)
+            .tcp_nodelay(true))
+    }
+
+    fn with_channel(endpoint: &str, ch: Channel, deadline: Duration) -> Self {
+        CloudClient {
+            endpoint: endpoint.to_string(),
+            inner: DeviceServiceClient::new(ch),
+            deadline,
+            state_dir: None,
+            identity: None,
+            pending_report: Mutex::new(None),
+        }
+    }
+
+    /// Connects now; an unreachable endpoint is `CloudUnreachable` after at most `deadline`.
+    pub async fn connect(endpoint: &str, deadline: Duration) -> Result<Self> {
+        let ep = Self::endpoint(endpoint, deadline)?;
+        let ch = match tokio::time::timeout(deadline, ep.connect()).await {
+            Ok(Ok(ch)) => ch,
+            Ok(Err(e)) => {
+                return Err(EdgeError::CloudUnreachable {
+                    endpoint: endpoint.to_string(),
+                    reason: chain(&e),
+                })
+            }
+            Err(_) => {
+                return Err(EdgeError::CloudUnreachable {
+                    endpoint: endpoint.to_string(),
+                    reason: format!("no connection within {deadline:?}"),
+                })
+            }
+        };
+        Ok(Self::with_channel(endpoint, ch, deadline))
+    }
+
+    /// A client that connects on first use (and reconnects after breaks): for an agent that
+    /// must start while the cloud is down. Must be called inside a tokio runtime.
+    pub fn connect_lazy(endpoint: &str, deadline: Duration) -> Result<Self> {
+        let ch = Self::endpoint(endpoint, deadline)?.connect_lazy();
+        Ok(Self::with_channel(endpoint, ch, deadline))
+    }
+
+    /// Uses `dir` for the identity and loads a stored one (enrolled earlier).
+    pub fn with_state_dir(mut self, dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = dir.into();
+        self.identity = load_identity(&dir)?;
+        self.state_dir = Some(dir);
+        Ok(self)
+    }
+
+    pub fn endpoint_url(&self) -> &str {
+        &self.endpoint
+    }
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+
+    fn state_dir(&self) -> Result<&Path> {
+        self.state_dir
+            .as_deref()
+            .ok_or_else(|| EdgeError::config("state", "the cloud client has no state directory"))
+    }
+
+    /// A request with the deadline and, when `auth`, the bearer credential.
+    pub(crate) fn request<T>(&self, msg: T, auth: bool, timeout: Duration) -> Result<Request<T>> {
+        let mut r = Request::new(msg);
+        r.set_timeout(timeout);
+        if auth {
+            let id = self.identity.as_ref().ok_or_else(|| EdgeError::NotEnrolled {
+                path: self
+                    .state_dir
+                    .as_deref()
+                    .map(|d| identity_path(d).display().to_string())
+                    .unwrap_or_else(|| "<no state dir>".into()),
+            })?;
+            let v = format!("Bearer {}", id.credential)
+                .parse()
+                .map_err(|_| EdgeError::CorruptState {
+                    path: IDENTITY_FILE.into(),
+                    reason: "credential is not valid header text".into(),
+                })?;
+            r.metadata_mut().insert("authorization", v);
+        }
+        Ok(r)
+    }
+
+    /// Runs one unary call with the client-side deadline as a backstop to `grpc-timeout`.
+    async fn unary<T, F>(&self, op: &'static str, fut: F) -> Result<T>
+    where
+        F: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(self.deadline + Duration::from_millis(200), fut).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(status_err(op, s)),
+            Err(_) => Err(EdgeError::Cloud {
+                op,
+                code: tonic::Code::DeadlineExceeded,
+                message: format!("no answer within {:?}", self.deadline),
+            }),
+        }
+    }
+
+    /// Enrolls once: with a stored identity nothing is sent and `Ok(false)` is returned;
+    /// otherwise the token is exchanged, the identity persisted (0600, atomic) and `Ok(true)`
+    /// returned. Needs [`CloudClient::with_state_dir`].
+    pub async fn enroll(
+        &mut self,
+        token: Option<&str>,
+        device_class: pb::DeviceClass,
+        agent_version: &str,
+    ) -> Result<bool> {
+        let dir = self.state_dir()?.to_path_buf();
+        if self.identity.is_some() {
+            return Ok(false);
+        }
+        if let Some(id) = load_identity(&dir)? {
+            self.identity = Some(id);
+            return Ok(false);
+        }
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return Err(EdgeError::NotEnrolled {
+                path: identity_path(&dir).display().to_string(),
+            });
+        };
+        let req = self.request(
+            pb::EnrollRequest {
+                enrollment_token: token.to_string(),
+                device_class: device_class as i32,
+                agent_version: agent_version.to_string(),
+            },
+            false,
+            self.deadline,
+        )?;
+        let mut c = self.inner.clone();
+        let e = self.unary("Enroll", c.enroll(req)).await?;
+        let id = Identity {
+            format_version: IDENTITY_FORMAT,
+            endpoint: self.endpoint.clone(),
+            device_id: e.device_id,
+            fleet_id: e.fleet_id,
+            credential: e.device_credential,
+            credential_expires_unix_ms: e.credential_expires_unix_ms,
+        };
+        let bytes =
+            serde_json::to_vec_pretty(&id).map_err(|e| EdgeError::config("identity", e.to_string()))?;
+        write_private(&identity_path(&dir), &bytes)?;
+        tracing::info!(device = %id.device_id, fleet = %id.fleet_id, "enrolled");
+        self.identity = Some(id);
+        Ok(true)
+    }
+
+    /// The fleet's desired state.
+    pub async fn desired_state(&self) -> Result<pb::DesiredState> {
+        let req = self.request(pb::Empty {}, true, self.deadline)?;
+        let mut c = self.inner.clone();
+        self.unary("GetDesiredState", c.get_desired_state(req)).await
+    }
+
+    /// The manifest and blob list of a supernet assigned to the fleet.
+    pub async fn manifest(&self, supernet_id: &str) -> Result<pb::GetManifestResponse> {
+        let req = self.request(
+            pb::GetManifestRequest {
+                supernet_id: supernet_id.to_string(),
+            },
+            true,
+            self.deadline,
+        )?;
+        let mut c = self.inner.clone();
+        self.unary("GetManifest", c.get_manifest(req)).await
+    }
+
+    /// Sends a heartbeat.
+    pub async fn heartbeat(&self, h: &HeartbeatInput) -> Result<pb::HeartbeatResponse> {
+        let req = self.request(
+            pb::HeartbeatRequest {
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                active_supernet_id: h.supernet_id.clone(),
+                active_subnet: h.active_subnet.to_string(),
+                latency_p50_ms: h.latency_p50_ms,
+                latency_p95_ms: h.latency_p95_ms.max(h.latency_p50_ms),
+                last_adaptation_reason: h.reason as i32,
+                applied_generation: h.applied_generation,
+            },
+            true,
+            self.deadline,
+        )?;
+        let mut c = self.inner.clone();
+        self.unary("Heartbeat", c.heartbeat(req)).await
+    }
+
+    /// Sends a report of aggregates. When the cloud is unreachable (a transient error), the
+    /// report is kept as the pending one (replacing an older pending report) for
+    /// [`CloudClient::flush_pending_report`], and the error is returned.
+    pub async fn report(&self, agg: &AgentAggregates) -> Result<()> {
+        let r = agg.to_report();
+        match self.send_report(r.clone()).await {
+            Ok(()) => {
+                *self.pending_report.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                Ok(())
+            }
+            Err(e) => {
+                if e.is_transient() {
+                    *self.pending_report.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn send_report(&self, r: pb::ReportRequest) -> Result<()> {
+        let req = self.request(r, true, self.deadline)?;
+        let mut c = self.inner.clone();
+        self.unary("Report", c.report(req)).await.map(|_| ())
+    }
+
+    /// The report waiting for delivery, if any.
+    pub fn pending_report(&self) -> Option<pb::ReportRequest> {
+        self.pending_report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Retries the pending report: `Ok(true)` when one was delivered, `Ok(false)` when none
+    /// was pending; on a transient failure it stays pending.
+    pub async fn flush_pending_report(&self) -> Result<bool> {
+        let Some(r) = self.pending_report() else {
+            return Ok(false);
+        };
+        match self.send_report(r).await {
+            Ok(()) => {
+                *self.pending_report.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                Ok(true)
+            }
+            Err(e) => {
+                if !e.is_transient() {
+                    // The cloud rejected it for good (e.g. invalid): do not retry forever.
+                    *self.pending_report.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn raw(&self) -> DeviceServiceClient<Channel> {
+        self.inner.clone()
+    }
+}
