@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::auth::{generate_token, hash_token, Authenticator, TokenKind};
 use crate::blobs::{sha256_hex, BlobStore};
 use crate::domain::{
-    check_sha256, now_ms, AdaptationReason, BlobRef, Device, DeviceClass, DeviceStatus, FleetEvent,
+    now_ms, AdaptationReason, BlobRef, Device, DeviceClass, DeviceStatus, FleetEvent,
     FleetEventKind, Role, Supernet,
 };
 use crate::error::{CloudError, Result};
@@ -302,10 +302,8 @@ impl App {
 
     /// Registers a supernet version whose module blobs are already in the blob store.
     ///
-    /// Manifest assumption (until the core defines it): a JSON object whose optional
-    /// `modules` array holds objects with a `sha256` (64 lowercase hex) and optionally a
-    /// `size`; those digests are the blobs devices of an assigned fleet may fetch. Every
-    /// listed blob must exist and match its declared size.
+    /// The manifest is the core's artifact manifest; its module blobs are the blobs devices
+    /// of an assigned fleet may fetch. Every listed blob must exist and match its size.
     pub async fn register_supernet(
         &self,
         name: &str,
@@ -347,30 +345,15 @@ impl App {
     }
 }
 
-/// The (digest, declared size) of each entry of a manifest's `modules` array.
+/// The (digest, size) of every module blob a supernet manifest lists (stem, head and every
+/// (position, choice)), deduplicated; the manifest is validated by the model core.
 pub fn manifest_blobs(manifest_json: &[u8]) -> Result<Vec<(String, Option<u64>)>> {
-    let v: serde_json::Value = serde_json::from_slice(manifest_json)
-        .map_err(|e| CloudError::invalid("manifest", format!("not JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| CloudError::invalid("manifest", "must be a JSON object"))?;
-    let Some(modules) = obj.get("modules") else {
-        return Ok(Vec::new());
-    };
-    let modules = modules
-        .as_array()
-        .ok_or_else(|| CloudError::invalid("manifest.modules", "must be an array"))?;
-    let mut out = Vec::with_capacity(modules.len());
-    for (i, m) in modules.iter().enumerate() {
-        let field = format!("manifest.modules[{i}].sha256");
-        let sha = m
-            .get("sha256")
-            .and_then(|s| s.as_str())
-            .ok_or_else(|| CloudError::invalid(&field, "required string"))?;
-        check_sha256(&field, sha)?;
-        let size = m.get("size").and_then(|s| s.as_u64());
-        if !out.iter().any(|(s, _): &(String, Option<u64>)| s == sha) {
-            out.push((sha.to_string(), size));
+    let m = adaptivenet_core::artifact::Manifest::from_json(manifest_json)
+        .map_err(|e| CloudError::invalid("manifest", e.to_string()))?;
+    let mut out: Vec<(String, Option<u64>)> = Vec::new();
+    for (_, e) in m.modules() {
+        if !out.iter().any(|(s, _)| *s == e.sha256) {
+            out.push((e.sha256.clone(), Some(e.size)));
         }
     }
     Ok(out)

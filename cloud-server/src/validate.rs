@@ -1,5 +1,10 @@
 //! Oracle validation on upload: the one place that decides whether uploaded bytes are a
-//! model the cloud accepts.
+//! model the cloud accepts. The model core loads the weights against the descriptor, so a
+//! missing tensor, a wrong shape or an unknown family is rejected (INVALID_ARGUMENT naming
+//! the tensor) before anything is stored.
+use adaptivenet_core::model::{ArchDescriptor, Model};
+use adaptivenet_core::weights::read_tensors_from_bytes;
+
 use crate::error::{CloudError, Result};
 
 /// What validation learned about an oracle.
@@ -10,41 +15,22 @@ pub struct OracleInfo {
     pub num_params: u64,
 }
 
-/// Checks an architecture descriptor and its weights.
-///
-/// Today: the descriptor is a JSON object with a non-empty string `family`; the weights
-/// parse as safetensors with at least one tensor.
-// TODO(core): once `adaptivenet_core::model::{ArchDescriptor, Model}` and
-// `adaptivenet_core::weights::read_tensors_from_bytes` land, call
-// `Model::load(&ArchDescriptor::from_json(arch_json)?, read_tensors_from_bytes(weights)?)`
-// here and take `num_params` from the model (shape mismatches then become INVALID_ARGUMENT
-// naming the tensor).
+/// Checks an architecture descriptor and its weights (safetensors or PyTorch `.pth`).
 pub fn validate_oracle(arch_json: &[u8], weights: &[u8]) -> Result<OracleInfo> {
-    let arch: serde_json::Value = serde_json::from_slice(arch_json)
-        .map_err(|e| CloudError::invalid("header.arch_json", format!("not JSON: {e}")))?;
-    let obj = arch
-        .as_object()
-        .ok_or_else(|| CloudError::invalid("header.arch_json", "must be a JSON object"))?;
-    let family = obj
-        .get("family")
-        .and_then(|f| f.as_str())
-        .filter(|f| !f.is_empty() && f.len() <= 64)
-        .ok_or_else(|| CloudError::invalid("header.arch_json.family", "required non-empty string"))?
-        .to_string();
-    let st = safetensors::SafeTensors::deserialize(weights)
-        .map_err(|e| CloudError::invalid("chunk", format!("weights are not safetensors: {e}")))?;
-    let mut num_params: u64 = 0;
-    let mut num_tensors: u32 = 0;
-    for (_, view) in st.tensors() {
-        num_tensors += 1;
-        num_params += view.shape().iter().product::<usize>() as u64;
-    }
-    if num_tensors == 0 {
+    let arch = ArchDescriptor::from_json(arch_json)
+        .map_err(|e| CloudError::invalid("header.arch_json", e.to_string()))?;
+    let tensors = read_tensors_from_bytes(weights)
+        .map_err(|e| CloudError::invalid("chunk", format!("weights: {e}")))?;
+    if tensors.is_empty() {
         return Err(CloudError::invalid("chunk", "the weights hold no tensor"));
     }
+    let num_tensors = tensors.len() as u32;
+    let model = Model::load(&arch, tensors).map_err(|e| {
+        CloudError::invalid("chunk", format!("weights do not fit the architecture: {e}"))
+    })?;
     Ok(OracleInfo {
-        family,
+        family: model.spec.family.clone(),
         num_tensors,
-        num_params,
+        num_params: model.num_params(),
     })
 }

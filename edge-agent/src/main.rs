@@ -1,13 +1,18 @@
-//! `edge-agent`: profile, search, serve and adapt a subnet on this device (local-artifact
-//! mode). Errors print a one-line cause chain and exit non-zero.
+//! `edge-agent`: profile, search, serve and adapt a subnet on this device, from a local
+//! artifact directory or from the cloud (enroll once, sync the fleet's supernet, report
+//! aggregates). Errors print a one-line cause chain and exit non-zero.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use adaptivenet_core::artifact::{write_artifact, InputSpec};
+use adaptivenet_proto::v1 as pb;
 use adaptivenet_core::data::FASHION_MNIST_CLASSES;
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::supernet::{branches::build_supernet, Subnet, SupernetConfig};
 use adaptivenet_edge::adapt::{maintain, AdaptConfig, AdaptEvent, Controller};
+use adaptivenet_edge::client::{
+    local_device_class, AgentAggregates, BlobSelection, CloudClient, HeartbeatInput, SyncOptions,
+};
 use adaptivenet_edge::profile::{self, pin_threads, LatencyTable, ProfileConfig};
 use adaptivenet_edge::quality::{load_local_data, EvalSet, QualityMode};
 use adaptivenet_edge::search::{self, Budget, SearchConfig, Speedups};
@@ -25,6 +30,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// then serves the chosen subnet and steps along the Pareto front when live latency drifts.
 /// State (latency table, front, active subnet) persists in --state, so a restart serves again
 /// without a new search.
+///
+/// Cloud mode: `edge-agent run --cloud http://HOST:50051 --enroll-token TOKEN --state DIR
+/// --data DIR --budget 0.6` enrolls once (the identity is kept in --state/identity.json, 0600),
+/// syncs the fleet's desired supernet into --cache (resumable, verified downloads), then
+/// profiles, searches and serves it as above, sending heartbeats and aggregate-only reports
+/// (never local data or per-sample results). An unreachable cloud does not stop serving.
 #[derive(Parser)]
 #[command(name = "edge-agent", version)]
 struct Cli {
@@ -54,9 +65,22 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct Common {
-    /// Supernet artifact directory (manifest.json + blobs/).
+    /// Supernet artifact directory (manifest.json + blobs/); offline mode.
+    #[arg(long, required_unless_present = "cloud", conflicts_with = "cloud")]
+    artifact: Option<PathBuf>,
+    /// Cloud endpoint (e.g. http://127.0.0.1:50051): enroll, sync the fleet's supernet into
+    /// --cache, report aggregates.
     #[arg(long)]
-    artifact: PathBuf,
+    cloud: Option<String>,
+    /// Enrollment token (needed once; later runs reuse the identity stored in --state).
+    #[arg(long, env = "ADAPTIVENET_ENROLL_TOKEN", hide_env_values = true)]
+    enroll_token: Option<String>,
+    /// Local supernet cache for cloud mode (default: <state>/cache).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Per-request deadline of cloud calls, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    cloud_timeout_ms: u64,
     /// State directory (latency table, search result, active subnet).
     #[arg(long)]
     state: PathBuf,
@@ -118,6 +142,12 @@ struct SearchArgs {
 struct RunArgs {
     #[command(flatten)]
     search: SearchArgs,
+    /// Cloud mode: milliseconds between heartbeats (default: the interval the cloud suggests).
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// Cloud mode: send an aggregate report every this many heartbeats (and once after search).
+    #[arg(long, default_value_t = 10)]
+    report_every: u32,
     /// Seconds to serve (0 = until Ctrl-C).
     #[arg(long, default_value_t = 0)]
     duration: u64,
@@ -150,14 +180,15 @@ fn main() {
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Profile(a) => {
-            let src = ArtifactSource::open(&a.common.artifact).context("opening the artifact")?;
+            let rt = runtime()?;
+            let (src, _) = open_source(&a.common, &rt)?;
             let t = ensure_table(&src, &a)?;
             print_table(&t);
             Ok(())
         }
         Cmd::Search(a) => {
-            let src =
-                ArtifactSource::open(&a.profile.common.artifact).context("opening the artifact")?;
+            let rt = runtime()?;
+            let (src, _) = open_source(&a.profile.common, &rt)?;
             let (_t, rec) = ensure_search(&src, &a)?;
             print_search(&rec);
             Ok(())
@@ -165,6 +196,82 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Run(a) => run(a),
         Cmd::DemoArtifact { out, widths, seed } => demo_artifact(&out, &widths, seed),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?)
+}
+
+/// A cloud session: the client and what the last sync applied.
+struct CloudSession {
+    client: Arc<CloudClient>,
+    supernet_id: String,
+    generation: u64,
+}
+
+/// The artifact to work on: `--artifact` as is, or (cloud mode) enroll once and sync the
+/// fleet's desired supernet into the cache.
+fn open_source(
+    c: &Common,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(ArtifactSource, Option<CloudSession>)> {
+    let Some(url) = &c.cloud else {
+        let dir = c
+            .artifact
+            .as_ref()
+            .context("--artifact or --cloud is required")?;
+        return Ok((
+            ArtifactSource::open(dir).context("opening the artifact")?,
+            None,
+        ));
+    };
+    let deadline = std::time::Duration::from_millis(c.cloud_timeout_ms.max(1));
+    let cache = c.cache.clone().unwrap_or_else(|| c.state.join("cache"));
+    let (client, rep) = rt.block_on(async {
+        let mut client = CloudClient::connect(url, deadline)
+            .await?
+            .with_state_dir(&c.state)?;
+        let new = client
+            .enroll(
+                c.enroll_token.as_deref(),
+                local_device_class(),
+                env!("CARGO_PKG_VERSION"),
+            )
+            .await?;
+        if !new {
+            tracing::info!("using the stored device identity");
+        }
+        let rep = client
+            .sync(&cache, &BlobSelection::All, &SyncOptions::default())
+            .await?;
+        Ok::<_, EdgeError>((client, rep))
+    })
+    .with_context(|| format!("syncing the supernet from {url}"))?;
+    let s = &rep.stats;
+    tracing::info!(
+        "synced supernet {} v{} into {}: {} blobs needed, {} cached, {} downloaded ({} bytes, {} resumed, {} restarted)",
+        rep.supernet_id,
+        rep.supernet_version,
+        rep.dir.display(),
+        s.blobs_needed,
+        s.blobs_skipped,
+        s.blobs_downloaded,
+        s.bytes_received,
+        s.resumed,
+        s.restarts_from_zero
+    );
+    let src = ArtifactSource::open(&rep.dir).context("opening the synced supernet")?;
+    Ok((
+        src,
+        Some(CloudSession {
+            client: Arc::new(client),
+            supernet_id: rep.supernet_id,
+            generation: rep.generation,
+        }),
+    ))
 }
 
 fn bar(len: u64, msg: &'static str) -> ProgressBar {
@@ -355,10 +462,11 @@ fn print_search(rec: &SearchRecord) {
 fn run(a: RunArgs) -> Result<()> {
     let s = &a.search;
     let common = &s.profile.common;
-    let src = ArtifactSource::open(&common.artifact).context("opening the artifact")?;
+    let rt = runtime()?;
+    let (src, cloud) = open_source(common, &rt)?;
     let id = src.manifest.supernet_id.to_string();
     let state = StateDir::new(&common.state);
-    let (_table, rec) = ensure_search(&src, s)?;
+    let (table, rec) = ensure_search(&src, s)?;
     print_search(&rec);
     let budget = rec.result.best[0].budget_ms;
     let front = rec.result.front.clone();
@@ -385,17 +493,54 @@ fn run(a: RunArgs) -> Result<()> {
     let mut cfg = AdaptConfig::new(budget);
     cfg.interval_ms = a.interval_ms;
     let ctl = Controller::new(cfg, front, idx);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let reason = Arc::new(std::sync::atomic::AtomicI32::new(
+        pb::AdaptationReason::Initial as i32,
+    ));
+    let reporter = cloud.map(|session| {
+        let aggregates = {
+            let rec = rec.clone();
+            let budget_ms = budget;
+            let samples = s.images as u64;
+            let sid = session.supernet_id.clone();
+            move |active: &Subnet, live: Option<(usize, f64, f64)>| {
+                let cand = rec
+                    .result
+                    .front
+                    .iter()
+                    .find(|c| &c.subnet == active)
+                    .cloned()
+                    .unwrap_or_else(|| rec.result.front[0].clone());
+                AgentAggregates::from_state(
+                    &sid,
+                    &table,
+                    &rec,
+                    &cand,
+                    budget_ms,
+                    live,
+                    samples,
+                    local_device_class(),
+                )
+            }
+        };
+        (session, aggregates)
+    });
+    let heartbeat_ms = a.heartbeat_ms;
+    let report_every = a.report_every.max(1);
     rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let st = state.clone();
         let sid = id.clone();
         let loop_server = server.clone();
-        let maint = tokio::spawn(maintain(loop_server, ctl, rx, move |ev, c| match ev {
+        let why = reason.clone();
+        let maint = tokio::spawn(maintain(loop_server, ctl, rx.clone(), move |ev, c| match ev {
             AdaptEvent::Switched(r) => {
+                // Stepping to a subnet earlier on the front (faster) means over budget.
+                let faster = c.front.iter().position(|x| x.subnet == r.to)
+                    < c.front.iter().position(|x| x.subnet == r.from);
+                why.store(
+                    if faster { pb::AdaptationReason::OverBudget } else { pb::AdaptationReason::Slack } as i32,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 println!("switched {} -> {} (loaded {}, reused {}, {:.1} ms)", r.from, r.to, r.loaded, r.reused, r.millis);
                 let _ = st.save_active(&sid, &ActiveRecord { subnet: r.to.clone(), budget_ms: c.cfg.budget_ms });
             }
@@ -417,6 +562,64 @@ fn run(a: RunArgs) -> Result<()> {
             }
             Ok(served)
         });
+        let cloud_task = reporter.map(|(session, aggregates)| {
+            let server = server.clone();
+            let mut stop = rx.clone();
+            let reason = reason.clone();
+            tokio::spawn(async move {
+                let client = session.client;
+                let first = aggregates(&server.active().subnet, None);
+                match client.report(&first).await {
+                    Ok(()) => tracing::info!("reported the search outcome to the cloud"),
+                    Err(e) => tracing::warn!("report not delivered (kept for retry): {e}"),
+                }
+                let mut interval = heartbeat_ms.unwrap_or(30_000).max(100);
+                let mut beats = 0u32;
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(interval)) => {}
+                        _ = stop.changed() => break,
+                    }
+                    let active = server.active().subnet.clone();
+                    let (n, p50, p95) = server.window_stats();
+                    let hb = HeartbeatInput {
+                        supernet_id: session.supernet_id.clone(),
+                        active_subnet: active.clone(),
+                        latency_p50_ms: if n > 0 { p50 } else { 0.0 },
+                        latency_p95_ms: if n > 0 { p95 } else { 0.0 },
+                        reason: pb::AdaptationReason::try_from(
+                            reason.load(std::sync::atomic::Ordering::Relaxed),
+                        )
+                        .unwrap_or(pb::AdaptationReason::Unspecified),
+                        applied_generation: session.generation,
+                    };
+                    match client.heartbeat(&hb).await {
+                        Ok(r) => {
+                            if heartbeat_ms.is_none() && r.heartbeat_interval_ms > 0 {
+                                interval = u64::from(r.heartbeat_interval_ms);
+                            }
+                            if r.desired_generation != session.generation {
+                                tracing::info!(
+                                    "the cloud's desired state changed (generation {}); restart the agent to apply it",
+                                    r.desired_generation
+                                );
+                            }
+                            if let Err(e) = client.flush_pending_report().await {
+                                tracing::warn!("pending report not delivered: {e}");
+                            }
+                        }
+                        Err(e) => tracing::warn!("heartbeat failed, still serving: {e}"),
+                    }
+                    beats += 1;
+                    if beats % report_every == 0 && n > 0 {
+                        let agg = aggregates(&active, Some((n, p50, p95)));
+                        if let Err(e) = client.report(&agg).await {
+                            tracing::warn!("report not delivered (kept for retry): {e}");
+                        }
+                    }
+                }
+            })
+        });
         if a.duration > 0 {
             tokio::time::sleep(std::time::Duration::from_secs(a.duration)).await;
         } else {
@@ -425,6 +628,9 @@ fn run(a: RunArgs) -> Result<()> {
         let _ = tx.send(true);
         let served = worker.await??;
         let events = maint.await?;
+        if let Some(t) = cloud_task {
+            let _ = t.await;
+        }
         let (n, p50, p95) = server.window_stats();
         println!(
             "served {served} images; live p50 {p50:.3} ms p95 {p95:.3} ms over {n} samples; {} switches; active {}",

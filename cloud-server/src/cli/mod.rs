@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adaptivenet_cloud::domain::{parse_id, Role};
-use adaptivenet_cloud::jobs::{worker_id_prefix, UnimplementedRunner, Worker};
+use adaptivenet_cloud::elastify::runner::ElastifyRunner;
+use adaptivenet_cloud::jobs::{worker_id_prefix, Worker};
 use adaptivenet_cloud::server::{self, TlsFiles};
 use adaptivenet_cloud::{App, Config};
 use anyhow::Context;
@@ -75,6 +76,38 @@ enum Cmd {
     },
     /// A gRPC client for developers and operators.
     Client(client::ClientArgs),
+    /// Oracle tools that need no server.
+    Oracle {
+        #[command(subcommand)]
+        cmd: OracleCmd,
+    },
+    /// Train an oracle from scratch (small-input ResNet on Fashion-MNIST), locally.
+    TrainOracle(adaptivenet_cloud::elastify::TrainOracleArgs),
+    /// Elastify an oracle into a supernet artifact directory, locally (resumable: re-run the
+    /// same command after an interruption).
+    Elastify(adaptivenet_cloud::elastify::ElastifyArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum OracleCmd {
+    /// Load an oracle and compare its outputs with reference logits (e.g. PyTorch's): prints
+    /// the max absolute difference and exits non-zero above --tol.
+    Verify {
+        /// Architecture descriptor JSON (or an index of descriptors with --entry).
+        #[arg(long)]
+        arch: PathBuf,
+        /// Entry of an index file such as the parity fixtures' index.json.
+        #[arg(long)]
+        entry: Option<String>,
+        /// Weights: safetensors, PyTorch .pth (zip or legacy).
+        #[arg(long)]
+        weights: PathBuf,
+        /// safetensors with `input` (NCHW) and `logits`.
+        #[arg(long)]
+        io: PathBuf,
+        #[arg(long, default_value_t = 1e-4)]
+        tol: f32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -110,6 +143,51 @@ enum FleetCmd {
     Create { name: String },
 }
 
+/// A token cancelled by Ctrl-C: long local jobs stop at the next step with a checkpoint.
+fn cancel_on_ctrl_c() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: stopping at the next step (a checkpoint is kept)");
+            c.cancel();
+        }
+    });
+    cancel
+}
+
+fn oracle_cmd(cmd: OracleCmd) -> anyhow::Result<()> {
+    match cmd {
+        OracleCmd::Verify {
+            arch,
+            entry,
+            weights,
+            io,
+            tol,
+        } => {
+            use adaptivenet_core::model::verify::{read_descriptor, verify_io};
+            let desc = read_descriptor(&arch, entry.as_deref())?;
+            let tensors = adaptivenet_core::weights::read_tensors(&weights)?;
+            let model = adaptivenet_core::model::Model::load(&desc, tensors)?;
+            let r = verify_io(&model, &io)?;
+            println!(
+                "{}: {} parameters, logits {:?}: max |diff| = {:.3e}, mean |diff| = {:.3e}, top-1 agreement {:.1}%",
+                desc.spec.family,
+                model.num_params(),
+                r.logits_shape,
+                r.max_abs_diff,
+                r.mean_abs_diff,
+                100.0 * r.top1_agreement
+            );
+            if r.max_abs_diff > tol {
+                anyhow::bail!("max |diff| {:.3e} exceeds --tol {tol:.1e}", r.max_abs_diff);
+            }
+            println!("OK (tolerance {tol:.1e})");
+            Ok(())
+        }
+    }
+}
+
 fn config(args: &Args) -> Config {
     let mut c = Config::for_data_dir(&args.data_dir);
     if let Some(u) = &args.database_url {
@@ -119,9 +197,37 @@ fn config(args: &Args) -> Config {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    if let Cmd::Client(c) = args.cmd {
-        return client::run(c).await;
-    }
+    let args = match args.cmd {
+        Cmd::Client(c) => return client::run(c).await,
+        Cmd::Oracle { cmd } => return oracle_cmd(cmd),
+        Cmd::TrainOracle(a) => {
+            let cancel = cancel_on_ctrl_c();
+            let report = tokio::task::spawn_blocking(move || {
+                adaptivenet_cloud::elastify::run_train_oracle(&a, &cancel)
+            })
+            .await??;
+            println!("{report:#?}");
+            return Ok(());
+        }
+        Cmd::Elastify(a) => {
+            let cancel = cancel_on_ctrl_c();
+            let (manifest, report) = tokio::task::spawn_blocking(move || {
+                adaptivenet_cloud::elastify::run_elastify(&a, &cancel)
+            })
+            .await??;
+            println!(
+                "supernet {} written: {} subnets, {} priors",
+                manifest.supernet_id,
+                manifest.subnet_count,
+                manifest.priors.len()
+            );
+            for st in &report.stages {
+                println!("  {st:?}");
+            }
+            return Ok(());
+        }
+        _ => args,
+    };
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let mut cfg = config(&args);
@@ -155,7 +261,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 None => None,
             };
             let handle =
-                server::start(app, listener, Some(Arc::new(UnimplementedRunner)), ml, tls).await?;
+                server::start(app, listener, Some(Arc::new(ElastifyRunner)), ml, tls).await?;
             tracing::info!(addr = %handle.addr, metrics = ?handle.metrics_addr, "cloud-server ready");
             shutdown_signal().await;
             tracing::info!("draining");
@@ -169,7 +275,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 .map(|i| {
                     let w = Worker::new(
                         app.clone(),
-                        Arc::new(UnimplementedRunner),
+                        Arc::new(ElastifyRunner),
                         format!("{prefix}-{i}"),
                     );
                     tokio::spawn(w.run(stop.clone()))
@@ -246,7 +352,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let f = app.store().create_fleet(&name).await?;
             println!("{}", f.id);
         }
-        Cmd::Client(_) => unreachable!("handled above"),
+        Cmd::Client(_) | Cmd::Oracle { .. } | Cmd::TrainOracle(_) | Cmd::Elastify(_) => {
+            unreachable!("handled above")
+        }
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod optim;
 pub mod oracle;
 pub mod priors;
+pub mod runner;
 pub mod supernet;
 pub mod train;
 

@@ -51,6 +51,11 @@ pub struct CheckpointStore {
 }
 
 impl CheckpointStore {
+    /// The application the job runs in (store, blobs, config).
+    pub fn app(&self) -> &App {
+        &self.app
+    }
+
     /// Stores a checkpoint; fails with CANCELLED if the lease was lost meanwhile.
     pub async fn save(&self, data: &[u8]) -> Result<()> {
         let r = self.app.blobs().put(data).await?;

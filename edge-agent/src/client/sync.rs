@@ -295,6 +295,8 @@ impl CloudClient {
         stats: &mut DownloadStats,
     ) -> Result<()> {
         let final_path = blob_path(dir, sha);
+        let blobs_dir = dir.join("blobs");
+        std::fs::create_dir_all(&blobs_dir).map_err(|e| EdgeError::io(&blobs_dir, e))?;
         if final_path.exists() {
             let (n, d) = file_digest(&final_path)?;
             if n == size && d == sha {
