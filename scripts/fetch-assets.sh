@@ -79,7 +79,7 @@ install_file() {
 }
 
 TMP=""
-cleanup() { [[ -n "$TMP" ]] && rm -rf -- "$TMP"; }
+cleanup() { if [[ -n "$TMP" ]]; then rm -rf -- "$TMP"; fi; }
 trap cleanup EXIT
 tmpdir() {
   if [[ -z "$TMP" ]]; then

@@ -52,21 +52,16 @@ pub fn check_name(field: &str, s: &str) -> Result<()> {
     Ok(())
 }
 
-/// A subnet code: digits, 'x' (covered by a merge) and '-' (pruned), at most 512 positions.
+/// A subnet code in the core's alphabet (`0`, `1`, `2`, `x` covered by a merge, `P`/`p`
+/// pruned) with consistent merge spans, at most 512 positions: the only string a report
+/// carries, so nothing free-form can ride along.
 pub fn check_subnet_code(field: &str, s: &str) -> Result<()> {
     if s.len() > 512 {
         return Err(CloudError::invalid(field, "longer than 512 characters"));
     }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_digit() || b == b'x' || b == b'-')
-    {
-        return Err(CloudError::invalid(
-            field,
-            "a subnet code has only digits, 'x' and '-'",
-        ));
-    }
-    Ok(())
+    adaptivenet_core::supernet::Subnet::parse(s)
+        .map(|_| ())
+        .map_err(|e| CloudError::invalid(field, e.to_string()))
 }
 
 /// An uploaded, validated oracle.

@@ -35,13 +35,39 @@ enum ClientCmd {
         #[arg(long)]
         name: String,
     },
+    /// Register a data set the cloud may train on (a server-local IDX folder).
+    RegisterDataset {
+        #[arg(long)]
+        name: String,
+        /// Path on the server (or `file://` URI) of a folder with Fashion-MNIST-style IDX files.
+        #[arg(long)]
+        uri: String,
+        #[arg(long, default_value = "idx")]
+        format: String,
+        #[arg(long, default_value_t = 0)]
+        num_samples: u64,
+    },
     /// Start an elastification job, optionally watching it to the end.
     Elastify {
         oracle_id: String,
         #[arg(long, default_value = "")]
         dataset_id: String,
+        /// Runner parameters as a JSON object, e.g. '{"stage0_steps":50,"stage1_steps":50}'
+        /// (fields: branches, seed, stage0_steps, stage1_steps, batch, lr_stage0, lr_stage1,
+        /// temperature, checkpoint_every, val_size, priors, max_train_images).
+        #[arg(long, default_value = "")]
+        params: String,
+        /// Name of the resulting supernet (default: the oracle's name).
+        #[arg(long, default_value = "")]
+        supernet_name: String,
         #[arg(long)]
         watch: bool,
+    },
+    /// Fleet aggregates as a dashboard sees them (needs a viewer token or better).
+    Aggregates {
+        /// Restrict to one fleet (id).
+        #[arg(long, default_value = "")]
+        fleet: String,
     },
     /// Watch a job with a progress bar.
     Watch { job_id: String },
@@ -132,16 +158,74 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 o.weights_sha256
             );
         }
+        ClientCmd::RegisterDataset {
+            name,
+            uri,
+            format,
+            num_samples,
+        } => {
+            let d = c
+                .register_dataset(pb::RegisterDatasetRequest {
+                    name,
+                    uri,
+                    format,
+                    num_samples,
+                })
+                .await?
+                .into_inner();
+            println!("dataset {} ({})", d.id, d.uri);
+        }
+        ClientCmd::Aggregates { fleet } => {
+            let channel = Channel::from_shared(args.endpoint.clone())?.connect().await?;
+            let value: MetadataValue<_> = format!("Bearer {}", args.token).parse()?;
+            let mut d = adaptivenet_proto::v1::dashboard_service_client::DashboardServiceClient::with_interceptor(
+                channel,
+                move |mut req: tonic::Request<()>| {
+                    req.metadata_mut().insert("authorization", value.clone());
+                    Ok(req)
+                },
+            );
+            let a = d
+                .get_fleet_aggregates(pb::GetFleetAggregatesRequest { fleet_id: fleet })
+                .await?
+                .into_inner();
+            println!(
+                "devices: {} total, {} online, {} stale",
+                a.devices_total, a.devices_online, a.devices_stale
+            );
+            for g in a.groups {
+                let dist = |d: Option<pb::Distribution>| {
+                    d.map(|d| format!("p50 {:.3} p90 {:.3} (min {:.3}, max {:.3})", d.p50, d.p90, d.min, d.max))
+                        .unwrap_or_default()
+                };
+                println!(
+                    "supernet {} class {:?}: {} devices, {:.0}% within budget",
+                    g.supernet_id,
+                    pb::DeviceClass::try_from(g.device_class).unwrap_or_default(),
+                    g.devices,
+                    100.0 * g.within_budget_fraction
+                );
+                println!("  latency p50 ms: {}", dist(g.latency_p50_ms));
+                println!("  latency p95 ms: {}", dist(g.latency_p95_ms));
+                println!("  quality:        {}", dist(g.quality));
+                for sc in g.subnets {
+                    println!("  subnet {:24} x{}", sc.subnet, sc.devices);
+                }
+            }
+        }
         ClientCmd::Elastify {
             oracle_id,
             dataset_id,
+            params,
+            supernet_name,
             watch,
         } => {
             let j = c
                 .start_elastification(pb::StartElastificationRequest {
                     oracle_id,
                     dataset_id,
-                    ..Default::default()
+                    supernet_name,
+                    params_json: params,
                 })
                 .await?
                 .into_inner();
