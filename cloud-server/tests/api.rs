@@ -19,13 +19,14 @@ async fn upload_semantics(db: Db) {
         return;
     };
     let dev = h.token(Role::Developer).await;
-    let data = safetensors_bytes(3000, 1); // ~12 KB, several chunks
+    let data = safetensors_bytes(3000, 1); // ~6 KB: the width-8 one-block oracle of ARCH
     let r = upload(&h, &dev, "resnet20", &data).await.expect("upload");
     assert!(r.created);
     let o = r.oracle.expect("oracle");
-    assert_eq!(o.family, "resnet_cifar");
-    assert_eq!(o.num_tensors, 2);
-    assert_eq!(o.num_params, 3001);
+    assert_eq!(o.family, "adaptivenet.resnet_small");
+    let (num_tensors, num_params) = expected_oracle_info(ARCH);
+    assert_eq!(o.num_tensors, num_tensors);
+    assert_eq!(o.num_params, num_params);
     assert_eq!(o.weights_sha256, sha256_hex(&data));
     // Idempotent: same digest -> same oracle, not created again.
     let again = upload(&h, &dev, "resnet20-again", &data)
@@ -103,6 +104,18 @@ async fn upload_semantics(db: Db) {
         .expect_err("arch");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("family"), "{}", err.message());
+    // Well-formed weights that do not fit the architecture (width 16 against ARCH's 8): the
+    // error names the first mismatching tensor (the stem conv, torchvision name).
+    let (_, wide) = oracle_fixture(16, 3);
+    let err = upload(&h, &dev, "wide", &wide)
+        .await
+        .expect_err("weights of another width");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(
+        err.message().contains("conv1.weight"),
+        "names the tensor: {}",
+        err.message()
+    );
     // Nothing partial is stored; the server keeps serving.
     assert_eq!(blob_files(&h), (1, 0));
     let list = h
@@ -449,6 +462,7 @@ async fn resumable_download(db: Db) {
         .expect("oracle");
     let big: Vec<u8> = (0..700_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let small = b"tiny".to_vec();
+    // The artifact's stem and head blobs are replaced by `big` and `small`.
     let supernet = make_supernet(&h, &o.id, &[big.clone(), small.clone()]).await;
     let (fleet, _, cred) = h.enrolled_device("edge").await;
     h.developer()
@@ -510,9 +524,21 @@ async fn resumable_download(db: Db) {
         .await
         .expect("manifest")
         .into_inner();
-    assert_eq!(m.blobs.len(), 2);
-    let manifest: serde_json::Value = serde_json::from_slice(&m.manifest_json).expect("json");
-    assert_eq!(manifest["modules"].as_array().expect("modules").len(), 2);
+    let manifest =
+        adaptivenet_core::artifact::Manifest::from_json(&m.manifest_json).expect("manifest");
+    let digests = distinct_blobs(&manifest);
+    assert_eq!(m.blobs.len(), digests.len());
+    assert!(
+        digests.len() > 2,
+        "stem, head and the positions' modules: {digests:?}"
+    );
+    let listed: std::collections::BTreeSet<String> =
+        m.blobs.iter().map(|b| b.sha256.clone()).collect();
+    assert_eq!(listed, digests);
+    assert_eq!(
+        (manifest.stem.sha256.clone(), manifest.head.sha256.clone()),
+        (sha256_hex(&big), sha256_hex(&small))
+    );
 
     // Download part, "break", resume from the offset held, verify the digest at the end.
     let sha = sha256_hex(&big);
@@ -633,7 +659,7 @@ async fn reports_and_aggregates(db: Db) {
         .expect("upload")
         .oracle
         .expect("oracle");
-    let supernet = make_supernet(&h, &o.id, &[b"m".to_vec()]).await;
+    let supernet = make_supernet(&h, &o.id, &[]).await;
     let fleet = h
         .admin_client()
         .create_fleet(authed(
@@ -946,14 +972,10 @@ impl JobRunner for StepRunner {
                 ctx.progress
                     .send("stage0", (step + 1) as f64 / steps as f64);
             }
-            let m = ctx
-                .blobs
-                .put(format!("module of {}", ctx.job.id).as_bytes())
-                .await?;
-            let manifest =
-                serde_json::json!({"modules": [{"sha256": m.sha256, "size": m.size_bytes}]});
+            // A real artifact (blobs in the job's store), distinct per job.
+            let seed = u64::from_le_bytes(ctx.job.id.as_bytes()[..8].try_into().expect("8"));
             Ok(JobOutput {
-                manifest_json: serde_json::to_vec(&manifest).expect("json"),
+                manifest_json: store_supernet_artifact(&ctx.blobs, seed).await,
             })
         })
     }
@@ -1057,7 +1079,9 @@ async fn job_lease_takeover(db: Db) {
         .expect("supernet")
         .into_inner();
     assert_eq!(s.supernet.expect("supernet").version, 1);
-    assert_eq!(s.blobs.len(), 1);
+    let manifest =
+        adaptivenet_core::artifact::Manifest::from_json(&s.manifest_json).expect("manifest");
+    assert_eq!(s.blobs.len(), distinct_blobs(&manifest).len());
     // A stale worker cannot write to a job it lost.
     assert!(!h
         .app()

@@ -5,9 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adaptivenet_cloud::app::{App, Config};
+use adaptivenet_cloud::blobs::BlobStore;
 use adaptivenet_cloud::domain::Role;
 use adaptivenet_cloud::jobs::JobRunner;
 use adaptivenet_cloud::server::{self, ServerHandle};
+use adaptivenet_core::artifact::{
+    params_to_safetensors, write_artifact, InputSpec, Manifest, ModuleEntry,
+};
+use adaptivenet_core::model::{expected_shapes, ArchDescriptor, Model, ModelSpec, Slot};
+use adaptivenet_core::supernet::{branches::build_supernet, SupernetConfig};
 use adaptivenet_proto::v1 as pb;
 use sqlx::Connection;
 use tonic::transport::Channel;
@@ -225,31 +231,76 @@ pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
     r
 }
 
-/// A minimal valid safetensors file with `n` f32 values in one tensor (plus a bias).
+/// A tiny real oracle descriptor: `adaptivenet.resnet_small`, one basic block of width 8,
+/// 1 input channel, 10 classes. [`safetensors_bytes`] are weights that fit it.
+pub const ARCH: &[u8] = br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[1],"widths":[8],"in_channels":1,"num_classes":10}"#;
+
+/// The descriptor of [`ARCH`] with another width (`arch_json(8) == ARCH`).
+pub fn arch_json(width: usize) -> Vec<u8> {
+    format!(
+        r#"{{"family":"adaptivenet.resnet_small","block":"basic","layers":[1],"widths":[{width}],"in_channels":1,"num_classes":10}}"#
+    )
+    .into_bytes()
+}
+
+/// The spec a descriptor lowers to.
+pub fn arch_spec(arch: &[u8]) -> ModelSpec {
+    ArchDescriptor::from_json(arch).expect("arch").spec
+}
+
+/// What upload validation must report for weights of `arch`: (tensor count, trainable
+/// parameter count), from the spec (one tensor per expected shape, as written by
+/// [`oracle_fixture`]; BN running statistics are tensors but not parameters).
+pub fn expected_oracle_info(arch: &[u8]) -> (u32, u64) {
+    let spec = arch_spec(arch);
+    (expected_shapes(&spec).len() as u32, spec.num_params())
+}
+
+/// The family's (torchvision-style) name of a canonical (slot, local) tensor of a
+/// single-stage `adaptivenet.resnet_small` model: stem `conv.X`/`bn.X` → `conv1.X`/`bn1.X`,
+/// block i → `layer1.{i}.X`, head `fc.X` as is.
+fn resnet_small_name(slot: Slot, local: &str) -> String {
+    match slot {
+        Slot::Stem => match (local.strip_prefix("conv."), local.strip_prefix("bn.")) {
+            (Some(rest), _) => format!("conv1.{rest}"),
+            (_, Some(rest)) => format!("bn1.{rest}"),
+            _ => panic!("unexpected stem tensor {local}"),
+        },
+        Slot::Block(i) => format!("layer1.{i}.{local}"),
+        Slot::Head => local.to_string(),
+    }
+}
+
+/// A real oracle: (descriptor of width `width`, safetensors weights of a freshly initialised
+/// model for it under the family's key names). Different seeds give different weights.
+pub fn oracle_fixture(width: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let arch = arch_json(width);
+    let model = Model::init(&arch_spec(&arch), seed).expect("init");
+    let mut tensors = Vec::new();
+    for (n, t) in &model.stem {
+        tensors.push((resnet_small_name(Slot::Stem, n), t.clone()));
+    }
+    for (i, p) in model.blocks.iter().enumerate() {
+        for (n, t) in p {
+            tensors.push((resnet_small_name(Slot::Block(i), n), t.clone()));
+        }
+    }
+    for (n, t) in &model.head {
+        tensors.push((resnet_small_name(Slot::Head, n), t.clone()));
+    }
+    assert_eq!(tensors.len(), model.canonical_tensors().len());
+    let bytes = params_to_safetensors(tensors).expect("safetensors");
+    (arch, bytes)
+}
+
+/// Weights that fit [`ARCH`]; different (n, seed) give different bytes (and digests).
 pub fn safetensors_bytes(n: usize, seed: u8) -> Vec<u8> {
-    let header = format!(
-        "{{\"conv.weight\":{{\"dtype\":\"F32\",\"shape\":[{n}],\"data_offsets\":[0,{}]}},\"conv.bias\":{{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[{},{}]}}}}",
-        n * 4,
-        n * 4,
-        n * 4 + 4
-    );
-    let mut h = header.into_bytes();
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    let mut out = (h.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&h);
-    for i in 0..=n {
-        out.extend_from_slice(&((i as f32) + seed as f32).to_le_bytes());
-    }
-    out
+    oracle_fixture(8, ((n as u64) << 8) | seed as u64).1
 }
 
 pub fn sha256_hex(b: &[u8]) -> String {
     adaptivenet_cloud::blobs::sha256_hex(b)
 }
-
-pub const ARCH: &[u8] = br#"{"family":"resnet_cifar","depth":20}"#;
 
 /// The messages of an upload: header then chunks of `chunk` bytes.
 pub fn upload_msgs(
@@ -312,18 +363,74 @@ fn walk(p: &std::path::Path) -> usize {
         .sum()
 }
 
-/// Stores module blobs and registers a supernet whose manifest lists them.
-pub async fn make_supernet(h: &Harness, oracle_id: &str, modules: &[Vec<u8>]) -> String {
-    let app = h.app();
-    let mut entries = Vec::new();
-    for (i, m) in modules.iter().enumerate() {
-        let r = app.blobs().put(m).await.expect("put blob");
-        entries.push(
-            serde_json::json!({"name": format!("m{i}"), "sha256": r.sha256, "size": r.size_bytes}),
-        );
+/// A real supernet artifact: the merge-only supernet of a freshly initialised two-block
+/// `adaptivenet.resnet_small` (layers [1,1], widths [8,16]); returns its manifest and the
+/// bytes of every blob file it wrote. Different seeds give different blobs.
+pub fn supernet_artifact(seed: u64) -> (Manifest, Vec<Vec<u8>>) {
+    let arch = br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[1,1],"widths":[8,16],"in_channels":1,"num_classes":10}"#;
+    let oracle = Model::init(&arch_spec(arch), seed).expect("init");
+    let digest = sha256_hex(&params_to_safetensors(oracle.canonical_tensors()).expect("st"));
+    let sn = build_supernet(&oracle, &SupernetConfig::merge_only()).expect("supernet");
+    let input = InputSpec {
+        shape: oracle.spec.input,
+        mean: vec![0.5],
+        std: vec![0.25],
+        class_names: (0..10).map(|c| format!("c{c}")).collect(),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = write_artifact(dir.path(), &sn, input, &digest, Vec::new()).expect("artifact");
+    let mut blobs = Vec::new();
+    for e in std::fs::read_dir(dir.path().join("blobs")).expect("blobs dir") {
+        blobs.push(std::fs::read(e.expect("entry").path()).expect("read blob"));
     }
-    let manifest =
-        serde_json::to_vec(&serde_json::json!({"format": 1, "modules": entries})).expect("json");
+    (manifest, blobs)
+}
+
+/// A real supernet artifact whose blobs are all in `store`; returns the manifest JSON.
+pub async fn store_supernet_artifact(store: &BlobStore, seed: u64) -> Vec<u8> {
+    let (manifest, blobs) = supernet_artifact(seed);
+    for b in &blobs {
+        store.put(b).await.expect("put blob");
+    }
+    manifest.to_json().expect("json")
+}
+
+/// Every module entry of a manifest, mutably, in [`Manifest::modules`] order (stem, head,
+/// then every position's choices).
+pub fn module_entries_mut(m: &mut Manifest) -> Vec<&mut ModuleEntry> {
+    let mut v = vec![&mut m.stem, &mut m.head];
+    for p in &mut m.positions {
+        for c in &mut p.choices {
+            v.push(&mut c.module);
+        }
+    }
+    v
+}
+
+/// The distinct blob digests a manifest lists (what the cloud records for a supernet).
+pub fn distinct_blobs(m: &Manifest) -> std::collections::BTreeSet<String> {
+    m.modules()
+        .into_iter()
+        .map(|(_, e)| e.sha256.clone())
+        .collect()
+}
+
+/// Registers a real supernet artifact (all blobs stored) of `oracle_id`. `substitutes`
+/// replace, in order, the module entries of the manifest (stem, head, then the positions'
+/// choices) with test blobs (stored too): registration checks only a blob's existence and
+/// size, so a test can serve bytes it chose (e.g. a big blob for resumable download).
+pub async fn make_supernet(h: &Harness, oracle_id: &str, substitutes: &[Vec<u8>]) -> String {
+    let app = h.app();
+    let json = store_supernet_artifact(app.blobs(), 7).await;
+    let mut manifest = Manifest::from_json(&json).expect("manifest");
+    let entries = module_entries_mut(&mut manifest);
+    assert!(substitutes.len() <= entries.len(), "too many substitutes");
+    for (e, bytes) in entries.into_iter().zip(substitutes) {
+        let r = app.blobs().put(bytes).await.expect("put blob");
+        e.sha256 = r.sha256;
+        e.size = r.size_bytes;
+    }
+    let manifest = manifest.to_json().expect("json");
     let s = app
         .register_supernet(
             "net",
