@@ -64,6 +64,7 @@ PARAMS='{"stage0_steps":'"${QS_STAGE_STEPS:-40}"',"stage1_steps":'"${QS_STAGE_ST
 SUPERNET=$(awk '/ Succeeded / {print $4}' "$RUN/job.txt")
 [ -n "$SUPERNET" ] || { echo "elastification did not succeed (see $RUN/cloud.log)" >&2; exit 1; }
 "${CLIENT[@]}" publish "$SUPERNET" --fleet "$FLEET" --label stable
+"${CLIENT[@]}" desire --fleet "$FLEET" --label stable --budget-fraction 0.6
 
 step "three edge agents (separate processes, different conditions)"
 python3 scripts/make-device-data.py "$ADAPTIVENET_ASSETS/fashion-mnist" "$RUN/devices" 600

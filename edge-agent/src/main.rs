@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use adaptivenet_core::artifact::{write_artifact, InputSpec};
-use adaptivenet_proto::v1 as pb;
 use adaptivenet_core::data::FASHION_MNIST_CLASSES;
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::supernet::{branches::build_supernet, Subnet, SupernetConfig};
@@ -19,6 +18,7 @@ use adaptivenet_edge::search::{self, Budget, SearchConfig, Speedups};
 use adaptivenet_edge::serve::{ArtifactSource, Server};
 use adaptivenet_edge::state::{ActiveRecord, SearchRecord, StateDir};
 use adaptivenet_edge::EdgeError;
+use adaptivenet_proto::v1 as pb;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -230,7 +230,7 @@ fn open_source(
     };
     let deadline = std::time::Duration::from_millis(c.cloud_timeout_ms.max(1));
     let cache = c.cache.clone().unwrap_or_else(|| c.state.join("cache"));
-    let (client, rep) = rt.block_on(async {
+    let synced = rt.block_on(async {
         let mut client = CloudClient::connect(url, deadline)
             .await?
             .with_state_dir(&c.state)?;
@@ -248,8 +248,44 @@ fn open_source(
             .sync(&cache, &BlobSelection::All, &SyncOptions::default())
             .await?;
         Ok::<_, EdgeError>((client, rep))
-    })
-    .with_context(|| format!("syncing the supernet from {url}"))?;
+    });
+    let (client, rep) = match synced {
+        Ok(v) => v,
+        Err(e) if e.is_transient() => {
+            // The cloud is unreachable: serve the last synced supernet, if any, and keep
+            // trying to reach the cloud in the background (heartbeats and reports).
+            let Some((cur, dir)) = adaptivenet_edge::client::sync::cached_current(&cache) else {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "syncing the supernet from {url} (nothing cached yet)"
+                )));
+            };
+            tracing::warn!(
+                "cloud unreachable ({e}); serving the cached supernet {} from {}",
+                cur.supernet_id,
+                dir.display()
+            );
+            let client = rt
+                .block_on(async {
+                    CloudClient::connect_lazy(url, deadline)?.with_state_dir(&c.state)
+                })
+                .context("reading the device identity")?;
+            if client.identity().is_none() {
+                bail!("not enrolled and the cloud {url} is unreachable");
+            }
+            let src = ArtifactSource::open(&dir).context("opening the cached supernet")?;
+            return Ok((
+                src,
+                Some(CloudSession {
+                    client: Arc::new(client),
+                    supernet_id: cur.supernet_id,
+                    generation: cur.generation,
+                }),
+            ));
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("syncing the supernet from {url}")))
+        }
+    };
     let s = &rep.stats;
     tracing::info!(
         "synced supernet {} v{} into {}: {} blobs needed, {} cached, {} downloaded ({} bytes, {} resumed, {} restarted)",
@@ -611,7 +647,7 @@ fn run(a: RunArgs) -> Result<()> {
                         Err(e) => tracing::warn!("heartbeat failed, still serving: {e}"),
                     }
                     beats += 1;
-                    if beats % report_every == 0 && n > 0 {
+                    if beats.is_multiple_of(report_every) && n > 0 {
                         let agg = aggregates(&active, Some((n, p50, p95)));
                         if let Err(e) = client.report(&agg).await {
                             tracing::warn!("report not delivered (kept for retry): {e}");

@@ -63,6 +63,22 @@ enum ClientCmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Set a fleet's desired state: follow a label (or pin a supernet) with a budget policy.
+    Desire {
+        #[arg(long)]
+        fleet: String,
+        /// Label to follow (e.g. `stable`); ignored with --supernet.
+        #[arg(long, default_value = "stable")]
+        label: String,
+        /// Pin one supernet version instead of a label.
+        #[arg(long)]
+        supernet: Option<String>,
+        /// Default budget as a fraction of the oracle's latency on each device.
+        #[arg(long, default_value_t = 0.6)]
+        budget_fraction: f64,
+        #[arg(long, default_value_t = 0.1)]
+        hysteresis: f64,
+    },
     /// Fleet aggregates as a dashboard sees them (needs a viewer token or better).
     Aggregates {
         /// Restrict to one fleet (id).
@@ -156,6 +172,35 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 o.id,
                 o.num_params,
                 o.weights_sha256
+            );
+        }
+        ClientCmd::Desire {
+            fleet,
+            label,
+            supernet,
+            budget_fraction,
+            hysteresis,
+        } => {
+            use pb::set_desired_state_request::Target;
+            let target = match supernet {
+                Some(id) => Target::SupernetId(id),
+                None => Target::Label(label),
+            };
+            let d = c
+                .set_desired_state(pb::SetDesiredStateRequest {
+                    fleet_id: fleet,
+                    target: Some(target),
+                    budget: Some(pb::LatencyBudgetPolicy {
+                        latency_budget_ms: 0.0,
+                        budget_fraction,
+                        hysteresis,
+                    }),
+                })
+                .await?
+                .into_inner();
+            println!(
+                "fleet {} -> supernet {} (generation {})",
+                d.fleet_id, d.supernet_id, d.generation
             );
         }
         ClientCmd::RegisterDataset {

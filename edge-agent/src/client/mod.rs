@@ -213,7 +213,9 @@ impl AgentAggregates {
         device_class: pb::DeviceClass,
     ) -> Self {
         let n = active.subnet.len();
-        let predicted = table.predict_ms(&active.subnet).unwrap_or(active.latency_ms);
+        let predicted = table
+            .predict_ms(&active.subnet)
+            .unwrap_or(active.latency_ms);
         let (p50, p95) = match live {
             Some((k, p50, p95)) if k > 0 && p50.is_finite() && p95.is_finite() => (p50, p95),
             _ => (predicted, predicted),
@@ -370,19 +372,22 @@ impl CloudClient {
         let mut r = Request::new(msg);
         r.set_timeout(timeout);
         if auth {
-            let id = self.identity.as_ref().ok_or_else(|| EdgeError::NotEnrolled {
-                path: self
-                    .state_dir
-                    .as_deref()
-                    .map(|d| identity_path(d).display().to_string())
-                    .unwrap_or_else(|| "<no state dir>".into()),
-            })?;
-            let v = format!("Bearer {}", id.credential)
-                .parse()
-                .map_err(|_| EdgeError::CorruptState {
+            let id = self
+                .identity
+                .as_ref()
+                .ok_or_else(|| EdgeError::NotEnrolled {
+                    path: self
+                        .state_dir
+                        .as_deref()
+                        .map(|d| identity_path(d).display().to_string())
+                        .unwrap_or_else(|| "<no state dir>".into()),
+                })?;
+            let v = format!("Bearer {}", id.credential).parse().map_err(|_| {
+                EdgeError::CorruptState {
                     path: IDENTITY_FILE.into(),
                     reason: "credential is not valid header text".into(),
-                })?;
+                }
+            })?;
             r.metadata_mut().insert("authorization", v);
         }
         Ok(r)
@@ -445,8 +450,8 @@ impl CloudClient {
             credential: e.device_credential,
             credential_expires_unix_ms: e.credential_expires_unix_ms,
         };
-        let bytes =
-            serde_json::to_vec_pretty(&id).map_err(|e| EdgeError::config("identity", e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&id)
+            .map_err(|e| EdgeError::config("identity", e.to_string()))?;
         write_private(&identity_path(&dir), &bytes)?;
         tracing::info!(device = %id.device_id, fleet = %id.fleet_id, "enrolled");
         self.identity = Some(id);
@@ -457,7 +462,8 @@ impl CloudClient {
     pub async fn desired_state(&self) -> Result<pb::DesiredState> {
         let req = self.request(pb::Empty {}, true, self.deadline)?;
         let mut c = self.inner.clone();
-        self.unary("GetDesiredState", c.get_desired_state(req)).await
+        self.unary("GetDesiredState", c.get_desired_state(req))
+            .await
     }
 
     /// The manifest and blob list of a supernet assigned to the fleet.
@@ -499,12 +505,18 @@ impl CloudClient {
         let r = agg.to_report();
         match self.send_report(r.clone()).await {
             Ok(()) => {
-                *self.pending_report.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *self
+                    .pending_report
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
                 Ok(())
             }
             Err(e) => {
                 if e.is_transient() {
-                    *self.pending_report.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                    *self
+                        .pending_report
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(r);
                 }
                 Err(e)
             }
@@ -533,13 +545,19 @@ impl CloudClient {
         };
         match self.send_report(r).await {
             Ok(()) => {
-                *self.pending_report.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *self
+                    .pending_report
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
                 Ok(true)
             }
             Err(e) => {
                 if !e.is_transient() {
                     // The cloud rejected it for good (e.g. invalid): do not retry forever.
-                    *self.pending_report.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    *self
+                        .pending_report
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = None;
                 }
                 Err(e)
             }

@@ -122,6 +122,30 @@ pub struct SyncReport {
     pub stats: DownloadStats,
 }
 
+/// The supernet the last successful sync installed (`<cache>/current.json`), so an agent
+/// can start from its cache while the cloud is unreachable.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CurrentSupernet {
+    pub supernet_id: String,
+    pub generation: u64,
+}
+
+/// Path of the record of the last synced supernet.
+pub fn current_path(cache: &Path) -> PathBuf {
+    cache.join("current.json")
+}
+
+/// The last synced supernet and its directory, if the record exists and the directory still
+/// holds a readable manifest (blobs are verified again when loaded).
+pub fn cached_current(cache: &Path) -> Option<(CurrentSupernet, PathBuf)> {
+    let bytes = std::fs::read(current_path(cache)).ok()?;
+    let cur: CurrentSupernet = serde_json::from_slice(&bytes).ok()?;
+    uuid::Uuid::parse_str(&cur.supernet_id).ok()?;
+    let dir = cache.join(&cur.supernet_id);
+    adaptivenet_core::artifact::read_manifest(&dir).ok()?;
+    Some((cur, dir))
+}
+
 /// Path of a blob's partial download.
 pub fn part_path(dir: &Path, sha256: &str) -> PathBuf {
     dir.join("blobs").join(format!("{sha256}.part"))
@@ -217,7 +241,10 @@ impl CloudClient {
             });
         }
         uuid::Uuid::parse_str(&desired.supernet_id).map_err(|_| {
-            EdgeError::config("desired supernet_id", format!("{:?} is not a UUID", desired.supernet_id))
+            EdgeError::config(
+                "desired supernet_id",
+                format!("{:?} is not a UUID", desired.supernet_id),
+            )
         })?;
         let mut attempt = 0;
         let resp = loop {
@@ -274,6 +301,13 @@ impl CloudClient {
         if !same {
             write_atomic(&mpath, &resp.manifest_json)?;
         }
+        let cur = CurrentSupernet {
+            supernet_id: desired.supernet_id.clone(),
+            generation: desired.generation,
+        };
+        let cur =
+            serde_json::to_vec(&cur).map_err(|e| EdgeError::config("cache", e.to_string()))?;
+        write_atomic(&current_path(cache), &cur)?;
         Ok(SyncReport {
             dir,
             supernet_id: desired.supernet_id.clone(),
@@ -303,7 +337,9 @@ impl CloudClient {
                 stats.blobs_skipped += 1;
                 return Ok(());
             }
-            tracing::warn!("cached blob {sha} is corrupt ({n} bytes, sha256 {d}); fetching it again");
+            tracing::warn!(
+                "cached blob {sha} is corrupt ({n} bytes, sha256 {d}); fetching it again"
+            );
             remove(&final_path)?;
             stats.cached_corrupt += 1;
         }
@@ -313,7 +349,8 @@ impl CloudClient {
         loop {
             match self.download_once(&part, sha, size, opts, stats).await {
                 Ok(()) => {
-                    std::fs::rename(&part, &final_path).map_err(|e| EdgeError::io(&final_path, e))?;
+                    std::fs::rename(&part, &final_path)
+                        .map_err(|e| EdgeError::io(&final_path, e))?;
                     sync_dir(&dir.join("blobs"));
                     return Ok(());
                 }
@@ -381,7 +418,10 @@ impl CloudClient {
                 if opts.break_after_chunks.is_some_and(|k| chunks >= k) {
                     drop(stream);
                     f.sync_all().map_err(|e| EdgeError::io(part, e))?;
-                    return Err(interrupted(held, format!("stream dropped after {chunks} chunks")));
+                    return Err(interrupted(
+                        held,
+                        format!("stream dropped after {chunks} chunks"),
+                    ));
                 }
                 let msg = match tokio::time::timeout(self.deadline(), stream.message()).await {
                     Err(_) => {
@@ -394,7 +434,10 @@ impl CloudClient {
                     }
                     Ok(Ok(None)) => {
                         f.sync_all().map_err(|e| EdgeError::io(part, e))?;
-                        return Err(interrupted(held, "stream ended before the last chunk".into()));
+                        return Err(interrupted(
+                            held,
+                            "stream ended before the last chunk".into(),
+                        ));
                     }
                     Ok(Ok(Some(m))) => m,
                 };

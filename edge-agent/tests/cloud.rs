@@ -1,0 +1,858 @@
+//! The agent's cloud client against the real cloud server, in-process on 127.0.0.1:0 over
+//! real gRPC, SQLite in a temp dir.
+//!
+//! The cloud has no RPC that ingests an artifact directory (supernets come from
+//! elastification jobs), so `publish_artifact` uses the cloud's library API the way its own
+//! tests do: blobs into the blob store, `App::register_supernet` with the core manifest, then
+//! the developer RPCs `PublishSupernet` + `SetDesiredState` over gRPC.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use adaptivenet_cloud::app::{App, Config};
+use adaptivenet_cloud::domain::{Oracle, Role};
+use adaptivenet_cloud::server::{self, ServerHandle};
+use adaptivenet_core::artifact::{blob_path, read_manifest, write_artifact, InputSpec, Manifest};
+use adaptivenet_core::model::{ArchDescriptor, Model};
+use adaptivenet_core::supernet::{branches::build_supernet, Subnet, SupernetConfig};
+use adaptivenet_edge::client::sync::{part_path, BlobSelection, DownloadStats, SyncOptions};
+use adaptivenet_edge::client::{
+    identity_path, AgentAggregates, CloudClient, HeartbeatInput, DEFAULT_DEADLINE,
+};
+use adaptivenet_edge::profile::LatencyTable;
+use adaptivenet_edge::search::{Candidate, SearchConfig, SearchResult, SearchStats};
+use adaptivenet_edge::serve::ArtifactSource;
+use adaptivenet_edge::state::SearchRecord;
+use adaptivenet_edge::EdgeError;
+use adaptivenet_proto::v1 as pb;
+use tonic::transport::Channel;
+
+const CHUNK: u32 = 256;
+
+struct Cloud {
+    handle: Option<ServerHandle>,
+    url: String,
+    admin: String,
+    developer: String,
+    channel: Channel,
+    _dir: tempfile::TempDir,
+}
+
+impl Cloud {
+    async fn start() -> Cloud {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::for_data_dir(dir.path());
+        cfg.database_url = format!("sqlite://{}", dir.path().join("cloud.db").display());
+        cfg.db_max_connections = 4;
+        cfg.drain_grace = Duration::from_millis(100);
+        cfg.workers = 1;
+        let app = App::open(cfg).await.unwrap();
+        let admin = app
+            .create_api_token(Role::Admin, "test", None)
+            .await
+            .unwrap()
+            .token;
+        let developer = app
+            .create_api_token(Role::Developer, "test", None)
+            .await
+            .unwrap()
+            .token;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let handle = server::start(app, listener, None, None, None)
+            .await
+            .unwrap();
+        let url = format!("http://{}", handle.addr);
+        let channel = Channel::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Cloud {
+            handle: Some(handle),
+            url,
+            admin,
+            developer,
+            channel,
+            _dir: dir,
+        }
+    }
+
+    fn app(&self) -> &App {
+        self.handle.as_ref().unwrap().app()
+    }
+
+    async fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await.unwrap();
+        }
+    }
+
+    /// Fleet + one-use enrollment token.
+    async fn fleet(&self, name: &str) -> (String, String) {
+        let mut admin = pb::admin_service_client::AdminServiceClient::new(self.channel.clone());
+        let fleet = admin
+            .create_fleet(authed(
+                pb::CreateFleetRequest { name: name.into() },
+                &self.admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let tok = admin
+            .create_enrollment_token(authed(
+                pb::CreateEnrollmentTokenRequest {
+                    fleet_id: fleet.id.clone(),
+                    uses: 1,
+                    ttl_seconds: 0,
+                },
+                &self.admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        (fleet.id, tok.token)
+    }
+
+    /// Registers an artifact directory as a supernet and makes it the fleet's desired state.
+    async fn publish_artifact(&self, art: &Path, fleet_id: &str) -> String {
+        let app = self.app();
+        let m = read_manifest(art).unwrap();
+        for (_, e) in m.modules() {
+            let bytes = std::fs::read(blob_path(art, &e.sha256)).unwrap();
+            let r = app.blobs().put(&bytes).await.unwrap();
+            assert_eq!(r.sha256, e.sha256);
+        }
+        // The cloud reads the blob list from the core manifest itself.
+        let manifest = std::fs::read(art.join("manifest.json")).unwrap();
+        let oracle = Oracle {
+            id: uuid::Uuid::new_v4(),
+            name: "oracle".into(),
+            family: "adaptivenet.resnet_small".into(),
+            weights_sha256: "0".repeat(64),
+            size_bytes: 1,
+            num_params: m.oracle_params,
+            num_tensors: 1,
+            arch_json: "{}".into(),
+            created_ms: 0,
+        };
+        let (oracle, _) = app.store().insert_oracle(&oracle).await.unwrap();
+        let s = app
+            .register_supernet("net", oracle.id, None, &manifest)
+            .await
+            .unwrap();
+        let mut dev =
+            pb::developer_service_client::DeveloperServiceClient::new(self.channel.clone());
+        dev.publish_supernet(authed(
+            pb::PublishSupernetRequest {
+                supernet_id: s.id.to_string(),
+                fleet_id: fleet_id.into(),
+                label: "stable".into(),
+            },
+            &self.developer,
+        ))
+        .await
+        .unwrap();
+        dev.set_desired_state(authed(
+            pb::SetDesiredStateRequest {
+                fleet_id: fleet_id.into(),
+                target: Some(pb::set_desired_state_request::Target::Label(
+                    "stable".into(),
+                )),
+                budget: Some(pb::LatencyBudgetPolicy {
+                    latency_budget_ms: 0.0,
+                    budget_fraction: 0.6,
+                    hysteresis: 0.1,
+                }),
+            },
+            &self.developer,
+        ))
+        .await
+        .unwrap();
+        s.id.to_string()
+    }
+}
+
+fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+/// A small untrained ResNet supernet artifact (merge branches).
+fn make_artifact(dir: &Path) -> Manifest {
+    let arch = serde_json::json!({
+        "family": "adaptivenet.resnet_small", "block": "basic", "layers": [3, 3, 3],
+        "widths": [4, 8, 8], "in_channels": 1, "num_classes": 10
+    });
+    let arch = ArchDescriptor::from_json(arch.to_string().as_bytes()).unwrap();
+    let oracle = Model::init(&arch.spec, 7).unwrap();
+    let sn = build_supernet(&oracle, &SupernetConfig::merge_only()).unwrap();
+    let input = InputSpec {
+        shape: [1, 28, 28],
+        mean: vec![0.5],
+        std: vec![0.5],
+        class_names: (0..10).map(|i| i.to_string()).collect(),
+    };
+    write_artifact(dir, &sn, input, &"0".repeat(64), vec![]).unwrap()
+}
+
+fn opts() -> SyncOptions {
+    SyncOptions {
+        chunk_size: CHUNK,
+        max_attempts: 3,
+        backoff_base: Duration::from_millis(5),
+        backoff_max: Duration::from_millis(20),
+        ..SyncOptions::default()
+    }
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A running cloud with one published artifact, a fresh agent state dir and an enrolled
+/// client.
+struct Setup {
+    cloud: Cloud,
+    art: tempfile::TempDir,
+    manifest: Manifest,
+    agent: tempfile::TempDir,
+    fleet_id: String,
+    supernet_id: String,
+    client: CloudClient,
+}
+
+impl Setup {
+    async fn new() -> Setup {
+        let cloud = Cloud::start().await;
+        let art = tempfile::tempdir().unwrap();
+        let manifest = make_artifact(art.path());
+        let (fleet_id, token) = cloud.fleet("edge").await;
+        let supernet_id = cloud.publish_artifact(art.path(), &fleet_id).await;
+        let agent = tempfile::tempdir().unwrap();
+        let mut client = CloudClient::connect(&cloud.url, DEFAULT_DEADLINE)
+            .await
+            .unwrap()
+            .with_state_dir(agent.path().join("state"))
+            .unwrap();
+        assert!(client
+            .enroll(Some(&token), pb::DeviceClass::CpuSmall, "0.1.0")
+            .await
+            .unwrap());
+        Setup {
+            cloud,
+            art,
+            manifest,
+            agent,
+            fleet_id,
+            supernet_id,
+            client,
+        }
+    }
+
+    fn cache(&self) -> PathBuf {
+        self.agent.path().join("cache")
+    }
+
+    fn src_blob(&self, sha: &str) -> Vec<u8> {
+        std::fs::read(blob_path(self.art.path(), sha)).unwrap()
+    }
+
+    /// The largest module blob (several chunks long).
+    fn largest(&self) -> (String, u64) {
+        let (_, e) = self
+            .manifest
+            .modules()
+            .into_iter()
+            .max_by_key(|(_, e)| e.size)
+            .unwrap();
+        (e.sha256.clone(), e.size)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_once_sync_all_and_reuse_identity_on_restart() {
+    let mut s = Setup::new().await;
+    let state = s.agent.path().join("state");
+    let id = s.client.identity().unwrap().clone();
+    assert_eq!(id.fleet_id, s.fleet_id);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(identity_path(&state))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "identity file must be owner-only");
+    }
+    // No temp files left behind by the atomic write.
+    assert_eq!(files_in(&state), vec!["identity.json".to_string()]);
+
+    let rep = s
+        .client
+        .sync(&s.cache(), &BlobSelection::All, &opts())
+        .await
+        .unwrap();
+    assert_eq!(rep.supernet_id, s.supernet_id);
+    assert_eq!(rep.dir, s.cache().join(&s.supernet_id));
+    let distinct: std::collections::BTreeSet<_> = s
+        .manifest
+        .modules()
+        .iter()
+        .map(|(_, e)| e.sha256.clone())
+        .collect();
+    assert_eq!(rep.stats.blobs_needed, distinct.len());
+    assert_eq!(rep.stats.blobs_downloaded, distinct.len());
+    assert_eq!(rep.stats.restarts_from_zero + rep.stats.cached_corrupt, 0);
+    let total: u64 = distinct
+        .iter()
+        .map(|sha| s.src_blob(sha).len() as u64)
+        .sum();
+    assert_eq!(
+        rep.stats.bytes_received, total,
+        "every byte sent exactly once"
+    );
+    for sha in &distinct {
+        assert_eq!(
+            std::fs::read(blob_path(&rep.dir, sha)).unwrap(),
+            s.src_blob(sha)
+        );
+    }
+    assert!(!files_in(&rep.dir.join("blobs"))
+        .iter()
+        .any(|f| f.ends_with(".part")));
+    // The synced dir is an artifact dir the serving path opens and loads.
+    let src = ArtifactSource::open(&rep.dir).unwrap();
+    assert_eq!(src.manifest.supernet_id, s.manifest.supernet_id);
+    src.load(None).unwrap();
+
+    // Restart: a new client reuses the identity without a token (the one-use token is spent,
+    // so a second enrollment could not even succeed) and finds every blob cached.
+    let mut again = CloudClient::connect(&s.cloud.url, DEFAULT_DEADLINE)
+        .await
+        .unwrap()
+        .with_state_dir(&state)
+        .unwrap();
+    assert!(!again
+        .enroll(None, pb::DeviceClass::CpuSmall, "0.1.0")
+        .await
+        .unwrap());
+    assert_eq!(again.identity(), Some(&id));
+    let rep2 = again
+        .sync(&s.cache(), &BlobSelection::All, &opts())
+        .await
+        .unwrap();
+    assert_eq!(rep2.stats.blobs_skipped, distinct.len());
+    assert_eq!(rep2.stats.bytes_received, 0);
+    assert_eq!(rep2.stats.streams, 0);
+    // Only one device exists in the fleet.
+    let devices = s
+        .cloud
+        .app()
+        .store()
+        .list_devices(
+            adaptivenet_cloud::domain::Page {
+                offset: 0,
+                limit: 100,
+            },
+            Some(uuid::Uuid::parse_str(&s.fleet_id).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(devices.len(), 1);
+    s.cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_downloads_only_the_modules_of_the_needed_subnets() {
+    let mut s = Setup::new().await;
+    let n = s.manifest.positions.len();
+    let orig = Subnet::original(n);
+    let rep = s
+        .client
+        .sync(
+            &s.cache(),
+            &BlobSelection::Subnets(vec![orig.clone()]),
+            &opts(),
+        )
+        .await
+        .unwrap();
+    let want: std::collections::BTreeSet<String> = s
+        .manifest
+        .modules_for(&orig)
+        .unwrap()
+        .iter()
+        .map(|(_, e)| e.sha256.clone())
+        .collect();
+    let got: std::collections::BTreeSet<String> =
+        files_in(&rep.dir.join("blobs")).into_iter().collect();
+    assert_eq!(got, want, "exactly stem, head and the subnet's modules");
+    assert!(got.len() < s.manifest.modules().len());
+    let src = ArtifactSource::open(&rep.dir).unwrap();
+    src.load(Some(std::slice::from_ref(&orig))).unwrap();
+    // A module outside the selection is absent and fails to load.
+    let branch = s.manifest.positions.iter().find_map(|p| {
+        p.choices
+            .iter()
+            .find(|c| c.id != 0 && !want.contains(&c.module.sha256))
+            .map(|c| (p.index, c.id))
+    });
+    let (pos, id) = branch.expect("merge branches exist");
+    assert!(src.load_module(pos, id).is_err());
+    s.cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_download_resumes_from_the_part_file() {
+    let mut s = Setup::new().await;
+    let (sha, size) = s.largest();
+    let chunks = size.div_ceil(CHUNK as u64);
+    assert!(
+        chunks >= 6,
+        "blob of {size} bytes is too small for the test"
+    );
+    let dir = s.cache().join("manual");
+    // 1. The link breaks after 3 chunks and there is no retry (as a killed process): the
+    //    partial data stays in `.part`, nothing under the final name.
+    let broken = SyncOptions {
+        break_after_chunks: Some(3),
+        max_attempts: 1,
+        ..opts()
+    };
+    let mut st = DownloadStats::default();
+    let err = s
+        .client
+        .fetch_blob(&dir, &sha, size, &broken, &mut st)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, EdgeError::Interrupted { held, .. } if held == 3 * CHUNK as u64),
+        "{err}"
+    );
+    let held = std::fs::metadata(part_path(&dir, &sha)).unwrap().len();
+    assert_eq!(held, 3 * CHUNK as u64);
+    assert!(!blob_path(&dir, &sha).exists());
+    // 2. The next attempt continues at offset = held: no already-held byte travels again.
+    let mut st = DownloadStats::default();
+    s.client
+        .fetch_blob(&dir, &sha, size, &opts(), &mut st)
+        .await
+        .unwrap();
+    assert_eq!(st.resumed, 1);
+    assert_eq!(st.bytes_received, size - held);
+    assert_eq!(st.bytes_resent, 0);
+    assert!(st.bytes_received <= size - held + CHUNK as u64);
+    assert_eq!(
+        std::fs::read(blob_path(&dir, &sha)).unwrap(),
+        s.src_blob(&sha)
+    );
+    assert!(!part_path(&dir, &sha).exists());
+    eprintln!(
+        "resume: blob {size} B, held {held} B, resumed download received {} B (re-sent {} B)",
+        st.bytes_received, st.bytes_resent
+    );
+
+    // 3. A `.part` pre-filled with the correct first half (process killed mid-way).
+    let dir2 = s.cache().join("half");
+    let bytes = s.src_blob(&sha);
+    std::fs::create_dir_all(dir2.join("blobs")).unwrap();
+    let half = bytes.len() / 2;
+    std::fs::write(part_path(&dir2, &sha), &bytes[..half]).unwrap();
+    let mut st = DownloadStats::default();
+    s.client
+        .fetch_blob(&dir2, &sha, size, &opts(), &mut st)
+        .await
+        .unwrap();
+    assert_eq!(st.bytes_received, size - half as u64);
+    assert_eq!(st.restarts_from_zero, 0);
+    assert_eq!(std::fs::read(blob_path(&dir2, &sha)).unwrap(), bytes);
+
+    // 4. Breaks every 2 chunks inside one sync: retries with backoff resume each time and
+    //    the whole blob crosses the wire exactly once.
+    let dir3 = s.cache().join("flaky");
+    let flaky = SyncOptions {
+        break_after_chunks: Some(2),
+        max_attempts: 100,
+        ..opts()
+    };
+    let mut st = DownloadStats::default();
+    s.client
+        .fetch_blob(&dir3, &sha, size, &flaky, &mut st)
+        .await
+        .unwrap();
+    assert_eq!(st.bytes_received, size);
+    assert_eq!(st.streams as u64, chunks.div_ceil(2));
+    assert_eq!(std::fs::read(blob_path(&dir3, &sha)).unwrap(), bytes);
+    s.cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_part_or_cached_blob_is_caught_and_refetched() {
+    let mut s = Setup::new().await;
+    let (sha, size) = s.largest();
+    let bytes = s.src_blob(&sha);
+    // A `.part` with wrong content: the resumed tail completes it, the digest check fails,
+    // the `.part` is deleted and the blob fetched from 0; nothing bad gets the final name.
+    let dir = s.cache().join("badpart");
+    std::fs::create_dir_all(dir.join("blobs")).unwrap();
+    let mut garbage = bytes[..bytes.len() / 2].to_vec();
+    garbage[10] ^= 0xff;
+    std::fs::write(part_path(&dir, &sha), &garbage).unwrap();
+    let mut st = DownloadStats::default();
+    s.client
+        .fetch_blob(&dir, &sha, size, &opts(), &mut st)
+        .await
+        .unwrap();
+    assert_eq!(st.restarts_from_zero, 1);
+    assert_eq!(st.retries, 1);
+    assert_eq!(st.bytes_received, (size - garbage.len() as u64) + size);
+    assert_eq!(std::fs::read(blob_path(&dir, &sha)).unwrap(), bytes);
+
+    // With a single attempt the mismatch is an error and leaves neither file behind.
+    let dir1 = s.cache().join("badpart-once");
+    std::fs::create_dir_all(dir1.join("blobs")).unwrap();
+    std::fs::write(part_path(&dir1, &sha), &garbage).unwrap();
+    let once = SyncOptions {
+        max_attempts: 1,
+        ..opts()
+    };
+    let err = s
+        .client
+        .fetch_blob(&dir1, &sha, size, &once, &mut DownloadStats::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EdgeError::BlobMismatch { .. }), "{err}");
+    assert!(!part_path(&dir1, &sha).exists());
+    assert!(!blob_path(&dir1, &sha).exists());
+
+    // A flipped byte in a cached blob: the next sync re-verifies, deletes and re-fetches it
+    // before the manifest is (re)written, so the serving path only ever loads good bytes.
+    let rep = s
+        .client
+        .sync(&s.cache(), &BlobSelection::All, &opts())
+        .await
+        .unwrap();
+    let cached = blob_path(&rep.dir, &sha);
+    let mut flipped = std::fs::read(&cached).unwrap();
+    let k = flipped.len() / 3;
+    flipped[k] ^= 0x01;
+    std::fs::write(&cached, &flipped).unwrap();
+    let rep2 = s
+        .client
+        .sync(&s.cache(), &BlobSelection::All, &opts())
+        .await
+        .unwrap();
+    assert_eq!(rep2.stats.cached_corrupt, 1);
+    assert_eq!(rep2.stats.blobs_downloaded, 1);
+    assert_eq!(rep2.stats.bytes_received, size);
+    assert_eq!(std::fs::read(&cached).unwrap(), bytes);
+    ArtifactSource::open(&rep2.dir).unwrap().load(None).unwrap();
+    s.cloud.stop().await;
+}
+
+fn aggregates(s: &Setup) -> AgentAggregates {
+    let spec = s.manifest.supernet_spec();
+    let table = LatencyTable::from_macs(&spec, 0.01);
+    let n = spec.num_positions();
+    let orig = Subnet::original(n);
+    let cand = Candidate {
+        latency_ms: table.predict_ms(&orig).unwrap(),
+        subnet: orig,
+        quality: 87.5,
+    };
+    let rec = SearchRecord {
+        config: SearchConfig::default(),
+        result: SearchResult {
+            best: vec![],
+            front: vec![cand.clone()],
+            stats: SearchStats {
+                evaluations: 120,
+                module_applications: 900,
+                seconds: 1.5,
+                evals_per_s: 80.0,
+            },
+        },
+    };
+    AgentAggregates::from_state(
+        &s.supernet_id,
+        &table,
+        &rec,
+        &cand,
+        cand.latency_ms * 1.2,
+        Some((50, cand.latency_ms * 1.1, cand.latency_ms * 1.3)),
+        500,
+        pb::DeviceClass::CpuSmall,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_and_report_carry_aggregates_only() {
+    let mut s = Setup::new().await;
+    let agg = aggregates(&s);
+    let r = agg.to_report();
+    // The wire message is the closed aggregate schema: fixed-size fields, no repeated ones.
+    assert_eq!(r.quality_estimate, 0.875);
+    assert_eq!(r.quality_sample_count, 500);
+    assert_eq!(r.search.unwrap().evaluated_subnets, 120);
+    assert!((r.latency_table.unwrap().calibration_factor - 1.1).abs() < 1e-9);
+    let encoded = prost::Message::encoded_len(&r);
+    assert!(encoded < 256, "report is {encoded} bytes");
+    let desired = s.client.desired_state().await.unwrap();
+    let hb = s
+        .client
+        .heartbeat(&HeartbeatInput {
+            supernet_id: s.supernet_id.clone(),
+            active_subnet: agg.active_subnet.clone(),
+            latency_p50_ms: agg.latency_p50_ms,
+            latency_p95_ms: agg.latency_p95_ms,
+            reason: pb::AdaptationReason::Initial,
+            applied_generation: desired.generation,
+        })
+        .await
+        .unwrap();
+    assert_eq!(hb.desired_generation, desired.generation);
+    s.client.report(&agg).await.unwrap();
+    assert!(s.client.pending_report().is_none());
+    let app = s.cloud.app();
+    let dev = app
+        .store()
+        .get_device(uuid::Uuid::parse_str(&s.client.identity().unwrap().device_id).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(dev.active_subnet, agg.active_subnet.to_string());
+    let fa = app
+        .store()
+        .fleet_aggregates(Some(uuid::Uuid::parse_str(&s.fleet_id).unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(fa.groups.len(), 1);
+    assert_eq!(fa.groups[0].devices, 1);
+    // Too few samples behind the quality estimate: rejected for good, not queued.
+    let mut few = agg.clone();
+    few.quality_sample_count = 10;
+    let err = s.client.report(&few).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            EdgeError::Cloud {
+                code: tonic::Code::InvalidArgument,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!err.is_transient());
+    assert!(s.client.pending_report().is_none());
+    s.cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_cloud_fails_clearly_and_keeps_agent_state() {
+    // Nothing listens: connect fails fast with a clear error.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let url = format!("http://{dead}");
+    let t = std::time::Instant::now();
+    let err = CloudClient::connect(&url, Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EdgeError::CloudUnreachable { .. }), "{err}");
+    assert!(err.to_string().contains(&url), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    // An enrolled, synced agent whose cloud goes away.
+    let mut s = Setup::new().await;
+    let rep = s
+        .client
+        .sync(&s.cache(), &BlobSelection::All, &opts())
+        .await
+        .unwrap();
+    let state = s.agent.path().join("state");
+    let identity_before = std::fs::read(identity_path(&state)).unwrap();
+    let agg = aggregates(&s);
+    s.cloud.stop().await;
+    let short = CloudClient::connect_lazy(&s.cloud.url, Duration::from_millis(500))
+        .unwrap()
+        .with_state_dir(&state)
+        .unwrap();
+    for c in [&s.client, &short] {
+        let e = c.report(&agg).await.unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        assert!(e.to_string().starts_with("cloud Report failed"), "{e}");
+        // The latest report is kept for a later retry.
+        assert_eq!(c.pending_report(), Some(agg.to_report()));
+        assert!(c.flush_pending_report().await.is_err());
+        assert_eq!(c.pending_report(), Some(agg.to_report()));
+    }
+    let e = short
+        .sync(&s.cache(), &BlobSelection::All, &opts())
+        .await
+        .unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    // Identity and synced supernet are untouched: the agent keeps serving from the cache.
+    assert_eq!(
+        std::fs::read(identity_path(&state)).unwrap(),
+        identity_before
+    );
+    let src = ArtifactSource::open(&rep.dir).unwrap();
+    src.load(None).unwrap();
+}
+
+/// An ImageFolder tree of `per_class` random 28x28 grey images for each of 10 classes.
+fn image_folder(dir: &Path, per_class: usize) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    for c in 0..10 {
+        let d = dir.join(c.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..per_class {
+            let img = image::GrayImage::from_fn(28, 28, |_, _| image::Luma([rng.random::<u8>()]));
+            img.save(d.join(format!("{i}.png"))).unwrap();
+        }
+    }
+}
+
+async fn run_agent(args: Vec<String>) -> (i32, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_run_in_cloud_mode_enrolls_once_syncs_serves_and_reports() {
+    let mut cloud = Cloud::start().await;
+    let art = tempfile::tempdir().unwrap();
+    make_artifact(art.path());
+    let (fleet_id, token) = cloud.fleet("cli").await;
+    let supernet_id = cloud.publish_artifact(art.path(), &fleet_id).await;
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    image_folder(&data, 12);
+    let state = work.path().join("state");
+    let url = cloud.url.clone();
+    let args = |token: Option<&str>| {
+        let mut v: Vec<String> = [
+            "run",
+            "--cloud",
+            &url,
+            "--state",
+            state.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--budget",
+            "0.8",
+            "--rounds",
+            "2",
+            "--validate",
+            "0",
+            "--images",
+            "100",
+            "--population",
+            "8",
+            "--generations",
+            "1",
+            "--duration",
+            "2",
+            "--heartbeat-ms",
+            "300",
+            "--report-every",
+            "1",
+            "--interval-ms",
+            "200",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(t) = token {
+            v.push("--enroll-token".into());
+            v.push(t.into());
+        }
+        v
+    };
+    let (code, out) = run_agent(args(Some(&token))).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("enrolled") && out.contains("synced supernet"),
+        "{out}"
+    );
+    assert!(out.contains("served"), "{out}");
+    assert!(state.join("identity.json").exists());
+    assert!(ArtifactSource::open(&state.join("cache").join(&supernet_id)).is_ok());
+    let fleet = uuid::Uuid::parse_str(&fleet_id).unwrap();
+    let store = cloud.app().store();
+    let devices = store
+        .list_devices(
+            adaptivenet_cloud::domain::Page {
+                offset: 0,
+                limit: 100,
+            },
+            Some(fleet),
+        )
+        .await
+        .unwrap();
+    assert_eq!(devices.len(), 1);
+    assert!(!devices[0].active_subnet.is_empty(), "no heartbeat arrived");
+    let fa = store.fleet_aggregates(Some(fleet)).await.unwrap();
+    assert_eq!(fa.groups.len(), 1, "no report arrived");
+
+    // Restart without a token: the stored identity is reused, blobs are cached.
+    let (code, out) = run_agent(args(None)).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("using the stored device identity"), "{out}");
+    assert!(out.contains("0 downloaded"), "{out}");
+    let devices = store
+        .list_devices(
+            adaptivenet_cloud::domain::Page {
+                offset: 0,
+                limit: 100,
+            },
+            Some(fleet),
+        )
+        .await
+        .unwrap();
+    assert_eq!(devices.len(), 1, "a second enrollment happened");
+
+    // A fresh state dir without a token cannot enroll: clear error, non-zero exit.
+    let other = work.path().join("other");
+    let mut a = args(None);
+    let i = a.iter().position(|x| x == "--state").unwrap();
+    a[i + 1] = other.to_str().unwrap().into();
+    let (code, out) = run_agent(a).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not enrolled"), "{out}");
+
+    // The cloud goes away: the enrolled agent starts from its cache and keeps serving;
+    // heartbeats and reports fail and are retried, the run still ends cleanly.
+    cloud.stop().await;
+    let mut a = args(None);
+    a.extend(["--cloud-timeout-ms".to_string(), "1000".to_string()]);
+    let (code, out) = run_agent(a).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("serving the cached supernet"), "{out}");
+    assert!(out.contains("served"), "{out}");
+    assert!(out.contains("heartbeat failed, still serving"), "{out}");
+}
