@@ -221,7 +221,9 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             println!("dataset {} ({})", d.id, d.uri);
         }
         ClientCmd::Aggregates { fleet } => {
-            let channel = Channel::from_shared(args.endpoint.clone())?.connect().await?;
+            let channel = Channel::from_shared(args.endpoint.clone())?
+                .connect()
+                .await?;
             let value: MetadataValue<_> = format!("Bearer {}", args.token).parse()?;
             let mut d = adaptivenet_proto::v1::dashboard_service_client::DashboardServiceClient::with_interceptor(
                 channel,
@@ -240,8 +242,13 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             );
             for g in a.groups {
                 let dist = |d: Option<pb::Distribution>| {
-                    d.map(|d| format!("p50 {:.3} p90 {:.3} (min {:.3}, max {:.3})", d.p50, d.p90, d.min, d.max))
-                        .unwrap_or_default()
+                    d.map(|d| {
+                        format!(
+                            "p50 {:.3} p90 {:.3} (min {:.3}, max {:.3})",
+                            d.p50, d.p90, d.min, d.max
+                        )
+                    })
+                    .unwrap_or_default()
                 };
                 println!(
                     "supernet {} class {:?}: {} devices, {:.0}% within budget",
