@@ -82,8 +82,13 @@ agent gateway 2 0.8 dirichlet & PIDS+=($!); A3=$!
 wait "$A1" "$A2" "$A3" || true
 
 step "per-device summary"
-for a in phone camera gateway; do
-  echo "-- $a"; grep -E "chosen|subnet|latency|quality|search|switch" "$RUN/agent-$a.log" | tail -n 8 || true
+for spec in "phone 1 all" "camera 1 footwear" "gateway 2 dirichlet"; do
+  set -- $spec
+  log="$RUN/agent-$1.log"
+  echo "-- $1 (threads $2, local data: $3)"
+  grep -E "latency model|^search: |^budget |^served " "$log" | sed 's/\x1b\[[0-9;]*m//g; s/^.*INFO edge_agent: //' || true
+  echo "   switches: $(grep -c '^switched ' "$log" || true)"
+  grep -E "^pareto front|^  [0-9xPp]+ " "$log" | sed 's/^/   /' || true
 done
 
 step "fleet aggregates (as a dashboard queries them)"
