@@ -14,7 +14,8 @@
 //! [`MIN_RUNS`] to keep the whole run within a few minutes: their `n` is printed.
 //!
 //! Environment: `BENCH_PYTHON` (peers' interpreter; `none` skips them), `ADAPTIVENET_THREADS`
-//! (thread cap), `KBENCH_SCALE` (multiplies the time budgets, e.g. `0.2` for a smoke run).
+//! (thread cap), `KBENCH_SCALE` (multiplies the time budgets, e.g. `0.2` for a smoke run),
+//! `KBENCH_ONLY` (comma-separated row keys: `resnet18,oracle,mobilenet_v2,lite0,train_step,dw`).
 //!
 //! Ends with one line `BENCH {json}` (medians in ms, `null` where a column did not run).
 use std::collections::{BTreeMap, HashMap};
@@ -503,10 +504,16 @@ fn med(s: &Option<Stats>) -> Value {
 fn main() -> Res<()> {
     // Candle reads its thread count per op (from /proc/cpuinfo unless set): give it ours.
     let threads = adaptivenet_kernels::threads::current();
+    // Size rayon's global pool (the kernels crate's) first, from the hardware; then candle's
+    // per-op thread count: `CANDLE_NUM_THREADS` (its barrier pool) and `RAYON_NUM_THREADS`
+    // (read by candle 0.11.1's `utils::get_num_threads` per matmul/conv, which otherwise
+    // parses /proc/cpuinfo on each call).
+    let _ = adaptivenet_kernels::threads::available();
     std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let started = Instant::now();
     println!(
-        "adaptivenet whole-model benchmark: {} (CANDLE_NUM_THREADS={threads}), {} hardware \
+        "adaptivenet whole-model benchmark: {} (CANDLE_NUM_THREADS=RAYON_NUM_THREADS={threads}), {} hardware \
          threads",
         adaptivenet_kernels::threads::describe(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -518,46 +525,65 @@ fn main() -> Res<()> {
         "widths":[16,32,64],"in_channels":1,"num_classes":10}"#;
     let mbv2 = r#"{"family":"torchvision.mobilenet_v2","width_mult":0.5,"num_classes":10}"#;
     let lite0 = r#"{"family":"efficientnet_lite","variant":"lite0"}"#;
-    let mut rows = vec![
-        infer_row(
+    // `KBENCH_ONLY=oracle,train_step` runs only those rows (profiling); default: all.
+    let only: Option<Vec<String>> = std::env::var("KBENCH_ONLY")
+        .ok()
+        .map(|s| s.split(',').map(|k| k.trim().to_string()).collect());
+    let want = |k: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == k));
+    let infer = [
+        (
             "resnet18",
             "ResNet-18 224 b1",
             resnet18,
             [1, 3, 224, 224],
             4.0,
             false,
-            dir.path(),
-        )?,
-        infer_row(
+        ),
+        (
             "oracle",
             "ResNet-20 (oracle) 28x28 b1",
             oracle,
             [1, 1, 28, 28],
             1.5,
             false,
-            dir.path(),
-        )?,
-        infer_row(
+        ),
+        (
             "mobilenet_v2",
             "MobileNetV2 0.5 96x96 b1",
             mbv2,
             [1, 3, 96, 96],
             2.0,
             false,
-            dir.path(),
-        )?,
-        infer_row(
+        ),
+        (
             "lite0",
             "EfficientNet-Lite0 224 b1",
             lite0,
             [1, 3, 224, 224],
             4.0,
             true,
-            dir.path(),
-        )?,
+        ),
     ];
-    rows.push(train_row(20.0, dir.path())?);
-    rows.push(dw_row(3.0)?);
+    let mut rows = Vec::new();
+    for (key, label, json, input, budget, slow) in infer {
+        if want(key) {
+            rows.push(infer_row(
+                key,
+                label,
+                json,
+                input,
+                budget,
+                slow,
+                dir.path(),
+            )?);
+        }
+    }
+    if want("train_step") {
+        rows.push(train_row(20.0, dir.path())?);
+    }
+    if want("dw") {
+        rows.push(dw_row(3.0)?);
+    }
     let rust_s = started.elapsed().as_secs_f64();
 
     let runs_of = |key: &str| -> usize {
@@ -566,16 +592,20 @@ fn main() -> Res<()> {
             .and_then(|r| r.stats[1].as_ref())
             .map_or(MIN_RUNS, |s| s.ms.len().clamp(MIN_RUNS, 100))
     };
+    let models: Vec<Value> = rows
+        .iter()
+        .filter(|r| r.stats[2].is_some())
+        .map(|r| json!({"key": r.key, "runs": runs_of(r.key)}))
+        .collect();
+    let has = |k: &str| rows.iter().any(|r| r.key == k);
     let cfg = json!({
         "threads": threads,
         "dir": dir.path(),
         "warmup": 2,
-        "models": ["resnet18", "oracle", "mobilenet_v2", "lite0"].iter().map(|k| json!({
-            "key": k,
-            "runs": runs_of(k),
-        })).collect::<Vec<_>>(),
-        "train": {"key": "train_step", "batch": 64, "runs": runs_of("train_step"), "lr": 0.01},
-        "dw": {"shape": [32, 96, 28, 28], "runs": runs_of("dw")},
+        "models": models,
+        "train": has("train_step").then(|| json!(
+            {"key": "train_step", "batch": 64, "runs": runs_of("train_step"), "lr": 0.01})),
+        "dw": has("dw").then(|| json!({"shape": [32, 96, 28, 28], "runs": runs_of("dw")})),
     });
     let peers = run_peers(dir.path(), &cfg);
     let peer_names = |which: &str| -> String {

@@ -341,7 +341,7 @@ def main():
             res[n][key] = {"ms": v}
         print(f"{key}: " + ", ".join(f"{n} {med(v):.2f} ms (n={len(v)})" for n, v in t.items()), flush=True)
 
-    if torch is not None:
+    if torch is not None and CFG.get("train"):
         tr = CFG["train"]
         spec, w = load(tr["key"])
         p = torch_params(w, trainable=True)
@@ -367,7 +367,9 @@ def main():
         res["torch"]["train_step"] = {"ms": t["torch"]}
         print(f"train_step: torch {med(t['torch']):.2f} ms (n={len(t['torch'])})", flush=True)
 
+    if torch is not None and CFG.get("dw"):
         d = CFG["dw"]
+        g = torch.Generator().manual_seed(9)
         n_, c_, h_, w_ = d["shape"]
         gx = torch.rand((n_, c_, h_, w_), generator=g).requires_grad_(True)
         gw = (torch.rand((c_, 1, 3, 3), generator=g) * 0.3).requires_grad_(True)

@@ -181,9 +181,22 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     Ok(x.mean((2, 3))?)
 }
 
-/// `x @ w^T + b`.
+/// `x @ w^T + b`; differentiable. Runs as a 1x1 conv with bias on the kernels crate: candle
+/// 0.11's `matmul` calls `utils::get_num_threads`, which reads `/proc/cpuinfo` on every call
+/// unless `RAYON_NUM_THREADS` is set (once per forward pass here; slow on many-core hosts).
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(&w.t()?)?.broadcast_add(b)?)
+    if stock_candle() {
+        return Ok(x.matmul(&w.t()?)?.broadcast_add(b)?);
+    }
+    let (n, f) = x.dims2()?;
+    let c = w.dim(0)?;
+    let y = adaptivenet_kernels::conv2d(
+        &x.reshape((n, f, 1, 1))?,
+        &w.reshape((c, f, 1, 1))?,
+        Some(b),
+        &adaptivenet_kernels::Conv2dParams::default(),
+    )?;
+    Ok(y.reshape((n, c))?)
 }
 
 /// Whether a tensor is f32 (the only compute dtype).
