@@ -1,0 +1,217 @@
+//! The product's happy path with real processes over real gRPC on 127.0.0.1:
+//! upload → elastify (tiny job) → publish → enroll → download → profile → search → serve →
+//! report → dashboard aggregates. Once on SQLite and once on PostgreSQL.
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use adaptivenet_core::model::{ArchDescriptor, Model};
+use adaptivenet_tests::{binary, field_after, free_port, run_ok, write_synthetic_idx, KillOnDrop};
+
+fn happy_path(database_url: Option<String>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let cloud_bin = binary("cloud-server");
+    let agent_bin = binary("edge-agent");
+    let cloud = |args: &[&str]| {
+        let mut c = Command::new(&cloud_bin);
+        c.arg("--data-dir").arg(d.join("cloud"));
+        if let Some(u) = &database_url {
+            c.args(["--database-url", u]);
+        }
+        c.args(args);
+        c
+    };
+
+    // A tiny oracle and a learnable data set.
+    let arch = ArchDescriptor::from_json(
+        br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[1,1,1],
+            "widths":[8,16,16],"in_channels":1,"num_classes":10}"#,
+    )
+    .expect("arch");
+    let oracle = Model::init(&arch.spec, 5).expect("init");
+    oracle
+        .save(&d.join("oracle.json"), &d.join("oracle.safetensors"))
+        .expect("save");
+    let data = d.join("data");
+    write_synthetic_idx(&data, 400, 150);
+
+    // Cloud: migrate, bootstrap credentials and a fleet, serve.
+    run_ok(&mut cloud(&["migrate"]));
+    let admin = field_after(
+        &run_ok(&mut cloud(&["token", "create-api", "--role", "admin"])),
+        "token:",
+    );
+    let viewer = field_after(
+        &run_ok(&mut cloud(&["token", "create-api", "--role", "viewer"])),
+        "token:",
+    );
+    let fleet = run_ok(&mut cloud(&["fleet", "create", "e2e"]))
+        .trim()
+        .to_string();
+    let enroll = field_after(
+        &run_ok(&mut cloud(&[
+            "token",
+            "create-enrollment",
+            "--fleet",
+            "e2e",
+            "--uses",
+            "1",
+        ])),
+        "token:",
+    );
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let log = std::fs::File::create(d.join("cloud.log")).expect("log");
+    let _server = KillOnDrop(
+        cloud(&["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn cloud"),
+    );
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "cloud did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let client = |token: &str, args: &[&str]| {
+        let mut c = Command::new(&cloud_bin);
+        c.args(["client", "--endpoint", &url, "--token", token]);
+        c.args(args);
+        c
+    };
+
+    // Developer: upload, register the data set, elastify (tiny job), publish.
+    let up = run_ok(&mut client(
+        &admin,
+        &[
+            "upload",
+            "--name",
+            "tiny",
+            "--arch",
+            d.join("oracle.json").to_str().unwrap(),
+            d.join("oracle.safetensors").to_str().unwrap(),
+        ],
+    ));
+    let oracle_id = up.split_whitespace().nth(2).expect("oracle id").to_string();
+    let ds = run_ok(&mut client(
+        &admin,
+        &[
+            "register-dataset",
+            "--name",
+            "synthetic",
+            "--uri",
+            data.to_str().unwrap(),
+        ],
+    ));
+    let dataset_id = ds
+        .split_whitespace()
+        .nth(1)
+        .expect("dataset id")
+        .to_string();
+    let params = r#"{"stage0_steps":4,"stage1_steps":4,"batch":16,"val_size":100,"priors":6,"checkpoint_every":2}"#;
+    let job = run_ok(&mut client(
+        &admin,
+        &[
+            "elastify",
+            &oracle_id,
+            "--dataset-id",
+            &dataset_id,
+            "--params",
+            params,
+            "--watch",
+        ],
+    ));
+    let done = job
+        .lines()
+        .find(|l| l.contains(" Succeeded "))
+        .unwrap_or_else(|| panic!("job did not succeed:\n{job}"));
+    let supernet = done
+        .split_whitespace()
+        .nth(3)
+        .expect("supernet id")
+        .to_string();
+    run_ok(&mut client(
+        &admin,
+        &["publish", &supernet, "--fleet", &fleet, "--label", "stable"],
+    ));
+    run_ok(&mut client(
+        &admin,
+        &["desire", "--fleet", &fleet, "--label", "stable"],
+    ));
+
+    // Device: enroll, download, profile, search, serve, report.
+    let out = run_ok(
+        Command::new(&agent_bin)
+            .args(["run", "--cloud", &url, "--enroll-token", &enroll, "--state"])
+            .arg(d.join("agent"))
+            .arg("--data")
+            .arg(&data)
+            .args([
+                "--images",
+                "100",
+                "--population",
+                "8",
+                "--generations",
+                "2",
+                "--rounds",
+                "5",
+                "--validate",
+                "5",
+                "--label-free",
+                "--duration",
+                "3",
+                "--heartbeat-ms",
+                "500",
+                "--report-every",
+                "1",
+            ])
+            .stderr(Stdio::inherit()),
+    );
+    assert!(out.contains("serving "), "{out}");
+    assert!(out.contains("served "), "{out}");
+    // Only aggregates reached the cloud, and a dashboard sees them.
+    let agg = run_ok(&mut client(&viewer, &["aggregates"]));
+    assert!(agg.contains("devices: 1 total"), "{agg}");
+    assert!(agg.contains(&format!("supernet {supernet}")), "{agg}");
+    // A viewer cannot mutate.
+    let denied = client(&viewer, &["publish", &supernet, "--fleet", &fleet])
+        .output()
+        .expect("run");
+    assert!(!denied.status.success());
+}
+
+#[test]
+fn happy_path_on_sqlite() {
+    happy_path(None);
+}
+
+#[test]
+fn happy_path_on_postgres() {
+    // Needs PostgreSQL at 127.0.0.1:5432 (trust auth); a fresh database per run.
+    let name = format!("an_e2e_{}", uuid::Uuid::new_v4().simple());
+    let created = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
+        .arg(format!("CREATE DATABASE {name}"))
+        .output();
+    match created {
+        Ok(o) if o.status.success() => {}
+        other => {
+            let reason = format!("PostgreSQL unreachable at 127.0.0.1:5432 ({other:?})");
+            assert!(
+                std::env::var("ADAPTIVENET_REQUIRE_PG").as_deref() != Ok("1"),
+                "{reason}"
+            );
+            println!("skipping: {reason}");
+            return;
+        }
+    }
+    happy_path(Some(format!("postgres://postgres@127.0.0.1:5432/{name}")));
+    let _ = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
+        .arg(format!("DROP DATABASE {name} WITH (FORCE)"))
+        .output();
+}
