@@ -142,43 +142,13 @@ pub fn block_forward(
         BlockSpec::Basic { stride, proj, .. } => {
             let y = conv_bn(x, p, "conv1", "bn1", stride, 1, num, Some(num.act), t)?;
             let y = conv_bn(&y, p, "conv2", "bn2", 1, 1, num, None, t)?;
-            let sc = if proj {
-                conv_bn(
-                    x,
-                    p,
-                    "downsample.0",
-                    "downsample.1",
-                    stride,
-                    1,
-                    num,
-                    None,
-                    t,
-                )?
-            } else {
-                x.clone()
-            };
-            ops::activation(&(y + sc)?, num.act)
+            residual_out(x, y, p, proj, stride, num, t)
         }
         BlockSpec::Bottleneck { stride, proj, .. } => {
             let y = conv_bn(x, p, "conv1", "bn1", 1, 1, num, Some(num.act), t)?;
             let y = conv_bn(&y, p, "conv2", "bn2", stride, 1, num, Some(num.act), t)?;
             let y = conv_bn(&y, p, "conv3", "bn3", 1, 1, num, None, t)?;
-            let sc = if proj {
-                conv_bn(
-                    x,
-                    p,
-                    "downsample.0",
-                    "downsample.1",
-                    stride,
-                    1,
-                    num,
-                    None,
-                    t,
-                )?
-            } else {
-                x.clone()
-            };
-            ops::activation(&(y + sc)?, num.act)
+            residual_out(x, y, p, proj, stride, num, t)
         }
         BlockSpec::MbConv {
             hidden,
@@ -221,6 +191,35 @@ pub fn block_forward(
             }
         }
     }
+}
+
+/// ResNet block output: `act(y + shortcut(x))`, the shortcut a 1x1 conv+BN projection
+/// (`downsample.0/1`) when the block changes shape, else the identity.
+fn residual_out(
+    x: &Tensor,
+    y: Tensor,
+    p: &Params,
+    proj: bool,
+    stride: usize,
+    num: &Numerics,
+    t: &mut Option<&mut TrainCtx>,
+) -> Result<Tensor> {
+    let sc = if proj {
+        conv_bn(
+            x,
+            p,
+            "downsample.0",
+            "downsample.1",
+            stride,
+            1,
+            num,
+            None,
+            t,
+        )?
+    } else {
+        x.clone()
+    };
+    ops::activation(&(y + sc)?, num.act)
 }
 
 /// Runs the head: [1x1 conv-BN-act] → global average pool → linear (dropout is eval-identity).
