@@ -139,3 +139,28 @@ impl From<CloudError> for tonic::Status {
         tonic::Status::new(code, e.client_message())
     }
 }
+
+/// Model-core errors: configuration and architecture problems are the caller's (the field is
+/// kept), a missing file is I/O, the rest (tensor failures, corrupt internal artifacts) internal.
+impl From<adaptivenet_core::CoreError> for CloudError {
+    fn from(e: adaptivenet_core::CoreError) -> Self {
+        use adaptivenet_core::CoreError;
+        match e {
+            CoreError::InvalidConfig { field, reason } => {
+                CloudError::InvalidArgument { field, reason }
+            }
+            CoreError::InvalidArch { field, reason } => CloudError::InvalidArgument {
+                field: format!("arch.{field}"),
+                reason,
+            },
+            CoreError::UnknownFamily(f) => {
+                CloudError::invalid("arch.family", format!("unknown {f:?}"))
+            }
+            CoreError::Dataset { path, reason } => {
+                CloudError::invalid("data", format!("{path}: {reason}"))
+            }
+            CoreError::Io { path, source } => CloudError::Io { path, source },
+            other => CloudError::Internal(other.to_string()),
+        }
+    }
+}

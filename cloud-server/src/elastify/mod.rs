@@ -148,22 +148,9 @@ impl CheckpointIo for DirCheckpoints {
     }
 }
 
-/// Maps a model-core error into the crate's error (configuration errors keep their field).
-/// TODO(cloud): fold into `error.rs` as `From<CoreError> for CloudError`.
+/// Maps a model-core error into the crate's error (see `From<CoreError>` in `error.rs`).
 pub fn core_err(e: CoreError) -> CloudError {
-    match e {
-        CoreError::InvalidConfig { field, reason } => CloudError::InvalidArgument { field, reason },
-        CoreError::InvalidArch { field, reason } => CloudError::InvalidArgument {
-            field: format!("arch.{field}"),
-            reason,
-        },
-        CoreError::UnknownFamily(f) => CloudError::invalid("arch.family", format!("unknown {f:?}")),
-        CoreError::Dataset { path, reason } => {
-            CloudError::invalid("data", format!("{path}: {reason}"))
-        }
-        CoreError::Io { path, source } => CloudError::Io { path, source },
-        other => CloudError::Internal(other.to_string()),
-    }
+    CloudError::from(e)
 }
 
 /// `?`-friendly conversion of core and tensor errors.

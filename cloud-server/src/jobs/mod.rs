@@ -311,18 +311,3 @@ pub fn spawn_workers(
 pub fn worker_id_prefix() -> String {
     format!("w-{}", &Uuid::new_v4().simple().to_string()[..8])
 }
-
-/// The placeholder runner until the real elastification lands: fails every job with a
-/// clear message instead of pretending to train.
-#[derive(Debug, Default)]
-pub struct UnimplementedRunner;
-
-impl JobRunner for UnimplementedRunner {
-    fn run(&self, _ctx: JobContext) -> BoxFuture<'static, Result<JobOutput>> {
-        Box::pin(async {
-            Err(CloudError::FailedPrecondition(
-                "elastification is not implemented in this build yet".into(),
-            ))
-        })
-    }
-}
