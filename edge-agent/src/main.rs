@@ -659,7 +659,7 @@ fn run(a: RunArgs) -> Result<()> {
         if a.duration > 0 {
             tokio::time::sleep(std::time::Duration::from_secs(a.duration)).await;
         } else {
-            tokio::signal::ctrl_c().await?;
+            shutdown_signal().await?;
         }
         let _ = tx.send(true);
         let served = worker.await??;
@@ -705,4 +705,20 @@ fn demo_artifact(out: &Path, widths: &[usize], seed: u64) -> Result<()> {
         m.supernet_id
     );
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM (what containers, Kubernetes and systemd send): stop serving cleanly.
+async fn shutdown_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
+    }
 }
