@@ -115,8 +115,9 @@ struct SearchArgs {
     #[arg(long)]
     data: PathBuf,
     /// Budgets: fractions of the oracle's latency (0.6 or 0.6x) or milliseconds (12ms);
-    /// comma-separated for several in one run. The first one is served by `run`.
-    #[arg(long, default_value = "0.6", value_delimiter = ',')]
+    /// comma-separated for several in one run. The first one is served by `run`. Default: the
+    /// fleet's budget policy in cloud mode, else 0.6.
+    #[arg(long, value_delimiter = ',')]
     budget: Vec<String>,
     /// Local images used for the search.
     #[arg(long, default_value_t = 500)]
@@ -188,7 +189,9 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Cmd::Search(a) => {
             let rt = runtime()?;
-            let (src, _) = open_source(&a.profile.common, &rt)?;
+            let (src, cloud) = open_source(&a.profile.common, &rt)?;
+            let mut a = a;
+            a.budget = budget_specs(&a, cloud.as_ref().and_then(|c| c.budget.as_ref()));
             let (_t, rec) = ensure_search(&src, &a)?;
             print_search(&rec);
             Ok(())
@@ -210,6 +213,8 @@ struct CloudSession {
     client: Arc<CloudClient>,
     supernet_id: String,
     generation: u64,
+    /// The fleet's latency budget policy (None when serving from the cache offline).
+    budget: Option<pb::LatencyBudgetPolicy>,
 }
 
 /// The artifact to work on: `--artifact` as is, or (cloud mode) enroll once and sync the
@@ -279,6 +284,7 @@ fn open_source(
                     client: Arc::new(client),
                     supernet_id: cur.supernet_id,
                     generation: cur.generation,
+                    budget: None,
                 }),
             ));
         }
@@ -306,6 +312,7 @@ fn open_source(
             client: Arc::new(client),
             supernet_id: rep.supernet_id,
             generation: rep.generation,
+            budget: rep.budget,
         }),
     ))
 }
@@ -406,6 +413,19 @@ fn print_table(t: &LatencyTable) {
     }
 }
 
+/// The budgets to search for: `--budget` if given, else the fleet's policy (cloud mode: a
+/// latency in ms, or a fraction of the oracle's latency on this device), else 0.6.
+fn budget_specs(a: &SearchArgs, policy: Option<&pb::LatencyBudgetPolicy>) -> Vec<String> {
+    if !a.budget.is_empty() {
+        return a.budget.clone();
+    }
+    match policy {
+        Some(p) if p.latency_budget_ms > 0.0 => vec![format!("{}ms", p.latency_budget_ms)],
+        Some(p) if p.budget_fraction > 0.0 => vec![p.budget_fraction.to_string()],
+        _ => vec!["0.6".to_string()],
+    }
+}
+
 fn resolve_budgets(a: &SearchArgs, t: &LatencyTable, n: usize) -> Result<Vec<f64>> {
     a.budget
         .iter()
@@ -502,6 +522,9 @@ fn run(a: RunArgs) -> Result<()> {
     let (src, cloud) = open_source(common, &rt)?;
     let id = src.manifest.supernet_id.to_string();
     let state = StateDir::new(&common.state);
+    let mut s = s.clone();
+    s.budget = budget_specs(&s, cloud.as_ref().and_then(|c| c.budget.as_ref()));
+    let s = &s;
     let (table, rec) = ensure_search(&src, s)?;
     print_search(&rec);
     let budget = rec.result.best[0].budget_ms;
@@ -720,5 +743,51 @@ async fn shutdown_signal() -> std::io::Result<()> {
     #[cfg(not(unix))]
     {
         tokio::signal::ctrl_c().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn search_args(extra: &[&str]) -> SearchArgs {
+        let mut argv = vec![
+            "edge-agent",
+            "search",
+            "--artifact",
+            "a",
+            "--state",
+            "s",
+            "--data",
+            "d",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).expect("parses").cmd {
+            Cmd::Search(a) => a,
+            _ => unreachable!("search subcommand"),
+        }
+    }
+
+    #[test]
+    fn budget_comes_from_the_flag_then_the_fleet_policy_then_the_default() {
+        let policy = |ms: f64, fraction: f64| pb::LatencyBudgetPolicy {
+            latency_budget_ms: ms,
+            budget_fraction: fraction,
+            hysteresis: 0.1,
+        };
+        let explicit = search_args(&["--budget", "0.5,12ms"]);
+        assert_eq!(
+            budget_specs(&explicit, Some(&policy(3.0, 0.7))),
+            vec!["0.5", "12ms"]
+        );
+        let unset = search_args(&[]);
+        assert_eq!(budget_specs(&unset, Some(&policy(3.0, 0.7))), vec!["3ms"]);
+        assert_eq!(budget_specs(&unset, Some(&policy(0.0, 0.7))), vec!["0.7"]);
+        assert_eq!(budget_specs(&unset, Some(&policy(0.0, 0.0))), vec!["0.6"]);
+        assert_eq!(budget_specs(&unset, None), vec!["0.6"]);
+        // Every spec the policy produces parses as a budget.
+        for s in ["3ms", "0.7"] {
+            adaptivenet_edge::search::Budget::parse(s).expect("valid budget");
+        }
     }
 }
