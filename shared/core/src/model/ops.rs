@@ -3,7 +3,7 @@
 //! one-place change and the oracle and its all-original subnet share one code path.
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 
 use super::spec::Act;
 use crate::Result;
@@ -197,9 +197,4 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         &adaptivenet_kernels::Conv2dParams::default(),
     )?;
     Ok(y.reshape((n, c))?)
-}
-
-/// Whether a tensor is f32 (the only compute dtype).
-pub fn is_f32(t: &Tensor) -> bool {
-    t.dtype() == DType::F32
 }
