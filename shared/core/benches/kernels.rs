@@ -15,7 +15,8 @@
 //!
 //! Environment: `BENCH_PYTHON` (peers' interpreter; `none` skips them), `ADAPTIVENET_THREADS`
 //! (thread cap), `KBENCH_SCALE` (multiplies the time budgets, e.g. `0.2` for a smoke run),
-//! `KBENCH_ONLY` (comma-separated row keys: `resnet18,oracle,mobilenet_v2,lite0,train_step,dw`).
+//! `KBENCH_ONLY` (comma-separated row keys: `resnet18,oracle,mobilenet_v2,lite0,train_step,dw`),
+//! `KBENCH_NO_STOCK=1` (skip the stock-candle columns, e.g. under a profiler).
 //!
 //! Ends with one line `BENCH {json}` (medians in ms, `null` where a column did not run).
 use std::collections::{BTreeMap, HashMap};
@@ -342,14 +343,40 @@ fn infer_row(
             }),
         },
     ];
-    let s = bench_row(&mut cols, 2, budget_s)?;
-    print_progress(label, &cols, &s);
-    let [a, b, c]: [Stats; 3] = s.try_into().unwrap();
+    let stats = run_cols(&mut cols, 2, budget_s, label)?;
     Ok(Row {
         key,
         label,
-        stats: [Some(a), Some(b), Some(c)],
+        stats: [stats[0].clone(), stats[1].clone(), stats[2].clone()],
     })
+}
+
+/// Whether `KBENCH_NO_STOCK=1` drops the stock-candle columns (profiling our kernels).
+fn no_stock() -> bool {
+    std::env::var("KBENCH_NO_STOCK").is_ok_and(|v| v == "1")
+}
+
+/// Benches `cols` (minus the stock ones under [`no_stock`]) and returns one entry per
+/// column of `cols`, `None` for a dropped column.
+fn run_cols(
+    cols: &mut Vec<Col>,
+    warmup: usize,
+    budget_s: f64,
+    label: &str,
+) -> Res<Vec<Option<Stats>>> {
+    let keep: Vec<bool> = cols.iter().map(|c| !(c.stock && no_stock())).collect();
+    let mut i = 0;
+    cols.retain(|_| {
+        i += 1;
+        keep[i - 1]
+    });
+    let s = bench_row(cols, warmup, budget_s)?;
+    print_progress(label, cols, &s);
+    let mut s = s.into_iter();
+    Ok(keep
+        .iter()
+        .map(|&k| if k { s.next() } else { None })
+        .collect())
 }
 
 fn print_progress(label: &str, cols: &[Col], s: &[Stats]) {
@@ -394,13 +421,11 @@ fn train_row(budget_s: f64, peers_dir: &Path) -> Res<Row> {
             }),
         },
     ];
-    let s = bench_row(&mut cols, 1, budget_s)?;
-    print_progress("ResNet-20 train step b64", &cols, &s);
-    let [a, b]: [Stats; 2] = s.try_into().unwrap();
+    let s = run_cols(&mut cols, 1, budget_s, "ResNet-20 train step b64")?;
     Ok(Row {
         key: "train_step",
         label: "ResNet-20 28x28 train step b64",
-        stats: [Some(a), Some(b), None],
+        stats: [s[0].clone(), s[1].clone(), None],
     })
 }
 
@@ -676,6 +701,20 @@ fn main() -> Res<()> {
         if r.key != "train_step" && r.key != "dw" {
             bench.insert(format!("{k}_ort_ms"), med(&ort));
         }
+        // Ratios of the deployed path (BN folded for inference rows) to each peer.
+        let best = if r.stats[2].is_some() {
+            &r.stats[2]
+        } else {
+            &r.stats[1]
+        };
+        let rat = |p: &Option<Stats>| match (best, p) {
+            (Some(a), Some(b)) => json!((a.median() / b.median() * 1000.0).round() / 1000.0),
+            _ => Value::Null,
+        };
+        if r.key != "train_step" && r.key != "dw" {
+            bench.insert(format!("{k}_ratio_ort"), rat(&ort));
+        }
+        bench.insert(format!("{k}_ratio_torch"), rat(&torch));
     }
     if let Some(c) = peers.as_ref().and_then(|p| p.get("check")) {
         println!("peers' logits vs ours (max abs diff): {c}");

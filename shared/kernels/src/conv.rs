@@ -177,11 +177,52 @@ impl CustomOp2 for ConvBwdData {
         let mut gx = vec![0f32; g.n * g.in_img()];
         if g.is_depthwise() {
             depthwise::backward_data(go, w, &g, &mut gx);
+        } else if let Some((gt, wt)) = transposed_as_forward(&g, w) {
+            gemm_path::forward(go, &wt, None, &gt, Activation::None, &mut gx);
         } else {
             gemm_path::backward_data(go, w, &g, &mut gx);
         }
         Ok((CpuStorage::F32(gx), Shape::from(self.x_dims)))
     }
+}
+
+/// For a stride-1, undilated, ungrouped conv, the input gradient is itself a stride-1 conv
+/// of the output gradient with the spatially flipped, in/out-transposed kernel and padding
+/// `k - 1 - pad` per side: that runs the forward GEMM (reduction over `O*KH*KW`, no
+/// scatter-add) instead of `W^T x grad` (reduction over `O` only) followed by col2im.
+/// Returns the geometry and weight of that conv, or `None` when it does not apply.
+fn transposed_as_forward(g: &Geom, w: &[f32]) -> Option<(Geom, Vec<f32>)> {
+    if g.groups != 1 || (g.sh, g.sw, g.dh, g.dw) != (1, 1, 1, 1) || g.identity_1x1 {
+        return None;
+    }
+    let pb = (g.oh + g.kh - 1).checked_sub(g.h + g.pt)?;
+    let pr = (g.ow + g.kw - 1).checked_sub(g.w + g.pl)?;
+    let pad = (
+        (g.kh - 1).checked_sub(g.pt)?,
+        (g.kh - 1).checked_sub(pb)?,
+        (g.kw - 1).checked_sub(g.pl)?,
+        (g.kw - 1).checked_sub(pr)?,
+    );
+    let p = Conv2dParams {
+        padding: pad,
+        ..Conv2dParams::default()
+    };
+    let gt = Geom::new((g.n, g.o, g.oh, g.ow), (g.c, g.o, g.kh, g.kw), &p).ok()?;
+    if (gt.oh, gt.ow) != (g.h, g.w) {
+        return None;
+    }
+    let (kk, khw) = (g.kh * g.kw, g.kh * g.kw - 1);
+    let mut wt = vec![0f32; w.len()];
+    for o in 0..g.o {
+        for c in 0..g.c {
+            let src = &w[(o * g.c + c) * kk..][..kk];
+            let dst = &mut wt[(c * g.o + o) * kk..][..kk];
+            for (t, d) in dst.iter_mut().enumerate() {
+                *d = src[khw - t];
+            }
+        }
+    }
+    Some((gt, wt))
 }
 
 /// `(x, grad_out) -> grad_w`.

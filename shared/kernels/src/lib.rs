@@ -14,6 +14,8 @@
 //! * [`fold_bn`]: folds eval-mode BatchNorm into the preceding conv's weight and bias.
 //! * [`max_pool2d`]: any kernel/stride, `-inf` padding like PyTorch, with backward.
 //! * [`global_avg_pool`]: `[N, C, H, W] -> [N, C]`, with backward.
+//! * [`batch_norm_train`]: train-mode BatchNorm (batch statistics) as one op with a fused
+//!   backward; [`relu`] and [`add_relu`] (residual join) with one-pass backward.
 //! * [`threads`]: thread policy; [`threads::current`] must be recorded with every latency.
 //!
 //! Inputs may be non-contiguous (they are made contiguous first). Only f32 is implemented;
@@ -28,13 +30,18 @@
 //!   the no-autograd ops for grad-input, grad-weight and grad-bias).
 //! * `src/gemm_path.rs`: im2col into a reused per-thread buffer (none at all for 1x1 stride-1
 //!   unpadded convs: the input already is the GEMM operand), `gemm`, col2im; parallel over
-//!   the batch when `N` is large enough, else inside the GEMM.
+//!   the batch when `N` is large enough, else inside the GEMM. Small feature maps in a batch
+//!   are stacked side by side into one GEMM (forward and grad-weight). The grad-input of a
+//!   stride-1 conv runs as the forward conv with the flipped, transposed kernel.
 //! * `src/depthwise.rs`: direct depthwise forward / grad-input / grad-weight, run-time
 //!   AVX2+FMA dispatch, parallel over planes (grad-weight: over channels).
 //! * `src/pool.rs`: max-pool and global average pool ops.
-//! * `src/bn.rs`: BatchNorm folding (computed in f64).
+//! * `src/bn.rs`: BatchNorm folding (computed in f64); `src/bn_train.rs`: train-mode BN.
+//! * `src/eltwise.rs`: ReLU and add + ReLU with their backward.
 //! * `tests/parity.rs`: forward parity against candle's reference ops (≤ 1e-4), backward
 //!   against candle's autograd, fused activations, BN folding (≤ 1e-5), dtype/shape errors.
+//! * `tests/train_ops.rs`: train-mode BN, ReLU and add + ReLU against candle's composition
+//!   (<= 1e-4) and finite differences.
 //! * `tests/grads.rs`: gradients against central finite differences for every op, and
 //!   multi-threaded paths against single-threaded ones; `tests/common/`: helpers.
 //! * `benches/ops.rs`: `cargo bench -p adaptivenet-kernels --bench ops`, ours vs candle.
@@ -99,8 +106,10 @@
 //! `RAYON_NUM_THREADS` or `CANDLE_NUM_THREADS` is set.
 
 mod bn;
+mod bn_train;
 mod conv;
 mod depthwise;
+mod eltwise;
 mod gemm_path;
 mod geom;
 mod pool;
@@ -110,6 +119,8 @@ pub mod threads;
 use candle_core::{DType, Tensor};
 
 pub use bn::fold_bn;
+pub use bn_train::batch_norm_train;
+pub use eltwise::{add_relu, relu};
 
 /// Activation fused into [`conv2d_fused`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

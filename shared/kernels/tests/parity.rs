@@ -432,3 +432,21 @@ fn max_pool_propagates_nan() {
     }
     assert!(y[9..].iter().all(|v| !v.is_nan()));
 }
+
+/// Large im2col matrices (> 1M elements) are built and multiplied in bands of output rows;
+/// the result must equal the one-shot reference, for stride 1 and 2 and a row count that does
+/// not divide evenly into bands.
+#[test]
+fn banded_im2col_matches_reference() {
+    let mut rng = Rng::new(900);
+    for (hw, stride, pad) in [(90, 1, 1), (181, 2, 3)] {
+        let x = rng.tensor(&[1, 16, hw, hw], 1.0);
+        let w = rng.tensor(&[3, 16, 3, 3], 0.3);
+        let b = rng.tensor(&[3], 0.5);
+        let p = Conv2dParams::new(stride, pad);
+        let ours = conv2d_fused(&x, &w, Some(&b), &p, Activation::Relu).unwrap();
+        let want = naive_conv(&x, &w, Some(&b), &p).relu().unwrap();
+        let e = max_abs_diff(&ours, &want);
+        assert!(e <= 1e-4, "hw {hw} stride {stride}: {e}");
+    }
+}

@@ -119,9 +119,38 @@ pub fn batch_norm_eval(
 }
 
 /// Train-mode batch norm: normalises with batch statistics and returns the updated running
-/// statistics (PyTorch semantics: unbiased variance in the running estimate).
+/// statistics (PyTorch semantics: unbiased variance in the running estimate). One fused
+/// kernel with its own backward ([`adaptivenet_kernels::batch_norm_train`]); the candle
+/// composition under [`set_stock_candle`] is the reference it is tested against.
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+    momentum: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if stock_candle() {
+        return batch_norm_train_stock(x, gamma, beta, mean, var, eps, momentum);
+    }
+    let (n, _, h, w) = x.dims4()?;
+    let count = (n * h * w) as f64;
+    let (y, bmean, bvar) = adaptivenet_kernels::batch_norm_train(x, gamma, beta, eps)?;
+    let unbiased = if count > 1.0 {
+        (bvar * (count / (count - 1.0)))?
+    } else {
+        bvar
+    };
+    let new_mean = ((mean * (1.0 - momentum))? + (bmean * momentum)?)?;
+    let new_var = ((var * (1.0 - momentum))? + (unbiased * momentum)?)?;
+    Ok((y, new_mean, new_var))
+}
+
+/// [`batch_norm_train`] composed of stock candle ops (the reference).
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_train_stock(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
@@ -152,11 +181,28 @@ pub fn batch_norm_train(
     Ok((y.contiguous()?, new_mean, new_var))
 }
 
+/// Activation; ReLU on f32 runs the kernels crate's op (one-pass backward).
 pub fn activation(x: &Tensor, act: Act) -> Result<Tensor> {
     Ok(match act {
+        Act::Relu if !stock_candle() && x.dtype() == candle_core::DType::F32 => {
+            adaptivenet_kernels::relu(x)?
+        }
         Act::Relu => x.relu()?,
         Act::Relu6 => x.clamp(0f32, 6f32)?,
     })
+}
+
+/// Residual join `act(y + shortcut)`: ReLU on f32 runs one fused kernel (one pass forward
+/// and backward instead of candle's add, ReLU and their temporaries).
+pub fn add_act(y: &Tensor, shortcut: &Tensor, act: Act) -> Result<Tensor> {
+    if act == Act::Relu
+        && !stock_candle()
+        && y.dtype() == candle_core::DType::F32
+        && y.dims() == shortcut.dims()
+    {
+        return Ok(adaptivenet_kernels::add_relu(y, shortcut)?);
+    }
+    activation(&(y + shortcut)?, act)
 }
 
 /// 3x3 / stride 2 / padding 1 max-pool (torchvision ResNet stem), padding acting as -inf;

@@ -1,0 +1,174 @@
+//! Element-wise ReLU and residual add + ReLU with one-pass backward.
+//!
+//! candle's ReLU backward is four passes and three temporaries (`zeros_like`, `ge`,
+//! `to_dtype`, `mul`) before the gradient accumulation; here it is one pass. Semantics match
+//! candle's: `relu(x) = x.max(0)` (NaN -> 0) and the gradient mask is `x >= 0`.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+
+use crate::storage::f32_slice;
+use crate::{check_f32, threads, KernelError};
+
+const CHUNK: usize = 1 << 14;
+
+fn threads_for(elems: usize) -> usize {
+    threads::for_flops(2 * elems as u64)
+}
+
+/// Runs `f(offset, out_chunk)` over `out` in chunks, on the policy's threads.
+fn chunked(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    let t = threads_for(out.len());
+    // Items of CHUNK elements, the last one possibly shorter.
+    threads::for_each_item(out, CHUNK, t, |i, o| f(i * CHUNK, o));
+}
+
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "adaptivenet-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "relu", "x")?;
+        let mut y = vec![0f32; x.len()];
+        chunked(&mut y, |off, o| {
+            for (o, v) in o.iter_mut().zip(&x[off..]) {
+                *o = v.max(0.0);
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(&grad, &MaskGrad)?))
+    }
+}
+
+/// `(x, dy) -> dy * (x >= 0)`.
+struct MaskGrad;
+
+impl CustomOp2 for MaskGrad {
+    fn name(&self) -> &'static str {
+        "adaptivenet-relu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "relu backward", "x")?;
+        let dy = f32_slice(s2, l2, "relu backward", "grad")?;
+        if l1.shape() != l2.shape() {
+            return Err(KernelError::Shape("relu backward: grad shape mismatch".into()).into());
+        }
+        let mut dx = vec![0f32; x.len()];
+        chunked(&mut dx, |off, o| {
+            for ((o, v), g) in o.iter_mut().zip(&x[off..]).zip(&dy[off..]) {
+                *o = if *v >= 0.0 { *g } else { 0.0 };
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// `(a, b) -> relu(a + b)`; backward `dy * (a + b >= 0)` to both.
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "adaptivenet-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = f32_slice(s1, l1, "add_relu", "a")?;
+        let b = f32_slice(s2, l2, "add_relu", "b")?;
+        if l1.shape() != l2.shape() {
+            return Err(KernelError::Shape(format!(
+                "add_relu: shapes {:?} and {:?} differ",
+                l1.shape().dims(),
+                l2.shape().dims()
+            ))
+            .into());
+        }
+        let mut y = vec![0f32; a.len()];
+        chunked(&mut y, |off, o| {
+            for ((o, x), z) in o.iter_mut().zip(&a[off..]).zip(&b[off..]) {
+                *o = (x + z).max(0.0);
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        // The mask of `a + b >= 0`, recomputed (the result is 0 for both `a + b == 0` and
+        // `a + b < 0`).
+        let g = a.apply_op2_no_bwd(b, &AddMaskPrep)?;
+        let g = g.apply_op2_no_bwd(&grad, &MaskGrad)?;
+        Ok((a.track_op().then(|| g.clone()), b.track_op().then_some(g)))
+    }
+}
+
+/// `(a, b) -> a + b` without autograd (for the backward mask).
+struct AddMaskPrep;
+
+impl CustomOp2 for AddMaskPrep {
+    fn name(&self) -> &'static str {
+        "adaptivenet-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = f32_slice(s1, l1, "add_relu backward", "a")?;
+        let b = f32_slice(s2, l2, "add_relu backward", "b")?;
+        let mut y = vec![0f32; a.len()];
+        chunked(&mut y, |off, o| {
+            for ((o, x), z) in o.iter_mut().zip(&a[off..]).zip(&b[off..]) {
+                *o = x + z;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+/// `max(x, 0)` (f32, any shape), differentiable with a one-pass backward; same results as
+/// candle's `relu` (gradient mask `x >= 0`).
+pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
+    check_f32(x, "relu", "x")?;
+    x.contiguous()?.apply_op1(Relu)
+}
+
+/// `relu(a + b)` for same-shape f32 tensors (a residual join), differentiable; equals
+/// candle's `(a + b).relu()` and its gradients.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    check_f32(a, "add_relu", "a")?;
+    check_f32(b, "add_relu", "b")?;
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+}

@@ -1,0 +1,221 @@
+//! Train-mode BatchNorm, ReLU and residual add + ReLU: forward and gradients against candle's
+//! reference composition (<= 1e-4) and central finite differences.
+
+mod common;
+
+use adaptivenet_kernels::{add_relu, batch_norm_train, relu, threads};
+use candle_core::{DType, Device, Tensor, Var, D};
+use common::*;
+
+/// The candle composition train-mode BN used to be (normalise with biased batch statistics).
+fn bn_reference(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> (Tensor, Tensor, Tensor) {
+    let (n, c, h, w) = x.dims4().unwrap();
+    let xt = x.transpose(0, 1).unwrap().reshape((c, n * h * w)).unwrap();
+    let mean = xt.mean(D::Minus1).unwrap();
+    let centered = xt.broadcast_sub(&mean.unsqueeze(1).unwrap()).unwrap();
+    let var = centered.sqr().unwrap().mean(D::Minus1).unwrap();
+    let inv = ((&var + eps).unwrap().sqrt().unwrap().recip().unwrap() * gamma).unwrap();
+    let y = centered
+        .broadcast_mul(&inv.unsqueeze(1).unwrap())
+        .unwrap()
+        .broadcast_add(&beta.unsqueeze(1).unwrap())
+        .unwrap()
+        .reshape((c, n, h, w))
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    (y, mean, var)
+}
+
+fn bn_case(seed: u64, dims: [usize; 4], offset: f32) -> Vec<(String, f32)> {
+    let mut rng = Rng::new(seed);
+    let x = (rng.tensor(&dims, 2.0) + offset as f64).unwrap();
+    let gamma = (rng.tensor(&[dims[1]], 0.5) + 1.0).unwrap();
+    let beta = rng.tensor(&[dims[1]], 0.5);
+    let r = rng.tensor(&dims, 1.0);
+    let run = |ours: bool| {
+        let (xv, gv, bv) = (
+            Var::from_tensor(&x).unwrap(),
+            Var::from_tensor(&gamma).unwrap(),
+            Var::from_tensor(&beta).unwrap(),
+        );
+        let (y, m, v) = if ours {
+            batch_norm_train(xv.as_tensor(), gv.as_tensor(), bv.as_tensor(), 1e-5).unwrap()
+        } else {
+            bn_reference(xv.as_tensor(), gv.as_tensor(), bv.as_tensor(), 1e-5)
+        };
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g.get(xv.as_tensor()).unwrap().clone();
+        let gg = g.get(gv.as_tensor()).unwrap().clone();
+        let gb = g.get(bv.as_tensor()).unwrap().clone();
+        [y, m, v, gx, gg, gb]
+    };
+    let (a, b) = (run(true), run(false));
+    ["y", "mean", "var", "grad x", "grad gamma", "grad beta"]
+        .iter()
+        .zip(a.iter().zip(&b))
+        .map(|(n, (a, b))| {
+            let scale = max_abs_diff(b, &b.zeros_like().unwrap()).max(1.0);
+            (n.to_string(), max_abs_diff(a, b) / scale)
+        })
+        .collect()
+}
+
+#[test]
+fn bn_train_matches_candle_composition() {
+    for (i, (dims, offset)) in [
+        ([4, 3, 5, 7], 0.0),
+        ([2, 16, 8, 8], 3.0),
+        ([1, 2, 1, 1], 0.0),
+        ([3, 5, 9, 1], -2.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (name, err) in bn_case(10 + i as u64, dims, offset) {
+            assert!(err <= 1e-4, "{dims:?}: {name} differs by {err:.2e}");
+        }
+    }
+}
+
+#[test]
+fn bn_train_grads_match_finite_differences() {
+    let dims = [3, 2, 3, 4];
+    let mut rng = Rng::new(77);
+    let x = rng.tensor(&dims, 1.5);
+    let gamma = (rng.tensor(&[2], 0.5) + 1.0).unwrap();
+    let beta = rng.tensor(&[2], 0.5);
+    let r = rng.tensor(&dims, 1.0);
+    let (xv, gv, bv) = (
+        Var::from_tensor(&x).unwrap(),
+        Var::from_tensor(&gamma).unwrap(),
+        Var::from_tensor(&beta).unwrap(),
+    );
+    let (y, _, _) = batch_norm_train(xv.as_tensor(), gv.as_tensor(), bv.as_tensor(), 1e-5).unwrap();
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let f = |x: &Tensor, gm: &Tensor, bt: &Tensor| batch_norm_train(x, gm, bt, 1e-5).map(|o| o.0);
+    // Nonlinear in x (through the statistics): a small step; linear in gamma and beta.
+    let ex = fd_check(
+        &|t: &Tensor| f(t, &gamma, &beta),
+        &x,
+        g.get(xv.as_tensor()).unwrap(),
+        &r,
+        1e-2,
+        &sample_idx(x.elem_count(), 72),
+    );
+    let eg = fd_check(
+        &|t: &Tensor| f(&x, t, &beta),
+        &gamma,
+        g.get(gv.as_tensor()).unwrap(),
+        &r,
+        0.5,
+        &[0, 1],
+    );
+    let eb = fd_check(
+        &|t: &Tensor| f(&x, &gamma, t),
+        &beta,
+        g.get(bv.as_tensor()).unwrap(),
+        &r,
+        0.5,
+        &[0, 1],
+    );
+    assert!(
+        ex <= 2e-3 && eg <= 1e-3 && eb <= 1e-3,
+        "x {ex} gamma {eg} beta {eb}"
+    );
+}
+
+#[test]
+fn bn_train_rejects_bad_input() {
+    let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let g = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+    let bad = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+    let e = batch_norm_train(&x, &bad, &g, 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gamma"), "{e}");
+    let e = batch_norm_train(&x.to_dtype(DType::F64).unwrap(), &g, &g, 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("f32") && e.contains("x"), "{e}");
+    let e = batch_norm_train(&x.flatten_all().unwrap(), &g, &g, 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rank-4"), "{e}");
+}
+
+#[test]
+fn relu_and_add_relu_match_candle_including_zeros() {
+    let mut rng = Rng::new(5);
+    // Values on a coarse grid so that exact zeros (and a + b == 0) occur.
+    let grid = |t: Tensor| (t * 4.0).unwrap().round().unwrap();
+    let a = grid(rng.tensor(&[2, 3, 5, 5], 1.0));
+    let b = grid(rng.tensor(&[2, 3, 5, 5], 1.0));
+    let r = rng.tensor(&[2, 3, 5, 5], 1.0);
+    let zeros = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(zeros(&(&a + &b).unwrap()).contains(&0.0) && zeros(&a).contains(&0.0));
+    let grads = |ours: bool| {
+        let (av, bv) = (Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap());
+        let (y1, y2) = if ours {
+            (
+                relu(av.as_tensor()).unwrap(),
+                add_relu(av.as_tensor(), bv.as_tensor()).unwrap(),
+            )
+        } else {
+            (
+                av.as_tensor().relu().unwrap(),
+                (av.as_tensor() + bv.as_tensor()).unwrap().relu().unwrap(),
+            )
+        };
+        let loss = ((&y1 * &r).unwrap().sum_all().unwrap()
+            + (&y2 * &r).unwrap().sqr().unwrap().sum_all().unwrap())
+        .unwrap();
+        let g = loss.backward().unwrap();
+        [
+            y1,
+            y2,
+            g.get(av.as_tensor()).unwrap().clone(),
+            g.get(bv.as_tensor()).unwrap().clone(),
+        ]
+    };
+    let (o, c) = (grads(true), grads(false));
+    for (name, (o, c)) in ["relu", "add_relu", "grad a", "grad b"]
+        .iter()
+        .zip(o.iter().zip(&c))
+    {
+        assert_eq!(max_abs_diff(o, c), 0.0, "{name}");
+    }
+    let e = add_relu(&a, &a.flatten_all().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("add_relu") && e.contains("differ"), "{e}");
+}
+
+#[test]
+fn threaded_bn_and_relu_match_single_threaded() {
+    let mut rng = Rng::new(9);
+    let x = rng.tensor(&[8, 6, 33, 31], 2.0);
+    let gamma = rng.tensor(&[6], 1.0);
+    let beta = rng.tensor(&[6], 1.0);
+    let r = rng.tensor(&[8, 6, 33, 31], 1.0);
+    let run = || {
+        let xv = Var::from_tensor(&x).unwrap();
+        let (y, m, v) = batch_norm_train(xv.as_tensor(), &gamma, &beta, 1e-5).unwrap();
+        let y = relu(&y).unwrap();
+        let z = add_relu(&y, xv.as_tensor()).unwrap();
+        let g = (&z * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        [y, m, v, g.get(xv.as_tensor()).unwrap().clone()]
+    };
+    threads::set_max_threads(1);
+    let one = run();
+    threads::set_max_threads(2);
+    threads::set_flop_threshold(0);
+    let two = run();
+    threads::set_flop_threshold(threads::DEFAULT_FLOP_THRESHOLD);
+    threads::set_max_threads(0);
+    for (a, b) in one.iter().zip(&two) {
+        assert!(max_abs_diff(a, b) <= 1e-6);
+    }
+}
