@@ -23,8 +23,11 @@ use crate::store::{NewSupernet, Store};
 pub struct Config {
     /// `sqlite://path` or `postgres://...`.
     pub database_url: String,
-    /// Root of the local blob store.
+    /// Root of the local blob store; with `blob_url`, the local scratch area for uploads.
     pub blob_dir: PathBuf,
+    /// Object store for blobs (`s3://bucket/prefix` with the `s3` feature, `file:///dir`);
+    /// `None`: local disk under `blob_dir`.
+    pub blob_url: Option<String>,
     pub db_max_connections: u32,
     /// Largest accepted oracle weights file.
     pub max_oracle_bytes: u64,
@@ -56,6 +59,7 @@ impl Config {
         Config {
             database_url: format!("sqlite://{}", dir.join("cloud.db").display()),
             blob_dir: dir.join("blobs"),
+            blob_url: None,
             db_max_connections: 8,
             max_oracle_bytes: 512 << 20,
             min_report_samples: 100,
@@ -113,7 +117,11 @@ impl App {
     pub async fn open(config: Config) -> Result<Self> {
         let store = Store::connect(&config.database_url, config.db_max_connections).await?;
         store.migrate().await?;
-        let blobs = BlobStore::open(&config.blob_dir).await?;
+        let blobs = match &config.blob_url {
+            Some(url) => BlobStore::open_url(url, &config.blob_dir).await?,
+            None => BlobStore::open(&config.blob_dir).await?,
+        };
+        tracing::info!(blobs = %blobs.describe(), "blob store open");
         Ok(Self::from_parts(config, store, blobs))
     }
 

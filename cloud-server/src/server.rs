@@ -6,8 +6,17 @@
 //! cancelled, which ends watch and download streams (UNAVAILABLE, resumable) and stops
 //! workers (their jobs go back to the queue), (3) after `drain_grace` the listener closes
 //! and in-flight unary calls are awaited.
+//!
+//! Deadlines: tonic enforces a client's `grpc-timeout` only until the response head and
+//! reports expiry as CANCELLED. [`DeadlineLayer`] answers DEADLINE_EXCEEDED instead (just
+//! before tonic's own timer) and also ends a response stream that outlives the deadline
+//! with DEADLINE_EXCEEDED trailers; the handler's future is dropped, so its work stops.
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use adaptivenet_proto::v1::admin_service_server::AdminServiceServer;
 use adaptivenet_proto::v1::dashboard_service_server::DashboardServiceServer;
@@ -139,6 +148,7 @@ pub async fn start(
             app.config().max_concurrent_requests,
             Arc::new(AppMetrics(app.clone())),
         ))
+        .layer(DeadlineLayer)
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(
@@ -207,6 +217,184 @@ async fn stale_sweeper(app: App, stop: CancellationToken) {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "stale sweep failed"),
+        }
+    }
+}
+
+/// Honours the client's `grpc-timeout` with DEADLINE_EXCEEDED; see the module docs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeadlineLayer;
+
+impl<S> tower::Layer<S> for DeadlineLayer {
+    type Service = DeadlineService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        DeadlineService { inner }
+    }
+}
+
+/// See [`DeadlineLayer`].
+#[derive(Clone, Debug)]
+pub struct DeadlineService<S> {
+    inner: S,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for DeadlineService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Into<tower::BoxError>,
+    RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    RB::Error: Into<tower::BoxError>,
+{
+    type Response = http::Response<DeadlineBody<RB>>;
+    type Error = tower::BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, tower::BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let timeout = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let fut = self.inner.call(req);
+        let Some(timeout) = timeout else {
+            return Box::pin(async move {
+                let r = fut.await.map_err(Into::into)?;
+                Ok(r.map(|b| DeadlineBody::new(b, None)))
+            });
+        };
+        // tonic's own timer (outside this layer, same duration, started a moment earlier)
+        // would answer CANCELLED: fire slightly before it.
+        let margin = (timeout / 20).min(Duration::from_millis(5));
+        let at = tokio::time::Instant::now() + timeout.saturating_sub(margin);
+        Box::pin(async move {
+            match tokio::time::timeout_at(at, fut).await {
+                Ok(r) => {
+                    let r = r.map_err(Into::into)?;
+                    Ok(r.map(|b| DeadlineBody::new(b, Some(at))))
+                }
+                Err(_) => Ok(deadline_status(timeout).into_http()),
+            }
+        })
+    }
+}
+
+fn deadline_status(timeout: Duration) -> tonic::Status {
+    tonic::Status::deadline_exceeded(format!(
+        "the call's deadline (grpc-timeout {timeout:?}) expired on the server"
+    ))
+}
+
+/// Parses a `grpc-timeout` value (`TimeoutValue TimeoutUnit`, at most 8 digits).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A response body that ends with DEADLINE_EXCEEDED trailers when the deadline passes
+/// mid-stream (the inner body is dropped with it). `Default` is the empty body of a
+/// trailers-only status response.
+pub struct DeadlineBody<B> {
+    inner: Option<Pin<Box<B>>>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> DeadlineBody<B> {
+    fn new(inner: B, deadline: Option<tokio::time::Instant>) -> Self {
+        DeadlineBody {
+            inner: Some(Box::pin(inner)),
+            sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+        }
+    }
+}
+
+impl<B> Default for DeadlineBody<B> {
+    fn default() -> Self {
+        DeadlineBody {
+            inner: None,
+            sleep: None,
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for DeadlineBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadlineBody")
+            .field("open", &self.inner.is_some())
+            .field("deadline", &self.sleep.as_ref().map(|s| s.deadline()))
+            .finish()
+    }
+}
+
+impl<B> http_body::Body for DeadlineBody<B>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: Into<tower::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = tower::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Poll::Ready(f) = inner.as_mut().poll_frame(cx) {
+            if f.is_none() {
+                this.inner = None;
+            }
+            return Poll::Ready(f.map(|r| r.map_err(Into::into)));
+        }
+        if let Some(sleep) = this.sleep.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                this.inner = None;
+                this.sleep = None;
+                let mut trailers = http::HeaderMap::new();
+                let status = tonic::Status::deadline_exceeded(
+                    "the call's deadline (grpc-timeout) expired while streaming",
+                );
+                if status.add_header(&mut trailers).is_err() {
+                    return Poll::Ready(Some(Err("encoding deadline trailers".into())));
+                }
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+            }
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            None => true,
+            Some(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.inner {
+            None => http_body::SizeHint::with_exact(0),
+            Some(b) => b.size_hint(),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Compiles `proto/adaptivenet/v1/*.proto` with protox (no system `protoc` needed) and
+//! Compiles every `proto/adaptivenet/v1/*.proto` (cloud APIs and the agent's local
+//! `EdgeInference`) with protox (no system `protoc` needed) and
 //! writes a file descriptor set for gRPC server reflection.
 use std::path::PathBuf;
 
@@ -8,6 +9,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "proto"))
         .collect();
+    // The directory too: a new .proto file (e.g. agent.proto) must trigger a rebuild.
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("adaptivenet/v1").display()
+    );
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }
@@ -20,6 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Undecodable messages are INVALID_ARGUMENT, not INTERNAL (src/codec.rs).
+        .codec_path("crate::codec::StrictCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -155,7 +155,9 @@ impl DeviceService for DeviceApi {
             n => n.min(MAX_DOWNLOAD_CHUNK),
         };
         let (mut file, total) = self.app.blobs().open_at(&r.sha256, r.offset).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        // One chunk read ahead: enough to overlap disk reads with sending, and little to
+        // throw away when the client aborts (resume re-sends at most what was in flight).
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
         let app = self.app.clone();
         let sha = r.sha256;
         let mut offset = r.offset;
@@ -187,18 +189,27 @@ impl DeviceService for DeviceApi {
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
                 }
-                app.metrics()
-                    .blob_bytes_sent_total
-                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 offset += n;
                 if last || n == 0 {
                     return;
                 }
             }
         });
-        Ok(Response::new(Box::pin(
+        // Counted when the HTTP/2 layer takes a chunk (it asks for the next one only once
+        // the previous one got flow-control capacity), not when it is read ahead.
+        let app = self.app.clone();
+        let counted = tokio_stream::StreamExt::map(
             tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+            move |m: Result<pb::BlobChunk, Status>| {
+                if let Ok(c) = &m {
+                    app.metrics()
+                        .blob_bytes_sent_total
+                        .fetch_add(c.data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                m
+            },
+        );
+        Ok(Response::new(Box::pin(counted)))
     }
 
     async fn heartbeat(
@@ -221,11 +232,9 @@ impl DeviceService for DeviceApi {
             applied_generation: r.applied_generation,
         };
         hb.validate()?;
-        let store = self.app.store();
-        if !store.device_heartbeat(device, &hb, now_ms()).await? {
+        let Some(generation) = self.app.store().heartbeat(device, &hb, now_ms()).await? else {
             return Err(CloudError::Unauthenticated("device revoked".into()).into());
-        }
-        let generation = store.get_fleet(fleet).await?.desired.generation;
+        };
         self.app.emit_fleet(
             FleetEventKind::DeviceHeartbeat,
             fleet,

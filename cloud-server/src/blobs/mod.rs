@@ -1,11 +1,19 @@
 //! Content-addressed blob storage (oracle weights, supernet modules, job checkpoints).
 //!
+//! Two backends behind one API: local disk (default) and an object store (`object.rs`:
+//! S3/MinIO with the `s3` feature, `file://`, `memory://`).
+//!
 //! Local disk layout: `ROOT/sha256/ab/abcdef...` (final, immutable) and `ROOT/tmp/` (writes in
 //! progress). A write goes to a temp file, is hashed while written, fsynced, checked against
 //! the expected digest and renamed into place, then the directory is fsynced: a crash leaves
 //! either no blob or the whole blob, never a part. A [`BlobWriter`] dropped before
 //! [`BlobWriter::commit`] deletes its temp file, so failed uploads leave nothing behind.
+//! With an object store, `ROOT/tmp/` is the same local scratch area and commit uploads the
+//! verified file under its final key instead of renaming it, so the guarantee is the same.
+mod object;
+
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
@@ -13,30 +21,72 @@ use uuid::Uuid;
 
 use crate::domain::BlobRef;
 use crate::error::{CloudError, Result};
+use object::ObjectBackend;
+
+pub use object::{BlobUrl, ObjectReader};
 
 /// Lowercase hex sha256 of `data`.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-/// The blob store (local disk).
+/// The blob store.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
+    /// Local backend: the store itself; object backend: the local scratch area.
     root: PathBuf,
+    object: Option<ObjectBackend>,
 }
 
 impl BlobStore {
-    /// Opens (creating) a store under `root` and clears stale temp files of a previous run.
+    /// Opens (creating) a local-disk store under `root` and clears stale temp files of a
+    /// previous run.
     pub async fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        for d in [root.join("sha256"), root.join("tmp")] {
-            tokio::fs::create_dir_all(&d)
-                .await
-                .map_err(|e| CloudError::io(&d, e))?;
-        }
-        let store = BlobStore { root };
+        let d = root.join("sha256");
+        tokio::fs::create_dir_all(&d)
+            .await
+            .map_err(|e| CloudError::io(&d, e))?;
+        Self::with_backend(root, None).await
+    }
+
+    /// Opens a store on an object store, blobs under `prefix`; `scratch` is the local
+    /// directory for writes in progress (cleared of stale temp files).
+    pub async fn open_object(
+        store: Arc<dyn object_store::ObjectStore>,
+        prefix: &str,
+        scratch: impl Into<PathBuf>,
+    ) -> Result<Self> {
+        Self::with_backend(scratch.into(), Some(ObjectBackend::new(store, prefix))).await
+    }
+
+    /// Opens the object store a `--blob-url` names (see [`BlobUrl`]).
+    pub async fn open_url(url: &str, scratch: impl Into<PathBuf>) -> Result<Self> {
+        let backend = ObjectBackend::from_url(&BlobUrl::parse(url)?)?;
+        Self::with_backend(scratch.into(), Some(backend)).await
+    }
+
+    async fn with_backend(root: PathBuf, object: Option<ObjectBackend>) -> Result<Self> {
+        let d = root.join("tmp");
+        tokio::fs::create_dir_all(&d)
+            .await
+            .map_err(|e| CloudError::io(&d, e))?;
+        let store = BlobStore { root, object };
         store.clear_tmp().await?;
         Ok(store)
+    }
+
+    /// Where blobs live, for logs.
+    pub fn describe(&self) -> String {
+        match &self.object {
+            None => format!("local disk {}", self.root.display()),
+            Some(o) => format!("object store {}", o.describe()),
+        }
+    }
+
+    /// The object key of a blob (object backend only).
+    pub fn object_key(&self, sha256: &str) -> Option<object_store::path::Path> {
+        self.object.as_ref().map(|o| o.key(sha256))
     }
 
     async fn clear_tmp(&self) -> Result<()> {
@@ -50,11 +100,12 @@ impl BlobStore {
         Ok(())
     }
 
+    /// The local root: the store itself, or the scratch area of an object-backed store.
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// Final path of a blob.
+    /// Final path of a blob in a local-disk store.
     pub fn path_of(&self, sha256: &str) -> PathBuf {
         self.root.join("sha256").join(&sha256[..2]).join(sha256)
     }
@@ -85,11 +136,20 @@ impl BlobStore {
     }
 
     pub async fn exists(&self, sha256: &str) -> bool {
+        if let Some(o) = &self.object {
+            return matches!(o.head(sha256).await, Ok(Some(_)));
+        }
         tokio::fs::metadata(self.path_of(sha256)).await.is_ok()
     }
 
     /// Size of a stored blob.
     pub async fn size(&self, sha256: &str) -> Result<u64> {
+        if let Some(o) = &self.object {
+            return o
+                .head(sha256)
+                .await?
+                .ok_or_else(|| CloudError::not_found("blob", sha256));
+        }
         let p = self.path_of(sha256);
         match tokio::fs::metadata(&p).await {
             Ok(m) => Ok(m.len()),
@@ -102,13 +162,18 @@ impl BlobStore {
 
     /// Reads a whole blob and checks its digest.
     pub async fn read(&self, sha256: &str) -> Result<Vec<u8>> {
-        let p = self.path_of(sha256);
-        let data = match tokio::fs::read(&p).await {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(CloudError::not_found("blob", sha256))
+        let data = match &self.object {
+            Some(o) => o.get(sha256).await?,
+            None => {
+                let p = self.path_of(sha256);
+                match tokio::fs::read(&p).await {
+                    Ok(d) => d,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(CloudError::not_found("blob", sha256))
+                    }
+                    Err(e) => return Err(CloudError::io(&p, e)),
+                }
             }
-            Err(e) => return Err(CloudError::io(&p, e)),
         };
         if sha256_hex(&data) != sha256 {
             return Err(CloudError::DataLoss(format!(
@@ -118,8 +183,13 @@ impl BlobStore {
         Ok(data)
     }
 
-    /// Opens a blob positioned at `offset`; returns the file and the blob's total size.
-    pub async fn open_at(&self, sha256: &str, offset: u64) -> Result<(tokio::fs::File, u64)> {
+    /// Opens a blob positioned at `offset` (resumable downloads); returns a reader and the
+    /// blob's total size.
+    pub async fn open_at(&self, sha256: &str, offset: u64) -> Result<(BlobReader, u64)> {
+        if let Some(o) = &self.object {
+            let (r, size) = o.open_at(sha256, offset).await?;
+            return Ok((BlobReader::Object(r), size));
+        }
         let p = self.path_of(sha256);
         let mut f = match tokio::fs::File::open(&p).await {
             Ok(f) => f,
@@ -138,11 +208,15 @@ impl BlobStore {
         f.seek(std::io::SeekFrom::Start(offset))
             .await
             .map_err(|e| CloudError::io(&p, e))?;
-        Ok((f, size))
+        Ok((BlobReader::File(f), size))
     }
 
-    /// Reads up to `max` bytes from an open blob.
-    pub async fn read_chunk(f: &mut tokio::fs::File, max: usize) -> Result<Vec<u8>> {
+    /// Reads up to `max` bytes from an open blob (fewer only at its end).
+    pub async fn read_chunk(r: &mut BlobReader, max: usize) -> Result<Vec<u8>> {
+        let f = match r {
+            BlobReader::File(f) => f,
+            BlobReader::Object(o) => return o.read_chunk(max).await,
+        };
         let mut buf = vec![0u8; max];
         let mut n = 0;
         while n < max {
@@ -161,6 +235,9 @@ impl BlobStore {
 
     /// Deletes a blob (used when its only owner is deleted).
     pub async fn delete(&self, sha256: &str) -> Result<()> {
+        if let Some(o) = &self.object {
+            return o.delete(sha256).await;
+        }
         let p = self.path_of(sha256);
         match tokio::fs::remove_file(&p).await {
             Ok(()) => Ok(()),
@@ -168,6 +245,13 @@ impl BlobStore {
             Err(e) => Err(CloudError::io(&p, e)),
         }
     }
+}
+
+/// An open blob positioned for a ranged read ([`BlobStore::open_at`]).
+#[derive(Debug)]
+pub enum BlobReader {
+    File(tokio::fs::File),
+    Object(ObjectReader),
 }
 
 /// A blob being written; see the module docs for the atomicity protocol.
@@ -236,6 +320,15 @@ impl BlobWriter {
         f.flush().await.map_err(|e| CloudError::io(&tmp, e))?;
         f.sync_all().await.map_err(|e| CloudError::io(&tmp, e))?;
         drop(f);
+        if let Some(o) = &self.store.object {
+            // Verified above: only now does the blob appear under its key. The temp file
+            // is removed when `self` drops.
+            o.upload(&tmp, &digest, self.size).await?;
+            return Ok(BlobRef {
+                sha256: digest,
+                size_bytes: self.size,
+            });
+        }
         let dst = self.store.path_of(&digest);
         let dir = dst.parent().expect("blob path has a parent").to_path_buf();
         tokio::fs::create_dir_all(&dir)

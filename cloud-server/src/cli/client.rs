@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 #[derive(Args, Debug)]
 pub struct ClientArgs {
@@ -18,6 +18,10 @@ pub struct ClientArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     endpoint: String,
+    /// CA certificate (PEM) that signed the server's certificate, for an `https://` endpoint
+    /// (TLS needs a build with `--features tls`).
+    #[arg(long, env = "ADAPTIVENET_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// API token (`anv1_api_...`).
     #[arg(long, env = "ADAPTIVENET_TOKEN")]
     token: String,
@@ -111,9 +115,34 @@ type AuthFn =
 type Client =
     DeveloperServiceClient<tonic::service::interceptor::InterceptedService<Channel, AuthFn>>;
 
-async fn connect(endpoint: &str, token: &str) -> anyhow::Result<Client> {
-    let channel = Channel::from_shared(endpoint.to_string())?
-        .connect_timeout(Duration::from_secs(10))
+/// The endpoint, with TLS trusting `ca_file` when the URL is `https://`.
+fn endpoint(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Endpoint> {
+    let ep = Channel::from_shared(url.to_string())
+        .with_context(|| format!("--endpoint {url}"))?
+        .connect_timeout(Duration::from_secs(10));
+    if !url.starts_with("https://") {
+        if ca_file.is_some() {
+            anyhow::bail!("--ca-file is for https:// endpoints, got {url}");
+        }
+        return Ok(ep);
+    }
+    #[cfg(feature = "tls")]
+    {
+        let ca = ca_file.context(
+            "an https:// endpoint needs --ca-file (PEM of the CA that signed the server certificate)",
+        )?;
+        let pem = std::fs::read(ca).with_context(|| format!("--ca-file {}", ca.display()))?;
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        ep.tls_config(tls).context("TLS configuration")
+    }
+    #[cfg(not(feature = "tls"))]
+    anyhow::bail!("{url}: this build has no TLS support (rebuild with --features tls)")
+}
+
+async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    let (endpoint, token) = (&args.endpoint, &args.token);
+    let channel = self::endpoint(endpoint, args.ca_file.as_deref())?
         .connect()
         .await
         .with_context(|| format!("connecting to {endpoint}"))?;
@@ -126,7 +155,7 @@ async fn connect(endpoint: &str, token: &str) -> anyhow::Result<Client> {
 }
 
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
-    let mut c = connect(&args.endpoint, &args.token).await?;
+    let mut c = connect(&args).await?;
     match args.cmd {
         ClientCmd::Upload {
             weights,
@@ -221,7 +250,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             println!("dataset {} ({})", d.id, d.uri);
         }
         ClientCmd::Aggregates { fleet } => {
-            let channel = Channel::from_shared(args.endpoint.clone())?
+            let channel = endpoint(&args.endpoint, args.ca_file.as_deref())?
                 .connect()
                 .await?;
             let value: MetadataValue<_> = format!("Bearer {}", args.token).parse()?;

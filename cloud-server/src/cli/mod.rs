@@ -29,6 +29,12 @@ pub struct Args {
     /// Database URL (`sqlite://...` or `postgres://...`); default: SQLite in the data dir.
     #[arg(long, env = "ADAPTIVENET_DATABASE_URL", global = true)]
     database_url: Option<String>,
+    /// Blob storage on an object store instead of `<data dir>/blobs`: `s3://bucket/prefix`
+    /// (build with `--features s3`; credentials, region and endpoint from the standard
+    /// `AWS_*` variables, e.g. `AWS_ENDPOINT=http://minio:9000 AWS_ALLOW_HTTP=true`) or
+    /// `file:///dir`. Serve, worker and token commands must all use the same URL.
+    #[arg(long, env = "ADAPTIVENET_BLOB_URL", global = true)]
+    blob_url: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -193,6 +199,7 @@ fn config(args: &Args) -> Config {
     if let Some(u) = &args.database_url {
         c.database_url = u.clone();
     }
+    c.blob_url = args.blob_url.clone();
     c
 }
 

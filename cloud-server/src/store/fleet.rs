@@ -142,6 +142,7 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected();
+        self.assigned.clear();
         if n == 0 {
             return Err(CloudError::not_found("fleet", fleet_id.to_string()));
         }
@@ -231,24 +232,13 @@ impl Store {
     /// Records a heartbeat; a stale device becomes online again. Returns false when the
     /// device is revoked (or gone).
     pub async fn device_heartbeat(&self, id: Uuid, hb: &Heartbeat, now: i64) -> Result<bool> {
-        let n = sqlx::query(
-            "UPDATE devices SET agent_version = $1, active_supernet_id = $2, active_subnet = $3, \
-             latency_p50_ms = $4, latency_p95_ms = $5, last_reason = $6, applied_generation = $7, \
-             last_heartbeat_ms = $8, status = 'online' WHERE id = $9 AND status <> 'revoked'",
-        )
-        .bind(&hb.agent_version)
-        .bind(hb.active_supernet_id.map(|s| s.to_string()))
-        .bind(&hb.active_subnet)
-        .bind(hb.latency_p50_ms)
-        .bind(hb.latency_p95_ms)
-        .bind(hb.last_reason.0 as i64)
-        .bind(hb.applied_generation as i64)
-        .bind(now)
-        .bind(id.to_string())
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n == 1)
+        Ok(self.heartbeat(id, hb, now).await?.is_some())
+    }
+
+    /// Records a heartbeat (group-committed, see `writer`) and returns the fleet's desired
+    /// generation; `None` when the device is revoked (or gone).
+    pub async fn heartbeat(&self, id: Uuid, hb: &Heartbeat, now: i64) -> Result<Option<u64>> {
+        self.writer.heartbeat(id, hb, now).await
     }
 
     /// Marks online devices whose last heartbeat is older than `cutoff` as stale; returns
@@ -277,7 +267,8 @@ impl Store {
         get_uuid(&row, "fleet_id")
     }
 
-    /// Stores a device's latest report (one upsert: the hot path of the fleet).
+    /// Stores a device's latest report and counts it; returns once committed. The hot path
+    /// of the fleet: reports are group-committed (see `writer`).
     pub async fn upsert_report(
         &self,
         device_id: Uuid,
@@ -285,43 +276,7 @@ impl Store {
         r: &Report,
         now: i64,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO device_reports (device_id, fleet_id, supernet_id, device_class, \
-             active_subnet, latency_p50_ms, latency_p95_ms, latency_budget_ms, quality, \
-             quality_samples, search_generations, search_evaluated, search_seconds, front_size, \
-             lt_entries, lt_stem_ms, lt_head_ms, lt_oracle_ms, lt_calibration, report_count, \
-             reported_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,1,$20) \
-             ON CONFLICT (device_id) DO UPDATE SET fleet_id = $2, supernet_id = $3, \
-             device_class = $4, active_subnet = $5, latency_p50_ms = $6, latency_p95_ms = $7, \
-             latency_budget_ms = $8, quality = $9, quality_samples = $10, \
-             search_generations = $11, search_evaluated = $12, search_seconds = $13, \
-             front_size = $14, lt_entries = $15, lt_stem_ms = $16, lt_head_ms = $17, \
-             lt_oracle_ms = $18, lt_calibration = $19, \
-             report_count = device_reports.report_count + 1, reported_ms = $20",
-        )
-        .bind(device_id.to_string())
-        .bind(fleet_id.to_string())
-        .bind(r.supernet_id.to_string())
-        .bind(r.device_class.0 as i64)
-        .bind(&r.active_subnet)
-        .bind(r.latency_p50_ms)
-        .bind(r.latency_p95_ms)
-        .bind(r.latency_budget_ms)
-        .bind(r.quality_estimate)
-        .bind(r.quality_sample_count as i64)
-        .bind(r.search.generations as i64)
-        .bind(r.search.evaluated_subnets as i64)
-        .bind(r.search.search_seconds)
-        .bind(r.search.front_size as i64)
-        .bind(r.latency_table.num_entries as i64)
-        .bind(r.latency_table.stem_ms)
-        .bind(r.latency_table.head_ms)
-        .bind(r.latency_table.oracle_ms)
-        .bind(r.latency_table.calibration_factor)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.writer.report(device_id, fleet_id, r, now).await
     }
 
     /// Aggregates over the latest report of each non-revoked device, grouped by (supernet,

@@ -12,18 +12,23 @@
 //! - `supernets`: supernet versions, their blobs and labels.
 //! - `fleet`: fleets, desired state, devices, heartbeats, reports and aggregates.
 //! - `tokens`: enrollment tokens, API tokens, device credentials (hashes only).
+//! - `writer`: group commit of reports and heartbeats (one writer task, batched
+//!   transactions, callers answered after the commit).
 mod fleet;
 mod jobs;
 mod oracles;
 mod supernets;
 mod tokens;
+mod writer;
 
 pub use jobs::ClaimedJob;
 pub use supernets::NewSupernet;
 pub use tokens::{ApiTokenRow, DeviceAuthRow};
 
+use std::collections::HashMap;
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
@@ -46,6 +51,52 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    writer: writer::Writer,
+    assigned: Arc<AssignmentCache>,
+}
+
+/// How long a positive "supernet is assigned to fleet" answer is reused.
+const ASSIGNMENT_TTL: Duration = Duration::from_secs(5);
+const ASSIGNMENT_CACHE_MAX: usize = 10_000;
+
+/// Positive answers of [`Store::fleet_has_supernet`] (asked on every report). Only positive
+/// answers are cached, so a newly assigned supernet is accepted at once; changes made through
+/// this store clear the cache, and an unassignment by another process takes effect within
+/// [`ASSIGNMENT_TTL`].
+#[derive(Debug, Default)]
+struct AssignmentCache {
+    /// (entries, epoch): the epoch counts clears, so that a lookup that raced with a change
+    /// does not cache what it read before the change.
+    inner: Mutex<(Assignments, u64)>,
+}
+
+/// (fleet, supernet) -> when the assignment was last confirmed.
+type Assignments = HashMap<(Uuid, Uuid), Instant>;
+
+impl AssignmentCache {
+    /// Whether the pair is cached as assigned; else the epoch to pass to [`Self::put`].
+    fn get(&self, key: (Uuid, Uuid)) -> Result<(), u64> {
+        let g = self.inner.lock().expect("assignment cache lock");
+        match g.0.get(&key) {
+            Some(t) if t.elapsed() < ASSIGNMENT_TTL => Ok(()),
+            _ => Err(g.1),
+        }
+    }
+    fn put(&self, key: (Uuid, Uuid), epoch: u64) {
+        let mut g = self.inner.lock().expect("assignment cache lock");
+        if g.1 != epoch {
+            return;
+        }
+        if g.0.len() >= ASSIGNMENT_CACHE_MAX {
+            g.0.clear();
+        }
+        g.0.insert(key, Instant::now());
+    }
+    fn clear(&self) {
+        let mut g = self.inner.lock().expect("assignment cache lock");
+        g.0.clear();
+        g.1 += 1;
+    }
 }
 
 impl Store {
@@ -107,7 +158,12 @@ impl Store {
             })
             .connect_with(opts)
             .await?;
-        Ok(Store { pool, backend })
+        Ok(Store {
+            writer: writer::Writer::spawn(pool.clone()),
+            pool,
+            backend,
+            assigned: Arc::default(),
+        })
     }
 
     /// Applies pending migrations (idempotent).

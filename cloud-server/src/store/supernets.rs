@@ -195,6 +195,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.assigned.clear();
         Ok(Label {
             fleet_id,
             label: label.to_string(),
@@ -216,6 +217,9 @@ impl Store {
 
     /// Whether a supernet is assigned to a fleet (through any label or its desired state).
     pub async fn fleet_has_supernet(&self, fleet_id: Uuid, supernet_id: Uuid) -> Result<bool> {
+        let Err(epoch) = self.assigned.get((fleet_id, supernet_id)) else {
+            return Ok(true);
+        };
         let n: i64 = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM fleet_labels WHERE fleet_id = $1 AND supernet_id = $2) + \
              (SELECT COUNT(*) FROM fleets WHERE id = $1 AND desired_supernet_id = $2) AS n",
@@ -225,6 +229,9 @@ impl Store {
         .fetch_one(&self.pool)
         .await?
         .try_get("n")?;
+        if n > 0 {
+            self.assigned.put((fleet_id, supernet_id), epoch);
+        }
         Ok(n > 0)
     }
 

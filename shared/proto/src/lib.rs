@@ -1,5 +1,6 @@
 //! Generated wire types for `adaptivenet.v1`. The only crate that knows prost/tonic types.
 #![allow(clippy::all)]
+pub mod codec;
 pub mod v1 {
     tonic::include_proto!("adaptivenet.v1");
 }

@@ -1,0 +1,725 @@
+//! The AdaptiveNet-style accuracy–latency table on Fashion-MNIST (issue #4, METHOD.md §1).
+//!
+//! `cargo bench --bench accuracy_latency` (from the repository root; needs the assets of
+//! `scripts/fetch-assets.sh`). Environment:
+//!
+//! * `ACC_PRESET=full|quick` (default `full`): `full` is the reference recipe (17-epoch
+//!   ResNet-20 oracle; 3,000 + 3,000 elastification steps of batch 128; 100 timed rounds);
+//!   `quick` is a smoke run of a few minutes whose accuracies mean little.
+//! * `ACC_ORACLE_DIR=DIR`: use `DIR/oracle.arch.json` + `DIR/oracle.safetensors` instead of
+//!   training one (e.g. the output of `cloud-server train-oracle`).
+//! * `ACC_WORK_DIR=DIR` (default `target/accuracy_latency/<preset>`): trained oracle, supernet
+//!   and scratch baselines are cached there with the timings of the run that made them, so a
+//!   rerun only re-measures; `ACC_FRESH=1` retrains.
+//! * `ACC_ROUNDS=N`: timed rounds per latency pass.
+//!
+//! Protocol: the search split is 1,000 training images held out from every training run
+//! (oracle, elastification, scratch baselines); subnets are *chosen* on it and *reported* on
+//! the 10k test set. Every candidate of every method is timed at batch 1 in the same passes:
+//! warm-up, then rounds over all candidates in a freshly shuffled order (interleaved), median
+//! per candidate. Choice and report use the same pass; a second pass repeats the choice.
+//!
+//! Methods at each budget (a fraction of the oracle's latency in the same pass):
+//! * **AdaptiveNet**: all subnets of the trained merge-only supernet (exhaustive).
+//! * **untrained**: the same supernet with branches only weight-inherited (pretraining-assisted
+//!   initialisation, no training); same architectures, so the same latencies.
+//! * **drop**: the oracle with any subset of its shape-preserving blocks replaced by identity.
+//! * **scratch**: smaller networks of the same family (ResNet-8, ResNet-14) trained from scratch
+//!   on as many samples as elastification used.
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use adaptivenet_cloud::elastify::cli::{split_validation, RESNET20_FASHION};
+use adaptivenet_cloud::elastify::train::{correct, fashion_transform};
+use adaptivenet_cloud::elastify::{elastify, train_oracle, ElastifyConfig, TrainOracleConfig};
+use adaptivenet_cloud::elastify::{ProgressEvent, ProgressSink};
+use adaptivenet_core::artifact::{load_supernet, read_manifest, write_artifact, InputSpec};
+use adaptivenet_core::data::{fashion_mnist, Dataset};
+use adaptivenet_core::model::{ArchDescriptor, Model};
+use adaptivenet_core::supernet::branches::build_supernet;
+use adaptivenet_core::supernet::{Subnet, Supernet, SupernetConfig};
+use adaptivenet_kernels::threads;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+const BUDGETS: [f64; 10] = [0.50, 0.55, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90, 0.95];
+const SEARCH_IMAGES: usize = 1000;
+const SEED: u64 = 0;
+
+/// Run sizes of one preset.
+struct Preset {
+    name: &'static str,
+    oracle_epochs: f64,
+    oracle_batch: usize,
+    stage_steps: u64,
+    elastify_batch: usize,
+    rounds: usize,
+    warmup_runs: usize,
+}
+
+impl Preset {
+    fn from_env() -> Result<Preset> {
+        let name = std::env::var("ACC_PRESET").unwrap_or_else(|_| "full".into());
+        let mut p = match name.as_str() {
+            "full" => Preset {
+                name: "full",
+                oracle_epochs: 17.0,
+                oracle_batch: 128,
+                stage_steps: 3000,
+                elastify_batch: 128,
+                rounds: 100,
+                warmup_runs: 5,
+            },
+            "quick" => Preset {
+                name: "quick",
+                oracle_epochs: 0.3,
+                oracle_batch: 128,
+                stage_steps: 40,
+                elastify_batch: 64,
+                rounds: 15,
+                warmup_runs: 2,
+            },
+            other => bail!("ACC_PRESET={other}: expected `full` or `quick`"),
+        };
+        if let Ok(r) = std::env::var("ACC_ROUNDS") {
+            p.rounds = r
+                .parse()
+                .ok()
+                .filter(|&r: &usize| r >= 3)
+                .with_context(|| format!("ACC_ROUNDS={r}: expected an integer >= 3"))?;
+        }
+        Ok(p)
+    }
+
+    /// Samples seen by elastification: the training budget of the scratch baselines.
+    fn elastify_samples(&self) -> u64 {
+        2 * self.stage_steps * self.elastify_batch as u64
+    }
+}
+
+/// A progress line every ~10% on stderr: these runs take minutes to hours.
+struct Log(&'static str, u64);
+
+impl ProgressSink for Log {
+    fn report(&mut self, e: &ProgressEvent) {
+        let pct = (e.fraction() * 100.0) as u64;
+        if pct / 10 != self.1 / 10 || e.global_step + 1 == e.total_steps {
+            self.1 = pct;
+            eprintln!(
+                "  [{}] {} step {}/{} loss {:.4} {:.0} samples/s eta {:.0} s",
+                self.0,
+                e.stage,
+                e.global_step + 1,
+                e.total_steps,
+                e.loss,
+                e.samples_per_sec,
+                e.eta.as_secs_f64()
+            );
+        }
+    }
+}
+
+fn work_dir(p: &Preset) -> PathBuf {
+    if let Ok(d) = std::env::var("ACC_WORK_DIR") {
+        return PathBuf::from(d);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR").map_or_else(
+        |_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        PathBuf::from,
+    );
+    target.join("accuracy_latency").join(p.name)
+}
+
+fn fresh() -> bool {
+    std::env::var("ACC_FRESH").is_ok_and(|v| v == "1")
+}
+
+fn read_json(path: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Trains (or reuses) a network of `arch_json` on `train` for `steps` with the oracle recipe.
+fn trained_model(
+    dir: &Path,
+    arch_json: &str,
+    steps: u64,
+    batch: usize,
+    train: &Dataset,
+    label: &'static str,
+) -> Result<(Model, Value)> {
+    let (arch, weights, report) = (
+        dir.join("oracle.arch.json"),
+        dir.join("oracle.safetensors"),
+        dir.join("train-report.json"),
+    );
+    if !fresh() && weights.exists() {
+        if let Some(r) = read_json(&report) {
+            eprintln!("{label}: reusing {}", dir.display());
+            return Ok((Model::from_files(&arch, &weights)?, r));
+        }
+    }
+    let spec = ArchDescriptor::from_json(arch_json.as_bytes())?.spec;
+    let per_epoch = TrainOracleConfig::steps_for_epochs(1.0, train.len(), batch);
+    let cfg = TrainOracleConfig {
+        steps,
+        batch,
+        warmup_steps: per_epoch.min(steps / 10).max(1),
+        seed: SEED,
+        ..TrainOracleConfig::default()
+    };
+    eprintln!("{label}: training {steps} steps of batch {batch} ...");
+    let (model, r) = train_oracle(
+        &spec,
+        &cfg,
+        train,
+        None,
+        &mut Log(label, 0),
+        &CancellationToken::new(),
+    )?;
+    std::fs::create_dir_all(dir)?;
+    model.save(&arch, &weights)?;
+    let r = json!({
+        "steps": r.steps,
+        "batch": batch,
+        "images_per_sec": r.images_per_sec,
+        "train_seconds": r.train_time.as_secs_f64(),
+    });
+    std::fs::write(&report, r.to_string())?;
+    Ok((model, r))
+}
+
+/// Elastifies (or reuses) the merge-only supernet; returns it with its timing report.
+fn trained_supernet(
+    dir: &Path,
+    p: &Preset,
+    oracle: &Model,
+    train: &Dataset,
+) -> Result<(Supernet, Value)> {
+    let report = dir.join("elastify-report.json");
+    if !fresh() {
+        if let (Ok(m), Some(r)) = (read_manifest(dir), read_json(&report)) {
+            eprintln!("supernet: reusing {}", dir.display());
+            return Ok((load_supernet(dir, &m, None)?, r));
+        }
+    }
+    let cfg = ElastifyConfig {
+        branches: vec!["merge2".into(), "merge3".into()],
+        seed: SEED,
+        stage0_steps: p.stage_steps,
+        stage1_steps: p.stage_steps,
+        batch: p.elastify_batch,
+        warmup_steps: (p.stage_steps / 30).max(1),
+        checkpoint_every: 0,
+        ..ElastifyConfig::default()
+    };
+    eprintln!(
+        "supernet: elastifying, {} + {} steps of batch {} ...",
+        cfg.stage0_steps, cfg.stage1_steps, cfg.batch
+    );
+    let t0 = Instant::now();
+    let out = elastify(
+        oracle,
+        &cfg,
+        train,
+        &mut Log("elastify", 0),
+        None,
+        &CancellationToken::new(),
+    )?;
+    let secs = t0.elapsed().as_secs_f64();
+    let stages: Vec<Value> = out
+        .report
+        .stages
+        .iter()
+        .map(|s| json!({"steps": s.steps, "samples_per_sec": s.samples_per_sec, "seconds": s.time.as_secs_f64()}))
+        .collect();
+    let r = json!({
+        "seconds": secs,
+        "samples_per_sec": p.elastify_samples() as f64 / secs,
+        "stages": stages,
+    });
+    std::fs::create_dir_all(dir)?;
+    let input = InputSpec {
+        shape: [1, 28, 28],
+        mean: vec![0.2860],
+        std: vec![0.3530],
+        class_names: (0..10).map(|i| i.to_string()).collect(),
+    };
+    write_artifact(dir, &out.supernet, input, "bench", Vec::new())?;
+    std::fs::write(&report, r.to_string())?;
+    Ok((out.supernet, r))
+}
+
+/// A candidate network: a path through a supernet (block positions may be skipped, i.e.
+/// identity) or a standalone model.
+#[derive(Clone)]
+enum Net {
+    /// `(position, choice)` steps through supernet `sn` (0 trained, 1 untrained).
+    Path {
+        sn: usize,
+        steps: Vec<(usize, i8)>,
+    },
+    Model(usize),
+}
+
+struct Method {
+    name: &'static str,
+    /// (label, index into the accuracy and per-pass latency tables)
+    cands: Vec<(String, usize)>,
+}
+
+/// Top-1 accuracy of every net on `data`; supernet paths share stem and prefixes per batch.
+fn accuracies(
+    nets: &[Net],
+    sns: &[&Supernet],
+    models: &[Model],
+    data: &Dataset,
+) -> Result<Vec<f64>> {
+    let t = fashion_transform(false);
+    let mut hits = vec![0u64; nets.len()];
+    // Group paths by supernet, sorted by steps so that neighbours share prefixes.
+    let mut order: Vec<usize> = (0..nets.len()).collect();
+    order.sort_by(|&a, &b| match (&nets[a], &nets[b]) {
+        (Net::Path { sn: x, steps: s }, Net::Path { sn: y, steps: t }) => (x, s).cmp(&(y, t)),
+        (Net::Path { .. }, Net::Model(_)) => std::cmp::Ordering::Less,
+        (Net::Model(_), Net::Path { .. }) => std::cmp::Ordering::Greater,
+        (Net::Model(x), Net::Model(y)) => x.cmp(y),
+    });
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(500) {
+        let (x, y) = data.batch_tensor(chunk, &t, &Device::Cpu)?;
+        let stems: Vec<Tensor> = sns
+            .iter()
+            .map(|s| s.forward_stem(&x))
+            .collect::<Result<_, _>>()?;
+        let mut cur_sn = usize::MAX;
+        let mut stack: Vec<((usize, i8), Tensor)> = Vec::new();
+        for &k in &order {
+            match &nets[k] {
+                Net::Path { sn, steps } => {
+                    if *sn != cur_sn {
+                        cur_sn = *sn;
+                        stack.clear();
+                    }
+                    let shared = stack
+                        .iter()
+                        .zip(steps)
+                        .take_while(|((a, _), b)| a == *b)
+                        .count();
+                    stack.truncate(shared);
+                    for &(pos, id) in &steps[shared..] {
+                        let input = stack.last().map_or(&stems[*sn], |(_, f)| f);
+                        let out = sns[*sn].forward_module(pos, id, input)?;
+                        stack.push(((pos, id), out));
+                    }
+                    let h = stack.last().map_or(&stems[*sn], |(_, f)| f);
+                    hits[k] += correct(&sns[*sn].forward_head(h)?, &y)?;
+                }
+                Net::Model(m) => hits[k] += correct(&models[*m].forward(&x)?, &y)?,
+            }
+        }
+    }
+    Ok(hits.iter().map(|&h| h as f64 / data.len() as f64).collect())
+}
+
+/// Batch-1 forward of one net (folded weights).
+fn run(net: &Net, sns: &[&Supernet], models: &[Model], x: &Tensor) -> Result<Tensor> {
+    Ok(match net {
+        Net::Path { sn, steps } => {
+            let sn = sns[*sn];
+            let mut h = sn.forward_stem(x)?;
+            for &(pos, id) in steps {
+                h = sn.forward_module(pos, id, &h)?;
+            }
+            sn.forward_head(&h)?
+        }
+        Net::Model(m) => models[*m].forward(x)?,
+    })
+}
+
+/// One latency pass: median ms per net over `rounds` interleaved, shuffled rounds.
+fn latency_pass(
+    nets: &[Net],
+    sns: &[&Supernet],
+    models: &[Model],
+    p: &Preset,
+    seed: u64,
+) -> Result<Vec<f64>> {
+    let x = Tensor::randn(0f32, 1.0, (1, 1, 28, 28), &Device::Cpu)?;
+    for net in nets {
+        for _ in 0..p.warmup_runs {
+            run(net, sns, models, &x)?;
+        }
+    }
+    let mut times = vec![Vec::with_capacity(p.rounds); nets.len()];
+    let mut order: Vec<usize> = (0..nets.len()).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for _ in 0..p.rounds {
+        order.shuffle(&mut rng);
+        for &k in &order {
+            let t0 = Instant::now();
+            let y = run(&nets[k], sns, models, &x)?;
+            // Force the result (candle's CPU backend is synchronous; this keeps it honest).
+            let _ = y.dims();
+            times[k].push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect())
+}
+
+/// Chooses, per budget, the candidate with the best search accuracy within the budget.
+fn choose(m: &Method, lat: &[f64], search_acc: &[f64], limit: f64) -> Option<usize> {
+    (0..m.cands.len())
+        .filter(|&i| lat[m.cands[i].1] <= limit)
+        .max_by(|&a, &b| {
+            search_acc[m.cands[a].1]
+                .total_cmp(&search_acc[m.cands[b].1])
+                .then(lat[m.cands[b].1].total_cmp(&lat[m.cands[a].1]))
+        })
+}
+
+fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--help" || a == "-h") {
+        println!(
+            "{}",
+            include_str!("accuracy_latency.rs")
+                .lines()
+                .take_while(|l| l.starts_with("//!"))
+                .map(|l| l.trim_start_matches("//!").trim_start())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        return Ok(());
+    }
+    let p = Preset::from_env()?;
+    let dir = adaptivenet_core::assets_dir().join("fashion-mnist");
+    if !dir.join("train-images-idx3-ubyte.gz").exists() {
+        println!(
+            "Fashion-MNIST not found in {} (run scripts/fetch-assets.sh)",
+            dir.display()
+        );
+        println!("BENCH {}", json!({"skipped": "no assets"}));
+        return Ok(());
+    }
+    let wd = work_dir(&p);
+    let full = fashion_mnist(&dir, true)?;
+    let test = fashion_mnist(&dir, false)?;
+    let (train, search) = split_validation(&full, SEARCH_IMAGES, SEED)?;
+    eprintln!(
+        "preset {}: train {} / search {} / test {} images; work dir {}",
+        p.name,
+        train.len(),
+        search.len(),
+        test.len(),
+        wd.display()
+    );
+
+    // 1. Oracle, supernet, baselines (trained or reused).
+    let oracle_steps =
+        TrainOracleConfig::steps_for_epochs(p.oracle_epochs, train.len(), p.oracle_batch);
+    let (oracle, oracle_report) = match std::env::var("ACC_ORACLE_DIR") {
+        Ok(d) => {
+            let d = PathBuf::from(d);
+            let m = Model::from_files(&d.join("oracle.arch.json"), &d.join("oracle.safetensors"))
+                .with_context(|| format!("ACC_ORACLE_DIR={}", d.display()))?;
+            (
+                m,
+                read_json(&d.join("train-report.json")).unwrap_or(Value::Null),
+            )
+        }
+        Err(_) => trained_model(
+            &wd.join("oracle"),
+            RESNET20_FASHION,
+            oracle_steps,
+            p.oracle_batch,
+            &train,
+            "oracle",
+        )?,
+    };
+    let (mut trained, el_report) = trained_supernet(&wd.join("supernet"), &p, &oracle, &train)?;
+    let mut untrained = build_supernet(&oracle, &SupernetConfig::merge_only())?;
+    let scratch_steps = p.elastify_samples() / p.oracle_batch as u64;
+    let mut scratch = Vec::new();
+    let mut scratch_reports = Vec::new();
+    for (name, layers) in [("resnet8", "[1,1,1]"), ("resnet14", "[2,2,2]")] {
+        let arch = RESNET20_FASHION.replace("[3,3,3]", layers);
+        let (m, r) = trained_model(
+            &wd.join(format!("scratch-{name}")),
+            &arch,
+            scratch_steps,
+            p.oracle_batch,
+            &train,
+            if name == "resnet8" {
+                "scratch resnet8"
+            } else {
+                "scratch resnet14"
+            },
+        )?;
+        scratch.push((name, m.folded()?));
+        scratch_reports.push(r);
+    }
+    trained.fold()?;
+    untrained.fold()?;
+    let sns = [&trained, &untrained];
+    let models: Vec<Model> = scratch.iter().map(|(_, m)| m.clone()).collect();
+
+    // 2. Candidates. Latency entries: trained paths (shared with untrained), drop paths,
+    // scratch models; the oracle is the all-original trained path.
+    let n = trained.spec.num_positions();
+    let subnets = trained
+        .spec
+        .enumerate(1 << 16)
+        .context("the merge-only space should be enumerable")?;
+    let mut nets: Vec<Net> = Vec::new();
+    let mut an = Method {
+        name: "adaptivenet",
+        cands: Vec::new(),
+    };
+    let mut un = Method {
+        name: "untrained",
+        cands: Vec::new(),
+    };
+    let mut acc_nets: Vec<Net> = Vec::new(); // accuracy table index = position in acc_nets
+    let mut lat_of: Vec<usize> = Vec::new(); // acc index -> latency index
+    let mut oracle_idx = None;
+    for s in &subnets {
+        let steps: Vec<(usize, i8)> = s.steps().collect();
+        let li = nets.len();
+        nets.push(Net::Path {
+            sn: 0,
+            steps: steps.clone(),
+        });
+        if *s == Subnet::original(n) {
+            oracle_idx = Some(acc_nets.len());
+        }
+        an.cands.push((s.to_string(), acc_nets.len()));
+        acc_nets.push(Net::Path {
+            sn: 0,
+            steps: steps.clone(),
+        });
+        lat_of.push(li);
+        un.cands.push((s.to_string(), acc_nets.len()));
+        acc_nets.push(Net::Path { sn: 1, steps });
+        lat_of.push(li);
+    }
+    let oracle_idx = oracle_idx.context("the all-original subnet is enumerated")?;
+    let droppable: Vec<usize> = (0..n)
+        .filter(|&i| {
+            let b = &trained.spec.positions[i][0].block;
+            b.cin() == b.cout() && b.stride() == 1
+        })
+        .collect();
+    let mut dr = Method {
+        name: "drop",
+        cands: Vec::new(),
+    };
+    for mask in 1u32..(1 << droppable.len()) {
+        let dropped: BTreeSet<usize> = droppable
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| mask >> j & 1 == 1)
+            .map(|(_, &i)| i)
+            .collect();
+        let steps: Vec<(usize, i8)> = (0..n)
+            .filter(|i| !dropped.contains(i))
+            .map(|i| (i, 0))
+            .collect();
+        let label = (0..n)
+            .map(|i| if dropped.contains(&i) { '-' } else { '0' })
+            .collect::<String>();
+        dr.cands.push((label, acc_nets.len()));
+        lat_of.push(nets.len());
+        nets.push(Net::Path {
+            sn: 0,
+            steps: steps.clone(),
+        });
+        acc_nets.push(Net::Path { sn: 0, steps });
+    }
+    let mut sc = Method {
+        name: "scratch",
+        cands: Vec::new(),
+    };
+    for (i, (name, _)) in scratch.iter().enumerate() {
+        sc.cands.push((name.to_string(), acc_nets.len()));
+        lat_of.push(nets.len());
+        nets.push(Net::Model(i));
+        acc_nets.push(Net::Model(i));
+    }
+    let methods = [an, un, dr, sc];
+
+    // 3. Search-split accuracy of every candidate (choice), test accuracy later (report).
+    eprintln!(
+        "evaluating {} candidates on the search split ...",
+        acc_nets.len()
+    );
+    let t0 = Instant::now();
+    let search_acc = accuracies(&acc_nets, &sns, &models, &search)?;
+    eprintln!("  {:.1} s", t0.elapsed().as_secs_f64());
+
+    // 4. Latency passes at 1 and 2 threads, two passes each.
+    let mut passes: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
+    for t in [1usize, 2] {
+        threads::set_max_threads(t);
+        for pass in 0..2 {
+            eprintln!(
+                "latency: {} threads, pass {}: {} nets x {} rounds ...",
+                t,
+                pass + 1,
+                nets.len(),
+                p.rounds
+            );
+            let lat = latency_pass(&nets, &sns, &models, &p, 17 + pass as u64)?;
+            // Per accuracy index.
+            passes.insert((t, pass), lat_of.iter().map(|&li| lat[li]).collect());
+        }
+    }
+    threads::set_max_threads(0);
+
+    // 5. Choose per budget and method; evaluate the chosen on the test set.
+    let mut chosen: BTreeMap<(usize, usize, &str, usize), Option<usize>> = BTreeMap::new();
+    for (&(t, pass), lat) in &passes {
+        let oracle_ms = lat[oracle_idx];
+        for (bi, b) in BUDGETS.iter().enumerate() {
+            for m in &methods {
+                let pick = choose(m, lat, &search_acc, b * oracle_ms).map(|i| m.cands[i].1);
+                chosen.insert((t, pass, m.name, bi), pick);
+            }
+        }
+    }
+    let mut need: BTreeSet<usize> = chosen.values().flatten().copied().collect();
+    need.insert(oracle_idx);
+    let need: Vec<usize> = need.into_iter().collect();
+    eprintln!(
+        "evaluating {} chosen nets on the 10k test set ...",
+        need.len()
+    );
+    let test_nets: Vec<Net> = need.iter().map(|&i| acc_nets[i].clone()).collect();
+    let accs = accuracies(&test_nets, &sns, &models, &test)?;
+    let test_acc: BTreeMap<usize, f64> = need.iter().copied().zip(accs).collect();
+    let oracle_acc = test_acc[&oracle_idx];
+    let label_of = |i: usize| -> String {
+        methods
+            .iter()
+            .flat_map(|m| m.cands.iter())
+            .find(|c| c.1 == i)
+            .map_or_else(String::new, |c| c.0.clone())
+    };
+
+    // 6. Tables.
+    println!();
+    println!(
+        "accuracy-latency on Fashion-MNIST, preset {} (search split {} train images, report on {} test images)",
+        p.name,
+        search.len(),
+        test.len()
+    );
+    println!(
+        "oracle ResNet-20: test acc {:.2}%, oracle train {:.0} images/s; elastification {:.0} s at {:.0} samples/s; kernels: {}",
+        100.0 * oracle_acc,
+        oracle_report["images_per_sec"].as_f64().unwrap_or(f64::NAN),
+        el_report["seconds"].as_f64().unwrap_or(f64::NAN),
+        el_report["samples_per_sec"].as_f64().unwrap_or(f64::NAN),
+        threads::describe()
+    );
+    let mut headline = BTreeMap::new();
+    for (&(t, pass), lat) in &passes {
+        let oracle_ms = lat[oracle_idx];
+        println!();
+        println!(
+            "threads {t}, pass {}: oracle {:.3} ms (median of {} interleaved rounds)",
+            pass + 1,
+            oracle_ms,
+            p.rounds
+        );
+        println!(
+            "{:>6} {:>8} | {:>9} {:>7} {:>7} {:>8} | {:>8} {:>8} {:>8}",
+            "budget",
+            "limit ms",
+            "subnet",
+            "ms",
+            "search",
+            "retained",
+            "untrain",
+            "drop",
+            "scratch"
+        );
+        for (bi, b) in BUDGETS.iter().enumerate() {
+            let get = |m: &str| chosen[&(t, pass, m, bi)];
+            let acc = |m: &str| get(m).map(|i| test_acc[&i]);
+            let fmt = |a: Option<f64>| a.map_or("-".to_string(), |a| format!("{:.2}%", 100.0 * a));
+            let (code, ms, sacc) = match get("adaptivenet") {
+                Some(i) => (
+                    label_of(i),
+                    format!("{:.3}", lat[i]),
+                    format!("{:.1}%", 100.0 * search_acc[i]),
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            let retained = acc("adaptivenet").map(|a| a / oracle_acc);
+            println!(
+                "{:>6.2} {:>8.3} | {:>9} {:>7} {:>7} {:>8} | {:>8} {:>8} {:>8}",
+                b,
+                b * oracle_ms,
+                code,
+                ms,
+                sacc,
+                retained.map_or("-".into(), |r| format!("{:.2}%", 100.0 * r)),
+                fmt(acc("untrained")),
+                fmt(acc("drop")),
+                fmt(acc("scratch")),
+            );
+            headline.insert(
+                (t, pass, bi),
+                (
+                    retained,
+                    acc("untrained"),
+                    acc("drop"),
+                    acc("scratch"),
+                    oracle_ms,
+                ),
+            );
+        }
+    }
+    let h = |t: usize, pass: usize, b: f64| {
+        let bi = BUDGETS
+            .iter()
+            .position(|x| (x - b).abs() < 1e-9)
+            .expect("budget");
+        headline[&(t, pass, bi)]
+    };
+    let (r06, u06, d06, s06, oracle_ms) = h(1, 0, 0.60);
+    let bench = json!({
+        "preset": p.name,
+        "oracle_acc": oracle_acc,
+        "oracle_ms": oracle_ms,
+        "threads": 1,
+        "retained_at_0_6": r06,
+        "retained_at_0_5": h(1, 0, 0.50).0,
+        "untrained_at_0_6": u06,
+        "drop_at_0_6": d06,
+        "scratch_at_0_6": s06,
+        "retained_at_0_6_pass2": h(1, 1, 0.60).0,
+        "retained_at_0_6_threads2": h(2, 0, 0.60).0,
+        "untrained_at_0_6_threads2": h(2, 0, 0.60).1,
+        "drop_at_0_6_threads2": h(2, 0, 0.60).2,
+        "elastify_s": el_report["seconds"],
+        "elastify_samples_per_s": el_report["samples_per_sec"],
+        "oracle_train_images_per_s": oracle_report["images_per_sec"],
+        "scratch_train": scratch_reports,
+        "rounds": p.rounds,
+    });
+    println!();
+    println!("BENCH {bench}");
+    Ok(())
+}
