@@ -14,6 +14,7 @@
 //! - [`adapt`]: the hysteresis controller and the maintenance loop over live latency.
 //! - [`state`]: atomic persistence of table, search result and active subnet.
 //! - [`client`]: the cloud client (enrollment, resumable supernet sync, aggregate reports).
+//! - [`plot`]: SVG plots of the persisted state (Pareto front, adaptation timeline).
 //!
 //! Architecture invariants: local data never leaves this crate's process (only [`client`]
 //! does network I/O, and it sends aggregates only);
@@ -22,6 +23,7 @@
 pub mod adapt;
 pub mod client;
 pub mod error;
+pub mod plot;
 pub mod profile;
 pub mod quality;
 pub mod search;

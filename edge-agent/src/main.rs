@@ -8,13 +8,18 @@ use adaptivenet_core::artifact::{write_artifact, InputSpec};
 use adaptivenet_core::data::FASHION_MNIST_CLASSES;
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::supernet::{branches::build_supernet, Subnet, SupernetConfig};
-use adaptivenet_edge::adapt::{maintain, AdaptConfig, AdaptEvent, Controller};
+use adaptivenet_edge::adapt::contention::{Contention, ContentionSpec};
+use adaptivenet_edge::adapt::plan::{self, or_recompute, PlanConfig};
+use adaptivenet_edge::adapt::resync::{policy_budgets, Applied, Resync};
+use adaptivenet_edge::adapt::timeline::{Timeline, TimelineEntry, TIMELINE_FILE};
+use adaptivenet_edge::adapt::{maintain, AdaptConfig, AdaptEvent, Controller, SharedController};
 use adaptivenet_edge::client::{
     local_device_class, AgentAggregates, BlobSelection, CloudClient, HeartbeatInput, SyncOptions,
 };
-use adaptivenet_edge::profile::{self, pin_threads, LatencyTable, ProfileConfig};
-use adaptivenet_edge::quality::{load_local_data, EvalSet, QualityMode};
-use adaptivenet_edge::search::{self, Budget, SearchConfig, Speedups};
+use adaptivenet_edge::profile::{pin_threads, LatencyTable};
+use adaptivenet_edge::quality::{load_local_data, QualityMode};
+use adaptivenet_edge::search::{SearchConfig, Speedups};
+use adaptivenet_edge::serve::grpc::{self, ApiConfig, InferenceService};
 use adaptivenet_edge::serve::{ArtifactSource, Server};
 use adaptivenet_edge::state::{ActiveRecord, SearchRecord, StateDir};
 use adaptivenet_edge::EdgeError;
@@ -60,6 +65,17 @@ enum Cmd {
         widths: Vec<usize>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Write SVG plots of a state directory: the Pareto front (pareto.svg) and, when the
+    /// agent recorded one, the adaptation timeline (timeline.svg).
+    Plot {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Plot title prefix (default: the state directory's name).
+        #[arg(long)]
+        title: Option<String>,
     },
 }
 
@@ -155,6 +171,21 @@ struct RunArgs {
     /// Milliseconds between maintenance checks.
     #[arg(long, default_value_t = 1000)]
     interval_ms: u64,
+    /// Serve the local gRPC inference API (adaptivenet.v1.EdgeInference) on this address,
+    /// e.g. 127.0.0.1:50061 (port 0 picks a free one; the address is printed). Off if unset.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Largest batch the local API accepts.
+    #[arg(long, default_value_t = 64)]
+    max_batch: usize,
+    /// Do not replay the local data as request traffic (only API requests feed the window).
+    #[arg(long)]
+    no_replay: bool,
+    /// Background load for the contention demo: INTENSITY[:START_S:DURATION_S], busy
+    /// threads (fractional = duty cycle) from START_S for DURATION_S seconds after serving
+    /// starts (default: from 0 until the end). The timeline goes to <state>/timeline.jsonl.
+    #[arg(long)]
+    contention: Option<ContentionSpec>,
 }
 
 fn main() {
@@ -169,7 +200,7 @@ fn main() {
         Cmd::Profile(p) => p.common.threads,
         Cmd::Search(s) => s.profile.common.threads,
         Cmd::Run(r) => r.search.profile.common.threads,
-        Cmd::DemoArtifact { .. } => 1,
+        Cmd::DemoArtifact { .. } | Cmd::Plot { .. } => 1,
     };
     pin_threads(threads);
     if let Err(e) = dispatch(cli) {
@@ -198,6 +229,24 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Cmd::Run(a) => run(a),
         Cmd::DemoArtifact { out, widths, seed } => demo_artifact(&out, &widths, seed),
+        Cmd::Plot {
+            state_dir,
+            out,
+            title,
+        } => {
+            let title = title.unwrap_or_else(|| {
+                state_dir
+                    .file_name()
+                    .map_or("agent".into(), |n| n.to_string_lossy().into_owned())
+            });
+            let files = adaptivenet_edge::plot::plot_state_dir(&state_dir, &out, &title)?;
+            println!("pareto front: {}", files.pareto.display());
+            match files.timeline {
+                Ok(p) => println!("timeline: {}", p.display()),
+                Err(why) => println!("{why}"),
+            }
+            Ok(())
+        }
     }
 }
 
@@ -327,53 +376,71 @@ fn bar(len: u64, msg: &'static str) -> ProgressBar {
     pb
 }
 
-fn state_or_recompute<T>(what: &str, r: std::result::Result<Option<T>, EdgeError>) -> Option<T> {
-    match r {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::warn!("{what}: {e}; recomputing");
-            None
+/// Draws one progress bar per stage of a plan (profile, search).
+fn progress_bars() -> impl FnMut(&'static str, usize, usize) {
+    let mut cur: Option<(&'static str, ProgressBar)> = None;
+    move |stage, done, total| {
+        if cur.as_ref().map(|(s, _)| *s) != Some(stage) {
+            if let Some((_, b)) = cur.take() {
+                b.finish_and_clear();
+            }
+            cur = Some((stage, bar(total as u64, stage)));
         }
+        if let Some((_, b)) = &cur {
+            b.set_position(done as u64);
+            if done >= total {
+                b.finish_and_clear();
+            }
+        }
+    }
+}
+
+fn profile_config(a: &ProfileArgs) -> PlanConfig {
+    PlanConfig {
+        threads: a.common.threads,
+        batch: a.common.batch,
+        rounds: a.rounds,
+        validate: a.validate,
+        force_profile: a.force,
+        search: SearchConfig::default(),
+        budgets: Vec::new(),
+        data: PathBuf::new(),
+        images: 0,
+        mode: QualityMode::Labelled,
+        research: false,
+    }
+}
+
+fn plan_config(a: &SearchArgs) -> PlanConfig {
+    PlanConfig {
+        search: SearchConfig {
+            population: a.population,
+            generations: a.generations,
+            seed: a.seed,
+            speedups: if a.plain {
+                Speedups::none()
+            } else {
+                Speedups::all()
+            },
+            ..SearchConfig::default()
+        },
+        budgets: a.budget.clone(),
+        data: a.data.clone(),
+        images: a.images,
+        mode: if a.label_free {
+            QualityMode::OracleAgreement
+        } else {
+            QualityMode::Labelled
+        },
+        research: a.research,
+        ..profile_config(&a.profile)
     }
 }
 
 fn ensure_table(src: &ArtifactSource, a: &ProfileArgs) -> Result<LatencyTable> {
     let state = StateDir::new(&a.common.state);
-    let id = src.manifest.supernet_id.to_string();
-    if !a.force {
-        if let Some(t) = state_or_recompute("latency table", state.load_table(&id)) {
-            if t.conditions.threads == a.common.threads && t.conditions.batch == a.common.batch {
-                tracing::info!(
-                    "using the stored latency table ({})",
-                    state.table_path().display()
-                );
-                return Ok(t);
-            }
-            tracing::info!("stored table was measured under other conditions; re-profiling");
-        }
-    }
-    let supernet = src.load(None).context("loading the supernet")?;
-    let cfg = ProfileConfig {
-        batch: a.common.batch,
-        rounds: a.rounds.max(1),
-        ..ProfileConfig::default()
-    };
-    let pb = bar((cfg.warmup + cfg.rounds) as u64, "profile");
-    let mut t = profile::profile(&supernet, &cfg, |d, _| pb.set_position(d as u64))?;
-    pb.finish_and_clear();
-    t.supernet_id = Some(id);
-    if a.validate > 0 {
-        let v = profile::validate_table(&supernet, &mut t, a.validate, 15, 1)?;
-        tracing::info!(
-            "latency model: raw median {:.1}% p90 {:.1}%, calibrated (x{:.3}) median {:.1}% p90 {:.1}%",
-            100.0 * v.raw_median_err,
-            100.0 * v.raw_p90_err,
-            v.bias,
-            100.0 * v.calibrated_median_err,
-            100.0 * v.calibrated_p90_err
-        );
-    }
-    state.save_table(&t)?;
+    let (t, _) = plan::ensure_table(src, &state, &profile_config(a), &mut progress_bars())
+        .context("profiling")?;
     Ok(t)
 }
 
@@ -419,82 +486,13 @@ fn budget_specs(a: &SearchArgs, policy: Option<&pb::LatencyBudgetPolicy>) -> Vec
     if !a.budget.is_empty() {
         return a.budget.clone();
     }
-    match policy {
-        Some(p) if p.latency_budget_ms > 0.0 => vec![format!("{}ms", p.latency_budget_ms)],
-        Some(p) if p.budget_fraction > 0.0 => vec![p.budget_fraction.to_string()],
-        _ => vec!["0.6".to_string()],
-    }
-}
-
-fn resolve_budgets(a: &SearchArgs, t: &LatencyTable, n: usize) -> Result<Vec<f64>> {
-    a.budget
-        .iter()
-        .map(|s| Ok(Budget::parse(s)?.resolve(t, n)?))
-        .collect()
+    policy_budgets(policy)
 }
 
 fn ensure_search(src: &ArtifactSource, a: &SearchArgs) -> Result<(LatencyTable, SearchRecord)> {
-    let table = ensure_table(src, &a.profile)?;
     let state = StateDir::new(&a.profile.common.state);
-    let id = src.manifest.supernet_id.to_string();
-    let spec = src.manifest.supernet_spec();
-    let budgets = resolve_budgets(a, &table, spec.num_positions())?;
-    let cfg = SearchConfig {
-        population: a.population,
-        generations: a.generations,
-        seed: a.seed,
-        speedups: if a.plain {
-            Speedups::none()
-        } else {
-            Speedups::all()
-        },
-        ..SearchConfig::default()
-    };
-    if !a.research {
-        if let Some(rec) = state_or_recompute("search result", state.load_search(&id)) {
-            let same_budgets = rec.result.best.len() == budgets.len()
-                && rec
-                    .result
-                    .best
-                    .iter()
-                    .zip(&budgets)
-                    .all(|(r, b)| (r.budget_ms - b).abs() < 1e-9);
-            if rec.config == cfg && same_budgets {
-                tracing::info!(
-                    "using the stored search result ({})",
-                    state.search_path().display()
-                );
-                return Ok((table, rec));
-            }
-        }
-    }
-    let data = load_local_data(&a.data, &src.manifest.input).context("reading local data")?;
-    let supernet = src.load(None).context("loading the supernet")?;
-    let mode = if a.label_free {
-        QualityMode::OracleAgreement
-    } else {
-        QualityMode::Labelled
-    };
-    let set = EvalSet::from_dataset(
-        &supernet,
-        &src.manifest.input,
-        &data,
-        a.images,
-        100,
-        mode,
-        a.seed,
-    )?;
-    let pb = bar((budgets.len() * (cfg.generations + 1)) as u64, "search");
-    let result = search::search(&supernet, &table, &set, &budgets, &cfg, |d, _| {
-        pb.set_position(d as u64)
-    })?;
-    pb.finish_and_clear();
-    let rec = SearchRecord {
-        config: cfg,
-        result,
-    };
-    state.save_search(&id, &rec)?;
-    Ok((table, rec))
+    let p = plan::plan(src, &state, &plan_config(a), &mut progress_bars())?;
+    Ok((p.table, p.record))
 }
 
 fn print_search(rec: &SearchRecord) {
@@ -515,23 +513,55 @@ fn print_search(rec: &SearchRecord) {
     }
 }
 
+/// The cloud's view of what this agent runs (heartbeats, reports), replaced by re-syncs.
+type SharedApplied = Arc<std::sync::Mutex<Applied>>;
+
+fn aggregates(
+    cur: &Applied,
+    active: &Subnet,
+    live: Option<(usize, f64, f64)>,
+    samples: u64,
+) -> AgentAggregates {
+    let rec = &cur.plan.record;
+    let cand = rec
+        .result
+        .front
+        .iter()
+        .find(|c| &c.subnet == active)
+        .cloned()
+        .unwrap_or_else(|| rec.result.front[0].clone());
+    AgentAggregates::from_state(
+        &cur.supernet_id,
+        &cur.plan.table,
+        rec,
+        &cand,
+        cur.plan.budget_ms,
+        live,
+        samples,
+        local_device_class(),
+    )
+}
+
 fn run(a: RunArgs) -> Result<()> {
-    let s = &a.search;
-    let common = &s.profile.common;
+    let common = &a.search.profile.common;
     let rt = runtime()?;
     let (src, cloud) = open_source(common, &rt)?;
     let id = src.manifest.supernet_id.to_string();
     let state = StateDir::new(&common.state);
-    let mut s = s.clone();
+    let explicit_budgets = !a.search.budget.is_empty();
+    let mut s = a.search.clone();
     s.budget = budget_specs(&s, cloud.as_ref().and_then(|c| c.budget.as_ref()));
-    let s = &s;
-    let (table, rec) = ensure_search(&src, s)?;
-    print_search(&rec);
-    let budget = rec.result.best[0].budget_ms;
-    let front = rec.result.front.clone();
+    let pcfg = plan_config(&s);
+    let the_plan = plan::plan(&src, &state, &pcfg, &mut progress_bars())?;
+    print_search(&the_plan.record);
+    let budget = the_plan.budget_ms;
+    let front = the_plan.record.result.front.clone();
+    if front.is_empty() {
+        bail!("the search result has no subnet to serve");
+    }
     // Resume the previously active subnet if it is still on the front.
     let mut idx = Controller::initial_index(&front, budget);
-    if let Some(act) = state_or_recompute("active subnet", state.load_active(&id)) {
+    if let Some(act) = or_recompute("active subnet", state.load_active(&id)) {
         if let Some(i) = front.iter().position(|c| c.subnet == act.subnet) {
             idx = i;
         }
@@ -551,89 +581,136 @@ fn run(a: RunArgs) -> Result<()> {
     let t = adaptivenet_edge::quality::transform_for(&src.manifest.input, &data)?;
     let mut cfg = AdaptConfig::new(budget);
     cfg.interval_ms = a.interval_ms;
-    let ctl = Controller::new(cfg, front, idx);
+    let ctl: SharedController = Arc::new(std::sync::Mutex::new(Controller::new(cfg, front, idx)));
+    let timeline = Arc::new(Timeline::open(&state.dir.join(TIMELINE_FILE))?);
+    let t0 = std::time::Instant::now();
+    let contention = a.contention.map(|spec| {
+        println!(
+            "contention: intensity {} from {} s for {}",
+            spec.intensity,
+            spec.start_s,
+            spec.duration_s
+                .map_or("the whole run".to_string(), |d| format!("{d} s"))
+        );
+        Contention::start(spec, t0)
+    });
+    let contention_spec = a.contention;
     let reason = Arc::new(std::sync::atomic::AtomicI32::new(
         pb::AdaptationReason::Initial as i32,
     ));
-    let reporter = cloud.map(|session| {
-        let aggregates = {
-            let rec = rec.clone();
-            let budget_ms = budget;
-            let samples = s.images as u64;
-            let sid = session.supernet_id.clone();
-            move |active: &Subnet, live: Option<(usize, f64, f64)>| {
-                let cand = rec
-                    .result
-                    .front
-                    .iter()
-                    .find(|c| &c.subnet == active)
-                    .cloned()
-                    .unwrap_or_else(|| rec.result.front[0].clone());
-                AgentAggregates::from_state(
-                    &sid,
-                    &table,
-                    &rec,
-                    &cand,
-                    budget_ms,
-                    live,
-                    samples,
-                    local_device_class(),
-                )
-            }
-        };
-        (session, aggregates)
-    });
+    let applied: SharedApplied = Arc::new(std::sync::Mutex::new(Applied {
+        supernet_id: cloud.as_ref().map_or(id.clone(), |c| c.supernet_id.clone()),
+        generation: cloud.as_ref().map_or(0, |c| c.generation),
+        plan: the_plan,
+    }));
+    let samples = s.images as u64;
+    let resync = Resync {
+        cache: common
+            .cache
+            .clone()
+            .unwrap_or_else(|| common.state.join("cache")),
+        state: state.clone(),
+        sync: SyncOptions::default(),
+        plan: pcfg,
+        explicit_budgets,
+    };
     let heartbeat_ms = a.heartbeat_ms;
     let report_every = a.report_every.max(1);
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let st = state.clone();
-        let sid = id.clone();
-        let loop_server = server.clone();
-        let why = reason.clone();
-        let maint = tokio::spawn(maintain(loop_server, ctl, rx.clone(), move |ev, c| match ev {
-            AdaptEvent::Switched(r) => {
-                // Stepping to a subnet earlier on the front (faster) means over budget.
-                let faster = c.front.iter().position(|x| x.subnet == r.to)
-                    < c.front.iter().position(|x| x.subnet == r.from);
-                why.store(
-                    if faster { pb::AdaptationReason::OverBudget } else { pb::AdaptationReason::Slack } as i32,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                println!("switched {} -> {} (loaded {}, reused {}, {:.1} ms)", r.from, r.to, r.loaded, r.reused, r.millis);
-                let _ = st.save_active(&sid, &ActiveRecord { subnet: r.to.clone(), budget_ms: c.cfg.budget_ms });
+        let budget_bits = Arc::new(std::sync::atomic::AtomicU64::new(budget.to_bits()));
+        let api = match &a.listen {
+            Some(addr) => {
+                let mut svc =
+                    InferenceService::new(server.clone(), ApiConfig { max_batch: a.max_batch.max(1) }, budget);
+                svc.share_budget(budget_bits.clone());
+                let h = grpc::serve(addr, svc).await?;
+                println!("local inference API listening on {}", h.addr);
+                Some(h)
             }
-            AdaptEvent::SwitchFailed { to, error } => eprintln!("switch to {to} failed, still serving: {error}"),
+            None => None,
+        };
+        let st = state.clone();
+        let why = reason.clone();
+        let tl = timeline.clone();
+        let bits = budget_bits.clone();
+        let srv = server.clone();
+        let maint = tokio::spawn(maintain(server.clone(), ctl.clone(), rx.clone(), move |tick, c| {
+            let event = tick.event.as_ref().map(|ev| ev.name(&c.front));
+            if let Some(ev) = &tick.event {
+                match ev {
+                    AdaptEvent::Switched(r) => {
+                        why.store(
+                            if event == Some("step_down") { pb::AdaptationReason::OverBudget } else { pb::AdaptationReason::Slack } as i32,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                        println!(
+                            "switched {} -> {} at p50 {:.3} ms (budget {:.3} ms; loaded {}, reused {}, {:.1} ms)",
+                            r.from, r.to, tick.stats.p50_ms, c.cfg.budget_ms, r.loaded, r.reused, r.millis
+                        );
+                        let active = srv.active();
+                        if let Err(e) = st.save_active(&active.supernet_id, &ActiveRecord { subnet: r.to.clone(), budget_ms: c.cfg.budget_ms }) {
+                            tracing::warn!("active subnet not persisted: {e}");
+                        }
+                    }
+                    AdaptEvent::SwitchFailed { to, error } => eprintln!("switch to {to} failed, still serving: {error}"),
+                }
+            }
+            bits.store(c.cfg.budget_ms.to_bits(), std::sync::atomic::Ordering::Relaxed);
+            let t_s = t0.elapsed().as_secs_f64();
+            let entry = TimelineEntry {
+                t_s,
+                p50_ms: tick.stats.p50_ms,
+                p95_ms: tick.stats.p95_ms,
+                budget_ms: c.cfg.budget_ms,
+                subnet: c.front.get(c.current).map_or_else(String::new, |x| x.subnet.to_string()),
+                event: event.map(str::to_string),
+                samples: tick.stats.samples,
+                noise: c.noise(),
+                contention: contention_spec.map_or(0.0, |sp| sp.intensity_at(t_s)),
+            };
+            if let Err(e) = tl.record(entry) {
+                tracing::warn!("timeline: {e}");
+            }
         }));
         // Local request stream: the device's own data, batch by batch.
         let batch = common.batch.max(1);
-        let worker_server = server.clone();
-        let stop = tx.clone();
-        let worker = tokio::task::spawn_blocking(move || -> Result<usize> {
-            let mut served = 0usize;
-            let mut i = 0usize;
-            while !*stop.borrow() {
-                let idx: Vec<usize> = (0..batch).map(|k| (i + k) % data.len()).collect();
-                i += batch;
-                let (x, _) = data.batch_tensor(&idx, &t, &candle_core::Device::Cpu)?;
-                worker_server.infer(&x)?;
-                served += batch;
-            }
-            Ok(served)
+        let worker = (!a.no_replay).then(|| {
+            let worker_server = server.clone();
+            let stop = tx.clone();
+            tokio::task::spawn_blocking(move || -> Result<usize> {
+                let mut served = 0usize;
+                let mut i = 0usize;
+                while !*stop.borrow() {
+                    let idx: Vec<usize> = (0..batch).map(|k| (i + k) % data.len()).collect();
+                    i += batch;
+                    let (x, _) = data.batch_tensor(&idx, &t, &candle_core::Device::Cpu)?;
+                    worker_server.infer(&x)?;
+                    served += batch;
+                }
+                Ok(served)
+            })
         });
-        let cloud_task = reporter.map(|(session, aggregates)| {
+        let cloud_task = cloud.map(|session| {
             let server = server.clone();
+            let ctl = ctl.clone();
+            let applied = applied.clone();
+            let timeline = timeline.clone();
             let mut stop = rx.clone();
             let reason = reason.clone();
+            let budget_bits = budget_bits.clone();
             tokio::spawn(async move {
                 let client = session.client;
-                let first = aggregates(&server.active().subnet, None);
+                let resync = Arc::new(resync);
+                let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let first = aggregates(&applied.lock().unwrap_or_else(|e| e.into_inner()), &server.active().subnet, None, samples);
                 match client.report(&first).await {
                     Ok(()) => tracing::info!("reported the search outcome to the cloud"),
                     Err(e) => tracing::warn!("report not delivered (kept for retry): {e}"),
                 }
                 let mut interval = heartbeat_ms.unwrap_or(30_000).max(100);
                 let mut beats = 0u32;
+                let mut resync_task: Option<tokio::task::JoinHandle<()>> = None;
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep(std::time::Duration::from_millis(interval)) => {}
@@ -641,8 +718,9 @@ fn run(a: RunArgs) -> Result<()> {
                     }
                     let active = server.active().subnet.clone();
                     let (n, p50, p95) = server.window_stats();
+                    let cur = applied.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     let hb = HeartbeatInput {
-                        supernet_id: session.supernet_id.clone(),
+                        supernet_id: cur.supernet_id.clone(),
                         active_subnet: active.clone(),
                         latency_p50_ms: if n > 0 { p50 } else { 0.0 },
                         latency_p95_ms: if n > 0 { p95 } else { 0.0 },
@@ -650,18 +728,50 @@ fn run(a: RunArgs) -> Result<()> {
                             reason.load(std::sync::atomic::Ordering::Relaxed),
                         )
                         .unwrap_or(pb::AdaptationReason::Unspecified),
-                        applied_generation: session.generation,
+                        applied_generation: cur.generation,
                     };
                     match client.heartbeat(&hb).await {
                         Ok(r) => {
                             if heartbeat_ms.is_none() && r.heartbeat_interval_ms > 0 {
                                 interval = u64::from(r.heartbeat_interval_ms);
                             }
-                            if r.desired_generation != session.generation {
-                                tracing::info!(
-                                    "the cloud's desired state changed (generation {}); restart the agent to apply it",
-                                    r.desired_generation
+                            let idle = !busy.load(std::sync::atomic::Ordering::Acquire);
+                            if r.desired_generation != cur.generation && idle {
+                                // Re-sync in the background: heartbeats and serving go on.
+                                busy.store(true, std::sync::atomic::Ordering::Release);
+                                let (client, resync, server, ctl, applied, timeline, busy, reason, bits) = (
+                                    client.clone(), resync.clone(), server.clone(), ctl.clone(),
+                                    applied.clone(), timeline.clone(), busy.clone(), reason.clone(), budget_bits.clone(),
                                 );
+                                resync_task = Some(tokio::spawn(async move {
+                                    let outcome = match client.desired_state().await {
+                                        Ok(desired) => resync.apply(&client, &desired, &cur, &server, &ctl).await,
+                                        Err(e) => Err(e),
+                                    };
+                                    match outcome {
+                                        Ok(Some(rep)) => {
+                                            println!(
+                                                "re-synced to supernet {} (generation {} -> {}): serving {} (budget {:.3} ms){}",
+                                                rep.applied.supernet_id,
+                                                rep.from_generation,
+                                                rep.applied.generation,
+                                                server.active().subnet,
+                                                rep.applied.plan.budget_ms,
+                                                rep.switch.as_ref().map_or(String::new(), |s| format!("; loaded {}, reused {} modules", s.loaded, s.reused)),
+                                            );
+                                            bits.store(rep.applied.plan.budget_ms.to_bits(), std::sync::atomic::Ordering::Relaxed);
+                                            reason.store(pb::AdaptationReason::NewSupernet as i32, std::sync::atomic::Ordering::Relaxed);
+                                            timeline.note("resync");
+                                            *applied.lock().unwrap_or_else(|e| e.into_inner()) = rep.applied;
+                                        }
+                                        Ok(None) => {}
+                                        Err(e) => {
+                                            eprintln!("re-sync failed, still serving the old subnet: {e}");
+                                            timeline.note("resync_failed");
+                                        }
+                                    }
+                                    busy.store(false, std::sync::atomic::Ordering::Release);
+                                }));
                             }
                             if let Err(e) = client.flush_pending_report().await {
                                 tracing::warn!("pending report not delivered: {e}");
@@ -671,11 +781,14 @@ fn run(a: RunArgs) -> Result<()> {
                     }
                     beats += 1;
                     if beats.is_multiple_of(report_every) && n > 0 {
-                        let agg = aggregates(&active, Some((n, p50, p95)));
+                        let agg = aggregates(&applied.lock().unwrap_or_else(|e| e.into_inner()), &active, Some((n, p50, p95)), samples);
                         if let Err(e) = client.report(&agg).await {
                             tracing::warn!("report not delivered (kept for retry): {e}");
                         }
                     }
+                }
+                if let Some(t) = resync_task {
+                    t.abort();
                 }
             })
         });
@@ -685,19 +798,32 @@ fn run(a: RunArgs) -> Result<()> {
             shutdown_signal().await?;
         }
         let _ = tx.send(true);
-        let served = worker.await??;
+        let served = match worker {
+            Some(w) => w.await??,
+            None => 0,
+        };
         let events = maint.await?;
         if let Some(t) = cloud_task {
             let _ = t.await;
         }
+        if let Some(h) = api {
+            h.shutdown().await;
+        }
         let (n, p50, p95) = server.window_stats();
+        let (requests, images) = server.served();
         println!(
-            "served {served} images; live p50 {p50:.3} ms p95 {p95:.3} ms over {n} samples; {} switches; active {}",
+            "served {served} images; live p50 {p50:.3} ms p95 {p95:.3} ms over {n} samples; {} switches; active {}; {requests} requests / {images} images in total",
             events.len(),
             server.active().subnet
         );
+        println!("timeline: {}", timeline.path().display());
         Ok::<(), anyhow::Error>(())
-    })
+    });
+    if let Some(c) = contention {
+        let work = c.stop();
+        tracing::info!("contention: {work} matrix products");
+    }
+    result
 }
 
 fn demo_artifact(out: &Path, widths: &[usize], seed: u64) -> Result<()> {

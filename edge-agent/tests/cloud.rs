@@ -575,6 +575,7 @@ fn aggregates(s: &Setup) -> AgentAggregates {
             front: vec![cand.clone()],
             stats: SearchStats {
                 evaluations: 120,
+                raced_out: 0,
                 module_applications: 900,
                 seconds: 1.5,
                 evals_per_s: 80.0,
@@ -855,4 +856,204 @@ async fn cli_run_in_cloud_mode_enrolls_once_syncs_serves_and_reports() {
     assert!(out.contains("serving the cached supernet"), "{out}");
     assert!(out.contains("served"), "{out}");
     assert!(out.contains("heartbeat failed, still serving"), "{out}");
+}
+
+/// Like [`make_artifact`] (same oracle, so the same blobs) with the weights of module
+/// `tweak` scaled: a new supernet version that shares every other blob.
+fn make_artifact_version(dir: &Path, tweak: (usize, i8)) -> Manifest {
+    let arch = serde_json::json!({
+        "family": "adaptivenet.resnet_small", "block": "basic", "layers": [3, 3, 3],
+        "widths": [4, 8, 8], "in_channels": 1, "num_classes": 10
+    });
+    let arch = ArchDescriptor::from_json(arch.to_string().as_bytes()).unwrap();
+    let oracle = Model::init(&arch.spec, 7).unwrap();
+    let mut sn = build_supernet(&oracle, &SupernetConfig::merge_only()).unwrap();
+    for t in sn.modules.get_mut(&tweak).unwrap().values_mut() {
+        *t = (t.clone() * 1.5).unwrap();
+    }
+    let input = InputSpec {
+        shape: [1, 28, 28],
+        mean: vec![0.5],
+        std: vec![0.5],
+        class_names: (0..10).map(|i| i.to_string()).collect(),
+    };
+    write_artifact(dir, &sn, input, &"0".repeat(64), vec![]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_generation_resyncs_only_changed_blobs_and_switches_atomically() {
+    use adaptivenet_edge::adapt::plan::{plan, PlanConfig};
+    use adaptivenet_edge::adapt::resync::{policy_budgets, Applied, Resync};
+    use adaptivenet_edge::adapt::{AdaptConfig, Controller};
+    use adaptivenet_edge::quality::QualityMode;
+    use adaptivenet_edge::serve::Server;
+    use adaptivenet_edge::state::StateDir;
+    use std::sync::{Arc, Mutex};
+
+    let cloud = Cloud::start().await;
+    let art_a = tempfile::tempdir().unwrap();
+    make_artifact(art_a.path());
+    let (fleet_id, token) = cloud.fleet("resync").await;
+    cloud.publish_artifact(art_a.path(), &fleet_id).await;
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    image_folder(&data, 4);
+    let state_dir = work.path().join("state");
+    let cache = state_dir.join("cache");
+    let mut client = CloudClient::connect(&cloud.url, DEFAULT_DEADLINE)
+        .await
+        .unwrap()
+        .with_state_dir(&state_dir)
+        .unwrap();
+    client
+        .enroll(Some(&token), pb::DeviceClass::CpuSmall, "test")
+        .await
+        .unwrap();
+    let rep = client
+        .sync(&cache, &BlobSelection::All, &opts())
+        .await
+        .unwrap();
+    let state = StateDir::new(&state_dir);
+    let resync = Resync {
+        cache: cache.clone(),
+        state: state.clone(),
+        sync: opts(),
+        plan: PlanConfig {
+            threads: 1,
+            batch: 1,
+            rounds: 1,
+            validate: 0,
+            force_profile: false,
+            search: SearchConfig {
+                population: 8,
+                generations: 1,
+                ..SearchConfig::default()
+            },
+            budgets: policy_budgets(rep.budget.as_ref()),
+            data: data.clone(),
+            images: 40,
+            mode: QualityMode::OracleAgreement,
+            research: false,
+        },
+        explicit_budgets: false,
+    };
+    let src = ArtifactSource::open(&rep.dir).unwrap();
+    let p = plan(&src, &state, &resync.plan, &mut |_, _, _| {}).unwrap();
+    let front = p.record.result.front.clone();
+    let idx = Controller::initial_index(&front, p.budget_ms);
+    let server = Arc::new(Server::start(src, &front[idx].subnet, 20).unwrap());
+    let ctl = Arc::new(Mutex::new(Controller::new(
+        AdaptConfig::new(p.budget_ms),
+        front,
+        idx,
+    )));
+    let applied = Applied {
+        supernet_id: rep.supernet_id.clone(),
+        generation: rep.generation,
+        plan: p,
+    };
+    // The same generation: nothing to do.
+    let desired = client.desired_state().await.unwrap();
+    assert!(resync
+        .apply(&client, &desired, &applied, &server, &ctl)
+        .await
+        .unwrap()
+        .is_none());
+
+    // A new version with one module changed, announced by the next heartbeat.
+    let art_b = tempfile::tempdir().unwrap();
+    let mb = make_artifact_version(art_b.path(), (1, 1));
+    let sid_b = cloud.publish_artifact(art_b.path(), &fleet_id).await;
+    let hb = client
+        .heartbeat(&HeartbeatInput {
+            supernet_id: applied.supernet_id.clone(),
+            active_subnet: server.active().subnet.clone(),
+            latency_p50_ms: 1.0,
+            latency_p95_ms: 1.0,
+            reason: pb::AdaptationReason::Initial,
+            applied_generation: applied.generation,
+        })
+        .await
+        .unwrap();
+    assert!(hb.desired_generation > applied.generation);
+    let desired = client.desired_state().await.unwrap();
+    let before = server.active();
+    let r = resync
+        .apply(&client, &desired, &applied, &server, &ctl)
+        .await
+        .unwrap()
+        .expect("re-synced");
+    assert_eq!(r.applied.supernet_id, sid_b);
+    assert_eq!(r.applied.generation, hb.desired_generation);
+    let s = &r.sync.stats;
+    assert_eq!(s.blobs_downloaded, 1, "{s:?}");
+    assert_eq!(s.blobs_linked, s.blobs_needed - 1, "{s:?}");
+    assert!(!r.applied.plan.reused_table && !r.applied.plan.reused_search);
+    let now = server.active();
+    assert_eq!(now.supernet_id, mb.supernet_id.to_string());
+    assert!(now.version > before.version);
+    // The old model is intact for requests still holding it.
+    let x =
+        candle_core::Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &candle_core::Device::Cpu).unwrap();
+    before.supernet.forward(&before.subnet, &x).unwrap();
+    // Serving the new version's weights, and the controller adapts over its front.
+    let mut full_b = ArtifactSource::open(art_b.path())
+        .unwrap()
+        .load(None)
+        .unwrap();
+    full_b.fold().unwrap();
+    let got = server
+        .infer(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let want = full_b
+        .forward(&now.subnet, &x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(got, want);
+    assert_eq!(
+        ctl.lock().unwrap().front,
+        r.applied.plan.record.result.front
+    );
+    let id_b = mb.supernet_id.to_string();
+    assert!(state.load_search(&id_b).unwrap().is_some());
+    assert_eq!(
+        state.load_active(&id_b).unwrap().unwrap().subnet,
+        now.subnet
+    );
+
+    // A version whose changed blob is corrupt in the cloud: the re-sync fails and the
+    // previous version keeps serving.
+    let art_c = tempfile::tempdir().unwrap();
+    let mc = make_artifact_version(art_c.path(), (3, 1));
+    cloud.publish_artifact(art_c.path(), &fleet_id).await;
+    let have: std::collections::HashSet<String> = mb
+        .modules()
+        .into_iter()
+        .map(|(_, e)| e.sha256.clone())
+        .collect();
+    let (_, changed) = mc
+        .modules()
+        .into_iter()
+        .find(|(_, e)| !have.contains(&e.sha256))
+        .unwrap();
+    let path = cloud.app().blobs().path_of(&changed.sha256);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let desired = client.desired_state().await.unwrap();
+    let err = resync
+        .apply(&client, &desired, &r.applied, &server, &ctl)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EdgeError::BlobMismatch { .. }), "{err}");
+    assert_eq!(server.active().version, now.version);
+    assert_eq!(server.active().supernet_id, id_b);
+    server.infer(&x).unwrap();
 }

@@ -1,42 +1,84 @@
-//! Runtime maintenance (METHOD.md §3) with hysteresis.
+//! Runtime maintenance (METHOD.md §3): a controller that does not oscillate under
+//! measurement noise.
 //!
-//! [`Controller`] is a pure state machine over window statistics. It estimates how much slower
-//! than the table the device runs right now, `r = live p50 / table latency` of the active
-//! subnet, and applies `r` to the other front entries.
-//! - **Down** after `down_after` consecutive checks with p50 above `budget * (1 + tolerance)`:
-//!   to the most accurate entry with `r * latency <= budget`. The entry left behind is then
-//!   blocked until `r` has dropped by `unblock_drop` (the environment really improved), so a
-//!   subnet whose own table error is above the tolerance cannot be re-entered in a loop.
-//! - **Up** one entry after `up_after` consecutive checks in which `r * latency(next) <=
-//!   budget * (1 + tolerance / 2)`: after the step its expected p50 is half a tolerance below
-//!   the down threshold, so noise smaller than that cannot make it step straight back.
-//! - After a switch the window restarts on the new subnet (the research loop re-measured the
-//!   old one) and `cooldown` checks are skipped.
+//! [`Controller`] is a pure state machine over per-window p50 latencies (windows do not
+//! overlap: see [`crate::serve::Server::take_fresh`]). It works on the log slowdown
+//! `x = ln(live p50 / table latency)` of the active subnet:
+//! - **Noise** `σ`: the per-window spread of `x`, estimated robustly from successive
+//!   differences (`median |x_t - x_{t-1}| / (0.6745 √2)`, immune to level shifts such as a
+//!   load step), clamped to `[noise_floor, noise_cap]`; `noise_prior` until enough windows.
+//!   The median of `k` windows has spread `s_k ≈ 1.25 σ / √k`.
+//! - **Down** when the median `m` of the last `down_after` windows on this subnet says it is
+//!   over budget beyond tolerance *and* noise: `L·e^m > B·(1 + tolerance)·e^(z·s_down)`.
+//!   The target is the most accurate entry whose predicted live latency clears the budget by
+//!   `margin`: `L_j·e^m ≤ B / (1 + margin)`, else the cheapest.
+//! - **Up** when, over the last `up_after` windows (more than down: slow up, fast down), a
+//!   more accurate entry's predicted live latency fits the budget with confidence:
+//!   `L_j·e^(μ + z_up·σ/√up_after) ≤ B` with `μ` the larger of the *mean* of those windows
+//!   and the mean of their older half (slack must be sustained over the whole span; the
+//!   median of light-tailed noise is too wide here: with ±15% uniform noise the median of 12
+//!   windows crosses a 3-sigma line about once per 100 windows); the most accurate such
+//!   entry is chosen. Between the two tests lies a dead band of at least
+//!   `(1 + tolerance)·e^(z·s_down + z_up·σ/√up_after)`, which grows with the noise: under
+//!   ±15% noise an entry is re-entered only if its table latency is ≲ 0.9 of the budget.
+//! - **Near-duplicates** on the front (within `min_gap` latency of a more accurate entry) are
+//!   never targets: stepping to them would not change the latency measurably.
+//! - **Cooldown**: the first `cooldown` windows after a switch are discarded, and decisions
+//!   use only windows measured on the current subnet and after the last level shift (a
+//!   window more than `z·σ` from the history's mean restarts it), so a step up after a load
+//!   ends goes straight to the entry that fits, instead of creeping through mixed windows.
+//! - **Block**: after stepping down from entry `i`, entries `>= i` stay blocked until the
+//!   slowdown measured on the new subnet drops by `unblock_drop` beyond noise (the
+//!   environment really improved). A subnet whose own table error pushes it over budget is
+//!   therefore not re-entered in a loop: no oscillation between two neighbours.
 //!
-//! [`maintain`] drives the controller from a server's live window on a tokio interval; tests
-//! use `tokio::time::pause()` with injected latencies.
-use std::sync::Arc;
+//! [`maintain`] drives a shared controller from a server's live window on a tokio interval;
+//! tests use `tokio::time::pause()` with injected latencies.
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::search::Candidate;
-use crate::serve::{Server, SwitchReport};
+use crate::serve::{Server, SwitchReport, WindowStats};
+
+pub mod contention;
+pub mod plan;
+pub mod resync;
+pub mod timeline;
 
 /// Controller settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdaptConfig {
     pub budget_ms: f64,
-    /// Samples needed in the window before any decision.
+    /// Fresh samples a window needs before it counts.
     pub min_samples: usize,
+    /// Windows whose median decides a step down.
     pub down_after: usize,
+    /// Windows whose median decides a step up.
     pub up_after: usize,
-    /// Relative slack over the budget tolerated as noise.
+    /// Relative excess over the budget tolerated (table error, not noise).
     pub tolerance: f64,
-    /// Relative drop of `r` that lifts the block on an entry stepped down from.
+    /// A step-down target's predicted live latency clears the budget by this fraction.
+    pub margin: f64,
+    /// Confidence multiplier on the noise of the down median.
+    pub z: f64,
+    /// Confidence multiplier on the noise of the up mean (an up step is cheaper to delay
+    /// than to undo).
+    pub z_up: f64,
+    /// Bounds and prior of the per-window log-noise estimate.
+    pub noise_floor: f64,
+    pub noise_cap: f64,
+    pub noise_prior: f64,
+    /// Successive-window differences kept for the noise estimate.
+    pub noise_windows: usize,
+    /// Relative latency gap below which a front entry is a near-duplicate.
+    pub min_gap: f64,
+    /// Relative drop of the slowdown that lifts the block on entries stepped down from.
     pub unblock_drop: f64,
-    /// Checks skipped after a switch.
+    /// Windows discarded after a switch.
     pub cooldown: usize,
     /// Time between checks.
     pub interval_ms: u64,
@@ -48,10 +90,18 @@ impl AdaptConfig {
             budget_ms,
             min_samples: 20,
             down_after: 3,
-            up_after: 5,
+            up_after: 16,
             tolerance: 0.05,
-            unblock_drop: 0.1,
-            cooldown: 2,
+            margin: 0.05,
+            z: 3.0,
+            z_up: 5.0,
+            noise_floor: 0.01,
+            noise_cap: 0.3,
+            noise_prior: 0.1,
+            noise_windows: 64,
+            min_gap: 0.03,
+            unblock_drop: 0.05,
+            cooldown: 1,
             interval_ms: 1000,
         }
     }
@@ -65,30 +115,69 @@ pub enum Decision {
     Switch(usize),
 }
 
+/// Entries `>= above` are blocked until the slowdown drops below `level - ln(1 + unblock_drop)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Block {
+    above: usize,
+    /// Median log slowdown on the subnet stepped down to (set once measured).
+    level: Option<f64>,
+}
+
 /// Hysteresis state machine over a Pareto front (sorted by increasing latency).
 #[derive(Clone, Debug)]
 pub struct Controller {
     pub cfg: AdaptConfig,
     pub front: Vec<Candidate>,
     pub current: usize,
-    over: usize,
-    under: usize,
+    /// Front indices that may be targets (near-duplicates removed), increasing latency.
+    ladder: Vec<usize>,
+    /// Log slowdowns of the windows on the current subnet, oldest first.
+    history: VecDeque<f64>,
+    /// |x_t - x_{t-1}| within segments on one subnet.
+    diffs: VecDeque<f64>,
     cooldown: usize,
-    /// (front index, r when stepping down from it).
-    blocked: Option<(usize, f64)>,
+    block: Option<Block>,
+}
+
+fn median(v: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = v.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
 }
 
 impl Controller {
     pub fn new(cfg: AdaptConfig, front: Vec<Candidate>, current: usize) -> Self {
+        let ladder = Self::ladder(&front, cfg.min_gap);
         Controller {
-            cfg,
             current: current.min(front.len().saturating_sub(1)),
             front,
-            over: 0,
-            under: 0,
+            ladder,
+            history: VecDeque::new(),
+            diffs: VecDeque::new(),
             cooldown: 0,
-            blocked: None,
+            block: None,
+            cfg,
         }
+    }
+
+    /// Front indices without near-duplicates: walking from the most accurate entry down,
+    /// keep an entry only if it is at least `min_gap` faster than the last one kept.
+    fn ladder(front: &[Candidate], min_gap: f64) -> Vec<usize> {
+        let mut keep: Vec<usize> = Vec::new();
+        for i in (0..front.len()).rev() {
+            let ok = keep
+                .last()
+                .is_none_or(|&k| front[i].latency_ms < front[k].latency_ms * (1.0 - min_gap));
+            if ok {
+                keep.push(i);
+            }
+        }
+        keep.reverse();
+        keep
     }
 
     /// The front index of the most accurate entry within `budget_ms` per the table, else 0.
@@ -99,47 +188,167 @@ impl Controller {
             .unwrap_or(0)
     }
 
+    /// Replaces front and budget (a re-search or a new supernet): history and blocks no
+    /// longer apply; the noise estimate does (same device, same clock).
+    pub fn reset(&mut self, budget_ms: f64, front: Vec<Candidate>, current: usize) {
+        self.cfg.budget_ms = budget_ms;
+        self.ladder = Self::ladder(&front, self.cfg.min_gap);
+        self.current = current.min(front.len().saturating_sub(1));
+        self.front = front;
+        self.history.clear();
+        self.block = None;
+        self.cooldown = self.cfg.cooldown;
+    }
+
+    /// The per-window log-noise estimate.
+    pub fn noise(&self) -> f64 {
+        let c = &self.cfg;
+        if self.diffs.len() < 4 {
+            return c.noise_prior.clamp(c.noise_floor, c.noise_cap);
+        }
+        let mad = median(self.diffs.iter().copied());
+        (mad / (0.6745 * std::f64::consts::SQRT_2)).clamp(c.noise_floor, c.noise_cap)
+    }
+
+    /// Spread of the median of `k` windows.
+    fn spread(&self, k: usize) -> f64 {
+        1.25 * self.noise() / (k.max(1) as f64).sqrt()
+    }
+
+    /// Median log slowdown of the last `k` windows on this subnet, if there are `k`.
+    fn level(&self, k: usize) -> Option<f64> {
+        let k = k.max(1);
+        (self.history.len() >= k)
+            .then(|| median(self.history.iter().skip(self.history.len() - k).copied()))
+    }
+
+    /// Mean log slowdown of the last `k` windows on this subnet, if there are `k`.
+    fn mean_level(&self, k: usize) -> Option<f64> {
+        self.mean_of(k, k)
+    }
+
+    /// Mean of the oldest `n` of the last `k` windows, if there are `k`.
+    fn mean_of(&self, k: usize, n: usize) -> Option<f64> {
+        let (k, n) = (k.max(1), n.clamp(1, k.max(1)));
+        (self.history.len() >= k).then(|| {
+            self.history
+                .iter()
+                .skip(self.history.len() - k)
+                .take(n)
+                .sum::<f64>()
+                / n as f64
+        })
+    }
+
+    /// Live/table latency ratio of the current subnet (median of the down windows).
+    pub fn slowdown(&self) -> Option<f64> {
+        self.level(self.cfg.down_after).map(f64::exp)
+    }
+
     /// One check with the window's p50 (ms) of the active subnet.
     pub fn observe(&mut self, p50: f64) -> Decision {
-        if self.front.is_empty() {
+        if self.front.is_empty() || !(p50 > 0.0 && p50.is_finite()) {
             return Decision::Stay;
         }
         if self.cooldown > 0 {
             self.cooldown -= 1;
             return Decision::Stay;
         }
-        let b = self.cfg.budget_ms;
-        let tol = self.cfg.tolerance;
-        let ratio = p50 / self.front[self.current].latency_ms.max(1e-9);
-        if let Some((k, r)) = self.blocked {
-            if ratio <= r * (1.0 - self.cfg.unblock_drop) || self.current >= k {
-                self.blocked = None;
+        let cfg = self.cfg.clone();
+        let b = cfg.budget_ms;
+        let lat = |i: usize| self.front[i].latency_ms.max(1e-9);
+        let cur_l = lat(self.current);
+        let x = (p50 / cur_l).ln();
+        // A level shift (load came or went): this window is far outside the history's spread,
+        // so the history describes another regime and decisions restart from here.
+        let n = self.history.len();
+        if n >= cfg.down_after.max(1) {
+            let mean = self.history.iter().sum::<f64>() / n as f64;
+            if (x - mean).abs() > cfg.z * self.noise() * (1.0 + 1.0 / n as f64).sqrt() {
+                self.history.clear();
             }
         }
-        let next = self.current + 1;
-        let up_ok = next < self.front.len()
-            && ratio * self.front[next].latency_ms <= b * (1.0 + tol / 2.0)
-            && self.blocked.is_none_or(|(k, _)| next < k);
-        if p50 > b * (1.0 + tol) {
-            self.under = 0;
-            self.over += 1;
-            if self.over >= self.cfg.down_after && self.current > 0 {
-                let j = self.front[..self.current]
+        if let Some(&prev) = self.history.back() {
+            if self.diffs.len() == cfg.noise_windows.max(4) {
+                self.diffs.pop_front();
+            }
+            self.diffs.push_back((x - prev).abs());
+        }
+        self.history.push_back(x);
+        let keep = cfg.down_after.max(cfg.up_after).max(1);
+        while self.history.len() > keep {
+            self.history.pop_front();
+        }
+
+        // Block bookkeeping: remember the level on arrival (median of the first down
+        // windows), lift when the mean over the up windows dropped enough beyond noise.
+        let s_down = self.spread(cfg.down_after);
+        let s_mean = self.noise() / (cfg.up_after.max(1) as f64).sqrt();
+        match (self.block, self.level(cfg.down_after)) {
+            (Some(blk), Some(m)) if blk.level.is_none() => {
+                self.block = Some(Block {
+                    level: Some(m),
+                    ..blk
+                })
+            }
+            (Some(Block { level: Some(l), .. }), _) => {
+                if let Some(mu) = self.mean_level(cfg.up_after) {
+                    let need = (1.0 + cfg.unblock_drop).ln() + cfg.z * s_down.hypot(s_mean);
+                    if l - mu >= need {
+                        self.block = None;
+                    }
+                }
+            }
+            _ => {}
+        }
+
+        // Down: sustained violation beyond tolerance and noise.
+        if let Some(m) = self.level(cfg.down_after) {
+            let over = cur_l * m.exp() > b * (1.0 + cfg.tolerance) * (cfg.z * s_down).exp();
+            if over {
+                let faster: Vec<usize> = self
+                    .ladder
                     .iter()
-                    .rposition(|c| ratio * c.latency_ms <= b)
-                    .unwrap_or(0);
-                self.blocked = Some((self.current, ratio));
+                    .copied()
+                    .filter(|&j| lat(j) < cur_l)
+                    .collect();
+                let Some(&cheapest) = faster.first() else {
+                    return Decision::Stay; // Nothing faster: keep serving the cheapest.
+                };
+                let j = faster
+                    .iter()
+                    .rev()
+                    .copied()
+                    .find(|&j| lat(j) * m.exp() <= b / (1.0 + cfg.margin))
+                    .unwrap_or(cheapest);
+                let above = match self.block {
+                    Some(blk) => blk.above.min(self.current),
+                    None => self.current,
+                };
+                self.block = Some(Block { above, level: None });
                 return Decision::Switch(j);
             }
-        } else if up_ok {
-            self.over = 0;
-            self.under += 1;
-            if self.under >= self.cfg.up_after {
-                return Decision::Switch(next);
+        }
+
+        // Up: sustained slack for a more accurate entry, beyond noise.
+        if let (Some(all), Some(older)) = (
+            self.mean_level(cfg.up_after),
+            self.mean_of(cfg.up_after, cfg.up_after / 2),
+        ) {
+            // Slack must be sustained over the whole span: the older half counts too, so
+            // right after a load drop (old half still slow) nothing moves yet.
+            let mu = all.max(older);
+            let allowed = |j: usize| self.block.is_none_or(|blk| j < blk.above);
+            let target = self
+                .ladder
+                .iter()
+                .rev()
+                .copied()
+                .filter(|&j| j > self.current && allowed(j))
+                .find(|&j| lat(j) * (mu + cfg.z_up * s_mean).exp() <= b);
+            if let Some(j) = target {
+                return Decision::Switch(j);
             }
-        } else {
-            self.over = 0;
-            self.under = 0;
         }
         Decision::Stay
     }
@@ -147,18 +356,22 @@ impl Controller {
     /// Tells the controller a switch to front index `j` happened.
     pub fn switched(&mut self, j: usize) {
         self.current = j;
-        self.over = 0;
-        self.under = 0;
+        self.history.clear();
         self.cooldown = self.cfg.cooldown;
     }
 
     /// Tells the controller a switch failed: keep the old subnet and wait before retrying.
     pub fn failed(&mut self) {
-        self.over = 0;
-        self.under = 0;
-        self.cooldown = self.cfg.cooldown;
+        if self.block.is_some_and(|b| b.level.is_none()) {
+            self.block = None; // Set for the step that did not happen.
+        }
+        self.history.clear();
+        self.cooldown = self.cfg.cooldown.max(1);
     }
 }
+
+/// A controller shared by the maintenance loop and whoever replaces its plan (re-sync).
+pub type SharedController = Arc<Mutex<Controller>>;
 
 /// One maintenance event.
 #[derive(Clone, Debug)]
@@ -167,18 +380,49 @@ pub enum AdaptEvent {
     SwitchFailed { to: String, error: String },
 }
 
-/// The maintenance loop: every `interval_ms`, read the live window of `server`, decide, and
-/// switch (loading only differing modules). Runs until `shutdown` becomes true; returns the
-/// events. `on_event` sees each event as it happens (logging, persistence of the active
-/// subnet).
+impl AdaptEvent {
+    /// The timeline name of the event: `step_down` / `step_up` by front position, else
+    /// `switch_failed`.
+    pub fn name(&self, front: &[Candidate]) -> &'static str {
+        match self {
+            AdaptEvent::Switched(r) => {
+                let pos = |s| front.iter().position(|c| &c.subnet == s);
+                if pos(&r.to) < pos(&r.from) {
+                    "step_down"
+                } else {
+                    "step_up"
+                }
+            }
+            AdaptEvent::SwitchFailed { .. } => "switch_failed",
+        }
+    }
+}
+
+/// What one maintenance check saw and did.
+#[derive(Clone, Debug)]
+pub struct Tick {
+    pub stats: WindowStats,
+    pub decision: Decision,
+    pub event: Option<AdaptEvent>,
+}
+
+/// The maintenance loop: every `interval_ms`, read the samples recorded since the last
+/// check (once there are `min_samples`), decide, and switch (loading only differing
+/// modules). Runs until `shutdown` becomes true; returns the events. `on_tick` sees every
+/// check with the controller after it (timeline, logging, persistence of the active subnet).
 pub async fn maintain(
     server: Arc<Server>,
-    mut ctl: Controller,
+    ctl: SharedController,
     mut shutdown: watch::Receiver<bool>,
-    mut on_event: impl FnMut(&AdaptEvent, &Controller),
+    mut on_tick: impl FnMut(&Tick, &Controller),
 ) -> Vec<AdaptEvent> {
     let mut events = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(ctl.cfg.interval_ms.max(1)));
+    let interval = ctl
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .cfg
+        .interval_ms;
+    let mut tick = tokio::time::interval(Duration::from_millis(interval.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -191,26 +435,43 @@ pub async fn maintain(
         if *shutdown.borrow() {
             break;
         }
-        let (n, p50, _p95) = server.window_stats();
-        if n < ctl.cfg.min_samples {
+        // Decide and switch under the controller lock, so a re-sync replacing the plan
+        // never interleaves with a switch on the old plan.
+        let mut c = ctl.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(stats) = server.take_fresh(c.cfg.min_samples) else {
             continue;
+        };
+        if stats.version != server.active().version {
+            continue; // A switch from elsewhere landed between the read and now.
         }
-        if let Decision::Switch(j) = ctl.observe(p50) {
-            let target = ctl.front[j].subnet.clone();
-            let ev = match server.switch(&target) {
-                Ok(r) => {
-                    ctl.switched(j);
-                    AdaptEvent::Switched(r)
-                }
-                Err(e) => {
-                    ctl.failed();
-                    AdaptEvent::SwitchFailed {
-                        to: target.to_string(),
-                        error: e.to_string(),
+        let decision = c.observe(stats.p50_ms);
+        let event = match decision {
+            Decision::Stay => None,
+            Decision::Switch(j) => {
+                let target = c.front[j].subnet.clone();
+                Some(match server.switch(&target) {
+                    Ok(r) => {
+                        c.switched(j);
+                        AdaptEvent::Switched(r)
                     }
-                }
-            };
-            on_event(&ev, &ctl);
+                    Err(e) => {
+                        c.failed();
+                        AdaptEvent::SwitchFailed {
+                            to: target.to_string(),
+                            error: e.to_string(),
+                        }
+                    }
+                })
+            }
+        };
+        let t = Tick {
+            stats,
+            decision,
+            event,
+        };
+        on_tick(&t, &c);
+        drop(c);
+        if let Some(ev) = t.event {
             events.push(ev);
         }
     }
@@ -218,60 +479,4 @@ pub async fn maintain(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use adaptivenet_core::supernet::Subnet;
-
-    fn front() -> Vec<Candidate> {
-        [
-            (5.0, 80.0),
-            (6.0, 85.0),
-            (7.0, 88.0),
-            (8.0, 90.0),
-            (10.0, 92.0),
-        ]
-        .iter()
-        .enumerate()
-        .map(|(i, &(l, q))| Candidate {
-            subnet: Subnet(vec![i as i8 % 2]),
-            latency_ms: l,
-            quality: q,
-        })
-        .collect()
-    }
-
-    /// Deterministic noise in [-a, a].
-    fn noise(i: usize, a: f64) -> f64 {
-        let x = ((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11) as f64 / (1u64 << 53) as f64;
-        (2.0 * x - 1.0) * a
-    }
-
-    #[test]
-    fn steps_down_under_load_and_back_up_without_oscillating() {
-        let mut c = Controller::new(AdaptConfig::new(8.0), front(), 3);
-        let mut switches = Vec::new();
-        for t in 0..300 {
-            let load = if (100..200).contains(&t) { 1.4 } else { 1.0 };
-            let p50 = c.front[c.current].latency_ms * load * (1.0 + noise(t, 0.03));
-            if let Decision::Switch(j) = c.observe(p50) {
-                switches.push((t, j));
-                c.switched(j);
-            }
-        }
-        // One step down when the load comes, back up when it goes; nothing in steady phases.
-        assert!(
-            switches
-                .iter()
-                .any(|&(t, j)| (100..120).contains(&t) && j < 3),
-            "{switches:?}"
-        );
-        assert_eq!(c.current, 3, "{switches:?}");
-        assert!(switches.len() <= 4, "{switches:?}");
-        assert!(
-            switches
-                .iter()
-                .all(|&(t, _)| (100..140).contains(&t) || (200..260).contains(&t)),
-            "{switches:?}"
-        );
-    }
-}
+mod tests;

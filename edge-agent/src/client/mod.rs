@@ -298,10 +298,14 @@ pub struct CloudClient {
 
 impl CloudClient {
     fn endpoint(endpoint: &str, deadline: Duration) -> Result<Endpoint> {
-        Ok(Endpoint::from_shared(endpoint.to_string())
+        let ep = Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| EdgeError::config("cloud endpoint", format!("{endpoint}: {e}")))?
             .connect_timeout(deadline)
-            .tcp_nodelay(true))
+            .tcp_nodelay(true);
+        if endpoint.starts_with("https://") {
+            return tls(ep, endpoint);
+        }
+        Ok(ep)
     }
 
     fn with_channel(endpoint: &str, ch: Channel, deadline: Duration) -> Self {
@@ -567,4 +571,38 @@ impl CloudClient {
     pub(crate) fn raw(&self) -> DeviceServiceClient<Channel> {
         self.inner.clone()
     }
+}
+
+/// Environment variable naming the PEM file of the CA that signed the cloud's certificate
+/// (needed for an `https://` cloud endpoint).
+pub const CA_FILE_ENV: &str = "ADAPTIVENET_CA_FILE";
+
+/// TLS for an `https://` endpoint, trusting the CA in [`CA_FILE_ENV`] (builds with the
+/// `tls` feature; there is no built-in root store).
+#[cfg(feature = "tls")]
+fn tls(ep: Endpoint, endpoint: &str) -> Result<Endpoint> {
+    let ca = std::env::var_os(CA_FILE_ENV).ok_or_else(|| {
+        EdgeError::config(
+            CA_FILE_ENV,
+            format!("{endpoint} is https: set it to the PEM of the CA that signed the cloud's certificate"),
+        )
+    })?;
+    let pem = std::fs::read(&ca).map_err(|e| {
+        EdgeError::config(
+            CA_FILE_ENV,
+            format!("{}: {e}", std::path::Path::new(&ca).display()),
+        )
+    })?;
+    let cfg = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+    ep.tls_config(cfg)
+        .map_err(|e| EdgeError::config("cloud endpoint", format!("{endpoint}: TLS: {e}")))
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls(_ep: Endpoint, endpoint: &str) -> Result<Endpoint> {
+    Err(EdgeError::config(
+        "cloud endpoint",
+        format!("{endpoint}: this build has no TLS support (rebuild with --features tls)"),
+    ))
 }

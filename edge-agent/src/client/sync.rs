@@ -89,6 +89,9 @@ pub struct DownloadStats {
     pub blobs_needed: usize,
     /// Already present and verified.
     pub blobs_skipped: usize,
+    /// Found (verified) in another supernet version's directory of the same cache and
+    /// linked, not downloaded: a new version fetches only the modules that changed.
+    pub blobs_linked: usize,
     /// Downloaded (fully or partly) in this sync.
     pub blobs_downloaded: usize,
     /// Payload bytes received over the wire.
@@ -182,6 +185,42 @@ fn remove(path: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(EdgeError::io(path, e)),
     }
+}
+
+/// Looks for blob `sha` in the other supernet directories of the cache (`dir`'s siblings),
+/// hard-links (or copies) it in under a temporary name, verifies it and renames it into
+/// place. `Ok(false)` when no verified copy exists.
+fn link_from_siblings(dir: &Path, sha: &str, size: u64) -> Result<bool> {
+    let (Some(cache), Some(own)) = (dir.parent(), dir.file_name()) else {
+        return Ok(false);
+    };
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return Ok(false);
+    };
+    let final_path = blob_path(dir, sha);
+    let tmp = dir.join("blobs").join(format!("{sha}.link"));
+    for e in entries.flatten() {
+        if e.file_name() == own || !e.path().is_dir() {
+            continue;
+        }
+        let other = blob_path(&e.path(), sha);
+        if !other.is_file() {
+            continue;
+        }
+        remove(&tmp)?;
+        if std::fs::hard_link(&other, &tmp).is_err() && std::fs::copy(&other, &tmp).is_err() {
+            continue;
+        }
+        match file_digest(&tmp) {
+            Ok((n, d)) if n == size && d == sha => {
+                std::fs::rename(&tmp, &final_path).map_err(|e| EdgeError::io(&final_path, e))?;
+                sync_dir(&dir.join("blobs"));
+                return Ok(true);
+            }
+            _ => remove(&tmp)?,
+        }
+    }
+    Ok(false)
 }
 
 /// The distinct (sha256, size) blobs a selection needs, stem and head first.
@@ -293,6 +332,10 @@ impl CloudClient {
                         ),
                     });
                 }
+            }
+            if !blob_path(&dir, sha).exists() && link_from_siblings(&dir, sha, *size)? {
+                stats.blobs_linked += 1;
+                continue;
             }
             self.fetch_blob(&dir, sha, *size, opts, &mut stats).await?;
         }

@@ -43,21 +43,30 @@ impl Conditions {
     }
 }
 
-/// Pins the tensor library's worker threads. candle sizes its rayon pools from these
-/// variables on first use, so this must run before the first tensor operation (the CLI calls
-/// it first thing in `main`); later calls only change what is recorded.
+/// The kernels crate's thread cap variable (read once, on the first kernel call).
+pub const KERNEL_THREADS_VAR: &str = "ADAPTIVENET_THREADS";
+
+/// Pins the tensor library's worker threads: the kernels' cap (which the model code runs
+/// on) and candle's and rayon's pools. All are read on first use, so this must run before the
+/// first tensor operation (the CLI calls it first thing in `main`); later calls only change
+/// what is recorded.
 pub fn pin_threads(threads: usize) {
     let n = threads.max(1).to_string();
+    std::env::set_var(KERNEL_THREADS_VAR, &n);
     std::env::set_var("RAYON_NUM_THREADS", &n);
     std::env::set_var("CANDLE_NUM_THREADS", &n);
 }
 
-/// The thread count in force per the environment (what [`pin_threads`] set), else the
-/// number of logical CPUs.
+/// The thread count in force per the environment (what [`pin_threads`] set: the kernels' cap
+/// first, then rayon's), else the number of logical CPUs.
 pub fn current_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-        .filter(|&n| n > 0)
+    [KERNEL_THREADS_VAR, "RAYON_NUM_THREADS"]
+        .iter()
+        .find_map(|v| {
+            std::env::var(v)
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .filter(|&n| n > 0)
+        })
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }

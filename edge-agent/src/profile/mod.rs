@@ -4,6 +4,7 @@
 //!
 //! Measurements are taken in interleaved rounds (every module once per round) so that slow
 //! drifts (frequency, other processes) spread over all modules instead of biasing a few.
+pub mod calibrate;
 pub mod conditions;
 
 use std::time::Instant;
@@ -15,6 +16,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+pub use calibrate::{Calibration, CalibrationModel, Observation};
 pub use conditions::{current_threads, pin_threads, Conditions};
 
 use crate::{EdgeError, Result};
@@ -73,22 +75,6 @@ pub struct ModuleLatency {
     pub stat: Stat,
 }
 
-/// `predicted = scale * additive_sum + overhead_ms`.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Calibration {
-    pub scale: f64,
-    pub overhead_ms: f64,
-}
-
-impl Default for Calibration {
-    fn default() -> Self {
-        Calibration {
-            scale: 1.0,
-            overhead_ms: 0.0,
-        }
-    }
-}
-
 /// How well the table predicts end-to-end latency (relative errors, fractions not percent).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Validation {
@@ -98,12 +84,19 @@ pub struct Validation {
     pub bias: f64,
     pub raw_median_err: f64,
     pub raw_p90_err: f64,
-    /// Errors after calibration, each subnet predicted with a factor fitted on the others
-    /// (leave-one-out), so the figure is not an in-sample fit.
+    /// Errors after calibration, each subnet predicted with a calibration fitted on the
+    /// others (leave-one-out), so the figure is not an in-sample fit.
     pub calibrated_median_err: f64,
     pub calibrated_p90_err: f64,
-    /// Whether the calibration factor was adopted (the raw sum was biased by more than 2%).
+    /// Whether a calibration was adopted (a model other than `none` won).
     pub calibrated: bool,
+    /// The calibration model chosen by leave-one-out error (see [`calibrate`]).
+    #[serde(default = "default_model")]
+    pub model: CalibrationModel,
+}
+
+fn default_model() -> CalibrationModel {
+    CalibrationModel::Scale
 }
 
 /// The persisted latency table of one device.
@@ -131,16 +124,12 @@ impl LatencyTable {
                 self.module_ms(pos, c.id)?;
             }
         }
-        let all = [
-            self.stem.median_ms,
-            self.head.median_ms,
-            self.calibration.scale,
-        ];
+        let all = [self.stem.median_ms, self.head.median_ms];
         if all
             .iter()
             .chain(self.modules.iter().map(|m| &m.stat.median_ms))
             .any(|v| !v.is_finite() || *v < 0.0)
-            || self.calibration.scale <= 0.0
+            || !self.calibration.is_sane()
         {
             return Err(EdgeError::config(
                 "latency table",
@@ -171,12 +160,22 @@ impl LatencyTable {
 
     /// Calibrated prediction of a subnet's end-to-end latency.
     pub fn predict_ms(&self, s: &Subnet) -> Result<f64> {
-        Ok(self.calibration.scale * self.additive_ms(s)? + self.calibration.overhead_ms)
+        Ok(self
+            .calibration
+            .apply(self.additive_ms(s)?, s.steps().count()))
     }
 
-    /// Calibrated latency of one module's contribution (for deltas in search).
+    /// Calibrated latency of one module's contribution, its per-call cost included, so that
+    /// `predict_ms` = constant part + the sum of these over the subnet's modules (search uses
+    /// it for deltas and bounds).
     pub fn scaled_module_ms(&self, pos: usize, id: i8) -> Result<f64> {
-        Ok(self.calibration.scale * self.module_ms(pos, id)?)
+        Ok(self.calibration.scale * self.module_ms(pos, id)? + self.calibration.per_call_ms)
+    }
+
+    /// The calibrated part every subnet pays (stem, head, constant overhead).
+    pub fn fixed_ms(&self) -> f64 {
+        self.calibration.scale * (self.stem.median_ms + self.head.median_ms)
+            + self.calibration.overhead_ms
     }
 
     /// (cheapest, most expensive) calibrated subnet latency, by dynamic programming.
@@ -189,15 +188,13 @@ impl LatencyTable {
         for i in (0..n).rev() {
             for c in &spec.positions[i] {
                 if i + c.span <= n {
-                    let m = self.module_ms(i, c.id)?;
+                    let m = self.scaled_module_ms(i, c.id)?;
                     lo[i] = lo[i].min(m + lo[i + c.span]);
                     hi[i] = hi[i].max(m + hi[i + c.span]);
                 }
             }
         }
-        let base = self.stem.median_ms + self.head.median_ms;
-        let cal = |x: f64| self.calibration.scale * (x + base) + self.calibration.overhead_ms;
-        Ok((cal(lo[0]), cal(hi[0])))
+        Ok((self.fixed_ms() + lo[0], self.fixed_ms() + hi[0]))
     }
 
     /// A synthetic table proportional to MACs (`ms_per_mmac` per million MACs): deterministic
@@ -320,7 +317,7 @@ pub fn profile(
         }
         progress(round + 1, total);
     }
-    let modules = units
+    let mut modules: Vec<ModuleLatency> = units
         .iter()
         .zip(&samples)
         .map(|(&(position, choice), s)| ModuleLatency {
@@ -329,6 +326,9 @@ pub fn profile(
             stat: Stat::from_samples(s),
         })
         .collect();
+    // Lookups binary-search by (position, choice); spec order puts pruned (negative) ids
+    // after the merges.
+    modules.sort_by_key(|m| (m.position, m.choice));
     Ok(LatencyTable {
         format_version: TABLE_FORMAT,
         supernet_id: None,
@@ -387,7 +387,7 @@ pub fn random_subnets(spec: &SupernetSpec, n: usize, seed: u64) -> Result<Vec<Su
 }
 
 /// Relative errors `|pred - meas| / meas`, sorted.
-fn rel_errors(pred: &[f64], meas: &[f64]) -> Vec<f64> {
+pub fn rel_errors(pred: &[f64], meas: &[f64]) -> Vec<f64> {
     let mut e: Vec<f64> = pred
         .iter()
         .zip(meas)
@@ -397,60 +397,57 @@ fn rel_errors(pred: &[f64], meas: &[f64]) -> Vec<f64> {
     e
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    quantile(&s, 0.5)
-}
-
-/// Compares additive predictions with measurements, fits a constant factor (median ratio,
-/// robust to outliers), and evaluates it leave-one-out. Pure: testable with injected numbers.
-pub fn assess(additive: &[f64], measured: &[f64], rounds: usize) -> (Validation, Calibration) {
-    let ratios: Vec<f64> = measured
+/// Compares additive predictions with measurements, selects and fits the calibration (see
+/// [`calibrate`]) and reports its leave-one-out error. Pure: testable with injected numbers.
+pub fn assess(obs: &[Observation], rounds: usize) -> (Validation, Calibration) {
+    let ratios: Vec<f64> = obs
         .iter()
-        .zip(additive)
-        .map(|(m, a)| m / a.max(1e-9))
+        .map(|o| o.measured / o.additive.max(1e-9))
         .collect();
-    let bias = median(&ratios);
-    let raw = rel_errors(additive, measured);
-    let loo: Vec<f64> = (0..additive.len())
-        .map(|i| {
-            let others: Vec<f64> = ratios
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, r)| *r)
-                .collect();
-            let f = if others.is_empty() {
-                bias
-            } else {
-                median(&others)
-            };
-            additive[i] * f
-        })
-        .collect();
-    let cal = rel_errors(&loo, measured);
-    let calibrated = (bias - 1.0).abs() > 0.02;
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    let raw = rel_errors(
+        &obs.iter().map(|o| o.additive).collect::<Vec<_>>(),
+        &obs.iter().map(|o| o.measured).collect::<Vec<_>>(),
+    );
+    let sel = calibrate::select(obs);
     (
         Validation {
-            subnets: additive.len(),
+            subnets: obs.len(),
             rounds,
-            bias,
+            bias: quantile(&sorted, 0.5),
             raw_median_err: quantile(&raw, 0.5),
             raw_p90_err: quantile(&raw, 0.9),
-            calibrated_median_err: quantile(&cal, 0.5),
-            calibrated_p90_err: quantile(&cal, 0.9),
-            calibrated,
+            calibrated_median_err: quantile(&sel.loo, 0.5),
+            calibrated_p90_err: quantile(&sel.loo, 0.9),
+            calibrated: sel.model != CalibrationModel::None,
+            model: sel.model,
         },
-        Calibration {
-            scale: if calibrated { bias } else { 1.0 },
-            overhead_ms: 0.0,
-        },
+        sel.calibration,
     )
 }
 
-/// Validates the additive model on `n` random subnets measured end to end and stores the
-/// validation and calibration in the table.
+/// End-to-end observations of `subnets` against a table's additive sums.
+pub fn observations(
+    table: &LatencyTable,
+    subnets: &[Subnet],
+    measured: &[f64],
+) -> Result<Vec<Observation>> {
+    subnets
+        .iter()
+        .zip(measured)
+        .map(|(s, &m)| {
+            Ok(Observation {
+                additive: table.additive_ms(s)?,
+                calls: s.steps().count(),
+                measured: m,
+            })
+        })
+        .collect()
+}
+
+/// Validates the additive model on `n` random subnets measured end to end (interleaved
+/// rounds) and stores the validation and the fitted calibration in the table.
 pub fn validate_table(
     supernet: &Supernet,
     table: &mut LatencyTable,
@@ -460,11 +457,8 @@ pub fn validate_table(
 ) -> Result<Validation> {
     let subnets = random_subnets(&supernet.spec, n, seed)?;
     let measured = measure_subnets(supernet, &subnets, table.conditions.batch, 2, rounds, seed)?;
-    let additive = subnets
-        .iter()
-        .map(|s| table.additive_ms(s))
-        .collect::<Result<Vec<_>>>()?;
-    let (v, c) = assess(&additive, &measured, rounds);
+    let obs = observations(table, &subnets, &measured)?;
+    let (v, c) = assess(&obs, rounds);
     table.calibration = c;
     table.validation = Some(v.clone());
     Ok(v)
@@ -477,16 +471,54 @@ mod tests {
     #[test]
     fn assess_fits_a_constant_bias() {
         // Measurements 10% above the sum with +-1% noise: calibrated error must be ~1%.
-        let add: Vec<f64> = (0..30).map(|i| 1.0 + i as f64 * 0.1).collect();
-        let meas: Vec<f64> = add
-            .iter()
-            .enumerate()
-            .map(|(i, a)| a * 1.1 * (1.0 + 0.01 * ((i % 3) as f64 - 1.0)))
+        let obs: Vec<Observation> = (0..30)
+            .map(|i| {
+                let a = 1.0 + i as f64 * 0.1;
+                Observation {
+                    additive: a,
+                    calls: 9,
+                    measured: a * 1.1 * (1.0 + 0.01 * ((i % 3) as f64 - 1.0)),
+                }
+            })
             .collect();
-        let (v, c) = assess(&add, &meas, 5);
+        let (v, c) = assess(&obs, 5);
         assert!(v.raw_median_err > 0.08, "{v:?}");
         assert!(v.calibrated_median_err < 0.015, "{v:?}");
-        assert!(v.calibrated && (c.scale - 1.1).abs() < 0.02, "{c:?}");
+        assert!(
+            v.calibrated && (c.apply(1.0, 9) - 1.1).abs() < 0.02,
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn calibrated_prediction_is_fixed_part_plus_module_contributions() {
+        use adaptivenet_core::model::{ArchDescriptor, Model};
+        use adaptivenet_core::supernet::{branches::build_supernet, SupernetConfig};
+        let arch = ArchDescriptor::from_json(
+            br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[3,3,3],"widths":[4,8,16],"in_channels":1,"num_classes":10}"#,
+        )
+        .unwrap();
+        let sn = build_supernet(
+            &Model::init(&arch.spec, 1).unwrap(),
+            &SupernetConfig::merge_only(),
+        )
+        .unwrap();
+        let mut t = LatencyTable::from_macs(&sn.spec, 0.01);
+        t.calibration = Calibration {
+            scale: 1.07,
+            per_call_ms: 0.03,
+            overhead_ms: 0.02,
+        };
+        let (lo, hi) = t.latency_range(&sn.spec).unwrap();
+        for s in sn.spec.enumerate(1000).unwrap() {
+            let p = t.predict_ms(&s).unwrap();
+            let parts: f64 = s
+                .steps()
+                .map(|(p, id)| t.scaled_module_ms(p, id).unwrap())
+                .sum();
+            assert!((p - (t.fixed_ms() + parts)).abs() < 1e-12);
+            assert!(p >= lo - 1e-12 && p <= hi + 1e-12);
+        }
     }
 
     #[test]
@@ -497,5 +529,29 @@ mod tests {
         assert_eq!(quantile(&[], 0.5), 0.0);
         let s = Stat::from_samples(&[3.0, 1.0, 2.0]);
         assert_eq!((s.median_ms, s.runs), (2.0, 3));
+    }
+
+    #[test]
+    fn profiled_table_finds_every_module_with_pruned_branches_too() {
+        use adaptivenet_core::model::{ArchDescriptor, Model};
+        use adaptivenet_core::supernet::{branches::build_supernet, SupernetConfig};
+        let arch = ArchDescriptor::from_json(
+            br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[3,3,3],"widths":[4,8,16],"in_channels":1,"num_classes":10}"#,
+        )
+        .unwrap();
+        let names = ["merge2", "merge3", "prune1", "prune2"];
+        let sn = build_supernet(
+            &Model::init(&arch.spec, 1).unwrap(),
+            &SupernetConfig::from_names(&names, 0).unwrap(),
+        )
+        .unwrap();
+        let cfg = ProfileConfig {
+            warmup: 0,
+            rounds: 1,
+            ..ProfileConfig::default()
+        };
+        let t = profile(&sn, &cfg, |_, _| {}).unwrap();
+        t.check(&sn.spec).unwrap();
+        assert!(t.module_ms(0, -2).is_ok() && t.module_ms(0, 2).is_ok());
     }
 }

@@ -8,8 +8,19 @@
 //! budget (always valid and within budget per the table) and the Pareto front over every
 //! evaluated subnet.
 //!
-//! Determinism: one ChaCha8 stream per budget from the seed, ordered containers only, so a
-//! seed reproduces the same evaluations and results.
+//! **Racing** (beyond the paper, [`Speedups::racing`]): once the archive holds fully
+//! evaluated subnets, a new candidate is first scored on the first `race_images` images only
+//! and compared *pairwise* (same images) with the reference it must beat to enter the Pareto
+//! front: the best fully evaluated subnet at no higher latency. If even an upper confidence
+//! bound (`race_z` standard errors) on its full-set advantage is negative, it stops there and
+//! keeps an estimated quality (below the reference's) for parent selection only; it never
+//! enters the front or a best-per-budget answer. Survivors get the remaining images. Pairwise
+//! comparison is what makes a 100-image subset informative: two subnets of one supernet
+//! disagree on few images, so the noise is that of the disagreements, not of accuracy.
+//!
+//! Determinism: one ChaCha8 stream per budget from the seed, ordered containers only, and
+//! evaluation results that do not depend on the number of worker threads, so a seed
+//! reproduces the same evaluations and results.
 pub mod ops;
 pub mod prefix;
 
@@ -25,15 +36,18 @@ use crate::profile::LatencyTable;
 use crate::quality::EvalSet;
 use crate::{EdgeError, Result};
 
-pub use prefix::{evaluate_each, evaluate_prefix, EvalStats};
+pub use prefix::{evaluate_each, evaluate_masks, evaluate_prefix, EvalStats, Masks, Method};
 
-/// Which of the four speed-ups are on.
+/// Which speed-ups are on: the paper's four, and racing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Speedups {
     pub stem_cache: bool,
     pub guided_init: bool,
     pub latency_preserving: bool,
     pub prefix_reuse: bool,
+    /// Score on a subset first, the full set only for candidates that can reach the front.
+    #[serde(default)]
+    pub racing: bool,
 }
 
 impl Speedups {
@@ -43,6 +57,7 @@ impl Speedups {
             guided_init: true,
             latency_preserving: true,
             prefix_reuse: true,
+            racing: true,
         }
     }
 
@@ -53,6 +68,7 @@ impl Speedups {
             guided_init: false,
             latency_preserving: false,
             prefix_reuse: false,
+            racing: false,
         }
     }
 }
@@ -123,6 +139,27 @@ pub struct SearchConfig {
     pub band: (f64, f64),
     /// Bound on activations cached by prefix reuse.
     pub max_cache_bytes: usize,
+    /// Evaluation workers (the images are split between them; results do not depend on it).
+    #[serde(default = "one")]
+    pub threads: usize,
+    /// Racing: images of the first, pairwise-compared round.
+    #[serde(default = "default_race_images")]
+    pub race_images: usize,
+    /// Racing: standard errors of optimism before a candidate is dropped.
+    #[serde(default = "default_race_z")]
+    pub race_z: f64,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_race_images() -> usize {
+    100
+}
+
+fn default_race_z() -> f64 {
+    2.5
 }
 
 impl Default for SearchConfig {
@@ -136,6 +173,9 @@ impl Default for SearchConfig {
             speedups: Speedups::all(),
             band: (0.8, 1.0),
             max_cache_bytes: 256 << 20,
+            threads: 1,
+            race_images: default_race_images(),
+            race_z: default_race_z(),
         }
     }
 }
@@ -160,7 +200,12 @@ pub struct BudgetResult {
 /// Work and time of a search.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SearchStats {
+    /// Distinct subnets scored (fully or, with racing, on the subset only).
     pub evaluations: usize,
+    /// Of those, subnets dropped by racing after the subset round.
+    #[serde(default)]
+    pub raced_out: usize,
+    /// Block-module forward calls in equivalent passes over the whole set.
     pub module_applications: usize,
     pub seconds: f64,
     pub evals_per_s: f64,
@@ -215,54 +260,179 @@ pub fn best_within(all: &[Candidate], budget_ms: f64) -> Option<Candidate> {
         .cloned()
 }
 
-/// Evaluated subnets of a run: code → (latency, quality).
+/// What the archive knows about one scored subnet.
+struct Entry {
+    latency: f64,
+    /// Percent; for a raced-out subnet an estimate below its reference's quality.
+    quality: f64,
+    /// Scored on every image (only these enter the front and the answers).
+    full: bool,
+    /// Per-image correctness on the images it was scored on (from image 0).
+    mask: Vec<bool>,
+}
+
+/// Whether a candidate can still beat its reference on the full set, judged from the first
+/// `mask.len()` images compared pairwise: `ahead` = images it gets right and the reference
+/// wrong, `behind` the reverse. The remaining `rest` images are extrapolated with an upper
+/// confidence bound of `z` standard errors (disagreement rates smoothed by half an image so
+/// a clean subset still leaves room for doubt). Returns (can reach, estimated full-set
+/// difference in images).
+pub fn race_keeps(ahead: usize, behind: usize, subset: usize, rest: usize, z: f64) -> (bool, f64) {
+    let r = subset.max(1) as f64;
+    let pa = (ahead as f64 + 0.5) / (r + 1.0);
+    let pb = (behind as f64 + 0.5) / (r + 1.0);
+    let mu = pa - pb;
+    let var = (pa + pb - mu * mu).max(0.0);
+    let rest = rest as f64;
+    let seen = ahead as f64 - behind as f64;
+    let estimate = seen + rest * (ahead as f64 - behind as f64) / r;
+    let ucb = seen + rest * mu + z * rest * (var * (1.0 / r + 1.0 / rest.max(1.0))).sqrt();
+    (ucb > 0.0, estimate)
+}
+
+/// Scored subnets of a run, shared by all budgets.
 struct Archive<'a> {
     supernet: &'a Supernet,
     table: &'a LatencyTable,
     set: &'a EvalSet,
     cfg: &'a SearchConfig,
-    scores: BTreeMap<Subnet, (f64, f64)>,
+    scores: BTreeMap<Subnet, Entry>,
     stats: SearchStats,
 }
 
 impl Archive<'_> {
-    fn evaluate(&mut self, subnets: Vec<Subnet>) -> Result<()> {
+    fn method(&self) -> Method {
+        let sp = self.cfg.speedups;
+        if sp.prefix_reuse {
+            Method::Prefix {
+                max_cache_bytes: self.cfg.max_cache_bytes,
+            }
+        } else {
+            Method::Each {
+                from_stem: sp.stem_cache,
+            }
+        }
+    }
+
+    fn masks(&mut self, subnets: &[Subnet], range: std::ops::Range<usize>) -> Result<Masks> {
+        let (m, st) = evaluate_masks(
+            self.supernet,
+            self.set,
+            subnets,
+            range,
+            self.method(),
+            self.cfg.threads.max(1),
+        )?;
+        self.stats.module_applications += st.module_applications;
+        Ok(m)
+    }
+
+    /// The racing reference of a latency: the best fully scored subnet no slower.
+    fn reference(&self, latency: f64) -> Option<&Entry> {
+        self.scores
+            .values()
+            .filter(|e| e.full && e.latency <= latency)
+            .max_by(|a, b| a.quality.total_cmp(&b.quality))
+    }
+
+    fn full_entry(&self, latency: f64, mask: Vec<bool>) -> Entry {
+        let correct = mask.iter().filter(|&&c| c).count();
+        Entry {
+            latency,
+            quality: self.set.percent(correct),
+            full: true,
+            mask,
+        }
+    }
+
+    /// Scores the subnets not scored yet (with `force_full`, also completes raced-out ones).
+    fn evaluate(&mut self, subnets: Vec<Subnet>, force_full: bool) -> Result<()> {
         let new: Vec<Subnet> = subnets
             .into_iter()
-            .filter(|s| !self.scores.contains_key(s))
+            .filter(|s| self.scores.get(s).is_none_or(|e| force_full && !e.full))
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
         if new.is_empty() {
             return Ok(());
         }
-        let sp = self.cfg.speedups;
-        let (q, st) = if sp.prefix_reuse {
-            evaluate_prefix(self.supernet, self.set, &new, self.cfg.max_cache_bytes)?
-        } else {
-            evaluate_each(self.supernet, self.set, &new, sp.stem_cache)?
-        };
-        self.stats.evaluations += new.len();
-        self.stats.module_applications += st.module_applications;
-        for (s, q) in new.into_iter().zip(q) {
-            let lat = self.table.predict_ms(&s)?;
-            self.scores.insert(s, (lat, q));
+        let n = self.set.len;
+        let r = self.cfg.race_images.min(n);
+        let lat = new
+            .iter()
+            .map(|s| self.table.predict_ms(s))
+            .collect::<Result<Vec<_>>>()?;
+        let fresh = new.iter().filter(|s| !self.scores.contains_key(*s)).count();
+        self.stats.evaluations += fresh;
+        let race = self.cfg.speedups.racing
+            && !force_full
+            && r > 0
+            && r < n
+            && self.scores.values().any(|e| e.full);
+        if !race {
+            let m = self.masks(&new, 0..n)?;
+            for ((s, l), m) in new.into_iter().zip(lat).zip(m) {
+                let e = self.full_entry(l, m);
+                self.scores.insert(s, e);
+            }
+            return Ok(());
+        }
+        let first = self.masks(&new, 0..r)?;
+        let mut survivors = Vec::new();
+        for (k, (s, &l)) in new.iter().zip(&lat).enumerate() {
+            let m = &first[k];
+            let verdict = self.reference(l).map(|rf| {
+                let ahead = m.iter().zip(&rf.mask).filter(|(a, b)| **a && !**b).count();
+                let behind = m.iter().zip(&rf.mask).filter(|(a, b)| !**a && **b).count();
+                let (keep, est) = race_keeps(ahead, behind, r, n - r, self.cfg.race_z);
+                (keep, rf.quality + 100.0 * est / n as f64)
+            });
+            match verdict {
+                Some((false, est)) => {
+                    self.stats.raced_out += 1;
+                    self.scores.insert(
+                        s.clone(),
+                        Entry {
+                            latency: l,
+                            quality: est,
+                            full: false,
+                            mask: m.clone(),
+                        },
+                    );
+                }
+                _ => survivors.push(k),
+            }
+        }
+        let subs: Vec<Subnet> = survivors.iter().map(|&k| new[k].clone()).collect();
+        let rest = self.masks(&subs, r..n)?;
+        let mut first = first;
+        for (&k, tail) in survivors.iter().zip(rest) {
+            let mut m = std::mem::take(&mut first[k]);
+            m.extend(tail);
+            let e = self.full_entry(lat[k], m);
+            self.scores.insert(new[k].clone(), e);
         }
         Ok(())
     }
 
-    fn fit(&self, s: &Subnet, budget: f64) -> f64 {
-        let (l, q) = self.scores[s];
-        fitness(q, l, budget)
+    fn latency(&self, s: &Subnet) -> f64 {
+        self.scores[s].latency
     }
 
+    fn fit(&self, s: &Subnet, budget: f64) -> f64 {
+        let e = &self.scores[s];
+        fitness(e.quality, e.latency, budget)
+    }
+
+    /// Fully scored candidates.
     fn candidates(&self) -> Vec<Candidate> {
         self.scores
             .iter()
-            .map(|(s, &(latency_ms, quality))| Candidate {
+            .filter(|(_, e)| e.full)
+            .map(|(s, e)| Candidate {
                 subnet: s.clone(),
-                latency_ms,
-                quality,
+                latency_ms: e.latency,
+                quality: e.quality,
             })
             .collect()
     }
@@ -276,14 +446,41 @@ pub fn search(
     set: &EvalSet,
     budgets_ms: &[f64],
     cfg: &SearchConfig,
+    progress: impl FnMut(usize, usize),
+) -> Result<SearchResult> {
+    search_from(supernet, table, set, budgets_ms, cfg, &[], progress)
+}
+
+/// Incremental re-search: like [`search`], with `warm` (e.g. the previous Pareto front) put
+/// into every budget's initial population first, re-scored under the current table and data.
+/// Subnets that are not valid codes of this supernet are skipped, so a front of an older
+/// supernet version cannot poison the run.
+pub fn search_from(
+    supernet: &Supernet,
+    table: &LatencyTable,
+    set: &EvalSet,
+    budgets_ms: &[f64],
+    cfg: &SearchConfig,
+    warm: &[Subnet],
     mut progress: impl FnMut(usize, usize),
 ) -> Result<SearchResult> {
     let spec = &supernet.spec;
+    let warm: Vec<Subnet> = warm
+        .iter()
+        .filter(|s| spec.validate(s).is_ok())
+        .cloned()
+        .collect();
     table.check(spec)?;
     if cfg.population < 2 || !(0.0..1.0).contains(&cfg.parent_frac) {
         return Err(EdgeError::config(
             "search",
             "population >= 2 and 0 <= parent_frac < 1 required",
+        ));
+    }
+    if !(cfg.race_z.is_finite() && cfg.race_z >= 0.0) {
+        return Err(EdgeError::config(
+            "race_z",
+            format!("{} must be a finite number >= 0", cfg.race_z),
         ));
     }
     if budgets_ms.is_empty() {
@@ -311,14 +508,30 @@ pub fn search(
         stats: SearchStats::default(),
     };
     let n = spec.num_positions();
-    arch.evaluate(vec![Subnet::original(n)])?;
+    arch.evaluate(vec![Subnet::original(n)], false)?;
     let total = budgets_ms.len() * (cfg.generations + 1);
     let mut done = 0;
     for (bi, &budget) in budgets_ms.iter().enumerate() {
         let mut rng =
             ChaCha8Rng::seed_from_u64(cfg.seed ^ (bi as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        // Initial population.
+        // Initial population: the warm start (those nearest the budget first), then samples.
         let mut pop = BTreeSet::new();
+        let mut seeds = warm
+            .iter()
+            .map(|s| Ok((table.predict_ms(s)?, s)))
+            .collect::<Result<Vec<_>>>()?;
+        seeds.sort_by(|a, b| {
+            (a.0 - budget)
+                .abs()
+                .total_cmp(&(b.0 - budget).abs())
+                .then(a.1.cmp(b.1))
+        });
+        pop.extend(
+            seeds
+                .into_iter()
+                .take(cfg.population)
+                .map(|(_, s)| s.clone()),
+        );
         let (lo, hi) = (cfg.band.0 * budget, cfg.band.1 * budget);
         let mut tries = 0;
         while pop.len() < cfg.population && tries < 50 * cfg.population {
@@ -336,14 +549,14 @@ pub fn search(
             pop.insert(s);
         }
         let mut pop: Vec<Subnet> = pop.into_iter().collect();
-        arch.evaluate(pop.clone())?;
+        arch.evaluate(pop.clone(), false)?;
         done += 1;
         progress(done, total);
         for _ in 0..cfg.generations {
             pop.sort_by(|a, b| {
                 arch.fit(b, budget)
                     .total_cmp(&arch.fit(a, budget))
-                    .then(arch.scores[a].0.total_cmp(&arch.scores[b].0))
+                    .then(arch.latency(a).total_cmp(&arch.latency(b)))
                     .then(a.cmp(b))
             });
             let k = ((cfg.parent_frac * cfg.population as f64).round() as usize)
@@ -358,7 +571,7 @@ pub fn search(
                         let p = &parents[rng.random_range(0..parents.len())];
                         let (mut child, frozen) = ops::mutate(spec, p, cfg.mutation_prob, &mut rng);
                         if cfg.speedups.latency_preserving {
-                            let d = table.predict_ms(&child)? - arch.scores[p].0;
+                            let d = table.predict_ms(&child)? - arch.latency(p);
                             if d.abs() > 0.01 * budget {
                                 ops::compensate(spec, table, &mut child, d, &frozen)?;
                             }
@@ -379,7 +592,7 @@ pub fn search(
                 }
             }
             let children: Vec<Subnet> = children.into_iter().collect();
-            arch.evaluate(children.clone())?;
+            arch.evaluate(children.clone(), false)?;
             pop.extend(children);
             done += 1;
             progress(done, total);
@@ -391,7 +604,7 @@ pub fn search(
         .iter()
         .any(|&b| best_within(&arch.candidates(), b).is_none())
     {
-        arch.evaluate(vec![ops::cheapest(spec, table)?])?;
+        arch.evaluate(vec![ops::cheapest(spec, table)?], true)?;
     }
     let all = arch.candidates();
     let mut best = Vec::new();
@@ -413,4 +626,208 @@ pub fn search(
         front: pareto_front(&all),
         stats,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quality::QualityMode;
+    use adaptivenet_core::model::{ArchDescriptor, Model};
+    use adaptivenet_core::supernet::{branches::build_supernet, SupernetConfig};
+    use candle_core::{Device, Tensor};
+
+    fn supernet() -> Supernet {
+        let arch = ArchDescriptor::from_json(
+            br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[3,3,3],"widths":[4,8,16],"in_channels":1,"num_classes":10}"#,
+        )
+        .unwrap();
+        build_supernet(
+            &Model::init(&arch.spec, 5).unwrap(),
+            &SupernetConfig::merge_only(),
+        )
+        .unwrap()
+    }
+
+    /// Seeded images (deterministic, unlike `Tensor::randn`), contrast rising per batch.
+    fn eval_set(sn: &Supernet, batches: usize, batch: usize) -> EvalSet {
+        let mut rng = ChaCha8Rng::seed_from_u64(42);
+        let inputs = (0..batches)
+            .map(|b| {
+                let scale = 1.0 + b as f32 * 0.1;
+                let v: Vec<f32> = (0..batch * 28 * 28)
+                    .map(|_| rng.random_range(-scale..scale))
+                    .collect();
+                Tensor::from_vec(v, (batch, 1, 28, 28), &Device::Cpu).unwrap()
+            })
+            .collect();
+        EvalSet::from_batches(sn, inputs, None, QualityMode::OracleAgreement).unwrap()
+    }
+
+    #[test]
+    fn race_bound_keeps_close_calls_and_drops_clear_losers() {
+        // No disagreement seen yet: too early to drop.
+        assert!(race_keeps(0, 0, 100, 400, 2.5).0);
+        // A few images either way: keep.
+        assert!(race_keeps(2, 5, 100, 400, 2.5).0);
+        // 25 images behind, 1 ahead out of 100: cannot catch up on 400 more.
+        let (keep, est) = race_keeps(1, 25, 100, 400, 2.5);
+        assert!(!keep && est < -100.0, "{est}");
+        // z = 0 reduces the rule to the extrapolated mean.
+        assert!(!race_keeps(2, 5, 100, 400, 0.0).0);
+        assert!(race_keeps(5, 2, 100, 400, 0.0).0);
+    }
+
+    #[test]
+    fn evaluation_does_not_depend_on_workers_or_method_and_ranges_compose() {
+        let sn = supernet();
+        let set = eval_set(&sn, 3, 10);
+        let subnets = sn.spec.enumerate(1000).unwrap();
+        let subnets: Vec<Subnet> = subnets.into_iter().step_by(7).collect();
+        let each = Method::Each { from_stem: false };
+        let (a, sa) = evaluate_masks(&sn, &set, &subnets, 0..30, each, 1).unwrap();
+        let prefix = Method::Prefix {
+            max_cache_bytes: usize::MAX,
+        };
+        let (b, sb) = evaluate_masks(&sn, &set, &subnets, 0..30, prefix, 3).unwrap();
+        assert_eq!(a, b);
+        assert!(sb.module_applications < sa.module_applications);
+        // Split at an image inside a batch, with two workers.
+        let (lo, _) = evaluate_masks(&sn, &set, &subnets, 0..13, prefix, 2).unwrap();
+        let (hi, _) = evaluate_masks(&sn, &set, &subnets, 13..30, prefix, 2).unwrap();
+        for ((l, h), full) in lo.iter().zip(&hi).zip(&a) {
+            assert_eq!([l.as_slice(), h.as_slice()].concat(), *full);
+        }
+        assert!(evaluate_masks(&sn, &set, &subnets, 0..31, prefix, 1).is_err());
+    }
+
+    #[test]
+    fn racing_never_drops_a_subnet_that_would_enter_the_front() {
+        let sn = supernet();
+        let set = eval_set(&sn, 4, 50);
+        let table = LatencyTable::from_macs(&sn.spec, 1.0);
+        let all = sn.spec.enumerate(1000).unwrap();
+        let (truth, _) = evaluate_prefix(&sn, &set, &all, usize::MAX).unwrap();
+        let cfg = SearchConfig {
+            race_images: 50,
+            ..SearchConfig::default()
+        };
+        let mut arch = Archive {
+            supernet: &sn,
+            table: &table,
+            set: &set,
+            cfg: &cfg,
+            scores: BTreeMap::new(),
+            stats: SearchStats::default(),
+        };
+        // A few subnets fully scored first (the references), then every other one raced.
+        let seeds: Vec<Subnet> = all.iter().step_by(15).cloned().collect();
+        arch.evaluate(seeds.clone(), false).unwrap();
+        assert_eq!(arch.stats.raced_out, 0);
+        arch.evaluate(all.clone(), false).unwrap();
+        // Non-vacuous: some subnets were actually dropped after the subset round.
+        assert!(arch.stats.raced_out > 0, "{:?}", arch.stats);
+        assert_eq!(arch.stats.evaluations, all.len());
+        let q: BTreeMap<&Subnet, f64> = all.iter().zip(truth).collect();
+        // Full scores are exact.
+        for (s, e) in arch.scores.iter().filter(|(_, e)| e.full) {
+            assert_eq!(e.quality, q[s]);
+        }
+        // The front and the best subnet of every budget over the raced archive equal those of
+        // exhaustive evaluation.
+        let exact: Vec<Candidate> = all
+            .iter()
+            .map(|s| Candidate {
+                subnet: s.clone(),
+                latency_ms: table.predict_ms(s).unwrap(),
+                quality: q[s],
+            })
+            .collect();
+        let raced = arch.candidates();
+        let qualities = |f: Vec<Candidate>| f.iter().map(|c| c.quality).collect::<Vec<_>>();
+        assert_eq!(
+            qualities(pareto_front(&raced)),
+            qualities(pareto_front(&exact))
+        );
+        let (lo, hi) = table.latency_range(&sn.spec).unwrap();
+        for k in 0..=10 {
+            let b = lo + (hi - lo) * k as f64 / 10.0;
+            assert_eq!(
+                best_within(&raced, b).map(|c| c.quality),
+                best_within(&exact, b).map(|c| c.quality),
+                "budget {b}"
+            );
+        }
+        // Raced-out estimates sit below the truth's reach: never above the best full score
+        // at their latency.
+        for (s, e) in arch.scores.iter().filter(|(_, e)| !e.full) {
+            let r = arch.reference(e.latency).unwrap();
+            assert!(e.quality < r.quality, "{s}: {} vs {}", e.quality, r.quality);
+        }
+    }
+
+    #[test]
+    fn search_with_racing_is_deterministic_and_answers_from_full_scores() {
+        let sn = supernet();
+        let set = eval_set(&sn, 4, 50);
+        let table = LatencyTable::from_macs(&sn.spec, 1.0);
+        let n = sn.spec.num_positions();
+        let budget = Budget::Fraction(0.7).resolve(&table, n).unwrap();
+        let cfg = SearchConfig {
+            population: 12,
+            generations: 4,
+            seed: 9,
+            race_images: 50,
+            threads: 2,
+            ..SearchConfig::default()
+        };
+        let a = search(&sn, &table, &set, &[budget], &cfg, |_, _| {}).unwrap();
+        let b = search(
+            &sn,
+            &table,
+            &set,
+            &[budget],
+            &SearchConfig { threads: 1, ..cfg },
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!((&a.best, &a.front), (&b.best, &b.front));
+        assert_eq!(a.stats.evaluations, b.stats.evaluations);
+        let best = &a.best[0].best;
+        assert!(best.latency_ms <= budget);
+        sn.spec.validate(&best.subnet).unwrap();
+        let (q, _) =
+            evaluate_prefix(&sn, &set, std::slice::from_ref(&best.subnet), usize::MAX).unwrap();
+        assert_eq!(q[0], best.quality);
+        for c in &a.front {
+            let (q, _) =
+                evaluate_prefix(&sn, &set, std::slice::from_ref(&c.subnet), usize::MAX).unwrap();
+            assert_eq!(q[0], c.quality, "{}", c.subnet);
+        }
+    }
+
+    #[test]
+    fn warm_start_from_a_front_keeps_its_best_and_skips_foreign_codes() {
+        let sn = supernet();
+        let set = eval_set(&sn, 2, 20);
+        let table = LatencyTable::from_macs(&sn.spec, 1.0);
+        let budget = Budget::Fraction(0.7)
+            .resolve(&table, sn.spec.num_positions())
+            .unwrap();
+        let cfg = SearchConfig {
+            population: 10,
+            generations: 3,
+            seed: 1,
+            ..SearchConfig::default()
+        };
+        let first = search(&sn, &table, &set, &[budget], &cfg, |_, _| {}).unwrap();
+        let mut warm: Vec<Subnet> = first.front.iter().map(|c| c.subnet.clone()).collect();
+        warm.push(Subnet(vec![0; 4])); // another supernet's code
+        let again = SearchConfig {
+            generations: 0,
+            seed: 2,
+            ..cfg
+        };
+        let second = search_from(&sn, &table, &set, &[budget], &again, &warm, |_, _| {}).unwrap();
+        assert!(second.best[0].best.quality >= first.best[0].best.quality);
+    }
 }

@@ -204,13 +204,7 @@ pub fn sample_in_band<R: Rng>(
             }
         }
     }
-    let oracle = Subnet::original(n);
-    let base = table.predict_ms(&oracle)?
-        - oracle
-            .steps()
-            .map(|(p, id)| table.scaled_module_ms(p, id))
-            .sum::<Result<f64>>()?;
-    let mut acc = base;
+    let mut acc = table.fixed_ms();
     let mut v = Vec::with_capacity(n);
     let mut i = 0;
     while i < n {
@@ -237,7 +231,7 @@ pub fn sample_in_band<R: Rng>(
     Ok(Subnet(v))
 }
 
-/// The subnet with the smallest table latency (dynamic programming over positions).
+/// The subnet with the smallest calibrated table latency (dynamic programming over positions).
 pub fn cheapest(spec: &SupernetSpec, table: &LatencyTable) -> Result<Subnet> {
     let n = spec.num_positions();
     let mut best: Vec<(f64, i8, usize)> = vec![(f64::INFINITY, 0, 1); n + 1];
@@ -245,7 +239,7 @@ pub fn cheapest(spec: &SupernetSpec, table: &LatencyTable) -> Result<Subnet> {
     for i in (0..n).rev() {
         for c in &spec.positions[i] {
             if i + c.span <= n {
-                let t = table.module_ms(i, c.id)? + best[i + c.span].0;
+                let t = table.scaled_module_ms(i, c.id)? + best[i + c.span].0;
                 if t < best[i].0 {
                     best[i] = (t, c.id, c.span);
                 }

@@ -4,9 +4,19 @@
 //! held for that clone only) and runs on it, so in-flight requests finish on the old subnet
 //! while a switch installs a new one. A switch loads only the modules that differ from the
 //! active subnet (the rest share tensor storage) and verifies them; if a load fails, nothing
-//! is swapped and the old subnet keeps serving.
+//! is swapped and the old subnet keeps serving. A new supernet version (hot re-sync) is
+//! installed the same way by [`Server::replace`], reusing modules whose blob digest did not
+//! change.
+//!
+//! Every forward pass records its latency in one sliding window: [`Server::window_stats`]
+//! (status, heartbeats) reads the whole window, [`Server::take_fresh`] (the controller) only
+//! the samples recorded since its previous read, so successive controller windows never
+//! overlap and their spread is a fair estimate of the measurement noise.
+//!
+//! [`grpc`] puts the local `EdgeInference` API on top.
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -20,6 +30,9 @@ use candle_core::Tensor;
 
 use crate::profile::quantile;
 use crate::Result;
+
+pub mod bn;
+pub mod grpc;
 
 /// A local supernet artifact directory (manifest + verified blobs).
 #[derive(Clone, Debug)]
@@ -46,18 +59,23 @@ impl ArtifactSource {
         Ok(sn)
     }
 
-    /// Loads and verifies one (position, choice) module.
-    pub fn load_module(&self, pos: usize, id: i8) -> Result<Params> {
-        let name = module_name(pos, id);
-        let c = self
+    /// The manifest entry of one (position, choice) module.
+    pub fn entry(&self, pos: usize, id: i8) -> Result<&adaptivenet_core::artifact::ChoiceEntry> {
+        Ok(self
             .manifest
             .positions
             .get(pos)
             .and_then(|p| p.choices.iter().find(|c| c.id == id))
             .ok_or_else(|| CoreError::Artifact {
-                module: name.clone(),
+                module: module_name(pos, id),
                 reason: "not in the manifest".into(),
-            })?;
+            })?)
+    }
+
+    /// Loads and verifies one (position, choice) module, BN folded.
+    pub fn load_module(&self, pos: usize, id: i8) -> Result<Params> {
+        let name = module_name(pos, id);
+        let c = self.entry(pos, id)?;
         let path = blob_path(&self.dir, &c.module.sha256);
         let bytes = std::fs::read(&path).map_err(|e| CoreError::Artifact {
             module: name.clone(),
@@ -78,6 +96,8 @@ pub struct ActiveModel {
     pub supernet: Supernet,
     /// Increases with every switch; tags latency samples so a window never mixes subnets.
     pub version: u64,
+    /// The manifest `supernet_id` the weights come from.
+    pub supernet_id: String,
 }
 
 /// What a switch did.
@@ -90,21 +110,63 @@ pub struct SwitchReport {
     pub millis: f64,
 }
 
+/// Statistics of a set of latency samples (ms).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WindowStats {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    /// The model version the samples were measured on.
+    pub version: u64,
+}
+
 /// Live latency samples of the active version (a sliding window).
 #[derive(Debug)]
 struct Window {
     version: u64,
     samples: VecDeque<f64>,
     cap: usize,
+    /// Samples recorded since the controller's last [`Server::take_fresh`].
+    fresh: usize,
+}
+
+impl Window {
+    fn stats(&self, last: usize) -> WindowStats {
+        let k = last.min(self.samples.len());
+        let mut v: Vec<f64> = self
+            .samples
+            .iter()
+            .skip(self.samples.len() - k)
+            .copied()
+            .collect();
+        v.sort_by(f64::total_cmp);
+        WindowStats {
+            samples: v.len(),
+            p50_ms: quantile(&v, 0.5),
+            p95_ms: quantile(&v, 0.95),
+            version: self.version,
+        }
+    }
+}
+
+/// One answered batch: the scores and exactly which model produced them.
+#[derive(Clone, Debug)]
+pub struct Inference {
+    pub scores: Tensor,
+    pub subnet: Subnet,
+    pub version: u64,
+    pub millis: f64,
 }
 
 /// The serving core: active model, swap, live latency window.
 #[derive(Debug)]
 pub struct Server {
-    source: ArtifactSource,
+    source: RwLock<ArtifactSource>,
     active: RwLock<Arc<ActiveModel>>,
     switching: Mutex<()>,
     window: Mutex<Window>,
+    requests: AtomicU64,
+    images: AtomicU64,
 }
 
 impl Server {
@@ -113,23 +175,31 @@ impl Server {
     pub fn start(source: ArtifactSource, subnet: &Subnet, window: usize) -> Result<Server> {
         let supernet = source.load(Some(std::slice::from_ref(subnet)))?;
         Ok(Server {
-            source,
             active: RwLock::new(Arc::new(ActiveModel {
                 subnet: subnet.clone(),
                 supernet,
                 version: 0,
+                supernet_id: source.manifest.supernet_id.to_string(),
             })),
+            source: RwLock::new(source),
             switching: Mutex::new(()),
             window: Mutex::new(Window {
                 version: 0,
                 samples: VecDeque::new(),
                 cap: window.max(1),
+                fresh: 0,
             }),
+            requests: AtomicU64::new(0),
+            images: AtomicU64::new(0),
         })
     }
 
-    pub fn source(&self) -> &ArtifactSource {
-        &self.source
+    /// The artifact the active model comes from.
+    pub fn source(&self) -> ArtifactSource {
+        self.source
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The model serving now (cheap `Arc` clone).
@@ -142,72 +212,229 @@ impl Server {
 
     /// Runs one request batch on the active subnet and records its latency.
     pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.infer_tagged(x)?.scores)
+    }
+
+    /// Like [`Server::infer`], also saying which model answered: the request holds that
+    /// model's `Arc` for its whole forward pass, so a concurrent switch never mixes subnets.
+    pub fn infer_tagged(&self, x: &Tensor) -> Result<Inference> {
         let m = self.active();
         let t = Instant::now();
-        let y = m.supernet.forward(&m.subnet, x)?;
-        self.record(m.version, t.elapsed().as_secs_f64() * 1e3);
-        Ok(y)
+        let scores = m.supernet.forward(&m.subnet, x)?;
+        let millis = t.elapsed().as_secs_f64() * 1e3;
+        self.record(m.version, millis);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.images
+            .fetch_add(x.dim(0).unwrap_or(0) as u64, Ordering::Relaxed);
+        Ok(Inference {
+            scores,
+            subnet: m.subnet.clone(),
+            version: m.version,
+            millis,
+        })
+    }
+
+    /// (requests, images) answered since start.
+    pub fn served(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.images.load(Ordering::Relaxed),
+        )
     }
 
     /// Records a latency sample (ms) measured on model `version`; samples of an older
     /// version are dropped, so the window always describes the subnet serving now.
     pub fn record(&self, version: u64, ms: f64) {
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        if version != w.version {
+        if version != w.version || !ms.is_finite() {
             return;
         }
         if w.samples.len() == w.cap {
             w.samples.pop_front();
         }
         w.samples.push_back(ms);
+        w.fresh += 1;
     }
 
     /// (samples, p50, p95) of the current window.
     pub fn window_stats(&self) -> (usize, f64, f64) {
+        let s = self.window_snapshot();
+        (s.samples, s.p50_ms, s.p95_ms)
+    }
+
+    /// Statistics of the whole current window.
+    pub fn window_snapshot(&self) -> WindowStats {
         let w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<f64> = w.samples.iter().copied().collect();
-        v.sort_by(f64::total_cmp);
-        (v.len(), quantile(&v, 0.5), quantile(&v, 0.95))
+        w.stats(w.cap)
+    }
+
+    /// Statistics of the samples recorded since the previous call (at most the window's
+    /// capacity, the newest ones), once at least `min_samples` are there; `None` before.
+    pub fn take_fresh(&self, min_samples: usize) -> Option<WindowStats> {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        if w.fresh < min_samples.max(1) {
+            return None;
+        }
+        let s = w.stats(w.fresh);
+        w.fresh = 0;
+        Some(s)
     }
 
     /// Switches to `target`, loading only the modules that differ. On error the old subnet
     /// keeps serving.
     pub fn switch(&self, target: &Subnet) -> Result<SwitchReport> {
+        self.switch_with(target, BTreeMap::new())
+    }
+
+    /// Like [`Server::switch`], with some modules given (e.g. BN-recalibrated ones) instead
+    /// of being reused or loaded.
+    pub fn switch_with(
+        &self,
+        target: &Subnet,
+        mut given: BTreeMap<(usize, i8), Params>,
+    ) -> Result<SwitchReport> {
         let _guard = self.switching.lock().unwrap_or_else(|e| e.into_inner());
         let t = Instant::now();
         let cur = self.active();
+        let source = self.source();
         cur.supernet.spec.validate(target)?;
         let (mut loaded, mut reused) = (0, 0);
         let mut modules = BTreeMap::new();
         for (p, id) in target.steps() {
-            let params = match cur.supernet.modules.get(&(p, id)) {
-                Some(m) => {
+            let params = match (given.remove(&(p, id)), cur.supernet.modules.get(&(p, id))) {
+                (Some(m), _) => {
+                    loaded += 1;
+                    m
+                }
+                (None, Some(m)) => {
                     reused += 1;
                     m.clone()
                 }
-                None => {
+                (None, None) => {
                     loaded += 1;
-                    self.source.load_module(p, id)?
+                    source.load_module(p, id)?
                 }
             };
             modules.insert((p, id), params);
         }
+        let supernet = Supernet {
+            spec: cur.supernet.spec.clone(),
+            stem: cur.supernet.stem.clone(),
+            head: cur.supernet.head.clone(),
+            modules,
+        };
+        self.install(&cur, target, supernet, None, t, loaded, reused)
+    }
+
+    /// Serves `target` from another artifact (a new supernet version): modules whose blob
+    /// digest is unchanged are reused, the rest loaded and verified from `source`. On error
+    /// the old artifact and subnet keep serving.
+    pub fn replace(&self, source: ArtifactSource, target: &Subnet) -> Result<SwitchReport> {
+        let _guard = self.switching.lock().unwrap_or_else(|e| e.into_inner());
+        let t = Instant::now();
+        let cur = self.active();
+        let old = self.source();
+        let spec = source.manifest.supernet_spec();
+        spec.validate(target)?;
+        let same_spec = spec == cur.supernet.spec;
+        let (mut loaded, mut reused) = (0, 0);
+        let mut modules = BTreeMap::new();
+        for (p, id) in target.steps() {
+            let want = &source.entry(p, id)?.module.sha256;
+            let have = old.entry(p, id).ok().map(|c| &c.module.sha256);
+            let params = match cur.supernet.modules.get(&(p, id)) {
+                Some(m) if same_spec && have == Some(want) => {
+                    reused += 1;
+                    m.clone()
+                }
+                _ => {
+                    loaded += 1;
+                    source.load_module(p, id)?
+                }
+            };
+            modules.insert((p, id), params);
+        }
+        let eps = source.manifest.oracle.numerics.bn_eps;
+        let mut part = |name: &str,
+                        e: &adaptivenet_core::artifact::ModuleEntry,
+                        o: &adaptivenet_core::artifact::ModuleEntry,
+                        have: &Params,
+                        shapes: Vec<(String, Vec<usize>)>|
+         -> Result<Params> {
+            if same_spec && e.sha256 == o.sha256 {
+                reused += 1;
+                return Ok(have.clone());
+            }
+            loaded += 1;
+            let path = blob_path(&source.dir, &e.sha256);
+            let bytes = std::fs::read(&path).map_err(|err| CoreError::Artifact {
+                module: name.to_string(),
+                reason: format!("cannot read {}: {err}", path.display()),
+            })?;
+            let p = decode_module(name, &bytes, e, &shapes)?;
+            Ok(adaptivenet_core::model::fold::fold_params(&p, eps)?)
+        };
+        let m = &source.manifest;
+        let stem = part(
+            "stem",
+            &m.stem,
+            &old.manifest.stem,
+            &cur.supernet.stem,
+            m.oracle.stem.param_shapes(),
+        )?;
+        let head = part(
+            "head",
+            &m.head,
+            &old.manifest.head,
+            &cur.supernet.head,
+            m.oracle.head.param_shapes(),
+        )?;
+        let supernet = Supernet {
+            spec,
+            stem,
+            head,
+            modules,
+        };
+        self.install(&cur, target, supernet, Some(source), t, loaded, reused)
+    }
+
+    /// Swaps in the new model (and source); callers hold the switching lock.
+    #[allow(clippy::too_many_arguments)]
+    fn install(
+        &self,
+        cur: &ActiveModel,
+        target: &Subnet,
+        supernet: Supernet,
+        source: Option<ArtifactSource>,
+        t: Instant,
+        loaded: usize,
+        reused: usize,
+    ) -> Result<SwitchReport> {
+        let supernet_id = match &source {
+            Some(s) => s.manifest.supernet_id.to_string(),
+            None => cur.supernet_id.clone(),
+        };
         let next = Arc::new(ActiveModel {
             subnet: target.clone(),
-            supernet: Supernet {
-                spec: cur.supernet.spec.clone(),
-                stem: cur.supernet.stem.clone(),
-                head: cur.supernet.head.clone(),
-                modules,
-            },
+            supernet,
             version: cur.version + 1,
+            supernet_id,
         });
         let version = next.version;
-        *self.active.write().unwrap_or_else(|e| e.into_inner()) = next;
+        {
+            // Source and model change together: readers of either see a consistent pair
+            // once the active model is swapped.
+            let mut src = self.source.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = source {
+                *src = s;
+            }
+            *self.active.write().unwrap_or_else(|e| e.into_inner()) = next;
+        }
         {
             let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
             w.version = version;
             w.samples.clear();
+            w.fresh = 0;
         }
         Ok(SwitchReport {
             from: cur.subnet.clone(),

@@ -1,0 +1,680 @@
+//! On-device search benchmark (issue 5 §5): `cargo bench --bench search`.
+//!
+//! On the Fashion-MNIST ResNet-20 supernet (all four branch kinds: merge2, merge3, prune1,
+//! prune2, so the standard configuration's ~400 evaluations fit in the space; its merge-only
+//! subspace is the 149-subnet space of the reference numbers):
+//! 1. the supernet: a short training run with the cloud's own library code (oracle from
+//!    scratch, then elastification), cached under `target/bench-cache/search/` so reruns
+//!    start at once; `SEARCH_BENCH_SUPERNET=untrained` uses the freshly initialised supernet
+//!    instead. The table says which one ran.
+//! 2. latency table at batch 1 on one kernel thread (the deployment setting), and its error on
+//!    random subnets measured end to end in interleaved rounds: the calibration is fitted on
+//!    one half and checked on the other (held out), raw and calibrated.
+//! 3. search with every speed-up vs the plain EA (same seed, population, generations, worker
+//!    threads), and an ablation with each speed-up off in turn.
+//! 4. the gap to the exhaustive optimum of the merge-only space (all 149 evaluated).
+//! 5. switch time between neighbours on the front (serve/), and the resident memory of a real
+//!    `edge-agent run --artifact ...` child process while it serves.
+//!
+//! Standard configuration: population 64, 8 generations, 500 test images, budget 0.6 of the
+//! oracle's measured latency, seed 0. Environment: `SEARCH_BENCH_THREADS` (evaluation workers,
+//! default 2), `SEARCH_BENCH_ABLATION=0` (skip the ablation rows), `SEARCH_BENCH_ORACLE_STEPS`,
+//! `SEARCH_BENCH_STAGE_STEPS` (training length of the cached supernet).
+//!
+//! Ends with one line `BENCH {json}`.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use adaptivenet_cloud::elastify::{
+    elastify, train_oracle, ElastifyConfig, ProgressEvent, TrainOracleConfig,
+};
+use adaptivenet_core::artifact::{write_artifact, InputSpec};
+use adaptivenet_core::data::{fashion_mnist, FASHION_MNIST_CLASSES};
+use adaptivenet_core::model::{ArchDescriptor, Model};
+use adaptivenet_core::supernet::{
+    branches::build_supernet, BranchKind, Subnet, Supernet, SupernetConfig,
+};
+use adaptivenet_edge::profile::{
+    self, assess, measure_subnets, observations, quantile, random_subnets, rel_errors,
+    LatencyTable, ProfileConfig,
+};
+use adaptivenet_edge::quality::{EvalSet, QualityMode};
+use adaptivenet_edge::search::{
+    self, best_within, evaluate_masks, Candidate, Method, SearchConfig, SearchResult, Speedups,
+};
+use adaptivenet_edge::serve::{ArtifactSource, Server};
+use adaptivenet_edge::state::{SearchRecord, StateDir};
+use serde_json::json;
+
+type Res<T> = anyhow::Result<T>;
+
+const ARCH: &str = r#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[3,3,3],"widths":[16,32,64],"in_channels":1,"num_classes":10}"#;
+const IMAGES: usize = 500;
+const BUDGET_FRACTION: f64 = 0.6;
+const SEED: u64 = 0;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+fn fashion_dir() -> PathBuf {
+    adaptivenet_core::assets_dir().join("fashion-mnist")
+}
+
+fn input_spec() -> InputSpec {
+    InputSpec {
+        shape: [1, 28, 28],
+        mean: vec![0.2860],
+        std: vec![0.3530],
+        class_names: FASHION_MNIST_CLASSES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    }
+}
+
+fn all_branches() -> Vec<String> {
+    ["merge2", "merge3", "prune1", "prune2"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// The artifact directory and a description of what it holds (cached across runs).
+fn prepare_artifact() -> Res<(PathBuf, String)> {
+    let untrained = std::env::var("SEARCH_BENCH_SUPERNET").is_ok_and(|v| v == "untrained");
+    let oracle_steps = env_usize("SEARCH_BENCH_ORACLE_STEPS", 1400) as u64;
+    let stage_steps = env_usize("SEARCH_BENCH_STAGE_STEPS", 300) as u64;
+    let key = if untrained {
+        "untrained".to_string()
+    } else {
+        format!("trained-o{oracle_steps}-s{stage_steps}")
+    };
+    let dir = target_dir().join("bench-cache/search").join(&key);
+    let info_path = dir.join("bench-info.json");
+    if dir.join("manifest.json").is_file() {
+        if let Ok(info) = std::fs::read_to_string(&info_path) {
+            return Ok((dir, info));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let arch = ArchDescriptor::from_json(ARCH.as_bytes())?;
+    let branches = all_branches();
+    let t0 = Instant::now();
+    let (sn, info) = if untrained {
+        let oracle = Model::init(&arch.spec, SEED)?;
+        let cfg = SupernetConfig::from_names(&branches, SEED)?;
+        (
+            build_supernet(&oracle, &cfg)?,
+            "untrained (Kaiming-initialised oracle, branches by pretraining-assisted init)"
+                .to_string(),
+        )
+    } else {
+        eprintln!(
+            "training the bench supernet once (oracle {oracle_steps} steps, elastify 2x{stage_steps} steps; cached in {})",
+            dir.display()
+        );
+        // Training uses both cores; the measurements below pin their own thread counts.
+        adaptivenet_kernels::threads::set_max_threads(2);
+        let train = fashion_mnist(fashion_dir(), true)?;
+        let test = fashion_mnist(fashion_dir(), false)?;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let mut log = |e: &ProgressEvent| {
+            if e.step.is_multiple_of(100) {
+                eprintln!(
+                    "  {} step {} loss {:.4} ({:.0} img/s)",
+                    e.stage, e.step, e.loss, e.samples_per_sec
+                );
+            }
+        };
+        let ocfg = TrainOracleConfig {
+            steps: oracle_steps,
+            warmup_steps: (oracle_steps / 10).min(200),
+            ..TrainOracleConfig::default()
+        };
+        let (oracle, orep) =
+            train_oracle(&arch.spec, &ocfg, &train, Some(&test), &mut log, &cancel)?;
+        let ecfg = ElastifyConfig {
+            branches,
+            stage0_steps: stage_steps,
+            stage1_steps: stage_steps,
+            warmup_steps: (stage_steps / 10).min(100),
+            ..ElastifyConfig::default()
+        };
+        let out = elastify(&oracle, &ecfg, &train, &mut log, None, &cancel)?;
+        adaptivenet_kernels::threads::set_max_threads(0);
+        (
+            out.supernet,
+            format!(
+                "trained: oracle {oracle_steps} steps (test acc {:.2}%), elastified {stage_steps}+{stage_steps} steps, {:.0} s",
+                100.0 * orep.test_accuracy.unwrap_or(f64::NAN),
+                t0.elapsed().as_secs_f64()
+            ),
+        )
+    };
+    write_artifact(&dir, &sn, input_spec(), &"0".repeat(64), vec![])?;
+    std::fs::write(&info_path, &info)?;
+    Ok((dir, info))
+}
+
+/// The merge-only subspace of a supernet (choices with id >= 0), sharing its weights.
+fn merge_only(sn: &Supernet) -> Supernet {
+    let mut spec = sn.spec.clone();
+    for cs in &mut spec.positions {
+        cs.retain(|c| c.id >= 0);
+    }
+    spec.branches
+        .retain(|k| matches!(k, BranchKind::Merge2 | BranchKind::Merge3));
+    Supernet {
+        spec,
+        stem: sn.stem.clone(),
+        head: sn.head.clone(),
+        modules: sn
+            .modules
+            .iter()
+            .filter(|((_, id), _)| *id >= 0)
+            .map(|(k, v)| (*k, v.clone()))
+            .collect(),
+    }
+}
+
+fn params_bytes<'a>(ps: impl Iterator<Item = &'a adaptivenet_core::model::Params>) -> usize {
+    ps.flat_map(|p| p.values())
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum()
+}
+
+/// Best quality at latency <= `l` on a front (None below its first point).
+fn front_at(front: &[Candidate], l: f64) -> Option<f64> {
+    front
+        .iter()
+        .filter(|c| c.latency_ms <= l + 1e-12)
+        .map(|c| c.quality)
+        .max_by(f64::total_cmp)
+}
+
+/// Largest shortfall of `other`'s front against `reference`'s, at each reference point up to
+/// `max_latency` (points; 0 when `other` is at least as good everywhere).
+fn front_shortfall(reference: &[Candidate], other: &[Candidate], max_latency: f64) -> f64 {
+    reference
+        .iter()
+        .filter(|c| c.latency_ms <= max_latency)
+        .map(|c| c.quality - front_at(other, c.latency_ms).unwrap_or(0.0))
+        .fold(0.0, f64::max)
+}
+
+struct Row {
+    name: &'static str,
+    result: SearchResult,
+}
+
+fn run_search(
+    sn: &Supernet,
+    table: &LatencyTable,
+    set: &EvalSet,
+    budget: f64,
+    speedups: Speedups,
+    threads: usize,
+) -> Res<SearchResult> {
+    let cfg = SearchConfig {
+        population: 64,
+        generations: 8,
+        seed: SEED,
+        speedups,
+        threads,
+        ..SearchConfig::default()
+    };
+    let r = search::search(sn, table, set, &[budget], &cfg, |_, _| {})?;
+    for b in &r.best {
+        sn.spec.validate(&b.best.subnet)?;
+        anyhow::ensure!(b.best.latency_ms <= b.budget_ms, "over budget: {b:?}");
+    }
+    Ok(r)
+}
+
+/// VmRSS and VmHWM of a process, in MiB.
+fn rss_mb(pid: u32) -> Option<(f64, f64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Runs `edge-agent run` on the artifact with the bench's table and search result already in
+/// its state directory (so it serves at once), samples its resident memory while it serves
+/// local data, and returns (max VmRSS while serving, VmHWM, served line).
+fn child_serving_rss(
+    artifact: &Path,
+    table: &LatencyTable,
+    rec: &SearchRecord,
+    budget_ms: f64,
+) -> Res<(f64, f64, String)> {
+    let state = tempfile::tempdir()?;
+    let sd = StateDir::new(state.path());
+    let id = ArtifactSource::open(artifact)?
+        .manifest
+        .supernet_id
+        .to_string();
+    sd.save_table(table)?;
+    sd.save_search(&id, rec)?;
+    let child = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["run", "--artifact"])
+        .arg(artifact)
+        .arg("--state")
+        .arg(state.path())
+        .arg("--data")
+        .arg(fashion_dir())
+        .args([
+            "--budget",
+            &format!("{budget_ms}ms"),
+            "--threads",
+            "1",
+            "--duration",
+            "6",
+            "--interval-ms",
+            "500",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    // Skip start-up (artifact load, data read), then sample while it serves.
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut rss: f64 = 0.0;
+    let mut hwm: f64 = 0.0;
+    for _ in 0..20 {
+        if let Some((r, h)) = rss_mb(pid) {
+            rss = rss.max(r);
+            hwm = hwm.max(h);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    anyhow::ensure!(
+        out.status.success(),
+        "edge-agent run failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(
+        stdout.contains("served"),
+        "edge-agent did not serve: {stdout}"
+    );
+    let served = stdout
+        .lines()
+        .find(|l| l.starts_with("served"))
+        .unwrap_or("")
+        .to_string();
+    Ok((rss, hwm, served))
+}
+
+fn main() -> Res<()> {
+    let threads = env_usize("SEARCH_BENCH_THREADS", 2).max(1);
+    let ablation = !matches!(std::env::var("SEARCH_BENCH_ABLATION").as_deref(), Ok("0"));
+    let (artifact, info) = prepare_artifact()?;
+    // Every measurement runs its kernels on one thread: batch-1 latency is the deployment
+    // setting, and search parallelism comes from the evaluation workers.
+    adaptivenet_kernels::threads::set_max_threads(1);
+    let kernel_threads = adaptivenet_kernels::threads::current();
+    let src = ArtifactSource::open(&artifact)?;
+    let sn = src.load(None)?;
+    let spec = &sn.spec;
+    let n = spec.num_positions();
+    println!("supernet: {info}");
+    println!(
+        "space: {} subnets ({} merge-only); {} images; evaluation workers {threads}, kernel threads {kernel_threads}",
+        spec.count(),
+        merge_only(&sn).spec.count(),
+        IMAGES
+    );
+
+    // --- Latency table and its error.
+    let t0 = Instant::now();
+    let mut table = profile::profile(&sn, &ProfileConfig::default(), |_, _| {})?;
+    table.supernet_id = Some(src.manifest.supernet_id.to_string());
+    table.conditions.threads = kernel_threads;
+    let profile_s = t0.elapsed().as_secs_f64();
+    let subnets = random_subnets(spec, 70, 11)?;
+    let rounds = 20;
+    let t0 = Instant::now();
+    let measured = measure_subnets(&sn, &subnets, 1, 3, rounds, 11)?;
+    let validate_s = t0.elapsed().as_secs_f64();
+    let half = subnets.len() / 2;
+    let obs = observations(&table, &subnets, &measured)?;
+    let (v, cal) = assess(&obs[..half], rounds);
+    table.calibration = cal;
+    table.validation = Some(v.clone());
+    let held = &obs[half..];
+    let raw = rel_errors(
+        &held.iter().map(|o| o.additive).collect::<Vec<_>>(),
+        &held.iter().map(|o| o.measured).collect::<Vec<_>>(),
+    );
+    let cald = rel_errors(
+        &held
+            .iter()
+            .map(|o| cal.apply(o.additive, o.calls))
+            .collect::<Vec<_>>(),
+        &held.iter().map(|o| o.measured).collect::<Vec<_>>(),
+    );
+    let oracle = Subnet::original(n);
+    let oracle_k = subnets
+        .iter()
+        .position(|s| *s == oracle)
+        .ok_or_else(|| anyhow::anyhow!("oracle not among the measured subnets"))?;
+    let oracle_ms = measured[oracle_k];
+    let budget = BUDGET_FRACTION * oracle_ms;
+    let lut = (
+        quantile(&cald, 0.5),
+        quantile(&cald, 0.9),
+        quantile(&raw, 0.5),
+        quantile(&raw, 0.9),
+    );
+    println!(
+        "\n## latency table (batch 1, {kernel_threads} kernel thread): profiled {} modules in {profile_s:.1} s",
+        table.modules.len()
+    );
+    println!(
+        "{} random subnets measured end to end, {rounds} interleaved rounds ({validate_s:.1} s); fit on {half}, held out {}",
+        subnets.len(),
+        subnets.len() - half
+    );
+    println!(
+        "bias (measured / sum) x{:.3}; model {:?}: scale {:.4}, per call {:.4} ms, offset {:.4} ms",
+        v.bias, v.model, cal.scale, cal.per_call_ms, cal.overhead_ms
+    );
+    println!("| error | median | p90 |\n|---|---|---|");
+    println!(
+        "| raw sum, held out | {:.1}% | {:.1}% |",
+        100.0 * lut.2,
+        100.0 * lut.3
+    );
+    println!(
+        "| calibrated, held out | {:.1}% | {:.1}% |",
+        100.0 * lut.0,
+        100.0 * lut.1
+    );
+    println!(
+        "| calibrated, leave-one-out on the fit half | {:.1}% | {:.1}% |",
+        100.0 * v.calibrated_median_err,
+        100.0 * v.calibrated_p90_err
+    );
+    println!(
+        "oracle measured {oracle_ms:.3} ms (table {:.3} ms); budget {BUDGET_FRACTION} x = {budget:.3} ms",
+        table.predict_ms(&oracle)?
+    );
+
+    // --- Local data.
+    let test = fashion_mnist(fashion_dir(), false)?;
+    let set = EvalSet::from_dataset(
+        &sn,
+        &src.manifest.input,
+        &test,
+        IMAGES,
+        100,
+        QualityMode::Labelled,
+        SEED,
+    )?;
+
+    // --- Searches.
+    let mut rows: Vec<Row> = Vec::new();
+    let full = run_search(&sn, &table, &set, budget, Speedups::all(), threads)?;
+    rows.push(Row {
+        name: "all speed-ups + racing",
+        result: full.clone(),
+    });
+    let plain = run_search(&sn, &table, &set, budget, Speedups::none(), threads)?;
+    let mut variants: Vec<(&'static str, Speedups)> = vec![(
+        "paper's four (racing off)",
+        Speedups {
+            racing: false,
+            ..Speedups::all()
+        },
+    )];
+    if ablation {
+        variants.extend([
+            (
+                "- stem cache",
+                Speedups {
+                    stem_cache: false,
+                    ..Speedups::all()
+                },
+            ),
+            (
+                "- guided init",
+                Speedups {
+                    guided_init: false,
+                    ..Speedups::all()
+                },
+            ),
+            (
+                "- latency-preserving",
+                Speedups {
+                    latency_preserving: false,
+                    ..Speedups::all()
+                },
+            ),
+            (
+                "- prefix reuse",
+                Speedups {
+                    prefix_reuse: false,
+                    ..Speedups::all()
+                },
+            ),
+        ]);
+    }
+    for (name, sp) in variants {
+        let result = run_search(&sn, &table, &set, budget, sp, threads)?;
+        rows.push(Row { name, result });
+    }
+    rows.push(Row {
+        name: "plain EA (none)",
+        result: plain.clone(),
+    });
+    let no_racing = &rows[1].result;
+    println!(
+        "\n## search (population 64, 8 generations, {IMAGES} images, budget {budget:.3} ms, seed {SEED}, {threads} workers)"
+    );
+    println!("| run | s | x vs plain | evals | raced out | module passes | evals/s | best % | best ms | front |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let s = &r.result.stats;
+        let b = &r.result.best[0].best;
+        println!(
+            "| {} | {:.1} | {:.2} | {} | {} | {} | {:.1} | {:.2} | {:.3} | {} |",
+            r.name,
+            s.seconds,
+            plain.stats.seconds / s.seconds,
+            s.evaluations,
+            s.raced_out,
+            s.module_applications,
+            s.evals_per_s,
+            b.quality,
+            b.latency_ms,
+            r.result.front.len()
+        );
+    }
+    let racing_front_gap = front_shortfall(&no_racing.front, &full.front, budget);
+    let racing_best_gap = no_racing.best[0].best.quality - full.best[0].best.quality;
+    println!(
+        "racing vs racing off: best within budget {:+.2} points, largest front shortfall up to the budget {:.2} points",
+        -racing_best_gap, racing_front_gap
+    );
+
+    // --- Gap to the exhaustive optimum of the merge-only space.
+    let mo = merge_only(&sn);
+    let all_mo = mo
+        .spec
+        .enumerate(100_000)
+        .ok_or_else(|| anyhow::anyhow!("merge-only space not enumerable"))?;
+    let t0 = Instant::now();
+    let (masks, _) = evaluate_masks(
+        &mo,
+        &set,
+        &all_mo,
+        0..set.len,
+        Method::Prefix {
+            max_cache_bytes: 256 << 20,
+        },
+        threads,
+    )?;
+    let exhaustive_s = t0.elapsed().as_secs_f64();
+    let truth: Vec<Candidate> = all_mo
+        .iter()
+        .zip(&masks)
+        .map(|(s, m)| {
+            Ok(Candidate {
+                subnet: s.clone(),
+                latency_ms: table.predict_ms(s)?,
+                quality: set.percent(m.iter().filter(|&&c| c).count()),
+            })
+        })
+        .collect::<Res<_>>()?;
+    let opt = best_within(&truth, budget).ok_or_else(|| anyhow::anyhow!("no feasible subnet"))?;
+    let found = &full.best[0].best;
+    let gap = opt.quality - found.quality;
+    // The search itself in the merge-only space, small enough not to enumerate it.
+    let fractions = [0.5, 0.6, 0.7, 0.8];
+    let budgets: Vec<f64> = fractions.iter().map(|f| f * oracle_ms).collect();
+    let small = SearchConfig {
+        population: 16,
+        generations: 3,
+        seed: SEED,
+        threads,
+        ..SearchConfig::default()
+    };
+    let mo_res = search::search(&mo, &table, &set, &budgets, &small, |_, _| {})?;
+    println!(
+        "\n## gap to the exhaustive optimum, merge-only space ({} subnets evaluated in {exhaustive_s:.1} s)",
+        all_mo.len()
+    );
+    println!(
+        "standard search (full space) at {BUDGET_FRACTION}: found {} {:.2}% vs merge-only optimum {} {:.2}%: gap {gap:+.2} points",
+        found.subnet, found.quality, opt.subnet, opt.quality
+    );
+    println!(
+        "search inside the merge-only space (population 16, 3 generations, {} evaluations for {} budgets):",
+        mo_res.stats.evaluations,
+        budgets.len()
+    );
+    println!("| budget | optimum % | found % | gap |\n|---|---|---|---|");
+    let mut mo_gap: f64 = f64::NEG_INFINITY;
+    for (f, r) in fractions.iter().zip(&mo_res.best) {
+        let o = best_within(&truth, r.budget_ms)
+            .ok_or_else(|| anyhow::anyhow!("no feasible merge-only subnet"))?;
+        let g = o.quality - r.best.quality;
+        mo_gap = mo_gap.max(g);
+        println!(
+            "| {f} ({:.3} ms) | {:.2} | {:.2} | {g:+.2} |",
+            r.budget_ms, o.quality, r.best.quality
+        );
+    }
+
+    // --- Switching along the front.
+    let front = &full.front;
+    let start = front
+        .iter()
+        .position(|c| c.subnet == found.subnet)
+        .unwrap_or(0);
+    let server = Server::start(src.clone(), &front[start].subnet, 50)?;
+    let mut switch_ms = Vec::new();
+    let mut loaded = Vec::new();
+    for k in 0..20 {
+        let i = if start + 1 < front.len() {
+            start + (k + 1) % 2
+        } else {
+            start.saturating_sub((k + 1) % 2)
+        };
+        let r = server.switch(&front[i].subnet)?;
+        switch_ms.push(r.millis);
+        loaded.push(r.loaded);
+    }
+    switch_ms.sort_by(f64::total_cmp);
+    let switch_med = quantile(&switch_ms, 0.5);
+    println!(
+        "\n## switching to a neighbour on the front: median {switch_med:.2} ms, max {:.2} ms over {} switches (modules loaded per switch: {:?})",
+        switch_ms.last().copied().unwrap_or(0.0),
+        switch_ms.len(),
+        &loaded[..2.min(loaded.len())]
+    );
+
+    // --- Serving memory in a child process.
+    let served_model = server.active();
+    let weights_mb = params_bytes(
+        [&served_model.supernet.stem, &served_model.supernet.head]
+            .into_iter()
+            .chain(served_model.supernet.modules.values()),
+    ) as f64
+        / (1024.0 * 1024.0);
+    let rec = SearchRecord {
+        config: SearchConfig {
+            population: 64,
+            generations: 8,
+            seed: SEED,
+            speedups: Speedups::all(),
+            ..SearchConfig::default()
+        },
+        result: full.clone(),
+    };
+    let (rss, hwm, served) = child_serving_rss(&artifact, &table, &rec, budget)?;
+    println!(
+        "\n## serving memory (child `edge-agent run`, 1 thread): VmRSS {rss:.1} MiB while serving, VmHWM {hwm:.1} MiB; served subnet weights {weights_mb:.2} MiB; RSS - weights {:.1} MiB\n{served}",
+        rss - weights_mb
+    );
+
+    let json = json!({
+        "supernet": info,
+        "space": spec.count() as f64,
+        "threads": threads,
+        "kernel_threads": kernel_threads,
+        "search_s": full.stats.seconds,
+        "plain_ea_s": plain.stats.seconds,
+        "speedup_vs_plain": plain.stats.seconds / full.stats.seconds,
+        "evaluations": full.stats.evaluations,
+        "plain_evaluations": plain.stats.evaluations,
+        "raced_out": full.stats.raced_out,
+        "evals_per_s": full.stats.evals_per_s,
+        "ablation": rows.iter().map(|r| json!({
+            "run": r.name,
+            "s": r.result.stats.seconds,
+            "evaluations": r.result.stats.evaluations,
+            "best_quality": r.result.best[0].best.quality,
+        })).collect::<Vec<_>>(),
+        "racing_best_delta_pts": -racing_best_gap,
+        "racing_front_shortfall_pts": racing_front_gap,
+        "lut_err_median": lut.0,
+        "lut_err_p90": lut.1,
+        "lut_raw_err_median": lut.2,
+        "lut_raw_err_p90": lut.3,
+        "lut_model": format!("{:?}", v.model),
+        "lut_subnets": subnets.len(),
+        "oracle_ms": oracle_ms,
+        "budget_ms": budget,
+        "best_quality": found.quality,
+        "gap_to_optimum_pts": gap,
+        "gap_merge_only_search_pts": mo_gap,
+        "switch_ms": switch_med,
+        "serving_rss_mb": rss,
+        "serving_hwm_mb": hwm,
+        "weights_mb": weights_mb,
+        "serving_rss_minus_weights_mb": rss - weights_mb,
+    });
+    println!("BENCH {json}");
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! The agent's plan for an artifact: latency table (profiled once per supernet and
+//! conditions), search result (once per settings and budgets) and the budget served,
+//! reusing what the state directory holds. Used at start-up and by hot re-sync, so a restart
+//! serves again without a new search and a new supernet version is planned the same way.
+use std::path::{Path, PathBuf};
+
+use adaptivenet_core::data::Dataset;
+
+use crate::profile::{self, LatencyTable, ProfileConfig};
+use crate::quality::{load_local_data, EvalSet, QualityMode};
+use crate::search::{self, Budget, SearchConfig};
+use crate::serve::ArtifactSource;
+use crate::state::{SearchRecord, StateDir};
+use crate::{EdgeError, Result};
+
+/// How to (re)compute a plan.
+#[derive(Clone, Debug)]
+pub struct PlanConfig {
+    pub threads: usize,
+    pub batch: usize,
+    /// Timed rounds per module when profiling.
+    pub rounds: usize,
+    /// Random subnets measured end to end to validate the table (0 skips).
+    pub validate: usize,
+    /// Re-profile even if a stored table matches.
+    pub force_profile: bool,
+    pub search: SearchConfig,
+    /// Budget specs (`0.6`, `12ms`); the first one is served.
+    pub budgets: Vec<String>,
+    /// Local data directory (read only when a search is needed).
+    pub data: PathBuf,
+    pub images: usize,
+    pub mode: QualityMode,
+    /// Search again even if a stored result matches.
+    pub research: bool,
+}
+
+/// A plan: what to serve and what to adapt over.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub table: LatencyTable,
+    pub record: SearchRecord,
+    /// The served budget (the first one), ms.
+    pub budget_ms: f64,
+    /// Whether a stored table / search result was reused.
+    pub reused_table: bool,
+    pub reused_search: bool,
+}
+
+/// Progress of the long stages: (stage, done, total).
+pub type Progress<'a> = &'a mut dyn FnMut(&'static str, usize, usize);
+
+/// Loads a state file, treating an unusable one as absent (with a warning naming it): the
+/// agent recomputes rather than failing.
+pub fn or_recompute<T>(what: &str, r: Result<Option<T>>) -> Option<T> {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!("{what}: {e}; recomputing");
+            None
+        }
+    }
+}
+
+/// The stored table if it matches the conditions, else a fresh profile (saved).
+pub fn ensure_table(
+    src: &ArtifactSource,
+    state: &StateDir,
+    cfg: &PlanConfig,
+    progress: Progress,
+) -> Result<(LatencyTable, bool)> {
+    let id = src.manifest.supernet_id.to_string();
+    if !cfg.force_profile {
+        if let Some(t) = or_recompute("latency table", state.load_table(&id)) {
+            if t.conditions.threads == cfg.threads && t.conditions.batch == cfg.batch {
+                tracing::info!(
+                    "using the stored latency table ({})",
+                    state.table_path().display()
+                );
+                return Ok((t, true));
+            }
+            tracing::info!("stored table was measured under other conditions; re-profiling");
+        }
+    }
+    let supernet = src.load(None)?;
+    let pcfg = ProfileConfig {
+        batch: cfg.batch,
+        rounds: cfg.rounds.max(1),
+        ..ProfileConfig::default()
+    };
+    let total = pcfg.warmup + pcfg.rounds;
+    let mut t = profile::profile(&supernet, &pcfg, |d, _| progress("profile", d, total))?;
+    t.supernet_id = Some(id);
+    if cfg.validate > 0 {
+        let v = profile::validate_table(&supernet, &mut t, cfg.validate, 15, 1)?;
+        tracing::info!(
+            "latency model: raw median {:.1}% p90 {:.1}%, calibrated (x{:.3}) median {:.1}% p90 {:.1}%",
+            100.0 * v.raw_median_err,
+            100.0 * v.raw_p90_err,
+            v.bias,
+            100.0 * v.calibrated_median_err,
+            100.0 * v.calibrated_p90_err
+        );
+    }
+    state.save_table(&t)?;
+    Ok((t, false))
+}
+
+/// Budget specs resolved against a table, in ms.
+pub fn resolve_budgets(specs: &[String], t: &LatencyTable, n_positions: usize) -> Result<Vec<f64>> {
+    if specs.is_empty() {
+        return Err(EdgeError::config("budget", "no budget given"));
+    }
+    specs
+        .iter()
+        .map(|s| Budget::parse(s)?.resolve(t, n_positions))
+        .collect()
+}
+
+fn read_data(dir: &Path, src: &ArtifactSource) -> Result<Dataset> {
+    load_local_data(dir, &src.manifest.input)
+}
+
+/// Table, then the stored search result if it was made with the same settings and budgets,
+/// else a new search on the local data (saved).
+pub fn plan(
+    src: &ArtifactSource,
+    state: &StateDir,
+    cfg: &PlanConfig,
+    progress: Progress,
+) -> Result<Plan> {
+    let (table, reused_table) = ensure_table(src, state, cfg, progress)?;
+    let id = src.manifest.supernet_id.to_string();
+    let spec = src.manifest.supernet_spec();
+    let budgets = resolve_budgets(&cfg.budgets, &table, spec.num_positions())?;
+    let budget_ms = budgets[0];
+    if !cfg.research {
+        if let Some(rec) = or_recompute("search result", state.load_search(&id)) {
+            let same_budgets = rec.result.best.len() == budgets.len()
+                && rec
+                    .result
+                    .best
+                    .iter()
+                    .zip(&budgets)
+                    .all(|(r, b)| (r.budget_ms - b).abs() < 1e-9);
+            if rec.config == cfg.search && same_budgets && !rec.result.front.is_empty() {
+                tracing::info!(
+                    "using the stored search result ({})",
+                    state.search_path().display()
+                );
+                return Ok(Plan {
+                    table,
+                    record: rec,
+                    budget_ms,
+                    reused_table,
+                    reused_search: true,
+                });
+            }
+        }
+    }
+    let data = read_data(&cfg.data, src)?;
+    let supernet = src.load(None)?;
+    let set = EvalSet::from_dataset(
+        &supernet,
+        &src.manifest.input,
+        &data,
+        cfg.images,
+        100,
+        cfg.mode,
+        cfg.search.seed,
+    )?;
+    let total = budgets.len() * (cfg.search.generations + 1);
+    let result = search::search(&supernet, &table, &set, &budgets, &cfg.search, |d, _| {
+        progress("search", d, total)
+    })?;
+    let record = SearchRecord {
+        config: cfg.search.clone(),
+        result,
+    };
+    state.save_search(&id, &record)?;
+    Ok(Plan {
+        table,
+        record,
+        budget_ms,
+        reused_table,
+        reused_search: false,
+    })
+}

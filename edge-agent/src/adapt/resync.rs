@@ -1,0 +1,146 @@
+//! Hot re-sync: when a heartbeat says the fleet's desired state moved to a new generation,
+//! fetch it, download only the blobs not held yet (the cache is content-addressed and
+//! blobs shared with the serving version are linked, not fetched), re-profile and re-search
+//! the new supernet (or just re-plan the budget when only the policy changed), then switch
+//! atomically under the controller lock. Any failure leaves the old subnet serving and the
+//! applied generation unchanged, so the next heartbeat retries.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use adaptivenet_proto::v1 as pb;
+
+use super::plan::{plan, Plan, PlanConfig};
+use super::{Controller, SharedController};
+use crate::client::{BlobSelection, CloudClient, SyncOptions, SyncReport};
+use crate::serve::{ArtifactSource, Server, SwitchReport};
+use crate::state::{ActiveRecord, StateDir};
+use crate::{EdgeError, Result};
+
+/// What is applied now (shared with heartbeats and reports).
+#[derive(Clone, Debug)]
+pub struct Applied {
+    /// The cloud's supernet id.
+    pub supernet_id: String,
+    pub generation: u64,
+    pub plan: Plan,
+}
+
+/// Re-sync settings.
+#[derive(Clone, Debug)]
+pub struct Resync {
+    pub cache: PathBuf,
+    pub state: StateDir,
+    pub sync: SyncOptions,
+    pub plan: PlanConfig,
+    /// Budgets given on the command line win over the fleet's policy.
+    pub explicit_budgets: bool,
+}
+
+/// What a re-sync did.
+#[derive(Clone, Debug)]
+pub struct ResyncReport {
+    pub from_generation: u64,
+    pub applied: Applied,
+    pub sync: SyncReport,
+    /// `None` when the new plan serves the subnet already serving on the same weights.
+    pub switch: Option<SwitchReport>,
+}
+
+/// Budget specs from the fleet's policy: a latency in ms, else a fraction, else 0.6.
+pub fn policy_budgets(policy: Option<&pb::LatencyBudgetPolicy>) -> Vec<String> {
+    match policy {
+        Some(p) if p.latency_budget_ms > 0.0 => vec![format!("{}ms", p.latency_budget_ms)],
+        Some(p) if p.budget_fraction > 0.0 => vec![p.budget_fraction.to_string()],
+        _ => vec!["0.6".to_string()],
+    }
+}
+
+impl Resync {
+    /// Applies `desired` if its generation differs from `current`'s. Blocking work
+    /// (profiling, search) runs on the blocking pool; serving continues meanwhile.
+    pub async fn apply(
+        &self,
+        client: &CloudClient,
+        desired: &pb::DesiredState,
+        current: &Applied,
+        server: &Arc<Server>,
+        ctl: &SharedController,
+    ) -> Result<Option<ResyncReport>> {
+        if desired.generation == current.generation {
+            return Ok(None);
+        }
+        tracing::info!(
+            "desired state moved to generation {} (applied {}): supernet {}",
+            desired.generation,
+            current.generation,
+            desired.supernet_id
+        );
+        let rep = client
+            .sync_supernet(desired, &self.cache, &BlobSelection::All, &self.sync)
+            .await?;
+        let s = &rep.stats;
+        tracing::info!(
+            "synced supernet {} v{}: {} blobs needed, {} cached, {} linked from other versions, {} downloaded ({} bytes)",
+            rep.supernet_id,
+            rep.supernet_version,
+            s.blobs_needed,
+            s.blobs_skipped,
+            s.blobs_linked,
+            s.blobs_downloaded,
+            s.bytes_received
+        );
+        let src = ArtifactSource::open(&rep.dir)?;
+        let mut cfg = self.plan.clone();
+        if !self.explicit_budgets {
+            cfg.budgets = policy_budgets(desired.budget.as_ref());
+        }
+        let state = self.state.clone();
+        let plan_src = src.clone();
+        let new_plan =
+            tokio::task::spawn_blocking(move || plan(&plan_src, &state, &cfg, &mut |_, _, _| {}))
+                .await
+                .map_err(|e| EdgeError::config("resync", format!("planning task: {e}")))??;
+        let front = new_plan.record.result.front.clone();
+        if front.is_empty() {
+            return Err(EdgeError::config(
+                "resync",
+                "the new search found no subnet",
+            ));
+        }
+        let idx = Controller::initial_index(&front, new_plan.budget_ms);
+        let target = front[idx].subnet.clone();
+        let manifest_id = src.manifest.supernet_id.to_string();
+        let switch = {
+            // Under the controller lock: the maintenance loop cannot switch on the old plan
+            // between the swap and the new plan.
+            let mut c = ctl.lock().unwrap_or_else(|e| e.into_inner());
+            let active = server.active();
+            let switch = if active.supernet_id != manifest_id {
+                Some(server.replace(src, &target)?)
+            } else if active.subnet != target {
+                Some(server.switch(&target)?)
+            } else {
+                None
+            };
+            c.reset(new_plan.budget_ms, front, idx);
+            switch
+        };
+        self.state.save_active(
+            &manifest_id,
+            &ActiveRecord {
+                subnet: target,
+                budget_ms: new_plan.budget_ms,
+            },
+        )?;
+        Ok(Some(ResyncReport {
+            from_generation: current.generation,
+            applied: Applied {
+                supernet_id: rep.supernet_id.clone(),
+                generation: desired.generation,
+                plan: new_plan,
+            },
+            sync: rep,
+            switch,
+        }))
+    }
+}
