@@ -41,6 +41,69 @@ for db in sqlite postgres; do
 done
 unset ADAPTIVENET_DATA_DIR ADAPTIVENET_DATABASE_URL
 
+# The exact command lines of compose, the k8s manifests and the systemd unit (variables
+# substituted from the compose defaults, the ConfigMap and agent.env.example), run for real
+# with hosts and volumes pointed at local stand-ins: each must get past argument parsing
+# (clap exits 2 on a usage error) to its first real step.
+mkdir -p "$T/state" "$T/data"
+BIN="$BIN" T="$T" PG="$PG" python3 - <<'PY' || FAILED=1
+import json, os, re, subprocess, sys, yaml
+BIN, T, PG = os.environ["BIN"], os.environ["T"], os.environ["PG"]
+cm = {}
+for d in yaml.safe_load_all(open("deploy/k8s/configmap.yaml")):
+    if d and d.get("kind") == "ConfigMap":
+        cm.update(d.get("data", {}))
+envfile = dict(l.split("=", 1) for l in open("deploy/systemd/agent.env.example").read().splitlines()
+               if l and not l.startswith("#") and "=" in l)
+cmds = []  # (source, binary, args)
+compose = yaml.safe_load(open("deploy/compose/docker-compose.yml"))
+for name, svc in compose["services"].items():
+    img = str(svc.get("image", ""))
+    if "command" in svc and ("cloud-server" in img or "edge-agent" in img):
+        cmds.append((f"compose {name}", "edge-agent" if "edge-agent" in img else "cloud-server", svc["command"]))
+for f in sorted(os.listdir("deploy/k8s")):
+    for d in yaml.safe_load_all(open(f"deploy/k8s/{f}")):
+        spec = (d or {}).get("spec", {})
+        pod = spec.get("template", {}).get("spec", {}) or spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec", {})
+        for c in pod.get("containers", []):
+            img = c.get("image", "")
+            if "adaptivenet/" in img:
+                args = [re.sub(r"\$\((\w+)\)", lambda m: cm.get(m.group(1), m.group(0)), a) for a in c.get("args", [])]
+                cmds.append((f"k8s {f}:{c['name']}", img.split("/")[1].split(":")[0], args))
+unit = open("deploy/systemd/adaptivenet-agent.service").read()
+exec_start = re.search(r"^ExecStart=(\S+) (.*)$", unit, re.M)
+sd_args = [re.sub(r"\$\{(\w+)\}", lambda m: envfile.get(m.group(1), m.group(0)), a) for a in exec_start.group(2).split()]
+cmds.append(("systemd ExecStart", "edge-agent", sd_args))
+failed = 0
+for src, binary, args in cmds:
+    local = []
+    for a in args:
+        a = re.sub(r"^https?://[^/]+$", "http://127.0.0.1:9", a)           # a closed local port
+        a = re.sub(r"^0\.0\.0\.0:(\d+)$", lambda m: f"127.0.0.1:{int(m.group(1)) % 1000 + 41000}", a)
+        a = {"/state": f"{T}/state", "/data": f"{T}/data"}.get(a, a)
+        a = a.replace("/var/lib/adaptivenet-agent", f"{T}/state").replace("/srv/adaptivenet/data", f"{T}/data")
+        local.append(a)
+    env = dict(os.environ, ADAPTIVENET_DATA_DIR=f"{T}/cmd-data", ADAPTIVENET_DATABASE_URL=PG,
+               ADAPTIVENET_ENROLL_TOKEN="anv1_enr_validate")
+    long_running = binary == "cloud-server" and local[:1] in (["serve"], ["worker"])
+    try:
+        p = subprocess.run([f"{BIN}/{binary}", *local], env=env, capture_output=True, text=True,
+                           timeout=4 if long_running else 60)
+        code, err = p.returncode, (p.stderr + p.stdout).strip().splitlines()
+    except subprocess.TimeoutExpired:
+        code, err = None, ["still running"]
+    if long_running:
+        good = code is None                                    # serving / polling the queue
+    elif binary == "edge-agent":
+        good = code == 1 and any("unreachable" in l or "nothing cached" in l for l in err)
+    else:
+        good = code == 0
+    print(("OK   " if good else "FAIL ") + f"{src}: {binary} {' '.join(args)}"
+          + ("" if good else f"  -> exit {code}: {err[-1] if err else ''}"))
+    failed |= not good
+sys.exit(failed)
+PY
+
 # edge-agent: every flag the compose file, DaemonSet and systemd unit pass must exist.
 help=$("$BIN/edge-agent" run --help)
 for flag in --cloud --state --data --budget --threads --label-free; do

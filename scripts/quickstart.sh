@@ -5,8 +5,12 @@
 # budget, local data mix, a contention episode), and print what each device chose plus the
 # fleet aggregates a dashboard sees.
 #
-#   scripts/quickstart.sh              # SQLite (embedded default)
-#   scripts/quickstart.sh --postgres   # PostgreSQL at $ADAPTIVENET_PG_URL (default 127.0.0.1:5432/test)
+#   scripts/quickstart.sh                    # SQLite (embedded default)
+#   scripts/quickstart.sh --postgres         # PostgreSQL: a fresh database on 127.0.0.1:5432
+#                                            # (created with psql, dropped at the end)
+#   scripts/quickstart.sh --postgres URL     # PostgreSQL at URL (an empty database you own)
+#
+# Output (logs, per-device state, SVG plots) goes to $QS_OUT (default <repo>/.run/quickstart).
 #
 # Quick presets keep this to a few minutes on 2 cores; the full-size figures come from the
 # benchmarks (cargo bench --bench kernels / accuracy_latency / search / fleet).
@@ -15,18 +19,47 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 export ADAPTIVENET_ASSETS="${ADAPTIVENET_ASSETS:-$ROOT/.assets}"
-RUN="$ROOT/.run/quickstart"
+RUN="${QS_OUT:-$ROOT/.run/quickstart}"
 PORT="${ADAPTIVENET_PORT:-50151}"
 ENDPOINT="http://127.0.0.1:$PORT"
-DB_ARGS=()
-if [ "${1:-}" = "--postgres" ]; then
-  DB_ARGS=(--database-url "${ADAPTIVENET_PG_URL:-postgres://postgres@127.0.0.1:5432/test}")
-fi
+PG_URL=""      # set by --postgres
+PG_DROP=""     # a database this script created (dropped on exit)
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --postgres)
+      if [ -n "${2:-}" ] && [ "${2#--}" = "$2" ]; then PG_URL="$2"; shift; else PG_URL="fresh"; fi ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (use --postgres [URL])" >&2; exit 2 ;;
+  esac
+  shift
+done
 
 step() { printf '\n== %s\n' "$*"; }
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ -n "$PG_DROP" ]; then
+    psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS $PG_DROP WITH (FORCE)" >/dev/null 2>&1 || true
+  fi
+}
 trap cleanup EXIT
+
+DB_ARGS=()
+if [ "$PG_URL" = "fresh" ]; then
+  command -v psql >/dev/null || { echo "--postgres without a URL needs psql (apt install postgresql-client)" >&2; exit 1; }
+  PG_DB="adaptivenet_qs_$(date +%s)_$$"
+  psql -q -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE $PG_DB" \
+    || { echo "cannot create a database on 127.0.0.1:5432 as postgres; pass --postgres URL" >&2; exit 1; }
+  PG_DROP="$PG_DB"
+  PG_URL="postgres://postgres@127.0.0.1:5432/$PG_DB"
+fi
+if [ -n "$PG_URL" ]; then
+  DB_ARGS=(--database-url "$PG_URL")
+  echo "database: PostgreSQL ${PG_URL%%\?*}"
+else
+  echo "database: SQLite in $RUN/cloud"
+fi
 
 step "assets"
 if ! command -v cargo >/dev/null; then
@@ -46,11 +79,11 @@ step "demo oracle: ResNet-20 on Fashion-MNIST (quick preset; the full recipe is 
   --data-dir "$ADAPTIVENET_ASSETS/fashion-mnist" | tail -n 12
 
 step "cloud server on $ENDPOINT"
-"${CLOUD[@]}" migrate
-ADMIN=$("${CLOUD[@]}" token create-api --role admin --description quickstart | awk '/^token:/ {print $2}')
-VIEWER=$("${CLOUD[@]}" token create-api --role viewer --description dashboard | awk '/^token:/ {print $2}')
-FLEET=$("${CLOUD[@]}" fleet create demo-fleet | tail -n 1)
-ENROLL=$("${CLOUD[@]}" token create-enrollment --fleet demo-fleet --uses 3 | awk '/^token:/ {print $2}')
+RUST_LOG=warn "${CLOUD[@]}" migrate
+ADMIN=$(RUST_LOG=warn "${CLOUD[@]}" token create-api --role admin --description quickstart | awk '/^token:/ {print $2}')
+VIEWER=$(RUST_LOG=warn "${CLOUD[@]}" token create-api --role viewer --description dashboard | awk '/^token:/ {print $2}')
+FLEET=$(RUST_LOG=warn "${CLOUD[@]}" fleet create demo-fleet | tail -n 1)
+ENROLL=$(RUST_LOG=warn "${CLOUD[@]}" token create-enrollment --fleet demo-fleet --uses 3 | awk '/^token:/ {print $2}')
 "${CLOUD[@]}" serve --listen "127.0.0.1:$PORT" --workers 1 > "$RUN/cloud.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 50); do grep -q "cloud-server ready" "$RUN/cloud.log" && break; sleep 0.2; done
@@ -75,23 +108,48 @@ agent() { # name threads budget data
     > "$RUN/agent-$1.log" 2>&1
 }
 agent phone 1 0.6 all & PIDS+=($!); A1=$!
-agent camera 1 0.5 footwear & PIDS+=($!); A2=$!
+agent camera 1 0.55 footwear & PIDS+=($!); A2=$!
 agent gateway 2 0.8 dirichlet & PIDS+=($!); A3=$!
 # A contention episode on the machine while the agents serve (every agent shares these cores).
 ( sleep "${QS_CONTENTION_AT:-40}"; timeout 10 sh -c 'while :; do :; done' ) & PIDS+=($!)
 wait "$A1" "$A2" "$A3" || true
 
 step "per-device summary"
+# One row per device from its log: the search's choice for the budget (predicted latency per the
+# calibrated table, local quality), search time, then what serving measured and how often the
+# controller switched.
+printf '%-8s %-3s %-9s %-10s %-11s %-12s %-8s %-9s %-10s %-8s %s\n' \
+  device thr data budget_ms chosen predicted_ms quality search_s measured_p50 switches active
 for spec in "phone 1 all" "camera 1 footwear" "gateway 2 dirichlet"; do
   set -- $spec
   log="$RUN/agent-$1.log"
-  echo "-- $1 (threads $2, local data: $3)"
-  grep -E "latency model|^search: |^budget |^served " "$log" | sed 's/\x1b\[[0-9;]*m//g; s/^.*INFO edge_agent: //' || true
-  echo "   switches: $(grep -c '^switched ' "$log" || true)"
-  grep -E "^pareto front|^  [0-9xPp]+ " "$log" | sed 's/^/   /' || true
+  clean=$(sed 's/\x1b\[[0-9;]*m//g' "$log")
+  b=$(grep -m1 -E '^budget [0-9.]+ ms: ' <<<"$clean" || true)
+  s=$(grep -m1 -E '^search: ' <<<"$clean" || true)
+  v=$(grep -m1 -E '^served ' <<<"$clean" || true)
+  if [ -z "$b" ]; then
+    printf '%-8s %-3s %-9s failed: %s\n' "$1" "$2" "$3" "$(grep -m1 '^error' <<<"$clean" || tail -n 1 <<<"$clean")"
+    continue
+  fi
+  printf '%-8s %-3s %-9s %-10s %-11s %-12s %-8s %-9s %-10s %-8s %s\n' "$1" "$2" "$3" \
+    "$(awk '{print $2}' <<<"$b")" "$(awk '{print $4}' <<<"$b")" "$(awk '{print $6}' <<<"$b")" \
+    "$(awk '{print $9}' <<<"$b")" "$(awk '{print $5}' <<<"${s:-x x x x -}")" \
+    "$(sed -n 's/.*live p50 \([0-9.]*\) ms.*/\1/p' <<<"$v")" \
+    "$(sed -n 's/.*; \([0-9]*\) switches.*/\1/p' <<<"$v")" "$(sed -n 's/.*; active \([^;]*\).*/\1/p' <<<"$v")"
+done
+for name in phone camera gateway; do
+  echo "-- $name"
+  sed 's/\x1b\[[0-9;]*m//g' "$RUN/agent-$name.log" \
+    | grep -E "latency model|^pareto front|^  [0-9xPp]+ " | sed 's/^.*INFO [A-Za-z_:]*: //; s/^/   /' || true
 done
 
 step "fleet aggregates (as a dashboard queries them)"
 "$BIN/cloud-server" client --endpoint "$ENDPOINT" --token "$VIEWER" aggregates
+
+step "plots (SVG): Pareto front and adaptation timeline per device"
+for name in phone camera gateway; do
+  "$BIN/edge-agent" plot --state-dir "$RUN/agents/$name" --out "$RUN/plots/$name" --title "$name" \
+    | sed "s/^/   $name: /" || echo "   $name: no plots (see $RUN/agent-$name.log)"
+done
 
 echo; echo "quickstart finished in $(( $(date +%s) - T0 )) s after the build; logs in $RUN"

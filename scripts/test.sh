@@ -30,3 +30,5 @@ echo "== clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== tests"
 cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/adaptivenet-test.log
+echo "== TLS (cargo feature tls: real gRPC over rustls, server, CLI client)"
+cargo test -p adaptivenet-cloud --features tls --test tls 2>&1 | tee -a /tmp/adaptivenet-test.log

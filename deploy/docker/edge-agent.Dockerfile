@@ -35,8 +35,8 @@ COPY --from=builder /out/edge-agent /usr/local/bin/edge-agent
 ENV RUST_LOG=info
 USER 10001:10001
 WORKDIR /state
-# The agent stops cleanly on SIGINT only (it waits for Ctrl-C). As PID 1 in a container a
-# SIGTERM without a handler is ignored, so the engine would wait and SIGKILL: stop with SIGINT.
+# The agent stops cleanly on SIGINT and SIGTERM (it installs handlers for both, so PID 1 is
+# fine). SIGINT is kept as the stop signal because older agent builds handled only Ctrl-C.
 # (State writes are atomic, so even a SIGKILL loses at most the current serving window.)
 STOPSIGNAL SIGINT
 ENTRYPOINT ["edge-agent"]

@@ -3,6 +3,7 @@
 //! helpers those tests share.
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The workspace's debug binaries directory (where `cargo test --workspace` builds the
 /// `cloud-server` and `edge-agent` binaries), found from the running test executable.
@@ -101,4 +102,228 @@ pub fn write_synthetic_idx(dir: &Path, train: usize, test: usize) {
         std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img).expect("write");
         std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).expect("write");
     }
+}
+
+/// Writes an untrained ResNet supernet artifact (merge branches) of the given stage widths
+/// into `dir`; wider stages give larger module blobs.
+pub fn demo_artifact(
+    dir: &Path,
+    widths: [usize; 3],
+    seed: u64,
+) -> adaptivenet_core::artifact::Manifest {
+    use adaptivenet_core::artifact::{write_artifact, InputSpec};
+    use adaptivenet_core::model::{ArchDescriptor, Model};
+    use adaptivenet_core::supernet::{branches::build_supernet, SupernetConfig};
+    let arch = format!(
+        r#"{{"family":"adaptivenet.resnet_small","block":"basic","layers":[3,3,3],
+            "widths":[{},{},{}],"in_channels":1,"num_classes":10}}"#,
+        widths[0], widths[1], widths[2]
+    );
+    let arch = ArchDescriptor::from_json(arch.as_bytes()).expect("arch");
+    let oracle = Model::init(&arch.spec, seed).expect("init");
+    let sn = build_supernet(&oracle, &SupernetConfig::merge_only()).expect("supernet");
+    let input = InputSpec {
+        shape: [1, 28, 28],
+        mean: vec![0.2860],
+        std: vec![0.3530],
+        class_names: (0..10).map(|i| format!("class{i}")).collect(),
+    };
+    write_artifact(dir, &sn, input, &"0".repeat(64), vec![]).expect("write artifact")
+}
+
+/// Registers an artifact directory as a supernet of a cloud (its blobs into the blob store,
+/// an oracle row, `App::register_supernet`): supernets normally come from elastification
+/// jobs, which these tests do not need to wait for. Returns the supernet id.
+pub async fn register_artifact(app: &adaptivenet_cloud::App, art: &Path) -> String {
+    use adaptivenet_cloud::domain::Oracle;
+    use adaptivenet_core::artifact::{blob_path, read_manifest};
+    let m = read_manifest(art).expect("manifest");
+    for (_, e) in m.modules() {
+        let bytes = std::fs::read(blob_path(art, &e.sha256)).expect("blob");
+        let r = app.blobs().put(&bytes).await.expect("put");
+        assert_eq!(r.sha256, e.sha256);
+    }
+    let manifest = std::fs::read(art.join("manifest.json")).expect("manifest");
+    let oracle = Oracle {
+        id: uuid::Uuid::new_v4(),
+        name: "oracle".into(),
+        family: "adaptivenet.resnet_small".into(),
+        weights_sha256: uuid::Uuid::new_v4().simple().to_string().repeat(2),
+        size_bytes: 1,
+        num_params: m.oracle_params,
+        num_tensors: 1,
+        arch_json: "{}".into(),
+        created_ms: 0,
+    };
+    let (oracle, _) = app.store().insert_oracle(&oracle).await.expect("oracle");
+    app.register_supernet("net", oracle.id, None, &manifest)
+        .await
+        .expect("register supernet")
+        .id
+        .to_string()
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, failing the test after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends a signal by name (`STOP`, `CONT`, ...) to a process with the system's `kill`.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(ok.success(), "kill -{sig} {pid} failed");
+}
+
+/// `GET path` from a plain-HTTP endpoint (the cloud's `/metrics`); `None` if unreachable.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+/// The value of one Prometheus sample (`name{labels}` exactly as rendered), 0 if absent.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A `cloud-server serve` process on fixed loopback ports over a data directory, which can
+/// be SIGKILLed and started again on the same address.
+pub struct CloudProcess {
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+    child: Option<KillOnDrop>,
+}
+
+impl CloudProcess {
+    pub fn new(data_dir: &Path, database_url: Option<String>) -> Self {
+        CloudProcess {
+            data_dir: data_dir.to_path_buf(),
+            database_url,
+            port: free_port(),
+            metrics_port: free_port(),
+            log: data_dir.join("cloud.log"),
+            child: None,
+        }
+    }
+
+    /// A `cloud-server` command on this data directory (and database).
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(binary("cloud-server"));
+        c.arg("--data-dir").arg(&self.data_dir);
+        if let Some(u) = &self.database_url {
+            c.args(["--database-url", u]);
+        }
+        c.args(args);
+        c
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn metrics_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.metrics_port)
+    }
+
+    /// Starts serving and waits until the gRPC port accepts connections.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        std::fs::create_dir_all(&self.data_dir).expect("mkdir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = self
+            .cmd(&[
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--metrics-listen",
+                &self.metrics_addr(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn cloud-server");
+        self.child = Some(KillOnDrop(child));
+        let port = self.port;
+        let log = self.log.clone();
+        wait_for(Duration::from_secs(60), "the cloud to listen", || {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.0.try_wait() {
+                    panic!(
+                        "cloud-server exited ({st}):\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+            }
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
+    /// SIGKILL (no drain, no lease release), then reaps the process.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.0.kill().expect("SIGKILL cloud");
+            c.0.wait().expect("reap cloud");
+            std::mem::forget(c);
+        }
+    }
+
+    /// Current `/metrics` text (empty when not reachable).
+    pub fn metrics(&self) -> String {
+        http_get(&self.metrics_addr(), "/metrics").unwrap_or_default()
+    }
+}
+
+/// A gRPC channel to `url` (connects lazily).
+pub fn channel(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(url.to_string())
+        .expect("url")
+        .connect_lazy()
+}
+
+/// A request carrying a bearer token.
+pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    r
 }
