@@ -15,7 +15,7 @@
 //!   and their calls multiplexed (a realistic fleet would hold one connection per device, but
 //!   1,000 sockets in one process measure the client more than the server).
 //! - `FLEET_BLOB_MIB` (128), `FLEET_CHUNK` (requested chunk bytes; default the server's
-//!   maximum, 4 MiB - 4 KiB; 0 = the server default of 256 KiB),
+//!   maximum, 4 MiB - 4 KiB; 0 = the server default of 1 MiB),
 //!   `FLEET_DB` (`both`, `sqlite` or `pg`), `FLEET_THREADS` (tokio workers; default: cores).
 //!
 //! Latency is measured per request from send to response, in the client. Reports/s is the

@@ -66,7 +66,7 @@ async fn upload_semantics(db: Db) {
         (
             "oversized declared",
             upload_msgs("t", &bad, 1 << 30, &sha, 64),
-            Code::ResourceExhausted,
+            Code::InvalidArgument,
             "header.size_bytes",
         ),
         (

@@ -4,8 +4,8 @@ use std::cell::Cell;
 use adaptivenet_cloud::elastify::supernet::{feature_mse, oracle_digest};
 use adaptivenet_cloud::elastify::train::{accuracy, fashion_transform};
 use adaptivenet_cloud::elastify::{
-    elastify, evaluate_priors, priors::prior_subnets, train_oracle, DirCheckpoints, ElastifyArgs,
-    ElastifyConfig, NoProgress, ProgressEvent, TrainOracleConfig,
+    elastify, evaluate_priors, priors::prior_subnets, train_oracle, train_oracle_resumable,
+    DirCheckpoints, ElastifyArgs, ElastifyConfig, NoProgress, ProgressEvent, TrainOracleConfig,
 };
 use adaptivenet_cloud::CloudError;
 use adaptivenet_core::data::Dataset;
@@ -129,7 +129,7 @@ fn bad_configs_fail_before_work_naming_the_field() {
     let args = ElastifyArgs {
         oracle_arch: tmp.path().join("a.json"),
         oracle_weights: tmp.path().join("w.safetensors"),
-        data_dir: Some(tmp.path().join("no-such-dir")),
+        dataset_dir: Some(tmp.path().join("no-such-dir")),
         out_dir: tmp.path().join("out"),
         branches: vec!["merge2".into()],
         stage0_steps: 1,
@@ -146,7 +146,7 @@ fn bad_configs_fail_before_work_naming_the_field() {
         no_augment: false,
     };
     let e = adaptivenet_cloud::elastify::run_elastify(&args, &CancellationToken::new());
-    assert_eq!(field_of(e.err().unwrap()), "data_dir");
+    assert_eq!(field_of(e.err().unwrap()), "dataset_dir");
     let bad_kind = ElastifyArgs {
         branches: vec!["wide".into()],
         ..args
@@ -483,4 +483,88 @@ fn oracle_training_learns_and_updates_bn_statistics() {
             .unwrap()
     };
     assert_eq!(f(&model), f(&loaded));
+}
+
+/// Every tensor of a model, by module and name (for bit-exact comparisons).
+fn all_tensors(m: &Model) -> Vec<(String, Vec<f32>)> {
+    let mut mods = vec![("stem".to_string(), &m.stem)];
+    for (i, b) in m.blocks.iter().enumerate() {
+        mods.push((format!("blocks.{i}"), b));
+    }
+    mods.push(("head".to_string(), &m.head));
+    let mut v = Vec::new();
+    for (k, p) in mods {
+        let mut names: Vec<_> = p.keys().collect();
+        names.sort();
+        for n in names {
+            v.push((
+                format!("{k}.{n}"),
+                p[n].flatten_all().unwrap().to_vec1().unwrap(),
+            ));
+        }
+    }
+    v
+}
+
+#[test]
+fn oracle_training_killed_midway_resumes_to_the_uninterrupted_result() {
+    let spec = spec("[1,1]");
+    let data = synthetic(96);
+    let config = TrainOracleConfig {
+        steps: 9,
+        batch: 16,
+        lr: 0.05,
+        warmup_steps: 2,
+        seed: 3,
+        augment: true,
+        checkpoint_every: 4,
+        ..TrainOracleConfig::default()
+    };
+    let never = CancellationToken::new();
+    let (whole, whole_rep) =
+        train_oracle(&spec, &config, &data, None, &mut NoProgress, &never).unwrap();
+
+    // Cancelled at step 6 (after the step-4 checkpoint): a checkpoint of step 6 is kept.
+    let dir = tempfile::tempdir().unwrap();
+    let ck = DirCheckpoints::new(dir.path());
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let mut sink = |e: &ProgressEvent| {
+        if e.step == 6 {
+            c.cancel();
+        }
+    };
+    let e = train_oracle_resumable(&spec, &config, &data, None, &mut sink, &cancel, Some(&ck))
+        .expect_err("cancelled");
+    assert!(matches!(e, CloudError::Cancelled(_)), "{e}");
+    assert!(ck.path().exists());
+
+    // The resumed run starts at step 7 and ends bit-identical to the uninterrupted one.
+    let mut first = None;
+    let mut sink = |e: &ProgressEvent| {
+        first.get_or_insert(e.step);
+    };
+    let (resumed, rep) =
+        train_oracle_resumable(&spec, &config, &data, None, &mut sink, &never, Some(&ck)).unwrap();
+    assert_eq!(first, Some(7));
+    assert_eq!(all_tensors(&resumed), all_tensors(&whole));
+    assert_eq!(rep.last_loss, whole_rep.last_loss);
+    assert_eq!(rep.first_loss, whole_rep.first_loss, "losses carried over");
+
+    // A checkpoint of another recipe is refused, not silently mixed in.
+    let other = TrainOracleConfig {
+        lr: 0.06,
+        ..config.clone()
+    };
+    let e = train_oracle_resumable(
+        &spec,
+        &other,
+        &data,
+        None,
+        &mut NoProgress,
+        &never,
+        Some(&ck),
+    )
+    .expect_err("different recipe");
+    assert!(matches!(e, CloudError::FailedPrecondition(_)), "{e}");
 }

@@ -150,6 +150,14 @@ struct SearchArgs {
     /// Plain EA: all four speed-ups off (for comparison).
     #[arg(long)]
     plain: bool,
+    /// Turn off racing (scoring candidates on a small subset first; the full set only for
+    /// those that can still reach the front).
+    #[arg(long)]
+    no_racing: bool,
+    /// Evaluation workers for the search (images are split between them; the result does
+    /// not depend on it). On 2 cores 1 is usually fastest for small models.
+    #[arg(long, default_value_t = 1)]
+    search_threads: usize,
     /// Search again even if a stored result matches.
     #[arg(long)]
     research: bool,
@@ -306,15 +314,22 @@ fn open_source(
     let (client, rep) = match synced {
         Ok(v) => v,
         Err(e) if e.is_transient() => {
-            // The cloud is unreachable: serve the last synced supernet, if any, and keep
-            // trying to reach the cloud in the background (heartbeats and reports).
+            // The cloud is unreachable or served a blob that failed verification: serve
+            // the last synced supernet, if any, and keep trying in the background
+            // (heartbeats, reports, re-sync).
             let Some((cur, dir)) = adaptivenet_edge::client::sync::cached_current(&cache) else {
                 return Err(anyhow::Error::new(e).context(format!(
                     "syncing the supernet from {url} (nothing cached yet)"
                 )));
             };
+            let why = match &e {
+                EdgeError::BlobMismatch { .. } => "a downloaded blob failed verification",
+                EdgeError::Interrupted { .. } => "the download was interrupted",
+                EdgeError::Cloud { .. } => "the cloud answered with a retryable error",
+                _ => "the cloud is unreachable",
+            };
             tracing::warn!(
-                "cloud unreachable ({e}); serving the cached supernet {} from {}",
+                "sync failed, {why} ({e}); serving the cached supernet {} from {}",
                 cur.supernet_id,
                 dir.display()
             );
@@ -408,6 +423,7 @@ fn profile_config(a: &ProfileArgs) -> PlanConfig {
         images: 0,
         mode: QualityMode::Labelled,
         research: false,
+        clamp_budgets: false,
     }
 }
 
@@ -420,8 +436,12 @@ fn plan_config(a: &SearchArgs) -> PlanConfig {
             speedups: if a.plain {
                 Speedups::none()
             } else {
-                Speedups::all()
+                Speedups {
+                    racing: !a.no_racing,
+                    ..Speedups::all()
+                }
             },
+            threads: a.search_threads,
             ..SearchConfig::default()
         },
         budgets: a.budget.clone(),
@@ -551,7 +571,10 @@ fn run(a: RunArgs) -> Result<()> {
     let explicit_budgets = !a.search.budget.is_empty();
     let mut s = a.search.clone();
     s.budget = budget_specs(&s, cloud.as_ref().and_then(|c| c.budget.as_ref()));
-    let pcfg = plan_config(&s);
+    let pcfg = PlanConfig {
+        clamp_budgets: true,
+        ..plan_config(&s)
+    };
     let the_plan = plan::plan(&src, &state, &pcfg, &mut progress_bars())?;
     print_search(&the_plan.record);
     let budget = the_plan.budget_ms;

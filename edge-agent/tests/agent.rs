@@ -167,6 +167,41 @@ fn search_is_deterministic_valid_within_budget_and_finds_the_optimum() {
 }
 
 #[test]
+fn serving_raises_a_budget_below_the_cheapest_subnet_to_it() {
+    let sn = supernet();
+    let set = eval_set(&sn, 16, 16);
+    let table = LatencyTable::from_macs(&sn.spec, 1.0);
+    let (cheapest, most) = table.latency_range(&sn.spec).unwrap();
+    let budgets = adaptivenet_edge::adapt::plan::feasible_budgets(
+        vec![cheapest * 0.5, most * 0.9],
+        &table,
+        &sn.spec,
+    )
+    .unwrap();
+    assert!(budgets[0] >= cheapest && budgets[0] < cheapest * (1.0 + 1e-6));
+    assert_eq!(budgets[1], most * 0.9, "a feasible budget is kept");
+    // The raised budget is searchable and yields the fastest subnet.
+    let r = search::search(
+        &sn,
+        &table,
+        &set,
+        &budgets,
+        &SearchConfig {
+            population: 8,
+            generations: 1,
+            ..SearchConfig::default()
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    let served = table.predict_ms(&r.best[0].best.subnet).unwrap();
+    assert!(
+        (served - cheapest).abs() < 1e-9 * cheapest.max(1.0),
+        "{served} vs {cheapest}"
+    );
+}
+
+#[test]
 fn budget_below_the_cheapest_subnet_is_an_error() {
     let sn = supernet();
     let set = eval_set(&sn, 16, 16);

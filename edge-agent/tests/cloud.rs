@@ -933,6 +933,7 @@ async fn new_generation_resyncs_only_changed_blobs_and_switches_atomically() {
             data: data.clone(),
             images: 40,
             mode: QualityMode::OracleAgreement,
+            clamp_budgets: true,
             research: false,
         },
         explicit_budgets: false,

@@ -58,7 +58,7 @@ impl DeveloperApi {
         check_name("header.name", &h.name)?;
         check_sha256("header.weights_sha256", &h.weights_sha256)?;
         if h.arch_json.len() > MAX_ARCH_JSON {
-            return Err(CloudError::exhausted(
+            return Err(CloudError::invalid(
                 "header.arch_json",
                 format!("larger than {MAX_ARCH_JSON} bytes"),
             ));
@@ -68,7 +68,7 @@ impl DeveloperApi {
         }
         let limit = app.config().max_oracle_bytes;
         if h.size_bytes > limit {
-            return Err(CloudError::exhausted(
+            return Err(CloudError::invalid(
                 "header.size_bytes",
                 format!("{} bytes exceeds the limit of {limit} bytes", h.size_bytes),
             ));
@@ -276,7 +276,7 @@ impl DeveloperService for DeveloperApi {
             r.params_json
         };
         if params_json.len() > 64 << 10 {
-            return Err(CloudError::exhausted("params_json", "larger than 64 KiB").into());
+            return Err(CloudError::invalid("params_json", "larger than 64 KiB").into());
         }
         match serde_json::from_str::<serde_json::Value>(&params_json) {
             Ok(v) if v.is_object() => {}

@@ -8,7 +8,7 @@ use adaptivenet_core::model::{ArchDescriptor, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
-use super::oracle::{train_oracle, OracleReport, TrainOracleConfig};
+use super::oracle::{train_oracle_resumable, OracleReport, TrainOracleConfig};
 use super::priors::{evaluate_priors, prior_subnets};
 use super::supernet::{elastify, ElastifyConfig, ElastifyReport};
 use super::{DirCheckpoints, OrCloud, ProgressEvent};
@@ -25,7 +25,7 @@ pub struct TrainOracleArgs {
     pub arch: Option<PathBuf>,
     /// Folder with the Fashion-MNIST IDX files (default: <assets>/fashion-mnist).
     #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    pub dataset_dir: Option<PathBuf>,
     /// Output folder: oracle.arch.json, oracle.safetensors, train-report.json.
     #[arg(long)]
     pub out_dir: PathBuf,
@@ -47,6 +47,13 @@ pub struct TrainOracleArgs {
     /// Disable pad-2 random crop + flip.
     #[arg(long)]
     pub no_augment: bool,
+    /// Write a checkpoint every this many steps (0: only on Ctrl-C).
+    #[arg(long, default_value_t = 200)]
+    pub checkpoint_every: u64,
+    /// Checkpoint folder (default: <out_dir>/checkpoint). A checkpoint there for the same
+    /// recipe is resumed: a killed run continues where it stopped, with the same result.
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
 }
 
 /// `elastify`: build and train a supernet from an oracle, write the artifact with priors.
@@ -60,7 +67,7 @@ pub struct ElastifyArgs {
     pub oracle_weights: PathBuf,
     /// Folder with the Fashion-MNIST IDX files (default: <assets>/fashion-mnist).
     #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    pub dataset_dir: Option<PathBuf>,
     /// Artifact output folder (manifest.json + blobs/).
     #[arg(long)]
     pub out_dir: PathBuf,
@@ -126,7 +133,7 @@ pub fn fashion_dir(dir: Option<&Path>) -> Result<PathBuf> {
     let file = dir.join("train-images-idx3-ubyte.gz");
     if !file.exists() && !dir.join("train-images-idx3-ubyte").exists() {
         return Err(CloudError::invalid(
-            "data_dir",
+            "dataset_dir",
             format!(
                 "{} has no Fashion-MNIST files (run scripts/fetch-assets.sh)",
                 dir.display()
@@ -166,7 +173,7 @@ pub fn run_train_oracle(
         None => RESNET20_FASHION.as_bytes().to_vec(),
     };
     let arch = ArchDescriptor::from_json(&arch_bytes).cl()?;
-    let dir = fashion_dir(args.data_dir.as_deref())?;
+    let dir = fashion_dir(args.dataset_dir.as_deref())?;
     if !(args.epochs.is_finite() && args.epochs > 0.0) {
         return Err(CloudError::invalid(
             "epochs",
@@ -186,13 +193,26 @@ pub fn run_train_oracle(
         weight_decay: args.weight_decay,
         augment: !args.no_augment,
         seed: args.seed,
+        checkpoint_every: args.checkpoint_every,
         ..TrainOracleConfig::default()
     };
     config.validate()?;
+    let ck = DirCheckpoints::new(
+        args.checkpoint_dir
+            .clone()
+            .unwrap_or_else(|| args.out_dir.join("checkpoint")),
+    );
     let pb = bar(steps);
     let mut sink = |e: &ProgressEvent| show(&pb, e);
-    let (model, report) =
-        train_oracle(&arch.spec, &config, &train, Some(&test), &mut sink, cancel)?;
+    let (model, report) = train_oracle_resumable(
+        &arch.spec,
+        &config,
+        &train,
+        Some(&test),
+        &mut sink,
+        cancel,
+        Some(&ck),
+    )?;
     pb.finish_and_clear();
     std::fs::create_dir_all(&args.out_dir).map_err(|e| CloudError::io(&args.out_dir, e))?;
     model
@@ -227,7 +247,7 @@ pub fn run_elastify(
 ) -> Result<(Manifest, ElastifyReport)> {
     let config = args.config();
     config.validate()?;
-    let dir = fashion_dir(args.data_dir.as_deref())?;
+    let dir = fashion_dir(args.dataset_dir.as_deref())?;
     for (field, p) in [
         ("oracle_arch", &args.oracle_arch),
         ("oracle_weights", &args.oracle_weights),

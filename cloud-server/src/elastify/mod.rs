@@ -32,7 +32,7 @@ use adaptivenet_core::CoreError;
 use crate::error::{CloudError, Result};
 
 pub use cli::{run_elastify, run_train_oracle, ElastifyArgs, TrainOracleArgs};
-pub use oracle::{train_oracle, OracleReport, TrainOracleConfig};
+pub use oracle::{train_oracle, train_oracle_resumable, OracleReport, TrainOracleConfig};
 pub use priors::evaluate_priors;
 pub use supernet::{elastify, ElastifyConfig, ElastifyOutcome, ElastifyReport, StageReport};
 

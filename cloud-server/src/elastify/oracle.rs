@@ -1,6 +1,7 @@
 //! Training the oracle from scratch: the small-input ResNet on Fashion-MNIST with the
 //! reference recipe (SGD momentum 0.9 Nesterov, weight decay 5e-4, lr 0.1 with linear warm-up
 //! and cosine decay, batch 128, pad-2 random crop + flip, BN in train mode).
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use adaptivenet_core::data::Dataset;
@@ -10,11 +11,11 @@ use adaptivenet_core::model::{
 use candle_core::Device;
 use tokio_util::sync::CancellationToken;
 
-use super::optim::{Optimizer, Sgd, WarmupCosine};
+use super::optim::{OptimState, Optimizer, Sgd, WarmupCosine};
 use super::train::{
     accuracy, cross_entropy, fashion_transform, step_rng, BatchSampler, TrainModule, BN_MOMENTUM,
 };
-use super::{OrCloud, ProgressEvent, ProgressSink};
+use super::{CheckpointIo, OrCloud, ProgressEvent, ProgressSink};
 use crate::error::{CloudError, Result};
 
 /// The oracle-training recipe.
@@ -33,7 +34,12 @@ pub struct TrainOracleConfig {
     pub seed: u64,
     /// Evaluation batch size.
     pub eval_batch: usize,
+    /// Write a checkpoint every this many steps when checkpoints are given (0: only on
+    /// cancel). Not part of the recipe: changing it does not invalidate a checkpoint.
+    pub checkpoint_every: u64,
 }
+
+const CHECKPOINT_FORMAT: &str = "adaptivenet.oracle.checkpoint/1";
 
 impl Default for TrainOracleConfig {
     fn default() -> Self {
@@ -48,6 +54,7 @@ impl Default for TrainOracleConfig {
             augment: true,
             seed: 0,
             eval_batch: 500,
+            checkpoint_every: 200,
         }
     }
 }
@@ -56,6 +63,16 @@ impl TrainOracleConfig {
     /// Steps for `epochs` passes over `n` images.
     pub fn steps_for_epochs(epochs: f64, n: usize, batch: usize) -> u64 {
         ((epochs * n as f64) / batch.max(1) as f64).ceil() as u64
+    }
+
+    /// What a checkpoint must agree with to be resumed: the recipe and the architecture.
+    fn fingerprint(&self, spec: &ModelSpec) -> String {
+        let c = TrainOracleConfig {
+            checkpoint_every: 0,
+            eval_batch: 0,
+            ..self.clone()
+        };
+        crate::blobs::sha256_hex(format!("{c:?}|{spec:?}").as_bytes())
     }
 
     /// Rejects a bad recipe before any work, naming the field.
@@ -120,6 +137,22 @@ pub fn train_oracle(
     progress: &mut dyn ProgressSink,
     cancel: &CancellationToken,
 ) -> Result<(Model, OracleReport)> {
+    train_oracle_resumable(spec, config, train, test, progress, cancel, None)
+}
+
+/// [`train_oracle`] with checkpoints: resumes from the latest one if `checkpoints` holds one
+/// for the same recipe and architecture, writes one every `config.checkpoint_every` steps and
+/// on cancel. Batches and augmentation are pure functions of (seed, step), so a resumed run
+/// ends in exactly the state of an uninterrupted one.
+pub fn train_oracle_resumable(
+    spec: &ModelSpec,
+    config: &TrainOracleConfig,
+    train: &Dataset,
+    test: Option<&Dataset>,
+    progress: &mut dyn ProgressSink,
+    cancel: &CancellationToken,
+    checkpoints: Option<&dyn CheckpointIo>,
+) -> Result<(Model, OracleReport)> {
     config.validate()?;
     check_data(spec, train, "train")?;
     if let Some(t) = test {
@@ -150,9 +183,49 @@ pub fn train_oracle(
     let transform = fashion_transform(config.augment);
     let mut sampler = BatchSampler::new(train.len(), config.seed);
     let num = &spec.numerics;
-    let start = Instant::now();
+    let fingerprint = config.fingerprint(spec);
     let mut losses = Vec::with_capacity(config.steps as usize);
-    for step in 0..config.steps {
+    let mut first_step = 0u64;
+    // Training time of earlier (checkpointed) runs, so images/s covers the whole training.
+    let mut earlier = Duration::ZERO;
+    if let Some(ck) = checkpoints {
+        if let Some(bytes) = ck.load()? {
+            let r = restore(&bytes, &fingerprint, &mut stem, &mut blocks, &mut head)?;
+            opt.load_state(r.opt);
+            first_step = r.step;
+            losses = r.losses;
+            earlier = r.elapsed;
+            tracing::info!(
+                step = first_step,
+                "oracle training resumes from its checkpoint"
+            );
+        }
+    }
+    let save = |step: u64,
+                losses: &[f64],
+                elapsed: Duration,
+                stem: &TrainModule,
+                blocks: &[TrainModule],
+                head: &TrainModule,
+                opt: &Sgd|
+     -> Result<()> {
+        if let Some(ck) = checkpoints {
+            let bytes = serialize(
+                &fingerprint,
+                step,
+                losses,
+                elapsed,
+                stem,
+                blocks,
+                head,
+                &opt.state(),
+            )?;
+            ck.save(&bytes)?;
+        }
+        Ok(())
+    };
+    let start = Instant::now();
+    for step in first_step..config.steps {
         let pos = step * config.batch as u64;
         let idx = sampler.batch(pos, config.batch);
         let mut rng = step_rng(config.seed, 100, step);
@@ -181,8 +254,9 @@ pub fn train_oracle(
         losses.push(lv);
         let el = start.elapsed().as_secs_f64();
         let done = step + 1;
-        let rate = (done * config.batch as u64) as f64 / el.max(1e-9);
-        let eta = Duration::from_secs_f64(el / done as f64 * (config.steps - done) as f64);
+        let this_run = done - first_step;
+        let rate = (this_run * config.batch as u64) as f64 / el.max(1e-9);
+        let eta = Duration::from_secs_f64(el / this_run as f64 * (config.steps - done) as f64);
         progress.report(&ProgressEvent {
             stage: "oracle".into(),
             epoch: pos / train.len() as u64,
@@ -195,13 +269,23 @@ pub fn train_oracle(
             samples_per_sec: rate,
             eta,
         });
-        if cancel.is_cancelled() && done < config.steps {
+        let cancelled = cancel.is_cancelled() && done < config.steps;
+        if cancelled || (config.checkpoint_every > 0 && done % config.checkpoint_every == 0) {
+            let elapsed = earlier + start.elapsed();
+            save(done, &losses, elapsed, &stem, &blocks, &head, &opt)?;
+        }
+        if cancelled {
             return Err(CloudError::Cancelled(format!(
-                "oracle training cancelled after step {done}"
+                "oracle training cancelled after step {done}{}",
+                if checkpoints.is_some() {
+                    "; checkpoint kept"
+                } else {
+                    ""
+                }
             )));
         }
     }
-    let train_time = start.elapsed();
+    let train_time = earlier + start.elapsed();
     let model = Model {
         spec: spec.clone(),
         stem: stem.snapshot().cl()?,
@@ -255,4 +339,139 @@ pub(crate) fn check_data(spec: &ModelSpec, data: &Dataset, field: &str) -> Resul
         ));
     }
     Ok(())
+}
+
+/// The state a checkpoint restores.
+struct Restored {
+    step: u64,
+    losses: Vec<f64>,
+    elapsed: Duration,
+    opt: OptimState,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serialize(
+    fingerprint: &str,
+    step: u64,
+    losses: &[f64],
+    elapsed: Duration,
+    stem: &TrainModule,
+    blocks: &[TrainModule],
+    head: &TrainModule,
+    opt: &OptimState,
+) -> Result<Vec<u8>> {
+    let mut tensors: Vec<(String, candle_core::Tensor)> = Vec::new();
+    let mut add = |prefix: &str, m: &TrainModule| -> Result<()> {
+        for (n, t) in m.snapshot().cl()? {
+            tensors.push((format!("model.{prefix}.{n}"), t.contiguous().cl()?));
+        }
+        Ok(())
+    };
+    add("stem", stem)?;
+    for (i, b) in blocks.iter().enumerate() {
+        add(&format!("blocks.{i}"), b)?;
+    }
+    add("head", head)?;
+    for (k, t) in &opt.slots {
+        tensors.push((format!("opt.{k}"), t.contiguous().cl()?));
+    }
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
+    meta.insert("fingerprint".to_string(), fingerprint.to_string());
+    meta.insert("step".to_string(), step.to_string());
+    meta.insert("elapsed_s".to_string(), elapsed.as_secs_f64().to_string());
+    meta.insert("losses".to_string(), to_json(&losses)?);
+    meta.insert("opt_steps".to_string(), to_json(&opt.steps)?);
+    safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
+        .map_err(|e| CloudError::Internal(format!("checkpoint serialisation: {e}")))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| CloudError::Internal(format!("json: {e}")))
+}
+
+fn restore(
+    bytes: &[u8],
+    fingerprint: &str,
+    stem: &mut TrainModule,
+    blocks: &mut [TrainModule],
+    head: &mut TrainModule,
+) -> Result<Restored> {
+    let bad = |r: String| CloudError::DataLoss(format!("oracle checkpoint: {r}"));
+    let (_, md) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    let meta = md.metadata().clone().unwrap_or_default();
+    let get = |k: &str| {
+        meta.get(k)
+            .cloned()
+            .ok_or_else(|| bad(format!("missing {k}")))
+    };
+    if get("format")? != CHECKPOINT_FORMAT {
+        return Err(bad(format!("format {:?}", get("format")?)));
+    }
+    if get("fingerprint")? != fingerprint {
+        return Err(CloudError::FailedPrecondition(
+            "the oracle checkpoint was written for a different recipe or architecture; remove \
+             it or restore the original settings"
+                .into(),
+        ));
+    }
+    let step: u64 = get("step")?
+        .parse()
+        .map_err(|e| bad(format!("step: {e}")))?;
+    let elapsed: f64 = get("elapsed_s")?
+        .parse()
+        .map_err(|e| bad(format!("elapsed_s: {e}")))?;
+    let losses: Vec<f64> =
+        serde_json::from_str(&get("losses")?).map_err(|e| bad(format!("losses: {e}")))?;
+    let opt_steps: BTreeMap<String, u64> =
+        serde_json::from_str(&get("opt_steps")?).map_err(|e| bad(format!("opt_steps: {e}")))?;
+    if losses.len() as u64 != step {
+        return Err(bad(format!("{} losses for step {step}", losses.len())));
+    }
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+        .map_err(|e| bad(e.to_string()))?;
+    let mut modules: HashMap<String, adaptivenet_core::model::Params> = HashMap::new();
+    let mut slots = BTreeMap::new();
+    for (name, t) in tensors {
+        if let Some(k) = name.strip_prefix("opt.") {
+            slots.insert(k.to_string(), t);
+        } else if let Some(rest) = name.strip_prefix("model.") {
+            let (module, local) = match rest.strip_prefix("blocks.") {
+                Some(b) => {
+                    let (i, local) = b.split_once('.').ok_or_else(|| bad(name.clone()))?;
+                    (format!("blocks.{i}"), local)
+                }
+                None => {
+                    let (m, local) = rest.split_once('.').ok_or_else(|| bad(name.clone()))?;
+                    (m.to_string(), local)
+                }
+            };
+            modules
+                .entry(module)
+                .or_default()
+                .insert(local.to_string(), t);
+        } else {
+            return Err(bad(format!("unexpected tensor {name}")));
+        }
+    }
+    let load = |key: &str, m: &mut TrainModule| -> Result<()> {
+        let p = modules
+            .get(key)
+            .ok_or_else(|| bad(format!("no tensors for {key}")))?;
+        m.load(p).map_err(|e| bad(format!("{key}: {e}")))
+    };
+    load("stem", stem)?;
+    for (i, b) in blocks.iter_mut().enumerate() {
+        load(&format!("blocks.{i}"), b)?;
+    }
+    load("head", head)?;
+    Ok(Restored {
+        step,
+        losses,
+        elapsed: Duration::from_secs_f64(elapsed),
+        opt: OptimState {
+            slots,
+            steps: opt_steps,
+        },
+    })
 }

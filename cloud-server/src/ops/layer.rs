@@ -91,14 +91,13 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let m = metrics.metrics();
-            m.in_flight
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // The guard owns the slot: a caller that drops this future mid-call (client gone,
+            // deadline layer) still releases the permit and the in-flight gauge.
+            let slot = InFlight::enter(metrics.clone(), permit);
             let start = Instant::now();
             let res = inner.call(req).await.map_err(Into::into);
-            m.in_flight
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            drop(permit);
+            drop(slot);
+            let m = metrics.metrics();
             let code = match &res {
                 Ok(r) => r
                     .headers()
@@ -111,5 +110,92 @@ where
             m.observe(&method, &code, start.elapsed());
             res
         })
+    }
+}
+
+/// One admitted request: holds its concurrency permit and counts in the in-flight gauge until
+/// dropped, however the request's future ends.
+struct InFlight {
+    metrics: Arc<dyn MetricsSink>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl InFlight {
+    fn enter(metrics: Arc<dyn MetricsSink>, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        metrics
+            .metrics()
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight {
+            metrics,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics
+            .metrics()
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use tower::{Layer, Service};
+
+    #[derive(Debug, Default)]
+    struct Sink(Metrics);
+    impl MetricsSink for Sink {
+        fn metrics(&self) -> &Metrics {
+            &self.0
+        }
+    }
+
+    /// A handler that never answers, as a stuck database call would.
+    #[derive(Clone)]
+    struct Never;
+    impl tower::Service<http::Request<()>> for Never {
+        type Response = http::Response<()>;
+        type Error = std::convert::Infallible;
+        type Future = futures::future::Pending<Result<http::Response<()>, Self::Error>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            futures::future::pending()
+        }
+    }
+
+    #[tokio::test]
+    async fn dropped_request_releases_its_slot_and_gauge() {
+        let sink = Arc::new(Sink::default());
+        let layer = OpsLayer::new(2, sink.clone());
+        let mut svc = layer.layer(Never);
+        let req = || http::Request::builder().uri("/x/Y").body(()).unwrap();
+        // Two requests occupy both slots; a third is shed.
+        let mut a = svc.call(req());
+        let mut b = svc.call(req());
+        for f in [&mut a, &mut b] {
+            assert!(futures::poll!(f.as_mut()).is_pending());
+        }
+        assert_eq!(sink.0.in_flight.load(Ordering::Relaxed), 2);
+        let shed = svc
+            .call(req())
+            .await
+            .expect_err("third request must be shed");
+        let status = shed.downcast::<tonic::Status>().expect("a gRPC status");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        // The callers give up (client cancelled, deadline): slots and gauge come back.
+        drop(a);
+        drop(b);
+        assert_eq!(sink.0.in_flight.load(Ordering::Relaxed), 0);
+        let mut c = svc.call(req());
+        assert!(futures::poll!(c.as_mut()).is_pending());
+        assert_eq!(sink.0.in_flight.load(Ordering::Relaxed), 1);
     }
 }

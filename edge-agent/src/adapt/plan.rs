@@ -33,6 +33,8 @@ pub struct PlanConfig {
     pub mode: QualityMode,
     /// Search again even if a stored result matches.
     pub research: bool,
+    /// Raise budgets below the cheapest subnet to it (serving) instead of refusing them.
+    pub clamp_budgets: bool,
 }
 
 /// A plan: what to serve and what to adapt over.
@@ -117,6 +119,34 @@ pub fn resolve_budgets(specs: &[String], t: &LatencyTable, n_positions: usize) -
         .collect()
 }
 
+/// A serving daemon must serve something: a budget below the cheapest subnet (per this
+/// device's table) is raised to that subnet's latency with a warning, so the agent serves its
+/// fastest subnet and reports the violation, instead of exiting. (`edge-agent search`, an
+/// explicit query, still refuses such a budget.)
+pub fn feasible_budgets(
+    budgets: Vec<f64>,
+    t: &LatencyTable,
+    spec: &adaptivenet_core::supernet::SupernetSpec,
+) -> Result<Vec<f64>> {
+    let (cheapest, _) = t.latency_range(spec)?;
+    Ok(budgets
+        .into_iter()
+        .map(|b| {
+            if b < cheapest {
+                tracing::warn!(
+                    "latency budget {b:.3} ms is below the cheapest subnet ({cheapest:.3} ms on \
+                     this device); serving the fastest subnet instead"
+                );
+                // A hair above, so float summation order cannot put the cheapest subnet's
+                // own prediction outside it.
+                cheapest * (1.0 + 1e-9)
+            } else {
+                b
+            }
+        })
+        .collect())
+}
+
 fn read_data(dir: &Path, src: &ArtifactSource) -> Result<Dataset> {
     load_local_data(dir, &src.manifest.input)
 }
@@ -132,7 +162,10 @@ pub fn plan(
     let (table, reused_table) = ensure_table(src, state, cfg, progress)?;
     let id = src.manifest.supernet_id.to_string();
     let spec = src.manifest.supernet_spec();
-    let budgets = resolve_budgets(&cfg.budgets, &table, spec.num_positions())?;
+    let mut budgets = resolve_budgets(&cfg.budgets, &table, spec.num_positions())?;
+    if cfg.clamp_budgets {
+        budgets = feasible_budgets(budgets, &table, &spec)?;
+    }
     let budget_ms = budgets[0];
     if !cfg.research {
         if let Some(rec) = or_recompute("search result", state.load_search(&id)) {
