@@ -76,7 +76,7 @@ T0=$(date +%s)
 
 step "demo oracle: ResNet-20 on Fashion-MNIST (quick preset; the full recipe is 'cloud-server train-oracle' with its defaults)"
 "$BIN/cloud-server" train-oracle --out-dir "$RUN/oracle" --max-steps "${QS_ORACLE_STEPS:-120}" --batch 64 --lr 0.05 \
-  --data-dir "$ADAPTIVENET_ASSETS/fashion-mnist" | tail -n 12
+  --dataset-dir "$ADAPTIVENET_ASSETS/fashion-mnist" | tail -n 12
 
 step "cloud server on $ENDPOINT"
 RUST_LOG=warn "${CLOUD[@]}" migrate
