@@ -16,7 +16,9 @@
 //!   1,000 sockets in one process measure the client more than the server).
 //! - `FLEET_BLOB_MIB` (128), `FLEET_CHUNK` (requested chunk bytes; default the server's
 //!   maximum, 4 MiB - 4 KiB; 0 = the server default of 1 MiB),
-//!   `FLEET_DB` (`both`, `sqlite` or `pg`), `FLEET_THREADS` (tokio workers; default: cores).
+//!   `FLEET_DB` (`both`, `sqlite` or `pg`), `FLEET_THREADS` (tokio workers; default: cores),
+//!   `FLEET_DURABLE=1` (PostgreSQL telemetry commits wait for the WAL flush, as the server's
+//!   `--durable-telemetry`).
 //!
 //! Latency is measured per request from send to response, in the client. Reports/s is the
 //! number of reports acknowledged OK during the steady phase divided by its length. After the
@@ -421,6 +423,7 @@ async fn run_db(
             c.db_max_connections = d.db_max_connections;
             c.max_concurrent_requests = d.max_concurrent_requests;
             c.workers = 0;
+            c.durable_telemetry = durable();
         },
         None,
     )
@@ -609,7 +612,21 @@ fn main() -> Result<()> {
     rt.block_on(run(o))
 }
 
+/// `FLEET_DURABLE=1`: the server's `--durable-telemetry` (PostgreSQL waits for the WAL
+/// flush on every report batch).
+fn durable() -> bool {
+    std::env::var("FLEET_DURABLE").is_ok_and(|v| v == "1")
+}
+
 async fn run(o: Opts) -> Result<()> {
+    println!(
+        "telemetry commits on PostgreSQL: {}",
+        if durable() {
+            "synchronous (FLEET_DURABLE=1, --durable-telemetry)"
+        } else {
+            "asynchronous (server default; FLEET_DURABLE=1 for --durable-telemetry)"
+        }
+    );
     println!(
         "fleet bench: {} agents, {} s at {} reports/s offered (+1 heartbeat/agent/{} s), \
          {} HTTP/2 connections, {} tokio worker threads, probe {} in flight for {} s",

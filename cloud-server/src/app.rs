@@ -50,6 +50,8 @@ pub struct Config {
     pub device_credential_ttl: Option<Duration>,
     /// How long health reports NOT_SERVING before the listener closes on shutdown.
     pub drain_grace: Duration,
+    /// PostgreSQL: commit reports and heartbeats synchronously (see `store::writer`).
+    pub durable_telemetry: bool,
 }
 
 impl Config {
@@ -73,6 +75,7 @@ impl Config {
             auth_cache_ttl: Duration::from_secs(5),
             device_credential_ttl: None,
             drain_grace: Duration::from_secs(2),
+            durable_telemetry: false,
         }
     }
 }
@@ -115,7 +118,12 @@ pub struct NewToken {
 impl App {
     /// Connects the store (migrating it) and opens the blob store.
     pub async fn open(config: Config) -> Result<Self> {
-        let store = Store::connect(&config.database_url, config.db_max_connections).await?;
+        let store = Store::connect_with(
+            &config.database_url,
+            config.db_max_connections,
+            config.durable_telemetry,
+        )
+        .await?;
         store.migrate().await?;
         let blobs = match &config.blob_url {
             Some(url) => BlobStore::open_url(url, &config.blob_dir).await?,

@@ -56,8 +56,19 @@ enum Cmd {
         /// Largest accepted oracle, MiB.
         #[arg(long, default_value_t = 512)]
         max_oracle_mib: u64,
+        /// Reports carrying a quality estimate from fewer local samples are rejected.
         #[arg(long, default_value_t = 100)]
         min_report_samples: u64,
+        /// PostgreSQL: make reports and heartbeats wait for the WAL flush. By default they
+        /// commit asynchronously (a database crash may lose the last fraction of a second of
+        /// telemetry, as SQLite's WAL mode does on power loss); everything else is always
+        /// synchronous.
+        #[arg(long)]
+        durable_telemetry: bool,
+        /// Seconds a worker's job lease lasts without a heartbeat before another worker may
+        /// take the job over (resuming from its checkpoint).
+        #[arg(long, default_value_t = 30)]
+        job_lease_secs: u64,
         #[arg(long)]
         tls_cert: Option<PathBuf>,
         #[arg(long)]
@@ -67,6 +78,9 @@ enum Cmd {
     Worker {
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
+        /// Seconds a job lease lasts without a heartbeat (as `serve --job-lease-secs`).
+        #[arg(long, default_value_t = 30)]
+        job_lease_secs: u64,
     },
     /// Apply database migrations and exit.
     Migrate,
@@ -246,9 +260,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             max_concurrent_requests,
             max_oracle_mib,
             min_report_samples,
+            durable_telemetry,
+            job_lease_secs,
             tls_cert,
             tls_key,
         } => {
+            anyhow::ensure!(job_lease_secs >= 2, "--job-lease-secs must be at least 2");
+            cfg.job_lease = std::time::Duration::from_secs(job_lease_secs);
+            cfg.durable_telemetry = durable_telemetry;
             cfg.workers = workers;
             cfg.max_concurrent_requests = max_concurrent_requests;
             cfg.max_oracle_bytes = max_oracle_mib << 20;
@@ -274,7 +293,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!("draining");
             handle.shutdown().await?;
         }
-        Cmd::Worker { concurrency } => {
+        Cmd::Worker {
+            concurrency,
+            job_lease_secs,
+        } => {
+            anyhow::ensure!(job_lease_secs >= 2, "--job-lease-secs must be at least 2");
+            cfg.job_lease = std::time::Duration::from_secs(job_lease_secs);
             let app = App::open(cfg).await?;
             let stop = CancellationToken::new();
             let prefix = worker_id_prefix();

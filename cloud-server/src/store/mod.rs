@@ -103,6 +103,16 @@ impl Store {
     /// Connects to `url` (`sqlite://path` creates the file; `postgres://...`), sets WAL mode
     /// on SQLite. Does not migrate: call [`Store::migrate`].
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        Self::connect_with(url, max_connections, false).await
+    }
+
+    /// [`Store::connect`]; `durable_telemetry` makes reports and heartbeats wait for the WAL
+    /// flush on PostgreSQL too (see [`writer`]).
+    pub async fn connect_with(
+        url: &str,
+        max_connections: u32,
+        durable_telemetry: bool,
+    ) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let (url, backend) = if let Some(rest) = url
             .strip_prefix("sqlite://")
@@ -159,7 +169,10 @@ impl Store {
             .connect_with(opts)
             .await?;
         Ok(Store {
-            writer: writer::Writer::spawn(pool.clone()),
+            writer: writer::Writer::spawn(
+                pool.clone(),
+                backend == Backend::Postgres && !durable_telemetry,
+            ),
             pool,
             backend,
             assigned: Arc::default(),
