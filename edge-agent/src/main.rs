@@ -9,6 +9,7 @@ use adaptivenet_core::data::FASHION_MNIST_CLASSES;
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::supernet::{branches::build_supernet, Subnet, SupernetConfig};
 use adaptivenet_edge::adapt::contention::{Contention, ContentionSpec};
+use adaptivenet_edge::adapt::drift::{DriftConfig, DriftDetector};
 use adaptivenet_edge::adapt::plan::{self, or_recompute, PlanConfig};
 use adaptivenet_edge::adapt::resync::{policy_budgets, Applied, Resync};
 use adaptivenet_edge::adapt::timeline::{Timeline, TimelineEntry, TIMELINE_FILE};
@@ -194,6 +195,13 @@ struct RunArgs {
     /// starts (default: from 0 until the end). The timeline goes to <state>/timeline.jsonl.
     #[arg(long)]
     contention: Option<ContentionSpec>,
+    /// Re-profile and re-search (warm-started, same budget in ms) when live latency stays
+    /// more than this fraction off the latency table's prediction...
+    #[arg(long, default_value_t = DriftConfig::default().threshold)]
+    drift_threshold: f64,
+    /// ...for this many consecutive maintenance windows (0: never re-profile on drift).
+    #[arg(long, default_value_t = DriftConfig::default().windows)]
+    drift_windows: usize,
 }
 
 fn main() {
@@ -639,6 +647,19 @@ fn run(a: RunArgs) -> Result<()> {
     };
     let heartbeat_ms = a.heartbeat_ms;
     let report_every = a.report_every.max(1);
+    anyhow::ensure!(
+        a.drift_threshold.is_finite() && a.drift_threshold > 0.0,
+        "--drift-threshold must be a positive fraction, got {}",
+        a.drift_threshold
+    );
+    let mut drift = DriftDetector::new(DriftConfig {
+        threshold: a.drift_threshold,
+        windows: a.drift_windows,
+    });
+    let drift_resync = resync.clone();
+    let drift_windows = a.drift_windows;
+    let drift_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (drift_tx, mut drift_rx) = tokio::sync::mpsc::channel::<f64>(1);
     let result = rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let budget_bits = Arc::new(std::sync::atomic::AtomicU64::new(budget.to_bits()));
@@ -658,8 +679,16 @@ fn run(a: RunArgs) -> Result<()> {
         let tl = timeline.clone();
         let bits = budget_bits.clone();
         let srv = server.clone();
+        let busy = drift_busy.clone();
         let maint = tokio::spawn(maintain(server.clone(), ctl.clone(), rx.clone(), move |tick, c| {
             let event = tick.event.as_ref().map(|ev| ev.name(&c.front));
+            let predicted = c.front.get(c.current).map_or(0.0, |x| x.latency_ms);
+            if drift.observe(tick.stats.p50_ms, predicted)
+                && !busy.swap(true, std::sync::atomic::Ordering::AcqRel)
+                && drift_tx.try_send(c.cfg.budget_ms).is_err()
+            {
+                busy.store(false, std::sync::atomic::Ordering::Release);
+            }
             if let Some(ev) = &tick.event {
                 match ev {
                     AdaptEvent::Switched(r) => {
@@ -696,6 +725,40 @@ fn run(a: RunArgs) -> Result<()> {
                 tracing::warn!("timeline: {e}");
             }
         }));
+        // Table drift: re-profile and re-search in the background; serving goes on.
+        let drift_task = {
+            let (server, ctl, applied, timeline, reason, bits, busy) = (
+                server.clone(), ctl.clone(), applied.clone(), timeline.clone(), reason.clone(),
+                budget_bits.clone(), drift_busy.clone(),
+            );
+            tokio::spawn(async move {
+                while let Some(budget) = drift_rx.recv().await {
+                    println!(
+                        "latency table drifted (live latency off the table for {drift_windows} windows): re-profiling and re-searching at {budget:.3} ms"
+                    );
+                    timeline.note("drift_reprofile");
+                    match drift_resync.replan_after_drift(budget, &server, &ctl).await {
+                        Ok((plan, switch)) => {
+                            println!(
+                                "re-planned after drift: serving {} (front of {}, budget {:.3} ms){}",
+                                server.active().subnet,
+                                plan.record.result.front.len(),
+                                plan.budget_ms,
+                                switch.map_or(String::new(), |s| format!("; loaded {}, reused {} modules", s.loaded, s.reused)),
+                            );
+                            bits.store(plan.budget_ms.to_bits(), std::sync::atomic::Ordering::Relaxed);
+                            reason.store(pb::AdaptationReason::Research as i32, std::sync::atomic::Ordering::Relaxed);
+                            applied.lock().unwrap_or_else(|e| e.into_inner()).plan = plan;
+                        }
+                        Err(e) => {
+                            eprintln!("re-planning after drift failed, still serving the old plan: {e}");
+                            timeline.note("drift_reprofile_failed");
+                        }
+                    }
+                    busy.store(false, std::sync::atomic::Ordering::Release);
+                }
+            })
+        };
         // Local request stream: the device's own data, batch by batch.
         let batch = common.batch.max(1);
         let worker = (!a.no_replay).then(|| {
@@ -826,6 +889,7 @@ fn run(a: RunArgs) -> Result<()> {
             None => 0,
         };
         let events = maint.await?;
+        drift_task.abort();
         if let Some(t) = cloud_task {
             let _ = t.await;
         }

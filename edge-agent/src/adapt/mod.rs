@@ -45,6 +45,7 @@ use crate::search::Candidate;
 use crate::serve::{Server, SwitchReport, WindowStats};
 
 pub mod contention;
+pub mod drift;
 pub mod plan;
 pub mod resync;
 pub mod timeline;

@@ -167,8 +167,9 @@ pub fn plan(
         budgets = feasible_budgets(budgets, &table, &spec)?;
     }
     let budget_ms = budgets[0];
+    let previous = or_recompute("search result", state.load_search(&id));
     if !cfg.research {
-        if let Some(rec) = or_recompute("search result", state.load_search(&id)) {
+        if let Some(rec) = previous.clone() {
             let same_budgets = rec.result.best.len() == budgets.len()
                 && rec
                     .result
@@ -203,9 +204,26 @@ pub fn plan(
         cfg.search.seed,
     )?;
     let total = budgets.len() * (cfg.search.generations + 1);
-    let result = search::search(&supernet, &table, &set, &budgets, &cfg.search, |d, _| {
-        progress("search", d, total)
-    })?;
+    // Conditions changed (new table, budget or settings): warm-start from the last front of
+    // this supernet, re-scored under the current table and data.
+    let warm: Vec<_> = previous
+        .map(|r| r.result.front.into_iter().map(|c| c.subnet).collect())
+        .unwrap_or_default();
+    if !warm.is_empty() {
+        tracing::info!(
+            "re-search warm-started from {} subnets of the last front",
+            warm.len()
+        );
+    }
+    let result = search::search_from(
+        &supernet,
+        &table,
+        &set,
+        &budgets,
+        &cfg.search,
+        &warm,
+        |d, _| progress("search", d, total),
+    )?;
     let record = SearchRecord {
         config: cfg.search.clone(),
         result,

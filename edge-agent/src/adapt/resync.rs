@@ -56,44 +56,38 @@ pub fn policy_budgets(policy: Option<&pb::LatencyBudgetPolicy>) -> Vec<String> {
 }
 
 impl Resync {
-    /// Applies `desired` if its generation differs from `current`'s. Blocking work
-    /// (profiling, search) runs on the blocking pool; serving continues meanwhile.
-    pub async fn apply(
+    /// The latency table drifted (see [`super::drift`]): re-profile this device, re-search the
+    /// serving supernet warm-started from the current front at the same budget in
+    /// milliseconds (a fraction would be re-resolved against the new, slower oracle time and
+    /// loosen the budget), and install the new plan. Serving goes on meanwhile; on failure
+    /// the old plan stays.
+    pub async fn replan_after_drift(
         &self,
-        client: &CloudClient,
-        desired: &pb::DesiredState,
-        current: &Applied,
+        budget_ms: f64,
         server: &Arc<Server>,
         ctl: &SharedController,
-    ) -> Result<Option<ResyncReport>> {
-        if desired.generation == current.generation {
-            return Ok(None);
-        }
-        tracing::info!(
-            "desired state moved to generation {} (applied {}): supernet {}",
-            desired.generation,
-            current.generation,
-            desired.supernet_id
-        );
-        let rep = client
-            .sync_supernet(desired, &self.cache, &BlobSelection::All, &self.sync)
-            .await?;
-        let s = &rep.stats;
-        tracing::info!(
-            "synced supernet {} v{}: {} blobs needed, {} cached, {} linked from other versions, {} downloaded ({} bytes)",
-            rep.supernet_id,
-            rep.supernet_version,
-            s.blobs_needed,
-            s.blobs_skipped,
-            s.blobs_linked,
-            s.blobs_downloaded,
-            s.bytes_received
-        );
-        let src = ArtifactSource::open(&rep.dir)?;
-        let mut cfg = self.plan.clone();
-        if !self.explicit_budgets {
-            cfg.budgets = policy_budgets(desired.budget.as_ref());
-        }
+    ) -> Result<(Plan, Option<SwitchReport>)> {
+        let cfg = PlanConfig {
+            force_profile: true,
+            research: true,
+            budgets: vec![format!("{budget_ms}ms")],
+            clamp_budgets: true,
+            ..self.plan.clone()
+        };
+        self.plan_and_install(server.source(), cfg, server, ctl)
+            .await
+    }
+
+    /// Plans `src` with `cfg` on the blocking pool, then switches to the plan's starting
+    /// subnet and resets the controller onto the new front, atomically for the maintenance
+    /// loop. The active subnet is persisted.
+    async fn plan_and_install(
+        &self,
+        src: ArtifactSource,
+        cfg: PlanConfig,
+        server: &Arc<Server>,
+        ctl: &SharedController,
+    ) -> Result<(Plan, Option<SwitchReport>)> {
         let state = self.state.clone();
         let plan_src = src.clone();
         let new_plan =
@@ -132,6 +126,48 @@ impl Resync {
                 budget_ms: new_plan.budget_ms,
             },
         )?;
+        Ok((new_plan, switch))
+    }
+
+    /// Applies `desired` if its generation differs from `current`'s. Blocking work
+    /// (profiling, search) runs on the blocking pool; serving continues meanwhile.
+    pub async fn apply(
+        &self,
+        client: &CloudClient,
+        desired: &pb::DesiredState,
+        current: &Applied,
+        server: &Arc<Server>,
+        ctl: &SharedController,
+    ) -> Result<Option<ResyncReport>> {
+        if desired.generation == current.generation {
+            return Ok(None);
+        }
+        tracing::info!(
+            "desired state moved to generation {} (applied {}): supernet {}",
+            desired.generation,
+            current.generation,
+            desired.supernet_id
+        );
+        let rep = client
+            .sync_supernet(desired, &self.cache, &BlobSelection::All, &self.sync)
+            .await?;
+        let s = &rep.stats;
+        tracing::info!(
+            "synced supernet {} v{}: {} blobs needed, {} cached, {} linked from other versions, {} downloaded ({} bytes)",
+            rep.supernet_id,
+            rep.supernet_version,
+            s.blobs_needed,
+            s.blobs_skipped,
+            s.blobs_linked,
+            s.blobs_downloaded,
+            s.bytes_received
+        );
+        let src = ArtifactSource::open(&rep.dir)?;
+        let mut cfg = self.plan.clone();
+        if !self.explicit_budgets {
+            cfg.budgets = policy_budgets(desired.budget.as_ref());
+        }
+        let (new_plan, switch) = self.plan_and_install(src, cfg, server, ctl).await?;
         Ok(Some(ResyncReport {
             from_generation: current.generation,
             applied: Applied {
