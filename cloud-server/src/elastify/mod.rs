@@ -106,6 +106,56 @@ impl ProgressSink for NoProgress {
 
 /// Where checkpoints go: one opaque byte string, replaced atomically. The directory
 /// implementation is [`DirCheckpoints`]; the job worker can wrap its `CheckpointStore`.
+/// The metadata of a safetensors checkpoint, checked for its format and for belonging to this
+/// run (same fingerprint) before anything is restored from it.
+pub(crate) struct CheckpointMeta {
+    what: &'static str,
+    meta: std::collections::HashMap<String, String>,
+}
+
+impl CheckpointMeta {
+    /// `mismatch` is the FAILED_PRECONDITION message for a checkpoint of another run.
+    pub(crate) fn read(
+        bytes: &[u8],
+        what: &'static str,
+        format: &str,
+        fingerprint: &str,
+        mismatch: &str,
+    ) -> Result<Self> {
+        let (_, md) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| CloudError::DataLoss(format!("{what}: {e}")))?;
+        let m = CheckpointMeta {
+            what,
+            meta: md.metadata().clone().unwrap_or_default(),
+        };
+        if m.get("format")? != format {
+            return Err(m.bad(format!("format {:?}", m.get("format")?)));
+        }
+        if m.get("fingerprint")? != fingerprint {
+            return Err(CloudError::FailedPrecondition(mismatch.into()));
+        }
+        Ok(m)
+    }
+
+    /// A metadata value (DATA_LOSS when missing).
+    pub(crate) fn get(&self, k: &str) -> Result<String> {
+        self.meta
+            .get(k)
+            .cloned()
+            .ok_or_else(|| self.bad(format!("missing {k}")))
+    }
+
+    /// A corrupt-checkpoint error naming the checkpoint kind.
+    pub(crate) fn bad(&self, reason: String) -> CloudError {
+        CloudError::DataLoss(format!("{}: {reason}", self.what))
+    }
+}
+
+/// JSON for checkpoint metadata.
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| CloudError::Internal(format!("json: {e}")))
+}
+
 pub trait CheckpointIo {
     /// The latest checkpoint, if any.
     fn load(&self) -> Result<Option<Vec<u8>>>;

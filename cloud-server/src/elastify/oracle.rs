@@ -15,7 +15,7 @@ use super::optim::{OptimState, Optimizer, Sgd, WarmupCosine};
 use super::train::{
     accuracy, cross_entropy, fashion_transform, step_rng, BatchSampler, TrainModule, BN_MOMENTUM,
 };
-use super::{CheckpointIo, OrCloud, ProgressEvent, ProgressSink};
+use super::{to_json, CheckpointIo, CheckpointMeta, OrCloud, ProgressEvent, ProgressSink};
 use crate::error::{CloudError, Result};
 
 /// The oracle-training recipe.
@@ -386,10 +386,6 @@ fn serialize(
         .map_err(|e| CloudError::Internal(format!("checkpoint serialisation: {e}")))
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
-    serde_json::to_string(v).map_err(|e| CloudError::Internal(format!("json: {e}")))
-}
-
 fn restore(
     bytes: &[u8],
     fingerprint: &str,
@@ -397,24 +393,16 @@ fn restore(
     blocks: &mut [TrainModule],
     head: &mut TrainModule,
 ) -> Result<Restored> {
-    let bad = |r: String| CloudError::DataLoss(format!("oracle checkpoint: {r}"));
-    let (_, md) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
-    let meta = md.metadata().clone().unwrap_or_default();
-    let get = |k: &str| {
-        meta.get(k)
-            .cloned()
-            .ok_or_else(|| bad(format!("missing {k}")))
-    };
-    if get("format")? != CHECKPOINT_FORMAT {
-        return Err(bad(format!("format {:?}", get("format")?)));
-    }
-    if get("fingerprint")? != fingerprint {
-        return Err(CloudError::FailedPrecondition(
-            "the oracle checkpoint was written for a different recipe or architecture; remove \
-             it or restore the original settings"
-                .into(),
-        ));
-    }
+    let meta = CheckpointMeta::read(
+        bytes,
+        "oracle checkpoint",
+        CHECKPOINT_FORMAT,
+        fingerprint,
+        "the oracle checkpoint was written for a different recipe or architecture; remove it \
+         or restore the original settings",
+    )?;
+    let bad = |r: String| meta.bad(r);
+    let get = |k: &str| meta.get(k);
     let step: u64 = get("step")?
         .parse()
         .map_err(|e| bad(format!("step: {e}")))?;

@@ -32,7 +32,7 @@ use super::train::{
     cross_entropy, fashion_transform, kd_loss, mse, step_rng, BatchSampler, TrainModule,
     BN_MOMENTUM,
 };
-use super::{CheckpointIo, OrCloud, ProgressEvent, ProgressSink};
+use super::{to_json, CheckpointIo, CheckpointMeta, OrCloud, ProgressEvent, ProgressSink};
 use crate::error::{CloudError, Result};
 
 const CHECKPOINT_FORMAT: &str = "adaptivenet.elastify.checkpoint/1";
@@ -512,34 +512,22 @@ fn encode(
         .map_err(|e| CloudError::Internal(format!("checkpoint serialisation: {e}")))
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
-    serde_json::to_string(v).map_err(|e| CloudError::Internal(format!("json: {e}")))
-}
-
 fn restore(
     bytes: &[u8],
     fingerprint: &str,
     branches: &mut BTreeMap<(usize, i8), TrainModule>,
     opt: &mut AdamW,
 ) -> Result<Cursor> {
-    let bad = |r: String| CloudError::DataLoss(format!("elastification checkpoint: {r}"));
-    let (_, md) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
-    let meta = md.metadata().clone().unwrap_or_default();
-    let get = |k: &str| {
-        meta.get(k)
-            .cloned()
-            .ok_or_else(|| bad(format!("missing {k}")))
-    };
-    if get("format")? != CHECKPOINT_FORMAT {
-        return Err(bad(format!("format {:?}", get("format")?)));
-    }
-    if get("fingerprint")? != fingerprint {
-        return Err(CloudError::FailedPrecondition(
-            "the checkpoint belongs to a different oracle or config; remove it or restore the \
-             original settings"
-                .into(),
-        ));
-    }
+    let meta = CheckpointMeta::read(
+        bytes,
+        "elastification checkpoint",
+        CHECKPOINT_FORMAT,
+        fingerprint,
+        "the checkpoint belongs to a different oracle or config; remove it or restore the \
+         original settings",
+    )?;
+    let bad = |r: String| meta.bad(r);
+    let get = |k: &str| meta.get(k);
     let num = |k: &str| -> Result<u64> { get(k)?.parse().map_err(|e| bad(format!("{k}: {e}"))) };
     let cur = Cursor {
         stage: num("stage")? as usize,
