@@ -98,10 +98,29 @@ impl Optimizer for Sgd {
         grads: &GradStore,
         lr: f64,
     ) -> candle_core::Result<()> {
+        let hp = adaptivenet_kernels::SgdParams {
+            lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            nesterov: self.nesterov,
+        };
         for (name, var) in vars {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            let key = format!("momentum_buffer.{name}");
+            // One in-place kernel per parameter; same arithmetic as the composition below.
+            let fused = var.dtype() == DType::F32 && var.as_tensor().is_contiguous();
+            if fused {
+                let buf = self.state.slots.get(&key);
+                if let Some(new) =
+                    adaptivenet_kernels::sgd_update(var.as_tensor(), &g.detach(), buf, &hp)?
+                {
+                    self.state.slots.insert(key, new);
+                }
+                *self.state.steps.entry(name.clone()).or_insert(0) += 1;
+                continue;
+            }
             // Detached: state tensors must never hold a backprop graph.
             let p = var.as_detached_tensor();
             let mut g = g.detach();
@@ -109,7 +128,6 @@ impl Optimizer for Sgd {
                 g = (g + p.affine(self.weight_decay, 0.0)?)?;
             }
             let d = if self.momentum != 0.0 {
-                let key = format!("momentum_buffer.{name}");
                 let buf = match self.state.slots.get(&key) {
                     Some(b) => (b.affine(self.momentum, 0.0)? + &g)?,
                     None => g.copy()?,

@@ -4,7 +4,7 @@
 //! `to_dtype`, `mul`) before the gradient accumulation; here it is one pass. Semantics match
 //! candle's: `relu(x) = x.max(0)` (NaN -> 0) and the gradient mask is `x >= 0`.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use crate::storage::f32_slice;
 use crate::{check_f32, threads, KernelError};
@@ -123,20 +123,19 @@ impl CustomOp2 for AddRelu {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        // The mask of `a + b >= 0`, recomputed (the result is 0 for both `a + b == 0` and
-        // `a + b < 0`).
-        let g = a.apply_op2_no_bwd(b, &AddMaskPrep)?;
-        let g = g.apply_op2_no_bwd(&grad, &MaskGrad)?;
+        // The mask of `a + b >= 0` is recomputed from the inputs in the same pass (the
+        // result is 0 for both `a + b == 0` and `a + b < 0`, so it cannot tell them apart).
+        let g = a.apply_op3_no_bwd(b, &grad, &AddMaskGrad)?;
         Ok((a.track_op().then(|| g.clone()), b.track_op().then_some(g)))
     }
 }
 
-/// `(a, b) -> a + b` without autograd (for the backward mask).
-struct AddMaskPrep;
+/// `(a, b, dy) -> dy * (a + b >= 0)`: the backward of [`AddRelu`] in one pass.
+struct AddMaskGrad;
 
-impl CustomOp2 for AddMaskPrep {
+impl CustomOp3 for AddMaskGrad {
     fn name(&self) -> &'static str {
-        "adaptivenet-add"
+        "adaptivenet-add-relu-bwd"
     }
 
     fn cpu_fwd(
@@ -145,16 +144,22 @@ impl CustomOp2 for AddMaskPrep {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let a = f32_slice(s1, l1, "add_relu backward", "a")?;
         let b = f32_slice(s2, l2, "add_relu backward", "b")?;
-        let mut y = vec![0f32; a.len()];
-        chunked(&mut y, |off, o| {
-            for ((o, x), z) in o.iter_mut().zip(&a[off..]).zip(&b[off..]) {
-                *o = x + z;
+        let dy = f32_slice(s3, l3, "add_relu backward", "grad")?;
+        if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
+            return Err(KernelError::Shape("add_relu backward: shape mismatch".into()).into());
+        }
+        let mut dx = vec![0f32; a.len()];
+        chunked(&mut dx, |off, o| {
+            for (((o, x), z), g) in o.iter_mut().zip(&a[off..]).zip(&b[off..]).zip(&dy[off..]) {
+                *o = if x + z >= 0.0 { *g } else { 0.0 };
             }
         });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
 

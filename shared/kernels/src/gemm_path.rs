@@ -179,6 +179,99 @@ pub(crate) fn im2col_rows(x: &[f32], g: &Geom, col: &mut [f32], ld: usize, rows:
     }
 }
 
+/// Pixel-major im2col of one group block `x [Cg, H, W]`: `colt [OH*OW, Cg*KH*KW]`, rows of
+/// pitch `K`. The filter gradient reduces over pixels; with this layout both of its GEMM
+/// operands are contiguous along the reduction, which `gemm` reads without a transposing
+/// pack. (Packing the row-major `[K, P]` layout transposed cost 2.2 ns per element here,
+/// 16% of a ResNet-20 training step.)
+pub(crate) fn im2col_t(x: &[f32], g: &Geom, colt: &mut [f32]) {
+    match (g.kw, g.dw) {
+        (1, _) => im2col_t_fixed::<1>(x, g, colt),
+        (3, 1) => im2col_t_fixed::<3>(x, g, colt),
+        _ => im2col_t_generic(x, g, colt),
+    }
+}
+
+/// Output columns `lo..hi` whose `kw` taps all fall inside an input row.
+fn interior_cols(g: &Geom) -> (usize, usize) {
+    let offw0 = -(g.pl as isize);
+    let (a, _) = valid_range(g.ow, g.w, g.sw, offw0);
+    let (_, b) = valid_range(g.ow, g.w, g.sw, ((g.kw - 1) * g.dw) as isize + offw0);
+    (a, b.max(a))
+}
+
+/// The taps of output column `ow` (kernel row already chosen) with bounds checks.
+#[inline(always)]
+fn taps_checked(xr: &[f32], g: &Geom, ow: usize, dst: &mut [f32]) {
+    let iw0 = (ow * g.sw) as isize - g.pl as isize;
+    for (j, d) in dst.iter_mut().enumerate() {
+        let iw = iw0 + (j * g.dw) as isize;
+        *d = if iw >= 0 && iw < g.w as isize {
+            xr[iw as usize]
+        } else {
+            0.0
+        };
+    }
+}
+
+/// [`im2col_t`] for kernel width `KW` with undilated columns (any stride, padding, height):
+/// the interior taps are fixed-size copies the compiler unrolls.
+fn im2col_t_fixed<const KW: usize>(x: &[f32], g: &Geom, colt: &mut [f32]) {
+    let (k, hw, cg) = (g.k(), g.h * g.w, g.cg());
+    debug_assert!(g.kw == KW && (KW == 1 || g.dw == 1));
+    let (lo, hi) = interior_cols(g);
+    for oh in 0..g.oh {
+        let ih0 = (oh * g.sh) as isize - g.pt as isize;
+        let rows = &mut colt[oh * g.ow * k..][..g.ow * k];
+        for c in 0..cg {
+            for i in 0..g.kh {
+                let col0 = (c * g.kh + i) * KW;
+                let ih = ih0 + (i * g.dh) as isize;
+                if ih < 0 || ih >= g.h as isize {
+                    for row in rows.chunks_exact_mut(k) {
+                        row[col0..col0 + KW].fill(0.0);
+                    }
+                    continue;
+                }
+                let xr = &x[c * hw + ih as usize * g.w..][..g.w];
+                for (ow, row) in rows.chunks_exact_mut(k).enumerate() {
+                    let dst: &mut [f32; KW] =
+                        (&mut row[col0..col0 + KW]).try_into().expect("KW taps");
+                    if ow >= lo && ow < hi {
+                        let s = ow * g.sw - g.pl;
+                        let src: &[f32; KW] = xr[s..s + KW].try_into().expect("KW taps");
+                        *dst = *src;
+                    } else {
+                        taps_checked(xr, g, ow, dst);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn im2col_t_generic(x: &[f32], g: &Geom, colt: &mut [f32]) {
+    let (k, hw, cg) = (g.k(), g.h * g.w, g.cg());
+    for oh in 0..g.oh {
+        let ih0 = (oh * g.sh) as isize - g.pt as isize;
+        for ow in 0..g.ow {
+            let row = &mut colt[(oh * g.ow + ow) * k..][..k];
+            for c in 0..cg {
+                let xp = &x[c * hw..][..hw];
+                for i in 0..g.kh {
+                    let dst = &mut row[(c * g.kh + i) * g.kw..][..g.kw];
+                    let ih = ih0 + (i * g.dh) as isize;
+                    if ih < 0 || ih >= g.h as isize {
+                        dst.fill(0.0);
+                    } else {
+                        taps_checked(&xp[ih as usize * g.w..][..g.w], g, ow, dst);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Adjoint of [`im2col`]: `x [Cg, H, W] += col2im(col)`.
 pub(crate) fn col2im_add(col: &[f32], g: &Geom, x: &mut [f32]) {
     let (hw, p) = (g.h * g.w, g.p());
@@ -347,7 +440,8 @@ fn bwd_data_image(
 }
 
 /// Grad-weight over `imgs`, `nb` images per GEMM (`groups == 1`):
-/// `gw [O, K] += go_blk [O, nb*P] x col_blk^T [nb*P, K]`.
+/// `gw [O, K] += go_blk [O, nb*P] x colt_blk [nb*P, K]` (pixel-major im2col, see
+/// [`im2col_t`]).
 fn bwd_filter_blocks(
     x: &[f32],
     go: &[f32],
@@ -360,7 +454,7 @@ fn bwd_filter_blocks(
     let mut gw = vec![0f32; g.o * k];
     let ld = nb * p;
     with_col(k * ld + g.o * ld, |buf| {
-        let (col, gob) = buf.split_at_mut(k * ld);
+        let (colt, gob) = buf.split_at_mut(k * ld);
         let mut first = true;
         let mut i0 = imgs.start;
         while i0 < imgs.end {
@@ -368,13 +462,7 @@ fn bwd_filter_blocks(
             let cols = m * p;
             for j in 0..m {
                 let xi = &x[(i0 + j) * in_img..][..in_img];
-                if g.identity_1x1 {
-                    for c in 0..k {
-                        col[c * ld + j * p..][..p].copy_from_slice(&xi[c * p..][..p]);
-                    }
-                } else {
-                    im2col_ld(xi, g, &mut col[j * p..], ld);
-                }
+                im2col_t(xi, g, &mut colt[j * p * k..][..p * k]);
                 let goi = &go[(i0 + j) * out_img..][..out_img];
                 for o in 0..g.o {
                     gob[o * ld + j * p..][..p].copy_from_slice(&goi[o * p..][..p]);
@@ -392,9 +480,9 @@ fn bwd_filter_blocks(
                     cs: 1,
                 },
                 Mat {
-                    data: col,
-                    rs: 1,
-                    cs: ld,
+                    data: colt,
+                    rs: k,
+                    cs: 1,
                 },
                 par,
             );
@@ -418,8 +506,7 @@ fn bwd_filter_range(
     }
     let (cg, og, k, p, hw) = (g.cg(), g.og(), g.k(), g.p(), g.h * g.w);
     let mut gw = vec![0f32; g.o * k];
-    let col_len = if g.identity_1x1 { 0 } else { k * p };
-    with_col(col_len, |col| {
+    with_col(k * p, |colt| {
         for (j, i) in imgs.enumerate() {
             let xi = &x[i * g.in_img()..][..g.in_img()];
             let goi = &go[i * g.out_img()..][..g.out_img()];
@@ -427,13 +514,8 @@ fn bwd_filter_range(
                 let xg = &xi[gi * cg * hw..][..cg * hw];
                 let gog = &goi[gi * og * p..][..og * p];
                 let gwg = &mut gw[gi * og * k..][..og * k];
-                let colm: &[f32] = if g.identity_1x1 {
-                    xg
-                } else {
-                    im2col(xg, g, col);
-                    &*col
-                };
-                // gw_g [Og, K] += go_g [Og, P] x col^T [P, K]
+                im2col_t(xg, g, colt);
+                // gw_g [Og, K] += go_g [Og, P] x colt [P, K]
                 gemm_f32(
                     og,
                     k,
@@ -446,9 +528,9 @@ fn bwd_filter_range(
                         cs: 1,
                     },
                     Mat {
-                        data: colm,
-                        rs: 1,
-                        cs: p,
+                        data: colt,
+                        rs: k,
+                        cs: 1,
                     },
                     par,
                 );

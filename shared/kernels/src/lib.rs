@@ -16,6 +16,8 @@
 //! * [`global_avg_pool`]: `[N, C, H, W] -> [N, C]`, with backward.
 //! * [`batch_norm_train`]: train-mode BatchNorm (batch statistics) as one op with a fused
 //!   backward; [`relu`] and [`add_relu`] (residual join) with one-pass backward.
+//! * [`sgd_update`]: in-place SGD step (momentum, Nesterov, weight decay), bit-identical to
+//!   the candle composition.
 //! * [`threads`]: thread policy; [`threads::current`] must be recorded with every latency.
 //!
 //! Inputs may be non-contiguous (they are made contiguous first). Only f32 is implemented;
@@ -38,6 +40,7 @@
 //! * `src/pool.rs`: max-pool and global average pool ops.
 //! * `src/bn.rs`: BatchNorm folding (computed in f64); `src/bn_train.rs`: train-mode BN.
 //! * `src/eltwise.rs`: ReLU and add + ReLU with their backward.
+//! * `src/optim.rs`: in-place SGD update.
 //! * `tests/parity.rs`: forward parity against candle's reference ops (≤ 1e-4), backward
 //!   against candle's autograd, fused activations, BN folding (≤ 1e-5), dtype/shape errors.
 //! * `tests/train_ops.rs`: train-mode BN, ReLU and add + ReLU against candle's composition
@@ -112,6 +115,7 @@ mod depthwise;
 mod eltwise;
 mod gemm_path;
 mod geom;
+mod optim;
 mod pool;
 mod storage;
 pub mod threads;
@@ -121,6 +125,7 @@ use candle_core::{DType, Tensor};
 pub use bn::fold_bn;
 pub use bn_train::batch_norm_train;
 pub use eltwise::{add_relu, relu};
+pub use optim::{sgd_update, SgdParams};
 
 /// Activation fused into [`conv2d_fused`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use adaptivenet_kernels::{add_relu, batch_norm_train, relu, threads};
+use adaptivenet_kernels::{add_relu, batch_norm_train, relu, sgd_update, threads, SgdParams};
 use candle_core::{DType, Device, Tensor, Var, D};
 use common::*;
 
@@ -218,4 +218,91 @@ fn threaded_bn_and_relu_match_single_threaded() {
     for (a, b) in one.iter().zip(&two) {
         assert!(max_abs_diff(a, b) <= 1e-6);
     }
+}
+
+/// The candle composition of one PyTorch SGD step (what `sgd_update` replaces).
+fn sgd_reference(
+    p: &Tensor,
+    g: &Tensor,
+    buf: Option<&Tensor>,
+    hp: &SgdParams,
+) -> (Tensor, Option<Tensor>) {
+    let mut g = g.clone();
+    if hp.weight_decay != 0.0 {
+        g = (g + p.affine(hp.weight_decay, 0.0).unwrap()).unwrap();
+    }
+    let (d, buf) = if hp.momentum != 0.0 {
+        let buf = match buf {
+            Some(b) => (b.affine(hp.momentum, 0.0).unwrap() + &g).unwrap(),
+            None => g.copy().unwrap(),
+        };
+        let d = if hp.nesterov {
+            (&g + buf.affine(hp.momentum, 0.0).unwrap()).unwrap()
+        } else {
+            buf.clone()
+        };
+        (d, Some(buf))
+    } else {
+        (g, None)
+    };
+    ((p - d.affine(hp.lr, 0.0).unwrap()).unwrap(), buf)
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+#[test]
+fn sgd_update_is_bit_identical_to_the_candle_composition() {
+    let mut rng = Rng::new(77);
+    for (momentum, weight_decay, nesterov) in [
+        (0.9, 5e-4, true),
+        (0.9, 5e-4, false),
+        (0.9, 0.0, true),
+        (0.0, 5e-4, false),
+        (0.0, 0.0, false),
+    ] {
+        let hp = SgdParams {
+            lr: 0.1,
+            momentum,
+            weight_decay,
+            nesterov,
+        };
+        let p0 = rng.tensor(&[7, 3, 3, 3], 1.0);
+        let var = Var::from_tensor(&p0).unwrap();
+        let (mut rp, mut rbuf, mut buf) = (p0.copy().unwrap(), None::<Tensor>, None::<Tensor>);
+        for step in 0..4 {
+            let g = rng.tensor(&[7, 3, 3, 3], 0.5);
+            let (np, nb) = sgd_reference(&rp, &g, rbuf.as_ref(), &hp);
+            rp = np;
+            rbuf = nb;
+            if let Some(new) = sgd_update(var.as_tensor(), &g, buf.as_ref(), &hp).unwrap() {
+                buf = Some(new);
+            }
+            let case = format!("mu {momentum} wd {weight_decay} nesterov {nesterov} step {step}");
+            assert_eq!(bits(var.as_tensor()), bits(&rp), "{case}: parameters");
+            assert_eq!(
+                rbuf.as_ref().map(bits),
+                buf.as_ref().map(bits),
+                "{case}: momentum buffer"
+            );
+        }
+    }
+    // Shape mismatch is an error and leaves the parameter untouched.
+    let var = Var::from_tensor(&rng.tensor(&[4], 1.0)).unwrap();
+    let before = bits(var.as_tensor());
+    let hp = SgdParams {
+        lr: 0.1,
+        momentum: 0.9,
+        weight_decay: 0.0,
+        nesterov: false,
+    };
+    assert!(sgd_update(var.as_tensor(), &rng.tensor(&[5], 1.0), None, &hp).is_err());
+    assert_eq!(bits(var.as_tensor()), before);
 }

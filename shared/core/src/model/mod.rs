@@ -219,7 +219,7 @@ fn residual_out(
     } else {
         x.clone()
     };
-    ops::activation(&(y + sc)?, num.act)
+    ops::add_act(&y, &sc, num.act)
 }
 
 /// Runs the head: [1x1 conv-BN-act] → global average pool → linear (dropout is eval-identity).
