@@ -452,9 +452,9 @@ fn bwd_filter_blocks(
 ) -> Vec<f32> {
     let (k, p, in_img, out_img) = (g.k(), g.p(), g.in_img(), g.out_img());
     let mut gw = vec![0f32; g.o * k];
-    let ld = nb * p;
-    with_col(k * ld + g.o * ld, |buf| {
-        let (colt, gob) = buf.split_at_mut(k * ld);
+    let ld = pitch(nb * p);
+    with_col(k * nb * p + g.o * ld, |buf| {
+        let (colt, gob) = buf.split_at_mut(k * nb * p);
         let mut first = true;
         let mut i0 = imgs.start;
         while i0 < imgs.end {
@@ -540,6 +540,15 @@ fn bwd_filter_range(
     gw
 }
 
+/// Row pitch (f32 elements) for a matrix of `cols` columns that `gemm` walks down: an odd
+/// multiple of 16 floats (64 bytes). Pitches at or near a multiple of 4 KiB put every row
+/// in the same few L1 sets; stacking 28x28 images (1,024 columns) or 7x7 ones (1,029)
+/// did exactly that and the GEMM ran from L2.
+fn pitch(cols: usize) -> usize {
+    let lines = cols.div_ceil(16);
+    16 * (lines | 1)
+}
+
 /// GEMM columns aimed at when several small images share one GEMM.
 const TARGET_COLS: usize = 1024;
 /// Upper bound on the shared im2col block (f32 elements, 512 KB): it must stay in L2 between
@@ -571,7 +580,8 @@ fn fwd_block(
 ) {
     let (in_img, out_img, p, k) = (g.in_img(), g.out_img(), g.p(), g.k());
     let nb = out.len() / out_img;
-    let ld = nb * p;
+    let cols = nb * p;
+    let ld = pitch(cols);
     with_col(k * ld + g.o * ld, |buf| {
         let (col, tmp) = buf.split_at_mut(k * ld);
         for j in 0..nb {
@@ -584,11 +594,12 @@ fn fwd_block(
                 im2col_ld(xi, g, &mut col[j * p..], ld);
             }
         }
-        gemm_f32(
+        gemm_f32_ld(
             g.o,
-            ld,
+            cols,
             k,
             tmp,
+            ld,
             false,
             Mat {
                 data: w,
