@@ -33,8 +33,11 @@
 //! * `src/gemm_path.rs`: im2col into a reused per-thread buffer (none at all for 1x1 stride-1
 //!   unpadded convs: the input already is the GEMM operand), `gemm`, col2im; parallel over
 //!   the batch when `N` is large enough, else inside the GEMM. Small feature maps in a batch
-//!   are stacked side by side into one GEMM (forward and grad-weight). The grad-input of a
-//!   stride-1 conv runs as the forward conv with the flipped, transposed kernel.
+//!   are stacked side by side into one GEMM (forward and grad-weight) at a row pitch of an
+//!   odd number of cache lines (4 KiB-multiple pitches alias in L1). The grad-weight GEMM
+//!   reads a pixel-major im2col (`[P, K]`), so neither operand needs a transposing pack.
+//!   The grad-input of a stride-1 conv runs as the forward conv with the flipped,
+//!   transposed kernel.
 //! * `src/depthwise.rs`: direct depthwise forward / grad-input / grad-weight, run-time
 //!   AVX2+FMA dispatch, parallel over planes (grad-weight: over channels).
 //! * `src/pool.rs`: max-pool and global average pool ops.
