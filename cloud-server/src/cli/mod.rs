@@ -176,6 +176,18 @@ fn cancel_on_ctrl_c() -> CancellationToken {
     cancel
 }
 
+/// A run stopped by Ctrl-C is not a failure: say where it stopped and exit with 130 (the
+/// shell's code for SIGINT) instead of an error report with a backtrace.
+fn exit_if_cancelled<T>(r: adaptivenet_cloud::Result<T>) -> anyhow::Result<T> {
+    match r {
+        Err(adaptivenet_cloud::CloudError::Cancelled(msg)) => {
+            eprintln!("{msg}; run the same command again to resume");
+            std::process::exit(130)
+        }
+        other => Ok(other?),
+    }
+}
+
 fn oracle_cmd(cmd: OracleCmd) -> anyhow::Result<()> {
     match cmd {
         OracleCmd::Verify {
@@ -223,19 +235,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Oracle { cmd } => return oracle_cmd(cmd),
         Cmd::TrainOracle(a) => {
             let cancel = cancel_on_ctrl_c();
-            let report = tokio::task::spawn_blocking(move || {
-                adaptivenet_cloud::elastify::run_train_oracle(&a, &cancel)
-            })
-            .await??;
+            let report = exit_if_cancelled(
+                tokio::task::spawn_blocking(move || {
+                    adaptivenet_cloud::elastify::run_train_oracle(&a, &cancel)
+                })
+                .await?,
+            )?;
             println!("{report:#?}");
             return Ok(());
         }
         Cmd::Elastify(a) => {
             let cancel = cancel_on_ctrl_c();
-            let (manifest, report) = tokio::task::spawn_blocking(move || {
-                adaptivenet_cloud::elastify::run_elastify(&a, &cancel)
-            })
-            .await??;
+            let (manifest, report) = exit_if_cancelled(
+                tokio::task::spawn_blocking(move || {
+                    adaptivenet_cloud::elastify::run_elastify(&a, &cancel)
+                })
+                .await?,
+            )?;
             println!(
                 "supernet {} written: {} subnets, {} priors",
                 manifest.supernet_id,
