@@ -54,8 +54,9 @@ fn interrupt_after(mut cmd: Command, ck: &Path, after: u64) -> (Option<i32>, Str
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+    // The shell's builtin `kill`: no dependency on a procps binary being installed.
+    let st = Command::new("sh")
+        .args(["-c", &format!("kill -INT {}", child.id())])
         .status()
         .unwrap();
     assert!(st.success());

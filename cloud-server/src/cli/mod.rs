@@ -258,8 +258,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 manifest.subnet_count,
                 manifest.priors.len()
             );
-            for st in &report.stages {
-                println!("  {st:?}");
+            for (i, st) in report.stages.iter().enumerate() {
+                let k = (st.losses.len() / 10).clamp(1, 50);
+                println!(
+                    "  stage {i}: {} steps ({} this run), loss {:.4} -> {:.4} (mean of first/last {k}), {:.0} samples/s, {:.1} s",
+                    st.steps,
+                    st.steps_run,
+                    st.head_mean(k),
+                    st.tail_mean(k),
+                    st.samples_per_sec,
+                    st.time.as_secs_f64()
+                );
             }
             return Ok(());
         }
