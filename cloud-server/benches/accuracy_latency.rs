@@ -10,7 +10,9 @@
 //!   training one (e.g. the output of `cloud-server train-oracle`).
 //! * `ACC_WORK_DIR=DIR` (default `target/accuracy_latency/<preset>`): trained oracle, supernet
 //!   and scratch baselines are cached there with the timings of the run that made them, so a
-//!   rerun only re-measures; `ACC_FRESH=1` retrains.
+//!   rerun only re-measures; `ACC_FRESH=1` retrains. Each training run checkpoints every 200
+//!   steps under `<name>-checkpoint/` there, so an interrupted bench resumes where it
+//!   stopped; throughput and `elastify_s` then come from the steps the last run did.
 //! * `ACC_ROUNDS=N`: timed rounds per latency pass.
 //!
 //! Protocol: the search split is 1,000 training images held out from every training run
@@ -32,7 +34,9 @@ use std::time::Instant;
 
 use adaptivenet_cloud::elastify::cli::{split_validation, RESNET20_FASHION};
 use adaptivenet_cloud::elastify::train::{correct, fashion_transform};
-use adaptivenet_cloud::elastify::{elastify, train_oracle, ElastifyConfig, TrainOracleConfig};
+use adaptivenet_cloud::elastify::{
+    elastify, train_oracle_resumable, DirCheckpoints, ElastifyConfig, TrainOracleConfig,
+};
 use adaptivenet_cloud::elastify::{ProgressEvent, ProgressSink};
 use adaptivenet_core::artifact::{load_supernet, read_manifest, write_artifact, InputSpec};
 use adaptivenet_core::data::{fashion_mnist, Dataset};
@@ -171,16 +175,19 @@ fn trained_model(
         batch,
         warmup_steps: per_epoch.min(steps / 10).max(1),
         seed: SEED,
+        checkpoint_every: 200,
         ..TrainOracleConfig::default()
     };
     eprintln!("{label}: training {steps} steps of batch {batch} ...");
-    let (model, r) = train_oracle(
+    let ck = checkpoints(dir)?;
+    let (model, r) = train_oracle_resumable(
         &spec,
         &cfg,
         train,
         None,
         &mut Log(label, 0),
         &CancellationToken::new(),
+        Some(&ck),
     )?;
     std::fs::create_dir_all(dir)?;
     model.save(&arch, &weights)?;
@@ -192,6 +199,17 @@ fn trained_model(
     });
     std::fs::write(&report, r.to_string())?;
     Ok((model, r))
+}
+
+/// Checkpoints of the training run that fills `dir`, kept beside it.
+fn checkpoints(dir: &Path) -> Result<DirCheckpoints> {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("a work directory name")?;
+    let ck = dir.with_file_name(format!("{name}-checkpoint"));
+    std::fs::create_dir_all(&ck)?;
+    Ok(DirCheckpoints::new(ck))
 }
 
 /// Elastifies (or reuses) the merge-only supernet; returns it with its timing report.
@@ -215,9 +233,10 @@ fn trained_supernet(
         stage1_steps: p.stage_steps,
         batch: p.elastify_batch,
         warmup_steps: (p.stage_steps / 30).max(1),
-        checkpoint_every: 0,
+        checkpoint_every: 200,
         ..ElastifyConfig::default()
     };
+    let ck = checkpoints(dir)?;
     eprintln!(
         "supernet: elastifying, {} + {} steps of batch {} ...",
         cfg.stage0_steps, cfg.stage1_steps, cfg.batch
@@ -228,10 +247,22 @@ fn trained_supernet(
         &cfg,
         train,
         &mut Log("elastify", 0),
-        None,
+        Some(&ck),
         &CancellationToken::new(),
     )?;
-    let secs = t0.elapsed().as_secs_f64();
+    let mut secs = t0.elapsed().as_secs_f64();
+    if out.report.resumed_from.is_some() {
+        // Only part of the run happened here: extrapolate from its measured throughput.
+        secs = out
+            .report
+            .stages
+            .iter()
+            .map(|s| (s.steps * p.elastify_batch as u64) as f64 / s.samples_per_sec.max(1e-9))
+            .sum();
+        eprintln!(
+            "supernet: resumed run, elastify_s extrapolated from its throughput: {secs:.0} s"
+        );
+    }
     let stages: Vec<Value> = out
         .report
         .stages

@@ -227,6 +227,7 @@ fn run_search(
     set: &EvalSet,
     budget: f64,
     speedups: Speedups,
+    reuse_cache_bytes: usize,
     threads: usize,
 ) -> Res<SearchResult> {
     let cfg = SearchConfig {
@@ -234,6 +235,7 @@ fn run_search(
         generations: 8,
         seed: SEED,
         speedups,
+        reuse_cache_bytes,
         threads,
         ..SearchConfig::default()
     };
@@ -436,53 +438,59 @@ fn main() -> Res<()> {
 
     // --- Searches.
     let mut rows: Vec<Row> = Vec::new();
-    let full = run_search(&sn, &table, &set, budget, Speedups::all(), threads)?;
+    let reuse = SearchConfig::default().reuse_cache_bytes;
+    let full = run_search(&sn, &table, &set, budget, Speedups::all(), reuse, threads)?;
     rows.push(Row {
         name: "all speed-ups + racing",
         result: full.clone(),
     });
-    let plain = run_search(&sn, &table, &set, budget, Speedups::none(), threads)?;
-    let mut variants: Vec<(&'static str, Speedups)> = vec![(
-        "paper's four (racing off)",
-        Speedups {
-            racing: false,
-            ..Speedups::all()
-        },
-    )];
+    let plain = run_search(&sn, &table, &set, budget, Speedups::none(), 0, threads)?;
+    let no_race = Speedups {
+        racing: false,
+        ..Speedups::all()
+    };
+    let mut variants: Vec<(&'static str, Speedups, usize)> = vec![
+        ("paper's four (racing off)", no_race, reuse),
+        ("paper's four, per-generation prefix only", no_race, 0),
+    ];
     if ablation {
-        variants.extend([
-            (
-                "- stem cache",
-                Speedups {
-                    stem_cache: false,
-                    ..Speedups::all()
-                },
-            ),
-            (
-                "- guided init",
-                Speedups {
-                    guided_init: false,
-                    ..Speedups::all()
-                },
-            ),
-            (
-                "- latency-preserving",
-                Speedups {
-                    latency_preserving: false,
-                    ..Speedups::all()
-                },
-            ),
-            (
-                "- prefix reuse",
-                Speedups {
-                    prefix_reuse: false,
-                    ..Speedups::all()
-                },
-            ),
-        ]);
+        variants.push(("- cross-generation reuse", Speedups::all(), 0));
+        variants.extend(
+            [
+                (
+                    "- stem cache",
+                    Speedups {
+                        stem_cache: false,
+                        ..Speedups::all()
+                    },
+                ),
+                (
+                    "- guided init",
+                    Speedups {
+                        guided_init: false,
+                        ..Speedups::all()
+                    },
+                ),
+                (
+                    "- latency-preserving",
+                    Speedups {
+                        latency_preserving: false,
+                        ..Speedups::all()
+                    },
+                ),
+                (
+                    "- prefix reuse",
+                    Speedups {
+                        prefix_reuse: false,
+                        ..Speedups::all()
+                    },
+                ),
+            ]
+            .map(|(name, sp)| (name, sp, reuse)),
+        );
     }
-    for (name, sp) in variants {
-        let result = run_search(&sn, &table, &set, budget, sp, threads)?;
+    for (name, sp, reuse) in variants {
+        let result = run_search(&sn, &table, &set, budget, sp, reuse, threads)?;
         rows.push(Row { name, result });
     }
     rows.push(Row {
@@ -493,19 +501,20 @@ fn main() -> Res<()> {
     println!(
         "\n## search (population 64, 8 generations, {IMAGES} images, budget {budget:.3} ms, seed {SEED}, {threads} workers)"
     );
-    println!("| run | s | x vs plain | evals | raced out | module passes | evals/s | best % | best ms | front |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| run | s | x vs plain | evals | raced out | module passes | reuse MiB | evals/s | best % | best ms | front |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let s = &r.result.stats;
         let b = &r.result.best[0].best;
         println!(
-            "| {} | {:.1} | {:.2} | {} | {} | {} | {:.1} | {:.2} | {:.3} | {} |",
+            "| {} | {:.1} | {:.2} | {} | {} | {} | {:.0} | {:.1} | {:.2} | {:.3} | {} |",
             r.name,
             s.seconds,
             plain.stats.seconds / s.seconds,
             s.evaluations,
             s.raced_out,
             s.module_applications,
+            s.peak_reuse_bytes as f64 / (1 << 20) as f64,
             s.evals_per_s,
             b.quality,
             b.latency_ms,
@@ -671,6 +680,13 @@ fn main() -> Res<()> {
         "search_s": full.stats.seconds,
         "plain_ea_s": plain.stats.seconds,
         "speedup_vs_plain": plain.stats.seconds / full.stats.seconds,
+        // The agent's default (racing is opt-in there).
+        "search_no_racing_s": no_racing.stats.seconds,
+        "speedup_vs_plain_no_racing": plain.stats.seconds / no_racing.stats.seconds,
+        "module_passes": full.stats.module_applications,
+        "module_passes_no_racing": no_racing.stats.module_applications,
+        "plain_module_passes": plain.stats.module_applications,
+        "peak_reuse_mb": full.stats.peak_reuse_bytes as f64 / (1 << 20) as f64,
         "evaluations": full.stats.evaluations,
         "plain_evaluations": plain.stats.evaluations,
         "raced_out": full.stats.raced_out,
@@ -679,6 +695,7 @@ fn main() -> Res<()> {
             "run": r.name,
             "s": r.result.stats.seconds,
             "evaluations": r.result.stats.evaluations,
+            "module_passes": r.result.stats.module_applications,
             "best_quality": r.result.best[0].best.quality,
         })).collect::<Vec<_>>(),
         "racing_best_delta_pts": -racing_best_gap,

@@ -577,6 +577,7 @@ fn aggregates(s: &Setup) -> AgentAggregates {
                 evaluations: 120,
                 raced_out: 0,
                 module_applications: 900,
+                peak_reuse_bytes: 0,
                 seconds: 1.5,
                 evals_per_s: 80.0,
             },

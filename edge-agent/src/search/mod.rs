@@ -36,7 +36,10 @@ use crate::profile::LatencyTable;
 use crate::quality::EvalSet;
 use crate::{EdgeError, Result};
 
-pub use prefix::{evaluate_each, evaluate_masks, evaluate_prefix, EvalStats, Masks, Method};
+pub use prefix::{
+    evaluate_each, evaluate_masks, evaluate_masks_reusing, evaluate_prefix, EvalStats, Masks,
+    Method, ReuseCache,
+};
 
 /// Which speed-ups are on: the paper's four, and racing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,8 +140,12 @@ pub struct SearchConfig {
     pub speedups: Speedups,
     /// Latency band of the guided initial population, as fractions of the budget.
     pub band: (f64, f64),
-    /// Bound on activations cached by prefix reuse.
+    /// Bound on activations cached by prefix reuse within a generation.
     pub max_cache_bytes: usize,
+    /// Bound on activations kept across generations for prefix reuse (children re-use their
+    /// parent's prefix); 0 turns it off. Results are the same either way.
+    #[serde(default = "default_reuse_cache_bytes")]
+    pub reuse_cache_bytes: usize,
     /// Evaluation workers (the images are split between them; results do not depend on it).
     #[serde(default = "one")]
     pub threads: usize,
@@ -152,6 +159,10 @@ pub struct SearchConfig {
 
 fn one() -> usize {
     1
+}
+
+fn default_reuse_cache_bytes() -> usize {
+    256 << 20
 }
 
 fn default_race_images() -> usize {
@@ -173,6 +184,7 @@ impl Default for SearchConfig {
             speedups: Speedups::all(),
             band: (0.8, 1.0),
             max_cache_bytes: 256 << 20,
+            reuse_cache_bytes: default_reuse_cache_bytes(),
             threads: 1,
             race_images: default_race_images(),
             race_z: default_race_z(),
@@ -207,6 +219,9 @@ pub struct SearchStats {
     pub raced_out: usize,
     /// Block-module forward calls in equivalent passes over the whole set.
     pub module_applications: usize,
+    /// Most bytes the cross-generation prefix cache held.
+    #[serde(default)]
+    pub peak_reuse_bytes: usize,
     pub seconds: f64,
     pub evals_per_s: f64,
 }
@@ -298,6 +313,8 @@ struct Archive<'a> {
     cfg: &'a SearchConfig,
     scores: BTreeMap<Subnet, Entry>,
     stats: SearchStats,
+    /// Cross-generation prefix reuse (with `prefix_reuse` and a non-zero bound).
+    reuse: Option<ReuseCache>,
 }
 
 impl Archive<'_> {
@@ -315,15 +332,17 @@ impl Archive<'_> {
     }
 
     fn masks(&mut self, subnets: &[Subnet], range: std::ops::Range<usize>) -> Result<Masks> {
-        let (m, st) = evaluate_masks(
+        let (m, st) = evaluate_masks_reusing(
             self.supernet,
             self.set,
             subnets,
             range,
             self.method(),
             self.cfg.threads.max(1),
+            self.reuse.as_mut(),
         )?;
         self.stats.module_applications += st.module_applications;
+        self.stats.peak_reuse_bytes = self.stats.peak_reuse_bytes.max(st.reuse_cached_bytes);
         Ok(m)
     }
 
@@ -506,6 +525,8 @@ pub fn search_from(
         cfg,
         scores: BTreeMap::new(),
         stats: SearchStats::default(),
+        reuse: (cfg.speedups.prefix_reuse && cfg.reuse_cache_bytes > 0)
+            .then(|| ReuseCache::new(cfg.reuse_cache_bytes)),
     };
     let n = spec.num_positions();
     arch.evaluate(vec![Subnet::original(n)], false)?;
@@ -563,6 +584,9 @@ pub fn search_from(
                 .clamp(2, pop.len().max(2));
             pop.truncate(k);
             let parents = pop.clone();
+            if let Some(r) = arch.reuse.as_mut() {
+                r.keep_prefixes_of(&parents);
+            }
             let n_child = cfg.population.saturating_sub(parents.len());
             let mut children = BTreeSet::new();
             for c in 0..n_child {
@@ -701,6 +725,114 @@ mod tests {
     }
 
     #[test]
+    fn cross_generation_reuse_changes_the_work_not_the_results() {
+        let sn = supernet();
+        let set = eval_set(&sn, 3, 10);
+        let all = sn.spec.enumerate(1000).unwrap();
+        let parents: Vec<Subnet> = all.iter().step_by(7).cloned().collect();
+        // Children differ from every parent but share prefixes with them.
+        let children: Vec<Subnet> = all
+            .iter()
+            .step_by(5)
+            .filter(|s| !parents.contains(s))
+            .cloned()
+            .collect();
+        let prefix = Method::Prefix {
+            max_cache_bytes: usize::MAX,
+        };
+        let (truth, plain) = evaluate_masks(&sn, &set, &children, 0..30, prefix, 1).unwrap();
+        for workers in [1, 2] {
+            let mut cache = ReuseCache::new(usize::MAX / 2);
+            evaluate_masks_reusing(
+                &sn,
+                &set,
+                &parents,
+                0..30,
+                prefix,
+                workers,
+                Some(&mut cache),
+            )
+            .unwrap();
+            let held = cache.bytes();
+            assert!(held > 0);
+            cache.keep_prefixes_of(&parents);
+            assert_eq!(cache.bytes(), held, "every entry lies on a parent's path");
+            let (m, st) = evaluate_masks_reusing(
+                &sn,
+                &set,
+                &children,
+                0..30,
+                prefix,
+                workers,
+                Some(&mut cache),
+            )
+            .unwrap();
+            assert_eq!(m, truth, "{workers} workers");
+            assert!(
+                st.module_applications < plain.module_applications,
+                "{} vs {}",
+                st.module_applications,
+                plain.module_applications
+            );
+            // Nothing survives for parents that share no prefix with the cached paths.
+            cache.keep_prefixes_of(&[]);
+            assert_eq!(cache.bytes(), 0);
+        }
+        // A bound too small for any activation: same masks, no saving.
+        let mut tiny = ReuseCache::new(1);
+        evaluate_masks_reusing(&sn, &set, &parents, 0..30, prefix, 1, Some(&mut tiny)).unwrap();
+        let (m, st) =
+            evaluate_masks_reusing(&sn, &set, &children, 0..30, prefix, 1, Some(&mut tiny))
+                .unwrap();
+        assert_eq!(
+            (m, st.module_applications),
+            (truth, plain.module_applications)
+        );
+    }
+
+    #[test]
+    fn search_with_cross_generation_reuse_finds_the_same_with_fewer_passes() {
+        let sn = supernet();
+        let set = eval_set(&sn, 4, 50);
+        let table = LatencyTable::from_macs(&sn.spec, 1.0);
+        let n = sn.spec.num_positions();
+        let budget = Budget::Fraction(0.6).resolve(&table, n).unwrap();
+        let cfg = SearchConfig {
+            population: 16,
+            generations: 4,
+            seed: 3,
+            speedups: Speedups {
+                racing: false,
+                ..Speedups::all()
+            },
+            threads: 2,
+            ..SearchConfig::default()
+        };
+        let with = search(&sn, &table, &set, &[budget], &cfg, |_, _| {}).unwrap();
+        let without = search(
+            &sn,
+            &table,
+            &set,
+            &[budget],
+            &SearchConfig {
+                reuse_cache_bytes: 0,
+                ..cfg.clone()
+            },
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!((&with.best, &with.front), (&without.best, &without.front));
+        assert_eq!(with.stats.evaluations, without.stats.evaluations);
+        assert!(with.stats.peak_reuse_bytes > 0 && without.stats.peak_reuse_bytes == 0);
+        assert!(
+            with.stats.module_applications < without.stats.module_applications,
+            "{} vs {}",
+            with.stats.module_applications,
+            without.stats.module_applications
+        );
+    }
+
+    #[test]
     fn racing_never_drops_a_subnet_that_would_enter_the_front() {
         let sn = supernet();
         let set = eval_set(&sn, 4, 50);
@@ -718,6 +850,7 @@ mod tests {
             cfg: &cfg,
             scores: BTreeMap::new(),
             stats: SearchStats::default(),
+            reuse: None,
         };
         // A few subnets fully scored first (the references), then every other one raced.
         let seeds: Vec<Subnet> = all.iter().step_by(15).cloned().collect();
