@@ -20,7 +20,8 @@
 //!
 //! Standard configuration: population 64, 8 generations, 500 test images, budget 0.6 of the
 //! oracle's measured latency, seed 0. Environment: `SEARCH_BENCH_THREADS` (evaluation workers,
-//! default 2), `SEARCH_BENCH_ABLATION=0` (skip the ablation rows), `SEARCH_BENCH_ORACLE_STEPS`,
+//! default 2), `SEARCH_BENCH_ABLATION=0` (skip the ablation rows), `SEARCH_BENCH_REUSE_MB`
+//! (cross-generation prefix cache bound, default the agent's), `SEARCH_BENCH_ORACLE_STEPS`,
 //! `SEARCH_BENCH_STAGE_STEPS` (training length of the cached supernet).
 //!
 //! Ends with one line `BENCH {json}`.
@@ -438,7 +439,14 @@ fn main() -> Res<()> {
 
     // --- Searches.
     let mut rows: Vec<Row> = Vec::new();
-    let reuse = SearchConfig::default().reuse_cache_bytes;
+    let reuse = match std::env::var("SEARCH_BENCH_REUSE_MB") {
+        Ok(v) => {
+            v.parse::<usize>()
+                .map_err(|_| anyhow::anyhow!("SEARCH_BENCH_REUSE_MB={v}: expected an integer"))?
+                << 20
+        }
+        Err(_) => SearchConfig::default().reuse_cache_bytes,
+    };
     let full = run_search(&sn, &table, &set, budget, Speedups::all(), reuse, threads)?;
     rows.push(Row {
         name: "all speed-ups + racing",
@@ -687,6 +695,7 @@ fn main() -> Res<()> {
         "module_passes_no_racing": no_racing.stats.module_applications,
         "plain_module_passes": plain.stats.module_applications,
         "peak_reuse_mb": full.stats.peak_reuse_bytes as f64 / (1 << 20) as f64,
+        "reuse_cache_mb": reuse >> 20,
         "evaluations": full.stats.evaluations,
         "plain_evaluations": plain.stats.evaluations,
         "raced_out": full.stats.raced_out,

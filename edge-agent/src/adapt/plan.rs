@@ -177,7 +177,12 @@ pub fn plan(
                     .iter()
                     .zip(&budgets)
                     .all(|(r, b)| (r.budget_ms - b).abs() < 1e-9);
-            if rec.config == cfg.search && same_budgets && !rec.result.front.is_empty() {
+            // The cache bound changes the speed of a search, not its result.
+            let same_config = SearchConfig {
+                reuse_cache_bytes: cfg.search.reuse_cache_bytes,
+                ..rec.config.clone()
+            } == cfg.search;
+            if same_config && same_budgets && !rec.result.front.is_empty() {
                 tracing::info!(
                     "using the stored search result ({})",
                     state.search_path().display()
