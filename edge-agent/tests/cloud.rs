@@ -578,6 +578,7 @@ fn aggregates(s: &Setup) -> AgentAggregates {
                 raced_out: 0,
                 module_applications: 900,
                 peak_reuse_bytes: 0,
+                rescored: 0,
                 seconds: 1.5,
                 evals_per_s: 80.0,
             },

@@ -13,10 +13,14 @@
 //! and compared *pairwise* (same images) with the reference it must beat to enter the Pareto
 //! front: the best fully evaluated subnet at no higher latency. If even an upper confidence
 //! bound (`race_z` standard errors) on its full-set advantage is negative, it stops there and
-//! keeps an estimated quality (below the reference's) for parent selection only; it never
-//! enters the front or a best-per-budget answer. Survivors get the remaining images. Pairwise
+//! keeps an estimated quality (below the reference's) and its upper bound; it never enters
+//! the front or a best-per-budget answer. Survivors get the remaining images. Pairwise
 //! comparison is what makes a 100-image subset informative: two subnets of one supernet
 //! disagree on few images, so the noise is that of the disagreements, not of accuracy.
+//! Racing must not steer the search: at parent selection a raced-out member whose upper
+//! bound reaches the parents' cut is scored fully first (on the images it has not seen), so
+//! the parents, hence every later generation, are those full scores would give unless a race
+//! verdict was wrong.
 //!
 //! Determinism: one ChaCha8 stream per budget from the seed, ordered containers only, and
 //! evaluation results that do not depend on the number of worker threads, so a seed
@@ -217,6 +221,9 @@ pub struct SearchStats {
     /// Of those, subnets dropped by racing after the subset round.
     #[serde(default)]
     pub raced_out: usize,
+    /// Raced-out subnets scored fully later (candidate parents, or a guaranteed answer).
+    #[serde(default)]
+    pub rescored: usize,
     /// Block-module forward calls in equivalent passes over the whole set.
     pub module_applications: usize,
     /// Most bytes the cross-generation prefix cache held.
@@ -280,6 +287,8 @@ struct Entry {
     latency: f64,
     /// Percent; for a raced-out subnet an estimate below its reference's quality.
     quality: f64,
+    /// Upper confidence bound of the quality (percent): `quality` when scored fully.
+    upper: f64,
     /// Scored on every image (only these enter the front and the answers).
     full: bool,
     /// Per-image correctness on the images it was scored on (from image 0).
@@ -293,6 +302,18 @@ struct Entry {
 /// a clean subset still leaves room for doubt). Returns (can reach, estimated full-set
 /// difference in images).
 pub fn race_keeps(ahead: usize, behind: usize, subset: usize, rest: usize, z: f64) -> (bool, f64) {
+    let (keep, estimate, _) = race_bounds(ahead, behind, subset, rest, z);
+    (keep, estimate)
+}
+
+/// [`race_keeps`] with the upper confidence bound of the difference (images) as well.
+fn race_bounds(
+    ahead: usize,
+    behind: usize,
+    subset: usize,
+    rest: usize,
+    z: f64,
+) -> (bool, f64, f64) {
     let r = subset.max(1) as f64;
     let pa = (ahead as f64 + 0.5) / (r + 1.0);
     let pb = (behind as f64 + 0.5) / (r + 1.0);
@@ -302,7 +323,7 @@ pub fn race_keeps(ahead: usize, behind: usize, subset: usize, rest: usize, z: f6
     let seen = ahead as f64 - behind as f64;
     let estimate = seen + rest * (ahead as f64 - behind as f64) / r;
     let ucb = seen + rest * mu + z * rest * (var * (1.0 / r + 1.0 / rest.max(1.0))).sqrt();
-    (ucb > 0.0, estimate)
+    (ucb > 0.0, estimate, ucb)
 }
 
 /// Scored subnets of a run, shared by all budgets.
@@ -356,15 +377,18 @@ impl Archive<'_> {
 
     fn full_entry(&self, latency: f64, mask: Vec<bool>) -> Entry {
         let correct = mask.iter().filter(|&&c| c).count();
+        let quality = self.set.percent(correct);
         Entry {
             latency,
-            quality: self.set.percent(correct),
+            quality,
+            upper: quality,
             full: true,
             mask,
         }
     }
 
-    /// Scores the subnets not scored yet (with `force_full`, also completes raced-out ones).
+    /// Scores the subnets not scored yet (with `force_full`, also completes raced-out ones on
+    /// the images they have not seen).
     fn evaluate(&mut self, subnets: Vec<Subnet>, force_full: bool) -> Result<()> {
         let new: Vec<Subnet> = subnets
             .into_iter()
@@ -377,12 +401,28 @@ impl Archive<'_> {
         }
         let n = self.set.len;
         let r = self.cfg.race_images.min(n);
+        let (partial, new): (Vec<Subnet>, Vec<Subnet>) =
+            new.into_iter().partition(|s| self.scores.contains_key(s));
+        if !partial.is_empty() {
+            // Raced out earlier: their first `r` images are already scored.
+            self.stats.rescored += partial.len();
+            let rest = self.masks(&partial, r..n)?;
+            for (s, tail) in partial.into_iter().zip(rest) {
+                let e = &self.scores[&s];
+                let mut m = e.mask.clone();
+                m.extend(tail);
+                let e = self.full_entry(e.latency, m);
+                self.scores.insert(s, e);
+            }
+        }
+        if new.is_empty() {
+            return Ok(());
+        }
         let lat = new
             .iter()
             .map(|s| self.table.predict_ms(s))
             .collect::<Result<Vec<_>>>()?;
-        let fresh = new.iter().filter(|s| !self.scores.contains_key(*s)).count();
-        self.stats.evaluations += fresh;
+        self.stats.evaluations += new.len();
         let race = self.cfg.speedups.racing
             && !force_full
             && r > 0
@@ -403,17 +443,23 @@ impl Archive<'_> {
             let verdict = self.reference(l).map(|rf| {
                 let ahead = m.iter().zip(&rf.mask).filter(|(a, b)| **a && !**b).count();
                 let behind = m.iter().zip(&rf.mask).filter(|(a, b)| !**a && **b).count();
-                let (keep, est) = race_keeps(ahead, behind, r, n - r, self.cfg.race_z);
-                (keep, rf.quality + 100.0 * est / n as f64)
+                let (keep, est, ucb) = race_bounds(ahead, behind, r, n - r, self.cfg.race_z);
+                let per_image = 100.0 / n as f64;
+                (
+                    keep,
+                    rf.quality + per_image * est,
+                    rf.quality + per_image * ucb,
+                )
             });
             match verdict {
-                Some((false, est)) => {
+                Some((false, est, upper)) => {
                     self.stats.raced_out += 1;
                     self.scores.insert(
                         s.clone(),
                         Entry {
                             latency: l,
                             quality: est,
+                            upper,
                             full: false,
                             mask: m.clone(),
                         },
@@ -432,6 +478,38 @@ impl Archive<'_> {
             self.scores.insert(new[k].clone(), e);
         }
         Ok(())
+    }
+
+    /// Orders `pop` best first and keeps the `k` parents. With racing, a raced-out member
+    /// whose optimistic fitness (quality at its upper bound) reaches the parents' cut is
+    /// scored fully first, so the parents are the ones full scores would pick (barring a
+    /// wrong race verdict) and racing does not steer the search.
+    fn select_parents(&mut self, pop: &mut Vec<Subnet>, k: usize, budget: f64) -> Result<()> {
+        loop {
+            pop.sort_by(|a, b| {
+                self.fit(b, budget)
+                    .total_cmp(&self.fit(a, budget))
+                    .then(self.latency(a).total_cmp(&self.latency(b)))
+                    .then(a.cmp(b))
+            });
+            let k = k.min(pop.len());
+            let Some(cut) = pop.get(k.wrapping_sub(1)).map(|s| self.fit(s, budget)) else {
+                return Ok(());
+            };
+            let doubtful: Vec<Subnet> = pop
+                .iter()
+                .filter(|s| {
+                    let e = &self.scores[*s];
+                    !e.full && fitness(e.upper, e.latency, budget) >= cut
+                })
+                .cloned()
+                .collect();
+            if doubtful.is_empty() {
+                pop.truncate(k);
+                return Ok(());
+            }
+            self.evaluate(doubtful, true)?;
+        }
     }
 
     fn latency(&self, s: &Subnet) -> f64 {
@@ -574,15 +652,9 @@ pub fn search_from(
         done += 1;
         progress(done, total);
         for _ in 0..cfg.generations {
-            pop.sort_by(|a, b| {
-                arch.fit(b, budget)
-                    .total_cmp(&arch.fit(a, budget))
-                    .then(arch.latency(a).total_cmp(&arch.latency(b)))
-                    .then(a.cmp(b))
-            });
             let k = ((cfg.parent_frac * cfg.population as f64).round() as usize)
                 .clamp(2, pop.len().max(2));
-            pop.truncate(k);
+            arch.select_parents(&mut pop, k, budget)?;
             let parents = pop.clone();
             if let Some(r) = arch.reuse.as_mut() {
                 r.keep_prefixes_of(&parents);
@@ -830,6 +902,113 @@ mod tests {
             with.stats.module_applications,
             without.stats.module_applications
         );
+    }
+
+    #[test]
+    fn parents_under_racing_are_the_ones_full_scores_pick() {
+        let sn = supernet();
+        let set = eval_set(&sn, 4, 50);
+        let table = LatencyTable::from_macs(&sn.spec, 1.0);
+        let all = sn.spec.enumerate(1000).unwrap();
+        let (truth, _) = evaluate_prefix(&sn, &set, &all, usize::MAX).unwrap();
+        let q: BTreeMap<&Subnet, f64> = all.iter().zip(truth).collect();
+        let cfg = SearchConfig {
+            race_images: 50,
+            ..SearchConfig::default()
+        };
+        let (lo, hi) = table.latency_range(&sn.spec).unwrap();
+        let mut rescored = 0;
+        for (k, frac) in [(10, 0.5), (30, 0.7), (60, 1.0), (100, 1.0)] {
+            let budget = lo + (hi - lo) * frac;
+            let mut arch = Archive {
+                supernet: &sn,
+                table: &table,
+                set: &set,
+                cfg: &cfg,
+                scores: BTreeMap::new(),
+                stats: SearchStats::default(),
+                reuse: None,
+            };
+            arch.evaluate(all.iter().step_by(15).cloned().collect(), false)
+                .unwrap();
+            arch.evaluate(all.clone(), false).unwrap();
+            assert!(arch.stats.raced_out > 0);
+            // The exact order: fitness from full scores, then latency, then code.
+            let mut exact = all.clone();
+            let fit = |s: &Subnet| fitness(q[s], table.predict_ms(s).unwrap(), budget);
+            exact.sort_by(|a, b| {
+                fit(b)
+                    .total_cmp(&fit(a))
+                    .then(
+                        table
+                            .predict_ms(a)
+                            .unwrap()
+                            .total_cmp(&table.predict_ms(b).unwrap()),
+                    )
+                    .then(a.cmp(b))
+            });
+            // A pessimistic race verdict on a true parent (estimate far below, bound just
+            // above its quality), and one on a clear loser (bound below the cut).
+            let mut doctor = |s: &Subnet, quality: f64, upper: f64| {
+                let e = arch.scores.get_mut(s).unwrap();
+                e.mask.truncate(cfg.race_images);
+                (e.quality, e.upper, e.full) = (quality, upper, false);
+            };
+            let parent = exact[k / 2].clone();
+            doctor(&parent, q[&parent] - 50.0, q[&parent] + 0.1);
+            let loser = exact.last().unwrap().clone();
+            doctor(&loser, q[&loser] - 50.0, q[&loser]);
+            let mut pop = all.clone();
+            arch.select_parents(&mut pop, k, budget).unwrap();
+            exact.truncate(k);
+            assert_eq!(pop, exact, "k {k}, budget {budget}");
+            assert!(pop.iter().all(|s| arch.scores[s].full));
+            assert_eq!(arch.scores[&parent].quality, q[&parent]);
+            // No work spent on what cannot become a parent.
+            assert!(!arch.scores[&loser].full);
+            rescored += arch.stats.rescored;
+        }
+        assert!(rescored >= 4);
+    }
+
+    #[test]
+    fn racing_does_not_steer_the_search() {
+        let sn = supernet();
+        let set = eval_set(&sn, 4, 50);
+        let table = LatencyTable::from_macs(&sn.spec, 1.0);
+        let n = sn.spec.num_positions();
+        for (seed, frac) in [(1, 0.6), (2, 0.75)] {
+            let budget = Budget::Fraction(frac).resolve(&table, n).unwrap();
+            let cfg = SearchConfig {
+                population: 16,
+                generations: 5,
+                seed,
+                race_images: 50,
+                ..SearchConfig::default()
+            };
+            let raced = search(&sn, &table, &set, &[budget], &cfg, |_, _| {}).unwrap();
+            let off = SearchConfig {
+                speedups: Speedups {
+                    racing: false,
+                    ..cfg.speedups
+                },
+                ..cfg.clone()
+            };
+            let full = search(&sn, &table, &set, &[budget], &off, |_, _| {}).unwrap();
+            assert!(
+                raced.stats.raced_out > 0,
+                "seed {seed}: racing dropped nothing"
+            );
+            // Same parents every generation, hence the same subnets evaluated and the same
+            // answers; only the work differs.
+            assert_eq!(
+                raced.stats.evaluations, full.stats.evaluations,
+                "seed {seed}"
+            );
+            assert_eq!(raced.best, full.best, "seed {seed}");
+            assert_eq!(raced.front, full.front, "seed {seed}");
+            assert!(raced.stats.module_applications < full.stats.module_applications);
+        }
     }
 
     #[test]
