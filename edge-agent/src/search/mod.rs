@@ -493,9 +493,11 @@ impl Archive<'_> {
                     .then(a.cmp(b))
             });
             let k = k.min(pop.len());
-            let Some(cut) = pop.get(k.wrapping_sub(1)).map(|s| self.fit(s, budget)) else {
+            if k == 0 {
+                pop.clear();
                 return Ok(());
-            };
+            }
+            let cut = self.fit(&pop[k - 1], budget);
             let doubtful: Vec<Subnet> = pop
                 .iter()
                 .filter(|s| {
