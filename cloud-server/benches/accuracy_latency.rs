@@ -253,12 +253,19 @@ fn trained_supernet(
     let mut secs = t0.elapsed().as_secs_f64();
     if out.report.resumed_from.is_some() {
         // Only part of the run happened here: extrapolate from its measured throughput.
-        secs = out
+        // A stage finished before the resume ran no steps here; use the throughput of the
+        // steps that did run for the whole sample budget.
+        let (run, t): (u64, f64) = out
             .report
             .stages
             .iter()
-            .map(|s| (s.steps * p.elastify_batch as u64) as f64 / s.samples_per_sec.max(1e-9))
-            .sum();
+            .filter(|s| s.steps_run > 0)
+            .fold((0, 0.0), |(n, t), s| {
+                (n + s.steps_run, t + s.time.as_secs_f64())
+            });
+        if run > 0 {
+            secs = t / run as f64 * (2 * p.stage_steps) as f64;
+        }
         eprintln!(
             "supernet: resumed run, elastify_s extrapolated from its throughput: {secs:.0} s"
         );
