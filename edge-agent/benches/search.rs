@@ -517,19 +517,20 @@ fn main() -> Res<()> {
         "\n## search (population 64, 8 generations, {IMAGES} images, budget {budget:.3} ms, seed {SEED}, {threads} workers)"
     );
     println!("x vs plain = plain EA's time per evaluation / the run's (same seed; wall-time ratio in brackets)");
-    println!("| run | s | x vs plain | evals | raced out | rescored | module passes | reuse MiB | evals/s | best % | best ms | front |");
+    println!("| run | s | x vs plain | evals | raced out (later rounds) | rescored | module passes | reuse MiB | evals/s | best % | best ms | front |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let s = &r.result.stats;
         let b = &r.result.best[0].best;
         println!(
-            "| {} | {:.1} | {:.2} ({:.2}) | {} | {} | {} | {} | {:.0} | {:.1} | {:.2} | {:.3} | {} |",
+            "| {} | {:.1} | {:.2} ({:.2}) | {} | {} ({}) | {} | {} | {:.0} | {:.1} | {:.2} | {:.3} | {} |",
             r.name,
             s.seconds,
             speedup(s),
             plain.stats.seconds / s.seconds,
             s.evaluations,
             s.raced_out,
+            s.raced_out_later,
             s.rescored,
             s.module_applications,
             s.peak_reuse_bytes as f64 / (1 << 20) as f64,
@@ -708,6 +709,7 @@ fn main() -> Res<()> {
         "evaluations": full.stats.evaluations,
         "plain_evaluations": plain.stats.evaluations,
         "raced_out": full.stats.raced_out,
+        "raced_out_later": full.stats.raced_out_later,
         "evals_per_s": full.stats.evals_per_s,
         "ablation": rows.iter().map(|r| json!({
             "run": r.name,

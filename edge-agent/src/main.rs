@@ -152,7 +152,8 @@ struct SearchArgs {
     #[arg(long)]
     plain: bool,
     /// Turn racing off. Racing (beyond the paper) scores a candidate on a small subset first
-    /// and gives the full set only to those that can still reach the front; a raced-out
+    /// (100 images, then 200, 400, ...) and goes on only with those that can still reach the
+    /// front; a raced-out
     /// subnet that could still become a parent is scored fully, so the search takes the same
     /// path and finds the same front, with fewer module passes.
     #[arg(long)]

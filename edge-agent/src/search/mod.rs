@@ -14,7 +14,9 @@
 //! front: the best fully evaluated subnet at no higher latency. If even an upper confidence
 //! bound (`race_z` standard errors) on its full-set advantage is negative, it stops there and
 //! keeps an estimated quality (below the reference's) and its upper bound; it never enters
-//! the front or a best-per-budget answer. Survivors get the remaining images. Pairwise
+//! the front or a best-per-budget answer. Survivors race on in rounds over twice as many
+//! images (`race_images`, 2x, 4x, ..., all), the bound tightening as the images grow, and only
+//! those still in reach at the last round are scored on every image. Pairwise
 //! comparison is what makes a 100-image subset informative: two subnets of one supernet
 //! disagree on few images, so the noise is that of the disagreements, not of accuracy.
 //! Racing must not steer the search: at parent selection a raced-out member whose upper
@@ -153,7 +155,7 @@ pub struct SearchConfig {
     /// Evaluation workers (the images are split between them; results do not depend on it).
     #[serde(default = "one")]
     pub threads: usize,
-    /// Racing: images of the first, pairwise-compared round.
+    /// Racing: images of the first, pairwise-compared round (each later round doubles them).
     #[serde(default = "default_race_images")]
     pub race_images: usize,
     /// Racing: standard errors of optimism before a candidate is dropped.
@@ -218,9 +220,12 @@ pub struct BudgetResult {
 pub struct SearchStats {
     /// Distinct subnets scored (fully or, with racing, on the subset only).
     pub evaluations: usize,
-    /// Of those, subnets dropped by racing after the subset round.
+    /// Of those, subnets dropped by racing (after any round).
     #[serde(default)]
     pub raced_out: usize,
+    /// Of the raced-out, those dropped in a later round than the first.
+    #[serde(default)]
+    pub raced_out_later: usize,
     /// Raced-out subnets scored fully later (candidate parents, or a guaranteed answer).
     #[serde(default)]
     pub rescored: usize,
@@ -336,6 +341,8 @@ struct Archive<'a> {
     stats: SearchStats,
     /// Cross-generation prefix reuse (with `prefix_reuse` and a non-zero bound).
     reuse: Option<ReuseCache>,
+    /// Module calls times images, over the run.
+    image_module_calls: u64,
 }
 
 impl Archive<'_> {
@@ -362,7 +369,10 @@ impl Archive<'_> {
             self.cfg.threads.max(1),
             self.reuse.as_mut(),
         )?;
-        self.stats.module_applications += st.module_applications;
+        // Summed exactly, then converted: racing's many small calls would add up rounding.
+        self.image_module_calls += st.image_module_calls;
+        self.stats.module_applications =
+            (self.image_module_calls as f64 / self.set.len.max(1) as f64).round() as usize;
         self.stats.peak_reuse_bytes = self.stats.peak_reuse_bytes.max(st.reuse_cached_bytes);
         Ok(m)
     }
@@ -404,15 +414,25 @@ impl Archive<'_> {
         let (partial, new): (Vec<Subnet>, Vec<Subnet>) =
             new.into_iter().partition(|s| self.scores.contains_key(s));
         if !partial.is_empty() {
-            // Raced out earlier: their first `r` images are already scored.
+            // Raced out earlier, in some round: the images up to their mask's length are
+            // already scored. Grouped by that length, each group gets the rest in one pass.
             self.stats.rescored += partial.len();
-            let rest = self.masks(&partial, r..n)?;
-            for (s, tail) in partial.into_iter().zip(rest) {
-                let e = &self.scores[&s];
-                let mut m = e.mask.clone();
-                m.extend(tail);
-                let e = self.full_entry(e.latency, m);
-                self.scores.insert(s, e);
+            let mut by_seen: BTreeMap<usize, Vec<Subnet>> = BTreeMap::new();
+            for s in partial {
+                by_seen
+                    .entry(self.scores[&s].mask.len())
+                    .or_default()
+                    .push(s);
+            }
+            for (seen, group) in by_seen {
+                let rest = self.masks(&group, seen..n)?;
+                for (s, tail) in group.into_iter().zip(rest) {
+                    let e = &self.scores[&s];
+                    let mut m = e.mask.clone();
+                    m.extend(tail);
+                    let e = self.full_entry(e.latency, m);
+                    self.scores.insert(s, e);
+                }
             }
         }
         if new.is_empty() {
@@ -436,48 +456,78 @@ impl Archive<'_> {
             }
             return Ok(());
         }
-        let first = self.masks(&new, 0..r)?;
-        let mut survivors = Vec::new();
-        for (k, (s, &l)) in new.iter().zip(&lat).enumerate() {
-            let m = &first[k];
-            let verdict = self.reference(l).map(|rf| {
-                let ahead = m.iter().zip(&rf.mask).filter(|(a, b)| **a && !**b).count();
-                let behind = m.iter().zip(&rf.mask).filter(|(a, b)| !**a && **b).count();
-                let (keep, est, ucb) = race_bounds(ahead, behind, r, n - r, self.cfg.race_z);
-                let per_image = 100.0 / n as f64;
-                (
-                    keep,
-                    rf.quality + per_image * est,
-                    rf.quality + per_image * ucb,
-                )
-            });
-            match verdict {
-                Some((false, est, upper)) => {
-                    self.stats.raced_out += 1;
-                    self.scores.insert(
-                        s.clone(),
-                        Entry {
-                            latency: l,
-                            quality: est,
-                            upper,
-                            full: false,
-                            mask: m.clone(),
-                        },
-                    );
-                }
-                _ => survivors.push(k),
+        // Rounds over growing prefixes of the set (r, 2r, 4r, ..., n): after each, the
+        // candidates that can no longer reach their reference stop; the rest go on.
+        let mut masks: Vec<Vec<bool>> = vec![Vec::new(); new.len()];
+        let mut alive: Vec<usize> = (0..new.len()).collect();
+        let (mut lo, mut hi) = (0, r);
+        loop {
+            let subs: Vec<Subnet> = alive.iter().map(|&k| new[k].clone()).collect();
+            let part = self.masks(&subs, lo..hi)?;
+            for (&k, p) in alive.iter().zip(part) {
+                masks[k].extend(p);
             }
+            if hi == n {
+                break;
+            }
+            let mut next = Vec::with_capacity(alive.len());
+            for &k in &alive {
+                match self.race_verdict(&masks[k], lat[k]) {
+                    Some((false, est, upper)) => {
+                        self.stats.raced_out += 1;
+                        self.stats.raced_out_later += usize::from(lo > 0);
+                        self.scores.insert(
+                            new[k].clone(),
+                            Entry {
+                                latency: lat[k],
+                                quality: est,
+                                upper,
+                                full: false,
+                                mask: std::mem::take(&mut masks[k]),
+                            },
+                        );
+                    }
+                    _ => next.push(k),
+                }
+            }
+            alive = next;
+            if alive.is_empty() {
+                break;
+            }
+            (lo, hi) = (hi, (hi * 2).min(n));
         }
-        let subs: Vec<Subnet> = survivors.iter().map(|&k| new[k].clone()).collect();
-        let rest = self.masks(&subs, r..n)?;
-        let mut first = first;
-        for (&k, tail) in survivors.iter().zip(rest) {
-            let mut m = std::mem::take(&mut first[k]);
-            m.extend(tail);
-            let e = self.full_entry(lat[k], m);
+        for k in alive {
+            let e = self.full_entry(lat[k], std::mem::take(&mut masks[k]));
             self.scores.insert(new[k].clone(), e);
         }
         Ok(())
+    }
+
+    /// The race verdict of a candidate scored on the first `mask.len()` images against its
+    /// reference: (can still reach it, estimated quality, upper bound of the quality), both
+    /// in percent over the whole set; `None` without a reference.
+    fn race_verdict(&self, mask: &[bool], latency: f64) -> Option<(bool, f64, f64)> {
+        let n = self.set.len;
+        let seen = mask.len();
+        self.reference(latency).map(|rf| {
+            let ahead = mask
+                .iter()
+                .zip(&rf.mask)
+                .filter(|(a, b)| **a && !**b)
+                .count();
+            let behind = mask
+                .iter()
+                .zip(&rf.mask)
+                .filter(|(a, b)| !**a && **b)
+                .count();
+            let (keep, est, ucb) = race_bounds(ahead, behind, seen, n - seen, self.cfg.race_z);
+            let per_image = 100.0 / n as f64;
+            (
+                keep,
+                rf.quality + per_image * est,
+                rf.quality + per_image * ucb,
+            )
+        })
     }
 
     /// Orders `pop` best first and keeps the `k` parents. With racing, a raced-out member
@@ -607,6 +657,7 @@ pub fn search_from(
         stats: SearchStats::default(),
         reuse: (cfg.speedups.prefix_reuse && cfg.reuse_cache_bytes > 0)
             .then(|| ReuseCache::new(cfg.reuse_cache_bytes)),
+        image_module_calls: 0,
     };
     let n = spec.num_positions();
     arch.evaluate(vec![Subnet::original(n)], false)?;
@@ -930,6 +981,7 @@ mod tests {
                 scores: BTreeMap::new(),
                 stats: SearchStats::default(),
                 reuse: None,
+                image_module_calls: 0,
             };
             arch.evaluate(all.iter().step_by(15).cloned().collect(), false)
                 .unwrap();
@@ -1009,7 +1061,12 @@ mod tests {
             );
             assert_eq!(raced.best, full.best, "seed {seed}");
             assert_eq!(raced.front, full.front, "seed {seed}");
-            assert!(raced.stats.module_applications < full.stats.module_applications);
+            assert!(
+                raced.stats.module_applications < full.stats.module_applications,
+                "seed {seed}: {:?} vs {:?}",
+                raced.stats,
+                full.stats
+            );
         }
     }
 
@@ -1032,13 +1089,14 @@ mod tests {
             scores: BTreeMap::new(),
             stats: SearchStats::default(),
             reuse: None,
+            image_module_calls: 0,
         };
         // A few subnets fully scored first (the references), then every other one raced.
         let seeds: Vec<Subnet> = all.iter().step_by(15).cloned().collect();
         arch.evaluate(seeds.clone(), false).unwrap();
         assert_eq!(arch.stats.raced_out, 0);
         arch.evaluate(all.clone(), false).unwrap();
-        // Non-vacuous: some subnets were actually dropped after the subset round.
+        // Non-vacuous: some subnets were actually dropped by a race.
         assert!(arch.stats.raced_out > 0, "{:?}", arch.stats);
         assert_eq!(arch.stats.evaluations, all.len());
         let q: BTreeMap<&Subnet, f64> = all.iter().zip(truth).collect();
@@ -1076,6 +1134,24 @@ mod tests {
         for (s, e) in arch.scores.iter().filter(|(_, e)| !e.full) {
             let r = arch.reference(e.latency).unwrap();
             assert!(e.quality < r.quality, "{s}: {} vs {}", e.quality, r.quality);
+        }
+        // Rounds: some were dropped after the first round (on more images), and completing
+        // the raced-out ones, whatever round dropped them, gives their exact scores.
+        assert!(arch.stats.raced_out_later > 0, "{:?}", arch.stats);
+        let dropped: Vec<Subnet> = arch
+            .scores
+            .iter()
+            .filter(|(_, e)| !e.full)
+            .map(|(s, _)| s.clone())
+            .collect();
+        let seen: BTreeSet<usize> = dropped.iter().map(|s| arch.scores[s].mask.len()).collect();
+        assert!(seen.len() > 1, "dropped after {seen:?} images only");
+        arch.evaluate(dropped.clone(), true).unwrap();
+        assert_eq!(arch.stats.rescored, dropped.len());
+        for s in &dropped {
+            let e = &arch.scores[s];
+            assert!(e.full && e.mask.len() == set.len, "{s}");
+            assert_eq!(e.quality, q[s], "{s}");
         }
     }
 

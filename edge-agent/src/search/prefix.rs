@@ -35,6 +35,9 @@ pub struct EvalStats {
     /// count in proportion to its share of the set's images, so figures compare across chunk
     /// sizes, thread counts and partial (racing) passes.
     pub module_applications: usize,
+    /// Block-module forward calls times the images each ran on (exact; sums across calls
+    /// without the rounding of `module_applications`).
+    pub image_module_calls: u64,
     /// Largest number of bytes of activations held at branching nodes at once (one worker).
     pub peak_cached_bytes: usize,
     /// Bytes held by the cross-generation cache after the call (all workers).
@@ -549,6 +552,7 @@ pub fn evaluate_masks_reusing(
     }
     let stats = EvalStats {
         module_applications: (image_calls as f64 / set.len.max(1) as f64).round() as usize,
+        image_module_calls: image_calls,
         peak_cached_bytes: peak,
         reuse_cached_bytes: reuse.map_or(0, |r| r.bytes()),
     };
