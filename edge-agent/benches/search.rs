@@ -13,9 +13,12 @@
 //! 3. search with every speed-up vs the plain EA (same seed, population, generations, worker
 //!    threads), and an ablation with each speed-up off in turn.
 //! 4. the gap to the exhaustive optimum of the merge-only space (all 149 evaluated).
-//! 5. switch time between neighbours on the front (serve/), and the resident memory of a real
+//! 5. label-free quality: Spearman rank correlation between agreement with the oracle on
+//!    1,000 local images and accuracy on the other 9,000 test images, over the merge-only
+//!    subnets, next to that of labelled accuracy on the same 1,000 images.
+//! 6. switch time between neighbours on the front (serve/), and the resident memory of a real
 //!    `edge-agent run --artifact ...` child process while it serves.
-//! 6. BN recalibration of the found subnet on local images (all classes; a footwear-only
+//! 7. BN recalibration of the found subnet on local images (all classes; a footwear-only
 //!    device): held-out accuracy with shipped vs recalibrated statistics.
 //!
 //! Standard configuration: population 64, 8 generations, 500 test images, budget 0.6 of the
@@ -59,6 +62,8 @@ const ARCH: &str = r#"{"family":"adaptivenet.resnet_small","block":"basic","laye
 const IMAGES: usize = 500;
 const BUDGET_FRACTION: f64 = 0.6;
 const SEED: u64 = 0;
+/// Local images of the label-free ranking check (the rest of the test set is the truth).
+const RANK_LOCAL: usize = 1000;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -616,6 +621,51 @@ fn main() -> Res<()> {
         );
     }
 
+    // --- Label-free quality: does agreement with the oracle rank subnets like accuracy?
+    // Every merge-only subnet on the whole test set (shuffled): the first RANK_LOCAL images
+    // are the device's local data (agreement, label-free; accuracy, labelled), the others the
+    // report split whose accuracy is the truth the two proxies should rank by.
+    let t0 = Instant::now();
+    let all_test = EvalSet::from_dataset(
+        &mo,
+        &src.manifest.input,
+        &test,
+        0,
+        100,
+        QualityMode::Labelled,
+        SEED + 1,
+    )?;
+    let local_batches = RANK_LOCAL.div_ceil(all_test.batch_size().max(1));
+    let free = EvalSet::from_batches(
+        &mo,
+        all_test.inputs[..local_batches].to_vec(),
+        None,
+        QualityMode::OracleAgreement,
+    )?;
+    let prefix = Method::Prefix {
+        max_cache_bytes: 256 << 20,
+    };
+    let (lab, _) = evaluate_masks(&mo, &all_test, &all_mo, 0..all_test.len, prefix, threads)?;
+    let (agree, _) = evaluate_masks(&mo, &free, &all_mo, 0..free.len, prefix, threads)?;
+    let pct = |m: &[bool]| 100.0 * m.iter().filter(|&&c| c).count() as f64 / m.len() as f64;
+    let report: Vec<f64> = lab.iter().map(|m| pct(&m[free.len..])).collect();
+    let local_acc: Vec<f64> = lab.iter().map(|m| pct(&m[..free.len])).collect();
+    let agreement: Vec<f64> = agree.iter().map(|m| pct(m)).collect();
+    let rho_free = spearman(&agreement, &report);
+    let rho_lab = spearman(&local_acc, &report);
+    println!(
+        "\n## label-free quality: rank correlation with accuracy on {} held-out test images ({} merge-only subnets, {:.1} s)",
+        all_test.len - free.len,
+        all_mo.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "| proxy on {} local images | Spearman |\n|---|---|",
+        free.len
+    );
+    println!("| agreement with the oracle (label-free) | {rho_free:.3} |");
+    println!("| accuracy (labelled) | {rho_lab:.3} |");
+
     // --- Switching along the front.
     let front = &full.front;
     let start = front
@@ -698,7 +748,7 @@ fn main() -> Res<()> {
         "speedup_vs_plain": speedup(&full.stats),
         "speedup_vs_plain_wall": plain.stats.seconds / full.stats.seconds,
         "rescored": full.stats.rescored,
-        // The agent's default (racing is opt-in there).
+        // The paper's four alone (the agent's `--no-racing`).
         "search_no_racing_s": no_racing.stats.seconds,
         "speedup_vs_plain_no_racing": speedup(&no_racing.stats),
         "module_passes": full.stats.module_applications,
@@ -733,6 +783,10 @@ fn main() -> Res<()> {
         // space (worst budget); the full-space best minus that optimum is context only.
         "gap_to_optimum_pts": mo_gap,
         "full_space_best_minus_merge_only_optimum_pts": -gap,
+        "label_free_spearman": rho_free,
+        "labelled_spearman": rho_lab,
+        "rank_local_images": free.len,
+        "rank_report_images": all_test.len - free.len,
         "switch_ms": switch_med,
         "serving_rss_mb": rss,
         "serving_hwm_mb": hwm,
@@ -741,6 +795,35 @@ fn main() -> Res<()> {
     });
     println!("BENCH {json}");
     Ok(())
+}
+
+/// Spearman's rank correlation, ties given their average rank (accuracies on a finite set
+/// tie often).
+fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+                j += 1;
+            }
+            for &k in &idx[i..=j] {
+                r[k] = (i + j) as f64 / 2.0;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = ra.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = ra.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = rb.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
 }
 
 /// Accuracy of `subnet` on held-out images with the shipped BN statistics and after
