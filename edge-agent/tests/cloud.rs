@@ -576,6 +576,7 @@ fn aggregates(s: &Setup) -> AgentAggregates {
             stats: SearchStats {
                 evaluations: 120,
                 raced_out: 0,
+                raced_out_later: 0,
                 module_applications: 900,
                 peak_reuse_bytes: 0,
                 rescored: 0,
