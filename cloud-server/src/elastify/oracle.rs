@@ -21,7 +21,7 @@ use crate::error::{CloudError, Result};
 /// The oracle-training recipe.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainOracleConfig {
-    /// Optimisation steps (17 epochs of 60,000 at batch 128 is 7,969).
+    /// Optimisation steps (20 epochs of 60,000 at batch 128 is 9,375).
     pub steps: u64,
     pub batch: usize,
     pub lr: f64,
