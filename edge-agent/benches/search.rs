@@ -25,7 +25,8 @@
 //! Standard configuration: population 64, 8 generations, 500 test images, budget 0.6 of the
 //! oracle's measured latency, seed 0. Environment: `SEARCH_BENCH_THREADS` (evaluation workers,
 //! default 2), `SEARCH_BENCH_ABLATION=0` (skip the ablation rows), `SEARCH_BENCH_REUSE_MB`
-//! (cross-generation prefix cache bound, default the agent's), `SEARCH_BENCH_ORACLE_STEPS`
+//! (cross-generation prefix cache bound, default the agent's), `SEARCH_BENCH_RACE_IMAGES`
+//! (images of racing's first round, default the agent's), `SEARCH_BENCH_ORACLE_STEPS`
 //! (train the oracle from scratch for this many steps), `SEARCH_BENCH_STAGE_STEPS`
 //! (elastification steps per stage, default 300).
 //!
@@ -148,8 +149,13 @@ fn prepare_artifact() -> Res<(PathBuf, String)> {
                 .to_string(),
         )
     } else {
+        let oracle_src = if from_committed {
+            "the committed oracle".to_string()
+        } else {
+            format!("oracle {oracle_steps} steps")
+        };
         eprintln!(
-            "training the bench supernet once (oracle {oracle_steps} steps, elastify 2x{stage_steps} steps; cached in {})",
+            "training the bench supernet once ({oracle_src}, elastify 2x{stage_steps} steps; cached in {})",
             dir.display()
         );
         // Training uses both cores; the measurements below pin their own thread counts.
@@ -277,6 +283,10 @@ fn run_search(
         speedups,
         reuse_cache_bytes,
         threads,
+        race_images: env_usize(
+            "SEARCH_BENCH_RACE_IMAGES",
+            SearchConfig::default().race_images,
+        ),
         ..SearchConfig::default()
     };
     let r = search::search(sn, table, set, &[budget], &cfg, |_, _| {})?;
