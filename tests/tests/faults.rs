@@ -26,7 +26,7 @@ use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_proto::v1 as pb;
 use adaptivenet_tests::{
     authed, binary, channel, demo_artifact, field_after, metric, register_artifact, run_ok, signal,
-    wait_for, write_synthetic_idx, CloudProcess, KillOnDrop,
+    wait_for, wait_stopped, write_synthetic_idx, CloudProcess, KillOnDrop,
 };
 use tonic::Code;
 
@@ -238,6 +238,31 @@ fn flip_byte(path: &Path) {
 
 // ------------------------------------------------------------------------- download kill
 
+/// Completed blobs and the one partial `.part` file (sha, bytes held) in a blob cache; the
+/// flag says whether the moment is "mid-download": at least two complete and one partial.
+fn scan_blobs(
+    blobs: &Path,
+    sizes: &BTreeMap<String, u64>,
+) -> (bool, Option<(BTreeSet<String>, String, u64)>) {
+    let mut done = BTreeSet::new();
+    let mut part = None;
+    for e in std::fs::read_dir(blobs).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+        if let Some(sha) = name.strip_suffix(".part") {
+            if len > 0 && len < sizes[sha] {
+                part = Some((sha.to_string(), len));
+            }
+        } else if sizes.contains_key(&name) {
+            done.insert(name);
+        }
+    }
+    match part {
+        Some((sha, len)) => (done.len() >= 2, Some((done, sha, len))),
+        None => (false, None),
+    }
+}
+
 #[test]
 fn agent_killed_mid_download_resumes_without_refetching_completed_blobs() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -280,23 +305,20 @@ fn agent_killed_mid_download_resumes_without_refetching_completed_blobs() {
                 );
                 break None;
             }
-            let mut done = BTreeSet::new();
-            let mut part = None;
-            for e in std::fs::read_dir(&blobs).into_iter().flatten().flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                if let Some(sha) = name.strip_suffix(".part") {
-                    if len > 0 && len < sizes[sha] {
-                        part = Some((sha.to_string(), len));
-                    }
-                } else if sizes.contains_key(&name) {
-                    done.insert(name);
-                }
-            }
-            if let (true, Some((sha, len))) = (done.len() >= 2, part) {
+            // `kill -STOP` returns once the signal is queued; a write in flight still lands.
+            // Scan only once the process is really stopped, and again after SIGKILL: the
+            // state the restart sees is the one after the process is gone.
+            wait_stopped(pid);
+            if let (true, Some(_)) = scan_blobs(&blobs, &sizes) {
                 child.kill().expect("SIGKILL agent");
                 child.wait().expect("reap");
-                break Some((done, sha, len));
+                match scan_blobs(&blobs, &sizes) {
+                    (true, Some((done, sha, len))) => break Some((done, sha, len)),
+                    _ => {
+                        println!("attempt {attempt}: the last write completed a blob; retrying");
+                        break None;
+                    }
+                }
             }
             assert!(
                 start.elapsed() < Duration::from_secs(120),
