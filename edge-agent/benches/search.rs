@@ -26,7 +26,9 @@
 //! oracle's measured latency, seed 0. Environment: `SEARCH_BENCH_THREADS` (evaluation workers,
 //! default 2), `SEARCH_BENCH_ABLATION=0` (skip the ablation rows), `SEARCH_BENCH_REUSE_MB`
 //! (cross-generation prefix cache bound, default the agent's), `SEARCH_BENCH_RACE_IMAGES`
-//! (images of racing's first round, default the agent's), `SEARCH_BENCH_ORACLE_STEPS`
+//! (images of racing's first round, default the agent's), `SEARCH_BENCH_RACE_SEED_EVERY`
+//! (racing's seeding stride, default the agent's), `SEARCH_BENCH_TABLE=FILE` (save the
+//! latency table and budget there, or reuse them if FILE exists), `SEARCH_BENCH_ORACLE_STEPS`
 //! (train the oracle from scratch for this many steps), `SEARCH_BENCH_STAGE_STEPS`
 //! (elastification steps per stage, default 300).
 //!
@@ -287,6 +289,10 @@ fn run_search(
             "SEARCH_BENCH_RACE_IMAGES",
             SearchConfig::default().race_images,
         ),
+        race_seed_every: env_usize(
+            "SEARCH_BENCH_RACE_SEED_EVERY",
+            SearchConfig::default().race_seed_every,
+        ),
         ..SearchConfig::default()
     };
     let r = search::search(sn, table, set, &[budget], &cfg, |_, _| {})?;
@@ -473,6 +479,25 @@ fn main() -> Res<()> {
         "oracle measured {oracle_ms:.3} ms (table {:.3} ms); budget {BUDGET_FRACTION} x = {budget:.3} ms",
         table.predict_ms(&oracle)?
     );
+
+    // Profiling noise changes the table, hence the search's path, from run to run; to compare
+    // code changes on one path, `SEARCH_BENCH_TABLE=FILE` saves this run's table and budget,
+    // or reuses them when FILE exists.
+    let (table, budget) = match std::env::var_os("SEARCH_BENCH_TABLE") {
+        Some(p) if Path::new(&p).is_file() => {
+            let (t, b): (LatencyTable, f64) = serde_json::from_slice(&std::fs::read(&p)?)?;
+            println!(
+                "searches use the latency table and budget ({b:.3} ms) saved in {}",
+                Path::new(&p).display()
+            );
+            (t, b)
+        }
+        Some(p) => {
+            std::fs::write(&p, serde_json::to_vec(&(&table, budget))?)?;
+            (table, budget)
+        }
+        None => (table, budget),
+    };
 
     // --- Local data.
     let test = fashion_mnist(fashion_dir(), false)?;

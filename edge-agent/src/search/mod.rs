@@ -16,7 +16,10 @@
 //! keeps an estimated quality (below the reference's) and its upper bound; it never enters
 //! the front or a best-per-budget answer. Survivors race on in rounds over twice as many
 //! images (`race_images`, 2x, 4x, ..., all), the bound tightening as the images grow, and only
-//! those still in reach at the last round are scored on every image. Pairwise
+//! those still in reach at the last round are scored on every image. Candidates with no
+//! reference (faster than every fully scored subnet, such as the initial population) are
+//! seeded: every fourth of them in latency order is scored fully first, and the rest race
+//! against those. Pairwise
 //! comparison is what makes a 100-image subset informative: two subnets of one supernet
 //! disagree on few images, so the noise is that of the disagreements, not of accuracy.
 //! Racing must not steer the search: at parent selection a raced-out member whose upper
@@ -161,6 +164,11 @@ pub struct SearchConfig {
     /// Racing: standard errors of optimism before a candidate is dropped.
     #[serde(default = "default_race_z")]
     pub race_z: f64,
+    /// Racing: of the new candidates without a reference (faster than every fully scored
+    /// subnet), one in this many, in latency order, is scored fully first and the others race
+    /// against those; 1 scores them all fully.
+    #[serde(default = "default_race_seed_every")]
+    pub race_seed_every: usize,
 }
 
 fn one() -> usize {
@@ -179,6 +187,12 @@ fn default_race_z() -> f64 {
     2.5
 }
 
+/// A quarter of an initial population scored in full gives each of the rest a reference at a
+/// nearby latency.
+fn default_race_seed_every() -> usize {
+    4
+}
+
 impl Default for SearchConfig {
     fn default() -> Self {
         SearchConfig {
@@ -194,6 +208,7 @@ impl Default for SearchConfig {
             threads: 1,
             race_images: default_race_images(),
             race_z: default_race_z(),
+            race_seed_every: default_race_seed_every(),
         }
     }
 }
@@ -456,10 +471,35 @@ impl Archive<'_> {
             }
             return Ok(());
         }
+        // Candidates faster than every fully scored subnet have no reference to race
+        // against (the whole initial population: the oracle is the slowest). Every
+        // `race_seed_every`-th of them in latency order, the fastest first, is scored fully
+        // first, in one pass; then each of the others has a reference no slower than itself,
+        // at a nearby latency, and races.
+        let mut alive: Vec<usize> = (0..new.len()).collect();
+        let mut no_ref: Vec<usize> = (0..new.len())
+            .filter(|&k| self.reference(lat[k]).is_none())
+            .collect();
+        if !no_ref.is_empty() {
+            no_ref.sort_by(|&a, &b| lat[a].total_cmp(&lat[b]).then(new[a].cmp(&new[b])));
+            let seeds: BTreeSet<usize> = no_ref
+                .into_iter()
+                .step_by(self.cfg.race_seed_every.max(1))
+                .collect();
+            let subs: Vec<Subnet> = seeds.iter().map(|&k| new[k].clone()).collect();
+            let m = self.masks(&subs, 0..n)?;
+            for (&k, m) in seeds.iter().zip(m) {
+                let e = self.full_entry(lat[k], m);
+                self.scores.insert(new[k].clone(), e);
+            }
+            alive.retain(|k| !seeds.contains(k));
+            if alive.is_empty() {
+                return Ok(());
+            }
+        }
         // Rounds over growing prefixes of the set (r, 2r, 4r, ..., n): after each, the
         // candidates that can no longer reach their reference stop; the rest go on.
         let mut masks: Vec<Vec<bool>> = vec![Vec::new(); new.len()];
-        let mut alive: Vec<usize> = (0..new.len()).collect();
         let (mut lo, mut hi) = (0, r);
         loop {
             let subs: Vec<Subnet> = alive.iter().map(|&k| new[k].clone()).collect();
@@ -530,10 +570,54 @@ impl Archive<'_> {
         })
     }
 
+    /// Scores raced-out `subnets` on one more round of images (twice those seen, in groups
+    /// by that count) and updates their estimate and upper bound; those reaching the last
+    /// image become fully scored.
+    fn extend(&mut self, subnets: Vec<Subnet>) -> Result<()> {
+        let n = self.set.len;
+        let mut by_seen: BTreeMap<usize, Vec<Subnet>> = BTreeMap::new();
+        for s in subnets {
+            let e = &self.scores[&s];
+            if !e.full {
+                by_seen.entry(e.mask.len()).or_default().push(s);
+            }
+        }
+        for (seen, group) in by_seen {
+            let hi = (2 * seen).clamp(seen + 1, n);
+            let more = self.masks(&group, seen..hi)?;
+            for (s, tail) in group.into_iter().zip(more) {
+                let e = &self.scores[&s];
+                let latency = e.latency;
+                let mut mask = e.mask.clone();
+                mask.extend(tail);
+                let e = if mask.len() == n {
+                    self.stats.rescored += 1;
+                    self.full_entry(latency, mask)
+                } else {
+                    // A raced-out subnet had a reference, and references stay; without one
+                    // the bound is open and the next round extends it again.
+                    let (quality, upper) = self
+                        .race_verdict(&mask, latency)
+                        .map_or((0.0, f64::INFINITY), |(_, est, ucb)| (est, ucb));
+                    Entry {
+                        latency,
+                        quality,
+                        upper,
+                        full: false,
+                        mask,
+                    }
+                };
+                self.scores.insert(s, e);
+            }
+        }
+        Ok(())
+    }
+
     /// Orders `pop` best first and keeps the `k` parents. With racing, a raced-out member
     /// whose optimistic fitness (quality at its upper bound) reaches the parents' cut is
-    /// scored fully first, so the parents are the ones full scores would pick (barring a
-    /// wrong race verdict) and racing does not steer the search.
+    /// scored on more images (a round at a time, [`Archive::extend`]) until its bound falls
+    /// below the cut or it is fully scored, so the parents are the ones full scores would
+    /// pick (barring a wrong race verdict) and racing does not steer the search.
     fn select_parents(&mut self, pop: &mut Vec<Subnet>, k: usize, budget: f64) -> Result<()> {
         loop {
             pop.sort_by(|a, b| {
@@ -560,7 +644,7 @@ impl Archive<'_> {
                 pop.truncate(k);
                 return Ok(());
             }
-            self.evaluate(doubtful, true)?;
+            self.extend(doubtful)?;
         }
     }
 
@@ -899,6 +983,28 @@ mod tests {
                 st.module_applications,
                 plain.module_applications
             );
+            // Cells, not the range's split, key the cache: a racing-style first round (the
+            // first batch, on the other worker count) finds what the full passes cached.
+            let other = 3 - workers;
+            let (first_round, plain_round) =
+                evaluate_masks(&sn, &set, &children, 0..10, prefix, other).unwrap();
+            let (m, st) = evaluate_masks_reusing(
+                &sn,
+                &set,
+                &children,
+                0..10,
+                prefix,
+                other,
+                Some(&mut cache),
+            )
+            .unwrap();
+            assert_eq!(m, first_round, "{other} workers on the first round");
+            assert!(
+                st.image_module_calls < plain_round.image_module_calls,
+                "{} vs {}",
+                st.image_module_calls,
+                plain_round.image_module_calls
+            );
             // Nothing survives for parents that share no prefix with the cached paths.
             cache.keep_prefixes_of(&[]);
             assert_eq!(cache.bytes(), 0);
@@ -1068,6 +1174,54 @@ mod tests {
                 full.stats
             );
         }
+    }
+
+    #[test]
+    fn racing_seeds_the_initial_population_and_races_the_rest() {
+        let sn = supernet();
+        let set = eval_set(&sn, 4, 50);
+        let table = LatencyTable::from_macs(&sn.spec, 1.0);
+        let n = sn.spec.num_positions();
+        let budget = Budget::Fraction(0.5).resolve(&table, n).unwrap();
+        // Only the initial population: every member is faster than the oracle, the one
+        // fully scored subnet, so none has a racing reference of its own.
+        let cfg = |every| SearchConfig {
+            population: 32,
+            generations: 0,
+            seed: 0,
+            race_images: 50,
+            race_seed_every: every,
+            ..SearchConfig::default()
+        };
+        let run = |every| search(&sn, &table, &set, &[budget], &cfg(every), |_, _| {}).unwrap();
+        let (seeded, unseeded) = (run(4), run(1));
+        let off = search(
+            &sn,
+            &table,
+            &set,
+            &[budget],
+            &SearchConfig {
+                speedups: Speedups {
+                    racing: false,
+                    ..Speedups::all()
+                },
+                ..cfg(4)
+            },
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(unseeded.stats.raced_out, 0, "{:?}", unseeded.stats);
+        assert!(seeded.stats.raced_out > 0, "{:?}", seeded.stats);
+        for r in [&seeded, &unseeded] {
+            assert_eq!(r.stats.evaluations, off.stats.evaluations);
+            assert_eq!((&r.best, &r.front), (&off.best, &off.front));
+        }
+        assert!(
+            seeded.stats.module_applications < unseeded.stats.module_applications,
+            "{:?} vs {:?}",
+            seeded.stats,
+            unseeded.stats
+        );
     }
 
     #[test]

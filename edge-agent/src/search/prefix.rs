@@ -14,12 +14,19 @@
 //! above it unless another child needs it. Results are bit-identical either way: an entry is
 //! the same module output on the same images, only computed once.
 //!
-//! Parallelism: the images of a range are split into `threads` contiguous parts, each run by
-//! one worker (scoped threads) through the whole tree; per-image results are concatenated in
-//! image order, so the outcome does not depend on the thread count. Each worker gets an equal
-//! share of the memory bound. Results are per-image correctness masks, which racing (see the
-//! search module) compares pairwise between subnets.
-use std::collections::BTreeMap;
+//! Cells: every batch of the set is cut into two fixed halves, the cells, and evaluation runs
+//! chunk by chunk, a chunk being the part of one cell inside the range. The cross-generation
+//! cache is kept per cell (each with its images' share of the bound), so an entry made by a
+//! full-set pass is found by a racing round over the first 100 images and vice versa, and
+//! what is cached never depends on the range's split or the number of workers.
+//!
+//! Parallelism: the cells of a range are split into `threads` contiguous groups of nearly
+//! equal image counts, each run by one worker (scoped threads) through the whole tree;
+//! per-image results are concatenated in image order, so the outcome does not depend on the
+//! thread count. Each worker gets an equal share of the per-generation memory bound. Results
+//! are per-image correctness masks, which racing (see the search module) compares pairwise
+//! between subnets.
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
 use adaptivenet_core::supernet::{Subnet, Supernet};
@@ -120,41 +127,46 @@ impl Tree {
 /// Which images a chunk holds: (batch of the set, offset in it, length).
 type ChunkKey = (usize, usize, usize);
 
-/// A contiguous run of images inside one batch of the set.
+/// A contiguous run of images inside one cell (half a batch) of the set.
 struct Chunk<'a> {
     key: ChunkKey,
+    /// The chunk is a whole cell: the cross-generation cache holds whole cells only.
+    whole_cell: bool,
     input: Tensor,
     stem: Tensor,
     targets: &'a [u32],
 }
 
-/// The chunks of `range`, split into `parts` contiguous groups of nearly equal image counts.
+/// The chunks of `range` (its parts inside each cell), split into at most `parts` non-empty
+/// contiguous groups of nearly equal image counts.
 fn chunks<'a>(set: &'a EvalSet, range: &Range<usize>, parts: usize) -> Result<Vec<Vec<Chunk<'a>>>> {
     let n = range.len();
-    let parts = parts.clamp(1, n.max(1));
-    let mut out = Vec::with_capacity(parts);
-    for p in 0..parts {
-        let lo = range.start + n * p / parts;
-        let hi = range.start + n * (p + 1) / parts;
-        let mut group = Vec::new();
-        let mut off = 0;
-        for (b, t) in set.targets.iter().enumerate() {
-            let (blo, bhi) = (off, off + t.len());
-            off = bhi;
-            let (s, e) = (lo.max(blo), hi.min(bhi));
-            if s >= e {
-                continue;
+    let mut pieces = Vec::new();
+    let mut off = 0;
+    for (b, t) in set.targets.iter().enumerate() {
+        let len = t.len();
+        let half = len.div_ceil(2);
+        for (clo, chi) in [(0, half), (half, len)] {
+            let (s, e) = ((off + clo).max(range.start), (off + chi).min(range.end));
+            if s < e {
+                pieces.push((s - range.start, b, s - off, e - s, e - s == chi - clo));
             }
-            let (i, len) = (s - blo, e - s);
-            group.push(Chunk {
-                key: (b, i, len),
-                input: set.inputs[b].narrow(0, i, len)?,
-                stem: set.stem_out[b].narrow(0, i, len)?,
-                targets: &t[i..i + len],
-            });
         }
-        out.push(group);
+        off += len;
     }
+    let parts = parts.clamp(1, pieces.len().max(1));
+    let mut out: Vec<Vec<Chunk<'a>>> = (0..parts).map(|_| Vec::new()).collect();
+    for (start, b, i, len, whole_cell) in pieces {
+        // The group whose equal share of the range holds the chunk's first image.
+        out[(start * parts / n.max(1)).min(parts - 1)].push(Chunk {
+            key: (b, i, len),
+            whole_cell,
+            input: set.inputs[b].narrow(0, i, len)?,
+            stem: set.stem_out[b].narrow(0, i, len)?,
+            targets: &set.targets[b][i..i + len],
+        });
+    }
+    out.retain(|g| !g.is_empty());
     Ok(out)
 }
 
@@ -169,26 +181,27 @@ struct Cached {
     bytes: usize,
 }
 
-/// One worker's share of the cross-generation cache: a worker's chunks are fixed by the range
-/// and the worker count, so what it caches never depends on thread timing.
+/// One cell's share of the cross-generation cache. A cell is evaluated by one worker at a
+/// time and in the same order of calls whatever the worker count, so what it caches never
+/// depends on thread timing.
 #[derive(Default)]
 struct Part {
-    entries: BTreeMap<ChunkKey, BTreeMap<Path, Cached>>,
+    entries: BTreeMap<Path, Cached>,
     bytes: usize,
     cap: usize,
 }
 
 impl Part {
-    fn get(&self, key: ChunkKey, path: &[(usize, i8)]) -> Option<&Tensor> {
-        self.entries.get(&key)?.get(path).map(|c| &c.act)
+    fn get(&self, path: &[(usize, i8)]) -> Option<&Tensor> {
+        self.entries.get(path).map(|c| &c.act)
     }
 
-    fn put(&mut self, key: ChunkKey, path: &[(usize, i8)], act: &Tensor) {
+    fn put(&mut self, path: &[(usize, i8)], act: &Tensor) {
         let bytes = act.elem_count() * act.dtype().size_in_bytes();
         if self.bytes + bytes > self.cap {
             return;
         }
-        let old = self.entries.entry(key).or_default().insert(
+        let old = self.entries.insert(
             path.to_vec(),
             Cached {
                 act: act.clone(),
@@ -200,36 +213,43 @@ impl Part {
 }
 
 /// Speed-up 4 across generations: node activations kept between evaluations (see the module
-/// documentation), within `max_bytes` shared equally by the evaluation workers.
+/// documentation), within `max_bytes` shared by the cells in proportion to their images.
 pub struct ReuseCache {
     max_bytes: usize,
-    parts: Vec<Part>,
+    cells: BTreeMap<ChunkKey, Part>,
 }
 
 impl ReuseCache {
     pub fn new(max_bytes: usize) -> Self {
         ReuseCache {
             max_bytes,
-            parts: Vec::new(),
+            cells: BTreeMap::new(),
         }
     }
 
     /// Bytes of activations held.
     pub fn bytes(&self) -> usize {
-        self.parts.iter().map(|p| p.bytes).sum()
+        self.cells.values().map(|p| p.bytes).sum()
     }
 
-    /// The per-worker shares for `workers` workers; a different worker count starts afresh.
-    fn parts(&mut self, workers: usize) -> &mut [Part] {
-        if self.parts.len() != workers {
-            self.parts = (0..workers)
-                .map(|_| Part {
-                    cap: self.max_bytes / workers.max(1),
-                    ..Part::default()
-                })
-                .collect();
+    /// The shares of the cells `keys` of a set of `set_len` images, created empty when new.
+    fn cells_for(
+        &mut self,
+        keys: &BTreeSet<ChunkKey>,
+        set_len: usize,
+    ) -> BTreeMap<ChunkKey, &mut Part> {
+        let max = self.max_bytes;
+        for &k in keys {
+            self.cells.entry(k).or_insert_with(|| Part {
+                cap: (max / set_len.max(1)).saturating_mul(k.2),
+                ..Part::default()
+            });
         }
-        &mut self.parts
+        self.cells
+            .iter_mut()
+            .filter(|(k, _)| keys.contains(*k))
+            .map(|(k, p)| (*k, p))
+            .collect()
     }
 
     /// Keeps only entries on the path of one of `parents` (children are made from parents
@@ -238,27 +258,25 @@ impl ReuseCache {
     /// half takes the next generation's new nodes, some of which will be parents.
     pub fn keep_prefixes_of(&mut self, parents: &[Subnet]) {
         let paths: Vec<Path> = parents.iter().map(|p| p.steps().collect()).collect();
-        for part in &mut self.parts {
+        for part in self.cells.values_mut() {
             let mut ranked = Vec::new();
-            for (key, m) in std::mem::take(&mut part.entries) {
-                for (path, c) in m {
-                    let sharing = paths
-                        .iter()
-                        .filter(|p| p.len() > path.len() && p[..path.len()] == path[..])
-                        .count();
-                    if sharing > 0 {
-                        let value = (sharing * path.len()) as f64 / c.bytes.max(1) as f64;
-                        ranked.push((value, key, path, c));
-                    }
+            for (path, c) in std::mem::take(&mut part.entries) {
+                let sharing = paths
+                    .iter()
+                    .filter(|p| p.len() > path.len() && p[..path.len()] == path[..])
+                    .count();
+                if sharing > 0 {
+                    let value = (sharing * path.len()) as f64 / c.bytes.max(1) as f64;
+                    ranked.push((value, path, c));
                 }
             }
-            // Stable sort: ties keep the deterministic (chunk, path) order.
+            // Stable sort: ties keep the deterministic path order.
             ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
             part.bytes = 0;
-            for (_, key, path, c) in ranked {
+            for (_, path, c) in ranked {
                 if part.bytes + c.bytes <= part.cap / 2 {
                     part.bytes += c.bytes;
-                    part.entries.entry(key).or_default().insert(path, c);
+                    part.entries.insert(path, c);
                 }
             }
         }
@@ -277,9 +295,8 @@ struct Dfs<'a> {
     cached: usize,
     peak: usize,
     max_cache_bytes: usize,
-    /// Cross-generation cache share, and this chunk's key in it.
+    /// This chunk's cell in the cross-generation cache.
     reuse: Option<&'a mut Part>,
-    key: ChunkKey,
     /// Per node: its activation is in the cross-generation cache.
     hit: Vec<bool>,
     /// Per node: its activation is needed (for its head, or for a child not in the cache).
@@ -303,7 +320,7 @@ impl<'a> Dfs<'a> {
                 v > 0
                     && reuse
                         .as_ref()
-                        .is_some_and(|p| p.get(chunk.key, &tree.nodes[v].path).is_some())
+                        .is_some_and(|p| p.get(&tree.nodes[v].path).is_some())
             })
             .collect();
         // Children come after their parent in `nodes`, so one backward sweep settles `needs`.
@@ -324,7 +341,6 @@ impl<'a> Dfs<'a> {
             peak: 0,
             max_cache_bytes,
             reuse,
-            key: chunk.key,
             hit,
             needs,
         }
@@ -339,11 +355,7 @@ impl<'a> Dfs<'a> {
         }
         let node = &self.tree.nodes[c];
         if self.hit[c] {
-            if let Some(t) = self
-                .reuse
-                .as_ref()
-                .and_then(|p| p.get(self.key, &node.path))
-            {
+            if let Some(t) = self.reuse.as_ref().and_then(|p| p.get(&node.path)) {
                 return Ok(Some(t.clone()));
             }
         }
@@ -355,7 +367,7 @@ impl<'a> Dfs<'a> {
         let out = self.supernet.forward_module(p, id, h)?;
         if !node.children.is_empty() {
             if let Some(part) = self.reuse.as_mut() {
-                part.put(self.key, &node.path, &out);
+                part.put(&node.path, &out);
             }
         }
         Ok(Some(out))
@@ -424,7 +436,8 @@ impl<'a> Dfs<'a> {
     }
 }
 
-/// One worker: its chunks in order. Returns masks, image-weighted calls and peak bytes.
+/// One worker: its chunks in order, each with its cell of the cross-generation cache (if
+/// any). Returns masks, image-weighted calls and peak bytes.
 fn run_worker(
     supernet: &Supernet,
     subnets: &[Subnet],
@@ -432,11 +445,11 @@ fn run_worker(
     group: &[Chunk<'_>],
     method: Method,
     max_cache_bytes: usize,
-    mut reuse: Option<&mut Part>,
+    reuse: Vec<Option<&mut Part>>,
 ) -> Result<(Masks, u64, usize)> {
     let mut masks: Masks = vec![Vec::new(); subnets.len()];
     let (mut image_calls, mut peak) = (0u64, 0usize);
-    for ch in group {
+    for (ch, part) in group.iter().zip(reuse) {
         let n = ch.targets.len() as u64;
         match (method, tree) {
             (Method::Prefix { .. }, Some(tree)) => {
@@ -447,7 +460,7 @@ fn run_worker(
                     ch,
                     &mut masks,
                     max_cache_bytes,
-                    reuse.as_deref_mut(),
+                    part,
                 );
                 dfs.visit(0, Some(ch.stem.clone()))?;
                 image_calls += dfs.calls * n;
@@ -513,13 +526,25 @@ pub fn evaluate_masks_reusing(
         Method::Prefix { max_cache_bytes } => max_cache_bytes / groups.len(),
         Method::Each { .. } => 0,
     };
-    let mut parts: Vec<Option<&mut Part>> = match (reuse.as_deref_mut(), method) {
-        (Some(r), Method::Prefix { .. }) => r.parts(groups.len()).iter_mut().map(Some).collect(),
-        _ => (0..groups.len()).map(|_| None).collect(),
+    let mut cells = match (reuse.as_deref_mut(), method) {
+        (Some(r), Method::Prefix { .. }) => {
+            let keys = groups
+                .iter()
+                .flatten()
+                .filter(|c| c.whole_cell)
+                .map(|c| c.key)
+                .collect();
+            r.cells_for(&keys, set.len)
+        }
+        _ => BTreeMap::new(),
     };
+    let parts: Vec<Vec<Option<&mut Part>>> = groups
+        .iter()
+        .map(|g| g.iter().map(|c| cells.remove(&c.key)).collect())
+        .collect();
     let tree = tree.as_ref();
     let results: Vec<Result<(Masks, u64, usize)>> = std::thread::scope(|scope| {
-        let mut work = groups.iter().zip(parts.iter_mut().map(Option::take));
+        let mut work = groups.iter().zip(parts);
         let first = work.next();
         let handles: Vec<_> = work
             .map(|(g, part)| {
