@@ -70,11 +70,16 @@ const SEED: u64 = 0;
 /// Local images of the label-free ranking check (the rest of the test set is the truth).
 const RANK_LOCAL: usize = 1000;
 
+/// A non-negative integer knob; unset means `default`, and a value that does not parse stops
+/// the bench with its name rather than silently measuring the default.
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
+    match std::env::var(name) {
+        Err(_) => default,
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            eprintln!("error: {name}={v:?}: expected a non-negative integer");
+            std::process::exit(2)
+        }),
+    }
 }
 
 fn target_dir() -> PathBuf {
@@ -386,6 +391,16 @@ fn child_serving_rss(
 }
 
 fn main() -> Res<()> {
+    // Every integer knob is checked before minutes of training and profiling.
+    for knob in [
+        "SEARCH_BENCH_ORACLE_STEPS",
+        "SEARCH_BENCH_STAGE_STEPS",
+        "SEARCH_BENCH_RACE_IMAGES",
+        "SEARCH_BENCH_RACE_SEED_EVERY",
+        "SEARCH_BENCH_REUSE_MB",
+    ] {
+        env_usize(knob, 0);
+    }
     let threads = env_usize("SEARCH_BENCH_THREADS", 2).max(1);
     let ablation = !matches!(std::env::var("SEARCH_BENCH_ABLATION").as_deref(), Ok("0"));
     let (artifact, info) = prepare_artifact()?;
