@@ -333,7 +333,18 @@ fn agent_killed_mid_download_resumes_without_refetching_completed_blobs() {
     }
     let (done, part_sha, held) =
         caught.unwrap_or_else(|| panic!("no attempt of {ATTEMPTS} was caught mid-download"));
-    let sent_before = cloud.bytes_sent();
+    // The server can still hand a slice of the dead download to HTTP/2 before it sees the
+    // reset: count the restart's bytes from when its counter has settled.
+    let mut sent_before = cloud.bytes_sent();
+    let settle = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = cloud.bytes_sent();
+        if now == sent_before || settle.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        sent_before = now;
+    }
     assert!(done.len() < sizes.len(), "killed before the end");
 
     // Restart: the stored identity, the cache and the `.part` file are reused.
