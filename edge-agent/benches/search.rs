@@ -528,14 +528,10 @@ fn main() -> Res<()> {
 
     // --- Searches.
     let mut rows: Vec<Row> = Vec::new();
-    let reuse = match std::env::var("SEARCH_BENCH_REUSE_MB") {
-        Ok(v) => {
-            v.parse::<usize>()
-                .map_err(|_| anyhow::anyhow!("SEARCH_BENCH_REUSE_MB={v}: expected an integer"))?
-                << 20
-        }
-        Err(_) => SearchConfig::default().reuse_cache_bytes,
-    };
+    let reuse = env_usize(
+        "SEARCH_BENCH_REUSE_MB",
+        SearchConfig::default().reuse_cache_bytes >> 20,
+    ) << 20;
     let full = run_search(&sn, &table, &set, budget, Speedups::all(), reuse, threads)?;
     rows.push(Row {
         name: "all speed-ups + racing",

@@ -191,13 +191,12 @@ pub fn signal(pid: u32, sig: &str) {
 /// Waits (up to 5 s) until every thread of `pid` is stopped (`T`/`t`) or the process is gone:
 /// `kill -STOP` only queues the signal, and a thread inside a `write` finishes it first.
 pub fn wait_stopped(pid: u32) {
-    let start = Instant::now();
     let task = PathBuf::from(format!("/proc/{pid}/task"));
-    while start.elapsed() < Duration::from_secs(5) {
+    wait_for(Duration::from_secs(5), "the process to stop", || {
         let Ok(threads) = std::fs::read_dir(&task) else {
-            return;
+            return Some(());
         };
-        let all_stopped = threads.flatten().all(|t| {
+        let stopped = threads.flatten().all(|t| {
             std::fs::read_to_string(t.path().join("stat"))
                 .ok()
                 // The state follows the parenthesised command name, which may hold spaces.
@@ -205,11 +204,8 @@ pub fn wait_stopped(pid: u32) {
                 .and_then(|rest| rest.chars().next())
                 .is_none_or(|c| matches!(c, 'T' | 't' | 'Z' | 'X'))
         });
-        if all_stopped {
-            return;
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
+        stopped.then_some(())
+    });
 }
 
 /// `GET path` from a plain-HTTP endpoint (the cloud's `/metrics`); `None` if unreachable.

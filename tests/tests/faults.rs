@@ -238,12 +238,12 @@ fn flip_byte(path: &Path) {
 
 // ------------------------------------------------------------------------- download kill
 
-/// Completed blobs and the one partial `.part` file (sha, bytes held) in a blob cache; the
-/// flag says whether the moment is "mid-download": at least two complete and one partial.
-fn scan_blobs(
+/// At a "mid-download" moment of a blob cache (at least two blobs complete and one partial):
+/// the completed blobs and the partial `.part` file (sha, bytes held).
+fn mid_download(
     blobs: &Path,
     sizes: &BTreeMap<String, u64>,
-) -> (bool, Option<(BTreeSet<String>, String, u64)>) {
+) -> Option<(BTreeSet<String>, String, u64)> {
     let mut done = BTreeSet::new();
     let mut part = None;
     for e in std::fs::read_dir(blobs).into_iter().flatten().flatten() {
@@ -257,10 +257,8 @@ fn scan_blobs(
             done.insert(name);
         }
     }
-    match part {
-        Some((sha, len)) => (done.len() >= 2, Some((done, sha, len))),
-        None => (false, None),
-    }
+    let (sha, len) = part?;
+    (done.len() >= 2).then_some((done, sha, len))
 }
 
 #[test]
@@ -309,16 +307,14 @@ fn agent_killed_mid_download_resumes_without_refetching_completed_blobs() {
             // Scan only once the process is really stopped, and again after SIGKILL: the
             // state the restart sees is the one after the process is gone.
             wait_stopped(pid);
-            if let (true, Some(_)) = scan_blobs(&blobs, &sizes) {
+            if mid_download(&blobs, &sizes).is_some() {
                 child.kill().expect("SIGKILL agent");
                 child.wait().expect("reap");
-                match scan_blobs(&blobs, &sizes) {
-                    (true, Some((done, sha, len))) => break Some((done, sha, len)),
-                    _ => {
-                        println!("attempt {attempt}: the last write completed a blob; retrying");
-                        break None;
-                    }
+                let after = mid_download(&blobs, &sizes);
+                if after.is_none() {
+                    println!("attempt {attempt}: the last write completed a blob; retrying");
                 }
+                break after;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(120),
