@@ -5,8 +5,16 @@ mod cli;
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before any thread or tensor exists (see the function's docs for the measurement).
+    adaptivenet_kernels::alloc::retain_freed_memory();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = cli::Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

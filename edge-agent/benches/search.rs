@@ -391,6 +391,8 @@ fn child_serving_rss(
 }
 
 fn main() -> Res<()> {
+    // As the binaries do: freed feature maps are reused, not unmapped and faulted in again.
+    adaptivenet_kernels::alloc::retain_freed_memory();
     // Every integer knob is checked before minutes of training and profiling.
     for knob in [
         "SEARCH_BENCH_ORACLE_STEPS",

@@ -216,6 +216,7 @@ struct RunArgs {
 }
 
 fn main() {
+    adaptivenet_kernels::alloc::retain_freed_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -11,6 +11,7 @@ use adaptivenet_cloud::elastify::runner::ElastifyRunner;
 use adaptivenet_cloud::jobs::{worker_id_prefix, Worker};
 use adaptivenet_cloud::server::{self, TlsFiles};
 use adaptivenet_cloud::{App, Config};
+use adaptivenet_kernels::threads;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,13 @@ pub struct Args {
     /// `file:///dir`. Serve, worker and token commands must all use the same URL.
     #[arg(long, env = "ADAPTIVENET_BLOB_URL", global = true)]
     blob_url: Option<String>,
+    /// Kernel threads for training and evaluation (oracle training, elastification jobs,
+    /// priors). Default: every hardware thread, because the cloud trains at batch 128 where
+    /// 2 threads beat 1 (elastification on 2 vCPUs: 1.3-1.4x the samples/s); the kernels'
+    /// own default of 1 thread on <= 2-core machines is tuned for batch-1 latency on edge
+    /// devices. Give fewer to leave cores to a co-located `serve`.
+    #[arg(long, env = "ADAPTIVENET_THREADS", global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -230,6 +238,11 @@ fn config(args: &Args) -> Config {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    match args.threads {
+        Some(0) => anyhow::bail!("--threads: 0 is not a thread count (give 1 or more)"),
+        Some(n) => threads::set_max_threads(n),
+        None => threads::set_max_threads(threads::available()),
+    }
     let args = match args.cmd {
         Cmd::Client(c) => return client::run(c).await,
         Cmd::Oracle { cmd } => return oracle_cmd(cmd),
@@ -261,12 +274,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             for (i, st) in report.stages.iter().enumerate() {
                 let k = (st.losses.len() / 10).clamp(1, 50);
                 println!(
-                    "  stage {i}: {} steps ({} this run), loss {:.4} -> {:.4} (mean of first/last {k}), {:.0} samples/s, {:.1} s",
+                    "  stage {i}: {} steps ({} this run), loss {:.4} -> {:.4} (mean of first/last {k}), {:.0} samples/s ({} threads), {:.1} s",
                     st.steps,
                     st.steps_run,
                     st.head_mean(k),
                     st.tail_mean(k),
                     st.samples_per_sec,
+                    threads::current(),
                     st.time.as_secs_f64()
                 );
             }

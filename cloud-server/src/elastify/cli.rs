@@ -230,6 +230,7 @@ pub fn run_train_oracle(
         "last_loss": report.last_loss,
         "final_mean_loss": report.final_mean_loss,
         "images_per_sec": report.images_per_sec,
+        "threads": adaptivenet_kernels::threads::current(),
         "train_seconds": report.train_time.as_secs_f64(),
         "test_accuracy": report.test_accuracy,
     });

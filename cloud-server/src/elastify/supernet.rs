@@ -267,6 +267,7 @@ pub fn elastify(
         }
     };
 
+    let frozen = frozen_folded(&supernet)?;
     let total_steps = config.stage0_steps + config.stage1_steps;
     let transform = fashion_transform(config.augment);
     let mut sampler = BatchSampler::new(data.len(), config.seed);
@@ -303,7 +304,7 @@ pub fn elastify(
                 .cl()?;
             let lr = sched.lr(step);
             let loss = train_step(
-                &supernet,
+                &frozen,
                 &mut branches,
                 &mut opt,
                 config,
@@ -361,7 +362,20 @@ pub fn elastify(
     Ok(ElastifyOutcome { supernet, report })
 }
 
-/// One optimisation step on one sampled path; returns the loss.
+/// The frozen part of `sn` (stem, head and original blocks, no branches) with BN folded into
+/// the convs. The teacher's features and the original blocks on a student path run on it:
+/// one fused kernel per conv instead of conv + BN + activation (and no BN ops in the
+/// backward), equal to the unfolded oracle to ~1e-6. The exported supernet keeps the
+/// unfolded original weights untouched.
+fn frozen_folded(sn: &Supernet) -> Result<Supernet> {
+    let mut f = sn.clone();
+    f.modules.retain(|&(_, id), _| id == 0);
+    f.fold().cl()?;
+    Ok(f)
+}
+
+/// One optimisation step on one sampled path; returns the loss. `sn` is the frozen, folded
+/// supernet of [`frozen_folded`]; branch weights come from `branches`.
 #[allow(clippy::too_many_arguments)]
 fn train_step(
     sn: &Supernet,
@@ -409,6 +423,11 @@ fn train_step(
             break;
         }
         if id == 0 {
+            // Stage 0 with detached branch inputs never differentiates an original block's
+            // output (the next branch detaches it): run it as plain inference.
+            if stage == 0 && config.stage0_detach_inputs {
+                h = h.detach();
+            }
             h = sn.forward_module(pos, 0, &h).cl()?;
             continue;
         }

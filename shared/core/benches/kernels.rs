@@ -527,6 +527,8 @@ fn med(s: &Option<Stats>) -> Value {
 }
 
 fn main() -> Res<()> {
+    // As the binaries do: freed feature maps are reused, not unmapped and faulted in again.
+    adaptivenet_kernels::alloc::retain_freed_memory();
     // Candle reads its thread count per op (from /proc/cpuinfo unless set): give it ours.
     let threads = adaptivenet_kernels::threads::current();
     // Size rayon's global pool (the kernels crate's) first, from the hardware; then candle's

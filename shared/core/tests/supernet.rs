@@ -274,3 +274,42 @@ fn folded_supernet_matches_unfolded_and_keeps_the_oracle_exact() {
     );
     assert_eq!(d, 0.0);
 }
+
+/// Elastification runs the frozen original blocks on BN-folded weights; when a branch sits
+/// before them, their input carries a gradient that must flow through (the fused inference
+/// kernel has no backward, so a folded module must switch to the differentiable conv).
+#[test]
+fn folded_modules_pass_gradients_to_a_tracked_input() {
+    let oracle = Model::init(&resnet20().spec, 5).unwrap();
+    let sn = build_supernet(&oracle, &SupernetConfig::merge_only()).unwrap();
+    let mut folded = sn.clone();
+    folded.fold().unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu).unwrap();
+    let h0 = sn.forward_stem(&x).unwrap();
+    // Block 3 opens the second stage: stride 2 and a projection shortcut (conv + BN).
+    let grad_through = |net: &adaptivenet_core::supernet::Supernet| {
+        let v = candle_core::Var::from_tensor(&h0).unwrap();
+        let mut h = v.as_tensor().clone();
+        for pos in 0..4 {
+            h = net.forward_module(pos, 0, &h).unwrap();
+        }
+        let loss = h.sqr().unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        g.get(v.as_tensor()).expect("input gradient").clone()
+    };
+    let want = grad_through(&sn);
+    let got = grad_through(&folded);
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let d = common::max_abs_diff(&want, &got);
+    assert!(scale > 0.0);
+    assert!(
+        d <= 1e-4 * scale,
+        "folded input gradient differs by {d} (scale {scale})"
+    );
+}

@@ -19,6 +19,8 @@
 //! * [`sgd_update`]: in-place SGD step (momentum, Nesterov, weight decay), bit-identical to
 //!   the candle composition.
 //! * [`threads`]: thread policy; [`threads::current`] must be recorded with every latency.
+//! * [`alloc::retain_freed_memory`]: glibc setting that binaries call at start (freed
+//!   feature maps are reused instead of being unmapped and faulted in again).
 //!
 //! Inputs may be non-contiguous (they are made contiguous first). Only f32 is implemented;
 //! other dtypes return an error naming the dtype. Only the CPU device is implemented.
@@ -111,6 +113,7 @@
 //! `candle_core::utils::get_num_threads` reads `/proc/cpuinfo` on each call (per op) unless
 //! `RAYON_NUM_THREADS` or `CANDLE_NUM_THREADS` is set.
 
+pub mod alloc;
 mod bn;
 mod bn_train;
 mod conv;

@@ -81,6 +81,16 @@ fn conv_bn(
             });
         }
         let bias = get(p, &format!("{conv}.bias"))?;
+        if x.track_op() {
+            // Frozen folded weights on a path that carries a gradient (e.g. the original
+            // blocks after a branch during elastification): the fused kernel has no backward,
+            // so run the differentiable conv + bias and the activation separately.
+            let y = ops::conv2d_bias(x, w, bias, stride, pad, groups)?;
+            return match act {
+                Some(a) => ops::activation(&y, a),
+                None => Ok(y),
+            };
+        }
         return ops::conv2d_fused(x, w, bias, stride, pad, groups, act);
     };
     let y = ops::conv2d(x, w, stride, pad, groups)?;

@@ -60,6 +60,27 @@ pub fn conv2d(
     Ok(adaptivenet_kernels::conv2d(x, w, None, &p)?)
 }
 
+/// [`conv2d`] plus a per-channel bias, differentiable in the input, weight and bias.
+pub fn conv2d_bias(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    pad: (usize, usize, usize, usize),
+    groups: usize,
+) -> Result<Tensor> {
+    if stock_candle() {
+        return Ok(conv2d_stock(x, w, stride, pad, groups)?.broadcast_add(&per_channel(bias)?)?);
+    }
+    let p = adaptivenet_kernels::Conv2dParams {
+        stride: (stride, stride),
+        padding: pad,
+        dilation: (1, 1),
+        groups,
+    };
+    Ok(adaptivenet_kernels::conv2d(x, w, Some(bias), &p)?)
+}
+
 /// Inference-only conv + bias + optional activation in one kernel (BN already folded).
 pub fn conv2d_fused(
     x: &Tensor,
