@@ -284,7 +284,11 @@ fn folded_modules_pass_gradients_to_a_tracked_input() {
     let sn = build_supernet(&oracle, &SupernetConfig::merge_only()).unwrap();
     let mut folded = sn.clone();
     folded.fold().unwrap();
-    let x = Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let px: Vec<f32> = (0..2 * 28 * 28)
+        .map(|_| rand::Rng::random_range(&mut rng, -2.0f32..2.0))
+        .collect();
+    let x = Tensor::from_vec(px, (2, 1, 28, 28), &Device::Cpu).unwrap();
     let h0 = sn.forward_stem(&x).unwrap();
     // Block 3 opens the second stage: stride 2 and a projection shortcut (conv + BN).
     let grad_through = |net: &adaptivenet_core::supernet::Supernet| {
@@ -299,17 +303,23 @@ fn folded_modules_pass_gradients_to_a_tracked_input() {
     };
     let want = grad_through(&sn);
     let got = grad_through(&folded);
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let d = common::max_abs_diff(&want, &got);
-    assert!(scale > 0.0);
+    // Relative L2 error: folding moves pre-activations by ~1e-6, which can flip a ReLU that
+    // sits at ~0 and change that one element's gradient outright (a max-abs comparison then
+    // fails on unlucky inputs); a lost or wrong gradient path is off by O(1).
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
+    };
+    let rel = norm(&(&want - &got).unwrap()) / norm(&want);
+    assert!(norm(&want) > 0.0);
+    println!("relative L2 error {rel:e}");
     assert!(
-        d <= 1e-4 * scale,
-        "folded input gradient differs by {d} (scale {scale})"
+        rel < 1e-3,
+        "folded input gradient off by {rel} (relative L2)"
     );
 }
