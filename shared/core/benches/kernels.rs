@@ -16,7 +16,10 @@
 //! Environment: `BENCH_PYTHON` (peers' interpreter; `none` skips them), `ADAPTIVENET_THREADS`
 //! (thread cap), `KBENCH_SCALE` (multiplies the time budgets, e.g. `0.2` for a smoke run),
 //! `KBENCH_ONLY` (comma-separated row keys: `resnet18,oracle,mobilenet_v2,lite0,train_step,dw`),
-//! `KBENCH_NO_STOCK=1` (skip the stock-candle columns, e.g. under a profiler).
+//! `KBENCH_NO_STOCK=1` (skip the stock-candle columns, e.g. under a profiler),
+//! `KBENCH_GLIBC_ALLOC=1` (leave glibc's allocator at its defaults instead of
+//! `adaptivenet_kernels::alloc::retain_freed_memory`, which the binaries call: for A/B runs;
+//! `"retain_freed_memory"` in the BENCH line says which ran).
 //!
 //! Ends with one line `BENCH {json}` (medians in ms, `null` where a column did not run).
 use std::collections::{BTreeMap, HashMap};
@@ -528,7 +531,8 @@ fn med(s: &Option<Stats>) -> Value {
 
 fn main() -> Res<()> {
     // As the binaries do: freed feature maps are reused, not unmapped and faulted in again.
-    adaptivenet_kernels::alloc::retain_freed_memory();
+    let retain = std::env::var("KBENCH_GLIBC_ALLOC").map_or(true, |v| v != "1")
+        && adaptivenet_kernels::alloc::retain_freed_memory();
     // Candle reads its thread count per op (from /proc/cpuinfo unless set): give it ours.
     let threads = adaptivenet_kernels::threads::current();
     // Size rayon's global pool (the kernels crate's) first, from the hardware; then candle's
@@ -723,6 +727,7 @@ fn main() -> Res<()> {
         bench.insert("peer_check".into(), c.clone());
     }
     bench.insert("threads".into(), json!(threads));
+    bench.insert("retain_freed_memory".into(), json!(retain));
     bench.insert(
         "threads_desc".into(),
         json!(adaptivenet_kernels::threads::describe()),
