@@ -39,6 +39,20 @@ fn conv2d_stock(
     Ok(x.conv2d(w, 0, stride, 1, groups)?)
 }
 
+/// The kernels crate's parameters for a square stride, per-side padding, no dilation.
+fn kernel_params(
+    stride: usize,
+    pad: (usize, usize, usize, usize),
+    groups: usize,
+) -> adaptivenet_kernels::Conv2dParams {
+    adaptivenet_kernels::Conv2dParams {
+        stride: (stride, stride),
+        padding: pad,
+        dilation: (1, 1),
+        groups,
+    }
+}
+
 /// 2-D convolution with per-side padding (top, bottom, left, right); differentiable (the
 /// kernels crate's GEMM / direct depthwise ops with their own backward).
 pub fn conv2d(
@@ -51,12 +65,7 @@ pub fn conv2d(
     if stock_candle() {
         return conv2d_stock(x, w, stride, pad, groups);
     }
-    let p = adaptivenet_kernels::Conv2dParams {
-        stride: (stride, stride),
-        padding: pad,
-        dilation: (1, 1),
-        groups,
-    };
+    let p = kernel_params(stride, pad, groups);
     Ok(adaptivenet_kernels::conv2d(x, w, None, &p)?)
 }
 
@@ -72,12 +81,7 @@ pub fn conv2d_bias(
     if stock_candle() {
         return Ok(conv2d_stock(x, w, stride, pad, groups)?.broadcast_add(&per_channel(bias)?)?);
     }
-    let p = adaptivenet_kernels::Conv2dParams {
-        stride: (stride, stride),
-        padding: pad,
-        dilation: (1, 1),
-        groups,
-    };
+    let p = kernel_params(stride, pad, groups);
     Ok(adaptivenet_kernels::conv2d(x, w, Some(bias), &p)?)
 }
 
@@ -91,7 +95,7 @@ pub fn conv2d_fused(
     groups: usize,
     act: Option<Act>,
 ) -> Result<Tensor> {
-    use adaptivenet_kernels::{Activation, Conv2dParams};
+    use adaptivenet_kernels::Activation;
     if stock_candle() {
         let y = conv2d_stock(x, w, stride, pad, groups)?.broadcast_add(&per_channel(bias)?)?;
         return match act {
@@ -99,12 +103,7 @@ pub fn conv2d_fused(
             None => Ok(y),
         };
     }
-    let p = Conv2dParams {
-        stride: (stride, stride),
-        padding: pad,
-        dilation: (1, 1),
-        groups,
-    };
+    let p = kernel_params(stride, pad, groups);
     let act = match act {
         None => Activation::None,
         Some(Act::Relu) => Activation::Relu,
