@@ -171,8 +171,15 @@ fn trained_model(
     );
     if !fresh() && weights.exists() {
         if let Some(r) = read_json(&report) {
-            eprintln!("{label}: reusing {}", dir.display());
-            return Ok((Model::from_files(&arch, &weights)?, r));
+            if r["steps"] == json!(steps) {
+                eprintln!("{label}: reusing {}", dir.display());
+                return Ok((Model::from_files(&arch, &weights)?, r));
+            }
+            eprintln!(
+                "{label}: {} holds a {}-step run, not {steps}: retraining",
+                dir.display(),
+                r["steps"]
+            );
         }
     }
     let spec = ArchDescriptor::from_json(arch_json.as_bytes())?.spec;
@@ -229,8 +236,19 @@ fn trained_supernet(
     let report = dir.join("elastify-report.json");
     if !fresh() {
         if let (Ok(m), Some(r)) = (read_manifest(dir), read_json(&report)) {
-            eprintln!("supernet: reusing {}", dir.display());
-            return Ok((load_supernet(dir, &m, None)?, r));
+            let cached = [&r["stages"][0]["steps"], &r["stages"][1]["steps"]];
+            if cached == [&json!(p.stage_steps[0]), &json!(p.stage_steps[1])] {
+                eprintln!("supernet: reusing {}", dir.display());
+                return Ok((load_supernet(dir, &m, None)?, r));
+            }
+            eprintln!(
+                "supernet: {} holds a {} + {}-step run, not {} + {}: retraining",
+                dir.display(),
+                cached[0],
+                cached[1],
+                p.stage_steps[0],
+                p.stage_steps[1]
+            );
         }
     }
     let cfg = ElastifyConfig {
