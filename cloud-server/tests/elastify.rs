@@ -121,6 +121,11 @@ fn bad_configs_fail_before_work_naming_the_field() {
         ..base.clone()
     };
     assert_eq!(run(batch, &data), "batch");
+    let weight = ElastifyConfig {
+        original_weight: 0.0,
+        ..base.clone()
+    };
+    assert_eq!(run(weight, &data), "original_weight");
     let empty = Dataset::new(vec![], vec![], (1, 12, 12), data.class_names.clone()).unwrap();
     assert_eq!(run(base.clone(), &empty), "data");
 
@@ -138,6 +143,7 @@ fn bad_configs_fail_before_work_naming_the_field() {
         lr: 1e-3,
         lr_stage1: 1e-3,
         temperature: 4.0,
+        original_weight: 1.0,
         seed: 0,
         checkpoint_every: 0,
         checkpoint_dir: None,

@@ -90,6 +90,11 @@ pub struct ElastifyArgs {
     pub lr_stage1: f64,
     #[arg(long, default_value_t = 4.0)]
     pub temperature: f64,
+    /// Path sampling: weight of an original block against 1 per branch at each position
+    /// (1: uniform per position, as the paper; 0.5: more training on the few-block paths
+    /// that tight latency budgets pick).
+    #[arg(long, default_value_t = 1.0)]
+    pub original_weight: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, default_value_t = 200)]
@@ -120,6 +125,7 @@ impl ElastifyArgs {
             lr_stage0: self.lr,
             lr_stage1: self.lr_stage1,
             temperature: self.temperature,
+            original_weight: self.original_weight,
             augment: !self.no_augment,
             checkpoint_every: self.checkpoint_every,
             ..ElastifyConfig::default()

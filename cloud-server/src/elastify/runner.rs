@@ -35,6 +35,8 @@ pub struct JobParams {
     pub lr_stage0: f64,
     pub lr_stage1: f64,
     pub temperature: f64,
+    /// Weight of an original block against 1 per branch when sampling paths.
+    pub original_weight: f64,
     pub checkpoint_every: u64,
     /// Images held out of training for the cloud-side priors.
     pub val_size: usize,
@@ -56,6 +58,7 @@ impl Default for JobParams {
             lr_stage0: c.lr_stage0,
             lr_stage1: c.lr_stage1,
             temperature: c.temperature,
+            original_weight: c.original_weight,
             checkpoint_every: 50,
             val_size: 1000,
             priors: 160,
@@ -83,6 +86,7 @@ impl JobParams {
             lr_stage0: self.lr_stage0,
             lr_stage1: self.lr_stage1,
             temperature: self.temperature,
+            original_weight: self.original_weight,
             checkpoint_every: self.checkpoint_every,
             ..ElastifyConfig::default()
         }

@@ -65,6 +65,12 @@ pub struct ElastifyConfig {
     pub augment: bool,
     /// Write a checkpoint every this many steps (0: only on cancel and at the end).
     pub checkpoint_every: u64,
+    /// Path sampling: weight of the original block at each position against 1 per branch
+    /// (1.0: uniform per position, as the paper; below 1: more steps on paths with fewer
+    /// blocks, which tight latency budgets choose). See [`SupernetSpec::sample_weighted`].
+    ///
+    /// [`SupernetSpec::sample_weighted`]: adaptivenet_core::supernet::SupernetSpec::sample_weighted
+    pub original_weight: f64,
 }
 
 impl Default for ElastifyConfig {
@@ -84,6 +90,7 @@ impl Default for ElastifyConfig {
             stage0_detach_inputs: true,
             augment: true,
             checkpoint_every: 200,
+            original_weight: 1.0,
         }
     }
 }
@@ -136,6 +143,15 @@ impl ElastifyConfig {
             return Err(CloudError::invalid(
                 "ce_weight",
                 format!("{} not in [0, 1]", self.ce_weight),
+            ));
+        }
+        if !(self.original_weight.is_finite()
+            && self.original_weight > 0.0
+            && self.original_weight <= 10.0)
+        {
+            return Err(CloudError::invalid(
+                "original_weight",
+                format!("{} not in (0, 10]", self.original_weight),
             ));
         }
         Ok(sn)
@@ -297,7 +313,10 @@ pub fn elastify(
             }
             let step = cur.step;
             let mut rng = step_rng(config.seed, stage as u64, step);
-            let subnet = supernet.spec.sample(&mut rng, true).cl()?;
+            let subnet = supernet
+                .spec
+                .sample_weighted(&mut rng, true, config.original_weight)
+                .cl()?;
             let idx = sampler.batch(cur.samples, config.batch);
             let (x, y) = data
                 .batch_tensor_augmented(&idx, &transform, &mut rng, &Device::Cpu)
