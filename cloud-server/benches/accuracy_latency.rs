@@ -15,6 +15,18 @@
 //!   steps under `<name>-checkpoint/` there, so an interrupted bench resumes where it
 //!   stopped; throughput and `elastify_s` then come from the steps the last run did.
 //! * `ACC_ROUNDS=N`: timed rounds per latency pass.
+//! * `ACC_STAGE_STEPS=S0,S1`: elastification steps per stage instead of the preset's (the
+//!   scratch baselines follow the total).
+//! * `ACC_ORIGINAL_WEIGHT=W`: path-sampling weight of an original block against 1 per branch
+//!   (`ElastifyConfig::original_weight`; default the library's).
+//! * `ACC_BASELINES=0`: skip training the scratch baselines (their column shows `-`); for
+//!   quick looks at a supernet, not for the reported table.
+//! * `ACC_TRAIN_THREADS=N`: training threads (default every hardware thread).
+//! * `ACC_BN_RECAL=1`: a diagnostic of BN recalibration: the 4- and 5-block subnets again
+//!   with every BN of the path re-estimated on the search split (train-mode forward, no
+//!   labels), chosen on the search split and reported on the test set.
+//! * `ACC_ALL_SUBNETS=1`: also evaluate every subnet on the test set and print, per block
+//!   count, the search-chosen and the best test accuracy (a diagnostic of the search split).
 //! * `ADAPTIVENET_THREADS` is not read: training and accuracy evaluation run on every hardware
 //!   thread (as `cloud-server` does by default; `train_threads` in the BENCH line), latency
 //!   is measured at 1 and at 2 threads.
@@ -70,6 +82,7 @@ struct Preset {
     elastify_batch: usize,
     rounds: usize,
     warmup_runs: usize,
+    original_weight: f64,
 }
 
 impl Preset {
@@ -86,6 +99,7 @@ impl Preset {
                 elastify_batch: 128,
                 rounds: 100,
                 warmup_runs: 5,
+                original_weight: ElastifyConfig::default().original_weight,
             },
             "quick" => Preset {
                 name: "quick",
@@ -95,6 +109,7 @@ impl Preset {
                 elastify_batch: 64,
                 rounds: 15,
                 warmup_runs: 2,
+                original_weight: ElastifyConfig::default().original_weight,
             },
             other => bail!("ACC_PRESET={other}: expected `full` or `quick`"),
         };
@@ -104,6 +119,23 @@ impl Preset {
                 .ok()
                 .filter(|&r: &usize| r >= 3)
                 .with_context(|| format!("ACC_ROUNDS={r}: expected an integer >= 3"))?;
+        }
+        if let Ok(v) = std::env::var("ACC_STAGE_STEPS") {
+            let steps: Vec<u64> = v
+                .split(',')
+                .map(|x| x.trim().parse::<u64>())
+                .collect::<Result<_, _>>()
+                .ok()
+                .filter(|s: &Vec<u64>| s.len() == 2 && s[0] + s[1] > 0)
+                .with_context(|| format!("ACC_STAGE_STEPS={v}: expected S0,S1 (integers)"))?;
+            p.stage_steps = [steps[0], steps[1]];
+        }
+        if let Ok(v) = std::env::var("ACC_ORIGINAL_WEIGHT") {
+            p.original_weight = v
+                .parse()
+                .ok()
+                .filter(|w: &f64| w.is_finite() && *w > 0.0)
+                .with_context(|| format!("ACC_ORIGINAL_WEIGHT={v}: expected a positive number"))?;
         }
         Ok(p)
     }
@@ -149,6 +181,10 @@ fn work_dir(p: &Preset) -> PathBuf {
 
 fn fresh() -> bool {
     std::env::var("ACC_FRESH").is_ok_and(|v| v == "1")
+}
+
+fn env_flag(name: &str, default: bool) -> bool {
+    std::env::var(name).map_or(default, |v| v == "1")
 }
 
 fn read_json(path: &Path) -> Option<Value> {
@@ -237,17 +273,22 @@ fn trained_supernet(
     if !fresh() {
         if let (Ok(m), Some(r)) = (read_manifest(dir), read_json(&report)) {
             let cached = [&r["stages"][0]["steps"], &r["stages"][1]["steps"]];
-            if cached == [&json!(p.stage_steps[0]), &json!(p.stage_steps[1])] {
+            // Reports written before the knob existed were trained with weight 1.
+            let weight = r["original_weight"].as_f64().unwrap_or(1.0);
+            if cached == [&json!(p.stage_steps[0]), &json!(p.stage_steps[1])]
+                && weight == p.original_weight
+            {
                 eprintln!("supernet: reusing {}", dir.display());
                 return Ok((load_supernet(dir, &m, None)?, r));
             }
             eprintln!(
-                "supernet: {} holds a {} + {}-step run, not {} + {}: retraining",
+                "supernet: {} holds a {} + {}-step run with original weight {weight}, not {} + {} with {}: retraining",
                 dir.display(),
                 cached[0],
                 cached[1],
                 p.stage_steps[0],
-                p.stage_steps[1]
+                p.stage_steps[1],
+                p.original_weight
             );
         }
     }
@@ -259,12 +300,13 @@ fn trained_supernet(
         batch: p.elastify_batch,
         warmup_steps: (p.stage_steps[0].min(p.stage_steps[1]) / 30).clamp(1, 100),
         checkpoint_every: 200,
+        original_weight: p.original_weight,
         ..ElastifyConfig::default()
     };
     let ck = checkpoints(dir)?;
     eprintln!(
-        "supernet: elastifying, {} + {} steps of batch {} ...",
-        cfg.stage0_steps, cfg.stage1_steps, cfg.batch
+        "supernet: elastifying, {} + {} steps of batch {}, original weight {} ...",
+        cfg.stage0_steps, cfg.stage1_steps, cfg.batch, cfg.original_weight
     );
     let t0 = Instant::now();
     let out = elastify(
@@ -305,6 +347,8 @@ fn trained_supernet(
         "seconds": secs,
         "samples_per_sec": p.elastify_samples() as f64 / secs,
         "stages": stages,
+        "original_weight": p.original_weight,
+        "threads": threads::max_threads(),
     });
     std::fs::create_dir_all(dir)?;
     let input = InputSpec {
@@ -452,6 +496,139 @@ fn choose(m: &Method, lat: &[f64], search_acc: &[f64], limit: f64) -> Option<usi
         })
 }
 
+/// `ACC_ALL_SUBNETS=1`: every AdaptiveNet subnet on the test set, summarised per block count
+/// (block count is what a latency budget effectively fixes on these kernels).
+fn all_subnets_table(
+    an: &Method,
+    acc_nets: &[Net],
+    sns: &[&Supernet],
+    models: &[Model],
+    test: &Dataset,
+    search_acc: &[f64],
+    oracle_acc: f64,
+) -> Result<()> {
+    let nets: Vec<Net> = an.cands.iter().map(|c| acc_nets[c.1].clone()).collect();
+    let test_acc = accuracies(&nets, sns, models, test)?;
+    let mut by_blocks: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (k, net) in nets.iter().enumerate() {
+        if let Net::Path { steps, .. } = net {
+            by_blocks.entry(steps.len()).or_default().push(k);
+        }
+    }
+    println!();
+    println!("all subnets on the test set, per block count (retained = test acc / oracle's):");
+    println!(
+        "{:>6} {:>5} | {:>9} {:>8} {:>8} | {:>9} {:>8} | {:>8}",
+        "blocks", "n", "chosen", "search", "retained", "best", "retained", "median"
+    );
+    for (blocks, ks) in &by_blocks {
+        let chosen = *ks
+            .iter()
+            .max_by(|&&a, &&b| search_acc[an.cands[a].1].total_cmp(&search_acc[an.cands[b].1]))
+            .expect("non-empty");
+        let best = *ks
+            .iter()
+            .max_by(|&&a, &&b| test_acc[a].total_cmp(&test_acc[b]))
+            .expect("non-empty");
+        let mut accs: Vec<f64> = ks.iter().map(|&k| test_acc[k]).collect();
+        accs.sort_by(f64::total_cmp);
+        println!(
+            "{:>6} {:>5} | {:>9} {:>7.1}% {:>7.2}% | {:>9} {:>7.2}% | {:>7.2}%",
+            blocks,
+            ks.len(),
+            an.cands[chosen].0,
+            100.0 * search_acc[an.cands[chosen].1],
+            100.0 * test_acc[chosen] / oracle_acc,
+            an.cands[best].0,
+            100.0 * test_acc[best] / oracle_acc,
+            100.0 * accs[accs.len() / 2] / oracle_acc,
+        );
+    }
+    Ok(())
+}
+
+/// `ACC_BN_RECAL=1`: 4- and 5-block subnets with and without BN recalibration on the search
+/// split; choice on the search split, report on the test set.
+fn bn_recal_table(
+    sn: &Supernet,
+    subnets: &[Subnet],
+    search: &Dataset,
+    test: &Dataset,
+    oracle_acc: f64,
+) -> Result<()> {
+    let t = fashion_transform(false);
+    let idx: Vec<usize> = (0..search.len()).collect();
+    let batches: Vec<Tensor> = idx
+        .chunks(250)
+        .map(|c| Ok(search.batch_tensor(c, &t, &Device::Cpu)?.0))
+        .collect::<Result<_>>()?;
+    println!();
+    println!("BN recalibration on the search split (retained = test acc / oracle's):");
+    println!(
+        "{:>6} {:>4} | {:>9} {:>8} {:>8} | {:>9} {:>8} {:>8} | {:>9} {:>9}",
+        "blocks",
+        "n",
+        "plain",
+        "search",
+        "retained",
+        "recal",
+        "search",
+        "retained",
+        "best plain",
+        "best recal"
+    );
+    for blocks in [4usize, 5] {
+        let subs: Vec<&Subnet> = subnets
+            .iter()
+            .filter(|s| s.steps().count() == blocks)
+            .collect();
+        let paths: Vec<Vec<(usize, i8)>> = subs.iter().map(|s| s.steps().collect()).collect();
+        let mut sns: Vec<Supernet> = vec![sn.clone()];
+        let mut nets = Vec::new();
+        for p in &paths {
+            nets.push(Net::Path {
+                sn: 0,
+                steps: p.clone(),
+            });
+        }
+        for (s, p) in subs.iter().zip(&paths) {
+            let mut r = sn.clone();
+            r.modules.extend(sn.recalibrate_bn(s, &batches)?);
+            nets.push(Net::Path {
+                sn: sns.len(),
+                steps: p.clone(),
+            });
+            sns.push(r);
+        }
+        let refs: Vec<&Supernet> = sns.iter().collect();
+        let s_acc = accuracies(&nets, &refs, &[], search)?;
+        let t_acc = accuracies(&nets, &refs, &[], test)?;
+        let n = paths.len();
+        let pick = |range: std::ops::Range<usize>, by: &[f64]| {
+            range
+                .max_by(|&a, &b| by[a].total_cmp(&by[b]))
+                .expect("non-empty")
+        };
+        let (cp, cr) = (pick(0..n, &s_acc), pick(n..2 * n, &s_acc));
+        let (bp, br) = (pick(0..n, &t_acc), pick(n..2 * n, &t_acc));
+        let code = |k: usize| subs[k % n].to_string();
+        println!(
+            "{:>6} {:>4} | {:>9} {:>7.1}% {:>7.2}% | {:>9} {:>7.1}% {:>7.2}% | {:>9.2}% {:>9.2}%",
+            blocks,
+            n,
+            code(cp),
+            100.0 * s_acc[cp],
+            100.0 * t_acc[cp] / oracle_acc,
+            code(cr),
+            100.0 * s_acc[cr],
+            100.0 * t_acc[cr] / oracle_acc,
+            100.0 * t_acc[bp] / oracle_acc,
+            100.0 * t_acc[br] / oracle_acc,
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     // As the binaries do: freed feature maps are reused, not unmapped and faulted in again.
     adaptivenet_kernels::alloc::retain_freed_memory();
@@ -470,7 +647,14 @@ fn main() -> Result<()> {
     let p = Preset::from_env()?;
     // Training and accuracy evaluation run like the cloud's (`cloud-server --threads`
     // default): on every hardware thread. Latency is measured at 1 and 2 threads below.
-    let train_threads = threads::available();
+    let train_threads = match std::env::var("ACC_TRAIN_THREADS") {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|&t: &usize| t >= 1)
+            .with_context(|| format!("ACC_TRAIN_THREADS={v}: expected an integer >= 1"))?,
+        Err(_) => threads::available(),
+    };
     threads::set_max_threads(train_threads);
     let dir = adaptivenet_core::assets_dir().join("fashion-mnist");
     if !dir.join("train-images-idx3-ubyte.gz").exists() {
@@ -521,7 +705,16 @@ fn main() -> Result<()> {
     let scratch_steps = p.elastify_samples() / p.oracle_batch as u64;
     let mut scratch = Vec::new();
     let mut scratch_reports = Vec::new();
-    for (name, layers) in [("resnet8", "[1,1,1]"), ("resnet14", "[2,2,2]")] {
+    let baselines = env_flag("ACC_BASELINES", true);
+    if !baselines {
+        eprintln!("ACC_BASELINES=0: no scratch baselines");
+    }
+    let scratch_archs: &[(&str, &str)] = if baselines {
+        &[("resnet8", "[1,1,1]"), ("resnet14", "[2,2,2]")]
+    } else {
+        &[]
+    };
+    for &(name, layers) in scratch_archs {
         let arch = RESNET20_FASHION.replace("[3,3,3]", layers);
         let (m, r) = trained_model(
             &wd.join(format!("scratch-{name}")),
@@ -538,6 +731,7 @@ fn main() -> Result<()> {
         scratch.push((name, m.folded()?));
         scratch_reports.push(r);
     }
+    let trained_unfolded = trained.clone();
     trained.fold()?;
     untrained.fold()?;
     let sns = [&trained, &untrained];
@@ -759,6 +953,20 @@ fn main() -> Result<()> {
                 ),
             );
         }
+    }
+    if env_flag("ACC_BN_RECAL", false) {
+        bn_recal_table(&trained_unfolded, &subnets, &search, &test, oracle_acc)?;
+    }
+    if env_flag("ACC_ALL_SUBNETS", false) {
+        all_subnets_table(
+            &methods[0],
+            &acc_nets,
+            &sns,
+            &models,
+            &test,
+            &search_acc,
+            oracle_acc,
+        )?;
     }
     let h = |t: usize, pass: usize, b: f64| {
         let bi = BUDGETS

@@ -361,3 +361,89 @@ fn folded_modules_pass_gradients_to_a_tracked_input() {
         "folded input gradient off by {rel} (relative L2)"
     );
 }
+
+/// A seeded `(n, 1, 28, 28)` batch, uniform in [-1, 2) (shifted and wider than the
+/// freshly initialised BN statistics expect).
+fn seeded_batch(n: usize, seed: u64) -> Tensor {
+    use rand::Rng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..n * 28 * 28)
+        .map(|_| rng.random::<f32>() * 3.0 - 1.0)
+        .collect();
+    Tensor::from_vec(v, (n, 1, 28, 28), &Device::Cpu).unwrap()
+}
+
+fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+    let n = b.sqr().unwrap().sum_all().unwrap();
+    (d.to_scalar::<f32>().unwrap() / n.to_scalar::<f32>().unwrap()).sqrt()
+}
+
+#[test]
+fn bn_recalibration_fits_the_path_statistics_to_the_data() {
+    use adaptivenet_core::model::TrainCtx;
+    let oracle = Model::init(&resnet20().spec, 3).unwrap();
+    let sn = build_supernet(&oracle, &SupernetConfig::merge_only()).unwrap();
+    let subnet = Subnet::parse("2xx1x0000").unwrap();
+    let (a, b) = (seeded_batch(32, 1), seeded_batch(32, 2));
+    let path = |sn: &adaptivenet_core::supernet::Supernet, x: &Tensor, train: bool| {
+        let mut h = sn.forward_stem(x).unwrap();
+        for (pos, id) in subnet.steps() {
+            h = if train {
+                let mut ctx = TrainCtx::new(0.1);
+                let p = sn.module(pos, id).unwrap().clone();
+                sn.forward_module_train(pos, id, &p, &h, &mut ctx).unwrap()
+            } else {
+                sn.forward_module(pos, id, &h).unwrap()
+            };
+        }
+        sn.forward_head(&h).unwrap()
+    };
+    // Recalibrated on one batch, eval mode on that batch is train mode on it: the running
+    // statistics are the batch's (up to the unbiased variance, N/(N-1) with N >= 32*7*7).
+    let mut one = sn.clone();
+    one.modules
+        .extend(sn.recalibrate_bn(&subnet, [&a]).unwrap());
+    let train = path(&sn, &a, true);
+    let recal = rel_l2(&path(&one, &a, false), &train);
+    let plain = rel_l2(&path(&sn, &a, false), &train);
+    assert!(recal < 2e-3, "recalibrated eval vs train mode: {recal}");
+    assert!(
+        plain > 20.0 * recal,
+        "without recalibration: {plain} (recal {recal})"
+    );
+    // Only the path's modules change; the stem keeps its statistics.
+    let r2 = sn.recalibrate_bn(&subnet, [&a, &b]).unwrap();
+    assert_eq!(r2.len(), subnet.steps().count());
+    // Two batches: each statistic is the mean of the two single-batch ones.
+    let (ra, rb) = (
+        sn.recalibrate_bn(&subnet, [&a]).unwrap(),
+        sn.recalibrate_bn(&subnet, [&b]).unwrap(),
+    );
+    let mut checked = 0;
+    for (key, p) in &r2 {
+        for (name, t) in p {
+            if name.ends_with("running_mean") || name.ends_with("running_var") {
+                let mean = ((&ra[key][name] + &rb[key][name]).unwrap() * 0.5).unwrap();
+                let d = rel_l2(t, &mean);
+                assert!(d < 1e-5, "{key:?} {name}: {d}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 2 * 5, "BN tensors checked: {checked}");
+    // Folded weights carry no statistics; no batches, nothing to estimate.
+    let mut folded = sn.clone();
+    folded.fold().unwrap();
+    match folded.recalibrate_bn(&subnet, [&a]) {
+        Err(CoreError::InvalidConfig { field, reason }) => {
+            assert_eq!(field, "params");
+            assert!(reason.contains("folded"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match sn.recalibrate_bn(&subnet, std::iter::empty::<&Tensor>()) {
+        Err(CoreError::InvalidConfig { field, .. }) => assert_eq!(field, "batches"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -316,6 +316,54 @@ impl Supernet {
         )
     }
 
+    /// BN recalibration: the weights of `subnet`'s modules with every BN's running statistics
+    /// re-estimated on `batches` (one train-mode forward of the path per batch; the statistics
+    /// are the equally weighted mean over the batches). A weight-shared branch keeps
+    /// statistics averaged over every path it was trained on; re-estimating them on one path
+    /// and on the data it will see fits them to that path. Labels are not needed. Needs
+    /// unfolded weights (folded ones fail, naming `params`); the stem (same input for every
+    /// path) and the head (no BN) keep theirs.
+    pub fn recalibrate_bn<'a>(
+        &self,
+        subnet: &Subnet,
+        batches: impl IntoIterator<Item = &'a Tensor>,
+    ) -> Result<BTreeMap<(usize, i8), Params>> {
+        self.spec.validate(subnet)?;
+        let steps: Vec<(usize, i8)> = subnet.steps().collect();
+        let mut out = BTreeMap::new();
+        for &(pos, id) in &steps {
+            out.insert((pos, id), self.module(pos, id)?.clone());
+        }
+        let mut n = 0usize;
+        for x in batches {
+            n += 1;
+            let mut h = self.forward_stem(x)?;
+            for &(pos, id) in &steps {
+                let p = out.get_mut(&(pos, id)).expect("inserted above");
+                // Momentum 1/n: the running value becomes the mean of the n batch values.
+                let mut ctx = TrainCtx::new(1.0 / n as f64);
+                h = self.forward_module_train(pos, id, p, &h, &mut ctx)?;
+                if ctx.bn_updates.is_empty() {
+                    return Err(CoreError::InvalidConfig {
+                        field: "supernet".into(),
+                        reason: format!(
+                            "module {} has no BN statistics to recalibrate",
+                            module_name(pos, id)
+                        ),
+                    });
+                }
+                ctx.apply(p);
+            }
+        }
+        if n == 0 {
+            return Err(CoreError::InvalidConfig {
+                field: "batches".into(),
+                reason: "no data to recalibrate BN statistics on".into(),
+            });
+        }
+        Ok(out)
+    }
+
     /// Runs one module in train mode (batch-statistics BN; updates recorded in `ctx`), with
     /// explicitly given weights (e.g. trainable variables).
     pub fn forward_module_train(
