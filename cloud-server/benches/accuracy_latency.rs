@@ -593,7 +593,7 @@ fn bn_recal_table(
         }
         for (s, p) in subs.iter().zip(&paths) {
             let mut r = sn.clone();
-            r.modules.extend(sn.recalibrate_bn(s, &batches)?);
+            r.modules.extend(sn.recalibrate_bn(s, &batches, |_| true)?);
             nets.push(Net::Path {
                 sn: sns.len(),
                 steps: p.clone(),

@@ -5,12 +5,14 @@
 //!
 //! The subnet runs path-level (each module sees the subnet's own features), recalibrated
 //! modules in train mode, with the running statistics set to the plain average over all
-//! batches (momentum `1/(k+1)` for batch `k`), then BN is folded as for serving. Nothing
+//! batches ([`Supernet::recalibrate_bn`]), then BN is folded as for serving.
+//!
+//! [`Supernet::recalibrate_bn`]: adaptivenet_core::supernet::Supernet::recalibrate_bn Nothing
 //! else changes: weights, other modules, stem and head stay as shipped.
 use std::collections::BTreeMap;
 
 use adaptivenet_core::artifact::load_supernet;
-use adaptivenet_core::model::{fold::fold_params, Params, TrainCtx};
+use adaptivenet_core::model::{fold::fold_params, Params};
 use adaptivenet_core::supernet::Subnet;
 use candle_core::Tensor;
 
@@ -39,31 +41,14 @@ pub fn recalibrate(
             "BN recalibration needs local images".into(),
         ));
     }
-    let mut sn = load_supernet(&src.dir, &src.manifest, Some(std::slice::from_ref(subnet)))?;
+    let sn = load_supernet(&src.dir, &src.manifest, Some(std::slice::from_ref(subnet)))?;
     let eps = sn.spec.oracle.numerics.bn_eps;
     let wanted = |id: i8| scope == RecalScope::All || id != 0;
-    let steps: Vec<(usize, i8)> = subnet.steps().collect();
-    if !steps.iter().any(|&(_, id)| wanted(id)) {
+    if !subnet.steps().any(|(_, id)| wanted(id)) {
         return Ok(BTreeMap::new());
     }
-    for (k, x) in inputs.iter().enumerate() {
-        let mut h = sn.forward_stem(x)?;
-        for &(p, id) in &steps {
-            if wanted(id) {
-                let mut ctx = TrainCtx::new(1.0 / (k as f64 + 1.0));
-                let params = sn.module(p, id)?.clone();
-                h = sn.forward_module_train(p, id, &params, &h, &mut ctx)?;
-                if let Some(m) = sn.modules.get_mut(&(p, id)) {
-                    ctx.apply(m);
-                }
-            } else {
-                h = sn.forward_module(p, id, &h)?;
-            }
-        }
-    }
-    steps
-        .iter()
-        .filter(|&&(_, id)| wanted(id))
-        .map(|&(p, id)| Ok(((p, id), fold_params(sn.module(p, id)?, eps)?)))
+    sn.recalibrate_bn(subnet, inputs, wanted)?
+        .into_iter()
+        .map(|(key, p)| Ok((key, fold_params(&p, eps)?)))
         .collect()
 }

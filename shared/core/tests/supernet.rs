@@ -403,7 +403,7 @@ fn bn_recalibration_fits_the_path_statistics_to_the_data() {
     // statistics are the batch's (up to the unbiased variance, N/(N-1) with N >= 32*7*7).
     let mut one = sn.clone();
     one.modules
-        .extend(sn.recalibrate_bn(&subnet, [&a]).unwrap());
+        .extend(sn.recalibrate_bn(&subnet, [&a], |_| true).unwrap());
     let train = path(&sn, &a, true);
     let recal = rel_l2(&path(&one, &a, false), &train);
     let plain = rel_l2(&path(&sn, &a, false), &train);
@@ -412,13 +412,18 @@ fn bn_recalibration_fits_the_path_statistics_to_the_data() {
         plain > 20.0 * recal,
         "without recalibration: {plain} (recal {recal})"
     );
-    // Only the path's modules change; the stem keeps its statistics.
-    let r2 = sn.recalibrate_bn(&subnet, [&a, &b]).unwrap();
+    // Only the path's modules (those selected) come back.
+    let r2 = sn.recalibrate_bn(&subnet, [&a, &b], |_| true).unwrap();
     assert_eq!(r2.len(), subnet.steps().count());
+    let branches = sn.recalibrate_bn(&subnet, [&a], |id| id != 0).unwrap();
+    assert_eq!(
+        branches.keys().copied().collect::<Vec<_>>(),
+        [(0, 2), (3, 1)]
+    );
     // Two batches: each statistic is the mean of the two single-batch ones.
     let (ra, rb) = (
-        sn.recalibrate_bn(&subnet, [&a]).unwrap(),
-        sn.recalibrate_bn(&subnet, [&b]).unwrap(),
+        sn.recalibrate_bn(&subnet, [&a], |_| true).unwrap(),
+        sn.recalibrate_bn(&subnet, [&b], |_| true).unwrap(),
     );
     let mut checked = 0;
     for (key, p) in &r2 {
@@ -435,14 +440,14 @@ fn bn_recalibration_fits_the_path_statistics_to_the_data() {
     // Folded weights carry no statistics; no batches, nothing to estimate.
     let mut folded = sn.clone();
     folded.fold().unwrap();
-    match folded.recalibrate_bn(&subnet, [&a]) {
+    match folded.recalibrate_bn(&subnet, [&a], |_| true) {
         Err(CoreError::InvalidConfig { field, reason }) => {
             assert_eq!(field, "params");
             assert!(reason.contains("folded"), "{reason}");
         }
         other => panic!("{other:?}"),
     }
-    match sn.recalibrate_bn(&subnet, std::iter::empty::<&Tensor>()) {
+    match sn.recalibrate_bn(&subnet, std::iter::empty::<&Tensor>(), |_| true) {
         Err(CoreError::InvalidConfig { field, .. }) => assert_eq!(field, "batches"),
         other => panic!("{other:?}"),
     }

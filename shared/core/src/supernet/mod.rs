@@ -316,22 +316,23 @@ impl Supernet {
         )
     }
 
-    /// BN recalibration: the weights of `subnet`'s modules with every BN's running statistics
-    /// re-estimated on `batches` (one train-mode forward of the path per batch; the statistics
-    /// are the equally weighted mean over the batches). A weight-shared branch keeps
-    /// statistics averaged over every path it was trained on; re-estimating them on one path
-    /// and on the data it will see fits them to that path. Labels are not needed. Needs
-    /// unfolded weights (folded ones fail, naming `params`); the stem (same input for every
-    /// path) and the head (no BN) keep theirs.
+    /// BN recalibration: the weights of `subnet`'s modules whose choice id satisfies `which`,
+    /// with every BN's running statistics re-estimated on `batches` (one forward of the path
+    /// per batch, those modules in train mode, the others in eval mode; the statistics are
+    /// the equally weighted mean over the batches). A weight-shared branch keeps statistics
+    /// averaged over every path it was trained on; re-estimating them on one path and on the
+    /// data it will see fits them to that path. Labels are not needed. Needs unfolded weights
+    /// (folded ones fail, naming `params`); the stem and the head keep theirs.
     pub fn recalibrate_bn<'a>(
         &self,
         subnet: &Subnet,
         batches: impl IntoIterator<Item = &'a Tensor>,
+        which: impl Fn(i8) -> bool,
     ) -> Result<BTreeMap<(usize, i8), Params>> {
         self.spec.validate(subnet)?;
         let steps: Vec<(usize, i8)> = subnet.steps().collect();
         let mut out = BTreeMap::new();
-        for &(pos, id) in &steps {
+        for &(pos, id) in steps.iter().filter(|s| which(s.1)) {
             out.insert((pos, id), self.module(pos, id)?.clone());
         }
         let mut n = 0usize;
@@ -339,7 +340,10 @@ impl Supernet {
             n += 1;
             let mut h = self.forward_stem(x)?;
             for &(pos, id) in &steps {
-                let p = out.get_mut(&(pos, id)).expect("inserted above");
+                let Some(p) = out.get_mut(&(pos, id)) else {
+                    h = self.forward_module(pos, id, &h)?;
+                    continue;
+                };
                 // Momentum 1/n: the running value becomes the mean of the n batch values.
                 let mut ctx = TrainCtx::new(1.0 / n as f64);
                 h = self.forward_module_train(pos, id, p, &h, &mut ctx)?;
