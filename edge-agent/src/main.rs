@@ -20,8 +20,9 @@ use adaptivenet_edge::client::{
 use adaptivenet_edge::profile::{pin_threads, LatencyTable};
 use adaptivenet_edge::quality::{load_local_data, QualityMode};
 use adaptivenet_edge::search::{SearchConfig, Speedups};
+use adaptivenet_edge::serve::bn::RecalScope;
 use adaptivenet_edge::serve::grpc::{self, ApiConfig, InferenceService};
-use adaptivenet_edge::serve::{ArtifactSource, Server};
+use adaptivenet_edge::serve::{ArtifactSource, Recalibration, Server};
 use adaptivenet_edge::state::{ActiveRecord, SearchRecord, StateDir};
 use adaptivenet_edge::EdgeError;
 use adaptivenet_proto::v1 as pb;
@@ -213,6 +214,19 @@ struct RunArgs {
     /// ...for this many consecutive maintenance windows (0: never re-profile on drift).
     #[arg(long, default_value_t = DriftConfig::default().windows)]
     drift_windows: usize,
+    /// BN recalibration of the served subnet on the local images (beyond the paper; labels
+    /// are not used): `all` re-estimates the BN statistics of every module on the path,
+    /// `branches` only the branches'. Every later switch recalibrates its target too.
+    #[arg(long, value_enum, default_value_t = BnRecal::Off)]
+    bn_recal: BnRecal,
+}
+
+/// `--bn-recal`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BnRecal {
+    Off,
+    Branches,
+    All,
 }
 
 fn main() {
@@ -623,6 +637,37 @@ fn run(a: RunArgs) -> Result<()> {
     println!("serving {start} (budget {budget:.3} ms)");
     let data = load_local_data(&s.data, &src.manifest.input)?;
     let t = adaptivenet_edge::quality::transform_for(&src.manifest.input, &data)?;
+    let scope = match a.bn_recal {
+        BnRecal::Off => None,
+        BnRecal::Branches => Some(RecalScope::Branches),
+        BnRecal::All => Some(RecalScope::All),
+    };
+    if let Some(scope) = scope {
+        // The images the search used (all of them with --images 0).
+        let n = match s.images {
+            0 => data.len(),
+            k => k.min(data.len()),
+        };
+        let idx: Vec<usize> = (0..n).collect();
+        let inputs = idx
+            .chunks(250)
+            .map(|c| Ok(data.batch_tensor(c, &t, &candle_core::Device::Cpu)?.0))
+            .collect::<Result<Vec<_>>>()?;
+        let t0 = std::time::Instant::now();
+        server.set_recalibration(Recalibration { inputs, scope });
+        server
+            .switch(&start)
+            .context("BN recalibration of the active subnet")?;
+        println!(
+            "BN recalibration ({}) of {start} on {n} local images: {:.0} ms",
+            if scope == RecalScope::All {
+                "all modules"
+            } else {
+                "branches"
+            },
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
     let mut cfg = AdaptConfig::new(budget);
     cfg.interval_ms = a.interval_ms;
     let ctl: SharedController = Arc::new(std::sync::Mutex::new(Controller::new(cfg, front, idx)));

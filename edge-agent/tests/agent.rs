@@ -435,6 +435,58 @@ async fn maintenance_loop_steps_down_under_load_and_back_without_oscillation() {
 }
 
 #[test]
+fn a_recalibrating_server_recalibrates_every_switch_target() {
+    use adaptivenet_edge::serve::bn::{recalibrate, RecalScope};
+    use adaptivenet_edge::serve::Recalibration;
+    let sn = supernet();
+    let dir = artifact(&sn);
+    let src = ArtifactSource::open(dir.path()).unwrap();
+    let (a, b) = (
+        Subnet::parse("1x02xx000").unwrap(),
+        Subnet::parse("2xx1x0000").unwrap(),
+    );
+    let x = Tensor::randn(0f32, 1.0, (16, 1, 28, 28), &Device::Cpu)
+        .unwrap()
+        .affine(3.0, 1.0)
+        .unwrap();
+    // What serving `s` recalibrated on `x` must answer: a fresh server given the modules.
+    let expected = |s: &Subnet| {
+        let reference = Server::start(src.clone(), s, 10).unwrap();
+        let given = recalibrate(&src, s, std::slice::from_ref(&x), RecalScope::All).unwrap();
+        reference.switch_with(s, given).unwrap();
+        reference.infer(&x).unwrap()
+    };
+    let max_diff = |u: &Tensor, v: &Tensor| {
+        (u - v)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let server = Server::start(src.clone(), &a, 10).unwrap();
+    let shipped_a = server.infer(&x).unwrap();
+    server.set_recalibration(Recalibration {
+        inputs: vec![x.clone()],
+        scope: RecalScope::All,
+    });
+    server.switch(&a).unwrap();
+    let want_a = expected(&a);
+    assert_eq!(max_diff(&server.infer(&x).unwrap(), &want_a), 0.0);
+    assert!(
+        max_diff(&shipped_a, &want_a) > 1e-3,
+        "recalibration changed nothing"
+    );
+    // b shares positions 6-8 with a: their statistics must be b's, not a's reused.
+    server.switch(&b).unwrap();
+    assert_eq!(max_diff(&server.infer(&x).unwrap(), &expected(&b)), 0.0);
+    server.switch(&a).unwrap();
+    assert_eq!(max_diff(&server.infer(&x).unwrap(), &want_a), 0.0);
+}
+
+#[test]
 fn bn_recalibration_sets_running_stats_to_the_local_batch_statistics() {
     use adaptivenet_edge::serve::bn::{recalibrate, RecalScope};
     let sn = supernet();

@@ -158,10 +158,19 @@ pub struct Inference {
     pub millis: f64,
 }
 
+/// BN recalibration applied by every switch of a [`Server`] (see [`bn`]).
+#[derive(Clone, Debug)]
+pub struct Recalibration {
+    /// Local image batches, already transformed to the model's input.
+    pub inputs: Vec<Tensor>,
+    pub scope: bn::RecalScope,
+}
+
 /// The serving core: active model, swap, live latency window.
 #[derive(Debug)]
 pub struct Server {
     source: RwLock<ArtifactSource>,
+    recal: RwLock<Option<Recalibration>>,
     active: RwLock<Arc<ActiveModel>>,
     switching: Mutex<()>,
     window: Mutex<Window>,
@@ -182,6 +191,7 @@ impl Server {
                 supernet_id: source.manifest.supernet_id.to_string(),
             })),
             source: RwLock::new(source),
+            recal: RwLock::new(None),
             switching: Mutex::new(()),
             window: Mutex::new(Window {
                 version: 0,
@@ -280,10 +290,25 @@ impl Server {
         Some(s)
     }
 
+    /// From now on every switch (and [`Server::replace`]) recalibrates the target subnet's
+    /// BN statistics on `r`'s local images (set it once, at start: it cannot be turned off,
+    /// since modules reused by later switches would keep recalibrated statistics). Call
+    /// [`Server::switch`] to apply it to the active subnet.
+    pub fn set_recalibration(&self, r: Recalibration) {
+        *self.recal.write().unwrap_or_else(|e| e.into_inner()) = Some(r);
+    }
+
     /// Switches to `target`, loading only the modules that differ. On error the old subnet
-    /// keeps serving.
+    /// keeps serving. With recalibration set, the modules in its scope are recalibrated for
+    /// `target` (their statistics depend on the path, so they are never reused from the
+    /// previous subnet; with scope `Branches` the reused originals carry shipped statistics).
     pub fn switch(&self, target: &Subnet) -> Result<SwitchReport> {
-        self.switch_with(target, BTreeMap::new())
+        let recal = self.recal.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let given = match recal {
+            Some(r) => bn::recalibrate(&self.source(), target, &r.inputs, r.scope)?,
+            None => BTreeMap::new(),
+        };
+        self.switch_with(target, given)
     }
 
     /// Like [`Server::switch`], with some modules given (e.g. BN-recalibrated ones) instead
@@ -328,8 +353,22 @@ impl Server {
 
     /// Serves `target` from another artifact (a new supernet version): modules whose blob
     /// digest is unchanged are reused, the rest loaded and verified from `source`. On error
-    /// the old artifact and subnet keep serving.
+    /// the old artifact and subnet keep serving. With recalibration set, a second switch
+    /// then recalibrates `target` on the new weights.
     pub fn replace(&self, source: ArtifactSource, target: &Subnet) -> Result<SwitchReport> {
+        let report = self.replace_plain(source, target)?;
+        if self
+            .recal
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            self.switch(target)?;
+        }
+        Ok(report)
+    }
+
+    fn replace_plain(&self, source: ArtifactSource, target: &Subnet) -> Result<SwitchReport> {
         let _guard = self.switching.lock().unwrap_or_else(|e| e.into_inner());
         let t = Instant::now();
         let cur = self.active();
