@@ -22,9 +22,10 @@
 //! * `ACC_BASELINES=0`: skip training the scratch baselines (their column shows `-`); for
 //!   quick looks at a supernet, not for the reported table.
 //! * `ACC_TRAIN_THREADS=N`: training threads (default every hardware thread).
-//! * `ACC_BN_RECAL=1`: a diagnostic of BN recalibration: the 4- and 5-block subnets again
-//!   with every BN of the path re-estimated on the search split (train-mode forward, no
-//!   labels), chosen on the search split and reported on the test set.
+//! * `ACC_BN_RECAL=1`: BN recalibration as `edge-agent --bn-recal all` does it: the column
+//!   `recal` (and `retained_at_0_*_bn_recal`) reports each chosen AdaptiveNet subnet with
+//!   every BN of its path re-estimated on the search split (no labels); a second table
+//!   compares, for the 4- and 5-block subnets, choosing after recalibration too.
 //! * `ACC_ALL_SUBNETS=1`: also evaluate every subnet on the test set and print, per block
 //!   count, the search-chosen and the best test accuracy (a diagnostic of the search split).
 //! * `ADAPTIVENET_THREADS` is not read: training and accuracy evaluation run on every hardware
@@ -547,6 +548,15 @@ fn all_subnets_table(
     Ok(())
 }
 
+/// The images of `data` as model inputs, in batches of 250 (labels dropped).
+fn image_batches(data: &Dataset) -> Result<Vec<Tensor>> {
+    let t = fashion_transform(false);
+    let idx: Vec<usize> = (0..data.len()).collect();
+    idx.chunks(250)
+        .map(|c| Ok(data.batch_tensor(c, &t, &Device::Cpu)?.0))
+        .collect()
+}
+
 /// `ACC_BN_RECAL=1`: 4- and 5-block subnets with and without BN recalibration on the search
 /// split; choice on the search split, report on the test set.
 fn bn_recal_table(
@@ -556,12 +566,7 @@ fn bn_recal_table(
     test: &Dataset,
     oracle_acc: f64,
 ) -> Result<()> {
-    let t = fashion_transform(false);
-    let idx: Vec<usize> = (0..search.len()).collect();
-    let batches: Vec<Tensor> = idx
-        .chunks(250)
-        .map(|c| Ok(search.batch_tensor(c, &t, &Device::Cpu)?.0))
-        .collect::<Result<_>>()?;
+    let batches = image_batches(search)?;
     println!();
     println!("BN recalibration on the search split (retained = test acc / oracle's):");
     println!(
@@ -879,6 +884,33 @@ fn main() -> Result<()> {
             .map_or_else(String::new, |c| c.0.clone())
     };
 
+    // With ACC_BN_RECAL=1, the chosen AdaptiveNet subnets also as `edge-agent --bn-recal all`
+    // serves them: every BN of the path re-estimated on the search split (the device's data).
+    let mut recal_acc: BTreeMap<usize, f64> = BTreeMap::new();
+    if env_flag("ACC_BN_RECAL", false) {
+        let batches = image_batches(&search)?;
+        let picked: BTreeSet<usize> = chosen
+            .iter()
+            .filter(|(k, _)| k.2 == "adaptivenet")
+            .filter_map(|(_, v)| *v)
+            .collect();
+        eprintln!(
+            "BN recalibration of {} chosen subnets on the search split ...",
+            picked.len()
+        );
+        for i in picked {
+            let s = Subnet::parse(&label_of(i))?;
+            let mut r = trained_unfolded.clone();
+            r.modules
+                .extend(trained_unfolded.recalibrate_bn(&s, &batches, |_| true)?);
+            let net = Net::Path {
+                sn: 0,
+                steps: s.steps().collect(),
+            };
+            recal_acc.insert(i, accuracies(&[net], &[&r], &[], &test)?[0]);
+        }
+    }
+
     // 6. Tables.
     println!();
     println!(
@@ -906,13 +938,14 @@ fn main() -> Result<()> {
             p.rounds
         );
         println!(
-            "{:>6} {:>8} | {:>9} {:>7} {:>7} {:>8} | {:>8} {:>8} {:>8}",
+            "{:>6} {:>8} | {:>9} {:>7} {:>7} {:>8} {:>8} | {:>8} {:>8} {:>8}",
             "budget",
             "limit ms",
             "subnet",
             "ms",
             "search",
             "retained",
+            "recal",
             "untrain",
             "drop",
             "scratch"
@@ -930,14 +963,19 @@ fn main() -> Result<()> {
                 None => ("-".into(), "-".into(), "-".into()),
             };
             let retained = acc("adaptivenet").map(|a| a / oracle_acc);
+            let recal = get("adaptivenet")
+                .and_then(|i| recal_acc.get(&i))
+                .map(|a| a / oracle_acc);
+            let pct = |r: Option<f64>| r.map_or("-".into(), |r| format!("{:.2}%", 100.0 * r));
             println!(
-                "{:>6.2} {:>8.3} | {:>9} {:>7} {:>7} {:>8} | {:>8} {:>8} {:>8}",
+                "{:>6.2} {:>8.3} | {:>9} {:>7} {:>7} {:>8} {:>8} | {:>8} {:>8} {:>8}",
                 b,
                 b * oracle_ms,
                 code,
                 ms,
                 sacc,
-                retained.map_or("-".into(), |r| format!("{:.2}%", 100.0 * r)),
+                pct(retained),
+                pct(recal),
                 fmt(acc("untrained")),
                 fmt(acc("drop")),
                 fmt(acc("scratch")),
@@ -950,6 +988,7 @@ fn main() -> Result<()> {
                     acc("drop"),
                     acc("scratch"),
                     oracle_ms,
+                    recal,
                 ),
             );
         }
@@ -975,7 +1014,7 @@ fn main() -> Result<()> {
             .expect("budget");
         headline[&(t, pass, bi)]
     };
-    let (r06, u06, d06, s06, oracle_ms) = h(1, 0, 0.60);
+    let (r06, u06, d06, s06, oracle_ms, _) = h(1, 0, 0.60);
     let bench = json!({
         "preset": p.name,
         "oracle_acc": oracle_acc,
@@ -983,6 +1022,9 @@ fn main() -> Result<()> {
         "threads": 1,
         "retained_at_0_6": r06,
         "retained_at_0_5": h(1, 0, 0.50).0,
+        // ACC_BN_RECAL=1 only: the same choices served as `edge-agent --bn-recal all` does.
+        "retained_at_0_6_bn_recal": h(1, 0, 0.60).5,
+        "retained_at_0_5_bn_recal": h(1, 0, 0.50).5,
         "untrained_at_0_6": u06,
         "drop_at_0_6": d06,
         "scratch_at_0_6": s06,
