@@ -303,12 +303,19 @@ impl Server {
     /// `target` (their statistics depend on the path, so they are never reused from the
     /// previous subnet; with scope `Branches` the reused originals carry shipped statistics).
     pub fn switch(&self, target: &Subnet) -> Result<SwitchReport> {
+        // Recalibrate under the switching lock: a concurrent `replace` must not change the
+        // artifact between reading its weights and installing them.
+        let _guard = self.switching.lock().unwrap_or_else(|e| e.into_inner());
+        let t = Instant::now();
         let recal = self.recal.read().unwrap_or_else(|e| e.into_inner()).clone();
         let given = match recal {
             Some(r) => bn::recalibrate(&self.source(), target, &r.inputs, r.scope)?,
             None => BTreeMap::new(),
         };
-        self.switch_with(target, given)
+        let mut report = self.switch_locked(target, given)?;
+        // The switch's time includes its recalibration.
+        report.millis = t.elapsed().as_secs_f64() * 1e3;
+        Ok(report)
     }
 
     /// Like [`Server::switch`], with some modules given (e.g. BN-recalibrated ones) instead
@@ -316,9 +323,18 @@ impl Server {
     pub fn switch_with(
         &self,
         target: &Subnet,
-        mut given: BTreeMap<(usize, i8), Params>,
+        given: BTreeMap<(usize, i8), Params>,
     ) -> Result<SwitchReport> {
         let _guard = self.switching.lock().unwrap_or_else(|e| e.into_inner());
+        self.switch_locked(target, given)
+    }
+
+    /// [`Server::switch_with`] for a caller holding the switching lock.
+    fn switch_locked(
+        &self,
+        target: &Subnet,
+        mut given: BTreeMap<(usize, i8), Params>,
+    ) -> Result<SwitchReport> {
         let t = Instant::now();
         let cur = self.active();
         let source = self.source();
