@@ -434,6 +434,17 @@ async fn maintenance_loop_steps_down_under_load_and_back_without_oscillation() {
     assert!(under_load.windows(2).all(|w| w[0] < w[1]), "{log:?}");
 }
 
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn a_recalibrating_server_recalibrates_every_switch_target() {
     use adaptivenet_edge::serve::bn::{recalibrate, RecalScope};
@@ -456,16 +467,6 @@ fn a_recalibrating_server_recalibrates_every_switch_target() {
         reference.switch_with(s, given).unwrap();
         reference.infer(&x).unwrap()
     };
-    let max_diff = |u: &Tensor, v: &Tensor| {
-        (u - v)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
     let server = Server::start(src.clone(), &a, 10).unwrap();
     let shipped_a = server.infer(&x).unwrap();
     server.set_recalibration(Recalibration {
@@ -474,16 +475,16 @@ fn a_recalibrating_server_recalibrates_every_switch_target() {
     });
     server.switch(&a).unwrap();
     let want_a = expected(&a);
-    assert_eq!(max_diff(&server.infer(&x).unwrap(), &want_a), 0.0);
+    assert_eq!(max_abs_diff(&server.infer(&x).unwrap(), &want_a), 0.0);
     assert!(
-        max_diff(&shipped_a, &want_a) > 1e-3,
+        max_abs_diff(&shipped_a, &want_a) > 1e-3,
         "recalibration changed nothing"
     );
     // b shares positions 6-8 with a: their statistics must be b's, not a's reused.
     server.switch(&b).unwrap();
-    assert_eq!(max_diff(&server.infer(&x).unwrap(), &expected(&b)), 0.0);
+    assert_eq!(max_abs_diff(&server.infer(&x).unwrap(), &expected(&b)), 0.0);
     server.switch(&a).unwrap();
-    assert_eq!(max_diff(&server.infer(&x).unwrap(), &want_a), 0.0);
+    assert_eq!(max_abs_diff(&server.infer(&x).unwrap(), &want_a), 0.0);
 }
 
 #[test]
@@ -529,16 +530,7 @@ fn bn_recalibration_sets_running_stats_to_the_local_batch_statistics() {
         ctx.apply(train.modules.get_mut(&(p, id)).unwrap());
     }
     let want = train.forward_head(&h).unwrap();
-    let err = |a: &Tensor| {
-        (a - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let err = |a: &Tensor| max_abs_diff(a, &want);
     let scale = want
         .abs()
         .unwrap()
