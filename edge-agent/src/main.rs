@@ -643,16 +643,15 @@ fn run(a: RunArgs) -> Result<()> {
         BnRecal::All => Some(RecalScope::All),
     };
     if let Some(scope) = scope {
-        // The images the search used (all of them with --images 0).
-        let n = match s.images {
-            0 => data.len(),
-            k => k.min(data.len()),
-        };
-        let idx: Vec<usize> = (0..n).collect();
-        let inputs = idx
-            .chunks(250)
-            .map(|c| Ok(data.batch_tensor(c, &t, &candle_core::Device::Cpu)?.0))
-            .collect::<Result<Vec<_>>>()?;
+        // The images the search evaluated (all of them with --images 0).
+        let (inputs, _) = adaptivenet_edge::quality::search_batches(
+            &src.manifest.input,
+            &data,
+            s.images,
+            250,
+            pcfg.search.seed,
+        )?;
+        let n: usize = inputs.iter().map(|x| x.dim(0).unwrap_or(0)).sum();
         let t0 = std::time::Instant::now();
         server.set_recalibration(Recalibration { inputs, scope });
         server

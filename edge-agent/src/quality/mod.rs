@@ -124,20 +124,7 @@ impl EvalSet {
         mode: QualityMode,
         seed: u64,
     ) -> Result<EvalSet> {
-        if ds.is_empty() {
-            return Err(EdgeError::NoData("the data set is empty".into()));
-        }
-        let t = transform_for(input, ds)?;
-        let mut idx = shuffled_indices(ds.len(), seed);
-        if n > 0 && n < idx.len() {
-            idx.truncate(n);
-        }
-        let (mut inputs, mut labels) = (Vec::new(), Vec::new());
-        for chunk in idx.chunks(batch.max(1)) {
-            let (x, y) = ds.batch_tensor(chunk, &t, &Device::Cpu)?;
-            inputs.push(x);
-            labels.push(y.to_vec1::<u32>()?);
-        }
+        let (inputs, labels) = search_batches(input, ds, n, batch, seed)?;
         EvalSet::from_batches(supernet, inputs, Some(labels), mode)
     }
 
@@ -166,6 +153,33 @@ impl EvalSet {
         }
         Ok(self.percent(correct))
     }
+}
+
+/// The images the search evaluates: `n` of `ds` (all with 0) in a seeded shuffled order,
+/// preprocessed for the artifact's `input`, in batches of `batch`, with their labels.
+/// BN recalibration (`edge-agent run --bn-recal`) uses the same images.
+pub fn search_batches(
+    input: &InputSpec,
+    ds: &Dataset,
+    n: usize,
+    batch: usize,
+    seed: u64,
+) -> Result<(Vec<Tensor>, Vec<Vec<u32>>)> {
+    if ds.is_empty() {
+        return Err(EdgeError::NoData("the data set is empty".into()));
+    }
+    let t = transform_for(input, ds)?;
+    let mut idx = shuffled_indices(ds.len(), seed);
+    if n > 0 && n < idx.len() {
+        idx.truncate(n);
+    }
+    let (mut inputs, mut labels) = (Vec::new(), Vec::new());
+    for chunk in idx.chunks(batch.max(1)) {
+        let (x, y) = ds.batch_tensor(chunk, &t, &Device::Cpu)?;
+        inputs.push(x);
+        labels.push(y.to_vec1::<u32>()?);
+    }
+    Ok((inputs, labels))
 }
 
 /// Reads the device's local data: a Fashion-MNIST style IDX directory (test files preferred,
