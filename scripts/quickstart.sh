@@ -112,7 +112,7 @@ python3 scripts/make-device-data.py "$ADAPTIVENET_ASSETS/fashion-mnist" "$RUN/de
 agent() { # name threads budget data
   "$BIN/edge-agent" run --cloud "$ENDPOINT" --enroll-token "$ENROLL" --state "$RUN/agents/$1" \
     --threads "$2" --budget "$3" --data "$RUN/devices/$4" --images 300 --population 16 --generations 3 \
-    --rounds 15 --validate 10 --label-free --duration "${QS_SERVE_S:-60}" --heartbeat-ms 2000 --report-every 2 \
+    --rounds 15 --validate 10 --label-free --bn-recal auto --duration "${QS_SERVE_S:-60}" --heartbeat-ms 2000 --report-every 2 \
     > "$RUN/agent-$1.log" 2>&1
 }
 agent phone 1 0.6 all & PIDS+=($!); A1=$!
@@ -148,7 +148,7 @@ done
 for name in phone camera gateway; do
   echo "-- $name"
   sed 's/\x1b\[[0-9;]*m//g' "$RUN/agent-$name.log" \
-    | grep -E "latency model|^pareto front|^  [0-9xPp]+ " | sed 's/^.*INFO [A-Za-z_:]*: //; s/^/   /' || true
+    | grep -E "latency model|^BN recalibration|^pareto front|^  [0-9xPp]+ " | sed 's/^.*INFO [A-Za-z_:]*: //; s/^/   /' || true
 done
 
 step "fleet aggregates (as a dashboard queries them)"

@@ -214,9 +214,12 @@ struct RunArgs {
     /// ...for this many consecutive maintenance windows (0: never re-profile on drift).
     #[arg(long, default_value_t = DriftConfig::default().windows)]
     drift_windows: usize,
-    /// BN recalibration of the served subnet on the local images (beyond the paper; labels
-    /// are not used): `all` re-estimates the BN statistics of every module on the path,
-    /// `branches` only the branches'. Every later switch recalibrates its target too.
+    /// BN recalibration of the served subnet on the local images (beyond the paper):
+    /// `all` re-estimates the BN statistics of every module on the path, `branches` only the
+    /// branches'; `auto` is `all`, kept only where it does not lower the subnet's quality on
+    /// those images (labels, or agreement with the oracle with --label-free): statistics
+    /// fitted to a device that sees few classes can cost tens of points. Every later switch
+    /// recalibrates (and checks) its target too.
     #[arg(long, value_enum, default_value_t = BnRecal::Off)]
     bn_recal: BnRecal,
 }
@@ -225,6 +228,7 @@ struct RunArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum BnRecal {
     Off,
+    Auto,
     Branches,
     All,
 }
@@ -597,6 +601,16 @@ fn aggregates(
     )
 }
 
+/// The oracle's top-1 on each batch: the label-free targets of `--bn-recal auto`.
+fn oracle_top1(src: &ArtifactSource, inputs: &[candle_core::Tensor]) -> Result<Vec<Vec<u32>>> {
+    let oracle = Subnet::original(src.manifest.supernet_spec().num_positions());
+    let sn = src.load(Some(std::slice::from_ref(&oracle)))?;
+    inputs
+        .iter()
+        .map(|x| Ok(adaptivenet_edge::quality::top1(&sn.forward(&oracle, x)?)?))
+        .collect()
+}
+
 fn run(a: RunArgs) -> Result<()> {
     let common = &a.search.profile.common;
     let rt = runtime()?;
@@ -640,31 +654,45 @@ fn run(a: RunArgs) -> Result<()> {
     let scope = match a.bn_recal {
         BnRecal::Off => None,
         BnRecal::Branches => Some(RecalScope::Branches),
-        BnRecal::All => Some(RecalScope::All),
+        BnRecal::All | BnRecal::Auto => Some(RecalScope::All),
     };
     if let Some(scope) = scope {
         // The images the search evaluated (all of them with --images 0).
-        let (inputs, _) = adaptivenet_edge::quality::search_batches(
+        let (inputs, labels) = adaptivenet_edge::quality::search_batches(
             &src.manifest.input,
             &data,
             s.images,
             250,
             pcfg.search.seed,
         )?;
+        let guard = match (a.bn_recal, pcfg.mode) {
+            (BnRecal::Auto, QualityMode::Labelled) => Some(labels),
+            (BnRecal::Auto, QualityMode::OracleAgreement) => Some(oracle_top1(&src, &inputs)?),
+            _ => None,
+        };
         let n: usize = inputs.iter().map(|x| x.dim(0).unwrap_or(0)).sum();
         let t0 = std::time::Instant::now();
-        server.set_recalibration(Recalibration { inputs, scope });
-        server
+        server.set_recalibration(Recalibration {
+            inputs,
+            scope,
+            guard,
+        });
+        let rep = server
             .switch(&start)
             .context("BN recalibration of the active subnet")?;
         println!(
-            "BN recalibration ({}) of {start} on {n} local images: {:.0} ms",
+            "BN recalibration ({}) of {start} on {n} local images: {:.0} ms{}",
             if scope == RecalScope::All {
                 "all modules"
             } else {
                 "branches"
             },
-            t0.elapsed().as_secs_f64() * 1e3
+            t0.elapsed().as_secs_f64() * 1e3,
+            match (a.bn_recal, rep.recalibrated) {
+                (BnRecal::Auto, Some(true)) => ", kept (local quality not lower)",
+                (BnRecal::Auto, _) => ", refused (local quality lower): shipped statistics serve",
+                _ => "",
+            }
         );
     }
     let mut cfg = AdaptConfig::new(budget);
@@ -753,8 +781,13 @@ fn run(a: RunArgs) -> Result<()> {
                             if event == Some("step_down") { pb::AdaptationReason::OverBudget } else { pb::AdaptationReason::Slack } as i32,
                             std::sync::atomic::Ordering::Relaxed,
                         );
+                        let bn = match r.recalibrated {
+                            Some(true) => ", BN recalibrated",
+                            Some(false) => ", shipped BN",
+                            None => "",
+                        };
                         println!(
-                            "switched {} -> {} at p50 {:.3} ms (budget {:.3} ms; loaded {}, reused {}, {:.1} ms)",
+                            "switched {} -> {} at p50 {:.3} ms (budget {:.3} ms; loaded {}, reused {}, {:.1} ms{bn})",
                             r.from, r.to, tick.stats.p50_ms, c.cfg.budget_ms, r.loaded, r.reused, r.millis
                         );
                         let active = srv.active();

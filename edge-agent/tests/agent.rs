@@ -472,6 +472,7 @@ fn a_recalibrating_server_recalibrates_every_switch_target() {
     server.set_recalibration(Recalibration {
         inputs: vec![x.clone()],
         scope: RecalScope::All,
+        guard: None,
     });
     server.switch(&a).unwrap();
     let want_a = expected(&a);
@@ -485,6 +486,67 @@ fn a_recalibrating_server_recalibrates_every_switch_target() {
     assert_eq!(max_abs_diff(&server.infer(&x).unwrap(), &expected(&b)), 0.0);
     server.switch(&a).unwrap();
     assert_eq!(max_abs_diff(&server.infer(&x).unwrap(), &want_a), 0.0);
+}
+
+/// `--bn-recal auto`: the guard keeps recalibrated statistics only where they predict the
+/// targets at least as well as the shipped ones, and a refusal serves the shipped statistics
+/// even when the previous path's recalibrated modules could be reused.
+#[test]
+fn the_recalibration_guard_keeps_only_what_does_not_lower_local_quality() {
+    use adaptivenet_edge::quality::top1;
+    use adaptivenet_edge::serve::bn::{recalibrate, RecalScope};
+    use adaptivenet_edge::serve::Recalibration;
+    let sn = supernet();
+    let dir = artifact(&sn);
+    let src = ArtifactSource::open(dir.path()).unwrap();
+    let a = Subnet::parse("1x02xx000").unwrap();
+    let x = Tensor::randn(0f32, 1.0, (64, 1, 28, 28), &Device::Cpu)
+        .unwrap()
+        .affine(3.0, 1.0)
+        .unwrap();
+    let shipped = Server::start(src.clone(), &a, 10)
+        .unwrap()
+        .infer(&x)
+        .unwrap();
+    let fitted = {
+        let s = Server::start(src.clone(), &a, 10).unwrap();
+        s.switch_with(
+            &a,
+            recalibrate(&src, &a, std::slice::from_ref(&x), RecalScope::All).unwrap(),
+        )
+        .unwrap();
+        s.infer(&x).unwrap()
+    };
+    let (shipped_top1, fitted_top1) = (top1(&shipped).unwrap(), top1(&fitted).unwrap());
+    assert_ne!(
+        shipped_top1, fitted_top1,
+        "precondition: recalibration changes predictions"
+    );
+    let guarded = |targets: &[u32]| Recalibration {
+        inputs: vec![x.clone()],
+        scope: RecalScope::All,
+        guard: Some(vec![targets.to_vec()]),
+    };
+    // Targets the recalibrated path predicts perfectly: kept.
+    let server = Server::start(src.clone(), &a, 10).unwrap();
+    server.set_recalibration(guarded(&fitted_top1));
+    assert_eq!(server.switch(&a).unwrap().recalibrated, Some(true));
+    assert_eq!(max_abs_diff(&server.infer(&x).unwrap(), &fitted), 0.0);
+    // Targets the shipped statistics predict perfectly: refused, and the shipped modules
+    // serve although the active model holds recalibrated ones for the same path.
+    server.set_recalibration(guarded(&shipped_top1));
+    assert_eq!(server.switch(&a).unwrap().recalibrated, Some(false));
+    assert_eq!(max_abs_diff(&server.infer(&x).unwrap(), &shipped), 0.0);
+    // Mismatched targets are refused before anything changes.
+    server.set_recalibration(Recalibration {
+        guard: Some(vec![]),
+        ..guarded(&fitted_top1)
+    });
+    assert!(matches!(
+        server.switch(&a),
+        Err(EdgeError::InvalidConfig { ref field, .. }) if field == "targets"
+    ));
+    assert_eq!(max_abs_diff(&server.infer(&x).unwrap(), &shipped), 0.0);
 }
 
 #[test]

@@ -19,6 +19,9 @@ use candle_core::Tensor;
 use super::ArtifactSource;
 use crate::{EdgeError, Result};
 
+/// Module weights by (position, choice id), as [`super::Server::switch_with`] takes them.
+pub type Modules = BTreeMap<(usize, i8), Params>;
+
 /// Which modules of the subnet to recalibrate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecalScope {
@@ -51,4 +54,51 @@ pub fn recalibrate(
         .into_iter()
         .map(|(key, p)| Ok((key, fold_params(&p, eps)?)))
         .collect()
+}
+
+/// The guard of `--bn-recal auto`: statistics fitted to a skewed device's data can hurt
+/// badly (on the Fashion-MNIST bench, a footwear-only device lost 27 points of accuracy on
+/// its own classes), so recalibrated modules `recal` are kept only if `subnet` predicts
+/// `targets` (per batch of `inputs`: labels, or the oracle's top-1 when label-free) at least
+/// as often with them as with the shipped statistics. Returns the modules to install (the
+/// recalibrated ones, or the shipped ones, loaded afresh so that nothing recalibrated for an
+/// earlier path is reused) and whether recalibration was kept.
+pub fn guard(
+    src: &ArtifactSource,
+    subnet: &Subnet,
+    recal: Modules,
+    inputs: &[Tensor],
+    targets: &[Vec<u32>],
+) -> Result<(Modules, bool)> {
+    if targets.len() != inputs.len() {
+        return Err(EdgeError::config(
+            "targets",
+            format!(
+                "{} target batches for {} input batches",
+                targets.len(),
+                inputs.len()
+            ),
+        ));
+    }
+    let shipped = src.load(Some(std::slice::from_ref(subnet)))?;
+    let mut fitted = shipped.clone();
+    let keys: Vec<(usize, i8)> = recal.keys().copied().collect();
+    fitted.modules.extend(recal);
+    let (mut before, mut after) = (0, 0);
+    for (x, y) in inputs.iter().zip(targets) {
+        before += crate::quality::count_correct(&shipped.forward(subnet, x)?, y)?;
+        after += crate::quality::count_correct(&fitted.forward(subnet, x)?, y)?;
+    }
+    let kept = after >= before;
+    tracing::info!(
+        "BN recalibration guard for {subnet}: {before} -> {after} of {} local targets met, {}",
+        targets.iter().map(Vec::len).sum::<usize>(),
+        if kept { "kept" } else { "refused" }
+    );
+    let from = if kept { fitted } else { shipped };
+    let modules = keys
+        .into_iter()
+        .filter_map(|k| from.modules.get(&k).map(|p| (k, p.clone())))
+        .collect();
+    Ok((modules, kept))
 }

@@ -108,6 +108,9 @@ pub struct SwitchReport {
     pub loaded: usize,
     pub reused: usize,
     pub millis: f64,
+    /// With recalibration set: whether the target serves recalibrated BN statistics (the
+    /// guard may refuse them); `None` without recalibration.
+    pub recalibrated: Option<bool>,
 }
 
 /// Statistics of a set of latency samples (ms).
@@ -164,6 +167,10 @@ pub struct Recalibration {
     /// Local image batches, already transformed to the model's input.
     pub inputs: Vec<Tensor>,
     pub scope: bn::RecalScope,
+    /// Per batch of `inputs`, the predictions to check against (labels, or the oracle's
+    /// top-1): when set, a switch keeps the recalibrated statistics only if they predict
+    /// these at least as well as the shipped ones ([`bn::guard`]).
+    pub guard: Option<Vec<Vec<u32>>>,
 }
 
 /// The serving core: active model, swap, live latency window.
@@ -308,11 +315,25 @@ impl Server {
         let _guard = self.switching.lock().unwrap_or_else(|e| e.into_inner());
         let t = Instant::now();
         let recal = self.recal.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let given = match recal {
-            Some(r) => bn::recalibrate(&self.source(), target, &r.inputs, r.scope)?,
-            None => BTreeMap::new(),
+        let (given, recalibrated) = match recal {
+            Some(r) => {
+                let src = self.source();
+                let m = bn::recalibrate(&src, target, &r.inputs, r.scope)?;
+                match &r.guard {
+                    Some(targets) if !m.is_empty() => {
+                        let (m, kept) = bn::guard(&src, target, m, &r.inputs, targets)?;
+                        (m, Some(kept))
+                    }
+                    _ => {
+                        let any = !m.is_empty();
+                        (m, Some(any))
+                    }
+                }
+            }
+            None => (BTreeMap::new(), None),
         };
         let mut report = self.switch_locked(target, given)?;
+        report.recalibrated = recalibrated;
         // The switch's time includes its recalibration.
         report.millis = t.elapsed().as_secs_f64() * 1e3;
         Ok(report)
@@ -497,6 +518,7 @@ impl Server {
             loaded,
             reused,
             millis: t.elapsed().as_secs_f64() * 1e3,
+            recalibrated: None,
         })
     }
 }
