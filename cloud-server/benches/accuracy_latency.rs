@@ -25,7 +25,9 @@
 //! * `ACC_BN_RECAL=1`: BN recalibration as `edge-agent --bn-recal all` does it: the column
 //!   `recal` (and `retained_at_0_*_bn_recal`) reports each chosen AdaptiveNet subnet with
 //!   every BN of its path re-estimated on the search split (no labels); a second table
-//!   compares, for the 4- and 5-block subnets, choosing after recalibration too.
+//!   compares, for the 4- and 5-block subnets, choosing after recalibration too; a third,
+//!   the subnets chosen at 0.50 and 0.60 on a device that sees all classes and on one that
+//!   sees footwear only (`off` / `branches` / `all` / `auto`).
 //! * `ACC_ALL_SUBNETS=1`: also evaluate every subnet on the test set and print, per block
 //!   count, the search-chosen and the best test accuracy (a diagnostic of the search split).
 //! * `ADAPTIVENET_THREADS` is not read: training and accuracy evaluation run on every hardware
@@ -634,6 +636,68 @@ fn bn_recal_table(
     Ok(())
 }
 
+/// `ACC_BN_RECAL=1`: should the agent recalibrate by default? The chosen subnets served on a
+/// device that sees all classes and on one that sees footwear only (sandal, sneaker, ankle
+/// boot): BN statistics re-estimated on that device's share of the search split (no labels),
+/// accuracy on the same classes of the test set, shipped vs recalibrated (branches; all;
+/// `auto`, which keeps `all` only if it is not worse on the device's own images).
+fn device_recal_table(
+    sn: &Supernet,
+    picks: &[(f64, Subnet)],
+    search: &Dataset,
+    test: &Dataset,
+) -> Result<()> {
+    use adaptivenet_core::data::split::class_filter;
+    println!();
+    println!("BN recalibration per device data (test accuracy on the device's classes):");
+    println!(
+        "{:>24} {:>6} {:>9} {:>6} | {:>8} {:>8} {:>8} | {:>8}",
+        "device", "budget", "subnet", "local", "shipped", "branches", "all", "auto"
+    );
+    let devices: [(&str, Vec<u32>); 2] = [
+        ("all classes", (0..10).collect()),
+        ("footwear only (5, 7, 9)", vec![5, 7, 9]),
+    ];
+    for (name, classes) in devices {
+        let local = search.subset(&class_filter(&search.labels, &classes))?;
+        let held = test.subset(&class_filter(&test.labels, &classes))?;
+        let batches = image_batches(&local)?;
+        for (budget, s) in picks {
+            let net = Net::Path {
+                sn: 0,
+                steps: s.steps().collect(),
+            };
+            let one = std::slice::from_ref(&net);
+            let mut row = vec![accuracies(one, &[sn], &[], &held)?[0]];
+            let mut all = sn.clone();
+            for branches_only in [true, false] {
+                let mut r = sn.clone();
+                r.modules.extend(
+                    sn.recalibrate_bn(s, &batches, |choice| !branches_only || choice != 0)?,
+                );
+                row.push(accuracies(one, &[&r], &[], &held)?[0]);
+                all = r;
+            }
+            // `--bn-recal auto`: `all`, kept only if not worse on the local (labelled) images.
+            let kept = accuracies(one, &[&all], &[], &local)?[0]
+                >= accuracies(one, &[sn], &[], &local)?[0];
+            println!(
+                "{:>24} {:>6.2} {:>9} {:>6} | {:>7.2}% {:>7.2}% {:>7.2}% | {:>7.2}% {}",
+                name,
+                budget,
+                s.to_string(),
+                local.len(),
+                100.0 * row[0],
+                100.0 * row[1],
+                100.0 * row[2],
+                100.0 * if kept { row[2] } else { row[0] },
+                if kept { "kept" } else { "refused" }
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     // As the binaries do: freed feature maps are reused, not unmapped and faulted in again.
     adaptivenet_kernels::alloc::retain_freed_memory();
@@ -995,6 +1059,15 @@ fn main() -> Result<()> {
     }
     if env_flag("ACC_BN_RECAL", false) {
         bn_recal_table(&trained_unfolded, &subnets, &search, &test, oracle_acc)?;
+        let picks = [0.50, 0.60]
+            .into_iter()
+            .filter_map(|b| {
+                let bi = BUDGETS.iter().position(|x| (x - b).abs() < 1e-9)?;
+                let i = chosen[&(1, 0, "adaptivenet", bi)]?;
+                Some(Subnet::parse(&label_of(i)).map(|s| (b, s)))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        device_recal_table(&trained_unfolded, &picks, &search, &test)?;
     }
     if env_flag("ACC_ALL_SUBNETS", false) {
         all_subnets_table(
