@@ -445,21 +445,27 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// A test artifact with its source (the directory must outlive it) and `n` local images
+/// from another distribution than the initial BN statistics assume.
+fn recal_fixture(n: usize) -> (tempfile::TempDir, ArtifactSource, Tensor) {
+    let dir = artifact(&supernet());
+    let src = ArtifactSource::open(dir.path()).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (n, 1, 28, 28), &Device::Cpu)
+        .unwrap()
+        .affine(3.0, 1.0)
+        .unwrap();
+    (dir, src, x)
+}
+
 #[test]
 fn a_recalibrating_server_recalibrates_every_switch_target() {
     use adaptivenet_edge::serve::bn::{recalibrate, RecalScope};
     use adaptivenet_edge::serve::Recalibration;
-    let sn = supernet();
-    let dir = artifact(&sn);
-    let src = ArtifactSource::open(dir.path()).unwrap();
+    let (_dir, src, x) = recal_fixture(16);
     let (a, b) = (
         Subnet::parse("1x02xx000").unwrap(),
         Subnet::parse("2xx1x0000").unwrap(),
     );
-    let x = Tensor::randn(0f32, 1.0, (16, 1, 28, 28), &Device::Cpu)
-        .unwrap()
-        .affine(3.0, 1.0)
-        .unwrap();
     // What serving `s` recalibrated on `x` must answer: a fresh server given the modules.
     let expected = |s: &Subnet| {
         let reference = Server::start(src.clone(), s, 10).unwrap();
@@ -496,14 +502,8 @@ fn the_recalibration_guard_keeps_only_what_does_not_lower_local_quality() {
     use adaptivenet_edge::quality::top1;
     use adaptivenet_edge::serve::bn::{recalibrate, RecalScope};
     use adaptivenet_edge::serve::Recalibration;
-    let sn = supernet();
-    let dir = artifact(&sn);
-    let src = ArtifactSource::open(dir.path()).unwrap();
+    let (_dir, src, x) = recal_fixture(64);
     let a = Subnet::parse("1x02xx000").unwrap();
-    let x = Tensor::randn(0f32, 1.0, (64, 1, 28, 28), &Device::Cpu)
-        .unwrap()
-        .affine(3.0, 1.0)
-        .unwrap();
     let shipped = Server::start(src.clone(), &a, 10)
         .unwrap()
         .infer(&x)
@@ -552,15 +552,9 @@ fn the_recalibration_guard_keeps_only_what_does_not_lower_local_quality() {
 #[test]
 fn bn_recalibration_sets_running_stats_to_the_local_batch_statistics() {
     use adaptivenet_edge::serve::bn::{recalibrate, RecalScope};
-    let sn = supernet();
-    let dir = artifact(&sn);
-    let src = ArtifactSource::open(dir.path()).unwrap();
+    let sn = supernet(); // the fixture's artifact holds these weights (seeded)
+    let (_dir, src, x) = recal_fixture(16);
     let s = Subnet::parse("1x02xx000").unwrap();
-    // Local images from another distribution than the init statistics assume.
-    let x = Tensor::randn(0f32, 1.0, (16, 1, 28, 28), &Device::Cpu)
-        .unwrap()
-        .affine(3.0, 1.0)
-        .unwrap();
     let only_branches =
         recalibrate(&src, &s, std::slice::from_ref(&x), RecalScope::Branches).unwrap();
     let keys: Vec<(usize, i8)> = only_branches.keys().copied().collect();
