@@ -5,6 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/debug}
+BIN=$(cd "$BIN" 2>/dev/null && pwd || echo "$PWD/$BIN") # absolute: the systemd unit needs it
 PG=${1:-postgres://postgres@127.0.0.1:5432/test}
 T=$(mktemp -d); PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$T"' EXIT
@@ -18,7 +19,7 @@ if command -v kubectl >/dev/null; then
 fi
 if command -v systemd-analyze >/dev/null; then
   mkdir -p "$T/unit"; cp deploy/systemd/agent.env.example "$T/unit/agent.env"
-  sed "s#/usr/local/bin/edge-agent#$PWD/$BIN/edge-agent#; s#/etc/adaptivenet/agent.env#$T/unit/agent.env#" \
+  sed "s#/usr/local/bin/edge-agent#$BIN/edge-agent#; s#/etc/adaptivenet/agent.env#$T/unit/agent.env#" \
     deploy/systemd/adaptivenet-agent.service > "$T/unit/adaptivenet-agent.service"
   systemd-analyze verify "$T/unit/adaptivenet-agent.service" && ok "systemd-analyze verify" || bad "systemd-analyze verify"
 fi
