@@ -668,18 +668,21 @@ fn device_recal_table(
                 steps: s.steps().collect(),
             };
             let one = std::slice::from_ref(&net);
-            let mut row = vec![accuracies(one, &[sn], &[], &held)?[0]];
-            let mut all = sn.clone();
+            // Shipped, branches recalibrated, all recalibrated.
+            let mut variants = vec![sn.clone()];
             for branches_only in [true, false] {
                 let mut r = sn.clone();
                 r.modules.extend(
                     sn.recalibrate_bn(s, &batches, |choice| !branches_only || choice != 0)?,
                 );
-                row.push(accuracies(one, &[&r], &[], &held)?[0]);
-                all = r;
+                variants.push(r);
             }
+            let row = variants
+                .iter()
+                .map(|v| Ok(accuracies(one, &[v], &[], &held)?[0]))
+                .collect::<Result<Vec<f64>>>()?;
             // `--bn-recal auto`: `all`, kept only if not worse on the local (labelled) images.
-            let kept = accuracies(one, &[&all], &[], &local)?[0]
+            let kept = accuracies(one, &[&variants[2]], &[], &local)?[0]
                 >= accuracies(one, &[sn], &[], &local)?[0];
             println!(
                 "{:>24} {:>6.2} {:>9} {:>6} | {:>7.2}% {:>7.2}% {:>7.2}% | {:>7.2}% {}",
