@@ -2,6 +2,7 @@
 //!
 //! - [`idx`]: IDX files (Fashion-MNIST), raw or gzipped, parsed defensively.
 //! - [`folder`]: torchvision-style ImageFolder trees of PNG/JPEG images.
+//! - [`spec`]: the input spec and augmentation policy a dataset carries to every consumer.
 //! - [`split`]: seeded splits, stratified hold-outs, Dirichlet and class-filter partitions.
 //! - [`transform`]: u8 -> f32 batch preprocessing and training augmentation, and the
 //!   EfficientNet-Lite ImageNet preprocessing.
@@ -15,6 +16,7 @@ use crate::{CoreError, Result};
 
 pub mod folder;
 pub mod idx;
+pub mod spec;
 pub mod split;
 pub mod transform;
 
@@ -23,6 +25,7 @@ pub use idx::{
     fashion_mnist, parse_idx_images, parse_idx_labels, read_idx_images, read_idx_labels,
     read_idx_pair, IdxImages, FASHION_MNIST_CLASSES,
 };
+pub use spec::{channel_stats, AugmentPolicy, InputSpec, ResizePolicy};
 pub use split::{
     class_filter, class_indices, dirichlet_partition, holdout, shuffled_indices, split_indices,
     Holdout, Split,

@@ -1,0 +1,301 @@
+//! What a dataset says about its own preprocessing: the [`InputSpec`] every consumer applies
+//! (oracle training, elastification, priors, the artifact, the edge agent) and the
+//! [`AugmentPolicy`] that training alone applies.
+//!
+//! These travel with the dataset (recorded at registration, JSON in the cloud's database) and
+//! with the artifact, so no consumer hard-wires one dataset's numbers: a digit or a road sign
+//! must never be flipped because the demo's clothes could be.
+use serde::{Deserialize, Serialize};
+
+use super::transform::{Normalize, Transform};
+use super::Dataset;
+use crate::{CoreError, Result};
+
+/// How an image of another size reaches the input size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizePolicy {
+    /// Bilinear resize straight to the input size (aspect ratio not kept).
+    #[default]
+    Stretch,
+    /// Bilinear resize of the shorter side to the input size, then a centre crop.
+    ShorterSideCrop,
+}
+
+/// The model's input: shape, resize policy and per-channel normalisation on `x / 255`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InputSpec {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    #[serde(default)]
+    pub resize: ResizePolicy,
+    /// One value per channel (or one for all).
+    pub mean: Vec<f32>,
+    /// One value per channel (or one for all); each > 0.
+    pub std: Vec<f32>,
+}
+
+/// Training-only augmentation. Everything is off unless the developer asks for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AugmentPolicy {
+    /// Zero padding before a random crop back to the input size; 0 disables the crop.
+    #[serde(default)]
+    pub crop_padding: usize,
+    /// Random left-right flip. Off by default: wrong for digits, text and signs.
+    #[serde(default)]
+    pub hflip: bool,
+}
+
+/// Largest crop padding accepted; more would crop mostly zeros.
+pub const MAX_CROP_PADDING: usize = 64;
+
+impl InputSpec {
+    /// Checks shape and statistics, naming the offending field.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.channels == 1 || self.channels == 3) {
+            return Err(invalid(
+                "input_spec.channels",
+                format!("{} (1 or 3 supported)", self.channels),
+            ));
+        }
+        for (field, v) in [
+            ("input_spec.height", self.height),
+            ("input_spec.width", self.width),
+        ] {
+            if !(1..=4096).contains(&v) {
+                return Err(invalid(field, format!("{v} (1..=4096)")));
+            }
+        }
+        for (field, v) in [
+            ("input_spec.mean", &self.mean),
+            ("input_spec.std", &self.std),
+        ] {
+            if !(v.len() == 1 || v.len() == self.channels) {
+                return Err(invalid(
+                    field,
+                    format!("{} values for {} channels", v.len(), self.channels),
+                ));
+            }
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(invalid(field, "values must be finite".into()));
+            }
+        }
+        if self.std.iter().any(|s| *s <= 0.0) {
+            return Err(invalid("input_spec.std", "values must be > 0".into()));
+        }
+        Ok(())
+    }
+
+    /// The normalisation of this spec.
+    pub fn normalize(&self) -> Normalize {
+        Normalize::MeanStd {
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+        }
+    }
+
+    /// The evaluation transform for images of `(height, width)`: resize per the policy and
+    /// normalise. Channel conversion happens when images are decoded (grey <-> RGB).
+    pub fn eval_transform(&self, height: usize, width: usize) -> Transform {
+        let mut t = Transform::new().normalize(self.normalize());
+        if (height, width) != (self.height, self.width) {
+            t = match self.resize {
+                ResizePolicy::Stretch => t.resize(self.height, self.width),
+                ResizePolicy::ShorterSideCrop => {
+                    let s = self.height.max(self.width) as f64 / height.min(width) as f64;
+                    let (rh, rw) = (
+                        ((height as f64 * s).round() as usize).max(self.height),
+                        ((width as f64 * s).round() as usize).max(self.width),
+                    );
+                    t.resize(rh, rw).center_crop(self.height, self.width)
+                }
+            };
+        }
+        t
+    }
+
+    /// The training transform: [`Self::eval_transform`] plus `policy`'s augmentation.
+    pub fn train_transform(
+        &self,
+        height: usize,
+        width: usize,
+        policy: &AugmentPolicy,
+    ) -> Transform {
+        let t = self.eval_transform(height, width);
+        if policy.crop_padding > 0 || policy.hflip {
+            t.augment(policy.crop_padding, policy.hflip)
+        } else {
+            t
+        }
+    }
+}
+
+impl AugmentPolicy {
+    pub fn validate(&self) -> Result<()> {
+        if self.crop_padding > MAX_CROP_PADDING {
+            return Err(invalid(
+                "augment.crop_padding",
+                format!("{} (at most {MAX_CROP_PADDING})", self.crop_padding),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Per-channel mean and std of `x / 255` over `ds` (population statistics, f64 accumulation).
+///
+/// Errors on an empty dataset; a constant channel gets std 1 so normalisation stays defined.
+pub fn channel_stats(ds: &Dataset) -> Result<(Vec<f32>, Vec<f32>)> {
+    if ds.is_empty() {
+        return Err(invalid(
+            "dataset",
+            "no images to compute statistics on".into(),
+        ));
+    }
+    let plane = ds.height * ds.width;
+    let mut sum = vec![0f64; ds.channels];
+    let mut sq = vec![0f64; ds.channels];
+    for i in 0..ds.len() {
+        let img = ds.image(i);
+        for c in 0..ds.channels {
+            let (mut s, mut q) = (0u64, 0u64);
+            for &v in &img[c * plane..(c + 1) * plane] {
+                s += v as u64;
+                q += (v as u64) * (v as u64);
+            }
+            sum[c] += s as f64;
+            sq[c] += q as f64;
+        }
+    }
+    let n = (ds.len() * plane) as f64;
+    let mut mean = Vec::with_capacity(ds.channels);
+    let mut std = Vec::with_capacity(ds.channels);
+    for c in 0..ds.channels {
+        let m = sum[c] / n / 255.0;
+        let var = (sq[c] / n / (255.0 * 255.0) - m * m).max(0.0);
+        let s = var.sqrt();
+        mean.push(m as f32);
+        std.push(if s > 1e-6 { s as f32 } else { 1.0 });
+    }
+    Ok((mean, std))
+}
+
+fn invalid(field: &str, reason: String) -> CoreError {
+    CoreError::InvalidConfig {
+        field: field.into(),
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_images() -> Dataset {
+        // 2 images, 1 channel, 1x2: pixels 0,255 and 255,255.
+        Dataset::new(
+            vec![0, 255, 255, 255],
+            vec![0, 1],
+            (1, 1, 2),
+            vec!["a".into(), "b".into()],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn stats_match_closed_form() {
+        let (m, s) = channel_stats(&two_images()).unwrap();
+        // values 0,1,1,1: mean 0.75, var 0.1875.
+        assert!((m[0] - 0.75).abs() < 1e-6, "{m:?}");
+        assert!((s[0] - 0.1875f32.sqrt()).abs() < 1e-6, "{s:?}");
+    }
+
+    #[test]
+    fn constant_channel_gets_unit_std() {
+        let ds = Dataset::new(vec![7; 4], vec![0, 0], (1, 1, 2), vec!["a".into()]).unwrap();
+        let (_, s) = channel_stats(&ds).unwrap();
+        assert_eq!(s, vec![1.0]);
+    }
+
+    #[test]
+    fn validation_names_fields() {
+        let mut spec = InputSpec {
+            channels: 3,
+            height: 32,
+            width: 32,
+            resize: ResizePolicy::Stretch,
+            mean: vec![0.5; 3],
+            std: vec![0.25; 3],
+        };
+        spec.validate().unwrap();
+        spec.std = vec![0.25, 0.0, 0.25];
+        assert!(spec
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("input_spec.std"));
+        spec.std = vec![0.25; 2];
+        assert!(spec
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("input_spec.std"));
+        spec.std = vec![0.25];
+        spec.channels = 2;
+        assert!(spec
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("input_spec.channels"));
+        let p = AugmentPolicy {
+            crop_padding: 65,
+            hflip: false,
+        };
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("crop_padding"));
+        assert_eq!(AugmentPolicy::default().hflip, false);
+    }
+
+    #[test]
+    fn json_round_trip_and_defaults() {
+        let spec: InputSpec = serde_json::from_str(
+            r#"{"channels":1,"height":28,"width":28,"mean":[0.5],"std":[0.5]}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.resize, ResizePolicy::Stretch);
+        let back: InputSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(spec, back);
+        let p: AugmentPolicy = serde_json::from_str("{}").unwrap();
+        assert_eq!(p, AugmentPolicy::default());
+    }
+
+    #[test]
+    fn no_augmentation_unless_asked() {
+        let spec = InputSpec {
+            channels: 1,
+            height: 4,
+            width: 4,
+            resize: ResizePolicy::Stretch,
+            mean: vec![0.5],
+            std: vec![0.5],
+        };
+        assert!(spec
+            .train_transform(4, 4, &AugmentPolicy::default())
+            .augment
+            .is_none());
+        let t = spec.train_transform(
+            8,
+            8,
+            &AugmentPolicy {
+                crop_padding: 2,
+                hflip: false,
+            },
+        );
+        assert_eq!(t.resize, Some((4, 4)));
+        assert_eq!(t.augment.map(|a| (a.pad, a.hflip)), Some((2, false)));
+    }
+}
