@@ -257,7 +257,7 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("crop_padding"));
-        assert_eq!(AugmentPolicy::default().hflip, false);
+        assert!(!AugmentPolicy::default().hflip);
     }
 
     #[test]
