@@ -87,6 +87,15 @@ pub struct Dataset {
     pub format: String,
     pub num_samples: u64,
     pub created_ms: i64,
+    /// The model input every consumer applies; `None` only for rows registered before specs
+    /// existed (consumers must then refuse, never guess a dataset's numbers).
+    pub input_spec: Option<adaptivenet_core::data::InputSpec>,
+    /// Training-only augmentation; off unless the developer asked for it.
+    pub augment: adaptivenet_core::data::AugmentPolicy,
+    /// Classes, counts and image sizes recorded at registration, when the server read the data.
+    pub summary: Option<adaptivenet_core::data::DatasetSummary>,
+    /// Content digest (sha256 hex) of uploaded datasets; the cache key of workers.
+    pub digest: Option<String>,
 }
 
 /// Life cycle of a job: queued -> running -> (succeeded | failed | cancelled); a running job

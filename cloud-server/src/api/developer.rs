@@ -225,6 +225,10 @@ impl DeveloperService for DeveloperApi {
             format: r.format,
             num_samples: r.num_samples,
             created_ms: now_ms(),
+            input_spec: None,
+            augment: Default::default(),
+            summary: None,
+            digest: None,
         };
         self.app.store().insert_dataset(&d).await?;
         Ok(Response::new(convert::dataset(&d)))

@@ -32,8 +32,25 @@ fn dataset_from_row(r: &AnyRow) -> Result<Dataset> {
         format: r.try_get("format")?,
         num_samples: get_u64(r, "num_samples")?,
         created_ms: r.try_get("created_ms")?,
+        input_spec: json_col(r, "input_spec_json")?,
+        augment: json_col(r, "augment_json")?.unwrap_or_default(),
+        summary: json_col(r, "summary_json")?,
+        digest: r.try_get("digest")?,
     })
 }
+
+/// A nullable JSON column (written by this code only, so a parse failure is an internal error).
+fn json_col<T: serde::de::DeserializeOwned>(r: &AnyRow, col: &str) -> Result<Option<T>> {
+    let v: Option<String> = r.try_get(col)?;
+    v.map(|s| {
+        serde_json::from_str(&s).map_err(|e| CloudError::Internal(format!("datasets.{col}: {e}")))
+    })
+    .transpose()
+}
+
+/// The columns of a dataset row, in `dataset_from_row`'s terms.
+const DATASET_COLS: &str = "id, name, uri, format, num_samples, created_ms, input_spec_json, \
+                            augment_json, summary_json, digest";
 
 impl Store {
     /// Inserts an oracle unless one with the same weights digest exists; returns the stored
@@ -123,8 +140,9 @@ impl Store {
 
     pub async fn insert_dataset(&self, d: &Dataset) -> Result<()> {
         sqlx::query(
-            "INSERT INTO datasets (id, name, uri, format, num_samples, created_ms) \
-             VALUES ($1,$2,$3,$4,$5,$6)",
+            "INSERT INTO datasets (id, name, uri, format, num_samples, created_ms, \
+             input_spec_json, augment_json, summary_json, digest) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
         )
         .bind(d.id.to_string())
         .bind(&d.name)
@@ -132,6 +150,10 @@ impl Store {
         .bind(&d.format)
         .bind(d.num_samples as i64)
         .bind(d.created_ms)
+        .bind(to_json(&d.input_spec)?)
+        .bind(to_json(&Some(d.augment))?)
+        .bind(to_json(&d.summary)?)
+        .bind(d.digest.clone())
         .execute(&self.pool)
         .await
         .map_err(|e| {
@@ -148,9 +170,9 @@ impl Store {
     }
 
     pub async fn get_dataset(&self, id: Uuid) -> Result<Dataset> {
-        let row = sqlx::query(
-            "SELECT id, name, uri, format, num_samples, created_ms FROM datasets WHERE id = $1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {DATASET_COLS} FROM datasets WHERE id = $1"
+        ))
         .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await?
@@ -159,10 +181,9 @@ impl Store {
     }
 
     pub async fn list_datasets(&self, page: Page) -> Result<Vec<Dataset>> {
-        sqlx::query(
-            "SELECT id, name, uri, format, num_samples, created_ms FROM datasets \
-             ORDER BY created_ms, id LIMIT $1 OFFSET $2",
-        )
+        sqlx::query(&format!(
+            "SELECT {DATASET_COLS} FROM datasets ORDER BY created_ms, id LIMIT $1 OFFSET $2"
+        ))
         .bind(page.limit)
         .bind(page.offset)
         .fetch_all(&self.pool)
@@ -171,4 +192,10 @@ impl Store {
         .map(dataset_from_row)
         .collect()
     }
+}
+
+fn to_json<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>> {
+    v.as_ref()
+        .map(|v| serde_json::to_string(v).map_err(|e| CloudError::Internal(format!("json: {e}"))))
+        .transpose()
 }

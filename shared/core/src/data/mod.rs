@@ -25,7 +25,7 @@ pub use idx::{
     fashion_mnist, parse_idx_images, parse_idx_labels, read_idx_images, read_idx_labels,
     read_idx_pair, IdxImages, FASHION_MNIST_CLASSES,
 };
-pub use spec::{channel_stats, AugmentPolicy, InputSpec, ResizePolicy};
+pub use spec::{channel_stats, AugmentPolicy, DatasetSummary, InputSpec, ResizePolicy};
 pub use split::{
     class_filter, class_indices, dirichlet_partition, holdout, shuffled_indices, split_indices,
     Holdout, Split,

@@ -47,6 +47,20 @@ pub struct AugmentPolicy {
     pub hflip: bool,
 }
 
+/// What registration recorded about a dataset's content (training split).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetSummary {
+    /// Class names in label order.
+    pub classes: Vec<String>,
+    /// Images per class, in label order.
+    pub counts: Vec<u64>,
+    /// Channels of the stored images (1 grey, 3 colour).
+    pub channels: usize,
+    /// Smallest and largest stored `(height, width)`.
+    pub min_size: (usize, usize),
+    pub max_size: (usize, usize),
+}
+
 /// Largest crop padding accepted; more would crop mostly zeros.
 pub const MAX_CROP_PADDING: usize = 64;
 
