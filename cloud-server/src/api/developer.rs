@@ -9,10 +9,10 @@ use uuid::Uuid;
 
 use super::{convert, management, ServerStream};
 use crate::app::App;
-use crate::auth::Access;
+use crate::auth::{Access, Principal};
 use crate::domain::{
     check_name, check_sha256, now_ms, parse_id, Dataset, FleetEventKind, Job, JobState, Oracle,
-    Page,
+    Page, Role,
 };
 use crate::error::CloudError;
 use crate::ops::metrics::Metrics;
@@ -202,8 +202,10 @@ impl DeveloperService for DeveloperApi {
     ) -> Result<Response<pb::Empty>, Status> {
         management(&self.app, req.metadata(), Access::Write).await?;
         let id = parse_id("oracle_id", &req.get_ref().oracle_id)?;
-        let sha = self.app.store().delete_oracle(id).await?;
-        self.app.blobs().delete(&sha).await?;
+        // The weights blob goes only when no other row shares it (content-addressed).
+        if let Some(sha) = self.app.store().delete_oracle(id).await? {
+            self.app.blobs().delete(&sha).await?;
+        }
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -238,13 +240,30 @@ impl DeveloperService for DeveloperApi {
         &self,
         req: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
-        management(&self.app, req.metadata(), Access::Read).await?;
+        let who = management(&self.app, req.metadata(), Access::Read).await?;
         let p = req.get_ref().page.clone().unwrap_or_default();
         let page = Page::new(p.page_size, &p.page_token)?;
         let list = self.app.store().list_datasets(page).await?;
+        // A URI names storage on the worker (paths, buckets): not a viewer's business.
+        let hide_uri = matches!(
+            who,
+            Principal::Api {
+                role: Role::Viewer,
+                ..
+            }
+        );
         Ok(Response::new(pb::ListDatasetsResponse {
             next_page_token: page.next_token(list.len()),
-            datasets: list.iter().map(convert::dataset).collect(),
+            datasets: list
+                .iter()
+                .map(|d| {
+                    let mut d = convert::dataset(d);
+                    if hide_uri {
+                        d.uri.clear();
+                    }
+                    d
+                })
+                .collect(),
         }))
     }
 

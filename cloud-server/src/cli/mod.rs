@@ -81,6 +81,12 @@ enum Cmd {
         tls_cert: Option<PathBuf>,
         #[arg(long)]
         tls_key: Option<PathBuf>,
+        /// Seconds between blob garbage collections (0: never; see `gc`).
+        #[arg(long, default_value_t = 3600)]
+        gc_interval_secs: u64,
+        /// Unreferenced blobs younger than this many seconds are kept (see `gc`).
+        #[arg(long, default_value_t = 86400)]
+        gc_grace_secs: u64,
     },
     /// Run job workers only (same database and blob store as the server).
     Worker {
@@ -92,6 +98,14 @@ enum Cmd {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Delete blobs no row references any more (superseded and settled jobs' checkpoints,
+    /// module blobs of runs that never registered) once older than the grace period.
+    Gc {
+        /// Keep unreferenced blobs younger than this: it must exceed the longest time a job
+        /// or upload holds a blob before its row references it.
+        #[arg(long, default_value_t = 86400)]
+        grace_secs: u64,
+    },
     /// Manage credentials directly in the database (bootstrap, break-glass).
     Token {
         #[command(subcommand)]
@@ -303,6 +317,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             job_lease_secs,
             tls_cert,
             tls_key,
+            gc_interval_secs,
+            gc_grace_secs,
         } => {
             anyhow::ensure!(job_lease_secs >= 2, "--job-lease-secs must be at least 2");
             cfg.job_lease = std::time::Duration::from_secs(job_lease_secs);
@@ -325,6 +341,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 Some(a) => Some(tokio::net::TcpListener::bind(a).await?),
                 None => None,
             };
+            if gc_interval_secs > 0 {
+                tokio::spawn(adaptivenet_cloud::blobs::gc::periodic(
+                    app.store().clone(),
+                    app.blobs().clone(),
+                    Duration::from_secs(gc_interval_secs),
+                    Duration::from_secs(gc_grace_secs),
+                    app.shutdown_token().clone(),
+                ));
+            }
             let handle =
                 server::start(app, listener, Some(Arc::new(ElastifyRunner)), ml, tls).await?;
             tracing::info!(addr = %handle.addr, metrics = ?handle.metrics_addr, "cloud-server ready");
@@ -360,6 +385,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Migrate => {
             App::open(cfg).await?;
             println!("migrations applied");
+        }
+        Cmd::Gc { grace_secs } => {
+            let app = App::open(cfg).await?;
+            let r = adaptivenet_cloud::blobs::gc::collect(
+                app.store(),
+                app.blobs(),
+                Duration::from_secs(grace_secs),
+            )
+            .await?;
+            println!(
+                "scanned {} blobs: {} referenced, {} unreferenced but younger than {grace_secs} s, \
+                 {} deleted ({} bytes)",
+                r.scanned, r.referenced, r.young, r.deleted, r.deleted_bytes
+            );
         }
         Cmd::Token { cmd } => {
             let app = App::open(cfg).await?;
