@@ -31,8 +31,8 @@ fn write_rgb_folder(root: &Path) -> [f64; 3] {
                 ])
             });
             for p in img.pixels() {
-                for c in 0..3 {
-                    sums[c] += p.0[c] as f64 / 255.0;
+                for (s, v) in sums.iter_mut().zip(p.0) {
+                    *s += v as f64 / 255.0;
                 }
             }
             n += (w * h) as f64;
@@ -298,7 +298,8 @@ async fn upload_and_rules(db: Db) {
     let scratch = tempfile::tempdir().unwrap();
     let ok = png(4, 4);
     let ifo = DatasetFormat::ImageFolder;
-    let cases: Vec<(&str, Vec<(&str, Vec<u8>)>, Vec<&str>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>, Vec<&'a str>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "traversal",
             vec![("a/x.png", ok.clone()), ("../b/y.png", ok.clone())],

@@ -12,10 +12,13 @@ use crate::error::{CloudError, Result};
 /// enough that materialising one shard at a time stays cheap.
 pub const DEFAULT_SHARD_BYTES: u64 = 32 << 20;
 
+/// Files as (relative `/`-separated name, local path).
+pub type Files = Vec<(String, PathBuf)>;
+
 /// Files (relative `/`-separated name, local path) and directories under `dir`, sorted.
 /// Hidden names (starting with `.`) are skipped. A symlink is followed only to a file; with
 /// `root`, only when its target stays under `root`.
-pub fn scan_dir(dir: &Path, root: Option<&Path>) -> Result<(Vec<(String, PathBuf)>, Vec<String>)> {
+pub fn scan_dir(dir: &Path, root: Option<&Path>) -> Result<(Files, Vec<String>)> {
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     let mut stack = vec![(dir.to_path_buf(), String::new())];
