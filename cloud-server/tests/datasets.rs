@@ -588,3 +588,77 @@ async fn fashion_mnist_idx_upload() {
     assert!((spec.std[0] - 0.3530).abs() < 1e-3, "{:?}", spec.std);
     h.finish().await;
 }
+
+/// The CLI's preprocessing options are recorded as given; out-of-range ones are refused
+/// before anything is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_options_recorded() {
+    let Some(h) = Harness::start(Db::Sqlite, |_| {}, None).await else {
+        return;
+    };
+    let dev = h.token(Role::Developer).await;
+    let d = tempfile::tempdir().unwrap();
+    write_rgb_folder(d.path());
+    let dir = d.path().to_str().unwrap();
+    let o = cli(
+        &h,
+        &dev,
+        &[
+            "upload-dataset",
+            dir,
+            "--name",
+            "signs",
+            "--crop-padding",
+            "100",
+        ],
+    )
+    .await;
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("crop_padding"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(blob_files(&h), (0, 0));
+    let out = stdout_ok(
+        &cli(
+            &h,
+            &dev,
+            &[
+                "upload-dataset",
+                dir,
+                "--name",
+                "signs",
+                "--crop-padding",
+                "4",
+                "--size",
+                "32x32",
+                "--mean",
+                "0.5,0.5,0.5",
+                "--std",
+                "0.25,0.25,0.25",
+            ],
+        )
+        .await,
+    );
+    let got = h
+        .developer()
+        .get_dataset(authed(
+            pb::GetDatasetRequest {
+                dataset_id: dataset_id(&out),
+            },
+            &dev,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let spec: adaptivenet_core::data::InputSpec =
+        serde_json::from_str(&got.input_spec_json).unwrap();
+    assert_eq!((spec.channels, spec.height, spec.width), (3, 32, 32));
+    assert_eq!(spec.mean, vec![0.5; 3]);
+    assert_eq!(spec.std, vec![0.25; 3]);
+    let aug: adaptivenet_core::data::AugmentPolicy =
+        serde_json::from_str(&got.augment_json).unwrap();
+    assert_eq!((aug.crop_padding, aug.hflip), (4, false));
+    h.finish().await;
+}
