@@ -159,20 +159,33 @@ async fn job_errors_are_public(db: Db) {
         .into_inner();
     assert!(listed.jobs.iter().all(|j| !j.error.contains("/srv")));
 
-    // Dataset URIs: shown to the developer who registered them, hidden from viewers.
-    h.developer()
-        .register_dataset(authed(
-            pb::RegisterDatasetRequest {
-                name: "private-data".into(),
-                uri: "/srv/private/datasets/fmnist".into(),
-                format: "idx".into(),
-                num_samples: 10,
-                ..Default::default()
+    // Dataset URIs: shown to developers, hidden from viewers (a row as registration
+    // stores it).
+    let ds = adaptivenet_cloud::domain::Dataset {
+        id: uuid::Uuid::new_v4(),
+        name: "private-data".into(),
+        uri: "/srv/private/datasets/fmnist".into(),
+        format: "idx".into(),
+        num_samples: 10,
+        created_ms: now_ms(),
+        input_spec: None,
+        augment: Default::default(),
+        summary: None,
+        digest: None,
+    };
+    h.app().store().insert_dataset(&ds).await.expect("dataset row");
+    let got = h
+        .developer()
+        .get_dataset(authed(
+            pb::GetDatasetRequest {
+                dataset_id: ds.id.to_string(),
             },
-            &h.admin,
+            &viewer,
         ))
         .await
-        .expect("register dataset");
+        .expect("viewer gets the dataset")
+        .into_inner();
+    assert_eq!((got.name.as_str(), got.uri.as_str()), ("private-data", ""));
     let list = |token: String| {
         let mut dev = h.developer();
         async move {

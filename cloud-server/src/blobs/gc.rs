@@ -1,5 +1,7 @@
 //! Garbage collection of blobs no row references any more: superseded job checkpoints,
 //! checkpoints of settled jobs, module blobs of runs that never registered a supernet.
+//! Live: oracle weights, supernet modules, job checkpoints of unsettled jobs (see
+//! `store::gc`), and uploaded datasets' manifests and shards.
 //!
 //! A blob is collected only when it is unreferenced and older than the grace period: a
 //! running job writes module blobs before it registers the supernet that references them,
@@ -34,7 +36,24 @@ pub async fn collect(store: &Store, blobs: &BlobStore, grace: Duration) -> Resul
     // List first, then read the references: a blob written and referenced after the
     // listing is not a candidate; one referenced before the query is kept.
     let listed = blobs.list().await?;
-    let live = store.referenced_blobs().await?;
+    let mut live = store.referenced_blobs().await?;
+    // An uploaded dataset references its manifest blob and, through it, every shard.
+    for uri in store.uploaded_dataset_uris().await? {
+        let Some(digest) = uri.strip_prefix(crate::datasets::BLOB_SCHEME) else {
+            continue;
+        };
+        live.insert(digest.to_string());
+        let bytes = match blobs.read(digest).await {
+            Ok(b) => b,
+            Err(crate::error::CloudError::NotFound { .. }) => continue,
+            // Unsure what the dataset holds: collect nothing this round.
+            Err(e) => return Err(e),
+        };
+        let m: crate::datasets::Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+            crate::error::CloudError::DataLoss(format!("dataset manifest {digest}: {e}"))
+        })?;
+        live.extend(m.shards.into_iter().map(|s| s.sha256));
+    }
     let mut r = GcReport {
         scanned: listed.len(),
         ..GcReport::default()
