@@ -173,7 +173,11 @@ async fn job_errors_are_public(db: Db) {
         summary: None,
         digest: None,
     };
-    h.app().store().insert_dataset(&ds).await.expect("dataset row");
+    h.app()
+        .store()
+        .insert_dataset(&ds)
+        .await
+        .expect("dataset row");
     let got = h
         .developer()
         .get_dataset(authed(
