@@ -32,3 +32,35 @@ echo "== tests"
 cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/adaptivenet-test.log
 echo "== TLS (cargo feature tls: real gRPC over rustls, server, CLI client)"
 cargo test -p adaptivenet-cloud --features tls --test tls 2>&1 | tee -a /tmp/adaptivenet-test.log
+echo "== S3 (blob tests with --features s3 against a local S3-compatible server: moto, pinned)"
+# moto in server mode from PyPI, in a venv next to the target dir, on 127.0.0.1 and a free
+# port; stopped on exit. A server that cannot start fails the run.
+S3_VENV="$CARGO_TARGET_DIR/../moto-venv-5.2.5"
+if [ ! -x "$S3_VENV/bin/moto_server" ]; then
+  python3 -m venv "$S3_VENV"
+  "$S3_VENV/bin/pip" install --quiet 'moto[server]==5.2.5'
+fi
+S3_PORT="$("$S3_VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+"$S3_VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >/tmp/adaptivenet-moto.log 2>&1 &
+MOTO_PID=$!
+trap 'kill "$MOTO_PID" 2>/dev/null || true' EXIT
+if ! "$S3_VENV/bin/python" - "$S3_PORT" <<'PY'
+import sys, time, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/adaptivenet-test"
+for _ in range(100):
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="PUT"), timeout=2)
+        sys.exit(0)
+    except Exception:
+        time.sleep(0.2)
+sys.exit(1)
+PY
+then
+  echo "the S3-compatible server (moto) did not start on 127.0.0.1:$S3_PORT:" >&2
+  cat /tmp/adaptivenet-moto.log >&2
+  exit 1
+fi
+AWS_ENDPOINT="http://127.0.0.1:$S3_PORT" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
+  AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test \
+  ADAPTIVENET_S3_BUCKET=adaptivenet-test ADAPTIVENET_REQUIRE_S3=1 \
+  cargo test -p adaptivenet-cloud --features s3 --test blobs 2>&1 | tee -a /tmp/adaptivenet-test.log

@@ -25,6 +25,9 @@ enum Kind {
     Local,
     ObjectFs,
     ObjectMemory,
+    /// A real S3-compatible server (scripts/test.sh starts one), under a fresh prefix.
+    #[cfg(feature = "s3")]
+    S3,
 }
 
 async fn backend(kind: Kind) -> Backend {
@@ -47,6 +50,24 @@ async fn backend(kind: Kind) -> Backend {
                     .expect("open"),
                 raw: Some(raw),
                 _dirs: vec![scratch, objects],
+            }
+        }
+        #[cfg(feature = "s3")]
+        Kind::S3 => {
+            let bucket = s3_bucket().expect("checked by the caller");
+            let s3 = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .expect("S3 client from AWS_* variables");
+            let prefix = format!("t-{}", uuid::Uuid::new_v4().simple());
+            let raw: Arc<dyn ObjectStore> =
+                Arc::new(object_store::prefix::PrefixStore::new(s3, prefix.as_str()));
+            Backend {
+                store: BlobStore::open_object(raw.clone(), "", scratch.path())
+                    .await
+                    .expect("open"),
+                raw: Some(raw),
+                _dirs: vec![scratch],
             }
         }
         Kind::ObjectMemory => {
@@ -306,6 +327,13 @@ macro_rules! contract {
             async fn object_memory() {
                 super::$name(Kind::ObjectMemory).await
             }
+            #[cfg(feature = "s3")]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn s3() {
+                if super::s3_bucket().is_some() {
+                    super::$name(Kind::S3).await
+                }
+            }
         })*
     };
 }
@@ -437,5 +465,118 @@ async fn supernet_download_through_object_store() {
     assert_eq!(final_sha, sha);
     assert_eq!(sha256_hex(&got), sha);
     assert_eq!(got, big);
+    h.finish().await;
+}
+
+/// The bucket of the S3-compatible server scripts/test.sh starts (`ADAPTIVENET_S3_BUCKET`,
+/// endpoint and credentials in the standard `AWS_*` variables); `None` after printing why
+/// when there is none, a failure under `ADAPTIVENET_REQUIRE_S3=1`.
+#[cfg(feature = "s3")]
+fn s3_bucket() -> Option<String> {
+    match std::env::var("ADAPTIVENET_S3_BUCKET") {
+        Ok(b) if !b.is_empty() => Some(b),
+        _ => {
+            if std::env::var("ADAPTIVENET_REQUIRE_S3").as_deref() == Ok("1") {
+                panic!("S3 required but ADAPTIVENET_S3_BUCKET is not set");
+            }
+            eprintln!("skipping: no S3-compatible server (ADAPTIVENET_S3_BUCKET unset)");
+            None
+        }
+    }
+}
+
+/// An API replica and a worker that share the database and the bucket but no disk: the
+/// worker stores a supernet's module blobs (one above the multipart threshold) and
+/// registers it; the API replica serves a module to a device, which resumes the download
+/// from an offset and verifies the digest.
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_replicas_share_only_the_bucket() {
+    let Some(bucket) = s3_bucket() else {
+        return;
+    };
+    let url = format!("s3://{bucket}/r-{}", uuid::Uuid::new_v4().simple());
+    let u2 = url.clone();
+    let Some(h) = Harness::start(Db::Sqlite, move |c| c.blob_url = Some(u2), None).await else {
+        return;
+    };
+    let dev = h.token(adaptivenet_cloud::domain::Role::Developer).await;
+    let o = upload(&h, &dev, "o", &safetensors_bytes(20, 0))
+        .await
+        .expect("upload")
+        .oracle
+        .expect("oracle");
+    // The worker: its own data directory (scratch), the same database and bucket.
+    let worker_dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = adaptivenet_cloud::app::Config::for_data_dir(worker_dir.path());
+    cfg.database_url = h.app().config().database_url.clone();
+    cfg.blob_url = Some(url.clone());
+    let worker = adaptivenet_cloud::app::App::open(cfg)
+        .await
+        .expect("worker app");
+    let big = random_bytes((17 << 20) + 3, 9);
+    let json = common::store_supernet_artifact(worker.blobs(), 31).await;
+    let mut manifest = adaptivenet_core::artifact::Manifest::from_json(&json).expect("manifest");
+    let r = worker.blobs().put(&big).await.expect("multipart put");
+    {
+        let stem = &mut manifest.stem;
+        stem.sha256 = r.sha256.clone();
+        stem.size = r.size_bytes;
+    }
+    let s = worker
+        .register_supernet(
+            "net",
+            uuid::Uuid::parse_str(&o.id).expect("uuid"),
+            None,
+            &manifest.to_json().expect("json"),
+        )
+        .await
+        .expect("register");
+    assert_eq!(files(&worker_dir.path().join("blobs/sha256")), 0);
+    let (fleet, _, cred) = h.enrolled_device("edge").await;
+    h.developer()
+        .publish_supernet(authed(
+            pb::PublishSupernetRequest {
+                supernet_id: s.id.to_string(),
+                fleet_id: fleet,
+                label: "stable".into(),
+            },
+            &dev,
+        ))
+        .await
+        .expect("publish");
+    let sha = r.sha256;
+    let download = |offset: u64| {
+        let mut d = h.device();
+        let req = authed(
+            pb::DownloadBlobRequest {
+                sha256: sha.clone(),
+                offset,
+                chunk_size: 1 << 20,
+            },
+            &cred,
+        );
+        async move { d.download_blob(req).await.expect("download").into_inner() }
+    };
+    let mut got = Vec::new();
+    let mut st = download(0).await;
+    for _ in 0..3 {
+        let c = st.message().await.expect("chunk").expect("some");
+        assert_eq!(c.offset, got.len() as u64);
+        got.extend_from_slice(&c.data);
+    }
+    drop(st);
+    let mut st = download(got.len() as u64).await;
+    let mut final_sha = String::new();
+    while let Some(c) = st.message().await.expect("chunk") {
+        assert_eq!(c.offset, got.len() as u64);
+        got.extend_from_slice(&c.data);
+        if c.last {
+            final_sha = c.sha256;
+        }
+    }
+    assert_eq!(final_sha, sha);
+    assert!(got == big, "the resumed download is the blob");
+    assert_eq!(files(&h.app().blobs().root().join("sha256")), 0);
     h.finish().await;
 }
