@@ -81,6 +81,9 @@ enum Cmd {
         tls_cert: Option<PathBuf>,
         #[arg(long)]
         tls_key: Option<PathBuf>,
+        /// Quotas, timeouts and HTTP/2 limits against hostile or broken clients.
+        #[command(flatten)]
+        net: adaptivenet_cloud::ops::net::NetLimits,
     },
     /// Run job workers only (same database and blob store as the server).
     Worker {
@@ -303,7 +306,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             job_lease_secs,
             tls_cert,
             tls_key,
+            net,
         } => {
+            cfg.net = net;
             anyhow::ensure!(job_lease_secs >= 2, "--job-lease-secs must be at least 2");
             cfg.job_lease = std::time::Duration::from_secs(job_lease_secs);
             cfg.durable_telemetry = durable_telemetry;
