@@ -92,7 +92,7 @@ ADMIN=$(RUST_LOG=warn "${CLOUD[@]}" token create-api --role admin --description 
 VIEWER=$(RUST_LOG=warn "${CLOUD[@]}" token create-api --role viewer --description dashboard | awk '/^token:/ {print $2}')
 FLEET=$(RUST_LOG=warn "${CLOUD[@]}" fleet create demo-fleet | tail -n 1)
 ENROLL=$(RUST_LOG=warn "${CLOUD[@]}" token create-enrollment --fleet demo-fleet --uses 3 | awk '/^token:/ {print $2}')
-"${CLOUD[@]}" serve --listen "127.0.0.1:$PORT" --workers 1 > "$RUN/cloud.log" 2>&1 &
+"${CLOUD[@]}" serve --listen "127.0.0.1:$PORT" --workers 1 --dataset-root "$ADAPTIVENET_ASSETS" > "$RUN/cloud.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 50); do grep -q "cloud-server ready" "$RUN/cloud.log" && break; sleep 0.2; done
 CLIENT=("$BIN/cloud-server" client --endpoint "$ENDPOINT" --token "$ADMIN")

@@ -32,6 +32,11 @@ pub struct Config {
     pub db_max_connections: u32,
     /// Largest accepted oracle weights file.
     pub max_oracle_bytes: u64,
+    /// Largest accepted dataset upload (sum of its shards).
+    pub max_dataset_bytes: u64,
+    /// The only directory under which `file://` datasets may be registered (`None`: such
+    /// registrations are refused).
+    pub dataset_root: Option<PathBuf>,
     /// Privacy minimum of samples behind a reported quality estimate.
     pub min_report_samples: u64,
     /// Heartbeat interval suggested to agents.
@@ -67,6 +72,8 @@ impl Config {
             blob_url: None,
             db_max_connections: 8,
             max_oracle_bytes: 512 << 20,
+            max_dataset_bytes: 2048 << 20,
+            dataset_root: None,
             min_report_samples: 100,
             heartbeat_interval: Duration::from_secs(30),
             stale_after_missed: 3,

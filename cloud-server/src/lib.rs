@@ -6,6 +6,7 @@
 //! - [`domain`]: domain types and request-independent validation (reports, names, codes).
 //! - [`store`]: sqlx persistence, one code path for SQLite (WAL) and PostgreSQL; migrations.
 //! - [`blobs`]: content-addressed blob store with atomic writes and ranged reads.
+//! - [`datasets`]: dataset upload, registration, validation and materialisation for workers.
 //! - [`validate`]: the one function that accepts or rejects an uploaded oracle.
 //! - [`auth`]: tokens (hashed at rest), authentication and per-API authorisation rules.
 //! - [`jobs`]: the [`jobs::JobRunner`] plug-in and the leasing worker loop.
@@ -22,6 +23,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod blobs;
+pub mod datasets;
 pub mod domain;
 pub mod elastify;
 pub mod error;

@@ -200,6 +200,7 @@ async fn auth_matrix(db: Db) {
                 uri: "/d".into(),
                 format: "idx".into(),
                 num_samples: 1,
+                options: None,
             },
             &viewer,
         ))

@@ -294,6 +294,13 @@ impl CloudProcess {
                 &format!("127.0.0.1:{}", self.port),
                 "--metrics-listen",
                 &self.metrics_addr(),
+                // Tests keep their data sets next to the data directory.
+                "--dataset-root",
+                self.data_dir
+                    .parent()
+                    .unwrap_or(&self.data_dir)
+                    .to_str()
+                    .expect("utf8 path"),
             ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

@@ -63,11 +63,17 @@ fn happy_path(database_url: Option<String>) {
     let url = format!("http://127.0.0.1:{port}");
     let log = std::fs::File::create(d.join("cloud.log")).expect("log");
     let _server = KillOnDrop(
-        cloud(&["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn cloud"),
+        cloud(&[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--dataset-root",
+            d.to_str().expect("utf8"),
+        ])
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn cloud"),
     );
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

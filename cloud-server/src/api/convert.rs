@@ -35,6 +35,30 @@ pub fn dataset(d: &Dataset) -> pb::Dataset {
         format: d.format.clone(),
         num_samples: d.num_samples,
         created_unix_ms: d.created_ms,
+        input_spec_json: json_or_empty(d.input_spec.as_ref()),
+        augment_json: json_or_empty(Some(&d.augment)),
+        summary_json: json_or_empty(d.summary.as_ref()),
+        digest: d.digest.clone().unwrap_or_default(),
+    }
+}
+
+/// JSON of a recorded value ("" when absent).
+fn json_or_empty<T: serde::Serialize>(v: Option<&T>) -> String {
+    v.and_then(|v| serde_json::to_string(v).ok())
+        .unwrap_or_default()
+}
+
+/// The developer's dataset options (wire -> domain).
+pub fn dataset_options(o: Option<&pb::DatasetOptions>) -> crate::datasets::DatasetOptions {
+    let o = o.cloned().unwrap_or_default();
+    crate::datasets::DatasetOptions {
+        augment: adaptivenet_core::data::AugmentPolicy {
+            crop_padding: o.crop_padding as usize,
+            hflip: o.hflip,
+        },
+        mean: o.mean,
+        std: o.std,
+        size: (o.height != 0 || o.width != 0).then_some((o.height as usize, o.width as usize)),
     }
 }
 

@@ -11,6 +11,7 @@ use super::watch::JobWatches;
 use super::{convert, management, ServerStream};
 use crate::app::App;
 use crate::auth::Access;
+use crate::datasets;
 use crate::domain::{
     check_name, check_sha256, now_ms, parse_id, Dataset, FleetEventKind, Job, JobState, Oracle,
     Page,
@@ -160,11 +161,11 @@ impl DeveloperApi {
 
 /// The next message of an upload stream; a stream idle for longer than `idle` fails with
 /// DEADLINE_EXCEEDED (the caller's partial blob is deleted when its writer drops).
-async fn next_message(
-    stream: &mut Streaming<pb::UploadOracleRequest>,
+async fn next_message<T>(
+    stream: &mut Streaming<T>,
     idle: Duration,
     field: &str,
-) -> Result<Option<pb::UploadOracleRequest>, CloudError> {
+) -> Result<Option<T>, CloudError> {
     match tokio::time::timeout(idle, stream.message()).await {
         Ok(r) => {
             r.map_err(|s| CloudError::invalid(field, format!("stream failed: {}", s.message())))
@@ -173,6 +174,57 @@ async fn next_message(
             "upload stream idle for more than {} ms; nothing was stored",
             idle.as_millis()
         ))),
+    }
+}
+
+impl DeveloperApi {
+    /// Feeds the `UploadDataset` stream to a [`datasets::upload::Upload`] in order.
+    async fn upload_dataset_stream(
+        &self,
+        mut stream: Streaming<pb::UploadDatasetRequest>,
+    ) -> Result<(Dataset, bool), CloudError> {
+        use pb::upload_dataset_request::Msg as M;
+        let idle = self.app.config().net.upload_idle_timeout();
+        let h = match next_message(&mut stream, idle, "stream").await? {
+            Some(pb::UploadDatasetRequest {
+                msg: Some(M::Header(h)),
+            }) => h,
+            Some(_) => {
+                return Err(CloudError::invalid(
+                    "header",
+                    "the first message must be the header",
+                ))
+            }
+            None => {
+                return Err(CloudError::invalid(
+                    "header",
+                    "stream ended before the header",
+                ))
+            }
+        };
+        let opts = convert::dataset_options(h.options.as_ref());
+        let mut up =
+            datasets::upload::Upload::begin(&self.app, &h.name, &h.format, h.total_bytes, opts)?;
+        while let Some(m) = next_message(&mut stream, idle, "stream").await? {
+            match m.msg {
+                Some(M::Shard(s)) => up.start_shard(&s.sha256, s.size_bytes).await?,
+                Some(M::Chunk(c)) => {
+                    if c.len() > MAX_CHUNK {
+                        return Err(CloudError::invalid(
+                            "chunk",
+                            format!("larger than {MAX_CHUNK} bytes"),
+                        ));
+                    }
+                    up.chunk(&c).await?
+                }
+                Some(M::ManifestChunk(c)) => up.manifest_chunk(&c)?,
+                Some(M::Header(_)) => {
+                    return Err(CloudError::invalid("header", "sent more than once"))
+                }
+                None => return Err(CloudError::invalid("msg", "empty message")),
+            }
+        }
+        up.finish().await
     }
 }
 
@@ -226,31 +278,49 @@ impl DeveloperService for DeveloperApi {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn upload_dataset(
+        &self,
+        req: Request<Streaming<pb::UploadDatasetRequest>>,
+    ) -> Result<Response<pb::UploadDatasetResponse>, Status> {
+        management(&self.app, req.metadata(), Access::Write).await?;
+        let (d, created) = self.upload_dataset_stream(req.into_inner()).await?;
+        Ok(Response::new(pb::UploadDatasetResponse {
+            dataset: Some(convert::dataset(&d)),
+            created,
+        }))
+    }
+
     async fn register_dataset(
         &self,
         req: Request<pb::RegisterDatasetRequest>,
     ) -> Result<Response<pb::Dataset>, Status> {
         management(&self.app, req.metadata(), Access::Write).await?;
         let r = req.into_inner();
-        check_name("name", &r.name)?;
-        check_name("format", &r.format)?;
-        if r.uri.is_empty() || r.uri.len() > 2048 || r.uri.chars().any(char::is_control) {
-            return Err(CloudError::invalid("uri", "must be 1-2048 printable characters").into());
-        }
-        let d = Dataset {
-            id: Uuid::new_v4(),
-            name: r.name,
-            uri: r.uri,
-            format: r.format,
-            num_samples: r.num_samples,
-            created_ms: now_ms(),
-            input_spec: None,
-            augment: Default::default(),
-            summary: None,
-            digest: None,
-        };
-        self.app.store().insert_dataset(&d).await?;
+        let opts = convert::dataset_options(r.options.as_ref());
+        let (d, _) = datasets::register(&self.app, &r.name, &r.uri, &r.format, &opts).await?;
         Ok(Response::new(convert::dataset(&d)))
+    }
+
+    async fn get_dataset(
+        &self,
+        req: Request<pb::GetDatasetRequest>,
+    ) -> Result<Response<pb::Dataset>, Status> {
+        management(&self.app, req.metadata(), Access::Read).await?;
+        let id = parse_id("dataset_id", &req.get_ref().dataset_id)?;
+        Ok(Response::new(convert::dataset(
+            &self.app.store().get_dataset(id).await?,
+        )))
+    }
+
+    async fn delete_dataset(
+        &self,
+        req: Request<pb::DeleteDatasetRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        management(&self.app, req.metadata(), Access::Write).await?;
+        let id = parse_id("dataset_id", &req.get_ref().dataset_id)?;
+        let d = self.app.store().delete_dataset(id).await?;
+        datasets::release_blobs(&self.app, &d).await?;
+        Ok(Response::new(pb::Empty {}))
     }
 
     async fn list_datasets(

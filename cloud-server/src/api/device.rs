@@ -90,6 +90,7 @@ impl DeviceService for DeviceApi {
             fleet_id: e.fleet_id.to_string(),
             device_credential: e.credential,
             credential_expires_unix_ms: e.expires_ms.unwrap_or(0),
+            min_quality_samples: self.app.config().min_report_samples,
         }))
     }
 
@@ -245,6 +246,7 @@ impl DeviceService for DeviceApi {
         Ok(Response::new(pb::HeartbeatResponse {
             desired_generation: generation,
             heartbeat_interval_ms: self.app.config().heartbeat_interval.as_millis() as u32,
+            min_quality_samples: self.app.config().min_report_samples,
         }))
     }
 

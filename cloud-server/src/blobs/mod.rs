@@ -288,6 +288,19 @@ impl BlobWriter {
         hex::encode(self.hasher.clone().finalize())
     }
 
+    /// Completes the writes issued so far, so the temp file can be read by path.
+    pub async fn flush(&mut self) -> Result<()> {
+        if let (Some(f), Some(tmp)) = (self.file.as_mut(), self.tmp.as_ref()) {
+            f.flush().await.map_err(|e| CloudError::io(tmp, e))?;
+        }
+        Ok(())
+    }
+
+    /// The uncommitted temp file (validation reads it in place; call [`Self::flush`] first).
+    pub fn temp_path(&self) -> Option<&Path> {
+        self.tmp.as_deref()
+    }
+
     /// Reads back what was written so far (to validate it before committing). Flushes
     /// first: tokio's `File` completes writes in the background.
     pub async fn contents(&mut self) -> Result<Vec<u8>> {

@@ -39,18 +39,39 @@ enum ClientCmd {
         #[arg(long)]
         name: String,
     },
-    /// Register a data set the cloud may train on (a server-local IDX folder).
+    /// Upload a dataset directory (ImageFolder tree or IDX folder) with a progress bar; the
+    /// server validates every entry before storing anything. Same content: same dataset.
+    UploadDataset {
+        dir: PathBuf,
+        /// Dataset name (default: the directory's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// `imagefolder` (`<class>/<image>.png|jpg`) or `idx`; default: `idx` when the folder
+        /// holds `train-images-idx3-ubyte[.gz]`, else `imagefolder`.
+        #[arg(long, value_parser = ["imagefolder", "idx"])]
+        format: Option<String>,
+        #[command(flatten)]
+        options: DatasetOptionArgs,
+    },
+    /// Register a dataset the server reads in place (`file://` under its --dataset-root).
     RegisterDataset {
         #[arg(long)]
         name: String,
-        /// Path on the server (or `file://` URI) of a folder with Fashion-MNIST-style IDX files.
+        /// `file://` URI (or absolute path) on the server, under its --dataset-root.
         #[arg(long)]
         uri: String,
-        #[arg(long, default_value = "idx")]
+        #[arg(long, default_value = "idx", value_parser = ["imagefolder", "idx"])]
         format: String,
-        #[arg(long, default_value_t = 0)]
+        /// Ignored (the server counts samples itself); kept for old scripts.
+        #[arg(long, default_value_t = 0, hide = true)]
         num_samples: u64,
+        #[command(flatten)]
+        options: DatasetOptionArgs,
     },
+    /// Show what the server recorded about a dataset (input spec, augmentation, summary).
+    GetDataset { dataset_id: String },
+    /// Delete a dataset (refused while a queued or running job uses it).
+    DeleteDataset { dataset_id: String },
     /// Start an elastification job, optionally watching it to the end.
     Elastify {
         oracle_id: String,
@@ -95,7 +116,7 @@ enum ClientCmd {
     Cancel { job_id: String },
     /// List oracles, jobs or supernets.
     List {
-        #[arg(value_parser = ["oracles", "jobs", "supernets"])]
+        #[arg(value_parser = ["oracles", "datasets", "jobs", "supernets"])]
         what: String,
     },
     /// Point a fleet's label at a supernet version.
@@ -106,6 +127,156 @@ enum ClientCmd {
         #[arg(long, default_value = "stable")]
         label: String,
     },
+}
+
+/// Preprocessing chosen by the developer; everything else is computed by the server.
+#[derive(Args, Debug)]
+struct DatasetOptionArgs {
+    /// Flip training images left-right at random (never for digits, text or signs).
+    #[arg(long)]
+    hflip: bool,
+    /// Zero padding before a random crop back to the input size (0: no crop).
+    #[arg(long, default_value_t = 0)]
+    crop_padding: u32,
+    /// Per-channel mean of x/255, comma-separated (default: computed on the training split).
+    #[arg(long, value_delimiter = ',')]
+    mean: Vec<f32>,
+    /// Per-channel std of x/255, comma-separated (default: computed on the training split).
+    #[arg(long, value_delimiter = ',')]
+    std: Vec<f32>,
+    /// Model input size `HxW` (default: the most common image size).
+    #[arg(long)]
+    size: Option<String>,
+}
+
+impl DatasetOptionArgs {
+    fn to_pb(&self) -> anyhow::Result<pb::DatasetOptions> {
+        let (height, width) = match &self.size {
+            None => (0, 0),
+            Some(s) => {
+                let (h, w) = s
+                    .split_once('x')
+                    .with_context(|| format!("--size {s}: expected HxW, e.g. 32x32"))?;
+                (
+                    h.parse().with_context(|| format!("--size {s}"))?,
+                    w.parse().with_context(|| format!("--size {s}"))?,
+                )
+            }
+        };
+        Ok(pb::DatasetOptions {
+            hflip: self.hflip,
+            crop_padding: self.crop_padding,
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+            height,
+            width,
+        })
+    }
+}
+
+/// Prints a dataset and what the server recorded about it.
+fn print_dataset(d: &pb::Dataset) {
+    println!(
+        "dataset {} name {} format {} samples {}",
+        d.id, d.name, d.format, d.num_samples
+    );
+    println!("  uri:        {}", d.uri);
+    println!("  digest:     {}", d.digest);
+    println!("  input_spec: {}", d.input_spec_json);
+    println!("  augment:    {}", d.augment_json);
+    println!("  summary:    {}", d.summary_json);
+}
+
+/// Packs `dir` and streams it (header, shards, manifest) with a progress bar.
+async fn upload_dataset(
+    c: &mut Client,
+    dir: PathBuf,
+    name: Option<String>,
+    format: Option<String>,
+    options: pb::DatasetOptions,
+) -> anyhow::Result<pb::UploadDatasetResponse> {
+    use adaptivenet_cloud::datasets::{pack, DatasetFormat};
+    use pb::upload_dataset_request::Msg;
+    let name = match name {
+        Some(n) => n,
+        None => dir
+            .canonicalize()?
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("--name: the directory has no usable name")?
+            .to_string(),
+    };
+    let (files, dirs) = pack::scan_dir(&dir, None).with_context(|| dir.display().to_string())?;
+    let format = match format.as_deref() {
+        Some(f) => DatasetFormat::parse("--format", f)?,
+        None if files
+            .iter()
+            .any(|(n, _)| n.starts_with("train-images-idx3-ubyte")) =>
+        {
+            DatasetFormat::Idx
+        }
+        None => DatasetFormat::ImageFolder,
+    };
+    let dir2 = dir.clone();
+    let packed = tokio::task::spawn_blocking(move || {
+        pack::pack(format, files, dirs, pack::DEFAULT_SHARD_BYTES)
+    })
+    .await?
+    .with_context(|| dir2.display().to_string())?;
+    let bar = indicatif::ProgressBar::new(packed.total_bytes);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(format!(
+        "{} files, {} shards",
+        packed.manifest.entries.len(),
+        packed.shards.len()
+    ));
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadDatasetRequest>(4);
+    let header = pb::UploadDatasetRequest {
+        msg: Some(Msg::Header(pb::DatasetUploadHeader {
+            name,
+            format: format.as_str().to_string(),
+            total_bytes: packed.total_bytes,
+            options: Some(options),
+        })),
+    };
+    let bar2 = bar.clone();
+    let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let send = |m: Msg| {
+            tx.blocking_send(pb::UploadDatasetRequest { msg: Some(m) })
+                .map_err(|_| anyhow::anyhow!("upload stream closed by the server"))
+        };
+        tx.blocking_send(header)
+            .map_err(|_| anyhow::anyhow!("upload stream closed by the server"))?;
+        for s in &packed.shards {
+            send(Msg::Shard(pb::DatasetShard {
+                sha256: s.sha256.clone(),
+                size_bytes: s.size,
+            }))?;
+            for f in &s.files {
+                let bytes = std::fs::read(f).with_context(|| f.display().to_string())?;
+                for c in bytes.chunks(1 << 20) {
+                    send(Msg::Chunk(c.to_vec()))?;
+                    bar2.inc(c.len() as u64);
+                }
+            }
+        }
+        for c in packed.manifest.canonical_json().chunks(1 << 20) {
+            send(Msg::ManifestChunk(c.to_vec()))?;
+        }
+        Ok(())
+    });
+    let r = c
+        .upload_dataset(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    bar.finish();
+    let r = r?.into_inner();
+    producer.await??;
+    Ok(r)
 }
 
 /// Adds the bearer token to every call.
@@ -232,11 +403,29 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 d.fleet_id, d.supernet_id, d.generation
             );
         }
+        ClientCmd::UploadDataset {
+            dir,
+            name,
+            format,
+            options,
+        } => {
+            let r = upload_dataset(&mut c, dir, name, format, options.to_pb()?).await?;
+            let d = r.dataset.unwrap_or_default();
+            println!(
+                "{} dataset {} ({} samples, digest {})",
+                if r.created { "created" } else { "existing" },
+                d.id,
+                d.num_samples,
+                d.digest
+            );
+            print_dataset(&d);
+        }
         ClientCmd::RegisterDataset {
             name,
             uri,
             format,
             num_samples,
+            options,
         } => {
             let d = c
                 .register_dataset(pb::RegisterDatasetRequest {
@@ -244,10 +433,25 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                     uri,
                     format,
                     num_samples,
+                    options: Some(options.to_pb()?),
                 })
                 .await?
                 .into_inner();
             println!("dataset {} ({})", d.id, d.uri);
+        }
+        ClientCmd::GetDataset { dataset_id } => {
+            let d = c
+                .get_dataset(pb::GetDatasetRequest { dataset_id })
+                .await?
+                .into_inner();
+            print_dataset(&d);
+        }
+        ClientCmd::DeleteDataset { dataset_id } => {
+            c.delete_dataset(pb::DeleteDatasetRequest {
+                dataset_id: dataset_id.clone(),
+            })
+            .await?;
+            println!("deleted dataset {dataset_id}");
         }
         ClientCmd::Aggregates { fleet } => {
             let channel = endpoint(&args.endpoint, args.ca_file.as_deref())?
@@ -338,6 +542,19 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                     println!(
                         "{}  {:20}  {:10}  {}",
                         o.id, o.name, o.family, o.weights_sha256
+                    );
+                }
+            }
+            "datasets" => {
+                for d in c
+                    .list_datasets(pb::ListDatasetsRequest::default())
+                    .await?
+                    .into_inner()
+                    .datasets
+                {
+                    println!(
+                        "{}  {:20}  {:12}  {:>8} samples  {}",
+                        d.id, d.name, d.format, d.num_samples, d.digest
                     );
                 }
             }

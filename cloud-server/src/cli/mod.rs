@@ -64,6 +64,13 @@ enum Cmd {
         /// Largest accepted oracle, MiB.
         #[arg(long, default_value_t = 512)]
         max_oracle_mib: u64,
+        /// Largest accepted dataset upload, MiB.
+        #[arg(long, default_value_t = 2048)]
+        max_dataset_mb: u64,
+        /// The only directory under which datasets may be registered by `file://` URI
+        /// (without it, such registrations are refused; uploads always work).
+        #[arg(long, env = "ADAPTIVENET_DATASET_ROOT")]
+        dataset_root: Option<PathBuf>,
         /// Reports carrying a quality estimate from fewer local samples are rejected.
         #[arg(long, default_value_t = 100)]
         min_report_samples: u64,
@@ -301,6 +308,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             workers,
             max_concurrent_requests,
             max_oracle_mib,
+            max_dataset_mb,
+            dataset_root,
             min_report_samples,
             durable_telemetry,
             job_lease_secs,
@@ -315,6 +324,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             cfg.workers = workers;
             cfg.max_concurrent_requests = max_concurrent_requests;
             cfg.max_oracle_bytes = max_oracle_mib << 20;
+            cfg.max_dataset_bytes = max_dataset_mb << 20;
+            cfg.dataset_root = dataset_root;
             cfg.min_report_samples = min_report_samples;
             let tls = match (tls_cert, tls_key) {
                 (Some(c), Some(k)) => Some(TlsFiles {

@@ -180,6 +180,71 @@ impl Store {
         dataset_from_row(&row)
     }
 
+    /// The dataset with content digest `digest`, if any.
+    pub async fn dataset_by_digest(&self, digest: &str) -> Result<Option<Dataset>> {
+        sqlx::query(&format!(
+            "SELECT {DATASET_COLS} FROM datasets WHERE digest = $1"
+        ))
+        .bind(digest)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(dataset_from_row)
+        .transpose()
+    }
+
+    pub async fn dataset_by_name(&self, name: &str) -> Result<Option<Dataset>> {
+        sqlx::query(&format!(
+            "SELECT {DATASET_COLS} FROM datasets WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(dataset_from_row)
+        .transpose()
+    }
+
+    /// URIs of every dataset (blob garbage collection reads the uploaded ones' manifests).
+    pub async fn uploaded_dataset_uris(&self) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT uri FROM datasets WHERE uri LIKE 'blob://%'")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("uri").map_err(Into::into))
+            .collect()
+    }
+
+    /// Deletes a dataset; refuses with FAILED_PRECONDITION while a queued or running job
+    /// uses it. Finished jobs keep their history with the dataset reference cleared.
+    pub async fn delete_dataset(&self, id: Uuid) -> Result<Dataset> {
+        let d = self.get_dataset(id).await?;
+        let mut tx = self.pool.begin().await?;
+        let active: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM jobs WHERE dataset_id = $1 \
+             AND state IN ('queued', 'running')",
+        )
+        .bind(id.to_string())
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
+        if active > 0 {
+            return Err(CloudError::FailedPrecondition(format!(
+                "dataset {id} is used by {active} queued or running job(s); cancel them first"
+            )));
+        }
+        sqlx::query("UPDATE jobs SET dataset_id = NULL WHERE dataset_id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM datasets WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(d)
+    }
+
     pub async fn list_datasets(&self, page: Page) -> Result<Vec<Dataset>> {
         sqlx::query(&format!(
             "SELECT {DATASET_COLS} FROM datasets ORDER BY created_ms, id LIMIT $1 OFFSET $2"

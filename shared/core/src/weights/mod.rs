@@ -22,6 +22,8 @@ use crate::{CoreError, Result};
 mod pickle;
 mod torch;
 
+pub use torch::{inflate_budget, MAX_INFLATED_BYTES};
+
 /// The container formats [`read_tensors`] understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {

@@ -229,10 +229,41 @@ fn materialise(
     Ok(out)
 }
 
+/// Most bytes a `.pth` archive may inflate to, whatever its size: `torch.save` stores its
+/// entries uncompressed, so a real checkpoint inflates to about its own size; the cloud
+/// accepts uploads up to 512 MiB.
+pub const MAX_INFLATED_BYTES: u64 = 1 << 30;
+
+/// The inflation budget of a zip archive of `archive_len` bytes: 16x the archive plus
+/// 16 MiB, at most [`MAX_INFLATED_BYTES`]. A decompression bomb (an entry claiming ~1000x
+/// its compressed size) is refused before anything is inflated, so reading an untrusted
+/// checkpoint costs memory in proportion to its size.
+pub fn inflate_budget(archive_len: usize) -> u64 {
+    (archive_len as u64)
+        .saturating_mul(16)
+        .saturating_add(16 << 20)
+        .min(MAX_INFLATED_BYTES)
+}
+
 /// The zip format: `<prefix>/data.pkl` plus one entry per storage.
 pub(super) fn read_zip(bytes: &[u8], budget: &mut Budget) -> Result<Vec<RawTensor>, Fail> {
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .map_err(|e| Fail(format!("not a readable zip archive: {e}")))?;
+    // What the central directory claims, before inflating anything.
+    let mut inflate_left = inflate_budget(bytes.len());
+    let mut claimed = 0u64;
+    for i in 0..zip.len() {
+        let f = zip
+            .by_index_raw(i)
+            .map_err(|e| Fail(format!("zip entry {i}: {e}")))?;
+        claimed = claimed.saturating_add(f.size());
+    }
+    if claimed > inflate_left {
+        return Err(Fail(format!(
+            "zip entries claim {claimed} bytes inflated, over the budget of {inflate_left} bytes              for a {}-byte archive (16x its size + 16 MiB, at most {MAX_INFLATED_BYTES}):              refused as a decompression bomb",
+            bytes.len()
+        )));
+    }
     let pkl_name = zip
         .file_names()
         .filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
@@ -255,7 +286,7 @@ pub(super) fn read_zip(bytes: &[u8], budget: &mut Budget) -> Result<Vec<RawTenso
         }
     }
 
-    let pkl = read_entry(&mut zip, &pkl_name, bytes.len())?;
+    let pkl = read_entry(&mut zip, &pkl_name, &mut inflate_left)?;
     let mut pos = 0;
     let root = pickle::parse(&pkl, &mut pos, work_limit(pkl.len())).map_err(Fail)?;
     let specs = collect_specs(&root).map_err(Fail)?;
@@ -266,7 +297,7 @@ pub(super) fn read_zip(bytes: &[u8], budget: &mut Budget) -> Result<Vec<RawTenso
             continue;
         }
         let entry = format!("{prefix}data/{}", s.key);
-        let data = read_entry(&mut zip, &entry, bytes.len())
+        let data = read_entry(&mut zip, &entry, &mut inflate_left)
             .map_err(|Fail(e)| Fail(format!("tensor {}: {e}", s.name)))?;
         owned.insert(s.key.clone(), (s.elem, data));
     }
@@ -277,28 +308,35 @@ pub(super) fn read_zip(bytes: &[u8], budget: &mut Budget) -> Result<Vec<RawTenso
     materialise(specs, &storages, budget).map_err(Fail)
 }
 
-/// Reads a zip entry, refusing ones whose declared size exceeds what a stored or deflated entry
-/// of this archive could hold (deflate expands at most ~1032x).
+/// Reads a zip entry within the archive's remaining inflation budget `left`: never more than
+/// the entry claims nor than the budget holds, whatever the compressed stream expands to.
 fn read_entry(
     zip: &mut zip::ZipArchive<std::io::Cursor<&[u8]>>,
     name: &str,
-    archive_len: usize,
+    left: &mut u64,
 ) -> Result<Vec<u8>, Fail> {
     let f = zip
         .by_name(name)
         .map_err(|e| Fail(format!("zip entry {name}: {e}")))?;
-    let cap = (archive_len as u64).saturating_mul(1032);
-    if f.size() > cap {
+    let size = f.size();
+    if size > *left {
         return Err(Fail(format!(
-            "zip entry {name} claims {} bytes, impossible in a {archive_len}-byte archive",
-            f.size()
+            "zip entry {name} claims {size} bytes, over the {} bytes left of the archive's              inflation budget: refused as a decompression bomb",
+            *left
         )));
     }
-    let size = f.size();
+    // One byte past the claim tells an entry that inflates to more than it declares.
     let mut out = Vec::new();
-    f.take(size)
+    f.take(size.saturating_add(1))
         .read_to_end(&mut out)
         .map_err(|e| Fail(format!("zip entry {name}: {e}")))?;
+    if out.len() as u64 > size {
+        return Err(Fail(format!(
+            "zip entry {name} inflates beyond the {size} bytes it claims: refused as a \
+             decompression bomb"
+        )));
+    }
+    *left -= out.len() as u64;
     Ok(out)
 }
 
