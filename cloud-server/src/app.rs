@@ -17,7 +17,7 @@ use crate::domain::{
 use crate::error::{CloudError, Result};
 use crate::ops::metrics::Metrics;
 use crate::ops::net::NetLimits;
-use crate::store::{NewSupernet, Store};
+use crate::store::{JobFence, NewSupernet, Store};
 
 /// Server configuration (filled by the CLI or by tests).
 #[derive(Debug, Clone)]
@@ -338,6 +338,50 @@ impl App {
         job_id: Option<Uuid>,
         manifest_json: &[u8],
     ) -> Result<Supernet> {
+        let (refs, manifest) = self.check_manifest(manifest_json).await?;
+        self.store()
+            .insert_supernet(&NewSupernet {
+                name,
+                oracle_id,
+                job_id,
+                manifest_json: manifest,
+                manifest_sha256: &sha256_hex(manifest_json),
+                blobs: &refs,
+            })
+            .await
+    }
+
+    /// Registers the supernet a job produced and settles the job as succeeded, atomically
+    /// and fenced by `worker_id`'s lease: `Ok(None)` when the lease was lost (nothing
+    /// stored; the job's new owner will register its own result).
+    pub async fn register_job_supernet(
+        &self,
+        job: &crate::domain::Job,
+        worker_id: &str,
+        manifest_json: &[u8],
+    ) -> Result<Option<Supernet>> {
+        let (refs, manifest) = self.check_manifest(manifest_json).await?;
+        self.store()
+            .finish_job_with_supernet(
+                &NewSupernet {
+                    name: &job.supernet_name,
+                    oracle_id: job.oracle_id,
+                    job_id: Some(job.id),
+                    manifest_json: manifest,
+                    manifest_sha256: &sha256_hex(manifest_json),
+                    blobs: &refs,
+                },
+                JobFence {
+                    job_id: job.id,
+                    worker_id,
+                    now: now_ms(),
+                },
+            )
+            .await
+    }
+
+    /// Validates a manifest and checks every module blob it lists is stored with its size.
+    async fn check_manifest<'m>(&self, manifest_json: &'m [u8]) -> Result<(Vec<BlobRef>, &'m str)> {
         let blobs = manifest_blobs(manifest_json)?;
         let mut refs = Vec::with_capacity(blobs.len());
         for (i, (sha, declared)) in blobs.into_iter().enumerate() {
@@ -359,16 +403,7 @@ impl App {
         }
         let manifest = std::str::from_utf8(manifest_json)
             .map_err(|_| CloudError::invalid("manifest", "not UTF-8"))?;
-        self.store()
-            .insert_supernet(&NewSupernet {
-                name,
-                oracle_id,
-                job_id,
-                manifest_json: manifest,
-                manifest_sha256: &sha256_hex(manifest_json),
-                blobs: &refs,
-            })
-            .await
+        Ok((refs, manifest))
     }
 }
 

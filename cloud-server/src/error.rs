@@ -88,8 +88,14 @@ impl CloudError {
         }
     }
 
-    /// Wraps an I/O error with its path.
+    /// Wraps an I/O error with its path. A full file system or exhausted quota becomes
+    /// RESOURCE_EXHAUSTED (the client may retry later; nothing partial was stored), with the
+    /// path logged rather than returned.
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        if is_storage_full(&source) {
+            tracing::warn!(path = %path.as_ref().display(), error = %source, "storage full");
+            return CloudError::exhausted("storage", "the server's storage is full; retry later");
+        }
         CloudError::Io {
             path: path.as_ref().display().to_string(),
             source,
@@ -132,6 +138,13 @@ impl CloudError {
             _ => self.to_string(),
         }
     }
+}
+
+/// ENOSPC or EDQUOT, however the platform reports it.
+fn is_storage_full(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(e.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded)
+        || matches!(e.raw_os_error(), Some(28) | Some(122))
 }
 
 impl From<CloudError> for tonic::Status {

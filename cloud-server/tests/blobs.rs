@@ -77,7 +77,7 @@ impl Backend {
 
     /// Files in the local scratch area (writes in progress).
     fn temp_files(&self) -> usize {
-        files(&self.store.root().join("tmp"))
+        common::part_files(&self.store.root().join("tmp"))
     }
 
     /// Replaces a stored blob's bytes behind the store's back.
@@ -261,19 +261,33 @@ async fn corruption_is_detected(kind: Kind) {
     assert_ne!(sha256_hex(&got), sha);
 }
 
+/// Stores of several processes share one scratch root: opening a store removes the temp
+/// files of exited processes (their scratch lock is free) and never a live one's.
 async fn stale_temp_files_are_cleared(kind: Kind) {
     let b = backend(kind).await;
-    let w = b.store.writer().await.expect("writer");
-    // A crash: the writer never runs its destructor.
-    std::mem::forget(w);
-    assert_eq!(b.temp_files(), 1);
+    let mut w = b.store.writer().await.expect("writer");
+    w.write(b"in flight").await.expect("write");
+    // A crashed process: a scratch directory with a temp file and nobody holding its lock.
+    let dead = b.store.root().join("tmp").join("p-0123456789abcdef");
+    std::fs::create_dir_all(&dead).expect("mkdir");
+    std::fs::write(dead.join(".lock"), b"").expect("lock file");
+    std::fs::write(dead.join("x.part"), b"partial").expect("temp file");
+    assert_eq!(b.temp_files(), 2);
     let reopened = match &b.raw {
         Some(raw) => BlobStore::open_object(raw.clone(), "x", b.store.root())
             .await
             .expect("reopen"),
         None => BlobStore::open(b.store.root()).await.expect("reopen"),
     };
-    assert_eq!(files(&reopened.root().join("tmp")), 0);
+    assert!(!dead.exists(), "the dead process's scratch is removed");
+    assert_eq!(b.temp_files(), 1, "the live writer's temp file is kept");
+    let r = w
+        .commit(None)
+        .await
+        .expect("commit after another store opened");
+    assert_eq!(b.store.read(&r.sha256).await.expect("read"), b"in flight");
+    drop(reopened);
+    assert_eq!(b.temp_files(), 0);
 }
 
 macro_rules! contract {
@@ -388,7 +402,7 @@ async fn supernet_download_through_object_store() {
     let on_disk = objects.path().join(key.as_ref());
     assert_eq!(std::fs::read(&on_disk).expect("object file"), big);
     assert_eq!(files(&h.app().blobs().root().join("sha256")), 0);
-    assert_eq!(files(&h.app().blobs().root().join("tmp")), 0);
+    assert_eq!(common::part_files(&h.app().blobs().root().join("tmp")), 0);
 
     let download = |offset: u64| {
         let mut dev = h.device();

@@ -44,6 +44,18 @@ pub enum EdgeError {
     /// The agent has no stored identity and no enrollment token was given.
     #[error("not enrolled: no device identity in {path} (pass an enrollment token)")]
     NotEnrolled { path: String },
+    /// A report whose quality rests on fewer local images than the privacy minimum (the
+    /// larger of the cloud's and the local floor): it never leaves the device.
+    #[error("report withheld on the device: its quality rests on {samples} local images, below the privacy minimum of {minimum}")]
+    ReportWithheld { samples: u64, minimum: u64 },
+    /// The stored identity was issued by another cloud endpoint: its credential is not sent
+    /// to this one.
+    #[error("the device identity in {path} was issued by {stored}, not {given}; its credential is not sent to another endpoint (pass --re-enroll with an enrollment token to enroll with {given})")]
+    EndpointChanged {
+        path: String,
+        stored: String,
+        given: String,
+    },
     /// A downloaded blob does not match its digest or size; the partial data was deleted.
     #[error("blob {sha256}: {reason}")]
     BlobMismatch { sha256: String, reason: String },

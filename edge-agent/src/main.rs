@@ -12,7 +12,7 @@ use adaptivenet_edge::adapt::contention::{Contention, ContentionSpec};
 use adaptivenet_edge::adapt::drift::{DriftConfig, DriftDetector};
 use adaptivenet_edge::adapt::plan::{self, or_recompute, PlanConfig};
 use adaptivenet_edge::adapt::resync::{policy_budgets, Applied, Resync};
-use adaptivenet_edge::adapt::timeline::{Timeline, TimelineEntry, TIMELINE_FILE};
+use adaptivenet_edge::adapt::timeline::{Rotation, Timeline, TimelineEntry, TIMELINE_FILE};
 use adaptivenet_edge::adapt::{maintain, AdaptConfig, AdaptEvent, Controller, SharedController};
 use adaptivenet_edge::client::{
     local_device_class, AgentAggregates, BlobSelection, CloudClient, HeartbeatInput, SyncOptions,
@@ -91,8 +91,22 @@ struct Common {
     #[arg(long)]
     cloud: Option<String>,
     /// Enrollment token (needed once; later runs reuse the identity stored in --state).
+    /// Visible in `ps` when given as a flag: prefer --enroll-token-file or the environment.
     #[arg(long, env = "ADAPTIVENET_ENROLL_TOKEN", hide_env_values = true)]
     enroll_token: Option<String>,
+    /// File holding the enrollment token (surrounding whitespace ignored). Precedence: this
+    /// file, then --enroll-token, then ADAPTIVENET_ENROLL_TOKEN.
+    #[arg(long, env = "ADAPTIVENET_ENROLL_TOKEN_FILE")]
+    enroll_token_file: Option<PathBuf>,
+    /// Enroll afresh with the token even though --state holds an identity (replacing it),
+    /// e.g. after moving to another --cloud: a stored identity is only ever sent to the
+    /// endpoint that issued it.
+    #[arg(long)]
+    re_enroll: bool,
+    /// Privacy floor: reports whose quality rests on fewer local images are withheld on the
+    /// device (and noted in the timeline); the cloud's announced minimum applies if larger.
+    #[arg(long, default_value_t = 100)]
+    min_quality_samples: u64,
     /// Local supernet cache for cloud mode (default: <state>/cache).
     #[arg(long)]
     cache: Option<PathBuf>,
@@ -199,6 +213,21 @@ struct RunArgs {
     /// Largest batch the local API accepts.
     #[arg(long, default_value_t = 64)]
     max_batch: usize,
+    /// Local API: file holding a token that callers must send as `authorization: Bearer
+    /// <token>` (UNAUTHENTICATED otherwise). Without it anyone who can reach --listen may
+    /// use the API, so a non-loopback --listen warns.
+    #[arg(long)]
+    listen_token_file: Option<PathBuf>,
+    /// Local API: most inference requests served at once; more are refused at once with
+    /// RESOURCE_EXHAUSTED (HTTP 429), not queued.
+    #[arg(long, default_value_t = 4)]
+    listen_max_concurrent: usize,
+    /// Rotate <state>/timeline.jsonl when it would grow past this many MiB...
+    #[arg(long, default_value_t = 8)]
+    timeline_max_mb: u64,
+    /// ...keeping this many rotated files (timeline.jsonl.1 is the newest).
+    #[arg(long, default_value_t = 4)]
+    timeline_keep: usize,
     /// Do not replay the local data as request traffic (only API requests feed the window).
     #[arg(long)]
     no_replay: bool,
@@ -330,13 +359,16 @@ fn open_source(
     };
     let deadline = std::time::Duration::from_millis(c.cloud_timeout_ms.max(1));
     let cache = c.cache.clone().unwrap_or_else(|| c.state.join("cache"));
+    let token = enroll_token(c)?;
     let synced = rt.block_on(async {
         let mut client = CloudClient::connect(url, deadline)
             .await?
-            .with_state_dir(&c.state)?;
+            .with_state_dir(&c.state)?
+            .with_min_quality_samples(c.min_quality_samples)
+            .with_re_enroll(c.re_enroll);
         let new = client
             .enroll(
-                c.enroll_token.as_deref(),
+                token.as_deref(),
                 local_device_class(),
                 env!("CARGO_PKG_VERSION"),
             )
@@ -375,10 +407,12 @@ fn open_source(
                 .block_on(async {
                     CloudClient::connect_lazy(url, deadline)?.with_state_dir(&c.state)
                 })
-                .context("reading the device identity")?;
+                .context("reading the device identity")?
+                .with_min_quality_samples(c.min_quality_samples);
             if client.identity().is_none() {
                 bail!("not enrolled and the cloud {url} is unreachable");
             }
+            client.check_identity_endpoint()?;
             let src = ArtifactSource::open(&dir).context("opening the cached supernet")?;
             return Ok((
                 src,
@@ -417,6 +451,42 @@ fn open_source(
             budget: rep.budget,
         }),
     ))
+}
+
+/// The enrollment token: `--enroll-token-file`, else `--enroll-token` (or its environment
+/// variable, which clap resolves below the flag).
+fn enroll_token(c: &Common) -> Result<Option<String>> {
+    match &c.enroll_token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --enroll-token-file {}", path.display()))?;
+            let token = text.trim();
+            anyhow::ensure!(
+                !token.is_empty(),
+                "--enroll-token-file {} is empty",
+                path.display()
+            );
+            Ok(Some(token.to_string()))
+        }
+        None => Ok(c.enroll_token.clone()),
+    }
+}
+
+/// Sends a report; one below the privacy minimum stays on the device and is noted in the
+/// timeline.
+async fn send_report(client: &CloudClient, agg: &AgentAggregates, timeline: &Timeline) -> bool {
+    match client.report(agg).await {
+        Ok(()) => true,
+        Err(e @ EdgeError::ReportWithheld { .. }) => {
+            println!("{e}");
+            timeline.note("report_withheld");
+            false
+        }
+        Err(e) => {
+            tracing::warn!("report not delivered (kept for retry): {e}");
+            false
+        }
+    }
 }
 
 fn bar(len: u64, msg: &'static str) -> ProgressBar {
@@ -582,6 +652,11 @@ fn aggregates(
     samples: u64,
 ) -> AgentAggregates {
     let rec = &cur.plan.record;
+    // The images the quality was measured on (older stored results did not record them).
+    let samples = match rec.result.stats.images {
+        0 => samples,
+        n => n as u64,
+    };
     let cand = rec
         .result
         .front
@@ -641,13 +716,16 @@ fn run(a: RunArgs) -> Result<()> {
     let start: Subnet = front[idx].subnet.clone();
     let server =
         Arc::new(Server::start(src.clone(), &start, 50).context("loading the active subnet")?);
-    state.save_active(
-        &id,
-        &ActiveRecord {
-            subnet: start.clone(),
-            budget_ms: budget,
-        },
-    )?;
+    plan::persist(
+        "active subnet",
+        state.save_active(
+            &id,
+            &ActiveRecord {
+                subnet: start.clone(),
+                budget_ms: budget,
+            },
+        ),
+    );
     println!("serving {start} (budget {budget:.3} ms)");
     let data = load_local_data(&s.data, &src.manifest.input)?;
     let t = adaptivenet_edge::quality::transform_for(&src.manifest.input, &data)?;
@@ -698,7 +776,26 @@ fn run(a: RunArgs) -> Result<()> {
     let mut cfg = AdaptConfig::new(budget);
     cfg.interval_ms = a.interval_ms;
     let ctl: SharedController = Arc::new(std::sync::Mutex::new(Controller::new(cfg, front, idx)));
-    let timeline = Arc::new(Timeline::open(&state.dir.join(TIMELINE_FILE))?);
+    let timeline = Arc::new(Timeline::open_with(
+        &state.dir.join(TIMELINE_FILE),
+        Rotation {
+            max_bytes: a.timeline_max_mb.max(1) << 20,
+            keep: a.timeline_keep,
+        },
+    )?);
+    let listen_token = match &a.listen_token_file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading --listen-token-file {}", p.display()))?;
+            anyhow::ensure!(
+                !text.trim().is_empty(),
+                "--listen-token-file {} is empty",
+                p.display()
+            );
+            Some(text.trim().to_string())
+        }
+        None => None,
+    };
     let t0 = std::time::Instant::now();
     let contention = a.contention.map(|spec| {
         println!(
@@ -719,7 +816,11 @@ fn run(a: RunArgs) -> Result<()> {
         generation: cloud.as_ref().map_or(0, |c| c.generation),
         plan: the_plan,
     }));
-    let samples = s.images as u64;
+    // The images a search evaluates (all local ones with --images 0 or more than held).
+    let samples = match s.images {
+        0 => data.len(),
+        n => n.min(data.len()),
+    } as u64;
     let resync = Resync {
         cache: common
             .cache
@@ -750,8 +851,12 @@ fn run(a: RunArgs) -> Result<()> {
         let budget_bits = Arc::new(std::sync::atomic::AtomicU64::new(budget.to_bits()));
         let api = match &a.listen {
             Some(addr) => {
-                let mut svc =
-                    InferenceService::new(server.clone(), ApiConfig { max_batch: a.max_batch.max(1) }, budget);
+                let cfg = ApiConfig {
+                    max_batch: a.max_batch.max(1),
+                    max_concurrent: a.listen_max_concurrent.max(1),
+                    token: listen_token,
+                };
+                let mut svc = InferenceService::new(server.clone(), cfg, budget);
                 svc.share_budget(budget_bits.clone());
                 let h = grpc::serve(addr, svc).await?;
                 println!("local inference API listening on {}", h.addr);
@@ -880,9 +985,8 @@ fn run(a: RunArgs) -> Result<()> {
                 let resync = Arc::new(resync);
                 let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let first = aggregates(&applied.lock().unwrap_or_else(|e| e.into_inner()), &server.active().subnet, None, samples);
-                match client.report(&first).await {
-                    Ok(()) => tracing::info!("reported the search outcome to the cloud"),
-                    Err(e) => tracing::warn!("report not delivered (kept for retry): {e}"),
+                if send_report(&client, &first, &timeline).await {
+                    tracing::info!("reported the search outcome to the cloud");
                 }
                 let mut interval = heartbeat_ms.unwrap_or(30_000).max(100);
                 let mut beats = 0u32;
@@ -958,9 +1062,7 @@ fn run(a: RunArgs) -> Result<()> {
                     beats += 1;
                     if beats.is_multiple_of(report_every) && n > 0 {
                         let agg = aggregates(&applied.lock().unwrap_or_else(|e| e.into_inner()), &active, Some((n, p50, p95)), samples);
-                        if let Err(e) = client.report(&agg).await {
-                            tracing::warn!("report not delivered (kept for retry): {e}");
-                        }
+                        send_report(&client, &agg, &timeline).await;
                     }
                 }
                 if let Some(t) = resync_task {

@@ -112,6 +112,24 @@ impl Cloud {
         (fleet.id, tok.token)
     }
 
+    /// Another one-use enrollment token for `fleet_id`.
+    async fn token(&self, fleet_id: &str) -> String {
+        let mut admin = pb::admin_service_client::AdminServiceClient::new(self.channel.clone());
+        admin
+            .create_enrollment_token(authed(
+                pb::CreateEnrollmentTokenRequest {
+                    fleet_id: fleet_id.into(),
+                    uses: 1,
+                    ttl_seconds: 0,
+                },
+                &self.admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+
     /// Registers an artifact directory as a supernet and makes it the fleet's desired state.
     async fn publish_artifact(&self, art: &Path, fleet_id: &str) -> String {
         let app = self.app();
@@ -582,6 +600,7 @@ fn aggregates(s: &Setup) -> AgentAggregates {
                 rescored: 0,
                 seconds: 1.5,
                 evals_per_s: 80.0,
+                images: 500,
             },
         },
     };
@@ -639,22 +658,30 @@ async fn heartbeat_and_report_carry_aggregates_only() {
         .unwrap();
     assert_eq!(fa.groups.len(), 1);
     assert_eq!(fa.groups[0].devices, 1);
-    // Too few samples behind the quality estimate: rejected for good, not queued.
+    // Too few samples behind the quality estimate for the minimum the cloud announced at
+    // enrollment: withheld on the device (the cloud sees no request), not queued.
+    assert_eq!(s.client.min_quality_samples(), 100);
+    let sent = report_calls(app);
     let mut few = agg.clone();
     few.quality_sample_count = 10;
     let err = s.client.report(&few).await.unwrap_err();
     assert!(
         matches!(
             &err,
-            EdgeError::Cloud {
-                code: tonic::Code::InvalidArgument,
-                ..
+            EdgeError::ReportWithheld {
+                samples: 10,
+                minimum: 100
             }
         ),
         "{err}"
     );
     assert!(!err.is_transient());
     assert!(s.client.pending_report().is_none());
+    assert_eq!(
+        report_calls(app),
+        sent,
+        "a withheld report reached the cloud"
+    );
     s.cloud.stop().await;
 }
 
@@ -726,10 +753,31 @@ fn image_folder(dir: &Path, per_class: usize) {
     }
 }
 
+/// Report calls the cloud has answered (any status), from its request metrics.
+fn report_calls(app: &App) -> u64 {
+    app.metrics()
+        .render()
+        .lines()
+        .filter(|l| {
+            l.starts_with("adaptivenet_grpc_requests_total") && l.contains("DeviceService/Report\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 async fn run_agent(args: Vec<String>) -> (i32, String) {
+    run_agent_env(args, &[]).await
+}
+
+async fn run_agent_env(args: Vec<String>, env: &[(&str, &str)]) -> (i32, String) {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     tokio::task::spawn_blocking(move || {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
             .args(&args)
+            .envs(env)
             .env("RUST_LOG", "info")
             .output()
             .unwrap();
@@ -1060,4 +1108,212 @@ async fn new_generation_resyncs_only_changed_blobs_and_switches_atomically() {
     assert_eq!(server.active().version, now.version);
     assert_eq!(server.active().supernet_id, id_b);
     server.infer(&x).unwrap();
+}
+
+/// The `quality_samples` the cloud stored per device (the latest report of each).
+async fn stored_quality_samples(app: &App) -> Vec<(String, i64)> {
+    sqlx::query_as::<_, (String, i64)>(
+        "SELECT device_id, quality_samples FROM device_reports ORDER BY device_id",
+    )
+    .fetch_all(app.store().pool())
+    .await
+    .unwrap()
+}
+
+/// Issue 22: the privacy minimum holds on the device. A device whose search evaluated fewer
+/// local images than the minimum sends no Report at all (the cloud's request metrics and its
+/// report table show nothing), whatever `--images` says; one with enough images reports the
+/// number it actually evaluated, not the `--images` setting. Also: the enrollment token comes
+/// from `--enroll-token-file` before the flag and the environment, and a stored identity is
+/// never sent to a changed `--cloud`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_below_the_privacy_minimum_never_leaves_the_agent() {
+    let mut cloud = Cloud::start().await;
+    let art = tempfile::tempdir().unwrap();
+    make_artifact(art.path());
+    let (fleet_id, token_few) = cloud.fleet("privacy").await;
+    cloud.publish_artifact(art.path(), &fleet_id).await;
+    let token_many = cloud.token(&fleet_id).await;
+    let work = tempfile::tempdir().unwrap();
+    let url = cloud.url.clone();
+    let args = |name: &str, extra: &[&str]| {
+        let mut v: Vec<String> = vec![
+            "run".into(),
+            "--cloud".into(),
+            url.clone(),
+            "--state".into(),
+            work.path().join(name).join("state").display().to_string(),
+            "--data".into(),
+            work.path().join(name).join("data").display().to_string(),
+        ];
+        v.extend(
+            [
+                "--budget",
+                "0.8",
+                "--rounds",
+                "2",
+                "--validate",
+                "0",
+                "--images",
+                "500",
+                "--population",
+                "8",
+                "--generations",
+                "1",
+                "--duration",
+                "2",
+                "--heartbeat-ms",
+                "300",
+                "--report-every",
+                "1",
+                "--interval-ms",
+                "200",
+            ]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string()),
+        );
+        v
+    };
+    // 30 local images, --images 500, the cloud's minimum 100: the report is withheld.
+    image_folder(&work.path().join("few").join("data"), 3);
+    let token_file = work.path().join("few.token");
+    std::fs::write(&token_file, format!("{token_few}\n")).unwrap();
+    let (code, out) = run_agent_env(
+        args(
+            "few",
+            &[
+                "--enroll-token-file",
+                token_file.to_str().unwrap(),
+                "--enroll-token",
+                "anv1_enr_bogus",
+            ],
+        ),
+        &[("ADAPTIVENET_ENROLL_TOKEN", "anv1_enr_bogus_env")],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("enrolled"),
+        "the token file comes first:\n{out}"
+    );
+    assert!(
+        out.contains("report withheld on the device") && out.contains("rests on 30 local images"),
+        "{out}"
+    );
+    assert!(out.contains("served"), "{out}");
+    let app = cloud.app();
+    assert_eq!(report_calls(app), 0, "a withheld report reached the cloud");
+    assert!(stored_quality_samples(app).await.is_empty());
+    let timeline = std::fs::read_to_string(work.path().join("few/state/timeline.jsonl")).unwrap();
+    assert!(timeline.contains("report_withheld"), "{timeline}");
+
+    // 120 local images: reports go out, with the 120 images actually evaluated (not 500).
+    // The flag wins over the environment.
+    image_folder(&work.path().join("many").join("data"), 12);
+    let (code, out) = run_agent_env(
+        args("many", &["--enroll-token", &token_many]),
+        &[("ADAPTIVENET_ENROLL_TOKEN", "anv1_enr_bogus_env")],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("report withheld"), "{out}");
+    assert!(report_calls(app) > 0);
+    let stored = stored_quality_samples(app).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].1, 120);
+
+    // The same state pointed at another endpoint (the same server under another name): the
+    // credential is not sent, and the operator is told to re-enroll.
+    let port = url.rsplit(':').next().unwrap();
+    let moved = format!("http://localhost:{port}");
+    let mut a = args("many", &[]);
+    let i = a.iter().position(|x| x == "--cloud").unwrap();
+    a[i + 1] = moved.clone();
+    let before = credentialed_calls(app);
+    let (code, out) = run_agent(a).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("--re-enroll") && out.contains(&moved) && out.contains(&url),
+        "{out}"
+    );
+    assert_eq!(
+        credentialed_calls(app),
+        before,
+        "the credential went to the new endpoint"
+    );
+    cloud.stop().await;
+}
+
+/// Device calls other than Enroll the cloud has answered: what a credential was sent with.
+fn credentialed_calls(app: &App) -> u64 {
+    app.metrics()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("adaptivenet_grpc_requests_total"))
+        .filter(|l| l.contains("DeviceService/") && !l.contains("DeviceService/Enroll"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_identity_is_bound_to_its_endpoint_and_re_enroll_replaces_it() {
+    let mut s = Setup::new().await;
+    let state = s.agent.path().join("state");
+    let old = s.client.identity().unwrap().clone();
+    assert_eq!(old.endpoint, s.cloud.url);
+    // The same server under another name is another endpoint as far as the identity goes.
+    let moved = format!(
+        "http://localhost:{}",
+        s.cloud.url.rsplit(':').next().unwrap()
+    );
+    let mut c = CloudClient::connect(&moved, DEFAULT_DEADLINE)
+        .await
+        .unwrap()
+        .with_state_dir(&state)
+        .unwrap();
+    let before = credentialed_calls(s.cloud.app());
+    let err = c
+        .enroll(None, pb::DeviceClass::CpuSmall, "0.1.0")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EdgeError::EndpointChanged { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("--re-enroll") && msg.contains(&moved) && msg.contains(&s.cloud.url),
+        "{msg}"
+    );
+    let err = c.desired_state().await.unwrap_err();
+    assert!(matches!(err, EdgeError::EndpointChanged { .. }), "{err}");
+    assert_eq!(
+        credentialed_calls(s.cloud.app()),
+        before,
+        "the credential was sent to the changed endpoint"
+    );
+    // --re-enroll: a fresh enrollment with the new endpoint replaces the stored identity.
+    let token = s.cloud.token(&s.fleet_id).await;
+    let mut c = c.with_re_enroll(true);
+    assert!(c
+        .enroll(Some(&token), pb::DeviceClass::CpuSmall, "0.1.0")
+        .await
+        .unwrap());
+    let new = c.identity().unwrap().clone();
+    assert_eq!(new.endpoint, moved);
+    assert_ne!(new.device_id, old.device_id);
+    assert_eq!(
+        adaptivenet_edge::client::load_identity(&state).unwrap(),
+        Some(new)
+    );
+    c.desired_state().await.unwrap();
+    // A trailing slash is the same endpoint.
+    let mut same = CloudClient::connect(&format!("{moved}/"), DEFAULT_DEADLINE)
+        .await
+        .unwrap()
+        .with_state_dir(&state)
+        .unwrap();
+    assert!(!same
+        .enroll(None, pb::DeviceClass::CpuSmall, "0.1.0")
+        .await
+        .unwrap());
+    s.cloud.stop().await;
 }

@@ -45,24 +45,37 @@ struct Fixture {
 }
 
 async fn start(first: &Subnet, max_batch: usize) -> Fixture {
+    let cfg = ApiConfig {
+        max_batch,
+        max_concurrent: 64,
+        token: None,
+    };
+    start_with(first, cfg).await.0
+}
+
+/// The fixture plus a clone of its service (sharing its slots).
+async fn start_with(first: &Subnet, cfg: ApiConfig) -> (Fixture, InferenceService) {
     let sn = supernet();
     let dir = artifact(&sn);
     let src = ArtifactSource::open(dir.path()).unwrap();
     let server = Arc::new(Server::start(src, first, 50).unwrap());
-    let svc = InferenceService::new(server.clone(), ApiConfig { max_batch }, 3.5);
-    let api = serve("127.0.0.1:0", svc).await.unwrap();
+    let svc = InferenceService::new(server.clone(), cfg, 3.5);
+    let api = serve("127.0.0.1:0", svc.clone()).await.unwrap();
     let client = EdgeInferenceClient::connect(format!("http://{}", api.addr))
         .await
         .unwrap();
     let mut folded = sn;
     folded.fold().unwrap();
-    Fixture {
-        _dir: dir,
-        server,
-        folded,
-        client,
-        api,
-    }
+    (
+        Fixture {
+            _dir: dir,
+            server,
+            folded,
+            client,
+            api,
+        },
+        svc,
+    )
 }
 
 fn tensor_req(shape: Vec<u32>, data: Vec<f32>) -> pb::InferRequest {
@@ -255,4 +268,67 @@ async fn switches_during_in_flight_requests_never_mix_subnets() {
     assert!(distinct.len() >= 2, "all 100 answers came from one subnet");
     assert_eq!(answers.len(), 100);
     f.api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_and_concurrency_limit_guard_the_local_api() {
+    let a = Subnet::parse("1x0000000").unwrap();
+    let cfg = ApiConfig {
+        max_batch: 8,
+        max_concurrent: 2,
+        token: Some("s3cret-token".into()),
+    };
+    let (mut f, svc) = start_with(&a, cfg).await;
+    let x = Tensor::randn(0f32, 1.0, (1, 1, 28, 28), &Device::Cpu).unwrap();
+    let req = |token: Option<&str>| {
+        let mut r = tonic::Request::new(tensor_req(vec![1, 1, 28, 28], flat(&x)));
+        if let Some(t) = token {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        r
+    };
+    // Without the token, or with a wrong one: UNAUTHENTICATED, for Infer and Status alike.
+    for token in [None, Some("s3cret-tokem"), Some("s3cret")] {
+        let e = f.client.infer(req(token)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{token:?}: {e:?}");
+    }
+    let e = f
+        .client
+        .status(pb::AgentStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert_eq!(f.server.served().0, 0, "no refused call was served");
+    let r = f.client.infer(req(Some("s3cret-token"))).await.unwrap();
+    assert_eq!(r.into_inner().batch, 1);
+
+    // Both slots taken (as two inferences in flight would hold them): the next call is
+    // refused at once with RESOURCE_EXHAUSTED instead of queueing; a freed slot serves again.
+    let held: Vec<_> = (0..2).map(|_| svc.try_slot().unwrap()).collect();
+    let e = f.client.infer(req(Some("s3cret-token"))).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("busy"), "{e:?}");
+    drop(held);
+    f.client.infer(req(Some("s3cret-token"))).await.unwrap();
+    assert_eq!(f.server.served().0, 2);
+    f.api.shutdown().await;
+}
+
+#[test]
+fn a_listener_beyond_loopback_is_warned_about() {
+    use adaptivenet_edge::serve::grpc::exposure_warning;
+    let lo: std::net::SocketAddr = "127.0.0.1:50061".parse().unwrap();
+    let lo6: std::net::SocketAddr = "[::1]:50061".parse().unwrap();
+    let any: std::net::SocketAddr = "0.0.0.0:50061".parse().unwrap();
+    assert_eq!(exposure_warning(&lo, false), None);
+    assert_eq!(exposure_warning(&lo6, false), None);
+    let w = exposure_warning(&any, false).unwrap();
+    assert!(
+        w.contains("not loopback") && w.contains("--listen-token-file"),
+        "{w}"
+    );
+    assert!(exposure_warning(&any, true)
+        .unwrap()
+        .contains("bearer token"));
 }

@@ -10,11 +10,11 @@ use uuid::Uuid;
 use super::watch::JobWatches;
 use super::{convert, management, ServerStream};
 use crate::app::App;
-use crate::auth::Access;
+use crate::auth::{Access, Principal};
 use crate::datasets;
 use crate::domain::{
     check_name, check_sha256, now_ms, parse_id, Dataset, FleetEventKind, Job, JobState, Oracle,
-    Page,
+    Page, Role,
 };
 use crate::error::CloudError;
 use crate::ops::metrics::Metrics;
@@ -24,6 +24,17 @@ use crate::validate::validate_oracle_file;
 pub const MAX_CHUNK: usize = 4 << 20;
 /// Largest accepted architecture descriptor.
 pub const MAX_ARCH_JSON: usize = 1 << 20;
+
+/// Viewers do not see dataset URIs: a URI names storage on the worker (paths, buckets).
+fn is_viewer(p: &Principal) -> bool {
+    matches!(
+        p,
+        Principal::Api {
+            role: Role::Viewer,
+            ..
+        }
+    )
+}
 
 /// Implements `DeveloperService` over an [`App`].
 #[derive(Clone, Debug)]
@@ -273,8 +284,10 @@ impl DeveloperService for DeveloperApi {
     ) -> Result<Response<pb::Empty>, Status> {
         management(&self.app, req.metadata(), Access::Write).await?;
         let id = parse_id("oracle_id", &req.get_ref().oracle_id)?;
-        let sha = self.app.store().delete_oracle(id).await?;
-        self.app.blobs().delete(&sha).await?;
+        // The weights blob goes only when no other row shares it (content-addressed).
+        if let Some(sha) = self.app.store().delete_oracle(id).await? {
+            self.app.blobs().delete(&sha).await?;
+        }
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -305,11 +318,13 @@ impl DeveloperService for DeveloperApi {
         &self,
         req: Request<pb::GetDatasetRequest>,
     ) -> Result<Response<pb::Dataset>, Status> {
-        management(&self.app, req.metadata(), Access::Read).await?;
+        let who = management(&self.app, req.metadata(), Access::Read).await?;
         let id = parse_id("dataset_id", &req.get_ref().dataset_id)?;
-        Ok(Response::new(convert::dataset(
-            &self.app.store().get_dataset(id).await?,
-        )))
+        let mut d = convert::dataset(&self.app.store().get_dataset(id).await?);
+        if is_viewer(&who) {
+            d.uri.clear();
+        }
+        Ok(Response::new(d))
     }
 
     async fn delete_dataset(
@@ -327,13 +342,23 @@ impl DeveloperService for DeveloperApi {
         &self,
         req: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
-        management(&self.app, req.metadata(), Access::Read).await?;
+        let who = management(&self.app, req.metadata(), Access::Read).await?;
         let p = req.get_ref().page.clone().unwrap_or_default();
         let page = Page::new(p.page_size, &p.page_token)?;
         let list = self.app.store().list_datasets(page).await?;
+        let hide_uri = is_viewer(&who);
         Ok(Response::new(pb::ListDatasetsResponse {
             next_page_token: page.next_token(list.len()),
-            datasets: list.iter().map(convert::dataset).collect(),
+            datasets: list
+                .iter()
+                .map(|d| {
+                    let mut d = convert::dataset(d);
+                    if hide_uri {
+                        d.uri.clear();
+                    }
+                    d
+                })
+                .collect(),
         }))
     }
 

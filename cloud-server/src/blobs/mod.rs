@@ -3,17 +3,22 @@
 //! Two backends behind one API: local disk (default) and an object store (`object.rs`:
 //! S3/MinIO with the `s3` feature, `file://`, `memory://`).
 //!
-//! Local disk layout: `ROOT/sha256/ab/abcdef...` (final, immutable) and `ROOT/tmp/` (writes in
-//! progress). A write goes to a temp file, is hashed while written, fsynced, checked against
-//! the expected digest and renamed into place, then the directory is fsynced: a crash leaves
-//! either no blob or the whole blob, never a part. A [`BlobWriter`] dropped before
-//! [`BlobWriter::commit`] deletes its temp file, so failed uploads leave nothing behind.
-//! With an object store, `ROOT/tmp/` is the same local scratch area and commit uploads the
-//! verified file under its final key instead of renaming it, so the guarantee is the same.
+//! Local disk layout: `ROOT/sha256/ab/abcdef...` (final, immutable) and `ROOT/tmp/p-<id>/`
+//! (writes in progress, one locked directory per process: see `scratch.rs`; processes share
+//! `ROOT`, so none may touch another live one's files). A write goes to a temp file, is
+//! hashed while written, fsynced, checked against the expected digest and renamed into
+//! place, then the directory is fsynced: a crash leaves either no blob or the whole blob,
+//! never a part. A [`BlobWriter`] dropped before [`BlobWriter::commit`] deletes its temp
+//! file, so failed uploads leave nothing behind. With an object store, `ROOT/tmp/` is the
+//! same local scratch area and commit uploads the verified file under its final key instead
+//! of renaming it, so the guarantee is the same.
+pub mod gc;
 mod object;
+mod scratch;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
@@ -22,6 +27,7 @@ use uuid::Uuid;
 use crate::domain::BlobRef;
 use crate::error::{CloudError, Result};
 use object::ObjectBackend;
+use scratch::Scratch;
 
 pub use object::{BlobUrl, ObjectReader};
 
@@ -36,11 +42,22 @@ pub struct BlobStore {
     /// Local backend: the store itself; object backend: the local scratch area.
     root: PathBuf,
     object: Option<ObjectBackend>,
+    /// This process's locked scratch directory under `ROOT/tmp`.
+    scratch: Arc<Scratch>,
+}
+
+/// A stored blob as listed for garbage collection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub sha256: String,
+    pub size_bytes: u64,
+    /// When it was last written (local disk: also when a writer last found it present).
+    pub modified: SystemTime,
 }
 
 impl BlobStore {
-    /// Opens (creating) a local-disk store under `root` and clears stale temp files of a
-    /// previous run.
+    /// Opens (creating) a local-disk store under `root` and removes the scratch directories
+    /// of processes that exited (never those of live ones sharing `root`).
     pub async fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         let d = root.join("sha256");
@@ -51,7 +68,7 @@ impl BlobStore {
     }
 
     /// Opens a store on an object store, blobs under `prefix`; `scratch` is the local
-    /// directory for writes in progress (cleared of stale temp files).
+    /// directory for writes in progress (cleared of exited processes' temp files).
     pub async fn open_object(
         store: Arc<dyn object_store::ObjectStore>,
         prefix: &str,
@@ -67,13 +84,20 @@ impl BlobStore {
     }
 
     async fn with_backend(root: PathBuf, object: Option<ObjectBackend>) -> Result<Self> {
-        let d = root.join("tmp");
-        tokio::fs::create_dir_all(&d)
+        let tmp = root.join("tmp");
+        let scratch = tokio::task::spawn_blocking(move || Scratch::create(&tmp))
             .await
-            .map_err(|e| CloudError::io(&d, e))?;
-        let store = BlobStore { root, object };
-        store.clear_tmp().await?;
-        Ok(store)
+            .map_err(|e| CloudError::Internal(format!("scratch setup: {e}")))??;
+        Ok(BlobStore {
+            root,
+            object,
+            scratch: Arc::new(scratch),
+        })
+    }
+
+    /// This process's scratch directory (same file system as a local store).
+    pub fn scratch_dir(&self) -> &Path {
+        self.scratch.dir()
     }
 
     /// Where blobs live, for logs.
@@ -89,17 +113,6 @@ impl BlobStore {
         self.object.as_ref().map(|o| o.key(sha256))
     }
 
-    async fn clear_tmp(&self) -> Result<()> {
-        let tmp = self.root.join("tmp");
-        let mut rd = tokio::fs::read_dir(&tmp)
-            .await
-            .map_err(|e| CloudError::io(&tmp, e))?;
-        while let Ok(Some(e)) = rd.next_entry().await {
-            let _ = tokio::fs::remove_file(e.path()).await;
-        }
-        Ok(())
-    }
-
     /// The local root: the store itself, or the scratch area of an object-backed store.
     pub fn root(&self) -> &Path {
         &self.root
@@ -112,10 +125,7 @@ impl BlobStore {
 
     /// Starts a write.
     pub async fn writer(&self) -> Result<BlobWriter> {
-        let tmp = self
-            .root
-            .join("tmp")
-            .join(format!("{}.part", Uuid::new_v4()));
+        let tmp = self.scratch.dir().join(format!("{}.part", Uuid::new_v4()));
         let file = tokio::fs::File::create(&tmp)
             .await
             .map_err(|e| CloudError::io(&tmp, e))?;
@@ -233,6 +243,34 @@ impl BlobStore {
         Ok(buf)
     }
 
+    /// Every stored blob with its size and modification time (garbage collection).
+    pub async fn list(&self) -> Result<Vec<StoredBlob>> {
+        if let Some(o) = &self.object {
+            return o.list().await;
+        }
+        let root = self.root.join("sha256");
+        tokio::task::spawn_blocking(move || list_local(&root))
+            .await
+            .map_err(|e| CloudError::Internal(format!("listing blobs: {e}")))?
+    }
+
+    /// Deletes a blob unless it was modified after `cutoff`: a writer that found the blob
+    /// present refreshes its time (local disk), so a collector that decided from an older
+    /// listing leaves it alone. Returns whether it was deleted.
+    pub async fn delete_if_older(&self, sha256: &str, cutoff: SystemTime) -> Result<bool> {
+        if self.object.is_none() {
+            let p = self.path_of(sha256);
+            match tokio::fs::metadata(&p).await.and_then(|m| m.modified()) {
+                Ok(t) if t > cutoff => return Ok(false),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(CloudError::io(&p, e)),
+            }
+        }
+        self.delete(sha256).await?;
+        Ok(true)
+    }
+
     /// Deletes a blob (used when its only owner is deleted).
     pub async fn delete(&self, sha256: &str) -> Result<()> {
         if let Some(o) = &self.object {
@@ -245,6 +283,42 @@ impl BlobStore {
             Err(e) => Err(CloudError::io(&p, e)),
         }
     }
+}
+
+/// Whether `name` is a lowercase hex sha256 (the only names the store writes).
+fn is_digest(name: &str) -> bool {
+    name.len() == 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn list_local(root: &Path) -> Result<Vec<StoredBlob>> {
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(root) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(CloudError::io(root, e)),
+    };
+    for shard in rd.flatten() {
+        let Ok(files) = std::fs::read_dir(shard.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if !is_digest(&name) {
+                continue;
+            }
+            // Deleted concurrently: not listed.
+            let Ok(m) = f.metadata() else { continue };
+            out.push(StoredBlob {
+                sha256: name,
+                size_bytes: m.len(),
+                modified: m.modified().map_err(|e| CloudError::io(f.path(), e))?,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// An open blob positioned for a ranged read ([`BlobStore::open_at`]).
@@ -360,7 +434,18 @@ impl BlobWriter {
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| CloudError::io(&dir, e))?;
-        if tokio::fs::metadata(&dst).await.is_err() {
+        if tokio::fs::metadata(&dst).await.is_ok() {
+            // Present already: mark it as just written, so a garbage collector that listed
+            // it as old before this writer's reference lands leaves it alone.
+            let d = dst.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&d)
+                    .and_then(|f| f.set_modified(SystemTime::now()))
+            })
+            .await;
+        } else {
             tokio::fs::rename(&tmp, &dst)
                 .await
                 .map_err(|e| CloudError::io(&dst, e))?;

@@ -140,6 +140,32 @@ impl ObjectBackend {
         Ok(b.to_vec())
     }
 
+    /// Every blob under the prefix (keys that are not digests are skipped).
+    pub(super) async fn list(&self) -> Result<Vec<super::StoredBlob>> {
+        let base = if self.prefix.is_empty() {
+            Key::from("sha256")
+        } else {
+            Key::from(format!("{}/sha256", self.prefix))
+        };
+        let mut s = self.store.list(Some(&base));
+        let mut out = Vec::new();
+        while let Some(m) = s.next().await {
+            let m = m.map_err(|e| storage_error(&base, e))?;
+            let Some(name) = m.location.filename() else {
+                continue;
+            };
+            if !super::is_digest(name) {
+                continue;
+            }
+            out.push(super::StoredBlob {
+                sha256: name.to_string(),
+                size_bytes: m.size,
+                modified: m.last_modified.into(),
+            });
+        }
+        Ok(out)
+    }
+
     pub(super) async fn delete(&self, sha256: &str) -> Result<()> {
         let key = self.key(sha256);
         match self.store.delete(&key).await {

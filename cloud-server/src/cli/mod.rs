@@ -91,6 +91,12 @@ enum Cmd {
         /// Quotas, timeouts and HTTP/2 limits against hostile or broken clients.
         #[command(flatten)]
         net: adaptivenet_cloud::ops::net::NetLimits,
+        /// Seconds between blob garbage collections (0: never; see `gc`).
+        #[arg(long, default_value_t = 3600)]
+        gc_interval_secs: u64,
+        /// Unreferenced blobs younger than this many seconds are kept (see `gc`).
+        #[arg(long, default_value_t = 86400)]
+        gc_grace_secs: u64,
     },
     /// Run job workers only (same database and blob store as the server).
     Worker {
@@ -102,6 +108,14 @@ enum Cmd {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Delete blobs no row references any more (superseded and settled jobs' checkpoints,
+    /// module blobs of runs that never registered) once older than the grace period.
+    Gc {
+        /// Keep unreferenced blobs younger than this: it must exceed the longest time a job
+        /// or upload holds a blob before its row references it.
+        #[arg(long, default_value_t = 86400)]
+        grace_secs: u64,
+    },
     /// Manage credentials directly in the database (bootstrap, break-glass).
     Token {
         #[command(subcommand)]
@@ -316,6 +330,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             net,
+            gc_interval_secs,
+            gc_grace_secs,
         } => {
             cfg.net = net;
             anyhow::ensure!(job_lease_secs >= 2, "--job-lease-secs must be at least 2");
@@ -341,6 +357,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 Some(a) => Some(tokio::net::TcpListener::bind(a).await?),
                 None => None,
             };
+            if gc_interval_secs > 0 {
+                tokio::spawn(adaptivenet_cloud::blobs::gc::periodic(
+                    app.store().clone(),
+                    app.blobs().clone(),
+                    Duration::from_secs(gc_interval_secs),
+                    Duration::from_secs(gc_grace_secs),
+                    app.shutdown_token().clone(),
+                ));
+            }
             let handle =
                 server::start(app, listener, Some(Arc::new(ElastifyRunner)), ml, tls).await?;
             tracing::info!(addr = %handle.addr, metrics = ?handle.metrics_addr, "cloud-server ready");
@@ -376,6 +401,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Migrate => {
             App::open(cfg).await?;
             println!("migrations applied");
+        }
+        Cmd::Gc { grace_secs } => {
+            let app = App::open(cfg).await?;
+            let r = adaptivenet_cloud::blobs::gc::collect(
+                app.store(),
+                app.blobs(),
+                Duration::from_secs(grace_secs),
+            )
+            .await?;
+            println!(
+                "scanned {} blobs: {} referenced, {} unreferenced but younger than {grace_secs} s, \
+                 {} deleted ({} bytes)",
+                r.scanned, r.referenced, r.young, r.deleted, r.deleted_bytes
+            );
         }
         Cmd::Token { cmd } => {
             let app = App::open(cfg).await?;

@@ -233,29 +233,38 @@ impl Worker {
                 tracing::warn!(job = %id, "lease lost; another worker owns the job now");
             }
             (Ok(out), _) => {
-                match app
-                    .register_supernet(
-                        &job.supernet_name,
-                        job.oracle_id,
-                        Some(id),
-                        &out.manifest_json,
-                    )
-                    .await
-                {
-                    Ok(s) => {
-                        store
-                            .finish_job(id, &self.id, JobState::Succeeded, None, Some(s.id), now)
-                            .await?;
+                // The lease is renewed until the registration settles: checking every module
+                // blob may outlast it on a slow store. The registration is fenced anyway.
+                let register = app.register_job_supernet(&job, &self.id, &out.manifest_json);
+                tokio::pin!(register);
+                let registered = loop {
+                    tokio::select! {
+                        r = &mut register => break r,
+                        _ = beat.tick() => {
+                            let now = now_ms();
+                            let until = now + lease.as_millis() as i64;
+                            if let Err(e) = store.heartbeat_job(id, &self.id, now, until).await {
+                                tracing::warn!(job = %id, error = %e, "lease heartbeat failed");
+                            }
+                        }
+                    }
+                };
+                match registered {
+                    Ok(Some(s)) => {
                         tracing::info!(job = %id, supernet = %s.id, version = s.version, "job succeeded");
+                        Metrics::inc(&app.metrics().jobs_finished_total);
+                    }
+                    Ok(None) => {
+                        tracing::warn!(job = %id, "lease lost before registration; result dropped");
                     }
                     Err(e) => {
-                        let msg = format!("registering the supernet failed: {e}");
+                        let msg = public_job_error(id, "registering the supernet failed", &e);
                         store
-                            .finish_job(id, &self.id, JobState::Failed, Some(&msg), None, now)
+                            .finish_job(id, &self.id, JobState::Failed, Some(&msg), None, now_ms())
                             .await?;
+                        Metrics::inc(&app.metrics().jobs_finished_total);
                     }
                 }
-                Metrics::inc(&app.metrics().jobs_finished_total);
             }
             (Err(_), Interrupt::Shutdown) => {
                 store.release_job(id, &self.id, now).await?;
@@ -275,17 +284,47 @@ impl Worker {
                 Metrics::inc(&app.metrics().jobs_finished_total);
             }
             (Err(e), Interrupt::None) => {
-                let msg = e.to_string();
+                let msg = public_job_error(id, "job failed", &e);
                 store
                     .finish_job(id, &self.id, JobState::Failed, Some(&msg), None, now)
                     .await?;
-                tracing::warn!(job = %id, error = %msg, "job failed");
                 Metrics::inc(&app.metrics().jobs_finished_total);
             }
         }
         app.emit_job(id);
         Ok(())
     }
+}
+
+/// The error text stored on a failed job, which every reader of the job (viewers included)
+/// sees: what kind of failure it was and a reference id, never paths, I/O or database
+/// text. The full error is logged here with the same reference id.
+pub fn public_job_error(job: Uuid, context: &str, e: &CloudError) -> String {
+    let reference = &Uuid::new_v4().simple().to_string()[..12];
+    tracing::warn!(%job, reference, error = %e, "{context}");
+    let safe = |t: &str| !t.contains('/') && !t.contains('\\');
+    let what = match e {
+        CloudError::InvalidArgument { field, reason } if safe(field) && safe(reason) => {
+            e.to_string()
+        }
+        CloudError::InvalidArgument { field, .. } if safe(field) => {
+            format!("invalid argument: {field}")
+        }
+        CloudError::InvalidArgument { .. } => "invalid argument".to_string(),
+        CloudError::NotFound { .. } | CloudError::AlreadyExists { .. } => e.to_string(),
+        CloudError::FailedPrecondition(m) if safe(m) => e.to_string(),
+        CloudError::FailedPrecondition(_) => "failed precondition".to_string(),
+        CloudError::ResourceExhausted { what, .. } => format!("resource exhausted: {what}"),
+        CloudError::Cancelled(_) => "cancelled".to_string(),
+        CloudError::Unavailable(_) => "a dependency was unavailable".to_string(),
+        CloudError::DataLoss(_) => "stored data failed its integrity check".to_string(),
+        CloudError::Unauthenticated(_) | CloudError::PermissionDenied(_) => {
+            "not authorised".to_string()
+        }
+        // Database, migration, I/O, internal, and anything added later.
+        _ => "internal error".to_string(),
+    };
+    format!("{context}: {what} (ref {reference}; details in the server log)")
 }
 
 /// Starts `n` in-process workers; they stop when `stop` is cancelled.

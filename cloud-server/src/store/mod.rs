@@ -12,9 +12,11 @@
 //! - `supernets`: supernet versions, their blobs and labels.
 //! - `fleet`: fleets, desired state, devices, heartbeats, reports and aggregates.
 //! - `tokens`: enrollment tokens, API tokens, device credentials (hashes only).
+//! - `gc`: which blobs rows still reference (garbage collection, oracle deletion).
 //! - `writer`: group commit of reports and heartbeats (one writer task, batched
 //!   transactions, callers answered after the commit).
 mod fleet;
+mod gc;
 mod jobs;
 mod oracles;
 mod supernets;
@@ -22,7 +24,7 @@ mod tokens;
 mod writer;
 
 pub use jobs::ClaimedJob;
-pub use supernets::NewSupernet;
+pub use supernets::{JobFence, NewSupernet};
 pub use tokens::{ApiTokenRow, DeviceAuthRow};
 
 use std::collections::HashMap;
@@ -231,6 +233,18 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
             d.is_unique_violation()
                 || d.message().contains("UNIQUE constraint failed")
                 || d.code().as_deref() == Some("23505")
+        }
+        _ => false,
+    }
+}
+
+/// A foreign-key violation (a row still referenced), on either backend.
+fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            d.is_foreign_key_violation()
+                || d.message().contains("FOREIGN KEY constraint failed")
+                || d.code().as_deref() == Some("23503")
         }
         _ => false,
     }

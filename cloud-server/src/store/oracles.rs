@@ -3,7 +3,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{get_u64, get_uuid, is_unique_violation, Store};
+use super::{get_u64, get_uuid, is_foreign_key_violation, is_unique_violation, Store};
 use crate::domain::{Dataset, Oracle, Page};
 use crate::error::{CloudError, Result};
 
@@ -114,28 +114,52 @@ impl Store {
             .collect()
     }
 
-    /// Deletes an oracle row; refuses while jobs or supernets reference it. Returns its
-    /// weights digest so the caller can drop the blob.
-    pub async fn delete_oracle(&self, id: Uuid) -> Result<String> {
-        let o = self.get_oracle(id).await?;
-        let refs: i64 = sqlx::query(
-            "SELECT (SELECT COUNT(*) FROM jobs WHERE oracle_id = $1) + \
-             (SELECT COUNT(*) FROM supernets WHERE oracle_id = $1) AS n",
+    /// Deletes an oracle row; refuses while jobs or supernets reference it. The check and
+    /// the delete are one conditional statement in one transaction, so a job started
+    /// concurrently cannot end up pointing at a deleted oracle. Returns the weights digest
+    /// when nothing else references that content-addressed blob any more (the caller then
+    /// drops it), `None` when something does (e.g. a supernet module with the same bytes).
+    pub async fn delete_oracle(&self, id: Uuid) -> Result<Option<String>> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT weights_sha256 FROM oracles WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| CloudError::not_found("oracle", id.to_string()))?;
+        let sha: String = row.try_get("weights_sha256")?;
+        let deleted = sqlx::query(
+            "DELETE FROM oracles WHERE id = $1 \
+             AND NOT EXISTS (SELECT 1 FROM jobs WHERE oracle_id = $1) \
+             AND NOT EXISTS (SELECT 1 FROM supernets WHERE oracle_id = $1)",
         )
         .bind(id.to_string())
-        .fetch_one(&self.pool)
-        .await?
-        .try_get("n")?;
-        if refs > 0 {
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_foreign_key_violation(&e) {
+                CloudError::FailedPrecondition(format!("oracle {id} is referenced"))
+            } else {
+                e.into()
+            }
+        })?
+        .rows_affected();
+        if deleted == 0 {
+            let refs: i64 = sqlx::query(
+                "SELECT (SELECT COUNT(*) FROM jobs WHERE oracle_id = $1) + \
+                 (SELECT COUNT(*) FROM supernets WHERE oracle_id = $1) AS n",
+            )
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+            tx.rollback().await?;
             return Err(CloudError::FailedPrecondition(format!(
                 "oracle {id} is referenced by {refs} job(s)/supernet(s)"
             )));
         }
-        sqlx::query("DELETE FROM oracles WHERE id = $1")
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await?;
-        Ok(o.weights_sha256)
+        let shared = self.blob_references(&mut tx, &sha).await?;
+        tx.commit().await?;
+        Ok((shared == 0).then_some(sha))
     }
 
     pub async fn insert_dataset(&self, d: &Dataset) -> Result<()> {

@@ -34,9 +34,38 @@ pub struct NewSupernet<'a> {
     pub blobs: &'a [BlobRef],
 }
 
+/// The lease a job's supernet registration is fenced by.
+#[derive(Debug, Clone, Copy)]
+pub struct JobFence<'a> {
+    pub job_id: Uuid,
+    pub worker_id: &'a str,
+    pub now: i64,
+}
+
 impl Store {
     /// Inserts the next version of `name` with its blob list, in one transaction.
     pub async fn insert_supernet(&self, n: &NewSupernet<'_>) -> Result<Supernet> {
+        self.insert_supernet_fenced(n, None)
+            .await?
+            .ok_or_else(|| CloudError::Internal("unfenced insert refused".into()))
+    }
+
+    /// Registers a job's supernet and marks the job succeeded in one transaction, fenced by
+    /// the worker's lease: `Ok(None)` (nothing stored) when the lease is lost, so a worker
+    /// whose job was taken over can never add a second version for it.
+    pub async fn finish_job_with_supernet(
+        &self,
+        n: &NewSupernet<'_>,
+        fence: JobFence<'_>,
+    ) -> Result<Option<Supernet>> {
+        self.insert_supernet_fenced(n, Some(fence)).await
+    }
+
+    async fn insert_supernet_fenced(
+        &self,
+        n: &NewSupernet<'_>,
+        fence: Option<JobFence<'_>>,
+    ) -> Result<Option<Supernet>> {
         // Two writers may pick the same next version: the UNIQUE(name, version) makes the
         // loser retry.
         for _ in 0..5 {
@@ -94,8 +123,26 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
+            if let Some(f) = fence {
+                let held = sqlx::query(
+                    "UPDATE jobs SET state = 'succeeded', error = NULL, supernet_id = $1, \
+                     updated_ms = $2, lease_owner = NULL, lease_expires_ms = NULL, progress = 1.0 \
+                     WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
+                )
+                .bind(s.id.to_string())
+                .bind(f.now)
+                .bind(f.job_id.to_string())
+                .bind(f.worker_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if held != 1 {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+            }
             tx.commit().await?;
-            return Ok(s);
+            return Ok(Some(s));
         }
         Err(CloudError::Unavailable(
             "supernet version contention, retry".into(),

@@ -341,11 +341,27 @@ pub async fn upload(
         .map(|r| r.into_inner())
 }
 
-/// Files under the blob store's final area and temp area.
+/// Files under the blob store's final area, and writes in progress (`.part` files) in the
+/// temp area (which also holds each process's scratch lock file).
 pub fn blob_files(h: &Harness) -> (usize, usize) {
     let root = h.app().blobs().root().to_path_buf();
-    let count = |p: std::path::PathBuf| -> usize { walk(&p) };
-    (count(root.join("sha256")), count(root.join("tmp")))
+    (walk(&root.join("sha256")), part_files(&root.join("tmp")))
+}
+
+/// `.part` files (writes in progress) under `p`, recursively.
+pub fn part_files(p: &std::path::Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| {
+            if e.path().is_dir() {
+                part_files(&e.path())
+            } else {
+                usize::from(e.file_name().to_string_lossy().ends_with(".part"))
+            }
+        })
+        .sum()
 }
 
 fn walk(p: &std::path::Path) -> usize {

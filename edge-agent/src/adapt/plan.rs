@@ -64,6 +64,14 @@ pub fn or_recompute<T>(what: &str, r: Result<Option<T>>) -> Option<T> {
     }
 }
 
+/// A state write that failed (a full disk): the atomic write left the stored file as it was,
+/// and the agent goes on with the new result in memory rather than stopping serving.
+pub fn persist(what: &str, r: Result<()>) {
+    if let Err(e) = r {
+        tracing::warn!("{what} not persisted, the stored one is kept: {e}");
+    }
+}
+
 /// The stored table if it matches the conditions, else a fresh profile (saved).
 pub fn ensure_table(
     src: &ArtifactSource,
@@ -104,7 +112,7 @@ pub fn ensure_table(
             100.0 * v.calibrated_p90_err
         );
     }
-    state.save_table(&t)?;
+    persist("latency table", state.save_table(&t));
     Ok((t, false))
 }
 
@@ -233,7 +241,7 @@ pub fn plan(
         config: cfg.search.clone(),
         result,
     };
-    state.save_search(&id, &record)?;
+    persist("search result", state.save_search(&id, &record));
     Ok(Plan {
         table,
         record,

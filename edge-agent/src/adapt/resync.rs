@@ -119,13 +119,17 @@ impl Resync {
             c.reset(new_plan.budget_ms, front, idx);
             switch
         };
-        self.state.save_active(
-            &manifest_id,
-            &ActiveRecord {
-                subnet: target,
-                budget_ms: new_plan.budget_ms,
-            },
-        )?;
+        // Installed already: a failed write (full disk) must not report the re-sync failed.
+        super::plan::persist(
+            "active subnet",
+            self.state.save_active(
+                &manifest_id,
+                &ActiveRecord {
+                    subnet: target,
+                    budget_ms: new_plan.budget_ms,
+                },
+            ),
+        );
         Ok((new_plan, switch))
     }
 

@@ -11,10 +11,16 @@
 //! - Heartbeats and reports carry only the aggregates of [`AgentAggregates`]; a report that
 //!   cannot be delivered is kept (the latest one only) and retried later, while the agent
 //!   keeps serving.
+//! - Privacy minimum on the device: a report whose quality rests on fewer local images than
+//!   the larger of the cloud's announced minimum and the local floor is withheld
+//!   (`ReportWithheld`) and never sent.
+//! - The identity is bound to the endpoint that issued it: its credential is never sent to
+//!   another one (`EndpointChanged`; re-enrolling replaces it).
 //!
 //! This is the only module of the crate that does network I/O, and nothing it sends is
 //! per-sample: local data never leaves the device.
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -52,6 +58,11 @@ pub struct Identity {
     pub credential: String,
     /// 0 = does not expire.
     pub credential_expires_unix_ms: i64,
+    /// The cloud's privacy minimum of local samples behind a reported quality, as last
+    /// announced (enrollment, heartbeats), so a restarted agent holds to it before its first
+    /// heartbeat; 0 when never announced.
+    #[serde(default)]
+    pub min_quality_samples: u64,
 }
 
 impl std::fmt::Debug for Identity {
@@ -61,6 +72,7 @@ impl std::fmt::Debug for Identity {
             .field("device_id", &self.device_id)
             .field("fleet_id", &self.fleet_id)
             .field("credential", &"<redacted>")
+            .field("min_quality_samples", &self.min_quality_samples)
             .finish()
     }
 }
@@ -95,8 +107,14 @@ pub fn load_identity(state_dir: &Path) -> Result<Option<Identity>> {
     Ok(Some(id))
 }
 
+/// Endpoints compare without a trailing slash (`http://h:1/` is `http://h:1`).
+fn same_endpoint(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
 /// Writes `bytes` to `path` atomically with owner-only permissions (0600 on Unix): temp file
-/// created 0600 in the same directory, fsync, rename, fsync the directory.
+/// created 0600 in the same directory, fsync, rename, fsync the directory. On failure (a full
+/// disk) the temp file is removed and the old file is untouched.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let dir = path
@@ -117,12 +135,16 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(&tmp).map_err(|e| EdgeError::io(&tmp, e))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| EdgeError::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| EdgeError::io(path, e))?;
+    let written = opts.open(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(EdgeError::io(path, e));
+    }
     sync_dir(dir);
     Ok(())
 }
@@ -294,6 +316,12 @@ pub struct CloudClient {
     state_dir: Option<PathBuf>,
     identity: Option<Identity>,
     pending_report: Mutex<Option<pb::ReportRequest>>,
+    /// Local floor of the privacy minimum (`--min-quality-samples`).
+    min_samples_floor: u64,
+    /// The cloud's minimum as last announced (0: none announced).
+    cloud_min_samples: AtomicU64,
+    /// Enroll afresh even with a stored identity (`--re-enroll`).
+    re_enroll: bool,
 }
 
 impl CloudClient {
@@ -316,6 +344,9 @@ impl CloudClient {
             state_dir: None,
             identity: None,
             pending_report: Mutex::new(None),
+            min_samples_floor: 0,
+            cloud_min_samples: AtomicU64::new(0),
+            re_enroll: false,
         }
     }
 
@@ -351,8 +382,71 @@ impl CloudClient {
     pub fn with_state_dir(mut self, dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = dir.into();
         self.identity = load_identity(&dir)?;
+        if let Some(id) = &self.identity {
+            self.cloud_min_samples
+                .store(id.min_quality_samples, Ordering::Relaxed);
+        }
         self.state_dir = Some(dir);
         Ok(self)
+    }
+
+    /// The local floor of the privacy minimum: a report whose quality rests on fewer local
+    /// images than the larger of this and the cloud's announced minimum is withheld.
+    pub fn with_min_quality_samples(mut self, floor: u64) -> Self {
+        self.min_samples_floor = floor;
+        self
+    }
+
+    /// Makes [`CloudClient::enroll`] exchange the token even when an identity is stored
+    /// (replacing it): how an agent moves to another cloud endpoint.
+    pub fn with_re_enroll(mut self, re_enroll: bool) -> Self {
+        self.re_enroll = re_enroll;
+        self
+    }
+
+    /// The privacy minimum in force: the larger of the local floor and the cloud's.
+    pub fn min_quality_samples(&self) -> u64 {
+        self.min_samples_floor
+            .max(self.cloud_min_samples.load(Ordering::Relaxed))
+    }
+
+    /// Records the cloud's announced minimum and persists it with the identity when it
+    /// changed (best effort: the in-memory value holds for this run either way).
+    fn learn_min_samples(&self, announced: u64) {
+        if self.cloud_min_samples.swap(announced, Ordering::Relaxed) == announced {
+            return;
+        }
+        if let (Some(id), Some(dir)) = (&self.identity, &self.state_dir) {
+            let id = Identity {
+                min_quality_samples: announced,
+                ..id.clone()
+            };
+            let written = serde_json::to_vec_pretty(&id)
+                .map_err(|e| EdgeError::config("identity", e.to_string()))
+                .and_then(|bytes| write_private(&identity_path(dir), &bytes));
+            if let Err(e) = written {
+                tracing::warn!("the cloud's report minimum was not persisted: {e}");
+            }
+        }
+    }
+
+    /// The stored identity may only be used with the endpoint that issued it: a changed
+    /// `--cloud` must not receive the credential.
+    pub fn check_identity_endpoint(&self) -> Result<()> {
+        match &self.identity {
+            Some(id) if !same_endpoint(&id.endpoint, &self.endpoint) => {
+                Err(EdgeError::EndpointChanged {
+                    path: self
+                        .state_dir
+                        .as_deref()
+                        .map(|d| identity_path(d).display().to_string())
+                        .unwrap_or_else(|| IDENTITY_FILE.into()),
+                    stored: id.endpoint.clone(),
+                    given: self.endpoint.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     pub fn endpoint_url(&self) -> &str {
@@ -386,6 +480,7 @@ impl CloudClient {
                         .map(|d| identity_path(d).display().to_string())
                         .unwrap_or_else(|| "<no state dir>".into()),
                 })?;
+            self.check_identity_endpoint()?;
             let v = format!("Bearer {}", id.credential).parse().map_err(|_| {
                 EdgeError::CorruptState {
                     path: IDENTITY_FILE.into(),
@@ -413,9 +508,10 @@ impl CloudClient {
         }
     }
 
-    /// Enrolls once: with a stored identity nothing is sent and `Ok(false)` is returned;
-    /// otherwise the token is exchanged, the identity persisted (0600, atomic) and `Ok(true)`
-    /// returned. Needs [`CloudClient::with_state_dir`].
+    /// Enrolls once: with a stored identity nothing is sent and `Ok(false)` is returned (an
+    /// identity issued by another endpoint is `EndpointChanged`); otherwise, or with
+    /// [`CloudClient::with_re_enroll`], the token is exchanged, the identity persisted (0600,
+    /// atomic) and `Ok(true)` returned. Needs [`CloudClient::with_state_dir`].
     pub async fn enroll(
         &mut self,
         token: Option<&str>,
@@ -423,12 +519,14 @@ impl CloudClient {
         agent_version: &str,
     ) -> Result<bool> {
         let dir = self.state_dir()?.to_path_buf();
-        if self.identity.is_some() {
-            return Ok(false);
-        }
-        if let Some(id) = load_identity(&dir)? {
-            self.identity = Some(id);
-            return Ok(false);
+        if !self.re_enroll {
+            if self.identity.is_none() {
+                self.identity = load_identity(&dir)?;
+            }
+            if self.identity.is_some() {
+                self.check_identity_endpoint()?;
+                return Ok(false);
+            }
         }
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(EdgeError::NotEnrolled {
@@ -453,12 +551,16 @@ impl CloudClient {
             fleet_id: e.fleet_id,
             credential: e.device_credential,
             credential_expires_unix_ms: e.credential_expires_unix_ms,
+            min_quality_samples: e.min_quality_samples,
         };
         let bytes = serde_json::to_vec_pretty(&id)
             .map_err(|e| EdgeError::config("identity", e.to_string()))?;
         write_private(&identity_path(&dir), &bytes)?;
         tracing::info!(device = %id.device_id, fleet = %id.fleet_id, "enrolled");
+        self.cloud_min_samples
+            .store(id.min_quality_samples, Ordering::Relaxed);
         self.identity = Some(id);
+        self.re_enroll = false;
         Ok(true)
     }
 
@@ -499,14 +601,19 @@ impl CloudClient {
             self.deadline,
         )?;
         let mut c = self.inner.clone();
-        self.unary("Heartbeat", c.heartbeat(req)).await
+        let r = self.unary("Heartbeat", c.heartbeat(req)).await?;
+        self.learn_min_samples(r.min_quality_samples);
+        Ok(r)
     }
 
-    /// Sends a report of aggregates. When the cloud is unreachable (a transient error), the
-    /// report is kept as the pending one (replacing an older pending report) for
-    /// [`CloudClient::flush_pending_report`], and the error is returned.
+    /// Sends a report of aggregates. A report below the privacy minimum
+    /// ([`CloudClient::min_quality_samples`]) is `ReportWithheld`, and nothing is sent. When
+    /// the cloud is unreachable (a transient error), the report is kept as the pending one
+    /// (replacing an older pending report) for [`CloudClient::flush_pending_report`], and
+    /// the error is returned.
     pub async fn report(&self, agg: &AgentAggregates) -> Result<()> {
         let r = agg.to_report();
+        self.check_minimum(&r)?;
         match self.send_report(r.clone()).await {
             Ok(()) => {
                 *self
@@ -527,7 +634,21 @@ impl CloudClient {
         }
     }
 
+    /// The device-side privacy check: the quality of a report must rest on at least the
+    /// minimum number of local images, or the report does not leave the device.
+    fn check_minimum(&self, r: &pb::ReportRequest) -> Result<()> {
+        let minimum = self.min_quality_samples();
+        if r.quality_sample_count < minimum {
+            return Err(EdgeError::ReportWithheld {
+                samples: r.quality_sample_count,
+                minimum,
+            });
+        }
+        Ok(())
+    }
+
     async fn send_report(&self, r: pb::ReportRequest) -> Result<()> {
+        self.check_minimum(&r)?;
         let req = self.request(r, true, self.deadline)?;
         let mut c = self.inner.clone();
         self.unary("Report", c.report(req)).await.map(|_| ())

@@ -251,6 +251,10 @@ pub struct SearchStats {
     pub peak_reuse_bytes: usize,
     pub seconds: f64,
     pub evals_per_s: f64,
+    /// Local images every full score was computed on: the sample count behind a reported
+    /// quality (0 in results stored before it was recorded).
+    #[serde(default)]
+    pub images: usize,
 }
 
 /// The outcome of one search run.
@@ -852,6 +856,7 @@ pub fn search_from(
         });
     }
     let mut stats = arch.stats;
+    stats.images = set.len;
     stats.seconds = start.elapsed().as_secs_f64();
     stats.evals_per_s = stats.evaluations as f64 / stats.seconds.max(1e-9);
     Ok(SearchResult {

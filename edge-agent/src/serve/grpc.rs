@@ -5,6 +5,11 @@
 //!
 //! Forward passes run on the blocking pool (they are CPU-bound), and their latency feeds the
 //! same window the controller reads, so served traffic drives adaptation.
+//!
+//! Exposure: at most [`ApiConfig::max_concurrent`] inferences run at once and the rest are
+//! refused at once (RESOURCE_EXHAUSTED, HTTP 429) rather than queued, so a flood cannot
+//! starve the device's own serving; with [`ApiConfig::token`] every call needs
+//! `authorization: Bearer <token>`; a listener that is not loopback is logged as a warning.
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,7 +18,7 @@ use adaptivenet_proto::v1 as pb;
 use adaptivenet_proto::v1::edge_inference_server::{EdgeInference, EdgeInferenceServer};
 use candle_core::{Device, Tensor};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 
 use super::Server;
@@ -25,12 +30,41 @@ pub struct ApiConfig {
     /// Largest batch accepted (larger ones are refused, not split: the caller controls
     /// latency by its batch size).
     pub max_batch: usize,
+    /// Inferences served at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_concurrent: usize,
+    /// Bearer token every call must carry (None: no authentication).
+    pub token: Option<String>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { max_batch: 64 }
+        ApiConfig {
+            max_batch: 64,
+            max_concurrent: 4,
+            token: None,
+        }
     }
+}
+
+/// Equality in time independent of where the inputs differ (a bearer token check).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The warning for a listener reachable beyond this machine, if `addr` is not loopback.
+pub fn exposure_warning(addr: &SocketAddr, authenticated: bool) -> Option<String> {
+    if addr.ip().is_loopback() {
+        return None;
+    }
+    Some(format!(
+        "the local inference API listens on {addr}, which is not loopback: other machines can \
+         reach it{}",
+        if authenticated {
+            " (calls need the bearer token)"
+        } else {
+            "; without --listen-token-file anyone who reaches it may use it"
+        }
+    ))
 }
 
 /// The service: the shared server plus the budget it reports.
@@ -38,6 +72,8 @@ impl Default for ApiConfig {
 pub struct InferenceService {
     server: Arc<Server>,
     cfg: ApiConfig,
+    /// One permit per inference served at once.
+    slots: Arc<Semaphore>,
     /// The budget the controller works to, as f64 bits (changes on re-sync).
     budget_bits: Arc<AtomicU64>,
 }
@@ -46,6 +82,7 @@ impl InferenceService {
     pub fn new(server: Arc<Server>, cfg: ApiConfig, budget_ms: f64) -> Self {
         InferenceService {
             server,
+            slots: Arc::new(Semaphore::new(cfg.max_concurrent.max(1))),
             cfg,
             budget_bits: Arc::new(AtomicU64::new(budget_ms.to_bits())),
         }
@@ -59,6 +96,36 @@ impl InferenceService {
     /// A handle to update the reported budget.
     pub fn budget_handle(&self) -> Arc<AtomicU64> {
         self.budget_bits.clone()
+    }
+
+    /// Takes one of the `max_concurrent` inference slots (held until the permit drops), or
+    /// RESOURCE_EXHAUSTED at once when all are taken.
+    pub fn try_slot(&self) -> std::result::Result<OwnedSemaphorePermit, Status> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "busy: {} inferences in flight (the limit); retry later",
+                self.cfg.max_concurrent.max(1)
+            ))
+        })
+    }
+
+    /// With a configured token, the call must carry it as `authorization: Bearer <token>`.
+    fn authorize(&self, md: &tonic::metadata::MetadataMap) -> std::result::Result<(), Status> {
+        let Some(want) = &self.cfg.token else {
+            return Ok(());
+        };
+        let given = md
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if same_secret(given.as_bytes(), want.as_bytes()) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong bearer token (authorization: Bearer <token>)",
+            ))
+        }
     }
 
     /// Checks a request against the model's input and builds the input tensor.
@@ -152,6 +219,8 @@ impl EdgeInference for InferenceService {
         &self,
         request: Request<pb::InferRequest>,
     ) -> std::result::Result<Response<pb::InferResponse>, Status> {
+        self.authorize(request.metadata())?;
+        let _slot = self.try_slot()?;
         let req = request.into_inner();
         let x = self.input_tensor(&req)?;
         drop(req);
@@ -183,8 +252,9 @@ impl EdgeInference for InferenceService {
 
     async fn status(
         &self,
-        _request: Request<pb::AgentStatusRequest>,
+        request: Request<pb::AgentStatusRequest>,
     ) -> std::result::Result<Response<pb::AgentStatusResponse>, Status> {
+        self.authorize(request.metadata())?;
         let m = self.server.active();
         let w = self.server.window_snapshot();
         let (requests, images) = self.server.served();
@@ -234,6 +304,9 @@ pub async fn serve(addr: &str, svc: InferenceService) -> Result<ApiHandle> {
     let local = listener
         .local_addr()
         .map_err(|e| EdgeError::config("listen", format!("{addr}: {e}")))?;
+    if let Some(w) = exposure_warning(&local, svc.cfg.token.is_some()) {
+        tracing::warn!("{w}");
+    }
     let [c, h, w] = svc.server.source().manifest.input.shape;
     // Room for the largest accepted batch as floats (the default 4 MiB would refuse large
     // images before the batch check could name the field).
