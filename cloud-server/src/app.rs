@@ -16,6 +16,7 @@ use crate::domain::{
 };
 use crate::error::{CloudError, Result};
 use crate::ops::metrics::Metrics;
+use crate::ops::net::NetLimits;
 use crate::store::{JobFence, NewSupernet, Store};
 
 /// Server configuration (filled by the CLI or by tests).
@@ -57,6 +58,8 @@ pub struct Config {
     pub drain_grace: Duration,
     /// PostgreSQL: commit reports and heartbeats synchronously (see `store::writer`).
     pub durable_telemetry: bool,
+    /// Per-principal quotas, timeouts and HTTP/2 limits (`ops::net`).
+    pub net: NetLimits,
 }
 
 impl Config {
@@ -83,6 +86,7 @@ impl Config {
             device_credential_ttl: None,
             drain_grace: Duration::from_secs(2),
             durable_telemetry: false,
+            net: NetLimits::default(),
         }
     }
 }

@@ -33,6 +33,9 @@ pub enum CloudError {
     /// The operation was cancelled (job cancel, client gone).
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// A client took too long (an upload stream that went idle); nothing was stored.
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
     /// The server is draining or a dependency is temporarily unreachable.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -110,6 +113,7 @@ impl CloudError {
             CloudError::Unauthenticated(_) => Code::Unauthenticated,
             CloudError::PermissionDenied(_) => Code::PermissionDenied,
             CloudError::Cancelled(_) => Code::Cancelled,
+            CloudError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             CloudError::Unavailable(_) => Code::Unavailable,
             CloudError::DataLoss(_) => Code::DataLoss,
             CloudError::Database(e) => match e {

@@ -32,6 +32,7 @@ use crate::api::dashboard::DashboardApi;
 use crate::api::developer::{DeveloperApi, MAX_CHUNK};
 use crate::api::device::DeviceApi;
 use crate::app::App;
+use crate::auth::Principal;
 use crate::domain::{now_ms, FleetEventKind};
 use crate::error::{CloudError, Result};
 use crate::jobs::{spawn_workers, JobRunner};
@@ -51,6 +52,22 @@ struct AppMetrics(App);
 impl MetricsSink for AppMetrics {
     fn metrics(&self) -> &Metrics {
         self.0.metrics()
+    }
+
+    /// The principal of a valid credential: an API token's id or a device's id. Invalid
+    /// credentials are anonymous here; the handler answers UNAUTHENTICATED.
+    fn identify(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> futures::future::BoxFuture<'static, Option<uuid::Uuid>> {
+        let app = self.0.clone();
+        let md = tonic::metadata::MetadataMap::from_headers(headers.clone());
+        Box::pin(async move {
+            match app.auth().authenticate(&md).await.ok()? {
+                Principal::Api { token_id, .. } => Some(token_id),
+                Principal::Device { device_id, .. } => Some(device_id),
+            }
+        })
     }
 }
 
@@ -120,15 +137,33 @@ pub async fn start(
         health.set_service_status(s, ServingStatus::Serving).await;
     }
     health.set_service_status("", ServingStatus::Serving).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(adaptivenet_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: grpcurl speaks v1, Python's grpc_reflection and older
+    // tools only v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(adaptivenet_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
         .build_v1()
         .map_err(|e| CloudError::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(|e| CloudError::Internal(format!("reflection v1alpha: {e}")))?;
 
     let msg_limit = MAX_CHUNK + (64 << 10);
-    #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
-    let mut builder = tonic::transport::Server::builder();
+    let net = app.config().net.clone();
+    let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(secs(net.http2_keepalive_secs))
+        .http2_keepalive_timeout(secs(net.http2_keepalive_timeout_secs))
+        .max_concurrent_streams(net.max_streams_per_connection.max(1))
+        .http2_max_header_list_size(net.max_header_bytes.max(1024));
+    if let Some(age) = secs(net.max_connection_age_secs) {
+        builder = builder
+            .max_connection_age(age)
+            .max_connection_age_grace(Duration::from_secs(net.max_connection_age_grace_secs));
+    }
     #[cfg(feature = "tls")]
     if let Some(t) = tls {
         let identity = tonic::transport::Identity::from_pem(t.cert_pem, t.key_pem);
@@ -147,10 +182,12 @@ pub async fn start(
         .layer(OpsLayer::new(
             app.config().max_concurrent_requests,
             Arc::new(AppMetrics(app.clone())),
+            net,
         ))
         .layer(DeadlineLayer)
         .add_service(health_svc)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             DeveloperServiceServer::new(DeveloperApi::new(app.clone()))
                 .max_decoding_message_size(msg_limit),

@@ -15,6 +15,16 @@ pub struct OracleInfo {
     pub num_params: u64,
 }
 
+/// [`validate_oracle`] on a weights file, mapped rather than read: an upload up to the
+/// size limit is validated from its scratch file without a heap copy of its bytes.
+pub fn validate_oracle_file(arch_json: &[u8], weights: &std::path::Path) -> Result<OracleInfo> {
+    let file = std::fs::File::open(weights).map_err(|e| CloudError::io(weights, e))?;
+    // SAFETY: the file is this process's private scratch file (a fresh random name under the
+    // blob store's tmp directory), not modified while mapped; it is only renamed afterwards.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| CloudError::io(weights, e))?;
+    validate_oracle(arch_json, &map)
+}
+
 /// Checks an architecture descriptor and its weights (safetensors or PyTorch `.pth`).
 pub fn validate_oracle(arch_json: &[u8], weights: &[u8]) -> Result<OracleInfo> {
     let arch = ArchDescriptor::from_json(arch_json)

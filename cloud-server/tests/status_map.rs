@@ -33,6 +33,10 @@ fn every_domain_error_maps_to_its_status_code() {
         ),
         (CloudError::Cancelled("c".into()), Code::Cancelled),
         (
+            CloudError::DeadlineExceeded("upload idle".into()),
+            Code::DeadlineExceeded,
+        ),
+        (
             CloudError::Unavailable("draining".into()),
             Code::Unavailable,
         ),

@@ -7,6 +7,7 @@ use adaptivenet_proto::v1::upload_oracle_request::Msg;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
+use super::watch::JobWatches;
 use super::{convert, management, ServerStream};
 use crate::app::App;
 use crate::auth::{Access, Principal};
@@ -17,7 +18,7 @@ use crate::domain::{
 };
 use crate::error::CloudError;
 use crate::ops::metrics::Metrics;
-use crate::validate::validate_oracle;
+use crate::validate::validate_oracle_file;
 
 /// Largest accepted upload chunk (the gRPC message limit is 4 MiB).
 pub const MAX_CHUNK: usize = 4 << 20;
@@ -39,11 +40,15 @@ fn is_viewer(p: &Principal) -> bool {
 #[derive(Clone, Debug)]
 pub struct DeveloperApi {
     app: App,
+    watches: JobWatches,
 }
 
 impl DeveloperApi {
     pub fn new(app: App) -> Self {
-        DeveloperApi { app }
+        DeveloperApi {
+            app,
+            watches: JobWatches::default(),
+        }
     }
 
     /// Reads the header, streams chunks into a temp blob while hashing, checks size and
@@ -53,10 +58,9 @@ impl DeveloperApi {
         mut stream: Streaming<pb::UploadOracleRequest>,
     ) -> Result<(Oracle, bool), CloudError> {
         let app = &self.app;
-        let first = stream
-            .message()
-            .await
-            .map_err(|s| CloudError::invalid("header", format!("stream failed: {}", s.message())))?
+        let idle = app.config().net.upload_idle_timeout();
+        let first = next_message(&mut stream, idle, "header")
+            .await?
             .ok_or_else(|| CloudError::invalid("header", "stream ended before the header"))?;
         let h = match first.msg {
             Some(Msg::Header(h)) => h,
@@ -88,11 +92,7 @@ impl DeveloperApi {
         let arch = String::from_utf8(h.arch_json.clone())
             .map_err(|_| CloudError::invalid("header.arch_json", "not UTF-8"))?;
         let mut w = app.blobs().writer().await?;
-        while let Some(m) = stream
-            .message()
-            .await
-            .map_err(|s| CloudError::invalid("chunk", format!("stream failed: {}", s.message())))?
-        {
+        while let Some(m) = next_message(&mut stream, idle, "chunk").await? {
             match m.msg {
                 Some(Msg::Chunk(c)) => {
                     if c.len() > MAX_CHUNK {
@@ -141,9 +141,10 @@ impl DeveloperApi {
         if let Some(existing) = app.store().oracle_by_digest(&digest).await? {
             return Ok((existing, false));
         }
-        let weights = w.contents().await?;
+        // Validated from the scratch file (mapped), never held in this process's heap.
+        let scratch = w.flushed_path().await?;
         let arch_bytes = h.arch_json;
-        let info = tokio::task::spawn_blocking(move || validate_oracle(&arch_bytes, &weights))
+        let info = tokio::task::spawn_blocking(move || validate_oracle_file(&arch_bytes, &scratch))
             .await
             .map_err(|e| CloudError::Internal(format!("validation task: {e}")))??;
         let blob = w
@@ -169,6 +170,24 @@ impl DeveloperApi {
     }
 }
 
+/// The next message of an upload stream; a stream idle for longer than `idle` fails with
+/// DEADLINE_EXCEEDED (the caller's partial blob is deleted when its writer drops).
+async fn next_message<T>(
+    stream: &mut Streaming<T>,
+    idle: Duration,
+    field: &str,
+) -> Result<Option<T>, CloudError> {
+    match tokio::time::timeout(idle, stream.message()).await {
+        Ok(r) => {
+            r.map_err(|s| CloudError::invalid(field, format!("stream failed: {}", s.message())))
+        }
+        Err(_) => Err(CloudError::DeadlineExceeded(format!(
+            "upload stream idle for more than {} ms; nothing was stored",
+            idle.as_millis()
+        ))),
+    }
+}
+
 impl DeveloperApi {
     /// Feeds the `UploadDataset` stream to a [`datasets::upload::Upload`] in order.
     async fn upload_dataset_stream(
@@ -176,8 +195,8 @@ impl DeveloperApi {
         mut stream: Streaming<pb::UploadDatasetRequest>,
     ) -> Result<(Dataset, bool), CloudError> {
         use pb::upload_dataset_request::Msg as M;
-        let next = |s: Status| CloudError::invalid("stream", format!("failed: {}", s.message()));
-        let h = match stream.message().await.map_err(next)? {
+        let idle = self.app.config().net.upload_idle_timeout();
+        let h = match next_message(&mut stream, idle, "stream").await? {
             Some(pb::UploadDatasetRequest {
                 msg: Some(M::Header(h)),
             }) => h,
@@ -197,7 +216,7 @@ impl DeveloperApi {
         let opts = convert::dataset_options(h.options.as_ref());
         let mut up =
             datasets::upload::Upload::begin(&self.app, &h.name, &h.format, h.total_bytes, opts)?;
-        while let Some(m) = stream.message().await.map_err(next)? {
+        while let Some(m) = next_message(&mut stream, idle, "stream").await? {
             match m.msg {
                 Some(M::Shard(s)) => up.start_shard(&s.sha256, s.size_bytes).await?,
                 Some(M::Chunk(c)) => {
@@ -425,8 +444,9 @@ impl DeveloperService for DeveloperApi {
         let id = parse_id("job_id", &req.get_ref().job_id)?;
         let app = self.app.clone();
         let first = app.store().get_job(id).await?;
+        // One shared poller reads the job for every watcher (`api::watch`).
+        let mut rx_job = self.watches.subscribe(&app, first.clone());
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let mut wake = app.subscribe_jobs();
         tokio::spawn(async move {
             let mut last = first;
             if tx
@@ -445,19 +465,14 @@ impl DeveloperService for DeveloperApi {
                         return;
                     }
                     _ = tx.closed() => return,
-                    r = wake.recv() => {
-                        if let Ok(j) = r { if j != id { continue; } }
+                    r = rx_job.changed() => {
+                        if r.is_err() {
+                            let _ = tx.send(Err(Status::unavailable("job watch ended; watch again"))).await;
+                            return;
+                        }
                     }
-                    // Workers in other processes do not wake us: poll as well.
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
-                let job = match app.store().get_job(id).await {
-                    Ok(j) => j,
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                };
+                let job = rx_job.borrow_and_update().clone();
                 if job != last {
                     if tx
                         .send(Ok(pb::JobEvent {

@@ -8,11 +8,13 @@
 //! - `device`: `DeviceService` (enroll, desired state, manifest, blobs, heartbeat, report).
 //! - `dashboard`: `DashboardService` (read-only views, aggregates, fleet watch).
 //! - `admin`: `AdminService` (fleets, tokens, revocation).
+//! - `watch`: the one poller shared by every `WatchJob` stream.
 pub mod admin;
 pub mod convert;
 pub mod dashboard;
 pub mod developer;
 pub mod device;
+pub mod watch;
 
 use std::pin::Pin;
 

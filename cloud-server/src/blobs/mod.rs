@@ -390,6 +390,19 @@ impl BlobWriter {
             .map_err(|e| CloudError::io(&tmp, e))
     }
 
+    /// Flushes what was written so far and returns the scratch file's path (to validate the
+    /// content in place before committing).
+    pub async fn flushed_path(&mut self) -> Result<PathBuf> {
+        let tmp = self
+            .tmp
+            .clone()
+            .ok_or_else(|| CloudError::Internal("read after commit".into()))?;
+        if let Some(f) = self.file.as_mut() {
+            f.flush().await.map_err(|e| CloudError::io(&tmp, e))?;
+        }
+        Ok(tmp)
+    }
+
     /// fsyncs, checks the digest against `expected` (field name, digest) if given, and moves
     /// the blob into place. An existing blob with the same digest is kept as is.
     pub async fn commit(mut self, expected: Option<(&str, &str)>) -> Result<BlobRef> {

@@ -88,6 +88,9 @@ enum Cmd {
         tls_cert: Option<PathBuf>,
         #[arg(long)]
         tls_key: Option<PathBuf>,
+        /// Quotas, timeouts and HTTP/2 limits against hostile or broken clients.
+        #[command(flatten)]
+        net: adaptivenet_cloud::ops::net::NetLimits,
         /// Seconds between blob garbage collections (0: never; see `gc`).
         #[arg(long, default_value_t = 3600)]
         gc_interval_secs: u64,
@@ -326,9 +329,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             job_lease_secs,
             tls_cert,
             tls_key,
+            net,
             gc_interval_secs,
             gc_grace_secs,
         } => {
+            cfg.net = net;
             anyhow::ensure!(job_lease_secs >= 2, "--job-lease-secs must be at least 2");
             cfg.job_lease = std::time::Duration::from_secs(job_lease_secs);
             cfg.durable_telemetry = durable_telemetry;

@@ -1,5 +1,7 @@
 //! Prometheus metrics, kept in-process with atomics and rendered in the text format on
-//! `GET /metrics` (no metrics framework: the set is small and fixed).
+//! `GET /metrics` (no metrics framework: the set is small and fixed). Request labels are
+//! `&'static str` from the method table (`ops::methods`) and the closed set of status codes,
+//! so no client input ever becomes a label: the exposition stays bounded and valid.
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -23,8 +25,8 @@ struct Histogram {
 /// The server's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, String), u64>>,
-    latency: Mutex<BTreeMap<String, Histogram>>,
+    requests: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    latency: Mutex<BTreeMap<&'static str, Histogram>>,
     pub in_flight: AtomicU64,
     pub shed_total: AtomicU64,
     pub oracle_uploads_total: AtomicU64,
@@ -32,20 +34,36 @@ pub struct Metrics {
     pub enrollments_total: AtomicU64,
     pub blob_bytes_sent_total: AtomicU64,
     pub jobs_finished_total: AtomicU64,
+    /// Database reads of the shared WatchJob poller (one per watched job per tick, however
+    /// many clients watch it).
+    pub job_watch_polls_total: AtomicU64,
+}
+
+/// The status-code label of a `grpc-status` value: `"0"`..`"16"`, anything else `"2"`
+/// (UNKNOWN).
+pub fn code_label(v: &str) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    v.parse::<usize>()
+        .ok()
+        .and_then(|i| CODES.get(i).copied())
+        .unwrap_or("2")
 }
 
 impl Metrics {
-    /// Records one finished request (`code` is the gRPC status code number as text).
-    pub fn observe(&self, method: &str, code: &str, elapsed: Duration) {
+    /// Records one finished request: `method` is a known method's path or
+    /// [`super::methods::UNKNOWN`], `code` a [`code_label`].
+    pub fn observe(&self, method: &'static str, code: &'static str, elapsed: Duration) {
         *self
             .requests
             .lock()
             .expect("metrics lock")
-            .entry((method.to_string(), code.to_string()))
+            .entry((method, code))
             .or_default() += 1;
         let ms = elapsed.as_secs_f64() * 1e3;
         let mut lat = self.latency.lock().expect("metrics lock");
-        let h = lat.entry(method.to_string()).or_default();
+        let h = lat.entry(method).or_default();
         for (i, b) in BUCKETS_MS.iter().enumerate() {
             if ms <= *b {
                 h.counts[i] += 1;
@@ -119,6 +137,11 @@ impl Metrics {
                 "counter",
                 &self.jobs_finished_total,
             ),
+            (
+                "adaptivenet_job_watch_polls_total",
+                "counter",
+                &self.job_watch_polls_total,
+            ),
         ];
         for (name, kind, v) in gauges {
             let _ = writeln!(
@@ -165,5 +188,18 @@ pub async fn serve_http(
             let _ = sock.write_all(resp.as_bytes()).await;
             let _ = sock.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_labels_are_closed() {
+        assert_eq!(code_label("0"), "0");
+        assert_eq!(code_label("16"), "16");
+        assert_eq!(code_label("17"), "2");
+        assert_eq!(code_label("\"}"), "2");
     }
 }
