@@ -52,13 +52,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use adaptivenet_cloud::elastify::cli::{split_validation, RESNET20_FASHION};
-use adaptivenet_cloud::elastify::train::{correct, fashion_transform};
+use adaptivenet_cloud::elastify::train::{correct, eval_transform};
 use adaptivenet_cloud::elastify::{
     elastify, train_oracle_resumable, DirCheckpoints, ElastifyConfig, TrainOracleConfig,
 };
 use adaptivenet_cloud::elastify::{ProgressEvent, ProgressSink};
 use adaptivenet_core::artifact::{load_supernet, read_manifest, write_artifact, InputSpec};
 use adaptivenet_core::data::{fashion_mnist, Dataset};
+use adaptivenet_core::data::{AugmentPolicy, Normalize};
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::supernet::branches::build_supernet;
 use adaptivenet_core::supernet::{Subnet, Supernet, SupernetConfig};
@@ -229,6 +230,8 @@ fn trained_model(
         warmup_steps: per_epoch.min(steps / 10).max(1),
         seed: SEED,
         checkpoint_every: 200,
+        normalize: fashion_normalize(),
+        augment: fashion_augment(),
         ..TrainOracleConfig::default()
     };
     eprintln!("{label}: training {steps} steps of batch {batch} ...");
@@ -304,6 +307,8 @@ fn trained_supernet(
         warmup_steps: (p.stage_steps[0].min(p.stage_steps[1]) / 30).clamp(1, 100),
         checkpoint_every: 200,
         original_weight: p.original_weight,
+        normalize: fashion_normalize(),
+        augment: fashion_augment(),
         ..ElastifyConfig::default()
     };
     let ck = checkpoints(dir)?;
@@ -390,7 +395,7 @@ fn accuracies(
     models: &[Model],
     data: &Dataset,
 ) -> Result<Vec<f64>> {
-    let t = fashion_transform(false);
+    let t = eval_transform(&fashion_normalize());
     let mut hits = vec![0u64; nets.len()];
     // Group paths by supernet, sorted by steps so that neighbours share prefixes.
     let mut order: Vec<usize> = (0..nets.len()).collect();
@@ -552,7 +557,7 @@ fn all_subnets_table(
 
 /// The images of `data` as model inputs, in batches of 250 (labels dropped).
 fn image_batches(data: &Dataset) -> Result<Vec<Tensor>> {
-    let t = fashion_transform(false);
+    let t = eval_transform(&fashion_normalize());
     let idx: Vec<usize> = (0..data.len()).collect();
     idx.chunks(250)
         .map(|c| Ok(data.batch_tensor(c, &t, &Device::Cpu)?.0))
@@ -1120,4 +1125,20 @@ fn main() -> Result<()> {
     println!();
     println!("BENCH {bench}");
     Ok(())
+}
+
+/// This program reads Fashion-MNIST explicitly: its training-set statistics on `x / 255`.
+fn fashion_normalize() -> Normalize {
+    Normalize::MeanStd {
+        mean: vec![0.2860],
+        std: vec![0.3530],
+    }
+}
+
+/// The reference recipe's augmentation for Fashion-MNIST: pad-2 random crop + flip.
+fn fashion_augment() -> AugmentPolicy {
+    AugmentPolicy {
+        crop_padding: 2,
+        hflip: true,
+    }
 }

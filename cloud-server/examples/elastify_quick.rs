@@ -9,7 +9,7 @@ use adaptivenet_cloud::elastify::train::accuracy;
 use adaptivenet_cloud::elastify::{
     elastify, evaluate_priors, train_oracle, ElastifyConfig, NoProgress, TrainOracleConfig,
 };
-use adaptivenet_core::data::{fashion_mnist, shuffled_indices};
+use adaptivenet_core::data::{fashion_mnist, shuffled_indices, AugmentPolicy, Normalize};
 use adaptivenet_core::model::ArchDescriptor;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -68,6 +68,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             batch: o.batch,
             warmup_steps: (o.oracle_steps / 10).max(1),
             seed: o.seed,
+            normalize: fashion_normalize(),
+            augment: fashion_augment(),
             ..TrainOracleConfig::default()
         };
         let (m, r) = train_oracle(&spec, &cfg, &train, Some(&test), &mut NoProgress, &never)?;
@@ -87,7 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let m = adaptivenet_core::model::Model::init(&spec, o.seed)?;
         println!(
             "oracle: random init, test acc {:.2}%",
-            100.0 * accuracy(&m, &test, 500)?
+            100.0 * accuracy(&m, &test, &fashion_normalize(), 500)?
         );
         m
     };
@@ -99,6 +101,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed: o.seed,
         warmup_steps: 5,
         checkpoint_every: 0,
+        normalize: fashion_normalize(),
+        augment: fashion_augment(),
         ..ElastifyConfig::default()
     };
     let out = elastify(&oracle, &cfg, &train, &mut NoProgress, None, &never)?;
@@ -124,7 +128,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let subnets = prior_subnets(sn, 8, o.seed)?;
     let t0 = std::time::Instant::now();
-    let priors = evaluate_priors(sn, &subnets, &val, "validation", 250)?;
+    let priors = evaluate_priors(sn, &subnets, &val, &fashion_normalize(), "validation", 250)?;
     println!(
         "priors: {} subnets on {} validation images in {:.1} s",
         priors.len(),
@@ -140,4 +144,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// This program reads Fashion-MNIST explicitly: its training-set statistics on `x / 255`.
+fn fashion_normalize() -> Normalize {
+    Normalize::MeanStd {
+        mean: vec![0.2860],
+        std: vec![0.3530],
+    }
+}
+
+/// The reference recipe's augmentation for Fashion-MNIST: pad-2 random crop + flip.
+fn fashion_augment() -> AugmentPolicy {
+    AugmentPolicy {
+        crop_padding: 2,
+        hflip: true,
+    }
 }

@@ -662,3 +662,136 @@ async fn cli_options_recorded() {
     assert_eq!((aug.crop_padding, aug.hflip), (4, false));
     h.finish().await;
 }
+
+/// `root/<class>/<i>.png`: 3 classes x 20 RGB 16x16 images whose class is told by colour and
+/// by which side is bright (left/right-dependent content).
+fn write_small_rgb_folder(root: &Path) {
+    for (ci, class) in ["left", "right", "tint"].iter().enumerate() {
+        let dir = root.join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..20u32 {
+            let img = image::RgbImage::from_fn(16, 16, |x, y| {
+                let bright = match ci {
+                    0 => x < 8,
+                    1 => x >= 8,
+                    _ => (x + y) % 2 == 0,
+                };
+                let v = if bright { 200 + (i % 5) as u8 * 10 } else { 20 };
+                image::Rgb([v, (y * 8) as u8, (ci as u8) * 60 + (i as u8)])
+            });
+            img.save(dir.join(format!("{i:02}.png"))).unwrap();
+        }
+    }
+}
+
+/// An uploaded RGB ImageFolder (not Fashion-MNIST) elastified by a real job: the supernet's
+/// manifest carries the dataset's own mean/std, shape and class names.
+async fn uploaded_rgb_folder_elastified(db: Db) {
+    use adaptivenet_cloud::elastify::runner::ElastifyRunner;
+    use adaptivenet_cloud::jobs::Worker;
+    let Some(h) = Harness::start(db, |_| {}, None).await else {
+        return;
+    };
+    let dev = h.token(Role::Developer).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("rgb");
+    write_small_rgb_folder(&dir);
+    let out = stdout_ok(
+        &cli(
+            &h,
+            &dev,
+            &["upload-dataset", dir.to_str().unwrap(), "--name", "rgb3"],
+        )
+        .await,
+    );
+    let id = dataset_id(&out);
+    let d = h
+        .developer()
+        .get_dataset(authed(
+            pb::GetDatasetRequest {
+                dataset_id: id.clone(),
+            },
+            &dev,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let spec: adaptivenet_core::data::InputSpec = serde_json::from_str(&d.input_spec_json).unwrap();
+    assert_eq!((spec.channels, spec.height, spec.width), (3, 16, 16));
+
+    let arch = br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[2],"widths":[8],"in_channels":3,"num_classes":3}"#;
+    let weights = fixture_weights(arch, 7);
+    let msgs = vec![
+        pb::UploadOracleRequest {
+            msg: Some(pb::upload_oracle_request::Msg::Header(
+                pb::OracleUploadHeader {
+                    name: "rgb-oracle".into(),
+                    arch_json: arch.to_vec(),
+                    size_bytes: weights.len() as u64,
+                    weights_sha256: sha256_hex(&weights),
+                },
+            )),
+        },
+        pb::UploadOracleRequest {
+            msg: Some(pb::upload_oracle_request::Msg::Chunk(weights.clone())),
+        },
+    ];
+    let oracle = h
+        .developer()
+        .upload_oracle(authed(futures::stream::iter(msgs), &dev))
+        .await
+        .unwrap()
+        .into_inner()
+        .oracle
+        .unwrap();
+    let job = h
+        .developer()
+        .start_elastification(authed(
+            pb::StartElastificationRequest {
+                oracle_id: oracle.id.clone(),
+                dataset_id: id.clone(),
+                supernet_name: String::new(),
+                params_json: r#"{"branches":["merge2"],"stage0_steps":2,"stage1_steps":2,"batch":8,"val_size":12,"priors":4,"checkpoint_every":0}"#.into(),
+            },
+            &dev,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let worker = Worker::new(h.app().clone(), std::sync::Arc::new(ElastifyRunner), "w");
+    let stop = tokio_util::sync::CancellationToken::new();
+    assert!(worker.poll_once(&stop).await.expect("poll"), "job claimed");
+    let done = h
+        .developer()
+        .get_job(authed(pb::GetJobRequest { job_id: job.id }, &dev))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.state, pb::JobState::Succeeded as i32, "{done:?}");
+    let s = h
+        .developer()
+        .get_supernet(authed(
+            pb::GetSupernetRequest {
+                supernet_id: done.supernet_id.clone(),
+            },
+            &dev,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let m = adaptivenet_core::artifact::Manifest::from_json(&s.manifest_json).unwrap();
+    assert_eq!(m.input.shape, [3, 16, 16]);
+    assert_eq!(
+        m.input.mean, spec.mean,
+        "the dataset's mean, not a constant"
+    );
+    assert_eq!(m.input.std, spec.std);
+    assert_eq!(m.input.mean.len(), 3);
+    assert_eq!(m.input.class_names, ["left", "right", "tint"]);
+    assert!(!m.priors.is_empty());
+    h.finish().await;
+}
+both_backends!(
+    uploaded_rgb_folder_elastified_db,
+    uploaded_rgb_folder_elastified
+);

@@ -1,14 +1,16 @@
 //! Elastification and oracle training on tiny models and synthetic data (seconds on 2 cores).
 use std::cell::Cell;
 
+use adaptivenet_cloud::elastify::cli::DataArgs;
 use adaptivenet_cloud::elastify::supernet::{feature_mse, oracle_digest};
-use adaptivenet_cloud::elastify::train::{accuracy, fashion_transform};
+use adaptivenet_cloud::elastify::train::{accuracy, eval_transform};
 use adaptivenet_cloud::elastify::{
     elastify, evaluate_priors, priors::prior_subnets, train_oracle, train_oracle_resumable,
     DirCheckpoints, ElastifyArgs, ElastifyConfig, NoProgress, ProgressEvent, TrainOracleConfig,
 };
 use adaptivenet_cloud::CloudError;
 use adaptivenet_core::data::Dataset;
+use adaptivenet_core::data::{AugmentPolicy, Normalize};
 use adaptivenet_core::model::{ArchDescriptor, Model, ModelSpec};
 use adaptivenet_core::supernet::{branches::build_supernet, Subnet, SupernetConfig};
 use candle_core::{Device, Tensor};
@@ -134,7 +136,10 @@ fn bad_configs_fail_before_work_naming_the_field() {
     let args = ElastifyArgs {
         oracle_arch: tmp.path().join("a.json"),
         oracle_weights: tmp.path().join("w.safetensors"),
-        dataset_dir: Some(tmp.path().join("no-such-dir")),
+        data: DataArgs {
+            dataset_dir: Some(tmp.path().join("no-such-dir")),
+            ..DataArgs::default()
+        },
         out_dir: tmp.path().join("out"),
         branches: vec!["merge2".into()],
         stage0_steps: 1,
@@ -149,10 +154,9 @@ fn bad_configs_fail_before_work_naming_the_field() {
         checkpoint_dir: None,
         val_size: 10,
         priors: 4,
-        no_augment: false,
     };
     let e = adaptivenet_cloud::elastify::run_elastify(&args, &CancellationToken::new());
-    assert_eq!(field_of(e.err().unwrap()), "dataset_dir");
+    assert_eq!(field_of(e.err().unwrap()), "data");
     let bad_kind = ElastifyArgs {
         branches: vec!["wide".into()],
         ..args
@@ -186,7 +190,7 @@ fn elastify_keeps_the_oracle_exact_and_trains_branches() {
         batch: 32,
         lr: 0.05,
         warmup_steps: 2,
-        augment: false,
+        augment: AugmentPolicy::default(),
         ..TrainOracleConfig::default()
     };
     let never = CancellationToken::new();
@@ -199,7 +203,7 @@ fn elastify_keeps_the_oracle_exact_and_trains_branches() {
         batch: 32,
         lr_stage0: 1e-2,
         warmup_steps: 0,
-        augment: false,
+        augment: AugmentPolicy::default(),
         checkpoint_every: 0,
         ..tiny_config()
     };
@@ -211,7 +215,7 @@ fn elastify_keeps_the_oracle_exact_and_trains_branches() {
     let (x, _) = data
         .batch_tensor(
             &(0..64).collect::<Vec<_>>(),
-            &fashion_transform(false),
+            &eval_transform(&Normalize::UnitRange),
             &Device::Cpu,
         )
         .unwrap();
@@ -382,11 +386,19 @@ fn priors_match_direct_evaluation_and_land_in_the_artifact() {
         sn.spec.count(),
         "small spaces are enumerated"
     );
-    let priors = evaluate_priors(&sn, &subnets, &data, "validation", 16).unwrap();
-    let t = fashion_transform(false);
+    let priors = evaluate_priors(
+        &sn,
+        &subnets,
+        &data,
+        &Normalize::UnitRange,
+        "validation",
+        16,
+    )
+    .unwrap();
+    let t = eval_transform(&Normalize::UnitRange);
     for p in &priors {
         let model = sn.materialize(&p.subnet).unwrap();
-        let direct = accuracy(&model, &data, 50).unwrap();
+        let direct = accuracy(&model, &data, &Normalize::UnitRange, 50).unwrap();
         assert_eq!(p.accuracy, direct, "{}", p.subnet);
         assert_eq!(p.samples, 50);
         assert_eq!(p.macs, sn.spec.subnet_macs(&p.subnet).unwrap());
@@ -404,8 +416,8 @@ fn priors_match_direct_evaluation_and_land_in_the_artifact() {
     let dir = tempfile::tempdir().unwrap();
     let input = adaptivenet_core::artifact::InputSpec {
         shape: [1, 12, 12],
-        mean: vec![0.286],
-        std: vec![0.353],
+        mean: vec![0.5],
+        std: vec![0.25],
         class_names: data.class_names.clone(),
     };
     adaptivenet_core::artifact::write_artifact(
@@ -430,7 +442,7 @@ fn oracle_training_learns_and_updates_bn_statistics() {
         lr: 0.05,
         warmup_steps: 4,
         seed: 1,
-        augment: false,
+        augment: AugmentPolicy::default(),
         ..TrainOracleConfig::default()
     };
     let mut n = 0;
@@ -522,7 +534,10 @@ fn oracle_training_killed_midway_resumes_to_the_uninterrupted_result() {
         lr: 0.05,
         warmup_steps: 2,
         seed: 3,
-        augment: true,
+        augment: AugmentPolicy {
+            crop_padding: 2,
+            hflip: true,
+        },
         checkpoint_every: 4,
         ..TrainOracleConfig::default()
     };

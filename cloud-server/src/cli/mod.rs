@@ -278,7 +278,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 })
                 .await?,
             )?;
-            println!("{report:#?}");
+            println!(
+                "{}",
+                adaptivenet_cloud::elastify::cli::oracle_summary(&report)
+            );
             return Ok(());
         }
         Cmd::Elastify(a) => {

@@ -1,31 +1,31 @@
 //! Command-line entry points: `clap` argument structs and `run_*` functions with a progress
 //! bar (stderr; hidden when stderr is not a terminal). The binary wires them as subcommands.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use adaptivenet_core::artifact::{sha256_hex, write_atomic, InputSpec, Manifest};
-use adaptivenet_core::data::{fashion_mnist, holdout, Dataset, Holdout};
+use adaptivenet_core::artifact::{sha256_hex, write_atomic, Manifest};
+use adaptivenet_core::data::{holdout, AugmentPolicy, Dataset, Holdout};
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
 use super::oracle::{train_oracle_resumable, OracleReport, TrainOracleConfig};
-use super::priors::{evaluate_priors, prior_subnets};
-use super::supernet::{elastify, ElastifyConfig, ElastifyReport};
+use super::pipeline::{elastify_to_artifact, ElastifyPlan, TrainingData};
+use super::supernet::{ElastifyConfig, ElastifyReport};
 use super::{DirCheckpoints, OrCloud, ProgressEvent};
+use crate::datasets::DatasetFormat;
 use crate::error::{CloudError, Result};
 
 /// The reference oracle: CIFAR-style ResNet-20 for 28x28 grey images (272,186 parameters).
 pub const RESNET20_FASHION: &str = r#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[3,3,3],"widths":[16,32,64],"in_channels":1,"num_classes":10}"#;
 
-/// `train-oracle`: train the small-input ResNet on Fashion-MNIST from scratch.
+/// `train-oracle`: train an oracle from scratch on a local dataset (IDX or ImageFolder).
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainOracleArgs {
-    /// Architecture descriptor JSON (default: ResNet-20 for 28x28 grey input).
+    /// Architecture descriptor JSON (default: ResNet-20 for the data's channels and classes).
     #[arg(long)]
     pub arch: Option<PathBuf>,
-    /// Folder with the Fashion-MNIST IDX files (default: <assets>/fashion-mnist).
-    #[arg(long)]
-    pub dataset_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
     /// Output folder: oracle.arch.json, oracle.safetensors, train-report.json.
     #[arg(long)]
     pub out_dir: PathBuf,
@@ -46,9 +46,6 @@ pub struct TrainOracleArgs {
     pub weight_decay: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Disable pad-2 random crop + flip.
-    #[arg(long)]
-    pub no_augment: bool,
     /// Write a checkpoint every this many steps (0: only on Ctrl-C).
     #[arg(long, default_value_t = 200)]
     pub checkpoint_every: u64,
@@ -67,9 +64,8 @@ pub struct ElastifyArgs {
     /// Oracle weights (safetensors or .pth).
     #[arg(long)]
     pub oracle_weights: PathBuf,
-    /// Folder with the Fashion-MNIST IDX files (default: <assets>/fashion-mnist).
-    #[arg(long)]
-    pub dataset_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
     /// Artifact output folder (manifest.json + blobs/).
     #[arg(long)]
     pub out_dir: PathBuf,
@@ -108,9 +104,81 @@ pub struct ElastifyArgs {
     /// At most this many subnets get a prior (all of them if the space is that small).
     #[arg(long, default_value_t = 64)]
     pub priors: usize,
-    /// Disable pad-2 random crop + flip.
+}
+
+/// Layout of a local dataset folder.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataFormatArg {
+    /// `<split>-images-idx3-ubyte[.gz]` + `<split>-labels-idx1-ubyte[.gz]`, optional
+    /// `classes.txt`.
+    #[default]
+    Idx,
+    /// `<class>/<image>.png|jpg|jpeg`.
+    Imagefolder,
+}
+
+/// The local dataset and its preprocessing (what `upload-dataset` records for the cloud).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DataArgs {
+    /// Dataset folder (default: <assets>/fashion-mnist, the demo data).
+    #[arg(long = "data", alias = "dataset-dir")]
+    pub dataset_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = DataFormatArg::Idx)]
+    pub format: DataFormatArg,
+    /// Zero padding of the random training crop (default: 2 for idx, 0 for imagefolder;
+    /// 0 disables the crop).
     #[arg(long)]
-    pub no_augment: bool,
+    pub crop_padding: Option<usize>,
+    /// Random horizontal flip in training. Off unless asked: wrong for digits, text, signs.
+    #[arg(long)]
+    pub hflip: bool,
+    /// Per-channel mean of `x / 255`, comma-separated (default: computed over the training
+    /// images).
+    #[arg(long, value_delimiter = ',')]
+    pub mean: Vec<f32>,
+    /// Per-channel std of `x / 255` (default: computed with the mean).
+    #[arg(long, value_delimiter = ',')]
+    pub std: Vec<f32>,
+}
+
+impl DataArgs {
+    /// Reads the dataset, checked before any work; errors name the flag.
+    pub fn read(&self) -> Result<TrainingData> {
+        let dir = self
+            .dataset_dir
+            .clone()
+            .unwrap_or_else(|| adaptivenet_core::assets_dir().join("fashion-mnist"));
+        if !dir.is_dir() {
+            return Err(CloudError::invalid(
+                "data",
+                format!(
+                    "{} is not a directory (the demo data: scripts/fetch-assets.sh)",
+                    dir.display()
+                ),
+            ));
+        }
+        let format = match self.format {
+            DataFormatArg::Idx => DatasetFormat::Idx,
+            DataFormatArg::Imagefolder => DatasetFormat::ImageFolder,
+        };
+        let augment = AugmentPolicy {
+            crop_padding: self.crop_padding.unwrap_or(match format {
+                DatasetFormat::Idx => 2,
+                DatasetFormat::ImageFolder => 0,
+            }),
+            hflip: self.hflip,
+        };
+        if self.mean.is_empty() != self.std.is_empty() {
+            return Err(CloudError::invalid("std", "give --mean and --std together"));
+        }
+        let mut data = TrainingData::read(&dir, format, None, augment, None)?;
+        if !self.mean.is_empty() {
+            data.spec.mean = self.mean.clone();
+            data.spec.std = self.std.clone();
+            data.spec.validate().cl()?;
+        }
+        Ok(data)
+    }
 }
 
 impl ElastifyArgs {
@@ -126,29 +194,10 @@ impl ElastifyArgs {
             lr_stage1: self.lr_stage1,
             temperature: self.temperature,
             original_weight: self.original_weight,
-            augment: !self.no_augment,
             checkpoint_every: self.checkpoint_every,
             ..ElastifyConfig::default()
         }
     }
-}
-
-/// The Fashion-MNIST folder, checked before any work.
-pub fn fashion_dir(dir: Option<&Path>) -> Result<PathBuf> {
-    let dir = dir
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| adaptivenet_core::assets_dir().join("fashion-mnist"));
-    let file = dir.join("train-images-idx3-ubyte.gz");
-    if !file.exists() && !dir.join("train-images-idx3-ubyte").exists() {
-        return Err(CloudError::invalid(
-            "dataset_dir",
-            format!(
-                "{} has no Fashion-MNIST files (run scripts/fetch-assets.sh)",
-                dir.display()
-            ),
-        ));
-    }
-    Ok(dir)
 }
 
 fn bar(total: u64) -> ProgressBar {
@@ -176,20 +225,20 @@ pub fn run_train_oracle(
     args: &TrainOracleArgs,
     cancel: &CancellationToken,
 ) -> Result<OracleReport> {
-    let arch_bytes = match &args.arch {
-        Some(p) => std::fs::read(p).map_err(|e| CloudError::io(p, e))?,
-        None => RESNET20_FASHION.as_bytes().to_vec(),
-    };
-    let arch = ArchDescriptor::from_json(&arch_bytes).cl()?;
-    let dir = fashion_dir(args.dataset_dir.as_deref())?;
     if !(args.epochs.is_finite() && args.epochs > 0.0) {
         return Err(CloudError::invalid(
             "epochs",
             format!("{} must be > 0", args.epochs),
         ));
     }
-    let train = fashion_mnist(&dir, true).cl()?;
-    let test = fashion_mnist(&dir, false).cl()?;
+    let data = args.data.read()?;
+    let arch_bytes = match &args.arch {
+        Some(p) => std::fs::read(p).map_err(|e| CloudError::io(p, e))?,
+        None => default_oracle_arch(data.spec.channels, data.train.num_classes()).into_bytes(),
+    };
+    let arch = ArchDescriptor::from_json(&arch_bytes).cl()?;
+    let train = &data.train;
+    let test = data.test.as_ref();
     let per_epoch = TrainOracleConfig::steps_for_epochs(1.0, train.len(), args.batch);
     let epochs_steps = TrainOracleConfig::steps_for_epochs(args.epochs, train.len(), args.batch);
     let steps = args.max_steps.unwrap_or(epochs_steps);
@@ -199,7 +248,8 @@ pub fn run_train_oracle(
         lr: args.lr,
         warmup_steps: ((args.warmup_epochs.max(0.0) * per_epoch as f64) as u64).min(steps),
         weight_decay: args.weight_decay,
-        augment: !args.no_augment,
+        normalize: data.spec.normalize(),
+        augment: data.augment,
         seed: args.seed,
         checkpoint_every: args.checkpoint_every,
         ..TrainOracleConfig::default()
@@ -215,8 +265,8 @@ pub fn run_train_oracle(
     let (model, report) = train_oracle_resumable(
         &arch.spec,
         &config,
-        &train,
-        Some(&test),
+        train,
+        test,
         &mut sink,
         cancel,
         Some(&ck),
@@ -256,7 +306,7 @@ pub fn run_elastify(
 ) -> Result<(Manifest, ElastifyReport)> {
     let config = args.config();
     config.validate()?;
-    let dir = fashion_dir(args.dataset_dir.as_deref())?;
+    let data = args.data.read()?;
     for (field, p) in [
         ("oracle_arch", &args.oracle_arch),
         ("oracle_weights", &args.oracle_weights),
@@ -271,34 +321,57 @@ pub fn run_elastify(
     let oracle = Model::from_files(&args.oracle_arch, &args.oracle_weights).cl()?;
     let weights =
         std::fs::read(&args.oracle_weights).map_err(|e| CloudError::io(&args.oracle_weights, e))?;
-    let full = fashion_mnist(&dir, true).cl()?;
-    let (train, val) = split_validation(&full, args.val_size, args.seed)?;
     let ck = DirCheckpoints::new(
         args.checkpoint_dir
             .clone()
             .unwrap_or_else(|| args.out_dir.join("checkpoint")),
     );
-    let pb = bar(config.stage0_steps + config.stage1_steps);
-    let mut sink = |e: &ProgressEvent| show(&pb, e);
-    let out = elastify(&oracle, &config, &train, &mut sink, Some(&ck), cancel)?;
-    pb.finish_and_clear();
-    let subnets = prior_subnets(&out.supernet, args.priors, args.seed)?;
-    let priors = evaluate_priors(&out.supernet, &subnets, &val, "validation", 500)?;
-    let input = InputSpec {
-        shape: [full.channels, full.height, full.width],
-        mean: vec![0.2860],
-        std: vec![0.3530],
-        class_names: full.class_names.clone(),
+    let plan = ElastifyPlan {
+        config,
+        val_size: args.val_size,
+        priors: args.priors,
+        max_train_images: 0,
+        oracle_digest: sha256_hex(&weights),
     };
-    let manifest = adaptivenet_core::artifact::write_artifact(
+    let pb = bar(plan.config.stage0_steps + plan.config.stage1_steps);
+    let mut sink = |e: &ProgressEvent| show(&pb, e);
+    let out = elastify_to_artifact(
+        &oracle,
+        &data,
+        &plan,
+        &mut sink,
+        Some(&ck),
+        cancel,
         &args.out_dir,
-        &out.supernet,
-        input,
-        &sha256_hex(&weights),
-        priors,
+    );
+    pb.finish_and_clear();
+    out
+}
+
+/// The default oracle: ResNet-20 (CIFAR-style, widths 16/32/64) for the data's channels and
+/// classes.
+pub fn default_oracle_arch(channels: usize, classes: usize) -> String {
+    serde_json::json!({
+        "family": "adaptivenet.resnet_small", "block": "basic", "layers": [3, 3, 3],
+        "widths": [16, 32, 64], "in_channels": channels, "num_classes": classes
+    })
+    .to_string()
+}
+
+/// A readable summary of an oracle training run.
+pub fn oracle_summary(r: &OracleReport) -> String {
+    let acc = r.test_accuracy.map_or("no test split".to_string(), |a| {
+        format!("{:.2} %", a * 100.0)
+    });
+    format!(
+        "oracle trained: {} steps in {:.1} s, {:.0} images/s\n  test accuracy: {acc}\n  loss: {:.4} -> {:.4} (mean of the last steps {:.4})",
+        r.steps,
+        r.train_time.as_secs_f64(),
+        r.images_per_sec,
+        r.first_loss,
+        r.last_loss,
+        r.final_mean_loss
     )
-    .cl()?;
-    Ok((manifest, out.report))
 }
 
 /// Splits off `val_size` stratified images for the priors: `(train, validation)`.

@@ -19,6 +19,7 @@
 pub mod cli;
 pub mod optim;
 pub mod oracle;
+pub mod pipeline;
 pub mod priors;
 pub mod runner;
 pub mod supernet;

@@ -1,10 +1,10 @@
-//! Training the oracle from scratch: the small-input ResNet on Fashion-MNIST with the
+//! Training the oracle from scratch with the
 //! reference recipe (SGD momentum 0.9 Nesterov, weight decay 5e-4, lr 0.1 with linear warm-up
-//! and cosine decay, batch 128, pad-2 random crop + flip, BN in train mode).
+//! and cosine decay, batch 128, BN in train mode) on any dataset, with its normalisation and augmentation policy.
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use adaptivenet_core::data::Dataset;
+use adaptivenet_core::data::{AugmentPolicy, Dataset, Normalize};
 use adaptivenet_core::model::{
     block_forward, head_forward, stem_forward, Model, ModelSpec, TrainCtx,
 };
@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::optim::{OptimState, Optimizer, Sgd, WarmupCosine};
 use super::train::{
-    accuracy, cross_entropy, fashion_transform, step_rng, BatchSampler, TrainModule, BN_MOMENTUM,
+    accuracy, cross_entropy, step_rng, train_transform, BatchSampler, TrainModule, BN_MOMENTUM,
 };
 use super::{to_json, CheckpointIo, CheckpointMeta, OrCloud, ProgressEvent, ProgressSink};
 use crate::error::{CloudError, Result};
@@ -29,8 +29,10 @@ pub struct TrainOracleConfig {
     pub momentum: f64,
     pub nesterov: bool,
     pub weight_decay: f64,
-    /// Pad-2 random crop + horizontal flip.
-    pub augment: bool,
+    /// The dataset's normalisation (its input spec's mean/std; `x / 255` by default).
+    pub normalize: Normalize,
+    /// The dataset's augmentation policy (none by default: no crop, no flip).
+    pub augment: AugmentPolicy,
     pub seed: u64,
     /// Evaluation batch size.
     pub eval_batch: usize,
@@ -51,7 +53,8 @@ impl Default for TrainOracleConfig {
             momentum: 0.9,
             nesterov: true,
             weight_decay: 5e-4,
-            augment: true,
+            normalize: Normalize::UnitRange,
+            augment: AugmentPolicy::default(),
             seed: 0,
             eval_batch: 500,
             checkpoint_every: 200,
@@ -180,7 +183,7 @@ pub fn train_oracle_resumable(
         warmup_steps: config.warmup_steps,
         total_steps: config.steps,
     };
-    let transform = fashion_transform(config.augment);
+    let transform = train_transform(&config.normalize, &config.augment);
     let mut sampler = BatchSampler::new(train.len(), config.seed);
     let num = &spec.numerics;
     let fingerprint = config.fingerprint(spec);
@@ -297,7 +300,7 @@ pub fn train_oracle_resumable(
         head: head.snapshot().cl()?,
     };
     let test_accuracy = match test {
-        Some(t) => Some(accuracy(&model, t, config.eval_batch).cl()?),
+        Some(t) => Some(accuracy(&model, t, &config.normalize, config.eval_batch).cl()?),
         None => None,
     };
     let tail = losses.len().min(50);

@@ -6,13 +6,13 @@
 use std::collections::BTreeSet;
 
 use adaptivenet_core::artifact::Prior;
-use adaptivenet_core::data::Dataset;
+use adaptivenet_core::data::{Dataset, Normalize};
 use adaptivenet_core::supernet::{Subnet, Supernet};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::train::{correct, fashion_transform};
+use super::train::{correct, eval_transform};
 use super::OrCloud;
 use crate::error::{CloudError, Result};
 
@@ -35,12 +35,13 @@ pub fn prior_subnets(sn: &Supernet, max: usize, seed: u64) -> Result<Vec<Subnet>
     Ok(set.into_iter().collect())
 }
 
-/// Evaluates `subnets` (see [`prior_subnets`]) on `data`; `split` names the data in the
-/// priors (e.g. `validation`).
+/// Evaluates `subnets` (see [`prior_subnets`]) on `data` normalised by `normalize` (the
+/// dataset's input spec); `split` names the data in the priors (e.g. `validation`).
 pub fn evaluate_priors(
     sn: &Supernet,
     subnets: &[Subnet],
     data: &Dataset,
+    normalize: &Normalize,
     split: &str,
     batch: usize,
 ) -> Result<Vec<Prior>> {
@@ -53,7 +54,7 @@ pub fn evaluate_priors(
     for s in subnets {
         sn.spec.validate(s).cl()?;
     }
-    let t = fashion_transform(false);
+    let t = eval_transform(normalize);
     let mut hits = vec![0u64; subnets.len()];
     let idx: Vec<usize> = (0..data.len()).collect();
     for chunk in idx.chunks(batch.max(1)) {

@@ -1,24 +1,23 @@
 //! The elastification job body: what a worker runs for a `StartElastification` job.
 //!
-//! Reads the oracle (descriptor + weight blob) and the registered data set, runs
-//! [`elastify`](super::elastify) with the job's parameters on a blocking thread (progress to
+//! Reads the oracle (descriptor + weight blob) and the registered dataset (materialised from
+//! the blob store or read in place, by its format, at its input spec), runs
+//! [`super::pipeline`] with the job's parameters on a blocking thread (progress to
 //! the job's watchers, checkpoints to the blob store so that another worker resumes after a
 //! crash, cancellation at the next step), evaluates priors on a held-out split, writes every
 //! module blob to the blob store and returns the manifest for registration.
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use adaptivenet_core::artifact::{read_manifest, write_artifact, InputSpec};
-use adaptivenet_core::data::idx::fashion_mnist;
+use adaptivenet_core::artifact::read_manifest;
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::weights::read_tensors_from_bytes;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
-use super::cli::split_validation;
-use super::priors::{evaluate_priors, prior_subnets};
-use super::{elastify, CheckpointIo, ElastifyConfig, OrCloud};
+use super::pipeline::{elastify_to_artifact, ElastifyPlan, TrainingData};
+use super::{CheckpointIo, ElastifyConfig, OrCloud};
 use crate::blobs::sha256_hex;
+use crate::datasets::DatasetFormat;
 use crate::error::{CloudError, Result};
 use crate::jobs::{CheckpointStore, JobContext, JobOutput, JobRunner};
 
@@ -108,7 +107,7 @@ impl CheckpointIo for BlobCheckpoints {
     }
 }
 
-/// Runs elastification jobs on registered IDX (Fashion-MNIST layout) data sets.
+/// Runs elastification jobs on registered datasets (uploaded or `file://`, IDX or ImageFolder).
 #[derive(Debug, Default)]
 pub struct ElastifyRunner;
 
@@ -133,7 +132,8 @@ async fn run_job(ctx: JobContext) -> Result<JobOutput> {
         .store()
         .get_dataset(dataset_id)
         .await?;
-    let data_dir = PathBuf::from(dataset.uri.trim_start_matches("file://"));
+    let data_dir = crate::datasets::materialise(&ctx.blobs, &dataset).await?;
+    let format = DatasetFormat::parse("dataset.format", &dataset.format)?;
     let arch = ArchDescriptor::from_json(ctx.oracle.arch_json.as_bytes()).cl()?;
     let weights = ctx.blobs.read(&ctx.oracle.weights_sha256).await?;
     let out_dir = tempfile_dir(ctx.blobs.root())?;
@@ -146,26 +146,33 @@ async fn run_job(ctx: JobContext) -> Result<JobOutput> {
     let cancel = ctx.cancel.clone();
     let out = Arc::new(out_dir);
     let out2 = out.clone();
-    let digest = sha256_hex(&weights);
+    let plan = ElastifyPlan {
+        config,
+        val_size: params.val_size,
+        priors: params.priors,
+        max_train_images: params.max_train_images,
+        oracle_digest: sha256_hex(&weights),
+    };
     tokio::task::spawn_blocking(move || -> Result<()> {
         let oracle = Model::load(&arch, read_tensors_from_bytes(&weights).cl()?).cl()?;
-        let full = fashion_mnist(&data_dir, true).cl()?;
-        let (mut train, val) = split_validation(&full, params.val_size, params.seed)?;
-        if params.max_train_images > 0 && params.max_train_images < train.len() {
-            let idx: Vec<usize> = (0..params.max_train_images).collect();
-            train = train.subset(&idx).cl()?;
-        }
+        let classes = dataset.summary.as_ref().map(|s| s.classes.as_slice());
+        let data = TrainingData::read(
+            &data_dir,
+            format,
+            dataset.input_spec.as_ref(),
+            dataset.augment,
+            classes,
+        )?;
         let mut sink = progress;
-        let res = elastify(&oracle, &config, &train, &mut sink, Some(&ck), &cancel)?;
-        let subnets = prior_subnets(&res.supernet, params.priors, params.seed)?;
-        let priors = evaluate_priors(&res.supernet, &subnets, &val, "validation", 500)?;
-        let input = InputSpec {
-            shape: [full.channels, full.height, full.width],
-            mean: vec![0.2860; full.channels],
-            std: vec![0.3530; full.channels],
-            class_names: full.class_names.clone(),
-        };
-        write_artifact(out2.path(), &res.supernet, input, &digest, priors).cl()?;
+        elastify_to_artifact(
+            &oracle,
+            &data,
+            &plan,
+            &mut sink,
+            Some(&ck),
+            &cancel,
+            out2.path(),
+        )?;
         Ok(())
     })
     .await

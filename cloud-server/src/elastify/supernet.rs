@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use adaptivenet_core::artifact::{params_to_safetensors, sha256_hex};
-use adaptivenet_core::data::Dataset;
+use adaptivenet_core::data::{AugmentPolicy, Dataset, Normalize};
 use adaptivenet_core::model::{Model, Params, TrainCtx};
 use adaptivenet_core::supernet::{
     branches::build_supernet, module_name, Subnet, Supernet, SupernetConfig,
@@ -29,8 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::optim::{AdamW, OptimState, Optimizer, WarmupCosine};
 use super::oracle::check_data;
 use super::train::{
-    cross_entropy, fashion_transform, kd_loss, mse, step_rng, BatchSampler, TrainModule,
-    BN_MOMENTUM,
+    cross_entropy, kd_loss, mse, step_rng, train_transform, BatchSampler, TrainModule, BN_MOMENTUM,
 };
 use super::{to_json, CheckpointIo, CheckpointMeta, OrCloud, ProgressEvent, ProgressSink};
 use crate::error::{CloudError, Result};
@@ -61,8 +60,10 @@ pub struct ElastifyConfig {
     /// own output MSE (cheaper; no backward through frozen blocks). `false` lets a branch's
     /// loss also train the branches before it on the path.
     pub stage0_detach_inputs: bool,
-    /// Pad-2 random crop + flip on the training images.
-    pub augment: bool,
+    /// The dataset's normalisation (its input spec's mean/std; `x / 255` by default).
+    pub normalize: Normalize,
+    /// The dataset's augmentation policy (none by default: no crop, no flip).
+    pub augment: AugmentPolicy,
     /// Write a checkpoint every this many steps (0: only on cancel and at the end).
     pub checkpoint_every: u64,
     /// Path sampling: weight of the original block at each position against 1 per branch
@@ -88,7 +89,8 @@ impl Default for ElastifyConfig {
             temperature: 4.0,
             ce_weight: 0.5,
             stage0_detach_inputs: true,
-            augment: true,
+            normalize: Normalize::UnitRange,
+            augment: AugmentPolicy::default(),
             checkpoint_every: 200,
             original_weight: 1.0,
         }
@@ -285,7 +287,7 @@ pub fn elastify(
 
     let frozen = frozen_folded(&supernet)?;
     let total_steps = config.stage0_steps + config.stage1_steps;
-    let transform = fashion_transform(config.augment);
+    let transform = train_transform(&config.normalize, &config.augment);
     let mut sampler = BatchSampler::new(data.len(), config.seed);
     let start_stage = cur.stage;
     for stage in start_stage..2 {

@@ -2,7 +2,7 @@
 //! evaluation.
 use std::collections::HashMap;
 
-use adaptivenet_core::data::{shuffled_indices, Dataset, Normalize, Transform};
+use adaptivenet_core::data::{shuffled_indices, AugmentPolicy, Dataset, Normalize, Transform};
 use adaptivenet_core::model::spec::is_running_stat;
 use adaptivenet_core::model::{Model, Params, TrainCtx};
 use candle_core::{Device, Tensor, Var, D};
@@ -87,14 +87,22 @@ impl TrainModule {
     }
 }
 
-/// The Fashion-MNIST transform (training-set statistics), with pad-2 crop + flip for training.
-pub fn fashion_transform(augment: bool) -> Transform {
-    let t = Transform::new().normalize(Normalize::fashion_mnist());
-    if augment {
-        t.augment(2, true)
+/// The training transform: the dataset's normalisation plus its augmentation policy. Images
+/// are already at the input size (read through the dataset's input spec), so this is
+/// [`adaptivenet_core::data::InputSpec::train_transform`] without a resize; nothing is
+/// flipped or cropped unless the policy asks.
+pub fn train_transform(normalize: &Normalize, policy: &AugmentPolicy) -> Transform {
+    let t = eval_transform(normalize);
+    if policy.crop_padding > 0 || policy.hflip {
+        t.augment(policy.crop_padding, policy.hflip)
     } else {
         t
     }
+}
+
+/// The evaluation transform: the dataset's normalisation only.
+pub fn eval_transform(normalize: &Normalize) -> Transform {
+    Transform::new().normalize(normalize.clone())
 }
 
 /// The ChaCha8 stream of step `step` of stage `stage`: a pure function of its arguments.
@@ -170,9 +178,15 @@ pub fn correct(logits: &Tensor, labels: &Tensor) -> candle_core::Result<u64> {
     Ok(hits.to_scalar::<f32>()? as u64)
 }
 
-/// Top-1 accuracy of a model on a dataset (eval mode, no augmentation).
-pub fn accuracy(model: &Model, data: &Dataset, batch: usize) -> adaptivenet_core::Result<f64> {
-    let t = fashion_transform(false);
+/// Top-1 accuracy of a model on a dataset normalised by `normalize` (eval mode, no
+/// augmentation).
+pub fn accuracy(
+    model: &Model,
+    data: &Dataset,
+    normalize: &Normalize,
+    batch: usize,
+) -> adaptivenet_core::Result<f64> {
+    let t = eval_transform(normalize);
     let mut hits = 0;
     let idx: Vec<usize> = (0..data.len()).collect();
     for chunk in idx.chunks(batch.max(1)) {
@@ -215,6 +229,61 @@ mod tests {
         );
         let kl: f64 = (0..3).map(|i| pt[i] * (lp[i] - lq[i])).sum();
         assert!((p as f64 - kl / 2.0).abs() < 1e-4, "{p} vs {}", kl / 2.0);
+    }
+
+    /// A 1x1x4 image whose left and right halves differ: a flip would reverse it.
+    fn left_right() -> Dataset {
+        Dataset::new(vec![10, 20, 30, 40], vec![0], (1, 1, 4), vec!["a".into()]).unwrap()
+    }
+
+    #[test]
+    fn a_policy_without_flip_never_flips() {
+        let ds = left_right();
+        let n = Normalize::Raw;
+        let no_flip = train_transform(&n, &AugmentPolicy::default());
+        assert!(no_flip.augment.is_none());
+        let crop_only = train_transform(
+            &n,
+            &AugmentPolicy {
+                crop_padding: 0,
+                hflip: false,
+            },
+        );
+        let flip = train_transform(
+            &n,
+            &AugmentPolicy {
+                crop_padding: 0,
+                hflip: true,
+            },
+        );
+        let mut flipped = 0;
+        for step in 0..64 {
+            let mut rng = step_rng(3, 0, step);
+            let (x, _) = ds
+                .batch_tensor_augmented(&[0], &no_flip, &mut rng, &Device::Cpu)
+                .unwrap();
+            assert_eq!(
+                x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                [10., 20., 30., 40.]
+            );
+            let mut rng = step_rng(3, 0, step);
+            let (x, _) = ds
+                .batch_tensor_augmented(&[0], &crop_only, &mut rng, &Device::Cpu)
+                .unwrap();
+            assert_eq!(
+                x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                [10., 20., 30., 40.]
+            );
+            let mut rng = step_rng(3, 0, step);
+            let (x, _) = ds
+                .batch_tensor_augmented(&[0], &flip, &mut rng, &Device::Cpu)
+                .unwrap();
+            if x.flatten_all().unwrap().to_vec1::<f32>().unwrap() == [40., 30., 20., 10.] {
+                flipped += 1;
+            }
+        }
+        // The same draws with the flip on do flip: the sample can tell left from right.
+        assert!(flipped > 0 && flipped < 64, "{flipped}");
     }
 
     #[test]

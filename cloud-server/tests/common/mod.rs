@@ -275,7 +275,14 @@ fn resnet_small_name(slot: Slot, local: &str) -> String {
 /// model for it under the family's key names). Different seeds give different weights.
 pub fn oracle_fixture(width: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
     let arch = arch_json(width);
-    let model = Model::init(&arch_spec(&arch), seed).expect("init");
+    let bytes = fixture_weights(&arch, seed);
+    (arch, bytes)
+}
+
+/// Safetensors weights of a freshly initialised model of a single-stage
+/// `adaptivenet.resnet_small` descriptor, under the family's key names.
+pub fn fixture_weights(arch: &[u8], seed: u64) -> Vec<u8> {
+    let model = Model::init(&arch_spec(arch), seed).expect("init");
     let mut tensors = Vec::new();
     for (n, t) in &model.stem {
         tensors.push((resnet_small_name(Slot::Stem, n), t.clone()));
@@ -289,8 +296,7 @@ pub fn oracle_fixture(width: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
         tensors.push((resnet_small_name(Slot::Head, n), t.clone()));
     }
     assert_eq!(tensors.len(), model.canonical_tensors().len());
-    let bytes = params_to_safetensors(tensors).expect("safetensors");
-    (arch, bytes)
+    params_to_safetensors(tensors).expect("safetensors")
 }
 
 /// Weights that fit [`ARCH`]; different (n, seed) give different bytes (and digests).

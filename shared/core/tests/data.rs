@@ -766,7 +766,10 @@ fn fashion_mnist_real_counts_and_pipeline() {
 
     // One augmented training epoch through the batch path, timed.
     let t = Transform::new()
-        .normalize(Normalize::fashion_mnist())
+        .normalize(Normalize::MeanStd {
+            mean: vec![0.2860],
+            std: vec![0.3530],
+        })
         .augment(2, true);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let order = adaptivenet_core::data::shuffled_indices(train.len(), 0);

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use image::DynamicImage;
 
+use super::spec::InputSpec;
 use super::transform::{hwc_to_chw, resize_bilinear_u8};
 use super::Dataset;
 use crate::{CoreError, Result};
@@ -38,7 +39,49 @@ const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 /// sub-folders, a class folder holds no image, an image cannot be decoded, or (without
 /// `opts.size`) an image's size differs from the first image's.
 pub fn read_image_folder(root: impl AsRef<Path>, opts: &ImageFolderOptions) -> Result<Dataset> {
-    let root = root.as_ref();
+    if let Some((h, w)) = opts.size {
+        if h == 0 || w == 0 {
+            return Err(CoreError::InvalidConfig {
+                field: "size".into(),
+                reason: format!("zero image size {h}x{w}"),
+            });
+        }
+    }
+    let mut shape: Option<(usize, usize)> = opts.size;
+    read_folder(root.as_ref(), opts.color, |file, chw, channels, h, w| {
+        let (th, tw) = *shape.get_or_insert((h, w));
+        if (th, tw) == (h, w) {
+            Ok(((th, tw), chw))
+        } else if opts.size.is_some() {
+            Ok(((th, tw), resize_bilinear_u8(&chw, channels, h, w, th, tw)))
+        } else {
+            Err(dataset_err(
+                file,
+                format!("image is {h}x{w} but earlier images are {th}x{tw}; set a size to resize"),
+            ))
+        }
+    })
+}
+
+/// Reads an ImageFolder tree straight into `spec`'s shape: images decoded as grey or RGB per
+/// `spec.channels`, each of any size brought to the input size by `spec.resize`.
+pub fn read_image_folder_for(root: impl AsRef<Path>, spec: &InputSpec) -> Result<Dataset> {
+    spec.validate()?;
+    let color = if spec.channels == 1 {
+        ColorMode::Grey
+    } else {
+        ColorMode::Rgb
+    };
+    read_folder(root.as_ref(), color, |_, chw, channels, h, w| {
+        Ok((
+            (spec.height, spec.width),
+            spec.conform_image(&chw, (channels, h, w)),
+        ))
+    })
+}
+
+/// The class folders of `root` (sorted) and their image files (sorted).
+fn list_classes(root: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
     let mut classes: Vec<(String, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(root).map_err(|e| CoreError::io(root, e))? {
         let entry = entry.map_err(|e| CoreError::io(root, e))?;
@@ -55,26 +98,11 @@ pub fn read_image_folder(root: impl AsRef<Path>, opts: &ImageFolderOptions) -> R
         ));
     }
     classes.sort();
-
-    let channels = match opts.color {
-        ColorMode::Rgb => 3,
-        ColorMode::Grey => 1,
-    };
-    let mut shape: Option<(usize, usize)> = opts.size;
-    if let Some((h, w)) = shape {
-        if h == 0 || w == 0 {
-            return Err(CoreError::InvalidConfig {
-                field: "size".into(),
-                reason: format!("zero image size {h}x{w}"),
-            });
-        }
-    }
-    let mut images = Vec::new();
-    let mut labels = Vec::new();
-    for (label, (_, dir)) in classes.iter().enumerate() {
+    let mut out = Vec::with_capacity(classes.len());
+    for (name, dir) in classes {
         let mut files = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(|e| CoreError::io(dir, e))? {
-            let path = entry.map_err(|e| CoreError::io(dir, e))?.path();
+        for entry in std::fs::read_dir(&dir).map_err(|e| CoreError::io(&dir, e))? {
+            let path = entry.map_err(|e| CoreError::io(&dir, e))?.path();
             let is_image = path
                 .extension()
                 .and_then(|e| e.to_str())
@@ -85,32 +113,42 @@ pub fn read_image_folder(root: impl AsRef<Path>, opts: &ImageFolderOptions) -> R
         }
         if files.is_empty() {
             return Err(dataset_err(
-                dir,
+                &dir,
                 "class folder holds no .png/.jpg/.jpeg image",
             ));
         }
         files.sort();
+        out.push((name, files));
+    }
+    Ok(out)
+}
+
+/// Decodes every image of the tree in `color` and lets `place` turn its CHW pixels
+/// (`channels x h x w`) into the dataset's `(height, width)` and pixels.
+fn read_folder(
+    root: &Path,
+    color: ColorMode,
+    mut place: impl FnMut(&Path, Vec<u8>, usize, usize, usize) -> Result<((usize, usize), Vec<u8>)>,
+) -> Result<Dataset> {
+    let classes = list_classes(root)?;
+    let channels = match color {
+        ColorMode::Rgb => 3,
+        ColorMode::Grey => 1,
+    };
+    let mut shape = None;
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    for (label, (_, files)) in classes.iter().enumerate() {
         for file in files {
-            let img = decode_image(&file)?;
+            let img = decode_image(file)?;
             let (w, h) = (img.width() as usize, img.height() as usize);
-            let hwc = match opts.color {
+            let hwc = match color {
                 ColorMode::Rgb => img.to_rgb8().into_raw(),
                 ColorMode::Grey => img.to_luma8().into_raw(),
             };
-            let chw = hwc_to_chw(&hwc, channels, h, w);
-            let (th, tw) = *shape.get_or_insert((h, w));
-            if (th, tw) == (h, w) {
-                images.extend_from_slice(&chw);
-            } else if opts.size.is_some() {
-                images.extend(resize_bilinear_u8(&chw, channels, h, w, th, tw));
-            } else {
-                return Err(dataset_err(
-                    &file,
-                    format!(
-                        "image is {h}x{w} but earlier images are {th}x{tw}; set a size to resize"
-                    ),
-                ));
-            }
+            let (size, px) = place(file, hwc_to_chw(&hwc, channels, h, w), channels, h, w)?;
+            shape.get_or_insert(size);
+            images.extend(px);
             labels.push(label as u32);
         }
     }

@@ -20,7 +20,7 @@ pub mod spec;
 pub mod split;
 pub mod transform;
 
-pub use folder::{read_image_folder, ColorMode, ImageFolderOptions};
+pub use folder::{read_image_folder, read_image_folder_for, ColorMode, ImageFolderOptions};
 pub use idx::{
     fashion_mnist, parse_idx_images, parse_idx_labels, read_idx_images, read_idx_labels,
     read_idx_pair, IdxImages, FASHION_MNIST_CLASSES,

@@ -7,7 +7,7 @@
 //! must never be flipped because the demo's clothes could be.
 use serde::{Deserialize, Serialize};
 
-use super::transform::{Normalize, Transform};
+use super::transform::{resize_bilinear_u8, Normalize, Transform};
 use super::Dataset;
 use crate::{CoreError, Result};
 
@@ -117,11 +117,7 @@ impl InputSpec {
             t = match self.resize {
                 ResizePolicy::Stretch => t.resize(self.height, self.width),
                 ResizePolicy::ShorterSideCrop => {
-                    let s = self.height.max(self.width) as f64 / height.min(width) as f64;
-                    let (rh, rw) = (
-                        ((height as f64 * s).round() as usize).max(self.height),
-                        ((width as f64 * s).round() as usize).max(self.width),
-                    );
+                    let (rh, rw) = self.resized_size(height, width);
                     t.resize(rh, rw).center_crop(self.height, self.width)
                 }
             };
@@ -142,6 +138,90 @@ impl InputSpec {
         } else {
             t
         }
+    }
+}
+
+impl InputSpec {
+    /// The `(height, width)` an image of `(height, width)` is resized to before the centre
+    /// crop of [`ResizePolicy::ShorterSideCrop`] (the input size itself for `Stretch`).
+    fn resized_size(&self, height: usize, width: usize) -> (usize, usize) {
+        match self.resize {
+            ResizePolicy::Stretch => (self.height, self.width),
+            ResizePolicy::ShorterSideCrop => {
+                let s = self.height.max(self.width) as f64 / height.min(width).max(1) as f64;
+                (
+                    ((height as f64 * s).round() as usize).max(self.height),
+                    ((width as f64 * s).round() as usize).max(self.width),
+                )
+            }
+        }
+    }
+
+    /// One CHW u8 image of `channels x height x width` brought to this spec's size by its
+    /// resize policy, staying u8 (so a dataset is conformed once, not every epoch). Channels
+    /// are left alone; see [`Self::conform`].
+    pub fn conform_image(
+        &self,
+        chw: &[u8],
+        (channels, height, width): (usize, usize, usize),
+    ) -> Vec<u8> {
+        if (height, width) == (self.height, self.width) {
+            return chw.to_vec();
+        }
+        let (rh, rw) = self.resized_size(height, width);
+        let resized = resize_bilinear_u8(chw, channels, height, width, rh, rw);
+        if (rh, rw) == (self.height, self.width) {
+            return resized;
+        }
+        let (top, left) = ((rh - self.height) / 2, (rw - self.width) / 2);
+        let mut out = Vec::with_capacity(channels * self.height * self.width);
+        for c in 0..channels {
+            for y in 0..self.height {
+                let row = &resized[c * rh * rw + (top + y) * rw + left..][..self.width];
+                out.extend_from_slice(row);
+            }
+        }
+        out
+    }
+
+    /// `ds` with this spec's channels and size: grey images are replicated to three channels,
+    /// sizes follow the resize policy. Colour data for a one-channel spec is refused (the
+    /// ImageFolder reader converts to grey when it decodes, see
+    /// [`super::folder::read_image_folder_for`]).
+    pub fn conform(&self, ds: Dataset) -> Result<Dataset> {
+        self.validate()?;
+        let same_size = (ds.height, ds.width) == (self.height, self.width);
+        if ds.channels == self.channels && same_size {
+            return Ok(ds);
+        }
+        let grey_to_rgb = match (ds.channels, self.channels) {
+            (a, b) if a == b => false,
+            (1, 3) => true,
+            (a, b) => {
+                return Err(invalid(
+                    "input_spec.channels",
+                    format!("the data has {a} channels, the spec {b}"),
+                ))
+            }
+        };
+        let shape = (ds.channels, ds.height, ds.width);
+        let mut images = Vec::with_capacity(ds.len() * self.channels * self.height * self.width);
+        for i in 0..ds.len() {
+            let img = self.conform_image(ds.image(i), shape);
+            if grey_to_rgb {
+                for _ in 0..3 {
+                    images.extend_from_slice(&img);
+                }
+            } else {
+                images.extend_from_slice(&img);
+            }
+        }
+        Dataset::new(
+            images,
+            ds.labels,
+            (self.channels, self.height, self.width),
+            ds.class_names,
+        )
     }
 }
 

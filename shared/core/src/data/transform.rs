@@ -26,14 +26,6 @@ pub enum Normalize {
 }
 
 impl Normalize {
-    /// Fashion-MNIST training-set statistics (mean 0.2860, std 0.3530 on `x / 255`).
-    pub fn fashion_mnist() -> Self {
-        Normalize::MeanStd {
-            mean: vec![0.2860],
-            std: vec![0.3530],
-        }
-    }
-
     /// The torchvision ImageNet statistics (RGB).
     pub fn imagenet() -> Self {
         Normalize::MeanStd {
