@@ -26,6 +26,8 @@ fi
 
 echo "== fmt"
 cargo fmt --all -- --check
+echo "== no dataset constants"
+scripts/check-no-dataset-constants.sh
 echo "== clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== tests"

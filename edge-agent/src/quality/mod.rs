@@ -182,21 +182,31 @@ pub fn search_batches(
     Ok((inputs, labels))
 }
 
-/// Reads the device's local data: a Fashion-MNIST style IDX directory (test files preferred,
-/// else train files) or an ImageFolder tree, converted to the model's channels and size.
+/// Reads the device's local data: an IDX directory (`t10k-*` files preferred, else `train-*`;
+/// labels named by the artifact's class names) or an ImageFolder tree of any image sizes,
+/// converted to the artifact's input channels and size.
 pub fn load_local_data(dir: &std::path::Path, input: &InputSpec) -> Result<Dataset> {
-    use adaptivenet_core::data::{fashion_mnist, read_image_folder, ColorMode, ImageFolderOptions};
+    use adaptivenet_core::data::{read_idx_pair, read_image_folder, ColorMode, ImageFolderOptions};
     if !dir.is_dir() {
         return Err(EdgeError::NoData(format!(
             "{} is not a readable directory",
             dir.display()
         )));
     }
-    let has = |stem: &str| dir.join(stem).exists() || dir.join(format!("{stem}.gz")).exists();
-    let ds = if has("t10k-images-idx3-ubyte") {
-        fashion_mnist(dir, false)?
-    } else if has("train-images-idx3-ubyte") {
-        fashion_mnist(dir, true)?
+    let file = |stem: String| {
+        [dir.join(format!("{stem}.gz")), dir.join(&stem)]
+            .into_iter()
+            .find(|p| p.is_file())
+    };
+    let idx = ["t10k", "train"].into_iter().find_map(|split| {
+        Some((
+            file(format!("{split}-images-idx3-ubyte"))?,
+            file(format!("{split}-labels-idx1-ubyte"))?,
+        ))
+    });
+    let ds = if let Some((images, labels)) = idx {
+        let names: Vec<&str> = input.class_names.iter().map(String::as_str).collect();
+        read_idx_pair(images, labels, &names)?
     } else {
         let [c, h, w] = input.shape;
         let opts = ImageFolderOptions {
