@@ -787,6 +787,7 @@ pub(crate) fn tls_hint(endpoint: &str, reason: String) -> String {
 }
 
 /// What a PEM file must hold.
+#[cfg(feature = "tls")]
 #[derive(Clone, Copy)]
 enum Pem {
     Certificate,
@@ -795,6 +796,7 @@ enum Pem {
 
 /// Reads a PEM file given by `field`: missing, unreadable or not PEM is an `InvalidConfig`
 /// naming the field and the path, not a handshake failure later.
+#[cfg(feature = "tls")]
 fn read_pem(field: &str, path: &Path, kind: Pem) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path)
         .map_err(|e| EdgeError::config(field, format!("{}: {e}", path.display())))?;
