@@ -30,6 +30,8 @@ echo "== clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== tests"
 cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/adaptivenet-test.log
+echo "== hostile-client suite: attack | expected | observed"
+cargo test -p adaptivenet-tests --test hostile -- --nocapture 2>&1 | grep -E '^\|' | awk '!seen[$0]++'
 echo "== TLS (cargo feature tls: real gRPC over rustls; server, CLI client, edge agent, mutual TLS)"
 # One invocation, so the cloud and the agent share one TLS build of tonic and the crates above it.
 cargo test -p adaptivenet-cloud -p adaptivenet-edge \
