@@ -81,9 +81,9 @@ if [ -f "$DEMO_ORACLE/oracle.safetensors" ] && [ -z "${QS_ORACLE_STEPS:-}" ]; th
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("test accuracy %.2f%% after %d steps" % (100 * r["test_accuracy"], r["steps"]))' \
     "$DEMO_ORACLE/train-report.json" 2>/dev/null || true
 else
-  step "demo oracle: ResNet-20 on Fashion-MNIST (quick preset; the full recipe is 'cloud-server train-oracle' with its defaults)"
+  step "demo oracle: ResNet-20 on Fashion-MNIST (quick preset; the full recipe is 'cloud-server train-oracle --hflip')"
   "$BIN/cloud-server" train-oracle --out-dir "$RUN/oracle" --max-steps "${QS_ORACLE_STEPS:-120}" --batch 64 --lr 0.05 \
-    --dataset-dir "$ADAPTIVENET_ASSETS/fashion-mnist" | tail -n 12
+    --data "$ADAPTIVENET_ASSETS/fashion-mnist" --hflip | tail -n 12
 fi
 
 step "cloud server on $ENDPOINT"
