@@ -429,6 +429,11 @@ impl App {
     /// (differencing). Per process: replicas keep their own snapshots.
     pub async fn viewer_fleet_aggregates(&self, fleet: Option<Uuid>) -> Result<FleetAggregates> {
         let k = u64::from(self.config().min_group_devices.max(1));
+        // Only existing fleets get a snapshot (bounded; never evicted, since a fresh view
+        // after an eviction could differ from the last one by a single report).
+        if let Some(f) = fleet {
+            self.store().get_fleet(f).await?;
+        }
         let cached = self
             .inner
             .viewer_aggregates

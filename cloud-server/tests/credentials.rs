@@ -536,6 +536,18 @@ async fn privacy_floor(db: Db) {
         .await
         .iter()
         .all(|d| d.latency_p50_ms == 0.0 && d.latency_p95_ms == 0.0));
+    // A viewer's filter must name a fleet (snapshots are kept per existing fleet only).
+    let err = h
+        .dashboard()
+        .get_fleet_aggregates(authed(
+            pb::GetFleetAggregatesRequest {
+                fleet_id: uuid::Uuid::new_v4().to_string(),
+            },
+            &viewer,
+        ))
+        .await
+        .expect_err("unknown fleet");
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
     drop((viewer_watch, admin_watch));
     h.finish().await;
 }
