@@ -30,6 +30,8 @@ echo "== clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== tests"
 cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/adaptivenet-test.log
+echo "== hostile-client suite: attack | expected | observed"
+cargo test -p adaptivenet-tests --test hostile -- --nocapture 2>&1 | grep -E '^\|' | awk '!seen[$0]++'
 echo "== TLS (cargo feature tls: real gRPC over rustls, server, CLI client)"
 cargo test -p adaptivenet-cloud --features tls --test tls 2>&1 | tee -a /tmp/adaptivenet-test.log
 echo "== S3 (blob tests with --features s3 against a local S3-compatible server: moto, pinned)"

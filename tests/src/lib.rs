@@ -280,6 +280,11 @@ impl CloudProcess {
 
     /// Starts serving and waits until the gRPC port accepts connections.
     pub fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    /// [`Self::start`] with extra `serve` flags (e.g. shrunk limits).
+    pub fn start_with(&mut self, extra: &[&str]) {
         assert!(self.child.is_none(), "already running");
         std::fs::create_dir_all(&self.data_dir).expect("mkdir");
         let log = std::fs::OpenOptions::new()
@@ -302,6 +307,7 @@ impl CloudProcess {
                     .to_str()
                     .expect("utf8 path"),
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -323,6 +329,11 @@ impl CloudProcess {
         });
     }
 
+    /// The running server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.0.id())
+    }
+
     /// SIGKILL (no drain, no lease release), then reaps the process.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -336,6 +347,18 @@ impl CloudProcess {
     pub fn metrics(&self) -> String {
         http_get(&self.metrics_addr(), "/metrics").unwrap_or_default()
     }
+}
+
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...) in bytes.
+pub fn proc_status_bytes(pid: &str, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    kb * 1024
 }
 
 /// A gRPC channel to `url` (connects lazily).
