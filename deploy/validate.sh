@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Validates deploy/ without a container engine or cluster: YAML parses, kustomize renders, the
-# systemd unit verifies, and the binaries start with the exact flags/env the files use.
+# systemd unit verifies, and the binaries start with the exact flags/env the files use, TLS
+# included (development certificates from deploy/dev-certs.sh, in a temporary directory).
 #   deploy/validate.sh [postgres-url]     (default postgres://postgres@127.0.0.1:5432/test)
+# The binaries must be TLS builds, as the images are:
+#   cargo build -p adaptivenet-cloud -p adaptivenet-edge --features adaptivenet-cloud/tls,adaptivenet-edge/tls
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/debug}
@@ -24,6 +27,12 @@ if command -v systemd-analyze >/dev/null; then
   systemd-analyze verify "$T/unit/adaptivenet-agent.service" && ok "systemd-analyze verify" || bad "systemd-analyze verify"
 fi
 
+deploy/dev-certs.sh "$T/certs" device-1 >"$T/dev-certs.log" 2>&1 \
+  && openssl verify -CAfile "$T/certs/ca.pem" "$T/certs/server.pem" >/dev/null \
+  && openssl verify -CAfile "$T/certs/devices-ca.pem" "$T/certs/device-device-1.pem" >/dev/null \
+  && ok "deploy/dev-certs.sh: CA, server and device certificates verify" || bad "dev-certs.sh: $(tail -n 3 "$T/dev-certs.log")"
+TLS=(--tls-cert "$T/certs/server.pem" --tls-key "$T/certs/server.key")
+
 healthz() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET /healthz HTTP/1.0\r\n\r\n' >&3 && grep -q '200 OK' <&3; }
 # start NAME SECONDS CMD...: runs CMD, fails if it exits within SECONDS.
 start() { local name=$1 secs=$2; shift 2; "$@" >"$T/$name.log" 2>&1 & local p=$!; PIDS+=("$p"); sleep "$secs"
@@ -34,8 +43,12 @@ for db in sqlite postgres; do
   [ "$db" = postgres ] && export ADAPTIVENET_DATABASE_URL="$PG"
   port=$((50900 + RANDOM % 50)); mport=$((9900 + RANDOM % 50))
   "$BIN/cloud-server" migrate >"$T/migrate-$db.log" 2>&1 && ok "[$db] cloud-server migrate" || bad "[$db] migrate: $(tail -n 3 "$T/migrate-$db.log")"
-  start "api-$db" 3 "$BIN/cloud-server" serve --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$mport" --workers 0
+  start "api-$db" 3 "$BIN/cloud-server" serve --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$mport" --workers 0 "${TLS[@]}"
   healthz "$mport" && ok "[$db] /healthz on the metrics listener" || bad "[$db] /healthz"
+  # A TLS handshake against the development CA: the call gets as far as authentication.
+  out=$("$BIN/cloud-server" client --endpoint "https://localhost:$port" --ca-file "$T/certs/ca.pem" \
+        --token anv1_api_validate list oracles 2>&1)
+  grep -qi unauthenticated <<<"$out" && ok "[$db] gRPC over TLS with the development CA" || bad "[$db] TLS call: $(tail -n 2 <<<"$out")"
   start "worker-$db" 3 "$BIN/cloud-server" worker --concurrency 1
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; PIDS=()
   grep -q draining "$T/api-$db.log" && ok "[$db] serve drained on SIGTERM" || bad "[$db] no drain on SIGTERM"
@@ -61,7 +74,9 @@ compose = yaml.safe_load(open("deploy/compose/docker-compose.yml"))
 for name, svc in compose["services"].items():
     img = str(svc.get("image", ""))
     if "command" in svc and ("cloud-server" in img or "edge-agent" in img):
-        cmds.append((f"compose {name}", "edge-agent" if "edge-agent" in img else "cloud-server", svc["command"]))
+        env = {k: str(v) for k, v in (svc.get("environment") or {}).items()
+               if k in ("ADAPTIVENET_CA_FILE", "ADAPTIVENET_TLS_CERT", "ADAPTIVENET_TLS_KEY")}
+        cmds.append((f"compose {name}", "edge-agent" if "edge-agent" in img else "cloud-server", svc["command"], env))
 for f in sorted(os.listdir("deploy/k8s")):
     for d in yaml.safe_load_all(open(f"deploy/k8s/{f}")):
         spec = (d or {}).get("spec", {})
@@ -70,22 +85,26 @@ for f in sorted(os.listdir("deploy/k8s")):
             img = c.get("image", "")
             if "adaptivenet/" in img:
                 args = [re.sub(r"\$\((\w+)\)", lambda m: cm.get(m.group(1), m.group(0)), a) for a in c.get("args", [])]
-                cmds.append((f"k8s {f}:{c['name']}", img.split("/")[1].split(":")[0], args))
+                cmds.append((f"k8s {f}:{c['name']}", img.split("/")[1].split(":")[0], args, {}))
 unit = open("deploy/systemd/adaptivenet-agent.service").read()
 exec_start = re.search(r"^ExecStart=(\S+) (.*)$", unit, re.M)
 sd_args = [re.sub(r"\$\{(\w+)\}", lambda m: envfile.get(m.group(1), m.group(0)), a) for a in exec_start.group(2).split()]
-cmds.append(("systemd ExecStart", "edge-agent", sd_args))
+cmds.append(("systemd ExecStart", "edge-agent", sd_args, {}))
 failed = 0
-for src, binary, args in cmds:
+# Certificates and keys mounted under /etc/adaptivenet come from the development set.
+certs = lambda a: re.sub(r"^/etc/adaptivenet/(?:tls/)?([^/]+)$", lambda m: f"{T}/certs/{m.group(1)}", a)
+for src, binary, args, env_extra in cmds:
     local = []
     for a in args:
-        a = re.sub(r"^https?://[^/]+$", "http://127.0.0.1:9", a)           # a closed local port
+        a = re.sub(r"^(https?)://[^/]+$", r"\1://127.0.0.1:9", a)        # a closed local port
+        a = certs(a)
         a = re.sub(r"^0\.0\.0\.0:(\d+)$", lambda m: f"127.0.0.1:{int(m.group(1)) % 1000 + 41000}", a)
         a = {"/state": f"{T}/state", "/data": f"{T}/data"}.get(a, a)
         a = a.replace("/var/lib/adaptivenet-agent", f"{T}/state").replace("/srv/adaptivenet/data", f"{T}/data")
         local.append(a)
     env = dict(os.environ, ADAPTIVENET_DATA_DIR=f"{T}/cmd-data", ADAPTIVENET_DATABASE_URL=PG,
-               ADAPTIVENET_ENROLL_TOKEN="anv1_enr_validate")
+               ADAPTIVENET_ENROLL_TOKEN="anv1_enr_validate",
+               **{k: certs(v) for k, v in env_extra.items()})
     long_running = binary == "cloud-server" and local[:1] in (["serve"], ["worker"])
     try:
         p = subprocess.run([f"{BIN}/{binary}", *local], env=env, capture_output=True, text=True,
@@ -107,8 +126,10 @@ PY
 
 # edge-agent: every flag the compose file, DaemonSet and systemd unit pass must exist.
 help=$("$BIN/edge-agent" run --help)
-for flag in --cloud --state --data --budget --threads --label-free; do
+for flag in --cloud --state --data --budget --threads --label-free --ca-file --tls-cert --tls-key; do
   grep -qE -- "^ +$flag( |$)" <<<"$help" && ok "edge-agent run $flag" || bad "edge-agent run lacks $flag"
 done
 grep -q ADAPTIVENET_ENROLL_TOKEN <<<"$help" && ok "edge-agent reads ADAPTIVENET_ENROLL_TOKEN" || bad "enroll env"
+grep -q ADAPTIVENET_CA_FILE <<<"$help" && ok "edge-agent reads ADAPTIVENET_CA_FILE" || bad "CA file env"
+"$BIN/cloud-server" serve --help | grep -qE -- "^ +--tls-client-ca( |$)" && ok "cloud-server serve --tls-client-ca" || bad "serve lacks --tls-client-ca"
 exit $FAILED

@@ -32,8 +32,10 @@ echo "== tests"
 cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/adaptivenet-test.log
 echo "== hostile-client suite: attack | expected | observed"
 cargo test -p adaptivenet-tests --test hostile -- --nocapture 2>&1 | grep -E '^\|' | awk '!seen[$0]++'
-echo "== TLS (cargo feature tls: real gRPC over rustls, server, CLI client)"
-cargo test -p adaptivenet-cloud --features tls --test tls 2>&1 | tee -a /tmp/adaptivenet-test.log
+echo "== TLS (cargo feature tls: real gRPC over rustls; server, CLI client, edge agent, mutual TLS)"
+# One invocation, so the cloud and the agent share one TLS build of tonic and the crates above it.
+cargo test -p adaptivenet-cloud -p adaptivenet-edge \
+  --features adaptivenet-cloud/tls,adaptivenet-edge/tls --test tls 2>&1 | tee -a /tmp/adaptivenet-test.log
 echo "== S3 (blob tests with --features s3 against a local S3-compatible server: moto, pinned)"
 # moto in server mode from PyPI, in a venv next to the target dir, on 127.0.0.1 and a free
 # port; stopped on exit. A server that cannot start fails the run.

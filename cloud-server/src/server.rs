@@ -76,6 +76,11 @@ impl MetricsSink for AppMetrics {
 pub struct TlsFiles {
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
+    /// Mutual TLS: CA certificate(s) that sign client certificates. When set, every client
+    /// must present a certificate chaining to it, or the handshake fails. tonic's
+    /// `client_auth_optional` would also let clients without one in, which would make the
+    /// certificate no barrier at all, so mTLS is all or nothing per listener.
+    pub client_ca_pem: Option<Vec<u8>>,
 }
 
 /// A running server.
@@ -167,8 +172,12 @@ pub async fn start(
     #[cfg(feature = "tls")]
     if let Some(t) = tls {
         let identity = tonic::transport::Identity::from_pem(t.cert_pem, t.key_pem);
+        let mut cfg = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = t.client_ca_pem {
+            cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
         builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .tls_config(cfg)
             .map_err(|e| CloudError::invalid("tls", e.to_string()))?;
     }
     #[cfg(not(feature = "tls"))]

@@ -53,6 +53,11 @@ struct TlsServer {
 }
 
 async fn start(pki: &Pki) -> TlsServer {
+    start_with(pki, None).await
+}
+
+/// A TLS server; `client_ca` (PEM) turns on mutual TLS.
+async fn start_with(pki: &Pki, client_ca: Option<&str>) -> TlsServer {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("cloud.db").display());
     let app = App::open(test_config(dir.path(), url))
@@ -69,6 +74,7 @@ async fn start(pki: &Pki) -> TlsServer {
     let tls = TlsFiles {
         cert_pem: pki.cert_pem.clone().into_bytes(),
         key_pem: pki.key_pem.clone().into_bytes(),
+        client_ca_pem: client_ca.map(|c| c.as_bytes().to_vec()),
     };
     let handle = server::start(app, listener, None, None, Some(tls))
         .await
@@ -191,5 +197,115 @@ async fn plaintext_and_untrusted_clients_are_refused() {
         .list_oracles(authed(pb::ListOraclesRequest::default(), &s.admin))
         .await
         .expect("list over TLS");
+    s.handle.shutdown().await.expect("shutdown");
+}
+
+/// A client certificate signed by a fresh CA: (CA PEM, certificate PEM, key PEM).
+fn client_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("client key");
+    let cert = CertificateParams::new(vec!["operator".to_string()])
+        .expect("client params")
+        .signed_by(&key, &issuer)
+        .expect("client certificate");
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_from_the_cli_and_pem_errors_name_the_flag() {
+    let pki = pki("adaptivenet test CA");
+    let (client_ca, client_cert, client_key) = client_pki();
+    let s = start_with(&pki, Some(&client_ca)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let ca_file = write("ca.pem", &pki.ca_pem);
+    let cert = write("client.pem", &client_cert);
+    let key = write("client.key", &client_key);
+    let not_pem = write("notes.txt", "not PEM\n");
+    let endpoint = format!("https://{}", s.handle.addr);
+    let cli = |args: Vec<std::ffi::OsString>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cloud-server"));
+        cmd.args(args).env_remove("ADAPTIVENET_CA_FILE");
+        tokio::task::spawn_blocking(move || cmd.output().expect("run cloud-server"))
+    };
+    let client = |extra: &[&std::path::Path]| {
+        let mut a: Vec<std::ffi::OsString> = vec![
+            "client".into(),
+            "--endpoint".into(),
+            endpoint.clone().into(),
+            "--token".into(),
+            s.admin.clone().into(),
+            "--ca-file".into(),
+            ca_file.clone().into(),
+        ];
+        if let [c, k] = extra {
+            a.extend(["--tls-cert".into(), c.into(), "--tls-key".into(), k.into()]);
+        }
+        a.extend(["list".into(), "oracles".into()]);
+        a
+    };
+
+    // Without a client certificate the listener refuses the connection.
+    let out = cli(client(&[])).await.expect("join");
+    assert!(
+        !out.status.success(),
+        "mTLS server answered a client without a certificate"
+    );
+    // With one signed by the client CA, the same call succeeds.
+    let out = cli(client(&[&cert, &key])).await.expect("join");
+    assert!(
+        out.status.success(),
+        "CLI with a client certificate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A non-PEM key: refused before connecting, naming the flag.
+    let out = cli(client(&[&cert, &not_pem])).await.expect("join");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--tls-key"), "{err}");
+
+    // serve: a non-PEM --tls-client-ca or a missing --tls-cert is refused at start, naming
+    // the flag (before the database is opened).
+    let serve = |cert: &std::path::Path, client_ca: &std::path::Path| -> Vec<std::ffi::OsString> {
+        vec![
+            "--data-dir".into(),
+            dir.path().join("data").into(),
+            "serve".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--tls-cert".into(),
+            cert.into(),
+            "--tls-key".into(),
+            key.clone().into(),
+            "--tls-client-ca".into(),
+            client_ca.into(),
+        ]
+    };
+    let out = cli(serve(&cert, &not_pem)).await.expect("join");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--tls-client-ca") && err.contains("not a PEM"),
+        "{err}"
+    );
+    let out = cli(serve(&dir.path().join("absent.pem"), &ca_file))
+        .await
+        .expect("join");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--tls-cert") && err.contains("absent.pem"),
+        "{err}"
+    );
     s.handle.shutdown().await.expect("shutdown");
 }

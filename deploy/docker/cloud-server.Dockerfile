@@ -16,13 +16,15 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 FROM ${RUST_IMAGE} AS builder
 WORKDIR /src
 COPY . .
+# `--features tls`: `serve --tls-cert/--tls-key[/--tls-client-ca]` and `client --ca-file`; every
+# shipped deployment serves TLS (deploy/README.md, "TLS").
 # Cache mounts keep the crates.io registry and target/ across builds (cache-friendly without the
 # fragile "stub src" trick for a six-crate workspace). The binary is copied out of the cache
 # mount, and debug info is stripped (the release profile keeps debug = 1 for local profiling).
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked -p adaptivenet-cloud --bin cloud-server \
+    cargo build --release --locked -p adaptivenet-cloud --features tls --bin cloud-server \
  && mkdir -p /out \
  && cp target/release/cloud-server /out/ \
  && strip --strip-debug /out/cloud-server
@@ -47,6 +49,7 @@ USER 10001:10001
 WORKDIR /var/lib/adaptivenet
 # 50051: gRPC (API + grpc.health.v1 + reflection); 9090: --metrics-listen (/metrics, /healthz).
 EXPOSE 50051 9090
-# serve and worker drain on SIGTERM (the default stop signal).
+# serve and worker drain on SIGTERM (the default stop signal). The default command is plaintext
+# (the image holds no certificate); compose and Kubernetes add --tls-cert/--tls-key.
 ENTRYPOINT ["cloud-server"]
 CMD ["serve", "--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9090"]

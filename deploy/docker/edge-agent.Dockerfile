@@ -11,10 +11,11 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 FROM ${RUST_IMAGE} AS builder
 WORKDIR /src
 COPY . .
+# `--features tls`: `--cloud https://...` with --ca-file (and --tls-cert/--tls-key for mutual TLS).
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked -p adaptivenet-edge --bin edge-agent \
+    cargo build --release --locked -p adaptivenet-edge --features tls --bin edge-agent \
  && mkdir -p /out \
  && cp target/release/edge-agent /out/ \
  && strip --strip-debug /out/edge-agent

@@ -16,6 +16,7 @@ use adaptivenet_edge::adapt::timeline::{Rotation, Timeline, TimelineEntry, TIMEL
 use adaptivenet_edge::adapt::{maintain, AdaptConfig, AdaptEvent, Controller, SharedController};
 use adaptivenet_edge::client::{
     local_device_class, AgentAggregates, BlobSelection, CloudClient, HeartbeatInput, SyncOptions,
+    TlsOptions,
 };
 use adaptivenet_edge::profile::{pin_threads, LatencyTable};
 use adaptivenet_edge::quality::{load_local_data, QualityMode};
@@ -113,6 +114,16 @@ struct Common {
     /// Per-request deadline of cloud calls, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     cloud_timeout_ms: u64,
+    /// CA certificate (PEM) that signed the cloud's certificate, for an https:// --cloud
+    /// (builds with the `tls` feature).
+    #[arg(long, env = "ADAPTIVENET_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Device certificate (PEM) for a cloud that requires mutual TLS (`--tls-client-ca`).
+    #[arg(long, env = "ADAPTIVENET_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "ADAPTIVENET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// State directory (latency table, search result, active subnet).
     #[arg(long)]
     state: PathBuf,
@@ -360,8 +371,13 @@ fn open_source(
     let deadline = std::time::Duration::from_millis(c.cloud_timeout_ms.max(1));
     let cache = c.cache.clone().unwrap_or_else(|| c.state.join("cache"));
     let token = enroll_token(c)?;
+    let tls = TlsOptions {
+        ca_file: c.ca_file.clone(),
+        client_cert: c.tls_cert.clone(),
+        client_key: c.tls_key.clone(),
+    };
     let synced = rt.block_on(async {
-        let mut client = CloudClient::connect(url, deadline)
+        let mut client = CloudClient::connect_tls(url, deadline, &tls)
             .await?
             .with_state_dir(&c.state)?
             .with_min_quality_samples(c.min_quality_samples)
@@ -405,7 +421,7 @@ fn open_source(
             );
             let client = rt
                 .block_on(async {
-                    CloudClient::connect_lazy(url, deadline)?.with_state_dir(&c.state)
+                    CloudClient::connect_lazy_tls(url, deadline, &tls)?.with_state_dir(&c.state)
                 })
                 .context("reading the device identity")?
                 .with_min_quality_samples(c.min_quality_samples);

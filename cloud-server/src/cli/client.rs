@@ -22,6 +22,12 @@ pub struct ClientArgs {
     /// (TLS needs a build with `--features tls`).
     #[arg(long, env = "ADAPTIVENET_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a server that requires mutual TLS (`--tls-client-ca`).
+    #[arg(long, requires = "tls_key", requires = "ca_file")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// API token (`anv1_api_...`).
     #[arg(long, env = "ADAPTIVENET_TOKEN")]
     token: String,
@@ -286,8 +292,10 @@ type AuthFn =
 type Client =
     DeveloperServiceClient<tonic::service::interceptor::InterceptedService<Channel, AuthFn>>;
 
-/// The endpoint, with TLS trusting `ca_file` when the URL is `https://`.
-fn endpoint(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Endpoint> {
+/// The endpoint, with TLS trusting `--ca-file` (and presenting `--tls-cert` for mutual TLS)
+/// when the URL is `https://`.
+fn endpoint(args: &ClientArgs) -> anyhow::Result<Endpoint> {
+    let (url, ca_file) = (args.endpoint.as_str(), args.ca_file.as_deref());
     let ep = Channel::from_shared(url.to_string())
         .with_context(|| format!("--endpoint {url}"))?
         .connect_timeout(Duration::from_secs(10));
@@ -302,18 +310,28 @@ fn endpoint(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Endp
         let ca = ca_file.context(
             "an https:// endpoint needs --ca-file (PEM of the CA that signed the server certificate)",
         )?;
-        let pem = std::fs::read(ca).with_context(|| format!("--ca-file {}", ca.display()))?;
-        let tls = tonic::transport::ClientTlsConfig::new()
+        use super::{read_pem, Pem};
+        let pem = read_pem("--ca-file", ca, Pem::Certificate)?;
+        let mut tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        if let (Some(c), Some(k)) = (&args.tls_cert, &args.tls_key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read_pem("--tls-cert", c, Pem::Certificate)?,
+                read_pem("--tls-key", k, Pem::PrivateKey)?,
+            ));
+        }
         ep.tls_config(tls).context("TLS configuration")
     }
     #[cfg(not(feature = "tls"))]
-    anyhow::bail!("{url}: this build has no TLS support (rebuild with --features tls)")
+    {
+        let _ = (&args.tls_cert, &args.tls_key);
+        anyhow::bail!("{url}: this build has no TLS support (rebuild with --features tls)")
+    }
 }
 
 async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
     let (endpoint, token) = (&args.endpoint, &args.token);
-    let channel = self::endpoint(endpoint, args.ca_file.as_deref())?
+    let channel = self::endpoint(args)?
         .connect()
         .await
         .with_context(|| format!("connecting to {endpoint}"))?;
@@ -327,6 +345,7 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
 
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let mut c = connect(&args).await?;
+    let ep = endpoint(&args)?;
     match args.cmd {
         ClientCmd::Upload {
             weights,
@@ -454,9 +473,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             println!("deleted dataset {dataset_id}");
         }
         ClientCmd::Aggregates { fleet } => {
-            let channel = endpoint(&args.endpoint, args.ca_file.as_deref())?
-                .connect()
-                .await?;
+            let channel = ep.connect().await?;
             let value: MetadataValue<_> = format!("Bearer {}", args.token).parse()?;
             let mut d = adaptivenet_proto::v1::dashboard_service_client::DashboardServiceClient::with_interceptor(
                 channel,

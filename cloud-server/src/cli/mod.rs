@@ -95,10 +95,17 @@ enum Cmd {
         /// take the job over (resuming from its checkpoint).
         #[arg(long, default_value_t = 30)]
         job_lease_secs: u64,
-        #[arg(long)]
+        /// Server certificate chain (PEM): serve gRPC over TLS (build with `--features tls`).
+        #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
-        #[arg(long)]
+        /// Private key (PEM) of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Mutual TLS: CA certificate (PEM) that signs client certificates. Every client
+        /// (devices, the CLI, probes over gRPC) must then present one; without it the
+        /// handshake fails.
+        #[arg(long, requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
         /// Quotas, timeouts and HTTP/2 limits against hostile or broken clients.
         #[command(flatten)]
         net: adaptivenet_cloud::ops::net::NetLimits,
@@ -209,6 +216,34 @@ enum FleetCmd {
 }
 
 /// A token cancelled by Ctrl-C: long local jobs stop at the next step with a checkpoint.
+/// What a PEM file given on the command line must hold.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Pem {
+    Certificate,
+    PrivateKey,
+}
+
+/// Reads a PEM file named by `flag`: a missing, unreadable or non-PEM file is an error that
+/// names the flag and the path here, not a bare rustls message at the first handshake.
+pub(crate) fn read_pem(flag: &str, path: &std::path::Path, kind: Pem) -> anyhow::Result<Vec<u8>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let ok = match kind {
+        Pem::Certificate => text.contains("-----BEGIN CERTIFICATE-----"),
+        Pem::PrivateKey => text
+            .lines()
+            .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with("PRIVATE KEY-----")),
+    };
+    if !ok {
+        let want = match kind {
+            Pem::Certificate => "a PEM certificate (-----BEGIN CERTIFICATE-----)",
+            Pem::PrivateKey => "a PEM private key (-----BEGIN ... PRIVATE KEY-----)",
+        };
+        anyhow::bail!("{flag} {}: not {want}", path.display());
+    }
+    Ok(bytes)
+}
+
 fn cancel_on_ctrl_c() -> CancellationToken {
     let cancel = CancellationToken::new();
     let c = cancel.clone();
@@ -345,6 +380,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             job_lease_secs,
             tls_cert,
             tls_key,
+            tls_client_ca,
             net,
             gc_interval_secs,
             gc_grace_secs,
@@ -365,8 +401,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             cfg.min_group_devices = min_group_devices;
             let tls = match (tls_cert, tls_key) {
                 (Some(c), Some(k)) => Some(TlsFiles {
-                    cert_pem: std::fs::read(&c).with_context(|| c.display().to_string())?,
-                    key_pem: std::fs::read(&k).with_context(|| k.display().to_string())?,
+                    cert_pem: read_pem("--tls-cert", &c, Pem::Certificate)?,
+                    key_pem: read_pem("--tls-key", &k, Pem::PrivateKey)?,
+                    client_ca_pem: tls_client_ca
+                        .map(|p| read_pem("--tls-client-ca", &p, Pem::Certificate))
+                        .transpose()?,
                 }),
                 (None, None) => None,
                 _ => anyhow::bail!("--tls-cert and --tls-key go together"),

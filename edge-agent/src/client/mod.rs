@@ -355,16 +355,24 @@ pub struct CloudClient {
     cloud_min_samples: AtomicU64,
     /// Enroll afresh even with a stored identity (`--re-enroll`).
     re_enroll: bool,
+    /// A client certificate is presented (mutual TLS); only for error hints.
+    client_cert: bool,
 }
 
 impl CloudClient {
-    fn endpoint(endpoint: &str, deadline: Duration) -> Result<Endpoint> {
+    fn endpoint(endpoint: &str, deadline: Duration, opts: &TlsOptions) -> Result<Endpoint> {
         let ep = Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| EdgeError::config("cloud endpoint", format!("{endpoint}: {e}")))?
             .connect_timeout(deadline)
             .tcp_nodelay(true);
         if endpoint.starts_with("https://") {
-            return tls(ep, endpoint);
+            return tls(ep, endpoint, opts);
+        }
+        if opts.is_set() {
+            return Err(EdgeError::config(
+                "--ca-file",
+                format!("TLS files are for https:// endpoints, got {endpoint}"),
+            ));
         }
         Ok(ep)
     }
@@ -380,18 +388,27 @@ impl CloudClient {
             min_samples_floor: 0,
             cloud_min_samples: AtomicU64::new(0),
             re_enroll: false,
+            client_cert: false,
         }
     }
 
     /// Connects now; an unreachable endpoint is `CloudUnreachable` after at most `deadline`.
+    /// An `https://` endpoint trusts the CA in [`CA_FILE_ENV`]; see [`Self::connect_tls`].
     pub async fn connect(endpoint: &str, deadline: Duration) -> Result<Self> {
-        let ep = Self::endpoint(endpoint, deadline)?;
+        Self::connect_tls(endpoint, deadline, &TlsOptions::default()).await
+    }
+
+    /// [`Self::connect`] with explicit TLS settings. A failed handshake (a certificate the
+    /// CA did not sign, a client certificate the cloud refuses) is `CloudUnreachable` whose
+    /// reason names the TLS flags.
+    pub async fn connect_tls(endpoint: &str, deadline: Duration, tls: &TlsOptions) -> Result<Self> {
+        let ep = Self::endpoint(endpoint, deadline, tls)?;
         let ch = match tokio::time::timeout(deadline, ep.connect()).await {
             Ok(Ok(ch)) => ch,
             Ok(Err(e)) => {
                 return Err(EdgeError::CloudUnreachable {
                     endpoint: endpoint.to_string(),
-                    reason: chain(&e),
+                    reason: tls_hint(endpoint, chain(&e)),
                 })
             }
             Err(_) => {
@@ -401,14 +418,23 @@ impl CloudClient {
                 })
             }
         };
-        Ok(Self::with_channel(endpoint, ch, deadline))
+        let mut c = Self::with_channel(endpoint, ch, deadline);
+        c.client_cert = tls.client_cert.is_some();
+        Ok(c)
     }
 
     /// A client that connects on first use (and reconnects after breaks): for an agent that
     /// must start while the cloud is down. Must be called inside a tokio runtime.
     pub fn connect_lazy(endpoint: &str, deadline: Duration) -> Result<Self> {
-        let ch = Self::endpoint(endpoint, deadline)?.connect_lazy();
-        Ok(Self::with_channel(endpoint, ch, deadline))
+        Self::connect_lazy_tls(endpoint, deadline, &TlsOptions::default())
+    }
+
+    /// [`Self::connect_lazy`] with explicit TLS settings.
+    pub fn connect_lazy_tls(endpoint: &str, deadline: Duration, tls: &TlsOptions) -> Result<Self> {
+        let ch = Self::endpoint(endpoint, deadline, tls)?.connect_lazy();
+        let mut c = Self::with_channel(endpoint, ch, deadline);
+        c.client_cert = tls.client_cert.is_some();
+        Ok(c)
     }
 
     /// Uses `dir` for the identity and loads a stored one (enrolled earlier).
@@ -574,6 +600,36 @@ impl CloudClient {
         Ok(r)
     }
 
+    /// A cloud that requires mutual TLS refuses a device certificate after the TLS 1.3
+    /// handshake, so the agent sees only a transport error on its first call (an alert, a
+    /// closed connection or a broken pipe, whichever comes first): say which flags to check.
+    fn mtls_hint(&self, e: EdgeError) -> EdgeError {
+        match e {
+            EdgeError::Cloud {
+                op,
+                code,
+                mut message,
+            } if self.endpoint.starts_with("https://")
+                && matches!(
+                    code,
+                    tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+                )
+                && message.contains("transport error") =>
+            {
+                message.push_str(if self.client_cert {
+                    " (TLS: if the cloud requires mutual TLS, it closes the connection when it \
+                     does not trust the device certificate: --tls-cert must be signed by the CA \
+                     of its --tls-client-ca)"
+                } else {
+                    " (TLS: if the cloud requires mutual TLS, it closes the connection of a \
+                     device without a certificate: pass --tls-cert and --tls-key)"
+                });
+                EdgeError::Cloud { op, code, message }
+            }
+            e => e,
+        }
+    }
+
     /// Runs one unary call with the client-side deadline as a backstop to `grpc-timeout`.
     async fn unary<T, F>(&self, op: &'static str, fut: F) -> Result<T>
     where
@@ -581,7 +637,7 @@ impl CloudClient {
     {
         match tokio::time::timeout(self.deadline + Duration::from_millis(200), fut).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(s)) => Err(status_err(op, s)),
+            Ok(Err(s)) => Err(self.mtls_hint(status_err(op, s))),
             Err(_) => Err(EdgeError::Cloud {
                 op,
                 code: tonic::Code::DeadlineExceeded,
@@ -777,34 +833,121 @@ impl CloudClient {
     }
 }
 
-/// Environment variable naming the PEM file of the CA that signed the cloud's certificate
-/// (needed for an `https://` cloud endpoint).
+/// Environment variable naming the PEM file of the CA that signed the cloud's certificate:
+/// the fallback when [`TlsOptions::ca_file`] (`--ca-file`) is not given.
 pub const CA_FILE_ENV: &str = "ADAPTIVENET_CA_FILE";
 
-/// TLS for an `https://` endpoint, trusting the CA in [`CA_FILE_ENV`] (builds with the
-/// `tls` feature; there is no built-in root store).
+/// TLS settings for an `https://` cloud endpoint (builds with the `tls` feature; there is no
+/// built-in root store, so the cloud's CA is always named explicitly).
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// PEM of the CA that signed the cloud's certificate (`--ca-file`); [`CA_FILE_ENV`]
+    /// when unset.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and its key (PEM, `--tls-cert` / `--tls-key`): the device's
+    /// identity for a cloud that requires mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+impl TlsOptions {
+    fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.client_cert.is_some() || self.client_key.is_some()
+    }
+}
+
+/// Appends which flags to check when an `https://` connection failed on a certificate.
+pub(crate) fn tls_hint(endpoint: &str, reason: String) -> String {
+    let l = reason.to_ascii_lowercase();
+    if endpoint.starts_with("https://") && (l.contains("certificate") || l.contains("tls")) {
+        format!(
+            "{reason} (TLS: --ca-file must be the CA that signed the cloud's certificate; a cloud \
+             that requires mutual TLS needs --tls-cert and --tls-key)"
+        )
+    } else {
+        reason
+    }
+}
+
+/// What a PEM file must hold.
 #[cfg(feature = "tls")]
-fn tls(ep: Endpoint, endpoint: &str) -> Result<Endpoint> {
-    let ca = std::env::var_os(CA_FILE_ENV).ok_or_else(|| {
-        EdgeError::config(
-            CA_FILE_ENV,
-            format!("{endpoint} is https: set it to the PEM of the CA that signed the cloud's certificate"),
-        )
-    })?;
-    let pem = std::fs::read(&ca).map_err(|e| {
-        EdgeError::config(
-            CA_FILE_ENV,
-            format!("{}: {e}", std::path::Path::new(&ca).display()),
-        )
-    })?;
-    let cfg = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+#[derive(Clone, Copy)]
+enum Pem {
+    Certificate,
+    PrivateKey,
+}
+
+/// Reads a PEM file given by `field`: missing, unreadable or not PEM is an `InvalidConfig`
+/// naming the field and the path, not a handshake failure later.
+#[cfg(feature = "tls")]
+fn read_pem(field: &str, path: &Path, kind: Pem) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| EdgeError::config(field, format!("{}: {e}", path.display())))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let (ok, want) = match kind {
+        Pem::Certificate => (
+            text.contains("-----BEGIN CERTIFICATE-----"),
+            "a PEM certificate (-----BEGIN CERTIFICATE-----)",
+        ),
+        Pem::PrivateKey => (
+            text.lines().any(|l| {
+                l.starts_with("-----BEGIN ") && l.trim_end().ends_with("PRIVATE KEY-----")
+            }),
+            "a PEM private key (-----BEGIN ... PRIVATE KEY-----)",
+        ),
+    };
+    if !ok {
+        return Err(EdgeError::config(
+            field,
+            format!("{}: not {want}", path.display()),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// TLS for an `https://` endpoint: trusts the CA of `--ca-file` (else [`CA_FILE_ENV`]) and,
+/// for mutual TLS, presents the client certificate.
+#[cfg(feature = "tls")]
+fn tls(ep: Endpoint, endpoint: &str, opts: &TlsOptions) -> Result<Endpoint> {
+    let (field, ca) = match &opts.ca_file {
+        Some(p) => ("--ca-file", p.clone()),
+        None => match std::env::var_os(CA_FILE_ENV) {
+            Some(p) => (CA_FILE_ENV, PathBuf::from(p)),
+            None => {
+                return Err(EdgeError::config(
+                    "--ca-file",
+                    format!(
+                        "{endpoint} is https: give --ca-file (or {CA_FILE_ENV}), the PEM of the CA that signed the cloud's certificate"
+                    ),
+                ))
+            }
+        },
+    };
+    let mut cfg = tonic::transport::ClientTlsConfig::new().ca_certificate(
+        tonic::transport::Certificate::from_pem(read_pem(field, &ca, Pem::Certificate)?),
+    );
+    match (&opts.client_cert, &opts.client_key) {
+        (Some(c), Some(k)) => {
+            cfg = cfg.identity(tonic::transport::Identity::from_pem(
+                read_pem("--tls-cert", c, Pem::Certificate)?,
+                read_pem("--tls-key", k, Pem::PrivateKey)?,
+            ));
+        }
+        (None, None) => {}
+        (Some(_), None) => return Err(EdgeError::config("--tls-key", "--tls-cert needs its key")),
+        (None, Some(_)) => {
+            return Err(EdgeError::config(
+                "--tls-cert",
+                "--tls-key needs its certificate",
+            ))
+        }
+    }
     ep.tls_config(cfg)
         .map_err(|e| EdgeError::config("cloud endpoint", format!("{endpoint}: TLS: {e}")))
 }
 
 #[cfg(not(feature = "tls"))]
-fn tls(_ep: Endpoint, endpoint: &str) -> Result<Endpoint> {
+fn tls(_ep: Endpoint, endpoint: &str, _opts: &TlsOptions) -> Result<Endpoint> {
     Err(EdgeError::config(
         "cloud endpoint",
         format!("{endpoint}: this build has no TLS support (rebuild with --features tls)"),
