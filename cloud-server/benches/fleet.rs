@@ -480,7 +480,8 @@ async fn run_db(
         ))
         .await?
         .into_inner();
-    r.aggregate_devices = agg.groups.iter().map(|g| g.devices as u64).sum();
+    r.aggregate_devices =
+        agg.groups.iter().map(|g| g.devices as u64).sum::<u64>() + agg.suppressed_devices as u64;
     Ok(Some((r, Some(h))))
 }
 

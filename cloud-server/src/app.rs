@@ -1,5 +1,6 @@
 //! The shared state of a running cloud and the domain operations the services and the CLI
 //! call (no prost types here).
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,13 +12,35 @@ use uuid::Uuid;
 use crate::auth::{generate_token, hash_token, Authenticator, TokenKind};
 use crate::blobs::{sha256_hex, BlobStore};
 use crate::domain::{
-    now_ms, AdaptationReason, BlobRef, Device, DeviceClass, DeviceStatus, FleetEvent,
-    FleetEventKind, Role, Supernet,
+    now_ms, AdaptationReason, BlobRef, Device, DeviceClass, DeviceStatus, FleetAggregates,
+    FleetEvent, FleetEventKind, Role, Supernet,
 };
 use crate::error::{CloudError, Result};
 use crate::ops::metrics::Metrics;
 use crate::ops::net::NetLimits;
 use crate::store::{JobFence, NewSupernet, Store};
+
+/// Enrolments an enrollment token allows when none is asked for (one-shot).
+pub const DEFAULT_ENROLLMENT_USES: u32 = 1;
+/// Most enrolments one token may allow: a leaked token enrolls at most this many devices.
+pub const MAX_ENROLLMENT_USES: u32 = 10_000;
+/// Lifetime of an enrollment token when none is asked for.
+pub const DEFAULT_ENROLLMENT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest lifetime of an enrollment token.
+pub const MAX_ENROLLMENT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default lifetime of a device credential (`serve --device-credential-ttl-secs`).
+pub const DEFAULT_DEVICE_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default validity of a rotated-out credential.
+pub const DEFAULT_CREDENTIAL_GRACE: Duration = Duration::from_secs(15 * 60);
+
+/// `now + ttl` in Unix ms, or INVALID_ARGUMENT naming `field` when it does not fit (a TTL
+/// of u64::MAX seconds must be refused, not wrap or panic).
+pub fn expiry_ms(field: &str, now: i64, ttl: Duration) -> Result<i64> {
+    i64::try_from(ttl.as_millis())
+        .ok()
+        .and_then(|ms| now.checked_add(ms))
+        .ok_or_else(|| CloudError::invalid(field, "too large"))
+}
 
 /// Server configuration (filled by the CLI or by tests).
 #[derive(Debug, Clone)]
@@ -52,8 +75,14 @@ pub struct Config {
     /// How often an idle worker polls the queue.
     pub job_poll: Duration,
     pub auth_cache_ttl: Duration,
-    /// Lifetime of device credentials (`None` = until revoked).
+    /// Lifetime of device credentials (`None` = until revoked); agents rotate before it ends.
     pub device_credential_ttl: Option<Duration>,
+    /// How long a device's previous credential keeps working after `RotateCredential`
+    /// (covers a response lost in flight and other replicas' auth caches).
+    pub credential_grace: Duration,
+    /// k of the dashboard's privacy floor: aggregate groups of fewer devices are suppressed,
+    /// extremes are dropped below 2k, and a viewer's aggregates move in steps of k reports.
+    pub min_group_devices: u32,
     /// How long health reports NOT_SERVING before the listener closes on shutdown.
     pub drain_grace: Duration,
     /// PostgreSQL: commit reports and heartbeats synchronously (see `store::writer`).
@@ -83,7 +112,9 @@ impl Config {
             job_max_attempts: 3,
             job_poll: Duration::from_secs(1),
             auth_cache_ttl: Duration::from_secs(5),
-            device_credential_ttl: None,
+            device_credential_ttl: Some(DEFAULT_DEVICE_CREDENTIAL_TTL),
+            credential_grace: DEFAULT_CREDENTIAL_GRACE,
+            min_group_devices: 5,
             drain_grace: Duration::from_secs(2),
             durable_telemetry: false,
             net: NetLimits::default(),
@@ -107,6 +138,8 @@ struct Inner {
     job_events: broadcast::Sender<Uuid>,
     shutdown: CancellationToken,
     metrics: Metrics,
+    /// Viewers' aggregates per fleet filter: (taken at, floored aggregates).
+    viewer_aggregates: std::sync::Mutex<HashMap<Option<Uuid>, (i64, FleetAggregates)>>,
 }
 
 /// Output of enrolling a device.
@@ -116,6 +149,14 @@ pub struct Enrollment {
     pub fleet_id: Uuid,
     pub credential: String,
     pub expires_ms: Option<i64>,
+}
+
+/// Output of rotating a device credential.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub credential: String,
+    pub expires_ms: Option<i64>,
+    pub previous_valid_until_ms: i64,
 }
 
 /// A freshly created secret (shown once).
@@ -156,6 +197,7 @@ impl App {
                 job_events: broadcast::channel(1024).0,
                 shutdown: CancellationToken::new(),
                 metrics: Metrics::default(),
+                viewer_aggregates: Default::default(),
             }),
         }
     }
@@ -223,7 +265,7 @@ impl App {
         let (token, hash) = generate_token(TokenKind::Api);
         let id = Uuid::new_v4();
         let now = now_ms();
-        let expires_ms = ttl.map(|t| now + t.as_millis() as i64);
+        let expires_ms = ttl.map(|t| expiry_ms("ttl_seconds", now, t)).transpose()?;
         self.store()
             .insert_api_token(id, role, &hash, description, expires_ms, now)
             .await?;
@@ -234,20 +276,32 @@ impl App {
         })
     }
 
-    /// Creates an enrollment token for a fleet, valid for `uses` enrolments.
+    /// Creates an enrollment token for a fleet, valid for `uses` enrolments (at most
+    /// [`MAX_ENROLLMENT_USES`]) until `ttl` has passed (default 24 h, at most 30 days):
+    /// every token expires.
     pub async fn create_enrollment_token(
         &self,
         fleet_id: Uuid,
         uses: u32,
         ttl: Option<Duration>,
     ) -> Result<NewToken> {
-        if uses == 0 || uses > 1_000_000 {
-            return Err(CloudError::invalid("uses", "must be in 1..=1000000"));
+        if uses == 0 || uses > MAX_ENROLLMENT_USES {
+            return Err(CloudError::invalid(
+                "uses",
+                format!("must be in 1..={MAX_ENROLLMENT_USES}"),
+            ));
+        }
+        let ttl = ttl.unwrap_or(DEFAULT_ENROLLMENT_TTL);
+        if ttl > MAX_ENROLLMENT_TTL {
+            return Err(CloudError::invalid(
+                "ttl_seconds",
+                format!("at most {} s (30 days)", MAX_ENROLLMENT_TTL.as_secs()),
+            ));
         }
         let (token, hash) = generate_token(TokenKind::Enrollment);
         let id = Uuid::new_v4();
         let now = now_ms();
-        let expires_ms = ttl.map(|t| now + t.as_millis() as i64);
+        let expires_ms = Some(expiry_ms("ttl_seconds", now, ttl)?);
         self.store()
             .insert_enrollment_token(id, fleet_id, &hash, uses, expires_ms, now)
             .await?;
@@ -285,10 +339,7 @@ impl App {
         }
         let now = now_ms();
         let (credential, cred_hash) = generate_token(TokenKind::Device);
-        let expires_ms = self
-            .config()
-            .device_credential_ttl
-            .map(|t| now + t.as_millis() as i64);
+        let expires_ms = self.credential_expiry(now)?;
         let device = Device {
             id: Uuid::new_v4(),
             fleet_id: Uuid::nil(),
@@ -325,6 +376,86 @@ impl App {
             credential,
             expires_ms,
         })
+    }
+
+    fn credential_expiry(&self, now: i64) -> Result<Option<i64>> {
+        self.config()
+            .device_credential_ttl
+            .map(|t| expiry_ms("device_credential_ttl", now, t))
+            .transpose()
+    }
+
+    /// Replaces `device_id`'s credential, which must be `presented` (the current one, not
+    /// one in its grace period): the old one keeps working for [`Config::credential_grace`]
+    /// (never beyond its own expiry), then is refused.
+    pub async fn rotate_credential(&self, device_id: Uuid, presented: &str) -> Result<Rotation> {
+        let now = now_ms();
+        let (credential, cred_hash) = generate_token(TokenKind::Device);
+        let expires_ms = self.credential_expiry(now)?;
+        let grace_until = expiry_ms("credential_grace", now, self.config().credential_grace)?;
+        let previous_valid_until_ms = self
+            .store()
+            .rotate_device_credential(
+                device_id,
+                &hash_token(presented),
+                &cred_hash,
+                expires_ms,
+                grace_until,
+            )
+            .await?
+            .ok_or_else(|| {
+                CloudError::Unauthenticated(
+                    "only the device's current credential may rotate it".into(),
+                )
+            })?;
+        // Cached lookups of the old credential carry its old expiry.
+        self.auth().invalidate();
+        Ok(Rotation {
+            credential,
+            expires_ms,
+            previous_valid_until_ms,
+        })
+    }
+
+    /// Dashboard aggregates under the privacy floor (`Config::min_group_devices`).
+    pub async fn fleet_aggregates(&self, fleet: Option<Uuid>) -> Result<FleetAggregates> {
+        let mut a = self.store().fleet_aggregates(fleet).await?;
+        a.apply_floor(self.config().min_group_devices);
+        Ok(a)
+    }
+
+    /// A viewer's aggregates: the floored snapshot is refreshed only once at least k devices
+    /// have reported since it was taken, so two views never differ by one device's report
+    /// (differencing). Per process: replicas keep their own snapshots.
+    pub async fn viewer_fleet_aggregates(&self, fleet: Option<Uuid>) -> Result<FleetAggregates> {
+        let k = u64::from(self.config().min_group_devices.max(1));
+        // Only existing fleets get a snapshot (bounded; never evicted, since a fresh view
+        // after an eviction could differ from the last one by a single report).
+        if let Some(f) = fleet {
+            self.store().get_fleet(f).await?;
+        }
+        let cached = self
+            .inner
+            .viewer_aggregates
+            .lock()
+            .expect("aggregates lock")
+            .get(&fleet)
+            .cloned();
+        if let Some((taken, a)) = cached {
+            if self.store().devices_reported_since(fleet, taken).await? < k {
+                return Ok(a);
+            }
+        }
+        // Taken before the read: a report at this instant may be in the snapshot or not,
+        // and is then not counted towards the next refresh (errs towards fewer refreshes).
+        let taken = now_ms();
+        let a = self.fleet_aggregates(fleet).await?;
+        self.inner
+            .viewer_aggregates
+            .lock()
+            .expect("aggregates lock")
+            .insert(fleet, (taken, a.clone()));
+        Ok(a)
     }
 
     /// Registers a supernet version whose module blobs are already in the blob store.

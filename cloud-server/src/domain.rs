@@ -279,14 +279,17 @@ impl Role {
     }
 }
 
-/// Coarse device class, numbered as on the wire (1..=5).
+/// Coarse device class, numbered as on the wire (0 = unspecified, 1..=5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceClass(pub i32);
 
 impl DeviceClass {
     pub const MAX: i32 = 5;
+    /// Unset on the wire (proto3 default): an agent that did not or could not classify.
+    pub const UNSPECIFIED: DeviceClass = DeviceClass(0);
+    /// A class from the wire, 0 (unspecified) included.
     pub fn new(field: &str, v: i32) -> Result<Self> {
-        if (1..=Self::MAX).contains(&v) {
+        if (0..=Self::MAX).contains(&v) {
             Ok(DeviceClass(v))
         } else {
             Err(CloudError::invalid(
@@ -444,6 +447,7 @@ pub struct Report {
     pub quality_sample_count: u64,
     pub search: SearchStats,
     pub latency_table: LatencyTableSummary,
+    /// As claimed by the agent; stored reports carry the class recorded at enrollment.
     pub device_class: DeviceClass,
 }
 
@@ -529,9 +533,19 @@ pub struct Distribution {
     pub p90: f64,
     pub max: f64,
     pub mean: f64,
+    /// min, p90 and max are withheld (0): over few devices they are single devices' values.
+    pub extremes_suppressed: bool,
 }
 
 impl Distribution {
+    /// Withholds the values that belong to single devices in a small group.
+    fn suppress_extremes(&mut self) {
+        self.min = 0.0;
+        self.p90 = 0.0;
+        self.max = 0.0;
+        self.extremes_suppressed = true;
+    }
+
     /// Nearest-rank quantiles of `values` (any order).
     pub fn of(values: &mut [f64]) -> Self {
         if values.is_empty() {
@@ -547,6 +561,7 @@ impl Distribution {
             p90: q(0.9),
             max: values[n - 1],
             mean: values.iter().sum::<f64>() / n as f64,
+            extremes_suppressed: false,
         }
     }
 }
@@ -572,6 +587,31 @@ pub struct FleetAggregates {
     pub devices_online: u32,
     pub devices_stale: u32,
     pub groups: Vec<AggregateGroup>,
+    /// Groups below the privacy floor and their devices: counted, values withheld.
+    pub suppressed_groups: u32,
+    pub suppressed_devices: u32,
+}
+
+impl FleetAggregates {
+    /// The dashboard's privacy floor `k`: a group of fewer than k devices is removed (only
+    /// counted), and below 2k devices min / p90 / max are withheld (with under 10 values the
+    /// nearest-rank p90 is the max). What is left of a group mixes at least k devices.
+    pub fn apply_floor(&mut self, k: u32) {
+        let k = k.max(1);
+        let (keep, drop): (Vec<_>, Vec<_>) = std::mem::take(&mut self.groups)
+            .into_iter()
+            .partition(|g| g.devices >= k);
+        self.suppressed_groups += drop.len() as u32;
+        self.suppressed_devices += drop.iter().map(|g| g.devices).sum::<u32>();
+        self.groups = keep;
+        for g in &mut self.groups {
+            if g.devices < k.saturating_mul(2) {
+                g.latency_p50_ms.suppress_extremes();
+                g.latency_p95_ms.suppress_extremes();
+                g.quality.suppress_extremes();
+            }
+        }
+    }
 }
 
 /// What changed in a fleet (for `WatchFleet`).

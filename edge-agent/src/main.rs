@@ -1026,6 +1026,14 @@ fn run(a: RunArgs) -> Result<()> {
                         .unwrap_or(pb::AdaptationReason::Unspecified),
                         applied_generation: cur.generation,
                     };
+                    // Rotate a credential nearing expiry before using it again; a failure is
+                    // retried at the next heartbeat (the old one works until it expires).
+                    if let Err(e) = client
+                        .rotate_credential_if_due(adaptivenet_edge::client::now_unix_ms())
+                        .await
+                    {
+                        tracing::warn!("credential rotation failed: {e}");
+                    }
                     match client.heartbeat(&hb).await {
                         Ok(r) => {
                             if heartbeat_ms.is_none() && r.heartbeat_interval_ms > 0 {

@@ -363,7 +363,7 @@ async fn enroll_once_sync_all_and_reuse_identity_on_restart() {
         .enroll(None, pb::DeviceClass::CpuSmall, "0.1.0")
         .await
         .unwrap());
-    assert_eq!(again.identity(), Some(&id));
+    assert_eq!(again.identity(), Some(id.clone()));
     let rep2 = again
         .sync(&s.cache(), &BlobSelection::All, &opts())
         .await
@@ -1316,4 +1316,42 @@ async fn stored_identity_is_bound_to_its_endpoint_and_re_enroll_replaces_it() {
         .await
         .unwrap());
     s.cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_rotates_near_expiry_and_is_persisted() {
+    let s = Setup::new().await;
+    let state = s.agent.path().join("state");
+    let old = s.client.identity().unwrap();
+    assert!(
+        old.credential_expires_unix_ms > 0,
+        "the cloud's credentials expire"
+    );
+    let now = adaptivenet_edge::client::now_unix_ms();
+    assert!(!s.client.rotate_credential_if_due(now).await.unwrap());
+    // Two thirds of the lifetime gone (time injected): rotated and persisted atomically.
+    let lifetime = old.credential_expires_unix_ms - old.credential_issued_unix_ms;
+    let due = old.credential_issued_unix_ms + lifetime / 3 * 2;
+    assert!(s.client.rotate_credential_if_due(due).await.unwrap());
+    let new = s.client.identity().unwrap();
+    assert_ne!(new.credential, old.credential);
+    assert_eq!(new.device_id, old.device_id);
+    assert!(new.credential_expires_unix_ms >= old.credential_expires_unix_ms);
+    assert_eq!(
+        adaptivenet_edge::client::load_identity(&state).unwrap(),
+        Some(new.clone())
+    );
+    // The client goes on with the new credential; the old one is in its grace period only.
+    s.client.desired_state().await.unwrap();
+    let auth = s.cloud.app().auth();
+    auth.authenticate_token(&new.credential).await.unwrap();
+    auth.authenticate_token(&old.credential).await.unwrap();
+    // A restarted agent loads the rotated identity.
+    let again = CloudClient::connect(&s.cloud.url, DEFAULT_DEADLINE)
+        .await
+        .unwrap()
+        .with_state_dir(&state)
+        .unwrap();
+    assert_eq!(again.identity(), Some(new));
+    again.desired_state().await.unwrap();
 }

@@ -67,6 +67,9 @@ fn happy_path(database_url: Option<String>) {
             "serve",
             "--listen",
             &format!("127.0.0.1:{port}"),
+            // One device: the dashboard's privacy floor would suppress its group.
+            "--min-group-devices",
+            "1",
             "--dataset-root",
             d.to_str().expect("utf8"),
         ])

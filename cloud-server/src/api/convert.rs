@@ -202,6 +202,7 @@ pub fn distribution(d: &Distribution) -> pb::Distribution {
         p90: d.p90,
         max: d.max,
         mean: d.mean,
+        extremes_suppressed: d.extremes_suppressed,
     }
 }
 
@@ -231,6 +232,8 @@ pub fn aggregates(a: &FleetAggregates) -> pb::FleetAggregates {
         devices_online: a.devices_online,
         devices_stale: a.devices_stale,
         groups: a.groups.iter().map(aggregate_group).collect(),
+        suppressed_groups: a.suppressed_groups,
+        suppressed_devices: a.suppressed_devices,
     }
 }
 

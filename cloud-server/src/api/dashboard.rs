@@ -6,8 +6,12 @@ use tonic::{Request, Response, Status};
 
 use super::{convert, management, ServerStream};
 use crate::app::App;
+use std::collections::HashMap;
+
+use uuid::Uuid;
+
 use crate::auth::Access;
-use crate::domain::{parse_id, Page};
+use crate::domain::{parse_id, FleetEventKind, Page, Role};
 
 /// Implements `DashboardService` over an [`App`].
 #[derive(Clone, Debug)]
@@ -56,14 +60,21 @@ impl DashboardService for DashboardApi {
         &self,
         req: Request<pb::ListDevicesRequest>,
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
-        management(&self.app, req.metadata(), Access::Read).await?;
+        let p = management(&self.app, req.metadata(), Access::Read).await?;
         let r = req.get_ref();
         let page = page_of(&r.page)?;
-        let list = self
+        let mut list = self
             .app
             .store()
             .list_devices(page, opt_fleet(&r.fleet_id)?)
             .await?;
+        if p.role() == Role::Viewer {
+            // Per-device performance would single a device out of the aggregates.
+            for d in &mut list {
+                d.latency_p50_ms = 0.0;
+                d.latency_p95_ms = 0.0;
+            }
+        }
         Ok(Response::new(pb::ListDevicesResponse {
             next_page_token: page.next_token(list.len()),
             devices: list.iter().map(convert::device).collect(),
@@ -100,9 +111,13 @@ impl DashboardService for DashboardApi {
         &self,
         req: Request<pb::GetFleetAggregatesRequest>,
     ) -> Result<Response<pb::FleetAggregates>, Status> {
-        management(&self.app, req.metadata(), Access::Read).await?;
+        let p = management(&self.app, req.metadata(), Access::Read).await?;
         let fleet = opt_fleet(&req.get_ref().fleet_id)?;
-        let a = self.app.store().fleet_aggregates(fleet).await?;
+        let a = if p.role() == Role::Viewer {
+            self.app.viewer_fleet_aggregates(fleet).await?
+        } else {
+            self.app.fleet_aggregates(fleet).await?
+        };
         Ok(Response::new(convert::aggregates(&a)))
     }
 
@@ -112,8 +127,13 @@ impl DashboardService for DashboardApi {
         &self,
         req: Request<pb::WatchFleetRequest>,
     ) -> Result<Response<Self::WatchFleetStream>, Status> {
-        management(&self.app, req.metadata(), Access::Read).await?;
+        let p = management(&self.app, req.metadata(), Access::Read).await?;
         let fleet = opt_fleet(&req.get_ref().fleet_id)?;
+        // Viewers: one report event per k reports of a fleet, without the device, so the
+        // stream does not say when one device's report moved the aggregates.
+        let floor =
+            (p.role() == Role::Viewer).then_some(self.app.config().min_group_devices.max(1));
+        let mut reports_seen: HashMap<Uuid, u32> = HashMap::new();
         let mut rx = self.app.subscribe_fleet();
         let (tx, out) = tokio::sync::mpsc::channel(64);
         let stop = self.app.shutdown_token().clone();
@@ -128,9 +148,19 @@ impl DashboardService for DashboardApi {
                     ev = rx.recv() => ev,
                 };
                 match ev {
-                    Ok(e) => {
+                    Ok(mut e) => {
                         if fleet.is_some_and(|f| f != e.fleet_id) {
                             continue;
+                        }
+                        if let (Some(k), FleetEventKind::Report) = (floor, e.kind) {
+                            let n = reports_seen.entry(e.fleet_id).or_default();
+                            *n += 1;
+                            if *n < k {
+                                continue;
+                            }
+                            *n = 0;
+                            e.device_id = None;
+                            e.supernet_id = None;
                         }
                         if tx.send(Ok(convert::fleet_event(&e))).await.is_err() {
                             return;

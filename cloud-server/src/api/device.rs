@@ -78,6 +78,7 @@ impl DeviceService for DeviceApi {
         if r.enrollment_token.is_empty() {
             return Err(CloudError::Unauthenticated("enrollment_token is required".into()).into());
         }
+        // 0 (unset) enrolls as unspecified; the token is what decides (in `App::enroll`).
         let class = DeviceClass::new("device_class", r.device_class)?;
         check_version_string("agent_version", &r.agent_version)?;
         let e = self
@@ -220,7 +221,7 @@ impl DeviceService for DeviceApi {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let (device, fleet) = self.device(req.metadata()).await?;
         let r = req.into_inner();
-        let hb = Heartbeat {
+        let mut hb = Heartbeat {
             agent_version: r.agent_version,
             active_supernet_id: if r.active_supernet_id.is_empty() {
                 None
@@ -234,6 +235,17 @@ impl DeviceService for DeviceApi {
             applied_generation: r.applied_generation,
         };
         hb.validate()?;
+        // A supernet the fleet is not assigned is not recorded (nor shown on dashboards):
+        // the heartbeat still counts, so an agent that runs a just-unassigned version keeps
+        // learning the desired generation and moves on.
+        let mut ignored = false;
+        if let Some(s) = hb.active_supernet_id {
+            if !self.app.store().fleet_has_supernet(fleet, s).await? {
+                hb.active_supernet_id = None;
+                hb.active_subnet.clear();
+                ignored = true;
+            }
+        }
         let Some(generation) = self.app.store().heartbeat(device, &hb, now_ms()).await? else {
             return Err(CloudError::Unauthenticated("device revoked".into()).into());
         };
@@ -247,6 +259,21 @@ impl DeviceService for DeviceApi {
             desired_generation: generation,
             heartbeat_interval_ms: self.app.config().heartbeat_interval.as_millis() as u32,
             min_quality_samples: self.app.config().min_report_samples,
+            active_supernet_ignored: ignored,
+        }))
+    }
+
+    async fn rotate_credential(
+        &self,
+        req: Request<pb::Empty>,
+    ) -> Result<Response<pb::RotateCredentialResponse>, Status> {
+        let (device, _) = self.device(req.metadata()).await?;
+        let presented = crate::auth::bearer(req.metadata())?;
+        let r = self.app.rotate_credential(device, presented).await?;
+        Ok(Response::new(pb::RotateCredentialResponse {
+            device_credential: r.credential,
+            credential_expires_unix_ms: r.expires_ms.unwrap_or(0),
+            previous_valid_until_unix_ms: r.previous_valid_until_ms,
         }))
     }
 

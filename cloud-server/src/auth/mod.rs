@@ -129,6 +129,20 @@ struct CacheEntry {
 
 const CACHE_MAX: usize = 100_000;
 
+/// The token of `authorization: Bearer <token>` (not yet authenticated).
+pub fn bearer(md: &tonic::metadata::MetadataMap) -> Result<&str> {
+    let raw = md
+        .get("authorization")
+        .ok_or_else(|| CloudError::Unauthenticated("missing authorization metadata".into()))?
+        .to_str()
+        .map_err(|_| CloudError::Unauthenticated("authorization is not ASCII".into()))?;
+    Ok(raw
+        .strip_prefix("Bearer ")
+        .or_else(|| raw.strip_prefix("bearer "))
+        .ok_or_else(|| CloudError::Unauthenticated("expected `Bearer <token>`".into()))?
+        .trim())
+}
+
 /// Authenticates bearer tokens against the store, with a small TTL cache.
 #[derive(Debug)]
 pub struct Authenticator {
@@ -162,17 +176,7 @@ impl Authenticator {
 
     /// Extracts `authorization: Bearer <token>` and resolves it.
     pub async fn authenticate(&self, md: &tonic::metadata::MetadataMap) -> Result<Principal> {
-        let raw = md
-            .get("authorization")
-            .ok_or_else(|| CloudError::Unauthenticated("missing authorization metadata".into()))?
-            .to_str()
-            .map_err(|_| CloudError::Unauthenticated("authorization is not ASCII".into()))?;
-        let token = raw
-            .strip_prefix("Bearer ")
-            .or_else(|| raw.strip_prefix("bearer "))
-            .ok_or_else(|| CloudError::Unauthenticated("expected `Bearer <token>`".into()))?
-            .trim();
-        self.authenticate_token(token).await
+        self.authenticate_token(bearer(md)?).await
     }
 
     /// Resolves a bearer token.

@@ -490,13 +490,23 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 "devices: {} total, {} online, {} stale",
                 a.devices_total, a.devices_online, a.devices_stale
             );
+            if a.suppressed_groups > 0 {
+                println!(
+                    "suppressed (below the privacy floor): {} groups, {} devices",
+                    a.suppressed_groups, a.suppressed_devices
+                );
+            }
             for g in a.groups {
                 let dist = |d: Option<pb::Distribution>| {
                     d.map(|d| {
-                        format!(
-                            "p50 {:.3} p90 {:.3} (min {:.3}, max {:.3})",
-                            d.p50, d.p90, d.min, d.max
-                        )
+                        if d.extremes_suppressed {
+                            format!("p50 {:.3} mean {:.3}", d.p50, d.mean)
+                        } else {
+                            format!(
+                                "p50 {:.3} p90 {:.3} (min {:.3}, max {:.3})",
+                                d.p50, d.p90, d.min, d.max
+                            )
+                        }
                     })
                     .unwrap_or_default()
                 };

@@ -74,6 +74,17 @@ enum Cmd {
         /// Reports carrying a quality estimate from fewer local samples are rejected.
         #[arg(long, default_value_t = 100)]
         min_report_samples: u64,
+        /// Lifetime of a device credential, seconds (0: never expires). Agents rotate theirs
+        /// (`RotateCredential`) before it ends.
+        #[arg(long, default_value_t = 30 * 24 * 3600)]
+        device_credential_ttl_secs: u64,
+        /// Seconds a rotated-out device credential keeps working.
+        #[arg(long, default_value_t = 900)]
+        credential_grace_secs: u64,
+        /// Dashboard privacy floor k: aggregate groups of fewer devices are suppressed,
+        /// min/p90/max dropped below 2k, viewers' aggregates move in steps of k reports.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        min_group_devices: u32,
         /// PostgreSQL: make reports and heartbeats wait for the WAL flush. By default they
         /// commit asynchronously (a database crash may lose the last fraction of a second of
         /// telemetry, as SQLite's WAL mode does on power loss); everything else is always
@@ -184,8 +195,10 @@ enum TokenCmd {
     CreateEnrollment {
         #[arg(long)]
         fleet: String,
+        /// Enrolments allowed (at most 10000).
         #[arg(long, default_value_t = 1)]
         uses: u32,
+        /// Lifetime in seconds (default 24 h, at most 30 days).
         #[arg(long)]
         ttl_secs: Option<u64>,
     },
@@ -363,6 +376,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             max_dataset_mb,
             dataset_root,
             min_report_samples,
+            device_credential_ttl_secs,
+            credential_grace_secs,
+            min_group_devices,
             durable_telemetry,
             job_lease_secs,
             tls_cert,
@@ -382,6 +398,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             cfg.max_dataset_bytes = max_dataset_mb << 20;
             cfg.dataset_root = dataset_root;
             cfg.min_report_samples = min_report_samples;
+            cfg.device_credential_ttl = (device_credential_ttl_secs > 0)
+                .then(|| Duration::from_secs(device_credential_ttl_secs));
+            cfg.credential_grace = Duration::from_secs(credential_grace_secs);
+            cfg.min_group_devices = min_group_devices;
             let tls = match (tls_cert, tls_key) {
                 (Some(c), Some(k)) => Some(TlsFiles {
                     cert_pem: read_pem("--tls-cert", &c, Pem::Certificate)?,

@@ -353,4 +353,17 @@ impl Store {
         }
         Ok(agg)
     }
+
+    /// Devices (of `fleet`, or all) whose latest report arrived after `since_ms`.
+    pub async fn devices_reported_since(&self, fleet: Option<Uuid>, since_ms: i64) -> Result<u64> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM device_reports WHERE reported_ms > $1 \
+             AND ($2 IS NULL OR fleet_id = $2)",
+        )
+        .bind(since_ms)
+        .bind(fleet.map(|f| f.to_string()))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<i64, _>("n")?.max(0) as u64)
+    }
 }

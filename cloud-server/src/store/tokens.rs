@@ -172,22 +172,67 @@ impl Store {
         .transpose()
     }
 
+    /// The device holding `hash` as its current credential or as its previous one (rotated
+    /// out, valid until `prev_credential_expires_ms`); `expires_ms` is that credential's.
     pub async fn device_by_credential(&self, hash: &str) -> Result<Option<DeviceAuthRow>> {
         let row = sqlx::query(
-            "SELECT id, fleet_id, status, credential_expires_ms FROM devices WHERE credential_hash = $1",
+            "SELECT id, fleet_id, status, credential_hash, credential_expires_ms, \
+             prev_credential_expires_ms FROM devices \
+             WHERE credential_hash = $1 OR prev_credential_hash = $1",
         )
         .bind(hash)
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| {
             let status: String = r.try_get("status")?;
+            let current: String = r.try_get("credential_hash")?;
+            let expires_ms = if current == hash {
+                r.try_get("credential_expires_ms")?
+            } else {
+                // A previous credential without an end is no credential.
+                Some(
+                    r.try_get::<Option<i64>, _>("prev_credential_expires_ms")?
+                        .unwrap_or(0),
+                )
+            };
             Ok(DeviceAuthRow {
                 device_id: get_uuid(&r, "id")?,
                 fleet_id: get_uuid(&r, "fleet_id")?,
                 status: DeviceStatus::parse(&status),
-                expires_ms: r.try_get("credential_expires_ms")?,
+                expires_ms,
             })
         })
         .transpose()
+    }
+
+    /// Makes `new_hash` the device's credential if `presented_hash` is its current one (and
+    /// it is not revoked); the old one becomes the previous credential, valid until
+    /// `grace_until_ms` or its own expiry, whichever is first. Returns that instant, or
+    /// `None` when nothing changed.
+    pub async fn rotate_device_credential(
+        &self,
+        device_id: Uuid,
+        presented_hash: &str,
+        new_hash: &str,
+        new_expires_ms: Option<i64>,
+        grace_until_ms: i64,
+    ) -> Result<Option<i64>> {
+        let row = sqlx::query(
+            "UPDATE devices SET prev_credential_hash = credential_hash, \
+             prev_credential_expires_ms = CASE WHEN credential_expires_ms IS NOT NULL \
+               AND credential_expires_ms < $1 THEN credential_expires_ms ELSE $1 END, \
+             credential_hash = $2, credential_expires_ms = $3 \
+             WHERE id = $4 AND credential_hash = $5 AND status <> 'revoked' \
+             RETURNING prev_credential_expires_ms",
+        )
+        .bind(grace_until_ms)
+        .bind(new_hash)
+        .bind(new_expires_ms)
+        .bind(device_id.to_string())
+        .bind(presented_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok(r.try_get::<i64, _>("prev_credential_expires_ms")?))
+            .transpose()
     }
 }

@@ -232,7 +232,6 @@ async fn write_tx(pool: &AnyPool, async_commit: bool, batch: &[Write]) -> Result
                 .bind(device_id.to_string())
                 .bind(fleet_id.to_string())
                 .bind(r.supernet_id.to_string())
-                .bind(r.device_class.0 as i64)
                 .bind(r.active_subnet.clone())
                 .bind(r.latency_p50_ms)
                 .bind(r.latency_p95_ms)
@@ -286,7 +285,8 @@ async fn heartbeat_row(
         .transpose()
 }
 
-/// Columns of one report row, in bind order.
+/// Columns of one report row, in bind order (`device_class` is not bound, see
+/// [`build_upsert`]).
 const REPORT_COLS: [&str; 21] = [
     "device_id",
     "fleet_id",
@@ -322,11 +322,27 @@ fn upsert_sql(n: usize) -> &'static str {
     &all[n.ilog2() as usize]
 }
 
+/// The device class is not bound: it is the class recorded at enrollment, read in the same
+/// statement, so an agent cannot file its report under another class.
 fn build_upsert(n: usize) -> String {
-    let k = REPORT_COLS.len();
+    let k = REPORT_COLS.len() - 1;
     let values: Vec<String> = (0..n)
         .map(|r| {
-            let ps: Vec<String> = (1..=k).map(|c| format!("${}", r * k + c)).collect();
+            let mut next = r * k;
+            let ps: Vec<String> = REPORT_COLS
+                .iter()
+                .map(|c| {
+                    if *c == "device_class" {
+                        format!(
+                            "(SELECT device_class FROM devices WHERE id = ${})",
+                            r * k + 1
+                        )
+                    } else {
+                        next += 1;
+                        format!("${next}")
+                    }
+                })
+                .collect();
             format!("({})", ps.join(","))
         })
         .collect();
@@ -356,9 +372,10 @@ mod tests {
         for k in 0..=MAX_ROWS.ilog2() {
             let n = 1usize << k;
             let sql = upsert_sql(n);
-            let last = format!("${}", n * REPORT_COLS.len());
+            let bound = REPORT_COLS.len() - 1;
+            let last = format!("${}", n * bound);
             assert!(sql.contains(&last), "{n} rows: {sql}");
-            let beyond = format!("${},", n * REPORT_COLS.len() + 1);
+            let beyond = format!("${},", n * bound + 1);
             assert!(!sql.contains(&beyond));
             assert!(sql.contains("report_count = device_reports.report_count + excluded"));
         }

@@ -58,11 +58,43 @@ pub struct Identity {
     pub credential: String,
     /// 0 = does not expire.
     pub credential_expires_unix_ms: i64,
+    /// When the credential was received (0: unknown, identities written before rotation).
+    #[serde(default)]
+    pub credential_issued_unix_ms: i64,
     /// The cloud's privacy minimum of local samples behind a reported quality, as last
     /// announced (enrollment, heartbeats), so a restarted agent holds to it before its first
     /// heartbeat; 0 when never announced.
     #[serde(default)]
     pub min_quality_samples: u64,
+}
+
+/// Rotate at the latest this long before expiry when the credential's issue time is unknown.
+pub const ROTATE_MARGIN: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl Identity {
+    /// Whether the credential should be rotated at `now`: two thirds of its lifetime have
+    /// passed (or it is within [`ROTATE_MARGIN`] of expiry when its issue time is unknown).
+    pub fn rotation_due(&self, now_unix_ms: i64) -> bool {
+        let expires = self.credential_expires_unix_ms;
+        if expires <= 0 {
+            return false;
+        }
+        let issued = self.credential_issued_unix_ms;
+        let due = if issued > 0 && issued < expires {
+            issued + (expires - issued) / 3 * 2
+        } else {
+            expires.saturating_sub(ROTATE_MARGIN.as_millis() as i64)
+        };
+        now_unix_ms >= due
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl std::fmt::Debug for Identity {
@@ -314,7 +346,8 @@ pub struct CloudClient {
     inner: DeviceServiceClient<Channel>,
     deadline: Duration,
     state_dir: Option<PathBuf>,
-    identity: Option<Identity>,
+    /// Behind a lock: credential rotation replaces it while requests are in flight.
+    identity: std::sync::RwLock<Option<Identity>>,
     pending_report: Mutex<Option<pb::ReportRequest>>,
     /// Local floor of the privacy minimum (`--min-quality-samples`).
     min_samples_floor: u64,
@@ -350,7 +383,7 @@ impl CloudClient {
             inner: DeviceServiceClient::new(ch),
             deadline,
             state_dir: None,
-            identity: None,
+            identity: std::sync::RwLock::new(None),
             pending_report: Mutex::new(None),
             min_samples_floor: 0,
             cloud_min_samples: AtomicU64::new(0),
@@ -407,11 +440,12 @@ impl CloudClient {
     /// Uses `dir` for the identity and loads a stored one (enrolled earlier).
     pub fn with_state_dir(mut self, dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = dir.into();
-        self.identity = load_identity(&dir)?;
-        if let Some(id) = &self.identity {
+        let id = load_identity(&dir)?;
+        if let Some(id) = &id {
             self.cloud_min_samples
                 .store(id.min_quality_samples, Ordering::Relaxed);
         }
+        self.set_identity(id);
         self.state_dir = Some(dir);
         Ok(self)
     }
@@ -442,11 +476,12 @@ impl CloudClient {
         if self.cloud_min_samples.swap(announced, Ordering::Relaxed) == announced {
             return;
         }
-        if let (Some(id), Some(dir)) = (&self.identity, &self.state_dir) {
+        if let (Some(id), Some(dir)) = (self.identity(), &self.state_dir) {
             let id = Identity {
                 min_quality_samples: announced,
-                ..id.clone()
+                ..id
             };
+            self.set_identity(Some(id.clone()));
             let written = serde_json::to_vec_pretty(&id)
                 .map_err(|e| EdgeError::config("identity", e.to_string()))
                 .and_then(|bytes| write_private(&identity_path(dir), &bytes));
@@ -459,7 +494,7 @@ impl CloudClient {
     /// The stored identity may only be used with the endpoint that issued it: a changed
     /// `--cloud` must not receive the credential.
     pub fn check_identity_endpoint(&self) -> Result<()> {
-        match &self.identity {
+        match &self.identity() {
             Some(id) if !same_endpoint(&id.endpoint, &self.endpoint) => {
                 Err(EdgeError::EndpointChanged {
                     path: self
@@ -481,8 +516,58 @@ impl CloudClient {
     pub fn deadline(&self) -> Duration {
         self.deadline
     }
-    pub fn identity(&self) -> Option<&Identity> {
-        self.identity.as_ref()
+    /// The identity in use (a copy: rotation may replace it).
+    pub fn identity(&self) -> Option<Identity> {
+        self.identity
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_identity(&self, id: Option<Identity>) {
+        *self.identity.write().unwrap_or_else(|e| e.into_inner()) = id;
+    }
+
+    /// Rotates the device credential when it nears expiry (two thirds of its lifetime gone,
+    /// or within [`ROTATE_MARGIN`] when its issue time is unknown): the new identity is
+    /// persisted atomically (0600) and used from then on; the old credential stays valid on
+    /// the cloud for its grace period, covering requests already in flight. `Ok(false)`:
+    /// nothing was due (or the credential never expires).
+    pub async fn rotate_credential_if_due(&self, now_unix_ms: i64) -> Result<bool> {
+        let Some(id) = self.identity() else {
+            return Ok(false);
+        };
+        if !id.rotation_due(now_unix_ms) {
+            return Ok(false);
+        }
+        let req = self.request(pb::Empty {}, true, self.deadline)?;
+        let mut c = self.inner.clone();
+        let r = self
+            .unary("RotateCredential", c.rotate_credential(req))
+            .await?;
+        let new = Identity {
+            credential: r.device_credential,
+            credential_expires_unix_ms: r.credential_expires_unix_ms,
+            credential_issued_unix_ms: now_unix_ms,
+            ..id
+        };
+        let persisted = match &self.state_dir {
+            Some(dir) => serde_json::to_vec_pretty(&new)
+                .map_err(|e| EdgeError::config("identity", e.to_string()))
+                .and_then(|bytes| write_private(&identity_path(dir), &bytes)),
+            None => Ok(()),
+        };
+        // The cloud already switched: the new credential is the one to use, persisted or not.
+        self.set_identity(Some(new));
+        if let Err(e) = persisted {
+            tracing::warn!(
+                "the rotated credential was not persisted; the stored one stops working \
+                 after the cloud's grace period: {e}"
+            );
+            return Err(e);
+        }
+        tracing::info!("device credential rotated");
+        Ok(true)
     }
 
     fn state_dir(&self) -> Result<&Path> {
@@ -496,16 +581,13 @@ impl CloudClient {
         let mut r = Request::new(msg);
         r.set_timeout(timeout);
         if auth {
-            let id = self
-                .identity
-                .as_ref()
-                .ok_or_else(|| EdgeError::NotEnrolled {
-                    path: self
-                        .state_dir
-                        .as_deref()
-                        .map(|d| identity_path(d).display().to_string())
-                        .unwrap_or_else(|| "<no state dir>".into()),
-                })?;
+            let id = self.identity().ok_or_else(|| EdgeError::NotEnrolled {
+                path: self
+                    .state_dir
+                    .as_deref()
+                    .map(|d| identity_path(d).display().to_string())
+                    .unwrap_or_else(|| "<no state dir>".into()),
+            })?;
             self.check_identity_endpoint()?;
             let v = format!("Bearer {}", id.credential).parse().map_err(|_| {
                 EdgeError::CorruptState {
@@ -576,10 +658,10 @@ impl CloudClient {
     ) -> Result<bool> {
         let dir = self.state_dir()?.to_path_buf();
         if !self.re_enroll {
-            if self.identity.is_none() {
-                self.identity = load_identity(&dir)?;
+            if self.identity().is_none() {
+                self.set_identity(load_identity(&dir)?);
             }
-            if self.identity.is_some() {
+            if self.identity().is_some() {
                 self.check_identity_endpoint()?;
                 return Ok(false);
             }
@@ -607,6 +689,7 @@ impl CloudClient {
             fleet_id: e.fleet_id,
             credential: e.device_credential,
             credential_expires_unix_ms: e.credential_expires_unix_ms,
+            credential_issued_unix_ms: now_unix_ms(),
             min_quality_samples: e.min_quality_samples,
         };
         let bytes = serde_json::to_vec_pretty(&id)
@@ -615,7 +698,7 @@ impl CloudClient {
         tracing::info!(device = %id.device_id, fleet = %id.fleet_id, "enrolled");
         self.cloud_min_samples
             .store(id.min_quality_samples, Ordering::Relaxed);
-        self.identity = Some(id);
+        self.set_identity(Some(id));
         self.re_enroll = false;
         Ok(true)
     }
