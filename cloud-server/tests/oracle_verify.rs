@@ -5,7 +5,10 @@ use std::process::Command;
 fn fixtures() -> PathBuf {
     std::env::var("ADAPTIVENET_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"))
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/core/tests/fixtures/torchvision")
+        })
 }
 
 fn verify(entry: &str, weights: &str, io: &str, tol: &str) -> (bool, String) {

@@ -16,16 +16,12 @@ fn data(name: &str) -> PathBuf {
         .join(name)
 }
 
-const FIXTURES: &str = "/work/shared/fixtures";
-
-/// The shared fixtures folder: `$ADAPTIVENET_FIXTURES`, else ../shared/fixtures beside the
-/// checkout (as CI lays it), else the absolute path of this workplace.
+/// The torchvision fixtures: `$ADAPTIVENET_FIXTURES`, else the copy committed under
+/// `tests/fixtures/torchvision`.
 fn fixtures_dir() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     [
         std::env::var_os("ADAPTIVENET_FIXTURES").map(PathBuf::from),
-        Some(root.join("../shared/fixtures")),
-        Some(PathBuf::from(FIXTURES)),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torchvision")),
     ]
     .into_iter()
     .flatten()

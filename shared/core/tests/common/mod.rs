@@ -2,13 +2,13 @@
 #![allow(dead_code)]
 use std::path::PathBuf;
 
-/// The torchvision parity fixtures: `$ADAPTIVENET_FIXTURES` or `../shared/fixtures` beside the
-/// repository (read-only, laid next to every checkout and CI clone).
+/// The torchvision parity fixtures: `$ADAPTIVENET_FIXTURES`, else the copy committed under
+/// `tests/fixtures/torchvision` (PyTorch weights and reference outputs).
 pub fn fixtures_dir() -> PathBuf {
     if let Ok(p) = std::env::var("ADAPTIVENET_FIXTURES") {
         return PathBuf::from(p);
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torchvision")
 }
 
 /// Max absolute difference of two tensors of equal shape.
