@@ -201,26 +201,8 @@ fn happy_path_on_sqlite() {
 #[test]
 fn happy_path_on_postgres() {
     // Needs PostgreSQL at 127.0.0.1:5432 (trust auth); a fresh database per run.
-    let name = format!("an_e2e_{}", uuid::Uuid::new_v4().simple());
-    let created = Command::new("psql")
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
-        .arg(format!("CREATE DATABASE {name}"))
-        .output();
-    match created {
-        Ok(o) if o.status.success() => {}
-        other => {
-            let reason = format!("PostgreSQL unreachable at 127.0.0.1:5432 ({other:?})");
-            assert!(
-                std::env::var("ADAPTIVENET_REQUIRE_PG").as_deref() != Ok("1"),
-                "{reason}"
-            );
-            println!("skipping: {reason}");
-            return;
-        }
-    }
-    happy_path(Some(format!("postgres://postgres@127.0.0.1:5432/{name}")));
-    let _ = Command::new("psql")
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
-        .arg(format!("DROP DATABASE {name} WITH (FORCE)"))
-        .output();
+    let Some(db) = adaptivenet_tests::FreshPg::create("e2e") else {
+        return;
+    };
+    happy_path(Some(db.url.clone()));
 }
