@@ -466,7 +466,7 @@ async fn upload_and_rules(db: Db) {
                 oracle_id: oracle.id.clone(),
                 dataset_id: id.clone(),
                 supernet_name: String::new(),
-                params_json: r#"{"val_size":2}"#.into(),
+                params_json: r#"{"val_size":2,"branches":["merge2"]}"#.into(),
             },
             &dev,
         ))

@@ -169,10 +169,27 @@ async fn refusals(db: Db) {
             );
         }
     }
-    // `val_size` must leave training images (60 in each dataset here).
-    let err = start(&h, &dev, &fits, &rgb, r#"{"val_size":60}"#)
+    // A branch kind that fits no block of this oracle (merge3 would span two strides).
+    let err = start(&h, &dev, &fits, &rgb, r#"{"branches":["merge2","merge3"]}"#)
         .await
-        .expect_err("val_size");
+        .expect_err("merge3");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains("params_json.branches: oracle 'fits': merge3 does not fit"),
+        "{}",
+        err.message()
+    );
+    // `val_size` must leave training images (60 in each dataset here).
+    let err = start(
+        &h,
+        &dev,
+        &fits,
+        &rgb,
+        r#"{"val_size":60,"branches":["merge2"]}"#,
+    )
+    .await
+    .expect_err("val_size");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(
         err.message().contains("params_json.val_size")

@@ -5,7 +5,7 @@
 //! Every error is INVALID_ARGUMENT naming `params_json.KEY`: an unknown key, a value of the
 //! wrong type and a value out of range alike, so a typo never silently trains with defaults.
 use adaptivenet_core::model::ModelSpec;
-use adaptivenet_core::supernet::branches::supernet_spec;
+use adaptivenet_core::supernet::branches::{check_kinds_fit, supernet_spec};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -183,10 +183,18 @@ impl JobParams {
         Ok(())
     }
 
-    /// Refuses branch kinds none of which fits `oracle`'s chain (e.g. `merge3` on a two-block
-    /// oracle): the job would build a supernet with no choice to train.
+    /// Refuses a branch kind that fits no block of `oracle`'s chain (e.g. `merge3` on a
+    /// two-block oracle), and kinds that together leave the supernet no choice to train.
     pub fn check_oracle(&self, oracle: &ModelSpec, oracle_name: &str) -> Result<()> {
         let sn = self.config().validate().map_err(|e| self.name_key(e))?;
+        // A kind that fits no block would be refused by the worker (not silently skipped).
+        check_kinds_fit(oracle, &sn).map_err(|e| match CloudError::from(e) {
+            CloudError::InvalidArgument { reason, .. } => CloudError::invalid(
+                key_field("branches"),
+                format!("oracle '{oracle_name}': {reason}"),
+            ),
+            other => other,
+        })?;
         if supernet_spec(oracle, &sn).count() <= 1 {
             return Err(CloudError::invalid(
                 key_field("branches"),
@@ -377,7 +385,7 @@ mod tests {
             Err(CloudError::InvalidArgument { field, reason }) => {
                 assert_eq!(field, "params_json.branches");
                 assert!(
-                    reason.contains("'tiny'") && reason.contains("2 blocks"),
+                    reason.starts_with("oracle 'tiny': merge3 does not fit"),
                     "{reason}"
                 );
             }
