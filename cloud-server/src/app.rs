@@ -18,7 +18,7 @@ use crate::domain::{
 use crate::error::{CloudError, Result};
 use crate::ops::metrics::Metrics;
 use crate::ops::net::NetLimits;
-use crate::store::{JobFence, NewSupernet, Store};
+use crate::store::{ApiTokenRow, JobFence, NewSupernet, Store};
 
 /// Enrolments an enrollment token allows when none is asked for (one-shot).
 pub const DEFAULT_ENROLLMENT_USES: u32 = 1;
@@ -249,12 +249,25 @@ impl App {
         self.inner.job_events.subscribe()
     }
 
-    /// Creates an API token with a role.
+    /// Creates an API token with a role, valid for every fleet.
     pub async fn create_api_token(
         &self,
         role: Role,
         description: &str,
         ttl: Option<Duration>,
+    ) -> Result<NewToken> {
+        self.create_fleet_api_token(role, description, ttl, None)
+            .await
+    }
+
+    /// Creates an API token with a role, limited to one existing fleet when `fleet` is set
+    /// (developer and viewer only: operator actions are not about one fleet).
+    pub async fn create_fleet_api_token(
+        &self,
+        role: Role,
+        description: &str,
+        ttl: Option<Duration>,
+        fleet: Option<Uuid>,
     ) -> Result<NewToken> {
         if role == Role::Device {
             return Err(CloudError::invalid(
@@ -262,12 +275,32 @@ impl App {
                 "device credentials come from enrollment",
             ));
         }
+        if let Some(f) = fleet {
+            if role == Role::Admin {
+                return Err(CloudError::invalid(
+                    "fleet_id",
+                    "admin tokens cannot be limited to a fleet",
+                ));
+            }
+            self.store().get_fleet(f).await?;
+        }
         let (token, hash) = generate_token(TokenKind::Api);
         let id = Uuid::new_v4();
         let now = now_ms();
         let expires_ms = ttl.map(|t| expiry_ms("ttl_seconds", now, t)).transpose()?;
         self.store()
-            .insert_api_token(id, role, &hash, description, expires_ms, now)
+            .insert_api_token(
+                &ApiTokenRow {
+                    id,
+                    role,
+                    expires_ms,
+                    revoked: false,
+                    fleet_id: fleet,
+                },
+                &hash,
+                description,
+                now,
+            )
             .await?;
         Ok(NewToken {
             id,

@@ -173,6 +173,7 @@ async fn token_defaults_and_caps(db: Db) {
                 role: pb::Role::Viewer as i32,
                 description: "huge".into(),
                 ttl_seconds: u64::MAX,
+                ..Default::default()
             },
             &h.admin,
         ))
@@ -185,6 +186,7 @@ async fn token_defaults_and_caps(db: Db) {
                 role: pb::Role::Viewer as i32,
                 description: "huge".into(),
                 ttl_seconds: i64::MAX as u64 / 1000 + 1,
+                ..Default::default()
             },
             &h.admin,
         ))

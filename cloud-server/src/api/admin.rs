@@ -87,9 +87,14 @@ impl AdminService for AdminApi {
         if r.description.len() > 256 {
             return Err(CloudError::invalid("description", "longer than 256 characters").into());
         }
+        let fleet = if r.fleet_id.is_empty() {
+            None
+        } else {
+            Some(parse_id("fleet_id", &r.fleet_id)?)
+        };
         let t = self
             .app
-            .create_api_token(role, &r.description, ttl(r.ttl_seconds))
+            .create_fleet_api_token(role, &r.description, ttl(r.ttl_seconds), fleet)
             .await?;
         Ok(Response::new(pb::CreateApiTokenResponse {
             token_id: t.id.to_string(),

@@ -4,7 +4,7 @@ use adaptivenet_proto::v1::dashboard_service_server::DashboardService;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
-use super::{convert, management, ServerStream};
+use super::{convert, management, management_catalogue, management_fleet, ServerStream};
 use crate::app::App;
 use std::collections::HashMap;
 
@@ -30,7 +30,7 @@ fn page_of(p: &Option<pb::PageRequest>) -> Result<Page, Status> {
     Ok(Page::new(p.page_size, &p.page_token)?)
 }
 
-fn opt_fleet(s: &str) -> Result<Option<uuid::Uuid>, Status> {
+fn opt_fleet(s: &str) -> crate::error::Result<Option<uuid::Uuid>> {
     if s.is_empty() {
         Ok(None)
     } else {
@@ -44,9 +44,15 @@ impl DashboardService for DashboardApi {
         &self,
         req: Request<pb::ListFleetsRequest>,
     ) -> Result<Response<pb::ListFleetsResponse>, Status> {
-        management(&self.app, req.metadata(), Access::Read).await?;
+        let (_, scope) =
+            management_fleet(&self.app, req.metadata(), Access::Read, || Ok(None)).await?;
         let page = page_of(&req.get_ref().page)?;
-        let mut list = self.app.store().list_fleets(page).await?;
+        let mut list = match scope {
+            // A fleet-scoped token lists its own fleet only.
+            Some(f) if page.offset == 0 => vec![self.app.store().get_fleet(f).await?],
+            Some(_) => Vec::new(),
+            None => self.app.store().list_fleets(page).await?,
+        };
         for f in &mut list {
             f.desired = self.app.store().desired_state(f.id).await?;
         }
@@ -60,14 +66,13 @@ impl DashboardService for DashboardApi {
         &self,
         req: Request<pb::ListDevicesRequest>,
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
-        let p = management(&self.app, req.metadata(), Access::Read).await?;
         let r = req.get_ref();
+        let (p, fleet) = management_fleet(&self.app, req.metadata(), Access::Read, || {
+            opt_fleet(&r.fleet_id)
+        })
+        .await?;
         let page = page_of(&r.page)?;
-        let mut list = self
-            .app
-            .store()
-            .list_devices(page, opt_fleet(&r.fleet_id)?)
-            .await?;
+        let mut list = self.app.store().list_devices(page, fleet).await?;
         if p.role() == Role::Viewer {
             // Per-device performance would single a device out of the aggregates.
             for d in &mut list {
@@ -85,7 +90,7 @@ impl DashboardService for DashboardApi {
         &self,
         req: Request<pb::ListSupernetsForDashboardRequest>,
     ) -> Result<Response<pb::ListSupernetsForDashboardResponse>, Status> {
-        management(&self.app, req.metadata(), Access::Read).await?;
+        management_catalogue(&self.app, req.metadata()).await?;
         let page = page_of(&req.get_ref().page)?;
         let list = self.app.store().list_supernets(page, None).await?;
         Ok(Response::new(pb::ListSupernetsForDashboardResponse {
@@ -111,8 +116,10 @@ impl DashboardService for DashboardApi {
         &self,
         req: Request<pb::GetFleetAggregatesRequest>,
     ) -> Result<Response<pb::FleetAggregates>, Status> {
-        let p = management(&self.app, req.metadata(), Access::Read).await?;
-        let fleet = opt_fleet(&req.get_ref().fleet_id)?;
+        let (p, fleet) = management_fleet(&self.app, req.metadata(), Access::Read, || {
+            opt_fleet(&req.get_ref().fleet_id)
+        })
+        .await?;
         let a = if p.role() == Role::Viewer {
             self.app.viewer_fleet_aggregates(fleet).await?
         } else {
@@ -127,8 +134,10 @@ impl DashboardService for DashboardApi {
         &self,
         req: Request<pb::WatchFleetRequest>,
     ) -> Result<Response<Self::WatchFleetStream>, Status> {
-        let p = management(&self.app, req.metadata(), Access::Read).await?;
-        let fleet = opt_fleet(&req.get_ref().fleet_id)?;
+        let (p, fleet) = management_fleet(&self.app, req.metadata(), Access::Read, || {
+            opt_fleet(&req.get_ref().fleet_id)
+        })
+        .await?;
         // Viewers: one report event per k reports of a fleet, without the device, so the
         // stream does not say when one device's report moved the aggregates.
         let floor =

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use super::watch::JobWatches;
-use super::{convert, management, ServerStream};
+use super::{convert, management, management_catalogue, management_one_fleet, ServerStream};
 use crate::app::App;
 use crate::auth::{Access, Principal};
 use crate::datasets;
@@ -528,7 +528,7 @@ impl DeveloperService for DeveloperApi {
         &self,
         req: Request<pb::ListSupernetsRequest>,
     ) -> Result<Response<pb::ListSupernetsResponse>, Status> {
-        management(&self.app, req.metadata(), Access::Read).await?;
+        management_catalogue(&self.app, req.metadata()).await?;
         let r = req.get_ref();
         let p = r.page.clone().unwrap_or_default();
         let page = Page::new(p.page_size, &p.page_token)?;
@@ -544,7 +544,7 @@ impl DeveloperService for DeveloperApi {
         &self,
         req: Request<pb::GetSupernetRequest>,
     ) -> Result<Response<pb::GetSupernetResponse>, Status> {
-        management(&self.app, req.metadata(), Access::Read).await?;
+        management_catalogue(&self.app, req.metadata()).await?;
         let id = parse_id("supernet_id", &req.get_ref().supernet_id)?;
         let (s, manifest, blobs) = self.app.store().get_supernet_full(id).await?;
         Ok(Response::new(pb::GetSupernetResponse {
@@ -558,10 +558,12 @@ impl DeveloperService for DeveloperApi {
         &self,
         req: Request<pb::PublishSupernetRequest>,
     ) -> Result<Response<pb::Label>, Status> {
-        management(&self.app, req.metadata(), Access::Write).await?;
-        let r = req.into_inner();
+        let (md, r) = (req.metadata().clone(), req.into_inner());
+        let (_, fleet) = management_one_fleet(&self.app, &md, Access::Write, || {
+            parse_id("fleet_id", &r.fleet_id)
+        })
+        .await?;
         let supernet = parse_id("supernet_id", &r.supernet_id)?;
-        let fleet = parse_id("fleet_id", &r.fleet_id)?;
         check_name("label", &r.label)?;
         let l = self
             .app
@@ -577,9 +579,11 @@ impl DeveloperService for DeveloperApi {
         &self,
         req: Request<pb::SetDesiredStateRequest>,
     ) -> Result<Response<pb::DesiredState>, Status> {
-        management(&self.app, req.metadata(), Access::Write).await?;
-        let r = req.into_inner();
-        let fleet = parse_id("fleet_id", &r.fleet_id)?;
+        let (md, r) = (req.metadata().clone(), req.into_inner());
+        let (_, fleet) = management_one_fleet(&self.app, &md, Access::Write, || {
+            parse_id("fleet_id", &r.fleet_id)
+        })
+        .await?;
         let budget = convert::budget_from_pb(r.budget.as_ref());
         budget.validate()?;
         use pb::set_desired_state_request::Target;

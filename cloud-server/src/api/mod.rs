@@ -21,13 +21,15 @@ use std::pin::Pin;
 use futures::Stream;
 
 use crate::app::App;
-use crate::auth::{authorize_management, Access, Principal};
+use crate::auth::{authorize_fleet, authorize_management, authorize_unscoped, Access, Principal};
 use crate::error::Result;
+use uuid::Uuid;
 
 /// The stream type of server-streaming methods.
 pub type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send + 'static>>;
 
-/// Authenticates a management call and checks its access level.
+/// Authenticates a management call that is not about one fleet and checks its access
+/// level; fleet-scoped tokens are refused (the safe default for every method).
 pub(crate) async fn management(
     app: &App,
     md: &tonic::metadata::MetadataMap,
@@ -35,5 +37,48 @@ pub(crate) async fn management(
 ) -> Result<Principal> {
     let p = app.auth().authenticate(md).await?;
     authorize_management(&p, access)?;
+    authorize_unscoped(&p)?;
+    Ok(p)
+}
+
+/// Authenticates a management call about the fleet `fleet` parses from the request (None:
+/// every fleet), then checks its access level and the token's fleet scope. The request is
+/// parsed only after authentication, so an anonymous caller learns nothing from it. Returns
+/// the principal and the fleet filter to apply (a fleet-scoped token's query over every
+/// fleet is narrowed to its fleet).
+pub(crate) async fn management_fleet(
+    app: &App,
+    md: &tonic::metadata::MetadataMap,
+    access: Access,
+    fleet: impl FnOnce() -> Result<Option<Uuid>>,
+) -> Result<(Principal, Option<Uuid>)> {
+    let p = app.auth().authenticate(md).await?;
+    authorize_management(&p, access)?;
+    let fleet = authorize_fleet(&p, fleet()?)?;
+    Ok((p, fleet))
+}
+
+/// [`management_fleet`] for a call about exactly one fleet (publishing, desired state).
+pub(crate) async fn management_one_fleet(
+    app: &App,
+    md: &tonic::metadata::MetadataMap,
+    access: Access,
+    fleet: impl FnOnce() -> Result<Uuid>,
+) -> Result<(Principal, Uuid)> {
+    let p = app.auth().authenticate(md).await?;
+    authorize_management(&p, access)?;
+    let f = fleet()?;
+    authorize_fleet(&p, Some(f))?;
+    Ok((p, f))
+}
+
+/// Authenticates a read of the supernet catalogue, which every management token may read
+/// (a fleet-scoped developer picks from it what to publish to its fleet).
+pub(crate) async fn management_catalogue(
+    app: &App,
+    md: &tonic::metadata::MetadataMap,
+) -> Result<Principal> {
+    let p = app.auth().authenticate(md).await?;
+    authorize_management(&p, Access::Read)?;
     Ok(p)
 }

@@ -52,8 +52,13 @@ pub fn hash_token(token: &str) -> String {
 /// Who is calling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Principal {
-    /// A management API token with a role (admin, developer, viewer).
-    Api { token_id: Uuid, role: Role },
+    /// A management API token with a role (admin, developer, viewer), optionally limited to
+    /// one fleet (developer and viewer tokens only).
+    Api {
+        token_id: Uuid,
+        role: Role,
+        fleet: Option<Uuid>,
+    },
     /// An enrolled device, confined to its fleet.
     Device { device_id: Uuid, fleet_id: Uuid },
 }
@@ -63,6 +68,14 @@ impl Principal {
         match self {
             Principal::Api { role, .. } => *role,
             Principal::Device { .. } => Role::Device,
+        }
+    }
+
+    /// The one fleet a fleet-scoped API token is limited to.
+    pub fn fleet_scope(&self) -> Option<Uuid> {
+        match self {
+            Principal::Api { fleet, .. } => *fleet,
+            Principal::Device { .. } => None,
         }
     }
 }
@@ -100,6 +113,32 @@ pub fn authorize_management(p: &Principal, access: Access) -> Result<()> {
             "role {} may not perform {access:?} operations",
             role.as_str()
         )))
+    }
+}
+
+/// The fleet rule of management calls about fleets: a fleet-scoped token may name only its
+/// own fleet (another one is PERMISSION_DENIED naming both), and a query over every fleet
+/// (`requested` = None) is narrowed to its fleet. Returns the fleet filter to apply.
+pub fn authorize_fleet(p: &Principal, requested: Option<Uuid>) -> Result<Option<Uuid>> {
+    match (p.fleet_scope(), requested) {
+        (None, r) => Ok(r),
+        (Some(own), None) => Ok(Some(own)),
+        (Some(own), Some(r)) if r == own => Ok(Some(own)),
+        (Some(own), Some(r)) => Err(CloudError::PermissionDenied(format!(
+            "fleet {r}: this token is limited to fleet {own}"
+        ))),
+    }
+}
+
+/// The rule of management calls that are not about one fleet (oracles, datasets, jobs,
+/// operator actions): fleet-scoped tokens may not make them, since their effects (deleting
+/// an oracle, starting a job) reach every fleet.
+pub fn authorize_unscoped(p: &Principal) -> Result<()> {
+    match p.fleet_scope() {
+        None => Ok(()),
+        Some(own) => Err(CloudError::PermissionDenied(format!(
+            "this token is limited to fleet {own}; the call is not about one fleet"
+        ))),
     }
 }
 
@@ -231,6 +270,7 @@ impl Authenticator {
                 Principal::Api {
                     token_id: row.id,
                     role: row.role,
+                    fleet: row.fleet_id,
                 },
                 row.expires_ms,
             )

@@ -190,6 +190,9 @@ enum TokenCmd {
         description: String,
         #[arg(long)]
         ttl_secs: Option<u64>,
+        /// Limit the token to one fleet (by id or name): developer and viewer tokens only.
+        #[arg(long)]
+        fleet: Option<String>,
     },
     /// Create an enrollment token for a fleet (by id or name).
     CreateEnrollment {
@@ -485,12 +488,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     role,
                     description,
                     ttl_secs,
+                    fleet,
                 } => {
+                    let fleet = match fleet {
+                        Some(f) => Some(fleet_id(&app, &f).await?),
+                        None => None,
+                    };
                     let t = app
-                        .create_api_token(
+                        .create_fleet_api_token(
                             Role::parse(&role)?,
                             &description,
                             ttl_secs.map(Duration::from_secs),
+                            fleet,
                         )
                         .await?;
                     println!("id:    {}\ntoken: {}", t.id, t.token);
@@ -500,10 +509,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     uses,
                     ttl_secs,
                 } => {
-                    let fleet_id = match parse_id("fleet", &fleet) {
-                        Ok(id) => id,
-                        Err(_) => app.store().fleet_by_name(&fleet).await?.id,
-                    };
+                    let fleet_id = fleet_id(&app, &fleet).await?;
                     let t = app
                         .create_enrollment_token(fleet_id, uses, ttl_secs.map(Duration::from_secs))
                         .await?;
@@ -511,8 +517,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 TokenCmd::List => {
                     for (t, desc) in app.store().list_api_tokens().await? {
+                        let fleet = t.fleet_id.map_or("*".to_string(), |f| f.to_string());
                         println!(
-                            "{}  {:9}  revoked={}  expires_ms={:?}  {desc}",
+                            "{}  {:9}  fleet={fleet}  revoked={}  expires_ms={:?}  {desc}",
                             t.id,
                             t.role.as_str(),
                             t.revoked,
@@ -544,6 +551,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A fleet named by id or by name.
+async fn fleet_id(app: &App, fleet: &str) -> anyhow::Result<uuid::Uuid> {
+    Ok(match parse_id("fleet", fleet) {
+        Ok(id) => id,
+        Err(_) => app.store().fleet_by_name(fleet).await?.id,
+    })
 }
 
 async fn shutdown_signal() {

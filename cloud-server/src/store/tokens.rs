@@ -4,7 +4,7 @@
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{get_uuid, Store};
+use super::{get_opt_uuid, get_uuid, Store};
 use crate::domain::{Device, DeviceStatus, Role};
 use crate::error::{CloudError, Result};
 
@@ -15,6 +15,8 @@ pub struct ApiTokenRow {
     pub role: Role,
     pub expires_ms: Option<i64>,
     pub revoked: bool,
+    /// The one fleet the token is limited to (None: every fleet).
+    pub fleet_id: Option<Uuid>,
 }
 
 /// What authenticating a device credential needs.
@@ -94,25 +96,25 @@ impl Store {
         Ok(Some(device))
     }
 
+    /// Stores a new API token (`t.revoked` is ignored: a new token is live).
     pub async fn insert_api_token(
         &self,
-        id: Uuid,
-        role: Role,
+        t: &ApiTokenRow,
         token_hash: &str,
         description: &str,
-        expires_ms: Option<i64>,
         now: i64,
     ) -> Result<()> {
         sqlx::query(
             "INSERT INTO api_tokens (id, role, token_hash, description, expires_ms, revoked, \
-             created_ms) VALUES ($1,$2,$3,$4,$5,0,$6)",
+             created_ms, fleet_id) VALUES ($1,$2,$3,$4,$5,0,$6,$7)",
         )
-        .bind(id.to_string())
-        .bind(role.as_str())
+        .bind(t.id.to_string())
+        .bind(t.role.as_str())
         .bind(token_hash)
         .bind(description)
-        .bind(expires_ms)
+        .bind(t.expires_ms)
         .bind(now)
+        .bind(t.fleet_id.map(|f| f.to_string()))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -133,7 +135,8 @@ impl Store {
     /// (id, role, description, expires, revoked) of every API token, for `token list`.
     pub async fn list_api_tokens(&self) -> Result<Vec<(ApiTokenRow, String)>> {
         sqlx::query(
-            "SELECT id, role, description, expires_ms, revoked FROM api_tokens ORDER BY created_ms",
+            "SELECT id, role, description, expires_ms, revoked, fleet_id FROM api_tokens \
+             ORDER BY created_ms",
         )
         .fetch_all(&self.pool)
         .await?
@@ -146,6 +149,7 @@ impl Store {
                     role: Role::parse(&role)?,
                     expires_ms: r.try_get("expires_ms")?,
                     revoked: r.try_get::<i64, _>("revoked")? != 0,
+                    fleet_id: get_opt_uuid(r, "fleet_id")?,
                 },
                 r.try_get("description")?,
             ))
@@ -155,7 +159,7 @@ impl Store {
 
     pub async fn api_token_by_hash(&self, hash: &str) -> Result<Option<ApiTokenRow>> {
         let row = sqlx::query(
-            "SELECT id, role, expires_ms, revoked FROM api_tokens WHERE token_hash = $1",
+            "SELECT id, role, expires_ms, revoked, fleet_id FROM api_tokens WHERE token_hash = $1",
         )
         .bind(hash)
         .fetch_optional(&self.pool)
@@ -167,6 +171,7 @@ impl Store {
                 role: Role::parse(&role)?,
                 expires_ms: r.try_get("expires_ms")?,
                 revoked: r.try_get::<i64, _>("revoked")? != 0,
+                fleet_id: get_opt_uuid(&r, "fleet_id")?,
             })
         })
         .transpose()
