@@ -70,3 +70,10 @@ AWS_ENDPOINT="http://127.0.0.1:$S3_PORT" AWS_ALLOW_HTTP=true AWS_REGION=us-east-
   AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test \
   ADAPTIVENET_S3_BUCKET=adaptivenet-test ADAPTIVENET_REQUIRE_S3=1 \
   cargo test -p adaptivenet-cloud --features s3 --test blobs 2>&1 | tee -a /tmp/adaptivenet-test.log
+# The happy path with every blob (oracle, dataset shards, checkpoints, modules) in the bucket:
+# the real binaries, the cloud's built with the s3 feature.
+cargo build --quiet -p adaptivenet-cloud --features s3 --bin cloud-server
+AWS_ENDPOINT="http://127.0.0.1:$S3_PORT" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
+  AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test \
+  ADAPTIVENET_S3_BUCKET=adaptivenet-test ADAPTIVENET_REQUIRE_S3=1 \
+  cargo test -p adaptivenet-tests --test happy_path happy_path_on_s3 2>&1 | tee -a /tmp/adaptivenet-test.log
