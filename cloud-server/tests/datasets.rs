@@ -769,6 +769,19 @@ async fn uploaded_rgb_folder_elastified(db: Db) {
     assert_eq!(m.input.mean.len(), 3);
     assert_eq!(m.input.class_names, ["left", "right", "tint"]);
     assert!(!m.priors.is_empty());
+    // Module blobs went straight into the store: each one is there, and no scratch artifact
+    // directory was left in the store's temp area (only the process's own scratch, `p-*`).
+    for sha in distinct_blobs(&m) {
+        assert!(h.app().blobs().exists(&sha).await, "module blob {sha}");
+    }
+    let tmp_dirs: Vec<_> = std::fs::read_dir(h.app().blobs().root().join("tmp"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with("p-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(tmp_dirs.is_empty(), "{tmp_dirs:?}");
     h.finish().await;
 }
 both_backends!(

@@ -7,7 +7,7 @@
 //! from the dataset (recorded at registration, or computed here for local data).
 use std::path::{Path, PathBuf};
 
-use adaptivenet_core::artifact::{self, write_artifact, Manifest};
+use adaptivenet_core::artifact::{self, build_artifact, BlobSink, Manifest};
 use adaptivenet_core::data::{
     channel_stats, read_idx_pair, read_image_folder_for, AugmentPolicy, Dataset, InputSpec,
     ResizePolicy,
@@ -206,7 +206,7 @@ pub struct ElastifyPlan {
 }
 
 /// Elastifies `oracle` on `data`, evaluates the priors on a held-out split and writes the
-/// artifact to `out_dir`.
+/// artifact to `out_dir` (the local CLI's output).
 pub fn elastify_to_artifact(
     oracle: &Model,
     data: &TrainingData,
@@ -215,6 +215,35 @@ pub fn elastify_to_artifact(
     checkpoints: Option<&dyn CheckpointIo>,
     cancel: &CancellationToken,
     out_dir: &Path,
+) -> Result<(Manifest, ElastifyReport)> {
+    let mut sink = DirSink(out_dir);
+    let (manifest, report) =
+        elastify_to_blobs(oracle, data, plan, progress, checkpoints, cancel, &mut sink)?;
+    // Written last: a reader never sees a manifest whose blobs are missing.
+    artifact::write_atomic(&out_dir.join("manifest.json"), &manifest.to_json().cl()?).cl()?;
+    Ok((manifest, report))
+}
+
+/// An artifact directory as a blob sink with the crate's error.
+struct DirSink<'a>(&'a Path);
+
+impl BlobSink for DirSink<'_> {
+    type Error = CloudError;
+    fn put(&mut self, sha256: &str, bytes: &[u8]) -> Result<()> {
+        artifact::DirBlobs(self.0).put(sha256, bytes).cl()
+    }
+}
+
+/// Like [`elastify_to_artifact`], but every module blob goes to `sink` (the job runner's:
+/// the blob store) and the manifest is only returned.
+pub fn elastify_to_blobs<S: BlobSink<Error = CloudError>>(
+    oracle: &Model,
+    data: &TrainingData,
+    plan: &ElastifyPlan,
+    progress: &mut dyn ProgressSink,
+    checkpoints: Option<&dyn CheckpointIo>,
+    cancel: &CancellationToken,
+    sink: &mut S,
 ) -> Result<(Manifest, ElastifyReport)> {
     let mut config = plan.config.clone();
     config.normalize = data.spec.normalize();
@@ -236,13 +265,12 @@ pub fn elastify_to_artifact(
         "validation",
         500,
     )?;
-    let manifest = write_artifact(
-        out_dir,
+    let manifest = build_artifact(
         &out.supernet,
         data.artifact_input(),
         &plan.oracle_digest,
         priors,
-    )
-    .cl()?;
+        sink,
+    )?;
     Ok((manifest, out.report))
 }

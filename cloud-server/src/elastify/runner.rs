@@ -4,18 +4,18 @@
 //! the blob store or read in place, by its format, at its input spec), runs
 //! [`super::pipeline`] with the job's parameters on a blocking thread (progress to
 //! the job's watchers, checkpoints to the blob store so that another worker resumes after a
-//! crash, cancellation at the next step), evaluates priors on a held-out split, writes every
-//! module blob to the blob store and returns the manifest for registration.
-use std::sync::Arc;
+//! crash, cancellation at the next step), evaluates priors on a held-out split, puts every
+//! module blob straight into the blob store (no scratch artifact directory) and returns the
+//! manifest for registration.
 
-use adaptivenet_core::artifact::read_manifest;
+use adaptivenet_core::artifact::BlobSink;
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::weights::read_tensors_from_bytes;
 use futures::future::BoxFuture;
 
 use super::fit::{check_fit, DataShape, HeadFit};
 use super::params::JobParams;
-use super::pipeline::{elastify_to_artifact, ElastifyPlan, TrainingData};
+use super::pipeline::{elastify_to_blobs, ElastifyPlan, TrainingData};
 use super::{CheckpointIo, OrCloud};
 use crate::blobs::sha256_hex;
 use crate::datasets::DatasetFormat;
@@ -70,16 +70,17 @@ async fn run_job(ctx: JobContext) -> Result<JobOutput> {
     let data_dir = crate::datasets::materialise(&ctx.blobs, &dataset).await?;
     let format = DatasetFormat::parse("dataset.format", &dataset.format)?;
     let weights = ctx.blobs.read(&ctx.oracle.weights_sha256).await?;
-    let out_dir = tempfile_dir(ctx.blobs.root())?;
     let rt = tokio::runtime::Handle::current();
     let ck = BlobCheckpoints {
         store: ctx.checkpoints.clone(),
         rt: rt.clone(),
     };
+    let mut blobs = StoreBlobs {
+        blobs: ctx.blobs.clone(),
+        rt: rt.clone(),
+    };
     let progress = ctx.progress.clone();
     let cancel = ctx.cancel.clone();
-    let out = Arc::new(out_dir);
-    let out2 = out.clone();
     let plan = ElastifyPlan {
         config,
         val_size: params.val_size,
@@ -87,7 +88,7 @@ async fn run_job(ctx: JobContext) -> Result<JobOutput> {
         max_train_images: params.max_train_images,
         oracle_digest: sha256_hex(&weights),
     };
-    tokio::task::spawn_blocking(move || -> Result<()> {
+    let manifest = tokio::task::spawn_blocking(move || -> Result<_> {
         let oracle = Model::load(&arch, read_tensors_from_bytes(&weights).cl()?).cl()?;
         let classes = dataset.summary.as_ref().map(|s| s.classes.as_slice());
         let data = TrainingData::read(
@@ -98,33 +99,41 @@ async fn run_job(ctx: JobContext) -> Result<JobOutput> {
             classes,
         )?;
         let mut sink = progress;
-        elastify_to_artifact(
+        let (manifest, _) = elastify_to_blobs(
             &oracle,
             &data,
             &plan,
             &mut sink,
             Some(&ck),
             &cancel,
-            out2.path(),
+            &mut blobs,
         )?;
-        Ok(())
+        Ok(manifest)
     })
     .await
     .map_err(|e| CloudError::Internal(format!("elastification thread: {e}")))??;
-    let manifest = read_manifest(out.path()).cl()?;
-    for (name, m) in manifest.modules() {
-        let bytes = std::fs::read(adaptivenet_core::artifact::blob_path(out.path(), &m.sha256))
-            .map_err(|e| CloudError::Internal(format!("module {name}: {e}")))?;
-        ctx.blobs.put(&bytes).await?;
-    }
     Ok(JobOutput {
         manifest_json: manifest.to_json().cl()?,
     })
 }
 
-/// A scratch directory for the artifact next to the blob store (same file system).
-fn tempfile_dir(root: &std::path::Path) -> Result<tempfile::TempDir> {
-    let parent = root.join("tmp");
-    std::fs::create_dir_all(&parent).map_err(|e| CloudError::io(&parent, e))?;
-    tempfile::tempdir_in(&parent).map_err(|e| CloudError::io(&parent, e))
+/// Module blobs straight into the blob store (digest-verified there), from the blocking
+/// training thread: no scratch artifact directory to write and read back.
+struct StoreBlobs {
+    blobs: crate::blobs::BlobStore,
+    rt: tokio::runtime::Handle,
+}
+
+impl BlobSink for StoreBlobs {
+    type Error = CloudError;
+    fn put(&mut self, sha256: &str, bytes: &[u8]) -> Result<()> {
+        let r = self.rt.block_on(self.blobs.put(bytes))?;
+        if r.sha256 != sha256 {
+            return Err(CloudError::Internal(format!(
+                "module blob {sha256} stored as {}",
+                r.sha256
+            )));
+        }
+        Ok(())
+    }
 }

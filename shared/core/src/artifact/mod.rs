@@ -360,13 +360,39 @@ pub fn blob_path(dir: &Path, sha256: &str) -> PathBuf {
     dir.join("blobs").join(sha256)
 }
 
-fn module_entry(params: &Params, macs: u64, dir: &Path) -> Result<ModuleEntry> {
+/// Where [`build_artifact`] puts module blobs: an artifact directory ([`DirBlobs`]) or any
+/// content-addressed store (the cloud's blob store), so that a job needs no scratch copy.
+pub trait BlobSink {
+    /// The sink's error; core failures (serialisation) convert into it.
+    type Error: From<CoreError>;
+    /// Stores `bytes`, whose sha256 is `sha256`. Called once per module, so a digest shared by
+    /// two modules comes twice: storing it again must be harmless.
+    fn put(&mut self, sha256: &str, bytes: &[u8]) -> std::result::Result<(), Self::Error>;
+}
+
+/// Blobs as `<dir>/blobs/<sha256>` files, each written atomically.
+#[derive(Clone, Copy, Debug)]
+pub struct DirBlobs<'a>(pub &'a Path);
+
+impl BlobSink for DirBlobs<'_> {
+    type Error = CoreError;
+    fn put(&mut self, sha256: &str, bytes: &[u8]) -> Result<()> {
+        let path = blob_path(self.0, sha256);
+        if !path.exists() {
+            write_atomic(&path, bytes)?;
+        }
+        Ok(())
+    }
+}
+
+fn module_entry<S: BlobSink>(
+    params: &Params,
+    macs: u64,
+    sink: &mut S,
+) -> std::result::Result<ModuleEntry, S::Error> {
     let bytes = params_to_safetensors(params.iter().map(|(n, t)| (n.as_str(), t.clone())))?;
     let sha = sha256_hex(&bytes);
-    let path = blob_path(dir, &sha);
-    if !path.exists() {
-        write_atomic(&path, &bytes)?;
-    }
+    sink.put(&sha, &bytes)?;
     let params = params
         .iter()
         .filter(|(n, _)| !crate::model::spec::is_running_stat(n))
@@ -389,20 +415,34 @@ pub fn write_artifact(
     oracle_digest: &str,
     priors: Vec<Prior>,
 ) -> Result<Manifest> {
+    let manifest = build_artifact(supernet, input, oracle_digest, priors, &mut DirBlobs(dir))?;
+    write_atomic(&dir.join("manifest.json"), &manifest.to_json()?)?;
+    Ok(manifest)
+}
+
+/// Puts every module blob of a supernet into `sink` and returns the manifest that lists them
+/// (not stored anywhere: the caller records it once the blobs are in).
+pub fn build_artifact<S: BlobSink>(
+    supernet: &Supernet,
+    input: InputSpec,
+    oracle_digest: &str,
+    priors: Vec<Prior>,
+    sink: &mut S,
+) -> std::result::Result<Manifest, S::Error> {
     let spec = &supernet.spec;
     let o = &spec.oracle;
     let [_, h, w] = o.input;
     let shapes = o.block_shapes(h, w);
-    let stem = module_entry(&supernet.stem, o.stem.macs(&o.numerics, h, w), dir)?;
+    let stem = module_entry(&supernet.stem, o.stem.macs(&o.numerics, h, w), sink)?;
     let last = shapes[shapes.len() - 1];
-    let head = module_entry(&supernet.head, o.head.macs(last[1], last[2]), dir)?;
+    let head = module_entry(&supernet.head, o.head.macs(last[1], last[2]), sink)?;
     let mut positions = Vec::new();
     for (i, choices) in spec.positions.iter().enumerate() {
         let in_shape = shapes[i];
         let mut entries = Vec::new();
         for c in choices {
             let macs = c.block.macs(&o.numerics, in_shape[1], in_shape[2]);
-            let module = module_entry(supernet.module(i, c.id)?, macs, dir)?;
+            let module = module_entry(supernet.module(i, c.id)?, macs, sink)?;
             entries.push(ChoiceEntry {
                 id: c.id,
                 span: c.span,
@@ -417,7 +457,7 @@ pub fn write_artifact(
             choices: entries,
         });
     }
-    let manifest = Manifest {
+    Ok(Manifest {
         format_version: FORMAT_VERSION,
         supernet_id: Uuid::new_v4(),
         oracle_digest: oracle_digest.to_string(),
@@ -432,9 +472,7 @@ pub fn write_artifact(
         head,
         positions,
         priors,
-    };
-    write_atomic(&dir.join("manifest.json"), &manifest.to_json()?)?;
-    Ok(manifest)
+    })
 }
 
 /// Reads and validates `dir/manifest.json`.
