@@ -244,6 +244,7 @@ fn trained_model(
         &mut Log(label, 0),
         &CancellationToken::new(),
         Some(&ck),
+        None,
     )?;
     std::fs::create_dir_all(dir)?;
     model.save(&arch, &weights)?;

@@ -555,8 +555,17 @@ fn oracle_training_killed_midway_resumes_to_the_uninterrupted_result() {
             c.cancel();
         }
     };
-    let e = train_oracle_resumable(&spec, &config, &data, None, &mut sink, &cancel, Some(&ck))
-        .expect_err("cancelled");
+    let e = train_oracle_resumable(
+        &spec,
+        &config,
+        &data,
+        None,
+        &mut sink,
+        &cancel,
+        Some(&ck),
+        None,
+    )
+    .expect_err("cancelled");
     assert!(matches!(e, CloudError::Cancelled(_)), "{e}");
     assert!(ck.path().exists());
 
@@ -565,8 +574,17 @@ fn oracle_training_killed_midway_resumes_to_the_uninterrupted_result() {
     let mut sink = |e: &ProgressEvent| {
         first.get_or_insert(e.step);
     };
-    let (resumed, rep) =
-        train_oracle_resumable(&spec, &config, &data, None, &mut sink, &never, Some(&ck)).unwrap();
+    let (resumed, rep) = train_oracle_resumable(
+        &spec,
+        &config,
+        &data,
+        None,
+        &mut sink,
+        &never,
+        Some(&ck),
+        None,
+    )
+    .unwrap();
     assert_eq!(first, Some(7));
     assert_eq!(all_tensors(&resumed), all_tensors(&whole));
     assert_eq!(rep.last_loss, whole_rep.last_loss);
@@ -585,6 +603,7 @@ fn oracle_training_killed_midway_resumes_to_the_uninterrupted_result() {
         &mut NoProgress,
         &never,
         Some(&ck),
+        None,
     )
     .expect_err("different recipe");
     assert!(matches!(e, CloudError::FailedPrecondition(_)), "{e}");

@@ -1355,3 +1355,291 @@ async fn credential_rotates_near_expiry_and_is_persisted() {
     assert_eq!(again.identity(), Some(new));
     again.desired_state().await.unwrap();
 }
+
+/// `per_class` 32x32 RGB images for each of 10 classes: a class-coloured patch at a
+/// class-specific place on seeded noise (learnable, so elastification has something to fit).
+fn rgb_image_folder(dir: &Path, per_class: usize) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    for c in 0..10u32 {
+        let d = dir.join(format!("c{c}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let (py, px) = (2 + (c / 4) * 9, 2 + (c % 4) * 7);
+        for i in 0..per_class {
+            let img = image::RgbImage::from_fn(32, 32, |x, y| {
+                let on = (py..py + 7).contains(&y) && (px..px + 6).contains(&x);
+                image::Rgb(std::array::from_fn(|ch| {
+                    let noise = rng.random::<u8>() / 4;
+                    if on {
+                        [90u8, 220][usize::from(!(c as usize + ch).is_multiple_of(3))] + noise / 2
+                    } else {
+                        noise
+                    }
+                }))
+            });
+            img.save(d.join(format!("{i}.png"))).unwrap();
+        }
+    }
+}
+
+/// A MobileNetV2-shaped chain (ReLU6, a first block without expansion, expansion 6 after it,
+/// a 1x1 head conv) narrowed for 3x32x32 inputs; as `adaptivenet.chain` JSON.
+fn small_mobilenet() -> adaptivenet_core::model::ModelSpec {
+    let mb = |cin: usize, hidden: usize, cout: usize, stride: usize| {
+        serde_json::json!({
+            "type": "mb_conv", "cin": cin, "hidden": hidden, "cout": cout, "kernel": 3,
+            "stride": stride, "expand": hidden != cin, "residual": stride == 1 && cin == cout
+        })
+    };
+    let json = serde_json::json!({
+        "family": "adaptivenet.chain",
+        "spec": {
+            "family": "torchvision.mobilenet_v2",
+            "numerics": {"bn_eps": 1e-5, "padding": "symmetric", "act": "relu6"},
+            "input": [3, 32, 32],
+            "stem": {"cin": 3, "cout": 8, "kernel": 3, "stride": 2, "maxpool": false},
+            "blocks": [mb(8, 8, 8, 1), mb(8, 48, 12, 2), mb(12, 72, 12, 1),
+                       mb(12, 72, 16, 2), mb(16, 96, 16, 1)],
+            "head": {"cin": 16, "conv": 64, "classes": 10}
+        }
+    });
+    ArchDescriptor::from_value(json).unwrap().spec
+}
+
+/// The MBConv counterpart of the ResNet flows above, end to end: a small MobileNetV2-style
+/// oracle elastified with merge and prune branches by the cloud's own pipeline (ImageFolder
+/// data → elastify → priors → artifact), published on the real cloud over gRPC, then the real
+/// `edge-agent run` process enrolls, downloads, profiles, searches and serves it on its local
+/// API. Answers over that API equal the exported standalone subnet's, and the search's
+/// choice fits the budget by the agent's own latency table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mbconv_supernet_is_synced_profiled_searched_and_served() {
+    use adaptivenet_cloud::datasets::DatasetFormat;
+    use adaptivenet_cloud::elastify::pipeline::{elastify_to_artifact, ElastifyPlan, TrainingData};
+    use adaptivenet_cloud::elastify::{
+        train_oracle, ElastifyConfig, NoProgress, TrainOracleConfig,
+    };
+    use adaptivenet_core::data::AugmentPolicy;
+    use adaptivenet_edge::state::StateDir;
+    use std::io::BufRead;
+    use tokio_util::sync::CancellationToken;
+
+    let work = tempfile::tempdir().unwrap();
+    let data_dir = work.path().join("data");
+    rgb_image_folder(&data_dir, 12);
+    let data = TrainingData::read(
+        &data_dir,
+        DatasetFormat::ImageFolder,
+        None,
+        AugmentPolicy::default(),
+        None,
+    )
+    .unwrap();
+    let never = CancellationToken::new();
+    let recipe = TrainOracleConfig {
+        steps: 12,
+        batch: 16,
+        lr: 0.05,
+        warmup_steps: 2,
+        normalize: data.spec.normalize(),
+        ..TrainOracleConfig::default()
+    };
+    let (oracle, _) = train_oracle(
+        &small_mobilenet(),
+        &recipe,
+        &data.train,
+        None,
+        &mut NoProgress,
+        &never,
+    )
+    .unwrap();
+    let plan = ElastifyPlan {
+        config: ElastifyConfig {
+            branches: ["merge2", "merge3", "prune1", "prune2"]
+                .map(String::from)
+                .to_vec(),
+            stage0_steps: 8,
+            stage1_steps: 8,
+            batch: 16,
+            warmup_steps: 1,
+            checkpoint_every: 0,
+            ..ElastifyConfig::default()
+        },
+        val_size: 20,
+        priors: 8,
+        max_train_images: 0,
+        oracle_digest: "0".repeat(64),
+    };
+    let art = work.path().join("artifact");
+    let (manifest, _) =
+        elastify_to_artifact(&oracle, &data, &plan, &mut NoProgress, None, &never, &art).unwrap();
+    let kinds: std::collections::BTreeSet<i8> = manifest
+        .supernet_spec()
+        .positions
+        .iter()
+        .flatten()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(kinds, [-2, -1, 0, 1, 2].into_iter().collect());
+
+    let cloud = Cloud::start().await;
+    let (fleet_id, token) = cloud.fleet("mbconv").await;
+    let supernet_id = cloud.publish_artifact(&art, &fleet_id).await;
+    let state = work.path().join("state");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args([
+            "run",
+            "--cloud",
+            &cloud.url,
+            "--enroll-token",
+            &token,
+            "--state",
+            state.to_str().unwrap(),
+            "--data",
+            data_dir.to_str().unwrap(),
+            "--budget",
+            "0.7",
+            "--rounds",
+            "3",
+            "--validate",
+            "0",
+            "--images",
+            "60",
+            "--population",
+            "10",
+            "--generations",
+            "2",
+            "--duration",
+            "6",
+            "--interval-ms",
+            "200",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Collect both streams; the local API's address arrives on stdout.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let mut readers = Vec::new();
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stream)
+                .lines()
+                .map_while(|l| l.ok())
+            {
+                let _ = tx.send(line);
+            }
+        }));
+    }
+    drop(tx);
+    let mut log = Vec::new();
+    let addr = tokio::task::block_in_place(|| {
+        for line in rx.iter() {
+            log.push(line.clone());
+            if let Some(a) = line.strip_prefix("local inference API listening on ") {
+                return Some(a.trim().to_string());
+            }
+        }
+        None
+    })
+    .unwrap_or_else(|| panic!("the agent never served: {}", log.join("\n")));
+
+    // Eight of the local images, as raw pixels: the agent normalises them with the
+    // artifact's mean/std, as the exported model's caller does below.
+    let idx: Vec<usize> = (0..8).map(|i| i * 13 % data.train.len()).collect();
+    let pixels: Vec<u8> = idx
+        .iter()
+        .flat_map(|&i| data.train.image(i).to_vec())
+        .collect();
+    let mut api = adaptivenet_proto::v1::edge_inference_client::EdgeInferenceClient::connect(
+        format!("http://{addr}"),
+    )
+    .await
+    .unwrap();
+    let answer = api
+        .infer(pb::InferRequest {
+            images: Some(pb::infer_request::Images::Raw(pb::RawImages {
+                shape: vec![8, 3, 32, 32],
+                pixels,
+            })),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let served = Subnet::parse(&answer.subnet).unwrap();
+    let status = tokio::task::block_in_place(|| child.wait()).unwrap();
+    for r in readers {
+        r.join().unwrap();
+    }
+    log.extend(rx.try_iter());
+    let log = log.join("\n");
+    assert!(status.success(), "{log}");
+    assert!(log.contains("synced supernet"), "{log}");
+
+    // The exported standalone subnet (written and read back as a chain model) answers the
+    // same images as the agent did: same classes, logits within BN folding's rounding.
+    let trained = adaptivenet_core::artifact::load_supernet(&art, &manifest, None).unwrap();
+    let model_dir = work.path().join("export");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    trained
+        .materialize(&served)
+        .unwrap()
+        .save(
+            &model_dir.join("arch.json"),
+            &model_dir.join("w.safetensors"),
+        )
+        .unwrap();
+    let standalone = Model::from_files(
+        &model_dir.join("arch.json"),
+        &model_dir.join("w.safetensors"),
+    )
+    .unwrap();
+    let (x, _) = data
+        .train
+        .batch_tensor(
+            &idx,
+            &adaptivenet_cloud::elastify::train::eval_transform(&data.spec.normalize()),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+    let want = standalone.forward(&x).unwrap();
+    let want_top1: Vec<u32> = want.argmax(1).unwrap().to_vec1().unwrap();
+    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(answer.top1, want_top1, "served {served}");
+    let diff = answer
+        .scores
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-3, "served {served}: logits differ by {diff}");
+
+    // The search's answer fits the budget by the agent's own latency table, and what was
+    // served is on the searched front.
+    let synced = ArtifactSource::open(&state.join("cache").join(&supernet_id)).unwrap();
+    let id = synced.manifest.supernet_id.to_string();
+    let sd = StateDir::new(&state);
+    let table = sd.load_table(&id).unwrap().expect("latency table");
+    let search = sd.load_search(&id).unwrap().expect("search result");
+    assert!(!search.result.best.is_empty());
+    for b in &search.result.best {
+        let ms = table.predict_ms(&b.best.subnet).unwrap();
+        assert!(
+            ms <= b.budget_ms + 1e-9,
+            "{}: {ms} ms over the budget {} ms",
+            b.best.subnet,
+            b.budget_ms
+        );
+    }
+    assert!(
+        search.result.front.iter().any(|c| c.subnet == served),
+        "served {served} is not on the front"
+    );
+}

@@ -377,3 +377,45 @@ pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
     );
     r
 }
+
+/// A fresh PostgreSQL database at 127.0.0.1:5432 (trust auth), dropped with this value.
+/// `None` (after printing why) when PostgreSQL is unreachable, unless `ADAPTIVENET_REQUIRE_PG=1`,
+/// which makes that a failure.
+pub struct FreshPg {
+    pub name: String,
+    pub url: String,
+}
+
+impl FreshPg {
+    pub fn create(prefix: &str) -> Option<Self> {
+        let name = format!("an_{prefix}_{}", uuid::Uuid::new_v4().simple());
+        let created = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
+            .arg(format!("CREATE DATABASE {name}"))
+            .output();
+        match created {
+            Ok(o) if o.status.success() => Some(FreshPg {
+                url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+                name,
+            }),
+            other => {
+                let reason = format!("PostgreSQL unreachable at 127.0.0.1:5432 ({other:?})");
+                assert!(
+                    std::env::var("ADAPTIVENET_REQUIRE_PG").as_deref() != Ok("1"),
+                    "{reason}"
+                );
+                println!("skipping: {reason}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for FreshPg {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
+            .arg(format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .output();
+    }
+}

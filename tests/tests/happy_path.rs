@@ -1,13 +1,15 @@
 //! The product's happy path with real processes over real gRPC on 127.0.0.1:
 //! upload → elastify (tiny job) → publish → enroll → download → profile → search → serve →
-//! report → dashboard aggregates. Once on SQLite and once on PostgreSQL.
+//! report → dashboard aggregates. Once on SQLite, once on PostgreSQL, and once with its blobs
+//! on an S3-compatible server (the S3 tier of scripts/test.sh: a `cloud-server` built with
+//! `--features s3` and moto on 127.0.0.1).
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_tests::{binary, field_after, free_port, run_ok, write_synthetic_idx, KillOnDrop};
 
-fn happy_path(database_url: Option<String>) {
+fn happy_path(database_url: Option<String>, blob_url: Option<String>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let cloud_bin = binary("cloud-server");
@@ -17,6 +19,9 @@ fn happy_path(database_url: Option<String>) {
         c.arg("--data-dir").arg(d.join("cloud"));
         if let Some(u) = &database_url {
             c.args(["--database-url", u]);
+        }
+        if let Some(u) = &blob_url {
+            c.args(["--blob-url", u]);
         }
         c.args(args);
         c
@@ -186,6 +191,20 @@ fn happy_path(database_url: Option<String>) {
     let agg = run_ok(&mut client(&viewer, &["aggregates"]));
     assert!(agg.contains("devices: 1 total"), "{agg}");
     assert!(agg.contains(&format!("supernet {supernet}")), "{agg}");
+    // Blobs (oracle, checkpoints, modules) live where the server was told: on local disk by
+    // default, and with --blob-url every one of them in the bucket, none under the data dir.
+    let local: Vec<_> = walk(&d.join("cloud"))
+        .into_iter()
+        .filter(|p| {
+            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+        .collect();
+    if blob_url.is_some() {
+        assert!(local.is_empty(), "blobs stored locally: {local:?}");
+    } else {
+        assert!(!local.is_empty(), "no blob under the local data directory");
+    }
     // A viewer cannot mutate.
     let denied = client(&viewer, &["publish", &supernet, "--fleet", &fleet])
         .output()
@@ -193,34 +212,49 @@ fn happy_path(database_url: Option<String>) {
     assert!(!denied.status.success());
 }
 
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 #[test]
 fn happy_path_on_sqlite() {
-    happy_path(None);
+    happy_path(None, None);
 }
 
 #[test]
 fn happy_path_on_postgres() {
     // Needs PostgreSQL at 127.0.0.1:5432 (trust auth); a fresh database per run.
-    let name = format!("an_e2e_{}", uuid::Uuid::new_v4().simple());
-    let created = Command::new("psql")
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
-        .arg(format!("CREATE DATABASE {name}"))
-        .output();
-    match created {
-        Ok(o) if o.status.success() => {}
-        other => {
-            let reason = format!("PostgreSQL unreachable at 127.0.0.1:5432 ({other:?})");
+    let Some(db) = adaptivenet_tests::FreshPg::create("e2e") else {
+        return;
+    };
+    happy_path(Some(db.url.clone()), None);
+}
+
+#[test]
+fn happy_path_on_s3() {
+    // Needs the S3 tier: `ADAPTIVENET_S3_BUCKET` on a server named by the `AWS_*` variables,
+    // and the `cloud-server` binary built with `--features s3`.
+    match std::env::var("ADAPTIVENET_S3_BUCKET") {
+        Ok(bucket) if !bucket.is_empty() => {
+            let prefix = uuid::Uuid::new_v4().simple();
+            happy_path(None, Some(format!("s3://{bucket}/happy-{prefix}")));
+        }
+        _ => {
             assert!(
-                std::env::var("ADAPTIVENET_REQUIRE_PG").as_deref() != Ok("1"),
-                "{reason}"
+                std::env::var("ADAPTIVENET_REQUIRE_S3").as_deref() != Ok("1"),
+                "S3 required but ADAPTIVENET_S3_BUCKET is not set"
             );
-            println!("skipping: {reason}");
-            return;
+            println!("skipping: no S3-compatible server (ADAPTIVENET_S3_BUCKET unset)");
         }
     }
-    happy_path(Some(format!("postgres://postgres@127.0.0.1:5432/{name}")));
-    let _ = Command::new("psql")
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-c"])
-        .arg(format!("DROP DATABASE {name} WITH (FORCE)"))
-        .output();
 }

@@ -31,6 +31,10 @@ pub struct ClientArgs {
     /// API token (`anv1_api_...`).
     #[arg(long, env = "ADAPTIVENET_TOKEN")]
     token: String,
+    /// Print only the id of what the command made (the oracle, the dataset, the job; with
+    /// `--watch`, the job's result), for scripts: `ORACLE=$(cloud-server client -q upload ...)`.
+    #[arg(short, long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     cmd: ClientCmd,
 }
@@ -385,6 +389,10 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             let r = c.upload_oracle(stream).await?.into_inner();
             bar.finish();
             let o = r.oracle.unwrap_or_default();
+            if args.quiet {
+                println!("{}", o.id);
+                return Ok(());
+            }
             println!(
                 "{} oracle {} ({} params, sha256 {})",
                 if r.created { "created" } else { "existing" },
@@ -430,6 +438,10 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         } => {
             let r = upload_dataset(&mut c, dir, name, format, options.to_pb()?).await?;
             let d = r.dataset.unwrap_or_default();
+            if args.quiet {
+                println!("{}", d.id);
+                return Ok(());
+            }
             println!(
                 "{} dataset {} ({} samples, digest {})",
                 if r.created { "created" } else { "existing" },
@@ -456,7 +468,11 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            println!("dataset {} ({})", d.id, d.uri);
+            if args.quiet {
+                println!("{}", d.id);
+            } else {
+                println!("dataset {} ({})", d.id, d.uri);
+            }
         }
         ClientCmd::GetDataset { dataset_id } => {
             let d = c
@@ -541,12 +557,20 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            println!("job {}", j.id);
-            if watch {
-                watch_job(&mut c, j.id).await?;
+            if !watch {
+                println!("{}{}", if args.quiet { "" } else { "job " }, j.id);
+            } else {
+                if !args.quiet {
+                    println!("job {}", j.id);
+                }
+                let j = watch_job(&mut c, j.id).await?;
+                print_finished(&j, args.quiet)?;
             }
         }
-        ClientCmd::Watch { job_id } => watch_job(&mut c, job_id).await?,
+        ClientCmd::Watch { job_id } => {
+            let j = watch_job(&mut c, job_id).await?;
+            print_finished(&j, args.quiet)?;
+        }
         ClientCmd::Cancel { job_id } => {
             let j = c
                 .cancel_job(pb::CancelJobRequest { job_id })
@@ -635,7 +659,23 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn watch_job(c: &mut Client, job_id: String) -> anyhow::Result<()> {
+/// Prints a finished job (with `quiet`, only its result's id) and fails unless it succeeded,
+/// so that a script stops at a failed job.
+fn print_finished(j: &pb::Job, quiet: bool) -> anyhow::Result<()> {
+    let st = pb::JobState::try_from(j.state).unwrap_or_default();
+    if st != pb::JobState::Succeeded {
+        anyhow::bail!("job {} ended {:?}: {}", j.id, st, j.error);
+    }
+    if quiet {
+        println!("{}", j.supernet_id);
+    } else {
+        println!("job {} {:?} {}", j.id, st, j.supernet_id);
+    }
+    Ok(())
+}
+
+/// Follows a job with a progress bar (stderr) until it ends; returns its last snapshot.
+async fn watch_job(c: &mut Client, job_id: String) -> anyhow::Result<pb::Job> {
     let mut s = c
         .watch_job(pb::WatchJobRequest { job_id })
         .await?
@@ -653,10 +693,6 @@ async fn watch_job(c: &mut Client, job_id: String) -> anyhow::Result<()> {
             last = Some(j);
         }
     }
-    bar.finish();
-    if let Some(j) = last {
-        let st = pb::JobState::try_from(j.state).unwrap_or_default();
-        println!("job {} {:?} {}{}", j.id, st, j.supernet_id, j.error);
-    }
-    Ok(())
+    bar.finish_and_clear();
+    last.context("the job stream ended without a snapshot")
 }

@@ -8,6 +8,7 @@ use adaptivenet_core::model::{ArchDescriptor, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
+use super::fit::{check_fit, DataShape, HeadFit};
 use super::oracle::{train_oracle_resumable, OracleReport, TrainOracleConfig};
 use super::pipeline::{elastify_to_artifact, ElastifyPlan, TrainingData};
 use super::supernet::{ElastifyConfig, ElastifyReport};
@@ -18,42 +19,83 @@ use crate::error::{CloudError, Result};
 /// The reference oracle: CIFAR-style ResNet-20 for 28x28 grey images (272,186 parameters).
 pub const RESNET20_FASHION: &str = r#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[3,3,3],"widths":[16,32,64],"in_channels":1,"num_classes":10}"#;
 
-/// `train-oracle`: train an oracle from scratch on a local dataset (IDX or ImageFolder).
+/// `train-oracle`: train an oracle on a local dataset (IDX or ImageFolder), from scratch or
+/// fine-tuned from pretrained weights with a new head for the data's classes.
+///
+/// Defaults depend on the mode. From scratch: 20 epochs, lr 0.1, 1 warm-up epoch (the
+/// reference recipe). Fine-tuning (`--init-arch` + `--init-weights`): 5 epochs, lr 0.02,
+/// 0.2 warm-up epochs: the pretrained features need small steps, and the fresh head a short
+/// warm-up before the full rate reaches them.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainOracleArgs {
     /// Architecture descriptor JSON (default: ResNet-20 for the data's channels and classes).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "init_arch")]
     pub arch: Option<PathBuf>,
+    /// Fine-tune: the pretrained model's architecture descriptor (any family). Its classifier
+    /// is replaced by a fresh, seeded one sized to the data's classes; every other weight is
+    /// the pretrained one.
+    #[arg(long, requires = "init_weights")]
+    pub init_arch: Option<PathBuf>,
+    /// Fine-tune: the pretrained weights (safetensors or PyTorch .pth) for --init-arch.
+    #[arg(long, requires = "init_arch")]
+    pub init_weights: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
     /// Output folder: oracle.arch.json, oracle.safetensors, train-report.json.
     #[arg(long)]
     pub out_dir: PathBuf,
-    /// Epochs over the 60,000 training images (20 reaches 94.19 % test accuracy with the
-    /// other defaults; 17, the PyTorch reference run's length, 93.98 %).
-    #[arg(long, default_value_t = 20.0)]
-    pub epochs: f64,
+    /// Epochs over the training images [default: 20 from scratch, 5 fine-tuning]. From
+    /// scratch on the demo data, 20 reaches 94.19 % test accuracy with the other defaults.
+    #[arg(long)]
+    pub epochs: Option<f64>,
     /// Stop after this many steps (overrides --epochs; for throughput measurements).
     #[arg(long)]
     pub max_steps: Option<u64>,
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
-    #[arg(long, default_value_t = 0.1)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub warmup_epochs: f64,
+    /// Peak learning rate (SGD, Nesterov momentum 0.9, cosine decay) [default: 0.1 from
+    /// scratch, 0.02 fine-tuning].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear warm-up length [default: 1 from scratch, 0.2 fine-tuning].
+    #[arg(long)]
+    pub warmup_epochs: Option<f64>,
     #[arg(long, default_value_t = 5e-4)]
     pub weight_decay: f64,
+    /// Seeds the initialisation (the new head when fine-tuning), batches and augmentation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write a checkpoint every this many steps (0: only on Ctrl-C).
     #[arg(long, default_value_t = 200)]
     pub checkpoint_every: u64,
     /// Checkpoint folder (default: <out_dir>/checkpoint). A checkpoint there for the same
-    /// recipe is resumed: a killed run continues where it stopped, with the same result.
+    /// recipe (and, fine-tuning, the same initial weights) is resumed: a killed run continues
+    /// where it stopped, with the same result.
     #[arg(long)]
     pub checkpoint_dir: Option<PathBuf>,
 }
+
+/// The defaults of a training mode (see [`TrainOracleArgs`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainDefaults {
+    pub epochs: f64,
+    pub lr: f64,
+    pub warmup_epochs: f64,
+}
+
+/// From scratch: the reference recipe.
+pub const SCRATCH_DEFAULTS: TrainDefaults = TrainDefaults {
+    epochs: 20.0,
+    lr: 0.1,
+    warmup_epochs: 1.0,
+};
+
+/// Fine-tuning pretrained weights with a new head.
+pub const FINETUNE_DEFAULTS: TrainDefaults = TrainDefaults {
+    epochs: 5.0,
+    lr: 0.02,
+    warmup_epochs: 0.2,
+};
 
 /// `elastify`: build and train a supernet from an oracle, write the artifact with priors.
 #[derive(clap::Args, Debug, Clone)]
@@ -143,11 +185,15 @@ pub struct DataArgs {
 
 impl DataArgs {
     /// Reads the dataset, checked before any work; errors name the flag.
-    pub fn read(&self) -> Result<TrainingData> {
-        let dir = self
-            .dataset_dir
+    /// The dataset folder.
+    pub fn dir(&self) -> PathBuf {
+        self.dataset_dir
             .clone()
-            .unwrap_or_else(|| adaptivenet_core::assets_dir().join("fashion-mnist"));
+            .unwrap_or_else(|| adaptivenet_core::assets_dir().join("fashion-mnist"))
+    }
+
+    pub fn read(&self) -> Result<TrainingData> {
+        let dir = self.dir();
         if !dir.is_dir() {
             return Err(CloudError::invalid(
                 "data",
@@ -219,34 +265,62 @@ fn show(pb: &ProgressBar, e: &ProgressEvent) {
     ));
 }
 
-/// Trains the oracle and writes `oracle.arch.json`, `oracle.safetensors` and
-/// `train-report.json` to `out_dir`.
+/// Trains the oracle (from scratch, or fine-tuned from `--init-*` with a new head) and writes
+/// `oracle.arch.json`, `oracle.safetensors` and `train-report.json` to `out_dir`.
 pub fn run_train_oracle(
     args: &TrainOracleArgs,
     cancel: &CancellationToken,
 ) -> Result<OracleReport> {
-    if !(args.epochs.is_finite() && args.epochs > 0.0) {
+    let d = if args.init_arch.is_some() {
+        FINETUNE_DEFAULTS
+    } else {
+        SCRATCH_DEFAULTS
+    };
+    let epochs = args.epochs.unwrap_or(d.epochs);
+    if !(epochs.is_finite() && epochs > 0.0) {
         return Err(CloudError::invalid(
             "epochs",
-            format!("{} must be > 0", args.epochs),
+            format!("{epochs} must be > 0"),
         ));
     }
     let data = args.data.read()?;
-    let arch_bytes = match &args.arch {
-        Some(p) => std::fs::read(p).map_err(|e| CloudError::io(p, e))?,
-        None => default_oracle_arch(data.spec.channels, data.train.num_classes()).into_bytes(),
+    let classes = data.train.num_classes();
+    let init = match (&args.init_arch, &args.init_weights) {
+        (Some(a), Some(w)) => {
+            for (field, p) in [("init_arch", a), ("init_weights", w)] {
+                if !p.is_file() {
+                    return Err(CloudError::invalid(
+                        field,
+                        format!("{} not found", p.display()),
+                    ));
+                }
+            }
+            let pretrained = Model::from_files(a, w).cl()?;
+            Some(pretrained.with_new_head(classes, args.seed).cl()?)
+        }
+        _ => None,
     };
-    let arch = ArchDescriptor::from_json(&arch_bytes).cl()?;
+    let spec = match &init {
+        Some(m) => m.spec.clone(),
+        None => {
+            let arch_bytes = match &args.arch {
+                Some(p) => std::fs::read(p).map_err(|e| CloudError::io(p, e))?,
+                None => default_oracle_arch(data.spec.channels, classes).into_bytes(),
+            };
+            ArchDescriptor::from_json(&arch_bytes).cl()?.spec
+        }
+    };
     let train = &data.train;
     let test = data.test.as_ref();
     let per_epoch = TrainOracleConfig::steps_for_epochs(1.0, train.len(), args.batch);
-    let epochs_steps = TrainOracleConfig::steps_for_epochs(args.epochs, train.len(), args.batch);
+    let epochs_steps = TrainOracleConfig::steps_for_epochs(epochs, train.len(), args.batch);
     let steps = args.max_steps.unwrap_or(epochs_steps);
+    let warmup_epochs = args.warmup_epochs.unwrap_or(d.warmup_epochs);
     let config = TrainOracleConfig {
         steps,
         batch: args.batch,
-        lr: args.lr,
-        warmup_steps: ((args.warmup_epochs.max(0.0) * per_epoch as f64) as u64).min(steps),
+        lr: args.lr.unwrap_or(d.lr),
+        warmup_steps: ((warmup_epochs.max(0.0) * per_epoch as f64) as u64).min(steps),
         weight_decay: args.weight_decay,
         normalize: data.spec.normalize(),
         augment: data.augment,
@@ -263,13 +337,14 @@ pub fn run_train_oracle(
     let pb = bar(steps);
     let mut sink = |e: &ProgressEvent| show(&pb, e);
     let (model, report) = train_oracle_resumable(
-        &arch.spec,
+        &spec,
         &config,
         train,
         test,
         &mut sink,
         cancel,
         Some(&ck),
+        init.as_ref(),
     )?;
     pb.finish_and_clear();
     std::fs::create_dir_all(&args.out_dir).map_err(|e| CloudError::io(&args.out_dir, e))?;
@@ -280,8 +355,12 @@ pub fn run_train_oracle(
         )
         .cl()?;
     let json = serde_json::json!({
+        "mode": if init.is_some() { "fine-tune" } else { "scratch" },
         "steps": report.steps,
         "batch": config.batch,
+        "lr": config.lr,
+        "warmup_steps": config.warmup_steps,
+        "classes": classes,
         "first_loss": report.first_loss,
         "last_loss": report.last_loss,
         "final_mean_loss": report.final_mean_loss,
@@ -319,6 +398,9 @@ pub fn run_elastify(
         }
     }
     let oracle = Model::from_files(&args.oracle_arch, &args.oracle_weights).cl()?;
+    let shape = DataShape::of_training(args.data.dir().display().to_string(), &data);
+    let oracle_name = args.oracle_arch.display().to_string();
+    check_fit(&oracle_name, &oracle.spec, &shape, HeadFit::Keep)?;
     let weights =
         std::fs::read(&args.oracle_weights).map_err(|e| CloudError::io(&args.oracle_weights, e))?;
     let ck = DirCheckpoints::new(
@@ -364,10 +446,11 @@ pub fn oracle_summary(r: &OracleReport) -> String {
         format!("{:.2} %", a * 100.0)
     });
     format!(
-        "oracle trained: {} steps in {:.1} s, {:.0} images/s\n  test accuracy: {acc}\n  loss: {:.4} -> {:.4} (mean of the last steps {:.4})",
+        "oracle trained: {} steps in {:.1} s, {:.0} images/s on {} threads\n  test accuracy: {acc}\n  loss: {:.4} -> {:.4} (mean of the last steps {:.4})",
         r.steps,
         r.train_time.as_secs_f64(),
         r.images_per_sec,
+        adaptivenet_kernels::threads::current(),
         r.first_loss,
         r.last_loss,
         r.final_mean_loss

@@ -140,13 +140,19 @@ pub fn train_oracle(
     progress: &mut dyn ProgressSink,
     cancel: &CancellationToken,
 ) -> Result<(Model, OracleReport)> {
-    train_oracle_resumable(spec, config, train, test, progress, cancel, None)
+    train_oracle_resumable(spec, config, train, test, progress, cancel, None, None)
 }
 
 /// [`train_oracle`] with checkpoints: resumes from the latest one if `checkpoints` holds one
 /// for the same recipe and architecture, writes one every `config.checkpoint_every` steps and
 /// on cancel. Batches and augmentation are pure functions of (seed, step), so a resumed run
 /// ends in exactly the state of an uninterrupted one.
+///
+/// `init` fine-tunes: training starts from these weights (e.g. pretrained ones given a fresh
+/// head by [`Model::with_new_head`]) instead of a seeded initialisation; its spec must be
+/// `spec`. The weights' digest is part of the checkpoint fingerprint, so a checkpoint is never
+/// resumed onto another starting point.
+#[allow(clippy::too_many_arguments)]
 pub fn train_oracle_resumable(
     spec: &ModelSpec,
     config: &TrainOracleConfig,
@@ -155,13 +161,29 @@ pub fn train_oracle_resumable(
     progress: &mut dyn ProgressSink,
     cancel: &CancellationToken,
     checkpoints: Option<&dyn CheckpointIo>,
+    init: Option<&Model>,
 ) -> Result<(Model, OracleReport)> {
     config.validate()?;
     check_data(spec, train, "train")?;
     if let Some(t) = test {
         check_data(spec, t, "test")?;
     }
-    let init = Model::init(spec, config.seed).cl()?;
+    let mut fingerprint = config.fingerprint(spec);
+    let init = match init {
+        Some(m) => {
+            if m.spec != *spec {
+                return Err(CloudError::invalid(
+                    "init",
+                    "the initial weights belong to another architecture",
+                ));
+            }
+            let digest = m.weights_digest().cl()?;
+            fingerprint =
+                crate::blobs::sha256_hex(format!("{fingerprint}|init:{digest}").as_bytes());
+            m.clone()
+        }
+        None => Model::init(spec, config.seed).cl()?,
+    };
     let mut stem = TrainModule::new(&init.stem).cl()?;
     let mut blocks = init
         .blocks
@@ -186,7 +208,6 @@ pub fn train_oracle_resumable(
     let transform = train_transform(&config.normalize, &config.augment);
     let mut sampler = BatchSampler::new(train.len(), config.seed);
     let num = &spec.numerics;
-    let fingerprint = config.fingerprint(spec);
     let mut losses = Vec::with_capacity(config.steps as usize);
     let mut first_step = 0u64;
     // Training time of earlier (checkpointed) runs, so images/s covers the whole training.

@@ -21,7 +21,8 @@ use adaptivenet_core::artifact::{params_to_safetensors, sha256_hex};
 use adaptivenet_core::data::{AugmentPolicy, Dataset, Normalize};
 use adaptivenet_core::model::{Model, Params, TrainCtx};
 use adaptivenet_core::supernet::{
-    branches::build_supernet, module_name, Subnet, Supernet, SupernetConfig,
+    branches::{build_supernet, check_kinds_fit},
+    module_name, Subnet, Supernet, SupernetConfig,
 };
 use candle_core::{Device, Tensor};
 use tokio_util::sync::CancellationToken;
@@ -255,6 +256,8 @@ pub fn elastify(
 ) -> Result<ElastifyOutcome> {
     let sn_cfg = config.validate()?;
     check_data(&oracle.spec, data, "data")?;
+    // A requested kind that fits no block of this family's chain is refused, not ignored.
+    check_kinds_fit(&oracle.spec, &sn_cfg).cl()?;
     let mut supernet = build_supernet(oracle, &sn_cfg).cl()?;
     if supernet.spec.count() <= 1 {
         return Err(CloudError::invalid(

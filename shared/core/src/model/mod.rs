@@ -367,6 +367,53 @@ impl Model {
         })
     }
 
+    /// The same model with a fresh classifier for `classes` outputs: the start of fine-tuning
+    /// pretrained weights on a dataset with other classes. Only the final linear layer
+    /// (`head.fc.*`, every family's classifier) is re-initialised, seeded and PyTorch-default
+    /// like [`Model::init`]; the stem, blocks and the head's 1x1 conv (MobileNetV2,
+    /// EfficientNet-Lite) keep their weights bit for bit, so the learned features carry over.
+    pub fn with_new_head(&self, classes: usize, seed: u64) -> Result<Model> {
+        use rand::SeedableRng;
+        if classes == 0 {
+            return Err(CoreError::InvalidConfig {
+                field: "classes".into(),
+                reason: "a head needs at least one class".into(),
+            });
+        }
+        let mut spec = self.spec.clone();
+        spec.head.classes = classes;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut head = self.head.clone();
+        for (n, s) in spec.head.param_shapes() {
+            if n.starts_with("fc.") {
+                let t = crate::supernet::branches::fresh_tensor(&n, &s, &mut rng)?;
+                head.insert(n, t);
+            }
+        }
+        Ok(Model {
+            spec,
+            stem: self.stem.clone(),
+            blocks: self.blocks.clone(),
+            head,
+        })
+    }
+
+    /// sha256 of every tensor's name, shape and f32 bytes in canonical order: identifies a
+    /// model's weights (e.g. the starting point a training checkpoint belongs to).
+    pub fn weights_digest(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (n, t) in self.canonical_tensors() {
+            h.update(n.as_bytes());
+            h.update(format!("{:?}", t.dims()).as_bytes());
+            let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            for x in v {
+                h.update(x.to_le_bytes());
+            }
+        }
+        Ok(format!("{:x}", h.finalize()))
+    }
+
     /// Reads an architecture descriptor and a weight file of any supported format.
     pub fn from_files(arch_json: &std::path::Path, weights: &std::path::Path) -> Result<Model> {
         let bytes = std::fs::read(arch_json).map_err(|e| CoreError::io(arch_json, e))?;

@@ -27,24 +27,44 @@ pub fn prune_ratio(block: &BlockSpec, kind: BranchKind) -> f64 {
 
 /// The spec of a branch of `kind` at position `i`, or `None` where the rules forbid it.
 pub fn branch_spec(oracle: &ModelSpec, i: usize, kind: BranchKind) -> Option<BlockSpec> {
+    branch_fit(oracle, i, kind).ok()
+}
+
+/// The spec of a branch of `kind` at position `i`, or why the rules (METHOD.md §1) forbid it
+/// there: a span past the end of the chain, a merged span with more than one strided block
+/// (a single depthwise / 3x3 stride cannot reproduce two reductions), pruning the last block
+/// or an MBConv block without an expansion (it has no expanded channels to remove).
+pub fn branch_fit(
+    oracle: &ModelSpec,
+    i: usize,
+    kind: BranchKind,
+) -> std::result::Result<BlockSpec, String> {
     let blocks = &oracle.blocks;
     let n = blocks.len();
-    let first = &blocks[i];
+    let first = blocks
+        .get(i)
+        .ok_or_else(|| format!("the chain has {n} blocks"))?;
     match kind {
         BranchKind::Merge2 | BranchKind::Merge3 => {
             let span = kind.span();
             if i + span > n {
-                return None;
+                return Err(format!(
+                    "a span of {span} from block {i} passes the end of the {n}-block chain"
+                ));
             }
             let strides: Vec<usize> = blocks[i..i + span].iter().map(|b| b.stride()).collect();
             // At most one strided block: a single conv stride must reproduce the span's
             // spatial reduction (this is the MBConv rule, and keeps ResNet shapes exact too).
-            if strides.iter().filter(|&&s| s != 1).count() > 1 {
-                return None;
+            let strided = strides.iter().filter(|&&s| s != 1).count();
+            if strided > 1 {
+                return Err(format!(
+                    "blocks {i}..={} hold {strided} strided blocks; a merge may hold at most one",
+                    i + span - 1
+                ));
             }
             let stride = strides.into_iter().max().unwrap_or(1);
             let cout = blocks[i + span - 1].cout();
-            Some(match *first {
+            Ok(match *first {
                 BlockSpec::Basic { cin, mid, .. } => BlockSpec::Basic {
                     cin,
                     mid,
@@ -78,23 +98,59 @@ pub fn branch_spec(oracle: &ModelSpec, i: usize, kind: BranchKind) -> Option<Blo
         }
         BranchKind::Prune1 | BranchKind::Prune2 => {
             if i + 1 == n {
-                return None;
+                return Err(format!(
+                    "block {i} is the last block, which is never pruned"
+                ));
             }
             if let BlockSpec::MbConv { expand: false, .. } = first {
-                return None;
+                return Err(format!(
+                    "block {i} is an MBConv block without an expansion conv: it has no \
+                     expanded channels to prune"
+                ));
             }
             let keep = kept_channels(first.inner(), prune_ratio(first, kind));
             if keep == first.inner() {
-                return None;
+                return Err(format!(
+                    "block {i} has {} inner channels: too few to prune",
+                    first.inner()
+                ));
             }
             let mut b = first.clone();
             match &mut b {
                 BlockSpec::Basic { mid, .. } | BlockSpec::Bottleneck { mid, .. } => *mid = keep,
                 BlockSpec::MbConv { hidden, .. } => *hidden = keep,
             }
-            Some(b)
+            Ok(b)
         }
     }
+}
+
+/// Refuses a config that asks for a branch kind fitting no position of `oracle`'s chain (so
+/// the request could only be silently ignored), naming the kind and why each block refuses
+/// it. Kinds that fit some positions are built there and skipped elsewhere, as the method's
+/// rules say.
+pub fn check_kinds_fit(oracle: &ModelSpec, config: &SupernetConfig) -> Result<()> {
+    for &kind in &config.branches {
+        let mut why = Vec::new();
+        for i in 0..oracle.blocks.len() {
+            match branch_fit(oracle, i, kind) {
+                Ok(_) => break,
+                Err(reason) => why.push(reason),
+            }
+        }
+        if why.len() == oracle.blocks.len() {
+            return Err(CoreError::InvalidConfig {
+                field: "branches".into(),
+                reason: format!(
+                    "{} does not fit any block of this {} chain: {}",
+                    kind.name(),
+                    oracle.family,
+                    why.join("; ")
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn kept_channels(c: usize, ratio: f64) -> usize {

@@ -56,6 +56,16 @@ impl BranchKind {
         BranchKind::ALL.into_iter().find(|k| k.id() == id)
     }
 
+    /// The config name of this kind (what [`BranchKind::parse`] reads).
+    pub fn name(self) -> &'static str {
+        match self {
+            BranchKind::Merge2 => "merge2",
+            BranchKind::Merge3 => "merge3",
+            BranchKind::Prune1 => "prune1",
+            BranchKind::Prune2 => "prune2",
+        }
+    }
+
     /// Parses a config name (`merge2`, `merge3`, `prune1`, `prune2`).
     pub fn parse(name: &str) -> Result<BranchKind> {
         match name {
