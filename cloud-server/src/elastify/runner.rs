@@ -19,7 +19,7 @@ use super::{CheckpointIo, ElastifyConfig, OrCloud};
 use crate::blobs::sha256_hex;
 use crate::datasets::DatasetFormat;
 use crate::error::{CloudError, Result};
-use crate::jobs::{CheckpointStore, JobContext, JobOutput, JobRunner};
+use crate::jobs::{CheckpointStore, JobContext, JobOutput, JobRunner, OracleOutput};
 
 /// The job's `params_json`: every field optional, unknown fields rejected (a typo must not
 /// silently train with defaults).
@@ -93,9 +93,9 @@ impl JobParams {
 }
 
 /// Checkpoints of a job in the blob store, from the blocking training thread.
-struct BlobCheckpoints {
-    store: CheckpointStore,
-    rt: tokio::runtime::Handle,
+pub(crate) struct BlobCheckpoints {
+    pub(crate) store: CheckpointStore,
+    pub(crate) rt: tokio::runtime::Handle,
 }
 
 impl CheckpointIo for BlobCheckpoints {
@@ -107,13 +107,18 @@ impl CheckpointIo for BlobCheckpoints {
     }
 }
 
-/// Runs elastification jobs on registered datasets (uploaded or `file://`, IDX or ImageFolder).
+/// Runs elastification and oracle-training jobs on registered datasets (uploaded or
+/// `file://`, IDX or ImageFolder).
 #[derive(Debug, Default)]
 pub struct ElastifyRunner;
 
 impl JobRunner for ElastifyRunner {
     fn run(&self, ctx: JobContext) -> BoxFuture<'static, Result<JobOutput>> {
         Box::pin(run_job(ctx))
+    }
+
+    fn train_oracle(&self, ctx: JobContext) -> BoxFuture<'static, Result<OracleOutput>> {
+        Box::pin(super::train_job::run_train_job(ctx))
     }
 }
 
@@ -134,8 +139,12 @@ async fn run_job(ctx: JobContext) -> Result<JobOutput> {
         .await?;
     let data_dir = crate::datasets::materialise(&ctx.blobs, &dataset).await?;
     let format = DatasetFormat::parse("dataset.format", &dataset.format)?;
-    let arch = ArchDescriptor::from_json(ctx.oracle.arch_json.as_bytes()).cl()?;
-    let weights = ctx.blobs.read(&ctx.oracle.weights_sha256).await?;
+    let oracle = ctx
+        .oracle
+        .as_ref()
+        .ok_or_else(|| CloudError::Internal("elastification job without an oracle".into()))?;
+    let arch = ArchDescriptor::from_json(oracle.arch_json.as_bytes()).cl()?;
+    let weights = ctx.blobs.read(&oracle.weights_sha256).await?;
     let out_dir = tempfile_dir(ctx.blobs.root())?;
     let rt = tokio::runtime::Handle::current();
     let ck = BlobCheckpoints {
