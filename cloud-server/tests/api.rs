@@ -998,7 +998,7 @@ async fn job_lease_takeover(db: Db) {
         .start_elastification(authed(
             pb::StartElastificationRequest {
                 oracle_id: o.id.clone(),
-                params_json: "{\"epochs\":1}".into(),
+                params_json: "{\"seed\":1}".into(),
                 ..Default::default()
             },
             &dev,

@@ -421,11 +421,12 @@ async fn upload_and_rules(db: Db) {
         assert!(err.message().contains(needle), "{uri}: {}", err.message());
     }
 
-    // Delete: refused while a job uses the dataset, allowed once it is cancelled.
-    let oracle = upload(&h, &dev, "o", &safetensors_bytes(3000, 1))
+    // Delete: refused while a job uses the dataset, allowed once it is cancelled. The oracle
+    // fits the dataset (3 channels, 3 classes; two blocks for a merge), or the job would not
+    // be queued.
+    let arch = br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[2],"widths":[8],"in_channels":3,"num_classes":3}"#;
+    let oracle = upload_arch(&h, &dev, "o", arch, &fixture_weights(arch, 1))
         .await
-        .unwrap()
-        .oracle
         .unwrap();
     let job = h
         .developer()
@@ -434,7 +435,7 @@ async fn upload_and_rules(db: Db) {
                 oracle_id: oracle.id.clone(),
                 dataset_id: id.clone(),
                 supernet_name: String::new(),
-                params_json: String::new(),
+                params_json: r#"{"val_size":2,"branches":["merge2"]}"#.into(),
             },
             &dev,
         ))
@@ -668,29 +669,8 @@ async fn uploaded_rgb_folder_elastified(db: Db) {
     assert_eq!((spec.channels, spec.height, spec.width), (3, 16, 16));
 
     let arch = br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[2],"widths":[8],"in_channels":3,"num_classes":3}"#;
-    let weights = fixture_weights(arch, 7);
-    let msgs = vec![
-        pb::UploadOracleRequest {
-            msg: Some(pb::upload_oracle_request::Msg::Header(
-                pb::OracleUploadHeader {
-                    name: "rgb-oracle".into(),
-                    arch_json: arch.to_vec(),
-                    size_bytes: weights.len() as u64,
-                    weights_sha256: sha256_hex(&weights),
-                },
-            )),
-        },
-        pb::UploadOracleRequest {
-            msg: Some(pb::upload_oracle_request::Msg::Chunk(weights.clone())),
-        },
-    ];
-    let oracle = h
-        .developer()
-        .upload_oracle(authed(futures::stream::iter(msgs), &dev))
+    let oracle = upload_arch(&h, &dev, "rgb-oracle", arch, &fixture_weights(arch, 7))
         .await
-        .unwrap()
-        .into_inner()
-        .oracle
         .unwrap();
     let job = h
         .developer()

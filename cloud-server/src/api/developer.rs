@@ -16,6 +16,8 @@ use crate::domain::{
     check_name, check_sha256, now_ms, parse_id, Dataset, FleetEventKind, Job, JobKind, JobState,
     Oracle, Page, Role,
 };
+use crate::elastify::fit::{check_fit, DataShape, HeadFit};
+use crate::elastify::params::JobParams;
 use crate::error::CloudError;
 use crate::ops::metrics::Metrics;
 use crate::validate::validate_oracle_file;
@@ -239,6 +241,26 @@ impl DeveloperApi {
     }
 }
 
+/// The checks of [`StartElastification`] that need both the oracle and the dataset: the
+/// branch kinds fit the oracle's chain, `val_size` leaves training images, and the dataset
+/// fits the oracle (channels, classes, input size; FAILED_PRECONDITION naming both).
+///
+/// [`StartElastification`]: DeveloperService::start_elastification
+fn check_oracle_fits(oracle: &Oracle, d: &Dataset, params: &JobParams) -> Result<(), CloudError> {
+    // Uploads validated the descriptor, so this fails only for rows written some other way.
+    let arch = adaptivenet_core::model::ArchDescriptor::from_json(oracle.arch_json.as_bytes())
+        .map_err(|e| {
+            CloudError::FailedPrecondition(format!(
+                "oracle '{}': its stored descriptor does not parse: {e}",
+                oracle.name
+            ))
+        })?;
+    let shape = DataShape::of_record(d);
+    params.check_oracle(&arch.spec, &oracle.name)?;
+    params.check_dataset(&shape)?;
+    check_fit(&oracle.name, &arch.spec, &shape, HeadFit::Keep)
+}
+
 #[tonic::async_trait]
 impl DeveloperService for DeveloperApi {
     async fn upload_oracle(
@@ -372,14 +394,13 @@ impl DeveloperService for DeveloperApi {
         let oracle = store
             .get_oracle(parse_id("oracle_id", &r.oracle_id)?)
             .await?;
-        let dataset_id = if r.dataset_id.is_empty() {
+        let dataset = if r.dataset_id.is_empty() {
             None
         } else {
             Some(
                 store
                     .get_dataset(parse_id("dataset_id", &r.dataset_id)?)
-                    .await?
-                    .id,
+                    .await?,
             )
         };
         let supernet_name = if r.supernet_name.is_empty() {
@@ -393,19 +414,17 @@ impl DeveloperService for DeveloperApi {
         } else {
             r.params_json
         };
-        if params_json.len() > 64 << 10 {
-            return Err(CloudError::invalid("params_json", "larger than 64 KiB").into());
-        }
-        match serde_json::from_str::<serde_json::Value>(&params_json) {
-            Ok(v) if v.is_object() => {}
-            _ => return Err(CloudError::invalid("params_json", "must be a JSON object").into()),
+        // Everything the worker would refuse is refused here, before a row exists.
+        let params = JobParams::parse(&params_json)?;
+        if let Some(d) = &dataset {
+            check_oracle_fits(&oracle, d, &params)?;
         }
         let now = now_ms();
         let job = Job {
             id: Uuid::new_v4(),
             kind: JobKind::Elastify,
             oracle_id: Some(oracle.id),
-            dataset_id,
+            dataset_id: dataset.map(|d| d.id),
             supernet_name,
             params_json,
             arch_json: None,

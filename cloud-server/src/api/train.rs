@@ -1,5 +1,6 @@
 //! `StartOracleTraining`: checks a request completely (name, dataset, exactly one of an
-//! architecture or a base oracle that fits the dataset, `params_json`) and only then queues a
+//! architecture or a base oracle that fits the dataset by `fit::check_fit`, the classes only
+//! from scratch since fine-tuning replaces the head, `params_json`) and only then queues a
 //! `train_oracle` job, so a bad request stores nothing.
 use adaptivenet_core::model::ArchDescriptor;
 use adaptivenet_proto::v1 as pb;
@@ -10,7 +11,8 @@ use super::convert;
 use super::developer::MAX_ARCH_JSON;
 use crate::app::App;
 use crate::domain::{check_name, now_ms, parse_id, Job, JobKind, JobState};
-use crate::elastify::train_job::{check_channels, check_scratch_arch, TrainJobParams};
+use crate::elastify::fit::{check_fit, DataShape, HeadFit};
+use crate::elastify::train_job::{check_scratch_arch, TrainJobParams};
 use crate::error::CloudError;
 
 /// Validates and queues an oracle-training job; the caller has authorised the write.
@@ -57,18 +59,21 @@ pub(super) async fn start_oracle_training(
     let dataset = store.get_dataset(dataset_id).await?;
     // What registration recorded about the data (absent only for data not read at
     // registration): the model must take its channels; from scratch, have its classes.
-    let channels = dataset.input_spec.as_ref().map(|s| s.channels);
-    let classes = dataset.summary.as_ref().map(|s| s.classes.len());
+    let shape = DataShape::of_record(&dataset);
+    let (channels, classes) = (shape.channels, shape.classes);
     let oracle_id = match base {
         Some(id) => {
             let o = store.get_oracle(id).await?;
             let arch = ArchDescriptor::from_json(o.arch_json.as_bytes())
                 .map_err(|e| CloudError::Internal(format!("stored oracle descriptor: {e}")))?;
-            check_channels(&arch.spec, channels, "base_oracle_id")?;
+            // The head is replaced for the dataset's classes: any class count fits.
+            check_fit(&o.name, &arch.spec, &shape, HeadFit::Replace)?;
             Some(o.id)
         }
         None => {
-            check_scratch_arch(arch_json.as_deref().unwrap_or_default(), channels, classes)?;
+            let spec =
+                check_scratch_arch(arch_json.as_deref().unwrap_or_default(), channels, classes)?;
+            check_fit("arch_json", &spec, &shape, HeadFit::Keep)?;
             None
         }
     };

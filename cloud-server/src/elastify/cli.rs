@@ -8,6 +8,7 @@ use adaptivenet_core::model::{ArchDescriptor, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
+use super::fit::{check_fit, DataShape, HeadFit};
 use super::oracle::{train_oracle_resumable, OracleReport, TrainOracleConfig};
 use super::pipeline::{elastify_to_artifact, ElastifyPlan, TrainingData};
 use super::supernet::{ElastifyConfig, ElastifyReport};
@@ -184,11 +185,15 @@ pub struct DataArgs {
 
 impl DataArgs {
     /// Reads the dataset, checked before any work; errors name the flag.
-    pub fn read(&self) -> Result<TrainingData> {
-        let dir = self
-            .dataset_dir
+    /// The dataset folder.
+    pub fn dir(&self) -> PathBuf {
+        self.dataset_dir
             .clone()
-            .unwrap_or_else(|| adaptivenet_core::assets_dir().join("fashion-mnist"));
+            .unwrap_or_else(|| adaptivenet_core::assets_dir().join("fashion-mnist"))
+    }
+
+    pub fn read(&self) -> Result<TrainingData> {
+        let dir = self.dir();
         if !dir.is_dir() {
             return Err(CloudError::invalid(
                 "data",
@@ -393,6 +398,9 @@ pub fn run_elastify(
         }
     }
     let oracle = Model::from_files(&args.oracle_arch, &args.oracle_weights).cl()?;
+    let shape = DataShape::of_training(args.data.dir().display().to_string(), &data);
+    let oracle_name = args.oracle_arch.display().to_string();
+    check_fit(&oracle_name, &oracle.spec, &shape, HeadFit::Keep)?;
     let weights =
         std::fs::read(&args.oracle_weights).map_err(|e| CloudError::io(&args.oracle_weights, e))?;
     let ck = DirCheckpoints::new(

@@ -9,6 +9,8 @@
 //! - [`oracle`]: [`oracle::train_oracle`], the small-input ResNet on Fashion-MNIST.
 //! - [`supernet`]: [`supernet::elastify`], stage 0 (path-level feature distillation) and
 //!   stage 1 (CE + KD), with checkpoints and resume.
+//! - [`params`]: a job's `params_json`, parsed and range-checked (keys named in errors).
+//! - [`fit`]: whether a dataset fits an oracle (channels, classes, input vs strides).
 //! - [`priors`]: accuracy of the oracle and of sampled subnets on a validation split.
 //! - [`train_job`]: the oracle-training job body (from scratch or fine-tuned with a new
 //!   head), registered by the worker as a new oracle.
@@ -19,8 +21,10 @@
 //! to record the stage, the step and the sample position; a resumed run ends bit-identical to
 //! an uninterrupted one.
 pub mod cli;
+pub mod fit;
 pub mod optim;
 pub mod oracle;
+pub mod params;
 pub mod pipeline;
 pub mod priors;
 pub mod runner;

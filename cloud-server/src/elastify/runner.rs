@@ -12,85 +12,15 @@ use adaptivenet_core::artifact::read_manifest;
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::weights::read_tensors_from_bytes;
 use futures::future::BoxFuture;
-use serde::Deserialize;
 
+use super::fit::{check_fit, DataShape, HeadFit};
+use super::params::JobParams;
 use super::pipeline::{elastify_to_artifact, ElastifyPlan, TrainingData};
-use super::{CheckpointIo, ElastifyConfig, OrCloud};
+use super::{CheckpointIo, OrCloud};
 use crate::blobs::sha256_hex;
 use crate::datasets::DatasetFormat;
 use crate::error::{CloudError, Result};
 use crate::jobs::{CheckpointStore, JobContext, JobOutput, JobRunner, OracleOutput};
-
-/// The job's `params_json`: every field optional, unknown fields rejected (a typo must not
-/// silently train with defaults).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct JobParams {
-    pub branches: Vec<String>,
-    pub seed: u64,
-    pub stage0_steps: u64,
-    pub stage1_steps: u64,
-    pub batch: usize,
-    pub lr_stage0: f64,
-    pub lr_stage1: f64,
-    pub temperature: f64,
-    /// Weight of an original block against 1 per branch when sampling paths.
-    pub original_weight: f64,
-    pub checkpoint_every: u64,
-    /// Images held out of training for the cloud-side priors.
-    pub val_size: usize,
-    /// Subnets evaluated for the priors (all if the space is at most this large).
-    pub priors: usize,
-    /// Train on at most this many images (0: all); quick presets use a subset.
-    pub max_train_images: usize,
-}
-
-impl Default for JobParams {
-    fn default() -> Self {
-        let c = ElastifyConfig::default();
-        Self {
-            branches: c.branches,
-            seed: c.seed,
-            stage0_steps: c.stage0_steps,
-            stage1_steps: c.stage1_steps,
-            batch: c.batch,
-            lr_stage0: c.lr_stage0,
-            lr_stage1: c.lr_stage1,
-            temperature: c.temperature,
-            original_weight: c.original_weight,
-            checkpoint_every: 50,
-            val_size: 1000,
-            priors: 160,
-            max_train_images: 0,
-        }
-    }
-}
-
-impl JobParams {
-    /// Parses `params_json` (empty means defaults); errors name the field.
-    pub fn parse(json: &str) -> Result<Self> {
-        if json.trim().is_empty() {
-            return Ok(Self::default());
-        }
-        serde_json::from_str(json).map_err(|e| CloudError::invalid("params_json", e.to_string()))
-    }
-
-    pub fn config(&self) -> ElastifyConfig {
-        ElastifyConfig {
-            branches: self.branches.clone(),
-            seed: self.seed,
-            stage0_steps: self.stage0_steps,
-            stage1_steps: self.stage1_steps,
-            batch: self.batch,
-            lr_stage0: self.lr_stage0,
-            lr_stage1: self.lr_stage1,
-            temperature: self.temperature,
-            original_weight: self.original_weight,
-            checkpoint_every: self.checkpoint_every,
-            ..ElastifyConfig::default()
-        }
-    }
-}
 
 /// Checkpoints of a job in the blob store, from the blocking training thread.
 pub(crate) struct BlobCheckpoints {
@@ -123,9 +53,9 @@ impl JobRunner for ElastifyRunner {
 }
 
 async fn run_job(ctx: JobContext) -> Result<JobOutput> {
+    // Checked when the job was requested too; a row written otherwise must not train either.
     let params = JobParams::parse(&ctx.job.params_json)?;
     let config = params.config();
-    config.validate()?;
     let dataset_id = ctx.job.dataset_id.ok_or_else(|| {
         CloudError::FailedPrecondition(
             "dataset_id: elastification trains on a registered data set; register one first".into(),
@@ -137,13 +67,17 @@ async fn run_job(ctx: JobContext) -> Result<JobOutput> {
         .store()
         .get_dataset(dataset_id)
         .await?;
-    let data_dir = crate::datasets::materialise(&ctx.blobs, &dataset).await?;
-    let format = DatasetFormat::parse("dataset.format", &dataset.format)?;
     let oracle = ctx
         .oracle
         .as_ref()
         .ok_or_else(|| CloudError::Internal("elastification job without an oracle".into()))?;
     let arch = ArchDescriptor::from_json(oracle.arch_json.as_bytes()).cl()?;
+    let shape = DataShape::of_record(&dataset);
+    params.check_oracle(&arch.spec, &oracle.name)?;
+    params.check_dataset(&shape)?;
+    check_fit(&oracle.name, &arch.spec, &shape, HeadFit::Keep)?;
+    let data_dir = crate::datasets::materialise(&ctx.blobs, &dataset).await?;
+    let format = DatasetFormat::parse("dataset.format", &dataset.format)?;
     let weights = ctx.blobs.read(&oracle.weights_sha256).await?;
     let out_dir = tempfile_dir(ctx.blobs.root())?;
     let rt = tokio::runtime::Handle::current();

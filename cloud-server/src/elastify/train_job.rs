@@ -14,6 +14,7 @@ use adaptivenet_core::weights::read_tensors_from_bytes;
 use serde::{Deserialize, Serialize};
 
 use super::cli::{TrainDefaults, FINETUNE_DEFAULTS, SCRATCH_DEFAULTS};
+use super::fit::{check_fit, DataShape, HeadFit};
 use super::oracle::{train_oracle_resumable, TrainOracleConfig};
 use super::pipeline::TrainingData;
 use super::runner::BlobCheckpoints;
@@ -242,9 +243,9 @@ pub fn check_scratch_arch(
     Ok(spec)
 }
 
-/// The model must take the dataset's channels. (The input size need not match: every family
-/// pools globally before its classifier.)
-pub fn check_channels(spec: &ModelSpec, channels: Option<usize>, field: &str) -> Result<()> {
+/// The model must take the dataset's channels (a request-field error naming `field`; the
+/// stored-data checks are `fit::check_fit`'s).
+fn check_channels(spec: &ModelSpec, channels: Option<usize>, field: &str) -> Result<()> {
     match channels {
         Some(c) if c != spec.stem.cin => Err(CloudError::invalid(
             field,
@@ -272,6 +273,10 @@ pub async fn run_train_job(ctx: JobContext) -> Result<OracleOutput> {
         Pretrained(ArchDescriptor, Vec<u8>),
         Scratch(ModelSpec),
     }
+    let base_name = ctx
+        .oracle
+        .as_ref()
+        .map_or_else(String::new, |o| o.name.clone());
     let base = match (&ctx.oracle, &ctx.job.arch_json) {
         (Some(o), _) => Base::Pretrained(
             ArchDescriptor::from_json(o.arch_json.as_bytes()).cl()?,
@@ -303,12 +308,17 @@ pub async fn run_train_job(ctx: JobContext) -> Result<OracleOutput> {
         let (init, spec) = match base {
             Base::Pretrained(arch, weights) => {
                 let m = Model::load(&arch, read_tensors_from_bytes(&weights).cl()?).cl()?;
-                check_channels(&m.spec, Some(data.spec.channels), "base_oracle_id")?;
+                let shape = DataShape::of_training(&dataset.name, &data);
+                check_fit(&base_name, &m.spec, &shape, HeadFit::Replace)?;
                 let m = m.with_new_head(n_classes, params.seed).cl()?;
                 let spec = m.spec.clone();
                 (Some(m), spec)
             }
-            Base::Scratch(spec) => (None, spec),
+            Base::Scratch(spec) => {
+                let shape = DataShape::of_training(&dataset.name, &data);
+                check_fit("arch_json", &spec, &shape, HeadFit::Keep)?;
+                (None, spec)
+            }
         };
         let (train, eval, split) = eval_split(&data, &params)?;
         let mut config = params.recipe(init.is_some(), train.len());

@@ -347,6 +347,35 @@ pub async fn upload(
         .map(|r| r.into_inner())
 }
 
+/// Uploads an oracle of descriptor `arch` (e.g. [`arch_json`]) with `weights` (e.g.
+/// [`fixture_weights`]) as `token`, in one chunk.
+pub async fn upload_arch(
+    h: &Harness,
+    token: &str,
+    name: &str,
+    arch: &[u8],
+    weights: &[u8],
+) -> Result<pb::Oracle, tonic::Status> {
+    use pb::upload_oracle_request::Msg;
+    let msgs = vec![
+        pb::UploadOracleRequest {
+            msg: Some(Msg::Header(pb::OracleUploadHeader {
+                name: name.into(),
+                arch_json: arch.to_vec(),
+                size_bytes: weights.len() as u64,
+                weights_sha256: sha256_hex(weights),
+            })),
+        },
+        pb::UploadOracleRequest {
+            msg: Some(Msg::Chunk(weights.to_vec())),
+        },
+    ];
+    h.developer()
+        .upload_oracle(authed(futures::stream::iter(msgs), token))
+        .await
+        .map(|r| r.into_inner().oracle.expect("oracle"))
+}
+
 /// Files under the blob store's final area, and writes in progress (`.part` files) in the
 /// temp area (which also holds each process's scratch lock file).
 pub fn blob_files(h: &Harness) -> (usize, usize) {
