@@ -33,6 +33,8 @@ deploy/dev-certs.sh "$T/certs" device-1 >"$T/dev-certs.log" 2>&1 \
   && ok "deploy/dev-certs.sh: CA, server and device certificates verify" || bad "dev-certs.sh: $(tail -n 3 "$T/dev-certs.log")"
 TLS=(--tls-cert "$T/certs/server.pem" --tls-key "$T/certs/server.key")
 
+# A port nothing listens on now (bound and released by the kernel's choice).
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 healthz() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET /healthz HTTP/1.0\r\n\r\n' >&3 && grep -q '200 OK' <&3; }
 # start NAME SECONDS CMD...: runs CMD, fails if it exits within SECONDS.
 start() { local name=$1 secs=$2; shift 2; "$@" >"$T/$name.log" 2>&1 & local p=$!; PIDS+=("$p"); sleep "$secs"
@@ -41,7 +43,7 @@ start() { local name=$1 secs=$2; shift 2; "$@" >"$T/$name.log" 2>&1 & local p=$!
 for db in sqlite postgres; do
   export ADAPTIVENET_DATA_DIR="$T/data-$db"; unset ADAPTIVENET_DATABASE_URL
   [ "$db" = postgres ] && export ADAPTIVENET_DATABASE_URL="$PG"
-  port=$((50900 + RANDOM % 50)); mport=$((9900 + RANDOM % 50))
+  port=$(free_port); mport=$(free_port)
   "$BIN/cloud-server" migrate >"$T/migrate-$db.log" 2>&1 && ok "[$db] cloud-server migrate" || bad "[$db] migrate: $(tail -n 3 "$T/migrate-$db.log")"
   start "api-$db" 3 "$BIN/cloud-server" serve --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$mport" --workers 0 "${TLS[@]}"
   healthz "$mport" && ok "[$db] /healthz on the metrics listener" || bad "[$db] /healthz"
@@ -61,7 +63,7 @@ unset ADAPTIVENET_DATA_DIR ADAPTIVENET_DATABASE_URL
 # (clap exits 2 on a usage error) to its first real step.
 mkdir -p "$T/state" "$T/data"
 BIN="$BIN" T="$T" PG="$PG" python3 - <<'PY' || FAILED=1
-import json, os, re, subprocess, sys, yaml
+import json, os, re, socket, subprocess, sys, yaml
 BIN, T, PG = os.environ["BIN"], os.environ["T"], os.environ["PG"]
 cm = {}
 for d in yaml.safe_load_all(open("deploy/k8s/configmap.yaml")):
@@ -91,6 +93,11 @@ exec_start = re.search(r"^ExecStart=(\S+) (.*)$", unit, re.M)
 sd_args = [re.sub(r"\$\{(\w+)\}", lambda m: envfile.get(m.group(1), m.group(0)), a) for a in exec_start.group(2).split()]
 cmds.append(("systemd ExecStart", "edge-agent", sd_args, {}))
 failed = 0
+def free_port():
+    # A port nothing listens on now (the kernel's choice), not a fixed one another process may hold.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 # Certificates and keys mounted under /etc/adaptivenet come from the development set.
 certs = lambda a: re.sub(r"^/etc/adaptivenet/(?:tls/)?([^/]+)$", lambda m: f"{T}/certs/{m.group(1)}", a)
 for src, binary, args, env_extra in cmds:
@@ -98,11 +105,11 @@ for src, binary, args, env_extra in cmds:
     for a in args:
         a = re.sub(r"^(https?)://[^/]+$", r"\1://127.0.0.1:9", a)        # a closed local port
         a = certs(a)
-        a = re.sub(r"^0\.0\.0\.0:(\d+)$", lambda m: f"127.0.0.1:{int(m.group(1)) % 1000 + 41000}", a)
+        a = re.sub(r"^0\.0\.0\.0:(\d+)$", lambda m: f"127.0.0.1:{free_port()}", a)
         a = {"/state": f"{T}/state", "/data": f"{T}/data"}.get(a, a)
         a = a.replace("/var/lib/adaptivenet-agent", f"{T}/state").replace("/srv/adaptivenet/data", f"{T}/data")
         local.append(a)
-    env = dict(os.environ, ADAPTIVENET_DATA_DIR=f"{T}/cmd-data", ADAPTIVENET_DATABASE_URL=PG,
+    env = dict(os.environ, RUST_BACKTRACE="0", ADAPTIVENET_DATA_DIR=f"{T}/cmd-data", ADAPTIVENET_DATABASE_URL=PG,
                ADAPTIVENET_ENROLL_TOKEN="anv1_enr_validate",
                **{k: certs(v) for k, v in env_extra.items()})
     long_running = binary == "cloud-server" and local[:1] in (["serve"], ["worker"])

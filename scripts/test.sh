@@ -38,6 +38,17 @@ echo "== TLS (cargo feature tls: real gRPC over rustls; server, CLI client, edge
 # One invocation, so the cloud and the agent share one TLS build of tonic and the crates above it.
 cargo test -p adaptivenet-cloud -p adaptivenet-edge \
   --features adaptivenet-cloud/tls,adaptivenet-edge/tls --test tls 2>&1 | tee -a /tmp/adaptivenet-test.log
+echo "== deploy/ (YAML, kustomize, systemd unit, and every command line of compose, Kubernetes and systemd run with the TLS binaries just built)"
+if [ "${ADAPTIVENET_REQUIRE_PG:-}" = 1 ]; then
+  DEPLOY_DB="an_deploy_$$"
+  psql -q -h 127.0.0.1 -U postgres -d test -c "CREATE DATABASE $DEPLOY_DB"
+  deploy_rc=0
+  BIN="$CARGO_TARGET_DIR/debug" deploy/validate.sh "postgres://postgres@127.0.0.1:5432/$DEPLOY_DB" || deploy_rc=$?
+  psql -q -h 127.0.0.1 -U postgres -d test -c "DROP DATABASE $DEPLOY_DB WITH (FORCE)"
+  [ "$deploy_rc" = 0 ]
+else
+  echo "skipped: deploy/validate.sh runs the PostgreSQL configuration too"
+fi
 echo "== S3 (blob tests with --features s3 against a local S3-compatible server: moto, pinned)"
 # moto in server mode from PyPI, in a venv next to the target dir, on 127.0.0.1 and a free
 # port; stopped on exit. A server that cannot start fails the run.

@@ -3,6 +3,26 @@
 //! `cargo bench --bench accuracy_latency` (from the repository root; needs the assets of
 //! `scripts/fetch-assets.sh`). Environment:
 //!
+//! * `ACC_MODEL=resnet20|lite0` (default `resnet20`, the table below) and
+//!   `ACC_DATASET=fmnist|fmnist-rgb64` (default: `fmnist` for ResNet-20, `fmnist-rgb64` for
+//!   Lite0). `lite0` prints a second table (code in `accuracy_latency/lite0.rs`): the real
+//!   EfficientNet-Lite0 ImageNet weights (`efficientnet-lite0/…pth` in the assets) with a
+//!   fresh 10-class head, fine-tuned on Fashion-MNIST rendered once as 3x64x64 RGB PNGs into
+//!   an ImageFolder under the work directory (`fmnist-rgb64-<train>-<test>/`, cached) and read
+//!   through the cloud's `TrainingData::read` (mean/std from the data, crop-4 + flip);
+//!   elastified with merge-2/3 and both prune levels; then, as below, chosen on a held-out
+//!   search split and reported on test images at budgets 0.5 to 0.9 of the oracle's batch-1
+//!   latency (1 thread, two passes), beside the same candidates with untrained branches.
+//!   Lite0's space is too large to enumerate: the candidates are a seeded sample
+//!   stratified by a latency proxy, plus the oracle path. Its presets (`ACC_PRESET`):
+//!   `quick` (2,300 train / 500 test images, 60 fine-tuning and 25 + 25 elastification
+//!   steps of batch 32, 12 candidates; minutes), `medium` (12,000 / 2,000, 700 and 500 + 500 steps, 60
+//!   candidates), `full` (all 60,000 / 10,000, 2,800 steps of 64 and 2,000 + 2,000, 160
+//!   candidates). `ACC_FINETUNE_STEPS=N` and `ACC_CANDIDATES=K` override the preset;
+//!   `ACC_STAGE_STEPS`, `ACC_ROUNDS`, `ACC_TRAIN_THREADS` and `ACC_FRESH` apply as below;
+//!   `ACC_WORK_DIR` is the root holding `lite0-<preset>/` and the rendered images. BENCH keys:
+//!   `lite0_oracle_acc`, `lite0_retained_at_0_5` … `_0_9`, `lite0_untrained_at_0_6` / `_0_8`,
+//!   `lite0_finetune_samples_per_s`, `lite0_elastify_samples_per_s`.
 //! * `ACC_PRESET=full|quick` (default `full`): `full` is the reference recipe (17-epoch
 //!   ResNet-20 oracle; 3,450 + 4,730 elastification steps of batch 128, the sample budget of
 //!   the PyTorch reference run in issue #4; 100 timed rounds);
@@ -71,6 +91,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+
+#[path = "accuracy_latency/lite0.rs"]
+mod lite0;
 
 const BUDGETS: [f64; 10] = [0.50, 0.55, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90, 0.95];
 const SEARCH_IMAGES: usize = 1000;
@@ -722,7 +745,6 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
-    let p = Preset::from_env()?;
     // Training and accuracy evaluation run like the cloud's (`cloud-server --threads`
     // default): on every hardware thread. Latency is measured at 1 and 2 threads below.
     let train_threads = match std::env::var("ACC_TRAIN_THREADS") {
@@ -734,6 +756,34 @@ fn main() -> Result<()> {
         Err(_) => threads::available(),
     };
     threads::set_max_threads(train_threads);
+    let model = std::env::var("ACC_MODEL").unwrap_or_else(|_| "resnet20".into());
+    let dataset = std::env::var("ACC_DATASET");
+    match model.as_str() {
+        "resnet20" => {
+            if let Ok(d) = dataset.as_deref() {
+                if d != "fmnist" {
+                    bail!("ACC_MODEL=resnet20 runs on ACC_DATASET=fmnist (28x28 grey), not {d}");
+                }
+            }
+        }
+        "lite0" => {
+            let root = std::env::var("ACC_WORK_DIR").map_or_else(
+                |_| {
+                    std::env::var("CARGO_TARGET_DIR")
+                        .map_or_else(
+                            |_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+                            PathBuf::from,
+                        )
+                        .join("accuracy_latency")
+                },
+                PathBuf::from,
+            );
+            let d = dataset.unwrap_or_else(|_| "fmnist-rgb64".into());
+            return lite0::run(&root, train_threads, &d);
+        }
+        other => bail!("ACC_MODEL={other}: expected `resnet20` or `lite0`"),
+    }
+    let p = Preset::from_env()?;
     let dir = adaptivenet_core::assets_dir().join("fashion-mnist");
     if !dir.join("train-images-idx3-ubyte.gz").exists() {
         println!(

@@ -25,8 +25,14 @@
 //! load, the bench checks that the database holds every acknowledged report (sum of
 //! `report_count`) and that dashboard aggregates count every reporting device.
 //!
+//! `FLEET_SCENARIO=cadence` runs the 10,000-agent scenario instead: agents at their real
+//! cadence against a `cloud-server serve` child process, then a reconnect storm after a
+//! restart (see `fleet/cadence.rs` for its knobs and BENCH keys).
+//!
 //! PostgreSQL: `postgres://postgres@127.0.0.1:5432/test` is used to create and drop a uniquely
 //! named database; when unreachable the reason is printed and the PG figures are null.
+#[path = "fleet/cadence.rs"]
+mod cadence;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -56,6 +62,11 @@ struct Opts {
     chunk: u32,
     db: String,
     threads: usize,
+    /// `steady` (the default run above) or `cadence` (see `fleet/cadence.rs`).
+    scenario: String,
+    report_secs: f64,
+    storm_secs: f64,
+    storm_connections: usize,
 }
 
 fn knob(args: &[String], name: &str, default: &str) -> String {
@@ -79,11 +90,22 @@ impl Opts {
     fn parse() -> Result<Self> {
         let args: Vec<String> = std::env::args().collect();
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let scenario = knob(&args, "scenario", "steady");
+        let cadence = match scenario.as_str() {
+            "steady" => false,
+            "cadence" => true,
+            other => bail!("FLEET_SCENARIO: {other:?} is neither steady nor cadence"),
+        };
+        let agents: usize = num(&args, "agents", if cadence { "10000" } else { "1000" })?;
         let o = Opts {
-            agents: num(&args, "agents", "1000")?,
-            secs: num(&args, "secs", "10")?,
+            agents,
+            secs: num(&args, "secs", if cadence { "90" } else { "10" })?,
             rate: num(&args, "rate", "2500")?,
-            hb_secs: num(&args, "hb-secs", "5")?,
+            hb_secs: num(&args, "hb-secs", if cadence { "10" } else { "5" })?,
+            report_secs: num(&args, "report-secs", "60")?,
+            storm_secs: num(&args, "storm-secs", "5")?,
+            storm_connections: num(&args, "storm-connections", &agents.to_string())?,
+            scenario,
             probe_secs: num(&args, "probe-secs", "3")?,
             probe_inflight: num(&args, "probe-inflight", "64")?,
             channels: num(&args, "channels", "4")?,
@@ -94,6 +116,12 @@ impl Opts {
         };
         if o.agents == 0 || o.channels == 0 || o.rate <= 0.0 || o.secs <= 0.0 {
             bail!("agents, channels, rate and secs must be positive");
+        }
+        if o.hb_secs <= 0.0 || o.report_secs <= 0.0 || o.storm_secs <= 0.0 {
+            bail!("hb-secs, report-secs and storm-secs must be positive");
+        }
+        if o.storm_connections == 0 {
+            bail!("storm-connections must be positive");
         }
         Ok(o)
     }
@@ -231,31 +259,36 @@ async fn setup_fleet(h: &Harness, big: Option<&[u8]>) -> Result<(String, String)
     Ok((fleet.id, supernet))
 }
 
-/// Enrolls `n` agents over `channels` (bounded concurrency); returns their credentials.
+/// Enrolls `n` agents over `channels` (bounded concurrency), with enrollment tokens made by
+/// `admin` (one per 10,000 agents, the cap of a token's uses); returns their credentials.
 async fn enroll_all(
-    h: &Harness,
+    admin: (&Channel, &str),
     fleet: &str,
     n: usize,
     channels: &[Channel],
 ) -> Result<Vec<String>> {
-    let tok = h
-        .admin_client()
-        .create_enrollment_token(authed(
-            pb::CreateEnrollmentTokenRequest {
-                fleet_id: fleet.to_string(),
-                uses: n as u32,
-                ttl_seconds: 0,
-            },
-            &h.admin,
-        ))
-        .await?
-        .into_inner()
-        .token;
+    const USES: usize = 10_000;
+    let mut toks = Vec::new();
+    for first in (0..n).step_by(USES) {
+        let tok = pb::admin_service_client::AdminServiceClient::new(admin.0.clone())
+            .create_enrollment_token(authed(
+                pb::CreateEnrollmentTokenRequest {
+                    fleet_id: fleet.to_string(),
+                    uses: (n - first).min(USES) as u32,
+                    ttl_seconds: 0,
+                },
+                admin.1,
+            ))
+            .await?
+            .into_inner()
+            .token;
+        toks.push(tok);
+    }
     use futures::StreamExt;
     let creds: Vec<Result<String>> = futures::stream::iter(0..n)
         .map(|i| {
             let mut c = device(&channels[i % channels.len()]);
-            let tok = tok.clone();
+            let tok = toks[i / USES].clone();
             async move {
                 let e = c
                     .enroll(pb::EnrollRequest {
@@ -438,7 +471,7 @@ async fn run_db(
     }
     let mut r = DbResult::default();
     let t = Instant::now();
-    let creds = enroll_all(&h, &fleet, o.agents, &channels).await?;
+    let creds = enroll_all((&h.channel, &h.admin), &fleet, o.agents, &channels).await?;
     r.enroll_s = t.elapsed().as_secs_f64();
 
     let (out, dur) = steady(o, &creds, &channels, &supernet).await;
@@ -610,7 +643,11 @@ fn main() -> Result<()> {
         .worker_threads(o.threads)
         .enable_all()
         .build()?;
-    rt.block_on(run(o))
+    if o.scenario == "cadence" {
+        rt.block_on(cadence::run(o))
+    } else {
+        rt.block_on(run(o))
+    }
 }
 
 /// `FLEET_DURABLE=1`: the server's `--durable-telemetry` (PostgreSQL waits for the WAL

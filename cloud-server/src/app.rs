@@ -529,12 +529,55 @@ impl App {
             .finish_job_with_supernet(
                 &NewSupernet {
                     name: &job.supernet_name,
-                    oracle_id: job.oracle_id,
+                    oracle_id: job.oracle_id.ok_or_else(|| {
+                        CloudError::Internal("elastification job without an oracle".into())
+                    })?,
                     job_id: Some(job.id),
                     manifest_json: manifest,
                     manifest_sha256: &sha256_hex(manifest_json),
                     blobs: &refs,
                 },
+                JobFence {
+                    job_id: job.id,
+                    worker_id,
+                    now: now_ms(),
+                },
+            )
+            .await
+    }
+
+    /// Registers the oracle an oracle-training job produced and settles the job, fenced by
+    /// `worker_id`'s lease like [`App::register_job_supernet`]: the weights are validated
+    /// exactly as an upload is ([`crate::validate::validate_oracle`]), stored as a blob, and
+    /// the oracle row and the job's success committed together. `Ok(None)`: lease lost.
+    pub async fn register_job_oracle(
+        &self,
+        job: &crate::domain::Job,
+        worker_id: &str,
+        out: &crate::jobs::OracleOutput,
+    ) -> Result<Option<crate::domain::Oracle>> {
+        let (arch, weights) = (out.arch_json.clone(), out.weights.clone());
+        let info = tokio::task::spawn_blocking(move || {
+            crate::validate::validate_oracle(arch.as_bytes(), &weights)
+        })
+        .await
+        .map_err(|e| CloudError::Internal(format!("validation task: {e}")))??;
+        let blob = self.blobs().put(&out.weights).await?;
+        let o = crate::domain::Oracle {
+            id: Uuid::new_v4(),
+            name: job.supernet_name.clone(),
+            family: info.family,
+            weights_sha256: blob.sha256,
+            size_bytes: blob.size_bytes,
+            num_params: info.num_params,
+            num_tensors: info.num_tensors,
+            arch_json: out.arch_json.clone(),
+            created_ms: now_ms(),
+        };
+        self.store()
+            .finish_job_with_oracle(
+                &o,
+                &out.report_json,
                 JobFence {
                     job_id: job.id,
                     worker_id,

@@ -137,14 +137,45 @@ impl JobState {
     }
 }
 
-/// An elastification job row.
+/// What a job does; the worker dispatches on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// An oracle becomes a supernet (`StartElastification`).
+    Elastify,
+    /// An oracle is trained on a dataset, from scratch or fine-tuned, and stored as a new
+    /// oracle (`StartOracleTraining`).
+    TrainOracle,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Elastify => "elastify",
+            JobKind::TrainOracle => "train_oracle",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "elastify" => JobKind::Elastify,
+            "train_oracle" => JobKind::TrainOracle,
+            other => return Err(CloudError::Internal(format!("bad job kind {other:?}"))),
+        })
+    }
+}
+
+/// A job row (elastification or oracle training).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     pub id: Uuid,
-    pub oracle_id: Uuid,
+    pub kind: JobKind,
+    /// Elastify: the input oracle. Train-oracle: the oracle fine-tuned (None from scratch).
+    pub oracle_id: Option<Uuid>,
     pub dataset_id: Option<Uuid>,
+    /// Name of the result: the supernet sequence (elastify) or the new oracle (train-oracle).
     pub supernet_name: String,
     pub params_json: String,
+    /// Train-oracle from scratch: the architecture descriptor.
+    pub arch_json: Option<String>,
     pub state: JobState,
     pub stage: String,
     pub progress: f64,
@@ -156,6 +187,10 @@ pub struct Job {
     pub checkpoint_sha256: Option<String>,
     pub error: Option<String>,
     pub supernet_id: Option<Uuid>,
+    /// Train-oracle, on success: the oracle produced.
+    pub result_oracle_id: Option<Uuid>,
+    /// Train-oracle, on success: the readable report (JSON).
+    pub report_json: Option<String>,
     pub created_ms: i64,
     pub updated_ms: i64,
 }

@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use adaptivenet_cloud::datasets::{self, pack, DatasetFormat};
@@ -48,36 +47,6 @@ fn write_rgb_folder(root: &Path) -> [f64; 3] {
     n += 35.0;
     grey.save(root.join("dog").join("grey.png")).unwrap();
     sums.map(|s| s / n)
-}
-
-/// `cloud-server client ...` against the harness, off the runtime's threads.
-async fn cli(h: &Harness, token: &str, args: &[&str]) -> std::process::Output {
-    let endpoint = format!("http://{}", h.handle.as_ref().unwrap().addr);
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cloud-server"));
-    c.args(["client", "--endpoint", &endpoint, "--token", token]);
-    c.args(args);
-    tokio::task::spawn_blocking(move || c.output().expect("run cloud-server client"))
-        .await
-        .unwrap()
-}
-
-fn stdout_ok(o: &std::process::Output) -> String {
-    assert!(
-        o.status.success(),
-        "client failed: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// The id after "dataset " on the first line of `upload-dataset`'s output.
-fn dataset_id(out: &str) -> String {
-    out.split_whitespace()
-        .skip_while(|w| *w != "dataset")
-        .nth(1)
-        .expect("dataset id")
-        .to_string()
 }
 
 /// A raw `UploadDataset` stream of `entries` (name, bytes) packed as the client packs them.
@@ -662,27 +631,6 @@ async fn cli_options_recorded() {
         serde_json::from_str(&got.augment_json).unwrap();
     assert_eq!((aug.crop_padding, aug.hflip), (4, false));
     h.finish().await;
-}
-
-/// `root/<class>/<i>.png`: 3 classes x 20 RGB 16x16 images whose class is told by colour and
-/// by which side is bright (left/right-dependent content).
-fn write_small_rgb_folder(root: &Path) {
-    for (ci, class) in ["left", "right", "tint"].iter().enumerate() {
-        let dir = root.join(class);
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..20u32 {
-            let img = image::RgbImage::from_fn(16, 16, |x, y| {
-                let bright = match ci {
-                    0 => x < 8,
-                    1 => x >= 8,
-                    _ => (x + y) % 2 == 0,
-                };
-                let v = if bright { 200 + (i % 5) as u8 * 10 } else { 20 };
-                image::Rgb([v, (y * 8) as u8, (ci as u8) * 60 + (i as u8)])
-            });
-            img.save(dir.join(format!("{i:02}.png"))).unwrap();
-        }
-    }
 }
 
 /// An uploaded RGB ImageFolder (not Fashion-MNIST) elastified by a real job: the supernet's

@@ -86,7 +86,7 @@ pub fn job_state_from_pb(s: pb::JobState) -> Option<JobState> {
 pub fn job(j: &Job) -> pb::Job {
     pb::Job {
         id: j.id.to_string(),
-        oracle_id: j.oracle_id.to_string(),
+        oracle_id: opt_id(j.oracle_id),
         dataset_id: opt_id(j.dataset_id),
         state: job_state(j.state) as i32,
         stage: j.stage.clone(),
@@ -98,6 +98,9 @@ pub fn job(j: &Job) -> pb::Job {
         created_unix_ms: j.created_ms,
         updated_unix_ms: j.updated_ms,
         params_json: j.params_json.clone(),
+        kind: j.kind.as_str().to_string(),
+        result_oracle_id: opt_id(j.result_oracle_id),
+        report_json: j.report_json.clone().unwrap_or_default(),
     }
 }
 

@@ -13,8 +13,8 @@ use crate::app::App;
 use crate::auth::{Access, Principal};
 use crate::datasets;
 use crate::domain::{
-    check_name, check_sha256, now_ms, parse_id, Dataset, FleetEventKind, Job, JobState, Oracle,
-    Page, Role,
+    check_name, check_sha256, now_ms, parse_id, Dataset, FleetEventKind, Job, JobKind, JobState,
+    Oracle, Page, Role,
 };
 use crate::elastify::fit::{check_fit, DataShape, HeadFit};
 use crate::elastify::params::JobParams;
@@ -422,10 +422,12 @@ impl DeveloperService for DeveloperApi {
         let now = now_ms();
         let job = Job {
             id: Uuid::new_v4(),
-            oracle_id: oracle.id,
+            kind: JobKind::Elastify,
+            oracle_id: Some(oracle.id),
             dataset_id: dataset.map(|d| d.id),
             supernet_name,
             params_json,
+            arch_json: None,
             state: JobState::Queued,
             stage: "queued".into(),
             progress: 0.0,
@@ -437,12 +439,23 @@ impl DeveloperService for DeveloperApi {
             checkpoint_sha256: None,
             error: None,
             supernet_id: None,
+            result_oracle_id: None,
+            report_json: None,
             created_ms: now,
             updated_ms: now,
         };
         store.insert_job(&job).await?;
         self.app.emit_job(job.id);
         Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn start_oracle_training(
+        &self,
+        req: Request<pb::StartOracleTrainingRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        management(&self.app, req.metadata(), Access::Write).await?;
+        let job = super::train::start_oracle_training(&self.app, req.into_inner()).await?;
+        Ok(Response::new(job))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {

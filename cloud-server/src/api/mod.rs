@@ -8,12 +8,14 @@
 //! - `device`: `DeviceService` (enroll, desired state, manifest, blobs, heartbeat, report).
 //! - `dashboard`: `DashboardService` (read-only views, aggregates, fleet watch).
 //! - `admin`: `AdminService` (fleets, tokens, revocation).
+//! - `train`: `StartOracleTraining`'s checks (the developer service delegates to it).
 //! - `watch`: the one poller shared by every `WatchJob` stream.
 pub mod admin;
 pub mod convert;
 pub mod dashboard;
 pub mod developer;
 pub mod device;
+mod train;
 pub mod watch;
 
 use std::pin::Pin;

@@ -98,6 +98,34 @@ enum ClientCmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Train an oracle on a dataset in the cloud: from scratch (--arch) or fine-tuned from an
+    /// uploaded oracle with a new head for the dataset's classes (--from-oracle). The result
+    /// is a new oracle, ready to elastify.
+    TrainOracle {
+        #[arg(long)]
+        dataset: String,
+        /// Architecture descriptor JSON file (train from scratch).
+        #[arg(
+            long,
+            conflicts_with = "from_oracle",
+            required_unless_present = "from_oracle"
+        )]
+        arch: Option<std::path::PathBuf>,
+        /// Oracle id to fine-tune.
+        #[arg(long)]
+        from_oracle: Option<String>,
+        /// Name of the resulting oracle.
+        #[arg(long)]
+        name: String,
+        /// Training parameters as a JSON object, e.g. '{"epochs":3,"lr":0.01}' (keys: steps
+        /// or epochs, batch, lr, warmup_steps, weight_decay, seed, checkpoint_every,
+        /// max_train_images, val_size). Defaults: fine-tuning 5 epochs at lr 0.02 with 0.2
+        /// warm-up epochs; from scratch 20 epochs at lr 0.1 with 1; batch 128.
+        #[arg(long, default_value = "")]
+        params: String,
+        #[arg(long)]
+        watch: bool,
+    },
     /// Set a fleet's desired state: follow a label (or pin a supernet) with a budget policy.
     Desire {
         #[arg(long)]
@@ -567,6 +595,39 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 print_finished(&j, args.quiet)?;
             }
         }
+        ClientCmd::TrainOracle {
+            dataset,
+            arch,
+            from_oracle,
+            name,
+            params,
+            watch,
+        } => {
+            let arch_json = match arch {
+                Some(p) => std::fs::read_to_string(&p)
+                    .with_context(|| format!("reading --arch {}", p.display()))?,
+                None => String::new(),
+            };
+            let j = c
+                .start_oracle_training(pb::StartOracleTrainingRequest {
+                    name,
+                    dataset_id: dataset,
+                    arch_json,
+                    base_oracle_id: from_oracle.unwrap_or_default(),
+                    params_json: params,
+                })
+                .await?
+                .into_inner();
+            if !watch {
+                println!("{}{}", if args.quiet { "" } else { "job " }, j.id);
+            } else {
+                if !args.quiet {
+                    println!("job {}", j.id);
+                }
+                let j = watch_job(&mut c, j.id).await?;
+                print_finished(&j, args.quiet)?;
+            }
+        }
         ClientCmd::Watch { job_id } => {
             let j = watch_job(&mut c, job_id).await?;
             print_finished(&j, args.quiet)?;
@@ -617,11 +678,18 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                     .jobs
                 {
                     let st = pb::JobState::try_from(j.state).unwrap_or_default();
+                    let result = if j.result_oracle_id.is_empty() {
+                        &j.supernet_id
+                    } else {
+                        &j.result_oracle_id
+                    };
                     println!(
-                        "{}  {:?}  {:.0}%  {}",
+                        "{}  {:12}  {:?}  {:.0}%  {}{}",
                         j.id,
+                        j.kind,
                         st,
                         j.progress * 100.0,
+                        result,
                         j.error
                     );
                 }
@@ -666,10 +734,21 @@ fn print_finished(j: &pb::Job, quiet: bool) -> anyhow::Result<()> {
     if st != pb::JobState::Succeeded {
         anyhow::bail!("job {} ended {:?}: {}", j.id, st, j.error);
     }
-    if quiet {
-        println!("{}", j.supernet_id);
+    // An oracle-training job's result is an oracle; an elastification's a supernet.
+    let result = if j.kind == "train_oracle" {
+        &j.result_oracle_id
     } else {
-        println!("job {} {:?} {}", j.id, st, j.supernet_id);
+        &j.supernet_id
+    };
+    if quiet {
+        println!("{result}");
+    } else if j.kind == "train_oracle" {
+        println!("job {} {:?} oracle {result}", j.id, st);
+        if let Some(r) = train_report_summary(&j.report_json) {
+            println!("{r}");
+        }
+    } else {
+        println!("job {} {:?} {result}", j.id, st);
     }
     Ok(())
 }
@@ -695,4 +774,30 @@ async fn watch_job(c: &mut Client, job_id: String) -> anyhow::Result<pb::Job> {
     }
     bar.finish_and_clear();
     last.context("the job stream ended without a snapshot")
+}
+
+/// A train-oracle job's report as readable lines (None when there is none).
+pub fn train_report_summary(report_json: &str) -> Option<String> {
+    let r: serde_json::Value = serde_json::from_str(report_json).ok()?;
+    let acc = match (r["accuracy"].as_f64(), r["accuracy_split"].as_str()) {
+        (Some(a), Some(split)) => format!(
+            "{:.2} % on {} {split} images",
+            a * 100.0,
+            r["accuracy_images"]
+        ),
+        _ => "not measured (nothing held out)".to_string(),
+    };
+    Some(format!(
+        "  {} to {} classes: {} steps of batch {} at lr {} in {:.1} s, {:.0} images/s on {} threads\n  accuracy: {acc}\n  loss: {:.4} -> {:.4} (mean of the last steps)",
+        r["mode"].as_str().unwrap_or("?"),
+        r["classes"],
+        r["steps"],
+        r["batch"],
+        r["lr"],
+        r["train_seconds"].as_f64().unwrap_or(0.0),
+        r["images_per_sec"].as_f64().unwrap_or(0.0),
+        r["threads"],
+        r["first_loss"].as_f64().unwrap_or(f64::NAN),
+        r["final_mean_loss"].as_f64().unwrap_or(f64::NAN),
+    ))
 }

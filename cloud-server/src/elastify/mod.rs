@@ -12,6 +12,8 @@
 //! - [`params`]: a job's `params_json`, parsed and range-checked (keys named in errors).
 //! - [`fit`]: whether a dataset fits an oracle (channels, classes, input vs strides).
 //! - [`priors`]: accuracy of the oracle and of sampled subnets on a validation split.
+//! - [`train_job`]: the oracle-training job body (from scratch or fine-tuned with a new
+//!   head), registered by the worker as a new oracle.
 //! - [`cli`]: `clap` argument structs and `run_*` entry points with a progress bar.
 //!
 //! Determinism: every random draw of step `k` of stage `s` comes from a ChaCha8 stream
@@ -28,6 +30,7 @@ pub mod priors;
 pub mod runner;
 pub mod supernet;
 pub mod train;
+pub mod train_job;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -20,12 +20,12 @@ use super::{CheckpointIo, OrCloud};
 use crate::blobs::sha256_hex;
 use crate::datasets::DatasetFormat;
 use crate::error::{CloudError, Result};
-use crate::jobs::{CheckpointStore, JobContext, JobOutput, JobRunner};
+use crate::jobs::{CheckpointStore, JobContext, JobOutput, JobRunner, OracleOutput};
 
 /// Checkpoints of a job in the blob store, from the blocking training thread.
-struct BlobCheckpoints {
-    store: CheckpointStore,
-    rt: tokio::runtime::Handle,
+pub(crate) struct BlobCheckpoints {
+    pub(crate) store: CheckpointStore,
+    pub(crate) rt: tokio::runtime::Handle,
 }
 
 impl CheckpointIo for BlobCheckpoints {
@@ -37,13 +37,18 @@ impl CheckpointIo for BlobCheckpoints {
     }
 }
 
-/// Runs elastification jobs on registered datasets (uploaded or `file://`, IDX or ImageFolder).
+/// Runs elastification and oracle-training jobs on registered datasets (uploaded or
+/// `file://`, IDX or ImageFolder).
 #[derive(Debug, Default)]
 pub struct ElastifyRunner;
 
 impl JobRunner for ElastifyRunner {
     fn run(&self, ctx: JobContext) -> BoxFuture<'static, Result<JobOutput>> {
         Box::pin(run_job(ctx))
+    }
+
+    fn train_oracle(&self, ctx: JobContext) -> BoxFuture<'static, Result<OracleOutput>> {
+        Box::pin(super::train_job::run_train_job(ctx))
     }
 }
 
@@ -62,14 +67,18 @@ async fn run_job(ctx: JobContext) -> Result<JobOutput> {
         .store()
         .get_dataset(dataset_id)
         .await?;
-    let arch = ArchDescriptor::from_json(ctx.oracle.arch_json.as_bytes()).cl()?;
+    let oracle = ctx
+        .oracle
+        .as_ref()
+        .ok_or_else(|| CloudError::Internal("elastification job without an oracle".into()))?;
+    let arch = ArchDescriptor::from_json(oracle.arch_json.as_bytes()).cl()?;
     let shape = DataShape::of_record(&dataset);
-    params.check_oracle(&arch.spec, &ctx.oracle.name)?;
+    params.check_oracle(&arch.spec, &oracle.name)?;
     params.check_dataset(&shape)?;
-    check_fit(&ctx.oracle.name, &arch.spec, &shape, HeadFit::Keep)?;
+    check_fit(&oracle.name, &arch.spec, &shape, HeadFit::Keep)?;
     let data_dir = crate::datasets::materialise(&ctx.blobs, &dataset).await?;
     let format = DatasetFormat::parse("dataset.format", &dataset.format)?;
-    let weights = ctx.blobs.read(&ctx.oracle.weights_sha256).await?;
+    let weights = ctx.blobs.read(&oracle.weights_sha256).await?;
     let rt = tokio::runtime::Handle::current();
     let ck = BlobCheckpoints {
         store: ctx.checkpoints.clone(),

@@ -1,6 +1,8 @@
-//! Elastification jobs: the [`JobRunner`] plug-in point and the worker loop that leases jobs
-//! from the database queue, heartbeats the lease, relays progress, stores checkpoints and
-//! settles the job.
+//! Jobs: the [`JobRunner`] plug-in point and the worker loop that leases jobs from the
+//! database queue, heartbeats the lease, relays progress, stores checkpoints and settles the
+//! job. Jobs have a kind ([`JobKind`]): elastification results are registered as supernets,
+//! oracle-training results as oracles; lease, checkpoints, progress, cancel and resume are the
+//! same for both.
 //!
 //! Crash recovery: a worker that dies stops heartbeating; once its lease expires any other
 //! worker claims the job (attempt + 1) and the runner resumes from
@@ -16,7 +18,7 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::blobs::BlobStore;
-use crate::domain::{now_ms, Job, JobState, Oracle};
+use crate::domain::{now_ms, Job, JobKind, JobState, Oracle};
 use crate::error::{CloudError, Result};
 use crate::ops::metrics::Metrics;
 
@@ -84,7 +86,8 @@ impl CheckpointStore {
 #[derive(Debug)]
 pub struct JobContext {
     pub job: Job,
-    pub oracle: Oracle,
+    /// The job's input oracle (None for an oracle trained from scratch).
+    pub oracle: Option<Oracle>,
     pub progress: ProgressSender,
     /// Cancelled on user cancel, lost lease or worker shutdown: stop soon after, return
     /// `Err(CloudError::Cancelled)` (a checkpoint saved before that is kept).
@@ -101,9 +104,34 @@ pub struct JobOutput {
     pub manifest_json: Vec<u8>,
 }
 
-/// The body of an elastification job (the real one lives in `elastify`, later).
+/// What a successful oracle-training run produced: the model as a descriptor and safetensors
+/// weights (validated and stored by the worker) and a readable report (JSON).
+#[derive(Debug, Clone)]
+pub struct OracleOutput {
+    pub arch_json: String,
+    pub weights: Vec<u8>,
+    pub report_json: String,
+}
+
+/// The bodies of jobs, by kind (the real ones live in `elastify`).
 pub trait JobRunner: Send + Sync + 'static {
+    /// An elastification job.
     fn run(&self, ctx: JobContext) -> BoxFuture<'static, Result<JobOutput>>;
+
+    /// An oracle-training job. Runners that only elastify fail such jobs.
+    fn train_oracle(&self, _ctx: JobContext) -> BoxFuture<'static, Result<OracleOutput>> {
+        Box::pin(async {
+            Err(CloudError::FailedPrecondition(
+                "this worker does not train oracles".into(),
+            ))
+        })
+    }
+}
+
+/// What a finished attempt produced, by job kind.
+enum Outcome {
+    Supernet(JobOutput),
+    Oracle(OracleOutput),
 }
 
 /// Why a running attempt was interrupted.
@@ -173,7 +201,10 @@ impl Worker {
         let app = &self.app;
         let store = app.store();
         let id = job.id;
-        let oracle = store.get_oracle(job.oracle_id).await?;
+        let oracle = match job.oracle_id {
+            Some(o) => Some(store.get_oracle(o).await?),
+            None => None,
+        };
         let (ptx, mut prx) = watch::channel(Progress {
             stage: job.stage.clone(),
             fraction: job.progress,
@@ -191,7 +222,17 @@ impl Worker {
             },
             blobs: app.blobs().clone(),
         };
-        let mut run = tokio::spawn(self.runner.run(ctx));
+        let body: BoxFuture<'static, Result<Outcome>> = match job.kind {
+            JobKind::Elastify => {
+                let f = self.runner.run(ctx);
+                Box::pin(async move { f.await.map(Outcome::Supernet) })
+            }
+            JobKind::TrainOracle => {
+                let f = self.runner.train_oracle(ctx);
+                Box::pin(async move { f.await.map(Outcome::Oracle) })
+            }
+        };
+        let mut run = tokio::spawn(body);
         let lease = app.config().job_lease;
         let mut beat = tokio::time::interval((lease / 3).max(Duration::from_millis(20)));
         beat.tick().await;
@@ -235,7 +276,18 @@ impl Worker {
             (Ok(out), _) => {
                 // The lease is renewed until the registration settles: checking every module
                 // blob may outlast it on a slow store. The registration is fenced anyway.
-                let register = app.register_job_supernet(&job, &self.id, &out.manifest_json);
+                let register = async {
+                    match &out {
+                        Outcome::Supernet(o) => app
+                            .register_job_supernet(&job, &self.id, &o.manifest_json)
+                            .await
+                            .map(|s| s.map(|s| format!("supernet {} v{}", s.id, s.version))),
+                        Outcome::Oracle(o) => app
+                            .register_job_oracle(&job, &self.id, o)
+                            .await
+                            .map(|o| o.map(|o| format!("oracle {}", o.id))),
+                    }
+                };
                 tokio::pin!(register);
                 let registered = loop {
                     tokio::select! {
@@ -250,15 +302,19 @@ impl Worker {
                     }
                 };
                 match registered {
-                    Ok(Some(s)) => {
-                        tracing::info!(job = %id, supernet = %s.id, version = s.version, "job succeeded");
+                    Ok(Some(result)) => {
+                        tracing::info!(job = %id, %result, "job succeeded");
                         Metrics::inc(&app.metrics().jobs_finished_total);
                     }
                     Ok(None) => {
                         tracing::warn!(job = %id, "lease lost before registration; result dropped");
                     }
                     Err(e) => {
-                        let msg = public_job_error(id, "registering the supernet failed", &e);
+                        let what = match job.kind {
+                            JobKind::Elastify => "registering the supernet failed",
+                            JobKind::TrainOracle => "registering the oracle failed",
+                        };
+                        let msg = public_job_error(id, what, &e);
                         store
                             .finish_job(id, &self.id, JobState::Failed, Some(&msg), None, now_ms())
                             .await?;

@@ -200,7 +200,21 @@ where
             let start = Instant::now();
             let principal = match identify {
                 Some(lookup) => {
-                    let Ok(_lookup) = shared.lookups.clone().try_acquire_owned() else {
+                    // A full pool is waited on for a bounded time (a fleet reconnecting at
+                    // once misses the cache together), then the call is shed. A waiting call
+                    // holds no slot, only its HTTP/2 stream (bounded per connection).
+                    let wait = shared.net.credential_lookup_wait();
+                    let permit = match shared.lookups.clone().try_acquire_owned() {
+                        Ok(p) => Some(p),
+                        Err(_) if wait.is_zero() => None,
+                        Err(_) => {
+                            tokio::time::timeout(wait, shared.lookups.clone().acquire_owned())
+                                .await
+                                .ok()
+                                .and_then(Result::ok)
+                        }
+                    };
+                    let Some(_lookup) = permit else {
                         return Ok(shared.reject(
                             label,
                             "server overloaded: too many credential lookups in flight, retry with backoff".into(),
@@ -619,6 +633,70 @@ mod tests {
         assert_eq!(code(&s3), None);
         drop((s2, s3, u));
         assert!(layer.shared.quotas.lock().unwrap().is_empty());
+    }
+
+    /// Identifies like [`Sink`] but each lookup takes `delay` (a slow database).
+    #[derive(Debug, Default)]
+    struct SlowSink(Metrics, Duration);
+    impl MetricsSink for SlowSink {
+        fn metrics(&self) -> &Metrics {
+            &self.0
+        }
+        fn identify(&self, h: &http::HeaderMap) -> BoxFuture<'static, Option<Uuid>> {
+            let id = h
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.parse().ok());
+            let delay = self.1;
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                id
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_lookup_pool_is_waited_on_for_a_bounded_time() {
+        // One lookup at a time, each 400 ms: a second caller waits for the first's lookup
+        // (400 ms < 600 ms), a third would wait 800 ms.
+        let sink = Arc::new(SlowSink(Metrics::default(), Duration::from_millis(400)));
+        let net = NetLimits {
+            max_anonymous_requests: 1,
+            credential_lookup_wait_ms: 600,
+            ..NetLimits::default()
+        };
+        let layer = OpsLayer::new(100, sink.clone(), net);
+        let mut svc = layer.layer(Streams);
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let first = svc.call(req(UNARY, Some(a)));
+        let second = svc.call(req(UNARY, Some(b)));
+        let (r1, r2) = tokio::join!(first, second);
+        assert_eq!(code(&r1.unwrap()), None);
+        assert_eq!(code(&r2.unwrap()), None, "waited for the pool, then served");
+        // Three callers: the third is shed when its wait runs out.
+        let calls: Vec<_> = (0..3)
+            .map(|_| svc.call(req(UNARY, Some(Uuid::new_v4()))))
+            .collect();
+        let codes: Vec<_> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(|r| code(&r.unwrap()))
+            .collect();
+        assert_eq!(
+            codes,
+            vec![None, None, Some(tonic::Code::ResourceExhausted)],
+            "{codes:?}"
+        );
+        // Without a wait, a full pool sheds at once (the previous behaviour).
+        let net = NetLimits {
+            max_anonymous_requests: 1,
+            credential_lookup_wait_ms: 0,
+            ..NetLimits::default()
+        };
+        let mut svc = OpsLayer::new(100, sink, net).layer(Streams);
+        let (r1, r2) = tokio::join!(svc.call(req(UNARY, Some(a))), svc.call(req(UNARY, Some(b))));
+        assert_eq!(code(&r1.unwrap()), None);
+        assert_eq!(code(&r2.unwrap()), Some(tonic::Code::ResourceExhausted));
     }
 
     #[tokio::test]

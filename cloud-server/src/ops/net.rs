@@ -23,6 +23,12 @@ pub struct NetLimits {
     /// bounded by a second pool of the same size.
     #[arg(long, default_value_t = 64)]
     pub max_anonymous_requests: usize,
+    /// How long a call whose credential lookup finds that pool full waits for a place in it
+    /// before RESOURCE_EXHAUSTED, milliseconds. A fleet reconnecting after a restart misses
+    /// the (per-process) credential cache all at once: 10,000 agents within 5 s outran the
+    /// pool on PostgreSQL when full meant refused (`benches/fleet.rs`, cadence scenario).
+    #[arg(long, default_value_t = 5_000)]
+    pub credential_lookup_wait_ms: u64,
     /// A call whose request message has not fully arrived within this many milliseconds of
     /// its headers fails with DEADLINE_EXCEEDED (slow-body clients cannot hold a slot).
     /// Client-streaming uploads use `--upload-idle-timeout-ms` instead.
@@ -64,6 +70,7 @@ impl Default for NetLimits {
             max_unary_per_principal: 128,
             max_streams_per_principal: 32,
             max_anonymous_requests: 64,
+            credential_lookup_wait_ms: 5_000,
             body_timeout_ms: 10_000,
             request_timeout_ms: 60_000,
             upload_idle_timeout_ms: 30_000,
@@ -84,6 +91,10 @@ impl NetLimits {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms.max(1))
+    }
+
+    pub fn credential_lookup_wait(&self) -> Duration {
+        Duration::from_millis(self.credential_lookup_wait_ms)
     }
 
     pub fn upload_idle_timeout(&self) -> Duration {

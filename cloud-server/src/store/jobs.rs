@@ -7,21 +7,25 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{get_opt_uuid, get_u64, get_uuid, Backend, Store};
-use crate::domain::{Job, JobState, Page};
+use crate::domain::{Job, JobKind, JobState, Page};
 use crate::error::{CloudError, Result};
 
-const JOB_COLS: &str = "id, oracle_id, dataset_id, supernet_name, params_json, state, stage, \
-    progress, attempts, max_attempts, cancel_requested, lease_owner, lease_expires_ms, \
-    checkpoint_sha256, error, supernet_id, created_ms, updated_ms";
+const JOB_COLS: &str = "id, kind, oracle_id, dataset_id, supernet_name, params_json, arch_json, \
+    state, stage, progress, attempts, max_attempts, cancel_requested, lease_owner, \
+    lease_expires_ms, checkpoint_sha256, error, supernet_id, result_oracle_id, report_json, \
+    created_ms, updated_ms";
 
 fn job_from_row(r: &AnyRow) -> Result<Job> {
     let state: String = r.try_get("state")?;
+    let kind: String = r.try_get("kind")?;
     Ok(Job {
         id: get_uuid(r, "id")?,
-        oracle_id: get_uuid(r, "oracle_id")?,
+        kind: JobKind::parse(&kind)?,
+        oracle_id: get_opt_uuid(r, "oracle_id")?,
         dataset_id: get_opt_uuid(r, "dataset_id")?,
         supernet_name: r.try_get("supernet_name")?,
         params_json: r.try_get("params_json")?,
+        arch_json: r.try_get("arch_json")?,
         state: JobState::parse(&state)?,
         stage: r.try_get("stage")?,
         progress: r.try_get("progress")?,
@@ -33,6 +37,8 @@ fn job_from_row(r: &AnyRow) -> Result<Job> {
         checkpoint_sha256: r.try_get("checkpoint_sha256")?,
         error: r.try_get("error")?,
         supernet_id: get_opt_uuid(r, "supernet_id")?,
+        result_oracle_id: get_opt_uuid(r, "result_oracle_id")?,
+        report_json: r.try_get("report_json")?,
         created_ms: r.try_get("created_ms")?,
         updated_ms: r.try_get("updated_ms")?,
     })
@@ -49,11 +55,12 @@ impl Store {
     pub async fn insert_job(&self, j: &Job) -> Result<()> {
         sqlx::query(
             "INSERT INTO jobs (id, oracle_id, dataset_id, supernet_name, params_json, state, \
-             stage, progress, attempts, max_attempts, cancel_requested, created_ms, updated_ms) \
-             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)",
+             stage, progress, attempts, max_attempts, cancel_requested, created_ms, updated_ms, \
+             kind, arch_json) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15)",
         )
         .bind(j.id.to_string())
-        .bind(j.oracle_id.to_string())
+        .bind(j.oracle_id.map(|o| o.to_string()))
         .bind(j.dataset_id.map(|d| d.to_string()))
         .bind(&j.supernet_name)
         .bind(&j.params_json)
@@ -65,6 +72,8 @@ impl Store {
         .bind(j.cancel_requested as i64)
         .bind(j.created_ms)
         .bind(j.updated_ms)
+        .bind(j.kind.as_str())
+        .bind(j.arch_json.clone())
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -80,6 +80,61 @@ impl Store {
         Ok((stored, created))
     }
 
+    /// Stores the oracle an oracle-training job produced and settles the job as succeeded
+    /// (its `result_oracle_id` and `report_json`) in one transaction, fenced by the worker's
+    /// lease: `Ok(None)` when the lease was lost (nothing stored). Identical weights already
+    /// stored are reused, as an identical upload would be.
+    pub async fn finish_job_with_oracle(
+        &self,
+        o: &Oracle,
+        report_json: &str,
+        fence: super::JobFence<'_>,
+    ) -> Result<Option<Oracle>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO oracles (id, name, family, weights_sha256, size_bytes, num_params, \
+             num_tensors, arch_json, created_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) \
+             ON CONFLICT (weights_sha256) DO NOTHING",
+        )
+        .bind(o.id.to_string())
+        .bind(&o.name)
+        .bind(&o.family)
+        .bind(&o.weights_sha256)
+        .bind(o.size_bytes as i64)
+        .bind(o.num_params as i64)
+        .bind(o.num_tensors as i64)
+        .bind(&o.arch_json)
+        .bind(o.created_ms)
+        .execute(&mut *tx)
+        .await?;
+        let q = format!("SELECT {ORACLE_COLS} FROM oracles WHERE weights_sha256 = $1");
+        let stored = oracle_from_row(
+            &sqlx::query(&q)
+                .bind(&o.weights_sha256)
+                .fetch_one(&mut *tx)
+                .await?,
+        )?;
+        let held = sqlx::query(
+            "UPDATE jobs SET state = 'succeeded', error = NULL, result_oracle_id = $1, \
+             report_json = $2, updated_ms = $3, lease_owner = NULL, lease_expires_ms = NULL, \
+             progress = 1.0 WHERE id = $4 AND lease_owner = $5 AND state = 'running'",
+        )
+        .bind(stored.id.to_string())
+        .bind(report_json)
+        .bind(fence.now)
+        .bind(fence.job_id.to_string())
+        .bind(fence.worker_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if held != 1 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        tx.commit().await?;
+        Ok(Some(stored))
+    }
+
     pub async fn oracle_by_digest(&self, sha256: &str) -> Result<Option<Oracle>> {
         let q = format!("SELECT {ORACLE_COLS} FROM oracles WHERE weights_sha256 = $1");
         sqlx::query(&q)

@@ -1,0 +1,682 @@
+//! `ACC_MODEL=lite0`: the real EfficientNet-Lite0 ImageNet weights fine-tuned to Fashion-MNIST
+//! rendered as 3x64x64 RGB ImageFolder images, elastified with merge and width-pruned
+//! branches, and the chosen subnet's retained accuracy per latency budget beside the
+//! untrained-branch baseline (see the header of `accuracy_latency.rs` for the knobs).
+//!
+//! Lite0's space (16 positions, merge-2/3 and two prune levels) is far too large to
+//! enumerate, so the candidates are a fixed, stratified sample of it: a seeded pool of
+//! random paths (sampled with several original-block weights so that short and long
+//! paths are common), from which the path closest to each of `candidates` evenly spaced
+//! values of a latency proxy (block and MAC fractions) is taken, plus the all-original
+//! path. Both columns choose among the same candidates by search-split accuracy (the
+//! ResNet table's protocol) and report on the test images.
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use adaptivenet_cloud::datasets::DatasetFormat;
+use adaptivenet_cloud::elastify::cli::split_validation;
+use adaptivenet_cloud::elastify::pipeline::TrainingData;
+use adaptivenet_cloud::elastify::train::{correct, eval_transform};
+use adaptivenet_cloud::elastify::{
+    elastify, train_oracle_resumable, ElastifyConfig, TrainOracleConfig,
+};
+use adaptivenet_core::artifact::{load_supernet, read_manifest, write_artifact};
+use adaptivenet_core::data::{fashion_mnist, shuffled_indices, AugmentPolicy, Dataset, Normalize};
+use adaptivenet_core::model::{ArchDescriptor, Model};
+use adaptivenet_core::supernet::branches::build_supernet;
+use adaptivenet_core::supernet::{Subnet, Supernet, SupernetConfig};
+use adaptivenet_kernels::threads;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::{checkpoints, fresh, read_json, Log, SEED};
+
+const LITE0: &str = "efficientnet-lite0/efficientnet-lite0-57934424.pth";
+const BUDGETS: [f64; 5] = [0.5, 0.6, 0.7, 0.8, 0.9];
+const BRANCHES: [&str; 4] = ["merge2", "merge3", "prune1", "prune2"];
+/// Side of the rendered RGB images.
+const SIDE: u32 = 64;
+
+/// Run sizes of one Lite0 preset.
+struct LitePreset {
+    name: &'static str,
+    /// Training images rendered (before the search split is held out) and test images.
+    train_images: usize,
+    test_images: usize,
+    search_images: usize,
+    finetune_steps: u64,
+    finetune_batch: usize,
+    finetune_lr: f64,
+    stage_steps: [u64; 2],
+    elastify_batch: usize,
+    candidates: usize,
+    rounds: usize,
+    warmup_runs: usize,
+}
+
+impl LitePreset {
+    fn from_env() -> Result<LitePreset> {
+        let name = std::env::var("ACC_PRESET").unwrap_or_else(|_| "full".into());
+        let mut p = match name.as_str() {
+            "full" => LitePreset {
+                name: "full",
+                train_images: 60_000,
+                test_images: 10_000,
+                search_images: 1000,
+                finetune_steps: 2800,
+                finetune_batch: 64,
+                finetune_lr: 0.02,
+                stage_steps: [2000, 2000],
+                elastify_batch: 64,
+                candidates: 160,
+                rounds: 30,
+                warmup_runs: 3,
+            },
+            "medium" => LitePreset {
+                name: "medium",
+                train_images: 12_000,
+                test_images: 2000,
+                search_images: 1000,
+                finetune_steps: 700,
+                finetune_batch: 32,
+                finetune_lr: 0.02,
+                stage_steps: [500, 500],
+                elastify_batch: 32,
+                candidates: 60,
+                rounds: 15,
+                warmup_runs: 2,
+            },
+            "quick" => LitePreset {
+                name: "quick",
+                train_images: 2300,
+                test_images: 500,
+                search_images: 300,
+                finetune_steps: 60,
+                finetune_batch: 32,
+                finetune_lr: 0.02,
+                stage_steps: [25, 25],
+                elastify_batch: 32,
+                candidates: 12,
+                rounds: 5,
+                warmup_runs: 1,
+            },
+            other => bail!("ACC_PRESET={other}: expected `full`, `medium` or `quick`"),
+        };
+        if let Ok(r) = std::env::var("ACC_ROUNDS") {
+            p.rounds = r
+                .parse()
+                .ok()
+                .filter(|&r: &usize| r >= 3)
+                .with_context(|| format!("ACC_ROUNDS={r}: expected an integer >= 3"))?;
+        }
+        if let Ok(v) = std::env::var("ACC_STAGE_STEPS") {
+            let steps: Vec<u64> = v
+                .split(',')
+                .map(|x| x.trim().parse::<u64>())
+                .collect::<Result<_, _>>()
+                .ok()
+                .filter(|s: &Vec<u64>| s.len() == 2 && s[0] + s[1] > 0)
+                .with_context(|| format!("ACC_STAGE_STEPS={v}: expected S0,S1 (integers)"))?;
+            p.stage_steps = [steps[0], steps[1]];
+        }
+        if let Ok(v) = std::env::var("ACC_FINETUNE_STEPS") {
+            p.finetune_steps = v
+                .parse()
+                .ok()
+                .filter(|&s: &u64| s >= 1)
+                .with_context(|| format!("ACC_FINETUNE_STEPS={v}: expected an integer >= 1"))?;
+        }
+        if let Ok(v) = std::env::var("ACC_CANDIDATES") {
+            p.candidates = v
+                .parse()
+                .ok()
+                .filter(|&s: &usize| s >= 2)
+                .with_context(|| format!("ACC_CANDIDATES={v}: expected an integer >= 2"))?;
+        }
+        Ok(p)
+    }
+}
+
+/// Renders Fashion-MNIST (the first `n` images of a seeded order of `split`) as an
+/// ImageFolder of 64x64 RGB PNGs (bilinear upscale, grey replicated to three channels) under
+/// `dir`; kept when it is already complete.
+fn render(src: &Dataset, n: usize, dir: &Path, seed: u64) -> Result<()> {
+    let done = dir.join(".complete");
+    if done.exists() {
+        return Ok(());
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    let n = n.min(src.len());
+    let order = shuffled_indices(src.len(), seed);
+    for (k, &i) in order[..n].iter().enumerate() {
+        let (h, w) = (src.height as u32, src.width as u32);
+        let grey = image::GrayImage::from_raw(w, h, src.image(i).to_vec())
+            .context("a Fashion-MNIST image")?;
+        let big = image::imageops::resize(&grey, SIDE, SIDE, image::imageops::FilterType::Triangle);
+        let rgb = image::DynamicImage::ImageLuma8(big).to_rgb8();
+        let class = dir.join(format!("{}", src.labels[i]));
+        std::fs::create_dir_all(&class)?;
+        rgb.save(class.join(format!("{k:05}.png")))?;
+    }
+    std::fs::write(&done, n.to_string())?;
+    Ok(())
+}
+
+/// The EfficientNet-Lite0 ImageNet weights with a fresh 10-class head, fine-tuned on `train`
+/// (or reused from `dir`).
+fn finetuned_oracle(
+    dir: &Path,
+    p: &LitePreset,
+    weights: &Path,
+    train: &TrainingData,
+) -> Result<(Model, Value)> {
+    let (arch_p, weights_p, report_p) = (
+        dir.join("oracle.arch.json"),
+        dir.join("oracle.safetensors"),
+        dir.join("train-report.json"),
+    );
+    if !fresh() && weights_p.exists() {
+        if let Some(r) = read_json(&report_p) {
+            if r["steps"] == json!(p.finetune_steps) {
+                eprintln!("lite0 oracle: reusing {}", dir.display());
+                return Ok((Model::from_files(&arch_p, &weights_p)?, r));
+            }
+        }
+    }
+    let arch = ArchDescriptor::from_json(br#"{"family":"efficientnet_lite","variant":"lite0"}"#)?;
+    let pretrained = Model::load(&arch, adaptivenet_core::weights::read_tensors(weights)?)?;
+    let mut init = pretrained.with_new_head(train.train.num_classes(), SEED)?;
+    init.spec.input = [3, SIDE as usize, SIDE as usize];
+    let steps = p.finetune_steps;
+    let cfg = TrainOracleConfig {
+        steps,
+        batch: p.finetune_batch,
+        lr: p.finetune_lr,
+        warmup_steps: (steps / 20).max(1),
+        weight_decay: 4e-5,
+        seed: SEED,
+        checkpoint_every: 100,
+        normalize: train.spec.normalize(),
+        augment: train.augment,
+        ..TrainOracleConfig::default()
+    };
+    eprintln!(
+        "lite0 oracle: fine-tuning {steps} steps of batch {} from the ImageNet weights ...",
+        p.finetune_batch
+    );
+    let ck = checkpoints(dir)?;
+    let (model, r) = train_oracle_resumable(
+        &init.spec,
+        &cfg,
+        &train.train,
+        None,
+        &mut Log("finetune", 0),
+        &CancellationToken::new(),
+        Some(&ck),
+        Some(&init),
+    )?;
+    std::fs::create_dir_all(dir)?;
+    model.save(&arch_p, &weights_p)?;
+    let r = json!({
+        "steps": r.steps,
+        "batch": p.finetune_batch,
+        "images_per_sec": r.images_per_sec,
+        "train_seconds": r.train_time.as_secs_f64(),
+        "threads": threads::max_threads(),
+    });
+    std::fs::write(&report_p, r.to_string())?;
+    Ok((model, r))
+}
+
+/// Elastifies (or reuses) the Lite0 supernet with merge and prune branches.
+fn elastified(
+    dir: &Path,
+    p: &LitePreset,
+    oracle: &Model,
+    data: &TrainingData,
+    train: &Dataset,
+) -> Result<(Supernet, Value)> {
+    let report = dir.join("elastify-report.json");
+    if !fresh() {
+        if let (Ok(m), Some(r)) = (read_manifest(dir), read_json(&report)) {
+            if r["stage_steps"] == json!(p.stage_steps) {
+                eprintln!("lite0 supernet: reusing {}", dir.display());
+                return Ok((load_supernet(dir, &m, None)?, r));
+            }
+        }
+    }
+    let cfg = ElastifyConfig {
+        branches: BRANCHES.map(String::from).to_vec(),
+        seed: SEED,
+        stage0_steps: p.stage_steps[0],
+        stage1_steps: p.stage_steps[1],
+        batch: p.elastify_batch,
+        warmup_steps: (p.stage_steps[0].min(p.stage_steps[1]) / 30).clamp(1, 100),
+        checkpoint_every: 100,
+        normalize: data.spec.normalize(),
+        augment: data.augment,
+        ..ElastifyConfig::default()
+    };
+    eprintln!(
+        "lite0 supernet: elastifying, {} + {} steps of batch {} ...",
+        cfg.stage0_steps, cfg.stage1_steps, cfg.batch
+    );
+    let ck = checkpoints(dir)?;
+    // A checkpoint of another recipe (other step counts) cannot be resumed: start afresh.
+    if fresh() || read_json(&report).is_some_and(|r| r["stage_steps"] != json!(p.stage_steps)) {
+        std::fs::remove_file(ck.path()).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+    }
+    let t0 = Instant::now();
+    let out = elastify(
+        oracle,
+        &cfg,
+        train,
+        &mut Log("elastify", 0),
+        Some(&ck),
+        &CancellationToken::new(),
+    )?;
+    let secs = t0.elapsed().as_secs_f64();
+    let (run, t): (u64, f64) = out.report.stages.iter().fold((0, 0.0), |(n, t), s| {
+        (n + s.steps_run, t + s.time.as_secs_f64())
+    });
+    let stages: Vec<Value> = out
+        .report
+        .stages
+        .iter()
+        .map(|s| json!({"steps": s.steps, "samples_per_sec": s.samples_per_sec, "seconds": s.time.as_secs_f64()}))
+        .collect();
+    let r = json!({
+        "seconds": secs,
+        // Throughput of the steps this run did (a resumed run did only part of them).
+        "samples_per_sec": (run * p.elastify_batch as u64) as f64 / t.max(1e-9),
+        "stages": stages,
+        "stage_steps": p.stage_steps,
+        "threads": threads::max_threads(),
+        "positions": out.supernet.spec.num_positions(),
+        "modules": out.supernet.modules.len(),
+        "supernet_params": out.supernet.spec.num_params(),
+    });
+    std::fs::create_dir_all(dir)?;
+    write_artifact(
+        dir,
+        &out.supernet,
+        data.artifact_input(),
+        "bench",
+        Vec::new(),
+    )?;
+    std::fs::write(&report, r.to_string())?;
+    Ok((out.supernet, r))
+}
+
+/// The stratified candidate subnets (see the module docs); the all-original path first.
+/// The stratification key is a batch-1 latency proxy: the mean of the path's fraction of the
+/// oracle's blocks (per-block overhead dominates small inputs) and of its MACs; targets are
+/// spread evenly from the smallest key (at least 0.35) to 1.
+fn candidates(sn: &Supernet, k: usize) -> Result<Vec<Subnet>> {
+    let n = sn.spec.num_positions();
+    let oracle = Subnet::original(n);
+    let full = sn.spec.subnet_macs(&oracle)? as f64;
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 0x11fe);
+    let mut pool: BTreeMap<String, (Subnet, f64)> = BTreeMap::new();
+    for i in 0..6000 {
+        let w = [0.1, 0.25, 0.5, 1.0, 2.0, 4.0][i % 6];
+        let s = sn.spec.sample_weighted(&mut rng, true, w)?;
+        let macs = sn.spec.subnet_macs(&s)? as f64 / full;
+        let blocks = s.steps().count() as f64 / n as f64;
+        pool.insert(s.to_string(), (s, 0.5 * (macs + blocks)));
+    }
+    let mut pool: Vec<(Subnet, f64)> = pool.into_values().collect();
+    let lo = pool
+        .iter()
+        .map(|c| c.1)
+        .fold(f64::INFINITY, f64::min)
+        .max(0.35);
+    let mut out = vec![oracle];
+    for j in 0..k {
+        let target = lo + (1.0 - lo) * j as f64 / k as f64;
+        let Some(best) = (0..pool.len()).min_by(|&a, &b| {
+            (pool[a].1 - target)
+                .abs()
+                .total_cmp(&(pool[b].1 - target).abs())
+        }) else {
+            break;
+        };
+        out.push(pool.swap_remove(best).0);
+    }
+    Ok(out)
+}
+
+/// Top-1 accuracy of every (supernet, subnet) pair on `data`; paths of one supernet share the
+/// stem and common prefixes per batch.
+fn accuracies(
+    nets: &[(usize, Subnet)],
+    sns: &[&Supernet],
+    data: &Dataset,
+    normalize: &Normalize,
+) -> Result<Vec<f64>> {
+    let t = eval_transform(normalize);
+    let mut hits = vec![0u64; nets.len()];
+    let mut order: Vec<usize> = (0..nets.len()).collect();
+    let steps: Vec<Vec<(usize, i8)>> = nets.iter().map(|(_, s)| s.steps().collect()).collect();
+    order.sort_by(|&a, &b| (nets[a].0, &steps[a]).cmp(&(nets[b].0, &steps[b])));
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(100) {
+        let (x, y) = data.batch_tensor(chunk, &t, &Device::Cpu)?;
+        let stems: Vec<Tensor> = sns
+            .iter()
+            .map(|s| s.forward_stem(&x))
+            .collect::<Result<_, _>>()?;
+        let mut cur = usize::MAX;
+        let mut stack: Vec<((usize, i8), Tensor)> = Vec::new();
+        for &k in &order {
+            let sn = nets[k].0;
+            if sn != cur {
+                cur = sn;
+                stack.clear();
+            }
+            let shared = stack
+                .iter()
+                .zip(&steps[k])
+                .take_while(|((a, _), b)| a == *b)
+                .count();
+            stack.truncate(shared);
+            for &(pos, id) in &steps[k][shared..] {
+                let input = stack.last().map_or(&stems[sn], |(_, f)| f);
+                let out = sns[sn].forward_module(pos, id, input)?;
+                stack.push(((pos, id), out));
+            }
+            let h = stack.last().map_or(&stems[sn], |(_, f)| f);
+            hits[k] += correct(&sns[sn].forward_head(h)?, &y)?;
+        }
+    }
+    Ok(hits.iter().map(|&h| h as f64 / data.len() as f64).collect())
+}
+
+/// Median batch-1 latency (ms) of each subnet over interleaved, shuffled rounds.
+fn latency_pass(sn: &Supernet, subnets: &[Subnet], p: &LitePreset, seed: u64) -> Result<Vec<f64>> {
+    let x = Tensor::randn(
+        0f32,
+        1.0,
+        (1, 3, SIDE as usize, SIDE as usize),
+        &Device::Cpu,
+    )?;
+    for s in subnets {
+        for _ in 0..p.warmup_runs {
+            sn.forward(s, &x)?;
+        }
+    }
+    let mut times = vec![Vec::with_capacity(p.rounds); subnets.len()];
+    let mut order: Vec<usize> = (0..subnets.len()).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for _ in 0..p.rounds {
+        order.shuffle(&mut rng);
+        for &k in &order {
+            let t0 = Instant::now();
+            let y = sn.forward(&subnets[k], &x)?;
+            let _ = y.dims();
+            times[k].push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect())
+}
+
+/// The candidate with the best search accuracy within `limit` ms (ties: the faster).
+fn choose(lat: &[f64], search_acc: &[f64], limit: f64) -> Option<usize> {
+    (0..lat.len())
+        .filter(|&i| lat[i] <= limit)
+        .max_by(|&a, &b| {
+            search_acc[a]
+                .total_cmp(&search_acc[b])
+                .then(lat[b].total_cmp(&lat[a]))
+        })
+}
+
+/// The Lite0 table (see the module docs); prints it and the `BENCH` line.
+pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> {
+    if dataset != "fmnist-rgb64" {
+        bail!("ACC_MODEL=lite0 runs on ACC_DATASET=fmnist-rgb64 (3x64x64 RGB), not {dataset}");
+    }
+    let p = LitePreset::from_env()?;
+    let fm = adaptivenet_core::assets_dir().join("fashion-mnist");
+    let weights = adaptivenet_core::assets::asset(LITE0);
+    let (true, Some(weights)) = (fm.join("train-images-idx3-ubyte.gz").exists(), weights) else {
+        println!(
+            "Fashion-MNIST or {LITE0} not found in {} (run scripts/fetch-assets.sh)",
+            adaptivenet_core::assets_dir().display()
+        );
+        println!("BENCH {}", json!({"skipped": "no assets"}));
+        return Ok(());
+    };
+    let wd: PathBuf = work_root.join(format!("lite0-{}", p.name));
+    let data_dir = work_root.join(format!("fmnist-rgb64-{}-{}", p.train_images, p.test_images));
+    let t0 = Instant::now();
+    render(
+        &fashion_mnist(&fm, true)?,
+        p.train_images,
+        &data_dir.join("train"),
+        SEED,
+    )?;
+    render(
+        &fashion_mnist(&fm, false)?,
+        p.test_images,
+        &data_dir.join("test"),
+        SEED,
+    )?;
+    eprintln!(
+        "rendered {} + {} RGB images in {} ({:.0} s)",
+        p.train_images,
+        p.test_images,
+        data_dir.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    // Read as the cloud reads a local ImageFolder: its own shape, mean/std from the training
+    // split, the augmentation policy given.
+    let augment = AugmentPolicy {
+        crop_padding: 4,
+        hflip: true,
+    };
+    let data = TrainingData::read(
+        &data_dir.join("train"),
+        DatasetFormat::ImageFolder,
+        None,
+        augment,
+        None,
+    )?;
+    let test = TrainingData::read(
+        &data_dir.join("test"),
+        DatasetFormat::ImageFolder,
+        Some(&data.spec),
+        AugmentPolicy::default(),
+        None,
+    )?
+    .train;
+    let normalize = data.spec.normalize();
+    let (train, search) = split_validation(&data.train, p.search_images, SEED)?;
+    let for_training = TrainingData {
+        train: train.clone(),
+        ..data.clone()
+    };
+    eprintln!(
+        "lite0 preset {}: train {} / search {} / test {} images of {}x{}x{}; work dir {}",
+        p.name,
+        train.len(),
+        search.len(),
+        test.len(),
+        data.spec.channels,
+        data.spec.height,
+        data.spec.width,
+        wd.display()
+    );
+
+    let (oracle, ft_report) = finetuned_oracle(&wd.join("oracle"), &p, &weights, &for_training)?;
+    let (mut trained, el_report) = elastified(&wd.join("supernet"), &p, &oracle, &data, &train)?;
+    let cfg = SupernetConfig::from_names(&BRANCHES, SEED)?;
+    let mut untrained = build_supernet(&oracle, &cfg)?;
+    trained.fold()?;
+    untrained.fold()?;
+    let sns = [&trained, &untrained];
+
+    let cands = candidates(&trained, p.candidates)?;
+    eprintln!(
+        "{} candidates of {} subnets; search-split accuracy ...",
+        cands.len(),
+        trained.spec.count()
+    );
+    let t0 = Instant::now();
+    let nets: Vec<(usize, Subnet)> = (0..2)
+        .flat_map(|sn| cands.iter().map(move |s| (sn, s.clone())))
+        .collect();
+    let search_acc = accuracies(&nets, &sns, &search, &normalize)?;
+    let (an_search, un_search) = search_acc.split_at(cands.len());
+    eprintln!("  {:.0} s", t0.elapsed().as_secs_f64());
+
+    threads::set_max_threads(1);
+    let mut passes = Vec::new();
+    for pass in 0..2u64 {
+        eprintln!(
+            "latency: 1 thread, pass {}: {} subnets x {} rounds ...",
+            pass + 1,
+            cands.len(),
+            p.rounds
+        );
+        passes.push(latency_pass(&trained, &cands, &p, 31 + pass)?);
+    }
+    threads::set_max_threads(train_threads);
+
+    let mut chosen: BTreeMap<(usize, &str, usize), Option<usize>> = BTreeMap::new();
+    for (pass, lat) in passes.iter().enumerate() {
+        for (bi, b) in BUDGETS.iter().enumerate() {
+            let limit = b * lat[0];
+            chosen.insert((pass, "trained", bi), choose(lat, an_search, limit));
+            chosen.insert((pass, "untrained", bi), choose(lat, un_search, limit));
+        }
+    }
+    let mut need: BTreeSet<(usize, usize)> = BTreeSet::new();
+    need.insert((0, 0));
+    for ((_, m, _), c) in &chosen {
+        if let Some(i) = c {
+            need.insert((usize::from(*m == "untrained"), *i));
+        }
+    }
+    let need: Vec<(usize, usize)> = need.into_iter().collect();
+    eprintln!("test accuracy of {} chosen subnets ...", need.len());
+    let test_nets: Vec<(usize, Subnet)> =
+        need.iter().map(|&(sn, i)| (sn, cands[i].clone())).collect();
+    let accs = accuracies(&test_nets, &sns, &test, &normalize)?;
+    let test_acc: BTreeMap<(usize, usize), f64> = need.iter().copied().zip(accs).collect();
+    let oracle_acc = test_acc[&(0, 0)];
+
+    println!();
+    println!(
+        "EfficientNet-Lite0 on Fashion-MNIST as 3x64x64 RGB, preset {} (fine-tuned from ImageNet; choice on {} search images among {} stratified candidates of {} subnets, report on {} test images)",
+        p.name,
+        search.len(),
+        cands.len(),
+        trained.spec.count(),
+        test.len()
+    );
+    println!(
+        "oracle: test acc {:.2}%; fine-tuning {} steps at {:.1} samples/s; elastification {} + {} steps at {:.1} samples/s ({} modules); train threads {train_threads}",
+        100.0 * oracle_acc,
+        p.finetune_steps,
+        ft_report["images_per_sec"].as_f64().unwrap_or(f64::NAN),
+        p.stage_steps[0],
+        p.stage_steps[1],
+        el_report["samples_per_sec"].as_f64().unwrap_or(f64::NAN),
+        el_report["modules"],
+    );
+    let mut retained: BTreeMap<(usize, usize), (Option<f64>, Option<f64>)> = BTreeMap::new();
+    for (pass, lat) in passes.iter().enumerate() {
+        println!();
+        println!(
+            "threads 1, pass {}: oracle {:.3} ms (median of {} interleaved rounds)",
+            pass + 1,
+            lat[0],
+            p.rounds
+        );
+        println!(
+            "{:>6} {:>8} | {:>18} {:>7} {:>7} {:>8} | {:>18} {:>8}",
+            "budget",
+            "limit ms",
+            "subnet",
+            "ms",
+            "search",
+            "retained",
+            "untrained subnet",
+            "retained"
+        );
+        for (bi, b) in BUDGETS.iter().enumerate() {
+            let t = chosen[&(pass, "trained", bi)];
+            let u = chosen[&(pass, "untrained", bi)];
+            let r_t = t.map(|i| test_acc[&(0, i)] / oracle_acc);
+            let r_u = u.map(|i| test_acc[&(1, i)] / oracle_acc);
+            retained.insert((pass, bi), (r_t, r_u));
+            let pct = |r: Option<f64>| r.map_or("-".into(), |r| format!("{:.2}%", 100.0 * r));
+            println!(
+                "{:>6.2} {:>8.3} | {:>18} {:>7} {:>7} {:>8} | {:>18} {:>8}",
+                b,
+                b * lat[0],
+                t.map_or("-".into(), |i| cands[i].to_string()),
+                t.map_or("-".into(), |i| format!("{:.3}", lat[i])),
+                t.map_or("-".into(), |i| format!("{:.1}%", 100.0 * an_search[i])),
+                pct(r_t),
+                u.map_or("-".into(), |i| cands[i].to_string()),
+                pct(r_u),
+            );
+        }
+    }
+    let at = |b: f64| {
+        let bi = BUDGETS
+            .iter()
+            .position(|x| (x - b).abs() < 1e-9)
+            .expect("budget");
+        retained[&(0, bi)]
+    };
+    let bench = json!({
+        "model": "lite0",
+        "dataset": dataset,
+        "preset": p.name,
+        "lite0_oracle_acc": oracle_acc,
+        "lite0_oracle_ms": passes[0][0],
+        "lite0_retained_at_0_5": at(0.5).0,
+        "lite0_retained_at_0_6": at(0.6).0,
+        "lite0_retained_at_0_7": at(0.7).0,
+        "lite0_retained_at_0_8": at(0.8).0,
+        "lite0_retained_at_0_9": at(0.9).0,
+        "lite0_untrained_at_0_6": at(0.6).1,
+        "lite0_untrained_at_0_8": at(0.8).1,
+        "lite0_finetune_samples_per_s": ft_report["images_per_sec"],
+        "lite0_elastify_samples_per_s": el_report["samples_per_sec"],
+        "lite0_elastify_stage0_samples_per_s": el_report["stages"][0]["samples_per_sec"],
+        "lite0_elastify_stage1_samples_per_s": el_report["stages"][1]["samples_per_sec"],
+        "lite0_candidates": cands.len(),
+        "lite0_subnets": trained.spec.count() as f64,
+        "train_threads": train_threads,
+        "finetune_steps": p.finetune_steps,
+        "stage_steps": p.stage_steps,
+        "rounds": p.rounds,
+    });
+    println!();
+    println!("BENCH {bench}");
+    Ok(())
+}
