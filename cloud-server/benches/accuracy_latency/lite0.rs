@@ -270,6 +270,16 @@ fn elastified(
         cfg.stage0_steps, cfg.stage1_steps, cfg.batch
     );
     let ck = checkpoints(dir)?;
+    // A checkpoint of another recipe (other step counts) cannot be resumed: start afresh.
+    if fresh() || read_json(&report).is_some_and(|r| r["stage_steps"] != json!(p.stage_steps)) {
+        std::fs::remove_file(ck.path()).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+    }
     let t0 = Instant::now();
     let out = elastify(
         oracle,
