@@ -169,8 +169,9 @@ async fn refusals(db: Db) {
             );
         }
     }
-    // A branch kind that fits no block of this oracle (merge3 would span two strides).
-    let err = start(&h, &dev, &fits, &rgb, r#"{"branches":["merge2","merge3"]}"#)
+    // A named branch kind that fits no block of this oracle (merge3 would span two strides);
+    // the default kinds (merge2, merge3) would apply merge2 only and queue.
+    let err = start(&h, &dev, &fits, &rgb, r#"{"branches":["merge3"]}"#)
         .await
         .expect_err("merge3");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");

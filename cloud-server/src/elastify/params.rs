@@ -5,7 +5,7 @@
 //! Every error is INVALID_ARGUMENT naming `params_json.KEY`: an unknown key, a value of the
 //! wrong type and a value out of range alike, so a typo never silently trains with defaults.
 use adaptivenet_core::model::ModelSpec;
-use adaptivenet_core::supernet::branches::{check_kinds_fit, supernet_spec};
+use adaptivenet_core::supernet::branches::supernet_spec;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -187,14 +187,17 @@ impl JobParams {
     /// two-block oracle), and kinds that together leave the supernet no choice to train.
     pub fn check_oracle(&self, oracle: &ModelSpec, oracle_name: &str) -> Result<()> {
         let sn = self.config().validate().map_err(|e| self.name_key(e))?;
-        // A kind that fits no block would be refused by the worker (not silently skipped).
-        check_kinds_fit(oracle, &sn).map_err(|e| match CloudError::from(e) {
-            CloudError::InvalidArgument { reason, .. } => CloudError::invalid(
-                key_field("branches"),
-                format!("oracle '{oracle_name}': {reason}"),
-            ),
-            other => other,
-        })?;
+        // The worker applies the same rule: default kinds where they fit, named kinds must fit.
+        let sn = self
+            .config()
+            .kinds_for(oracle, sn)
+            .map_err(|e| match CloudError::from(e) {
+                CloudError::InvalidArgument { reason, .. } => CloudError::invalid(
+                    key_field("branches"),
+                    format!("oracle '{oracle_name}': {reason}"),
+                ),
+                other => other,
+            })?;
         if supernet_spec(oracle, &sn).count() <= 1 {
             return Err(CloudError::invalid(
                 key_field("branches"),
@@ -395,6 +398,19 @@ mod tests {
             .unwrap()
             .check_oracle(&two, "tiny")
             .unwrap();
+        // The default kinds (merge2, merge3) apply where they fit: a three-block chain with two
+        // strided blocks has room for merge2 only, and that is not an error...
+        let three = adaptivenet_core::model::ArchDescriptor::from_json(
+            br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[1,1,1],"widths":[8,16,16],"in_channels":1,"num_classes":10}"#,
+        )
+        .unwrap()
+        .spec;
+        JobParams::parse("{}")
+            .unwrap()
+            .check_oracle(&three, "tiny")
+            .unwrap();
+        // ... while the same merge3, named, is refused.
+        assert!(merge3.check_oracle(&three, "tiny").is_err());
         let p = JobParams::parse(r#"{"val_size":60}"#).unwrap();
         let data = |n| DataShape {
             name: "d".into(),

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use adaptivenet_core::artifact::{params_to_safetensors, sha256_hex};
 use adaptivenet_core::data::{AugmentPolicy, Dataset, Normalize};
-use adaptivenet_core::model::{Model, Params, TrainCtx};
+use adaptivenet_core::model::{Model, ModelSpec, Params, TrainCtx};
 use adaptivenet_core::supernet::{
-    branches::{build_supernet, check_kinds_fit},
+    branches::{build_supernet, check_kinds_fit, keep_fitting_kinds},
     module_name, Subnet, Supernet, SupernetConfig,
 };
 use candle_core::{Device, Tensor};
@@ -73,6 +73,25 @@ pub struct ElastifyConfig {
     ///
     /// [`SupernetSpec::sample_weighted`]: adaptivenet_core::supernet::SupernetSpec::sample_weighted
     pub original_weight: f64,
+}
+
+impl ElastifyConfig {
+    /// The branch kinds to build on `oracle`: the default kinds where they fit (a small oracle
+    /// may have no room for `merge3`), but a kind the developer named must fit some block and
+    /// is refused otherwise, naming the kind and each block's reason. (Naming exactly the
+    /// default set counts as the default.)
+    pub fn kinds_for(
+        &self,
+        oracle: &ModelSpec,
+        sn: SupernetConfig,
+    ) -> adaptivenet_core::Result<SupernetConfig> {
+        if self.branches == ElastifyConfig::default().branches {
+            Ok(keep_fitting_kinds(oracle, &sn))
+        } else {
+            check_kinds_fit(oracle, &sn)?;
+            Ok(sn)
+        }
+    }
 }
 
 impl Default for ElastifyConfig {
@@ -256,8 +275,7 @@ pub fn elastify(
 ) -> Result<ElastifyOutcome> {
     let sn_cfg = config.validate()?;
     check_data(&oracle.spec, data, "data")?;
-    // A requested kind that fits no block of this family's chain is refused, not ignored.
-    check_kinds_fit(&oracle.spec, &sn_cfg).cl()?;
+    let sn_cfg = config.kinds_for(&oracle.spec, sn_cfg).cl()?;
     let mut supernet = build_supernet(oracle, &sn_cfg).cl()?;
     if supernet.spec.count() <= 1 {
         return Err(CloudError::invalid(

@@ -153,6 +153,16 @@ pub fn check_kinds_fit(oracle: &ModelSpec, config: &SupernetConfig) -> Result<()
     Ok(())
 }
 
+/// `config` with the kinds that fit no position of `oracle`'s chain left out: what a default
+/// set of kinds (not named by the developer) means for a small or unusual oracle, e.g. the
+/// default `merge3` on a three-block chain whose strides leave no room for it.
+pub fn keep_fitting_kinds(oracle: &ModelSpec, config: &SupernetConfig) -> SupernetConfig {
+    let mut c = config.clone();
+    c.branches
+        .retain(|&kind| (0..oracle.blocks.len()).any(|i| branch_fit(oracle, i, kind).is_ok()));
+    c
+}
+
 fn kept_channels(c: usize, ratio: f64) -> usize {
     ((c as f64 * (1.0 - ratio)).round() as usize).clamp(1, c)
 }
