@@ -195,6 +195,45 @@ pub struct Job {
     pub updated_ms: i64,
 }
 
+impl Job {
+    /// A new job as the API queues it: no attempt yet, no lease, no result.
+    pub fn queued(
+        kind: JobKind,
+        oracle_id: Option<Uuid>,
+        dataset_id: Option<Uuid>,
+        supernet_name: String,
+        params_json: String,
+        arch_json: Option<String>,
+        max_attempts: u32,
+    ) -> Self {
+        let now = now_ms();
+        Job {
+            id: Uuid::new_v4(),
+            kind,
+            oracle_id,
+            dataset_id,
+            supernet_name,
+            params_json,
+            arch_json,
+            state: JobState::Queued,
+            stage: "queued".into(),
+            progress: 0.0,
+            attempts: 0,
+            max_attempts,
+            cancel_requested: false,
+            lease_owner: None,
+            lease_expires_ms: None,
+            checkpoint_sha256: None,
+            error: None,
+            supernet_id: None,
+            result_oracle_id: None,
+            report_json: None,
+            created_ms: now,
+            updated_ms: now,
+        }
+    }
+}
+
 /// One immutable supernet version.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Supernet {

@@ -13,8 +13,8 @@ use crate::app::App;
 use crate::auth::{Access, Principal};
 use crate::datasets;
 use crate::domain::{
-    check_name, check_sha256, now_ms, parse_id, Dataset, FleetEventKind, Job, JobKind, JobState,
-    Oracle, Page, Role,
+    check_name, check_sha256, now_ms, parse_id, Dataset, FleetEventKind, Job, JobKind, Oracle,
+    Page, Role,
 };
 use crate::elastify::fit::{check_fit, DataShape, HeadFit};
 use crate::elastify::params::JobParams;
@@ -419,31 +419,15 @@ impl DeveloperService for DeveloperApi {
         if let Some(d) = &dataset {
             check_oracle_fits(&oracle, d, &params)?;
         }
-        let now = now_ms();
-        let job = Job {
-            id: Uuid::new_v4(),
-            kind: JobKind::Elastify,
-            oracle_id: Some(oracle.id),
-            dataset_id: dataset.map(|d| d.id),
+        let job = Job::queued(
+            JobKind::Elastify,
+            Some(oracle.id),
+            dataset.map(|d| d.id),
             supernet_name,
             params_json,
-            arch_json: None,
-            state: JobState::Queued,
-            stage: "queued".into(),
-            progress: 0.0,
-            attempts: 0,
-            max_attempts: self.app.config().job_max_attempts,
-            cancel_requested: false,
-            lease_owner: None,
-            lease_expires_ms: None,
-            checkpoint_sha256: None,
-            error: None,
-            supernet_id: None,
-            result_oracle_id: None,
-            report_json: None,
-            created_ms: now,
-            updated_ms: now,
-        };
+            None,
+            self.app.config().job_max_attempts,
+        );
         store.insert_job(&job).await?;
         self.app.emit_job(job.id);
         Ok(Response::new(convert::job(&job)))

@@ -5,12 +5,11 @@
 use adaptivenet_core::model::ArchDescriptor;
 use adaptivenet_proto::v1 as pb;
 use tonic::Status;
-use uuid::Uuid;
 
 use super::convert;
 use super::developer::MAX_ARCH_JSON;
 use crate::app::App;
-use crate::domain::{check_name, now_ms, parse_id, Job, JobKind, JobState};
+use crate::domain::{check_name, parse_id, Job, JobKind};
 use crate::elastify::fit::{check_fit, DataShape, HeadFit};
 use crate::elastify::train_job::{check_scratch_arch, TrainJobParams};
 use crate::error::CloudError;
@@ -77,31 +76,15 @@ pub(super) async fn start_oracle_training(
             None
         }
     };
-    let now = now_ms();
-    let job = Job {
-        id: Uuid::new_v4(),
-        kind: JobKind::TrainOracle,
+    let job = Job::queued(
+        JobKind::TrainOracle,
         oracle_id,
-        dataset_id: Some(dataset.id),
-        supernet_name: r.name,
+        Some(dataset.id),
+        r.name,
         params_json,
         arch_json,
-        state: JobState::Queued,
-        stage: "queued".into(),
-        progress: 0.0,
-        attempts: 0,
-        max_attempts: app.config().job_max_attempts,
-        cancel_requested: false,
-        lease_owner: None,
-        lease_expires_ms: None,
-        checkpoint_sha256: None,
-        error: None,
-        supernet_id: None,
-        result_oracle_id: None,
-        report_json: None,
-        created_ms: now,
-        updated_ms: now,
-    };
+        app.config().job_max_attempts,
+    );
     store.insert_job(&job).await?;
     app.emit_job(job.id);
     Ok(convert::job(&job))

@@ -52,26 +52,30 @@ fn json_col<T: serde::de::DeserializeOwned>(r: &AnyRow, col: &str) -> Result<Opt
 const DATASET_COLS: &str = "id, name, uri, format, num_samples, created_ms, input_spec_json, \
                             augment_json, summary_json, digest";
 
+/// The one INSERT of an oracle row: a no-op when the weights digest is already stored (the
+/// UNIQUE digest makes identical uploads and job results idempotent without a race).
+fn insert_query(o: &Oracle) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
+    sqlx::query(
+        "INSERT INTO oracles (id, name, family, weights_sha256, size_bytes, num_params, \
+         num_tensors, arch_json, created_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) \
+         ON CONFLICT (weights_sha256) DO NOTHING",
+    )
+    .bind(o.id.to_string())
+    .bind(&o.name)
+    .bind(&o.family)
+    .bind(&o.weights_sha256)
+    .bind(o.size_bytes as i64)
+    .bind(o.num_params as i64)
+    .bind(o.num_tensors as i64)
+    .bind(&o.arch_json)
+    .bind(o.created_ms)
+}
+
 impl Store {
     /// Inserts an oracle unless one with the same weights digest exists; returns the stored
     /// row and whether it was created (idempotent uploads, race-free via the UNIQUE digest).
     pub async fn insert_oracle(&self, o: &Oracle) -> Result<(Oracle, bool)> {
-        let res = sqlx::query(
-            "INSERT INTO oracles (id, name, family, weights_sha256, size_bytes, num_params, \
-             num_tensors, arch_json, created_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) \
-             ON CONFLICT (weights_sha256) DO NOTHING",
-        )
-        .bind(o.id.to_string())
-        .bind(&o.name)
-        .bind(&o.family)
-        .bind(&o.weights_sha256)
-        .bind(o.size_bytes as i64)
-        .bind(o.num_params as i64)
-        .bind(o.num_tensors as i64)
-        .bind(&o.arch_json)
-        .bind(o.created_ms)
-        .execute(&self.pool)
-        .await?;
+        let res = insert_query(o).execute(&self.pool).await?;
         let created = res.rows_affected() == 1;
         let stored = self
             .oracle_by_digest(&o.weights_sha256)
@@ -91,22 +95,7 @@ impl Store {
         fence: super::JobFence<'_>,
     ) -> Result<Option<Oracle>> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO oracles (id, name, family, weights_sha256, size_bytes, num_params, \
-             num_tensors, arch_json, created_ms) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) \
-             ON CONFLICT (weights_sha256) DO NOTHING",
-        )
-        .bind(o.id.to_string())
-        .bind(&o.name)
-        .bind(&o.family)
-        .bind(&o.weights_sha256)
-        .bind(o.size_bytes as i64)
-        .bind(o.num_params as i64)
-        .bind(o.num_tensors as i64)
-        .bind(&o.arch_json)
-        .bind(o.created_ms)
-        .execute(&mut *tx)
-        .await?;
+        insert_query(o).execute(&mut *tx).await?;
         let q = format!("SELECT {ORACLE_COLS} FROM oracles WHERE weights_sha256 = $1");
         let stored = oracle_from_row(
             &sqlx::query(&q)
