@@ -49,7 +49,7 @@ if [ "${ADAPTIVENET_REQUIRE_PG:-}" = 1 ]; then
 else
   echo "skipped: deploy/validate.sh runs the PostgreSQL configuration too"
 fi
-echo "== S3 (blob tests with --features s3 against a local S3-compatible server: moto, pinned)"
+echo "== S3 (blob and s3:// dataset tests with --features s3 against a local S3-compatible server: moto, pinned)"
 # moto in server mode from PyPI, in a venv next to the target dir, on 127.0.0.1 and a free
 # port; stopped on exit. A server that cannot start fails the run.
 S3_VENV="$CARGO_TARGET_DIR/../moto-venv-5.2.5"
@@ -80,7 +80,7 @@ fi
 AWS_ENDPOINT="http://127.0.0.1:$S3_PORT" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
   AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test \
   ADAPTIVENET_S3_BUCKET=adaptivenet-test ADAPTIVENET_REQUIRE_S3=1 \
-  cargo test -p adaptivenet-cloud --features s3 --test blobs 2>&1 | tee -a /tmp/adaptivenet-test.log
+  cargo test -p adaptivenet-cloud --features s3 --test blobs --test datasets_s3 2>&1 | tee -a /tmp/adaptivenet-test.log
 # The happy path with every blob (oracle, dataset shards, checkpoints, modules) in the bucket:
 # the real binaries, the cloud's built with the s3 feature.
 cargo build --quiet -p adaptivenet-cloud --features s3 --bin cloud-server

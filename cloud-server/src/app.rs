@@ -60,6 +60,9 @@ pub struct Config {
     /// The only directory under which `file://` datasets may be registered (`None`: such
     /// registrations are refused).
     pub dataset_root: Option<PathBuf>,
+    /// The only `s3://bucket/prefix` locations at or under which datasets may be registered
+    /// (empty: `s3://` registrations are refused).
+    pub dataset_s3_prefixes: Vec<String>,
     /// Privacy minimum of samples behind a reported quality estimate.
     pub min_report_samples: u64,
     /// Heartbeat interval suggested to agents.
@@ -103,6 +106,7 @@ impl Config {
             max_oracle_bytes: 512 << 20,
             max_dataset_bytes: 2048 << 20,
             dataset_root: None,
+            dataset_s3_prefixes: Vec::new(),
             min_report_samples: 100,
             heartbeat_interval: Duration::from_secs(30),
             stale_after_missed: 3,

@@ -29,7 +29,7 @@ use crate::error::{CloudError, Result};
 use object::ObjectBackend;
 use scratch::Scratch;
 
-pub use object::{BlobUrl, ObjectReader};
+pub use object::{s3_store, BlobUrl, ObjectReader};
 
 /// Lowercase hex sha256 of `data`.
 pub fn sha256_hex(data: &[u8]) -> String {

@@ -343,19 +343,27 @@ fn storage_error(key: &Key, e: object_store::Error) -> CloudError {
     CloudError::Unavailable("blob storage is unavailable; retry later".into())
 }
 
-#[cfg(feature = "s3")]
 fn s3(bucket: &str, prefix: &str) -> Result<ObjectBackend> {
+    Ok(ObjectBackend::new(s3_store(bucket, "blob_url")?, prefix))
+}
+
+/// An S3 client for `bucket`, configured from the standard `AWS_*` variables (endpoint,
+/// region, credentials); errors name `field`. The blob store and `s3://` dataset
+/// registration share it, so one set of variables configures both.
+#[cfg(feature = "s3")]
+pub fn s3_store(bucket: &str, field: &str) -> Result<Arc<dyn ObjectStore>> {
     let s3 = object_store::aws::AmazonS3Builder::from_env()
         .with_bucket_name(bucket)
         .build()
-        .map_err(|e| CloudError::invalid("blob_url", format!("S3 configuration: {e}")))?;
-    Ok(ObjectBackend::new(Arc::new(s3), prefix))
+        .map_err(|e| CloudError::invalid(field, format!("S3 configuration: {e}")))?;
+    Ok(Arc::new(s3))
 }
 
+/// Without the `s3` feature there is no S3 client: refused naming `field`.
 #[cfg(not(feature = "s3"))]
-fn s3(_bucket: &str, _prefix: &str) -> Result<ObjectBackend> {
+pub fn s3_store(_bucket: &str, field: &str) -> Result<Arc<dyn ObjectStore>> {
     Err(CloudError::invalid(
-        "blob_url",
-        "this build has no S3 support (rebuild with cargo feature `s3`)",
+        field,
+        "this server was built without S3 support (rebuild with cargo feature `s3`)",
     ))
 }

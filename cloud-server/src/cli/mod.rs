@@ -71,6 +71,14 @@ enum Cmd {
         /// (without it, such registrations are refused; uploads always work).
         #[arg(long, env = "ADAPTIVENET_DATASET_ROOT")]
         dataset_root: Option<PathBuf>,
+        /// An `s3://bucket/prefix` at or under which datasets may be registered (repeatable;
+        /// without one, `s3://` registrations are refused). Needs the `s3` feature.
+        #[arg(
+            long = "dataset-s3-prefix",
+            env = "ADAPTIVENET_DATASET_S3_PREFIXES",
+            value_delimiter = ','
+        )]
+        dataset_s3_prefixes: Vec<String>,
         /// Reports carrying a quality estimate from fewer local samples are rejected.
         #[arg(long, default_value_t = 100)]
         min_report_samples: u64,
@@ -378,6 +386,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             max_oracle_mib,
             max_dataset_mb,
             dataset_root,
+            dataset_s3_prefixes,
             min_report_samples,
             device_credential_ttl_secs,
             credential_grace_secs,
@@ -400,6 +409,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             cfg.max_oracle_bytes = max_oracle_mib << 20;
             cfg.max_dataset_bytes = max_dataset_mb << 20;
             cfg.dataset_root = dataset_root;
+            for p in &dataset_s3_prefixes {
+                adaptivenet_cloud::datasets::s3::S3Location::parse("--dataset-s3-prefix", p)?;
+            }
+            cfg.dataset_s3_prefixes = dataset_s3_prefixes;
             cfg.min_report_samples = min_report_samples;
             cfg.device_credential_ttl = (device_credential_ttl_secs > 0)
                 .then(|| Duration::from_secs(device_credential_ttl_secs));

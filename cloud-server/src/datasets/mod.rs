@@ -9,7 +9,9 @@
 //!   dataset digest is the sha256 of the canonical manifest JSON, so the same content uploads
 //!   once.
 //! - Registration ([`register`]): `file://` paths under the configured dataset root only
-//!   (symlinks and `..` cannot leave it), validated the same way.
+//!   (symlinks and `..` cannot leave it), validated the same way and read in place; or
+//!   `s3://bucket/prefix` under an allowed S3 location ([`s3`]): the objects are fetched and
+//!   stored as the same shards and manifest an upload of them would produce.
 //! - [`materialise`]: a local directory with the dataset's files for a job.
 use std::path::{Component, Path, PathBuf};
 
@@ -25,6 +27,7 @@ use crate::error::{CloudError, Result};
 
 pub mod check;
 pub mod pack;
+pub mod s3;
 pub mod upload;
 
 /// URI scheme of uploaded datasets: `blob://<manifest sha256>`.
@@ -214,8 +217,10 @@ pub fn file_uri_path(uri: &str) -> Option<PathBuf> {
     p.is_absolute().then(|| p.to_path_buf())
 }
 
-/// Registers data the server reads in place. Only `file://` (or an absolute path) under the
-/// configured dataset root; validated and summarised like an upload. Idempotent by content.
+/// Registers data by URI, validated and summarised like an upload; idempotent by content.
+/// `file://` (or an absolute path) only under the configured dataset root, read in place;
+/// `s3://bucket/prefix` only under an allowed S3 location, copied into the blob store as an
+/// upload would be ([`s3`]).
 pub async fn register(
     app: &App,
     name: &str,
@@ -233,15 +238,12 @@ pub async fn register(
         ));
     }
     if uri.starts_with("s3://") {
-        return Err(CloudError::invalid(
-            "uri",
-            "s3:// registration is not supported yet; upload the dataset (client upload-dataset)",
-        ));
+        return s3::register(app, name, uri, format, opts).await;
     }
     if uri.contains("://") && !uri.starts_with("file://") {
         return Err(CloudError::invalid(
             "uri",
-            "only file:// URIs (or absolute paths) can be registered",
+            "only file:// and s3:// URIs (or absolute paths) can be registered",
         ));
     }
     let root = app.config().dataset_root.clone().ok_or_else(|| {

@@ -91,62 +91,103 @@ pub fn pack(
     shard_bytes: u64,
 ) -> Result<Packed> {
     files.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut entries = Vec::with_capacity(files.len());
-    let mut shards: Vec<ShardPlan> = Vec::new();
-    let mut hasher = Sha256::new();
-    let mut cur = ShardPlan {
-        sha256: String::new(),
-        size: 0,
-        files: Vec::new(),
-    };
-    let finish = |cur: &mut ShardPlan, hasher: &mut Sha256, shards: &mut Vec<ShardPlan>| {
-        if !cur.files.is_empty() {
-            cur.sha256 = hex::encode(std::mem::take(hasher).finalize());
-            shards.push(std::mem::replace(
-                cur,
-                ShardPlan {
-                    sha256: String::new(),
-                    size: 0,
-                    files: Vec::new(),
-                },
-            ));
-        }
-    };
+    let mut packer = ShardPacker::new(shard_bytes);
+    let mut plans: Vec<Vec<PathBuf>> = Vec::new();
     for (name, path) in files {
         let bytes = std::fs::read(&path).map_err(|e| CloudError::io(&path, e))?;
-        let len = bytes.len() as u64;
-        if cur.size > 0 && cur.size + len > shard_bytes {
-            finish(&mut cur, &mut hasher, &mut shards);
+        let shard = packer.add(name, &bytes) as usize;
+        if shard == plans.len() {
+            plans.push(Vec::new());
         }
-        entries.push(Entry {
-            path: name,
-            size: len,
-            sha256: hex::encode(Sha256::digest(&bytes)),
-            shard: shards.len() as u32,
-            offset: cur.size,
-        });
-        hasher.update(&bytes);
-        cur.size += len;
-        cur.files.push(path);
+        plans[shard].push(path);
     }
-    finish(&mut cur, &mut hasher, &mut shards);
-    let manifest = Manifest {
-        version: 1,
-        format,
-        dirs,
-        entries,
-        shards: shards
-            .iter()
-            .map(|s| ShardRef {
-                sha256: s.sha256.clone(),
-                size: s.size,
-            })
-            .collect(),
-    };
+    let manifest = packer.finish(format, dirs);
+    let shards: Vec<ShardPlan> = manifest
+        .shards
+        .iter()
+        .zip(plans)
+        .map(|(r, files)| ShardPlan {
+            sha256: r.sha256.clone(),
+            size: r.size,
+            files,
+        })
+        .collect();
     let total_bytes = shards.iter().map(|s| s.size).sum();
     Ok(Packed {
         manifest,
         shards,
         total_bytes,
     })
+}
+
+/// The one shard layout: entries, added in name order, fill a shard until the next one would
+/// take it past `shard_bytes` (a larger entry gets a shard of its own). The client's upload and
+/// the server's `s3://` ingestion both use it, so the same content yields the same manifest
+/// and digest whichever way it arrives.
+#[derive(Debug)]
+pub struct ShardPacker {
+    shard_bytes: u64,
+    entries: Vec<Entry>,
+    /// Completed shards.
+    shards: Vec<ShardRef>,
+    /// Bytes and entries of the shard being filled.
+    cur_size: u64,
+    cur_entries: usize,
+    hasher: Sha256,
+}
+
+impl ShardPacker {
+    pub fn new(shard_bytes: u64) -> Self {
+        ShardPacker {
+            shard_bytes,
+            entries: Vec::new(),
+            shards: Vec::new(),
+            cur_size: 0,
+            cur_entries: 0,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// Places the next entry and returns the index of the shard its bytes go to, right after
+    /// the previous entry's; an index not seen before means the previous shard is complete.
+    pub fn add(&mut self, path: String, bytes: &[u8]) -> u32 {
+        let len = bytes.len() as u64;
+        if self.cur_size > 0 && self.cur_size + len > self.shard_bytes {
+            self.close_shard();
+        }
+        self.entries.push(Entry {
+            path,
+            size: len,
+            sha256: hex::encode(Sha256::digest(bytes)),
+            shard: self.shards.len() as u32,
+            offset: self.cur_size,
+        });
+        self.hasher.update(bytes);
+        self.cur_size += len;
+        self.cur_entries += 1;
+        self.shards.len() as u32
+    }
+
+    fn close_shard(&mut self) {
+        if self.cur_entries > 0 {
+            self.shards.push(ShardRef {
+                sha256: hex::encode(std::mem::take(&mut self.hasher).finalize()),
+                size: self.cur_size,
+            });
+            self.cur_size = 0;
+            self.cur_entries = 0;
+        }
+    }
+
+    /// The manifest of everything added.
+    pub fn finish(mut self, format: DatasetFormat, dirs: Vec<String>) -> Manifest {
+        self.close_shard();
+        Manifest {
+            version: 1,
+            format,
+            dirs,
+            entries: self.entries,
+            shards: self.shards,
+        }
+    }
 }

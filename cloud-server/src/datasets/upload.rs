@@ -198,67 +198,92 @@ impl Upload {
                 "do not match the shards streamed",
             ));
         }
-        let digest = manifest.digest();
-        let store = self.app.store();
-        if let Some(existing) = store.dataset_by_digest(&digest).await? {
-            return Ok((existing, false));
-        }
-        for (_, w) in self.shards.iter_mut() {
-            w.flush().await?;
-        }
-        let paths: Vec<PathBuf> = self
-            .shards
-            .iter()
-            .map(|(_, w)| {
-                w.temp_path()
-                    .map(PathBuf::from)
-                    .ok_or_else(|| CloudError::Internal("shard already committed".into()))
-            })
-            .collect::<Result<_>>()?;
-        let m2 = manifest.clone();
-        let rec = tokio::task::spawn_blocking(move || check::validate(&m2, &ShardSource(paths)))
-            .await
-            .map_err(|e| CloudError::Internal(format!("dataset validation task: {e}")))??;
-        let row = dataset_row(
-            self.name.clone(),
-            format!("{BLOB_SCHEME}{digest}"),
+        let shards = std::mem::take(&mut self.shards);
+        commit_validated(
+            &self.app,
+            &self.name,
             self.format,
-            digest.clone(),
-            &rec,
             &self.options,
-        )?;
-        if store.dataset_by_name(&self.name).await?.is_some() {
-            return Err(CloudError::AlreadyExists {
-                kind: "dataset",
-                id: self.name,
-            });
+            manifest,
+            shards,
+        )
+        .await
+    }
+}
+
+/// The last step of every dataset that arrives as shards (an upload, or objects fetched for an
+/// `s3://` registration): `shards` are uncommitted blob writers matching `manifest.shards`.
+/// Returns the existing dataset if the digest is known; otherwise validates every entry from
+/// the scratch files and only then commits shards, manifest and row, in that order (a row
+/// never points at a missing blob, and a refusal leaves nothing behind: dropped writers
+/// delete their scratch files).
+pub(super) async fn commit_validated(
+    app: &App,
+    name: &str,
+    format: DatasetFormat,
+    options: &DatasetOptions,
+    manifest: Manifest,
+    mut shards: Vec<(ShardRef, BlobWriter)>,
+) -> Result<(Dataset, bool)> {
+    let digest = manifest.digest();
+    let store = app.store();
+    if let Some(existing) = store.dataset_by_digest(&digest).await? {
+        return Ok((existing, false));
+    }
+    for (_, w) in shards.iter_mut() {
+        w.flush().await?;
+    }
+    let paths: Vec<PathBuf> = shards
+        .iter()
+        .map(|(_, w)| {
+            w.temp_path()
+                .map(PathBuf::from)
+                .ok_or_else(|| CloudError::Internal("shard already committed".into()))
+        })
+        .collect::<Result<_>>()?;
+    let m2 = manifest.clone();
+    let rec = tokio::task::spawn_blocking(move || check::validate(&m2, &ShardSource(paths)))
+        .await
+        .map_err(|e| CloudError::Internal(format!("dataset validation task: {e}")))??;
+    let row = dataset_row(
+        name.to_string(),
+        format!("{BLOB_SCHEME}{digest}"),
+        format,
+        digest.clone(),
+        &rec,
+        options,
+    )?;
+    if store.dataset_by_name(name).await?.is_some() {
+        return Err(CloudError::AlreadyExists {
+            kind: "dataset",
+            id: name.to_string(),
+        });
+    }
+    // Commit: remember which blobs are new so a failed insert can take them back.
+    let blobs = app.blobs().clone();
+    let mut new_blobs = Vec::new();
+    for (r, w) in shards {
+        let existed = blobs.exists(&r.sha256).await;
+        w.commit(Some(("shard.sha256", &r.sha256))).await?;
+        if !existed {
+            new_blobs.push(r.sha256);
         }
-        // Commit: remember which blobs are new so a failed insert can take them back.
-        let blobs = self.app.blobs().clone();
-        let mut new_blobs = Vec::new();
-        for (r, w) in self.shards.drain(..) {
-            let existed = blobs.exists(&r.sha256).await;
-            w.commit(Some(("shard.sha256", &r.sha256))).await?;
-            if !existed {
-                new_blobs.push(r.sha256);
-            }
+    }
+    let canonical = manifest.canonical_json();
+    if !blobs.exists(&digest).await {
+        blobs.put(&canonical).await?;
+        new_blobs.push(digest.clone());
+    }
+    match insert_or_existing(app, &row).await {
+        Ok(r) => {
+            tracing::info!(dataset = %r.0.id, digest = %digest, created = r.1, "dataset stored");
+            Ok(r)
         }
-        let canonical = manifest.canonical_json();
-        if !blobs.exists(&digest).await {
-            blobs.put(&canonical).await?;
-            new_blobs.push(digest.clone());
-        }
-        match insert_or_existing(&self.app, &row).await {
-            Ok(r) => {
-                tracing::info!(dataset = %r.0.id, digest = %digest, created = r.1, "dataset uploaded");
-                Ok(r)
+        Err(e) => {
+            for b in new_blobs {
+                let _ = blobs.delete(&b).await;
             }
-            Err(e) => {
-                for b in new_blobs {
-                    let _ = blobs.delete(&b).await;
-                }
-                Err(e)
-            }
+            Err(e)
         }
     }
 }
