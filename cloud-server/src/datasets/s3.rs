@@ -283,6 +283,10 @@ fn store_error(uri: &str, e: object_store::Error) -> CloudError {
             "uri",
             format!("{uri}: an object key is not a valid path: {source}"),
         ),
+        // S3 reports a missing bucket as an error code in the body, not as a 404 of the key.
+        e if e.to_string().contains("NoSuchBucket") => {
+            CloudError::invalid("uri", format!("{uri}: the bucket does not exist"))
+        }
         e => {
             tracing::warn!(%uri, error = %e, "reading a dataset from the object store failed");
             CloudError::Unavailable("the object store is unavailable; retry later".into())
