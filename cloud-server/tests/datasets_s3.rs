@@ -29,8 +29,11 @@ async fn list_datasets(h: &Harness, token: &str) -> Vec<pb::Dataset> {
         .datasets
 }
 
-/// Every file under `dir` as (`/`-separated relative name, bytes), sorted.
-fn files_under(dir: &Path) -> Vec<(String, Vec<u8>)> {
+/// Files as (`/`-separated relative name, bytes).
+type Files = Vec<(String, Vec<u8>)>;
+
+/// Every file under `dir`, sorted.
+fn files_under(dir: &Path) -> Files {
     let (files, _) = datasets::pack::scan_dir(dir, None).expect("scan");
     files
         .into_iter()
@@ -421,7 +424,7 @@ mod s3 {
         let s3 = client(&bucket);
         let ok = png(4, 4);
         let undecodable = ok[..ok.len() / 2].to_vec();
-        let cases: Vec<(&str, Vec<(String, Vec<u8>)>)> = vec![
+        let cases: Vec<(&str, Files)> = vec![
             (
                 "undecodable",
                 vec![
