@@ -264,7 +264,18 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             params,
             supernet_name,
             watch,
-        } => jobs::elastify(c, oracle_id, dataset_id, params, supernet_name, watch, quiet).await,
+        } => {
+            jobs::elastify(
+                c,
+                oracle_id,
+                dataset_id,
+                params,
+                supernet_name,
+                watch,
+                quiet,
+            )
+            .await
+        }
         ClientCmd::TrainOracle {
             dataset,
             arch,
@@ -272,9 +283,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             name,
             params,
             watch,
-        } => {
-            jobs::train_oracle(c, dataset, arch, from_oracle, name, params, watch, quiet).await
-        }
+        } => jobs::train_oracle(c, dataset, arch, from_oracle, name, params, watch, quiet).await,
         ClientCmd::Watch { job_id } => jobs::watch(c, job_id, quiet).await,
         ClientCmd::Cancel { job_id } => jobs::cancel(c, job_id).await,
         ClientCmd::Desire {
