@@ -11,7 +11,10 @@
 //!   initial population, latency-preserving mutation, shared-prefix reuse), Pareto front and
 //!   best subnet per budget; plain-EA mode for comparison.
 //! - [`serve`]: the active subnet behind an atomic swap that loads only differing modules.
-//! - [`adapt`]: the hysteresis controller and the maintenance loop over live latency.
+//! - [`adapt`]: the hysteresis controller and the maintenance loop over live latency, drift
+//!   detection, the plan (profile + search) and the timeline.
+//! - [`agent`]: the runtime: one [`agent::Agent`] and its background tasks (maintenance,
+//!   drift re-plan, heartbeat and report, re-sync, replay) under one cancellation token.
 //! - [`state`]: atomic persistence of table, search result and active subnet.
 //! - [`client`]: the cloud client (enrollment, resumable supernet sync, aggregate reports).
 //! - [`plot`]: SVG plots of the persisted state (Pareto front, adaptation timeline).
@@ -21,6 +24,7 @@
 //! every subnet returned by search is valid and within budget per the table;
 //! timing-dependent logic is driven by injected samples in tests, never by wall-clock limits.
 pub mod adapt;
+pub mod agent;
 pub mod client;
 pub mod error;
 pub mod plot;

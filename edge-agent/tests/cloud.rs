@@ -934,8 +934,8 @@ fn make_artifact_version(dir: &Path, tweak: (usize, i8)) -> Manifest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_generation_resyncs_only_changed_blobs_and_switches_atomically() {
     use adaptivenet_edge::adapt::plan::{plan, PlanConfig};
-    use adaptivenet_edge::adapt::resync::{policy_budgets, Applied, Resync};
     use adaptivenet_edge::adapt::{AdaptConfig, Controller};
+    use adaptivenet_edge::agent::resync::{policy_budgets, Applied, Resync};
     use adaptivenet_edge::quality::QualityMode;
     use adaptivenet_edge::serve::Server;
     use adaptivenet_edge::state::StateDir;

@@ -444,7 +444,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let handle =
                 server::start(app, listener, Some(Arc::new(ElastifyRunner)), ml, tls).await?;
             tracing::info!(addr = %handle.addr, metrics = ?handle.metrics_addr, "cloud-server ready");
-            shutdown_signal().await;
+            adaptivenet_proto::shutdown::signal().await?;
             tracing::info!("draining");
             handle.shutdown().await?;
         }
@@ -467,7 +467,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     tokio::spawn(w.run(stop.clone()))
                 })
                 .collect();
-            shutdown_signal().await;
+            adaptivenet_proto::shutdown::signal().await?;
             stop.cancel();
             for h in handles {
                 let _ = h.await;
@@ -569,21 +569,4 @@ async fn fleet_id(app: &App, fleet: &str) -> anyhow::Result<uuid::Uuid> {
         Ok(id) => id,
         Err(_) => app.store().fleet_by_name(fleet).await?.id,
     })
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }

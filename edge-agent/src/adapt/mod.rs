@@ -32,14 +32,17 @@
 //!   environment really improved). A subnet whose own table error pushes it over budget is
 //!   therefore not re-entered in a loop: no oscillation between two neighbours.
 //!
-//! [`maintain`] drives a shared controller from a server's live window on a tokio interval;
-//! tests use `tokio::time::pause()` with injected latencies.
+//! [`maintain_until`] drives a shared controller from a server's live window on a tokio
+//! interval until a cancellation token fires ([`maintain`]: until a watch flag is set);
+//! tests use `tokio::time::pause()` with injected latencies. The loop that runs it in the
+//! agent, with drift detection, the timeline and re-plans, is [`crate::agent`].
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::search::Candidate;
 use crate::serve::{Server, SwitchReport, WindowStats};
@@ -47,7 +50,6 @@ use crate::serve::{Server, SwitchReport, WindowStats};
 pub mod contention;
 pub mod drift;
 pub mod plan;
-pub mod resync;
 pub mod timeline;
 
 /// Controller settings.
@@ -371,6 +373,21 @@ impl Controller {
     }
 }
 
+/// Why the served subnet last changed, as heartbeats tell the cloud (a closed set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdaptationReason {
+    /// Serving the subnet chosen at start-up.
+    Initial,
+    /// The controller stepped down: live latency over the budget.
+    OverBudget,
+    /// The controller stepped up: sustained slack under the budget.
+    Slack,
+    /// Re-profiled and re-searched after the latency table drifted.
+    Research,
+    /// Re-synced to a new desired supernet or budget policy.
+    NewSupernet,
+}
+
 /// A controller shared by the maintenance loop and whoever replaces its plan (re-sync).
 pub type SharedController = Arc<Mutex<Controller>>;
 
@@ -397,6 +414,15 @@ impl AdaptEvent {
             AdaptEvent::SwitchFailed { .. } => "switch_failed",
         }
     }
+
+    /// Why a successful switch happened (`None` for a failed one).
+    pub fn reason(&self, front: &[Candidate]) -> Option<AdaptationReason> {
+        match (self, self.name(front)) {
+            (AdaptEvent::Switched(_), "step_down") => Some(AdaptationReason::OverBudget),
+            (AdaptEvent::Switched(_), _) => Some(AdaptationReason::Slack),
+            (AdaptEvent::SwitchFailed { .. }, _) => None,
+        }
+    }
 }
 
 /// What one maintenance check saw and did.
@@ -407,14 +433,34 @@ pub struct Tick {
     pub event: Option<AdaptEvent>,
 }
 
-/// The maintenance loop: every `interval_ms`, read the samples recorded since the last
-/// check (once there are `min_samples`), decide, and switch (loading only differing
-/// modules). Runs until `shutdown` becomes true; returns the events. `on_tick` sees every
-/// check with the controller after it (timeline, logging, persistence of the active subnet).
+/// [`maintain_until`], stopped by a watch flag becoming true (or its sender dropping).
 pub async fn maintain(
     server: Arc<Server>,
     ctl: SharedController,
     mut shutdown: watch::Receiver<bool>,
+    on_tick: impl FnMut(&Tick, &Controller),
+) -> Vec<AdaptEvent> {
+    let stop = CancellationToken::new();
+    let flag = async {
+        while !*shutdown.borrow_and_update() {
+            if shutdown.changed().await.is_err() {
+                break;
+            }
+        }
+        stop.cancel();
+    };
+    let (events, ()) = tokio::join!(maintain_until(server, ctl, stop.clone(), on_tick), flag);
+    events
+}
+
+/// The maintenance loop: every `interval_ms`, read the samples recorded since the last
+/// check (once there are `min_samples`), decide, and switch (loading only differing
+/// modules). Runs until `stop` is cancelled; returns the events. `on_tick` sees every check
+/// with the controller after it (timeline, logging, persistence of the active subnet).
+pub async fn maintain_until(
+    server: Arc<Server>,
+    ctl: SharedController,
+    stop: CancellationToken,
     mut on_tick: impl FnMut(&Tick, &Controller),
 ) -> Vec<AdaptEvent> {
     let mut events = Vec::new();
@@ -428,12 +474,9 @@ pub async fn maintain(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            r = shutdown.changed() => {
-                if r.is_err() || *shutdown.borrow() { break; }
-                continue;
-            }
+            _ = stop.cancelled() => break,
         }
-        if *shutdown.borrow() {
+        if stop.is_cancelled() {
             break;
         }
         // Decide and switch under the controller lock, so a re-sync replacing the plan

@@ -24,8 +24,8 @@
 //! equal image counts, each run by one worker (scoped threads) through the whole tree;
 //! per-image results are concatenated in image order, so the outcome does not depend on the
 //! thread count. Each worker gets an equal share of the per-generation memory bound. Results
-//! are per-image correctness masks, which racing (see the search module) compares pairwise
-//! between subnets.
+//! are per-image correctness masks, which racing (`racing.rs`) compares pairwise between
+//! subnets.
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
@@ -627,4 +627,121 @@ pub fn evaluate_each(
         1,
     )?;
     Ok((percents(set, &m), st))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::search::testing::{eval_set, supernet};
+
+    #[test]
+    fn evaluation_does_not_depend_on_workers_or_method_and_ranges_compose() {
+        let sn = supernet();
+        let set = eval_set(&sn, 3, 10);
+        let subnets = sn.spec.enumerate(1000).unwrap();
+        let subnets: Vec<Subnet> = subnets.into_iter().step_by(7).collect();
+        let each = Method::Each { from_stem: false };
+        let (a, sa) = evaluate_masks(&sn, &set, &subnets, 0..30, each, 1).unwrap();
+        let prefix = Method::Prefix {
+            max_cache_bytes: usize::MAX,
+        };
+        let (b, sb) = evaluate_masks(&sn, &set, &subnets, 0..30, prefix, 3).unwrap();
+        assert_eq!(a, b);
+        assert!(sb.module_applications < sa.module_applications);
+        // Split at an image inside a batch, with two workers.
+        let (lo, _) = evaluate_masks(&sn, &set, &subnets, 0..13, prefix, 2).unwrap();
+        let (hi, _) = evaluate_masks(&sn, &set, &subnets, 13..30, prefix, 2).unwrap();
+        for ((l, h), full) in lo.iter().zip(&hi).zip(&a) {
+            assert_eq!([l.as_slice(), h.as_slice()].concat(), *full);
+        }
+        assert!(evaluate_masks(&sn, &set, &subnets, 0..31, prefix, 1).is_err());
+    }
+
+    #[test]
+    fn cross_generation_reuse_changes_the_work_not_the_results() {
+        let sn = supernet();
+        let set = eval_set(&sn, 3, 10);
+        let all = sn.spec.enumerate(1000).unwrap();
+        let parents: Vec<Subnet> = all.iter().step_by(7).cloned().collect();
+        // Children differ from every parent but share prefixes with them.
+        let children: Vec<Subnet> = all
+            .iter()
+            .step_by(5)
+            .filter(|s| !parents.contains(s))
+            .cloned()
+            .collect();
+        let prefix = Method::Prefix {
+            max_cache_bytes: usize::MAX,
+        };
+        let (truth, plain) = evaluate_masks(&sn, &set, &children, 0..30, prefix, 1).unwrap();
+        for workers in [1, 2] {
+            let mut cache = ReuseCache::new(usize::MAX / 2);
+            evaluate_masks_reusing(
+                &sn,
+                &set,
+                &parents,
+                0..30,
+                prefix,
+                workers,
+                Some(&mut cache),
+            )
+            .unwrap();
+            let held = cache.bytes();
+            assert!(held > 0);
+            cache.keep_prefixes_of(&parents);
+            assert_eq!(cache.bytes(), held, "every entry lies on a parent's path");
+            let (m, st) = evaluate_masks_reusing(
+                &sn,
+                &set,
+                &children,
+                0..30,
+                prefix,
+                workers,
+                Some(&mut cache),
+            )
+            .unwrap();
+            assert_eq!(m, truth, "{workers} workers");
+            assert!(
+                st.module_applications < plain.module_applications,
+                "{} vs {}",
+                st.module_applications,
+                plain.module_applications
+            );
+            // Cells, not the range's split, key the cache: a racing-style first round (the
+            // first batch, on the other worker count) finds what the full passes cached.
+            let other = 3 - workers;
+            let (first_round, plain_round) =
+                evaluate_masks(&sn, &set, &children, 0..10, prefix, other).unwrap();
+            let (m, st) = evaluate_masks_reusing(
+                &sn,
+                &set,
+                &children,
+                0..10,
+                prefix,
+                other,
+                Some(&mut cache),
+            )
+            .unwrap();
+            assert_eq!(m, first_round, "{other} workers on the first round");
+            assert!(
+                st.image_module_calls < plain_round.image_module_calls,
+                "{} vs {}",
+                st.image_module_calls,
+                plain_round.image_module_calls
+            );
+            // Nothing survives for parents that share no prefix with the cached paths.
+            cache.keep_prefixes_of(&[]);
+            assert_eq!(cache.bytes(), 0);
+        }
+        // A bound too small for any activation: same masks, no saving.
+        let mut tiny = ReuseCache::new(1);
+        evaluate_masks_reusing(&sn, &set, &parents, 0..30, prefix, 1, Some(&mut tiny)).unwrap();
+        let (m, st) =
+            evaluate_masks_reusing(&sn, &set, &children, 0..30, prefix, 1, Some(&mut tiny))
+                .unwrap();
+        assert_eq!(
+            (m, st.module_applications),
+            (truth, plain.module_applications)
+        );
+    }
 }

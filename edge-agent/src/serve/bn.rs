@@ -7,13 +7,17 @@
 //! modules in train mode, with the running statistics set to the plain average over all
 //! batches ([`Supernet::recalibrate_bn`]), then BN is folded as for serving.
 //!
-//! [`Supernet::recalibrate_bn`]: adaptivenet_core::supernet::Supernet::recalibrate_bn Nothing
-//! else changes: weights, other modules, stem and head stay as shipped.
+//! Nothing else changes: weights, other modules, stem and head stay as shipped.
+//!
+//! A switch reads the artifact once ([`load_shipped`]): recalibration, the guard's shipped
+//! baseline and the modules out of scope all come from that read.
+//!
+//! [`Supernet::recalibrate_bn`]: adaptivenet_core::supernet::Supernet::recalibrate_bn
 use std::collections::BTreeMap;
 
 use adaptivenet_core::artifact::load_supernet;
 use adaptivenet_core::model::{fold::fold_params, Params};
-use adaptivenet_core::supernet::Subnet;
+use adaptivenet_core::supernet::{Subnet, Supernet};
 use candle_core::Tensor;
 
 use super::ArtifactSource;
@@ -31,6 +35,15 @@ pub enum RecalScope {
     All,
 }
 
+/// Stem, head and `subnet`'s modules as shipped, BN not folded (verified like every load).
+pub fn load_shipped(src: &ArtifactSource, subnet: &Subnet) -> Result<Supernet> {
+    Ok(load_supernet(
+        &src.dir,
+        &src.manifest,
+        Some(std::slice::from_ref(subnet)),
+    )?)
+}
+
 /// Recalibrated, BN-folded modules of `subnet` (only those in `scope`), ready for
 /// [`super::Server::switch_with`]. Empty when the subnet has no module in scope.
 pub fn recalibrate(
@@ -38,13 +51,28 @@ pub fn recalibrate(
     subnet: &Subnet,
     inputs: &[Tensor],
     scope: RecalScope,
-) -> Result<BTreeMap<(usize, i8), Params>> {
+) -> Result<Modules> {
+    check_inputs(inputs)?;
+    recalibrate_loaded(&load_shipped(src, subnet)?, subnet, inputs, scope)
+}
+
+fn check_inputs(inputs: &[Tensor]) -> Result<()> {
     if inputs.is_empty() {
         return Err(EdgeError::NoData(
             "BN recalibration needs local images".into(),
         ));
     }
-    let sn = load_supernet(&src.dir, &src.manifest, Some(std::slice::from_ref(subnet)))?;
+    Ok(())
+}
+
+/// [`recalibrate`] on weights already read by [`load_shipped`] (BN not folded).
+pub fn recalibrate_loaded(
+    sn: &Supernet,
+    subnet: &Subnet,
+    inputs: &[Tensor],
+    scope: RecalScope,
+) -> Result<Modules> {
+    check_inputs(inputs)?;
     let eps = sn.spec.oracle.numerics.bn_eps;
     let wanted = |id: i8| scope == RecalScope::All || id != 0;
     if !subnet.steps().any(|(_, id)| wanted(id)) {
@@ -60,11 +88,11 @@ pub fn recalibrate(
 /// badly (on the Fashion-MNIST bench, a footwear-only device lost 27 points of accuracy on
 /// its own classes), so recalibrated modules `recal` are kept only if `subnet` predicts
 /// `targets` (per batch of `inputs`: labels, or the oracle's top-1 when label-free) at least
-/// as often with them as with the shipped statistics. Returns the modules to install (the
-/// recalibrated ones, or the shipped ones, loaded afresh so that nothing recalibrated for an
-/// earlier path is reused) and whether recalibration was kept.
+/// as often with them as with the shipped statistics (`shipped`: [`load_shipped`], folded).
+/// Returns the modules to install (the recalibrated ones, or the shipped ones, so that
+/// nothing recalibrated for an earlier path is reused) and whether recalibration was kept.
 pub fn guard(
-    src: &ArtifactSource,
+    shipped: &Supernet,
     subnet: &Subnet,
     recal: Modules,
     inputs: &[Tensor],
@@ -80,7 +108,6 @@ pub fn guard(
             ),
         ));
     }
-    let shipped = src.load(Some(std::slice::from_ref(subnet)))?;
     let mut fitted = shipped.clone();
     let keys: Vec<(usize, i8)> = recal.keys().copied().collect();
     fitted.modules.extend(recal);
@@ -95,7 +122,7 @@ pub fn guard(
         targets.iter().map(Vec::len).sum::<usize>(),
         if kept { "kept" } else { "refused" }
     );
-    let from = if kept { fitted } else { shipped };
+    let from = if kept { &fitted } else { shipped };
     let modules = keys
         .into_iter()
         .filter_map(|k| from.modules.get(&k).map(|p| (k, p.clone())))

@@ -173,6 +173,16 @@ pub struct Recalibration {
     pub guard: Option<Vec<Vec<u32>>>,
 }
 
+/// What a recalibrating switch installs, from its one read of the artifact.
+struct Prepared {
+    /// The modules in scope: recalibrated, or shipped where the guard refused.
+    given: BTreeMap<(usize, i8), Params>,
+    /// Whether recalibrated statistics serve.
+    kept: bool,
+    /// Stem, head and the target's modules as shipped, BN folded.
+    shipped: Supernet,
+}
+
 /// The serving core: active model, swap, live latency window.
 #[derive(Debug)]
 pub struct Server {
@@ -314,29 +324,43 @@ impl Server {
         // artifact between reading its weights and installing them.
         let _guard = self.switching.lock().unwrap_or_else(|e| e.into_inner());
         let t = Instant::now();
-        let recal = self.recal.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let (given, recalibrated) = match recal {
-            Some(r) => {
-                let src = self.source();
-                let m = bn::recalibrate(&src, target, &r.inputs, r.scope)?;
-                match &r.guard {
-                    Some(targets) if !m.is_empty() => {
-                        let (m, kept) = bn::guard(&src, target, m, &r.inputs, targets)?;
-                        (m, Some(kept))
-                    }
-                    _ => {
-                        let any = !m.is_empty();
-                        (m, Some(any))
-                    }
-                }
+        let prepared = self.recalibrated(&self.source(), target)?;
+        let mut report = match prepared {
+            Some(p) => {
+                let mut r = self.switch_locked(target, p.given, Some(&p.shipped))?;
+                r.recalibrated = Some(p.kept);
+                r
             }
-            None => (BTreeMap::new(), None),
+            None => self.switch_locked(target, BTreeMap::new(), None)?,
         };
-        let mut report = self.switch_locked(target, given)?;
-        report.recalibrated = recalibrated;
         // The switch's time includes its recalibration.
         report.millis = t.elapsed().as_secs_f64() * 1e3;
         Ok(report)
+    }
+
+    /// With recalibration set, `target`'s modules in scope recalibrated on `src`'s weights
+    /// (or the shipped ones where the guard refused), from one read of the artifact.
+    fn recalibrated(&self, src: &ArtifactSource, target: &Subnet) -> Result<Option<Prepared>> {
+        let recal = self.recal.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(r) = recal else {
+            return Ok(None);
+        };
+        let raw = bn::load_shipped(src, target)?;
+        let m = bn::recalibrate_loaded(&raw, target, &r.inputs, r.scope)?;
+        let mut shipped = raw;
+        shipped.fold()?;
+        let (given, kept) = match &r.guard {
+            Some(targets) if !m.is_empty() => bn::guard(&shipped, target, m, &r.inputs, targets)?,
+            _ => {
+                let any = !m.is_empty();
+                (m, any)
+            }
+        };
+        Ok(Some(Prepared {
+            given,
+            kept,
+            shipped,
+        }))
     }
 
     /// Like [`Server::switch`], with some modules given (e.g. BN-recalibrated ones) instead
@@ -347,14 +371,17 @@ impl Server {
         given: BTreeMap<(usize, i8), Params>,
     ) -> Result<SwitchReport> {
         let _guard = self.switching.lock().unwrap_or_else(|e| e.into_inner());
-        self.switch_locked(target, given)
+        self.switch_locked(target, given, None)
     }
 
-    /// [`Server::switch_with`] for a caller holding the switching lock.
+    /// [`Server::switch_with`] for a caller holding the switching lock. Modules neither given
+    /// nor held come from `read` (weights already read from the current artifact, folded),
+    /// else from the artifact.
     fn switch_locked(
         &self,
         target: &Subnet,
         mut given: BTreeMap<(usize, i8), Params>,
+        read: Option<&Supernet>,
     ) -> Result<SwitchReport> {
         let t = Instant::now();
         let cur = self.active();
@@ -374,7 +401,10 @@ impl Server {
                 }
                 (None, None) => {
                     loaded += 1;
-                    source.load_module(p, id)?
+                    match read.and_then(|r| r.modules.get(&(p, id))) {
+                        Some(m) => m.clone(),
+                        None => source.load_module(p, id)?,
+                    }
                 }
             };
             modules.insert((p, id), params);
@@ -390,42 +420,41 @@ impl Server {
 
     /// Serves `target` from another artifact (a new supernet version): modules whose blob
     /// digest is unchanged are reused, the rest loaded and verified from `source`. On error
-    /// the old artifact and subnet keep serving. With recalibration set, a second switch
-    /// then recalibrates `target` on the new weights.
+    /// the old artifact and subnet keep serving. With recalibration set, `target` is
+    /// recalibrated on the new weights, read once.
     pub fn replace(&self, source: ArtifactSource, target: &Subnet) -> Result<SwitchReport> {
-        let report = self.replace_plain(source, target)?;
-        if self
-            .recal
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-        {
-            self.switch(target)?;
-        }
-        Ok(report)
-    }
-
-    fn replace_plain(&self, source: ArtifactSource, target: &Subnet) -> Result<SwitchReport> {
         let _guard = self.switching.lock().unwrap_or_else(|e| e.into_inner());
         let t = Instant::now();
-        let cur = self.active();
-        let old = self.source();
         let spec = source.manifest.supernet_spec();
         spec.validate(target)?;
+        let prepared = self.recalibrated(&source, target)?;
+        let (mut given, read, kept) = match prepared {
+            Some(p) => (p.given, Some(p.shipped), Some(p.kept)),
+            None => (BTreeMap::new(), None, None),
+        };
+        let cur = self.active();
+        let old = self.source();
         let same_spec = spec == cur.supernet.spec;
         let (mut loaded, mut reused) = (0, 0);
         let mut modules = BTreeMap::new();
         for (p, id) in target.steps() {
             let want = &source.entry(p, id)?.module.sha256;
             let have = old.entry(p, id).ok().map(|c| &c.module.sha256);
-            let params = match cur.supernet.modules.get(&(p, id)) {
-                Some(m) if same_spec && have == Some(want) => {
+            let params = match (given.remove(&(p, id)), cur.supernet.modules.get(&(p, id))) {
+                (Some(m), _) => {
+                    loaded += 1;
+                    m
+                }
+                (None, Some(m)) if same_spec && have == Some(want) => {
                     reused += 1;
                     m.clone()
                 }
                 _ => {
                     loaded += 1;
-                    source.load_module(p, id)?
+                    match read.as_ref().and_then(|r| r.modules.get(&(p, id))) {
+                        Some(m) => m.clone(),
+                        None => source.load_module(p, id)?,
+                    }
                 }
             };
             modules.insert((p, id), params);
@@ -435,6 +464,7 @@ impl Server {
                         e: &adaptivenet_core::artifact::ModuleEntry,
                         o: &adaptivenet_core::artifact::ModuleEntry,
                         have: &Params,
+                        from_read: Option<&Params>,
                         shapes: Vec<(String, Vec<usize>)>|
          -> Result<Params> {
             if same_spec && e.sha256 == o.sha256 {
@@ -442,6 +472,9 @@ impl Server {
                 return Ok(have.clone());
             }
             loaded += 1;
+            if let Some(p) = from_read {
+                return Ok(p.clone());
+            }
             let path = blob_path(&source.dir, &e.sha256);
             let bytes = std::fs::read(&path).map_err(|err| CoreError::Artifact {
                 module: name.to_string(),
@@ -456,6 +489,7 @@ impl Server {
             &m.stem,
             &old.manifest.stem,
             &cur.supernet.stem,
+            read.as_ref().map(|r| &r.stem),
             m.oracle.stem.param_shapes(),
         )?;
         let head = part(
@@ -463,6 +497,7 @@ impl Server {
             &m.head,
             &old.manifest.head,
             &cur.supernet.head,
+            read.as_ref().map(|r| &r.head),
             m.oracle.head.param_shapes(),
         )?;
         let supernet = Supernet {
@@ -471,7 +506,9 @@ impl Server {
             head,
             modules,
         };
-        self.install(&cur, target, supernet, Some(source), t, loaded, reused)
+        let mut report = self.install(&cur, target, supernet, Some(source), t, loaded, reused)?;
+        report.recalibrated = kept;
+        Ok(report)
     }
 
     /// Swaps in the new model (and source); callers hold the switching lock.

@@ -4,13 +4,18 @@
 //! the new supernet (or just re-plan the budget when only the policy changed), then switch
 //! atomically under the controller lock. Any failure leaves the old subnet serving and the
 //! applied generation unchanged, so the next heartbeat retries.
+//!
+//! [`Resync`] is the re-plan itself (also used after drift, [`super::drift`]); [`task`] is
+//! the background task a heartbeat starts, at most one at a time.
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use adaptivenet_proto::v1 as pb;
 
-use super::plan::{plan, Plan, PlanConfig};
-use super::{Controller, SharedController};
+use super::Agent;
+use crate::adapt::plan::{persist, plan, Plan, PlanConfig};
+use crate::adapt::{AdaptationReason, Controller, SharedController};
 use crate::client::{BlobSelection, CloudClient, SyncOptions, SyncReport};
 use crate::serve::{ArtifactSource, Server, SwitchReport};
 use crate::state::{ActiveRecord, StateDir};
@@ -56,7 +61,7 @@ pub fn policy_budgets(policy: Option<&pb::LatencyBudgetPolicy>) -> Vec<String> {
 }
 
 impl Resync {
-    /// The latency table drifted (see [`super::drift`]): re-profile this device, re-search the
+    /// The latency table drifted (see [`crate::adapt::drift`]): re-profile this device, re-search the
     /// serving supernet warm-started from the current front at the same budget in
     /// milliseconds (a fraction would be re-resolved against the new, slower oracle time and
     /// loosen the budget), and install the new plan. Serving goes on meanwhile; on failure
@@ -120,7 +125,7 @@ impl Resync {
             switch
         };
         // Installed already: a failed write (full disk) must not report the re-sync failed.
-        super::plan::persist(
+        persist(
             "active subnet",
             self.state.save_active(
                 &manifest_id,
@@ -183,4 +188,42 @@ impl Resync {
             switch,
         }))
     }
+}
+
+/// Applies the desired state a heartbeat announced, on top of `cur`: serving goes on
+/// meanwhile; success installs the new plan and generation, failure keeps the old ones (the
+/// next heartbeat retries). Clears the agent's re-sync flag when done.
+pub(super) async fn task(agent: Arc<Agent>, client: Arc<CloudClient>, cur: Applied) {
+    let outcome = match client.desired_state().await {
+        Ok(desired) => {
+            agent
+                .resync
+                .apply(&client, &desired, &cur, &agent.server, &agent.ctl)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(Some(rep)) => {
+            println!(
+                "re-synced to supernet {} (generation {} -> {}): serving {} (budget {:.3} ms){}",
+                rep.applied.supernet_id,
+                rep.from_generation,
+                rep.applied.generation,
+                agent.server.active().subnet,
+                rep.applied.plan.budget_ms,
+                super::loaded_note(rep.switch.as_ref()),
+            );
+            agent.set_budget(rep.applied.plan.budget_ms);
+            agent.set_reason(AdaptationReason::NewSupernet);
+            agent.timeline.note("resync");
+            *agent.applied() = rep.applied;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("re-sync failed, still serving the old subnet: {e}");
+            agent.timeline.note("resync_failed");
+        }
+    }
+    agent.resyncing.store(false, Ordering::Release);
 }
