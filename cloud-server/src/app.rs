@@ -32,6 +32,10 @@ pub const MAX_ENROLLMENT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const DEFAULT_DEVICE_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Default validity of a rotated-out credential.
 pub const DEFAULT_CREDENTIAL_GRACE: Duration = Duration::from_secs(15 * 60);
+/// Default reuse of a credential lookup (`serve --auth-cache-ttl-secs`): twice the default
+/// heartbeat interval, so heartbeats hit the cache; also the bound on how late this process
+/// sees a revocation made by another one.
+pub const DEFAULT_AUTH_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// `now + ttl` in Unix ms, or INVALID_ARGUMENT naming `field` when it does not fit (a TTL
 /// of u64::MAX seconds must be refused, not wrap or panic).
@@ -77,6 +81,9 @@ pub struct Config {
     pub job_max_attempts: u32,
     /// How often an idle worker polls the queue.
     pub job_poll: Duration,
+    /// How long a credential lookup is reused (see `auth::cache`): revocations by another
+    /// process apply here within it. Longer than the heartbeat interval, so a device's
+    /// heartbeats normally hit the cache.
     pub auth_cache_ttl: Duration,
     /// Lifetime of device credentials (`None` = until revoked); agents rotate before it ends.
     pub device_credential_ttl: Option<Duration>,
@@ -117,7 +124,7 @@ impl Config {
             job_lease: Duration::from_secs(30),
             job_max_attempts: 3,
             job_poll: Duration::from_secs(1),
-            auth_cache_ttl: Duration::from_secs(5),
+            auth_cache_ttl: DEFAULT_AUTH_CACHE_TTL,
             device_credential_ttl: Some(DEFAULT_DEVICE_CREDENTIAL_TTL),
             credential_grace: DEFAULT_CREDENTIAL_GRACE,
             min_group_devices: 5,
@@ -354,13 +361,13 @@ impl App {
 
     pub async fn revoke_api_token(&self, id: Uuid) -> Result<()> {
         self.store().revoke_api_token(id).await?;
-        self.auth().invalidate();
+        self.auth().invalidate_api_token(id);
         Ok(())
     }
 
     pub async fn revoke_device(&self, id: Uuid) -> Result<()> {
         let fleet = self.store().revoke_device(id).await?;
-        self.auth().invalidate();
+        self.auth().invalidate_device(id);
         self.emit_fleet(FleetEventKind::DeviceRevoked, fleet, Some(id), None);
         Ok(())
     }
@@ -449,7 +456,7 @@ impl App {
                 )
             })?;
         // Cached lookups of the old credential carry its old expiry.
-        self.auth().invalidate();
+        self.auth().invalidate_device(device_id);
         Ok(Rotation {
             credential,
             expires_ms,

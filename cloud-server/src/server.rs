@@ -225,8 +225,16 @@ pub async fn start(
         Some(l) => {
             let a = l.local_addr().ok();
             let m = app.clone();
-            let render: Arc<dyn Fn() -> String + Send + Sync> =
-                Arc::new(move || m.metrics().render());
+            let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+                // Credential lookups reach the database batched: far fewer of these than
+                // cache misses is what keeps a reconnecting fleet cheap.
+                let name = "adaptivenet_credential_lookup_queries_total";
+                format!(
+                    "{}# TYPE {name} counter\n{name} {}\n",
+                    m.metrics().render(),
+                    m.store().credential_queries()
+                )
+            });
             background.push(tokio::spawn(crate::ops::metrics::serve_http(
                 l,
                 render,

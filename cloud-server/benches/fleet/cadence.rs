@@ -26,7 +26,9 @@
 //!
 //! BENCH keys: `agents_10k_p99_ms_sqlite` / `_pg` (heartbeat p99 of the cadence phase),
 //! `agents_10k_report_p99_ms_*`, `agents_10k_reports_per_s_*`, `agents_10k_errors`,
-//! `reconnect_storm_errors` (both databases), `reconnect_all_s_*` (restart listening → every
+//! `reconnect_storm_errors` (both databases) and `reconnect_storm_errors_*` (each),
+//! `reconnect_storm_lookup_queries_*` / `cadence_lookup_queries_*` (credential lookup queries
+//! the server sent, from its `/metrics`), `reconnect_all_s_*` (restart listening → every
 //! agent's heartbeat OK), `server_rss_mb_10k` (the server's largest sampled RSS during the
 //! cadence phase, the larger of both databases), `server_rss_mb_storm`, `server_threads`.
 use std::path::PathBuf;
@@ -56,6 +58,8 @@ const STORM_ATTEMPTS: u32 = 3;
 struct Server {
     child: Option<Child>,
     port: u16,
+    /// `--metrics-listen` port (credential lookup queries are read from `/metrics`).
+    metrics_port: u16,
     dir: PathBuf,
     url: String,
     log: PathBuf,
@@ -78,6 +82,10 @@ impl Server {
             .arg(&self.dir)
             .args(["--database-url", &self.url, "serve"])
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args([
+                "--metrics-listen",
+                &format!("127.0.0.1:{}", self.metrics_port),
+            ])
             .args(["--workers", "0", "--gc-interval-secs", "0"]);
         if durable() {
             c.arg("--durable-telemetry");
@@ -116,6 +124,23 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         bail!("cloud-server did not listen within 60 s")
+    }
+
+    /// The server's `adaptivenet_credential_lookup_queries_total` since it started (None:
+    /// unreadable, e.g. a server from before the counter existed).
+    async fn lookup_queries(&self) -> Option<u64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
+            .await
+            .ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: bench\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix("adaptivenet_credential_lookup_queries_total "))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     fn pid(&self) -> u32 {
@@ -386,6 +411,10 @@ struct DbRun {
     restart_s: f64,
     storm: Storm,
     storm_rss_mb: f64,
+    /// Credential lookup queries the server sent in the cadence phase (from its start) and
+    /// in the storm (from its restart).
+    cadence_lookup_queries: Option<u64>,
+    storm_lookup_queries: Option<u64>,
     acked_reports: u64,
     stored_reports: u64,
 }
@@ -404,6 +433,7 @@ async fn run_db(o: &Opts, db: Db) -> Result<Option<DbRun>> {
     let mut server = Server {
         child: None,
         port: free_port()?,
+        metrics_port: free_port()?,
         dir: h.dir.path().to_path_buf(),
         url: url.clone(),
         log: h.dir.path().join("serve.log"),
@@ -423,6 +453,7 @@ async fn run_db(o: &Opts, db: Db) -> Result<Option<DbRun>> {
     let sampler = RssSampler::start(server.pid());
     let calls = cadence(o, &creds, &channels, &supernet).await;
     r.threads = proc_status(server.pid(), "Threads");
+    r.cadence_lookup_queries = server.lookup_queries().await;
     r.rss_mb = sampler.finish().await as f64 / (1 << 20) as f64;
     let (mut hb, mut rep, mut lag) = (calls.hb_us, calls.report_us, calls.lag_us);
     hb.sort_unstable();
@@ -447,6 +478,7 @@ async fn run_db(o: &Opts, db: Db) -> Result<Option<DbRun>> {
     let sampler = RssSampler::start(server.pid());
     r.storm = storm(o, &creds, server.port, &supernet).await?;
     r.storm_rss_mb = sampler.finish().await as f64 / (1 << 20) as f64;
+    r.storm_lookup_queries = server.lookup_queries().await;
     server.stop().await?;
 
     // Every acknowledged report is stored (read with the server stopped).
@@ -539,6 +571,13 @@ pub async fn run(o: Opts) -> Result<()> {
                 r.storm.never_back
             );
         }
+        let q = |v: Option<u64>| v.map_or("n/a".to_string(), |v| v.to_string());
+        println!(
+            "  credential lookup queries ({name}): cadence {}, storm {} (for {} agents)",
+            q(r.cadence_lookup_queries),
+            q(r.storm_lookup_queries),
+            o.agents
+        );
         if r.stored_reports < r.acked_reports {
             println!(
                 "  LOST REPORTS ({name}): {} acknowledged, {} stored",
@@ -588,6 +627,12 @@ pub async fn run(o: Opts) -> Result<()> {
         "agents_10k_reports_per_s_pg": f(&pg, |r| r.reports_per_s),
         "agents_10k_errors": sum(|r| r.errors),
         "reconnect_storm_errors": sum(|r| r.storm.errors),
+        "reconnect_storm_errors_sqlite": sqlite.as_ref().map(|r| r.storm.errors),
+        "reconnect_storm_errors_pg": pg.as_ref().map(|r| r.storm.errors),
+        "reconnect_storm_lookup_queries_sqlite": sqlite.as_ref().and_then(|r| r.storm_lookup_queries),
+        "reconnect_storm_lookup_queries_pg": pg.as_ref().and_then(|r| r.storm_lookup_queries),
+        "cadence_lookup_queries_sqlite": sqlite.as_ref().and_then(|r| r.cadence_lookup_queries),
+        "cadence_lookup_queries_pg": pg.as_ref().and_then(|r| r.cadence_lookup_queries),
         "reconnect_all_s_sqlite": f(&sqlite, |r| r.storm.all_back.as_secs_f64()),
         "reconnect_all_s_pg": f(&pg, |r| r.storm.all_back.as_secs_f64()),
         "reconnect_hb_p99_ms_sqlite": f(&sqlite, storm_p99),

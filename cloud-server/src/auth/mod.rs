@@ -3,19 +3,19 @@
 //!
 //! Tokens are 256-bit random secrets (`anv1_<kind>_<64 hex>`); only their sha256 is stored,
 //! which is safe for secrets of that entropy and cheap enough for the report path. Lookups
-//! are cached for a short TTL; revocations through this process clear the cache at once,
-//! revocations by another process take effect within the TTL.
-use std::collections::HashMap;
-use std::sync::RwLock;
-use std::time::{Duration, Instant};
+//! go through [`Authenticator`]'s cache (`cache.rs`: TTL, background refresh, single-flight
+//! batched misses); revocations through this process apply at once, revocations by another
+//! process within the TTL.
+mod cache;
+
+pub use cache::{Authenticator, QUERIES_IN_FLIGHT};
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::domain::{now_ms, DeviceStatus, Role};
+use crate::domain::Role;
 use crate::error::{CloudError, Result};
-use crate::store::Store;
 
 /// Kinds of secret, visible in the token prefix so a misplaced token is recognisable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,19 +155,6 @@ pub fn authorize_device(p: &Principal) -> Result<(Uuid, Uuid)> {
     }
 }
 
-#[derive(Clone, Copy)]
-struct CacheEntry {
-    principal: Principal,
-    expires_ms: Option<i64>,
-    fetched: Instant,
-    /// A random part of the TTL (half to all of it): entries filled together (a fleet
-    /// reconnecting) then expire spread out instead of sending every device's lookup to the
-    /// database in the same instant, which showed as latency spikes in `benches/fleet.rs`.
-    valid_for: Duration,
-}
-
-const CACHE_MAX: usize = 100_000;
-
 /// The token of `authorization: Bearer <token>` (not yet authenticated).
 pub fn bearer(md: &tonic::metadata::MetadataMap) -> Result<&str> {
     let raw = md
@@ -180,121 +167,4 @@ pub fn bearer(md: &tonic::metadata::MetadataMap) -> Result<&str> {
         .or_else(|| raw.strip_prefix("bearer "))
         .ok_or_else(|| CloudError::Unauthenticated("expected `Bearer <token>`".into()))?
         .trim())
-}
-
-/// Authenticates bearer tokens against the store, with a small TTL cache.
-#[derive(Debug)]
-pub struct Authenticator {
-    store: Store,
-    ttl: Duration,
-    cache: RwLock<HashMap<String, CacheEntryDbg>>,
-}
-
-#[derive(Clone, Copy)]
-struct CacheEntryDbg(CacheEntry);
-
-impl std::fmt::Debug for CacheEntryDbg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CacheEntry")
-    }
-}
-
-impl Authenticator {
-    pub fn new(store: Store, ttl: Duration) -> Self {
-        Authenticator {
-            store,
-            ttl,
-            cache: RwLock::new(HashMap::new()),
-        }
-    }
-
-    /// Drops every cached lookup (after a revocation).
-    pub fn invalidate(&self) {
-        self.cache.write().expect("auth cache lock").clear();
-    }
-
-    /// Extracts `authorization: Bearer <token>` and resolves it.
-    pub async fn authenticate(&self, md: &tonic::metadata::MetadataMap) -> Result<Principal> {
-        self.authenticate_token(bearer(md)?).await
-    }
-
-    /// Resolves a bearer token.
-    pub async fn authenticate_token(&self, token: &str) -> Result<Principal> {
-        if token.is_empty() || token.len() > 200 {
-            return Err(CloudError::Unauthenticated("malformed token".into()));
-        }
-        let hash = hash_token(token);
-        let now = now_ms();
-        if let Some(CacheEntryDbg(e)) = self
-            .cache
-            .read()
-            .expect("auth cache lock")
-            .get(&hash)
-            .copied()
-        {
-            if e.fetched.elapsed() < e.valid_for {
-                if e.expires_ms.is_some_and(|x| x <= now) {
-                    return Err(CloudError::Unauthenticated("credential expired".into()));
-                }
-                return Ok(e.principal);
-            }
-        }
-        let (principal, expires_ms) = if token.starts_with("anv1_dev_") {
-            let row = self
-                .store
-                .device_by_credential(&hash)
-                .await?
-                .ok_or_else(|| CloudError::Unauthenticated("unknown device credential".into()))?;
-            if row.status == DeviceStatus::Revoked {
-                return Err(CloudError::Unauthenticated(
-                    "device credential revoked".into(),
-                ));
-            }
-            (
-                Principal::Device {
-                    device_id: row.device_id,
-                    fleet_id: row.fleet_id,
-                },
-                row.expires_ms,
-            )
-        } else if token.starts_with("anv1_api_") {
-            let row = self
-                .store
-                .api_token_by_hash(&hash)
-                .await?
-                .ok_or_else(|| CloudError::Unauthenticated("unknown API token".into()))?;
-            if row.revoked {
-                return Err(CloudError::Unauthenticated("API token revoked".into()));
-            }
-            (
-                Principal::Api {
-                    token_id: row.id,
-                    role: row.role,
-                    fleet: row.fleet_id,
-                },
-                row.expires_ms,
-            )
-        } else {
-            return Err(CloudError::Unauthenticated(
-                "not an API token or device credential".into(),
-            ));
-        };
-        if expires_ms.is_some_and(|x| x <= now) {
-            return Err(CloudError::Unauthenticated("credential expired".into()));
-        }
-        let mut cache = self.cache.write().expect("auth cache lock");
-        if cache.len() >= CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(
-            hash,
-            CacheEntryDbg(CacheEntry {
-                principal,
-                expires_ms,
-                fetched: Instant::now(),
-                valid_for: self.ttl.mul_f64(0.5 + 0.5 * rand::random::<f64>()),
-            }),
-        );
-        Ok(principal)
-    }
 }

@@ -89,6 +89,14 @@ enum Cmd {
         /// Seconds a rotated-out device credential keeps working.
         #[arg(long, default_value_t = 900)]
         credential_grace_secs: u64,
+        /// Seconds this process reuses a credential lookup (0: no cache, every call reads the
+        /// database). The trade-off is revocation: revoking a device or token, or rotating a
+        /// credential, through this process applies at once, but through another replica or
+        /// `token revoke-api` it applies here only within this many seconds. Keep it above
+        /// the agents' heartbeat interval (30 s), or every heartbeat reads the database; an
+        /// entry in use is refreshed in the background before it ends.
+        #[arg(long, default_value_t = 60)]
+        auth_cache_ttl_secs: u64,
         /// Dashboard privacy floor k: aggregate groups of fewer devices are suppressed,
         /// min/p90/max dropped below 2k, viewers' aggregates move in steps of k reports.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -390,6 +398,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             min_report_samples,
             device_credential_ttl_secs,
             credential_grace_secs,
+            auth_cache_ttl_secs,
             min_group_devices,
             durable_telemetry,
             job_lease_secs,
@@ -417,6 +426,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             cfg.device_credential_ttl = (device_credential_ttl_secs > 0)
                 .then(|| Duration::from_secs(device_credential_ttl_secs));
             cfg.credential_grace = Duration::from_secs(credential_grace_secs);
+            cfg.auth_cache_ttl = Duration::from_secs(auth_cache_ttl_secs);
             cfg.min_group_devices = min_group_devices;
             let tls = match (tls_cert, tls_key) {
                 (Some(c), Some(k)) => Some(TlsFiles {

@@ -28,10 +28,11 @@ mod writer;
 pub use jobs::ClaimedJob;
 pub use rollouts::Settle;
 pub use supernets::{JobFence, NewSupernet};
-pub use tokens::{ApiTokenRow, DeviceAuthRow};
+pub use tokens::{ApiTokenRow, DeviceAuthRow, MAX_LOOKUP_BATCH};
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,8 @@ pub struct Store {
     backend: Backend,
     writer: writer::Writer,
     assigned: Arc<AssignmentCache>,
+    /// Credential lookup queries sent (`tokens.rs`).
+    credential_queries: Arc<AtomicU64>,
 }
 
 /// How long a positive "supernet is assigned to fleet" answer is reused.
@@ -181,6 +184,7 @@ impl Store {
             pool,
             backend,
             assigned: Arc::default(),
+            credential_queries: Arc::default(),
         })
     }
 

@@ -1,12 +1,29 @@
 //! Credentials: enrollment tokens, API tokens and device credentials. Only sha256 hashes of
 //! high-entropy tokens are stored (a fast hash is enough for 256-bit random secrets and
 //! keeps the report path cheap).
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+
 use sqlx::Row;
 use uuid::Uuid;
 
 use super::{get_opt_uuid, get_uuid, Store};
 use crate::domain::{Device, DeviceStatus, Role};
 use crate::error::{CloudError, Result};
+
+/// Most credentials one lookup query asks for: far below the bind-parameter limits of both
+/// databases (SQLite 32766, PostgreSQL 65535), large enough that a fleet reconnecting at once
+/// costs a handful of queries.
+pub const MAX_LOOKUP_BATCH: usize = 256;
+
+/// `$1,$2,...,$n`: the same numbered placeholders on both backends (a device query uses the
+/// list twice; numbered parameters may repeat).
+fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 /// An API token as stored.
 #[derive(Debug, Clone)]
@@ -157,57 +174,101 @@ impl Store {
         .collect()
     }
 
-    pub async fn api_token_by_hash(&self, hash: &str) -> Result<Option<ApiTokenRow>> {
-        let row = sqlx::query(
-            "SELECT id, role, expires_ms, revoked, fleet_id FROM api_tokens WHERE token_hash = $1",
-        )
-        .bind(hash)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            let role: String = r.try_get("role")?;
-            Ok(ApiTokenRow {
-                id: get_uuid(&r, "id")?,
-                role: Role::parse(&role)?,
-                expires_ms: r.try_get("expires_ms")?,
-                revoked: r.try_get::<i64, _>("revoked")? != 0,
-                fleet_id: get_opt_uuid(&r, "fleet_id")?,
+    /// The API tokens among `hashes` (at most [`MAX_LOOKUP_BATCH`]), by hash, in one query.
+    pub async fn api_tokens_by_hashes(
+        &self,
+        hashes: &[String],
+    ) -> Result<HashMap<String, ApiTokenRow>> {
+        if hashes.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let sql = format!(
+            "SELECT token_hash, id, role, expires_ms, revoked, fleet_id FROM api_tokens \
+             WHERE token_hash IN ({})",
+            placeholders(hashes.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for h in hashes {
+            q = q.bind(h.as_str());
+        }
+        self.count_credential_query();
+        q.fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                let role: String = r.try_get("role")?;
+                Ok((
+                    r.try_get::<String, _>("token_hash")?,
+                    ApiTokenRow {
+                        id: get_uuid(r, "id")?,
+                        role: Role::parse(&role)?,
+                        expires_ms: r.try_get("expires_ms")?,
+                        revoked: r.try_get::<i64, _>("revoked")? != 0,
+                        fleet_id: get_opt_uuid(r, "fleet_id")?,
+                    },
+                ))
             })
-        })
-        .transpose()
+            .collect()
     }
 
-    /// The device holding `hash` as its current credential or as its previous one (rotated
-    /// out, valid until `prev_credential_expires_ms`); `expires_ms` is that credential's.
-    pub async fn device_by_credential(&self, hash: &str) -> Result<Option<DeviceAuthRow>> {
-        let row = sqlx::query(
+    /// The devices holding any of `hashes` (at most [`MAX_LOOKUP_BATCH`]) as their current
+    /// credential or as their previous one (rotated out, valid until
+    /// `prev_credential_expires_ms`), by hash, in one query; `expires_ms` is that
+    /// credential's.
+    pub async fn devices_by_credentials(
+        &self,
+        hashes: &[String],
+    ) -> Result<HashMap<String, DeviceAuthRow>> {
+        if hashes.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let list = placeholders(hashes.len());
+        let sql = format!(
             "SELECT id, fleet_id, status, credential_hash, credential_expires_ms, \
-             prev_credential_expires_ms FROM devices \
-             WHERE credential_hash = $1 OR prev_credential_hash = $1",
-        )
-        .bind(hash)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
+             prev_credential_hash, prev_credential_expires_ms FROM devices \
+             WHERE credential_hash IN ({list}) OR prev_credential_hash IN ({list})"
+        );
+        let mut q = sqlx::query(&sql);
+        for h in hashes {
+            q = q.bind(h.as_str());
+        }
+        self.count_credential_query();
+        let wanted: HashSet<&str> = hashes.iter().map(String::as_str).collect();
+        let mut out = HashMap::new();
+        for r in q.fetch_all(&self.pool).await? {
             let status: String = r.try_get("status")?;
-            let current: String = r.try_get("credential_hash")?;
-            let expires_ms = if current == hash {
-                r.try_get("credential_expires_ms")?
-            } else {
-                // A previous credential without an end is no credential.
-                Some(
-                    r.try_get::<Option<i64>, _>("prev_credential_expires_ms")?
-                        .unwrap_or(0),
-                )
-            };
-            Ok(DeviceAuthRow {
-                device_id: get_uuid(&r, "id")?,
-                fleet_id: get_uuid(&r, "fleet_id")?,
+            let (device_id, fleet_id) = (get_uuid(&r, "id")?, get_uuid(&r, "fleet_id")?);
+            let row = |expires_ms: Option<i64>| DeviceAuthRow {
+                device_id,
+                fleet_id,
                 status: DeviceStatus::parse(&status),
                 expires_ms,
-            })
-        })
-        .transpose()
+            };
+            let current: String = r.try_get("credential_hash")?;
+            if wanted.contains(current.as_str()) {
+                let expires = r.try_get("credential_expires_ms")?;
+                out.insert(current, row(expires));
+            }
+            let previous: Option<String> = r.try_get("prev_credential_hash")?;
+            if let Some(previous) = previous.filter(|p| wanted.contains(p.as_str())) {
+                // A previous credential without an end is no credential.
+                let expires = r
+                    .try_get::<Option<i64>, _>("prev_credential_expires_ms")?
+                    .unwrap_or(0);
+                out.entry(previous).or_insert_with(|| row(Some(expires)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Credential lookup queries this store has sent (both kinds), for tests and the fleet
+    /// bench: batching shows as far fewer queries than lookups.
+    pub fn credential_queries(&self) -> u64 {
+        self.credential_queries.load(Ordering::Relaxed)
+    }
+
+    fn count_credential_query(&self) {
+        self.credential_queries.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Makes `new_hash` the device's credential if `presented_hash` is its current one (and
