@@ -96,6 +96,8 @@ pub struct Config {
     pub durable_telemetry: bool,
     /// Per-principal quotas, timeouts and HTTP/2 limits (`ops::net`).
     pub net: NetLimits,
+    /// How often the rollout engine judges running rollouts (its lease is three ticks).
+    pub rollout_tick: Duration,
 }
 
 impl Config {
@@ -125,6 +127,7 @@ impl Config {
             drain_grace: Duration::from_secs(2),
             durable_telemetry: false,
             net: NetLimits::default(),
+            rollout_tick: Duration::from_secs(5),
         }
     }
 }

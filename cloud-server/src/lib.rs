@@ -10,6 +10,7 @@
 //! - [`validate`]: the one function that accepts or rejects an uploaded oracle.
 //! - [`auth`]: tokens (hashed at rest), authentication and per-API authorisation rules.
 //! - [`jobs`]: the [`jobs::JobRunner`] plug-in and the leasing worker loop.
+//! - [`rollout`]: staged rollouts: cohorts, gates and the engine that promotes or rolls back.
 //! - [`app`]: shared state, configuration and the domain operations services call.
 //! - [`api`]: the gRPC services; the only module that sees prost types.
 //! - [`ops`]: metrics, load shedding and the metrics endpoint.
@@ -29,6 +30,7 @@ pub mod elastify;
 pub mod error;
 pub mod jobs;
 pub mod ops;
+pub mod rollout;
 pub mod server;
 pub mod store;
 pub mod validate;

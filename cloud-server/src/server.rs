@@ -214,7 +214,10 @@ pub async fn start(
     });
 
     let stop = app.shutdown_token().clone();
-    let mut background = vec![tokio::spawn(stale_sweeper(app.clone(), stop.clone()))];
+    let mut background = vec![
+        tokio::spawn(stale_sweeper(app.clone(), stop.clone())),
+        tokio::spawn(crate::rollout::engine::run(app.clone(), stop.clone())),
+    ];
     if let Some(r) = runner {
         background.extend(spawn_workers(&app, r, app.config().workers, stop.clone()));
     }

@@ -8,7 +8,9 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use super::watch::JobWatches;
-use super::{convert, management, management_catalogue, management_one_fleet, ServerStream};
+use super::{
+    convert, management, management_catalogue, management_one_fleet, rollout, ServerStream,
+};
 use crate::app::App;
 use crate::auth::{Access, Principal};
 use crate::datasets;
@@ -589,6 +591,70 @@ impl DeveloperService for DeveloperApi {
         self.app
             .emit_fleet(FleetEventKind::LabelPublished, fleet, None, Some(supernet));
         Ok(Response::new(convert::label(&l)))
+    }
+
+    async fn start_rollout(
+        &self,
+        req: Request<pb::StartRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let (md, r) = (req.metadata().clone(), req.into_inner());
+        Ok(Response::new(rollout::start(&self.app, &md, r).await?))
+    }
+
+    async fn get_rollout(
+        &self,
+        req: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let r = rollout::get(&self.app, req.metadata(), &req.get_ref().rollout_id).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn list_rollouts(
+        &self,
+        req: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+        let r = rollout::list(&self.app, req.metadata(), req.get_ref()).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn pause_rollout(
+        &self,
+        req: Request<pb::RolloutActionRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let id = &req.get_ref().rollout_id;
+        Ok(Response::new(
+            rollout::act(&self.app, req.metadata(), id, Some(true)).await?,
+        ))
+    }
+
+    async fn resume_rollout(
+        &self,
+        req: Request<pb::RolloutActionRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let id = &req.get_ref().rollout_id;
+        Ok(Response::new(
+            rollout::act(&self.app, req.metadata(), id, Some(false)).await?,
+        ))
+    }
+
+    async fn abort_rollout(
+        &self,
+        req: Request<pb::RolloutActionRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let id = &req.get_ref().rollout_id;
+        Ok(Response::new(
+            rollout::act(&self.app, req.metadata(), id, None).await?,
+        ))
+    }
+
+    type WatchRolloutStream = ServerStream<pb::Rollout>;
+
+    async fn watch_rollout(
+        &self,
+        req: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        let s = rollout::watch(&self.app, req.metadata(), &req.get_ref().rollout_id).await?;
+        Ok(Response::new(s))
     }
 
     async fn set_desired_state(

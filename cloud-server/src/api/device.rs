@@ -99,8 +99,12 @@ impl DeviceService for DeviceApi {
         &self,
         req: Request<pb::Empty>,
     ) -> Result<Response<pb::DesiredState>, Status> {
-        let (_, fleet) = self.device(req.metadata()).await?;
-        let d = self.app.store().desired_state(fleet).await?;
+        let (device, fleet) = self.device(req.metadata()).await?;
+        let d = self
+            .app
+            .store()
+            .desired_state_for_device(fleet, device)
+            .await?;
         Ok(Response::new(convert::desired(&d)))
     }
 

@@ -8,6 +8,7 @@
 //! - `device`: `DeviceService` (enroll, desired state, manifest, blobs, heartbeat, report).
 //! - `dashboard`: `DashboardService` (read-only views, aggregates, fleet watch).
 //! - `admin`: `AdminService` (fleets, tokens, revocation).
+//! - `rollout`: the rollout methods (start, read, pause/resume/abort, watch).
 //! - `train`: `StartOracleTraining`'s checks (the developer service delegates to it).
 //! - `watch`: the one poller shared by every `WatchJob` stream.
 pub mod admin;
@@ -15,6 +16,7 @@ pub mod convert;
 pub mod dashboard;
 pub mod developer;
 pub mod device;
+pub mod rollout;
 mod train;
 pub mod watch;
 

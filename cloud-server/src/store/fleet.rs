@@ -165,6 +165,26 @@ impl Store {
         Ok(d)
     }
 
+    /// What one device should run: the fleet's desired state, except that while the fleet
+    /// has an active rollout the device is pinned to the rollout's A or B by its cohort.
+    pub async fn desired_state_for_device(
+        &self,
+        fleet_id: Uuid,
+        device_id: Uuid,
+    ) -> Result<DesiredState> {
+        let mut d = self.desired_state(fleet_id).await?;
+        if let Some(r) = self.active_rollout(fleet_id).await? {
+            let device = self.get_device(device_id).await?;
+            let s = self
+                .get_supernet(r.target_for(device_id, device.device_class))
+                .await?;
+            d.supernet_id = Some(s.id);
+            d.supernet_version = s.version;
+            d.manifest_sha256 = s.manifest_sha256;
+        }
+        Ok(d)
+    }
+
     /// Inserts a freshly enrolled device.
     pub(crate) async fn insert_device_tx(
         tx: &mut sqlx::AnyConnection,

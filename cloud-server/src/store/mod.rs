@@ -11,6 +11,7 @@
 //! - `jobs`: the job queue with leases, heartbeats, checkpoints and cancellation.
 //! - `supernets`: supernet versions, their blobs and labels.
 //! - `fleet`: fleets, desired state, devices, heartbeats, reports and aggregates.
+//! - `rollouts`: staged rollouts, their decisions, and the reports their gates read.
 //! - `tokens`: enrollment tokens, API tokens, device credentials (hashes only).
 //! - `gc`: which blobs rows still reference (garbage collection, oracle deletion).
 //! - `writer`: group commit of reports and heartbeats (one writer task, batched
@@ -19,11 +20,13 @@ mod fleet;
 mod gc;
 mod jobs;
 mod oracles;
+mod rollouts;
 mod supernets;
 mod tokens;
 mod writer;
 
 pub use jobs::ClaimedJob;
+pub use rollouts::Settle;
 pub use supernets::{JobFence, NewSupernet};
 pub use tokens::{ApiTokenRow, DeviceAuthRow, MAX_LOOKUP_BATCH};
 

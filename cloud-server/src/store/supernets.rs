@@ -262,14 +262,19 @@ impl Store {
         row.map(|r| get_uuid(&r, "supernet_id")).transpose()
     }
 
-    /// Whether a supernet is assigned to a fleet (through any label or its desired state).
+    /// Whether a supernet is assigned to a fleet: through any label, its desired state, or
+    /// either side of one of its rollouts (a settled one too, so that a device still serving
+    /// B while a rollback reaches it can report what it serves). Blob downloads are narrower
+    /// (`fleet_blob_size`: active rollouts only).
     pub async fn fleet_has_supernet(&self, fleet_id: Uuid, supernet_id: Uuid) -> Result<bool> {
         let Err(epoch) = self.assigned.get((fleet_id, supernet_id)) else {
             return Ok(true);
         };
         let n: i64 = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM fleet_labels WHERE fleet_id = $1 AND supernet_id = $2) + \
-             (SELECT COUNT(*) FROM fleets WHERE id = $1 AND desired_supernet_id = $2) AS n",
+             (SELECT COUNT(*) FROM fleets WHERE id = $1 AND desired_supernet_id = $2) + \
+             (SELECT COUNT(*) FROM rollouts WHERE fleet_id = $1 AND \
+              (from_supernet_id = $2 OR to_supernet_id = $2)) AS n",
         )
         .bind(fleet_id.to_string())
         .bind(supernet_id.to_string())
@@ -289,7 +294,10 @@ impl Store {
             "SELECT b.size_bytes AS size_bytes FROM supernet_blobs b WHERE b.sha256 = $1 AND \
              (b.supernet_id IN (SELECT supernet_id FROM fleet_labels WHERE fleet_id = $2) OR \
               b.supernet_id IN (SELECT desired_supernet_id FROM fleets WHERE id = $2 \
-                                AND desired_supernet_id IS NOT NULL)) LIMIT 1",
+                                AND desired_supernet_id IS NOT NULL) OR \
+              b.supernet_id IN (SELECT from_supernet_id FROM rollouts WHERE active_fleet_id = $2) OR \
+              b.supernet_id IN (SELECT to_supernet_id FROM rollouts WHERE active_fleet_id = $2)) \
+             LIMIT 1",
         )
         .bind(sha256)
         .bind(fleet_id.to_string())
