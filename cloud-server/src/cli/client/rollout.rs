@@ -164,7 +164,7 @@ pub(super) async fn run(c: &mut Client, cmd: RolloutCmd, quiet: bool) -> anyhow:
                 println!("{}", r.id);
             } else {
                 println!("{}", summary(&r));
-                let g = r.gates.clone().unwrap_or_default();
+                let g = r.gates.unwrap_or_default();
                 println!(
                     "  steps: {}; gates: quality drop <= {} points, within-budget drop <= {} points, window {} s, {} report(s)",
                     r.steps.iter().map(step_text).collect::<Vec<_>>().join(" -> "),
