@@ -498,3 +498,55 @@ async fn one_replica_decides(db: Db) {
     f.h.finish().await;
 }
 both_backends!(lease, one_replica_decides);
+
+async fn client_commands(db: Db) {
+    let Some(f) = fleet(db, 2).await else { return };
+    let canary = f.devices[0].0.clone();
+    let steps = format!("device:{canary},50");
+    let out = cli(
+        &f.h,
+        &f.dev,
+        &[
+            "-q",
+            "rollout",
+            "start",
+            "--fleet",
+            &f.fleet,
+            "--to",
+            &f.b,
+            "--steps",
+            &steps,
+            "--window-secs",
+            "600",
+        ],
+    )
+    .await;
+    let id = stdout_ok(&out).trim().to_string();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    assert_eq!(f.desired(&f.devices[0].1).await, f.b, "the canary is on B");
+    let got = stdout_ok(&cli(&f.h, &f.dev, &["rollout", "get", &id]).await);
+    assert!(got.contains("step 1/3") && got.contains("running"), "{got}");
+    assert!(got.contains("start"), "decisions are listed: {got}");
+    let bad = cli(
+        &f.h,
+        &f.dev,
+        &[
+            "rollout", "start", "--fleet", &f.fleet, "--to", &f.b, "--steps", "half",
+        ],
+    )
+    .await;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--steps half"));
+    let aborted = stdout_ok(&cli(&f.h, &f.dev, &["rollout", "abort", &id]).await);
+    assert!(aborted.contains("aborted"), "{aborted}");
+    let w = cli(&f.h, &f.dev, &["rollout", "watch", &id]).await;
+    assert!(
+        !w.status.success(),
+        "a watched rollout that did not succeed exits non-zero"
+    );
+    assert!(String::from_utf8_lossy(&w.stderr).contains("aborted"));
+    let list = stdout_ok(&cli(&f.h, &f.dev, &["rollout", "list", "--fleet", &f.fleet]).await);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    f.h.finish().await;
+}
+both_backends!(client, client_commands);

@@ -5,6 +5,7 @@ mod datasets;
 mod fleet;
 mod jobs;
 mod oracles;
+mod rollout;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -163,7 +164,12 @@ enum ClientCmd {
         #[arg(value_parser = ["oracles", "datasets", "jobs", "supernets"])]
         what: String,
     },
-    /// Point a fleet's label at a supernet version.
+    /// Staged rollouts of a new supernet version to a fleet (canary cohorts, metric gates,
+    /// automatic promotion and rollback).
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCmd),
+    /// Point a fleet's label at a supernet version (every device follows at once; see
+    /// `rollout start` for a staged move).
     Publish {
         supernet_id: String,
         #[arg(long)]
@@ -299,5 +305,6 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             fleet,
             label,
         } => fleet::publish(c, supernet_id, fleet, label).await,
+        ClientCmd::Rollout(cmd) => rollout::run(c, cmd, quiet).await,
     }
 }
