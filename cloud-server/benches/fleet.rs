@@ -193,6 +193,7 @@ fn heartbeat(supernet: &str, i: usize) -> pb::HeartbeatRequest {
         latency_p95_ms: 9.0,
         last_adaptation_reason: 0,
         applied_generation: 1,
+        ..Default::default()
     }
 }
 

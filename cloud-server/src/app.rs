@@ -13,7 +13,7 @@ use crate::auth::{generate_token, hash_token, Authenticator, TokenKind};
 use crate::blobs::{sha256_hex, BlobStore};
 use crate::domain::{
     now_ms, AdaptationReason, BlobRef, Device, DeviceClass, DeviceStatus, FleetAggregates,
-    FleetEvent, FleetEventKind, Role, Supernet,
+    FleetEvent, FleetEventKind, InstallFailure, Role, ServingReason, Supernet,
 };
 use crate::error::{CloudError, Result};
 use crate::ops::metrics::Metrics;
@@ -401,6 +401,10 @@ impl App {
             applied_generation: 0,
             enrolled_ms: now,
             last_heartbeat_ms: now,
+            serving_reason: ServingReason::UNSPECIFIED,
+            failed_supernet_id: None,
+            install_failure: InstallFailure::default(),
+            recent_restarts: 0,
         };
         let device = self
             .store()

@@ -4,6 +4,9 @@ use uuid::Uuid;
 
 use crate::error::{CloudError, Result};
 
+mod serving;
+pub use serving::{InstallFailure, ServingReason};
+
 /// Milliseconds since the Unix epoch (the one time representation in the store).
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -308,6 +311,10 @@ pub struct DesiredState {
     pub manifest_sha256: String,
     pub budget: BudgetPolicy,
     pub generation: u64,
+    /// Why a device gets `supernet_id` (set for one device's desired state only).
+    pub reason: ServingReason,
+    /// The active rollout that decided it.
+    pub rollout_id: Option<Uuid>,
 }
 
 /// A fleet of devices.
@@ -433,6 +440,12 @@ pub struct Device {
     pub applied_generation: u64,
     pub enrolled_ms: i64,
     pub last_heartbeat_ms: i64,
+    pub serving_reason: ServingReason,
+    /// A supernet the device could not serve (it went back to its previous one), and why.
+    pub failed_supernet_id: Option<Uuid>,
+    pub install_failure: InstallFailure,
+    /// Agent restarts seen in heartbeats, counted while less than 10 min apart.
+    pub recent_restarts: u32,
 }
 
 /// Reported state carried by a heartbeat.
@@ -445,10 +458,21 @@ pub struct Heartbeat {
     pub latency_p95_ms: f64,
     pub last_reason: AdaptationReason,
     pub applied_generation: u64,
+    pub serving_reason: ServingReason,
+    pub failed_supernet_id: Option<Uuid>,
+    pub install_failure: InstallFailure,
+    /// When the agent process started (0: not said).
+    pub agent_started_ms: i64,
 }
 
 impl Heartbeat {
     pub fn validate(&self) -> Result<()> {
+        if self.agent_started_ms < 0 {
+            return Err(CloudError::invalid(
+                "agent_started_unix_ms",
+                "must not be negative",
+            ));
+        }
         check_version_string("agent_version", &self.agent_version)?;
         check_subnet_code("active_subnet", &self.active_subnet)?;
         check_latency("latency_p50_ms", self.latency_p50_ms)?;

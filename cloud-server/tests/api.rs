@@ -857,6 +857,7 @@ async fn reports_and_aggregates(db: Db) {
         latency_p95_ms: 5.0,
         last_adaptation_reason: pb::AdaptationReason::OverBudget as i32,
         applied_generation: 1,
+        ..Default::default()
     };
     let r = h
         .device()

@@ -37,6 +37,7 @@ fn heartbeat(supernet: &str, p50: f64) -> pb::HeartbeatRequest {
         latency_p95_ms: p50 * 1.2,
         last_adaptation_reason: 0,
         applied_generation: 1,
+        ..Default::default()
     }
 }
 

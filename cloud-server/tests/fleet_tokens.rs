@@ -36,6 +36,7 @@ fn heartbeat(supernet: &str) -> pb::HeartbeatRequest {
         latency_p95_ms: 6.0,
         last_adaptation_reason: 0,
         applied_generation: 1,
+        ..Default::default()
     }
 }
 

@@ -210,6 +210,7 @@ async fn batched_writes(db: Db) {
                     latency_p95_ms: 2.0,
                     last_adaptation_reason: 0,
                     applied_generation: 0,
+                    ..Default::default()
                 },
                 &cred,
             ))

@@ -638,6 +638,8 @@ async fn heartbeat_and_report_carry_aggregates_only() {
             latency_p95_ms: agg.latency_p95_ms,
             reason: pb::AdaptationReason::Initial,
             applied_generation: desired.generation,
+            serving: Default::default(),
+            started_unix_ms: 0,
         })
         .await
         .unwrap();
@@ -1024,6 +1026,8 @@ async fn new_generation_resyncs_only_changed_blobs_and_switches_atomically() {
             latency_p95_ms: 1.0,
             reason: pb::AdaptationReason::Initial,
             applied_generation: applied.generation,
+            serving: Default::default(),
+            started_unix_ms: 0,
         })
         .await
         .unwrap();

@@ -50,6 +50,31 @@ pub fn field_after(text: &str, key: &str) -> String {
         .unwrap_or_else(|| panic!("no {key:?} in:\n{text}"))
 }
 
+/// Spawns `edge-agent` (RUST_LOG=info) with stdout and stderr into `<log>.out` /
+/// `<log>.err`.
+pub fn agent_spawn(args: &[String], log: &Path) -> Child {
+    let out = std::fs::File::create(log.with_extension("out")).expect("log");
+    let err = std::fs::File::create(log.with_extension("err")).expect("log");
+    Command::new(binary("edge-agent"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn edge-agent")
+}
+
+/// What [`agent_spawn`] wrote to `<log>.<ext>` so far (`out` or `err`).
+pub fn read_log(log: &Path, ext: &str) -> String {
+    std::fs::read_to_string(log.with_extension(ext)).unwrap_or_default()
+}
+
+pub fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
 /// A child process killed when dropped (a failing test leaves no server behind).
 pub struct KillOnDrop(pub Child);
 

@@ -14,7 +14,7 @@
 //! address. No test-only hooks in the binaries.
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -25,8 +25,9 @@ use adaptivenet_core::artifact::{blob_path, Manifest};
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_proto::v1 as pb;
 use adaptivenet_tests::{
-    authed, binary, channel, demo_artifact, field_after, metric, register_artifact, run_ok, signal,
-    wait_for, wait_stopped, write_synthetic_idx, CloudProcess, KillOnDrop,
+    agent_spawn, authed, binary, channel, demo_artifact, field_after, metric, read_log,
+    register_artifact, run_ok, signal, strings, wait_for, wait_stopped, write_synthetic_idx,
+    CloudProcess, KillOnDrop,
 };
 use tonic::Code;
 
@@ -170,29 +171,6 @@ fn agent_ok(args: &[String]) -> String {
     );
     assert!(out.status.success(), "edge-agent {args:?} failed:\n{text}");
     text
-}
-
-/// Spawns `edge-agent` with stdout and stderr into `<log>.out` / `<log>.err`.
-fn agent_spawn(args: &[String], log: &Path) -> Child {
-    let out = std::fs::File::create(log.with_extension("out")).expect("log");
-    let err = std::fs::File::create(log.with_extension("err")).expect("log");
-    Command::new(binary("edge-agent"))
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("spawn edge-agent")
-}
-
-fn read_log(log: &Path, ext: &str) -> String {
-    std::fs::read_to_string(log.with_extension(ext)).unwrap_or_default()
-}
-
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
 }
 
 /// The agent's sync summary: (needed, cached, downloaded, bytes, resumed, restarted).
@@ -1053,6 +1031,7 @@ fn report_content_outside_the_whitelist_is_rejected_or_dropped_never_stored() {
             latency_p95_ms: 2.0,
             last_adaptation_reason: 0,
             applied_generation: 1,
+            ..Default::default()
         };
         let err = device
             .heartbeat(authed(hb, &cred))

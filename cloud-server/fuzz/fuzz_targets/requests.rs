@@ -137,6 +137,10 @@ fn check(kind: u8, data: &[u8]) {
                 latency_p95_ms: r.latency_p95_ms,
                 last_reason,
                 applied_generation: r.applied_generation,
+                serving_reason: Default::default(),
+                failed_supernet_id: None,
+                install_failure: Default::default(),
+                agent_started_ms: 0,
             };
             let _ = hb.validate();
         }

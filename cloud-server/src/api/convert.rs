@@ -160,6 +160,8 @@ pub fn desired(d: &DesiredState) -> pb::DesiredState {
         manifest_sha256: d.manifest_sha256.clone(),
         budget: Some(budget(&d.budget)),
         generation: d.generation,
+        reason: d.reason.0,
+        rollout_id: opt_id(d.rollout_id),
     }
 }
 
@@ -194,6 +196,10 @@ pub fn device(d: &Device) -> pb::Device {
         last_adaptation_reason: d.last_reason.0,
         enrolled_unix_ms: d.enrolled_ms,
         last_heartbeat_unix_ms: d.last_heartbeat_ms,
+        serving_reason: d.serving_reason.0,
+        failed_supernet_id: opt_id(d.failed_supernet_id),
+        install_failure: d.install_failure.0,
+        recent_restarts: d.recent_restarts,
     }
 }
 

@@ -11,7 +11,8 @@ use crate::auth::authorize_device;
 use crate::blobs::BlobStore;
 use crate::domain::{
     check_sha256, check_version_string, now_ms, parse_id, AdaptationReason, DeviceClass,
-    FleetEventKind, Heartbeat, LatencyTableSummary, Report, SearchStats,
+    FleetEventKind, Heartbeat, InstallFailure, LatencyTableSummary, Report, SearchStats,
+    ServingReason,
 };
 use crate::error::CloudError;
 use crate::ops::metrics::Metrics;
@@ -237,6 +238,14 @@ impl DeviceService for DeviceApi {
             latency_p95_ms: r.latency_p95_ms,
             last_reason: AdaptationReason::new("last_adaptation_reason", r.last_adaptation_reason)?,
             applied_generation: r.applied_generation,
+            serving_reason: ServingReason::new("serving_reason", r.serving_reason)?,
+            failed_supernet_id: if r.failed_supernet_id.is_empty() {
+                None
+            } else {
+                Some(parse_id("failed_supernet_id", &r.failed_supernet_id)?)
+            },
+            install_failure: InstallFailure::new("install_failure", r.install_failure)?,
+            agent_started_ms: r.agent_started_unix_ms,
         };
         hb.validate()?;
         // A supernet the fleet is not assigned is not recorded (nor shown on dashboards):

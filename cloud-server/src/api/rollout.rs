@@ -92,6 +92,11 @@ pub fn rollout_to_pb(r: &Rollout, decisions: &[Decision]) -> pb::Rollout {
         decisions: decisions.iter().map(decision_to_pb).collect(),
         created_unix_ms: r.created_ms,
         updated_unix_ms: r.updated_ms,
+        window_ends_unix_ms: if r.state.is_active() {
+            r.step_started_ms + r.gates.window_ms
+        } else {
+            0
+        },
     }
 }
 
@@ -164,11 +169,10 @@ pub async fn list(
         }
     })
     .await?;
-    let mut out = Vec::new();
-    for r in app.store().list_rollouts(fleet).await? {
-        out.push(full(app, &r).await?);
-    }
-    Ok(pb::ListRolloutsResponse { rollouts: out })
+    let rollouts = app.store().list_rollouts(fleet).await?;
+    Ok(pb::ListRolloutsResponse {
+        rollouts: rollouts.iter().map(|(r, d)| rollout_to_pb(r, d)).collect(),
+    })
 }
 
 /// Pause, resume (`Some(pause)`) or abort (`None`).

@@ -101,6 +101,10 @@ enum Cmd {
         /// min/p90/max dropped below 2k, viewers' aggregates move in steps of k reports.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
         min_group_devices: u32,
+        /// Milliseconds between two judgements of a running rollout; a replica's rollout
+        /// lease lasts three of them, so after a crash another one continues within that.
+        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..))]
+        rollout_tick_ms: u64,
         /// PostgreSQL: make reports and heartbeats wait for the WAL flush. By default they
         /// commit asynchronously (a database crash may lose the last fraction of a second of
         /// telemetry, as SQLite's WAL mode does on power loss); everything else is always
@@ -400,6 +404,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             credential_grace_secs,
             auth_cache_ttl_secs,
             min_group_devices,
+            rollout_tick_ms,
             durable_telemetry,
             job_lease_secs,
             tls_cert,
@@ -428,6 +433,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             cfg.credential_grace = Duration::from_secs(credential_grace_secs);
             cfg.auth_cache_ttl = Duration::from_secs(auth_cache_ttl_secs);
             cfg.min_group_devices = min_group_devices;
+            cfg.rollout_tick = Duration::from_millis(rollout_tick_ms);
             let tls = match (tls_cert, tls_key) {
                 (Some(c), Some(k)) => Some(TlsFiles {
                     cert_pem: read_pem("--tls-cert", &c, Pem::Certificate)?,

@@ -156,9 +156,10 @@ async fn step(app: &App, owner: &str, r: &Rollout) -> Result<()> {
         .filter(|(d, c)| r.target_for(*d, *c) == r.to_supernet_id)
         .collect();
     let samples = store.fleet_samples(r.fleet_id).await?;
+    let health = store.fleet_device_health(r.fleet_id).await?;
     let k = app.config().min_group_devices as usize;
     let now = now_ms();
-    match judge(r, &cohort, &samples, k, now) {
+    match judge(r, &cohort, &samples, &health, k, now) {
         Verdict::Hold(why) => {
             store.rollout_status(r, owner, &why, now).await?;
         }

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::domain::DeviceClass;
+use crate::domain::{DeviceClass, InstallFailure};
 use crate::error::{CloudError, Result};
 
 /// Buckets of the cohort hash: percent steps have a resolution of 0.01 %.
@@ -280,6 +280,23 @@ pub struct Sample {
     pub reported_ms: i64,
 }
 
+/// Restarts, less than 10 minutes apart, that make a crash loop.
+pub const CRASH_LOOP_RESTARTS: u32 = 3;
+
+/// What a device's heartbeats say about its health: a supernet it could not serve (it went
+/// back to the one it served before), and its recent restarts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceHealth {
+    pub device_id: Uuid,
+    pub class: DeviceClass,
+    pub active_supernet_id: Option<Uuid>,
+    pub failed: Option<(Uuid, InstallFailure)>,
+    pub recent_restarts: u32,
+    pub last_restart_ms: i64,
+    /// The last heartbeat.
+    pub heartbeat_ms: i64,
+}
+
 /// Mean quality and within-budget share of one group.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct GroupStats {
@@ -333,21 +350,60 @@ pub enum Verdict {
     Rollback(serde_json::Value),
 }
 
-/// Judges the current step from the fleet's latest reports.
+/// Judges the current step from the fleet's latest reports and heartbeats.
 ///
 /// `cohort_devices` are the fleet's devices in the cohort at this step; `samples` the fleet's
 /// latest reports. A cohort sample counts only when it reports B and arrived during the step;
 /// the control group is the devices outside the cohort that report A. `k` is the privacy
-/// floor: a class is compared only when both groups have at least `k` devices.
+/// floor: a class is compared only when both groups have at least `k` devices. `health`
+/// is what heartbeats say: one cohort device that could not serve B since the rollout
+/// started (a failed install), or that restarted [`CRASH_LOOP_RESTARTS`] times on B during
+/// the step (a crash loop), fails the step at once (a fact about a device, not an
+/// aggregate, so no floor applies).
 pub fn judge(
     r: &Rollout,
     cohort_devices: &[(Uuid, DeviceClass)],
     samples: &[Sample],
+    health: &[DeviceHealth],
     k: usize,
     now_ms: i64,
 ) -> Verdict {
     let k = k.max(1);
     let in_cohort: BTreeMap<Uuid, DeviceClass> = cohort_devices.iter().copied().collect();
+    let mut failures: BTreeMap<(i32, &str), usize> = BTreeMap::new();
+    let (mut failed_installs, mut crash_loops) = (0, 0);
+    for h in health
+        .iter()
+        .filter(|h| in_cohort.contains_key(&h.device_id))
+    {
+        if let Some((s, kind)) = h.failed {
+            if s == r.to_supernet_id && h.heartbeat_ms >= r.created_ms {
+                failed_installs += 1;
+                *failures.entry((h.class.0, kind.as_str())).or_default() += 1;
+                continue;
+            }
+        }
+        if h.active_supernet_id == Some(r.to_supernet_id)
+            && h.recent_restarts >= CRASH_LOOP_RESTARTS
+            && h.last_restart_ms >= r.step_started_ms
+        {
+            crash_loops += 1;
+            *failures.entry((h.class.0, "crash_loop")).or_default() += 1;
+        }
+    }
+    if failed_installs + crash_loops > 0 {
+        let kinds: Vec<_> = failures
+            .iter()
+            .map(|((class, kind), n)| serde_json::json!({"class": class, "kind": kind, "devices": n}))
+            .collect();
+        return Verdict::Rollback(serde_json::json!({
+            "step": r.step_index,
+            "cohort_devices": cohort_devices.len(),
+            "failed_installs": failed_installs,
+            "crash_loops": crash_loops,
+            "failures": kinds,
+        }));
+    }
     let cohort: Vec<&Sample> = samples
         .iter()
         .filter(|s| {
@@ -429,11 +485,12 @@ pub fn judge(
         return Verdict::Rollback(detail);
     }
     if elapsed < r.gates.window_ms {
+        // Stated once per step (the window's end is in the rollout), so a held step is not
+        // rewritten every tick.
         return Verdict::Hold(format!(
-            "step {} of {}: gates pass so far, window {}s of {}s",
+            "step {} of {}: gates pass so far; promotion when the {}s window ends",
             r.step_index + 1,
             r.steps.len(),
-            elapsed / 1000,
             r.gates.window_ms / 1000
         ));
     }
@@ -541,26 +598,30 @@ mod tests {
         // One cohort report: hold.
         let mut s = control.to_vec();
         s.push(sample(1, 2, 0.91, 5.0, 200));
-        assert!(matches!(judge(&r, &cohort, &s, 2, 300), Verdict::Hold(m) if m.contains("1 of 2")));
+        assert!(
+            matches!(judge(&r, &cohort, &s, &[], 2, 300), Verdict::Hold(m) if m.contains("1 of 2"))
+        );
         // A report from before the step, or on A, does not count.
         let mut stale = s.clone();
         stale.push(sample(2, 2, 0.91, 5.0, 50));
         assert!(matches!(
-            judge(&r, &cohort, &stale, 2, 300),
+            judge(&r, &cohort, &stale, &[], 2, 300),
             Verdict::Hold(_)
         ));
         // Both in and good: hold for the window, then promote.
         s.push(sample(2, 2, 0.90, 5.0, 250));
-        assert!(matches!(judge(&r, &cohort, &s, 2, 300), Verdict::Hold(m) if m.contains("window")));
+        assert!(
+            matches!(judge(&r, &cohort, &s, &[], 2, 300), Verdict::Hold(m) if m.contains("window"))
+        );
         assert!(matches!(
-            judge(&r, &cohort, &s, 2, 1200),
+            judge(&r, &cohort, &s, &[], 2, 1200),
             Verdict::Promote(_)
         ));
         // Quality 10 points lower: roll back at once, without waiting for the window.
         let mut bad = control.to_vec();
         bad.push(sample(1, 2, 0.80, 5.0, 200));
         bad.push(sample(2, 2, 0.81, 5.0, 200));
-        match judge(&r, &cohort, &bad, 2, 300) {
+        match judge(&r, &cohort, &bad, &[], 2, 300) {
             Verdict::Rollback(d) => assert!(d.to_string().contains("quality"), "{d}"),
             v => panic!("{v:?}"),
         }
@@ -569,13 +630,73 @@ mod tests {
         slow.push(sample(1, 2, 0.91, 50.0, 200));
         slow.push(sample(2, 2, 0.91, 50.0, 200));
         assert!(matches!(
-            judge(&r, &cohort, &slow, 2, 300),
+            judge(&r, &cohort, &slow, &[], 2, 300),
             Verdict::Rollback(_)
         ));
         // Under the privacy floor nothing is compared: the bad step is not judged on 2 devices.
-        match judge(&r, &cohort, &bad, 3, 1200) {
+        match judge(&r, &cohort, &bad, &[], 3, 1200) {
             Verdict::Promote(d) => assert!(d.to_string().contains("not compared"), "{d}"),
             v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cohort_device_that_cannot_serve_b_rolls_back_at_once() {
+        let r = rollout(default_steps());
+        let cohort = [
+            (Uuid::from_u128(1), DeviceClass(1)),
+            (Uuid::from_u128(2), DeviceClass(1)),
+        ];
+        let failed = |d: u128, on: u128, at: i64| DeviceHealth {
+            device_id: Uuid::from_u128(d),
+            class: DeviceClass(1),
+            active_supernet_id: Some(Uuid::from_u128(1)),
+            failed: Some((Uuid::from_u128(on), InstallFailure(2))),
+            recent_restarts: 0,
+            last_restart_ms: 0,
+            heartbeat_ms: at,
+        };
+        // No report on B yet, under the floor: a failed install still decides.
+        match judge(&r, &cohort, &[], &[failed(1, 2, 50)], 5, 60) {
+            Verdict::Rollback(d) => {
+                assert_eq!(d["failed_installs"], 1, "{d}");
+                assert_eq!(d["failures"][0]["kind"], "budget", "{d}");
+            }
+            v => panic!("{v:?}"),
+        }
+        // A failure of another supernet, of a device outside the cohort, or from before the
+        // rollout does not count.
+        for f in [failed(1, 3, 50), failed(3, 2, 50), failed(1, 2, -1)] {
+            assert!(matches!(
+                judge(&r, &cohort, &[], &[f], 5, 60),
+                Verdict::Hold(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn a_cohort_device_restarting_in_a_loop_on_b_rolls_back() {
+        let r = rollout(default_steps());
+        let cohort = [(Uuid::from_u128(1), DeviceClass(1))];
+        let looping = |on: u128, restarts: u32, at: i64| DeviceHealth {
+            device_id: Uuid::from_u128(1),
+            class: DeviceClass(1),
+            active_supernet_id: Some(Uuid::from_u128(on)),
+            failed: None,
+            recent_restarts: restarts,
+            last_restart_ms: at,
+            heartbeat_ms: at,
+        };
+        match judge(&r, &cohort, &[], &[looping(2, 3, 150)], 5, 200) {
+            Verdict::Rollback(d) => assert_eq!(d["crash_loops"], 1, "{d}"),
+            v => panic!("{v:?}"),
+        }
+        // Fewer restarts, restarts on A, or restarts before the step: not a crash loop here.
+        for h in [looping(2, 2, 150), looping(1, 5, 150), looping(2, 5, 50)] {
+            assert!(matches!(
+                judge(&r, &cohort, &[], &[h], 5, 200),
+                Verdict::Hold(_)
+            ));
         }
     }
 }

@@ -8,15 +8,18 @@ use uuid::Uuid;
 use super::{get_opt_uuid, get_u64, get_uuid, is_unique_violation, Store};
 use crate::domain::{
     now_ms, AdaptationReason, AggregateGroup, BudgetPolicy, DesiredState, Device, DeviceClass,
-    DeviceStatus, Distribution, Fleet, FleetAggregates, Heartbeat, Page, Report,
+    DeviceStatus, Distribution, Fleet, FleetAggregates, Heartbeat, InstallFailure, Page, Report,
+    ServingReason,
 };
 use crate::error::{CloudError, Result};
+use crate::rollout::RolloutState;
 
 const FLEET_COLS: &str = "id, name, desired_label, desired_supernet_id, budget_ms, \
     budget_fraction, hysteresis, generation, created_ms";
 const DEVICE_COLS: &str = "id, fleet_id, device_class, status, agent_version, \
     active_supernet_id, active_subnet, latency_p50_ms, latency_p95_ms, last_reason, \
-    applied_generation, enrolled_ms, last_heartbeat_ms";
+    applied_generation, enrolled_ms, last_heartbeat_ms, serving_reason, failed_supernet_id, \
+    install_failure, recent_restarts";
 
 fn fleet_from_row(r: &AnyRow) -> Result<Fleet> {
     let id = get_uuid(r, "id")?;
@@ -35,6 +38,8 @@ fn fleet_from_row(r: &AnyRow) -> Result<Fleet> {
                 hysteresis: r.try_get("hysteresis")?,
             },
             generation: get_u64(r, "generation")?,
+            reason: ServingReason::UNSPECIFIED,
+            rollout_id: None,
         },
         created_ms: r.try_get("created_ms")?,
     })
@@ -56,6 +61,12 @@ fn device_from_row(r: &AnyRow) -> Result<Device> {
         applied_generation: get_u64(r, "applied_generation")?,
         enrolled_ms: r.try_get("enrolled_ms")?,
         last_heartbeat_ms: r.try_get("last_heartbeat_ms")?,
+        serving_reason: ServingReason(r.try_get::<i64, _>("serving_reason")? as i32),
+        failed_supernet_id: get_opt_uuid(r, "failed_supernet_id")?,
+        install_failure: InstallFailure(r.try_get::<i64, _>("install_failure")? as i32),
+        recent_restarts: r
+            .try_get::<i64, _>("recent_restarts")?
+            .clamp(0, u32::MAX as i64) as u32,
     })
 }
 
@@ -165,22 +176,42 @@ impl Store {
         Ok(d)
     }
 
-    /// What one device should run: the fleet's desired state, except that while the fleet
-    /// has an active rollout the device is pinned to the rollout's A or B by its cohort.
+    /// What one device should run, and why: the fleet's desired state, except that while
+    /// the fleet has an active rollout the device is pinned to the rollout's A or B by its
+    /// cohort. After a rollback (or abort) a device on A is told so.
     pub async fn desired_state_for_device(
         &self,
         fleet_id: Uuid,
         device_id: Uuid,
     ) -> Result<DesiredState> {
         let mut d = self.desired_state(fleet_id).await?;
-        if let Some(r) = self.active_rollout(fleet_id).await? {
-            let device = self.get_device(device_id).await?;
-            let s = self
-                .get_supernet(r.target_for(device_id, device.device_class))
-                .await?;
-            d.supernet_id = Some(s.id);
-            d.supernet_version = s.version;
-            d.manifest_sha256 = s.manifest_sha256;
+        d.reason = if d.label.is_some() {
+            ServingReason::LABEL
+        } else {
+            ServingReason::PINNED
+        };
+        match self.latest_rollout(fleet_id).await? {
+            Some(r) if r.state.is_active() => {
+                let device = self.get_device(device_id).await?;
+                let target = r.target_for(device_id, device.device_class);
+                let s = self.get_supernet(target).await?;
+                d.supernet_id = Some(s.id);
+                d.supernet_version = s.version;
+                d.manifest_sha256 = s.manifest_sha256;
+                d.rollout_id = Some(r.id);
+                d.reason = if target == r.to_supernet_id {
+                    ServingReason::ROLLOUT_COHORT
+                } else {
+                    ServingReason::ROLLOUT_CONTROL
+                };
+            }
+            Some(r)
+                if matches!(r.state, RolloutState::RolledBack | RolloutState::Aborted)
+                    && d.supernet_id == Some(r.from_supernet_id) =>
+            {
+                d.reason = ServingReason::ROLLED_BACK;
+            }
+            _ => {}
         }
         Ok(d)
     }

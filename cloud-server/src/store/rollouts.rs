@@ -5,10 +5,12 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{get_u64, get_uuid, is_unique_violation, Store};
-use crate::domain::DeviceClass;
+use super::{get_opt_uuid, get_u64, get_uuid, is_unique_violation, Store};
+use crate::domain::{DeviceClass, InstallFailure};
 use crate::error::{CloudError, Result};
-use crate::rollout::{Decision, Gates, Rollout, RolloutState, Sample, Step};
+use crate::rollout::{
+    Decision, DeviceHealth, Gates, Rollout, RolloutState, Sample, Step, CRASH_LOOP_RESTARTS,
+};
 
 const COLS: &str = "id, fleet_id, from_supernet_id, to_supernet_id, steps_json, gates_json, \
     step_index, step_started_ms, state, status, created_ms, updated_ms";
@@ -30,6 +32,18 @@ fn rollout_from_row(r: &AnyRow) -> Result<Rollout> {
         status: r.try_get("status")?,
         created_ms: r.try_get("created_ms")?,
         updated_ms: r.try_get("updated_ms")?,
+    })
+}
+
+fn decision_from_row(r: &AnyRow) -> Result<Decision> {
+    let detail: String = r.try_get("detail_json")?;
+    Ok(Decision {
+        seq: get_u64(r, "seq")?,
+        at_ms: r.try_get("at_ms")?,
+        step_index: get_u64(r, "step_index")? as usize,
+        action: r.try_get("action")?,
+        detail: serde_json::from_str(&detail)
+            .map_err(|e| CloudError::Internal(format!("decision row: {e}")))?,
     })
 }
 
@@ -103,16 +117,61 @@ impl Store {
         row.map(|r| rollout_from_row(&r)).transpose()
     }
 
-    /// Rollouts, newest first, optionally of one fleet (at most 200).
-    pub async fn list_rollouts(&self, fleet_id: Option<Uuid>) -> Result<Vec<Rollout>> {
+    /// The fleet's newest rollout, active or settled.
+    pub async fn latest_rollout(&self, fleet_id: Uuid) -> Result<Option<Rollout>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLS} FROM rollouts WHERE fleet_id = $1 ORDER BY created_ms DESC, id LIMIT 1"
+        ))
+        .bind(fleet_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| rollout_from_row(&r)).transpose()
+    }
+
+    /// Rollouts, newest first, optionally of one fleet (at most 200), each with its
+    /// decisions: two queries however many rollouts there are.
+    pub async fn list_rollouts(
+        &self,
+        fleet_id: Option<Uuid>,
+    ) -> Result<Vec<(Rollout, Vec<Decision>)>> {
+        let fleet = fleet_id.map(|f| f.to_string());
         let rows = sqlx::query(&format!(
             "SELECT {COLS} FROM rollouts WHERE ($1 IS NULL OR fleet_id = $1) \
              ORDER BY created_ms DESC, id LIMIT 200"
         ))
-        .bind(fleet_id.map(|f| f.to_string()))
+        .bind(fleet.clone())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(rollout_from_row).collect()
+        let mut out = rows
+            .iter()
+            .map(|r| Ok((rollout_from_row(r)?, Vec::new())))
+            .collect::<Result<Vec<_>>>()?;
+        let Some(oldest) = out.last().map(|(r, _)| r.created_ms) else {
+            return Ok(out);
+        };
+        // The decisions of every rollout listed (and of none older): rollouts created at
+        // the same instant as the oldest listed one may add a few rows, dropped below.
+        let rows = sqlx::query(
+            "SELECT d.rollout_id, d.seq, d.at_ms, d.step_index, d.action, d.detail_json \
+             FROM rollout_decisions d JOIN rollouts r ON r.id = d.rollout_id \
+             WHERE ($1 IS NULL OR r.fleet_id = $1) AND r.created_ms >= $2 \
+             ORDER BY d.rollout_id, d.seq",
+        )
+        .bind(fleet)
+        .bind(oldest)
+        .fetch_all(&self.pool)
+        .await?;
+        let index: std::collections::HashMap<Uuid, usize> = out
+            .iter()
+            .enumerate()
+            .map(|(i, (r, _))| (r.id, i))
+            .collect();
+        for row in &rows {
+            if let Some(&i) = index.get(&get_uuid(row, "rollout_id")?) {
+                out[i].1.push(decision_from_row(row)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Ids of running rollouts (the engine's work list).
@@ -131,19 +190,7 @@ impl Store {
         .bind(id.to_string())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let detail: String = r.try_get("detail_json")?;
-                Ok(Decision {
-                    seq: get_u64(r, "seq")?,
-                    at_ms: r.try_get("at_ms")?,
-                    step_index: get_u64(r, "step_index")? as usize,
-                    action: r.try_get("action")?,
-                    detail: serde_json::from_str(&detail)
-                        .map_err(|e| CloudError::Internal(format!("decision row: {e}")))?,
-                })
-            })
-            .collect()
+        rows.iter().map(decision_from_row).collect()
     }
 
     /// Takes (or keeps) the right to decide for a running rollout until `until`; false when
@@ -347,6 +394,36 @@ impl Store {
                     get_uuid(r, "id")?,
                     DeviceClass(r.try_get::<i64, _>("device_class")? as i32),
                 ))
+            })
+            .collect()
+    }
+
+    /// The fleet's non-revoked devices whose heartbeats name a supernet they could not
+    /// serve, or restarts enough for a crash loop.
+    pub async fn fleet_device_health(&self, fleet_id: Uuid) -> Result<Vec<DeviceHealth>> {
+        let rows = sqlx::query(
+            "SELECT id, device_class, active_supernet_id, failed_supernet_id, install_failure, \
+             recent_restarts, last_restart_ms, last_heartbeat_ms \
+             FROM devices WHERE fleet_id = $1 AND status <> 'revoked' \
+             AND (failed_supernet_id IS NOT NULL OR recent_restarts >= $2)",
+        )
+        .bind(fleet_id.to_string())
+        .bind(CRASH_LOOP_RESTARTS as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let failed = get_opt_uuid(r, "failed_supernet_id")?;
+                let kind = InstallFailure(r.try_get::<i64, _>("install_failure")? as i32);
+                Ok(DeviceHealth {
+                    device_id: get_uuid(r, "id")?,
+                    class: DeviceClass(r.try_get::<i64, _>("device_class")? as i32),
+                    active_supernet_id: get_opt_uuid(r, "active_supernet_id")?,
+                    failed: failed.map(|s| (s, kind)),
+                    recent_restarts: r.try_get::<i64, _>("recent_restarts")?.max(0) as u32,
+                    last_restart_ms: r.try_get("last_restart_ms")?,
+                    heartbeat_ms: r.try_get("last_heartbeat_ms")?,
+                })
             })
             .collect()
     }

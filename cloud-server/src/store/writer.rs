@@ -267,7 +267,15 @@ async fn heartbeat_row(
     let row = sqlx::query(
         "UPDATE devices SET agent_version = $1, active_supernet_id = $2, active_subnet = $3, \
          latency_p50_ms = $4, latency_p95_ms = $5, last_reason = $6, applied_generation = $7, \
-         last_heartbeat_ms = $8, status = 'online' WHERE id = $9 AND status <> 'revoked' \
+         last_heartbeat_ms = $8, status = 'online', serving_reason = $10, \
+         failed_supernet_id = $11, install_failure = $12, \
+         recent_restarts = CASE WHEN $13 = 0 OR agent_started_ms = 0 OR agent_started_ms = $13 \
+           THEN recent_restarts WHEN last_restart_ms >= $8 - 600000 THEN recent_restarts + 1 \
+           ELSE 1 END, \
+         last_restart_ms = CASE WHEN $13 = 0 OR agent_started_ms = 0 OR agent_started_ms = $13 \
+           THEN last_restart_ms ELSE $8 END, \
+         agent_started_ms = CASE WHEN $13 = 0 THEN agent_started_ms ELSE $13 END \
+         WHERE id = $9 AND status <> 'revoked' \
          RETURNING (SELECT generation FROM fleets WHERE fleets.id = devices.fleet_id) AS generation",
     )
     .bind(hb.agent_version.clone())
@@ -279,6 +287,10 @@ async fn heartbeat_row(
     .bind(hb.applied_generation as i64)
     .bind(now)
     .bind(id.to_string())
+    .bind(hb.serving_reason.0 as i64)
+    .bind(hb.failed_supernet_id.map(|s| s.to_string()))
+    .bind(hb.install_failure.0 as i64)
+    .bind(hb.agent_started_ms)
     .fetch_optional(&mut *tx)
     .await?;
     row.map(|r| Ok(r.try_get::<i64, _>("generation")?.max(0) as u64))

@@ -22,6 +22,8 @@ pub(super) async fn run(agent: Arc<Agent>, client: Arc<CloudClient>) {
         tracing::info!("reported the search outcome to the cloud");
     }
     let mut interval = agent.cfg.heartbeat_ms.unwrap_or(30_000).max(100);
+    // Fixed for the process: a new value in heartbeats is how the cloud counts restarts.
+    let started_unix_ms = now_unix_ms() - agent.cfg.started.elapsed().as_millis() as i64;
     let report_every = agent.cfg.report_every.max(1);
     let mut beats = 0u32;
     loop {
@@ -39,6 +41,8 @@ pub(super) async fn run(agent: Arc<Agent>, client: Arc<CloudClient>) {
             latency_p95_ms: if n > 0 { p95 } else { 0.0 },
             reason: agent.reason().into(),
             applied_generation: cur.generation,
+            serving: agent.serving(),
+            started_unix_ms,
         };
         // Rotate a credential nearing expiry before using it again; a failure is retried at
         // the next heartbeat (the old one works until it expires).

@@ -23,7 +23,7 @@ use crate::adapt::contention::ContentionSpec;
 use crate::adapt::drift::DriftConfig;
 use crate::adapt::timeline::Timeline;
 use crate::adapt::{AdaptationReason, Controller, SharedController};
-use crate::client::CloudClient;
+use crate::client::{CloudClient, Serving};
 use crate::serve::{Server, SwitchReport};
 use crate::{EdgeError, Result};
 
@@ -74,6 +74,11 @@ pub struct Agent {
     /// The budget the controller works to, as f64 bits, shared with the local API.
     budget: Arc<AtomicU64>,
     reason: Mutex<AdaptationReason>,
+    /// Why it serves the applied supernet, and one it could not serve (heartbeats say so).
+    serving: Mutex<Serving>,
+    /// The plan served before the last supernet change, kept while a rollout is active so
+    /// a rollback installs it again with no download and no search.
+    standby: Mutex<Option<Applied>>,
     resync: Resync,
     cloud: Option<Arc<CloudClient>>,
     cfg: AgentConfig,
@@ -104,6 +109,8 @@ impl Agent {
             applied: Mutex::new(applied),
             timeline,
             reason: Mutex::new(AdaptationReason::Initial),
+            serving: Mutex::new(Serving::default()),
+            standby: Mutex::new(None),
             resync,
             cloud,
             cfg,
@@ -130,6 +137,23 @@ impl Agent {
     /// Why the served subnet last changed.
     pub fn reason(&self) -> AdaptationReason {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Why it serves the applied supernet, as heartbeats report it.
+    pub fn serving(&self) -> Serving {
+        self.serving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Sets what heartbeats report (at start: the reason the cloud gave for the supernet).
+    pub fn set_serving(&self, s: Serving) {
+        *self.serving.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    fn standby(&self) -> MutexGuard<'_, Option<Applied>> {
+        self.standby.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn set_reason(&self, r: AdaptationReason) {

@@ -5,18 +5,28 @@
 //! atomically under the controller lock. Any failure leaves the old subnet serving and the
 //! applied generation unchanged, so the next heartbeat retries.
 //!
+//! Staged rollouts: the plan served before a supernet change is kept (with its cached
+//! blobs, which the content-addressed cache never evicts) while the desired state names a
+//! rollout, so a rollback to it re-installs that plan with no download and no search, within
+//! a heartbeat. A new supernet the device cannot serve (a blob or the artifact fails
+//! verification, or no subnet meets an absolute latency budget) is a failed install: the
+//! old plan keeps serving, heartbeats report the failure, and that supernet is not tried
+//! again while the desired state keeps naming it.
+//!
 //! [`Resync`] is the re-plan itself (also used after drift, [`super::drift`]); [`task`] is
 //! the background task a heartbeat starts, at most one at a time.
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use adaptivenet_proto::v1 as pb;
-
 use super::Agent;
 use crate::adapt::plan::{persist, plan, Plan, PlanConfig};
 use crate::adapt::{AdaptationReason, Controller, SharedController};
-use crate::client::{BlobSelection, CloudClient, SyncOptions, SyncReport};
+use crate::client::sync::write_current;
+use crate::client::{
+    BlobSelection, BudgetPolicy, CloudClient, DesiredState, InstallFailure, Serving, ServingReason,
+    SyncOptions, SyncReport,
+};
 use crate::serve::{ArtifactSource, Server, SwitchReport};
 use crate::state::{ActiveRecord, StateDir};
 use crate::{EdgeError, Result};
@@ -52,7 +62,7 @@ pub struct ResyncReport {
 }
 
 /// Budget specs from the fleet's policy: a latency in ms, else a fraction, else 0.6.
-pub fn policy_budgets(policy: Option<&pb::LatencyBudgetPolicy>) -> Vec<String> {
+pub fn policy_budgets(policy: Option<&BudgetPolicy>) -> Vec<String> {
     match policy {
         Some(p) if p.latency_budget_ms > 0.0 => vec![format!("{}ms", p.latency_budget_ms)],
         Some(p) if p.budget_fraction > 0.0 => vec![p.budget_fraction.to_string()],
@@ -99,6 +109,19 @@ impl Resync {
             tokio::task::spawn_blocking(move || plan(&plan_src, &state, &cfg, &mut |_, _, _| {}))
                 .await
                 .map_err(|e| EdgeError::config("resync", format!("planning task: {e}")))??;
+        let switch = self.install(src, &new_plan, server, ctl)?;
+        Ok((new_plan, switch))
+    }
+
+    /// Switches to `new_plan`'s starting subnet of `src` and resets the controller onto its
+    /// front, atomically for the maintenance loop; persists the active subnet.
+    fn install(
+        &self,
+        src: ArtifactSource,
+        new_plan: &Plan,
+        server: &Arc<Server>,
+        ctl: &SharedController,
+    ) -> Result<Option<SwitchReport>> {
         let front = new_plan.record.result.front.clone();
         if front.is_empty() {
             return Err(EdgeError::config(
@@ -135,7 +158,45 @@ impl Resync {
                 },
             ),
         );
-        Ok((new_plan, switch))
+        Ok(switch)
+    }
+
+    /// Installs `previous` again (a rollback to the supernet served before): the sync only
+    /// re-verifies the cached blobs, and the stored plan is reused, so nothing is searched.
+    /// Its table and search result become the stored ones again.
+    pub async fn reinstall(
+        &self,
+        client: &CloudClient,
+        desired: &DesiredState,
+        current: &Applied,
+        previous: Applied,
+        server: &Arc<Server>,
+        ctl: &SharedController,
+    ) -> Result<ResyncReport> {
+        let rep = client
+            .sync_supernet(desired, &self.cache, &BlobSelection::All, &self.sync)
+            .await?;
+        let src = ArtifactSource::open(&rep.dir)?;
+        let switch = self.install(src, &previous.plan, server, ctl)?;
+        self.persist_plan(&previous);
+        Ok(ResyncReport {
+            from_generation: current.generation,
+            applied: Applied {
+                generation: desired.generation,
+                ..previous
+            },
+            sync: rep,
+            switch,
+        })
+    }
+
+    /// Stores `a`'s table and search result as the current ones (they are one slot each).
+    fn persist_plan(&self, a: &Applied) {
+        persist("latency table", self.state.save_table(&a.plan.table));
+        persist(
+            "search result",
+            self.state.save_search(&a.supernet_id, &a.plan.record),
+        );
     }
 
     /// Applies `desired` if its generation differs from `current`'s. Blocking work
@@ -143,7 +204,7 @@ impl Resync {
     pub async fn apply(
         &self,
         client: &CloudClient,
-        desired: &pb::DesiredState,
+        desired: &DesiredState,
         current: &Applied,
         server: &Arc<Server>,
         ctl: &SharedController,
@@ -176,6 +237,11 @@ impl Resync {
         if !self.explicit_budgets {
             cfg.budgets = policy_budgets(desired.budget.as_ref());
         }
+        if rep.supernet_id != current.supernet_id {
+            // A plan serves already: a new supernet that cannot meet the budget is refused
+            // (a failed install), not served over budget.
+            cfg.clamp_budgets = false;
+        }
         let (new_plan, switch) = self.plan_and_install(src, cfg, server, ctl).await?;
         Ok(Some(ResyncReport {
             from_generation: current.generation,
@@ -191,25 +257,51 @@ impl Resync {
 }
 
 /// Applies the desired state a heartbeat announced, on top of `cur`: serving goes on
-/// meanwhile; success installs the new plan and generation, failure keeps the old ones (the
-/// next heartbeat retries). Clears the agent's re-sync flag when done.
+/// meanwhile; success installs the new plan and generation. A supernet this device cannot
+/// serve is a failed install (see the module docs); any other failure keeps the old plan
+/// and generation (the next heartbeat retries). Clears the agent's re-sync flag when done.
 pub(super) async fn task(agent: Arc<Agent>, client: Arc<CloudClient>, cur: Applied) {
-    let outcome = match client.desired_state().await {
-        Ok(desired) => {
+    match client.desired_state().await {
+        Ok(desired) => follow(&agent, &client, &desired, cur).await,
+        Err(e) => eprintln!("re-sync failed, still serving the old subnet: {e}"),
+    }
+    agent.resyncing.store(false, Ordering::Release);
+}
+
+async fn follow(agent: &Agent, client: &CloudClient, desired: &DesiredState, cur: Applied) {
+    let serving = agent.serving();
+    if let Some((failed, _)) = &serving.failed {
+        if *failed == desired.supernet_id && desired.supernet_id != cur.supernet_id {
+            // Already tried and could not serve it: stay, and keep saying so.
+            agent.applied().generation = desired.generation;
+            return;
+        }
+    }
+    let previous = agent
+        .standby()
+        .clone()
+        .filter(|p| p.supernet_id == desired.supernet_id && desired.generation != cur.generation);
+    let outcome = match previous {
+        Some(p) => agent
+            .resync
+            .reinstall(client, desired, &cur, p, &agent.server, &agent.ctl)
+            .await
+            .map(Some),
+        None => {
             agent
                 .resync
-                .apply(&client, &desired, &cur, &agent.server, &agent.ctl)
+                .apply(client, desired, &cur, &agent.server, &agent.ctl)
                 .await
         }
-        Err(e) => Err(e),
     };
     match outcome {
         Ok(Some(rep)) => {
             println!(
-                "re-synced to supernet {} (generation {} -> {}): serving {} (budget {:.3} ms){}",
+                "re-synced to supernet {} (generation {} -> {}, {}): serving {} (budget {:.3} ms){}",
                 rep.applied.supernet_id,
                 rep.from_generation,
                 rep.applied.generation,
+                reason_text(desired.reason),
                 agent.server.active().subnet,
                 rep.applied.plan.budget_ms,
                 super::loaded_note(rep.switch.as_ref()),
@@ -217,13 +309,58 @@ pub(super) async fn task(agent: Arc<Agent>, client: Arc<CloudClient>, cur: Appli
             agent.set_budget(rep.applied.plan.budget_ms);
             agent.set_reason(AdaptationReason::NewSupernet);
             agent.timeline.note("resync");
+            let changed = rep.applied.supernet_id != cur.supernet_id;
+            let mut standby = agent.standby();
+            if desired.rollout_id.is_none() {
+                // No rollout can send it back: the old plan is not needed any more.
+                *standby = None;
+            } else if changed {
+                *standby = Some(cur);
+            }
+            drop(standby);
             *agent.applied() = rep.applied;
+            agent.set_serving(Serving {
+                reason: desired.reason,
+                failed: None,
+            });
         }
         Ok(None) => {}
-        Err(e) => {
-            eprintln!("re-sync failed, still serving the old subnet: {e}");
-            agent.timeline.note("resync_failed");
-        }
+        Err(e) => match InstallFailure::of(&e).filter(|_| desired.supernet_id != cur.supernet_id) {
+            Some(kind) => {
+                eprintln!(
+                    "install failed ({kind:?}): cannot serve supernet {}: {e}; serving {} again",
+                    desired.supernet_id, cur.supernet_id
+                );
+                agent.timeline.note("install_failed");
+                // The sync may have named the new supernet as the one to start from, and
+                // profiling it replaced the stored table: point both back to what serves.
+                persist(
+                    "current supernet",
+                    write_current(&agent.resync.cache, &cur.supernet_id, desired.generation),
+                );
+                agent.resync.persist_plan(&cur);
+                agent.applied().generation = desired.generation;
+                agent.set_serving(Serving {
+                    reason: ServingReason::InstallFailed,
+                    failed: Some((desired.supernet_id.clone(), kind)),
+                });
+            }
+            None => {
+                eprintln!("re-sync failed, still serving the old subnet: {e}");
+                agent.timeline.note("resync_failed");
+            }
+        },
     }
-    agent.resyncing.store(false, Ordering::Release);
+}
+
+fn reason_text(r: ServingReason) -> &'static str {
+    match r {
+        ServingReason::Unspecified => "no reason given",
+        ServingReason::Label => "the fleet's label",
+        ServingReason::Pinned => "pinned",
+        ServingReason::RolloutCohort => "in the rollout's cohort",
+        ServingReason::RolloutControl => "outside the rollout's cohort",
+        ServingReason::RolledBack => "rolled back",
+        ServingReason::InstallFailed => "install failed",
+    }
 }

@@ -5,9 +5,9 @@ use adaptivenet_edge::adapt::contention::ContentionSpec;
 use adaptivenet_edge::adapt::drift::DriftConfig;
 use adaptivenet_edge::adapt::plan::PlanConfig;
 use adaptivenet_edge::agent::policy_budgets;
+use adaptivenet_edge::client::BudgetPolicy;
 use adaptivenet_edge::quality::QualityMode;
 use adaptivenet_edge::search::{SearchConfig, Speedups};
-use adaptivenet_proto::v1 as pb;
 use clap::Args;
 
 #[derive(Args, Clone)]
@@ -251,7 +251,7 @@ pub fn plan_config(a: &SearchArgs) -> PlanConfig {
 
 /// The budgets to search for: `--budget` if given, else the fleet's policy (cloud mode: a
 /// latency in ms, or a fraction of the oracle's latency on this device), else 0.6.
-pub fn budget_specs(a: &SearchArgs, policy: Option<&pb::LatencyBudgetPolicy>) -> Vec<String> {
+pub fn budget_specs(a: &SearchArgs, policy: Option<&BudgetPolicy>) -> Vec<String> {
     if !a.budget.is_empty() {
         return a.budget.clone();
     }
@@ -284,7 +284,7 @@ mod tests {
 
     #[test]
     fn budget_comes_from_the_flag_then_the_fleet_policy_then_the_default() {
-        let policy = |ms: f64, fraction: f64| pb::LatencyBudgetPolicy {
+        let policy = |ms: f64, fraction: f64| BudgetPolicy {
             latency_budget_ms: ms,
             budget_fraction: fraction,
             hysteresis: 0.1,

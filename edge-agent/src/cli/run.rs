@@ -11,7 +11,7 @@ use adaptivenet_edge::adapt::plan::{self, or_recompute, PlanConfig};
 use adaptivenet_edge::adapt::timeline::{Rotation, Timeline, TIMELINE_FILE};
 use adaptivenet_edge::adapt::{AdaptConfig, Controller};
 use adaptivenet_edge::agent::{Agent, AgentConfig, Applied, Replay, Resync};
-use adaptivenet_edge::client::SyncOptions;
+use adaptivenet_edge::client::{Serving, SyncOptions};
 use adaptivenet_edge::quality::{load_local_data, transform_for, QualityMode};
 use adaptivenet_edge::serve::bn::RecalScope;
 use adaptivenet_edge::serve::grpc::{self, ApiConfig, InferenceService};
@@ -94,6 +94,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         generation: cloud.as_ref().map_or(0, |c| c.generation),
         plan: the_plan,
     };
+    let serving_reason = cloud.as_ref().map(|c| c.reason).unwrap_or_default();
     // The images a search evaluates (all local ones with --images 0 or more than held).
     let samples = match s.images {
         0 => data.len(),
@@ -139,6 +140,10 @@ pub fn run(a: RunArgs) -> Result<()> {
             replay,
         },
     ));
+    agent.set_serving(Serving {
+        reason: serving_reason,
+        failed: None,
+    });
     let result = rt.block_on(async {
         let api = match &a.listen {
             Some(addr) => {

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use adaptivenet_edge::client::{
-    local_device_class, BlobSelection, CloudClient, SyncOptions, TlsOptions,
+    local_device_class, BlobSelection, BudgetPolicy, CloudClient, ServingReason, SyncOptions,
+    TlsOptions,
 };
 use adaptivenet_edge::serve::ArtifactSource;
 use adaptivenet_edge::EdgeError;
-use adaptivenet_proto::v1 as pb;
 use anyhow::{bail, Context, Result};
 
 use super::args::Common;
@@ -19,7 +19,9 @@ pub struct CloudSession {
     pub supernet_id: String,
     pub generation: u64,
     /// The fleet's latency budget policy (None when serving from the cache offline).
-    pub budget: Option<pb::LatencyBudgetPolicy>,
+    pub budget: Option<BudgetPolicy>,
+    /// Why the cloud sends this device its supernet (unknown when serving offline).
+    pub reason: ServingReason,
 }
 
 /// The artifact to work on: `--artifact` as is, or (cloud mode) enroll once and sync the
@@ -107,6 +109,7 @@ pub fn open_source(
                     supernet_id: cur.supernet_id,
                     generation: cur.generation,
                     budget: None,
+                    reason: ServingReason::Unspecified,
                 }),
             ));
         }
@@ -135,6 +138,7 @@ pub fn open_source(
             supernet_id: rep.supernet_id,
             generation: rep.generation,
             budget: rep.budget,
+            reason: rep.reason,
         }),
     ))
 }

@@ -31,11 +31,13 @@ use tonic::Request;
 
 use crate::{EdgeError, Result};
 
+mod desired;
 mod identity;
 mod report;
 pub mod sync;
 mod tls;
 
+pub use desired::{BudgetPolicy, DesiredState, InstallFailure, Serving, ServingReason};
 pub use identity::{
     identity_path, load_identity, now_unix_ms, write_private, Identity, IDENTITY_FILE,
     IDENTITY_FORMAT, ROTATE_MARGIN,
@@ -440,11 +442,12 @@ impl CloudClient {
     }
 
     /// The fleet's desired state.
-    pub async fn desired_state(&self) -> Result<pb::DesiredState> {
+    pub async fn desired_state(&self) -> Result<DesiredState> {
         let req = self.request(pb::Empty {}, true, self.deadline)?;
         let mut c = self.inner.clone();
         self.unary("GetDesiredState", c.get_desired_state(req))
             .await
+            .map(DesiredState::from)
     }
 
     /// The manifest and blob list of a supernet assigned to the fleet.
@@ -471,6 +474,19 @@ impl CloudClient {
                 latency_p95_ms: h.latency_p95_ms.max(h.latency_p50_ms),
                 last_adaptation_reason: h.reason as i32,
                 applied_generation: h.applied_generation,
+                serving_reason: pb::ServingReason::from(h.serving.reason) as i32,
+                failed_supernet_id: h
+                    .serving
+                    .failed
+                    .as_ref()
+                    .map(|(s, _)| s.clone())
+                    .unwrap_or_default(),
+                install_failure: h
+                    .serving
+                    .failed
+                    .as_ref()
+                    .map_or(0, |(_, f)| pb::InstallFailure::from(*f) as i32),
+                agent_started_unix_ms: h.started_unix_ms,
             },
             true,
             self.deadline,

@@ -133,6 +133,10 @@ pub struct HeartbeatInput {
     pub latency_p95_ms: f64,
     pub reason: pb::AdaptationReason,
     pub applied_generation: u64,
+    /// Why it serves `supernet_id`, and a supernet it could not serve.
+    pub serving: super::Serving,
+    /// When this agent process started (a new value tells the cloud it restarted).
+    pub started_unix_ms: i64,
 }
 
 impl From<AdaptationReason> for pb::AdaptationReason {

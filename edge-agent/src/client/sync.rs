@@ -120,7 +120,9 @@ pub struct SyncReport {
     pub supernet_version: u64,
     /// The desired-state generation this sync applied.
     pub generation: u64,
-    pub budget: Option<pb::LatencyBudgetPolicy>,
+    pub budget: Option<super::BudgetPolicy>,
+    /// Why the cloud sends this device this supernet.
+    pub reason: super::ServingReason,
     pub manifest: Manifest,
     pub stats: DownloadStats,
 }
@@ -147,6 +149,17 @@ pub fn cached_current(cache: &Path) -> Option<(CurrentSupernet, PathBuf)> {
     let dir = cache.join(&cur.supernet_id);
     adaptivenet_core::artifact::read_manifest(&dir).ok()?;
     Some((cur, dir))
+}
+
+/// Records `supernet_id` at `generation` as the one to start from (`current.json`): after
+/// a sync, or when a device goes back to the supernet it served before.
+pub fn write_current(cache: &Path, supernet_id: &str, generation: u64) -> Result<()> {
+    let cur = CurrentSupernet {
+        supernet_id: supernet_id.to_string(),
+        generation,
+    };
+    let cur = serde_json::to_vec(&cur).map_err(|e| EdgeError::config("cache", e.to_string()))?;
+    Ok(write_atomic(&current_path(cache), &cur)?)
 }
 
 /// Path of a blob's partial download.
@@ -267,7 +280,7 @@ impl CloudClient {
     /// `<cache>/<supernet id>/` (see the module docs) and returns that directory.
     pub async fn sync_supernet(
         &self,
-        desired: &pb::DesiredState,
+        desired: &super::DesiredState,
         cache: &Path,
         sel: &BlobSelection,
         opts: &SyncOptions,
@@ -344,19 +357,14 @@ impl CloudClient {
         if !same {
             write_atomic(&mpath, &resp.manifest_json)?;
         }
-        let cur = CurrentSupernet {
-            supernet_id: desired.supernet_id.clone(),
-            generation: desired.generation,
-        };
-        let cur =
-            serde_json::to_vec(&cur).map_err(|e| EdgeError::config("cache", e.to_string()))?;
-        write_atomic(&current_path(cache), &cur)?;
+        write_current(cache, &desired.supernet_id, desired.generation)?;
         Ok(SyncReport {
             dir,
             supernet_id: desired.supernet_id.clone(),
             supernet_version: resp.supernet.as_ref().map_or(0, |s| s.version),
             generation: desired.generation,
             budget: desired.budget,
+            reason: desired.reason,
             manifest,
             stats,
         })

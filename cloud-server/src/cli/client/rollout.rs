@@ -105,8 +105,15 @@ fn summary(r: &pb::Rollout) -> String {
         .get(r.step_index as usize)
         .map(step_text)
         .unwrap_or_default();
+    // The server states the window's end once; the time left is computed here.
+    let left_ms = r.window_ends_unix_ms - adaptivenet_cloud::domain::now_ms();
+    let window = if r.window_ends_unix_ms > 0 && left_ms > 0 {
+        format!(" (window ends in {} s)", (left_ms + 999) / 1000)
+    } else {
+        String::new()
+    };
     format!(
-        "rollout {} fleet {}: {} -> {}, step {}/{} ({step}), {}: {}",
+        "rollout {} fleet {}: {} -> {}, step {}/{} ({step}), {}: {}{window}",
         r.id,
         r.fleet_id,
         r.from_supernet_id,
