@@ -164,9 +164,9 @@ mod avx {
         // SAFETY: callers run with avx2 + fma and keep every tap load inside the scratch.
         unsafe {
             let mut acc = [b; NV];
-            for t in 0..KK {
-                let wt = _mm256_set1_ps(*wv.get_unchecked(t));
-                let src = base.add(off[t]);
+            for (&o, &w) in off[..KK].iter().zip(&wv[..KK]) {
+                let wt = _mm256_set1_ps(w);
+                let src = base.add(o);
                 for (q, a) in acc.iter_mut().enumerate() {
                     *a = _mm256_fmadd_ps(_mm256_loadu_ps(src.add(q * L)), wt, *a);
                 }
