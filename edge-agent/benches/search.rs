@@ -39,9 +39,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use adaptivenet_cloud::elastify::{
-    elastify, train_oracle, ElastifyConfig, ProgressEvent, TrainOracleConfig,
-};
 use adaptivenet_core::artifact::{write_artifact, InputSpec};
 use adaptivenet_core::data::{fashion_mnist, FASHION_MNIST_CLASSES};
 use adaptivenet_core::model::{ArchDescriptor, Model};
@@ -59,6 +56,7 @@ use adaptivenet_edge::search::{
 };
 use adaptivenet_edge::serve::{ArtifactSource, Server};
 use adaptivenet_edge::state::{SearchRecord, StateDir};
+use adaptivenet_train::{elastify, train_oracle, ElastifyConfig, ProgressEvent, TrainOracleConfig};
 use serde_json::json;
 
 type Res<T> = anyhow::Result<T>;
