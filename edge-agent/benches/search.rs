@@ -64,8 +64,7 @@ use adaptivenet_edge::profile::{
 };
 use adaptivenet_edge::quality::{EvalSet, QualityMode};
 use adaptivenet_edge::search::{
-    self, best_within, evaluate_masks, Candidate, Method, SearchConfig, SearchResult,
-    Speedups,
+    self, best_within, evaluate_masks, Candidate, Method, SearchConfig, SearchResult, Speedups,
 };
 use adaptivenet_edge::serve::{ArtifactSource, Server};
 use adaptivenet_edge::state::{SearchRecord, StateDir};
@@ -300,7 +299,10 @@ impl Knobs {
             images: env_usize("SEARCH_BENCH_IMAGES", IMAGES).max(2),
             rounds: env_usize("SEARCH_BENCH_ROUNDS", 3).max(1),
             ablation: !matches!(std::env::var("SEARCH_BENCH_ABLATION").as_deref(), Ok("0")),
-            search_only: matches!(std::env::var("SEARCH_BENCH_SEARCH_ONLY").as_deref(), Ok("1")),
+            search_only: matches!(
+                std::env::var("SEARCH_BENCH_SEARCH_ONLY").as_deref(),
+                Ok("1")
+            ),
         }
     }
 }
@@ -452,7 +454,16 @@ fn run_rounds(
     let mut seconds: Vec<Vec<f64>> = vec![Vec::new(); k];
     // The warm-up: the default once, discarded (page cache, allocator arenas, CPU clocks).
     let warm = &variants[0];
-    let t = run_search(sn, table, set, budget, knobs, warm.speedups, warm.reuse, threads)?;
+    let t = run_search(
+        sn,
+        table,
+        set,
+        budget,
+        knobs,
+        warm.speedups,
+        warm.reuse,
+        threads,
+    )?;
     eprintln!("warm-up ({}): {:.1} s", warm.name, t.stats.seconds);
     for round in 0..knobs.rounds {
         for i in round_order(k, round, knobs.rounds) {
