@@ -951,7 +951,7 @@ fn after_search(cx: &Context) -> Res<serde_json::Value> {
         ..
     } = *cx;
     // --- Gap to the exhaustive optimum of the merge-only space.
-    let mo = merge_only(&sn);
+    let mo = merge_only(sn);
     let all_mo = mo
         .spec
         .enumerate(100_000)
@@ -959,7 +959,7 @@ fn after_search(cx: &Context) -> Res<serde_json::Value> {
     let t0 = Instant::now();
     let (masks, _) = evaluate_masks(
         &mo,
-        &set,
+        set,
         &all_mo,
         0..set.len,
         Method::Prefix {
@@ -992,7 +992,7 @@ fn after_search(cx: &Context) -> Res<serde_json::Value> {
         threads,
         ..SearchConfig::default()
     };
-    let mo_res = search::search(&mo, &table, &set, &budgets, &small, |_, _| {})?;
+    let mo_res = search::search(&mo, table, set, &budgets, &small, |_, _| {})?;
     println!(
         "\n## gap to the exhaustive optimum, merge-only space ({} subnets evaluated in {exhaustive_s:.1} s)",
         all_mo.len()
@@ -1027,7 +1027,7 @@ fn after_search(cx: &Context) -> Res<serde_json::Value> {
     let all_test = EvalSet::from_dataset(
         &mo,
         &src.manifest.input,
-        &test,
+        test,
         0,
         100,
         QualityMode::Labelled,
@@ -1112,14 +1112,14 @@ fn after_search(cx: &Context) -> Res<serde_json::Value> {
         },
         result: full.clone(),
     };
-    let (rss, hwm, served) = child_serving_rss(&artifact, &table, &rec, budget)?;
+    let (rss, hwm, served) = child_serving_rss(artifact, table, &rec, budget)?;
     println!(
         "\n## serving memory (child `edge-agent run`, 1 thread): VmRSS {rss:.1} MiB while serving, VmHWM {hwm:.1} MiB; served subnet weights {weights_mb:.2} MiB; RSS - weights {:.1} MiB\n{served}",
         rss - weights_mb
     );
 
     // --- BN recalibration of the found subnet (issue 5 §2, optional: kept only if it helps).
-    let recal = bn_recal(&src, &sn, &found.subnet, &test)?;
+    let recal = bn_recal(src, sn, &found.subnet, test)?;
     println!(
         "\n## BN recalibration of the found subnet {} on local images (20% of the class mix), accuracy on the other 80%",
         found.subnet
