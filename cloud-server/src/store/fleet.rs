@@ -12,7 +12,7 @@ use crate::domain::{
     ServingReason,
 };
 use crate::error::{CloudError, Result};
-use crate::rollout::RolloutState;
+use crate::domain::rollout::RolloutState;
 
 const FLEET_COLS: &str = "id, name, desired_label, desired_supernet_id, budget_ms, \
     budget_fraction, hysteresis, generation, created_ms";

@@ -6,11 +6,11 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{get_opt_uuid, get_u64, get_uuid, is_unique_violation, Store};
-use crate::domain::{DeviceClass, InstallFailure};
-use crate::error::{CloudError, Result};
-use crate::rollout::{
+use crate::domain::rollout::{
     Decision, DeviceHealth, Gates, Rollout, RolloutState, Sample, Step, CRASH_LOOP_RESTARTS,
 };
+use crate::domain::{DeviceClass, InstallFailure};
+use crate::error::{CloudError, Result};
 
 const COLS: &str = "id, fleet_id, from_supernet_id, to_supernet_id, steps_json, gates_json, \
     step_index, step_started_ms, state, status, created_ms, updated_ms";
