@@ -7,6 +7,7 @@
 //! bit for bit.
 pub mod families;
 pub mod fold;
+pub mod init;
 pub mod ops;
 pub mod spec;
 pub mod verify;
@@ -347,7 +348,7 @@ impl Model {
             shapes
                 .into_iter()
                 .map(|(n, s)| {
-                    let t = crate::supernet::branches::fresh_tensor(&n, &s, &mut rng)?;
+                    let t = init::fresh_tensor(&n, &s, &mut rng)?;
                     Ok((n, t))
                 })
                 .collect()
@@ -386,7 +387,7 @@ impl Model {
         let mut head = self.head.clone();
         for (n, s) in spec.head.param_shapes() {
             if n.starts_with("fc.") {
-                let t = crate::supernet::branches::fresh_tensor(&n, &s, &mut rng)?;
+                let t = init::fresh_tensor(&n, &s, &mut rng)?;
                 head.insert(n, t);
             }
         }
@@ -472,9 +473,9 @@ impl Model {
     /// safetensors file with canonical names (loadable with [`Model::from_files`]).
     pub fn save(&self, arch_path: &std::path::Path, weights_path: &std::path::Path) -> Result<()> {
         let desc = ArchDescriptor::chain(self.spec.clone());
-        crate::artifact::write_atomic(arch_path, &serde_json::to_vec_pretty(&desc.raw)?)?;
-        let bytes = crate::artifact::params_to_safetensors(self.canonical_tensors())?;
-        crate::artifact::write_atomic(weights_path, &bytes)
+        crate::persist::write_atomic(arch_path, &serde_json::to_vec_pretty(&desc.raw)?)?;
+        let bytes = crate::persist::params_to_safetensors(self.canonical_tensors())?;
+        crate::persist::write_atomic(weights_path, &bytes)
     }
 }
 
