@@ -74,6 +74,9 @@ fn conv_bn(
     let (_, _, h, wd) = x.dims4()?;
     let k = w.dim(2)?;
     let pad = num.pad(h, wd, k, stride);
+    if let Some(y) = pointwise_folded(x, p, conv, stride, groups, act, None, train)? {
+        return Ok(y);
+    }
     let Some(g) = p.get(&format!("{bn}.weight")) else {
         if train.is_some() {
             return Err(CoreError::InvalidConfig {
@@ -112,6 +115,37 @@ fn conv_bn(
         Some(a) => ops::activation(&y, a),
         None => Ok(y),
     }
+}
+
+/// The inference fast path of a folded, pre-packed 1x1 conv (see [`fold::packed_name`]):
+/// `act(conv(x) + bias + residual)` in one GEMM with the bias, activation and residual add in
+/// its epilogue. `None` when it does not apply (training, gradients, stock candle ops, not a
+/// packed stride-1 1x1 conv): the caller then takes the general path.
+#[allow(clippy::too_many_arguments)]
+fn pointwise_folded(
+    x: &Tensor,
+    p: &Params,
+    conv: &str,
+    stride: usize,
+    groups: usize,
+    act: Option<Act>,
+    residual: Option<&Tensor>,
+    train: &Option<&mut TrainCtx>,
+) -> Result<Option<Tensor>> {
+    if train.is_some() || stride != 1 || groups != 1 || x.track_op() || ops::stock_candle() {
+        return Ok(None);
+    }
+    if residual.is_some_and(Tensor::track_op) {
+        return Ok(None);
+    }
+    let (Some(packed), Some(bias)) = (
+        p.get(&fold::packed_name(conv)),
+        p.get(&format!("{conv}.bias")),
+    ) else {
+        return Ok(None);
+    };
+    let o = get(p, &format!("{conv}.weight"))?.dim(0)?;
+    ops::pointwise_packed(x, packed, o, bias, act, residual).map(Some)
 }
 
 /// Runs the stem.
@@ -194,6 +228,12 @@ pub fn block_forward(
                 Some(num.act),
                 t,
             )?;
+            if residual {
+                // Folded inference: the residual add runs in the projection's epilogue.
+                if let Some(y) = pointwise_folded(&h, p, "project.conv", 1, 1, None, Some(x), t)? {
+                    return Ok(y);
+                }
+            }
             let y = conv_bn(&h, p, "project.conv", "project.bn", 1, 1, num, None, t)?;
             if residual {
                 Ok((y + x)?)
