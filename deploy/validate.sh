@@ -17,6 +17,23 @@ ok() { printf 'OK   %s\n' "$*"; }; bad() { printf 'FAIL %s\n' "$*"; FAILED=1; };
 for f in deploy/compose/*.yml deploy/k8s/*.yaml; do
   python3 -c "import yaml,sys; list(yaml.safe_load_all(open(sys.argv[1])))" "$f" && ok "yaml $f" || bad "yaml $f"
 done
+for f in deploy/prometheus/*.yml deploy/grafana/provisioning/*/*.yml; do
+  python3 -c "import yaml,sys; yaml.safe_load(open(sys.argv[1]))" "$f" && ok "yaml $f" || bad "yaml $f"
+done
+# Monitoring: the dashboard is JSON whose panels all have PromQL targets; every rule has an
+# alert name, an expression and a summary (the metric names themselves are checked against a
+# live /metrics by cloud-server/tests/monitoring.rs).
+python3 - <<'PY' && ok "grafana dashboard and alert rules are well-formed" || bad "grafana/alerts structure"
+import json, yaml
+d = json.load(open("deploy/grafana/adaptivenet.json"))
+panels = [p for p in d["panels"] if p["type"] != "row"]
+assert panels and all(p.get("targets") and all(t["expr"].strip() for t in p["targets"]) for p in panels)
+rules = [r for g in yaml.safe_load(open("deploy/prometheus/alerts.yml"))["groups"] for r in g["rules"]]
+assert rules and all(r["alert"] and r["expr"].strip() and r["annotations"]["summary"] for r in rules)
+PY
+if command -v promtool >/dev/null; then
+  promtool check rules deploy/prometheus/alerts.yml >/dev/null && ok "promtool check rules" || bad "promtool check rules"
+fi
 if command -v kubectl >/dev/null; then
   kubectl kustomize deploy/k8s >/dev/null && ok "kubectl kustomize deploy/k8s" || bad "kustomize"
 fi

@@ -101,6 +101,10 @@ pub struct Config {
     pub net: NetLimits,
     /// How often the rollout engine judges running rollouts (its lease is three ticks).
     pub rollout_tick: Duration,
+    /// Origins allowed to call through gRPC-Web (`ops::web`); empty: gRPC-Web is off.
+    pub grpc_web_origins: Vec<String>,
+    /// How often the device and job gauges of `/metrics` are recounted (`ops::metrics`).
+    pub metrics_refresh: Duration,
 }
 
 impl Config {
@@ -132,6 +136,8 @@ impl Config {
             durable_telemetry: false,
             net: NetLimits::default(),
             rollout_tick: Duration::from_secs(5),
+            grpc_web_origins: Vec::new(),
+            metrics_refresh: Duration::from_secs(15),
         }
     }
 }

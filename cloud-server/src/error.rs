@@ -3,6 +3,8 @@
 //! Every service method returns `Result<_, CloudError>` internally and converts at the edge
 //! with `Status::from`; [`CloudError::code`] is that table (tested in `tests/status_map.rs`).
 //! Internal details (SQL, I/O) are logged, never sent to clients.
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use thiserror::Error;
 use tonic::Code;
 
@@ -44,7 +46,7 @@ pub enum CloudError {
     DataLoss(String),
     /// A database error (details logged, not returned).
     #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(#[source] sqlx::Error),
     /// A migration error.
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -159,6 +161,30 @@ impl From<CloudError> for tonic::Status {
 
 /// Model-core errors: configuration and architecture problems are the caller's (the field is
 /// kept), a missing file is I/O, the rest (tensor failures, corrupt internal artifacts) internal.
+/// Database failures of this process (`adaptivenet_db_errors_total`): every sqlx error that
+/// becomes a [`CloudError`], except a missing row and a constraint violation, which are
+/// answers (NOT_FOUND, ALREADY_EXISTS), not faults. Process-wide because errors arise where
+/// no `App` is at hand.
+static DB_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+pub fn db_errors_total() -> u64 {
+    DB_ERRORS.load(Ordering::Relaxed)
+}
+
+impl From<sqlx::Error> for CloudError {
+    fn from(e: sqlx::Error) -> Self {
+        let answer = match &e {
+            sqlx::Error::RowNotFound => true,
+            sqlx::Error::Database(d) => !matches!(d.kind(), sqlx::error::ErrorKind::Other),
+            _ => false,
+        };
+        if !answer {
+            DB_ERRORS.fetch_add(1, Ordering::Relaxed);
+        }
+        CloudError::Database(e)
+    }
+}
+
 impl From<adaptivenet_core::CoreError> for CloudError {
     fn from(e: adaptivenet_core::CoreError) -> Self {
         use adaptivenet_core::CoreError;

@@ -187,7 +187,14 @@ pub async fn start(
             "this build has no TLS support (cargo feature `tls`)",
         ));
     }
+    // gRPC-Web (ops/web.rs): HTTP/1.1 only when an origin is configured. The gate and the
+    // translation sit in front of the ops layer, so a translated call is admitted, limited,
+    // timed and counted like a native one.
+    let web = crate::ops::web::WebOrigins::parse(&app.config().grpc_web_origins)?;
+    builder = builder.accept_http1(web.enabled());
     let router = builder
+        .layer(crate::ops::web::WebGateLayer::new(web))
+        .layer(tonic_web::GrpcWebLayer::new())
         .layer(OpsLayer::new(
             app.config().max_concurrent_requests,
             Arc::new(AppMetrics(app.clone())),
@@ -216,6 +223,7 @@ pub async fn start(
     let stop = app.shutdown_token().clone();
     let mut background = vec![
         tokio::spawn(stale_sweeper(app.clone(), stop.clone())),
+        tokio::spawn(census_refresher(app.clone(), stop.clone())),
         tokio::spawn(crate::rollout::engine::run(app.clone(), stop.clone())),
     ];
     if let Some(r) = runner {
@@ -274,6 +282,23 @@ async fn stale_sweeper(app: App, stop: CancellationToken) {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "stale sweep failed"),
+        }
+    }
+}
+
+/// Refreshes the device and job gauges of `/metrics` every `metrics_refresh` (two small
+/// queries; a scrape only reads the last result).
+async fn census_refresher(app: App, stop: CancellationToken) {
+    let mut tick =
+        tokio::time::interval(app.config().metrics_refresh.max(Duration::from_millis(10)));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match app.store().census().await {
+            Ok(c) => app.metrics().set_census(c, (now_ms() / 1000).max(0) as u64),
+            Err(e) => tracing::warn!(error = %e, "metrics census failed"),
         }
     }
 }

@@ -126,6 +126,15 @@ enum Cmd {
         /// handshake fails.
         #[arg(long, requires = "tls_cert")]
         tls_client_ca: Option<PathBuf>,
+        /// A browser origin (`https://dash.example.com`, or `*`) allowed to call the dashboard
+        /// and read-only developer methods through gRPC-Web (repeatable). Without one,
+        /// gRPC-Web is off and the listener speaks HTTP/2 only.
+        #[arg(
+            long = "grpc-web-cors-origin",
+            env = "ADAPTIVENET_GRPC_WEB_CORS_ORIGINS",
+            value_delimiter = ','
+        )]
+        grpc_web_cors_origins: Vec<String>,
         /// Quotas, timeouts and HTTP/2 limits against hostile or broken clients.
         #[command(flatten)]
         net: adaptivenet_cloud::ops::net::NetLimits,
@@ -143,6 +152,10 @@ enum Cmd {
         /// Seconds a job lease lasts without a heartbeat (as `serve --job-lease-secs`).
         #[arg(long, default_value_t = 30)]
         job_lease_secs: u64,
+        /// Prometheus endpoint (`GET /metrics`, `/healthz`): this worker's job run durations
+        /// and database errors.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Apply database migrations and exit.
     Migrate,
@@ -410,6 +423,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             tls_client_ca,
+            grpc_web_cors_origins,
             net,
             gc_interval_secs,
             gc_grace_secs,
@@ -434,6 +448,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             cfg.auth_cache_ttl = Duration::from_secs(auth_cache_ttl_secs);
             cfg.min_group_devices = min_group_devices;
             cfg.rollout_tick = Duration::from_millis(rollout_tick_ms);
+            adaptivenet_cloud::ops::web::WebOrigins::parse(&grpc_web_cors_origins)?;
+            cfg.grpc_web_origins = grpc_web_cors_origins;
             let tls = match (tls_cert, tls_key) {
                 (Some(c), Some(k)) => Some(TlsFiles {
                     cert_pem: read_pem("--tls-cert", &c, Pem::Certificate)?,
@@ -470,11 +486,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Worker {
             concurrency,
             job_lease_secs,
+            metrics_listen,
         } => {
             anyhow::ensure!(job_lease_secs >= 2, "--job-lease-secs must be at least 2");
             cfg.job_lease = std::time::Duration::from_secs(job_lease_secs);
             let app = App::open(cfg).await?;
             let stop = CancellationToken::new();
+            if let Some(a) = metrics_listen {
+                let l = tokio::net::TcpListener::bind(a).await?;
+                let m = app.clone();
+                let render: Arc<dyn Fn() -> String + Send + Sync> =
+                    Arc::new(move || m.metrics().render());
+                tokio::spawn(adaptivenet_cloud::ops::metrics::serve_http(
+                    l,
+                    render,
+                    stop.clone(),
+                ));
+            }
             let prefix = worker_id_prefix();
             let handles: Vec<_> = (0..concurrency.max(1))
                 .map(|i| {

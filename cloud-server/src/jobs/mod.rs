@@ -222,6 +222,8 @@ impl Worker {
         let app = &self.app;
         let store = app.store();
         let id = job.id;
+        let started = std::time::Instant::now();
+        let kind = job.kind.as_str();
         let oracle = match job.oracle_id {
             Some(o) => Some(store.get_oracle(o).await?),
             None => None,
@@ -326,6 +328,8 @@ impl Worker {
                     Ok(Some(result)) => {
                         tracing::info!(job = %id, %result, "job succeeded");
                         Metrics::inc(&app.metrics().jobs_finished_total);
+                        app.metrics()
+                            .observe_job(kind, "succeeded", started.elapsed());
                     }
                     Ok(None) => {
                         tracing::warn!(job = %id, "lease lost before registration; result dropped");
@@ -340,12 +344,15 @@ impl Worker {
                             .finish_job(id, &self.id, JobState::Failed, Some(&msg), None, now_ms())
                             .await?;
                         Metrics::inc(&app.metrics().jobs_finished_total);
+                        app.metrics().observe_job(kind, "failed", started.elapsed());
                     }
                 }
             }
             (Err(_), Interrupt::Shutdown) => {
                 store.release_job(id, &self.id, now).await?;
                 tracing::info!(job = %id, "job released on shutdown");
+                app.metrics()
+                    .observe_job(kind, "released", started.elapsed());
             }
             (Err(_), Interrupt::UserCancel) | (Err(CloudError::Cancelled(_)), Interrupt::None) => {
                 store
@@ -359,6 +366,8 @@ impl Worker {
                     )
                     .await?;
                 Metrics::inc(&app.metrics().jobs_finished_total);
+                app.metrics()
+                    .observe_job(kind, "cancelled", started.elapsed());
             }
             (Err(e), Interrupt::None) => {
                 let msg = public_job_error(id, "job failed", &e);
@@ -366,6 +375,7 @@ impl Worker {
                     .finish_job(id, &self.id, JobState::Failed, Some(&msg), None, now)
                     .await?;
                 Metrics::inc(&app.metrics().jobs_finished_total);
+                app.metrics().observe_job(kind, "failed", started.elapsed());
             }
         }
         app.emit_job(id);

@@ -15,11 +15,33 @@ const BUCKETS_MS: [f64; 12] = [
     1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 30000.0,
 ];
 
+/// Job run durations, seconds: a few seconds (tiny tests) to hours (real training).
+const BUCKETS_JOB_S: [f64; 12] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];
+
+/// The labels the census gauges always show (0 until counted), so dashboards and alert
+/// rules find every series from the first scrape on.
+const DEVICE_STATUSES: [&str; 3] = ["online", "stale", "revoked"];
+const JOB_STATES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
+
 #[derive(Debug, Default)]
 struct Histogram {
     counts: [u64; BUCKETS_MS.len()],
-    sum_ms: f64,
+    sum: f64,
     count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, buckets: &[f64; BUCKETS_MS.len()], v: f64) {
+        for (i, b) in buckets.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
 }
 
 /// The server's metrics.
@@ -37,6 +59,10 @@ pub struct Metrics {
     /// Database reads of the shared WatchJob poller (one per watched job per tick, however
     /// many clients watch it).
     pub job_watch_polls_total: AtomicU64,
+    /// Run time of each job attempt in this process's workers, by (kind, outcome).
+    job_runs: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
+    /// The last census (devices per status, jobs per state) and when it was taken.
+    census: Mutex<(crate::store::Census, u64)>,
 }
 
 /// The status-code label of a `grpc-status` value: `"0"`..`"16"`, anything else `"2"`
@@ -63,14 +89,24 @@ impl Metrics {
             .or_default() += 1;
         let ms = elapsed.as_secs_f64() * 1e3;
         let mut lat = self.latency.lock().expect("metrics lock");
-        let h = lat.entry(method).or_default();
-        for (i, b) in BUCKETS_MS.iter().enumerate() {
-            if ms <= *b {
-                h.counts[i] += 1;
-            }
-        }
-        h.sum_ms += ms;
-        h.count += 1;
+        lat.entry(method).or_default().observe(&BUCKETS_MS, ms);
+    }
+
+    /// Records one job attempt that ended in this process: `kind` and `outcome`
+    /// (`succeeded`, `failed`, `cancelled`, `released`) are the domain's fixed names.
+    pub fn observe_job(&self, kind: &'static str, outcome: &'static str, elapsed: Duration) {
+        self.job_runs
+            .lock()
+            .expect("metrics lock")
+            .entry((kind, outcome))
+            .or_default()
+            .observe(&BUCKETS_JOB_S, elapsed.as_secs_f64());
+    }
+
+    /// Replaces the census the gauges show; `at_unix_s` is exported so a stalled refresher
+    /// is visible.
+    pub fn set_census(&self, census: crate::store::Census, at_unix_s: u64) {
+        *self.census.lock().expect("metrics lock") = (census, at_unix_s);
     }
 
     pub fn inc(counter: &AtomicU64) {
@@ -105,7 +141,7 @@ impl Metrics {
             let _ = writeln!(
                 s,
                 "adaptivenet_grpc_request_duration_ms_sum{{method=\"{m}\"}} {}",
-                h.sum_ms
+                h.sum
             );
             let _ = writeln!(
                 s,
@@ -150,7 +186,54 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            s,
+            "# TYPE adaptivenet_db_errors_total counter\nadaptivenet_db_errors_total {}",
+            crate::error::db_errors_total()
+        );
+        self.render_jobs(&mut s);
+        let guard = self.census.lock().expect("metrics lock");
+        let (census, at) = &*guard;
+        // Only processes that count (`serve`) export the census; a worker has none.
+        if *at == 0 {
+            return s;
+        }
+        let count = |list: &[(&str, u64)], label: &str| {
+            list.iter()
+                .filter(|(l, _)| *l == label)
+                .map(|(_, n)| n)
+                .sum::<u64>()
+        };
+        let _ = writeln!(s, "# TYPE adaptivenet_devices gauge");
+        for st in DEVICE_STATUSES {
+            let n = count(&census.devices, st);
+            let _ = writeln!(s, "adaptivenet_devices{{status=\"{st}\"}} {n}");
+        }
+        let _ = writeln!(s, "# TYPE adaptivenet_jobs gauge");
+        for st in JOB_STATES {
+            let n = count(&census.jobs, st);
+            let _ = writeln!(s, "adaptivenet_jobs{{state=\"{st}\"}} {n}");
+        }
+        let _ = writeln!(
+            s,
+            "# TYPE adaptivenet_census_timestamp_seconds gauge\nadaptivenet_census_timestamp_seconds {at}"
+        );
         s
+    }
+
+    fn render_jobs(&self, s: &mut String) {
+        use std::fmt::Write;
+        let name = "adaptivenet_job_run_duration_seconds";
+        let _ = writeln!(s, "# TYPE {name} histogram");
+        for ((k, o), h) in self.job_runs.lock().expect("metrics lock").iter() {
+            let l = format!("kind=\"{k}\",outcome=\"{o}\"");
+            for (i, b) in BUCKETS_JOB_S.iter().enumerate() {
+                let _ = writeln!(s, "{name}_bucket{{{l},le=\"{b}\"}} {}", h.counts[i]);
+            }
+            let _ = writeln!(s, "{name}_bucket{{{l},le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(s, "{name}_sum{{{l}}} {}", h.sum);
+            let _ = writeln!(s, "{name}_count{{{l}}} {}", h.count);
+        }
     }
 }
 

@@ -16,6 +16,7 @@
 //! - `gc`: which blobs rows still reference (garbage collection, oracle deletion).
 //! - `writer`: group commit of reports and heartbeats (one writer task, batched
 //!   transactions, callers answered after the commit).
+mod census;
 mod fleet;
 mod gc;
 mod jobs;
@@ -25,6 +26,7 @@ mod supernets;
 mod tokens;
 mod writer;
 
+pub use census::Census;
 pub use jobs::ClaimedJob;
 pub use rollouts::Settle;
 pub use supernets::{JobFence, NewSupernet};
