@@ -6,13 +6,13 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{get_opt_uuid, get_u64, get_uuid, is_unique_violation, Store};
+use crate::domain::rollout::RolloutState;
 use crate::domain::{
     now_ms, AdaptationReason, AggregateGroup, BudgetPolicy, DesiredState, Device, DeviceClass,
     DeviceStatus, Distribution, Fleet, FleetAggregates, Heartbeat, InstallFailure, Page, Report,
     ServingReason,
 };
 use crate::error::{CloudError, Result};
-use crate::domain::rollout::RolloutState;
 
 const FLEET_COLS: &str = "id, name, desired_label, desired_supernet_id, budget_ms, \
     budget_fraction, hysteresis, generation, created_ms";
