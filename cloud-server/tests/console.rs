@@ -1,4 +1,4 @@
-//! The operator console in a real browser: headless Chromium driven through WebDriver
+//! The operator console in a real browser: headless Chromium driven through W3C WebDriver
 //! (chromedriver) against a real server on 127.0.0.1 with real enrolled devices, their
 //! heartbeats and reports, and a real elastification job running in a worker.
 //!
@@ -16,8 +16,10 @@ use adaptivenet_cloud::domain::Role;
 use adaptivenet_cloud::elastify::runner::ElastifyRunner;
 use adaptivenet_cloud::jobs::Worker;
 use adaptivenet_proto::v1 as pb;
+use bytes::Bytes;
 use common::*;
-use fantoccini::{Client, ClientBuilder, Locator};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client as HttpClient};
 use serde_json::{json, Value};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -51,6 +53,123 @@ fn browser_available() -> bool {
     have
 }
 
+/// A W3C WebDriver session with chromedriver: the few commands this test needs, as JSON
+/// over HTTP/1.1 on loopback.
+struct Client {
+    http: HttpClient<HttpConnector, Full<Bytes>>,
+    session: String,
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Client {
+    async fn call(&self, method: http::Method, path: &str, body: Value) -> Value {
+        let req = http::Request::builder()
+            .method(method.clone())
+            .uri(format!("{}{path}", self.session))
+            .header("content-type", "application/json")
+            .body(Full::new(if body.is_null() {
+                Bytes::new()
+            } else {
+                Bytes::from(body.to_string())
+            }))
+            .unwrap();
+        let resp = self.http.request(req).await.expect("webdriver request");
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        assert!(status.is_success(), "{method} {path}: {status} {v}");
+        v["value"].clone()
+    }
+    async fn goto(&self, url: &str) {
+        self.call(http::Method::POST, "/url", json!({ "url": url }))
+            .await;
+    }
+    async fn execute(&self, script: &str) -> Value {
+        self.call(
+            http::Method::POST,
+            "/execute/sync",
+            json!({ "script": script, "args": [] }),
+        )
+        .await
+    }
+    async fn element(&self, css: &str) -> String {
+        let v = self
+            .call(
+                http::Method::POST,
+                "/element",
+                json!({ "using": "css selector", "value": css }),
+            )
+            .await;
+        v[ELEMENT].as_str().expect("element id").to_string()
+    }
+    async fn type_into(&self, css: &str, text: &str) {
+        let e = self.element(css).await;
+        self.call(
+            http::Method::POST,
+            &format!("/element/{e}/value"),
+            json!({ "text": text }),
+        )
+        .await;
+    }
+    async fn click(&self, css: &str) {
+        let e = self.element(css).await;
+        self.call(
+            http::Method::POST,
+            &format!("/element/{e}/click"),
+            json!({}),
+        )
+        .await;
+    }
+    async fn set_window_size(&self, width: u32, height: u32) {
+        self.call(
+            http::Method::POST,
+            "/window/rect",
+            json!({ "width": width, "height": height }),
+        )
+        .await;
+    }
+    async fn screenshot(&self) -> Vec<u8> {
+        let v = self
+            .call(http::Method::GET, "/screenshot", Value::Null)
+            .await;
+        base64_decode(v.as_str().expect("base64 PNG"))
+    }
+    async fn close(&self) {
+        self.call(http::Method::DELETE, "", Value::Null).await;
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let bytes: Vec<u8> = s
+        .bytes()
+        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+        .collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= u32::from(val(*c)) << (18 - 6 * i);
+        }
+        out.push((n >> 16) as u8);
+        if chunk.len() > 2 {
+            out.push((n >> 8) as u8);
+        }
+        if chunk.len() > 3 {
+            out.push(n as u8);
+        }
+    }
+    out
+}
+
 async fn start_browser() -> (Driver, Client) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -66,7 +185,8 @@ async fn start_browser() -> (Driver, Client) {
     let profile = tempfile::tempdir().unwrap();
     let profile_path = profile.path().to_path_buf();
     let driver = Driver(child, profile);
-    let caps = json!({
+    let caps = json!({ "capabilities": { "alwaysMatch": {
+        "browserName": "chrome",
         "goog:chromeOptions": {
             "binary": CHROMIUM,
             "args": [
@@ -76,21 +196,25 @@ async fn start_browser() -> (Driver, Client) {
                 format!("--user-data-dir={}", profile_path.display()),
             ]
         }
-    });
-    let caps = match caps {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    };
-    let url = format!("http://127.0.0.1:{port}");
+    }}});
+    let base = format!("http://127.0.0.1:{port}/session");
+    let http = HttpClient::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        match ClientBuilder::new(connector)
-            .capabilities(caps.clone())
-            .connect(&url)
-            .await
-        {
-            Ok(c) => return (driver, c),
+        let req = http::Request::post(&base)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(caps.to_string())))
+            .unwrap();
+        match http.request(req).await {
+            Ok(resp) => {
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+                let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                assert!(status.is_success(), "new session: {status} {v}");
+                let id = v["value"]["sessionId"].as_str().expect("session id");
+                let session = format!("{base}/{id}");
+                return (driver, Client { http, session });
+            }
             Err(e) => {
                 assert!(
                     tokio::time::Instant::now() < deadline,
@@ -104,9 +228,7 @@ async fn start_browser() -> (Driver, Client) {
 
 /// Runs `return (...)` in the page.
 async fn js(c: &Client, expr: &str) -> Value {
-    c.execute(&format!("return ({expr});"), vec![])
-        .await
-        .unwrap_or_else(|e| panic!("{expr}: {e}"))
+    c.execute(&format!("return ({expr});")).await
 }
 
 /// Waits until `expr` is truthy in the page (polling), or fails naming it.
@@ -135,7 +257,7 @@ fn shots_dir() -> PathBuf {
 /// as tall as the page (at least the 800 / 844 px viewport).
 async fn shoot(c: &Client, name: &str) {
     for (label, w, h) in [("desktop", 1280, 800), ("phone", 390, 844)] {
-        c.set_window_size(w, h).await.unwrap();
+        c.set_window_size(w, h).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let full = js(c, "document.documentElement.scrollHeight").await;
         let full = full.as_u64().unwrap_or(h as u64).clamp(h as u64, 6000) as u32;
@@ -144,16 +266,14 @@ async fn shoot(c: &Client, name: &str) {
             .await
             .as_u64()
             .unwrap_or(w as u64) as u32;
-        c.set_window_size(w + (w - inner.min(w)), full + 100)
-            .await
-            .unwrap();
+        c.set_window_size(w + (w - inner.min(w)), full + 100).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let png = c.screenshot().await.unwrap();
+        let png = c.screenshot().await;
         let path = shots_dir().join(format!("{name}-{label}.png"));
         std::fs::write(&path, png).unwrap();
         println!("screenshot {}", path.display());
     }
-    c.set_window_size(1280, 800).await.unwrap();
+    c.set_window_size(1280, 800).await;
 }
 
 /// A report as the agent sends it (aggregates only).
@@ -368,20 +488,10 @@ async fn console_in_a_real_browser() {
     let (_driver, c) = start_browser().await;
 
     // A wrong token stays on the sign-in page, with a message saying so.
-    c.goto(&base).await.unwrap();
+    c.goto(&base).await;
     until(&c, "document.getElementById('token') !== null", 10).await;
-    c.find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys("anv1_api_not-a-real-token")
-        .await
-        .unwrap();
-    c.find(Locator::Id("sign-in-button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    c.type_into("#token", "anv1_api_not-a-real-token").await;
+    c.click("#sign-in-button").await;
     let msg = until(
         &c,
         "document.getElementById('sign-in-error').textContent",
@@ -407,21 +517,10 @@ async fn console_in_a_real_browser() {
     shoot(&c, "sign-in-wrong-token").await;
 
     // Signing in with a viewer token shows the overview.
-    c.execute("document.getElementById('token').value = '';", vec![])
-        .await
-        .unwrap();
-    c.find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys(&viewer)
-        .await
-        .unwrap();
-    c.find(Locator::Id("sign-in-button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    c.execute("document.getElementById('token').value = '';")
+        .await;
+    c.type_into("#token", &viewer).await;
+    c.click("#sign-in-button").await;
     until(&c, "document.getElementById('devices-total')", 15).await;
     assert_eq!(
         js(&c, "document.getElementById('sign-in').hidden").await,
@@ -481,7 +580,7 @@ async fn console_in_a_real_browser() {
 
     // Devices: a row has exactly the listed columns, and a viewer sees no per-device
     // latency (nor any per-sample or raw report field).
-    c.goto(&format!("{base}/#devices")).await.unwrap();
+    c.goto(&format!("{base}/#devices")).await;
     until(&c, "document.querySelector('#devices tbody tr')", 15).await;
     let headers = js(
         &c,
@@ -538,7 +637,7 @@ async fn console_in_a_real_browser() {
 
     // Supernets: both versions, the label, subnet counts from the manifest, and the
     // accuracy–latency chart: one mark per (class, subnet) with at least k devices.
-    c.goto(&format!("{base}/#supernets")).await.unwrap();
+    c.goto(&format!("{base}/#supernets")).await;
     until(&c, "document.querySelector('#supernets tbody tr')", 15).await;
     let row_a = js(
         &c,
@@ -562,12 +661,10 @@ async fn console_in_a_real_browser() {
     shoot(&c, "supernets").await;
 
     // Jobs: the running job's progress changes on the page without a reload.
-    c.goto(&format!("{base}/#jobs")).await.unwrap();
+    c.goto(&format!("{base}/#jobs")).await;
     let sel = format!("#jobs tr[data-job-id=\"{}\"]", job.id);
     until(&c, &format!("document.querySelector('{sel}')"), 15).await;
-    c.execute("window.__sameDocument = true;", vec![])
-        .await
-        .unwrap();
+    c.execute("window.__sameDocument = true;").await;
     // The worker starts only now, so the page sees the job queued, then running.
     let stop = tokio_util::sync::CancellationToken::new();
     let worker = tokio::spawn(
@@ -596,7 +693,7 @@ async fn console_in_a_real_browser() {
     shoot(&c, "jobs").await;
 
     // Rollouts: the rollout to B with its state.
-    c.goto(&format!("{base}/#rollouts")).await.unwrap();
+    c.goto(&format!("{base}/#rollouts")).await;
     until(&c, "document.querySelector('article.rollout')", 15).await;
     let text = js(&c, "document.querySelector('article.rollout').textContent").await;
     assert!(text.as_str().unwrap().contains("shop-floor"), "{text}");
@@ -612,7 +709,7 @@ async fn console_in_a_real_browser() {
     .await;
     assert_eq!(status, json!(405));
 
-    c.close().await.unwrap();
+    c.close().await;
     h.developer()
         .cancel_job(authed(pb::CancelJobRequest { job_id: job.id }, &dev))
         .await
