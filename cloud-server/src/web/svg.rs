@@ -160,7 +160,8 @@ pub struct Mark {
 pub fn tradeoff(title: &str, marks: &[Mark], classes: &[(i32, &str)]) -> String {
     let (w, h) = (W, 340.0);
     let (l, r, t, b) = (64.0, 20.0, 16.0, 70.0);
-    let (xmax, xstep) = nice_max(marks.iter().map(|m| m.latency_ms).fold(0.0, f64::max));
+    // 10 % headroom: a mark at the largest latency does not sit on the frame.
+    let (xmax, xstep) = nice_max(1.1 * marks.iter().map(|m| m.latency_ms).fold(0.0, f64::max));
     let qmin = marks.iter().map(|m| m.quality).fold(1.0, f64::min);
     // Quality axis from a round tenth below the lowest mark to 1, so close marks separate.
     let ymin = ((qmin * 10.0).floor() / 10.0).clamp(0.0, 0.9);

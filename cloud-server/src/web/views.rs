@@ -18,6 +18,9 @@ use crate::domain::{
 use crate::error::Result;
 use crate::rollout::Step;
 
+/// Which distribution of a group a chart shows.
+type Pick = fn(&AggregateGroup) -> Distribution;
+
 /// Rows a list view shows (the store's largest page).
 const LIST_LIMIT: u32 = 1000;
 
@@ -205,7 +208,7 @@ pub async fn overview(app: &App, md: &MetadataMap, fleet: Option<Uuid>) -> Resul
     }
     s += &groups_table(&a, &names);
     s += "<h3>Distributions</h3><div class=\"charts\">";
-    let charts: [(&str, &str, fn(&AggregateGroup) -> Distribution); 3] = [
+    let charts: [(&str, &str, Pick); 3] = [
         ("Latency p50 (ms)", "ms", |g| g.latency_p50_ms),
         ("Latency p95 (ms)", "ms", |g| g.latency_p95_ms),
         ("Quality", "", |g| g.quality),
