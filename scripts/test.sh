@@ -36,6 +36,8 @@ echo "== fmt"
 cargo fmt --all -- --check
 echo "== no dataset constants"
 scripts/check-no-dataset-constants.sh
+echo "== no module cycles"
+python3 scripts/check-module-cycles.py
 echo "== clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== tests"

@@ -71,12 +71,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use adaptivenet_cloud::elastify::cli::{split_validation, RESNET20_FASHION};
-use adaptivenet_cloud::elastify::train::{correct, eval_transform};
-use adaptivenet_cloud::elastify::{
-    elastify, train_oracle_resumable, DirCheckpoints, ElastifyConfig, TrainOracleConfig,
-};
-use adaptivenet_cloud::elastify::{ProgressEvent, ProgressSink};
+use adaptivenet_cloud::elastify::cli::RESNET20_FASHION;
 use adaptivenet_core::artifact::{load_supernet, read_manifest, write_artifact, InputSpec};
 use adaptivenet_core::data::{fashion_mnist, Dataset};
 use adaptivenet_core::data::{AugmentPolicy, Normalize};
@@ -84,6 +79,12 @@ use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::supernet::branches::build_supernet;
 use adaptivenet_core::supernet::{Subnet, Supernet, SupernetConfig};
 use adaptivenet_kernels::threads;
+use adaptivenet_train::pipeline::split_validation;
+use adaptivenet_train::train::{correct, eval_transform};
+use adaptivenet_train::{
+    elastify, train_oracle_resumable, DirCheckpoints, ElastifyConfig, TrainOracleConfig,
+};
+use adaptivenet_train::{ProgressEvent, ProgressSink};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;

@@ -3,14 +3,15 @@
 //!
 //! `cargo run -p adaptivenet-cloud --example elastify_quick -- --oracle-steps 100`
 //! Needs the assets (`scripts/fetch-assets.sh`).
-use adaptivenet_cloud::elastify::cli::{split_validation, RESNET20_FASHION};
-use adaptivenet_cloud::elastify::priors::prior_subnets;
-use adaptivenet_cloud::elastify::train::accuracy;
-use adaptivenet_cloud::elastify::{
-    elastify, evaluate_priors, train_oracle, ElastifyConfig, NoProgress, TrainOracleConfig,
-};
+use adaptivenet_cloud::elastify::cli::RESNET20_FASHION;
 use adaptivenet_core::data::{fashion_mnist, shuffled_indices, AugmentPolicy, Normalize};
 use adaptivenet_core::model::ArchDescriptor;
+use adaptivenet_train::pipeline::split_validation;
+use adaptivenet_train::priors::prior_subnets;
+use adaptivenet_train::train::accuracy;
+use adaptivenet_train::{
+    elastify, evaluate_priors, train_oracle, ElastifyConfig, NoProgress, TrainOracleConfig,
+};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 

@@ -568,7 +568,7 @@ impl App {
         &self,
         job: &crate::domain::Job,
         worker_id: &str,
-        out: &crate::jobs::OracleOutput,
+        out: &crate::domain::OracleOutput,
     ) -> Result<Option<crate::domain::Oracle>> {
         let (arch, weights) = (out.arch_json.clone(), out.weights.clone());
         let info = tokio::task::spawn_blocking(move || {

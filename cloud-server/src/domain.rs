@@ -1,5 +1,7 @@
 //! Domain types: what the store persists and the services reason about. Prost types never
 //! appear here; `api::convert` maps between the two.
+pub mod rollout;
+
 use uuid::Uuid;
 
 use crate::error::{CloudError, Result};
@@ -758,4 +760,13 @@ impl Page {
             (self.offset + self.limit).to_string()
         }
     }
+}
+
+/// What a successful oracle-training run produced: the model as a descriptor and safetensors
+/// weights (validated and stored by the worker) and a readable report (JSON).
+#[derive(Debug, Clone)]
+pub struct OracleOutput {
+    pub arch_json: String,
+    pub weights: Vec<u8>,
+    pub report_json: String,
 }

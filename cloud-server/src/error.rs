@@ -181,3 +181,28 @@ impl From<adaptivenet_core::CoreError> for CloudError {
         }
     }
 }
+
+/// Training errors keep their meaning: each variant becomes the cloud's variant of the same
+/// name, core errors take the one `From<CoreError>` route above, tensor failures are internal
+/// and the checkpoint store's own errors come back as they were.
+impl From<adaptivenet_train::TrainError> for CloudError {
+    fn from(e: adaptivenet_train::TrainError) -> Self {
+        use adaptivenet_train::TrainError;
+        match e {
+            TrainError::InvalidArgument { field, reason } => {
+                CloudError::InvalidArgument { field, reason }
+            }
+            TrainError::FailedPrecondition(m) => CloudError::FailedPrecondition(m),
+            TrainError::Cancelled(m) => CloudError::Cancelled(m),
+            TrainError::DataLoss(m) => CloudError::DataLoss(m),
+            TrainError::Io { path, source } => CloudError::io(path, source),
+            TrainError::Core(e) => CloudError::from(e),
+            TrainError::Tensor(e) => CloudError::Internal(format!("tensor: {e}")),
+            TrainError::Internal(m) => CloudError::Internal(m),
+            TrainError::Checkpoints(e) => match e.downcast::<CloudError>() {
+                Ok(e) => *e,
+                Err(e) => CloudError::Internal(format!("checkpoints: {e}")),
+            },
+        }
+    }
+}

@@ -3,10 +3,12 @@
 //!
 //! # Layout
 //! - [`error`]: the crate's one error enum and the table mapping it to gRPC status codes.
-//! - [`domain`]: domain types and request-independent validation (reports, names, codes).
+//! - [`domain`]: domain types and request-independent validation (reports, names, codes);
+//!   `domain::rollout`, the rollout model the store persists.
 //! - [`store`]: sqlx persistence, one code path for SQLite (WAL) and PostgreSQL; migrations.
 //! - [`blobs`]: content-addressed blob store with atomic writes and ranged reads.
 //! - [`datasets`]: dataset upload, registration, validation and materialisation for workers.
+//! - [`gc`]: garbage collection of blobs no row or dataset manifest references.
 //! - [`validate`]: the one function that accepts or rejects an uploaded oracle.
 //! - [`auth`]: tokens (hashed at rest), authentication and per-API authorisation rules.
 //! - [`jobs`]: the [`jobs::JobRunner`] plug-in and the leasing worker loop.
@@ -29,6 +31,7 @@ pub mod datasets;
 pub mod domain;
 pub mod elastify;
 pub mod error;
+pub mod gc;
 pub mod jobs;
 pub mod ops;
 pub mod rollout;

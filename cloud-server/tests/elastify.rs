@@ -2,17 +2,19 @@
 use std::cell::Cell;
 
 use adaptivenet_cloud::elastify::cli::DataArgs;
-use adaptivenet_cloud::elastify::supernet::{feature_mse, oracle_digest};
-use adaptivenet_cloud::elastify::train::{accuracy, eval_transform};
-use adaptivenet_cloud::elastify::{
-    elastify, evaluate_priors, priors::prior_subnets, train_oracle, train_oracle_resumable,
-    DirCheckpoints, ElastifyArgs, ElastifyConfig, NoProgress, ProgressEvent, TrainOracleConfig,
-};
+use adaptivenet_cloud::elastify::ElastifyArgs;
 use adaptivenet_cloud::CloudError;
 use adaptivenet_core::data::Dataset;
 use adaptivenet_core::data::{AugmentPolicy, Normalize};
 use adaptivenet_core::model::{ArchDescriptor, Model, ModelSpec};
 use adaptivenet_core::supernet::{branches::build_supernet, Subnet, SupernetConfig};
+use adaptivenet_train::supernet::{feature_mse, oracle_digest};
+use adaptivenet_train::train::{accuracy, eval_transform};
+use adaptivenet_train::TrainError;
+use adaptivenet_train::{
+    elastify, evaluate_priors, priors::prior_subnets, train_oracle, train_oracle_resumable,
+    DirCheckpoints, ElastifyConfig, NoProgress, ProgressEvent, TrainOracleConfig,
+};
 use candle_core::{Device, Tensor};
 use tokio_util::sync::CancellationToken;
 
@@ -62,8 +64,8 @@ fn tiny_config() -> ElastifyConfig {
     }
 }
 
-fn field_of(e: CloudError) -> String {
-    match e {
+fn field_of(e: impl Into<CloudError>) -> String {
+    match e.into() {
         CloudError::InvalidArgument { field, .. } => field,
         other => panic!("expected InvalidArgument, got {other}"),
     }
@@ -336,7 +338,7 @@ fn resume_after_cancel_or_kill_ends_bit_identical() {
         }
     };
     let r = elastify(&oracle, &config, &data, &mut sink, Some(&ck_b), &cancel);
-    assert!(matches!(r, Err(CloudError::Cancelled(_))), "{r:?}");
+    assert!(matches!(r, Err(TrainError::Cancelled(_))), "{r:?}");
     let b = elastify(
         &oracle,
         &config,
@@ -371,7 +373,7 @@ fn resume_after_cancel_or_kill_ends_bit_identical() {
         ..config.clone()
     };
     let r = elastify(&oracle, &other, &data, &mut NoProgress, Some(&ck_a), &never);
-    assert!(matches!(r, Err(CloudError::FailedPrecondition(_))), "{r:?}");
+    assert!(matches!(r, Err(TrainError::FailedPrecondition(_))), "{r:?}");
     assert_ne!(oracle_digest(&oracle).unwrap(), "");
 }
 
@@ -566,7 +568,7 @@ fn oracle_training_killed_midway_resumes_to_the_uninterrupted_result() {
         None,
     )
     .expect_err("cancelled");
-    assert!(matches!(e, CloudError::Cancelled(_)), "{e}");
+    assert!(matches!(e, TrainError::Cancelled(_)), "{e}");
     assert!(ck.path().exists());
 
     // The resumed run starts at step 7 and ends bit-identical to the uninterrupted one.
@@ -606,5 +608,5 @@ fn oracle_training_killed_midway_resumes_to_the_uninterrupted_result() {
         None,
     )
     .expect_err("different recipe");
-    assert!(matches!(e, CloudError::FailedPrecondition(_)), "{e}");
+    assert!(matches!(e, TrainError::FailedPrecondition(_)), "{e}");
 }

@@ -3,11 +3,6 @@
 //! cores). The ResNet counterpart is `elastify.rs`.
 use std::cell::Cell;
 
-use adaptivenet_cloud::elastify::supernet::feature_mse;
-use adaptivenet_cloud::elastify::train::{cross_entropy, eval_transform, kd_loss};
-use adaptivenet_cloud::elastify::{
-    elastify, train_oracle, ElastifyConfig, NoProgress, ProgressEvent, TrainOracleConfig,
-};
 use adaptivenet_cloud::CloudError;
 use adaptivenet_core::artifact::{load_supernet, read_manifest, write_artifact, InputSpec};
 use adaptivenet_core::data::{AugmentPolicy, Dataset, Normalize};
@@ -15,6 +10,11 @@ use adaptivenet_core::model::{
     block_forward, ArchDescriptor, BlockSpec, Model, ModelSpec, Numerics, Params, TrainCtx,
 };
 use adaptivenet_core::supernet::{branches::build_supernet, Subnet, Supernet, SupernetConfig};
+use adaptivenet_train::supernet::feature_mse;
+use adaptivenet_train::train::{cross_entropy, eval_transform, kd_loss};
+use adaptivenet_train::{
+    elastify, train_oracle, ElastifyConfig, NoProgress, ProgressEvent, TrainOracleConfig,
+};
 use candle_core::{Device, Tensor, Var};
 use tokio_util::sync::CancellationToken;
 
@@ -415,8 +415,9 @@ fn mbconv_training_gradients_match_finite_differences() {
     }
 }
 
-fn field_and_reason(e: CloudError) -> (String, String) {
-    match e {
+/// The field and reason of a training or cloud error, as the status a client sees.
+fn field_and_reason(e: impl Into<CloudError>) -> (String, String) {
+    match e.into() {
         CloudError::InvalidArgument { field, reason } => (field, reason),
         other => panic!("expected InvalidArgument, got {other}"),
     }

@@ -1,12 +1,12 @@
 //! Fine-tuning: training from given weights with a fresh head (`Model::with_new_head` +
 //! `train_oracle_resumable(.., init)`) on tiny models and synthetic data.
-use adaptivenet_cloud::elastify::{
+use adaptivenet_core::data::{AugmentPolicy, Dataset};
+use adaptivenet_core::model::{ArchDescriptor, Model, ModelSpec};
+use adaptivenet_train::TrainError;
+use adaptivenet_train::{
     train_oracle, train_oracle_resumable, DirCheckpoints, NoProgress, ProgressEvent,
     TrainOracleConfig,
 };
-use adaptivenet_cloud::CloudError;
-use adaptivenet_core::data::{AugmentPolicy, Dataset};
-use adaptivenet_core::model::{ArchDescriptor, Model, ModelSpec};
 use tokio_util::sync::CancellationToken;
 
 fn spec(classes: usize) -> ModelSpec {
@@ -155,7 +155,7 @@ fn fine_tune_checkpoints_resume_only_onto_the_same_initial_weights() {
         Some(&init),
     )
     .expect_err("cancelled");
-    assert!(matches!(e, CloudError::Cancelled(_)), "{e}");
+    assert!(matches!(e, TrainError::Cancelled(_)), "{e}");
 
     // Another starting point (another head seed) with the same recipe is refused.
     let other = base.with_new_head(4, 10).unwrap();
@@ -170,7 +170,7 @@ fn fine_tune_checkpoints_resume_only_onto_the_same_initial_weights() {
         Some(&other),
     )
     .expect_err("another init");
-    assert!(matches!(e, CloudError::FailedPrecondition(_)), "{e}");
+    assert!(matches!(e, TrainError::FailedPrecondition(_)), "{e}");
     // So is training from scratch onto the fine-tune's checkpoint.
     let e = train_oracle_resumable(
         &init.spec,
@@ -183,7 +183,7 @@ fn fine_tune_checkpoints_resume_only_onto_the_same_initial_weights() {
         None,
     )
     .expect_err("from scratch");
-    assert!(matches!(e, CloudError::FailedPrecondition(_)), "{e}");
+    assert!(matches!(e, TrainError::FailedPrecondition(_)), "{e}");
 
     let mut first = None;
     let mut sink = |e: &ProgressEvent| {

@@ -8,9 +8,10 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use adaptivenet_cloud::blobs::{gc, BlobStore};
+use adaptivenet_cloud::blobs::BlobStore;
 use adaptivenet_cloud::domain::{now_ms, JobState, Role};
 use adaptivenet_cloud::error::CloudError;
+use adaptivenet_cloud::gc;
 use adaptivenet_cloud::jobs::{JobContext, JobOutput, JobRunner, Worker};
 use adaptivenet_proto::v1 as pb;
 use common::{

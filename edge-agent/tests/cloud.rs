@@ -1414,13 +1414,11 @@ fn small_mobilenet() -> adaptivenet_core::model::ModelSpec {
 /// choice fits the budget by the agent's own latency table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mbconv_supernet_is_synced_profiled_searched_and_served() {
-    use adaptivenet_cloud::datasets::DatasetFormat;
-    use adaptivenet_cloud::elastify::pipeline::{elastify_to_artifact, ElastifyPlan, TrainingData};
-    use adaptivenet_cloud::elastify::{
-        train_oracle, ElastifyConfig, NoProgress, TrainOracleConfig,
-    };
     use adaptivenet_core::data::AugmentPolicy;
     use adaptivenet_edge::state::StateDir;
+    use adaptivenet_train::pipeline::{elastify_to_artifact, ElastifyPlan, TrainingData};
+    use adaptivenet_train::DatasetFormat;
+    use adaptivenet_train::{train_oracle, ElastifyConfig, NoProgress, TrainOracleConfig};
     use std::io::BufRead;
     use tokio_util::sync::CancellationToken;
 
@@ -1605,7 +1603,7 @@ async fn mbconv_supernet_is_synced_profiled_searched_and_served() {
         .train
         .batch_tensor(
             &idx,
-            &adaptivenet_cloud::elastify::train::eval_transform(&data.spec.normalize()),
+            &adaptivenet_train::train::eval_transform(&data.spec.normalize()),
             &candle_core::Device::Cpu,
         )
         .unwrap();

@@ -14,19 +14,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use adaptivenet_cloud::datasets::DatasetFormat;
-use adaptivenet_cloud::elastify::cli::split_validation;
-use adaptivenet_cloud::elastify::pipeline::TrainingData;
-use adaptivenet_cloud::elastify::train::{correct, eval_transform};
-use adaptivenet_cloud::elastify::{
-    elastify, train_oracle_resumable, ElastifyConfig, TrainOracleConfig,
-};
 use adaptivenet_core::artifact::{load_supernet, read_manifest, write_artifact};
 use adaptivenet_core::data::{fashion_mnist, shuffled_indices, AugmentPolicy, Dataset, Normalize};
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::supernet::branches::build_supernet;
 use adaptivenet_core::supernet::{Subnet, Supernet, SupernetConfig};
 use adaptivenet_kernels::threads;
+use adaptivenet_train::pipeline::split_validation;
+use adaptivenet_train::pipeline::TrainingData;
+use adaptivenet_train::train::{correct, eval_transform};
+use adaptivenet_train::DatasetFormat;
+use adaptivenet_train::{elastify, train_oracle_resumable, ElastifyConfig, TrainOracleConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::watch::JobWatches;
 use super::{
     convert, management, management_catalogue, management_one_fleet, rollout, ServerStream,
+    MAX_ARCH_JSON,
 };
 use crate::app::App;
 use crate::auth::{Access, Principal};
@@ -26,8 +27,6 @@ use crate::validate::validate_oracle_file;
 
 /// Largest accepted upload chunk (the gRPC message limit is 4 MiB).
 pub const MAX_CHUNK: usize = 4 << 20;
-/// Largest accepted architecture descriptor.
-pub const MAX_ARCH_JSON: usize = 1 << 20;
 
 /// Viewers do not see dataset URIs: a URI names storage on the worker (paths, buckets).
 fn is_viewer(p: &Principal) -> bool {

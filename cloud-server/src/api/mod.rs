@@ -29,6 +29,9 @@ use crate::auth::{authorize_fleet, authorize_management, authorize_unscoped, Acc
 use crate::error::Result;
 use uuid::Uuid;
 
+/// Largest accepted architecture descriptor (uploads and `StartOracleTraining`).
+pub const MAX_ARCH_JSON: usize = 1 << 20;
+
 /// The stream type of server-streaming methods.
 pub type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send + 'static>>;
 

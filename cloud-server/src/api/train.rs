@@ -6,8 +6,7 @@ use adaptivenet_core::model::ArchDescriptor;
 use adaptivenet_proto::v1 as pb;
 use tonic::Status;
 
-use super::convert;
-use super::developer::MAX_ARCH_JSON;
+use super::{convert, MAX_ARCH_JSON};
 use crate::app::App;
 use crate::domain::{check_name, parse_id, Job, JobKind};
 use crate::elastify::fit::{check_fit, DataShape, HeadFit};

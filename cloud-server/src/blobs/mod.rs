@@ -12,7 +12,7 @@
 //! file, so failed uploads leave nothing behind. With an object store, `ROOT/tmp/` is the
 //! same local scratch area and commit uploads the verified file under its final key instead
 //! of renaming it, so the guarantee is the same.
-pub mod gc;
+
 mod object;
 mod scratch;
 

@@ -451,7 +451,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 None => None,
             };
             if gc_interval_secs > 0 {
-                tokio::spawn(adaptivenet_cloud::blobs::gc::periodic(
+                tokio::spawn(adaptivenet_cloud::gc::periodic(
                     app.store().clone(),
                     app.blobs().clone(),
                     Duration::from_secs(gc_interval_secs),
@@ -504,7 +504,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         Cmd::Gc { grace_secs } => {
             let app = App::open(cfg).await?;
-            let r = adaptivenet_cloud::blobs::gc::collect(
+            let r = adaptivenet_cloud::gc::collect(
                 app.store(),
                 app.blobs(),
                 Duration::from_secs(grace_secs),

@@ -33,37 +33,8 @@ pub mod upload;
 /// URI scheme of uploaded datasets: `blob://<manifest sha256>`.
 pub const BLOB_SCHEME: &str = "blob://";
 
-/// How a dataset's files are laid out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DatasetFormat {
-    /// `<class>/<image>.png|jpg|jpeg`, any sizes, grey or colour.
-    #[serde(rename = "imagefolder")]
-    ImageFolder,
-    /// `<split>-images-idx3-ubyte[.gz]` + `<split>-labels-idx1-ubyte[.gz]` (`train` required),
-    /// optional `classes.txt`.
-    Idx,
-}
-
-impl DatasetFormat {
-    pub fn parse(field: &str, s: &str) -> Result<Self> {
-        match s {
-            "imagefolder" => Ok(DatasetFormat::ImageFolder),
-            "idx" => Ok(DatasetFormat::Idx),
-            _ => Err(CloudError::invalid(
-                field,
-                format!("{s:?} (expected \"imagefolder\" or \"idx\")"),
-            )),
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DatasetFormat::ImageFolder => "imagefolder",
-            DatasetFormat::Idx => "idx",
-        }
-    }
-}
+/// How a dataset's files are laid out (the training path reads both).
+pub use adaptivenet_train::DatasetFormat;
 
 /// The content of a dataset: its digest is the sha256 of [`Manifest::canonical_json`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

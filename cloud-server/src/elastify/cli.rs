@@ -3,18 +3,18 @@
 use std::path::PathBuf;
 
 use adaptivenet_core::artifact::{sha256_hex, write_atomic, Manifest};
-use adaptivenet_core::data::{holdout, AugmentPolicy, Dataset, Holdout};
+use adaptivenet_core::data::AugmentPolicy;
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
 use super::fit::{check_fit, DataShape, HeadFit};
-use super::oracle::{train_oracle_resumable, OracleReport, TrainOracleConfig};
-use super::pipeline::{elastify_to_artifact, ElastifyPlan, TrainingData};
-use super::supernet::{ElastifyConfig, ElastifyReport};
-use super::{DirCheckpoints, OrCloud, ProgressEvent};
 use crate::datasets::DatasetFormat;
 use crate::error::{CloudError, Result};
+use adaptivenet_train::oracle::{train_oracle_resumable, OracleReport, TrainOracleConfig};
+use adaptivenet_train::pipeline::{elastify_to_artifact, ElastifyPlan, TrainingData};
+use adaptivenet_train::supernet::{ElastifyConfig, ElastifyReport};
+use adaptivenet_train::{DirCheckpoints, ProgressEvent};
 
 /// The reference oracle: CIFAR-style ResNet-20 for 28x28 grey images (272,186 parameters).
 pub const RESNET20_FASHION: &str = r#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[3,3,3],"widths":[16,32,64],"in_channels":1,"num_classes":10}"#;
@@ -221,7 +221,7 @@ impl DataArgs {
         if !self.mean.is_empty() {
             data.spec.mean = self.mean.clone();
             data.spec.std = self.std.clone();
-            data.spec.validate().cl()?;
+            data.spec.validate()?;
         }
         Ok(data)
     }
@@ -295,8 +295,8 @@ pub fn run_train_oracle(
                     ));
                 }
             }
-            let pretrained = Model::from_files(a, w).cl()?;
-            Some(pretrained.with_new_head(classes, args.seed).cl()?)
+            let pretrained = Model::from_files(a, w)?;
+            Some(pretrained.with_new_head(classes, args.seed)?)
         }
         _ => None,
     };
@@ -307,7 +307,7 @@ pub fn run_train_oracle(
                 Some(p) => std::fs::read(p).map_err(|e| CloudError::io(p, e))?,
                 None => default_oracle_arch(data.spec.channels, classes).into_bytes(),
             };
-            ArchDescriptor::from_json(&arch_bytes).cl()?.spec
+            ArchDescriptor::from_json(&arch_bytes)?.spec
         }
     };
     let train = &data.train;
@@ -348,12 +348,10 @@ pub fn run_train_oracle(
     )?;
     pb.finish_and_clear();
     std::fs::create_dir_all(&args.out_dir).map_err(|e| CloudError::io(&args.out_dir, e))?;
-    model
-        .save(
-            &args.out_dir.join("oracle.arch.json"),
-            &args.out_dir.join("oracle.safetensors"),
-        )
-        .cl()?;
+    model.save(
+        &args.out_dir.join("oracle.arch.json"),
+        &args.out_dir.join("oracle.safetensors"),
+    )?;
     let json = serde_json::json!({
         "mode": if init.is_some() { "fine-tune" } else { "scratch" },
         "steps": report.steps,
@@ -372,8 +370,7 @@ pub fn run_train_oracle(
     write_atomic(
         &args.out_dir.join("train-report.json"),
         json.to_string().as_bytes(),
-    )
-    .cl()?;
+    )?;
     Ok(report)
 }
 
@@ -397,7 +394,7 @@ pub fn run_elastify(
             ));
         }
     }
-    let oracle = Model::from_files(&args.oracle_arch, &args.oracle_weights).cl()?;
+    let oracle = Model::from_files(&args.oracle_arch, &args.oracle_weights)?;
     let shape = DataShape::of_training(args.data.dir().display().to_string(), &data);
     let oracle_name = args.oracle_arch.display().to_string();
     check_fit(&oracle_name, &oracle.spec, &shape, HeadFit::Keep)?;
@@ -427,7 +424,7 @@ pub fn run_elastify(
         &args.out_dir,
     );
     pb.finish_and_clear();
-    out
+    Ok(out?)
 }
 
 /// The default oracle: ResNet-20 (CIFAR-style, widths 16/32/64) for the data's channels and
@@ -455,16 +452,4 @@ pub fn oracle_summary(r: &OracleReport) -> String {
         r.last_loss,
         r.final_mean_loss
     )
-}
-
-/// Splits off `val_size` stratified images for the priors: `(train, validation)`.
-pub fn split_validation(data: &Dataset, val_size: usize, seed: u64) -> Result<(Dataset, Dataset)> {
-    if val_size == 0 || val_size >= data.len() {
-        return Err(CloudError::invalid(
-            "val_size",
-            format!("{val_size} not in 1..{}", data.len()),
-        ));
-    }
-    let (rest, held) = holdout(&data.labels, Holdout::Total(val_size), seed).cl()?;
-    Ok((data.subset(&rest).cl()?, data.subset(&held).cl()?))
 }

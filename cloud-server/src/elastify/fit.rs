@@ -7,9 +7,9 @@
 use adaptivenet_core::data::Dataset as Images;
 use adaptivenet_core::model::ModelSpec;
 
-use super::pipeline::TrainingData;
 use crate::domain::Dataset;
 use crate::error::{CloudError, Result};
+use adaptivenet_train::pipeline::TrainingData;
 
 /// Whether the oracle's head must already match the dataset's classes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::fit::DataShape;
-use super::ElastifyConfig;
 use crate::error::{CloudError, Result};
+use adaptivenet_train::ElastifyConfig;
 
 /// Largest `params_json` accepted (bytes).
 pub const MAX_PARAMS_JSON: usize = 64 << 10;
@@ -227,8 +227,8 @@ impl JobParams {
 
     /// An [`ElastifyConfig::validate`] error on one of this struct's fields, renamed to the
     /// `params_json` key; other errors unchanged.
-    fn name_key(&self, e: CloudError) -> CloudError {
-        match e {
+    fn name_key(&self, e: impl Into<CloudError>) -> CloudError {
+        match e.into() {
             CloudError::InvalidArgument { field, reason } if Self::keys().contains(&field) => {
                 CloudError::invalid(key_field(&field), reason)
             }

@@ -15,27 +15,11 @@ use futures::future::BoxFuture;
 
 use super::fit::{check_fit, DataShape, HeadFit};
 use super::params::JobParams;
-use super::pipeline::{elastify_to_blobs, ElastifyPlan, TrainingData};
-use super::{CheckpointIo, OrCloud};
 use crate::blobs::sha256_hex;
 use crate::datasets::DatasetFormat;
 use crate::error::{CloudError, Result};
-use crate::jobs::{CheckpointStore, JobContext, JobOutput, JobRunner, OracleOutput};
-
-/// Checkpoints of a job in the blob store, from the blocking training thread.
-pub(crate) struct BlobCheckpoints {
-    pub(crate) store: CheckpointStore,
-    pub(crate) rt: tokio::runtime::Handle,
-}
-
-impl CheckpointIo for BlobCheckpoints {
-    fn load(&self) -> Result<Option<Vec<u8>>> {
-        self.rt.block_on(self.store.load())
-    }
-    fn save(&self, bytes: &[u8]) -> Result<()> {
-        self.rt.block_on(self.store.save(bytes))
-    }
-}
+use crate::jobs::{BlobCheckpoints, JobContext, JobOutput, JobRunner, OracleOutput};
+use adaptivenet_train::pipeline::{elastify_to_blobs, ElastifyPlan, TrainingData};
 
 /// Runs elastification and oracle-training jobs on registered datasets (uploaded or
 /// `file://`, IDX or ImageFolder).
@@ -71,7 +55,7 @@ async fn run_job(ctx: JobContext) -> Result<JobOutput> {
         .oracle
         .as_ref()
         .ok_or_else(|| CloudError::Internal("elastification job without an oracle".into()))?;
-    let arch = ArchDescriptor::from_json(oracle.arch_json.as_bytes()).cl()?;
+    let arch = ArchDescriptor::from_json(oracle.arch_json.as_bytes())?;
     let shape = DataShape::of_record(&dataset);
     params.check_oracle(&arch.spec, &oracle.name)?;
     params.check_dataset(&shape)?;
@@ -98,7 +82,7 @@ async fn run_job(ctx: JobContext) -> Result<JobOutput> {
         oracle_digest: sha256_hex(&weights),
     };
     let manifest = tokio::task::spawn_blocking(move || -> Result<_> {
-        let oracle = Model::load(&arch, read_tensors_from_bytes(&weights).cl()?).cl()?;
+        let oracle = Model::load(&arch, read_tensors_from_bytes(&weights)?)?;
         let classes = dataset.summary.as_ref().map(|s| s.classes.as_slice());
         let data = TrainingData::read(
             &data_dir,
@@ -122,7 +106,7 @@ async fn run_job(ctx: JobContext) -> Result<JobOutput> {
     .await
     .map_err(|e| CloudError::Internal(format!("elastification thread: {e}")))??;
     Ok(JobOutput {
-        manifest_json: manifest.to_json().cl()?,
+        manifest_json: manifest.to_json()?,
     })
 }
 

@@ -15,13 +15,11 @@ use serde::{Deserialize, Serialize};
 
 use super::cli::{TrainDefaults, FINETUNE_DEFAULTS, SCRATCH_DEFAULTS};
 use super::fit::{check_fit, DataShape, HeadFit};
-use super::oracle::{train_oracle_resumable, TrainOracleConfig};
-use super::pipeline::TrainingData;
-use super::runner::BlobCheckpoints;
-use super::OrCloud;
 use crate::datasets::DatasetFormat;
 use crate::error::{CloudError, Result};
-use crate::jobs::{JobContext, OracleOutput};
+use crate::jobs::{BlobCheckpoints, JobContext, OracleOutput};
+use adaptivenet_train::oracle::{train_oracle_resumable, TrainOracleConfig};
+use adaptivenet_train::pipeline::TrainingData;
 
 /// The keys `params_json` of an oracle-training job may hold.
 pub const TRAIN_PARAM_KEYS: [&str; 10] = [
@@ -279,10 +277,10 @@ pub async fn run_train_job(ctx: JobContext) -> Result<OracleOutput> {
         .map_or_else(String::new, |o| o.name.clone());
     let base = match (&ctx.oracle, &ctx.job.arch_json) {
         (Some(o), _) => Base::Pretrained(
-            ArchDescriptor::from_json(o.arch_json.as_bytes()).cl()?,
+            ArchDescriptor::from_json(o.arch_json.as_bytes())?,
             ctx.blobs.read(&o.weights_sha256).await?,
         ),
-        (None, Some(a)) => Base::Scratch(ArchDescriptor::from_json(a.as_bytes()).cl()?.spec),
+        (None, Some(a)) => Base::Scratch(ArchDescriptor::from_json(a.as_bytes())?.spec),
         (None, None) => {
             return Err(CloudError::FailedPrecondition(
                 "the job names neither a base oracle nor an architecture".into(),
@@ -307,10 +305,10 @@ pub async fn run_train_job(ctx: JobContext) -> Result<OracleOutput> {
         let n_classes = data.train.num_classes();
         let (init, spec) = match base {
             Base::Pretrained(arch, weights) => {
-                let m = Model::load(&arch, read_tensors_from_bytes(&weights).cl()?).cl()?;
+                let m = Model::load(&arch, read_tensors_from_bytes(&weights)?)?;
                 let shape = DataShape::of_training(&dataset.name, &data);
                 check_fit(&base_name, &m.spec, &shape, HeadFit::Replace)?;
-                let m = m.with_new_head(n_classes, params.seed).cl()?;
+                let m = m.with_new_head(n_classes, params.seed)?;
                 let spec = m.spec.clone();
                 (Some(m), spec)
             }
@@ -360,8 +358,7 @@ pub async fn run_train_job(ctx: JobContext) -> Result<OracleOutput> {
         Ok(OracleOutput {
             arch_json: serde_json::to_string(&desc.raw)
                 .map_err(|e| CloudError::Internal(format!("arch json: {e}")))?,
-            weights: adaptivenet_core::artifact::params_to_safetensors(model.canonical_tensors())
-                .cl()?,
+            weights: adaptivenet_core::artifact::params_to_safetensors(model.canonical_tensors())?,
             report_json: serde_json::to_string(&report)
                 .map_err(|e| CloudError::Internal(format!("report json: {e}")))?,
         })
@@ -394,11 +391,10 @@ fn eval_split(
                     &data.train.labels,
                     Holdout::Total(val),
                     params.seed,
-                )
-                .cl()?;
+                )?;
                 (
-                    data.train.subset(&rest).cl()?,
-                    Some(data.train.subset(&held).cl()?),
+                    data.train.subset(&rest)?,
+                    Some(data.train.subset(&held)?),
                     Some("held-out"),
                 )
             }
@@ -410,9 +406,8 @@ fn eval_split(
             &train.labels,
             Holdout::Total(params.max_train_images),
             params.seed,
-        )
-        .cl()?;
-        train = train.subset(&keep).cl()?;
+        )?;
+        train = train.subset(&keep)?;
     }
     Ok((train, eval, split))
 }

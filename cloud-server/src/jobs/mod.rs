@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::blobs::BlobStore;
+pub use crate::domain::OracleOutput;
 use crate::domain::{now_ms, Job, JobKind, JobState, Oracle};
 use crate::error::{CloudError, Result};
 use crate::ops::metrics::Metrics;
@@ -42,6 +43,35 @@ impl ProgressSender {
             fraction: fraction.clamp(0.0, 1.0),
         });
     }
+}
+
+/// A training run's progress, as the stage and overall fraction the job row keeps.
+impl adaptivenet_train::ProgressSink for ProgressSender {
+    fn report(&mut self, event: &adaptivenet_train::ProgressEvent) {
+        self.send(&event.stage, event.fraction());
+    }
+}
+
+/// Checkpoints of a job in the blob store, from the blocking training thread.
+pub struct BlobCheckpoints {
+    pub store: CheckpointStore,
+    pub rt: tokio::runtime::Handle,
+}
+
+impl adaptivenet_train::CheckpointIo for BlobCheckpoints {
+    fn load(&self) -> adaptivenet_train::Result<Option<Vec<u8>>> {
+        self.rt.block_on(self.store.load()).map_err(checkpoint_err)
+    }
+    fn save(&self, bytes: &[u8]) -> adaptivenet_train::Result<()> {
+        self.rt
+            .block_on(self.store.save(bytes))
+            .map_err(checkpoint_err)
+    }
+}
+
+/// The store's error, carried through training unchanged (see `From<TrainError>`).
+fn checkpoint_err(e: CloudError) -> adaptivenet_train::TrainError {
+    adaptivenet_train::TrainError::Checkpoints(Box::new(e))
 }
 
 /// Checkpoints of one job attempt: blobs in the blob store, the latest digest in the job row.
@@ -102,15 +132,6 @@ pub struct JobContext {
 #[derive(Debug, Clone)]
 pub struct JobOutput {
     pub manifest_json: Vec<u8>,
-}
-
-/// What a successful oracle-training run produced: the model as a descriptor and safetensors
-/// weights (validated and stored by the worker) and a readable report (JSON).
-#[derive(Debug, Clone)]
-pub struct OracleOutput {
-    pub arch_json: String,
-    pub weights: Vec<u8>,
-    pub report_json: String,
 }
 
 /// The bodies of jobs, by kind (the real ones live in `elastify`).

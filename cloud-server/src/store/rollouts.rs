@@ -6,9 +6,9 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{get_u64, get_uuid, is_unique_violation, Store};
+use crate::domain::rollout::{Decision, Gates, Rollout, RolloutState, Sample, Step};
 use crate::domain::DeviceClass;
 use crate::error::{CloudError, Result};
-use crate::rollout::{Decision, Gates, Rollout, RolloutState, Sample, Step};
 
 const COLS: &str = "id, fleet_id, from_supernet_id, to_supernet_id, steps_json, gates_json, \
     step_index, step_started_ms, state, status, created_ms, updated_ms";

@@ -19,6 +19,7 @@ use crate::quality::EvalSet;
 use crate::Result;
 
 /// What the archive knows about one scored subnet.
+#[derive(Clone)]
 pub(super) struct Entry {
     pub(super) latency: f64,
     /// Percent; for a raced-out subnet an estimate below its reference's quality.

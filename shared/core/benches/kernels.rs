@@ -15,7 +15,9 @@
 //!
 //! Environment: `BENCH_PYTHON` (peers' interpreter; `none` skips them), `ADAPTIVENET_THREADS`
 //! (thread cap), `KBENCH_SCALE` (multiplies the time budgets, e.g. `0.2` for a smoke run),
-//! `KBENCH_ONLY` (comma-separated row keys: `resnet18,oracle,mobilenet_v2,lite0,train_step,dw`),
+//! `KBENCH_ONLY` (comma-separated row keys: `resnet18,oracle,mobilenet_v2,mobilenet_v2_224,
+//! mobilenet_v2_100_96,mobilenet_v2_050_224,lite0,lite0_64,mobilenet_v2_2t,lite0_2t,train_step,dw`;
+//! the `_2t` rows run the folded model and the peers at 2 threads),
 //! `KBENCH_NO_STOCK=1` (skip the stock-candle columns, e.g. under a profiler),
 //! `KBENCH_GLIBC_ALLOC=1` (leave glibc's allocator at its defaults instead of
 //! `adaptivenet_kernels::alloc::retain_freed_memory`, which the binaries call: for A/B runs;
@@ -271,16 +273,33 @@ struct Row {
     stats: [Option<Stats>; 3],
 }
 
-fn infer_row(
+/// One inference row of the table.
+struct Infer {
     key: &'static str,
     label: &'static str,
-    arch_json: &str,
+    arch_json: &'static str,
     input: [usize; 4],
     budget_s: f64,
     slow_stock: bool,
-    peers_dir: &Path,
-) -> Res<Row> {
-    let mut m = Model::init(&arch(arch_json)?.spec, 42)?;
+    /// Thread cap for this row (the kernels crate's and the peers'); `None`: the bench's.
+    /// Rows with their own cap time only the folded (deployed) column against the peers.
+    threads: Option<usize>,
+}
+
+fn infer_row(r: &Infer, peers_dir: &Path) -> Res<Row> {
+    let prev = adaptivenet_kernels::threads::max_threads();
+    if let Some(t) = r.threads {
+        adaptivenet_kernels::threads::set_max_threads(t);
+    }
+    let row = infer_row_at(r, peers_dir);
+    adaptivenet_kernels::threads::set_max_threads(prev);
+    row
+}
+
+fn infer_row_at(r: &Infer, peers_dir: &Path) -> Res<Row> {
+    let (key, label, input, budget_s, slow_stock) =
+        (r.key, r.label, r.input, r.budget_s, r.slow_stock);
+    let mut m = Model::init(&arch(r.arch_json)?.spec, 42)?;
     perturb_bn(&mut m, 7)?;
     let folded = m.folded()?;
     let x = rand_tensor(&input, 3)?;
@@ -346,6 +365,16 @@ fn infer_row(
             }),
         },
     ];
+    if r.threads.is_some() {
+        // Only the folded column: stock / unfolded columns at another thread cap add nothing.
+        cols.drain(..2);
+        let s = run_cols(&mut cols, 2, budget_s, label)?;
+        return Ok(Row {
+            key,
+            label,
+            stats: [None, None, s[0].clone()],
+        });
+    }
     let stats = run_cols(&mut cols, 2, budget_s, label)?;
     Ok(Row {
         key,
@@ -561,52 +590,117 @@ fn main() -> Res<()> {
         .ok()
         .map(|s| s.split(',').map(|k| k.trim().to_string()).collect());
     let want = |k: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == k));
+    let mbv2_100 = r#"{"family":"torchvision.mobilenet_v2","width_mult":1.0,"num_classes":1000}"#;
+    let mbv2_050_1k =
+        r#"{"family":"torchvision.mobilenet_v2","width_mult":0.5,"num_classes":1000}"#;
+    let row = |key, label, arch_json, input, budget_s, slow_stock, threads| Infer {
+        key,
+        label,
+        arch_json,
+        input,
+        budget_s,
+        slow_stock,
+        threads,
+    };
+    let (in224, in96, in64) = ([1, 3, 224, 224], [1, 3, 96, 96], [1, 3, 64, 64]);
     let infer = [
-        (
+        row(
             "resnet18",
             "ResNet-18 224 b1",
             resnet18,
-            [1, 3, 224, 224],
+            in224,
             4.0,
             false,
+            None,
         ),
-        (
+        row(
             "oracle",
             "ResNet-20 (oracle) 28x28 b1",
             oracle,
             [1, 1, 28, 28],
             1.5,
             false,
+            None,
         ),
-        (
+        row(
             "mobilenet_v2",
             "MobileNetV2 0.5 96x96 b1",
             mbv2,
-            [1, 3, 96, 96],
+            in96,
             2.0,
             false,
+            None,
         ),
-        (
+        row(
+            "mobilenet_v2_224",
+            "MobileNetV2 1.0 224 b1",
+            mbv2_100,
+            in224,
+            4.0,
+            true,
+            None,
+        ),
+        row(
+            "mobilenet_v2_100_96",
+            "MobileNetV2 1.0 96x96 b1",
+            mbv2_100,
+            in96,
+            2.0,
+            true,
+            None,
+        ),
+        row(
+            "mobilenet_v2_050_224",
+            "MobileNetV2 0.5 224 b1",
+            mbv2_050_1k,
+            in224,
+            3.0,
+            true,
+            None,
+        ),
+        row(
             "lite0",
             "EfficientNet-Lite0 224 b1",
             lite0,
-            [1, 3, 224, 224],
+            in224,
             4.0,
             true,
+            None,
+        ),
+        row(
+            "lite0_64",
+            "EfficientNet-Lite0 64x64 b1",
+            lite0,
+            in64,
+            2.0,
+            true,
+            None,
+        ),
+        row(
+            "mobilenet_v2_2t",
+            "MobileNetV2 0.5 96x96 b1 2 threads",
+            mbv2,
+            in96,
+            2.0,
+            true,
+            Some(2),
+        ),
+        row(
+            "lite0_2t",
+            "EfficientNet-Lite0 224 b1 2 threads",
+            lite0,
+            in224,
+            4.0,
+            true,
+            Some(2),
         ),
     ];
     let mut rows = Vec::new();
-    for (key, label, json, input, budget, slow) in infer {
-        if want(key) {
-            rows.push(infer_row(
-                key,
-                label,
-                json,
-                input,
-                budget,
-                slow,
-                dir.path(),
-            )?);
+    let mut row_threads = HashMap::new();
+    for r in &infer {
+        if want(r.key) {
+            rows.push(infer_row(r, dir.path())?);
+            row_threads.insert(r.key, r.threads.unwrap_or(threads));
         }
     }
     if want("train_step") {
@@ -620,13 +714,16 @@ fn main() -> Res<()> {
     let runs_of = |key: &str| -> usize {
         rows.iter()
             .find(|r| r.key == key)
-            .and_then(|r| r.stats[1].as_ref())
+            .and_then(|r| r.stats[1].as_ref().or(r.stats[2].as_ref()))
             .map_or(MIN_RUNS, |s| s.ms.len().clamp(MIN_RUNS, 100))
     };
     let models: Vec<Value> = rows
         .iter()
         .filter(|r| r.stats[2].is_some())
-        .map(|r| json!({"key": r.key, "runs": runs_of(r.key)}))
+        .map(|r| {
+            json!({"key": r.key, "runs": runs_of(r.key),
+                "threads": row_threads.get(r.key).copied().unwrap_or(threads)})
+        })
         .collect();
     let has = |k: &str| rows.iter().any(|r| r.key == k);
     let cfg = json!({
@@ -679,7 +776,7 @@ fn main() -> Res<()> {
             ("pytorch", &torch),
         ];
         for (name, s) in cols {
-            if s.is_none() && (name == "ours folded" || name == "stock candle") {
+            if s.is_none() && name != "onnxruntime" && name != "pytorch" {
                 continue;
             }
             println!("{:<36} {:<12} {}", r.label, name, fmt_stats(s));
@@ -696,8 +793,17 @@ fn main() -> Res<()> {
             ratio(&r.stats[2], &torch),
         );
         let k = r.key;
-        bench.insert(format!("{k}_ms"), med(&r.stats[1]));
-        if r.key != "dw" {
+        // Rows at their own thread cap report the folded (deployed) time as `{k}_ms`.
+        let own_threads = r.stats[1].is_none() && r.stats[2].is_some();
+        bench.insert(
+            format!("{k}_ms"),
+            med(if own_threads {
+                &r.stats[2]
+            } else {
+                &r.stats[1]
+            }),
+        );
+        if r.key != "dw" && !own_threads {
             bench.insert(format!("{k}_stock_ms"), med(&r.stats[0]));
         }
         if r.stats[2].is_some() {

@@ -248,7 +248,7 @@ class OnnxEmit:
         return "logits"
 
 
-def onnx_session(spec, w, shape):
+def onnx_session(spec, w, shape, threads=THREADS):
     e = OnnxEmit(spec, w)
     walk(spec, e, "input", (shape[2], shape[3]))
     graph = helper.make_graph(
@@ -261,7 +261,7 @@ def onnx_session(spec, w, shape):
     model.ir_version = 8
     onnx.checker.check_model(model)
     so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
+    so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -306,6 +306,10 @@ def main():
     }
     for m in CFG["models"]:
         key = m["key"]
+        # A row may run at its own thread count (the bench's 2-thread rows).
+        th = int(m.get("threads", THREADS))
+        if torch is not None:
+            torch.set_num_threads(th)
         spec, w = load(key)
         chk = load_file(os.path.join(DIR, f"{key}.check.safetensors"))
         x, ours = chk["input"], chk["logits"]
@@ -323,7 +327,7 @@ def main():
             cols["torch"] = tf
         if ort is not None:
             try:
-                sess = onnx_session(spec, w, x.shape)
+                sess = onnx_session(spec, w, x.shape, th)
 
                 def of(sess=sess, x=x):
                     return sess.run(None, {"input": x})[0]
@@ -339,7 +343,9 @@ def main():
         t = bench(cols, int(m["runs"]))
         for n, v in t.items():
             res[n][key] = {"ms": v}
-        print(f"{key}: " + ", ".join(f"{n} {med(v):.2f} ms (n={len(v)})" for n, v in t.items()), flush=True)
+        print(f"{key} ({th} threads): " + ", ".join(f"{n} {med(v):.2f} ms (n={len(v)})" for n, v in t.items()), flush=True)
+    if torch is not None:
+        torch.set_num_threads(THREADS)
 
     if torch is not None and CFG.get("train"):
         tr = CFG["train"]

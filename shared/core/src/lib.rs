@@ -8,6 +8,8 @@
 //!   a stem / chain of blocks / head, with import from family key names.
 //! - [`supernet`]: supernet IR, branch construction, subnet codes, counting and sampling.
 //! - [`artifact`]: the versioned supernet manifest and content-addressed module blobs.
+//! - [`persist`]: atomic writes, sha256 and safetensors bytes (a leaf: imports no other
+//!   module of the crate but `error`).
 //!
 //! Architecture invariant: no network, no database, no async runtime; pure functions of files
 //! and tensors.
@@ -15,6 +17,7 @@ pub mod artifact;
 pub mod data;
 pub mod error;
 pub mod model;
+pub mod persist;
 pub mod supernet;
 pub mod weights;
 

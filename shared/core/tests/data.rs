@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use adaptivenet_core::data::{
     class_filter, dirichlet_partition, fashion_mnist, holdout, imagenet_preprocess_lite,
-    imagenet_preprocess_lite_chw, parse_idx_images, parse_idx_labels, read_idx_images,
-    read_idx_labels, read_image_folder, split_indices, transform::resize_bilinear_u8, ColorMode,
-    Dataset, Holdout, ImageFolderOptions, Normalize, Split, Transform,
+    imagenet_preprocess_lite_chw, parse_idx_images, parse_idx_labels, pixels::resize_bilinear_u8,
+    read_idx_images, read_idx_labels, read_image_folder, split_indices, ColorMode, Dataset,
+    Holdout, ImageFolderOptions, Normalize, Split, Transform,
 };
 use adaptivenet_core::{assets, CoreError};
 use candle_core::{DType, Device};

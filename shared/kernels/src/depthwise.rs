@@ -390,12 +390,23 @@ pub(crate) fn forward(
     act: Activation,
     out: &mut [f32],
 ) {
-    let (hw, kk, blen) = (g.h * g.w, g.kh * g.kw, wide_buf_len(g));
+    let (hw, kk) = (g.h * g.w, g.kh * g.kw);
+    let direct = crate::dw_direct::supported(g);
+    let blen = if direct {
+        crate::dw_direct::scratch_len(g)
+    } else {
+        wide_buf_len(g)
+    };
     threads::for_each_item(out, g.p(), plane_threads(g), |pi, op| {
         let c = pi % g.c;
         let bv = b.map_or(0.0, |b| b[c]);
+        let (xp, wc) = (&x[pi * hw..][..hw], &w[c * kk..][..kk]);
         with_col(blen, |buf| {
-            fwd_plane(&x[pi * hw..][..hw], &w[c * kk..][..kk], bv, act, g, op, buf)
+            if direct {
+                crate::dw_direct::fwd_plane(xp, wc, bv, act, g, op, buf)
+            } else {
+                fwd_plane(xp, wc, bv, act, g, op, buf)
+            }
         });
     });
 }

@@ -42,6 +42,11 @@
 //!   transposed kernel.
 //! * `src/depthwise.rs`: direct depthwise forward / grad-input / grad-weight, run-time
 //!   AVX2+FMA dispatch, parallel over planes (grad-weight: over channels).
+//! * `src/dw_direct.rs`: register-blocked depthwise forward (3x3 / 5x5, stride 1 / 2, bias +
+//!   activation fused), used by every depthwise forward it supports.
+//! * `src/pointwise.rs`, `src/infer.rs`: [`pack_pointwise`] and [`pointwise_packed`], the
+//!   inference 1x1 conv as a direct GEMM on a pre-packed weight with bias, activation and
+//!   residual add fused (`tests/mbconv.rs` checks both against candle).
 //! * `src/pool.rs`: max-pool and global average pool ops.
 //! * `src/bn.rs`: BatchNorm folding (computed in f64); `src/bn_train.rs`: train-mode BN.
 //! * `src/eltwise.rs`: ReLU and add + ReLU with their backward.
@@ -118,10 +123,13 @@ mod bn;
 mod bn_train;
 mod conv;
 mod depthwise;
+mod dw_direct;
 mod eltwise;
 mod gemm_path;
 mod geom;
+mod infer;
 mod optim;
+mod pointwise;
 mod pool;
 mod storage;
 pub mod threads;
@@ -131,6 +139,7 @@ use candle_core::{DType, Tensor};
 pub use bn::fold_bn;
 pub use bn_train::batch_norm_train;
 pub use eltwise::{add_relu, relu};
+pub use infer::{pack_pointwise, pointwise_packed};
 pub use optim::{sgd_update, SgdParams};
 
 /// Activation fused into [`conv2d_fused`].

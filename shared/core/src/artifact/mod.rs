@@ -6,15 +6,15 @@
 //! the subnets it runs. Every load checks size and hash before parsing and then checks every
 //! tensor's shape against the manifest's spec. Parsers return errors, never panic.
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::model::{BlockSpec, ModelSpec, Params};
+/// Re-exported: the artifact's blobs and manifest are written with these.
+pub use crate::persist::{params_to_safetensors, sha256_hex, write_atomic};
 use crate::supernet::{module_name, BranchKind, Choice, Subnet, Supernet, SupernetSpec};
 use crate::{CoreError, Result};
 
@@ -242,59 +242,6 @@ impl Manifest {
                 .collect(),
         }
     }
-}
-
-/// sha256 of bytes as lowercase hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-/// Writes a file atomically: temp file in the same directory, fsync, rename, fsync the dir.
-/// A crash at any point leaves either the old or the new content, never a mix.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        Uuid::new_v4().simple()
-    ));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    res.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        CoreError::io(path, e)
-    })
-}
-
-/// Serialises named tensors as safetensors bytes (deterministic for the same input).
-pub fn params_to_safetensors<I, S>(tensors: I) -> Result<Vec<u8>>
-where
-    I: IntoIterator<Item = (S, Tensor)>,
-    S: AsRef<str>,
-{
-    let map: BTreeMap<String, Tensor> = tensors
-        .into_iter()
-        .map(|(n, t)| {
-            Ok((
-                n.as_ref().to_string(),
-                t.to_dtype(DType::F32)?.contiguous()?,
-            ))
-        })
-        .collect::<Result<_>>()?;
-    safetensors::tensor::serialize(map.iter().map(|(k, v)| (k.as_str(), v)), None)
-        .map_err(|e| CoreError::Manifest(format!("safetensors serialisation: {e}")))
 }
 
 /// Parses a module blob after checking its size and digest against the manifest entry, then

@@ -4,10 +4,8 @@
 //! file-name order, so the resulting [`Dataset`] is the same on every machine.
 use std::path::{Path, PathBuf};
 
-use image::DynamicImage;
-
+use super::pixels::{decode_image, hwc_to_chw, resize_bilinear_u8};
 use super::spec::InputSpec;
-use super::transform::{hwc_to_chw, resize_bilinear_u8};
 use super::Dataset;
 use crate::{CoreError, Result};
 
@@ -161,16 +159,6 @@ fn read_folder(
         width,
         class_names: classes.into_iter().map(|(n, _)| n).collect(),
     })
-}
-
-/// Decodes an image file, guessing the format from its content; errors name the file.
-pub(crate) fn decode_image(path: &Path) -> Result<DynamicImage> {
-    image::ImageReader::open(path)
-        .map_err(|e| CoreError::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| CoreError::io(path, e))?
-        .decode()
-        .map_err(|e| dataset_err(path, format!("cannot decode image: {e}")))
 }
 
 fn dataset_err(path: impl AsRef<Path>, reason: impl Into<String>) -> CoreError {

@@ -2,6 +2,7 @@
 //!
 //! - [`idx`]: IDX files (Fashion-MNIST), raw or gzipped, parsed defensively.
 //! - [`folder`]: torchvision-style ImageFolder trees of PNG/JPEG images.
+//! - [`pixels`]: image decoding, HWC to CHW and bilinear resizing, shared by the above.
 //! - [`spec`]: the input spec and augmentation policy a dataset carries to every consumer.
 //! - [`split`]: seeded splits, stratified hold-outs, Dirichlet and class-filter partitions.
 //! - [`transform`]: u8 -> f32 batch preprocessing and training augmentation, and the
@@ -16,6 +17,7 @@ use crate::{CoreError, Result};
 
 pub mod folder;
 pub mod idx;
+pub mod pixels;
 pub mod spec;
 pub mod split;
 pub mod transform;

@@ -7,7 +7,8 @@
 //! must never be flipped because the demo's clothes could be.
 use serde::{Deserialize, Serialize};
 
-use super::transform::{resize_bilinear_u8, Normalize, Transform};
+use super::pixels::resize_bilinear_u8;
+use super::transform::{Normalize, Transform};
 use super::Dataset;
 use crate::{CoreError, Result};
 

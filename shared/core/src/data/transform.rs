@@ -9,6 +9,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use rand::RngCore;
 
+use super::pixels::{decode_image, hwc_to_chw, resize_bilinear, resize_bilinear_u8};
 use crate::{CoreError, Result};
 
 /// How u8 pixel values become floats.
@@ -235,63 +236,6 @@ impl Transform {
     }
 }
 
-/// Bilinear resize of a CHW f32-valued image region with half-pixel centres (PyTorch
-/// `interpolate(mode="bilinear", align_corners=False)` without antialiasing).
-///
-/// Reads the `rect = (top, left, height, width)` sub-rectangle of the `c x h x w` image `src`,
-/// so a centre crop followed by a resize needs no intermediate copy.
-///
-/// Panics when `rect` is empty or outside the image, or `src` is shorter than `c * h * w`.
-pub fn resize_bilinear(
-    src: &[u8],
-    (c, h, w): (usize, usize, usize),
-    (top, left, rh, rw): (usize, usize, usize, usize),
-    (oh, ow): (usize, usize),
-) -> Vec<f32> {
-    assert!(top + rh <= h && left + rw <= w && src.len() >= c * h * w && rh > 0 && rw > 0);
-    // (index0, index1, weight of index1) along one axis.
-    let taps = |n_in: usize, n_out: usize, off: usize| -> Vec<(usize, usize, f32)> {
-        let scale = n_in as f64 / n_out as f64;
-        (0..n_out)
-            .map(|o| {
-                let s = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
-                let i0 = (s.floor() as usize).min(n_in - 1);
-                let i1 = (i0 + 1).min(n_in - 1);
-                (off + i0, off + i1, (s - i0 as f64) as f32)
-            })
-            .collect()
-    };
-    let (ty, tx) = (taps(rh, oh, top), taps(rw, ow, left));
-    let mut out = Vec::with_capacity(c * oh * ow);
-    for ch in 0..c {
-        let plane = &src[ch * h * w..(ch + 1) * h * w];
-        for &(y0, y1, wy) in &ty {
-            let (r0, r1) = (&plane[y0 * w..(y0 + 1) * w], &plane[y1 * w..(y1 + 1) * w]);
-            for &(x0, x1, wx) in &tx {
-                let a = r0[x0] as f32 + (r0[x1] as f32 - r0[x0] as f32) * wx;
-                let b = r1[x0] as f32 + (r1[x1] as f32 - r1[x0] as f32) * wx;
-                out.push(a + (b - a) * wy);
-            }
-        }
-    }
-    out
-}
-
-/// [`resize_bilinear`] of a whole image, rounded back to u8.
-pub fn resize_bilinear_u8(
-    src: &[u8],
-    c: usize,
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
-) -> Vec<u8> {
-    resize_bilinear(src, (c, h, w), (0, 0, h, w), (oh, ow))
-        .into_iter()
-        .map(|v| v.round().clamp(0.0, 255.0) as u8)
-        .collect()
-}
-
 /// Side of the EfficientNet-Lite input.
 pub const LITE_INPUT_SIZE: usize = 224;
 
@@ -300,7 +244,7 @@ pub const LITE_INPUT_SIZE: usize = 224;
 /// Returns a CPU tensor `[1, 3, 224, 224]`.
 pub fn imagenet_preprocess_lite(path: impl AsRef<Path>) -> Result<Tensor> {
     let path = path.as_ref();
-    let img = super::folder::decode_image(path)?.to_rgb8();
+    let img = decode_image(path)?.to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
     let chw = hwc_to_chw(img.as_raw(), 3, h, w);
     imagenet_preprocess_lite_chw(&chw, h, w).map_err(|e| match e {
@@ -344,17 +288,6 @@ pub fn imagenet_preprocess_lite_chw(rgb_chw: &[u8], h: usize, w: usize) -> Resul
         (1, 3, LITE_INPUT_SIZE, LITE_INPUT_SIZE),
         &Device::Cpu,
     )?)
-}
-
-/// Interleaved HWC pixels (as the `image` crate stores them) to planar CHW.
-pub fn hwc_to_chw(hwc: &[u8], c: usize, h: usize, w: usize) -> Vec<u8> {
-    let mut out = vec![0u8; c * h * w];
-    for (p, px) in hwc.chunks_exact(c).take(h * w).enumerate() {
-        for (ch, &v) in px.iter().enumerate() {
-            out[ch * h * w + p] = v;
-        }
-    }
-    out
 }
 
 /// Uniform in `0..n` from the raw stream (multiply-shift; bias below `n / 2^64`). Drawn here

@@ -1,7 +1,8 @@
 //! Eval-time BatchNorm folding: every conv/BN pair becomes one conv with a bias, so inference
 //! runs one fused conv + bias + activation kernel per layer instead of three passes.
 //!
-//! Folded [`Params`] drop the BN tensors and gain `{conv}.bias`; the forward functions notice
+//! Folded [`Params`] drop the BN tensors and gain `{conv}.bias` (and, for 1x1 convs, the
+//! GEMM-packed weight `{conv}.packed`, see [`packed_name`]); the forward functions notice
 //! the missing BN and take the fused path, so folded and unfolded modules share one forward
 //! implementation (and the folded oracle equals the folded all-original subnet bit for bit).
 use super::Params;
@@ -20,6 +21,12 @@ pub fn conv_of_bn(bn: &str) -> Option<String> {
         return Some(format!("{p}.0"));
     }
     bn.strip_prefix("bn").map(|n| format!("conv{n}"))
+}
+
+/// Name of the pre-packed form of a folded 1x1 conv's weight (`{conv}.packed`): packed once
+/// here, when a module is installed for inference, so the pointwise GEMM never packs per call.
+pub fn packed_name(conv: &str) -> String {
+    format!("{conv}.packed")
 }
 
 /// Whether a module's params are already folded (no BN statistics left).
@@ -49,6 +56,12 @@ pub fn fold_params(p: &Params, eps: f64) -> Result<Params> {
             continue;
         };
         let (wf, bf) = adaptivenet_kernels::fold_bn(w, None, g, b, m, v, eps)?;
+        if let [_, _, 1, 1] = wf.dims() {
+            out.insert(
+                packed_name(&conv),
+                adaptivenet_kernels::pack_pointwise(&wf)?,
+            );
+        }
         out.insert(w_name, wf);
         out.insert(format!("{conv}.bias"), bf);
         for part in super::spec::BN_PARTS {

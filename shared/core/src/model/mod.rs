@@ -7,6 +7,7 @@
 //! bit for bit.
 pub mod families;
 pub mod fold;
+pub mod init;
 pub mod ops;
 pub mod spec;
 pub mod verify;
@@ -73,6 +74,9 @@ fn conv_bn(
     let (_, _, h, wd) = x.dims4()?;
     let k = w.dim(2)?;
     let pad = num.pad(h, wd, k, stride);
+    if let Some(y) = pointwise_folded(x, p, conv, stride, groups, act, None, train)? {
+        return Ok(y);
+    }
     let Some(g) = p.get(&format!("{bn}.weight")) else {
         if train.is_some() {
             return Err(CoreError::InvalidConfig {
@@ -111,6 +115,37 @@ fn conv_bn(
         Some(a) => ops::activation(&y, a),
         None => Ok(y),
     }
+}
+
+/// The inference fast path of a folded, pre-packed 1x1 conv (see [`fold::packed_name`]):
+/// `act(conv(x) + bias + residual)` in one GEMM with the bias, activation and residual add in
+/// its epilogue. `None` when it does not apply (training, gradients, stock candle ops, not a
+/// packed stride-1 1x1 conv): the caller then takes the general path.
+#[allow(clippy::too_many_arguments)]
+fn pointwise_folded(
+    x: &Tensor,
+    p: &Params,
+    conv: &str,
+    stride: usize,
+    groups: usize,
+    act: Option<Act>,
+    residual: Option<&Tensor>,
+    train: &Option<&mut TrainCtx>,
+) -> Result<Option<Tensor>> {
+    if train.is_some() || stride != 1 || groups != 1 || x.track_op() || ops::stock_candle() {
+        return Ok(None);
+    }
+    if residual.is_some_and(Tensor::track_op) {
+        return Ok(None);
+    }
+    let (Some(packed), Some(bias)) = (
+        p.get(&fold::packed_name(conv)),
+        p.get(&format!("{conv}.bias")),
+    ) else {
+        return Ok(None);
+    };
+    let o = get(p, &format!("{conv}.weight"))?.dim(0)?;
+    ops::pointwise_packed(x, packed, o, bias, act, residual).map(Some)
 }
 
 /// Runs the stem.
@@ -193,6 +228,12 @@ pub fn block_forward(
                 Some(num.act),
                 t,
             )?;
+            if residual {
+                // Folded inference: the residual add runs in the projection's epilogue.
+                if let Some(y) = pointwise_folded(&h, p, "project.conv", 1, 1, None, Some(x), t)? {
+                    return Ok(y);
+                }
+            }
             let y = conv_bn(&h, p, "project.conv", "project.bn", 1, 1, num, None, t)?;
             if residual {
                 Ok((y + x)?)
@@ -347,7 +388,7 @@ impl Model {
             shapes
                 .into_iter()
                 .map(|(n, s)| {
-                    let t = crate::supernet::branches::fresh_tensor(&n, &s, &mut rng)?;
+                    let t = init::fresh_tensor(&n, &s, &mut rng)?;
                     Ok((n, t))
                 })
                 .collect()
@@ -386,7 +427,7 @@ impl Model {
         let mut head = self.head.clone();
         for (n, s) in spec.head.param_shapes() {
             if n.starts_with("fc.") {
-                let t = crate::supernet::branches::fresh_tensor(&n, &s, &mut rng)?;
+                let t = init::fresh_tensor(&n, &s, &mut rng)?;
                 head.insert(n, t);
             }
         }
@@ -472,9 +513,9 @@ impl Model {
     /// safetensors file with canonical names (loadable with [`Model::from_files`]).
     pub fn save(&self, arch_path: &std::path::Path, weights_path: &std::path::Path) -> Result<()> {
         let desc = ArchDescriptor::chain(self.spec.clone());
-        crate::artifact::write_atomic(arch_path, &serde_json::to_vec_pretty(&desc.raw)?)?;
-        let bytes = crate::artifact::params_to_safetensors(self.canonical_tensors())?;
-        crate::artifact::write_atomic(weights_path, &bytes)
+        crate::persist::write_atomic(arch_path, &serde_json::to_vec_pretty(&desc.raw)?)?;
+        let bytes = crate::persist::params_to_safetensors(self.canonical_tensors())?;
+        crate::persist::write_atomic(weights_path, &bytes)
     }
 }
 

@@ -95,7 +95,6 @@ pub fn conv2d_fused(
     groups: usize,
     act: Option<Act>,
 ) -> Result<Tensor> {
-    use adaptivenet_kernels::Activation;
     if stock_candle() {
         let y = conv2d_stock(x, w, stride, pad, groups)?.broadcast_add(&per_channel(bias)?)?;
         return match act {
@@ -104,18 +103,42 @@ pub fn conv2d_fused(
         };
     }
     let p = kernel_params(stride, pad, groups);
-    let act = match act {
-        None => Activation::None,
-        Some(Act::Relu) => Activation::Relu,
-        Some(Act::Relu6) => Activation::Relu6,
-    };
     Ok(adaptivenet_kernels::conv2d_fused(
         x,
         w,
         Some(bias),
         &p,
-        act,
+        kernel_act(act),
     )?)
+}
+
+/// Inference 1x1 conv on a weight packed by [`adaptivenet_kernels::pack_pointwise`] (BN
+/// folded): `act(conv(x) + bias + residual)` in one kernel. Not differentiable.
+pub fn pointwise_packed(
+    x: &Tensor,
+    packed: &Tensor,
+    out_channels: usize,
+    bias: &Tensor,
+    act: Option<Act>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    Ok(adaptivenet_kernels::pointwise_packed(
+        x,
+        packed,
+        out_channels,
+        Some(bias),
+        kernel_act(act),
+        residual,
+    )?)
+}
+
+fn kernel_act(act: Option<Act>) -> adaptivenet_kernels::Activation {
+    use adaptivenet_kernels::Activation;
+    match act {
+        None => Activation::None,
+        Some(Act::Relu) => Activation::Relu,
+        Some(Act::Relu6) => Activation::Relu6,
+    }
 }
 
 /// Broadcasts a per-channel vector over NCHW.

@@ -1,4 +1,4 @@
-//! Cloud-side priors: top-1 accuracy of the oracle and of a sample of subnets on a validation
+//! Priors: top-1 accuracy of the oracle and of a sample of subnets on a validation
 //! split, for [`adaptivenet_core::artifact::write_artifact`].
 //!
 //! The stem runs once per batch (stem caching) and subnets are evaluated in sorted order,
@@ -12,9 +12,8 @@ use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::train::{correct, eval_transform};
-use super::OrCloud;
-use crate::error::{CloudError, Result};
+use crate::error::{Result, TrainError};
+use crate::train::{correct, eval_transform};
 
 /// The subnets to evaluate: the oracle, then every subnet if there are at most `max`, else
 /// up to `max - 1` distinct random subnets that use a branch (seeded). Sorted by code.
@@ -28,7 +27,7 @@ pub fn prior_subnets(sn: &Supernet, max: usize, seed: u64) -> Result<Vec<Subnet>
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut tries = 0;
         while set.len() < max && tries < max * 50 {
-            set.insert(sn.spec.sample(&mut rng, true).cl()?);
+            set.insert(sn.spec.sample(&mut rng, true)?);
             tries += 1;
         }
     }
@@ -46,20 +45,20 @@ pub fn evaluate_priors(
     batch: usize,
 ) -> Result<Vec<Prior>> {
     if data.is_empty() {
-        return Err(CloudError::invalid(
+        return Err(TrainError::invalid(
             "validation",
             "the validation split is empty",
         ));
     }
     for s in subnets {
-        sn.spec.validate(s).cl()?;
+        sn.spec.validate(s)?;
     }
     let t = eval_transform(normalize);
     let mut hits = vec![0u64; subnets.len()];
     let idx: Vec<usize> = (0..data.len()).collect();
     for chunk in idx.chunks(batch.max(1)) {
-        let (x, y) = data.batch_tensor(chunk, &t, &Device::Cpu).cl()?;
-        let stem = sn.forward_stem(&x).cl()?;
+        let (x, y) = data.batch_tensor(chunk, &t, &Device::Cpu)?;
+        let stem = sn.forward_stem(&x)?;
         // (steps of the prefix, feature after it), deepest last.
         let mut stack: Vec<((usize, i8), Tensor)> = Vec::new();
         for (k, s) in subnets.iter().enumerate() {
@@ -72,11 +71,11 @@ pub fn evaluate_priors(
             stack.truncate(shared);
             for &(pos, id) in &steps[shared..] {
                 let input = stack.last().map_or(&stem, |(_, f)| f);
-                let out = sn.forward_module(pos, id, input).cl()?;
+                let out = sn.forward_module(pos, id, input)?;
                 stack.push(((pos, id), out));
             }
             let h = stack.last().map_or(&stem, |(_, f)| f);
-            hits[k] += correct(&sn.forward_head(h).cl()?, &y).cl()?;
+            hits[k] += correct(&sn.forward_head(h)?, &y)?;
         }
     }
     subnets
@@ -85,7 +84,7 @@ pub fn evaluate_priors(
         .map(|(s, h)| {
             Ok(Prior {
                 subnet: s.clone(),
-                macs: sn.spec.subnet_macs(s).cl()?,
+                macs: sn.spec.subnet_macs(s)?,
                 accuracy: h as f64 / data.len() as f64,
                 samples: data.len() as u64,
                 split: split.to_string(),

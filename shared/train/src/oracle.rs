@@ -11,12 +11,13 @@ use adaptivenet_core::model::{
 use candle_core::Device;
 use tokio_util::sync::CancellationToken;
 
-use super::optim::{OptimState, Optimizer, Sgd, WarmupCosine};
-use super::train::{
+use crate::checkpoint::{to_json, CheckpointIo, CheckpointMeta};
+use crate::error::{Result, TrainError};
+use crate::optim::{OptimState, Optimizer, Sgd, WarmupCosine};
+use crate::progress::{ProgressEvent, ProgressSink};
+use crate::train::{
     accuracy, cross_entropy, step_rng, train_transform, BatchSampler, TrainModule, BN_MOMENTUM,
 };
-use super::{to_json, CheckpointIo, CheckpointMeta, OrCloud, ProgressEvent, ProgressSink};
-use crate::error::{CloudError, Result};
 
 /// The oracle-training recipe.
 #[derive(Clone, Debug, PartialEq)]
@@ -75,40 +76,40 @@ impl TrainOracleConfig {
             eval_batch: 0,
             ..self.clone()
         };
-        crate::blobs::sha256_hex(format!("{c:?}|{spec:?}").as_bytes())
+        adaptivenet_core::artifact::sha256_hex(format!("{c:?}|{spec:?}").as_bytes())
     }
 
     /// Rejects a bad recipe before any work, naming the field.
     pub fn validate(&self) -> Result<()> {
         if self.steps == 0 {
-            return Err(CloudError::invalid("steps", "must be at least 1"));
+            return Err(TrainError::invalid("steps", "must be at least 1"));
         }
         if self.batch == 0 || self.batch > 4096 {
-            return Err(CloudError::invalid(
+            return Err(TrainError::invalid(
                 "batch",
                 format!("{} not in 1..=4096", self.batch),
             ));
         }
         if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 10.0) {
-            return Err(CloudError::invalid(
+            return Err(TrainError::invalid(
                 "lr",
                 format!("{} not in (0, 10]", self.lr),
             ));
         }
         if !(0.0..1.0).contains(&self.momentum) {
-            return Err(CloudError::invalid(
+            return Err(TrainError::invalid(
                 "momentum",
                 format!("{} not in [0, 1)", self.momentum),
             ));
         }
         if !(self.weight_decay.is_finite() && (0.0..1.0).contains(&self.weight_decay)) {
-            return Err(CloudError::invalid(
+            return Err(TrainError::invalid(
                 "weight_decay",
                 format!("{} not in [0, 1)", self.weight_decay),
             ));
         }
         if self.warmup_steps > self.steps {
-            return Err(CloudError::invalid("warmup_steps", "exceeds steps"));
+            return Err(TrainError::invalid("warmup_steps", "exceeds steps"));
         }
         Ok(())
     }
@@ -172,26 +173,26 @@ pub fn train_oracle_resumable(
     let init = match init {
         Some(m) => {
             if m.spec != *spec {
-                return Err(CloudError::invalid(
+                return Err(TrainError::invalid(
                     "init",
                     "the initial weights belong to another architecture",
                 ));
             }
-            let digest = m.weights_digest().cl()?;
-            fingerprint =
-                crate::blobs::sha256_hex(format!("{fingerprint}|init:{digest}").as_bytes());
+            let digest = m.weights_digest()?;
+            fingerprint = adaptivenet_core::artifact::sha256_hex(
+                format!("{fingerprint}|init:{digest}").as_bytes(),
+            );
             m.clone()
         }
-        None => Model::init(spec, config.seed).cl()?,
+        None => Model::init(spec, config.seed)?,
     };
-    let mut stem = TrainModule::new(&init.stem).cl()?;
+    let mut stem = TrainModule::new(&init.stem)?;
     let mut blocks = init
         .blocks
         .iter()
         .map(TrainModule::new)
-        .collect::<candle_core::Result<Vec<_>>>()
-        .cl()?;
-    let mut head = TrainModule::new(&init.head).cl()?;
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut head = TrainModule::new(&init.head)?;
     let mut vars: Vec<_> = stem.named_vars("stem").collect();
     for (i, b) in blocks.iter().enumerate() {
         vars.extend(b.named_vars(&format!("blocks.{i}")));
@@ -253,25 +254,23 @@ pub fn train_oracle_resumable(
         let pos = step * config.batch as u64;
         let idx = sampler.batch(pos, config.batch);
         let mut rng = step_rng(config.seed, 100, step);
-        let (x, y) = train
-            .batch_tensor_augmented(&idx, &transform, &mut rng, &Device::Cpu)
-            .cl()?;
+        let (x, y) = train.batch_tensor_augmented(&idx, &transform, &mut rng, &Device::Cpu)?;
         let mut c = TrainCtx::new(BN_MOMENTUM);
-        let mut h = stem_forward(&spec.stem, num, &stem.params(), &x, Some(&mut c)).cl()?;
+        let mut h = stem_forward(&spec.stem, num, &stem.params(), &x, Some(&mut c))?;
         stem.apply(&mut c);
         for (b, m) in spec.blocks.iter().zip(blocks.iter_mut()) {
-            h = block_forward(b, num, &m.params(), &h, Some(&mut c)).cl()?;
+            h = block_forward(b, num, &m.params(), &h, Some(&mut c))?;
             m.apply(&mut c);
         }
-        let logits = head_forward(&spec.head, num, &head.params(), &h, Some(&mut c)).cl()?;
+        let logits = head_forward(&spec.head, num, &head.params(), &h, Some(&mut c))?;
         head.apply(&mut c);
-        let loss = cross_entropy(&logits, &y).cl()?;
-        let grads = loss.backward().cl()?;
+        let loss = cross_entropy(&logits, &y)?;
+        let grads = loss.backward()?;
         let lr = sched.lr(step);
-        opt.step(&vars, &grads, lr).cl()?;
-        let lv = loss.to_scalar::<f32>().cl()? as f64;
+        opt.step(&vars, &grads, lr)?;
+        let lv = loss.to_scalar::<f32>()? as f64;
         if !lv.is_finite() {
-            return Err(CloudError::Internal(format!(
+            return Err(TrainError::Internal(format!(
                 "training diverged at step {step} (loss {lv}); lower lr"
             )));
         }
@@ -299,7 +298,7 @@ pub fn train_oracle_resumable(
             save(done, &losses, elapsed, &stem, &blocks, &head, &opt)?;
         }
         if cancelled {
-            return Err(CloudError::Cancelled(format!(
+            return Err(TrainError::Cancelled(format!(
                 "oracle training cancelled after step {done}{}",
                 if checkpoints.is_some() {
                     "; checkpoint kept"
@@ -312,16 +311,15 @@ pub fn train_oracle_resumable(
     let train_time = earlier + start.elapsed();
     let model = Model {
         spec: spec.clone(),
-        stem: stem.snapshot().cl()?,
+        stem: stem.snapshot()?,
         blocks: blocks
             .iter()
             .map(TrainModule::snapshot)
-            .collect::<candle_core::Result<_>>()
-            .cl()?,
-        head: head.snapshot().cl()?,
+            .collect::<candle_core::Result<_>>()?,
+        head: head.snapshot()?,
     };
     let test_accuracy = match test {
-        Some(t) => Some(accuracy(&model, t, &config.normalize, config.eval_batch).cl()?),
+        Some(t) => Some(accuracy(&model, t, &config.normalize, config.eval_batch)?),
         None => None,
     };
     let tail = losses.len().min(50);
@@ -341,10 +339,10 @@ pub fn train_oracle_resumable(
 /// The dataset must be non-empty, with the model's input channels and classes.
 pub(crate) fn check_data(spec: &ModelSpec, data: &Dataset, field: &str) -> Result<()> {
     if data.is_empty() {
-        return Err(CloudError::invalid(field, "the dataset is empty"));
+        return Err(TrainError::invalid(field, "the dataset is empty"));
     }
     if data.channels != spec.stem.cin {
-        return Err(CloudError::invalid(
+        return Err(TrainError::invalid(
             field,
             format!(
                 "images have {} channels, the model expects {}",
@@ -353,7 +351,7 @@ pub(crate) fn check_data(spec: &ModelSpec, data: &Dataset, field: &str) -> Resul
         ));
     }
     if data.num_classes() != spec.head.classes {
-        return Err(CloudError::invalid(
+        return Err(TrainError::invalid(
             field,
             format!(
                 "the dataset has {} classes, the model {}",
@@ -386,8 +384,8 @@ fn serialize(
 ) -> Result<Vec<u8>> {
     let mut tensors: Vec<(String, candle_core::Tensor)> = Vec::new();
     let mut add = |prefix: &str, m: &TrainModule| -> Result<()> {
-        for (n, t) in m.snapshot().cl()? {
-            tensors.push((format!("model.{prefix}.{n}"), t.contiguous().cl()?));
+        for (n, t) in m.snapshot()? {
+            tensors.push((format!("model.{prefix}.{n}"), t.contiguous()?));
         }
         Ok(())
     };
@@ -397,7 +395,7 @@ fn serialize(
     }
     add("head", head)?;
     for (k, t) in &opt.slots {
-        tensors.push((format!("opt.{k}"), t.contiguous().cl()?));
+        tensors.push((format!("opt.{k}"), t.contiguous()?));
     }
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
@@ -407,7 +405,7 @@ fn serialize(
     meta.insert("losses".to_string(), to_json(&losses)?);
     meta.insert("opt_steps".to_string(), to_json(&opt.steps)?);
     safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
-        .map_err(|e| CloudError::Internal(format!("checkpoint serialisation: {e}")))
+        .map_err(|e| TrainError::Internal(format!("checkpoint serialisation: {e}")))
 }
 
 fn restore(

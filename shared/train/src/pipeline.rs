@@ -12,15 +12,49 @@ use adaptivenet_core::data::{
     channel_stats, read_idx_pair, read_image_folder_for, AugmentPolicy, Dataset, InputSpec,
     ResizePolicy,
 };
+use adaptivenet_core::data::{holdout, Holdout};
 use adaptivenet_core::model::Model;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::cli::split_validation;
-use super::priors::{evaluate_priors, prior_subnets};
-use super::supernet::{elastify, ElastifyConfig, ElastifyReport};
-use super::{CheckpointIo, OrCloud, ProgressSink};
-use crate::datasets::DatasetFormat;
-use crate::error::{CloudError, Result};
+use crate::checkpoint::CheckpointIo;
+use crate::error::{Result, TrainError};
+use crate::priors::{evaluate_priors, prior_subnets};
+use crate::progress::ProgressSink;
+use crate::supernet::{elastify, ElastifyConfig, ElastifyReport};
+
+/// How a dataset's files are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetFormat {
+    /// `<class>/<image>.png|jpg|jpeg`, any sizes, grey or colour.
+    #[serde(rename = "imagefolder")]
+    ImageFolder,
+    /// `<split>-images-idx3-ubyte[.gz]` + `<split>-labels-idx1-ubyte[.gz]` (`train` required),
+    /// optional `classes.txt`.
+    Idx,
+}
+
+impl DatasetFormat {
+    /// Parses a format name; `field` names the setting in the error.
+    pub fn parse(field: &str, s: &str) -> Result<Self> {
+        match s {
+            "imagefolder" => Ok(DatasetFormat::ImageFolder),
+            "idx" => Ok(DatasetFormat::Idx),
+            _ => Err(TrainError::invalid(
+                field,
+                format!("{s:?} (expected \"imagefolder\" or \"idx\")"),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatasetFormat::ImageFolder => "imagefolder",
+            DatasetFormat::Idx => "idx",
+        }
+    }
+}
 
 /// A dataset read for training, at its input spec's channels and size.
 #[derive(Clone, Debug)]
@@ -45,7 +79,7 @@ impl TrainingData {
         augment: AugmentPolicy,
         class_names: Option<&[String]>,
     ) -> Result<Self> {
-        augment.validate().cl()?;
+        augment.validate()?;
         let (train, test) = match format {
             DatasetFormat::Idx => {
                 let names: Vec<&str> = class_names
@@ -63,12 +97,12 @@ impl TrainingData {
                         idx_file(dir, &format!("{s}-images-idx3-ubyte")),
                         idx_file(dir, &format!("{s}-labels-idx1-ubyte")),
                     ) {
-                        (Some(i), Some(l)) => Ok(Some(read_idx_pair(i, l, &names).cl()?)),
+                        (Some(i), Some(l)) => Ok(Some(read_idx_pair(i, l, &names)?)),
                         _ => Ok(None),
                     }
                 };
                 let train = split("train")?.ok_or_else(|| {
-                    CloudError::invalid(
+                    TrainError::invalid(
                         "dataset",
                         format!(
                             "{} has no train-images-idx3-ubyte[.gz] / train-labels-idx1-ubyte[.gz]",
@@ -81,10 +115,7 @@ impl TrainingData {
                     test = split("test")?;
                 }
                 match spec {
-                    Some(s) => (
-                        s.conform(train).cl()?,
-                        test.map(|t| s.conform(t)).transpose().cl()?,
-                    ),
+                    Some(s) => (s.conform(train)?, test.map(|t| s.conform(t)).transpose()?),
                     None => (train, test),
                 }
             }
@@ -93,16 +124,16 @@ impl TrainingData {
                     Some(s) => s.clone(),
                     None => folder_spec(dir)?,
                 };
-                (read_image_folder_for(dir, &spec).cl()?, None)
+                (read_image_folder_for(dir, &spec)?, None)
             }
         };
         if train.is_empty() {
-            return Err(CloudError::invalid("dataset", "no training images"));
+            return Err(TrainError::invalid("dataset", "no training images"));
         }
         let spec = match spec {
             Some(s) => s.clone(),
             None => {
-                let (mean, std) = channel_stats(&train).cl()?;
+                let (mean, std) = channel_stats(&train)?;
                 InputSpec {
                     channels: train.channels,
                     height: train.height,
@@ -113,7 +144,7 @@ impl TrainingData {
                 }
             }
         };
-        spec.validate().cl()?;
+        spec.validate()?;
         Ok(Self {
             train,
             test,
@@ -152,7 +183,7 @@ fn read_classes_txt(dir: &Path) -> Result<Option<Vec<String>>> {
                 .collect(),
         )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(CloudError::io(&p, e)),
+        Err(e) => Err(TrainError::io(&p, e)),
     }
 }
 
@@ -160,7 +191,7 @@ fn read_classes_txt(dir: &Path) -> Result<Option<Vec<String>>> {
 /// (others are stretched to it), placeholder statistics replaced once the data is read.
 fn folder_spec(dir: &Path) -> Result<InputSpec> {
     let first = std::fs::read_dir(dir)
-        .map_err(|e| CloudError::io(dir, e))?
+        .map_err(|e| TrainError::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
         .flat_map(|d| {
@@ -175,7 +206,7 @@ fn folder_spec(dir: &Path) -> Result<InputSpec> {
         })
         .find_map(|p| image::open(&p).ok())
         .ok_or_else(|| {
-            CloudError::invalid(
+            TrainError::invalid(
                 "dataset",
                 format!("{} holds no readable class/image", dir.display()),
             )
@@ -220,7 +251,7 @@ pub fn elastify_to_artifact(
     let (manifest, report) =
         elastify_to_blobs(oracle, data, plan, progress, checkpoints, cancel, &mut sink)?;
     // Written last: a reader never sees a manifest whose blobs are missing.
-    artifact::write_atomic(&out_dir.join("manifest.json"), &manifest.to_json().cl()?).cl()?;
+    artifact::write_atomic(&out_dir.join("manifest.json"), &manifest.to_json()?)?;
     Ok((manifest, report))
 }
 
@@ -228,15 +259,15 @@ pub fn elastify_to_artifact(
 struct DirSink<'a>(&'a Path);
 
 impl BlobSink for DirSink<'_> {
-    type Error = CloudError;
+    type Error = TrainError;
     fn put(&mut self, sha256: &str, bytes: &[u8]) -> Result<()> {
-        artifact::DirBlobs(self.0).put(sha256, bytes).cl()
+        Ok(artifact::DirBlobs(self.0).put(sha256, bytes)?)
     }
 }
 
 /// Like [`elastify_to_artifact`], but every module blob goes to `sink` (the job runner's:
-/// the blob store) and the manifest is only returned.
-pub fn elastify_to_blobs<S: BlobSink<Error = CloudError>>(
+/// the blob store) and the manifest is only returned. Fails with the sink's error type.
+pub fn elastify_to_blobs<S: BlobSink>(
     oracle: &Model,
     data: &TrainingData,
     plan: &ElastifyPlan,
@@ -244,7 +275,30 @@ pub fn elastify_to_blobs<S: BlobSink<Error = CloudError>>(
     checkpoints: Option<&dyn CheckpointIo>,
     cancel: &CancellationToken,
     sink: &mut S,
-) -> Result<(Manifest, ElastifyReport)> {
+) -> std::result::Result<(Manifest, ElastifyReport), S::Error>
+where
+    S::Error: From<TrainError>,
+{
+    let (out, priors) = train_with_priors(oracle, data, plan, progress, checkpoints, cancel)?;
+    let manifest = build_artifact(
+        &out.supernet,
+        data.artifact_input(),
+        &plan.oracle_digest,
+        priors,
+        sink,
+    )?;
+    Ok((manifest, out.report))
+}
+
+/// Elastification on the training split and the priors on the held-out one.
+fn train_with_priors(
+    oracle: &Model,
+    data: &TrainingData,
+    plan: &ElastifyPlan,
+    progress: &mut dyn ProgressSink,
+    checkpoints: Option<&dyn CheckpointIo>,
+    cancel: &CancellationToken,
+) -> Result<(crate::supernet::ElastifyOutcome, Vec<artifact::Prior>)> {
     let mut config = plan.config.clone();
     config.normalize = data.spec.normalize();
     config.augment = data.augment;
@@ -253,7 +307,7 @@ pub fn elastify_to_blobs<S: BlobSink<Error = CloudError>>(
     let (mut train, val) = split_validation(&data.train, plan.val_size, seed)?;
     if plan.max_train_images > 0 && plan.max_train_images < train.len() {
         let idx: Vec<usize> = (0..plan.max_train_images).collect();
-        train = train.subset(&idx).cl()?;
+        train = train.subset(&idx)?;
     }
     let out = elastify(oracle, &config, &train, progress, checkpoints, cancel)?;
     let subnets = prior_subnets(&out.supernet, plan.priors, seed)?;
@@ -265,12 +319,17 @@ pub fn elastify_to_blobs<S: BlobSink<Error = CloudError>>(
         "validation",
         500,
     )?;
-    let manifest = build_artifact(
-        &out.supernet,
-        data.artifact_input(),
-        &plan.oracle_digest,
-        priors,
-        sink,
-    )?;
-    Ok((manifest, out.report))
+    Ok((out, priors))
+}
+
+/// Splits off `val_size` stratified images for the priors: `(train, validation)`.
+pub fn split_validation(data: &Dataset, val_size: usize, seed: u64) -> Result<(Dataset, Dataset)> {
+    if val_size == 0 || val_size >= data.len() {
+        return Err(TrainError::invalid(
+            "val_size",
+            format!("{val_size} not in 1..{}", data.len()),
+        ));
+    }
+    let (rest, held) = holdout(&data.labels, Holdout::Total(val_size), seed)?;
+    Ok((data.subset(&rest)?, data.subset(&held)?))
 }

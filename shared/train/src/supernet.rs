@@ -27,13 +27,14 @@ use adaptivenet_core::supernet::{
 use candle_core::{Device, Tensor};
 use tokio_util::sync::CancellationToken;
 
-use super::optim::{AdamW, OptimState, Optimizer, WarmupCosine};
-use super::oracle::check_data;
-use super::train::{
+use crate::checkpoint::{to_json, CheckpointIo, CheckpointMeta};
+use crate::error::{Result, TrainError};
+use crate::optim::{AdamW, OptimState, Optimizer, WarmupCosine};
+use crate::oracle::check_data;
+use crate::progress::{ProgressEvent, ProgressSink};
+use crate::train::{
     cross_entropy, kd_loss, mse, step_rng, train_transform, BatchSampler, TrainModule, BN_MOMENTUM,
 };
-use super::{to_json, CheckpointIo, CheckpointMeta, OrCloud, ProgressEvent, ProgressSink};
-use crate::error::{CloudError, Result};
 
 const CHECKPOINT_FORMAT: &str = "adaptivenet.elastify.checkpoint/1";
 
@@ -121,48 +122,48 @@ impl ElastifyConfig {
     /// Rejects a bad config before any work, naming the field.
     pub fn validate(&self) -> Result<SupernetConfig> {
         if self.branches.is_empty() {
-            return Err(CloudError::invalid(
+            return Err(TrainError::invalid(
                 "branches",
                 "at least one branch kind is required",
             ));
         }
-        let sn = SupernetConfig::from_names(&self.branches, self.seed).cl()?;
+        let sn = SupernetConfig::from_names(&self.branches, self.seed)?;
         if self
             .stage0_steps
             .checked_add(self.stage1_steps)
             .unwrap_or(0)
             == 0
         {
-            return Err(CloudError::invalid(
+            return Err(TrainError::invalid(
                 "stage0_steps",
                 "stage0_steps + stage1_steps must be at least 1",
             ));
         }
         if self.batch == 0 || self.batch > 4096 {
-            return Err(CloudError::invalid(
+            return Err(TrainError::invalid(
                 "batch",
                 format!("{} not in 1..=4096", self.batch),
             ));
         }
         for (field, lr) in [("lr_stage0", self.lr_stage0), ("lr_stage1", self.lr_stage1)] {
             if !(lr.is_finite() && lr > 0.0 && lr <= 1.0) {
-                return Err(CloudError::invalid(field, format!("{lr} not in (0, 1]")));
+                return Err(TrainError::invalid(field, format!("{lr} not in (0, 1]")));
             }
         }
         if !(self.weight_decay.is_finite() && (0.0..1.0).contains(&self.weight_decay)) {
-            return Err(CloudError::invalid(
+            return Err(TrainError::invalid(
                 "weight_decay",
                 format!("{} not in [0, 1)", self.weight_decay),
             ));
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0 && self.temperature <= 100.0) {
-            return Err(CloudError::invalid(
+            return Err(TrainError::invalid(
                 "temperature",
                 format!("{} not in (0, 100]", self.temperature),
             ));
         }
         if !(0.0..=1.0).contains(&self.ce_weight) {
-            return Err(CloudError::invalid(
+            return Err(TrainError::invalid(
                 "ce_weight",
                 format!("{} not in [0, 1]", self.ce_weight),
             ));
@@ -171,7 +172,7 @@ impl ElastifyConfig {
             && self.original_weight > 0.0
             && self.original_weight <= 10.0)
         {
-            return Err(CloudError::invalid(
+            return Err(TrainError::invalid(
                 "original_weight",
                 format!("{} not in (0, 10]", self.original_weight),
             ));
@@ -256,14 +257,14 @@ struct Cursor {
 
 /// sha256 of an oracle's canonical tensors (ties checkpoints to their oracle).
 pub fn oracle_digest(oracle: &Model) -> Result<String> {
-    Ok(sha256_hex(
-        &params_to_safetensors(oracle.canonical_tensors()).cl()?,
-    ))
+    Ok(sha256_hex(&params_to_safetensors(
+        oracle.canonical_tensors(),
+    )?))
 }
 
 /// Elastifies `oracle` on `data` (see the module docs). With `checkpoints`, resumes from the
 /// latest checkpoint if there is one and writes one every `checkpoint_every` steps, on cancel
-/// and at the end. A cancel stops before the next step with `Err(CloudError::Cancelled)`
+/// and at the end. A cancel stops before the next step with `Err(TrainError::Cancelled)`
 /// after writing a checkpoint.
 pub fn elastify(
     oracle: &Model,
@@ -275,10 +276,10 @@ pub fn elastify(
 ) -> Result<ElastifyOutcome> {
     let sn_cfg = config.validate()?;
     check_data(&oracle.spec, data, "data")?;
-    let sn_cfg = config.kinds_for(&oracle.spec, sn_cfg).cl()?;
-    let mut supernet = build_supernet(oracle, &sn_cfg).cl()?;
+    let sn_cfg = config.kinds_for(&oracle.spec, sn_cfg)?;
+    let mut supernet = build_supernet(oracle, &sn_cfg)?;
     if supernet.spec.count() <= 1 {
-        return Err(CloudError::invalid(
+        return Err(TrainError::invalid(
             "branches",
             format!("no {:?} branch fits this oracle's chain", config.branches),
         ));
@@ -286,7 +287,7 @@ pub fn elastify(
     let mut branches: BTreeMap<(usize, i8), TrainModule> = BTreeMap::new();
     for (&(pos, id), p) in &supernet.modules {
         if id != 0 {
-            branches.insert((pos, id), TrainModule::new(p).cl()?);
+            branches.insert((pos, id), TrainModule::new(p)?);
         }
     }
     let fingerprint = config.fingerprint(&oracle_digest(oracle)?);
@@ -329,7 +330,7 @@ pub fn elastify(
         while cur.step < steps {
             if cancel.is_cancelled() {
                 save(&cur, &branches, &opt)?;
-                return Err(CloudError::Cancelled(format!(
+                return Err(TrainError::Cancelled(format!(
                     "elastification cancelled at stage {stage} step {}; checkpoint kept",
                     cur.step
                 )));
@@ -338,12 +339,9 @@ pub fn elastify(
             let mut rng = step_rng(config.seed, stage as u64, step);
             let subnet = supernet
                 .spec
-                .sample_weighted(&mut rng, true, config.original_weight)
-                .cl()?;
+                .sample_weighted(&mut rng, true, config.original_weight)?;
             let idx = sampler.batch(cur.samples, config.batch);
-            let (x, y) = data
-                .batch_tensor_augmented(&idx, &transform, &mut rng, &Device::Cpu)
-                .cl()?;
+            let (x, y) = data.batch_tensor_augmented(&idx, &transform, &mut rng, &Device::Cpu)?;
             let lr = sched.lr(step);
             let loss = train_step(
                 &frozen,
@@ -357,7 +355,7 @@ pub fn elastify(
                 lr,
             )?;
             if !loss.is_finite() {
-                return Err(CloudError::Internal(format!(
+                return Err(TrainError::Internal(format!(
                     "stage {stage} diverged at step {step} (loss {loss}); lower lr_stage{stage}"
                 )));
             }
@@ -399,7 +397,7 @@ pub fn elastify(
     }
     save(&cur, &branches, &opt)?;
     for (key, m) in &branches {
-        supernet.modules.insert(*key, m.snapshot().cl()?);
+        supernet.modules.insert(*key, m.snapshot()?);
     }
     Ok(ElastifyOutcome { supernet, report })
 }
@@ -412,7 +410,7 @@ pub fn elastify(
 fn frozen_folded(sn: &Supernet) -> Result<Supernet> {
     let mut f = sn.clone();
     f.modules.retain(|&(_, id), _| id == 0);
-    f.fold().cl()?;
+    f.fold()?;
     Ok(f)
 }
 
@@ -441,7 +439,7 @@ fn train_step(
     let first = path
         .iter()
         .position(|s| s.1 != 0)
-        .ok_or_else(|| CloudError::Internal(format!("sampled subnet {subnet} uses no branch")))?;
+        .ok_or_else(|| TrainError::Internal(format!("sampled subnet {subnet} uses no branch")))?;
     let last_end = path
         .iter()
         .filter(|s| s.1 != 0)
@@ -451,9 +449,9 @@ fn train_step(
     // The frozen oracle's features at every block boundary needed (no variables involved:
     // these carry no gradient).
     let need = if stage == 0 { last_end } else { n };
-    let mut teacher = vec![sn.forward_stem(x).cl()?];
+    let mut teacher = vec![sn.forward_stem(x)?];
     for i in 0..need {
-        let t = sn.forward_module(i, 0, &teacher[i]).cl()?;
+        let t = sn.forward_module(i, 0, &teacher[i])?;
         teacher.push(t);
     }
     // Up to the first branch the path is the oracle's: start from its feature.
@@ -470,11 +468,11 @@ fn train_step(
             if stage == 0 && config.stage0_detach_inputs {
                 h = h.detach();
             }
-            h = sn.forward_module(pos, 0, &h).cl()?;
+            h = sn.forward_module(pos, 0, &h)?;
             continue;
         }
         let m = branches.get(&(pos, id)).ok_or_else(|| {
-            CloudError::Internal(format!("branch {} missing", module_name(pos, id)))
+            TrainError::Internal(format!("branch {} missing", module_name(pos, id)))
         })?;
         let input = if stage == 0 && config.stage0_detach_inputs {
             h.detach()
@@ -482,60 +480,54 @@ fn train_step(
             h
         };
         let mut ctx = TrainCtx::new(BN_MOMENTUM);
-        h = sn
-            .forward_module_train(pos, id, &m.params(), &input, &mut ctx)
-            .cl()?;
+        h = sn.forward_module_train(pos, id, &m.params(), &input, &mut ctx)?;
         used.push(((pos, id), ctx));
         if stage == 0 {
-            terms.push(mse(&h, &teacher[pos + span]).cl()?);
+            terms.push(mse(&h, &teacher[pos + span])?);
         }
     }
     let loss = if stage == 0 {
         let k = terms.len() as f64;
         Tensor::stack(&terms, 0)
             .and_then(|t| t.sum_all())
-            .and_then(|t| t.affine(1.0 / k, 0.0))
-            .cl()?
+            .and_then(|t| t.affine(1.0 / k, 0.0))?
     } else {
-        let logits = sn.forward_head(&h).cl()?;
-        let t_logits = sn.forward_head(&teacher[n]).cl()?;
-        let ce = cross_entropy(&logits, y).cl()?;
-        let kd = kd_loss(&logits, &t_logits, config.temperature).cl()?;
-        (ce.affine(config.ce_weight, 0.0).cl()? + kd.affine(1.0 - config.ce_weight, 0.0).cl()?)
-            .cl()?
+        let logits = sn.forward_head(&h)?;
+        let t_logits = sn.forward_head(&teacher[n])?;
+        let ce = cross_entropy(&logits, y)?;
+        let kd = kd_loss(&logits, &t_logits, config.temperature)?;
+        (ce.affine(config.ce_weight, 0.0)? + kd.affine(1.0 - config.ce_weight, 0.0)?)?
     };
-    let grads = loss.backward().cl()?;
+    let grads = loss.backward()?;
     let mut vars = Vec::new();
     for ((pos, id), _) in &used {
         vars.extend(branches[&(*pos, *id)].named_vars(&module_name(*pos, *id)));
     }
-    opt.step(&vars, &grads, lr).cl()?;
+    opt.step(&vars, &grads, lr)?;
     for (key, mut ctx) in used {
         if let Some(m) = branches.get_mut(&key) {
             m.apply(&mut ctx);
         }
     }
-    loss.to_scalar::<f32>().map(f64::from).cl()
+    Ok(f64::from(loss.to_scalar::<f32>()?))
 }
 
 /// Stage-0 loss of `subnet` in eval mode on `x`: mean over its branches of the feature MSE
 /// against the oracle (the supernet's own original blocks) at the same block boundary.
 pub fn feature_mse(sn: &Supernet, subnet: &Subnet, x: &Tensor) -> Result<f64> {
-    sn.spec.validate(subnet).cl()?;
-    let mut teacher = vec![sn.forward_stem(x).cl()?];
+    sn.spec.validate(subnet)?;
+    let mut teacher = vec![sn.forward_stem(x)?];
     for i in 0..sn.spec.num_positions() {
-        let t = sn.forward_module(i, 0, &teacher[i]).cl()?;
+        let t = sn.forward_module(i, 0, &teacher[i])?;
         teacher.push(t);
     }
     let mut h = teacher[0].clone();
     let (mut sum, mut k) = (0.0, 0);
     for (pos, id) in subnet.steps() {
-        h = sn.forward_module(pos, id, &h).cl()?;
+        h = sn.forward_module(pos, id, &h)?;
         if id != 0 {
             let span = sn.spec.choice(pos, id).map_or(1, |c| c.span);
-            sum += mse(&h, &teacher[pos + span])
-                .and_then(|t| t.to_scalar::<f32>())
-                .cl()? as f64;
+            sum += mse(&h, &teacher[pos + span]).and_then(|t| t.to_scalar::<f32>())? as f64;
             k += 1;
         }
     }
@@ -550,12 +542,12 @@ fn encode(
 ) -> Result<Vec<u8>> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (&(pos, id), m) in branches {
-        for (n, t) in m.snapshot().cl()? {
+        for (n, t) in m.snapshot()? {
             tensors.push((format!("branch.{}.{n}", module_name(pos, id)), t));
         }
     }
     for (n, t) in &opt.slots {
-        tensors.push((format!("opt.{n}"), t.contiguous().cl()?));
+        tensors.push((format!("opt.{n}"), t.contiguous()?));
     }
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
@@ -570,7 +562,7 @@ fn encode(
     meta.insert("losses".to_string(), to_json(&cur.losses)?);
     meta.insert("opt_steps".to_string(), to_json(&opt.steps)?);
     safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
-        .map_err(|e| CloudError::Internal(format!("checkpoint serialisation: {e}")))
+        .map_err(|e| TrainError::Internal(format!("checkpoint serialisation: {e}")))
 }
 
 fn restore(

@@ -10,7 +10,7 @@
 //! refreshes the blob's time, and the collector re-checks that time right before deleting.
 use std::time::{Duration, SystemTime};
 
-use super::BlobStore;
+use crate::blobs::BlobStore;
 use crate::error::Result;
 use crate::store::Store;
 

@@ -1,0 +1,335 @@
+//! 1×1 convolution (stride 1, no padding) as a direct GEMM on NCHW with a pre-packed weight:
+//! `out[n] [O, P] = act(W [O, C] · x[n] [C, P] + bias + residual[n])`.
+//!
+//! The weight is packed once ([`pack`], when a module is installed) into panels of [`MR`]
+//! output channels, channel-major inside a panel, so the micro-kernel reads it as one
+//! contiguous stream. The input needs no packing: in NCHW each input channel is a contiguous
+//! row of `P` pixels, and the 6×16 AVX2 micro-kernel (12 accumulators; the shape of MLAS's
+//! SGEMM kernels) loads 16 pixels of a row and broadcasts 6 weights per reduction step.
+//! Bias, activation and the residual add are applied to the tile in registers before its only
+//! store: no zero-fill, no second pass over the output.
+
+use crate::geom::Geom;
+use crate::{threads, Activation};
+
+/// Output channels per weight panel (rows of the micro-kernel).
+pub const MR: usize = 6;
+/// Pixels per micro-kernel tile.
+const NR: usize = 16;
+/// Reduction block: at most this many input channels per pass over a tile, so the input
+/// block (`KC` rows of `NR` pixels) stays in L1 while all panels of `W` pass over it.
+const KC: usize = 256;
+
+/// Length of the packed form of an `[O, C]` weight.
+pub fn packed_len(o: usize, c: usize) -> usize {
+    o.div_ceil(MR) * MR * c
+}
+
+/// Packs `w [O, C]` (row-major) into panels `[O/MR][C][MR]`, the last panel zero-padded.
+pub fn pack(w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    assert_eq!(w.len(), o * c, "pointwise pack: weight length");
+    let mut out = vec![0f32; packed_len(o, c)];
+    for (pi, panel) in out.chunks_exact_mut(MR * c).enumerate() {
+        for r in 0..MR.min(o - pi * MR) {
+            let row = &w[(pi * MR + r) * c..][..c];
+            for (k, v) in row.iter().enumerate() {
+                panel[k * MR + r] = *v;
+            }
+        }
+    }
+    out
+}
+
+/// Whether the direct kernel runs on this CPU (else callers keep the GEMM-crate path).
+pub(crate) fn supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The operands of one pointwise conv call.
+pub(crate) struct Pointwise<'a> {
+    pub x: &'a [f32],
+    /// [`pack`]ed weight.
+    pub w: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub residual: Option<&'a [f32]>,
+    pub act: Activation,
+}
+
+/// Runs the conv of geometry `g` (1×1, stride 1, unpadded, one group) into `out [N, O, P]`
+/// (a portable loop where [`supported`] is false).
+pub(crate) fn forward(op: &Pointwise<'_>, g: &Geom, out: &mut [f32]) {
+    let (c, o, p) = (g.c, g.o, g.p());
+    assert!(g.identity_1x1 && g.groups == 1);
+    let fast = supported();
+    assert!(op.x.len() >= g.n * c * p && out.len() >= g.n * o * p);
+    assert!(op.w.len() >= packed_len(o, c));
+    assert!(op.bias.is_none_or(|b| b.len() >= o));
+    assert!(op.residual.is_none_or(|r| r.len() >= g.n * o * p));
+    let t = threads::for_flops(g.flops());
+    let np = o.div_ceil(MR);
+    let outp = SendPtr(out.as_mut_ptr());
+    // Image `i`, output rows of `panels`. Workers write disjoint rows (or images) through
+    // the raw pointer; every row they store lies in `out` (lengths asserted above).
+    let image = |i: usize, panels: std::ops::Range<usize>| {
+        let xi = &op.x[i * c * p..][..c * p];
+        let ri = op.residual.map(|r| &r[i * o * p..][..o * p]);
+        let dims = (c, o, p);
+        let dst = outp.get().wrapping_add(i * o * p);
+        if !fast {
+            // SAFETY: operand lengths asserted above; rows of `panels` only.
+            return unsafe { image_portable(xi, op.w, op.bias, ri, op.act, dims, dst, panels) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `supported` checked avx2 + fma; operand lengths asserted above.
+        unsafe {
+            avx::image(xi, op.w, op.bias, ri, op.act, dims, dst, panels)
+        };
+    };
+    if t <= 1 || (g.n == 1 && np == 1) {
+        (0..g.n).for_each(|i| image(i, 0..np));
+    } else if g.n >= t {
+        threads::map_ranges(g.n, t, |r| r.for_each(|i| image(i, 0..np)));
+    } else {
+        // Few images: split each image's output channels (whole panels) across workers.
+        for i in 0..g.n {
+            threads::map_ranges(np, t, |panels| image(i, panels));
+        }
+    }
+}
+
+/// [`forward`]'s image without SIMD (CPUs without AVX2 + FMA).
+///
+/// # Safety
+/// `out` must hold `O * P` writable elements not accessed elsewhere for the rows of `panels`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn image_portable(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    act: Activation,
+    (c, o, p): (usize, usize, usize),
+    out: *mut f32,
+    panels: std::ops::Range<usize>,
+) {
+    for pi in panels {
+        for row in pi * MR..(pi * MR + MR).min(o) {
+            // SAFETY: row `row` of the `O x P` output (caller's contract).
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.add(row * p), p) };
+            dst.fill(bias.map_or(0.0, |b| b[row]));
+            for k in 0..c {
+                let a = w[pi * MR * c + k * MR + row - pi * MR];
+                for (d, v) in dst.iter_mut().zip(&x[k * p..][..p]) {
+                    *d += a * *v;
+                }
+            }
+            if let Some(r) = residual {
+                for (d, v) in dst.iter_mut().zip(&r[row * p..][..p]) {
+                    *d += *v;
+                }
+            }
+            match act {
+                Activation::None => {}
+                Activation::Relu => dst.iter_mut().for_each(|v| *v = v.max(0.0)),
+                Activation::Relu6 => dst.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
+            }
+        }
+    }
+}
+
+/// A raw output pointer handed to workers that write disjoint rows.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for disjoint writes inside one scoped parallel call.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{KC, MR, NR};
+    use crate::Activation;
+
+    #[inline(always)]
+    unsafe fn activate(v: __m256, act: Activation) -> __m256 {
+        // SAFETY: callers run with avx2 enabled.
+        unsafe {
+            match act {
+                Activation::None => v,
+                Activation::Relu => _mm256_max_ps(v, _mm256_setzero_ps()),
+                Activation::Relu6 => {
+                    _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), _mm256_set1_ps(6.0))
+                }
+            }
+        }
+    }
+
+    /// Lane mask of the first `n` (0..=8) lanes.
+    #[inline(always)]
+    unsafe fn mask(n: usize) -> __m256i {
+        // SAFETY: callers run with avx2 enabled.
+        unsafe {
+            let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx)
+        }
+    }
+
+    /// The epilogue of one tile.
+    struct Tail<'a> {
+        bias: Option<&'a [f32]>,
+        residual: Option<*const f32>,
+        act: Activation,
+        /// Whether this k-block is the first (start from zero) and the last (finish).
+        first: bool,
+        last: bool,
+    }
+
+    /// One `MR × (NV*8)` tile over `kc` reduction steps: `a` the panel (`[kc][MR]`), `b` the
+    /// input at row pitch `ldb`, `dst` the output at pitch `ldd`; `rows` valid output rows,
+    /// `cols` valid columns (masked when < NV*8).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const NV: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        dst: *mut f32,
+        ldd: usize,
+        rows: usize,
+        cols: usize,
+        t: &Tail<'_>,
+        row0: usize,
+    ) {
+        // SAFETY: callers pass pointers valid for `rows` x `cols` (masked past `cols`) and
+        // `kc` reduction steps, with avx2 + fma enabled.
+        unsafe {
+            let full = cols == NV * 8;
+            let m = [mask(cols.min(8)), mask(cols.saturating_sub(8))];
+            let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+            if !t.first {
+                for (r, ar) in acc.iter_mut().enumerate().take(rows) {
+                    for (q, v) in ar.iter_mut().enumerate() {
+                        let p = dst.add(r * ldd + q * 8);
+                        *v = if full {
+                            _mm256_loadu_ps(p)
+                        } else {
+                            _mm256_maskload_ps(p, m[q])
+                        };
+                    }
+                }
+            }
+            for k in 0..kc {
+                let bp = b.add(k * ldb);
+                let mut bv = [_mm256_setzero_ps(); NV];
+                for (q, v) in bv.iter_mut().enumerate() {
+                    *v = if full {
+                        _mm256_loadu_ps(bp.add(q * 8))
+                    } else {
+                        _mm256_maskload_ps(bp.add(q * 8), m[q])
+                    };
+                }
+                let ap = a.add(k * MR);
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*ap.add(r));
+                    for (q, v) in ar.iter_mut().enumerate() {
+                        *v = _mm256_fmadd_ps(av, bv[q], *v);
+                    }
+                }
+            }
+            for (r, ar) in acc.iter().enumerate().take(rows) {
+                let bias = if t.last {
+                    _mm256_set1_ps(t.bias.map_or(0.0, |b| b[row0 + r]))
+                } else {
+                    _mm256_setzero_ps()
+                };
+                for (q, v) in ar.iter().enumerate() {
+                    let mut v = *v;
+                    if t.last {
+                        v = _mm256_add_ps(v, bias);
+                        if let Some(res) = t.residual {
+                            let p = res.add(r * ldd + q * 8);
+                            let rv = if full {
+                                _mm256_loadu_ps(p)
+                            } else {
+                                _mm256_maskload_ps(p, m[q])
+                            };
+                            v = _mm256_add_ps(v, rv);
+                        }
+                        v = activate(v, t.act);
+                    }
+                    let p = dst.add(r * ldd + q * 8);
+                    if full {
+                        _mm256_storeu_ps(p, v);
+                    } else {
+                        _mm256_maskstore_ps(p, m[q], v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One image: `out [O, P]` rows of `panels` only.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn image(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        act: Activation,
+        (c, o, p): (usize, usize, usize),
+        op: *mut f32,
+        panels: Range<usize>,
+    ) {
+        // SAFETY: every tile lies inside `x`, `w`, `residual` and the `O x P` output.
+        unsafe {
+            let (xp, wp) = (x.as_ptr(), w.as_ptr());
+            let rp = residual.map(|r| r.as_ptr());
+            let mut k0 = 0;
+            while k0 < c {
+                let kc = KC.min(c - k0);
+                let mut j = 0;
+                while j < p {
+                    let cols = NR.min(p - j);
+                    for pi in panels.clone() {
+                        let row0 = pi * MR;
+                        let rows = MR.min(o - row0);
+                        let t = Tail {
+                            bias,
+                            residual: rp.map(|r| r.add(row0 * p + j)),
+                            act,
+                            first: k0 == 0,
+                            last: k0 + kc == c,
+                        };
+                        let a = wp.add(pi * MR * c + k0 * MR);
+                        let b = xp.add(k0 * p + j);
+                        let d = op.add(row0 * p + j);
+                        if cols > 8 {
+                            tile::<2>(kc, a, b, p, d, p, rows, cols, &t, row0);
+                        } else {
+                            tile::<1>(kc, a, b, p, d, p, rows, cols, &t, row0);
+                        }
+                    }
+                    j += NR;
+                }
+                k0 += kc;
+            }
+        }
+    }
+}
