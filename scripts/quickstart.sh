@@ -9,6 +9,10 @@
 #   scripts/quickstart.sh --postgres         # PostgreSQL: a fresh database on 127.0.0.1:5432
 #                                            # (created with psql, dropped at the end)
 #   scripts/quickstart.sh --postgres URL     # PostgreSQL at URL (an empty database you own)
+#   scripts/quickstart.sh --console          # also serve the operator console (web UI) on
+#                                            # 127.0.0.1:$QS_CONSOLE_PORT (default 8080), print
+#                                            # its address and viewer token, and keep it up
+#                                            # after the run until Ctrl-C
 #
 # Output (logs, per-device state, SVG plots) goes to $QS_OUT (default <repo>/.run/quickstart).
 #
@@ -24,12 +28,15 @@ PORT="${ADAPTIVENET_PORT:-50151}"
 ENDPOINT="http://127.0.0.1:$PORT"
 PG_URL=""      # set by --postgres
 PG_DROP=""     # a database this script created (dropped on exit)
+CONSOLE=""     # set by --console
+CONSOLE_ADDR="127.0.0.1:${QS_CONSOLE_PORT:-8080}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --postgres)
       if [ -n "${2:-}" ] && [ "${2#--}" = "$2" ]; then PG_URL="$2"; shift; else PG_URL="fresh"; fi ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $1 (use --postgres [URL])" >&2; exit 2 ;;
+    --console) CONSOLE=1 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (use --postgres [URL], --console)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -92,10 +99,16 @@ ADMIN=$(RUST_LOG=warn "${CLOUD[@]}" token create-api --role admin --description 
 VIEWER=$(RUST_LOG=warn "${CLOUD[@]}" token create-api --role viewer --description dashboard | awk '/^token:/ {print $2}')
 FLEET=$(RUST_LOG=warn "${CLOUD[@]}" fleet create demo-fleet | tail -n 1)
 ENROLL=$(RUST_LOG=warn "${CLOUD[@]}" token create-enrollment --fleet demo-fleet --uses 3 | awk '/^token:/ {print $2}')
-"${CLOUD[@]}" serve --listen "127.0.0.1:$PORT" --workers 1 --dataset-root "$ADAPTIVENET_ASSETS" > "$RUN/cloud.log" 2>&1 &
+WEB_ARGS=()
+[ -n "$CONSOLE" ] && WEB_ARGS=(--web-listen "$CONSOLE_ADDR")
+"${CLOUD[@]}" serve --listen "127.0.0.1:$PORT" --workers 1 --dataset-root "$ADAPTIVENET_ASSETS" "${WEB_ARGS[@]}" > "$RUN/cloud.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 50); do grep -q "cloud-server ready" "$RUN/cloud.log" && break; sleep 0.2; done
 CLIENT=("$BIN/cloud-server" client --endpoint "$ENDPOINT" --token "$ADMIN")
+console_banner() {
+  echo "operator console: http://$CONSOLE_ADDR/  (sign in with the viewer token: $VIEWER)"
+}
+[ -n "$CONSOLE" ] && console_banner
 
 step "upload the oracle and elastify it as a job"
 ORACLE=$("${CLIENT[@]}" upload --name resnet20-fmnist --arch "$RUN/oracle/oracle.arch.json" "$RUN/oracle/oracle.safetensors" | awk '{print $3}')
@@ -161,3 +174,10 @@ for name in phone camera gateway; do
 done
 
 echo; echo "quickstart finished in $(( $(date +%s) - T0 )) s after the build; logs in $RUN"
+
+if [ -n "$CONSOLE" ]; then
+  step "operator console"
+  console_banner
+  echo "the cloud keeps serving it; press Ctrl-C to stop"
+  wait "${PIDS[0]}" || true
+fi

@@ -24,6 +24,14 @@ else
   echo "PostgreSQL at 127.0.0.1:5432 unreachable: PostgreSQL tests print a skip reason"
 fi
 
+echo "== browser (Chromium + ChromeDriver: the operator console's WebDriver test runs in the tests below)"
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+fi
+# Installed: the console test must not skip.
+export ADAPTIVENET_REQUIRE_BROWSER=1
+
 echo "== fmt"
 cargo fmt --all -- --check
 echo "== no dataset constants"
@@ -34,6 +42,7 @@ echo "== clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== tests"
 cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/adaptivenet-test.log
+echo "operator console screenshots (cloud-server/tests/console.rs): $CARGO_TARGET_DIR/console-screenshots/"
 echo "== hostile-client suite: attack | expected | observed"
 cargo test -p adaptivenet-tests --test hostile -- --nocapture 2>&1 | grep -E '^\|' | awk '!seen[$0]++'
 echo "== TLS (cargo feature tls: real gRPC over rustls; server, CLI client, edge agent, mutual TLS)"

@@ -676,8 +676,23 @@ pub struct AggregateGroup {
     pub latency_p95_ms: Distribution,
     pub quality: Distribution,
     pub within_budget_fraction: f64,
+    /// Fraction of devices whose p50 is within budget: beside the p95 share, so a fleet
+    /// whose typical latency is fine but whose tail is not reads as such.
+    pub within_budget_p50_fraction: f64,
     /// (subnet code, devices), most common first.
     pub subnets: Vec<(String, u32)>,
+    /// Per subnet of the group: the medians of its devices' latency and quality (the
+    /// accuracy-latency chart's marks). Floored like groups: under k devices, dropped.
+    pub points: Vec<SubnetPoint>,
+}
+
+/// The devices of one (supernet, device class) group that serve one subnet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubnetPoint {
+    pub subnet: String,
+    pub devices: u32,
+    pub latency_p50_ms: f64,
+    pub quality: f64,
 }
 
 /// Fleet-wide aggregates.
@@ -705,6 +720,7 @@ impl FleetAggregates {
         self.suppressed_devices += drop.iter().map(|g| g.devices).sum::<u32>();
         self.groups = keep;
         for g in &mut self.groups {
+            g.points.retain(|p| p.devices >= k);
             if g.devices < k.saturating_mul(2) {
                 g.latency_p50_ms.suppress_extremes();
                 g.latency_p95_ms.suppress_extremes();

@@ -17,6 +17,7 @@
 //! - [`api`]: the gRPC services; the only module that sees prost types.
 //! - [`ops`]: metrics, load shedding and the metrics endpoint.
 //! - [`server`]: assembling services, health, reflection, background tasks and shutdown.
+//! - [`web`]: the read-only operator console (`serve --web-listen`), assets embedded.
 //!
 //! Architecture invariants: prost types never leave `api`; every domain failure becomes a
 //! status code through [`error::CloudError::code`] only; no upload, blob or checkpoint is
@@ -37,6 +38,7 @@ pub mod rollout;
 pub mod server;
 pub mod store;
 pub mod validate;
+pub mod web;
 
 pub use app::{App, Config};
 pub use error::{CloudError, Result};

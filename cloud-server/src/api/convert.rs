@@ -224,6 +224,17 @@ pub fn aggregate_group(g: &AggregateGroup) -> pb::AggregateGroup {
         latency_p95_ms: Some(distribution(&g.latency_p95_ms)),
         quality: Some(distribution(&g.quality)),
         within_budget_fraction: g.within_budget_fraction,
+        within_budget_p50_fraction: g.within_budget_p50_fraction,
+        points: g
+            .points
+            .iter()
+            .map(|p| pb::SubnetPoint {
+                subnet: p.subnet.clone(),
+                devices: p.devices,
+                latency_p50_ms: p.latency_p50_ms,
+                quality: p.quality,
+            })
+            .collect(),
         subnets: g
             .subnets
             .iter()

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 
 use uuid::Uuid;
 
-use crate::auth::Access;
-use crate::domain::{parse_id, FleetEventKind, Page, Role};
+use crate::auth::{Access, Principal};
+use crate::domain::{parse_id, Device, FleetAggregates, FleetEventKind, Page, Role};
 
 /// Implements `DashboardService` over an [`App`].
 #[derive(Clone, Debug)]
@@ -35,6 +35,38 @@ fn opt_fleet(s: &str) -> crate::error::Result<Option<uuid::Uuid>> {
         Ok(None)
     } else {
         Ok(Some(parse_id("fleet_id", s)?))
+    }
+}
+
+/// A page of devices as `p` may see them: viewers get no per-device latency, which would
+/// single a device out of the aggregates. The operator console reads through this too.
+pub(crate) async fn devices_for(
+    app: &App,
+    p: &Principal,
+    page: Page,
+    fleet: Option<Uuid>,
+) -> crate::error::Result<Vec<Device>> {
+    let mut list = app.store().list_devices(page, fleet).await?;
+    if p.role() == Role::Viewer {
+        for d in &mut list {
+            d.latency_p50_ms = 0.0;
+            d.latency_p95_ms = 0.0;
+        }
+    }
+    Ok(list)
+}
+
+/// The aggregates `p` may see: floored at k, and for viewers the snapshot that moves in
+/// steps of k reports (see `App::viewer_fleet_aggregates`). Shared with the console.
+pub(crate) async fn aggregates_for(
+    app: &App,
+    p: &Principal,
+    fleet: Option<Uuid>,
+) -> crate::error::Result<FleetAggregates> {
+    if p.role() == Role::Viewer {
+        app.viewer_fleet_aggregates(fleet).await
+    } else {
+        app.fleet_aggregates(fleet).await
     }
 }
 
@@ -72,14 +104,7 @@ impl DashboardService for DashboardApi {
         })
         .await?;
         let page = page_of(&r.page)?;
-        let mut list = self.app.store().list_devices(page, fleet).await?;
-        if p.role() == Role::Viewer {
-            // Per-device performance would single a device out of the aggregates.
-            for d in &mut list {
-                d.latency_p50_ms = 0.0;
-                d.latency_p95_ms = 0.0;
-            }
-        }
+        let list = devices_for(&self.app, &p, page, fleet).await?;
         Ok(Response::new(pb::ListDevicesResponse {
             next_page_token: page.next_token(list.len()),
             devices: list.iter().map(convert::device).collect(),
@@ -120,11 +145,7 @@ impl DashboardService for DashboardApi {
             opt_fleet(&req.get_ref().fleet_id)
         })
         .await?;
-        let a = if p.role() == Role::Viewer {
-            self.app.viewer_fleet_aggregates(fleet).await?
-        } else {
-            self.app.fleet_aggregates(fleet).await?
-        };
+        let a = aggregates_for(&self.app, &p, fleet).await?;
         Ok(Response::new(convert::aggregates(&a)))
     }
 

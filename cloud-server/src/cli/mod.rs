@@ -56,6 +56,10 @@ enum Cmd {
         /// Prometheus metrics endpoint (`GET /metrics`).
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
+        /// Serve the read-only operator console (a web UI; sign in with a viewer token or
+        /// better) on this address, e.g. 127.0.0.1:8080. Off unless given.
+        #[arg(long)]
+        web_listen: Option<SocketAddr>,
         /// In-process job workers (0: only separate `worker` processes run jobs).
         #[arg(long, default_value_t = 1)]
         workers: usize,
@@ -406,6 +410,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Serve {
             listen,
             metrics_listen,
+            web_listen,
             workers,
             max_concurrent_requests,
             max_oracle_mib,
@@ -476,8 +481,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     app.shutdown_token().clone(),
                 ));
             }
+            let web = match web_listen {
+                Some(a) => Some(tokio::net::TcpListener::bind(a).await?),
+                None => None,
+            };
             let handle =
                 server::start(app, listener, Some(Arc::new(ElastifyRunner)), ml, tls).await?;
+            if let Some(l) = web {
+                tokio::spawn(adaptivenet_cloud::web::run(handle.app().clone(), l));
+            }
             tracing::info!(addr = %handle.addr, metrics = ?handle.metrics_addr, "cloud-server ready");
             adaptivenet_proto::shutdown::signal().await?;
             tracing::info!("draining");

@@ -10,7 +10,7 @@ use crate::domain::rollout::RolloutState;
 use crate::domain::{
     now_ms, AdaptationReason, AggregateGroup, BudgetPolicy, DesiredState, Device, DeviceClass,
     DeviceStatus, Distribution, Fleet, FleetAggregates, Heartbeat, InstallFailure, Page, Report,
-    ServingReason,
+    ServingReason, SubnetPoint,
 };
 use crate::error::{CloudError, Result};
 
@@ -368,7 +368,10 @@ impl Store {
             p95: Vec<f64>,
             quality: Vec<f64>,
             within: u32,
+            within_p50: u32,
             subnets: BTreeMap<String, u32>,
+            /// subnet -> (p50s, qualities)
+            points: BTreeMap<String, (Vec<f64>, Vec<f64>)>,
         }
         let mut groups: BTreeMap<(Uuid, i32), Acc> = BTreeMap::new();
         for r in &rows {
@@ -377,15 +380,24 @@ impl Store {
                 r.try_get::<i64, _>("device_class")? as i32,
             );
             let a = groups.entry(key).or_default();
+            let p50: f64 = r.try_get("p50")?;
             let p95: f64 = r.try_get("p95")?;
             let budget: f64 = r.try_get("budget")?;
-            a.p50.push(r.try_get("p50")?);
+            let quality: f64 = r.try_get("quality")?;
+            let subnet: String = r.try_get("active_subnet")?;
+            a.p50.push(p50);
             a.p95.push(p95);
-            a.quality.push(r.try_get("quality")?);
+            a.quality.push(quality);
             if budget > 0.0 && p95 <= budget {
                 a.within += 1;
             }
-            *a.subnets.entry(r.try_get("active_subnet")?).or_default() += 1;
+            if budget > 0.0 && p50 <= budget {
+                a.within_p50 += 1;
+            }
+            let pt = a.points.entry(subnet.clone()).or_default();
+            pt.0.push(p50);
+            pt.1.push(quality);
+            *a.subnets.entry(subnet).or_default() += 1;
         }
         for ((supernet_id, class), mut a) in groups {
             let n = a.p50.len() as u32;
@@ -399,7 +411,18 @@ impl Store {
                 latency_p95_ms: Distribution::of(&mut a.p95),
                 quality: Distribution::of(&mut a.quality),
                 within_budget_fraction: a.within as f64 / n.max(1) as f64,
+                within_budget_p50_fraction: a.within_p50 as f64 / n.max(1) as f64,
                 subnets,
+                points: a
+                    .points
+                    .into_iter()
+                    .map(|(subnet, (mut l, mut q))| SubnetPoint {
+                        subnet,
+                        devices: l.len() as u32,
+                        latency_p50_ms: Distribution::of(&mut l).p50,
+                        quality: Distribution::of(&mut q).p50,
+                    })
+                    .collect(),
             });
         }
         Ok(agg)

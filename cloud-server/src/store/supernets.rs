@@ -251,6 +251,27 @@ impl Store {
         })
     }
 
+    /// Every label (of `fleet`, or of all fleets), by fleet and label name.
+    pub async fn list_labels(&self, fleet: Option<Uuid>) -> Result<Vec<Label>> {
+        let rows = sqlx::query(
+            "SELECT fleet_id, label, supernet_id, updated_ms FROM fleet_labels \
+             WHERE ($1 IS NULL OR fleet_id = $1) ORDER BY fleet_id, label",
+        )
+        .bind(fleet.map(|f| f.to_string()))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Label {
+                    fleet_id: get_uuid(r, "fleet_id")?,
+                    label: r.try_get("label")?,
+                    supernet_id: get_uuid(r, "supernet_id")?,
+                    updated_ms: r.try_get("updated_ms")?,
+                })
+            })
+            .collect()
+    }
+
     /// The supernet a label of a fleet points at.
     pub async fn resolve_label(&self, fleet_id: Uuid, label: &str) -> Result<Option<Uuid>> {
         let row =

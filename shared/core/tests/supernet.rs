@@ -452,3 +452,19 @@ fn bn_recalibration_fits_the_path_statistics_to_the_data() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn cost_range_matches_brute_force() {
+    let spec = supernet_spec(&resnet20().spec, &all_branches());
+    let (mut pmin, mut pmax, mut mmin, mut mmax) = (u64::MAX, 0, u64::MAX, 0);
+    for s in spec.enumerate(1_000_000).unwrap() {
+        let m = spec.subnet_spec(&s).unwrap();
+        let (p, c) = (m.num_params(), m.macs());
+        (pmin, pmax, mmin, mmax) = (pmin.min(p), pmax.max(p), mmin.min(c), mmax.max(c));
+    }
+    assert_eq!(spec.cost_range(), ((pmin, pmax), (mmin, mmax)));
+    // The all-original subnet is the oracle, so the range spans its cost.
+    let o = &resnet20().spec;
+    assert!(pmin < o.num_params() && o.num_params() <= pmax);
+    assert!(mmin < o.macs() && o.macs() <= mmax);
+}

@@ -97,10 +97,11 @@ pub(super) async fn aggregates(ep: Endpoint, token: &str, fleet: String) -> anyh
             .unwrap_or_default()
         };
         println!(
-            "supernet {} class {:?}: {} devices, {:.0}% within budget",
+            "supernet {} class {:?}: {} devices, within budget {:.0}% by p50, {:.0}% by p95",
             g.supernet_id,
             pb::DeviceClass::try_from(g.device_class).unwrap_or_default(),
             g.devices,
+            100.0 * g.within_budget_p50_fraction,
             100.0 * g.within_budget_fraction
         );
         println!("  latency p50 ms: {}", dist(g.latency_p50_ms));

@@ -110,6 +110,49 @@ impl SupernetSpec {
         Ok(())
     }
 
+    /// The smallest and largest (parameters, MACs) of any subnet, each minimised and
+    /// maximised on its own (dynamic programming over positions; no enumeration, so it
+    /// holds for spaces far too large to list). `((params_min, params_max), (macs_min,
+    /// macs_max))`, MACs at the oracle's default input size.
+    pub fn cost_range(&self) -> ((u64, u64), (u64, u64)) {
+        let o = &self.oracle;
+        let [_, h, w] = o.input;
+        let shapes = o.block_shapes(h, w);
+        let last = shapes.last().expect("block_shapes is never empty");
+        let fixed_params =
+            count_params(&o.stem.param_shapes()) + count_params(&o.head.param_shapes());
+        let fixed_macs = o.stem.macs(&o.numerics, h, w) + o.head.macs(last[1], last[2]);
+        let n = self.num_positions();
+        // best[i] = (min params, max params, min macs, max macs) from position i to the end.
+        let mut best: Vec<Option<[u64; 4]>> = vec![None; n + 1];
+        best[n] = Some([0; 4]);
+        for i in (0..n).rev() {
+            let [_, hi, wi] = shapes[i];
+            for c in self.positions[i].iter().filter(|c| i + c.span <= n) {
+                let Some(rest) = best[i + c.span] else {
+                    continue;
+                };
+                let p = count_params(&c.block.param_shapes());
+                let m = c.block.macs(&o.numerics, hi, wi);
+                let v = [rest[0] + p, rest[1] + p, rest[2] + m, rest[3] + m];
+                best[i] = Some(match best[i] {
+                    None => v,
+                    Some(b) => [
+                        b[0].min(v[0]),
+                        b[1].max(v[1]),
+                        b[2].min(v[2]),
+                        b[3].max(v[3]),
+                    ],
+                });
+            }
+        }
+        let b = best[0].unwrap_or([0; 4]);
+        (
+            (fixed_params + b[0], fixed_params + b[1]),
+            (fixed_macs + b[2], fixed_macs + b[3]),
+        )
+    }
+
     /// Exact number of subnets (dynamic programming over positions).
     pub fn count(&self) -> u128 {
         let n = self.num_positions();
