@@ -425,6 +425,7 @@ async fn console_in_a_real_browser() {
                     latency_p95_ms: p50 * 1.3,
                     last_adaptation_reason: reason,
                     applied_generation: 1,
+                    ..Default::default()
                 },
                 &e.device_credential,
             ))

@@ -425,12 +425,16 @@ pub async fn rollouts(app: &App, md: &MetadataMap, fleet: Option<Uuid>) -> Resul
     let names = supernet_names(
         app,
         list.iter()
-            .flat_map(|r| [r.from_supernet_id, r.to_supernet_id])
+            .flat_map(|(r, _)| [r.from_supernet_id, r.to_supernet_id])
             .collect(),
     )
     .await?;
     let mut fleets: HashMap<Uuid, String> = HashMap::new();
-    for f in list.iter().map(|r| r.fleet_id).collect::<BTreeSet<_>>() {
+    for f in list
+        .iter()
+        .map(|(r, _)| r.fleet_id)
+        .collect::<BTreeSet<_>>()
+    {
         fleets.insert(f, app.store().get_fleet(f).await?.name);
     }
     let mut s = String::from("<h2 id=\"view-title\">Rollouts</h2>");
@@ -438,8 +442,7 @@ pub async fn rollouts(app: &App, md: &MetadataMap, fleet: Option<Uuid>) -> Resul
         s += "<p class=\"empty\">No rollouts.</p>";
         return Ok(s);
     }
-    for r in &list {
-        let decisions = app.store().rollout_decisions(r.id).await?;
+    for (r, decisions) in &list {
         let steps: Vec<String> = r.steps.iter().map(step_name).collect();
         s += &format!(
             "<article class=\"rollout\" data-rollout-id=\"{}\"><h3>{} → {} <span class=\"badge rs-{}\">{}</span></h3>\
@@ -462,7 +465,7 @@ pub async fn rollouts(app: &App, md: &MetadataMap, fleet: Option<Uuid>) -> Resul
             "<details><summary>Decisions ({})</summary><ol class=\"decisions\">",
             decisions.len()
         );
-        for d in &decisions {
+        for d in decisions {
             s += &format!(
                 "<li><time>{}</time> step {}: <strong>{}</strong> <code>{}</code></li>",
                 utc(d.at_ms),
