@@ -251,11 +251,25 @@ pub async fn serve_http(
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            // A request line may arrive in several segments: read up to the end of the
+            // headers (or a full buffer) before answering, within one 5 s budget.
             let mut buf = [0u8; 2048];
-            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
+            let mut n = 0;
+            let read_head = async {
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
             };
+            if tokio::time::timeout(Duration::from_secs(5), read_head)
+                .await
+                .is_err()
+                || n == 0
+            {
+                return;
+            }
             let req = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = if req.starts_with("GET /metrics") {
                 ("200 OK", metrics())
