@@ -1319,3 +1319,33 @@ async fn shutdown_reports_not_serving_and_ends_watches() {
     shutdown.await.expect("join").expect("clean");
     h.finish().await;
 }
+
+/// The console's job list: the newest jobs first, even when more jobs exist than it shows.
+async fn recent_jobs_newest_first(db: Db) {
+    use adaptivenet_cloud::domain::{Job, JobKind};
+    let Some(h) = Harness::start(db, |c| c.workers = 0, None).await else {
+        return;
+    };
+    let store = h.app().store();
+    let mut ids = Vec::new();
+    for i in 0..5i64 {
+        let mut job = Job::queued(
+            JobKind::TrainOracle,
+            None,
+            None,
+            format!("j{i}"),
+            "{}".into(),
+            None,
+            1,
+        );
+        job.created_ms = 1_000 + i;
+        job.updated_ms = job.created_ms;
+        store.insert_job(&job).await.expect("insert");
+        ids.push(job.id);
+    }
+    let recent = store.recent_jobs(3).await.expect("recent");
+    let got: Vec<_> = recent.iter().map(|j| j.id).collect();
+    assert_eq!(got, vec![ids[4], ids[3], ids[2]]);
+    h.finish().await;
+}
+both_backends!(recent_jobs, recent_jobs_newest_first);

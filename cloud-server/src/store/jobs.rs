@@ -117,6 +117,17 @@ impl Store {
         rows.iter().map(job_from_row).collect()
     }
 
+    /// The `limit` most recently created jobs, newest first: what an operator's view shows
+    /// (the paged `list_jobs` runs oldest first, so its first page goes stale as jobs pile up).
+    pub async fn recent_jobs(&self, limit: u32) -> Result<Vec<Job>> {
+        let q = format!("SELECT {JOB_COLS} FROM jobs ORDER BY created_ms DESC, id DESC LIMIT $1");
+        let rows = sqlx::query(&q)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
     /// Settles jobs nobody will run: cancel-requested jobs that are queued or whose lease
     /// expired become cancelled; expired jobs out of attempts become failed.
     pub async fn reap_jobs(&self, now: i64) -> Result<u64> {

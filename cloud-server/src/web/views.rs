@@ -365,11 +365,7 @@ pub async fn devices(app: &App, md: &MetadataMap, fleet: Option<Uuid>) -> Result
 /// Jobs, newest first, each row updated in place by the event stream (`events`).
 pub async fn jobs(app: &App, md: &MetadataMap) -> Result<String> {
     management(app, md, Access::Read).await?;
-    let mut list = app
-        .store()
-        .list_jobs(Page::new(LIST_LIMIT, "")?, None)
-        .await?;
-    list.reverse();
+    let list = app.store().recent_jobs(LIST_LIMIT).await?;
     let mut s = String::from(
         "<h2 id=\"view-title\">Jobs</h2><p class=\"note\" id=\"jobs-live\" aria-live=\"polite\">\
          Progress streams in while this page is open.</p><div class=\"scroll\"><table id=\"jobs\">\
