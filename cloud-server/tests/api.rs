@@ -989,16 +989,14 @@ async fn job_lease_takeover(db: Db) {
         return;
     };
     let dev = h.token(Role::Developer).await;
-    let o = upload(&h, &dev, "o", &safetensors_bytes(20, 0))
-        .await
-        .expect("upload")
-        .oracle
-        .expect("oracle");
+    let o = job_oracle(&h, &dev, "o", 20).await;
+    let dataset = job_dataset(&h, &dev).await;
     let job = h
         .developer()
         .start_elastification(authed(
             pb::StartElastificationRequest {
                 oracle_id: o.id.clone(),
+                dataset_id: dataset,
                 params_json: "{\"seed\":1}".into(),
                 ..Default::default()
             },
@@ -1109,16 +1107,14 @@ async fn job_watch_and_cancel(db: Db) {
         return;
     };
     let dev = h.token(Role::Developer).await;
-    let o = upload(&h, &dev, "o", &safetensors_bytes(20, 0))
-        .await
-        .expect("upload")
-        .oracle
-        .expect("oracle");
+    let o = job_oracle(&h, &dev, "o", 20).await;
+    let dataset = job_dataset(&h, &dev).await;
     let job = h
         .developer()
         .start_elastification(authed(
             pb::StartElastificationRequest {
                 oracle_id: o.id.clone(),
+                dataset_id: dataset.clone(),
                 ..Default::default()
             },
             &dev,
@@ -1188,6 +1184,7 @@ async fn job_watch_and_cancel(db: Db) {
         .start_elastification(authed(
             pb::StartElastificationRequest {
                 oracle_id: o.id.clone(),
+                dataset_id: dataset,
                 params_json: "[1]".into(),
                 ..Default::default()
             },

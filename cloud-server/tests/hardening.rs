@@ -15,8 +15,8 @@ use adaptivenet_cloud::gc;
 use adaptivenet_cloud::jobs::{JobContext, JobOutput, JobRunner, Worker};
 use adaptivenet_proto::v1 as pb;
 use common::{
-    authed, make_supernet, part_files, safetensors_bytes, sha256_hex, store_supernet_artifact,
-    upload, Db, Harness,
+    authed, job_dataset, job_oracle, job_oracle_weights, make_supernet, part_files,
+    safetensors_bytes, sha256_hex, store_supernet_artifact, upload, Db, Harness,
 };
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
@@ -36,18 +36,17 @@ where
     }
 }
 
-/// Uploads an oracle and queues a job on it; returns (oracle id, job id).
-async fn oracle_and_job(h: &Harness, name: &str, seed: u8) -> (String, String) {
-    let o = upload(h, &h.admin, name, &safetensors_bytes(1, seed))
-        .await
-        .expect("upload")
-        .oracle
-        .expect("oracle");
+/// Uploads an oracle and a dataset that fits it, and queues a job on them; returns (oracle
+/// id, job id).
+async fn oracle_and_job(h: &Harness, name: &str, seed: u64) -> (String, String) {
+    let o = job_oracle(h, &h.admin, name, seed).await;
+    let dataset = job_dataset(h, &h.admin).await;
     let j = h
         .developer()
         .start_elastification(authed(
             pb::StartElastificationRequest {
                 oracle_id: o.id.clone(),
+                dataset_id: dataset,
                 supernet_name: name.into(),
                 ..Default::default()
             },
@@ -201,12 +200,20 @@ async fn job_errors_are_public(db: Db) {
                 .datasets
         }
     };
+    // Two rows: this one and the job's uploaded dataset.
     let seen = list(viewer.clone()).await;
-    assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].name, "private-data");
-    assert_eq!(seen[0].uri, "", "viewers do not see dataset URIs");
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().any(|d| d.name == "private-data"));
+    for d in &seen {
+        assert_eq!(d.uri, "", "viewers do not see dataset URIs: {}", d.name);
+    }
     let developer = h.token(Role::Developer).await;
-    assert_eq!(list(developer).await[0].uri, "/srv/private/datasets/fmnist");
+    let private = list(developer)
+        .await
+        .into_iter()
+        .find(|d| d.name == "private-data")
+        .expect("listed");
+    assert_eq!(private.uri, "/srv/private/datasets/fmnist");
     h.finish().await;
 }
 both_backends!(
@@ -527,7 +534,7 @@ async fn full_file_system_fails_clearly_and_keeps_the_previous_state() {
             .read(&oracle.weights_sha256)
             .await
             .expect("previous oracle"),
-        safetensors_bytes(1, 6)
+        job_oracle_weights(6)
     );
     let listed = h
         .developer()

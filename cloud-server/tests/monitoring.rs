@@ -124,17 +124,15 @@ async fn dashboard_and_alerts_name_only_exported_metrics() {
     };
     let dev = h.token(Role::Developer).await;
 
-    // A job: upload, elastify (the worker runs it), the supernet it registered.
-    let oracle = upload(&h, &dev, "o", &safetensors_bytes(20, 0))
-        .await
-        .expect("upload")
-        .oracle
-        .expect("oracle");
+    // A job: upload, a dataset, elastify (the worker runs it), the supernet it registered.
+    let oracle = job_oracle(&h, &dev, "o", 20).await;
+    let dataset = job_dataset(&h, &dev).await;
     let job = h
         .developer()
         .start_elastification(authed(
             pb::StartElastificationRequest {
                 oracle_id: oracle.id.clone(),
+                dataset_id: dataset,
                 params_json: "{\"seed\":1}".into(),
                 ..Default::default()
             },

@@ -16,7 +16,8 @@ use adaptivenet_cloud::server::SERVICE_NAMES;
 use adaptivenet_proto::v1 as pb;
 use bytes::{Buf, BufMut, Bytes};
 use common::{
-    authed, blob_files, make_supernet, safetensors_bytes, sha256_hex, upload, Db, Harness,
+    authed, blob_files, job_dataset, job_oracle, make_supernet, safetensors_bytes, sha256_hex,
+    upload, Db, Harness,
 };
 use futures::StreamExt;
 use prost::Message;
@@ -611,16 +612,14 @@ async fn deadlines_end_slow_calls_with_deadline_exceeded() {
 
     // 2. A watch of a job that stays queued (no workers): the stream outlives the deadline
     //    and ends with DEADLINE_EXCEEDED trailers after its first event.
-    let o = upload(&h, &dev, "o", &data)
-        .await
-        .expect("upload")
-        .oracle
-        .expect("oracle");
+    let o = job_oracle(&h, &dev, "o", 1).await;
+    let dataset = job_dataset(&h, &dev).await;
     let job = h
         .developer()
         .start_elastification(authed(
             pb::StartElastificationRequest {
                 oracle_id: o.id.clone(),
+                dataset_id: dataset,
                 ..Default::default()
             },
             &dev,

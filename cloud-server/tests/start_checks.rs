@@ -1,4 +1,5 @@
-//! `StartElastification` refuses, before anything is queued, what a worker would refuse: bad
+//! `StartElastification` refuses, before anything is queued, what a worker would refuse: no
+//! dataset (INVALID_ARGUMENT naming `dataset_id`, as `StartOracleTraining` does), bad
 //! `params_json` (INVALID_ARGUMENT naming `params_json.KEY`) and a dataset that does not fit
 //! the oracle (FAILED_PRECONDITION naming both). Real gRPC, real uploads, SQLite and
 //! PostgreSQL; after every refusal `ListJobs` is still empty, and a good request still queues.
@@ -6,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use adaptivenet_cloud::datasets::{pack, DatasetFormat};
+use adaptivenet_cloud::datasets::DatasetFormat;
 use adaptivenet_cloud::domain::Role;
 use adaptivenet_core::artifact::params_to_safetensors;
 use adaptivenet_core::model::{ArchDescriptor, Model};
@@ -35,37 +36,11 @@ fn write_folder(root: &Path, side: u32, colour: bool) {
     }
 }
 
-/// Uploads the folder `dir` over a raw `UploadDataset` stream; returns the dataset id.
+/// Uploads the folder `dir` as an ImageFolder dataset; returns the dataset id.
 async fn upload_folder(h: &Harness, token: &str, name: &str, dir: &Path) -> String {
-    use pb::upload_dataset_request::Msg;
-    let (files, dirs) = pack::scan_dir(dir, None).unwrap();
-    let packed = pack::pack(DatasetFormat::ImageFolder, files, dirs, 1 << 20).unwrap();
-    let mut msgs = vec![Msg::Header(pb::DatasetUploadHeader {
-        name: name.into(),
-        format: "imagefolder".into(),
-        total_bytes: packed.total_bytes,
-        options: None,
-    })];
-    for s in &packed.shards {
-        msgs.push(Msg::Shard(pb::DatasetShard {
-            sha256: s.sha256.clone(),
-            size_bytes: s.size,
-        }));
-        for f in &s.files {
-            msgs.push(Msg::Chunk(std::fs::read(f).unwrap()));
-        }
-    }
-    msgs.push(Msg::ManifestChunk(packed.manifest.canonical_json()));
-    let msgs: Vec<_> = msgs
-        .into_iter()
-        .map(|m| pb::UploadDatasetRequest { msg: Some(m) })
-        .collect();
-    let r = h
-        .developer()
-        .upload_dataset(authed(futures::stream::iter(msgs), token))
+    let r = upload_dataset_dir(h, token, name, DatasetFormat::ImageFolder, dir)
         .await
-        .expect("upload dataset")
-        .into_inner();
+        .expect("upload dataset");
     assert!(r.created, "{name}: new content");
     r.dataset.expect("dataset").id
 }
@@ -135,7 +110,47 @@ async fn refusals(db: Db) {
     let ten = upload_oracle(&h, &dev, "ten", 3, 10).await;
     let good = r#"{"branches":["merge2"],"stage0_steps":2,"stage1_steps":2,"batch":8,"val_size":12,"priors":4}"#;
 
-    // Bad parameters: INVALID_ARGUMENT naming the key, with or without a dataset.
+    // No dataset: INVALID_ARGUMENT naming the field, before the oracle or the parameters
+    // are looked at (an unknown oracle or bad parameters do not change the answer).
+    let missing = uuid::Uuid::new_v4().to_string();
+    for (oracle, params) in [
+        (fits.as_str(), good),
+        (fits.as_str(), ""),
+        (fits.as_str(), r#"{"stage0_steps":-5}"#),
+        (missing.as_str(), good),
+    ] {
+        let err = start(&h, &dev, oracle, "", params)
+            .await
+            .expect_err("no dataset");
+        assert_eq!(err.code(), Code::InvalidArgument, "{params}: {err:?}");
+        assert!(
+            err.message().contains("dataset_id: required"),
+            "{params}: {}",
+            err.message()
+        );
+    }
+    // Oracle training has the same rule.
+    let err = h
+        .developer()
+        .start_oracle_training(authed(
+            pb::StartOracleTrainingRequest {
+                name: "tuned".into(),
+                base_oracle_id: fits.clone(),
+                ..Default::default()
+            },
+            &dev,
+        ))
+        .await
+        .expect_err("no dataset");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("dataset_id: required"),
+        "{}",
+        err.message()
+    );
+    assert!(jobs(&h, &dev).await.is_empty(), "nothing was queued");
+
+    // Bad parameters: INVALID_ARGUMENT naming the key.
     for (params, key) in [
         (r#"{"stage0_steps":-5}"#, "stage0_steps"),
         (r#"{"stage0_steps":0}"#, "stage0_steps"),
@@ -157,17 +172,15 @@ async fn refusals(db: Db) {
         (r#"{"epochs":3}"#, "epochs"),
         (r#"{"stage0_steps":2,"stage0":2}"#, "stage0"),
     ] {
-        for dataset in [rgb.as_str(), ""] {
-            let err = start(&h, &dev, &fits, dataset, params)
-                .await
-                .expect_err(params);
-            assert_eq!(err.code(), Code::InvalidArgument, "{params}: {err:?}");
-            assert!(
-                err.message().contains(&format!("params_json.{key}:")),
-                "{params}: {}",
-                err.message()
-            );
-        }
+        let err = start(&h, &dev, &fits, &rgb, params)
+            .await
+            .expect_err(params);
+        assert_eq!(err.code(), Code::InvalidArgument, "{params}: {err:?}");
+        assert!(
+            err.message().contains(&format!("params_json.{key}:")),
+            "{params}: {}",
+            err.message()
+        );
     }
     // A named branch kind that fits no block of this oracle (merge3 would span two strides);
     // the default kinds (merge2, merge3) would apply merge2 only and queue.

@@ -749,8 +749,10 @@ fn a_thousand_idle_watches_from_one_principal_are_cut_to_its_quota() {
     let quota = adaptivenet_cloud::ops::net::NetLimits::default().max_streams_per_principal;
     let dir = tempfile::tempdir().expect("tmp");
     runtime().block_on(async {
-        let cloud = InProcCloud::start(dir.path(), |_| {}).await;
-        // A queued job (no workers) to watch.
+        let cloud = InProcCloud::start(&dir.path().join("cloud"), |_| {}).await;
+        // A queued job (no workers) to watch: an oracle row whose descriptor has a branch
+        // (two blocks; no weights are read) and an uploaded dataset that fits it, so the job
+        // passes StartElastification's checks.
         let oracle = Oracle {
             id: uuid::Uuid::new_v4(),
             name: "o".into(),
@@ -759,7 +761,7 @@ fn a_thousand_idle_watches_from_one_principal_are_cut_to_its_quota() {
             size_bytes: 1,
             num_params: 1,
             num_tensors: 1,
-            arch_json: "{}".into(),
+            arch_json: r#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[2],"widths":[8],"in_channels":1,"num_classes":10}"#.into(),
             created_ms: 0,
         };
         cloud
@@ -768,11 +770,25 @@ fn a_thousand_idle_watches_from_one_principal_are_cut_to_its_quota() {
             .insert_oracle(&oracle)
             .await
             .expect("oracle");
+        let data = dir.path().join("data");
+        write_synthetic_idx(&data, 40, 10);
+        let mut upload = Command::new(binary("cloud-server"));
+        upload
+            .args(["client", "--endpoint", &cloud.url, "--token", &cloud.developer])
+            .args(["-q", "upload-dataset", "--name", "data"])
+            .arg(&data);
+        let dataset = tokio::task::spawn_blocking(move || run_ok(&mut upload))
+            .await
+            .expect("upload-dataset")
+            .trim()
+            .to_string();
         let job = cloud
             .dev()
             .start_elastification(authed(
                 pb::StartElastificationRequest {
                     oracle_id: oracle.id.to_string(),
+                    dataset_id: dataset,
+                    params_json: r#"{"val_size":10}"#.into(),
                     ..Default::default()
                 },
                 &cloud.developer,

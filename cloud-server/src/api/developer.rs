@@ -391,19 +391,20 @@ impl DeveloperService for DeveloperApi {
     ) -> Result<Response<pb::Job>, Status> {
         management(&self.app, req.metadata(), Access::Write).await?;
         let r = req.into_inner();
-        let store = self.app.store();
-        let oracle = store
-            .get_oracle(parse_id("oracle_id", &r.oracle_id)?)
-            .await?;
-        let dataset = if r.dataset_id.is_empty() {
-            None
-        } else {
-            Some(
-                store
-                    .get_dataset(parse_id("dataset_id", &r.dataset_id)?)
-                    .await?,
+        let oracle_id = parse_id("oracle_id", &r.oracle_id)?;
+        // Elastification trains on the developer's data: without a dataset the worker could
+        // only fail the job later, so the request is refused before anything is read or stored.
+        if r.dataset_id.is_empty() {
+            return Err(CloudError::invalid(
+                "dataset_id",
+                "required: the registered dataset to elastify on (upload or register one first)",
             )
-        };
+            .into());
+        }
+        let dataset_id = parse_id("dataset_id", &r.dataset_id)?;
+        let store = self.app.store();
+        let oracle = store.get_oracle(oracle_id).await?;
+        let dataset = store.get_dataset(dataset_id).await?;
         let supernet_name = if r.supernet_name.is_empty() {
             oracle.name.clone()
         } else {
@@ -417,13 +418,11 @@ impl DeveloperService for DeveloperApi {
         };
         // Everything the worker would refuse is refused here, before a row exists.
         let params = JobParams::parse(&params_json)?;
-        if let Some(d) = &dataset {
-            check_oracle_fits(&oracle, d, &params)?;
-        }
+        check_oracle_fits(&oracle, &dataset, &params)?;
         let job = Job::queued(
             JobKind::Elastify,
             Some(oracle.id),
-            dataset.map(|d| d.id),
+            Some(dataset.id),
             supernet_name,
             params_json,
             None,

@@ -544,3 +544,98 @@ pub fn write_small_rgb_folder(root: &std::path::Path) {
         }
     }
 }
+
+/// Uploads the directory `dir` as `token` over a raw `UploadDataset` stream, packed into
+/// shards as `cloud-server client upload-dataset` packs it.
+pub async fn upload_dataset_dir(
+    h: &Harness,
+    token: &str,
+    name: &str,
+    format: adaptivenet_cloud::datasets::DatasetFormat,
+    dir: &std::path::Path,
+) -> Result<pb::UploadDatasetResponse, tonic::Status> {
+    use adaptivenet_cloud::datasets::pack;
+    use pb::upload_dataset_request::Msg;
+    let (files, dirs) = pack::scan_dir(dir, None).expect("scan dataset dir");
+    let packed = pack::pack(format, files, dirs, 1 << 20).expect("pack dataset");
+    let mut msgs = vec![Msg::Header(pb::DatasetUploadHeader {
+        name: name.into(),
+        format: format.as_str().into(),
+        total_bytes: packed.total_bytes,
+        options: None,
+    })];
+    for s in &packed.shards {
+        msgs.push(Msg::Shard(pb::DatasetShard {
+            sha256: s.sha256.clone(),
+            size_bytes: s.size,
+        }));
+        for f in &s.files {
+            msgs.push(Msg::Chunk(std::fs::read(f).expect("read packed file")));
+        }
+    }
+    msgs.push(Msg::ManifestChunk(packed.manifest.canonical_json()));
+    let msgs: Vec<_> = msgs
+        .into_iter()
+        .map(|m| pb::UploadDatasetRequest { msg: Some(m) })
+        .collect();
+    h.developer()
+        .upload_dataset(authed(futures::stream::iter(msgs), token))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The smallest oracle `StartElastification` accepts: [`ARCH`] with two blocks, so a merge2
+/// branch fits (a one-block chain has no branch: merges span two or three blocks and the
+/// last block is never pruned).
+pub const JOB_ARCH: &[u8] = br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[2],"widths":[8],"in_channels":1,"num_classes":10}"#;
+
+/// Weights of [`JOB_ARCH`] under the family's key names; seeds give different bytes.
+pub fn job_oracle_weights(seed: u64) -> Vec<u8> {
+    fixture_weights(JOB_ARCH, seed)
+}
+
+/// Uploads a [`JOB_ARCH`] oracle with [`job_oracle_weights`] of `seed` as `token`: with
+/// [`job_dataset`], what a job needs to be queued for a test's own runner.
+pub async fn job_oracle(h: &Harness, token: &str, name: &str, seed: u64) -> pb::Oracle {
+    upload_arch(h, token, name, JOB_ARCH, &job_oracle_weights(seed))
+        .await
+        .expect("upload the job oracle")
+}
+
+/// Training images in [`job_dataset`]: more than the default `val_size` (1000), so a job on
+/// it passes `StartElastification`'s checks whatever parameters a test sends.
+pub const JOB_DATASET_IMAGES: usize = 1010;
+
+/// Uploads a small IDX dataset that fits [`JOB_ARCH`] (1 channel, 4x4 images, 10 classes,
+/// [`JOB_DATASET_IMAGES`] training images, ~17 KB) as `token` and returns its id. A job is
+/// only queued on a registered dataset that fits its oracle, also when the test's runner is
+/// a stub that never reads it. The same content again is the same dataset.
+pub async fn job_dataset(h: &Harness, token: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = JOB_DATASET_IMAGES;
+    let mut images = Vec::with_capacity(16 + n * 16);
+    for v in [2051u32, n as u32, 4, 4] {
+        images.extend_from_slice(&v.to_be_bytes());
+    }
+    let mut labels = Vec::with_capacity(8 + n);
+    for v in [2049u32, n as u32] {
+        labels.extend_from_slice(&v.to_be_bytes());
+    }
+    for i in 0..n {
+        let class = (i % 10) as u8;
+        images.extend((0..16u32).map(|p| (p * 13 + i as u32 * 7 + class as u32 * 25) as u8));
+        labels.push(class);
+    }
+    std::fs::write(dir.path().join("train-images-idx3-ubyte"), images).expect("write");
+    std::fs::write(dir.path().join("train-labels-idx1-ubyte"), labels).expect("write");
+    let r = upload_dataset_dir(
+        h,
+        token,
+        "job-data",
+        adaptivenet_cloud::datasets::DatasetFormat::Idx,
+        dir.path(),
+    )
+    .await
+    .expect("upload the job dataset");
+    r.dataset.expect("dataset").id
+}
