@@ -13,7 +13,9 @@ use adaptivenet_cloud::domain::{Oracle, Role};
 use adaptivenet_cloud::server::{self, ServerHandle};
 use adaptivenet_core::artifact::{blob_path, read_manifest, write_artifact, InputSpec, Manifest};
 use adaptivenet_core::model::{ArchDescriptor, Model};
-use adaptivenet_core::supernet::{branches::build_supernet, Subnet, SupernetConfig};
+use adaptivenet_core::supernet::{
+    branches::build_supernet, Choice, ModuleKey, Subnet, SupernetConfig,
+};
 use adaptivenet_edge::client::sync::{part_path, BlobSelection, DownloadStats, SyncOptions};
 use adaptivenet_edge::client::{
     identity_path, AgentAggregates, CloudClient, HeartbeatInput, DEFAULT_DEADLINE,
@@ -420,11 +422,11 @@ async fn sync_downloads_only_the_modules_of_the_needed_subnets() {
     let branch = s.manifest.positions.iter().find_map(|p| {
         p.choices
             .iter()
-            .find(|c| c.id != 0 && !want.contains(&c.module.sha256))
-            .map(|c| (p.index, c.id))
+            .find(|c| c.id != Choice::Original && !want.contains(&c.module.sha256))
+            .map(|c| ModuleKey::new(p.index, c.id))
     });
-    let (pos, id) = branch.expect("merge branches exist");
-    assert!(src.load_module(pos, id).is_err());
+    let key = branch.expect("merge branches exist");
+    assert!(src.load_module(key).is_err());
     s.cloud.stop().await;
 }
 
@@ -913,7 +915,7 @@ async fn cli_run_in_cloud_mode_enrolls_once_syncs_serves_and_reports() {
 
 /// Like [`make_artifact`] (same oracle, so the same blobs) with the weights of module
 /// `tweak` scaled: a new supernet version that shares every other blob.
-fn make_artifact_version(dir: &Path, tweak: (usize, i8)) -> Manifest {
+fn make_artifact_version(dir: &Path, tweak: ModuleKey) -> Manifest {
     let arch = serde_json::json!({
         "family": "adaptivenet.resnet_small", "block": "basic", "layers": [3, 3, 3],
         "widths": [4, 8, 8], "in_channels": 1, "num_classes": 10
@@ -1016,7 +1018,7 @@ async fn new_generation_resyncs_only_changed_blobs_and_switches_atomically() {
 
     // A new version with one module changed, announced by the next heartbeat.
     let art_b = tempfile::tempdir().unwrap();
-    let mb = make_artifact_version(art_b.path(), (1, 1));
+    let mb = make_artifact_version(art_b.path(), ModuleKey::new(1, Choice::Merge2));
     let sid_b = cloud.publish_artifact(art_b.path(), &fleet_id).await;
     let hb = client
         .heartbeat(&HeartbeatInput {
@@ -1087,7 +1089,7 @@ async fn new_generation_resyncs_only_changed_blobs_and_switches_atomically() {
     // A version whose changed blob is corrupt in the cloud: the re-sync fails and the
     // previous version keeps serving.
     let art_c = tempfile::tempdir().unwrap();
-    let mc = make_artifact_version(art_c.path(), (3, 1));
+    let mc = make_artifact_version(art_c.path(), ModuleKey::new(3, Choice::Merge2));
     cloud.publish_artifact(art_c.path(), &fleet_id).await;
     let have: std::collections::HashSet<String> = mb
         .modules()
@@ -1475,14 +1477,25 @@ async fn mbconv_supernet_is_synced_profiled_searched_and_served() {
     let art = work.path().join("artifact");
     let (manifest, _) =
         elastify_to_artifact(&oracle, &data, &plan, &mut NoProgress, None, &never, &art).unwrap();
-    let kinds: std::collections::BTreeSet<i8> = manifest
+    let kinds: std::collections::BTreeSet<Choice> = manifest
         .supernet_spec()
         .positions
         .iter()
         .flatten()
         .map(|c| c.id)
         .collect();
-    assert_eq!(kinds, [-2, -1, 0, 1, 2].into_iter().collect());
+    assert_eq!(
+        kinds,
+        [
+            Choice::Prune2,
+            Choice::Prune1,
+            Choice::Original,
+            Choice::Merge2,
+            Choice::Merge3
+        ]
+        .into_iter()
+        .collect()
+    );
 
     let cloud = Cloud::start().await;
     let (fleet_id, token) = cloud.fleet("mbconv").await;
