@@ -1209,7 +1209,7 @@ async fn a_kept_plan_survives_a_restart_and_a_rollback_installs_it_from_the_cach
 
     // B arrives and is installed: the state's table and search slots now hold B's plan.
     let art_b = tempfile::tempdir().unwrap();
-    let mb = make_artifact_version(art_b.path(), (1, 1));
+    let mb = make_artifact_version(art_b.path(), ModuleKey::new(1, Choice::Merge2));
     let mid_b = mb.supernet_id.to_string();
     let sid_b = cloud.publish_artifact(art_b.path(), &fleet_id).await;
     let desired_b = client.desired_state().await.unwrap();
