@@ -77,7 +77,7 @@ use adaptivenet_core::data::{fashion_mnist, Dataset};
 use adaptivenet_core::data::{AugmentPolicy, Normalize};
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::supernet::branches::build_supernet;
-use adaptivenet_core::supernet::{Subnet, Supernet, SupernetConfig};
+use adaptivenet_core::supernet::{Choice, ModuleKey, Subnet, Supernet, SupernetConfig};
 use adaptivenet_kernels::threads;
 use adaptivenet_train::pipeline::split_validation;
 use adaptivenet_train::train::{correct, eval_transform};
@@ -399,10 +399,10 @@ fn trained_supernet(
 /// identity) or a standalone model.
 #[derive(Clone)]
 enum Net {
-    /// `(position, choice)` steps through supernet `sn` (0 trained, 1 untrained).
+    /// Module steps through supernet `sn` (0 trained, 1 untrained).
     Path {
         sn: usize,
-        steps: Vec<(usize, i8)>,
+        steps: Vec<ModuleKey>,
     },
     Model(usize),
 }
@@ -438,7 +438,7 @@ fn accuracies(
             .map(|s| s.forward_stem(&x))
             .collect::<Result<_, _>>()?;
         let mut cur_sn = usize::MAX;
-        let mut stack: Vec<((usize, i8), Tensor)> = Vec::new();
+        let mut stack: Vec<(ModuleKey, Tensor)> = Vec::new();
         for &k in &order {
             match &nets[k] {
                 Net::Path { sn, steps } => {
@@ -452,10 +452,10 @@ fn accuracies(
                         .take_while(|((a, _), b)| a == *b)
                         .count();
                     stack.truncate(shared);
-                    for &(pos, id) in &steps[shared..] {
+                    for &key in &steps[shared..] {
                         let input = stack.last().map_or(&stems[*sn], |(_, f)| f);
-                        let out = sns[*sn].forward_module(pos, id, input)?;
-                        stack.push(((pos, id), out));
+                        let out = sns[*sn].forward_module(key, input)?;
+                        stack.push((key, out));
                     }
                     let h = stack.last().map_or(&stems[*sn], |(_, f)| f);
                     hits[k] += correct(&sns[*sn].forward_head(h)?, &y)?;
@@ -473,8 +473,8 @@ fn run(net: &Net, sns: &[&Supernet], models: &[Model], x: &Tensor) -> Result<Ten
         Net::Path { sn, steps } => {
             let sn = sns[*sn];
             let mut h = sn.forward_stem(x)?;
-            for &(pos, id) in steps {
-                h = sn.forward_module(pos, id, &h)?;
+            for &key in steps {
+                h = sn.forward_module(key, &h)?;
             }
             sn.forward_head(&h)?
         }
@@ -619,7 +619,7 @@ fn bn_recal_table(
             .iter()
             .filter(|s| s.steps().count() == blocks)
             .collect();
-        let paths: Vec<Vec<(usize, i8)>> = subs.iter().map(|s| s.steps().collect()).collect();
+        let paths: Vec<Vec<ModuleKey>> = subs.iter().map(|s| s.steps().collect()).collect();
         let mut sns: Vec<Supernet> = vec![sn.clone()];
         let mut nets = Vec::new();
         for p in &paths {
@@ -702,9 +702,9 @@ fn device_recal_table(
             let mut variants = vec![sn.clone()];
             for branches_only in [true, false] {
                 let mut r = sn.clone();
-                r.modules.extend(
-                    sn.recalibrate_bn(s, &batches, |choice| !branches_only || choice != 0)?,
-                );
+                r.modules.extend(sn.recalibrate_bn(s, &batches, |choice| {
+                    !branches_only || choice != Choice::Original
+                })?);
                 variants.push(r);
             }
             let row = variants
@@ -886,7 +886,7 @@ fn main() -> Result<()> {
     let mut lat_of: Vec<usize> = Vec::new(); // acc index -> latency index
     let mut oracle_idx = None;
     for s in &subnets {
-        let steps: Vec<(usize, i8)> = s.steps().collect();
+        let steps: Vec<ModuleKey> = s.steps().collect();
         let li = nets.len();
         nets.push(Net::Path {
             sn: 0,
@@ -923,9 +923,9 @@ fn main() -> Result<()> {
             .filter(|(j, _)| mask >> j & 1 == 1)
             .map(|(_, &i)| i)
             .collect();
-        let steps: Vec<(usize, i8)> = (0..n)
+        let steps: Vec<ModuleKey> = (0..n)
             .filter(|i| !dropped.contains(i))
-            .map(|i| (i, 0))
+            .map(|i| ModuleKey::new(i, Choice::Original))
             .collect();
         let label = (0..n)
             .map(|i| if dropped.contains(&i) { '-' } else { '0' })

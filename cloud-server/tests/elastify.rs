@@ -7,7 +7,7 @@ use adaptivenet_cloud::CloudError;
 use adaptivenet_core::data::Dataset;
 use adaptivenet_core::data::{AugmentPolicy, Normalize};
 use adaptivenet_core::model::{ArchDescriptor, Model, ModelSpec};
-use adaptivenet_core::supernet::{branches::build_supernet, Subnet, SupernetConfig};
+use adaptivenet_core::supernet::{branches::build_supernet, Choice, Subnet, SupernetConfig};
 use adaptivenet_train::supernet::{feature_mse, oracle_digest};
 use adaptivenet_train::train::{accuracy, eval_transform};
 use adaptivenet_train::TrainError;
@@ -73,13 +73,13 @@ fn field_of(e: impl Into<CloudError>) -> String {
 
 fn branch_tensors(sn: &adaptivenet_core::supernet::Supernet) -> Vec<(String, Vec<f32>)> {
     let mut v = Vec::new();
-    for (&(p, id), params) in &sn.modules {
-        if id == 0 {
+    for (key, params) in &sn.modules {
+        if key.choice == Choice::Original {
             continue;
         }
         for (n, t) in params {
             v.push((
-                format!("p{p}c{id}.{n}"),
+                format!("{key}.{n}"),
                 t.flatten_all().unwrap().to_vec1().unwrap(),
             ));
         }
@@ -255,7 +255,8 @@ fn elastify_keeps_the_oracle_exact_and_trains_branches() {
     assert_eq!(a, b);
 
     // Branch weights and BN running statistics changed.
-    let (old, new) = (&before.modules[&(0, 1)], &sn.modules[&(0, 1)]);
+    let merge2 = adaptivenet_core::supernet::ModuleKey::new(0, Choice::Merge2);
+    let (old, new) = (&before.modules[&merge2], &sn.modules[&merge2]);
     for name in [
         "conv1.weight",
         "conv2.weight",

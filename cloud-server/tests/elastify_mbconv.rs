@@ -9,7 +9,9 @@ use adaptivenet_core::data::{AugmentPolicy, Dataset, Normalize};
 use adaptivenet_core::model::{
     block_forward, ArchDescriptor, BlockSpec, Model, ModelSpec, Numerics, Params, TrainCtx,
 };
-use adaptivenet_core::supernet::{branches::build_supernet, Subnet, Supernet, SupernetConfig};
+use adaptivenet_core::supernet::{
+    branches::build_supernet, Choice, ModuleKey, Subnet, Supernet, SupernetConfig,
+};
 use adaptivenet_train::supernet::feature_mse;
 use adaptivenet_train::train::{cross_entropy, eval_transform, kd_loss};
 use adaptivenet_train::{
@@ -164,12 +166,17 @@ fn mbconv_supernet_elastifies_with_merge_and_prune_branches() {
     // the last block's, and merge-3 at block 1 (blocks 1 and 3 are both strided).
     let cfg = SupernetConfig::from_names(&all_kinds(), 5).unwrap();
     let before = build_supernet(&oracle, &cfg).unwrap();
-    let ids = |p: usize| -> Vec<i8> { before.spec.positions[p].iter().map(|c| c.id).collect() };
+    let ids =
+        |p: usize| -> Vec<i8> { before.spec.positions[p].iter().map(|c| c.id.id()).collect() };
     assert_eq!(ids(0), vec![0, 1, 2]);
     assert_eq!(ids(1), vec![0, 1, -1, -2]);
     assert_eq!(ids(2), vec![0, 1, 2, -1, -2]);
     assert_eq!(ids(4), vec![0]);
-    let pruned = &before.spec.choice(1, -2).unwrap().block;
+    let pruned = &before
+        .spec
+        .choice(ModuleKey::new(1, Choice::Prune2))
+        .unwrap()
+        .block;
     assert_eq!(
         pruned.inner(),
         24,
@@ -235,13 +242,14 @@ fn mbconv_supernet_elastifies_with_merge_and_prune_branches() {
 
     // Branch weights and their BN running statistics moved, in merge and prune branches
     // (depthwise convs included); original modules did not.
-    for (key, name) in [
-        ((0, 2), "dw.conv.weight"),
-        ((0, 1), "project.bn.running_var"),
-        ((1, -2), "dw.conv.weight"),
-        ((1, -2), "expand.bn.running_mean"),
-        ((2, -1), "project.conv.weight"),
+    for ((pos, choice), name) in [
+        ((0, Choice::Merge3), "dw.conv.weight"),
+        ((0, Choice::Merge2), "project.bn.running_var"),
+        ((1, Choice::Prune2), "dw.conv.weight"),
+        ((1, Choice::Prune2), "expand.bn.running_mean"),
+        ((2, Choice::Prune1), "project.conv.weight"),
     ] {
+        let key = ModuleKey::new(pos, choice);
         let d = (&before.modules[&key][name] - &sn.modules[&key][name])
             .unwrap()
             .abs()
@@ -250,10 +258,14 @@ fn mbconv_supernet_elastifies_with_merge_and_prune_branches() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!(d > 0.0, "{key:?} {name} did not change");
+        assert!(d > 0.0, "{key} {name} did not change");
     }
     for (name, t) in &oracle.blocks[2] {
-        assert_eq!(values(t), values(&sn.modules[&(2, 0)][name]), "{name}");
+        assert_eq!(
+            values(t),
+            values(&sn.modules[&ModuleKey::new(2, Choice::Original)][name]),
+            "{name}"
+        );
     }
 
     // The artifact writes and loads; every path of the loaded supernet answers exactly as

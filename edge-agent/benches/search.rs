@@ -53,7 +53,7 @@ use adaptivenet_core::artifact::{write_artifact, InputSpec};
 use adaptivenet_core::data::{fashion_mnist, FASHION_MNIST_CLASSES};
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::supernet::{
-    branches::build_supernet, BranchKind, Subnet, Supernet, SupernetConfig,
+    branches::build_supernet, BranchKind, Choice, Subnet, Supernet, SupernetConfig,
 };
 use adaptivenet_edge::profile::{
     self, assess, measure_subnets, observations, quantile, random_subnets, rel_errors,
@@ -230,11 +230,11 @@ fn prepare_artifact() -> Res<(PathBuf, String)> {
     Ok((dir, info))
 }
 
-/// The merge-only subspace of a supernet (choices with id >= 0), sharing its weights.
+/// The merge-only subspace of a supernet (no pruned choices), sharing its weights.
 fn merge_only(sn: &Supernet) -> Supernet {
     let mut spec = sn.spec.clone();
     for cs in &mut spec.positions {
-        cs.retain(|c| c.id >= 0);
+        cs.retain(|c| c.id >= Choice::Original);
     }
     spec.branches
         .retain(|k| matches!(k, BranchKind::Merge2 | BranchKind::Merge3));
@@ -245,7 +245,7 @@ fn merge_only(sn: &Supernet) -> Supernet {
         modules: sn
             .modules
             .iter()
-            .filter(|((_, id), _)| *id >= 0)
+            .filter(|(k, _)| k.choice >= Choice::Original)
             .map(|(k, v)| (*k, v.clone()))
             .collect(),
     }

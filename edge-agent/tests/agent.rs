@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use adaptivenet_core::artifact::{blob_path, write_artifact, InputSpec};
 use adaptivenet_core::model::{ArchDescriptor, Model};
-use adaptivenet_core::supernet::{branches::build_supernet, Subnet, Supernet, SupernetConfig};
+use adaptivenet_core::supernet::{
+    branches::build_supernet, Choice, ModuleKey, Subnet, Supernet, SupernetConfig,
+};
 use adaptivenet_edge::adapt::{maintain, AdaptConfig, AdaptEvent, Controller};
 use adaptivenet_edge::profile::{self, random_subnets, LatencyTable, ProfileConfig};
 use adaptivenet_edge::quality::{EvalSet, QualityMode};
@@ -282,7 +284,7 @@ fn switch_loads_only_differing_modules_and_a_failed_load_keeps_the_old_subnet() 
     let entry = &src.manifest.positions[3]
         .choices
         .iter()
-        .find(|c| c.id == 2)
+        .find(|c| c.id == Choice::Merge3)
         .unwrap()
         .module;
     let path = blob_path(dir.path(), &entry.sha256);
@@ -557,8 +559,14 @@ fn bn_recalibration_sets_running_stats_to_the_local_batch_statistics() {
     let s = Subnet::parse("1x02xx000").unwrap();
     let only_branches =
         recalibrate(&src, &s, std::slice::from_ref(&x), RecalScope::Branches).unwrap();
-    let keys: Vec<(usize, i8)> = only_branches.keys().copied().collect();
-    assert_eq!(keys, vec![(0, 1), (3, 2)]);
+    let keys: Vec<ModuleKey> = only_branches.keys().copied().collect();
+    assert_eq!(
+        keys,
+        vec![
+            ModuleKey::new(0, Choice::Merge2),
+            ModuleKey::new(3, Choice::Merge3)
+        ]
+    );
     assert!(recalibrate(
         &src,
         &Subnet::parse("000000000").unwrap(),
@@ -577,13 +585,13 @@ fn bn_recalibration_sets_running_stats_to_the_local_batch_statistics() {
     let after = server.infer(&x).unwrap();
     let mut train = sn.clone();
     let mut h = train.forward_stem(&x).unwrap();
-    for (p, id) in s.steps() {
-        let params = train.module(p, id).unwrap().clone();
+    for key in s.steps() {
+        let params = train.module(key).unwrap().clone();
         let mut ctx = adaptivenet_core::model::TrainCtx::new(1.0);
         h = train
-            .forward_module_train(p, id, &params, &h, &mut ctx)
+            .forward_module_train(key, &params, &h, &mut ctx)
             .unwrap();
-        ctx.apply(train.modules.get_mut(&(p, id)).unwrap());
+        ctx.apply(train.modules.get_mut(&key).unwrap());
     }
     let want = train.forward_head(&h).unwrap();
     let err = |a: &Tensor| max_abs_diff(a, &want);

@@ -13,7 +13,9 @@ use adaptivenet_cloud::domain::{Oracle, Role};
 use adaptivenet_cloud::server::{self, ServerHandle};
 use adaptivenet_core::artifact::{blob_path, read_manifest, write_artifact, InputSpec, Manifest};
 use adaptivenet_core::model::{ArchDescriptor, Model};
-use adaptivenet_core::supernet::{branches::build_supernet, Subnet, SupernetConfig};
+use adaptivenet_core::supernet::{
+    branches::build_supernet, Choice, ModuleKey, Subnet, SupernetConfig,
+};
 use adaptivenet_edge::client::sync::{part_path, BlobSelection, DownloadStats, SyncOptions};
 use adaptivenet_edge::client::{
     identity_path, AgentAggregates, CloudClient, HeartbeatInput, DEFAULT_DEADLINE,
@@ -420,11 +422,11 @@ async fn sync_downloads_only_the_modules_of_the_needed_subnets() {
     let branch = s.manifest.positions.iter().find_map(|p| {
         p.choices
             .iter()
-            .find(|c| c.id != 0 && !want.contains(&c.module.sha256))
-            .map(|c| (p.index, c.id))
+            .find(|c| c.id != Choice::Original && !want.contains(&c.module.sha256))
+            .map(|c| ModuleKey::new(p.index, c.id))
     });
-    let (pos, id) = branch.expect("merge branches exist");
-    assert!(src.load_module(pos, id).is_err());
+    let key = branch.expect("merge branches exist");
+    assert!(src.load_module(key).is_err());
     s.cloud.stop().await;
 }
 
@@ -913,7 +915,7 @@ async fn cli_run_in_cloud_mode_enrolls_once_syncs_serves_and_reports() {
 
 /// Like [`make_artifact`] (same oracle, so the same blobs) with the weights of module
 /// `tweak` scaled: a new supernet version that shares every other blob.
-fn make_artifact_version(dir: &Path, tweak: (usize, i8)) -> Manifest {
+fn make_artifact_version(dir: &Path, tweak: ModuleKey) -> Manifest {
     let arch = serde_json::json!({
         "family": "adaptivenet.resnet_small", "block": "basic", "layers": [3, 3, 3],
         "widths": [4, 8, 8], "in_channels": 1, "num_classes": 10
@@ -1016,7 +1018,7 @@ async fn new_generation_resyncs_only_changed_blobs_and_switches_atomically() {
 
     // A new version with one module changed, announced by the next heartbeat.
     let art_b = tempfile::tempdir().unwrap();
-    let mb = make_artifact_version(art_b.path(), (1, 1));
+    let mb = make_artifact_version(art_b.path(), ModuleKey::new(1, Choice::Merge2));
     let sid_b = cloud.publish_artifact(art_b.path(), &fleet_id).await;
     let hb = client
         .heartbeat(&HeartbeatInput {
@@ -1041,7 +1043,7 @@ async fn new_generation_resyncs_only_changed_blobs_and_switches_atomically() {
         .expect("re-synced");
     assert_eq!(r.applied.supernet_id, sid_b);
     assert_eq!(r.applied.generation, hb.desired_generation);
-    let s = &r.sync.stats;
+    let s = &r.sync.as_ref().expect("synced").stats;
     assert_eq!(s.blobs_downloaded, 1, "{s:?}");
     assert_eq!(s.blobs_linked, s.blobs_needed - 1, "{s:?}");
     assert!(!r.applied.plan.reused_table && !r.applied.plan.reused_search);
@@ -1087,7 +1089,7 @@ async fn new_generation_resyncs_only_changed_blobs_and_switches_atomically() {
     // A version whose changed blob is corrupt in the cloud: the re-sync fails and the
     // previous version keeps serving.
     let art_c = tempfile::tempdir().unwrap();
-    let mc = make_artifact_version(art_c.path(), (3, 1));
+    let mc = make_artifact_version(art_c.path(), ModuleKey::new(3, Choice::Merge2));
     cloud.publish_artifact(art_c.path(), &fleet_id).await;
     let have: std::collections::HashSet<String> = mb
         .modules()
@@ -1112,6 +1114,213 @@ async fn new_generation_resyncs_only_changed_blobs_and_switches_atomically() {
     assert_eq!(server.active().version, now.version);
     assert_eq!(server.active().supernet_id, id_b);
     server.infer(&x).unwrap();
+}
+
+/// Issue 25: the plan a device served before a rollout moved it on is kept in the state
+/// directory, survives a restart, and a rollback re-installs it from the cache: nothing
+/// synced, profiled or searched, the subnet that served before serves again, and its table
+/// and search result are the stored ones again (a plan made now reuses both). A rollback
+/// that happened while the agent was down restores the kept plan at start; one that no
+/// rollout can send back to is dropped. A cache missing a blob falls back to a verifying
+/// sync that fetches just that blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_plan_survives_a_restart_and_a_rollback_installs_it_from_the_cache() {
+    use adaptivenet_core::artifact::sha256_hex;
+    use adaptivenet_edge::adapt::plan::{plan, PlanConfig};
+    use adaptivenet_edge::adapt::{AdaptConfig, Controller};
+    use adaptivenet_edge::agent::resync::{
+        policy_budgets, standby_at_start, Applied, Resync, Standby,
+    };
+    use adaptivenet_edge::client::{DesiredState, ServingReason};
+    use adaptivenet_edge::quality::QualityMode;
+    use adaptivenet_edge::serve::Server;
+    use adaptivenet_edge::state::StateDir;
+    use std::sync::{Arc, Mutex};
+
+    let cloud = Cloud::start().await;
+    let art_a = tempfile::tempdir().unwrap();
+    let ma = make_artifact(art_a.path());
+    let (fleet_id, token) = cloud.fleet("standby").await;
+    let sid_a = cloud.publish_artifact(art_a.path(), &fleet_id).await;
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    image_folder(&data, 4);
+    let state_dir = work.path().join("state");
+    let cache = state_dir.join("cache");
+    let mut client = CloudClient::connect(&cloud.url, DEFAULT_DEADLINE)
+        .await
+        .unwrap()
+        .with_state_dir(&state_dir)
+        .unwrap();
+    client
+        .enroll(Some(&token), pb::DeviceClass::CpuSmall, "test")
+        .await
+        .unwrap();
+    let rep = client
+        .sync(&cache, &BlobSelection::All, &opts())
+        .await
+        .unwrap();
+    let state = StateDir::new(&state_dir);
+    let resync = Resync {
+        cache: cache.clone(),
+        state: state.clone(),
+        sync: opts(),
+        plan: PlanConfig {
+            // The threads a profile records, so a stored table matches.
+            threads: adaptivenet_edge::profile::current_threads(),
+            batch: 1,
+            rounds: 1,
+            validate: 0,
+            force_profile: false,
+            search: SearchConfig {
+                population: 8,
+                generations: 1,
+                ..SearchConfig::default()
+            },
+            budgets: policy_budgets(rep.budget.as_ref()),
+            data: data.clone(),
+            images: 40,
+            mode: QualityMode::OracleAgreement,
+            clamp_budgets: true,
+            research: false,
+        },
+        explicit_budgets: false,
+    };
+    let src_a = ArtifactSource::open(&rep.dir).unwrap();
+    let p = plan(&src_a, &state, &resync.plan, &mut |_, _, _| {}).unwrap();
+    assert!(!p.reused_search, "the first plan searches");
+    let front = p.record.result.front.clone();
+    // Serve the front's last subnet, not the one a plan starts from, so that serving it
+    // again after the rollback shows the kept subnet was restored.
+    let idx = front.len() - 1;
+    let subnet_a = front[idx].subnet.clone();
+    let server = Arc::new(Server::start(src_a.clone(), &subnet_a, 20).unwrap());
+    let ctl = Arc::new(Mutex::new(Controller::new(
+        AdaptConfig::new(p.budget_ms),
+        front,
+        idx,
+    )));
+    let applied_a = Applied {
+        supernet_id: sid_a.clone(),
+        generation: rep.generation,
+        plan: p,
+    };
+    let mid_a = ma.supernet_id.to_string();
+
+    // B arrives and is installed: the state's table and search slots now hold B's plan.
+    let art_b = tempfile::tempdir().unwrap();
+    let mb = make_artifact_version(art_b.path(), ModuleKey::new(1, Choice::Merge2));
+    let mid_b = mb.supernet_id.to_string();
+    let sid_b = cloud.publish_artifact(art_b.path(), &fleet_id).await;
+    let desired_b = client.desired_state().await.unwrap();
+    let rb = resync
+        .apply(&client, &desired_b, &applied_a, &server, &ctl)
+        .await
+        .unwrap()
+        .expect("B installed");
+    assert_eq!(server.active().supernet_id, mid_b);
+    assert!(matches!(
+        state.load_search(&mid_a),
+        Err(EdgeError::StaleState { .. })
+    ));
+
+    // The agent keeps A's plan while the rollout is active; a restart reads it back.
+    let kept = Standby {
+        applied: applied_a.clone(),
+        subnet: subnet_a.clone(),
+    };
+    state.save_standby(&sid_a, &kept.record()).unwrap();
+    let back = standby_at_start(&state, &sid_b, &mid_b, Some(true)).expect("kept");
+    assert_eq!(back.applied.supernet_id, sid_a);
+    assert_eq!(back.applied.generation, applied_a.generation);
+    assert_eq!(back.subnet, subnet_a);
+    assert_eq!(back.applied.plan.table, applied_a.plan.table);
+    assert_eq!(back.applied.plan.record, applied_a.plan.record);
+    assert_eq!(back.applied.plan.budget_ms, applied_a.plan.budget_ms);
+    assert!(state.standby_path().exists());
+
+    // The rollback, from what the restarted agent read: nothing synced or searched, and the
+    // subnet that served before serves again.
+    let manifest_a = std::fs::read(art_a.path().join("manifest.json")).unwrap();
+    let desired_a = DesiredState {
+        supernet_id: sid_a.clone(),
+        manifest_sha256: sha256_hex(&manifest_a),
+        generation: rb.applied.generation + 1,
+        reason: ServingReason::RolledBack,
+        ..DesiredState::default()
+    };
+    let r = resync
+        .reinstall(&client, &desired_a, &rb.applied, back, &server, &ctl)
+        .await
+        .unwrap();
+    assert!(r.sync.is_none() && r.kept_plan, "{r:?}");
+    assert_eq!(r.applied.supernet_id, sid_a);
+    assert_eq!(r.applied.generation, desired_a.generation);
+    assert_eq!(server.active().supernet_id, mid_a);
+    assert_eq!(server.active().subnet, subnet_a);
+    assert_eq!(
+        ctl.lock().unwrap().front,
+        applied_a.plan.record.result.front
+    );
+    let again = plan(&src_a, &state, &resync.plan, &mut |_, _, _| {}).unwrap();
+    assert!(
+        again.reused_table && again.reused_search,
+        "table {} search {}",
+        again.reused_table,
+        again.reused_search
+    );
+    assert_eq!(again.record, applied_a.plan.record);
+    // A cached manifest other than the one the cloud names is not re-installed from.
+    let err = resync.cached_source(&sid_a, &"0".repeat(64)).unwrap_err();
+    assert!(matches!(err, EdgeError::BlobMismatch { .. }), "{err}");
+
+    // Rolled back while the agent was down: the cloud sends A at start while the slots hold
+    // B's plan; the kept plan goes back into them, so the plan made at start is A's.
+    state.save_table(&rb.applied.plan.table).unwrap();
+    state.save_search(&mid_b, &rb.applied.plan.record).unwrap();
+    state.save_standby(&sid_a, &kept.record()).unwrap();
+    assert!(standby_at_start(&state, &sid_a, &mid_a, Some(false)).is_none());
+    assert!(!state.standby_path().exists());
+    let restored = plan(&src_a, &state, &resync.plan, &mut |_, _, _| {}).unwrap();
+    assert!(restored.reused_table && restored.reused_search);
+    assert_eq!(restored.record, applied_a.plan.record);
+    assert_eq!(state.load_active(&mid_a).unwrap().unwrap().subnet, subnet_a);
+    // The rollout ended while the agent was down and left it on B: no rollout can send it
+    // back, so the kept plan is dropped.
+    state.save_standby(&sid_a, &kept.record()).unwrap();
+    assert!(standby_at_start(&state, &sid_b, &mid_b, Some(false)).is_none());
+    assert!(!state.standby_path().exists());
+
+    // A blob missing from the cache: the re-install falls back to a verifying sync, which
+    // fetches just that blob, and B serves again.
+    let (_, only_b) = mb
+        .modules()
+        .into_iter()
+        .find(|(_, e)| !ma.modules().iter().any(|(_, a)| a.sha256 == e.sha256))
+        .unwrap();
+    std::fs::remove_file(blob_path(&cache.join(&sid_b), &only_b.sha256)).unwrap();
+    assert!(resync
+        .cached_source(&sid_b, &desired_b.manifest_sha256)
+        .is_err());
+    let kept_b = Standby {
+        applied: rb.applied.clone(),
+        subnet: rb.applied.plan.record.result.front[0].subnet.clone(),
+    };
+    let desired_b2 = DesiredState {
+        generation: r.applied.generation + 1,
+        ..desired_b.clone()
+    };
+    let r2 = resync
+        .reinstall(&client, &desired_b2, &r.applied, kept_b, &server, &ctl)
+        .await
+        .unwrap();
+    let s = &r2.sync.as_ref().expect("a verifying sync").stats;
+    assert_eq!(s.blobs_downloaded, 1, "{s:?}");
+    assert_eq!(s.blobs_skipped, s.blobs_needed - 1, "{s:?}");
+    assert_eq!(server.active().supernet_id, mid_b);
+    assert!(resync
+        .cached_source(&sid_b, &desired_b.manifest_sha256)
+        .is_ok());
 }
 
 /// The `quality_samples` the cloud stored per device (the latest report of each).
@@ -1475,14 +1684,25 @@ async fn mbconv_supernet_is_synced_profiled_searched_and_served() {
     let art = work.path().join("artifact");
     let (manifest, _) =
         elastify_to_artifact(&oracle, &data, &plan, &mut NoProgress, None, &never, &art).unwrap();
-    let kinds: std::collections::BTreeSet<i8> = manifest
+    let kinds: std::collections::BTreeSet<Choice> = manifest
         .supernet_spec()
         .positions
         .iter()
         .flatten()
         .map(|c| c.id)
         .collect();
-    assert_eq!(kinds, [-2, -1, 0, 1, 2].into_iter().collect());
+    assert_eq!(
+        kinds,
+        [
+            Choice::Prune2,
+            Choice::Prune1,
+            Choice::Original,
+            Choice::Merge2,
+            Choice::Merge3
+        ]
+        .into_iter()
+        .collect()
+    );
 
     let cloud = Cloud::start().await;
     let (fleet_id, token) = cloud.fleet("mbconv").await;

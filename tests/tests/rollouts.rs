@@ -1,8 +1,9 @@
 //! Staged rollouts end to end: a real `cloud-server serve` process and three real
 //! `edge-agent` processes on 127.0.0.1, once on SQLite and once on PostgreSQL. One fleet of
 //! agents lives through four rollouts in a row:
-//! 1. aborted: the cohort device installs B, the abort sends it back to A from the plan it
-//!    kept, with no blob downloaded, and every device serves A;
+//! 1. aborted: the cohort device installs B and is SIGKILLed and restarted while on B; the
+//!    abort sends it back to A from the plan it kept in its state directory, with no blob
+//!    downloaded and no search, and every device serves A;
 //! 2. a bad B (made slower on purpose: its cheapest subnet is far above the fleet's
 //!    latency budget in ms): the cohort device cannot serve it, says so in its heartbeats,
 //!    keeps A, and the cloud's failed-install gate rolls the rollout back; the rollback moves
@@ -11,8 +12,10 @@
 //!    one device is frozen (SIGSTOP) for the whole rollout: the rollout continues after the
 //!    restart, and the frozen device serves B once it is back.
 //!
-//! Measured and printed: the time from B's first bad heartbeat to the last cohort device
-//! back on A, and the blob bytes the rollback and the abort moved.
+//! Measured and printed: the time from B's first bad heartbeat to the last device back on A
+//! (asserted only loosely: a loaded machine must not make the test flaky; the figure is
+//! what to compare with the target), and the blob bytes the rollback and the abort moved
+//! (asserted to be 0).
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -35,6 +38,8 @@ struct Device {
     id: String,
     log: PathBuf,
     child: KillOnDrop,
+    /// The command line it runs with (a restart reuses it, and so its state directory).
+    args: Vec<String>,
 }
 
 struct Rig {
@@ -162,7 +167,12 @@ impl Rig {
                 let v: serde_json::Value = serde_json::from_str(&text).ok()?;
                 v["device_id"].as_str().map(str::to_string)
             });
-            rig.devices.push(Device { id, log, child });
+            rig.devices.push(Device {
+                id,
+                log,
+                child,
+                args,
+            });
         }
         let all: Vec<usize> = (0..3).collect();
         rig.wait_serving(&all, &rig.a.clone(), None, Duration::from_secs(180));
@@ -323,6 +333,22 @@ impl Rig {
         }
     }
 
+    /// SIGKILLs agent `i` and starts it again on the same state directory (new log files,
+    /// `<log>-restarted.*`).
+    fn restart(&mut self, i: usize) {
+        let d = &mut self.devices[i];
+        signal(d.child.0.id(), "KILL");
+        wait_for(Duration::from_secs(10), "the agent to exit", || {
+            d.child.0.try_wait().expect("wait").map(|_| ())
+        });
+        let name = format!(
+            "{}-restarted",
+            d.log.file_name().expect("log name").to_string_lossy()
+        );
+        d.log = d.log.with_file_name(name);
+        d.child = KillOnDrop(agent_spawn(&d.args, &d.log));
+    }
+
     fn bytes_sent(&self) -> f64 {
         metric(&self.cloud.metrics(), BLOB_BYTES)
     }
@@ -343,7 +369,7 @@ fn now_ms() -> i64 {
     adaptivenet_cloud::domain::now_ms()
 }
 
-fn rollouts(database_url: Option<String>) {
+fn rollouts(db: &str, database_url: Option<String>) {
     let t0 = Instant::now();
     let mut rig = Rig::start(database_url);
     println!(
@@ -353,7 +379,8 @@ fn rollouts(database_url: Option<String>) {
     let (a, good, slow) = (rig.a.clone(), rig.good.clone(), rig.slow.clone());
     let all = [0, 1, 2];
 
-    // 1. Abort: device 0 installs B, then goes back to A from the plan it kept.
+    // 1. Abort: device 0 installs B, is killed and restarted while on B, then goes back to A
+    //    from the plan it kept in its state directory.
     let r = rig.start_rollout(
         &good,
         vec![devices_step(&[&rig.devices[0].id])],
@@ -377,6 +404,23 @@ fn rollouts(database_url: Option<String>) {
         &a,
         Some(pb::ServingReason::RolloutControl),
         Duration::from_secs(30),
+    );
+    rig.restart(0);
+    let kept_note = format!("keeping the plan of supernet {a} for a rollback");
+    wait_for(
+        Duration::from_secs(120),
+        "the restarted agent to keep A's plan",
+        || {
+            read_log(&rig.devices[0].log, "out")
+                .contains(&kept_note)
+                .then_some(())
+        },
+    );
+    rig.wait_serving(
+        &[0],
+        &good,
+        Some(pb::ServingReason::RolloutCohort),
+        Duration::from_secs(60),
     );
     let before = rig.bytes_sent();
     let aborted_at = now_ms();
@@ -406,8 +450,15 @@ fn rollouts(database_url: Option<String>) {
     let abort_bytes = rig.bytes_sent() - before;
     let out0 = read_log(&rig.devices[0].log, "out");
     assert!(out0.contains("rolled back"), "{out0}");
+    // Back on A from the plan kept across the restart: no blob read over the network, no
+    // profile, no search.
+    assert!(
+        out0.contains("the kept plan from the cache: nothing downloaded, no search"),
+        "{out0}"
+    );
     println!(
-        "abort: every device on A {} ms after the abort, {abort_bytes} blob bytes moved",
+        "[{db}] abort after a restart on B: every device on A {} ms after the abort, \
+         {abort_bytes} blob bytes moved",
         back - aborted_at
     );
     assert_eq!(abort_bytes, 0.0, "going back to A downloaded blobs");
@@ -453,13 +504,20 @@ fn rollouts(database_url: Option<String>) {
         tail(&err1, 40)
     );
     println!(
-        "bad B: first failed-install heartbeat -> rollback decision {} ms -> last device on A {} ms \
-         (target: one gate window + two heartbeats = {} ms), {rollback_bytes} blob bytes moved by the rollback",
+        "[{db}] bad B: first failed-install heartbeat -> rollback decision {} ms -> last device on A {} ms \
+         (target: one gate tick + two heartbeats = {} ms), {rollback_bytes} blob bytes moved by the rollback",
         dec.at_unix_ms - first_bad,
         back - first_bad,
         TICK_MS + 2 * HEARTBEAT_MS,
     );
     assert_eq!(rollback_bytes, 0.0, "the rollback downloaded blobs");
+    // Loose on purpose (the strict figure is the printed one): ten times the target still
+    // catches an agent that waits for anything slower than its heartbeats.
+    assert!(
+        back - first_bad < 10 * (TICK_MS + 2 * HEARTBEAT_MS) as i64,
+        "rollback took {} ms",
+        back - first_bad
+    );
 
     // 3. A good B to 100 %, device 2 frozen throughout, the cloud SIGKILLed at step 1.
     let frozen = rig.devices[2].child.0.id();
@@ -515,7 +573,7 @@ fn rollouts(database_url: Option<String>) {
 
 #[test]
 fn rollouts_with_real_agents_on_sqlite() {
-    rollouts(None);
+    rollouts("sqlite", None);
 }
 
 #[test]
@@ -523,5 +581,5 @@ fn rollouts_with_real_agents_on_postgres() {
     let Some(db) = FreshPg::create("rollouts") else {
         return;
     };
-    rollouts(Some(db.url.clone()));
+    rollouts("postgres", Some(db.url.clone()));
 }

@@ -18,7 +18,7 @@ use adaptivenet_core::artifact::{load_supernet, read_manifest, write_artifact};
 use adaptivenet_core::data::{fashion_mnist, shuffled_indices, AugmentPolicy, Dataset, Normalize};
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::supernet::branches::build_supernet;
-use adaptivenet_core::supernet::{Subnet, Supernet, SupernetConfig};
+use adaptivenet_core::supernet::{ModuleKey, Subnet, Supernet, SupernetConfig};
 use adaptivenet_kernels::threads;
 use adaptivenet_train::pipeline::split_validation;
 use adaptivenet_train::pipeline::TrainingData;
@@ -369,7 +369,7 @@ fn accuracies(
     let t = eval_transform(normalize);
     let mut hits = vec![0u64; nets.len()];
     let mut order: Vec<usize> = (0..nets.len()).collect();
-    let steps: Vec<Vec<(usize, i8)>> = nets.iter().map(|(_, s)| s.steps().collect()).collect();
+    let steps: Vec<Vec<ModuleKey>> = nets.iter().map(|(_, s)| s.steps().collect()).collect();
     order.sort_by(|&a, &b| (nets[a].0, &steps[a]).cmp(&(nets[b].0, &steps[b])));
     let idx: Vec<usize> = (0..data.len()).collect();
     for chunk in idx.chunks(100) {
@@ -379,7 +379,7 @@ fn accuracies(
             .map(|s| s.forward_stem(&x))
             .collect::<Result<_, _>>()?;
         let mut cur = usize::MAX;
-        let mut stack: Vec<((usize, i8), Tensor)> = Vec::new();
+        let mut stack: Vec<(ModuleKey, Tensor)> = Vec::new();
         for &k in &order {
             let sn = nets[k].0;
             if sn != cur {
@@ -392,10 +392,10 @@ fn accuracies(
                 .take_while(|((a, _), b)| a == *b)
                 .count();
             stack.truncate(shared);
-            for &(pos, id) in &steps[k][shared..] {
+            for &key in &steps[k][shared..] {
                 let input = stack.last().map_or(&stems[sn], |(_, f)| f);
-                let out = sns[sn].forward_module(pos, id, input)?;
-                stack.push(((pos, id), out));
+                let out = sns[sn].forward_module(key, input)?;
+                stack.push((key, out));
             }
             let h = stack.last().map_or(&stems[sn], |(_, f)| f);
             hits[k] += correct(&sns[sn].forward_head(h)?, &y)?;

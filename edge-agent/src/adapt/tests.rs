@@ -1,14 +1,17 @@
 //! The controller against simulated windows: p50 = table latency x load x (1 + noise), with
 //! noise drawn from a seeded RNG, one observation per window.
 use super::*;
-use adaptivenet_core::supernet::Subnet;
+use adaptivenet_core::supernet::{Choice, Subnet};
 use rand::{Rng, SeedableRng};
 
 /// 30 closely spaced entries (2.5% apart, so neighbours are within measurement noise).
 fn front() -> Vec<Candidate> {
     (0..30)
         .map(|i| Candidate {
-            subnet: Subnet(vec![(i % 3) as i8, (i / 3) as i8]),
+            subnet: Subnet(vec![
+                Choice::ALL[i as usize % 6],
+                Choice::ALL[i as usize / 6],
+            ]),
             latency_ms: 4.0 * 1.025f64.powi(i),
             quality: 80.0 + i as f64 * 0.3,
         })
@@ -154,7 +157,7 @@ fn near_duplicates_are_never_targets_and_the_cheapest_holds_under_any_load() {
     f.insert(
         10,
         Candidate {
-            subnet: Subnet(vec![9, 9]),
+            subnet: Subnet(vec![Choice::Covered, Choice::Covered]),
             latency_ms: f[10].latency_ms * 0.995,
             quality: f[10].quality - 0.1,
         },

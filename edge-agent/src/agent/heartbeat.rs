@@ -1,7 +1,11 @@
 //! The heartbeat task (cloud mode): one report of the search outcome at start, then every
-//! interval a heartbeat (rotating a credential nearing expiry first), a re-sync when the
-//! cloud's desired generation moved, a retry of an undelivered report, and every
-//! `report_every` beats an aggregate report. A failing cloud is logged; serving goes on.
+//! interval a heartbeat (rotating a credential nearing expiry first), a re-sync started at
+//! once when the cloud's desired generation moved, a retry of an undelivered report, and
+//! every `report_every` beats an aggregate report. A re-sync that changed what heartbeats
+//! report asks for the next heartbeat at once, so the cloud sees a rollback (or a failed
+//! install) one round trip after the heartbeat that announced it, not an interval later;
+//! the interval counts from the start of a heartbeat, so slow calls do not stretch it. A
+//! failing cloud is logged; serving goes on.
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,11 +30,15 @@ pub(super) async fn run(agent: Arc<Agent>, client: Arc<CloudClient>) {
     let started_unix_ms = now_unix_ms() - agent.cfg.started.elapsed().as_millis() as i64;
     let report_every = agent.cfg.report_every.max(1);
     let mut beats = 0u32;
+    let mut next = tokio::time::Instant::now() + Duration::from_millis(interval);
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(interval)) => {}
+            _ = tokio::time::sleep_until(next) => {}
+            _ = agent.beat.notified() => {}
             _ = agent.cancel.cancelled() => break,
         }
+        let began = tokio::time::Instant::now();
+        next = began + Duration::from_millis(interval);
         let active = agent.server.active().subnet.clone();
         let (n, p50, p95) = agent.server.window_stats();
         let cur = agent.applied().clone();
@@ -54,17 +62,24 @@ pub(super) async fn run(agent: Arc<Agent>, client: Arc<CloudClient>) {
                 if agent.cfg.heartbeat_ms.is_none() && r.heartbeat_interval_ms > 0 {
                     interval = u64::from(r.heartbeat_interval_ms);
                 }
+                next = began + Duration::from_millis(interval);
                 if r.desired_generation != cur.generation
                     && !agent.resyncing.swap(true, Ordering::AcqRel)
                 {
-                    // Re-sync in the background: heartbeats and serving go on.
-                    let (agent, client) = (agent.clone(), client.clone());
-                    let cancel = agent.cancel.clone();
-                    tokio::spawn(async move {
-                        cancel
-                            .run_until_cancelled(resync::task(agent, client, cur))
-                            .await
-                    });
+                    // What is applied now: a re-sync may have finished during the call.
+                    let now = agent.applied().clone();
+                    if now.generation == r.desired_generation {
+                        agent.resyncing.store(false, Ordering::Release);
+                    } else {
+                        // Re-sync in the background: heartbeats and serving go on.
+                        let (agent, client) = (agent.clone(), client.clone());
+                        let cancel = agent.cancel.clone();
+                        tokio::spawn(async move {
+                            cancel
+                                .run_until_cancelled(resync::task(agent, client, now))
+                                .await
+                        });
+                    }
                 }
                 if let Err(e) = client.flush_pending_report().await {
                     tracing::warn!("pending report not delivered: {e}");

@@ -4,8 +4,9 @@
 //! - [`maintenance`]: the controller's tick (switches, drift detection, timeline, the
 //!   persisted active subnet);
 //! - [`drift`]: re-profile and warm-started re-search when the latency table drifted;
-//! - [`heartbeat`]: heartbeats, credential rotation and aggregate reports (cloud mode);
-//! - [`resync`]: applying a new desired generation a heartbeat announced;
+//! - [`heartbeat`]: heartbeats, credential rotation and aggregate reports (cloud mode), one
+//!   per interval and one at once after a re-sync changed what they report;
+//! - [`resync`]: applying a new desired generation a heartbeat announced, at once;
 //! - [`replay`]: the device's own data replayed as request traffic.
 //!
 //! One [`CancellationToken`] stops them all: [`Agent::run`] cancels it when its stop future
@@ -34,7 +35,7 @@ pub mod replay;
 pub mod resync;
 
 pub use replay::Replay;
-pub use resync::{policy_budgets, Applied, Resync, ResyncReport};
+pub use resync::{policy_budgets, standby_at_start, Applied, Resync, ResyncReport, Standby};
 
 /// How the runtime behaves (the plan and the serving subnet come separately).
 #[derive(Debug)]
@@ -76,9 +77,12 @@ pub struct Agent {
     reason: Mutex<AdaptationReason>,
     /// Why it serves the applied supernet, and one it could not serve (heartbeats say so).
     serving: Mutex<Serving>,
-    /// The plan served before the last supernet change, kept while a rollout is active so
-    /// a rollback installs it again with no download and no search.
-    standby: Mutex<Option<Applied>>,
+    /// The plan served before the last supernet change, kept (also in the state directory)
+    /// while a rollout is active so a rollback installs it again with no download and no
+    /// search.
+    standby: Mutex<Option<Standby>>,
+    /// Asks the heartbeat task for a heartbeat now (a re-sync changed what it reports).
+    beat: tokio::sync::Notify,
     resync: Resync,
     cloud: Option<Arc<CloudClient>>,
     cfg: AgentConfig,
@@ -111,6 +115,7 @@ impl Agent {
             reason: Mutex::new(AdaptationReason::Initial),
             serving: Mutex::new(Serving::default()),
             standby: Mutex::new(None),
+            beat: tokio::sync::Notify::new(),
             resync,
             cloud,
             cfg,
@@ -152,8 +157,20 @@ impl Agent {
         *self.serving.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
 
-    fn standby(&self) -> MutexGuard<'_, Option<Applied>> {
+    /// Keeps `s` as the plan to roll back to (at start: the one [`standby_at_start`] found
+    /// in the state directory, which holds it already).
+    pub fn keep_standby(&self, s: Standby) {
+        *self.standby() = Some(s);
+    }
+
+    fn standby(&self) -> MutexGuard<'_, Option<Standby>> {
         self.standby.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A heartbeat as soon as the heartbeat task can send one (a stored permit if it is
+    /// busy sending the previous one, so the request is never lost).
+    fn beat_now(&self) {
+        self.beat.notify_one();
     }
 
     fn set_reason(&self, r: AdaptationReason) {

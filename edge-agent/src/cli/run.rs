@@ -36,6 +36,11 @@ pub fn run(a: RunArgs) -> Result<()> {
         clamp_budgets: true,
         ..plan_config(&s)
     };
+    // A plan kept for a rollback: restored into the state's slots when the cloud sends this
+    // device back to it, so the plan below needs no profile and no search.
+    let standby = cloud.as_ref().and_then(|c| {
+        adaptivenet_edge::agent::standby_at_start(&state, &c.supernet_id, &id, c.rollout_active)
+    });
     let the_plan = plan::plan(&src, &state, &pcfg, &mut progress_bars())?;
     print_search(&the_plan.record);
     let budget = the_plan.budget_ms;
@@ -144,6 +149,13 @@ pub fn run(a: RunArgs) -> Result<()> {
         reason: serving_reason,
         failed: None,
     });
+    if let Some(s) = standby {
+        println!(
+            "keeping the plan of supernet {} for a rollback (subnet {}, budget {:.3} ms)",
+            s.applied.supernet_id, s.subnet, s.applied.plan.budget_ms
+        );
+        agent.keep_standby(s);
+    }
     let result = rt.block_on(async {
         let api = match &a.listen {
             Some(addr) => {

@@ -22,6 +22,8 @@ pub struct CloudSession {
     pub budget: Option<BudgetPolicy>,
     /// Why the cloud sends this device its supernet (unknown when serving offline).
     pub reason: ServingReason,
+    /// Whether an active rollout decided the supernet (`None`: unknown, serving offline).
+    pub rollout_active: Option<bool>,
 }
 
 /// The artifact to work on: `--artifact` as is, or (cloud mode) enroll once and sync the
@@ -110,6 +112,7 @@ pub fn open_source(
                     generation: cur.generation,
                     budget: None,
                     reason: ServingReason::Unspecified,
+                    rollout_active: None,
                 }),
             ));
         }
@@ -139,6 +142,7 @@ pub fn open_source(
             generation: rep.generation,
             budget: rep.budget,
             reason: rep.reason,
+            rollout_active: Some(rep.rollout_id.is_some()),
         }),
     ))
 }

@@ -123,6 +123,8 @@ pub struct SyncReport {
     pub budget: Option<super::BudgetPolicy>,
     /// Why the cloud sends this device this supernet.
     pub reason: super::ServingReason,
+    /// The active rollout that decided the supernet, if any.
+    pub rollout_id: Option<String>,
     pub manifest: Manifest,
     pub stats: DownloadStats,
 }
@@ -365,6 +367,7 @@ impl CloudClient {
             generation: desired.generation,
             budget: desired.budget,
             reason: desired.reason,
+            rollout_id: desired.rollout_id.clone(),
             manifest,
             stats,
         })

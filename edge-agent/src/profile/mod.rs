@@ -9,7 +9,7 @@ pub mod conditions;
 
 use std::time::Instant;
 
-use adaptivenet_core::supernet::{module_name, Subnet, Supernet, SupernetSpec};
+use adaptivenet_core::supernet::{Choice, ModuleKey, Subnet, Supernet, SupernetSpec};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -71,7 +71,8 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModuleLatency {
     pub position: usize,
-    pub choice: i8,
+    /// Stored as the research code's integer id (see [`Choice`]).
+    pub choice: Choice,
     pub stat: Stat,
 }
 
@@ -121,7 +122,7 @@ impl LatencyTable {
     pub fn check(&self, spec: &SupernetSpec) -> Result<()> {
         for (pos, choices) in spec.positions.iter().enumerate() {
             for c in choices {
-                self.module_ms(pos, c.id)?;
+                self.module_ms(ModuleKey::new(pos, c.id))?;
             }
         }
         let all = [self.stem.median_ms, self.head.median_ms];
@@ -140,20 +141,18 @@ impl LatencyTable {
     }
 
     /// Median latency of one module.
-    pub fn module_ms(&self, pos: usize, id: i8) -> Result<f64> {
+    pub fn module_ms(&self, key: ModuleKey) -> Result<f64> {
         self.modules
-            .binary_search_by(|m| (m.position, m.choice).cmp(&(pos, id)))
+            .binary_search_by(|m| ModuleKey::new(m.position, m.choice).cmp(&key))
             .map(|i| self.modules[i].stat.median_ms)
-            .map_err(|_| EdgeError::MissingLatency {
-                module: module_name(pos, id),
-            })
+            .map_err(|_| EdgeError::MissingLatency { module: key.name() })
     }
 
     /// The additive model: stem + chosen modules + head (uncalibrated).
     pub fn additive_ms(&self, s: &Subnet) -> Result<f64> {
         let mut t = self.stem.median_ms + self.head.median_ms;
-        for (p, id) in s.steps() {
-            t += self.module_ms(p, id)?;
+        for key in s.steps() {
+            t += self.module_ms(key)?;
         }
         Ok(t)
     }
@@ -168,8 +167,8 @@ impl LatencyTable {
     /// Calibrated latency of one module's contribution, its per-call cost included, so that
     /// `predict_ms` = constant part + the sum of these over the subnet's modules (search uses
     /// it for deltas and bounds).
-    pub fn scaled_module_ms(&self, pos: usize, id: i8) -> Result<f64> {
-        Ok(self.calibration.scale * self.module_ms(pos, id)? + self.calibration.per_call_ms)
+    pub fn scaled_module_ms(&self, key: ModuleKey) -> Result<f64> {
+        Ok(self.calibration.scale * self.module_ms(key)? + self.calibration.per_call_ms)
     }
 
     /// The calibrated part every subnet pays (stem, head, constant overhead).
@@ -188,7 +187,7 @@ impl LatencyTable {
         for i in (0..n).rev() {
             for c in &spec.positions[i] {
                 if i + c.span <= n {
-                    let m = self.scaled_module_ms(i, c.id)?;
+                    let m = self.scaled_module_ms(ModuleKey::new(i, c.id))?;
                     lo[i] = lo[i].min(m + lo[i + c.span]);
                     hi[i] = hi[i].max(m + hi[i + c.span]);
                 }
@@ -287,14 +286,14 @@ pub fn profile(
     // Oracle-path features entering each position, and the last one for the head.
     let mut feats = vec![supernet.forward_stem(&x)?];
     for i in 0..spec.num_positions() {
-        let h = supernet.forward_module(i, 0, &feats[i])?;
+        let h = supernet.forward_module(ModuleKey::new(i, Choice::Original), &feats[i])?;
         feats.push(h);
     }
-    let units: Vec<(usize, i8)> = spec
+    let units: Vec<ModuleKey> = spec
         .positions
         .iter()
         .enumerate()
-        .flat_map(|(i, cs)| cs.iter().map(move |c| (i, c.id)))
+        .flat_map(|(i, cs)| cs.iter().map(move |c| ModuleKey::new(i, c.id)))
         .collect();
     let mut samples = vec![Vec::with_capacity(cfg.rounds); units.len()];
     let (mut stem_s, mut head_s) = (Vec::new(), Vec::new());
@@ -305,8 +304,8 @@ pub fn profile(
         if keep {
             stem_s.push(t);
         }
-        for (k, &(pos, id)) in units.iter().enumerate() {
-            let (t, _) = time_ms(|| Ok(supernet.forward_module(pos, id, &feats[pos])?))?;
+        for (k, &key) in units.iter().enumerate() {
+            let (t, _) = time_ms(|| Ok(supernet.forward_module(key, &feats[key.pos])?))?;
             if keep {
                 samples[k].push(t);
             }
@@ -320,14 +319,14 @@ pub fn profile(
     let mut modules: Vec<ModuleLatency> = units
         .iter()
         .zip(&samples)
-        .map(|(&(position, choice), s)| ModuleLatency {
-            position,
-            choice,
+        .map(|(&key, s)| ModuleLatency {
+            position: key.pos,
+            choice: key.choice,
             stat: Stat::from_samples(s),
         })
         .collect();
-    // Lookups binary-search by (position, choice); spec order puts pruned (negative) ids
-    // after the merges.
+    // Lookups binary-search by module key; spec order puts the pruned choices after the
+    // merges, key order before the original.
     modules.sort_by_key(|m| (m.position, m.choice));
     Ok(LatencyTable {
         format_version: TABLE_FORMAT,
@@ -512,10 +511,7 @@ mod tests {
         let (lo, hi) = t.latency_range(&sn.spec).unwrap();
         for s in sn.spec.enumerate(1000).unwrap() {
             let p = t.predict_ms(&s).unwrap();
-            let parts: f64 = s
-                .steps()
-                .map(|(p, id)| t.scaled_module_ms(p, id).unwrap())
-                .sum();
+            let parts: f64 = s.steps().map(|k| t.scaled_module_ms(k).unwrap()).sum();
             assert!((p - (t.fixed_ms() + parts)).abs() < 1e-12);
             assert!(p >= lo - 1e-12 && p <= hi + 1e-12);
         }
@@ -552,6 +548,9 @@ mod tests {
         };
         let t = profile(&sn, &cfg, |_, _| {}).unwrap();
         t.check(&sn.spec).unwrap();
-        assert!(t.module_ms(0, -2).is_ok() && t.module_ms(0, 2).is_ok());
+        assert!(
+            t.module_ms(ModuleKey::new(0, Choice::Prune2)).is_ok()
+                && t.module_ms(ModuleKey::new(0, Choice::Merge3)).is_ok()
+        );
     }
 }

@@ -310,7 +310,10 @@ mod tests {
         };
         let first = search(&sn, &table, &set, &[budget], &cfg, |_, _| {}).unwrap();
         let mut warm: Vec<Subnet> = first.front.iter().map(|c| c.subnet.clone()).collect();
-        warm.push(Subnet(vec![0; 4])); // another supernet's code
+        warm.push(Subnet(vec![
+            adaptivenet_core::supernet::Choice::Original;
+            4
+        ])); // another supernet's code
         let again = SearchConfig {
             generations: 0,
             seed: 2,

@@ -1,39 +1,42 @@
 //! Variation operators on subnet codes. Every operator ends with [`repair`], so whatever it
 //! does to individual positions, the result is a valid code of the supernet.
-use adaptivenet_core::supernet::{Subnet, SupernetSpec, COVERED};
+use adaptivenet_core::supernet::{Choice, ModuleKey, Subnet, SupernetSpec};
 use rand::Rng;
 
 use crate::profile::LatencyTable;
 use crate::Result;
 
-fn span_of(spec: &SupernetSpec, pos: usize, id: i8) -> usize {
-    spec.choice(pos, id).map_or(1, |c| c.span)
+fn span_of(spec: &SupernetSpec, pos: usize, id: Choice) -> usize {
+    spec.choice(ModuleKey::new(pos, id)).map_or(1, |c| c.span)
 }
 
-/// Makes any vector of ids a valid code: orphan `x` and unavailable or overflowing choices
+/// Makes any vector of choices a valid code: orphan `x` and unavailable or overflowing choices
 /// become `0`; a merge start overwrites the positions it covers.
-pub fn repair(spec: &SupernetSpec, v: &mut [i8]) {
+pub fn repair(spec: &SupernetSpec, v: &mut [Choice]) {
     let n = v.len();
     let mut i = 0;
     while i < n {
         let id = v[i];
-        let ok = id != COVERED && spec.choice(i, id).is_some_and(|c| i + c.span <= n);
+        let ok = id != Choice::Covered
+            && spec
+                .choice(ModuleKey::new(i, id))
+                .is_some_and(|c| i + c.span <= n);
         if !ok {
-            v[i] = 0;
+            v[i] = Choice::Original;
             i += 1;
             continue;
         }
         let span = span_of(spec, i, id);
         for x in v.iter_mut().take(i + span).skip(i + 1) {
-            *x = COVERED;
+            *x = Choice::Covered;
         }
         i += span;
     }
 }
 
 /// The start of the segment covering position `i`.
-fn segment_start(v: &[i8], mut i: usize) -> usize {
-    while i > 0 && v[i] == COVERED {
+fn segment_start(v: &[Choice], mut i: usize) -> usize {
+    while i > 0 && v[i] == Choice::Covered {
         i -= 1;
     }
     i
@@ -60,7 +63,7 @@ pub fn mutate<R: Rng>(
     }
     for i in hits {
         let cur = v[i];
-        let fits: Vec<i8> = spec.positions[i]
+        let fits: Vec<Choice> = spec.positions[i]
             .iter()
             .filter(|c| i + c.span <= n && c.id != cur)
             .map(|c| c.id)
@@ -69,16 +72,16 @@ pub fn mutate<R: Rng>(
             continue;
         }
         let new = fits[rng.random_range(0..fits.len())];
-        if cur == COVERED {
+        if cur == Choice::Covered {
             let s = segment_start(&v, i);
             let span = span_of(spec, s, v[s]);
             for x in v.iter_mut().skip(s).take(span) {
-                *x = 0;
+                *x = Choice::Original;
             }
         } else {
             let span = span_of(spec, i, cur);
             for x in v.iter_mut().skip(i + 1).take(span - 1) {
-                *x = 0;
+                *x = Choice::Original;
             }
         }
         v[i] = new;
@@ -96,13 +99,13 @@ pub fn crossover<R: Rng>(spec: &SupernetSpec, a: &Subnet, b: &Subnet, rng: &mut 
         return a.clone();
     }
     let cut = rng.random_range(1..n);
-    let mut v: Vec<i8> = a.0[..cut].iter().chain(&b.0[cut..]).copied().collect();
+    let mut v: Vec<Choice> = a.0[..cut].iter().chain(&b.0[cut..]).copied().collect();
     repair(spec, &mut v);
     Subnet(v)
 }
 
 /// All tilings of positions `start..end` by choices that fit inside the window.
-fn tilings(spec: &SupernetSpec, start: usize, end: usize) -> Vec<Vec<i8>> {
+fn tilings(spec: &SupernetSpec, start: usize, end: usize) -> Vec<Vec<Choice>> {
     if start == end {
         return vec![vec![]];
     }
@@ -111,7 +114,7 @@ fn tilings(spec: &SupernetSpec, start: usize, end: usize) -> Vec<Vec<i8>> {
         if start + c.span <= end {
             for rest in tilings(spec, start + c.span, end) {
                 let mut t = vec![c.id];
-                t.extend(std::iter::repeat_n(COVERED, c.span - 1));
+                t.extend(std::iter::repeat_n(Choice::Covered, c.span - 1));
                 t.extend(rest);
                 out.push(t);
             }
@@ -120,11 +123,11 @@ fn tilings(spec: &SupernetSpec, start: usize, end: usize) -> Vec<Vec<i8>> {
     out
 }
 
-fn window_ms(table: &LatencyTable, start: usize, ids: &[i8]) -> Result<f64> {
+fn window_ms(table: &LatencyTable, start: usize, ids: &[Choice]) -> Result<f64> {
     let mut t = 0.0;
     for (k, &id) in ids.iter().enumerate() {
-        if id != COVERED {
-            t += table.scaled_module_ms(start + k, id)?;
+        if id != Choice::Covered {
+            t += table.scaled_module_ms(ModuleKey::new(start + k, id))?;
         }
     }
     Ok(t)
@@ -144,8 +147,8 @@ pub fn compensate(
     let v = &child.0;
     let n = v.len();
     // Segment starts of the child.
-    let starts: Vec<usize> = (0..n).filter(|&i| v[i] != COVERED).collect();
-    let mut best: Option<(f64, usize, Vec<i8>)> = None;
+    let starts: Vec<usize> = (0..n).filter(|&i| v[i] != Choice::Covered).collect();
+    let mut best: Option<(f64, usize, Vec<Choice>)> = None;
     for (k, &s) in starts.iter().enumerate() {
         for m in 1..=3 {
             let end = starts.get(k + m).copied().unwrap_or(n);
@@ -198,7 +201,7 @@ pub fn sample_in_band<R: Rng>(
     for i in (0..n).rev() {
         for c in &spec.positions[i] {
             if i + c.span <= n {
-                let m = table.scaled_module_ms(i, c.id)?;
+                let m = table.scaled_module_ms(ModuleKey::new(i, c.id))?;
                 min_suf[i] = min_suf[i].min(m + min_suf[i + c.span]);
                 max_suf[i] = max_suf[i].max(m + max_suf[i + c.span]);
             }
@@ -214,7 +217,7 @@ pub fn sample_in_band<R: Rng>(
             if i + c.span > n {
                 continue;
             }
-            let m = table.scaled_module_ms(i, c.id)?;
+            let m = table.scaled_module_ms(ModuleKey::new(i, c.id))?;
             fits.push((c.id, c.span, m));
             let j = i + c.span;
             if acc + m + min_suf[j] <= hi && acc + m + max_suf[j] >= lo {
@@ -224,7 +227,7 @@ pub fn sample_in_band<R: Rng>(
         let pool = if ok.is_empty() { &fits } else { &ok };
         let (id, span, m) = pool[rng.random_range(0..pool.len())];
         v.push(id);
-        v.extend(std::iter::repeat_n(COVERED, span - 1));
+        v.extend(std::iter::repeat_n(Choice::Covered, span - 1));
         acc += m;
         i += span;
     }
@@ -234,12 +237,12 @@ pub fn sample_in_band<R: Rng>(
 /// The subnet with the smallest calibrated table latency (dynamic programming over positions).
 pub fn cheapest(spec: &SupernetSpec, table: &LatencyTable) -> Result<Subnet> {
     let n = spec.num_positions();
-    let mut best: Vec<(f64, i8, usize)> = vec![(f64::INFINITY, 0, 1); n + 1];
-    best[n] = (0.0, 0, 0);
+    let mut best: Vec<(f64, Choice, usize)> = vec![(f64::INFINITY, Choice::Original, 1); n + 1];
+    best[n] = (0.0, Choice::Original, 0);
     for i in (0..n).rev() {
         for c in &spec.positions[i] {
             if i + c.span <= n {
-                let t = table.scaled_module_ms(i, c.id)? + best[i + c.span].0;
+                let t = table.scaled_module_ms(ModuleKey::new(i, c.id))? + best[i + c.span].0;
                 if t < best[i].0 {
                     best[i] = (t, c.id, c.span);
                 }
@@ -251,7 +254,7 @@ pub fn cheapest(spec: &SupernetSpec, table: &LatencyTable) -> Result<Subnet> {
     while i < n {
         let (_, id, span) = best[i];
         v.push(id);
-        v.extend(std::iter::repeat_n(COVERED, span - 1));
+        v.extend(std::iter::repeat_n(Choice::Covered, span - 1));
         i += span;
     }
     Ok(Subnet(v))

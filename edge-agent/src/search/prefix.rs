@@ -29,7 +29,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
-use adaptivenet_core::supernet::{Subnet, Supernet};
+use adaptivenet_core::supernet::{ModuleKey, Subnet, Supernet};
 use candle_core::Tensor;
 
 use crate::quality::{top1, EvalSet};
@@ -65,12 +65,12 @@ pub enum Method {
 /// Per-subnet correctness masks over an image range, in image order.
 pub type Masks = Vec<Vec<bool>>;
 
-/// A prefix of a subnet: its first (position, choice) steps.
-type Path = Vec<(usize, i8)>;
+/// A prefix of a subnet: its first modules.
+type Path = Vec<ModuleKey>;
 
 #[derive(Debug, Default)]
 struct Node {
-    step: (usize, i8),
+    step: ModuleKey,
     /// Steps from the stem to this node, inclusive.
     path: Path,
     children: Vec<usize>,
@@ -192,11 +192,11 @@ struct Part {
 }
 
 impl Part {
-    fn get(&self, path: &[(usize, i8)]) -> Option<&Tensor> {
+    fn get(&self, path: &[ModuleKey]) -> Option<&Tensor> {
         self.entries.get(path).map(|c| &c.act)
     }
 
-    fn put(&mut self, path: &[(usize, i8)], act: &Tensor) {
+    fn put(&mut self, path: &[ModuleKey], act: &Tensor) {
         let bytes = act.elem_count() * act.dtype().size_in_bytes();
         if self.bytes + bytes > self.cap {
             return;
@@ -362,9 +362,8 @@ impl<'a> Dfs<'a> {
         let h = h.ok_or_else(|| {
             EdgeError::config("prefix evaluation", "a node's activation was not kept")
         })?;
-        let (p, id) = node.step;
         self.calls += 1;
-        let out = self.supernet.forward_module(p, id, h)?;
+        let out = self.supernet.forward_module(node.step, h)?;
         if !node.children.is_empty() {
             if let Some(part) = self.reuse.as_mut() {
                 part.put(&node.path, &out);
@@ -425,9 +424,9 @@ impl<'a> Dfs<'a> {
         for l in leaves {
             let s = &self.subnets[l];
             let mut h = self.stem.clone();
-            for (p, id) in s.steps() {
+            for key in s.steps() {
                 self.calls += 1;
-                h = self.supernet.forward_module(p, id, &h)?;
+                h = self.supernet.forward_module(key, &h)?;
             }
             let logits = self.supernet.forward_head(&h)?;
             mark(&mut self.masks[l], &logits, self.targets)?;

@@ -17,19 +17,19 @@ use std::collections::BTreeMap;
 
 use adaptivenet_core::artifact::load_supernet;
 use adaptivenet_core::model::{fold::fold_params, Params};
-use adaptivenet_core::supernet::{Subnet, Supernet};
+use adaptivenet_core::supernet::{Choice, ModuleKey, Subnet, Supernet};
 use candle_core::Tensor;
 
 use super::ArtifactSource;
 use crate::{EdgeError, Result};
 
-/// Module weights by (position, choice id), as [`super::Server::switch_with`] takes them.
-pub type Modules = BTreeMap<(usize, i8), Params>;
+/// Module weights by module, as [`super::Server::switch_with`] takes them.
+pub type Modules = BTreeMap<ModuleKey, Params>;
 
 /// Which modules of the subnet to recalibrate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecalScope {
-    /// Branch modules only (choice id != 0): the original blocks are the oracle's.
+    /// Branch modules only (not [`Choice::Original`]): the original blocks are the oracle's.
     Branches,
     /// Every module on the path.
     All,
@@ -74,8 +74,8 @@ pub fn recalibrate_loaded(
 ) -> Result<Modules> {
     check_inputs(inputs)?;
     let eps = sn.spec.oracle.numerics.bn_eps;
-    let wanted = |id: i8| scope == RecalScope::All || id != 0;
-    if !subnet.steps().any(|(_, id)| wanted(id)) {
+    let wanted = |c: Choice| scope == RecalScope::All || c != Choice::Original;
+    if !subnet.steps().any(|k| wanted(k.choice)) {
         return Ok(BTreeMap::new());
     }
     sn.recalibrate_bn(subnet, inputs, wanted)?
@@ -109,7 +109,7 @@ pub fn guard(
         ));
     }
     let mut fitted = shipped.clone();
-    let keys: Vec<(usize, i8)> = recal.keys().copied().collect();
+    let keys: Vec<ModuleKey> = recal.keys().copied().collect();
     fitted.modules.extend(recal);
     let (mut before, mut after) = (0, 0);
     for (x, y) in inputs.iter().zip(targets) {

@@ -24,7 +24,7 @@ use adaptivenet_core::artifact::{
     blob_path, decode_module, load_supernet, read_manifest, Manifest,
 };
 use adaptivenet_core::model::Params;
-use adaptivenet_core::supernet::{module_name, Subnet, Supernet};
+use adaptivenet_core::supernet::{ModuleKey, Subnet, Supernet};
 use adaptivenet_core::CoreError;
 use candle_core::Tensor;
 
@@ -59,23 +59,23 @@ impl ArtifactSource {
         Ok(sn)
     }
 
-    /// The manifest entry of one (position, choice) module.
-    pub fn entry(&self, pos: usize, id: i8) -> Result<&adaptivenet_core::artifact::ChoiceEntry> {
+    /// The manifest entry of one module.
+    pub fn entry(&self, key: ModuleKey) -> Result<&adaptivenet_core::artifact::ChoiceEntry> {
         Ok(self
             .manifest
             .positions
-            .get(pos)
-            .and_then(|p| p.choices.iter().find(|c| c.id == id))
+            .get(key.pos)
+            .and_then(|p| p.choices.iter().find(|c| c.id == key.choice))
             .ok_or_else(|| CoreError::Artifact {
-                module: module_name(pos, id),
+                module: key.name(),
                 reason: "not in the manifest".into(),
             })?)
     }
 
-    /// Loads and verifies one (position, choice) module, BN folded.
-    pub fn load_module(&self, pos: usize, id: i8) -> Result<Params> {
-        let name = module_name(pos, id);
-        let c = self.entry(pos, id)?;
+    /// Loads and verifies one module, BN folded.
+    pub fn load_module(&self, key: ModuleKey) -> Result<Params> {
+        let name = key.name();
+        let c = self.entry(key)?;
         let path = blob_path(&self.dir, &c.module.sha256);
         let bytes = std::fs::read(&path).map_err(|e| CoreError::Artifact {
             module: name.clone(),
@@ -176,7 +176,7 @@ pub struct Recalibration {
 /// What a recalibrating switch installs, from its one read of the artifact.
 struct Prepared {
     /// The modules in scope: recalibrated, or shipped where the guard refused.
-    given: BTreeMap<(usize, i8), Params>,
+    given: BTreeMap<ModuleKey, Params>,
     /// Whether recalibrated statistics serve.
     kept: bool,
     /// Stem, head and the target's modules as shipped, BN folded.
@@ -368,7 +368,7 @@ impl Server {
     pub fn switch_with(
         &self,
         target: &Subnet,
-        given: BTreeMap<(usize, i8), Params>,
+        given: BTreeMap<ModuleKey, Params>,
     ) -> Result<SwitchReport> {
         let _guard = self.switching.lock().unwrap_or_else(|e| e.into_inner());
         self.switch_locked(target, given, None)
@@ -380,7 +380,7 @@ impl Server {
     fn switch_locked(
         &self,
         target: &Subnet,
-        mut given: BTreeMap<(usize, i8), Params>,
+        mut given: BTreeMap<ModuleKey, Params>,
         read: Option<&Supernet>,
     ) -> Result<SwitchReport> {
         let t = Instant::now();
@@ -389,8 +389,8 @@ impl Server {
         cur.supernet.spec.validate(target)?;
         let (mut loaded, mut reused) = (0, 0);
         let mut modules = BTreeMap::new();
-        for (p, id) in target.steps() {
-            let params = match (given.remove(&(p, id)), cur.supernet.modules.get(&(p, id))) {
+        for key in target.steps() {
+            let params = match (given.remove(&key), cur.supernet.modules.get(&key)) {
                 (Some(m), _) => {
                     loaded += 1;
                     m
@@ -401,13 +401,13 @@ impl Server {
                 }
                 (None, None) => {
                     loaded += 1;
-                    match read.and_then(|r| r.modules.get(&(p, id))) {
+                    match read.and_then(|r| r.modules.get(&key)) {
                         Some(m) => m.clone(),
-                        None => source.load_module(p, id)?,
+                        None => source.load_module(key)?,
                     }
                 }
             };
-            modules.insert((p, id), params);
+            modules.insert(key, params);
         }
         let supernet = Supernet {
             spec: cur.supernet.spec.clone(),
@@ -437,10 +437,10 @@ impl Server {
         let same_spec = spec == cur.supernet.spec;
         let (mut loaded, mut reused) = (0, 0);
         let mut modules = BTreeMap::new();
-        for (p, id) in target.steps() {
-            let want = &source.entry(p, id)?.module.sha256;
-            let have = old.entry(p, id).ok().map(|c| &c.module.sha256);
-            let params = match (given.remove(&(p, id)), cur.supernet.modules.get(&(p, id))) {
+        for key in target.steps() {
+            let want = &source.entry(key)?.module.sha256;
+            let have = old.entry(key).ok().map(|c| &c.module.sha256);
+            let params = match (given.remove(&key), cur.supernet.modules.get(&key)) {
                 (Some(m), _) => {
                     loaded += 1;
                     m
@@ -451,13 +451,13 @@ impl Server {
                 }
                 _ => {
                     loaded += 1;
-                    match read.as_ref().and_then(|r| r.modules.get(&(p, id))) {
+                    match read.as_ref().and_then(|r| r.modules.get(&key)) {
                         Some(m) => m.clone(),
-                        None => source.load_module(p, id)?,
+                        None => source.load_module(key)?,
                     }
                 }
             };
-            modules.insert((p, id), params);
+            modules.insert(key, params);
         }
         let eps = source.manifest.oracle.numerics.bn_eps;
         let mut part = |name: &str,

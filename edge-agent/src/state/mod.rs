@@ -1,5 +1,6 @@
-//! The agent's persisted state: latency table, search result (front and best per budget) and
-//! the active subnet, one JSON file each under a state directory, written atomically (temp
+//! The agent's persisted state: latency table, search result (front and best per budget),
+//! the active subnet and, during a staged rollout, the plan kept for a rollback
+//! ([`StandbyRecord`]), one JSON file each under a state directory, written atomically (temp
 //! file, fsync, rename), so a crash leaves the old or the new file, never a mix.
 //!
 //! Loading distinguishes three cases: absent (`Ok(None)`), unusable (`CorruptState`: not
@@ -44,6 +45,24 @@ pub struct ActiveRecord {
     pub budget_ms: f64,
 }
 
+/// The plan a device served before a rollout moved it to another supernet, kept so that a
+/// rollback (also one after a restart) installs it again with no download and no search:
+/// the table and search result hold what profiling and search would recompute, and the
+/// table and search slots of [`StateDir`] hold only the serving supernet's, so this is the
+/// one copy of them. The envelope's `supernet_id` is the kept supernet as the cloud names it
+/// (its cache directory), which is not the manifest's id the other files carry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StandbyRecord {
+    /// The desired-state generation it was applied at.
+    pub generation: u64,
+    /// The subnet it served when it was set aside (re-installed if still on the front).
+    pub subnet: Subnet,
+    /// The served budget, ms.
+    pub budget_ms: f64,
+    pub table: LatencyTable,
+    pub search: SearchRecord,
+}
+
 /// A state directory.
 #[derive(Clone, Debug)]
 pub struct StateDir {
@@ -85,6 +104,9 @@ impl StateDir {
     }
     pub fn active_path(&self) -> PathBuf {
         self.dir.join("active.json")
+    }
+    pub fn standby_path(&self) -> PathBuf {
+        self.dir.join("standby.json")
     }
 
     fn write<T: Serialize>(&self, path: &Path, v: &T) -> Result<()> {
@@ -160,5 +182,32 @@ impl StateDir {
 
     pub fn load_active(&self, supernet_id: &str) -> Result<Option<ActiveRecord>> {
         self.load_versioned(&self.active_path(), supernet_id)
+    }
+
+    /// Keeps `r` as the plan of supernet `supernet_id` to roll back to (replacing any).
+    pub fn save_standby(&self, supernet_id: &str, r: &StandbyRecord) -> Result<()> {
+        self.save_versioned(&self.standby_path(), supernet_id, r)
+    }
+
+    /// The kept plan and its supernet, if one is stored.
+    pub fn load_standby(&self) -> Result<Option<(String, StandbyRecord)>> {
+        let p = self.standby_path();
+        let Some(v) = read_json::<Versioned<StandbyRecord>>(&p)? else {
+            return Ok(None);
+        };
+        self.check_version(&p, v.format_version, None, &v.supernet_id)?;
+        // The table names the manifest's supernet id, the envelope the cloud's.
+        self.check_version(&p, v.data.table.format_version, None, &v.supernet_id)?;
+        Ok(Some((v.supernet_id, v.data)))
+    }
+
+    /// Forgets the kept plan (no rollout can send the device back to it any more).
+    pub fn clear_standby(&self) -> Result<()> {
+        let p = self.standby_path();
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(EdgeError::io(&p, e)),
+        }
     }
 }

@@ -3,7 +3,7 @@ mod common;
 
 use adaptivenet_core::model::{ArchDescriptor, BlockSpec, Model};
 use adaptivenet_core::supernet::branches::{build_supernet, supernet_spec};
-use adaptivenet_core::supernet::{BranchKind, Subnet, SupernetConfig};
+use adaptivenet_core::supernet::{BranchKind, Choice, ModuleKey, Subnet, SupernetConfig};
 use adaptivenet_core::CoreError;
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
@@ -65,15 +65,7 @@ fn subnet_codes_round_trip_and_errors_name_the_position() {
     }
     let pos = |code: &str| match spec.validate(&Subnet(
         code.chars()
-            .map(|c| match c {
-                '0' => 0,
-                '1' => 1,
-                '2' => 2,
-                'x' => 99,
-                'P' => -1,
-                'p' => -2,
-                _ => 42,
-            })
+            .map(|c| Choice::from_symbol(c).unwrap())
             .collect(),
     )) {
         Err(CoreError::InvalidSubnet { position, .. }) => position,
@@ -169,12 +161,16 @@ fn all_original_subnet_is_the_oracle_bit_for_bit_and_branches_run() {
     let shapes = sn.spec.oracle.block_shapes(28, 28);
     let mut h_in = vec![sn.forward_stem(&x).unwrap()];
     for b in 0..9 {
-        let next = sn.forward_module(b, 0, &h_in[b]).unwrap();
+        let next = sn
+            .forward_module(ModuleKey::new(b, Choice::Original), &h_in[b])
+            .unwrap();
         h_in.push(next);
     }
     for (i, choices) in sn.spec.positions.iter().enumerate() {
         for c in choices {
-            let y = sn.forward_module(i, c.id, &h_in[i]).unwrap();
+            let y = sn
+                .forward_module(ModuleKey::new(i, c.id), &h_in[i])
+                .unwrap();
             let [ch, hh, ww] = shapes[i + c.span];
             assert_eq!(y.dims(), &[2, ch, hh, ww], "position {i} choice {}", c.id);
         }
@@ -196,13 +192,13 @@ fn branches_inherit_matching_tensors_and_prune_by_magnitude() {
     let sn = build_supernet(&oracle, &all_branches()).unwrap();
     let eq = |a: &Tensor, b: &Tensor| common::max_abs_diff(a, b) == 0.0;
     // Merge-2 at 0: blocks 0-1 are 16→16 stride 1: an exact copy of block 0.
-    let m = sn.module(0, 1).unwrap();
+    let m = sn.module(ModuleKey::new(0, Choice::Merge2)).unwrap();
     for (n, t) in &oracle.blocks[0] {
         assert!(eq(t, &m[n]), "{n} copied");
     }
     // Merge-2 at 2 spans 16→32 (crosses the stage): conv1/bn1 copied, conv2/bn2 re-shaped
     // (fresh, identity BN), projection added fresh.
-    let m = sn.module(2, 1).unwrap();
+    let m = sn.module(ModuleKey::new(2, Choice::Merge2)).unwrap();
     assert!(eq(&oracle.blocks[2]["conv1.weight"], &m["conv1.weight"]));
     assert!(eq(
         &oracle.blocks[2]["bn1.running_var"],
@@ -214,7 +210,12 @@ fn branches_inherit_matching_tensors_and_prune_by_magnitude() {
         vec![1.0; 32]
     );
     assert!(m.contains_key("downsample.0.weight"));
-    match &sn.spec.choice(2, 1).unwrap().block {
+    match &sn
+        .spec
+        .choice(ModuleKey::new(2, Choice::Merge2))
+        .unwrap()
+        .block
+    {
         BlockSpec::Basic {
             stride: 2,
             proj: true,
@@ -224,7 +225,9 @@ fn branches_inherit_matching_tensors_and_prune_by_magnitude() {
         b => panic!("{b:?}"),
     }
     // Prune-2 at 0 keeps round(16 * 0.6) = 10 inner channels: the ones with the largest L2.
-    let p = sn.module(0, BranchKind::Prune2.id()).unwrap();
+    let p = sn
+        .module(ModuleKey::new(0, BranchKind::Prune2.choice()))
+        .unwrap();
     assert_eq!(p["conv1.weight"].dims(), &[10, 16, 3, 3]);
     let w = &oracle.blocks[0]["conv1.weight"];
     let norms: Vec<f32> = w.sqr().unwrap().sum((1, 2, 3)).unwrap().to_vec1().unwrap();
@@ -278,15 +281,15 @@ fn mbconv_rules_hold_for_efficientnet_lite0() {
                     c.id
                 );
             }
-            if c.id < 0 {
+            if c.id < Choice::Original {
                 assert!(i != 0 && i != n - 1, "position {i} must not be pruned");
             }
         }
     }
     // Every merge that crosses a stride-2 boundary twice is absent: position 1 (24, s2),
     // blocks 1..=3 contain strides at 1 and 3.
-    assert!(spec.choice(1, 2).is_none());
-    assert!(spec.choice(1, 1).is_some());
+    assert!(spec.choice(ModuleKey::new(1, Choice::Merge3)).is_none());
+    assert!(spec.choice(ModuleKey::new(1, Choice::Merge2)).is_some());
     println!("EfficientNet-Lite0 subnets (merge+prune): {}", spec.count());
 }
 
@@ -333,7 +336,9 @@ fn folded_modules_pass_gradients_to_a_tracked_input() {
         let v = candle_core::Var::from_tensor(&h0).unwrap();
         let mut h = v.as_tensor().clone();
         for pos in 0..4 {
-            h = net.forward_module(pos, 0, &h).unwrap();
+            h = net
+                .forward_module(ModuleKey::new(pos, Choice::Original), &h)
+                .unwrap();
         }
         let loss = h.sqr().unwrap().sum_all().unwrap();
         let g = loss.backward().unwrap();
@@ -388,13 +393,13 @@ fn bn_recalibration_fits_the_path_statistics_to_the_data() {
     let (a, b) = (seeded_batch(32, 1), seeded_batch(32, 2));
     let path = |sn: &adaptivenet_core::supernet::Supernet, x: &Tensor, train: bool| {
         let mut h = sn.forward_stem(x).unwrap();
-        for (pos, id) in subnet.steps() {
+        for key in subnet.steps() {
             h = if train {
                 let mut ctx = TrainCtx::new(0.1);
-                let p = sn.module(pos, id).unwrap().clone();
-                sn.forward_module_train(pos, id, &p, &h, &mut ctx).unwrap()
+                let p = sn.module(key).unwrap().clone();
+                sn.forward_module_train(key, &p, &h, &mut ctx).unwrap()
             } else {
-                sn.forward_module(pos, id, &h).unwrap()
+                sn.forward_module(key, &h).unwrap()
             };
         }
         sn.forward_head(&h).unwrap()
@@ -415,10 +420,15 @@ fn bn_recalibration_fits_the_path_statistics_to_the_data() {
     // Only the path's modules (those selected) come back.
     let r2 = sn.recalibrate_bn(&subnet, [&a, &b], |_| true).unwrap();
     assert_eq!(r2.len(), subnet.steps().count());
-    let branches = sn.recalibrate_bn(&subnet, [&a], |id| id != 0).unwrap();
+    let branches = sn
+        .recalibrate_bn(&subnet, [&a], |c| c != Choice::Original)
+        .unwrap();
     assert_eq!(
         branches.keys().copied().collect::<Vec<_>>(),
-        [(0, 2), (3, 1)]
+        [
+            ModuleKey::new(0, Choice::Merge3),
+            ModuleKey::new(3, Choice::Merge2)
+        ]
     );
     // Two batches: each statistic is the mean of the two single-batch ones.
     let (ra, rb) = (

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use adaptivenet_core::artifact::Prior;
 use adaptivenet_core::data::{Dataset, Normalize};
-use adaptivenet_core::supernet::{Subnet, Supernet};
+use adaptivenet_core::supernet::{ModuleKey, Subnet, Supernet};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -60,19 +60,19 @@ pub fn evaluate_priors(
         let (x, y) = data.batch_tensor(chunk, &t, &Device::Cpu)?;
         let stem = sn.forward_stem(&x)?;
         // (steps of the prefix, feature after it), deepest last.
-        let mut stack: Vec<((usize, i8), Tensor)> = Vec::new();
+        let mut stack: Vec<(ModuleKey, Tensor)> = Vec::new();
         for (k, s) in subnets.iter().enumerate() {
-            let steps: Vec<(usize, i8)> = s.steps().collect();
+            let steps: Vec<ModuleKey> = s.steps().collect();
             let shared = stack
                 .iter()
                 .zip(&steps)
                 .take_while(|((a, _), b)| a == *b)
                 .count();
             stack.truncate(shared);
-            for &(pos, id) in &steps[shared..] {
+            for &key in &steps[shared..] {
                 let input = stack.last().map_or(&stem, |(_, f)| f);
-                let out = sn.forward_module(pos, id, input)?;
-                stack.push(((pos, id), out));
+                let out = sn.forward_module(key, input)?;
+                stack.push((key, out));
             }
             let h = stack.last().map_or(&stem, |(_, f)| f);
             hits[k] += correct(&sn.forward_head(h)?, &y)?;

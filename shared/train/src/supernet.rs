@@ -22,7 +22,7 @@ use adaptivenet_core::data::{AugmentPolicy, Dataset, Normalize};
 use adaptivenet_core::model::{Model, ModelSpec, Params, TrainCtx};
 use adaptivenet_core::supernet::{
     branches::{build_supernet, check_kinds_fit, keep_fitting_kinds},
-    module_name, Subnet, Supernet, SupernetConfig,
+    Choice, ModuleKey, Subnet, Supernet, SupernetConfig,
 };
 use candle_core::{Device, Tensor};
 use tokio_util::sync::CancellationToken;
@@ -284,10 +284,10 @@ pub fn elastify(
             format!("no {:?} branch fits this oracle's chain", config.branches),
         ));
     }
-    let mut branches: BTreeMap<(usize, i8), TrainModule> = BTreeMap::new();
-    for (&(pos, id), p) in &supernet.modules {
-        if id != 0 {
-            branches.insert((pos, id), TrainModule::new(p)?);
+    let mut branches: BTreeMap<ModuleKey, TrainModule> = BTreeMap::new();
+    for (&key, p) in &supernet.modules {
+        if key.choice != Choice::Original {
+            branches.insert(key, TrainModule::new(p)?);
         }
     }
     let fingerprint = config.fingerprint(&oracle_digest(oracle)?);
@@ -300,7 +300,7 @@ pub fn elastify(
             report.resumed_from = Some((cur.stage, cur.step));
         }
     }
-    let save = |cur: &Cursor, branches: &BTreeMap<(usize, i8), TrainModule>, opt: &AdamW| {
+    let save = |cur: &Cursor, branches: &BTreeMap<ModuleKey, TrainModule>, opt: &AdamW| {
         match checkpoints {
             Some(ck) => ck.save(&encode(cur, &fingerprint, branches, &opt.state())?),
             None => Ok(()),
@@ -409,7 +409,7 @@ pub fn elastify(
 /// unfolded original weights untouched.
 fn frozen_folded(sn: &Supernet) -> Result<Supernet> {
     let mut f = sn.clone();
-    f.modules.retain(|&(_, id), _| id == 0);
+    f.modules.retain(|k, _| k.choice == Choice::Original);
     f.fold()?;
     Ok(f)
 }
@@ -419,7 +419,7 @@ fn frozen_folded(sn: &Supernet) -> Result<Supernet> {
 #[allow(clippy::too_many_arguments)]
 fn train_step(
     sn: &Supernet,
-    branches: &mut BTreeMap<(usize, i8), TrainModule>,
+    branches: &mut BTreeMap<ModuleKey, TrainModule>,
     opt: &mut AdamW,
     config: &ElastifyConfig,
     stage: usize,
@@ -429,21 +429,18 @@ fn train_step(
     lr: f64,
 ) -> Result<f64> {
     let n = sn.spec.num_positions();
-    let path: Vec<(usize, i8, usize)> = subnet
+    let path: Vec<(ModuleKey, usize)> = subnet
         .steps()
-        .map(|(p, id)| {
-            let span = sn.spec.choice(p, id).map_or(1, |c| c.span);
-            (p, id, span)
-        })
+        .map(|k| (k, sn.spec.choice(k).map_or(1, |c| c.span)))
         .collect();
     let first = path
         .iter()
-        .position(|s| s.1 != 0)
+        .position(|(k, _)| k.choice != Choice::Original)
         .ok_or_else(|| TrainError::Internal(format!("sampled subnet {subnet} uses no branch")))?;
     let last_end = path
         .iter()
-        .filter(|s| s.1 != 0)
-        .map(|s| s.0 + s.2)
+        .filter(|(k, _)| k.choice != Choice::Original)
+        .map(|(k, span)| k.pos + span)
         .max()
         .unwrap_or(n);
     // The frozen oracle's features at every block boundary needed (no variables involved:
@@ -451,39 +448,39 @@ fn train_step(
     let need = if stage == 0 { last_end } else { n };
     let mut teacher = vec![sn.forward_stem(x)?];
     for i in 0..need {
-        let t = sn.forward_module(i, 0, &teacher[i])?;
+        let t = sn.forward_module(ModuleKey::new(i, Choice::Original), &teacher[i])?;
         teacher.push(t);
     }
     // Up to the first branch the path is the oracle's: start from its feature.
-    let mut h = teacher[path[first].0].clone();
+    let mut h = teacher[path[first].0.pos].clone();
     let mut terms = Vec::new();
-    let mut used: Vec<((usize, i8), TrainCtx)> = Vec::new();
-    for &(pos, id, span) in &path[first..] {
-        if stage == 0 && pos >= last_end {
+    let mut used: Vec<(ModuleKey, TrainCtx)> = Vec::new();
+    for &(key, span) in &path[first..] {
+        if stage == 0 && key.pos >= last_end {
             break;
         }
-        if id == 0 {
+        if key.choice == Choice::Original {
             // Stage 0 with detached branch inputs never differentiates an original block's
             // output (the next branch detaches it): run it as plain inference.
             if stage == 0 && config.stage0_detach_inputs {
                 h = h.detach();
             }
-            h = sn.forward_module(pos, 0, &h)?;
+            h = sn.forward_module(key, &h)?;
             continue;
         }
-        let m = branches.get(&(pos, id)).ok_or_else(|| {
-            TrainError::Internal(format!("branch {} missing", module_name(pos, id)))
-        })?;
+        let m = branches
+            .get(&key)
+            .ok_or_else(|| TrainError::Internal(format!("branch {key} missing")))?;
         let input = if stage == 0 && config.stage0_detach_inputs {
             h.detach()
         } else {
             h
         };
         let mut ctx = TrainCtx::new(BN_MOMENTUM);
-        h = sn.forward_module_train(pos, id, &m.params(), &input, &mut ctx)?;
-        used.push(((pos, id), ctx));
+        h = sn.forward_module_train(key, &m.params(), &input, &mut ctx)?;
+        used.push((key, ctx));
         if stage == 0 {
-            terms.push(mse(&h, &teacher[pos + span])?);
+            terms.push(mse(&h, &teacher[key.pos + span])?);
         }
     }
     let loss = if stage == 0 {
@@ -500,8 +497,8 @@ fn train_step(
     };
     let grads = loss.backward()?;
     let mut vars = Vec::new();
-    for ((pos, id), _) in &used {
-        vars.extend(branches[&(*pos, *id)].named_vars(&module_name(*pos, *id)));
+    for (key, _) in &used {
+        vars.extend(branches[key].named_vars(&key.name()));
     }
     opt.step(&vars, &grads, lr)?;
     for (key, mut ctx) in used {
@@ -518,16 +515,16 @@ pub fn feature_mse(sn: &Supernet, subnet: &Subnet, x: &Tensor) -> Result<f64> {
     sn.spec.validate(subnet)?;
     let mut teacher = vec![sn.forward_stem(x)?];
     for i in 0..sn.spec.num_positions() {
-        let t = sn.forward_module(i, 0, &teacher[i])?;
+        let t = sn.forward_module(ModuleKey::new(i, Choice::Original), &teacher[i])?;
         teacher.push(t);
     }
     let mut h = teacher[0].clone();
     let (mut sum, mut k) = (0.0, 0);
-    for (pos, id) in subnet.steps() {
-        h = sn.forward_module(pos, id, &h)?;
-        if id != 0 {
-            let span = sn.spec.choice(pos, id).map_or(1, |c| c.span);
-            sum += mse(&h, &teacher[pos + span]).and_then(|t| t.to_scalar::<f32>())? as f64;
+    for key in subnet.steps() {
+        h = sn.forward_module(key, &h)?;
+        if key.choice != Choice::Original {
+            let span = sn.spec.choice(key).map_or(1, |c| c.span);
+            sum += mse(&h, &teacher[key.pos + span]).and_then(|t| t.to_scalar::<f32>())? as f64;
             k += 1;
         }
     }
@@ -537,13 +534,13 @@ pub fn feature_mse(sn: &Supernet, subnet: &Subnet, x: &Tensor) -> Result<f64> {
 fn encode(
     cur: &Cursor,
     fingerprint: &str,
-    branches: &BTreeMap<(usize, i8), TrainModule>,
+    branches: &BTreeMap<ModuleKey, TrainModule>,
     opt: &OptimState,
 ) -> Result<Vec<u8>> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for (&(pos, id), m) in branches {
+    for (key, m) in branches {
         for (n, t) in m.snapshot()? {
-            tensors.push((format!("branch.{}.{n}", module_name(pos, id)), t));
+            tensors.push((format!("branch.{key}.{n}"), t));
         }
     }
     for (n, t) in &opt.slots {
@@ -568,7 +565,7 @@ fn encode(
 fn restore(
     bytes: &[u8],
     fingerprint: &str,
-    branches: &mut BTreeMap<(usize, i8), TrainModule>,
+    branches: &mut BTreeMap<ModuleKey, TrainModule>,
     opt: &mut AdamW,
 ) -> Result<Cursor> {
     let meta = CheckpointMeta::read(
@@ -608,8 +605,8 @@ fn restore(
             return Err(bad(format!("unexpected tensor {name}")));
         }
     }
-    for (&(pos, id), m) in branches.iter_mut() {
-        let name = module_name(pos, id);
+    for (key, m) in branches.iter_mut() {
+        let name = key.name();
         let p = per_module
             .get(&name)
             .ok_or_else(|| bad(format!("missing module {name}")))?;

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::model::{BlockSpec, ModelSpec, Params};
 /// Re-exported: the artifact's blobs and manifest are written with these.
 pub use crate::persist::{params_to_safetensors, sha256_hex, write_atomic};
-use crate::supernet::{module_name, BranchKind, Choice, Subnet, Supernet, SupernetSpec};
+use crate::supernet::{BranchKind, Choice, ChoiceSpec, ModuleKey, Subnet, Supernet, SupernetSpec};
 use crate::{CoreError, Result};
 
 /// Version of the manifest schema this code writes and reads.
@@ -45,7 +45,8 @@ pub struct ModuleEntry {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChoiceEntry {
-    pub id: i8,
+    /// Written as the research code's integer id (see [`Choice`]).
+    pub id: Choice,
     pub span: usize,
     pub block: BlockSpec,
     /// Output (c, h, w) at the default input size.
@@ -153,7 +154,7 @@ impl Manifest {
                 return bad(format!("positions[{i}].index is {}", p.index));
             }
             match p.choices.first() {
-                Some(c) if c.id == 0 && c.block == self.oracle.blocks[i] => {}
+                Some(c) if c.id == Choice::Original && c.block == self.oracle.blocks[i] => {}
                 _ => {
                     return bad(format!(
                         "positions[{i}]: first choice must be the original block"
@@ -161,9 +162,12 @@ impl Manifest {
                 }
             }
             for c in &p.choices {
-                let kind = BranchKind::from_id(c.id);
-                if c.id != 0 && kind.is_none() {
-                    return bad(format!("positions[{i}]: unknown choice id {}", c.id));
+                let kind = c.id.kind();
+                if c.id != Choice::Original && kind.is_none() {
+                    return bad(format!(
+                        "positions[{i}]: choice id {} cannot stand at a position",
+                        c.id.id()
+                    ));
                 }
                 let span = kind.map_or(1, |k| k.span());
                 if c.span != span || i + span > n {
@@ -196,7 +200,7 @@ impl Manifest {
         ];
         for p in &self.positions {
             for c in &p.choices {
-                v.push((module_name(p.index, c.id), &c.module));
+                v.push((ModuleKey::new(p.index, c.id).name(), &c.module));
             }
         }
         v
@@ -210,13 +214,13 @@ impl Manifest {
             ("stem".to_string(), &self.stem),
             ("head".to_string(), &self.head),
         ];
-        for (pos, id) in s.steps() {
-            let c = self.positions[pos]
+        for key in s.steps() {
+            let c = self.positions[key.pos]
                 .choices
                 .iter()
-                .find(|c| c.id == id)
+                .find(|c| c.id == key.choice)
                 .expect("validated");
-            v.push((module_name(pos, id), &c.module));
+            v.push((key.name(), &c.module));
         }
         Ok(v)
     }
@@ -232,7 +236,7 @@ impl Manifest {
                 .map(|p| {
                     p.choices
                         .iter()
-                        .map(|c| Choice {
+                        .map(|c| ChoiceSpec {
                             id: c.id,
                             span: c.span,
                             block: c.block.clone(),
@@ -389,7 +393,7 @@ pub fn build_artifact<S: BlobSink>(
         let mut entries = Vec::new();
         for c in choices {
             let macs = c.block.macs(&o.numerics, in_shape[1], in_shape[2]);
-            let module = module_entry(supernet.module(i, c.id)?, macs, sink)?;
+            let module = module_entry(supernet.module(ModuleKey::new(i, c.id))?, macs, sink)?;
             entries.push(ChoiceEntry {
                 id: c.id,
                 span: c.span,
@@ -447,7 +451,7 @@ pub fn load_supernet(
     };
     let stem = read("stem", &manifest.stem, &manifest.oracle.stem.param_shapes())?;
     let head = read("head", &manifest.head, &manifest.oracle.head.param_shapes())?;
-    let mut wanted: Vec<(usize, i8)> = match subnets {
+    let mut wanted: Vec<ModuleKey> = match subnets {
         Some(list) => {
             let mut v = Vec::new();
             for s in list {
@@ -460,23 +464,23 @@ pub fn load_supernet(
             .positions
             .iter()
             .enumerate()
-            .flat_map(|(i, cs)| cs.iter().map(move |c| (i, c.id)))
+            .flat_map(|(i, cs)| cs.iter().map(move |c| ModuleKey::new(i, c.id)))
             .collect(),
     };
     wanted.sort_unstable();
     wanted.dedup();
     let mut modules = BTreeMap::new();
-    for (pos, id) in wanted {
-        let c = manifest.positions[pos]
+    for key in wanted {
+        let c = manifest.positions[key.pos]
             .choices
             .iter()
-            .find(|c| c.id == id)
+            .find(|c| c.id == key.choice)
             .ok_or_else(|| CoreError::InvalidSubnet {
-                position: pos,
-                reason: format!("choice {id} not in manifest"),
+                position: key.pos,
+                reason: format!("choice '{}' not in manifest", key.choice),
             })?;
-        let p = read(&module_name(pos, id), &c.module, &c.block.param_shapes())?;
-        modules.insert((pos, id), p);
+        let p = read(&key.name(), &c.module, &c.block.param_shapes())?;
+        modules.insert(key, p);
     }
     Ok(Supernet {
         spec,

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{BranchKind, Choice, Supernet, SupernetConfig, SupernetSpec};
+use super::{BranchKind, Choice, ChoiceSpec, ModuleKey, Supernet, SupernetConfig, SupernetSpec};
 use crate::model::init::fresh_tensor;
 use crate::model::{BlockSpec, Model, ModelSpec, Params};
 use crate::{CoreError, Result};
@@ -172,15 +172,15 @@ fn kept_channels(c: usize, ratio: f64) -> usize {
 pub fn supernet_spec(oracle: &ModelSpec, config: &SupernetConfig) -> SupernetSpec {
     let positions = (0..oracle.blocks.len())
         .map(|i| {
-            let mut v = vec![Choice {
-                id: 0,
+            let mut v = vec![ChoiceSpec {
+                id: Choice::Original,
                 span: 1,
                 block: oracle.blocks[i].clone(),
             }];
             for &k in &config.branches {
                 if let Some(block) = branch_spec(oracle, i, k) {
-                    v.push(Choice {
-                        id: k.id(),
+                    v.push(ChoiceSpec {
+                        id: k.choice(),
                         span: k.span(),
                         block,
                     });
@@ -204,12 +204,12 @@ pub fn build_supernet(oracle: &Model, config: &SupernetConfig) -> Result<Superne
     let mut modules = BTreeMap::new();
     for (i, choices) in spec.positions.iter().enumerate() {
         for c in choices {
-            let params = match BranchKind::from_id(c.id) {
+            let params = match c.id.kind() {
                 None => oracle.blocks[i].clone(),
                 Some(k) if k.span() > 1 => inherit(&oracle.blocks[i], &c.block, &mut rng)?,
                 Some(_) => prune(&oracle.spec.blocks[i], &oracle.blocks[i], &c.block)?,
             };
-            modules.insert((i, c.id), params);
+            modules.insert(ModuleKey::new(i, c.id), params);
         }
     }
     Ok(Supernet {

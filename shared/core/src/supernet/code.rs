@@ -1,15 +1,14 @@
-//! Subnet codes: one integer per block position, and the canonical string form.
+//! Subnet codes: one [`Choice`] per block position, and the canonical string form.
 //!
 //! `0` original block, `1`/`2` start of a merge-2/merge-3 branch, `x` a position covered by the
 //! preceding merge, `P`/`p` the lighter/heavier width-pruned copy. Example: `2xx1x0P0`.
+//! Manifests and checkpoints store a choice as the research code's integer id (0, 1, 2, -1,
+//! -2, 99 for covered); [`Choice`] is the only place that knows the numbers.
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::{CoreError, Result};
-
-/// Marker for a position covered by a merge (99 in the research code).
-pub const COVERED: i8 = 99;
 
 /// What stands at a position: the original block or one of the branch kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -33,13 +32,13 @@ impl BranchKind {
         BranchKind::Prune2,
     ];
 
-    /// The choice id of this kind (research-code convention).
-    pub fn id(self) -> i8 {
+    /// The choice that stands for this kind in a subnet code.
+    pub fn choice(self) -> Choice {
         match self {
-            BranchKind::Merge2 => 1,
-            BranchKind::Merge3 => 2,
-            BranchKind::Prune1 => -1,
-            BranchKind::Prune2 => -2,
+            BranchKind::Merge2 => Choice::Merge2,
+            BranchKind::Merge3 => Choice::Merge3,
+            BranchKind::Prune1 => Choice::Prune1,
+            BranchKind::Prune2 => Choice::Prune2,
         }
     }
 
@@ -50,10 +49,6 @@ impl BranchKind {
             BranchKind::Merge3 => 3,
             BranchKind::Prune1 | BranchKind::Prune2 => 1,
         }
-    }
-
-    pub fn from_id(id: i8) -> Option<BranchKind> {
-        BranchKind::ALL.into_iter().find(|k| k.id() == id)
     }
 
     /// The config name of this kind (what [`BranchKind::parse`] reads).
@@ -83,40 +78,144 @@ impl BranchKind {
     }
 }
 
-/// The character of a choice id in the string form.
-pub fn id_char(id: i8) -> Option<char> {
-    Some(match id {
-        0 => '0',
-        1 => '1',
-        2 => '2',
-        COVERED => 'x',
-        -1 => 'P',
-        -2 => 'p',
-        _ => return None,
-    })
+/// What stands at one position of a subnet code.
+///
+/// Declared in the order of the research code's integer ids (-2, -1, 0, 1, 2, 99), so the
+/// derived `Ord` orders exactly as those ids did: module maps keyed by [`ModuleKey`], and the
+/// manifests and checkpoints written from them, keep their order.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(into = "i8", try_from = "i8")]
+pub enum Choice {
+    /// The heavier width-pruned copy (`p`, id -2).
+    Prune2,
+    /// The lighter width-pruned copy (`P`, id -1).
+    Prune1,
+    /// The oracle's own block (`0`, id 0).
+    #[default]
+    Original,
+    /// Start of a block replacing two (`1`, id 1).
+    Merge2,
+    /// Start of a block replacing three (`2`, id 2).
+    Merge3,
+    /// A position covered by the preceding merge (`x`, id 99); nothing runs there.
+    Covered,
 }
 
-fn char_id(c: char) -> Option<i8> {
-    Some(match c {
-        '0' => 0,
-        '1' => 1,
-        '2' => 2,
-        'x' => COVERED,
-        'P' => -1,
-        'p' => -2,
-        _ => return None,
-    })
+impl Choice {
+    /// Every choice, in order.
+    pub const ALL: [Choice; 6] = [
+        Choice::Prune2,
+        Choice::Prune1,
+        Choice::Original,
+        Choice::Merge2,
+        Choice::Merge3,
+        Choice::Covered,
+    ];
+
+    /// The research code's integer id (what manifests and checkpoints store).
+    pub fn id(self) -> i8 {
+        match self {
+            Choice::Prune2 => -2,
+            Choice::Prune1 => -1,
+            Choice::Original => 0,
+            Choice::Merge2 => 1,
+            Choice::Merge3 => 2,
+            Choice::Covered => 99,
+        }
+    }
+
+    pub fn from_id(id: i8) -> Option<Choice> {
+        Choice::ALL.into_iter().find(|c| c.id() == id)
+    }
+
+    /// The character in the string form.
+    pub fn symbol(self) -> char {
+        match self {
+            Choice::Prune2 => 'p',
+            Choice::Prune1 => 'P',
+            Choice::Original => '0',
+            Choice::Merge2 => '1',
+            Choice::Merge3 => '2',
+            Choice::Covered => 'x',
+        }
+    }
+
+    pub fn from_symbol(c: char) -> Option<Choice> {
+        Choice::ALL.into_iter().find(|x| x.symbol() == c)
+    }
+
+    /// The branch kind, or `None` for the original block and covered positions.
+    pub fn kind(self) -> Option<BranchKind> {
+        BranchKind::ALL.into_iter().find(|k| k.choice() == self)
+    }
+
+    /// How many original blocks a module of this choice replaces (covered: none).
+    pub fn span(self) -> usize {
+        match self {
+            Choice::Covered => 0,
+            c => c.kind().map_or(1, BranchKind::span),
+        }
+    }
+}
+
+impl From<Choice> for i8 {
+    fn from(c: Choice) -> i8 {
+        c.id()
+    }
+}
+
+impl TryFrom<i8> for Choice {
+    type Error = CoreError;
+    fn try_from(id: i8) -> Result<Choice> {
+        Choice::from_id(id).ok_or_else(|| CoreError::InvalidConfig {
+            field: "choice".into(),
+            reason: format!("unknown choice id {id} (expected -2, -1, 0, 1, 2 or 99)"),
+        })
+    }
+}
+
+impl fmt::Display for Choice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.symbol())
+    }
+}
+
+/// One module of a supernet: a block position and the choice standing there. Its order is
+/// position first, then choice, as the `(usize, i8)` tuples it replaces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModuleKey {
+    pub pos: usize,
+    pub choice: Choice,
+}
+
+impl ModuleKey {
+    pub fn new(pos: usize, choice: Choice) -> Self {
+        Self { pos, choice }
+    }
+
+    /// The name in manifests and errors, e.g. `p3c1`, `p5c-2`.
+    pub fn name(self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for ModuleKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "p{}c{}", self.pos, self.choice.id())
+    }
 }
 
 /// A path through the supernet: one entry per block position.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct Subnet(pub Vec<i8>);
+pub struct Subnet(pub Vec<Choice>);
 
 impl Subnet {
     /// The all-original subnet (the oracle itself).
     pub fn original(n: usize) -> Self {
-        Subnet(vec![0; n])
+        Subnet(vec![Choice::Original; n])
     }
 
     /// Parses the string form; checks characters and merge spans (`x` only right after the
@@ -125,7 +224,7 @@ impl Subnet {
     pub fn parse(s: &str) -> Result<Self> {
         let mut v = Vec::with_capacity(s.len());
         for (i, c) in s.chars().enumerate() {
-            let id = char_id(c).ok_or_else(|| CoreError::InvalidSubnet {
+            let id = Choice::from_symbol(c).ok_or_else(|| CoreError::InvalidSubnet {
                 position: i,
                 reason: format!("unknown character {c:?} (expected one of 0 1 2 x P p)"),
             })?;
@@ -142,19 +241,13 @@ impl Subnet {
         let mut i = 0;
         while i < n {
             let id = self.0[i];
-            if id == COVERED {
+            if id == Choice::Covered {
                 return Err(CoreError::InvalidSubnet {
                     position: i,
                     reason: "'x' (covered) without a merge covering it".into(),
                 });
             }
-            let span = BranchKind::from_id(id).map_or(1, |k| k.span());
-            if id_char(id).is_none() {
-                return Err(CoreError::InvalidSubnet {
-                    position: i,
-                    reason: format!("unknown choice id {id}"),
-                });
-            }
+            let span = id.span();
             if i + span > n {
                 return Err(CoreError::InvalidSubnet {
                     position: i,
@@ -162,7 +255,7 @@ impl Subnet {
                 });
             }
             for j in i + 1..i + span {
-                if self.0[j] != COVERED {
+                if self.0[j] != Choice::Covered {
                     return Err(CoreError::InvalidSubnet {
                         position: j,
                         reason: format!("expected 'x': covered by the merge starting at {i}"),
@@ -182,25 +275,25 @@ impl Subnet {
         self.0.is_empty()
     }
 
-    /// The (position, choice id) pairs that run, in order (covered positions skipped).
-    pub fn steps(&self) -> impl Iterator<Item = (usize, i8)> + '_ {
+    /// The modules that run, in order (covered positions skipped).
+    pub fn steps(&self) -> impl Iterator<Item = ModuleKey> + '_ {
         self.0
             .iter()
             .enumerate()
-            .filter(|(_, &id)| id != COVERED)
-            .map(|(i, &id)| (i, id))
+            .filter(|(_, &c)| c != Choice::Covered)
+            .map(|(i, &c)| ModuleKey::new(i, c))
     }
 
     /// Whether any position uses a branch (not the oracle path).
     pub fn uses_branch(&self) -> bool {
-        self.0.iter().any(|&id| id != 0)
+        self.0.iter().any(|&c| c != Choice::Original)
     }
 }
 
 impl fmt::Display for Subnet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for &id in &self.0 {
-            write!(f, "{}", id_char(id).unwrap_or('?'))?;
+        for &c in &self.0 {
+            write!(f, "{}", c.symbol())?;
         }
         Ok(())
     }
@@ -223,5 +316,51 @@ impl TryFrom<String> for Subnet {
 impl From<Subnet> for String {
     fn from(s: Subnet) -> String {
         s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The enum's order must be the integer ids' order: module maps, manifests and checkpoint
+    /// fingerprints were written in that order before the enum existed.
+    #[test]
+    fn choice_order_is_id_order() {
+        let mut by_id = Choice::ALL.to_vec();
+        by_id.sort_by_key(|c| c.id());
+        assert_eq!(by_id, Choice::ALL.to_vec());
+        let mut keys = [
+            ModuleKey::new(1, Choice::Prune2),
+            ModuleKey::new(0, Choice::Merge3),
+            ModuleKey::new(0, Choice::Prune1),
+            ModuleKey::new(0, Choice::Original),
+        ];
+        keys.sort();
+        let tuples: Vec<(usize, i8)> = keys.iter().map(|k| (k.pos, k.choice.id())).collect();
+        assert_eq!(tuples, vec![(0, -1), (0, 0), (0, 2), (1, -2)]);
+    }
+
+    #[test]
+    fn choice_ids_symbols_and_serde_round_trip() {
+        for c in Choice::ALL {
+            assert_eq!(Choice::from_id(c.id()), Some(c));
+            assert_eq!(Choice::from_symbol(c.symbol()), Some(c));
+            let json = serde_json::to_string(&c).unwrap();
+            assert_eq!(json, c.id().to_string());
+            assert_eq!(serde_json::from_str::<Choice>(&json).unwrap(), c);
+        }
+        assert!(Choice::from_id(3).is_none());
+        assert!(serde_json::from_str::<Choice>("7").is_err());
+        assert_eq!(ModuleKey::new(5, Choice::Prune2).name(), "p5c-2");
+        assert_eq!(ModuleKey::new(3, Choice::Merge2).to_string(), "p3c1");
+        for k in BranchKind::ALL {
+            assert_eq!(k.choice().kind(), Some(k));
+            assert_eq!(k.choice().span(), k.span());
+        }
+        let s = Subnet::parse("2xx1x0P0p").unwrap();
+        assert_eq!(s.to_string(), "2xx1x0P0p");
+        let steps: Vec<String> = s.steps().map(|k| k.name()).collect();
+        assert_eq!(steps, ["p0c2", "p3c1", "p5c0", "p6c-1", "p7c0", "p8c-2"]);
     }
 }

@@ -15,7 +15,7 @@ use candle_core::Tensor;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-pub use code::{BranchKind, Subnet, COVERED};
+pub use code::{BranchKind, Choice, ModuleKey, Subnet};
 
 use crate::model::{
     block_forward, head_forward, spec::count_params, stem_forward, BlockSpec, Model, ModelSpec,
@@ -55,11 +55,11 @@ impl SupernetConfig {
     }
 }
 
-/// One choice at a position.
+/// One choice at a position, with the block that runs for it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Choice {
-    /// 0 original, 1/2 merge-2/3, -1/-2 pruned.
-    pub id: i8,
+pub struct ChoiceSpec {
+    /// Stored as the research code's integer id (see [`Choice`]).
+    pub id: Choice,
     /// Number of original blocks replaced.
     pub span: usize,
     pub block: BlockSpec,
@@ -71,7 +71,7 @@ pub struct SupernetSpec {
     pub oracle: ModelSpec,
     pub branches: Vec<BranchKind>,
     /// `positions[i]` lists the choices at block position i; id 0 always comes first.
-    pub positions: Vec<Vec<Choice>>,
+    pub positions: Vec<Vec<ChoiceSpec>>,
 }
 
 impl SupernetSpec {
@@ -79,8 +79,11 @@ impl SupernetSpec {
         self.positions.len()
     }
 
-    pub fn choice(&self, pos: usize, id: i8) -> Option<&Choice> {
-        self.positions.get(pos)?.iter().find(|c| c.id == id)
+    pub fn choice(&self, key: ModuleKey) -> Option<&ChoiceSpec> {
+        self.positions
+            .get(key.pos)?
+            .iter()
+            .find(|c| c.id == key.choice)
     }
 
     /// Checks a subnet against this supernet: length, spans, availability of every choice.
@@ -96,13 +99,13 @@ impl SupernetSpec {
             });
         }
         s.check_spans()?;
-        for (pos, id) in s.steps() {
-            if self.choice(pos, id).is_none() {
+        for key in s.steps() {
+            if self.choice(key).is_none() {
                 return Err(CoreError::InvalidSubnet {
-                    position: pos,
+                    position: key.pos,
                     reason: format!(
-                        "choice '{}' is not available at position {pos}",
-                        code::id_char(id).unwrap_or('?')
+                        "choice '{}' is not available at position {}",
+                        key.choice, key.pos
                     ),
                 });
             }
@@ -177,7 +180,7 @@ impl SupernetSpec {
         let n = self.num_positions();
         let mut out = Vec::new();
         let mut cur = Vec::with_capacity(n);
-        fn rec(spec: &SupernetSpec, i: usize, cur: &mut Vec<i8>, out: &mut Vec<Subnet>) {
+        fn rec(spec: &SupernetSpec, i: usize, cur: &mut Vec<Choice>, out: &mut Vec<Subnet>) {
             let n = spec.num_positions();
             if i == n {
                 out.push(Subnet(cur.clone()));
@@ -189,7 +192,7 @@ impl SupernetSpec {
                 }
                 let len = cur.len();
                 cur.push(c.id);
-                cur.extend(std::iter::repeat_n(COVERED, c.span - 1));
+                cur.extend(std::iter::repeat_n(Choice::Covered, c.span - 1));
                 rec(spec, i + c.span, cur, out);
                 cur.truncate(len);
             }
@@ -232,14 +235,20 @@ impl SupernetSpec {
             let mut v = Vec::with_capacity(n);
             let mut i = 0;
             while i < n {
-                let fits: Vec<&Choice> = self.positions[i]
+                let fits: Vec<&ChoiceSpec> = self.positions[i]
                     .iter()
                     .filter(|c| i + c.span <= n)
                     .collect();
                 let c = if original_weight == 1.0 {
                     fits[rng.random_range(0..fits.len())]
                 } else {
-                    let w = |c: &Choice| if c.id == 0 { original_weight } else { 1.0 };
+                    let w = |c: &ChoiceSpec| {
+                        if c.id == Choice::Original {
+                            original_weight
+                        } else {
+                            1.0
+                        }
+                    };
                     let mut r = rng.random::<f64>() * fits.iter().map(|&c| w(c)).sum::<f64>();
                     let mut pick = fits[fits.len() - 1];
                     for &c in &fits {
@@ -252,7 +261,7 @@ impl SupernetSpec {
                     pick
                 };
                 v.push(c.id);
-                v.extend(std::iter::repeat_n(COVERED, c.span - 1));
+                v.extend(std::iter::repeat_n(Choice::Covered, c.span - 1));
                 i += c.span;
             }
             let s = Subnet(v);
@@ -266,7 +275,7 @@ impl SupernetSpec {
     pub fn subnet_blocks(&self, s: &Subnet) -> Result<Vec<BlockSpec>> {
         self.validate(s)?;
         Ok(s.steps()
-            .map(|(p, id)| self.choice(p, id).expect("validated above").block.clone())
+            .map(|k| self.choice(k).expect("validated above").block.clone())
             .collect())
     }
 
@@ -303,19 +312,17 @@ pub struct Supernet {
     pub spec: SupernetSpec,
     pub stem: Params,
     pub head: Params,
-    /// (position, choice id) → weights.
-    pub modules: BTreeMap<(usize, i8), Params>,
+    /// Module → weights.
+    pub modules: BTreeMap<ModuleKey, Params>,
 }
 
 impl Supernet {
     /// The weights of one module, or an error naming it if not loaded.
-    pub fn module(&self, pos: usize, id: i8) -> Result<&Params> {
-        self.modules
-            .get(&(pos, id))
-            .ok_or_else(|| CoreError::Artifact {
-                module: module_name(pos, id),
-                reason: "module weights are not loaded".into(),
-            })
+    pub fn module(&self, key: ModuleKey) -> Result<&Params> {
+        self.modules.get(&key).ok_or_else(|| CoreError::Artifact {
+            module: key.name(),
+            reason: "module weights are not loaded".into(),
+        })
     }
 
     /// Folds BN into the convs of every loaded module, in place: inference only (profiling,
@@ -330,6 +337,16 @@ impl Supernet {
         Ok(())
     }
 
+    /// The spec of one module, or an error naming its position if the supernet has none.
+    fn choice_spec(&self, key: ModuleKey) -> Result<&ChoiceSpec> {
+        self.spec
+            .choice(key)
+            .ok_or_else(|| CoreError::InvalidSubnet {
+                position: key.pos,
+                reason: format!("choice '{}' not available", key.choice),
+            })
+    }
+
     /// Runs the stem (the part every subnet shares; cache its output).
     pub fn forward_stem(&self, x: &Tensor) -> Result<Tensor> {
         stem_forward(
@@ -341,19 +358,13 @@ impl Supernet {
         )
     }
 
-    /// Runs one (position, choice) module, eval mode.
-    pub fn forward_module(&self, pos: usize, id: i8, x: &Tensor) -> Result<Tensor> {
-        let choice = self
-            .spec
-            .choice(pos, id)
-            .ok_or_else(|| CoreError::InvalidSubnet {
-                position: pos,
-                reason: format!("choice {id} not available"),
-            })?;
+    /// Runs one module, eval mode.
+    pub fn forward_module(&self, key: ModuleKey, x: &Tensor) -> Result<Tensor> {
+        let choice = self.choice_spec(key)?;
         block_forward(
             &choice.block,
             &self.spec.oracle.numerics,
-            self.module(pos, id)?,
+            self.module(key)?,
             x,
             None,
         )
@@ -370,33 +381,30 @@ impl Supernet {
         &self,
         subnet: &Subnet,
         batches: impl IntoIterator<Item = &'a Tensor>,
-        which: impl Fn(i8) -> bool,
-    ) -> Result<BTreeMap<(usize, i8), Params>> {
+        which: impl Fn(Choice) -> bool,
+    ) -> Result<BTreeMap<ModuleKey, Params>> {
         self.spec.validate(subnet)?;
-        let steps: Vec<(usize, i8)> = subnet.steps().collect();
+        let steps: Vec<ModuleKey> = subnet.steps().collect();
         let mut out = BTreeMap::new();
-        for &(pos, id) in steps.iter().filter(|s| which(s.1)) {
-            out.insert((pos, id), self.module(pos, id)?.clone());
+        for &key in steps.iter().filter(|k| which(k.choice)) {
+            out.insert(key, self.module(key)?.clone());
         }
         let mut n = 0usize;
         for x in batches {
             n += 1;
             let mut h = self.forward_stem(x)?;
-            for &(pos, id) in &steps {
-                let Some(p) = out.get_mut(&(pos, id)) else {
-                    h = self.forward_module(pos, id, &h)?;
+            for &key in &steps {
+                let Some(p) = out.get_mut(&key) else {
+                    h = self.forward_module(key, &h)?;
                     continue;
                 };
                 // Momentum 1/n: the running value becomes the mean of the n batch values.
                 let mut ctx = TrainCtx::new(1.0 / n as f64);
-                h = self.forward_module_train(pos, id, p, &h, &mut ctx)?;
+                h = self.forward_module_train(key, p, &h, &mut ctx)?;
                 if ctx.bn_updates.is_empty() {
                     return Err(CoreError::InvalidConfig {
                         field: "supernet".into(),
-                        reason: format!(
-                            "module {} has no BN statistics to recalibrate",
-                            module_name(pos, id)
-                        ),
+                        reason: format!("module {key} has no BN statistics to recalibrate"),
                     });
                 }
                 ctx.apply(p);
@@ -415,19 +423,12 @@ impl Supernet {
     /// explicitly given weights (e.g. trainable variables).
     pub fn forward_module_train(
         &self,
-        pos: usize,
-        id: i8,
+        key: ModuleKey,
         params: &Params,
         x: &Tensor,
         ctx: &mut TrainCtx,
     ) -> Result<Tensor> {
-        let choice = self
-            .spec
-            .choice(pos, id)
-            .ok_or_else(|| CoreError::InvalidSubnet {
-                position: pos,
-                reason: format!("choice {id} not available"),
-            })?;
+        let choice = self.choice_spec(key)?;
         block_forward(
             &choice.block,
             &self.spec.oracle.numerics,
@@ -450,8 +451,8 @@ impl Supernet {
     /// Runs a subnet's blocks from position `from` on the feature `h` entering it.
     pub fn forward_blocks_from(&self, s: &Subnet, from: usize, h: &Tensor) -> Result<Tensor> {
         let mut h = h.clone();
-        for (pos, id) in s.steps().filter(|(p, _)| *p >= from) {
-            h = self.forward_module(pos, id, &h)?;
+        for key in s.steps().filter(|k| k.pos >= from) {
+            h = self.forward_module(key, &h)?;
         }
         Ok(h)
     }
@@ -469,7 +470,7 @@ impl Supernet {
         let spec = self.spec.subnet_spec(s)?;
         let blocks = s
             .steps()
-            .map(|(p, id)| self.module(p, id).cloned())
+            .map(|k| self.module(k).cloned())
             .collect::<Result<Vec<_>>>()?;
         Ok(Model {
             spec,
@@ -478,9 +479,4 @@ impl Supernet {
             head: self.head.clone(),
         })
     }
-}
-
-/// The name of a (position, choice) module in manifests and errors, e.g. `p3c1`, `p5c-2`.
-pub fn module_name(pos: usize, id: i8) -> String {
-    format!("p{pos}c{id}")
 }
