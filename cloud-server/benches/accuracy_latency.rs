@@ -39,6 +39,17 @@
 //!   scratch baselines follow the total).
 //! * `ACC_ORIGINAL_WEIGHT=W`: path-sampling weight of an original block against 1 per branch
 //!   (`ElastifyConfig::original_weight`; default the library's).
+//! * `ACC_ABLATION=1` (or a comma-separated list of variant names): after the main table, an
+//!   ablation of the elastification schedule. Each variant is trained at the preset's sample
+//!   budget (images times paths trained through; a sandwich step trains 2 + 2 paths on its
+//!   batch, so its stage 1 gets a quarter of the steps; stage 0 is the same run for all),
+//!   cached beside the main supernet as `supernet-<variant>/`, chosen and reported like the
+//!   AdaptiveNet column on the same latency passes; the table prints retained accuracy at
+//!   every budget (1 and 2 threads) and elastification time. Names are `+`-joined tokens:
+//!   `paper` (one random path per step, the main table's), `sandwich` (smallest + largest +
+//!   2 random paths per step), `kd-oracle` / `kd-largest` (in-place distillation, with
+//!   `sandwich`), `wW` (original weight W). `1` runs `paper`, `w0.5`, `sandwich`,
+//!   `sandwich+kd-oracle`, `sandwich+kd-largest`. BENCH key `ablation`.
 //! * `ACC_BASELINES=0`: skip training the scratch baselines (their column shows `-`); for
 //!   quick looks at a supernet, not for the reported table.
 //! * `ACC_TRAIN_THREADS=N`: training threads (default every hardware thread).
@@ -80,9 +91,11 @@ use adaptivenet_core::supernet::branches::build_supernet;
 use adaptivenet_core::supernet::{Choice, ModuleKey, Subnet, Supernet, SupernetConfig};
 use adaptivenet_kernels::threads;
 use adaptivenet_train::pipeline::split_validation;
+use adaptivenet_train::progress::LOSS_WINDOW;
 use adaptivenet_train::train::{correct, eval_transform};
 use adaptivenet_train::{
-    elastify, train_oracle_resumable, DirCheckpoints, ElastifyConfig, TrainOracleConfig,
+    elastify, train_oracle_resumable, DirCheckpoints, ElastifyConfig, InplaceDistill,
+    TrainOracleConfig,
 };
 use adaptivenet_train::{ProgressEvent, ProgressSink};
 use anyhow::{bail, Context, Result};
@@ -183,15 +196,19 @@ impl ProgressSink for Log {
         if pct / 10 != self.1 / 10 || e.global_step == e.total_steps {
             self.1 = pct;
             eprintln!(
-                "  [{}] {} step {}/{} loss {:.4} {:.0} samples/s eta {:.0} s",
+                "  [{}] {} step {}/{} loss {:.4} avg {:.4} {:.0} samples/s eta {:.0} s",
                 self.0,
                 e.stage,
                 e.global_step,
                 e.total_steps,
                 e.loss,
+                e.loss_avg,
                 e.samples_per_sec,
                 e.eta.as_secs_f64()
             );
+            if !e.loss_by_blocks.is_empty() {
+                eprintln!("      avg by blocks: {}", e.sizes_line());
+            }
         }
     }
 }
@@ -293,53 +310,177 @@ fn checkpoints(dir: &Path) -> Result<DirCheckpoints> {
     Ok(DirCheckpoints::new(ck))
 }
 
-/// Elastifies (or reuses) the merge-only supernet; returns it with its timing report.
+/// Random paths of a sandwich step in the ablation (BigNAS and Once-for-All use 2).
+const SANDWICH_RANDOM: u32 = 2;
+
+/// One elastification schedule of the ablation (`ACC_ABLATION`), named by `+`-joined
+/// tokens: `paper` (one random path per step), `sandwich`, `kd-oracle` / `kd-largest`
+/// (in-place distillation, with `sandwich`), `wW` (original weight W).
+#[derive(Clone, Debug)]
+struct Variant {
+    name: String,
+    original_weight: f64,
+    sandwich: bool,
+    inplace: InplaceDistill,
+}
+
+impl Variant {
+    /// The schedule the main table uses: the paper's, with the preset's original weight.
+    fn paper(p: &Preset) -> Variant {
+        Variant {
+            name: "paper".into(),
+            original_weight: p.original_weight,
+            sandwich: false,
+            inplace: InplaceDistill::Off,
+        }
+    }
+
+    fn parse(name: &str, p: &Preset) -> Result<Variant> {
+        let mut v = Variant::paper(p);
+        v.name = name.to_string();
+        for token in name.split('+') {
+            match token {
+                "paper" => {}
+                "sandwich" => v.sandwich = true,
+                "kd-oracle" => v.inplace = InplaceDistill::Oracle,
+                "kd-largest" => v.inplace = InplaceDistill::Largest,
+                w if w.starts_with('w') => {
+                    v.original_weight = w[1..]
+                        .parse()
+                        .ok()
+                        .filter(|w: &f64| w.is_finite() && *w > 0.0)
+                        .with_context(|| format!("ACC_ABLATION: {token}: expected wW, W > 0"))?;
+                }
+                other => bail!(
+                    "ACC_ABLATION: unknown token {other:?} (paper, sandwich, kd-oracle, kd-largest, wW)"
+                ),
+            }
+        }
+        if v.inplace != InplaceDistill::Off && !v.sandwich {
+            bail!("ACC_ABLATION: {name}: in-place distillation needs `sandwich`");
+        }
+        Ok(v)
+    }
+
+    /// `ACC_ABLATION`: `1` for the standard list, or a comma-separated list of names.
+    fn from_env(p: &Preset) -> Result<Vec<Variant>> {
+        let list = match std::env::var("ACC_ABLATION") {
+            Err(_) => return Ok(Vec::new()),
+            Ok(v) if v == "0" || v.is_empty() => return Ok(Vec::new()),
+            Ok(v) if v == "1" => {
+                "paper,w0.5,sandwich,sandwich+kd-oracle,sandwich+kd-largest".to_string()
+            }
+            Ok(v) => v,
+        };
+        list.split(',')
+            .map(|n| Variant::parse(n.trim(), p))
+            .collect()
+    }
+
+    /// Paths a stage-1 step trains.
+    fn paths(&self) -> u64 {
+        if self.sandwich {
+            2 + u64::from(SANDWICH_RANDOM)
+        } else {
+            1
+        }
+    }
+
+    /// Steps per stage at the preset's sample budget: a sandwich step trains `paths()`
+    /// paths on its batch, so stage 1 gets that many times fewer steps.
+    fn stage_steps(&self, p: &Preset) -> [u64; 2] {
+        [
+            p.stage_steps[0],
+            (p.stage_steps[1] / self.paths()).max(u64::from(p.stage_steps[1] > 0)),
+        ]
+    }
+
+    /// Images times paths trained through: the sample budget.
+    fn samples(&self, p: &Preset) -> u64 {
+        let s = self.stage_steps(p);
+        (s[0] + s[1] * self.paths()) * p.elastify_batch as u64
+    }
+
+    /// What the cache must match besides the steps.
+    fn schedule(&self) -> Value {
+        json!({
+            "sandwich": self.sandwich,
+            "sandwich_random": if self.sandwich { SANDWICH_RANDOM } else { 0 },
+            "inplace_distill": self.inplace,
+        })
+    }
+
+    /// The paper's schedule is the main table's supernet; the others sit beside it.
+    fn dir(&self, wd: &Path) -> PathBuf {
+        if self.name == "paper" {
+            wd.join("supernet")
+        } else {
+            wd.join(format!("supernet-{}", self.name.replace('+', "-")))
+        }
+    }
+}
+
+/// Elastifies (or reuses) the merge-only supernet with schedule `v`; returns it with its
+/// timing report.
 fn trained_supernet(
     dir: &Path,
     p: &Preset,
+    v: &Variant,
     oracle: &Model,
     train: &Dataset,
 ) -> Result<(Supernet, Value)> {
     let report = dir.join("elastify-report.json");
+    let steps = v.stage_steps(p);
     if !fresh() {
         if let (Ok(m), Some(r)) = (read_manifest(dir), read_json(&report)) {
             let cached = [&r["stages"][0]["steps"], &r["stages"][1]["steps"]];
-            // Reports written before the knob existed were trained with weight 1.
+            // Reports written before the knobs existed were trained with weight 1, one path.
             let weight = r["original_weight"].as_f64().unwrap_or(1.0);
-            if cached == [&json!(p.stage_steps[0]), &json!(p.stage_steps[1])]
-                && weight == p.original_weight
+            let schedule = match &r["schedule"] {
+                Value::Null => Variant::paper(p).schedule(),
+                s => s.clone(),
+            };
+            if cached == [&json!(steps[0]), &json!(steps[1])]
+                && weight == v.original_weight
+                && schedule == v.schedule()
             {
-                eprintln!("supernet: reusing {}", dir.display());
+                eprintln!("supernet {}: reusing {}", v.name, dir.display());
                 return Ok((load_supernet(dir, &m, None)?, r));
             }
             eprintln!(
-                "supernet: {} holds a {} + {}-step run with original weight {weight}, not {} + {} with {}: retraining",
+                "supernet {}: {} holds a {} + {}-step run with original weight {weight}, {schedule}, not {} + {} with {}, {}: retraining",
+                v.name,
                 dir.display(),
                 cached[0],
                 cached[1],
-                p.stage_steps[0],
-                p.stage_steps[1],
-                p.original_weight
+                steps[0],
+                steps[1],
+                v.original_weight,
+                v.schedule()
             );
         }
     }
     let cfg = ElastifyConfig {
         branches: vec!["merge2".into(), "merge3".into()],
         seed: SEED,
-        stage0_steps: p.stage_steps[0],
-        stage1_steps: p.stage_steps[1],
+        stage0_steps: steps[0],
+        stage1_steps: steps[1],
         batch: p.elastify_batch,
+        // From the preset's steps, so that every variant's stage 0 is the same run.
         warmup_steps: (p.stage_steps[0].min(p.stage_steps[1]) / 30).clamp(1, 100),
         checkpoint_every: 200,
-        original_weight: p.original_weight,
+        original_weight: v.original_weight,
+        sandwich: v.sandwich,
+        sandwich_random: SANDWICH_RANDOM,
+        inplace_distill: v.inplace,
         normalize: fashion_normalize(),
         augment: fashion_augment(),
         ..ElastifyConfig::default()
     };
     let ck = checkpoints(dir)?;
     eprintln!(
-        "supernet: elastifying, {} + {} steps of batch {}, original weight {} ...",
-        cfg.stage0_steps, cfg.stage1_steps, cfg.batch, cfg.original_weight
+        "supernet {}: elastifying, {} + {} steps of batch {} ({} path(s) per stage-1 step), original weight {} ...",
+        v.name, cfg.stage0_steps, cfg.stage1_steps, cfg.batch, v.paths(), cfg.original_weight
     );
     let t0 = Instant::now();
     let out = elastify(
@@ -350,6 +491,26 @@ fn trained_supernet(
         Some(&ck),
         &CancellationToken::new(),
     )?;
+    for (k, s) in out.report.stages.iter().enumerate() {
+        let sizes: Vec<String> = s
+            .loss_by_blocks
+            .iter()
+            .map(|b| {
+                format!(
+                    "{}b {:.3} ({:.0}% branches)",
+                    b.blocks,
+                    b.loss,
+                    100.0 * b.branch_share
+                )
+            })
+            .collect();
+        eprintln!(
+            "  stage {k}: loss of the last {} steps {:.4}; by path size: {}",
+            s.losses.len().min(LOSS_WINDOW),
+            s.tail_mean(LOSS_WINDOW),
+            sizes.join(", ")
+        );
+    }
     let mut secs = t0.elapsed().as_secs_f64();
     if out.report.resumed_from.is_some() {
         // Only part of the run happened here: extrapolate from its measured throughput.
@@ -364,7 +525,7 @@ fn trained_supernet(
                 (n + s.steps_run, t + s.time.as_secs_f64())
             });
         if run > 0 {
-            secs = t / run as f64 * (p.stage_steps[0] + p.stage_steps[1]) as f64;
+            secs = t / run as f64 * (steps[0] + steps[1]) as f64;
         }
         eprintln!(
             "supernet: resumed run, elastify_s extrapolated from its throughput: {secs:.0} s"
@@ -378,9 +539,10 @@ fn trained_supernet(
         .collect();
     let r = json!({
         "seconds": secs,
-        "samples_per_sec": p.elastify_samples() as f64 / secs,
+        "samples_per_sec": v.samples(p) as f64 / secs,
         "stages": stages,
-        "original_weight": p.original_weight,
+        "original_weight": v.original_weight,
+        "schedule": v.schedule(),
         "threads": threads::max_threads(),
     });
     std::fs::create_dir_all(dir)?;
@@ -465,6 +627,135 @@ fn accuracies(
         }
     }
     Ok(hits.iter().map(|&h| h as f64 / data.len() as f64).collect())
+}
+
+/// What the ablation shares with the main table: data, candidates, latency passes and the
+/// search-split accuracies of the other methods.
+struct AblationCtx<'a> {
+    wd: &'a Path,
+    p: &'a Preset,
+    oracle: &'a Model,
+    train: &'a Dataset,
+    search: &'a Dataset,
+    test: &'a Dataset,
+    an: &'a Method,
+    acc_nets: &'a [Net],
+    passes: &'a BTreeMap<(usize, usize), Vec<f64>>,
+    oracle_idx: usize,
+    search_acc: &'a [f64],
+    oracle_acc: f64,
+}
+
+/// `ACC_ABLATION`: each schedule's supernet, trained at the preset's sample budget, chosen on
+/// the search split and reported on the test set exactly as the AdaptiveNet column (same
+/// candidates and the same latency passes: weights do not change a path's latency).
+fn ablation_table(c: &AblationCtx, variants: &[Variant]) -> Result<Value> {
+    let mut rows = Vec::new();
+    for v in variants {
+        let (mut sn, report) = trained_supernet(&v.dir(c.wd), c.p, v, c.oracle, c.train)?;
+        sn.fold()?;
+        let nets: Vec<Net> = c.an.cands.iter().map(|k| c.acc_nets[k.1].clone()).collect();
+        let at = |i: usize| {
+            c.an.cands
+                .iter()
+                .position(|k| k.1 == i)
+                .expect("an AdaptiveNet candidate")
+        };
+        eprintln!(
+            "ablation {}: {} subnets on the search split ...",
+            v.name,
+            nets.len()
+        );
+        let v_search = accuracies(&nets, &[&sn], &[], c.search)?;
+        let mut sacc = c.search_acc.to_vec();
+        for (k, cand) in c.an.cands.iter().enumerate() {
+            sacc[cand.1] = v_search[k];
+        }
+        let mut picks: BTreeMap<(usize, usize), Option<usize>> = BTreeMap::new();
+        for t in [1usize, 2] {
+            let lat = &c.passes[&(t, 0)];
+            for (bi, b) in BUDGETS.iter().enumerate() {
+                let pick = choose(c.an, lat, &sacc, b * lat[c.oracle_idx]).map(|i| c.an.cands[i].1);
+                picks.insert((t, bi), pick);
+            }
+        }
+        let mut need: BTreeSet<usize> = picks.values().flatten().copied().collect();
+        need.insert(c.oracle_idx);
+        let need: Vec<usize> = need.into_iter().collect();
+        let test_nets: Vec<Net> = need.iter().map(|&i| nets[at(i)].clone()).collect();
+        let accs = accuracies(&test_nets, &[&sn], &[], c.test)?;
+        let test_acc: BTreeMap<usize, f64> = need.iter().copied().zip(accs).collect();
+        if test_acc[&c.oracle_idx] != c.oracle_acc {
+            bail!(
+                "ablation {}: the all-original path scores {} on the test set, the oracle {}",
+                v.name,
+                test_acc[&c.oracle_idx],
+                c.oracle_acc
+            );
+        }
+        let retained = |t: usize| -> Vec<Option<f64>> {
+            (0..BUDGETS.len())
+                .map(|bi| picks[&(t, bi)].map(|i| test_acc[&i] / c.oracle_acc))
+                .collect()
+        };
+        let subnets = |t: usize| -> Vec<String> {
+            (0..BUDGETS.len())
+                .map(|bi| picks[&(t, bi)].map_or("-".into(), |i| c.an.cands[at(i)].0.clone()))
+                .collect()
+        };
+        rows.push(json!({
+            "variant": v.name,
+            "stage_steps": v.stage_steps(c.p),
+            "paths_per_stage1_step": v.paths(),
+            "samples": v.samples(c.p),
+            "original_weight": v.original_weight,
+            "elastify_s": report["seconds"],
+            "samples_per_s": report["samples_per_sec"],
+            "stage1_samples_per_s": report["stages"][1]["samples_per_sec"],
+            "retained": retained(1),
+            "retained_threads2": retained(2),
+            "subnets": subnets(1),
+        }));
+    }
+    println!();
+    println!(
+        "ablation of the elastification schedule (each variant {} images x paths trained; retained = test acc / oracle's, chosen on the search split, latency pass 1):",
+        variants.first().map_or(0, |v| v.samples(c.p))
+    );
+    for (t, key) in [(1, "retained"), (2, "retained_threads2")] {
+        println!();
+        print!(
+            "threads {t}: {:<24} {:>11} {:>10} {:>9} |",
+            "variant", "s1 steps*p", "elastify s", "samples/s"
+        );
+        for b in BUDGETS {
+            print!(" {:>6.2}", b);
+        }
+        println!(" | {:>6}", "mean");
+        for r in &rows {
+            let vals: Vec<Option<f64>> = r[key]
+                .as_array()
+                .map(|a| a.iter().map(Value::as_f64).collect())
+                .unwrap_or_default();
+            print!(
+                "           {:<24} {:>11} {:>10.0} {:>9.0} |",
+                r["variant"].as_str().unwrap_or("?"),
+                format!("{}*{}", r["stage_steps"][1], r["paths_per_stage1_step"]),
+                r["elastify_s"].as_f64().unwrap_or(f64::NAN),
+                r["samples_per_s"].as_f64().unwrap_or(f64::NAN),
+            );
+            for v in &vals {
+                print!(
+                    " {:>6}",
+                    v.map_or("-".into(), |v| format!("{:.2}%", 100.0 * v))
+                );
+            }
+            let got: Vec<f64> = vals.iter().flatten().copied().collect();
+            let mean = got.iter().sum::<f64>() / got.len().max(1) as f64;
+            println!(" | {:>5.2}%", 100.0 * mean);
+        }
+    }
+    Ok(Value::Array(rows))
 }
 
 /// Batch-1 forward of one net (folded weights).
@@ -829,7 +1120,8 @@ fn main() -> Result<()> {
             "oracle",
         )?,
     };
-    let (mut trained, el_report) = trained_supernet(&wd.join("supernet"), &p, &oracle, &train)?;
+    let paper = Variant::paper(&p);
+    let (mut trained, el_report) = trained_supernet(&paper.dir(&wd), &p, &paper, &oracle, &train)?;
     let mut untrained = build_supernet(&oracle, &SupernetConfig::merge_only())?;
     let scratch_steps = p.elastify_samples() / p.oracle_batch as u64;
     let mut scratch = Vec::new();
@@ -1140,6 +1432,26 @@ fn main() -> Result<()> {
             oracle_acc,
         )?;
     }
+    let variants = Variant::from_env(&p)?;
+    let ablation = if variants.is_empty() {
+        Value::Null
+    } else {
+        let ctx = AblationCtx {
+            wd: &wd,
+            p: &p,
+            oracle: &oracle,
+            train: &train,
+            search: &search,
+            test: &test,
+            an: &methods[0],
+            acc_nets: &acc_nets,
+            passes: &passes,
+            oracle_idx,
+            search_acc: &search_acc,
+            oracle_acc,
+        };
+        ablation_table(&ctx, &variants)?
+    };
     let h = |t: usize, pass: usize, b: f64| {
         let bi = BUDGETS
             .iter()
@@ -1173,6 +1485,8 @@ fn main() -> Result<()> {
         "oracle_train_images_per_s": oracle_report["images_per_sec"],
         "scratch_train": scratch_reports,
         "rounds": p.rounds,
+        // ACC_ABLATION only: each schedule's retained accuracy per budget and its time.
+        "ablation": ablation,
     });
     println!();
     println!("BENCH {bench}");
