@@ -132,6 +132,34 @@ pub fn pointwise_packed(
     )?)
 }
 
+/// Inference conv (one group, any kernel, stride and per-side padding) on a weight packed
+/// by [`adaptivenet_kernels::pack_conv`] (BN folded): `act(conv(x) + bias + residual)` in
+/// one kernel, no im2col. `out_channels` and `kernel` are the unpacked weight's. Not
+/// differentiable.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_packed(
+    x: &Tensor,
+    packed: &Tensor,
+    out_channels: usize,
+    kernel: (usize, usize),
+    bias: &Tensor,
+    stride: usize,
+    pad: (usize, usize, usize, usize),
+    act: Option<Act>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    Ok(adaptivenet_kernels::conv_packed(
+        x,
+        packed,
+        out_channels,
+        kernel,
+        Some(bias),
+        &kernel_params(stride, pad, 1),
+        kernel_act(act),
+        residual,
+    )?)
+}
+
 fn kernel_act(act: Option<Act>) -> adaptivenet_kernels::Activation {
     use adaptivenet_kernels::Activation;
     match act {
