@@ -252,13 +252,13 @@ fn batch_norm_train_stock(
     Ok((y.contiguous()?, new_mean, new_var))
 }
 
-/// Activation; ReLU on f32 runs the kernels crate's op (one-pass backward).
+/// Activation; ReLU and ReLU6 on f32 run the kernels crate's ops (one-pass backward).
 pub fn activation(x: &Tensor, act: Act) -> Result<Tensor> {
+    let ours = !stock_candle() && x.dtype() == candle_core::DType::F32;
     Ok(match act {
-        Act::Relu if !stock_candle() && x.dtype() == candle_core::DType::F32 => {
-            adaptivenet_kernels::relu(x)?
-        }
+        Act::Relu if ours => adaptivenet_kernels::relu(x)?,
         Act::Relu => x.relu()?,
+        Act::Relu6 if ours => adaptivenet_kernels::relu6(x)?,
         Act::Relu6 => x.clamp(0f32, 6f32)?,
     })
 }
