@@ -8,12 +8,13 @@ use adaptivenet_core::data::Dataset;
 use adaptivenet_core::data::{AugmentPolicy, Normalize};
 use adaptivenet_core::model::{ArchDescriptor, Model, ModelSpec};
 use adaptivenet_core::supernet::{branches::build_supernet, Choice, Subnet, SupernetConfig};
-use adaptivenet_train::supernet::{feature_mse, oracle_digest};
+use adaptivenet_train::supernet::{feature_mse, oracle_digest, sandwich_ends};
 use adaptivenet_train::train::{accuracy, eval_transform};
 use adaptivenet_train::TrainError;
 use adaptivenet_train::{
     elastify, evaluate_priors, priors::prior_subnets, train_oracle, train_oracle_resumable,
-    DirCheckpoints, ElastifyConfig, NoProgress, ProgressEvent, TrainOracleConfig,
+    DirCheckpoints, ElastifyConfig, InplaceDistill, NoProgress, PathRole, ProgressEvent,
+    TrainOracleConfig,
 };
 use candle_core::{Device, Tensor};
 use tokio_util::sync::CancellationToken;
@@ -71,7 +72,10 @@ fn field_of(e: impl Into<CloudError>) -> String {
     }
 }
 
-fn branch_tensors(sn: &adaptivenet_core::supernet::Supernet) -> Vec<(String, Vec<f32>)> {
+/// Every branch tensor of a supernet, by module and name.
+type Tensors = Vec<(String, Vec<f32>)>;
+
+fn branch_tensors(sn: &adaptivenet_core::supernet::Supernet) -> Tensors {
     let mut v = Vec::new();
     for (key, params) in &sn.modules {
         if key.choice == Choice::Original {
@@ -130,6 +134,17 @@ fn bad_configs_fail_before_work_naming_the_field() {
         ..base.clone()
     };
     assert_eq!(run(weight, &data), "original_weight");
+    let many = ElastifyConfig {
+        sandwich: true,
+        sandwich_random: 17,
+        ..base.clone()
+    };
+    assert_eq!(run(many, &data), "sandwich_random");
+    let no_sandwich = ElastifyConfig {
+        inplace_distill: InplaceDistill::Largest,
+        ..base.clone()
+    };
+    assert_eq!(run(no_sandwich, &data), "inplace_distill");
     let empty = Dataset::new(vec![], vec![], (1, 12, 12), data.class_names.clone()).unwrap();
     assert_eq!(run(base.clone(), &empty), "data");
 
@@ -302,13 +317,248 @@ fn elastify_keeps_the_oracle_exact_and_trains_branches() {
     assert_eq!(events[37].stage, "stage1");
     assert_eq!(events[37].fraction(), 1.0);
     assert!(events.iter().all(|e| e.samples_per_sec > 0.0));
+
+    // Readable progress: the paper's schedule trains one random path per step; the smoothed
+    // loss is the mean of the stage's last 50 step losses; on this chain every path is the one
+    // merge (1 block, all of it a branch), so there is one path size.
+    for (k, e) in events.iter().enumerate() {
+        let (stage, step) = if k < 30 { (0, k + 1) } else { (1, k - 29) };
+        let losses = &out.report.stages[stage].losses[..step];
+        let window = &losses[step.saturating_sub(50)..];
+        let mean = window.iter().sum::<f64>() / window.len() as f64;
+        assert!(
+            (e.loss_avg - mean).abs() < 1e-12,
+            "{k}: {} vs {mean}",
+            e.loss_avg
+        );
+        assert_eq!(e.loss, losses[step - 1]);
+        assert_eq!(e.paths.len(), 1);
+        assert_eq!(e.paths[0].role, PathRole::Random);
+        assert_eq!(e.paths[0].subnet, branch_path);
+        assert_eq!(e.paths[0].loss, e.loss);
+        assert_eq!(e.loss_by_blocks.len(), 1);
+        let size = &e.loss_by_blocks[0];
+        assert_eq!((size.blocks, size.branch_share), (1, 1.0));
+        assert_eq!(size.paths, step.min(50));
+        assert!((size.loss - mean).abs() < 1e-12);
+    }
+    assert_eq!(
+        out.report.stages[1].loss_by_blocks,
+        events[37].loss_by_blocks
+    );
+}
+
+/// The config of a sandwich run with in-place distillation from the largest path.
+fn sandwich_config() -> ElastifyConfig {
+    ElastifyConfig {
+        sandwich: true,
+        sandwich_random: 1,
+        inplace_distill: InplaceDistill::Largest,
+        ..tiny_config()
+    }
+}
+
+#[test]
+fn sandwich_ends_have_the_fewest_and_most_macs_among_paths_with_a_branch() {
+    for kinds in [
+        &["merge2", "merge3"][..],
+        &["merge2", "merge3", "prune1", "prune2"][..],
+        &["prune1"][..],
+    ] {
+        let oracle = Model::init(&spec("[3,3]"), 1).unwrap();
+        let sn = build_supernet(&oracle, &SupernetConfig::from_names(kinds, 0).unwrap()).unwrap();
+        let macs: Vec<(Subnet, u64)> = sn
+            .spec
+            .enumerate(1 << 16)
+            .unwrap()
+            .into_iter()
+            .filter(Subnet::uses_branch)
+            .map(|s| {
+                let m = sn.spec.subnet_macs(&s).unwrap();
+                (s, m)
+            })
+            .collect();
+        let min = macs.iter().map(|m| m.1).min().unwrap();
+        let max = macs.iter().map(|m| m.1).max().unwrap();
+        assert!(min < max, "{kinds:?}");
+        let (small, large) = sandwich_ends(&sn.spec).unwrap();
+        for s in [&small, &large] {
+            sn.spec.validate(s).unwrap();
+            assert!(s.uses_branch(), "{kinds:?}: {s}");
+        }
+        assert_eq!(
+            sn.spec.subnet_macs(&small).unwrap(),
+            min,
+            "{kinds:?}: {small}"
+        );
+        assert_eq!(
+            sn.spec.subnet_macs(&large).unwrap(),
+            max,
+            "{kinds:?}: {large}"
+        );
+        // The all-original path (the oracle) has more MACs still, but trains nothing.
+        assert!(sn.spec.subnet_macs(&Subnet::original(6)).unwrap() > max);
+    }
+}
+
+#[test]
+fn a_sandwich_step_trains_the_smallest_and_largest_paths() {
+    let oracle = Model::init(&spec("[3,3]"), 2).unwrap();
+    let data = synthetic(64);
+    let config = ElastifyConfig {
+        stage0_steps: 0,
+        stage1_steps: 3,
+        sandwich: true,
+        sandwich_random: 0,
+        checkpoint_every: 0,
+        ..tiny_config()
+    };
+    let built = build_supernet(
+        &oracle,
+        &config
+            .kinds_for(&oracle.spec, config.validate().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let (small, large) = sandwich_ends(&built.spec).unwrap();
+    assert_ne!(small, large);
+    let mut events: Vec<ProgressEvent> = Vec::new();
+    let mut sink = |e: &ProgressEvent| events.push(e.clone());
+    let never = CancellationToken::new();
+    let out = elastify(&oracle, &config, &data, &mut sink, None, &never).unwrap();
+    assert_eq!(events.len(), 3);
+    for e in &events {
+        let got: Vec<(&Subnet, PathRole)> = e.paths.iter().map(|p| (&p.subnet, p.role)).collect();
+        assert_eq!(
+            got,
+            [(&large, PathRole::Largest), (&small, PathRole::Smallest)]
+        );
+        let mean = e.paths.iter().map(|p| p.loss).sum::<f64>() / 2.0;
+        assert_eq!(e.loss, mean);
+    }
+    // Exactly the branches of those two paths trained: their weights and BN statistics moved,
+    // every other branch is still as built.
+    let on_ends: std::collections::BTreeSet<_> = small
+        .steps()
+        .chain(large.steps())
+        .filter(|k| k.choice != Choice::Original)
+        .collect();
+    let mut trained = 0;
+    for (key, params) in &built.modules {
+        if key.choice == Choice::Original {
+            continue;
+        }
+        let new = &out.supernet.modules[key];
+        let changed = params.iter().any(|(n, t)| {
+            let a: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = new[n].flatten_all().unwrap().to_vec1().unwrap();
+            a != b
+        });
+        assert_eq!(changed, on_ends.contains(key), "{key}");
+        trained += usize::from(changed);
+    }
+    assert_eq!(trained, on_ends.len());
+
+    // With random paths: the two ends first, then the random draws, each using a branch.
+    let config = ElastifyConfig {
+        sandwich_random: 2,
+        ..config
+    };
+    let mut events: Vec<ProgressEvent> = Vec::new();
+    let mut sink = |e: &ProgressEvent| events.push(e.clone());
+    let out = elastify(&oracle, &config, &data, &mut sink, None, &never).unwrap();
+    for e in &events {
+        let roles: Vec<PathRole> = e.paths.iter().map(|p| p.role).collect();
+        assert_eq!(
+            roles,
+            [
+                PathRole::Largest,
+                PathRole::Smallest,
+                PathRole::Random,
+                PathRole::Random
+            ]
+        );
+        assert!(e.paths.iter().all(|p| p.subnet.uses_branch()));
+    }
+    // Throughput counts every path a step trained: 4 paths of 16 images per step.
+    assert_eq!(out.report.stages[1].steps_run, 3);
+    assert_eq!(config.paths_per_step(1), 4);
+}
+
+#[test]
+fn each_schedule_option_changes_the_trained_weights_deterministically() {
+    let oracle = Model::init(&spec("[2,1]"), 11).unwrap();
+    let data = synthetic(64);
+    let base = ElastifyConfig {
+        stage0_steps: 2,
+        stage1_steps: 4,
+        checkpoint_every: 0,
+        ..tiny_config()
+    };
+    let sandwich = ElastifyConfig {
+        sandwich: true,
+        ..base.clone()
+    };
+    let variants = [
+        ("paper", base.clone()),
+        ("sandwich", sandwich.clone()),
+        (
+            "sandwich, 1 random",
+            ElastifyConfig {
+                sandwich_random: 1,
+                ..sandwich.clone()
+            },
+        ),
+        (
+            "in-place from the oracle",
+            ElastifyConfig {
+                inplace_distill: InplaceDistill::Oracle,
+                ..sandwich.clone()
+            },
+        ),
+        (
+            "in-place from the largest path",
+            ElastifyConfig {
+                inplace_distill: InplaceDistill::Largest,
+                ..sandwich.clone()
+            },
+        ),
+        (
+            "paper, other seed",
+            ElastifyConfig {
+                seed: 4,
+                ..base.clone()
+            },
+        ),
+    ];
+    let never = CancellationToken::new();
+    let mut results: Vec<(&str, Tensors)> = Vec::new();
+    for (name, config) in &variants {
+        let run = || {
+            elastify(&oracle, config, &data, &mut NoProgress, None, &never)
+                .unwrap()
+                .supernet
+        };
+        let (a, b) = (run(), run());
+        let w = branch_tensors(&a);
+        assert_eq!(w, branch_tensors(&b), "{name}: same seed, same weights");
+        for (other, ow) in &results {
+            assert_ne!(&w, ow, "{name} trains the same weights as {other}");
+        }
+        results.push((name, w));
+    }
 }
 
 #[test]
 fn resume_after_cancel_or_kill_ends_bit_identical() {
+    for config in [tiny_config(), sandwich_config()] {
+        resume_ends_bit_identical(config);
+    }
+}
+
+fn resume_ends_bit_identical(config: ElastifyConfig) {
     let oracle = Model::init(&spec("[2,1]"), 11).unwrap();
     let data = synthetic(64);
-    let config = tiny_config();
     let never = CancellationToken::new();
 
     // A: uninterrupted.
@@ -352,6 +602,11 @@ fn resume_after_cancel_or_kill_ends_bit_identical() {
     assert_eq!(b.report.resumed_from, Some((1, 3)));
     assert_eq!(branch_tensors(&b.supernet), branch_tensors(&a.supernet));
     assert_eq!(b.report.stages[1].losses, a.report.stages[1].losses);
+    // The smoothed losses carry over the resume too.
+    assert_eq!(
+        b.report.stages[1].loss_by_blocks,
+        a.report.stages[1].loss_by_blocks
+    );
 
     // C: "killed" after the periodic checkpoint of step 4 (stage 0), resumed from it.
     let ck_c = DirCheckpoints::new(kill_copy.path());

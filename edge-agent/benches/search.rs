@@ -50,7 +50,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use adaptivenet_core::artifact::{write_artifact, InputSpec};
-use adaptivenet_core::data::{fashion_mnist, FASHION_MNIST_CLASSES};
+use adaptivenet_core::data::{fashion_mnist, Normalize, FASHION_MNIST_CLASSES};
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::supernet::{
     branches::build_supernet, BranchKind, Choice, Subnet, Supernet, SupernetConfig,
@@ -138,9 +138,9 @@ fn prepare_artifact() -> Res<(PathBuf, String)> {
     } else if from_committed {
         use sha2::Digest;
         let sha = hex::encode(sha2::Sha256::digest(std::fs::read(&weights)?));
-        format!("committed-{}-s{stage_steps}", &sha[..12])
+        format!("committed-{}-s{stage_steps}-meanstd", &sha[..12])
     } else {
-        format!("trained-o{oracle_steps}-s{stage_steps}")
+        format!("trained-o{oracle_steps}-s{stage_steps}-meanstd")
     };
     let dir = target_dir().join("bench-cache/search").join(&key);
     let info_path = dir.join("bench-info.json");
@@ -180,14 +180,28 @@ fn prepare_artifact() -> Res<(PathBuf, String)> {
         let mut log = |e: &ProgressEvent| {
             if e.step.is_multiple_of(100) {
                 eprintln!(
-                    "  {} step {} loss {:.4} ({:.0} img/s)",
-                    e.stage, e.step, e.loss, e.samples_per_sec
+                    "  {} step {} loss {:.4} avg {:.4} ({:.0} img/s) {}",
+                    e.stage,
+                    e.step,
+                    e.loss,
+                    e.loss_avg,
+                    e.samples_per_sec,
+                    e.sizes_line()
                 );
             }
+        };
+        // Training sees the images as the artifact's input spec feeds them when serving (the
+        // committed oracle was trained so): under plain `x / 255` that oracle scores ~26 %,
+        // so it would be a broken teacher and the branches would learn another input range.
+        let spec = input_spec();
+        let normalize = Normalize::MeanStd {
+            mean: spec.mean.clone(),
+            std: spec.std.clone(),
         };
         let ocfg = TrainOracleConfig {
             steps: oracle_steps,
             warmup_steps: (oracle_steps / 10).min(200),
+            normalize: normalize.clone(),
             ..TrainOracleConfig::default()
         };
         let (oracle, oracle_info) = if from_committed {
@@ -213,6 +227,7 @@ fn prepare_artifact() -> Res<(PathBuf, String)> {
             stage0_steps: stage_steps,
             stage1_steps: stage_steps,
             warmup_steps: (stage_steps / 10).min(100),
+            normalize,
             ..ElastifyConfig::default()
         };
         let out = elastify(&oracle, &ecfg, &train, &mut log, None, &cancel)?;

@@ -260,8 +260,8 @@ fn show(pb: &ProgressBar, e: &ProgressEvent) {
     pb.set_prefix(e.stage.clone());
     pb.set_position(e.global_step);
     pb.set_message(format!(
-        "ep {} loss {:.4} lr {:.2e} {:.0} img/s",
-        e.epoch, e.loss, e.lr, e.samples_per_sec
+        "ep {} loss {:.4} (avg {:.4}) lr {:.2e} {:.0} img/s",
+        e.epoch, e.loss, e.loss_avg, e.lr, e.samples_per_sec
     ));
 }
 

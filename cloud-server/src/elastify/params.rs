@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use super::fit::DataShape;
 use crate::error::{CloudError, Result};
-use adaptivenet_train::ElastifyConfig;
+use adaptivenet_train::{ElastifyConfig, InplaceDistill};
 
 /// Largest `params_json` accepted (bytes).
 pub const MAX_PARAMS_JSON: usize = 64 << 10;
@@ -40,6 +40,13 @@ pub struct JobParams {
     pub temperature: f64,
     /// Weight of an original block against 1 per branch when sampling paths.
     pub original_weight: f64,
+    /// Stage 1, the sandwich rule: each step trains the smallest and the largest path plus
+    /// `sandwich_random` random ones.
+    pub sandwich: bool,
+    pub sandwich_random: u32,
+    /// With `sandwich`: `off`, `oracle` or `largest` (the teacher of the paths other than the
+    /// largest, which then learn from soft labels only).
+    pub inplace_distill: InplaceDistill,
     /// Checkpoint every this many steps (0: only on cancel and at the end).
     pub checkpoint_every: u64,
     /// Images held out of training for the cloud-side priors.
@@ -63,6 +70,9 @@ impl Default for JobParams {
             lr_stage1: c.lr_stage1,
             temperature: c.temperature,
             original_weight: c.original_weight,
+            sandwich: c.sandwich,
+            sandwich_random: c.sandwich_random,
+            inplace_distill: c.inplace_distill,
             checkpoint_every: 50,
             val_size: 1000,
             priors: 160,
@@ -248,6 +258,9 @@ impl JobParams {
             lr_stage1: self.lr_stage1,
             temperature: self.temperature,
             original_weight: self.original_weight,
+            sandwich: self.sandwich,
+            sandwich_random: self.sandwich_random,
+            inplace_distill: self.inplace_distill,
             checkpoint_every: self.checkpoint_every,
             ..ElastifyConfig::default()
         }
@@ -275,7 +288,7 @@ mod tests {
         assert_eq!(JobParams::parse(" {} ").unwrap(), JobParams::default());
         let all = serde_json::to_string(&JobParams::default()).unwrap();
         assert_eq!(JobParams::parse(&all).unwrap(), JobParams::default());
-        assert_eq!(JobParams::keys().len(), 13);
+        assert_eq!(JobParams::keys().len(), 16);
     }
 
     #[test]
@@ -284,9 +297,28 @@ mod tests {
             r#"{"branches":["merge2","prune1"],"seed":7,"stage0_steps":1,"stage1_steps":1000000,
                 "batch":4096,"lr_stage0":1.0,"lr_stage1":1e-6,"temperature":100,
                 "original_weight":0.5,"checkpoint_every":0,"val_size":1,"priors":1,
-                "max_train_images":0}"#,
+                "max_train_images":0,"sandwich":true,"sandwich_random":16,
+                "inplace_distill":"largest"}"#,
         )
         .unwrap();
+        assert!(p.sandwich);
+        assert_eq!(p.sandwich_random, 16);
+        assert_eq!(p.inplace_distill, InplaceDistill::Largest);
+        let c = p.config();
+        assert_eq!(
+            (c.sandwich, c.sandwich_random, c.inplace_distill),
+            (true, 16, InplaceDistill::Largest)
+        );
+        for (name, want) in [
+            ("off", InplaceDistill::Off),
+            ("oracle", InplaceDistill::Oracle),
+        ] {
+            let json = format!(r#"{{"sandwich":true,"inplace_distill":"{name}"}}"#);
+            assert_eq!(JobParams::parse(&json).unwrap().inplace_distill, want);
+        }
+        // Random paths may be none: then a step trains just the two ends.
+        let ends = JobParams::parse(r#"{"sandwich":true,"sandwich_random":0}"#).unwrap();
+        assert_eq!(ends.config().paths_per_step(1), 2);
         assert_eq!(p.branches, ["merge2", "prune1"]);
         assert_eq!((p.seed, p.stage0_steps, p.stage1_steps), (7, 1, 1_000_000));
         assert_eq!((p.batch, p.val_size, p.priors), (4096, 1, 1));
@@ -319,6 +351,17 @@ mod tests {
             (r#"{"max_train_images":4294967297}"#, "max_train_images"),
             (r#"{"branches":[]}"#, "branches"),
             (r#"{"branches":["merge4"]}"#, "branches"),
+            (
+                r#"{"sandwich":true,"sandwich_random":17}"#,
+                "sandwich_random",
+            ),
+            (r#"{"sandwich_random":4294967295}"#, "sandwich_random"),
+            // In-place distillation needs the sandwich's largest path.
+            (r#"{"inplace_distill":"oracle"}"#, "inplace_distill"),
+            (
+                r#"{"sandwich":false,"inplace_distill":"largest"}"#,
+                "inplace_distill",
+            ),
         ] {
             assert_eq!(refused(json), format!("params_json.{key}"), "{json}");
         }
@@ -340,6 +383,12 @@ mod tests {
             (r#"{"branches":[2]}"#, "branches"),
             (r#"{"seed":-1}"#, "seed"),
             (r#"{"seed":18446744073709551616}"#, "seed"),
+            (r#"{"sandwich":1}"#, "sandwich"),
+            (r#"{"sandwich":"true"}"#, "sandwich"),
+            (r#"{"sandwich_random":-1}"#, "sandwich_random"),
+            (r#"{"sandwich_random":2.5}"#, "sandwich_random"),
+            (r#"{"inplace_distill":"teacher"}"#, "inplace_distill"),
+            (r#"{"inplace_distill":true}"#, "inplace_distill"),
         ] {
             assert_eq!(refused(json), format!("params_json.{key}"), "{json}");
         }

@@ -36,4 +36,7 @@ pub use oracle::{train_oracle, train_oracle_resumable, OracleReport, TrainOracle
 pub use pipeline::DatasetFormat;
 pub use priors::evaluate_priors;
 pub use progress::{NoProgress, ProgressEvent, ProgressSink};
-pub use supernet::{elastify, ElastifyConfig, ElastifyOutcome, ElastifyReport, StageReport};
+pub use progress::{PathRole, SizeLoss, TrainedPath};
+pub use supernet::{
+    elastify, ElastifyConfig, ElastifyOutcome, ElastifyReport, InplaceDistill, StageReport,
+};

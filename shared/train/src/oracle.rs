@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::{to_json, CheckpointIo, CheckpointMeta};
 use crate::error::{Result, TrainError};
 use crate::optim::{OptimState, Optimizer, Sgd, WarmupCosine};
-use crate::progress::{ProgressEvent, ProgressSink};
+use crate::progress::{ProgressEvent, ProgressSink, LOSS_WINDOW};
 use crate::train::{
     accuracy, cross_entropy, step_rng, train_transform, BatchSampler, TrainModule, BN_MOMENTUM,
 };
@@ -288,6 +288,12 @@ pub fn train_oracle_resumable(
             global_step: done,
             total_steps: config.steps,
             loss: lv,
+            loss_avg: {
+                let w = &losses[losses.len().saturating_sub(LOSS_WINDOW)..];
+                w.iter().sum::<f64>() / w.len() as f64
+            },
+            loss_by_blocks: Vec::new(),
+            paths: Vec::new(),
             lr,
             samples_per_sec: rate,
             eta,

@@ -7,14 +7,17 @@
 //!   the branch output and the oracle's feature at the same block boundary; each branch is fed
 //!   the subnet's own running feature (path-level distillation);
 //! - stage 1 (task fine-tuning): `ce_weight * CE(logits, y) + (1 - ce_weight) * T^2 * KD`
-//!   against the oracle's logits.
+//!   against the oracle's logits. Optionally ([`ElastifyConfig::sandwich`]) a stage-1 step
+//!   trains several paths on its batch, the smallest and the largest among them (the sandwich
+//!   rule), and the paths other than the largest may learn from soft labels only
+//!   ([`InplaceDistill`]).
 //!
 //! Only branch weights train (AdamW, warm-up + cosine per stage, a fresh optimizer per stage);
 //! branch BN layers run in train mode and their running statistics are kept. Checkpoints hold
 //! branch tensors, optimizer state, stage, step and sample position (the RNG of a step is
 //! derived from `(seed, stage, step)`), so a resumed run ends bit-identical to an
 //! uninterrupted one.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use adaptivenet_core::artifact::{params_to_safetensors, sha256_hex};
@@ -22,21 +25,42 @@ use adaptivenet_core::data::{AugmentPolicy, Dataset, Normalize};
 use adaptivenet_core::model::{Model, ModelSpec, Params, TrainCtx};
 use adaptivenet_core::supernet::{
     branches::{build_supernet, check_kinds_fit, keep_fitting_kinds},
-    Choice, ModuleKey, Subnet, Supernet, SupernetConfig,
+    Choice, ModuleKey, Subnet, Supernet, SupernetConfig, SupernetSpec,
 };
 use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{to_json, CheckpointIo, CheckpointMeta};
 use crate::error::{Result, TrainError};
 use crate::optim::{AdamW, OptimState, Optimizer, WarmupCosine};
 use crate::oracle::check_data;
-use crate::progress::{ProgressEvent, ProgressSink};
+use crate::progress::{LossWindows, PathRole, ProgressEvent, ProgressSink, SizeLoss, TrainedPath};
 use crate::train::{
     cross_entropy, kd_loss, mse, step_rng, train_transform, BatchSampler, TrainModule, BN_MOMENTUM,
 };
 
 const CHECKPOINT_FORMAT: &str = "adaptivenet.elastify.checkpoint/1";
+/// Most random paths of a sandwich step.
+pub const MAX_SANDWICH_RANDOM: u32 = 16;
+
+/// In-place distillation (BigNAS): in a sandwich step the largest path learns the task as
+/// every path does without it (`ce_weight` CE + KD against the oracle), while the other paths
+/// only imitate a teacher's soft labels (`T^2 * KD`, no labels): small paths cannot fit the
+/// labels as well as large ones, and chasing them competes with the large paths over the
+/// branches they share.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InplaceDistill {
+    /// Every path gets the same task loss (the paper).
+    #[default]
+    Off,
+    /// The teacher is the oracle, i.e. the all-original path: the true largest network.
+    Oracle,
+    /// The teacher is the same step's largest trained path (its logits, detached), as in
+    /// BigNAS and Once-for-All, where the largest network trains too.
+    Largest,
+}
 
 /// The elastification recipe.
 #[derive(Clone, Debug, PartialEq)]
@@ -74,9 +98,31 @@ pub struct ElastifyConfig {
     ///
     /// [`SupernetSpec::sample_weighted`]: adaptivenet_core::supernet::SupernetSpec::sample_weighted
     pub original_weight: f64,
+    /// Stage 1, the sandwich rule (BigNAS, Once-for-All): every step trains, on its batch, the
+    /// smallest path (fewest MACs), the largest path that trains anything (the all-original
+    /// path is the frozen oracle, so: the most MACs with at least one branch) and
+    /// `sandwich_random` random paths, their losses summed into one backward pass and one
+    /// optimizer step. `false`: one random path per step, as the paper. A sandwich step costs
+    /// about `2 + sandwich_random` paths' work (the oracle's forward is shared): divide
+    /// `stage1_steps` by that for the same sample budget. See [`sandwich_ends`].
+    pub sandwich: bool,
+    /// Random paths of a sandwich step (0..=[`MAX_SANDWICH_RANDOM`]).
+    pub sandwich_random: u32,
+    /// Stage 1 with `sandwich`: the loss of the paths other than the largest.
+    pub inplace_distill: InplaceDistill,
 }
 
 impl ElastifyConfig {
+    /// Paths one step of `stage` trains (the sandwich's two ends may coincide on a tiny
+    /// supernet; then one fewer).
+    pub fn paths_per_step(&self, stage: usize) -> u64 {
+        if stage == 1 && self.sandwich {
+            2 + u64::from(self.sandwich_random)
+        } else {
+            1
+        }
+    }
+
     /// The branch kinds to build on `oracle`: the default kinds where they fit (a small oracle
     /// may have no room for `merge3`), but a kind the developer named must fit some block and
     /// is refused otherwise, naming the kind and each block's reason. (Naming exactly the
@@ -114,6 +160,9 @@ impl Default for ElastifyConfig {
             augment: AugmentPolicy::default(),
             checkpoint_every: 200,
             original_weight: 1.0,
+            sandwich: false,
+            sandwich_random: 2,
+            inplace_distill: InplaceDistill::Off,
         }
     }
 }
@@ -177,6 +226,18 @@ impl ElastifyConfig {
                 format!("{} not in (0, 10]", self.original_weight),
             ));
         }
+        if self.sandwich_random > MAX_SANDWICH_RANDOM {
+            return Err(TrainError::invalid(
+                "sandwich_random",
+                format!("{} not in 0..={MAX_SANDWICH_RANDOM}", self.sandwich_random),
+            ));
+        }
+        if self.inplace_distill != InplaceDistill::Off && !self.sandwich {
+            return Err(TrainError::invalid(
+                "inplace_distill",
+                "needs sandwich: the largest path of a sandwich step keeps the task loss",
+            ));
+        }
         Ok(sn)
     }
 
@@ -202,9 +263,14 @@ impl ElastifyConfig {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StageReport {
     pub steps: u64,
-    /// Per-step training losses of the whole stage (including steps before a resume).
+    /// Per-step training losses of the whole stage (including steps before a resume); a step
+    /// that trained several paths records their mean.
     pub losses: Vec<f64>,
-    /// Steps run by this invocation and their throughput (samples/s).
+    /// At the end of the stage: the mean loss of the last paths of each size (see
+    /// [`ProgressEvent::loss_by_blocks`]).
+    pub loss_by_blocks: Vec<SizeLoss>,
+    /// Steps run by this invocation and their throughput: images times the paths each was
+    /// trained through, per second (a sandwich step counts each of its paths).
     pub steps_run: u64,
     pub samples_per_sec: f64,
     pub time: Duration,
@@ -253,6 +319,9 @@ struct Cursor {
     /// Global sample position of the data order.
     samples: u64,
     losses: [Vec<f64>; 2],
+    /// Smoothed losses per stage (display only, but kept so that a resumed run prints and
+    /// reports what an uninterrupted one would).
+    windows: [LossWindows; 2],
 }
 
 /// sha256 of an oracle's canonical tensors (ties checkpoints to their oracle).
@@ -307,6 +376,11 @@ pub fn elastify(
         }
     };
 
+    let ends = if config.sandwich {
+        Some(sandwich_ends(&supernet.spec)?)
+    } else {
+        None
+    };
     let frozen = frozen_folded(&supernet)?;
     let total_steps = config.stage0_steps + config.stage1_steps;
     let transform = train_transform(&config.normalize, &config.augment);
@@ -327,6 +401,7 @@ pub fn elastify(
         };
         let t0 = Instant::now();
         let first = cur.step;
+        let mut path_samples = 0u64;
         while cur.step < steps {
             if cancel.is_cancelled() {
                 save(&cur, &branches, &opt)?;
@@ -337,23 +412,24 @@ pub fn elastify(
             }
             let step = cur.step;
             let mut rng = step_rng(config.seed, stage as u64, step);
-            let subnet = supernet
-                .spec
-                .sample_weighted(&mut rng, true, config.original_weight)?;
+            // The paths first, then the augmentation: with one random path this is the
+            // paper's schedule draw for draw.
+            let paths = step_paths(&supernet.spec, config, stage, ends.as_ref(), &mut rng)?;
             let idx = sampler.batch(cur.samples, config.batch);
             let (x, y) = data.batch_tensor_augmented(&idx, &transform, &mut rng, &Device::Cpu)?;
             let lr = sched.lr(step);
-            let loss = train_step(
+            let path_losses = train_step(
                 &frozen,
                 &mut branches,
                 &mut opt,
                 config,
                 stage,
-                &subnet,
+                &paths,
                 &x,
                 &y,
                 lr,
             )?;
+            let loss = path_losses.iter().sum::<f64>() / path_losses.len() as f64;
             if !loss.is_finite() {
                 return Err(TrainError::Internal(format!(
                     "stage {stage} diverged at step {step} (loss {loss}); lower lr_stage{stage}"
@@ -362,6 +438,18 @@ pub fn elastify(
             cur.step += 1;
             cur.samples += config.batch as u64;
             cur.losses[stage].push(loss);
+            let windows = &mut cur.windows[stage];
+            windows.step(loss);
+            let trained: Vec<TrainedPath> = paths
+                .into_iter()
+                .zip(path_losses)
+                .map(|((subnet, role), loss)| {
+                    let (blocks, branches) = path_size(&subnet);
+                    windows.path(blocks, branches, loss);
+                    TrainedPath { subnet, role, loss }
+                })
+                .collect();
+            path_samples += (config.batch * trained.len()) as u64;
             let el = t0.elapsed().as_secs_f64().max(1e-9);
             let run = cur.step - first;
             let per_step = el / run as f64;
@@ -374,8 +462,11 @@ pub fn elastify(
                 global_step: global,
                 total_steps,
                 loss,
+                loss_avg: windows.mean(),
+                loss_by_blocks: windows.by_blocks(),
+                paths: trained,
                 lr,
-                samples_per_sec: (run * config.batch as u64) as f64 / el,
+                samples_per_sec: path_samples as f64 / el,
                 eta: Duration::from_secs_f64(per_step * (total_steps - global) as f64),
             });
             if config.checkpoint_every > 0
@@ -390,8 +481,9 @@ pub fn elastify(
         report.stages[stage] = StageReport {
             steps,
             losses: cur.losses[stage].clone(),
+            loss_by_blocks: cur.windows[stage].by_blocks(),
             steps_run: run,
-            samples_per_sec: (run * config.batch as u64) as f64 / time.as_secs_f64().max(1e-9),
+            samples_per_sec: path_samples as f64 / time.as_secs_f64().max(1e-9),
             time,
         };
     }
@@ -414,8 +506,132 @@ fn frozen_folded(sn: &Supernet) -> Result<Supernet> {
     Ok(f)
 }
 
-/// One optimisation step on one sampled path; returns the loss. `sn` is the frozen, folded
-/// supernet of [`frozen_folded`]; branch weights come from `branches`.
+/// The sandwich rule's fixed paths of `spec`: `(smallest, largest)`, the paths with the fewest
+/// and with the most MACs among those that use at least one branch (dynamic programming over
+/// positions, ties to the earlier choice at a position). The all-original path is left out:
+/// it is the frozen oracle and trains nothing.
+pub fn sandwich_ends(spec: &SupernetSpec) -> Result<(Subnet, Subnet)> {
+    let o = &spec.oracle;
+    let [_, h, w] = o.input;
+    let shapes = o.block_shapes(h, w);
+    let n = spec.num_positions();
+    let extreme = |better: fn(u64, u64) -> bool| -> Option<Subnet> {
+        // best[i][need]: the best (MACs, choice index) from position i to the end, where
+        // `need` says a branch must still come.
+        let mut best: Vec<[Option<(u64, usize)>; 2]> = vec![[None; 2]; n + 1];
+        best[n][0] = Some((0, 0));
+        for i in (0..n).rev() {
+            let [_, hi, wi] = shapes[i];
+            for (ci, c) in spec.positions[i].iter().enumerate() {
+                if i + c.span > n {
+                    continue;
+                }
+                let m = c.block.macs(&o.numerics, hi, wi);
+                for need in [false, true] {
+                    let rest = need && c.id == Choice::Original;
+                    let Some((r, _)) = best[i + c.span][usize::from(rest)] else {
+                        continue;
+                    };
+                    let slot = &mut best[i][usize::from(need)];
+                    if slot.is_none_or(|(b, _)| better(r + m, b)) {
+                        *slot = Some((r + m, ci));
+                    }
+                }
+            }
+        }
+        let (mut v, mut i, mut need) = (Vec::with_capacity(n), 0, true);
+        while i < n {
+            let (_, ci) = best[i][usize::from(need)]?;
+            let c = &spec.positions[i][ci];
+            v.push(c.id);
+            v.extend(std::iter::repeat_n(Choice::Covered, c.span - 1));
+            need = need && c.id == Choice::Original;
+            i += c.span;
+        }
+        Some(Subnet(v))
+    };
+    match (extreme(|a, b| a < b), extreme(|a, b| a > b)) {
+        (Some(small), Some(large)) => Ok((small, large)),
+        _ => Err(TrainError::invalid(
+            "branches",
+            "the supernet has no branch: only the original path exists",
+        )),
+    }
+}
+
+/// The paths step `rng` of `stage` trains: one random path (the paper), or in a stage-1
+/// sandwich step the largest, the smallest (unless it is the largest) and the random ones.
+fn step_paths(
+    spec: &SupernetSpec,
+    config: &ElastifyConfig,
+    stage: usize,
+    ends: Option<&(Subnet, Subnet)>,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> Result<Vec<(Subnet, PathRole)>> {
+    let mut paths = Vec::new();
+    let random = match ends {
+        Some((small, large)) if stage == 1 => {
+            paths.push((large.clone(), PathRole::Largest));
+            if small != large {
+                paths.push((small.clone(), PathRole::Smallest));
+            }
+            config.sandwich_random
+        }
+        _ => 1,
+    };
+    for _ in 0..random {
+        let s = spec.sample_weighted(rng, true, config.original_weight)?;
+        paths.push((s, PathRole::Random));
+    }
+    Ok(paths)
+}
+
+/// Blocks a path runs and how many of them are branches.
+fn path_size(s: &Subnet) -> (usize, usize) {
+    let branches = s.steps().filter(|k| k.choice != Choice::Original).count();
+    (s.steps().count(), branches)
+}
+
+/// A path through the supernet as module steps with their spans, from its first branch on.
+struct PathPlan {
+    path: Vec<(ModuleKey, usize)>,
+    /// Index in `path` of the first branch (before it the path is the oracle's).
+    first: usize,
+    /// Block boundary after the last branch.
+    last_end: usize,
+}
+
+impl PathPlan {
+    fn new(sn: &Supernet, subnet: &Subnet) -> Result<PathPlan> {
+        let n = sn.spec.num_positions();
+        let path: Vec<(ModuleKey, usize)> = subnet
+            .steps()
+            .map(|k| (k, sn.spec.choice(k).map_or(1, |c| c.span)))
+            .collect();
+        let first = path
+            .iter()
+            .position(|(k, _)| k.choice != Choice::Original)
+            .ok_or_else(|| {
+                TrainError::Internal(format!("sampled subnet {subnet} uses no branch"))
+            })?;
+        let last_end = path
+            .iter()
+            .filter(|(k, _)| k.choice != Choice::Original)
+            .map(|(k, span)| k.pos + span)
+            .max()
+            .unwrap_or(n);
+        Ok(PathPlan {
+            path,
+            first,
+            last_end,
+        })
+    }
+}
+
+/// One optimisation step on the paths of a step, all on batch `(x, y)`; returns each path's
+/// loss. The losses are summed into one backward pass (gradients accumulate over the paths)
+/// and one optimizer step; each path's BN statistics are applied in path order. `sn` is the
+/// frozen, folded supernet of [`frozen_folded`]; branch weights come from `branches`.
 #[allow(clippy::too_many_arguments)]
 fn train_step(
     sn: &Supernet,
@@ -423,40 +639,112 @@ fn train_step(
     opt: &mut AdamW,
     config: &ElastifyConfig,
     stage: usize,
-    subnet: &Subnet,
+    paths: &[(Subnet, PathRole)],
     x: &Tensor,
     y: &Tensor,
     lr: f64,
-) -> Result<f64> {
+) -> Result<Vec<f64>> {
     let n = sn.spec.num_positions();
-    let path: Vec<(ModuleKey, usize)> = subnet
-        .steps()
-        .map(|k| (k, sn.spec.choice(k).map_or(1, |c| c.span)))
-        .collect();
-    let first = path
+    let plans: Vec<PathPlan> = paths
         .iter()
-        .position(|(k, _)| k.choice != Choice::Original)
-        .ok_or_else(|| TrainError::Internal(format!("sampled subnet {subnet} uses no branch")))?;
-    let last_end = path
-        .iter()
-        .filter(|(k, _)| k.choice != Choice::Original)
-        .map(|(k, span)| k.pos + span)
-        .max()
-        .unwrap_or(n);
+        .map(|(s, _)| PathPlan::new(sn, s))
+        .collect::<Result<_>>()?;
     // The frozen oracle's features at every block boundary needed (no variables involved:
-    // these carry no gradient).
-    let need = if stage == 0 { last_end } else { n };
+    // these carry no gradient), shared by the step's paths.
+    let need = if stage == 0 {
+        plans.iter().map(|p| p.last_end).max().unwrap_or(n)
+    } else {
+        n
+    };
     let mut teacher = vec![sn.forward_stem(x)?];
     for i in 0..need {
         let t = sn.forward_module(ModuleKey::new(i, Choice::Original), &teacher[i])?;
         teacher.push(t);
     }
-    // Up to the first branch the path is the oracle's: start from its feature.
-    let mut h = teacher[path[first].0.pos].clone();
-    let mut terms = Vec::new();
+    let t_logits = if stage == 1 {
+        Some(sn.forward_head(&teacher[n])?)
+    } else {
+        None
+    };
     let mut used: Vec<(ModuleKey, TrainCtx)> = Vec::new();
-    for &(key, span) in &path[first..] {
-        if stage == 0 && key.pos >= last_end {
+    let mut total: Option<Tensor> = None;
+    let mut values = Vec::with_capacity(paths.len());
+    let mut largest: Option<Tensor> = None;
+    for ((_, role), plan) in paths.iter().zip(&plans) {
+        let (h, terms) = forward_path(sn, branches, config, stage, plan, &teacher, &mut used)?;
+        let loss = match &t_logits {
+            None => {
+                let k = terms.len() as f64;
+                Tensor::stack(&terms, 0)
+                    .and_then(|t| t.sum_all())
+                    .and_then(|t| t.affine(1.0 / k, 0.0))?
+            }
+            Some(t_logits) => {
+                let logits = sn.forward_head(&h)?;
+                let t = config.temperature;
+                let loss = match (config.inplace_distill, role) {
+                    (InplaceDistill::Off, _) | (_, PathRole::Largest) => {
+                        let ce = cross_entropy(&logits, y)?;
+                        let kd = kd_loss(&logits, t_logits, t)?;
+                        (ce.affine(config.ce_weight, 0.0)?
+                            + kd.affine(1.0 - config.ce_weight, 0.0)?)?
+                    }
+                    (InplaceDistill::Oracle, _) => kd_loss(&logits, t_logits, t)?,
+                    (InplaceDistill::Largest, _) => {
+                        let teacher = largest.as_ref().ok_or_else(|| {
+                            TrainError::Internal(
+                                "in-place distillation without a largest path".into(),
+                            )
+                        })?;
+                        kd_loss(&logits, teacher, t)?
+                    }
+                };
+                if *role == PathRole::Largest {
+                    largest = Some(logits.detach());
+                }
+                loss
+            }
+        };
+        values.push(f64::from(loss.to_scalar::<f32>()?));
+        total = Some(match total {
+            None => loss,
+            Some(sum) => (sum + loss)?,
+        });
+    }
+    let total = total.ok_or_else(|| TrainError::Internal("a step without a path".into()))?;
+    let grads = total.backward()?;
+    // A branch on several paths is one set of variables: one update from its summed gradient.
+    let keys: BTreeSet<ModuleKey> = used.iter().map(|(k, _)| *k).collect();
+    let mut vars = Vec::new();
+    for key in &keys {
+        vars.extend(branches[key].named_vars(&key.name()));
+    }
+    opt.step(&vars, &grads, lr)?;
+    for (key, mut ctx) in used {
+        if let Some(m) = branches.get_mut(&key) {
+            m.apply(&mut ctx);
+        }
+    }
+    Ok(values)
+}
+
+/// The student forward of one path from its first branch: the feature at its end (stage 1)
+/// and, in stage 0, each branch's feature MSE against the oracle. The train-mode contexts of
+/// the branches it ran go to `used`.
+fn forward_path(
+    sn: &Supernet,
+    branches: &BTreeMap<ModuleKey, TrainModule>,
+    config: &ElastifyConfig,
+    stage: usize,
+    plan: &PathPlan,
+    teacher: &[Tensor],
+    used: &mut Vec<(ModuleKey, TrainCtx)>,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    // Up to the first branch the path is the oracle's: start from its feature.
+    let mut h = teacher[plan.path[plan.first].0.pos].clone();
+    let mut terms = Vec::new();
+    for &(key, span) in &plan.path[plan.first..] {
+        if stage == 0 && key.pos >= plan.last_end {
             break;
         }
         if key.choice == Choice::Original {
@@ -483,30 +771,7 @@ fn train_step(
             terms.push(mse(&h, &teacher[key.pos + span])?);
         }
     }
-    let loss = if stage == 0 {
-        let k = terms.len() as f64;
-        Tensor::stack(&terms, 0)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.affine(1.0 / k, 0.0))?
-    } else {
-        let logits = sn.forward_head(&h)?;
-        let t_logits = sn.forward_head(&teacher[n])?;
-        let ce = cross_entropy(&logits, y)?;
-        let kd = kd_loss(&logits, &t_logits, config.temperature)?;
-        (ce.affine(config.ce_weight, 0.0)? + kd.affine(1.0 - config.ce_weight, 0.0)?)?
-    };
-    let grads = loss.backward()?;
-    let mut vars = Vec::new();
-    for (key, _) in &used {
-        vars.extend(branches[key].named_vars(&key.name()));
-    }
-    opt.step(&vars, &grads, lr)?;
-    for (key, mut ctx) in used {
-        if let Some(m) = branches.get_mut(&key) {
-            m.apply(&mut ctx);
-        }
-    }
-    Ok(f64::from(loss.to_scalar::<f32>()?))
+    Ok((h, terms))
 }
 
 /// Stage-0 loss of `subnet` in eval mode on `x`: mean over its branches of the feature MSE
@@ -557,6 +822,7 @@ fn encode(
         "chacha8 per step from (seed, stage, step)".to_string(),
     );
     meta.insert("losses".to_string(), to_json(&cur.losses)?);
+    meta.insert("loss_windows".to_string(), to_json(&cur.windows)?);
     meta.insert("opt_steps".to_string(), to_json(&opt.steps)?);
     safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
         .map_err(|e| TrainError::Internal(format!("checkpoint serialisation: {e}")))
@@ -584,6 +850,7 @@ fn restore(
         step: num("step")?,
         samples: num("samples")?,
         losses: serde_json::from_str(&get("losses")?).map_err(|e| bad(e.to_string()))?,
+        windows: serde_json::from_str(&get("loss_windows")?).map_err(|e| bad(e.to_string()))?,
     };
     if cur.stage > 1 {
         return Err(bad(format!("stage {}", cur.stage)));
