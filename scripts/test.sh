@@ -38,6 +38,8 @@ echo "== no dataset constants"
 scripts/check-no-dataset-constants.sh
 echo "== no module cycles"
 python3 scripts/check-module-cycles.py
+echo "== no shared folder outside the repository"
+python3 scripts/check-no-outside-paths.py
 echo "== clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== tests"
@@ -99,3 +101,29 @@ AWS_ENDPOINT="http://127.0.0.1:$S3_PORT" AWS_ALLOW_HTTP=true AWS_REGION=us-east-
   AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test \
   ADAPTIVENET_S3_BUCKET=adaptivenet-test ADAPTIVENET_REQUIRE_S3=1 \
   cargo test -p adaptivenet-tests --test happy_path happy_path_on_s3 2>&1 | tee -a /tmp/adaptivenet-test.log
+echo "== plain clone (HEAD cloned into an empty directory: the path check and the tests that read fixtures, with nothing beside the clone)"
+# What a user who finds the repository gets: the committed tree only, no sibling folders, no
+# fixture variables. It shares the target directory, so only the workspace's own crates are
+# rebuilt (dependencies are reused). Cargo names their outputs by the path relative to the
+# workspace, so the clone's builds land where this checkout's do; it is the last step, so no
+# step above rebuilds after it, and files that differ from HEAD here are touched afterwards,
+# so the next build of this checkout recompiles them instead of reusing the clone's.
+(
+  CHECKOUT="$PWD"
+  CLONE_PARENT="$(mktemp -d)"
+  restore() {
+    rm -rf "$CLONE_PARENT"
+    cd "$CHECKOUT"
+    { git diff --name-only -z HEAD; git ls-files -z --others --exclude-standard; } \
+      | xargs -0 -r touch -c --
+  }
+  trap restore EXIT
+  if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
+    echo "note: uncommitted changes are not in the clone (it has HEAD, $(git rev-parse --short HEAD))"
+  fi
+  git clone --quiet "$CHECKOUT" "$CLONE_PARENT/adaptivenet"
+  cd "$CLONE_PARENT/adaptivenet"
+  python3 scripts/check-no-outside-paths.py
+  env -u ADAPTIVENET_FIXTURES cargo test --workspace \
+    --test parity --test weights --test pth_bomb --test oracle_verify 2>&1 | tee -a /tmp/adaptivenet-test.log
+)

@@ -14,7 +14,7 @@
 //!   search split and reported on test images at budgets 0.5 to 0.9 of the oracle's batch-1
 //!   latency (1 thread, two passes), beside the same candidates with untrained branches.
 //!   Lite0's space is too large to enumerate: the candidates are a seeded sample
-//!   stratified by a latency proxy, plus the oracle path. Its presets (`ACC_PRESET`):
+//!   stratified by latency predicted from a measured per-module table, plus the oracle path. Its presets (`ACC_PRESET`):
 //!   `quick` (2,300 train / 500 test images, 60 fine-tuning and 25 + 25 elastification
 //!   steps of batch 32, 12 candidates; minutes), `medium` (12,000 / 2,000, 700 and 500 + 500 steps, 60
 //!   candidates), `full` (all 60,000 / 10,000, 2,800 steps of 64 and 2,000 + 2,000, 160
@@ -22,7 +22,10 @@
 //!   `ACC_STAGE_STEPS`, `ACC_ROUNDS`, `ACC_TRAIN_THREADS` and `ACC_FRESH` apply as below;
 //!   `ACC_WORK_DIR` is the root holding `lite0-<preset>/` and the rendered images. BENCH keys:
 //!   `lite0_oracle_acc`, `lite0_retained_at_0_5` … `_0_9`, `lite0_untrained_at_0_6` / `_0_8`,
-//!   `lite0_finetune_samples_per_s`, `lite0_elastify_samples_per_s`.
+//!   `lite0_finetune_samples_per_s`, `lite0_elastify_samples_per_s`. With `ACC_BN_RECAL=1`
+//!   a `recal` column shows each chosen subnet with its branches' BN statistics re-estimated
+//!   on the search split, as `edge-agent --bn-recal branches` serves it
+//!   (`lite0_retained_at_0_6_bn_recal`, `lite0_retained_at_0_8_bn_recal`).
 //! * `ACC_PRESET=full|quick` (default `full`): `full` is the reference recipe (17-epoch
 //!   ResNet-20 oracle; 3,450 + 4,730 elastification steps of batch 128, the sample budget of
 //!   the PyTorch reference run in issue #4; 100 timed rounds);
@@ -1048,6 +1051,8 @@ fn main() -> Result<()> {
         Err(_) => threads::available(),
     };
     threads::set_max_threads(train_threads);
+    // As `cloud-server --threads` does: candle's own pool at the same size, before any op.
+    threads::size_candle_pool(train_threads);
     let model = std::env::var("ACC_MODEL").unwrap_or_else(|_| "resnet20".into());
     let dataset = std::env::var("ACC_DATASET");
     match model.as_str() {

@@ -18,6 +18,8 @@
 //! - [`state`]: atomic persistence of table, search result and active subnet.
 //! - [`client`]: the cloud client (enrollment, resumable supernet sync, aggregate reports).
 //! - [`plot`]: SVG plots of the persisted state (Pareto front, adaptation timeline).
+//! - [`evaluate`]: the plan checked against the labels of local data, on the device (the
+//!   chosen subnet as served, the oracle, the front's best by labels); never reported.
 //!
 //! Architecture invariants: local data never leaves this crate's process (only [`client`]
 //! does network I/O, and it sends aggregates only);
@@ -27,6 +29,7 @@ pub mod adapt;
 pub mod agent;
 pub mod client;
 pub mod error;
+pub mod evaluate;
 pub mod plot;
 pub mod profile;
 pub mod quality;

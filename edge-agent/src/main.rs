@@ -12,8 +12,10 @@ use adaptivenet_edge::profile::pin_threads;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use cli::args::{budget_specs, ProfileArgs, RunArgs, SearchArgs};
-use cli::commands::{demo_artifact, ensure_search, ensure_table, print_search, print_table};
+use cli::args::{budget_specs, EvaluateArgs, ProfileArgs, RunArgs, SearchArgs};
+use cli::commands::{
+    demo_artifact, ensure_search, ensure_table, evaluate, print_search, print_table,
+};
 use cli::source::open_source;
 
 /// Post-deployment architecture adaptation on the edge (AdaptiveNet).
@@ -44,6 +46,10 @@ enum Cmd {
     Search(SearchArgs),
     /// Profile and search if needed, then serve local data and adapt to live latency.
     Run(RunArgs),
+    /// Score the stored plan against the labels of local data, on this device: the chosen
+    /// subnet per budget as it serves, the oracle, and the front's best by labels (beside the
+    /// label-free agreement the search ranked by). Nothing is sent anywhere.
+    Evaluate(EvaluateArgs),
     /// Write an untrained ResNet-20 supernet artifact (development without a trained one).
     DemoArtifact {
         #[arg(long)]
@@ -80,6 +86,7 @@ fn main() {
         Cmd::Profile(p) => p.common.threads,
         Cmd::Search(s) => s.profile.common.threads,
         Cmd::Run(r) => r.search.profile.common.threads,
+        Cmd::Evaluate(e) => e.threads,
         Cmd::DemoArtifact { .. } | Cmd::Plot { .. } => 1,
     };
     pin_threads(threads);
@@ -108,6 +115,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Run(a) => cli::run::run(a),
+        Cmd::Evaluate(a) => evaluate(&a),
         Cmd::DemoArtifact { out, widths, seed } => demo_artifact(&out, &widths, seed),
         Cmd::Plot {
             state_dir,

@@ -527,7 +527,9 @@ fn rollouts(db: &str, database_url: Option<String>) {
         &good,
         vec![devices_step(&[&rig.devices[0].id])],
         pb::RolloutGates {
-            window_secs: 2,
+            // Long enough that step 0 is still in its window when the cloud is killed: a
+            // 2 s window was over before device 0 served B on a loaded CI host.
+            window_secs: 10,
             min_reports: 1,
             max_quality_drop_points: 100.0,
             max_budget_share_drop_points: 100.0,

@@ -7,8 +7,8 @@
 //! enumerate, so the candidates are a fixed, stratified sample of it: a seeded pool of
 //! random paths (sampled with several original-block weights so that short and long
 //! paths are common), from which the path closest to each of `candidates` evenly spaced
-//! values of a latency proxy (block and MAC fractions) is taken, plus the all-original
-//! path. Both columns choose among the same candidates by search-split accuracy (the
+//! values of its predicted latency (a measured batch-1 table of every module, as a device
+//! profiles one) is taken, plus the all-original path. Both columns choose among the same candidates by search-split accuracy (the
 //! ResNet table's protocol) and report on the test images.
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use adaptivenet_core::artifact::{load_supernet, read_manifest, write_artifact};
 use adaptivenet_core::data::{fashion_mnist, shuffled_indices, AugmentPolicy, Dataset, Normalize};
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::supernet::branches::build_supernet;
-use adaptivenet_core::supernet::{ModuleKey, Subnet, Supernet, SupernetConfig};
+use adaptivenet_core::supernet::{Choice, ModuleKey, Subnet, Supernet, SupernetConfig};
 use adaptivenet_kernels::threads;
 use adaptivenet_train::pipeline::split_validation;
 use adaptivenet_train::pipeline::TrainingData;
@@ -33,7 +33,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::{checkpoints, fresh, read_json, Log, SEED};
+use super::{checkpoints, env_flag, fresh, read_json, Log, SEED};
 
 const LITE0: &str = "efficientnet-lite0/efficientnet-lite0-57934424.pth";
 const BUDGETS: [f64; 5] = [0.5, 0.6, 0.7, 0.8, 0.9];
@@ -320,29 +320,99 @@ fn elastified(
     Ok((out.supernet, r))
 }
 
+/// Batch-1 latency table of a supernet, as an edge device profiles one: the stem plus head
+/// and every module on its input shape, each the median of interleaved rounds (1 thread).
+/// A path's predicted latency is the stem-and-head time plus its modules' times.
+struct ModuleTable {
+    fixed_ms: f64,
+    module_ms: BTreeMap<ModuleKey, f64>,
+}
+
+impl ModuleTable {
+    fn measure(sn: &Supernet, rounds: usize) -> Result<ModuleTable> {
+        let x = Tensor::randn(
+            0f32,
+            1.0,
+            (1, 3, SIDE as usize, SIDE as usize),
+            &Device::Cpu,
+        )?;
+        // Every position's input: the feature map the all-original path feeds it (a branch
+        // at a position sees the same shape).
+        let n = sn.spec.num_positions();
+        let mut inputs = vec![sn.forward_stem(&x)?];
+        for key in Subnet::original(n).steps() {
+            let next = sn.forward_module(key, inputs.last().expect("stem"))?;
+            inputs.push(next);
+        }
+        let keys: Vec<ModuleKey> = sn.modules.keys().copied().collect();
+        let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+            let t0 = Instant::now();
+            let y = f()?;
+            let _ = y.dims();
+            Ok(t0.elapsed().as_secs_f64() * 1e3)
+        };
+        let stem_head = || -> Result<Tensor> {
+            sn.forward_head(&inputs[n])?;
+            Ok(sn.forward_stem(&x)?)
+        };
+        let mut fixed = Vec::with_capacity(rounds);
+        let mut per: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); keys.len()];
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 0x7ab1e);
+        for round in 0..rounds + 1 {
+            order.shuffle(&mut rng);
+            let f = time(&stem_head)?;
+            for &k in &order {
+                let key = keys[k];
+                let ms = time(&|| Ok(sn.forward_module(key, &inputs[key.pos])?))?;
+                // Round 0 is the warm-up.
+                if round > 0 {
+                    per[k].push(ms);
+                }
+            }
+            if round > 0 {
+                fixed.push(f);
+            }
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Ok(ModuleTable {
+            fixed_ms: median(fixed),
+            module_ms: keys.into_iter().zip(per.into_iter().map(median)).collect(),
+        })
+    }
+
+    fn predict_ms(&self, s: &Subnet) -> f64 {
+        self.fixed_ms + s.steps().map(|k| self.module_ms[&k]).sum::<f64>()
+    }
+}
+
 /// The stratified candidate subnets (see the module docs); the all-original path first.
-/// The stratification key is a batch-1 latency proxy: the mean of the path's fraction of the
-/// oracle's blocks (per-block overhead dominates small inputs) and of its MACs; targets are
-/// spread evenly from the smallest key (at least 0.35) to 1.
-fn candidates(sn: &Supernet, k: usize) -> Result<Vec<Subnet>> {
+/// The stratification key is the path's latency predicted by a measured per-module table
+/// (a MAC or block-count proxy put 12 of 13 candidates above 0.9 of the oracle's measured
+/// latency on this family: per-block overheads and the depthwise convs do not scale with
+/// MACs). Targets are spread evenly over the predicted range, from the fastest path of the
+/// pool (at least 0.4 of the oracle) to the oracle.
+fn candidates(sn: &Supernet, table: &ModuleTable, k: usize) -> Result<Vec<Subnet>> {
     let n = sn.spec.num_positions();
     let oracle = Subnet::original(n);
-    let full = sn.spec.subnet_macs(&oracle)? as f64;
+    let full = table.predict_ms(&oracle);
     let mut rng = ChaCha8Rng::seed_from_u64(SEED ^ 0x11fe);
     let mut pool: BTreeMap<String, (Subnet, f64)> = BTreeMap::new();
-    for i in 0..6000 {
-        let w = [0.1, 0.25, 0.5, 1.0, 2.0, 4.0][i % 6];
+    for i in 0..20_000 {
+        let w = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0][i % 7];
         let s = sn.spec.sample_weighted(&mut rng, true, w)?;
-        let macs = sn.spec.subnet_macs(&s)? as f64 / full;
-        let blocks = s.steps().count() as f64 / n as f64;
-        pool.insert(s.to_string(), (s, 0.5 * (macs + blocks)));
+        let key = table.predict_ms(&s) / full;
+        pool.insert(s.to_string(), (s, key));
     }
     let mut pool: Vec<(Subnet, f64)> = pool.into_values().collect();
     let lo = pool
         .iter()
         .map(|c| c.1)
         .fold(f64::INFINITY, f64::min)
-        .max(0.35);
+        .max(0.4);
     let mut out = vec![oracle];
     for j in 0..k {
         let target = lo + (1.0 - lo) * j as f64 / k as f64;
@@ -530,11 +600,16 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
     let (mut trained, el_report) = elastified(&wd.join("supernet"), &p, &oracle, &data, &train)?;
     let cfg = SupernetConfig::from_names(&BRANCHES, SEED)?;
     let mut untrained = build_supernet(&oracle, &cfg)?;
+    // `ACC_BN_RECAL=1`: the unfolded weights, for recalibrating chosen subnets' branches.
+    let trained_unfolded = env_flag("ACC_BN_RECAL", false).then(|| trained.clone());
     trained.fold()?;
     untrained.fold()?;
     let sns = [&trained, &untrained];
 
-    let cands = candidates(&trained, p.candidates)?;
+    threads::set_max_threads(1);
+    let table = ModuleTable::measure(&trained, p.rounds)?;
+    threads::set_max_threads(train_threads);
+    let cands = candidates(&trained, &table, p.candidates)?;
     eprintln!(
         "{} candidates of {} subnets; search-split accuracy ...",
         cands.len(),
@@ -560,6 +635,31 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
         passes.push(latency_pass(&trained, &cands, &p, 31 + pass)?);
     }
     threads::set_max_threads(train_threads);
+    // How well the table predicted the measured latencies, and how the candidates spread
+    // over the budgets (a budget with no candidate under it reports `-`).
+    let rel_err: Vec<f64> = cands
+        .iter()
+        .zip(&passes[0])
+        .map(|(s, &ms)| (table.predict_ms(s) - ms).abs() / ms)
+        .collect();
+    let under: Vec<String> = BUDGETS
+        .iter()
+        .map(|b| {
+            let n = passes[0]
+                .iter()
+                .filter(|&&ms| ms <= b * passes[0][0])
+                .count();
+            format!("{b}: {n}")
+        })
+        .collect();
+    eprintln!(
+        "module table: stem+head {:.3} ms, {} modules; predicted vs measured: mean error {:.1}%, max {:.1}%; candidates within each budget: {}",
+        table.fixed_ms,
+        table.module_ms.len(),
+        100.0 * rel_err.iter().sum::<f64>() / rel_err.len() as f64,
+        100.0 * rel_err.iter().copied().fold(0.0, f64::max),
+        under.join(", ")
+    );
 
     let mut chosen: BTreeMap<(usize, &str, usize), Option<usize>> = BTreeMap::new();
     for (pass, lat) in passes.iter().enumerate() {
@@ -583,6 +683,37 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
     let accs = accuracies(&test_nets, &sns, &test, &normalize)?;
     let test_acc: BTreeMap<(usize, usize), f64> = need.iter().copied().zip(accs).collect();
     let oracle_acc = test_acc[&(0, 0)];
+    // As `edge-agent --bn-recal branches` serves them: each chosen trained subnet with its
+    // branches' BN statistics re-estimated on the search images (no labels), on test images.
+    let mut recal_acc: BTreeMap<usize, f64> = BTreeMap::new();
+    if let Some(un) = &trained_unfolded {
+        let t = eval_transform(&normalize);
+        let idx: Vec<usize> = (0..search.len()).collect();
+        let batches: Vec<Tensor> = idx
+            .chunks(100)
+            .map(|c| Ok(search.batch_tensor(c, &t, &Device::Cpu)?.0))
+            .collect::<Result<_>>()?;
+        let picks: BTreeSet<usize> = chosen
+            .iter()
+            .filter(|((_, m, _), _)| *m == "trained")
+            .filter_map(|(_, c)| *c)
+            .filter(|&i| cands[i].uses_branch())
+            .collect();
+        eprintln!(
+            "BN recalibration of {} chosen subnets' branches ...",
+            picks.len()
+        );
+        for i in picks {
+            let mut r = un.clone();
+            r.modules
+                .extend(un.recalibrate_bn(&cands[i], &batches, |c| c != Choice::Original)?);
+            r.fold()?;
+            recal_acc.insert(
+                i,
+                accuracies(&[(0, cands[i].clone())], &[&r], &test, &normalize)?[0],
+            );
+        }
+    }
 
     println!();
     println!(
@@ -603,7 +734,8 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
         el_report["samples_per_sec"].as_f64().unwrap_or(f64::NAN),
         el_report["modules"],
     );
-    let mut retained: BTreeMap<(usize, usize), (Option<f64>, Option<f64>)> = BTreeMap::new();
+    type Retained = (Option<f64>, Option<f64>, Option<f64>);
+    let mut retained: BTreeMap<(usize, usize), Retained> = BTreeMap::new();
     for (pass, lat) in passes.iter().enumerate() {
         println!();
         println!(
@@ -613,13 +745,14 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
             p.rounds
         );
         println!(
-            "{:>6} {:>8} | {:>18} {:>7} {:>7} {:>8} | {:>18} {:>8}",
+            "{:>6} {:>8} | {:>18} {:>7} {:>7} {:>8} {:>8} | {:>18} {:>8}",
             "budget",
             "limit ms",
             "subnet",
             "ms",
             "search",
             "retained",
+            "recal",
             "untrained subnet",
             "retained"
         );
@@ -628,16 +761,21 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
             let u = chosen[&(pass, "untrained", bi)];
             let r_t = t.map(|i| test_acc[&(0, i)] / oracle_acc);
             let r_u = u.map(|i| test_acc[&(1, i)] / oracle_acc);
-            retained.insert((pass, bi), (r_t, r_u));
+            // The oracle path has no branch to recalibrate: its accuracy stands.
+            let r_r = t
+                .filter(|_| trained_unfolded.is_some())
+                .map(|i| recal_acc.get(&i).copied().unwrap_or(test_acc[&(0, i)]) / oracle_acc);
+            retained.insert((pass, bi), (r_t, r_u, r_r));
             let pct = |r: Option<f64>| r.map_or("-".into(), |r| format!("{:.2}%", 100.0 * r));
             println!(
-                "{:>6.2} {:>8.3} | {:>18} {:>7} {:>7} {:>8} | {:>18} {:>8}",
+                "{:>6.2} {:>8.3} | {:>18} {:>7} {:>7} {:>8} {:>8} | {:>18} {:>8}",
                 b,
                 b * lat[0],
                 t.map_or("-".into(), |i| cands[i].to_string()),
                 t.map_or("-".into(), |i| format!("{:.3}", lat[i])),
                 t.map_or("-".into(), |i| format!("{:.1}%", 100.0 * an_search[i])),
                 pct(r_t),
+                pct(r_r),
                 u.map_or("-".into(), |i| cands[i].to_string()),
                 pct(r_u),
             );
@@ -663,6 +801,8 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
         "lite0_retained_at_0_9": at(0.9).0,
         "lite0_untrained_at_0_6": at(0.6).1,
         "lite0_untrained_at_0_8": at(0.8).1,
+        "lite0_retained_at_0_6_bn_recal": at(0.6).2,
+        "lite0_retained_at_0_8_bn_recal": at(0.8).2,
         "lite0_finetune_samples_per_s": ft_report["images_per_sec"],
         "lite0_elastify_samples_per_s": el_report["samples_per_sec"],
         "lite0_elastify_stage0_samples_per_s": el_report["stages"][0]["samples_per_sec"],

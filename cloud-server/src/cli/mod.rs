@@ -349,12 +349,20 @@ fn config(args: &Args) -> Config {
     c
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
-    match args.threads {
+/// Applies `--threads` to the kernels' cap and to candle's own pool (see
+/// [`threads::size_candle_pool`]). Runs before the async runtime and any tensor exists.
+pub fn apply_threads(args: &Args) -> anyhow::Result<()> {
+    let n = match args.threads {
         Some(0) => anyhow::bail!("--threads: 0 is not a thread count (give 1 or more)"),
-        Some(n) => threads::set_max_threads(n),
-        None => threads::set_max_threads(threads::available()),
-    }
+        Some(n) => n,
+        None => threads::available(),
+    };
+    threads::set_max_threads(n);
+    threads::size_candle_pool(n);
+    Ok(())
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
     let args = match args.cmd {
         Cmd::Client(c) => return client::run(c).await,
         Cmd::Oracle { cmd } => return oracle_cmd(cmd),

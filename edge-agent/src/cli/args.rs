@@ -8,6 +8,7 @@ use adaptivenet_edge::agent::policy_budgets;
 use adaptivenet_edge::client::BudgetPolicy;
 use adaptivenet_edge::quality::QualityMode;
 use adaptivenet_edge::search::{SearchConfig, Speedups};
+use adaptivenet_edge::serve::bn::{RecalScope, RecalSetting};
 use clap::Args;
 
 #[derive(Args, Clone)]
@@ -199,6 +200,51 @@ pub enum BnRecal {
     Auto,
     Branches,
     All,
+}
+
+impl BnRecal {
+    /// What the server applies: scope, and the guard's targets for `auto` (labels, or the
+    /// oracle's top-1 for a label-free agent).
+    pub fn setting(self, mode: QualityMode) -> Option<RecalSetting> {
+        let scope = match self {
+            BnRecal::Off => return None,
+            BnRecal::Branches => RecalScope::Branches,
+            BnRecal::All | BnRecal::Auto => RecalScope::All,
+        };
+        Some(RecalSetting {
+            scope,
+            guard: (self == BnRecal::Auto).then_some(mode),
+        })
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct EvaluateArgs {
+    /// The agent's state directory (its stored search result).
+    #[arg(long)]
+    pub state: PathBuf,
+    /// Supernet artifact directory (default: the supernet the agent last synced into --cache).
+    #[arg(long)]
+    pub artifact: Option<PathBuf>,
+    /// Local supernet cache of a cloud-mode agent (default: <state>/cache).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Labelled local data: an IDX directory or an ImageFolder tree (folders named by the
+    /// model's class names, or by class index).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The agent searched label-free (its `--bn-recal auto` guard used the oracle's top-1).
+    #[arg(long)]
+    pub label_free: bool,
+    /// The agent's `--bn-recal`, reproduced so the subnets are scored as they serve.
+    #[arg(long, value_enum, default_value_t = BnRecal::Off)]
+    pub bn_recal: BnRecal,
+    /// Tensor worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Print the result as one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn profile_config(a: &ProfileArgs) -> PlanConfig {

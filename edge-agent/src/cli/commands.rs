@@ -1,4 +1,5 @@
-//! The one-shot commands (`profile`, `search`, `demo-artifact`) and their printouts.
+//! The one-shot commands (`profile`, `search`, `evaluate`, `demo-artifact`) and their
+//! printouts.
 use std::path::Path;
 
 use adaptivenet_core::artifact::{write_artifact, InputSpec};
@@ -6,13 +7,15 @@ use adaptivenet_core::data::FASHION_MNIST_CLASSES;
 use adaptivenet_core::model::{ArchDescriptor, Model};
 use adaptivenet_core::supernet::{branches::build_supernet, SupernetConfig};
 use adaptivenet_edge::adapt::plan;
+use adaptivenet_edge::evaluate::{evaluate_plan, PlanEval};
 use adaptivenet_edge::profile::LatencyTable;
+use adaptivenet_edge::quality::{load_local_data, QualityMode};
 use adaptivenet_edge::serve::ArtifactSource;
 use adaptivenet_edge::state::{SearchRecord, StateDir};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::args::{plan_config, profile_config, ProfileArgs, SearchArgs};
+use super::args::{plan_config, profile_config, EvaluateArgs, ProfileArgs, SearchArgs};
 
 fn bar(len: u64, msg: &'static str) -> ProgressBar {
     let pb = ProgressBar::new(len);
@@ -107,6 +110,78 @@ pub fn print_search(rec: &SearchRecord) {
     println!("pareto front ({} points):", r.front.len());
     for c in &r.front {
         println!("  {} {:.3} ms {:.2}%", c.subnet, c.latency_ms, c.quality);
+    }
+}
+
+/// `edge-agent evaluate`: the stored plan scored against the labels of local data.
+pub fn evaluate(a: &EvaluateArgs) -> Result<()> {
+    let dir = match &a.artifact {
+        Some(d) => d.clone(),
+        None => {
+            let cache = a.cache.clone().unwrap_or_else(|| a.state.join("cache"));
+            adaptivenet_edge::client::sync::cached_current(&cache)
+                .map(|(_, d)| d)
+                .with_context(|| {
+                    format!(
+                        "no synced supernet in {} (give --artifact or --cache)",
+                        cache.display()
+                    )
+                })?
+        }
+    };
+    let src = ArtifactSource::open(&dir).context("opening the artifact")?;
+    let state = StateDir::new(&a.state);
+    let rec = state
+        .load_search(&src.manifest.supernet_id.to_string())?
+        .with_context(|| {
+            format!(
+                "no search result in {} (run `edge-agent search` or `run` first)",
+                a.state.display()
+            )
+        })?;
+    let data = load_local_data(&a.data, &src.manifest.input)?;
+    let mode = if a.label_free {
+        QualityMode::OracleAgreement
+    } else {
+        QualityMode::Labelled
+    };
+    let e = evaluate_plan(&src, &rec, &data, a.bn_recal.setting(mode))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&e)?);
+    } else {
+        print_evaluation(&e, mode);
+    }
+    Ok(())
+}
+
+fn print_evaluation(e: &PlanEval, mode: QualityMode) {
+    let what = match mode {
+        QualityMode::OracleAgreement => "agreement with the oracle",
+        QualityMode::Labelled => "labelled accuracy",
+    };
+    println!(
+        "{} labelled local images ({} of them scored by the search, by {what})",
+        e.images, e.search_images
+    );
+    println!("oracle accuracy {:.2}%", e.oracle_accuracy);
+    for b in &e.budgets {
+        let c = &b.chosen;
+        println!(
+            "budget {:.3} ms: chosen {} ({:.3} ms) search quality {:.2}%, agreement {:.2}%, accuracy {:.2}%, retained {:.3}",
+            b.budget_ms, c.subnet, c.latency_ms, c.search_quality, c.agreement, c.accuracy, b.retained
+        );
+        let p = &b.labelled_pick;
+        if p.subnet == c.subnet {
+            println!("  best of the front by labels: the same subnet");
+        } else {
+            println!(
+                "  best of the front by labels: {} ({:.3} ms) accuracy {:.2}% ({:+.2} points)",
+                p.subnet,
+                p.latency_ms,
+                p.accuracy,
+                p.accuracy - c.accuracy
+            );
+        }
     }
 }
 

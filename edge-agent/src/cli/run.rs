@@ -13,9 +13,9 @@ use adaptivenet_edge::adapt::{AdaptConfig, Controller};
 use adaptivenet_edge::agent::{Agent, AgentConfig, Applied, Replay, Resync};
 use adaptivenet_edge::client::{Serving, SyncOptions};
 use adaptivenet_edge::quality::{load_local_data, transform_for, QualityMode};
-use adaptivenet_edge::serve::bn::RecalScope;
+use adaptivenet_edge::serve::bn::{local_recalibration, RecalScope};
 use adaptivenet_edge::serve::grpc::{self, ApiConfig, InferenceService};
-use adaptivenet_edge::serve::{ArtifactSource, Recalibration, Server};
+use adaptivenet_edge::serve::{ArtifactSource, Server};
 use adaptivenet_edge::state::{ActiveRecord, StateDir};
 use anyhow::{bail, Context, Result};
 
@@ -214,36 +214,19 @@ fn recalibrate_bn(
     mode: QualityMode,
     bn_recal: BnRecal,
 ) -> Result<()> {
-    let scope = match bn_recal {
-        BnRecal::Off => return Ok(()),
-        BnRecal::Branches => RecalScope::Branches,
-        BnRecal::All | BnRecal::Auto => RecalScope::All,
+    let Some(setting) = bn_recal.setting(mode) else {
+        return Ok(());
     };
-    let (inputs, labels) = adaptivenet_edge::quality::search_batches(
-        &src.manifest.input,
-        data,
-        s.images,
-        250,
-        s.seed,
-    )?;
-    let guard = match (bn_recal, mode) {
-        (BnRecal::Auto, QualityMode::Labelled) => Some(labels),
-        (BnRecal::Auto, QualityMode::OracleAgreement) => Some(oracle_top1(src, &inputs)?),
-        _ => None,
-    };
-    let n: usize = inputs.iter().map(|x| x.dim(0).unwrap_or(0)).sum();
+    let recal = local_recalibration(src, data, s.images, s.seed, setting)?;
+    let n: usize = recal.inputs.iter().map(|x| x.dim(0).unwrap_or(0)).sum();
     let t0 = std::time::Instant::now();
-    server.set_recalibration(Recalibration {
-        inputs,
-        scope,
-        guard,
-    });
+    server.set_recalibration(recal);
     let rep = server
         .switch(start)
         .context("BN recalibration of the active subnet")?;
     println!(
         "BN recalibration ({}) of {start} on {n} local images: {:.0} ms{}",
-        if scope == RecalScope::All {
+        if setting.scope == RecalScope::All {
             "all modules"
         } else {
             "branches"
@@ -273,14 +256,4 @@ fn listen_token(a: &RunArgs) -> Result<Option<String>> {
         }
         None => None,
     })
-}
-
-/// The oracle's top-1 on each batch: the label-free targets of `--bn-recal auto`.
-fn oracle_top1(src: &ArtifactSource, inputs: &[candle_core::Tensor]) -> Result<Vec<Vec<u32>>> {
-    let oracle = Subnet::original(src.manifest.supernet_spec().num_positions());
-    let sn = src.load(Some(std::slice::from_ref(&oracle)))?;
-    inputs
-        .iter()
-        .map(|x| Ok(adaptivenet_edge::quality::top1(&sn.forward(&oracle, x)?)?))
-        .collect()
 }

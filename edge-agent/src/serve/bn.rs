@@ -16,11 +16,13 @@
 use std::collections::BTreeMap;
 
 use adaptivenet_core::artifact::load_supernet;
+use adaptivenet_core::data::Dataset;
 use adaptivenet_core::model::{fold::fold_params, Params};
 use adaptivenet_core::supernet::{Choice, ModuleKey, Subnet, Supernet};
 use candle_core::Tensor;
 
-use super::ArtifactSource;
+use super::{ArtifactSource, Recalibration};
+use crate::quality::{search_batches, top1, QualityMode};
 use crate::{EdgeError, Result};
 
 /// Module weights by module, as [`super::Server::switch_with`] takes them.
@@ -33,6 +35,50 @@ pub enum RecalScope {
     Branches,
     /// Every module on the path.
     All,
+}
+
+/// BN recalibration as an agent serves with it (`edge-agent run --bn-recal`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecalSetting {
+    pub scope: RecalScope,
+    /// `auto`: recalibrated statistics are kept only where they meet these targets at least
+    /// as often as the shipped ones (labels, or the oracle's top-1 for a label-free agent).
+    pub guard: Option<QualityMode>,
+}
+
+/// Batch of the recalibration images: the statistics are a plain average over batches, so
+/// whoever reproduces the served modules (`edge-agent evaluate`) must batch the same way.
+pub const RECAL_BATCH: usize = 250;
+
+/// The recalibration an agent sets on its server: the images its search scored (the first
+/// `images` of `ds` in the seeded shuffle, all with 0) and, for `auto`, the guard's targets.
+pub fn local_recalibration(
+    src: &ArtifactSource,
+    ds: &Dataset,
+    images: usize,
+    seed: u64,
+    setting: RecalSetting,
+) -> Result<Recalibration> {
+    let (inputs, labels) = search_batches(&src.manifest.input, ds, images, RECAL_BATCH, seed)?;
+    let guard = match setting.guard {
+        None => None,
+        Some(QualityMode::Labelled) => Some(labels),
+        Some(QualityMode::OracleAgreement) => {
+            let oracle = Subnet::original(src.manifest.supernet_spec().num_positions());
+            let sn = src.load(Some(std::slice::from_ref(&oracle)))?;
+            Some(
+                inputs
+                    .iter()
+                    .map(|x| top1(&sn.forward(&oracle, x)?))
+                    .collect::<Result<Vec<_>>>()?,
+            )
+        }
+    };
+    Ok(Recalibration {
+        inputs,
+        scope: setting.scope,
+        guard,
+    })
 }
 
 /// Stem, head and `subnet`'s modules as shipped, BN not folded (verified like every load).

@@ -6,6 +6,7 @@
 //! axpy (forward, grad-input) or dot product (grad-weight). On x86_64 the plane kernels are
 //! compiled twice and the AVX2+FMA copy is picked at run time.
 
+use crate::cpu::has_avx2_fma;
 use crate::gemm_path::with_col;
 use crate::geom::{valid_range, Geom};
 use crate::{threads, Activation};
@@ -306,18 +307,6 @@ mod avx {
     }
 }
 
-#[inline]
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 fn fwd_plane(
     x: &[f32],
     w: &[f32],
@@ -329,14 +318,14 @@ fn fwd_plane(
 ) {
     if use_wide(g) {
         #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
+        if has_avx2_fma() {
             // SAFETY: the CPU supports avx2 and fma (checked at run time).
             return unsafe { avx::fwd_plane_wide(x, w, b, act, g, out, buf) };
         }
         return fwd_plane_wide_impl(x, w, b, act, g, out, buf);
     }
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if has_avx2_fma() {
         // SAFETY: the CPU supports avx2 and fma (checked at run time).
         return unsafe { avx::fwd_plane(x, w, b, act, g, out) };
     }
@@ -346,14 +335,14 @@ fn fwd_plane(
 fn bwd_data_plane(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32], buf: &mut [f32]) {
     if use_wide(g) {
         #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
+        if has_avx2_fma() {
             // SAFETY: the CPU supports avx2 and fma (checked at run time).
             return unsafe { avx::bwd_data_plane_wide(go, w, g, gx, buf) };
         }
         return bwd_data_plane_wide_impl(go, w, g, gx, buf);
     }
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if has_avx2_fma() {
         // SAFETY: the CPU supports avx2 and fma (checked at run time).
         return unsafe { avx::bwd_data_plane(go, w, g, gx) };
     }
@@ -363,14 +352,14 @@ fn bwd_data_plane(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32], buf: &mut [f3
 fn bwd_filter_plane(x: &[f32], go: &[f32], g: &Geom, gw: &mut [f32], buf: &mut [f32]) {
     if use_wide(g) {
         #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
+        if has_avx2_fma() {
             // SAFETY: the CPU supports avx2 and fma (checked at run time).
             return unsafe { avx::bwd_filter_plane_wide(x, go, g, gw, buf) };
         }
         return bwd_filter_plane_wide_impl(x, go, g, gw, buf);
     }
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if has_avx2_fma() {
         // SAFETY: the CPU supports avx2 and fma (checked at run time).
         return unsafe { avx::bwd_filter_plane(x, go, g, gw) };
     }

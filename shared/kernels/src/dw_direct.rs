@@ -9,6 +9,7 @@
 //! whole output plane per tap (K*K reads and writes of the plane; a scalar gather for
 //! stride 2).
 
+use crate::cpu::has_avx2_fma;
 use crate::geom::Geom;
 use crate::Activation;
 
@@ -22,19 +23,7 @@ pub(crate) fn supported(g: &Geom) -> bool {
         && g.sh == g.sw
         && matches!(g.sh, 1 | 2)
         && (g.dh, g.dw) == (1, 1)
-        && has_avx2()
-}
-
-#[inline]
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+        && has_avx2_fma()
 }
 
 /// Scratch geometry of one plane.

@@ -1,8 +1,11 @@
 //! Inference-only entry points on pre-packed weights (no autograd, no candle custom op: the
 //! result is a plain tensor built from the output buffer).
 
+use std::mem::MaybeUninit;
+
 use candle_core::{Device, Storage, Tensor};
 
+use crate::direct::{self, Direct};
 use crate::geom::Geom;
 use crate::pointwise::{self, Pointwise, MR};
 use crate::storage::f32_slice;
@@ -37,22 +40,147 @@ fn with_opt<R>(
 
 /// Packs a 1×1 conv weight `[O, C, 1, 1]` (or a matrix `[O, C]`) for [`pointwise_packed`]:
 /// panels of 6 output channels, channel-major (`[ceil(O/6), C, 6]`, zero-padded). Done once
-/// per module when it is installed, not per call.
+/// per module when it is installed, not per call. Equal to [`pack_conv`] of the 1×1 weight.
 pub fn pack_pointwise(w: &Tensor) -> candle_core::Result<Tensor> {
-    let (o, c) = match *w.dims() {
-        [o, c] | [o, c, 1, 1] => (o, c),
-        ref d => {
-            return Err(KernelError::Shape(format!(
-                "pack_pointwise: weight shape {d:?}, expected [O, C, 1, 1]"
-            ))
-            .into())
-        }
-    };
+    match *w.dims() {
+        [o, c] => pack_conv(&w.reshape((o, c, 1, 1))?),
+        [_, _, 1, 1] => pack_conv(w),
+        ref d => Err(KernelError::Shape(format!(
+            "pack_pointwise: weight shape {d:?}, expected [O, C, 1, 1]"
+        ))
+        .into()),
+    }
+}
+
+/// Packs a conv weight `[O, C, KH, KW]` (one group) for [`conv_packed`]: panels of 6 output
+/// channels, (input channel, tap)-major (`[ceil(O/6), C*KH*KW, 6]`, zero-padded), the
+/// layout the 6×16 micro-kernel streams. Done once per module when it is installed.
+pub fn pack_conv(w: &Tensor) -> candle_core::Result<Tensor> {
+    let (o, c, kh, kw) = w.dims4()?;
+    let k = c * kh * kw;
     let w = w.contiguous()?;
-    let packed = with_f32(&w, "pack_pointwise", "weight", |s| {
-        Ok(pointwise::pack(s, o, c))
+    let packed = with_f32(&w, "pack_conv", "weight", |s| Ok(pointwise::pack(s, o, k)))?;
+    Tensor::from_vec(packed, (o.div_ceil(MR), k, MR), &Device::Cpu)
+}
+
+/// Checks the packed weight, bias and residual against the geometry.
+fn check_packed(
+    op: &'static str,
+    g: &Geom,
+    packed: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<()> {
+    let (o, k) = (g.o, g.k());
+    if packed.dims() != [o.div_ceil(MR), k, MR] {
+        return Err(KernelError::Shape(format!(
+            "{op}: packed weight shape {:?} does not fit {o} outputs x {k} inputs",
+            packed.dims()
+        ))
+        .into());
+    }
+    if let Some(b) = bias {
+        if b.dims() != [o] {
+            return Err(KernelError::Shape(format!(
+                "{op}: bias shape {:?}, expected [{o}]",
+                b.dims()
+            ))
+            .into());
+        }
+    }
+    if let Some(r) = residual {
+        let (n, o, oh, ow) = g.out_dims();
+        if r.dims() != [n, o, oh, ow] {
+            return Err(KernelError::Shape(format!(
+                "{op}: residual shape {:?}, expected [{n}, {o}, {oh}, {ow}]",
+                r.dims()
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f(x, packed, bias, residual, out)` on the f32 data of the operands into a new
+/// `[N, O, OH, OW]` tensor; `f` must write every element of `out`.
+fn run_packed(
+    op: &'static str,
+    g: &Geom,
+    x: &Tensor,
+    packed: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    f: impl FnOnce(&[f32], &[f32], Option<&[f32]>, Option<&[f32]>, &mut [MaybeUninit<f32>]),
+) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let residual = residual.map(Tensor::contiguous).transpose()?;
+    let len = g.n * g.out_img();
+    let out = with_f32(&x, op, "x", |xs| {
+        with_f32(packed, op, "packed weight", |ws| {
+            with_opt(bias, op, "bias", |bs| {
+                with_opt(residual.as_ref(), op, "residual", |rs| {
+                    // No zero-fill: the kernel stores every element exactly once.
+                    let mut out = Vec::with_capacity(len);
+                    f(xs, ws, bs, rs, &mut out.spare_capacity_mut()[..len]);
+                    // SAFETY: `f` initialised all `len` elements (its contract).
+                    unsafe { out.set_len(len) };
+                    Ok(out)
+                })
+            })
+        })
     })?;
-    Tensor::from_vec(packed, (o.div_ceil(MR), c, MR), &Device::Cpu)
+    Tensor::from_vec(out, g.out_dims(), &Device::Cpu)
+}
+
+/// Inference conv (one group, no dilation; any kernel, stride and per-side padding) on a
+/// [`pack_conv`]ed weight: `act(conv(x) + bias + residual)`, `x [N, C, H, W]`, `residual`
+/// shaped like the output, all fused in the micro-kernel's epilogue. A 1×1 stride-1
+/// unpadded conv runs the pointwise GEMM ([`pointwise_packed`]), anything else the direct
+/// conv (the input copied once into zero-padded stride phases, no im2col). `out_channels`
+/// and `kernel` (KH, KW) are those of the unpacked weight.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_packed(
+    x: &Tensor,
+    packed: &Tensor,
+    out_channels: usize,
+    kernel: (usize, usize),
+    bias: Option<&Tensor>,
+    p: &Conv2dParams,
+    act: Activation,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    const OP: &str = "conv_packed";
+    if p.groups != 1 || p.dilation != (1, 1) {
+        return Err(KernelError::Shape(format!(
+            "{OP}: groups {} / dilation {:?}: only one group without dilation",
+            p.groups, p.dilation
+        ))
+        .into());
+    }
+    let (n, c, h, w) = x.dims4()?;
+    let g = Geom::new((n, c, h, w), (out_channels, c, kernel.0, kernel.1), p)?;
+    check_packed(OP, &g, packed, bias, residual)?;
+    run_packed(OP, &g, x, packed, bias, residual, |xs, ws, bs, rs, out| {
+        if g.identity_1x1 {
+            let op = Pointwise {
+                x: xs,
+                w: ws,
+                bias: bs,
+                residual: rs,
+                act,
+            };
+            pointwise::forward(&op, &g, out);
+        } else {
+            let op = Direct {
+                x: xs,
+                w: ws,
+                bias: bs,
+                residual: rs,
+                act,
+            };
+            direct::forward(&op, &g, out);
+        }
+    })
 }
 
 /// Inference 1×1 conv (stride 1, no padding, one group) on a [`pack_pointwise`]ed weight:
@@ -68,52 +196,20 @@ pub fn pointwise_packed(
 ) -> candle_core::Result<Tensor> {
     const OP: &str = "pointwise_packed";
     let (n, c, h, w) = x.dims4()?;
-    let o = out_channels;
-    if packed.dims() != [o.div_ceil(MR), c, MR] {
-        return Err(KernelError::Shape(format!(
-            "{OP}: packed weight shape {:?} does not fit {o} outputs x {c} inputs",
-            packed.dims()
-        ))
-        .into());
-    }
-    if let Some(b) = bias {
-        if b.dims() != [o] {
-            return Err(KernelError::Shape(format!(
-                "{OP}: bias shape {:?}, expected [{o}]",
-                b.dims()
-            ))
-            .into());
-        }
-    }
-    if let Some(r) = residual {
-        if r.dims() != [n, o, h, w] {
-            return Err(KernelError::Shape(format!(
-                "{OP}: residual shape {:?}, expected [{n}, {o}, {h}, {w}]",
-                r.dims()
-            ))
-            .into());
-        }
-    }
-    let g = Geom::new((n, c, h, w), (o, c, 1, 1), &Conv2dParams::default())?;
-    let x = x.contiguous()?;
-    let residual = residual.map(Tensor::contiguous).transpose()?;
-    let out = with_f32(&x, OP, "x", |xs| {
-        with_f32(packed, OP, "packed weight", |ws| {
-            with_opt(bias, OP, "bias", |bs| {
-                with_opt(residual.as_ref(), OP, "residual", |rs| {
-                    let mut out = vec![0f32; n * o * h * w];
-                    let op = Pointwise {
-                        x: xs,
-                        w: ws,
-                        bias: bs,
-                        residual: rs,
-                        act,
-                    };
-                    pointwise::forward(&op, &g, &mut out);
-                    Ok(out)
-                })
-            })
-        })
-    })?;
-    Tensor::from_vec(out, (n, o, h, w), &Device::Cpu)
+    let g = Geom::new(
+        (n, c, h, w),
+        (out_channels, c, 1, 1),
+        &Conv2dParams::default(),
+    )?;
+    check_packed(OP, &g, packed, bias, residual)?;
+    run_packed(OP, &g, x, packed, bias, residual, |xs, ws, bs, rs, out| {
+        let op = Pointwise {
+            x: xs,
+            w: ws,
+            bias: bs,
+            residual: rs,
+            act,
+        };
+        pointwise::forward(&op, &g, out);
+    })
 }

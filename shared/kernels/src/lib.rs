@@ -11,11 +11,14 @@
 //!   run im2col + [`gemm`]; depthwise (`groups == C == O`) runs a direct kernel.
 //! * [`conv2d_fused`]: inference-only conv + bias + [`Activation`] (ReLU, ReLU6), the bias and
 //!   activation applied while the output tile is cache-hot.
+//! * [`pack_conv`] + [`conv_packed`] (and the 1x1 [`pack_pointwise`] + [`pointwise_packed`]):
+//!   inference on a weight packed once when a module is installed, with bias, activation and
+//!   a residual add fused into the micro-kernel's epilogue.
 //! * [`fold_bn`]: folds eval-mode BatchNorm into the preceding conv's weight and bias.
 //! * [`max_pool2d`]: any kernel/stride, `-inf` padding like PyTorch, with backward.
 //! * [`global_avg_pool`]: `[N, C, H, W] -> [N, C]`, with backward.
 //! * [`batch_norm_train`]: train-mode BatchNorm (batch statistics) as one op with a fused
-//!   backward; [`relu`] and [`add_relu`] (residual join) with one-pass backward.
+//!   backward; [`relu`], [`relu6`] and [`add_relu`] (residual join) with one-pass backward.
 //! * [`sgd_update`]: in-place SGD step (momentum, Nesterov, weight decay), bit-identical to
 //!   the candle composition.
 //! * [`threads`]: thread policy; [`threads::current`] must be recorded with every latency.
@@ -47,6 +50,11 @@
 //! * `src/pointwise.rs`, `src/infer.rs`: [`pack_pointwise`] and [`pointwise_packed`], the
 //!   inference 1x1 conv as a direct GEMM on a pre-packed weight with bias, activation and
 //!   residual add fused (`tests/mbconv.rs` checks both against candle).
+//! * `src/direct.rs`, `src/infer.rs`: [`pack_conv`] and [`conv_packed`], the inference conv
+//!   for any kernel size and stride (ResNet's 3x3, strided 1x1 shortcuts, stems) on the same
+//!   packed layout and micro-kernel: the input copied once into zero-padded stride phases,
+//!   no im2col, bias, activation and residual add fused (`tests/direct.rs`).
+//! * `src/cpu.rs`: the one run-time AVX2 + FMA check every SIMD kernel dispatches on.
 //! * `src/pool.rs`: max-pool and global average pool ops.
 //! * `src/bn.rs`: BatchNorm folding (computed in f64); `src/bn_train.rs`: train-mode BN.
 //! * `src/eltwise.rs`: ReLU and add + ReLU with their backward.
@@ -58,6 +66,8 @@
 //! * `tests/grads.rs`: gradients against central finite differences for every op, and
 //!   multi-threaded paths against single-threaded ones; `tests/common/`: helpers.
 //! * `benches/ops.rs`: `cargo bench -p adaptivenet-kernels --bench ops`, ours vs candle.
+//! * `benches/packed.rs`: `cargo bench --bench packed`, the packed direct conv vs im2col +
+//!   GEMM per conv shape of ResNet-20 (batch 1 and 100) and ResNet-18, by thread CPU time.
 //!
 //! # Thread policy
 //!
@@ -122,7 +132,9 @@ pub mod alloc;
 mod bn;
 mod bn_train;
 mod conv;
+mod cpu;
 mod depthwise;
+mod direct;
 mod dw_direct;
 mod eltwise;
 mod gemm_path;
@@ -138,8 +150,8 @@ use candle_core::{DType, Tensor};
 
 pub use bn::fold_bn;
 pub use bn_train::batch_norm_train;
-pub use eltwise::{add_relu, relu};
-pub use infer::{pack_pointwise, pointwise_packed};
+pub use eltwise::{add_relu, relu, relu6};
+pub use infer::{conv_packed, pack_conv, pack_pointwise, pointwise_packed};
 pub use optim::{sgd_update, SgdParams};
 
 /// Activation fused into [`conv2d_fused`].

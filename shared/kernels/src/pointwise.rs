@@ -9,6 +9,9 @@
 //! Bias, activation and the residual add are applied to the tile in registers before its only
 //! store: no zero-fill, no second pass over the output.
 
+use std::mem::MaybeUninit;
+
+use crate::cpu::has_avx2_fma;
 use crate::geom::Geom;
 use crate::{threads, Activation};
 
@@ -40,18 +43,6 @@ pub fn pack(w: &[f32], o: usize, c: usize) -> Vec<f32> {
     out
 }
 
-/// Whether the direct kernel runs on this CPU (else callers keep the GEMM-crate path).
-pub(crate) fn supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// The operands of one pointwise conv call.
 pub(crate) struct Pointwise<'a> {
     pub x: &'a [f32],
@@ -62,19 +53,19 @@ pub(crate) struct Pointwise<'a> {
     pub act: Activation,
 }
 
-/// Runs the conv of geometry `g` (1×1, stride 1, unpadded, one group) into `out [N, O, P]`
-/// (a portable loop where [`supported`] is false).
-pub(crate) fn forward(op: &Pointwise<'_>, g: &Geom, out: &mut [f32]) {
+/// Runs the conv of geometry `g` (1×1, stride 1, unpadded, one group) into `out [N, O, P]`,
+/// writing every element (a portable loop where [`has_avx2_fma`] is false).
+pub(crate) fn forward(op: &Pointwise<'_>, g: &Geom, out: &mut [MaybeUninit<f32>]) {
     let (c, o, p) = (g.c, g.o, g.p());
     assert!(g.identity_1x1 && g.groups == 1);
-    let fast = supported();
+    let fast = has_avx2_fma();
     assert!(op.x.len() >= g.n * c * p && out.len() >= g.n * o * p);
     assert!(op.w.len() >= packed_len(o, c));
     assert!(op.bias.is_none_or(|b| b.len() >= o));
     assert!(op.residual.is_none_or(|r| r.len() >= g.n * o * p));
     let t = threads::for_flops(g.flops());
     let np = o.div_ceil(MR);
-    let outp = SendPtr(out.as_mut_ptr());
+    let outp = SendPtr(out.as_mut_ptr().cast::<f32>());
     // Image `i`, output rows of `panels`. Workers write disjoint rows (or images) through
     // the raw pointer; every row they store lies in `out` (lengths asserted above).
     let image = |i: usize, panels: std::ops::Range<usize>| {
@@ -87,7 +78,7 @@ pub(crate) fn forward(op: &Pointwise<'_>, g: &Geom, out: &mut [f32]) {
             return unsafe { image_portable(xi, op.w, op.bias, ri, op.act, dims, dst, panels) };
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `supported` checked avx2 + fma; operand lengths asserted above.
+        // SAFETY: `has_avx2_fma` checked avx2 + fma; operand lengths asserted above.
         unsafe {
             avx::image(xi, op.w, op.bias, ri, op.act, dims, dst, panels)
         };
@@ -121,9 +112,7 @@ unsafe fn image_portable(
 ) {
     for pi in panels {
         for row in pi * MR..(pi * MR + MR).min(o) {
-            // SAFETY: row `row` of the `O x P` output (caller's contract).
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.add(row * p), p) };
-            dst.fill(bias.map_or(0.0, |b| b[row]));
+            let mut dst = vec![bias.map_or(0.0, |b| b[row]); p];
             for k in 0..c {
                 let a = w[pi * MR * c + k * MR + row - pi * MR];
                 for (d, v) in dst.iter_mut().zip(&x[k * p..][..p]) {
@@ -140,6 +129,8 @@ unsafe fn image_portable(
                 Activation::Relu => dst.iter_mut().for_each(|v| *v = v.max(0.0)),
                 Activation::Relu6 => dst.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
             }
+            // SAFETY: row `row` of the `O x P` output (caller's contract).
+            unsafe { std::ptr::copy_nonoverlapping(dst.as_ptr(), out.add(row * p), p) };
         }
     }
 }

@@ -84,6 +84,32 @@ pub fn set_max_threads(n: usize) {
     }
 }
 
+/// Environment variable candle reads, once, to size its own thread pool.
+pub const CANDLE_VAR: &str = "CANDLE_NUM_THREADS";
+
+/// Sizes candle's own pool to `n` threads unless [`CANDLE_VAR`] is already set, and returns
+/// the size in force.
+///
+/// candle's element-wise ops (its binary and unary maps: what ops this crate does not replace
+/// run on) use candle's barrier pool, sized once on first use from [`CANDLE_VAR`], else from
+/// the physical core count, whatever this crate's cap says; its threads spin while they wait
+/// for each other. In a 1-thread Lite0 fine-tune on a loaded 2-vCPU host, 38 % of the samples
+/// were that spinning (the caller in candle's `BarrierGuard::drop`, the worker in its wait
+/// loop). Call at program start, before the first tensor op and before other threads exist
+/// (it sets an environment variable).
+pub fn size_candle_pool(n: usize) -> usize {
+    if let Some(set) = std::env::var(CANDLE_VAR)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&v| v > 0)
+    {
+        return set;
+    }
+    let n = n.max(1);
+    std::env::set_var(CANDLE_VAR, n.to_string());
+    n
+}
+
 /// Per-op FLOP threshold: ops with less work run single-threaded.
 pub fn flop_threshold() -> u64 {
     FLOP_THRESHOLD.load(Ordering::Relaxed)

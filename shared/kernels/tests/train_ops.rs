@@ -3,7 +3,9 @@
 
 mod common;
 
-use adaptivenet_kernels::{add_relu, batch_norm_train, relu, sgd_update, threads, SgdParams};
+use adaptivenet_kernels::{
+    add_relu, batch_norm_train, relu, relu6, sgd_update, threads, SgdParams,
+};
 use candle_core::{DType, Device, Tensor, Var, D};
 use common::*;
 
@@ -191,6 +193,45 @@ fn relu_and_add_relu_match_candle_including_zeros() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("add_relu") && e.contains("differ"), "{e}");
+}
+
+#[test]
+fn relu6_matches_candle_clamp_including_both_bounds() {
+    let mut rng = Rng::new(11);
+    // A grid of quarters over [-8, 8): exact 0 and 6 (ties with both bounds) occur.
+    let x = (rng.tensor(&[2, 4, 9, 9], 8.0) * 4.0)
+        .unwrap()
+        .round()
+        .unwrap()
+        .affine(0.25, 0.0)
+        .unwrap();
+    let vals = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(vals.contains(&0.0) && vals.contains(&6.0) && vals.iter().any(|&v| v > 6.0));
+    let r = rng.tensor(&[2, 4, 9, 9], 1.0);
+    let run = |ours: bool| {
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = if ours {
+            relu6(xv.as_tensor()).unwrap()
+        } else {
+            xv.as_tensor().clamp(0f32, 6f32).unwrap()
+        };
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, g.get(xv.as_tensor()).unwrap().clone())
+    };
+    let ((y1, g1), (y2, g2)) = (run(true), run(false));
+    assert_eq!(max_abs_diff(&y1, &y2), 0.0, "forward");
+    assert_eq!(max_abs_diff(&g1, &g2), 0.0, "gradient");
+    // The tie rule is really exercised: half the upstream gradient at 0 and at 6.
+    let (g, rv) = (
+        g1.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        r.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    let i = vals.iter().position(|&v| v == 6.0).unwrap();
+    assert_eq!(g[i], rv[i] / 2.0);
+    let e = relu6(&x.to_dtype(DType::F64).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("relu6"), "{e}");
 }
 
 #[test]

@@ -1,10 +1,12 @@
 //! Eval-time BatchNorm folding: every conv/BN pair becomes one conv with a bias, so inference
 //! runs one fused conv + bias + activation kernel per layer instead of three passes.
 //!
-//! Folded [`Params`] drop the BN tensors and gain `{conv}.bias` (and, for 1x1 convs, the
-//! GEMM-packed weight `{conv}.packed`, see [`packed_name`]); the forward functions notice
-//! the missing BN and take the fused path, so folded and unfolded modules share one forward
-//! implementation (and the folded oracle equals the folded all-original subnet bit for bit).
+//! Folded [`Params`] drop the BN tensors and gain `{conv}.bias` and the micro-kernel-packed
+//! weight `{conv}.packed` (see [`packed_name`]); the forward functions notice the missing BN
+//! and take the fused path (a 1x1 conv the pointwise GEMM, any other one-group conv the
+//! direct conv, both with bias, activation and residual add in the epilogue), so folded and
+//! unfolded modules share one forward implementation (and the folded oracle equals the
+//! folded all-original subnet bit for bit).
 use super::Params;
 use crate::Result;
 
@@ -23,10 +25,24 @@ pub fn conv_of_bn(bn: &str) -> Option<String> {
     bn.strip_prefix("bn").map(|n| format!("conv{n}"))
 }
 
-/// Name of the pre-packed form of a folded 1x1 conv's weight (`{conv}.packed`): packed once
-/// here, when a module is installed for inference, so the pointwise GEMM never packs per call.
+/// Name of the pre-packed form of a folded conv's weight (`{conv}.packed`, see
+/// [`adaptivenet_kernels::pack_conv`]): packed once here, when a module is installed for
+/// inference, so no conv packs or builds an im2col matrix per call. Depthwise weights
+/// (`[C, 1, K, K]`) fall below [`MIN_PACKED_REDUCTION`] and are not packed.
 pub fn packed_name(conv: &str) -> String {
     format!("{conv}.packed")
+}
+
+/// Reductions (`C * KH * KW`) below which a KxK conv keeps the im2col + GEMM path: with so
+/// few steps per tile the direct conv's per-tile epilogue and per-call scratch outweigh
+/// the im2col it saves (measured, `cargo bench --bench packed`: a 3x3 1->16 stem at 28x28
+/// ran 0.66x, 4->16 0.94x, 16->16 1.18x). 1x1 convs always pack (the pointwise GEMM).
+const MIN_PACKED_REDUCTION: usize = 64;
+
+/// Whether a folded conv weight `[O, C, KH, KW]` gets a packed form.
+fn packs(w: &candle_core::Tensor) -> Result<bool> {
+    let (_, c, kh, kw) = w.dims4()?;
+    Ok(kh * kw == 1 || c * kh * kw >= MIN_PACKED_REDUCTION)
 }
 
 /// Whether a module's params are already folded (no BN statistics left).
@@ -56,11 +72,8 @@ pub fn fold_params(p: &Params, eps: f64) -> Result<Params> {
             continue;
         };
         let (wf, bf) = adaptivenet_kernels::fold_bn(w, None, g, b, m, v, eps)?;
-        if let [_, _, 1, 1] = wf.dims() {
-            out.insert(
-                packed_name(&conv),
-                adaptivenet_kernels::pack_pointwise(&wf)?,
-            );
+        if packs(&wf)? {
+            out.insert(packed_name(&conv), adaptivenet_kernels::pack_conv(&wf)?);
         }
         out.insert(w_name, wf);
         out.insert(format!("{conv}.bias"), bf);

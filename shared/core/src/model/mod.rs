@@ -70,13 +70,13 @@ fn conv_bn(
     act: Option<Act>,
     train: &mut Option<&mut TrainCtx>,
 ) -> Result<Tensor> {
+    if let Some(y) = packed_folded(x, p, conv, stride, groups, num, act, None, train)? {
+        return Ok(y);
+    }
     let w = get(p, &format!("{conv}.weight"))?;
     let (_, _, h, wd) = x.dims4()?;
     let k = w.dim(2)?;
     let pad = num.pad(h, wd, k, stride);
-    if let Some(y) = pointwise_folded(x, p, conv, stride, groups, act, None, train)? {
-        return Ok(y);
-    }
     let Some(g) = p.get(&format!("{bn}.weight")) else {
         if train.is_some() {
             return Err(CoreError::InvalidConfig {
@@ -117,35 +117,73 @@ fn conv_bn(
     }
 }
 
-/// The inference fast path of a folded, pre-packed 1x1 conv (see [`fold::packed_name`]):
-/// `act(conv(x) + bias + residual)` in one GEMM with the bias, activation and residual add in
-/// its epilogue. `None` when it does not apply (training, gradients, stock candle ops, not a
-/// packed stride-1 1x1 conv): the caller then takes the general path.
+/// Whether [`packed_folded`] runs `conv` on `x`: inference (no training, no gradient, not
+/// stock candle) on a folded, packed one-group conv.
+fn packed_applies(
+    x: &Tensor,
+    p: &Params,
+    conv: &str,
+    groups: usize,
+    train: &Option<&mut TrainCtx>,
+) -> bool {
+    train.is_none()
+        && groups == 1
+        && !x.track_op()
+        && !ops::stock_candle()
+        && p.contains_key(&fold::packed_name(conv))
+        && p.contains_key(&format!("{conv}.bias"))
+}
+
+/// The inference fast path of a folded, pre-packed conv (see [`fold::packed_name`]):
+/// `act(conv(x) + bias + residual)` in one kernel with the bias, activation and residual add
+/// in its epilogue (1x1 stride 1: the pointwise GEMM; else the direct conv, no im2col).
+/// `None` when it does not apply (see [`packed_applies`]; a residual that carries a
+/// gradient): the caller then takes the general path.
 #[allow(clippy::too_many_arguments)]
-fn pointwise_folded(
+fn packed_folded(
     x: &Tensor,
     p: &Params,
     conv: &str,
     stride: usize,
     groups: usize,
+    num: &Numerics,
     act: Option<Act>,
     residual: Option<&Tensor>,
     train: &Option<&mut TrainCtx>,
 ) -> Result<Option<Tensor>> {
-    if train.is_some() || stride != 1 || groups != 1 || x.track_op() || ops::stock_candle() {
+    if !packed_applies(x, p, conv, groups, train) || residual.is_some_and(Tensor::track_op) {
         return Ok(None);
     }
-    if residual.is_some_and(Tensor::track_op) {
+    let packed = get(p, &fold::packed_name(conv))?;
+    let bias = get(p, &format!("{conv}.bias"))?;
+    let (o, _, kh, kw) = get(p, &format!("{conv}.weight"))?.dims4()?;
+    let (_, _, h, w) = x.dims4()?;
+    let pad = num.pad(h, w, kh, stride);
+    if kh == 1 && kw == 1 && stride == 1 && pad == (0, 0, 0, 0) {
+        return ops::pointwise_packed(x, packed, o, bias, act, residual).map(Some);
+    }
+    ops::conv_packed(x, packed, o, (kh, kw), bias, stride, pad, act, residual).map(Some)
+}
+
+/// Folded inference of a residual block's last conv and its join: `act(conv(y) + bias +
+/// shortcut(x))` with the join in the conv's epilogue (no separate add + activation pass).
+/// `None` when the packed path does not apply to `conv`.
+#[allow(clippy::too_many_arguments)]
+fn join_folded(
+    x: &Tensor,
+    y: &Tensor,
+    p: &Params,
+    conv: &str,
+    proj: bool,
+    stride: usize,
+    num: &Numerics,
+    t: &mut Option<&mut TrainCtx>,
+) -> Result<Option<Tensor>> {
+    if !packed_applies(y, p, conv, 1, t) {
         return Ok(None);
     }
-    let (Some(packed), Some(bias)) = (
-        p.get(&fold::packed_name(conv)),
-        p.get(&format!("{conv}.bias")),
-    ) else {
-        return Ok(None);
-    };
-    let o = get(p, &format!("{conv}.weight"))?.dim(0)?;
-    ops::pointwise_packed(x, packed, o, bias, act, residual).map(Some)
+    let sc = shortcut(x, p, proj, stride, num, t)?;
+    packed_folded(y, p, conv, 1, 1, num, Some(num.act), Some(&sc), t)
 }
 
 /// Runs the stem.
@@ -186,12 +224,18 @@ pub fn block_forward(
     match *spec {
         BlockSpec::Basic { stride, proj, .. } => {
             let y = conv_bn(x, p, "conv1", "bn1", stride, 1, num, Some(num.act), t)?;
+            if let Some(out) = join_folded(x, &y, p, "conv2", proj, stride, num, t)? {
+                return Ok(out);
+            }
             let y = conv_bn(&y, p, "conv2", "bn2", 1, 1, num, None, t)?;
             residual_out(x, y, p, proj, stride, num, t)
         }
         BlockSpec::Bottleneck { stride, proj, .. } => {
             let y = conv_bn(x, p, "conv1", "bn1", 1, 1, num, Some(num.act), t)?;
             let y = conv_bn(&y, p, "conv2", "bn2", stride, 1, num, Some(num.act), t)?;
+            if let Some(out) = join_folded(x, &y, p, "conv3", proj, stride, num, t)? {
+                return Ok(out);
+            }
             let y = conv_bn(&y, p, "conv3", "bn3", 1, 1, num, None, t)?;
             residual_out(x, y, p, proj, stride, num, t)
         }
@@ -230,7 +274,8 @@ pub fn block_forward(
             )?;
             if residual {
                 // Folded inference: the residual add runs in the projection's epilogue.
-                if let Some(y) = pointwise_folded(&h, p, "project.conv", 1, 1, None, Some(x), t)? {
+                if let Some(y) = packed_folded(&h, p, "project.conv", 1, 1, num, None, Some(x), t)?
+                {
                     return Ok(y);
                 }
             }
@@ -244,8 +289,7 @@ pub fn block_forward(
     }
 }
 
-/// ResNet block output: `act(y + shortcut(x))`, the shortcut a 1x1 conv+BN projection
-/// (`downsample.0/1`) when the block changes shape, else the identity.
+/// ResNet block output: `act(y + shortcut(x))`.
 fn residual_out(
     x: &Tensor,
     y: Tensor,
@@ -255,22 +299,34 @@ fn residual_out(
     num: &Numerics,
     t: &mut Option<&mut TrainCtx>,
 ) -> Result<Tensor> {
-    let sc = if proj {
-        conv_bn(
-            x,
-            p,
-            "downsample.0",
-            "downsample.1",
-            stride,
-            1,
-            num,
-            None,
-            t,
-        )?
-    } else {
-        x.clone()
-    };
+    let sc = shortcut(x, p, proj, stride, num, t)?;
     ops::add_act(&y, &sc, num.act)
+}
+
+/// A ResNet block's shortcut: a 1x1 conv+BN projection (`downsample.0/1`) when the block
+/// changes shape, else the identity.
+fn shortcut(
+    x: &Tensor,
+    p: &Params,
+    proj: bool,
+    stride: usize,
+    num: &Numerics,
+    t: &mut Option<&mut TrainCtx>,
+) -> Result<Tensor> {
+    if !proj {
+        return Ok(x.clone());
+    }
+    conv_bn(
+        x,
+        p,
+        "downsample.0",
+        "downsample.1",
+        stride,
+        1,
+        num,
+        None,
+        t,
+    )
 }
 
 /// Runs the head: [1x1 conv-BN-act] → global average pool → linear (dropout is eval-identity).

@@ -132,6 +132,34 @@ pub fn pointwise_packed(
     )?)
 }
 
+/// Inference conv (one group, any kernel, stride and per-side padding) on a weight packed
+/// by [`adaptivenet_kernels::pack_conv`] (BN folded): `act(conv(x) + bias + residual)` in
+/// one kernel, no im2col. `out_channels` and `kernel` are the unpacked weight's. Not
+/// differentiable.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_packed(
+    x: &Tensor,
+    packed: &Tensor,
+    out_channels: usize,
+    kernel: (usize, usize),
+    bias: &Tensor,
+    stride: usize,
+    pad: (usize, usize, usize, usize),
+    act: Option<Act>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    Ok(adaptivenet_kernels::conv_packed(
+        x,
+        packed,
+        out_channels,
+        kernel,
+        Some(bias),
+        &kernel_params(stride, pad, 1),
+        kernel_act(act),
+        residual,
+    )?)
+}
+
 fn kernel_act(act: Option<Act>) -> adaptivenet_kernels::Activation {
     use adaptivenet_kernels::Activation;
     match act {
@@ -224,13 +252,13 @@ fn batch_norm_train_stock(
     Ok((y.contiguous()?, new_mean, new_var))
 }
 
-/// Activation; ReLU on f32 runs the kernels crate's op (one-pass backward).
+/// Activation; ReLU and ReLU6 on f32 run the kernels crate's ops (one-pass backward).
 pub fn activation(x: &Tensor, act: Act) -> Result<Tensor> {
+    let ours = !stock_candle() && x.dtype() == candle_core::DType::F32;
     Ok(match act {
-        Act::Relu if !stock_candle() && x.dtype() == candle_core::DType::F32 => {
-            adaptivenet_kernels::relu(x)?
-        }
+        Act::Relu if ours => adaptivenet_kernels::relu(x)?,
         Act::Relu => x.relu()?,
+        Act::Relu6 if ours => adaptivenet_kernels::relu6(x)?,
         Act::Relu6 => x.clamp(0f32, 6f32)?,
     })
 }

@@ -1,0 +1,183 @@
+//! The packed inference conv ([`conv_packed`], direct, no im2col) against the im2col + GEMM
+//! path ([`conv2d_fused`]) on the conv shapes of ResNet-20 (28x28 Fashion-MNIST, the edge's
+//! oracle; batch 1 as served and batch 100 as the search evaluates) and ResNet-18 (224,
+//! batch 1). Both with bias + ReLU; the packed one also with the residual add it fuses
+//! (`+res`), which the im2col path does as a separate add + ReLU pass (`add_relu`).
+//!
+//! `cargo bench -p adaptivenet-kernels --bench packed [-- filter]`. One thread. The two
+//! columns run interleaved, run by run, and each run is timed by the thread's CPU clock as
+//! well as the wall clock: on a shared machine the CPU time is the steadier figure (a
+//! preempted run's wall time counts the other process). Median of at least 9 runs per
+//! column. Ends with one line `BENCH {json}` (per row: CPU-time medians in ms and the ratio).
+
+use std::time::Instant;
+
+use adaptivenet_kernels::{
+    add_relu, conv2d_fused, conv_packed, pack_conv, threads, Activation, Conv2dParams,
+};
+use candle_core::{Device, Tensor};
+
+fn cpu_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_THREAD_CPUTIME_ID exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+struct Shape {
+    name: &'static str,
+    n: usize,
+    c: usize,
+    o: usize,
+    hw: usize,
+    k: usize,
+    s: usize,
+    residual: bool,
+}
+
+/// (cpu ms, wall ms) medians of each column, interleaved.
+fn time_pair(mut a: impl FnMut(), mut b: impl FnMut(), budget_ms: f64) -> [(f64, f64); 2] {
+    a();
+    b();
+    let mut t = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+    let start = Instant::now();
+    while t[0].0.len() < 9
+        || (start.elapsed().as_secs_f64() * 1e3 < budget_ms && t[0].0.len() < 200)
+    {
+        for (i, col) in t.iter_mut().enumerate() {
+            let (c0, w0) = (cpu_ms(), Instant::now());
+            if i == 0 {
+                a()
+            } else {
+                b()
+            }
+            col.0.push(cpu_ms() - c0);
+            col.1.push(w0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    t.map(|(c, w)| (median(c), median(w)))
+}
+
+fn main() {
+    threads::set_max_threads(1);
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let sh = |name, n, c, o, hw, k, s, residual| Shape {
+        name,
+        n,
+        c,
+        o,
+        hw,
+        k,
+        s,
+        residual,
+    };
+    let shapes = [
+        sh("r20 stem 3x3 1->16 @28", 1, 1, 16, 28, 3, 1, false),
+        sh("r20 3x3 16->16 @28", 1, 16, 16, 28, 3, 1, false),
+        sh("r20 3x3 16->16 @28 +res", 1, 16, 16, 28, 3, 1, true),
+        sh("r20 3x3/2 16->32 @28", 1, 16, 32, 28, 3, 2, false),
+        sh("r20 3x3 32->32 @14 +res", 1, 32, 32, 14, 3, 1, true),
+        sh("r20 3x3 64->64 @7 +res", 1, 64, 64, 7, 3, 1, true),
+        sh("r20 1x1/2 16->32 @28", 1, 16, 32, 28, 1, 2, false),
+        sh("r20 3x3 16->16 @28 +res b100", 100, 16, 16, 28, 3, 1, true),
+        sh("r20 3x3/2 32->64 @14 b100", 100, 32, 64, 14, 3, 2, false),
+        sh("r20 3x3 64->64 @7 +res b100", 100, 64, 64, 7, 3, 1, true),
+        sh("r18 stem 7x7/2 3->64 @224", 1, 3, 64, 224, 7, 2, false),
+        sh("mbv2 stem 3x3/2 3->32 @224", 1, 3, 32, 224, 3, 2, false),
+        sh("3x3 2->16 @28 (K=18)", 1, 2, 16, 28, 3, 1, false),
+        sh("3x3 4->16 @28 (K=36)", 1, 4, 16, 28, 3, 1, false),
+        sh("r18 3x3 64->64 @56 +res", 1, 64, 64, 56, 3, 1, true),
+        sh("r18 3x3/2 64->128 @56", 1, 64, 128, 56, 3, 2, false),
+        sh("r18 3x3 128->128 @28 +res", 1, 128, 128, 28, 3, 1, true),
+        sh("r18 3x3 256->256 @14 +res", 1, 256, 256, 14, 3, 1, true),
+        sh("r18 3x3 512->512 @7 +res", 1, 512, 512, 7, 3, 1, true),
+    ];
+    println!("one thread; CPU-time medians (wall in brackets), ms; im2col = conv2d_fused (+ add_relu for +res)");
+    println!("| conv (batch 1 unless bN) | im2col + GEMM | packed direct | im2col / packed |");
+    println!("|---|---|---|---|");
+    let mut bench = serde_json::Map::new();
+    for s in &shapes {
+        if filter
+            .as_ref()
+            .is_some_and(|f| !s.name.contains(f.as_str()))
+        {
+            continue;
+        }
+        let pad = s.k / 2;
+        let p = Conv2dParams::new(s.s, pad);
+        let x = Tensor::randn(0f32, 1f32, (s.n, s.c, s.hw, s.hw), &Device::Cpu).unwrap();
+        let w = (Tensor::randn(0f32, 1f32, (s.o, s.c, s.k, s.k), &Device::Cpu).unwrap()
+            * (1.0 / ((s.c * s.k * s.k) as f64).sqrt()))
+        .unwrap();
+        let b = Tensor::randn(0f32, 1f32, s.o, &Device::Cpu).unwrap();
+        let packed = pack_conv(&w).unwrap();
+        let oh = (s.hw + 2 * pad - s.k) / s.s + 1;
+        let res = Tensor::randn(0f32, 1f32, (s.n, s.o, oh, oh), &Device::Cpu).unwrap();
+        let budget = 1500.0;
+        let [im2col, direct] = if s.residual {
+            time_pair(
+                || {
+                    let y = conv2d_fused(&x, &w, Some(&b), &p, Activation::None).unwrap();
+                    add_relu(&y, &res).unwrap();
+                },
+                || {
+                    conv_packed(
+                        &x,
+                        &packed,
+                        s.o,
+                        (s.k, s.k),
+                        Some(&b),
+                        &p,
+                        Activation::Relu,
+                        Some(&res),
+                    )
+                    .unwrap();
+                },
+                budget,
+            )
+        } else {
+            time_pair(
+                || {
+                    conv2d_fused(&x, &w, Some(&b), &p, Activation::Relu).unwrap();
+                },
+                || {
+                    conv_packed(
+                        &x,
+                        &packed,
+                        s.o,
+                        (s.k, s.k),
+                        Some(&b),
+                        &p,
+                        Activation::Relu,
+                        None,
+                    )
+                    .unwrap();
+                },
+                budget,
+            )
+        };
+        println!(
+            "| {} | {:.3} ({:.3}) | {:.3} ({:.3}) | {:.2} |",
+            s.name,
+            im2col.0,
+            im2col.1,
+            direct.0,
+            direct.1,
+            im2col.0 / direct.0
+        );
+        bench.insert(
+            s.name.to_string(),
+            serde_json::json!({"im2col_ms": im2col.0, "packed_ms": direct.0,
+                "ratio": im2col.0 / direct.0}),
+        );
+    }
+    println!("BENCH {}", serde_json::Value::Object(bench));
+}

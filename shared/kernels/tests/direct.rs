@@ -1,0 +1,211 @@
+//! The packed inference conv ([`pack_conv`] + [`conv_packed`]) against candle's reference
+//! conv2d: 3x3 (ResNet's), 1x1 (pointwise and strided downsample), 5x5 and 7x7 (stems),
+//! stride 1 and 2, symmetric, TF-SAME and other asymmetric padding, bias + no activation /
+//! ReLU / ReLU6, with and without the fused residual add, on odd sizes (tiles that span
+//! several rows, maps narrower than one tile), output channels that leave partial panels,
+//! and 1 and 2 threads (over images and over output channels of one image).
+//!
+//! Tolerance: 1e-4 relative to the reference output's largest magnitude (at least 1): the
+//! data are scaled so outputs are O(1), and only the summation order differs.
+
+mod common;
+
+use adaptivenet_kernels::{conv_packed, pack_conv, threads, Activation, Conv2dParams};
+use candle_core::{DType, Device, Tensor};
+use common::*;
+
+const TOL: f32 = 1e-4;
+const ACTS: [Activation; 3] = [Activation::None, Activation::Relu, Activation::Relu6];
+
+fn reference_act(y: Tensor, act: Activation) -> Tensor {
+    match act {
+        Activation::None => y,
+        Activation::Relu => y.relu().unwrap(),
+        Activation::Relu6 => y.clamp(0f32, 6f32).unwrap(),
+    }
+}
+
+fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
+    let scale = want
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
+    max_abs_diff(got, want) / scale
+}
+
+struct Case {
+    n: usize,
+    c: usize,
+    o: usize,
+    hw: (usize, usize),
+    k: usize,
+    p: Conv2dParams,
+}
+
+/// Checks one case with and without a residual.
+fn check(rng: &mut Rng, cs: &Case, act: Activation) {
+    let Case { n, c, o, hw, k, p } = *cs;
+    let x = rng.tensor(&[n, c, hw.0, hw.1], 1.0);
+    let wt = rng.tensor(&[o, c, k, k], 1.7 / ((c * k * k) as f32).sqrt());
+    let b = rng.tensor(&[o], 0.5);
+    let packed = pack_conv(&wt).unwrap();
+    let conv = candle_conv(&x, &wt, Some(&b), &p).unwrap();
+    let what = format!("n{n} c{c} o{o} {hw:?} k{k} {p:?} {act:?}");
+    let got = conv_packed(&x, &packed, o, (k, k), Some(&b), &p, act, None).unwrap();
+    let d = rel_diff(&got, &reference_act(conv.clone(), act));
+    assert!(d <= TOL, "{what}: {d}");
+    let res = rng.tensor(conv.dims(), 1.0);
+    let got = conv_packed(&x, &packed, o, (k, k), Some(&b), &p, act, Some(&res)).unwrap();
+    let want = reference_act((&conv + &res).unwrap(), act);
+    let d = rel_diff(&got, &want);
+    assert!(d <= TOL, "{what} +res: {d}");
+}
+
+#[test]
+fn conv3x3_matches_candle() {
+    let mut rng = Rng::new(21);
+    let mut i = 0;
+    for s in [1usize, 2] {
+        for &(c, o) in &[(1, 16), (16, 16), (3, 7), (32, 64), (13, 5), (64, 64)] {
+            for &hw in &[(28, 28), (7, 7), (14, 14), (1, 1), (5, 9), (17, 3), (8, 40)] {
+                let pads = [
+                    (1, 1, 1, 1),
+                    Conv2dParams::same(hw, (3, 3), (s, s)).padding,
+                    (0, 0, 0, 0),
+                    (2, 0, 1, 2),
+                ];
+                for pad in pads {
+                    if hw.0 + pad.0 + pad.1 < 3 || hw.1 + pad.2 + pad.3 < 3 {
+                        continue;
+                    }
+                    let p = Conv2dParams {
+                        stride: (s, s),
+                        padding: pad,
+                        ..Conv2dParams::default()
+                    };
+                    let cs = Case {
+                        n: 1 + i % 3,
+                        c,
+                        o,
+                        hw,
+                        k: 3,
+                        p,
+                    };
+                    check(&mut rng, &cs, ACTS[i % 3]);
+                    i += 1;
+                }
+            }
+        }
+    }
+    assert!(i > 250, "{i} cases");
+}
+
+/// Other kernel sizes share the kernel: strided 1x1 (ResNet downsample), unit-stride 1x1
+/// (the pointwise GEMM), 5x5 and the 7x7 / stride-2 stem, and a long reduction.
+#[test]
+fn other_kernels_match_candle() {
+    let mut rng = Rng::new(22);
+    let cases = [
+        (2, 16, 32, (28, 28), 1, 2, 0),
+        (1, 64, 128, (14, 14), 1, 2, 0),
+        (2, 7, 9, (9, 11), 1, 1, 0),
+        (1, 3, 64, (40, 36), 7, 2, 3),
+        (2, 5, 11, (12, 13), 5, 1, 2),
+        (1, 6, 8, (15, 15), 5, 2, 2),
+        (1, 300, 13, (6, 7), 3, 1, 1),
+        (1, 3, 32, (33, 32), 3, 2, 1),
+    ];
+    for (i, &(n, c, o, hw, k, s, pad)) in cases.iter().enumerate() {
+        let cs = Case {
+            n,
+            c,
+            o,
+            hw,
+            k,
+            p: Conv2dParams::new(s, pad),
+        };
+        check(&mut rng, &cs, ACTS[i % 3]);
+    }
+}
+
+/// Worker splits (over images, or over output-channel panels of one image) give the same
+/// results as one thread, bit for bit.
+#[test]
+fn conv_packed_threads_agree() {
+    let mut rng = Rng::new(23);
+    let x = rng.tensor(&[3, 24, 15, 13], 1.0);
+    let wt = rng.tensor(&[40, 24, 3, 3], 0.1);
+    let b = rng.tensor(&[40], 0.5);
+    let packed = pack_conv(&wt).unwrap();
+    for s in [1usize, 2] {
+        let p = Conv2dParams::new(s, 1);
+        let (oh, ow) = ((15 + 2 - 3) / s + 1, (13 + 2 - 3) / s + 1);
+        let res = rng.tensor(&[3, 40, oh, ow], 1.0);
+        let run = |x: &Tensor, r: &Tensor| {
+            conv_packed(
+                x,
+                &packed,
+                40,
+                (3, 3),
+                Some(&b),
+                &p,
+                Activation::Relu,
+                Some(r),
+            )
+            .unwrap()
+        };
+        let x1 = x.narrow(0, 0, 1).unwrap();
+        let r1 = res.narrow(0, 0, 1).unwrap();
+        let (one, one1) = (run(&x, &res), run(&x1, &r1));
+        threads::set_max_threads(2);
+        threads::set_flop_threshold(0);
+        let (two, two1) = (run(&x, &res), run(&x1, &r1));
+        threads::set_flop_threshold(threads::DEFAULT_FLOP_THRESHOLD);
+        threads::set_max_threads(0);
+        assert_eq!(max_abs_diff(&one, &two), 0.0, "stride {s}");
+        assert_eq!(max_abs_diff(&one1, &two1), 0.0, "stride {s}");
+    }
+}
+
+#[test]
+fn conv_packed_rejects_bad_shapes() {
+    let z = |d: &[usize]| Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
+    let x = z(&[1, 4, 6, 6]);
+    let packed = pack_conv(&z(&[5, 4, 3, 3])).unwrap();
+    let p = Conv2dParams::new(1, 1);
+    let act = Activation::None;
+    // Packed for another kernel size or channel count.
+    let err = conv_packed(&x, &packed, 5, (1, 1), None, &p, act, None).unwrap_err();
+    assert!(err.to_string().contains("packed weight"), "{err}");
+    let err = conv_packed(&x, &packed, 7, (3, 3), None, &p, act, None).unwrap_err();
+    assert!(err.to_string().contains("packed weight"), "{err}");
+    // Residual not shaped like the output; a bias of the wrong length.
+    let err = conv_packed(
+        &x,
+        &packed,
+        5,
+        (3, 3),
+        None,
+        &p,
+        act,
+        Some(&z(&[1, 5, 5, 6])),
+    );
+    assert!(err.unwrap_err().to_string().contains("residual"));
+    let err = conv_packed(&x, &packed, 5, (3, 3), Some(&z(&[4])), &p, act, None);
+    assert!(err.unwrap_err().to_string().contains("bias"));
+    // Groups and dilation are not this kernel's.
+    let err = conv_packed(&x, &packed, 5, (3, 3), None, &p.with_groups(2), act, None);
+    assert!(err.unwrap_err().to_string().contains("groups"));
+    let dil = Conv2dParams {
+        dilation: (2, 2),
+        ..p
+    };
+    let err = conv_packed(&x, &packed, 5, (3, 3), None, &dil, act, None);
+    assert!(err.unwrap_err().to_string().contains("dilation"));
+}
