@@ -198,6 +198,19 @@ impl CustomOp1 for Relu6 {
     }
 }
 
+/// `dy * m(x)` of [`Relu6Grad`], branch-free: ReLU6 inputs fall on either side of the bounds
+/// at random, and the branchy form mispredicted about every other element (10 ns per element,
+/// the largest item of a Lite0 training step). Bit-identical to the branchy form: `g * 0.5`
+/// is `g / 2` exactly, and masking with bit operations keeps `+0.0` (not `g * 0.0`, which
+/// would give `-0.0` or NaN) outside.
+#[inline(always)]
+pub(crate) fn relu6_grad(v: f32, g: f32) -> f32 {
+    let inside = ((v > 0.0) & (v < 6.0)) as u32;
+    let tie = ((v == 0.0) | (v == 6.0)) as u32;
+    let bits = (inside.wrapping_neg() & g.to_bits()) | (tie.wrapping_neg() & (g * 0.5).to_bits());
+    f32::from_bits(bits)
+}
+
 /// `(x, dy) -> dy * m(x)`: `m` is 1 on `(0, 6)`, 1/2 at `x == 0` or `x == 6` (candle splits
 /// the gradient of `maximum` / `minimum` evenly at a tie) and 0 elsewhere.
 struct Relu6Grad;
@@ -222,13 +235,7 @@ impl CustomOp2 for Relu6Grad {
         let mut dx = vec![0f32; x.len()];
         chunked(&mut dx, |off, o| {
             for ((o, v), g) in o.iter_mut().zip(&x[off..]).zip(&dy[off..]) {
-                *o = if *v > 0.0 && *v < 6.0 {
-                    *g
-                } else if *v == 0.0 || *v == 6.0 {
-                    *g / 2.0
-                } else {
-                    0.0
-                };
+                *o = relu6_grad(*v, *g);
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -255,4 +262,49 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     check_f32(a, "add_relu", "a")?;
     check_f32(b, "add_relu", "b")?;
     a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relu6_grad;
+
+    /// The branchy definition the branch-free form replaced.
+    fn branchy(v: f32, g: f32) -> f32 {
+        if v > 0.0 && v < 6.0 {
+            g
+        } else if v == 0.0 || v == 6.0 {
+            g / 2.0
+        } else {
+            0.0
+        }
+    }
+
+    #[test]
+    fn branch_free_relu6_grad_is_bit_identical() {
+        let special = [
+            0.0,
+            -0.0,
+            6.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+            f32::MIN_POSITIVE / 4.0,
+            -f32::MIN_POSITIVE / 4.0,
+            f32::MAX,
+            6.0 - f32::EPSILON * 4.0,
+            6.0 + f32::EPSILON * 4.0,
+        ];
+        let mut vals: Vec<f32> = special.to_vec();
+        vals.extend((-40..=40).map(|i| i as f32 * 0.25));
+        for &v in &vals {
+            for &g in &vals {
+                let (a, b) = (relu6_grad(v, g), branchy(v, g));
+                assert!(
+                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                    "x {v} dy {g}: {a} vs {b}"
+                );
+            }
+        }
+    }
 }
