@@ -12,6 +12,8 @@ type Dims4 = (usize, usize, usize, usize);
 pub(crate) struct ConvOp {
     pub p: Conv2dParams,
     pub act: Activation,
+    /// The forward of a training step (it may pick other kernels than inference).
+    pub train: bool,
 }
 
 impl ConvOp {
@@ -41,7 +43,7 @@ impl ConvOp {
         };
         let mut out = vec![0f32; g.n * g.out_img()];
         if g.is_depthwise() {
-            depthwise::forward(xs, ws, bs, &g, self.act, &mut out);
+            depthwise::forward(xs, ws, bs, &g, self.act, self.train, &mut out);
         } else {
             gemm_path::forward(xs, ws, bs, &g, self.act, &mut out);
         }
