@@ -2,7 +2,8 @@
 //! adaptivenet-kernels --bench train_layers [-- filter]`): every distinct conv of Lite0 at
 //! 3x64x64 and batch 32 (TF-SAME padding, as the model runs it) forward, backward to the
 //! input and backward to the weight, and train-mode BN and ReLU6 forward + backward on every
-//! activation shape, each timed alone on 1 thread (median of repeated runs) and multiplied by
+//! activation shape, each timed alone on 1 thread (median thread CPU time of repeated runs,
+//! so that other processes on a shared host do not count) and multiplied by
 //! how often the step runs it. The totals per kind say where a step's kernel time goes; the
 //! whole step (with candle's autograd bookkeeping) is `adaptivenet-train`'s `train_step` bench.
 //!
@@ -35,10 +36,22 @@ fn median_ms(mut f: impl FnMut() -> f64, budget_ms: f64) -> f64 {
     v[v.len() / 2]
 }
 
+/// CPU time of the calling thread, ms: on a shared host other processes' time slices do not
+/// count (with 1 kernel thread every op runs on the caller).
+fn cpu_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_THREAD_CPUTIME_ID exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+}
+
 fn timed(f: impl FnOnce()) -> f64 {
-    let t = Instant::now();
+    let t = cpu_ms();
     f();
-    t.elapsed().as_secs_f64() * 1e3
+    cpu_ms() - t
 }
 
 /// One conv of the network: input `[N, c, h, h]`, weight `[o, c/groups, k, k]`.

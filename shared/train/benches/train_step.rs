@@ -12,7 +12,9 @@
 //! Knobs (environment): `STEP_BATCH` (32), `STEP_SIDE` (64), `STEP_STEPS` (timed steps, 12),
 //! `STEP_WARMUP` (2), `STEP_THREADS` (the kernels' cap, 1), `STEP_LR` (0.02).
 //! The table gives the median and min of forward (with the loss), backward and update per
-//! step, samples/s from the median step, and the losses; the last line is `BENCH {json}`.
+//! step (wall time) and of the whole step's thread CPU time (other processes' time slices
+//! on a shared host excluded), samples/s from the median step by both, and the losses; the
+//! last line is `BENCH {json}`.
 use std::time::Instant;
 
 use adaptivenet_core::model::{
@@ -68,6 +70,19 @@ fn batch(b: usize, side: usize, seed: u64) -> Result<(Tensor, Tensor)> {
     ))
 }
 
+/// CPU time of the calling thread, ms. With 1 kernel thread (and candle's pool sized to 1)
+/// the whole step runs on the caller, so this is the step's CPU time without the time slices
+/// other processes of a shared host take.
+fn cpu_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_THREAD_CPUTIME_ID exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -113,8 +128,10 @@ fn main() -> Result<()> {
 
     let num = &spec.numerics;
     let (mut fwd, mut bwd, mut upd, mut losses) = (vec![], vec![], vec![], vec![]);
+    let mut cpu = vec![];
     for step in 0..warmup + steps {
         let (x, y) = &data[step % BATCHES];
+        let c0 = cpu_ms();
         let t0 = Instant::now();
         let mut c = TrainCtx::new(BN_MOMENTUM);
         let mut h = stem_forward(&spec.stem, num, &stem.params(), x, Some(&mut c))?;
@@ -133,8 +150,10 @@ fn main() -> Result<()> {
         opt.step(&vars, &grads, lr)?;
         drop(grads);
         let t3 = Instant::now();
+        let c3 = cpu_ms();
         losses.push(lv);
         if step >= warmup {
+            cpu.push(c3 - c0);
             fwd.push((t1 - t0).as_secs_f64() * 1e3);
             bwd.push((t2 - t1).as_secs_f64() * 1e3);
             upd.push((t3 - t2).as_secs_f64() * 1e3);
@@ -160,7 +179,13 @@ fn main() -> Result<()> {
     ] {
         println!("| {name} | {:.1} | {:.1} |", median(v), min(v));
     }
-    println!("samples/s (median step): {sps:.1}");
+    println!(
+        "| step, thread CPU time | {:.1} | {:.1} |",
+        median(&cpu),
+        min(&cpu)
+    );
+    let cpu_sps = b as f64 / (median(&cpu) / 1e3);
+    println!("samples/s (median step): {sps:.1} wall, {cpu_sps:.1} by CPU time");
     println!(
         "losses: {}",
         losses
@@ -185,6 +210,8 @@ fn main() -> Result<()> {
             "step_ms": step_ms,
             "step_min_ms": min(&total),
             "samples_per_s": sps,
+            "step_cpu_ms": median(&cpu),
+            "samples_per_cpu_s": cpu_sps,
             "losses": losses,
         })
     );
