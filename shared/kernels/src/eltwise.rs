@@ -12,7 +12,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
-use crate::storage::f32_slice;
+use std::mem::MaybeUninit;
+
+use crate::storage::{f32_slice, filled};
 use crate::{check_f32, threads, KernelError};
 
 const CHUNK: usize = 1 << 14;
@@ -21,11 +23,17 @@ fn threads_for(elems: usize) -> usize {
     threads::for_flops(2 * elems as u64)
 }
 
-/// Runs `f(offset, out_chunk)` over `out` in chunks, on the policy's threads.
-fn chunked(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
-    let t = threads_for(out.len());
-    // Items of CHUNK elements, the last one possibly shorter.
-    threads::for_each_item(out, CHUNK, t, |i, o| f(i * CHUNK, o));
+/// A new `n`-element output, `f(offset, out_chunk)` writing it chunk by chunk on the
+/// policy's threads (every `f` must write its whole chunk).
+fn chunked(n: usize, f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let t = threads_for(n);
+    // SAFETY: the items (of CHUNK elements, the last one possibly shorter) cover the output,
+    // and every `f` of this file zips its whole chunk with inputs at least as long.
+    unsafe {
+        filled(n, |out| {
+            threads::for_each_item(out, CHUNK, t, |i, o| f(i * CHUNK, o))
+        })
+    }
 }
 
 struct Relu;
@@ -37,10 +45,9 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "relu", "x")?;
-        let mut y = vec![0f32; x.len()];
-        chunked(&mut y, |off, o| {
+        let y = chunked(x.len(), |off, o| {
             for (o, v) in o.iter_mut().zip(&x[off..]) {
-                *o = v.max(0.0);
+                o.write(v.max(0.0));
             }
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -54,6 +61,16 @@ impl CustomOp1 for Relu {
     ) -> candle_core::Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
         Ok(Some(arg.apply_op2_no_bwd(&grad, &MaskGrad)?))
+    }
+}
+
+/// `dy * (x >= 0)` of [`MaskGrad`] (`+0.0` where masked).
+#[inline(always)]
+pub(crate) fn relu_grad(v: f32, g: f32) -> f32 {
+    if v >= 0.0 {
+        g
+    } else {
+        0.0
     }
 }
 
@@ -77,10 +94,9 @@ impl CustomOp2 for MaskGrad {
         if l1.shape() != l2.shape() {
             return Err(KernelError::Shape("relu backward: grad shape mismatch".into()).into());
         }
-        let mut dx = vec![0f32; x.len()];
-        chunked(&mut dx, |off, o| {
+        let dx = chunked(x.len(), |off, o| {
             for ((o, v), g) in o.iter_mut().zip(&x[off..]).zip(&dy[off..]) {
-                *o = if *v >= 0.0 { *g } else { 0.0 };
+                o.write(relu_grad(*v, *g));
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -112,10 +128,9 @@ impl CustomOp2 for AddRelu {
             ))
             .into());
         }
-        let mut y = vec![0f32; a.len()];
-        chunked(&mut y, |off, o| {
+        let y = chunked(a.len(), |off, o| {
             for ((o, x), z) in o.iter_mut().zip(&a[off..]).zip(&b[off..]) {
-                *o = (x + z).max(0.0);
+                o.write((x + z).max(0.0));
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -159,10 +174,9 @@ impl CustomOp3 for AddMaskGrad {
         if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
             return Err(KernelError::Shape("add_relu backward: shape mismatch".into()).into());
         }
-        let mut dx = vec![0f32; a.len()];
-        chunked(&mut dx, |off, o| {
+        let dx = chunked(a.len(), |off, o| {
             for (((o, x), z), g) in o.iter_mut().zip(&a[off..]).zip(&b[off..]).zip(&dy[off..]) {
-                *o = if x + z >= 0.0 { *g } else { 0.0 };
+                o.write(if x + z >= 0.0 { *g } else { 0.0 });
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -178,10 +192,9 @@ impl CustomOp1 for Relu6 {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "relu6", "x")?;
-        let mut y = vec![0f32; x.len()];
-        chunked(&mut y, |off, o| {
+        let y = chunked(x.len(), |off, o| {
             for (o, v) in o.iter_mut().zip(&x[off..]) {
-                *o = v.clamp(0.0, 6.0);
+                o.write(v.clamp(0.0, 6.0));
             }
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -232,10 +245,9 @@ impl CustomOp2 for Relu6Grad {
         if l1.shape() != l2.shape() {
             return Err(KernelError::Shape("relu6 backward: grad shape mismatch".into()).into());
         }
-        let mut dx = vec![0f32; x.len()];
-        chunked(&mut dx, |off, o| {
+        let dx = chunked(x.len(), |off, o| {
             for ((o, v), g) in o.iter_mut().zip(&x[off..]).zip(&dy[off..]) {
-                *o = relu6_grad(*v, *g);
+                o.write(relu6_grad(*v, *g));
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))

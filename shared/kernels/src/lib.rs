@@ -18,7 +18,8 @@
 //! * [`max_pool2d`]: any kernel/stride, `-inf` padding like PyTorch, with backward.
 //! * [`global_avg_pool`]: `[N, C, H, W] -> [N, C]`, with backward.
 //! * [`batch_norm_train`]: train-mode BatchNorm (batch statistics) as one op with a fused
-//!   backward; [`relu`], [`relu6`] and [`add_relu`] (residual join) with one-pass backward.
+//!   backward, and [`batch_norm_train_act`] with the following ReLU / ReLU6 in the same op;
+//!   [`relu`], [`relu6`] and [`add_relu`] (residual join) with one-pass backward.
 //! * [`sgd_update`]: in-place SGD step (momentum, Nesterov, weight decay), bit-identical to
 //!   the candle composition.
 //! * [`threads`]: thread policy; [`threads::current`] must be recorded with every latency.
@@ -157,7 +158,7 @@ pub mod threads;
 use candle_core::{DType, Tensor};
 
 pub use bn::fold_bn;
-pub use bn_train::batch_norm_train;
+pub use bn_train::{batch_norm_train, batch_norm_train_act};
 pub use eltwise::{add_relu, relu, relu6};
 pub use infer::{conv_packed, pack_conv, pack_pointwise, pointwise_packed};
 pub use optim::{sgd_update, SgdParams};

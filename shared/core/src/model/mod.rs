@@ -105,9 +105,10 @@ fn conv_bn(
     );
     let y = match train {
         Some(ctx) => {
-            let (y, nm, nv) = ops::batch_norm_train(&y, g, b, m, v, num.bn_eps, ctx.momentum)?;
+            // The activation runs inside the train-mode BN op (one tensor less each way).
+            let (y, nm, nv) = ops::batch_norm_train(&y, g, b, m, v, num.bn_eps, ctx.momentum, act)?;
             ctx.bn_updates.push((bn.to_string(), nm, nv));
-            y
+            return Ok(y);
         }
         None => ops::batch_norm_eval(&y, g, b, m, v, num.bn_eps)?,
     };
