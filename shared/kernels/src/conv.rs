@@ -218,6 +218,16 @@ fn transposed_as_forward(g: &Geom, w: &[f32]) -> Option<(Geom, Vec<f32>)> {
     }
     let (kk, khw) = (g.kh * g.kw, g.kh * g.kw - 1);
     let mut wt = vec![0f32; w.len()];
+    if kk == 1 {
+        // A plain transpose `[O, C] -> [C, O]` (per-element slices cost 15 % of a 1x1
+        // grad-input at 320 x 1280 channels).
+        for (c, row) in wt.chunks_exact_mut(g.o).enumerate() {
+            for (o, d) in row.iter_mut().enumerate() {
+                *d = w[o * g.c + c];
+            }
+        }
+        return Some((gt, wt));
+    }
     for o in 0..g.o {
         for c in 0..g.c {
             let src = &w[(o * g.c + c) * kk..][..kk];

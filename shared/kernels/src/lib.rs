@@ -43,7 +43,9 @@
 //!   odd number of cache lines (4 KiB-multiple pitches alias in L1). The grad-weight GEMM
 //!   reads a pixel-major im2col (`[P, K]`), so neither operand needs a transposing pack.
 //!   The grad-input of a stride-1 conv runs as the forward conv with the flipped,
-//!   transposed kernel.
+//!   transposed kernel (for a 1x1 conv: the forward with `W^T`).
+//! * `src/pw_train.rs`: the weight gradient of a 1x1 conv as direct dot products on NCHW
+//!   (4x3 register tiles over blocks of images, small maps packed into contiguous rows).
 //! * `src/depthwise.rs`: direct depthwise forward per plane (run-time AVX2+FMA dispatch,
 //!   parallel over planes), and the routing of training to `src/dw_lanes.rs`: forward (but
 //!   on large stride-1 planes), grad-input and grad-weight with 8 channels in the SIMD lanes
@@ -69,6 +71,7 @@
 //!   (<= 1e-4) and finite differences.
 //! * `tests/dw_train.rs`: the training depthwise kernels on MobileNet-style shapes against a
 //!   naive f64 forward, the f64 gradients and finite differences.
+//! * `tests/pw_train.rs`: 1x1 conv gradients against their f64 definitions, 1 vs 2 threads.
 //! * `tests/grads.rs`: gradients against central finite differences for every op, and
 //!   multi-threaded paths against single-threaded ones; `tests/common/`: helpers.
 //! * `benches/ops.rs`: `cargo bench -p adaptivenet-kernels --bench ops`, ours vs candle.
@@ -152,6 +155,7 @@ mod infer;
 mod optim;
 mod pointwise;
 mod pool;
+mod pw_train;
 mod storage;
 pub mod threads;
 
