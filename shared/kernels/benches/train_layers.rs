@@ -1,8 +1,8 @@
 //! The ops of one EfficientNet-Lite0 training step, layer by layer (`cargo bench -p
 //! adaptivenet-kernels --bench train_layers [-- filter]`): every distinct conv of Lite0 at
 //! 3x64x64 and batch 32 (TF-SAME padding, as the model runs it) forward, backward to the
-//! input and backward to the weight, and train-mode BN and ReLU6 forward + backward on every
-//! activation shape, each timed alone on 1 thread (median thread CPU time of repeated runs,
+//! input and backward to the weight, and train-mode BN (fused with ReLU6 where the model
+//! has one) forward and backward on every activation shape, each timed alone on 1 thread (median thread CPU time of repeated runs,
 //! so that other processes on a shared host do not count) and multiplied by
 //! how often the step runs it. The totals per kind say where a step's kernel time goes; the
 //! whole step (with candle's autograd bookkeeping) is `adaptivenet-train`'s `train_step` bench.
@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use adaptivenet_kernels::{batch_norm_train, conv2d, relu6, threads, Conv2dParams};
+use adaptivenet_kernels::{batch_norm_train_act, conv2d, threads, Activation, Conv2dParams};
 use candle_core::{Device, Tensor, Var};
 use serde_json::json;
 
@@ -86,12 +86,17 @@ impl ConvLayer {
     }
 }
 
-/// Lite0's convs and activation shapes `[N, C, H, W]` (with multiplicity).
-fn network() -> (BTreeMap<ConvLayer, usize>, BTreeMap<(usize, usize), usize>) {
+/// Lite0's convs and its BN shapes `[N, C, H, H]` with whether ReLU6 follows (with
+/// multiplicity).
+#[allow(clippy::type_complexity)]
+fn network() -> (
+    BTreeMap<ConvLayer, usize>,
+    BTreeMap<(usize, usize, bool), usize>,
+) {
     let mut convs = BTreeMap::new();
     let mut acts = BTreeMap::new();
     let mut conv = |l: ConvLayer| *convs.entry(l).or_insert(0) += 1;
-    let mut act = |c: usize, h: usize| *acts.entry((c, h)).or_insert(0) += 1;
+    let mut act = |c: usize, h: usize, relu6: bool| *acts.entry((c, h, relu6)).or_insert(0) += 1;
     // (repeats, kernel, first stride, expand ratio, out channels), as `families.rs`.
     let stages = [
         (1, 3, 1, 1, 16),
@@ -113,7 +118,7 @@ fn network() -> (BTreeMap<ConvLayer, usize>, BTreeMap<(usize, usize), usize>) {
         s: 2,
         groups: 1,
     });
-    act(32, h);
+    act(32, h, true);
     for (reps, k, s0, e, cout) in stages {
         for i in 0..reps {
             let s = if i == 0 { s0 } else { 1 };
@@ -128,7 +133,7 @@ fn network() -> (BTreeMap<ConvLayer, usize>, BTreeMap<(usize, usize), usize>) {
                     s: 1,
                     groups: 1,
                 });
-                act(hid, h);
+                act(hid, h, true);
             }
             conv(ConvLayer {
                 kind: "dw",
@@ -140,7 +145,7 @@ fn network() -> (BTreeMap<ConvLayer, usize>, BTreeMap<(usize, usize), usize>) {
                 groups: hid,
             });
             h = h.div_ceil(s);
-            act(hid, h);
+            act(hid, h, true);
             conv(ConvLayer {
                 kind: "pw",
                 c: hid,
@@ -150,7 +155,7 @@ fn network() -> (BTreeMap<ConvLayer, usize>, BTreeMap<(usize, usize), usize>) {
                 s: 1,
                 groups: 1,
             });
-            act(cout, h);
+            act(cout, h, false);
             cin = cout;
         }
     }
@@ -163,7 +168,7 @@ fn network() -> (BTreeMap<ConvLayer, usize>, BTreeMap<(usize, usize), usize>) {
         s: 1,
         groups: 1,
     });
-    act(1280, h);
+    act(1280, h, true);
     (convs, acts)
 }
 
@@ -228,11 +233,16 @@ fn main() {
         rows.push(json!({"op": name, "count": count, "fwd_ms": fwd,
             "bwd_data_ms": bwd_data, "bwd_weight_ms": bwd_w}));
     }
-    for (&(ch, h), count) in &acts {
-        let name = format!("bn+relu6 {ch} @{h}");
+    for (&(ch, h, relu6), count) in &acts {
+        let name = format!("bn{} {ch} @{h}", if relu6 { "+relu6" } else { "" });
         if filter.as_deref().is_some_and(|f| !name.contains(f)) {
             continue;
         }
+        let act = if relu6 {
+            Activation::Relu6
+        } else {
+            Activation::None
+        };
         let x = randn(&[N, ch, h, h], 1.0);
         let g = (randn(&[ch], 0.1) + 1.0).unwrap();
         let b = randn(&[ch], 0.1);
@@ -241,39 +251,27 @@ fn main() {
             Var::from_tensor(&g).unwrap(),
             Var::from_tensor(&b).unwrap(),
         );
-        let bn_f = median_ms(
-            || timed(|| drop(batch_norm_train(&x, &g, &b, 1e-3).unwrap())),
+        let fwd = median_ms(
+            || timed(|| drop(batch_norm_train_act(&x, &g, &b, 1e-3, act).unwrap())),
             budget,
         );
-        let bn_b = median_ms(
+        let bwd = median_ms(
             || {
                 let (y, _, _) =
-                    batch_norm_train(xv.as_tensor(), gv.as_tensor(), bv.as_tensor(), 1e-3).unwrap();
-                timed(|| drop(y.backward().unwrap()))
-            },
-            budget,
-        );
-        let r_f = median_ms(|| timed(|| drop(relu6(&x).unwrap())), budget);
-        let r_b = median_ms(
-            || {
-                let y = relu6(xv.as_tensor()).unwrap();
+                    batch_norm_train_act(xv.as_tensor(), gv.as_tensor(), bv.as_tensor(), 1e-3, act)
+                        .unwrap();
                 timed(|| drop(y.backward().unwrap()))
             },
             budget,
         );
         let c = *count as f64;
         println!(
-            "| {name} | {count} | {bn_f:.3} + {r_f:.3} | {bn_b:.3} + {r_b:.3} | - | {:.2} | - |",
-            (bn_f + bn_b + r_f + r_b) * c
+            "| {name} | {count} | {fwd:.3} | {bwd:.3} | - | {:.2} | - |",
+            (fwd + bwd) * c
         );
-        *totals.entry("bn fwd".into()).or_default() += bn_f * c;
-        *totals.entry("bn bwd".into()).or_default() += bn_b * c;
-        *totals.entry("relu6 fwd".into()).or_default() += r_f * c;
-        *totals.entry("relu6 bwd".into()).or_default() += r_b * c;
-        rows.push(
-            json!({"op": name, "count": count, "bn_fwd_ms": bn_f, "bn_bwd_ms": bn_b,
-            "relu6_fwd_ms": r_f, "relu6_bwd_ms": r_b}),
-        );
+        *totals.entry("bn fwd".into()).or_default() += fwd * c;
+        *totals.entry("bn bwd".into()).or_default() += bwd * c;
+        rows.push(json!({"op": name, "count": count, "fwd_ms": fwd, "bwd_ms": bwd}));
     }
     println!("\n| kind | ms per step |");
     println!("|---|---|");

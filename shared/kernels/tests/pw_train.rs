@@ -65,7 +65,13 @@ fn naive(x: &Tensor, w: &Tensor, r: &Tensor) -> (Tensor, Tensor) {
 
 fn grads(x: &Tensor, w: &Tensor, r: &Tensor) -> (Tensor, Tensor) {
     let (xv, wv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
-    let y = conv2d(xv.as_tensor(), wv.as_tensor(), None, &Conv2dParams::default()).unwrap();
+    let y = conv2d(
+        xv.as_tensor(),
+        wv.as_tensor(),
+        None,
+        &Conv2dParams::default(),
+    )
+    .unwrap();
     let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
     (
         g.get(xv.as_tensor()).unwrap().clone(),
