@@ -7,14 +7,18 @@
 //! computed 32 or 8 lanes at a time with all K*K taps accumulated in registers, and bias +
 //! activation applied before the single store. The older path ran one axpy pass over the
 //! whole output plane per tap (K*K reads and writes of the plane; a scalar gather for
-//! stride 2).
+//! stride 2). Where the CPU has AVX-512F the rows run 16 lanes per vector (the last vector of
+//! a row stored under a lane mask).
 
-use crate::cpu::has_avx2_fma;
+use crate::cpu::{has_avx2_fma, isa, Isa};
 use crate::geom::Geom;
 use crate::Activation;
 
-/// Output lanes per vector.
+/// Output lanes per AVX2 vector.
 const L: usize = 8;
+/// Output lanes per AVX-512 vector: the scratch rows are padded to a multiple of this, so
+/// both widths' loads stay inside it.
+const L16: usize = 16;
 
 /// Whether this kernel handles `g` on this CPU.
 pub(crate) fn supported(g: &Geom) -> bool {
@@ -40,7 +44,7 @@ struct Pad {
 impl Pad {
     fn new(g: &Geom) -> Self {
         let (k, s) = (g.kh, g.sh);
-        let owr = g.ow.div_ceil(L) * L;
+        let owr = g.ow.div_ceil(L16) * L16;
         let hp = (g.oh - 1) * s + k;
         if s == 1 {
             Self {
@@ -105,12 +109,37 @@ pub(crate) fn fwd_plane(
     out: &mut [f32],
     buf: &mut [f32],
 ) {
+    fwd_plane_with(x, w, b, act, g, out, buf, isa());
+}
+
+/// [`fwd_plane`] on the kernel of `level` (AVX2 or AVX-512, at most [`isa`]).
+#[allow(clippy::too_many_arguments)]
+fn fwd_plane_with(
+    x: &[f32],
+    w: &[f32],
+    b: f32,
+    act: Activation,
+    g: &Geom,
+    out: &mut [f32],
+    buf: &mut [f32],
+    level: Isa,
+) {
     assert!(supported(g) && buf.len() >= scratch_len(g) && out.len() >= g.p());
+    assert!(level >= Isa::Avx2 && level <= isa());
     let p = Pad::new(g);
     fill(x, g, &p, buf);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `supported` checked avx2 + fma; the scratch bounds every load (see `Pad`).
+    // SAFETY: `supported` checked avx2 + fma, `isa` avx512f for that level; the scratch
+    // bounds every load (see `Pad`).
     unsafe {
+        if level == Isa::Avx512 {
+            return match (g.kh, g.sh) {
+                (3, 1) => avx512::rows::<3, 1>(w, b, act, g, &p, out, buf),
+                (3, 2) => avx512::rows::<3, 2>(w, b, act, g, &p, out, buf),
+                (5, 1) => avx512::rows::<5, 1>(w, b, act, g, &p, out, buf),
+                _ => avx512::rows::<5, 2>(w, b, act, g, &p, out, buf),
+            };
+        }
         match (g.kh, g.sh) {
             (3, 1) => avx::rows::<3, 1>(w, b, act, g, &p, out, buf),
             (3, 2) => avx::rows::<3, 2>(w, b, act, g, &p, out, buf),
@@ -217,6 +246,171 @@ mod avx {
                     }
                     o += L;
                 }
+            }
+        }
+    }
+}
+
+/// [`avx`] with 16-lane vectors: 64 output lanes per step, then one vector at a time, the
+/// last under a lane mask (loads may run past `OW` inside the padded scratch row).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Pad, L16};
+    use crate::geom::Geom;
+    use crate::Activation;
+
+    #[inline(always)]
+    unsafe fn activate(v: __m512, act: Activation) -> __m512 {
+        // SAFETY: callers run with avx512f enabled.
+        unsafe {
+            match act {
+                Activation::None => v,
+                Activation::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
+                Activation::Relu6 => {
+                    _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(6.0))
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn lanes<const NV: usize, const KK: usize>(
+        base: *const f32,
+        off: &[usize; 25],
+        wv: &[f32],
+        b: __m512,
+    ) -> [__m512; NV] {
+        // SAFETY: callers run with avx512f and keep every tap load inside the scratch.
+        unsafe {
+            let mut acc = [b; NV];
+            for (&o, &w) in off[..KK].iter().zip(&wv[..KK]) {
+                let wt = _mm512_set1_ps(w);
+                let src = base.add(o);
+                for (q, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(src.add(q * L16)), wt, *a);
+                }
+            }
+            acc
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn rows<const K: usize, const S: usize>(
+        w: &[f32],
+        b: f32,
+        act: Activation,
+        g: &Geom,
+        p: &Pad,
+        out: &mut [f32],
+        buf: &[f32],
+    ) {
+        assert!(w.len() >= K * K);
+        // SAFETY: loads stay inside the scratch (rows padded to 16 lanes, see `Pad`),
+        // stores inside `out` rows (the last vector masked to `OW`).
+        unsafe {
+            let mut off = [0usize; 25];
+            for i in 0..K {
+                for j in 0..K {
+                    let col = if S == 1 { j } else { (j & 1) * p.half + j / 2 };
+                    off[i * K + j] = i * p.rp + col;
+                }
+            }
+            let bv = _mm512_set1_ps(b);
+            let ow = g.ow;
+            for oh in 0..g.oh {
+                let row = buf.as_ptr().add(oh * S * p.rp);
+                let dst = out.as_mut_ptr().add(oh * ow);
+                let mut o = 0;
+                while o + 4 * L16 <= ow {
+                    let acc = if K == 3 {
+                        lanes::<4, 9>(row.add(o), &off, w, bv)
+                    } else {
+                        lanes::<4, 25>(row.add(o), &off, w, bv)
+                    };
+                    for (q, a) in acc.iter().enumerate() {
+                        _mm512_storeu_ps(dst.add(o + q * L16), activate(*a, act));
+                    }
+                    o += 4 * L16;
+                }
+                while o < ow {
+                    let [a] = if K == 3 {
+                        lanes::<1, 9>(row.add(o), &off, w, bv)
+                    } else {
+                        lanes::<1, 25>(row.add(o), &off, w, bv)
+                    };
+                    let m = crate::pointwise::lane_mask(ow - o);
+                    _mm512_mask_storeu_ps(dst.add(o), m, activate(a, act));
+                    o += L16;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Conv2dParams;
+
+    /// The AVX-512 rows agree with the AVX2 rows (the tests against candle run only the
+    /// widest this CPU has).
+    #[test]
+    fn levels_agree() {
+        if isa() < Isa::Avx512 {
+            return;
+        }
+        let mut seed = 9u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect()
+        };
+        for (h, w, k, s) in [
+            (7, 7, 3, 1),
+            (14, 14, 5, 2),
+            (9, 70, 3, 2),
+            (5, 33, 5, 1),
+            (1, 1, 3, 1),
+        ] {
+            let pad = Conv2dParams::same((h, w), (k, k), (s, s)).padding;
+            let p = Conv2dParams {
+                stride: (s, s),
+                padding: pad,
+                dilation: (1, 1),
+                groups: 1,
+            };
+            let g = Geom::new((1, 1, h, w), (1, 1, k, k), &p).unwrap();
+            let (x, wt) = (rnd(h * w), rnd(k * k));
+            let run = |level: Isa| {
+                let mut out = vec![f32::NAN; g.p() + 16];
+                let mut buf = vec![0f32; scratch_len(&g)];
+                fwd_plane_with(
+                    &x,
+                    &wt,
+                    0.25,
+                    Activation::Relu6,
+                    &g,
+                    &mut out,
+                    &mut buf,
+                    level,
+                );
+                out
+            };
+            let (a, b) = (run(Isa::Avx2), run(Isa::Avx512));
+            assert!(a[..g.p()].iter().all(|v| v.is_finite()));
+            assert!(
+                b[g.p()..].iter().all(|v| v.is_nan()),
+                "stored past the plane"
+            );
+            for (i, (p, q)) in a[..g.p()].iter().zip(&b).enumerate() {
+                assert!((p - q).abs() <= 1e-5, "{h}x{w} k{k} s{s} [{i}] {p} vs {q}");
             }
         }
     }

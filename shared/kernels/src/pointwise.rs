@@ -7,11 +7,13 @@
 //! row of `P` pixels, and the 6×16 AVX2 micro-kernel (12 accumulators; the shape of MLAS's
 //! SGEMM kernels) loads 16 pixels of a row and broadcasts 6 weights per reduction step.
 //! Bias, activation and the residual add are applied to the tile in registers before its only
-//! store: no zero-fill, no second pass over the output.
+//! store: no zero-fill, no second pass over the output. Where the CPU has AVX-512F the same
+//! loop runs 6×32 tiles of 16-lane vectors (with lane masks for the last tile of a row, so a
+//! 7×7 map computes 64 lanes for its 49 pixels, not 8-lane pieces).
 
 use std::mem::MaybeUninit;
 
-use crate::cpu::has_avx2_fma;
+use crate::cpu::{isa, Isa};
 use crate::geom::Geom;
 use crate::{threads, Activation};
 
@@ -54,11 +56,16 @@ pub(crate) struct Pointwise<'a> {
 }
 
 /// Runs the conv of geometry `g` (1×1, stride 1, unpadded, one group) into `out [N, O, P]`,
-/// writing every element (a portable loop where [`has_avx2_fma`] is false).
+/// writing every element, with the widest kernel this CPU runs (see [`isa`]).
 pub(crate) fn forward(op: &Pointwise<'_>, g: &Geom, out: &mut [MaybeUninit<f32>]) {
+    forward_with(op, g, out, isa());
+}
+
+/// [`forward`] on the kernel of `level` (at most [`isa`]; tests compare the levels).
+pub(crate) fn forward_with(op: &Pointwise<'_>, g: &Geom, out: &mut [MaybeUninit<f32>], level: Isa) {
     let (c, o, p) = (g.c, g.o, g.p());
     assert!(g.identity_1x1 && g.groups == 1);
-    let fast = has_avx2_fma();
+    assert!(level <= isa(), "pointwise: {level:?} not available");
     assert!(op.x.len() >= g.n * c * p && out.len() >= g.n * o * p);
     assert!(op.w.len() >= packed_len(o, c));
     assert!(op.bias.is_none_or(|b| b.len() >= o));
@@ -73,15 +80,22 @@ pub(crate) fn forward(op: &Pointwise<'_>, g: &Geom, out: &mut [MaybeUninit<f32>]
         let ri = op.residual.map(|r| &r[i * o * p..][..o * p]);
         let dims = (c, o, p);
         let dst = outp.get().wrapping_add(i * o * p);
-        if !fast {
+        match level {
             // SAFETY: operand lengths asserted above; rows of `panels` only.
-            return unsafe { image_portable(xi, op.w, op.bias, ri, op.act, dims, dst, panels) };
+            Isa::Portable => unsafe {
+                image_portable(xi, op.w, op.bias, ri, op.act, dims, dst, panels)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` checked avx2 + fma; operand lengths asserted above.
+            Isa::Avx2 => unsafe { avx::image(xi, op.w, op.bias, ri, op.act, dims, dst, panels) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` checked avx512f; operand lengths asserted above.
+            Isa::Avx512 => unsafe {
+                avx512::image(xi, op.w, op.bias, ri, op.act, dims, dst, panels)
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("SIMD level on a non-x86 CPU"),
         }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `has_avx2_fma` checked avx2 + fma; operand lengths asserted above.
-        unsafe {
-            avx::image(xi, op.w, op.bias, ri, op.act, dims, dst, panels)
-        };
     };
     if t <= 1 || (g.n == 1 && np == 1) {
         (0..g.n).for_each(|i| image(i, 0..np));
@@ -148,12 +162,23 @@ impl SendPtr {
     }
 }
 
+/// The epilogue of one tile.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Tail<'a> {
+    bias: Option<&'a [f32]>,
+    residual: Option<*const f32>,
+    act: Activation,
+    /// Whether this k-block is the first (start from zero) and the last (finish).
+    first: bool,
+    last: bool,
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{KC, MR, NR};
+    use super::{Tail, KC, MR, NR};
     use crate::Activation;
 
     #[inline(always)]
@@ -178,16 +203,6 @@ mod avx {
             let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
             _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx)
         }
-    }
-
-    /// The epilogue of one tile.
-    struct Tail<'a> {
-        bias: Option<&'a [f32]>,
-        residual: Option<*const f32>,
-        act: Activation,
-        /// Whether this k-block is the first (start from zero) and the last (finish).
-        first: bool,
-        last: bool,
     }
 
     /// One `MR × (NV*8)` tile over `kc` reduction steps: `a` the panel (`[kc][MR]`), `b` the
@@ -320,6 +335,224 @@ mod avx {
                     j += NR;
                 }
                 k0 += kc;
+            }
+        }
+    }
+}
+
+/// AVX-512 mask of the first `n` lanes (all 16 for `n >= 16`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn lane_mask(n: usize) -> u16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
+}
+
+/// The AVX-512F form of [`avx`]: the same blocking with 16-lane vectors, tiles of [`MR`] ×
+/// 32 pixels, lane masks (not a narrower tile) for the last columns of a row.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{lane_mask as mask, Tail, KC, MR};
+    use crate::Activation;
+
+    /// Pixels per tile (two 16-lane vectors).
+    const NR: usize = 32;
+
+    #[inline(always)]
+    unsafe fn activate(v: __m512, act: Activation) -> __m512 {
+        // SAFETY: callers run with avx512f enabled.
+        unsafe {
+            match act {
+                Activation::None => v,
+                Activation::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
+                Activation::Relu6 => {
+                    _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(6.0))
+                }
+            }
+        }
+    }
+
+    /// One `MR × (NV*16)` tile over `kc` reduction steps (see [`super::avx`]'s `tile`);
+    /// `cols` valid columns, the rest masked off in every load and store.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const NV: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        dst: *mut f32,
+        ldd: usize,
+        rows: usize,
+        cols: usize,
+        t: &Tail<'_>,
+        row0: usize,
+    ) {
+        // SAFETY: callers pass pointers valid for `rows` x `cols` and `kc` reduction steps
+        // (masked lanes are not accessed), with avx512f enabled.
+        unsafe {
+            let m = [mask(cols.min(16)), mask(cols.saturating_sub(16))];
+            let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+            if !t.first {
+                for (r, ar) in acc.iter_mut().enumerate().take(rows) {
+                    for (q, v) in ar.iter_mut().enumerate() {
+                        *v = _mm512_maskz_loadu_ps(m[q], dst.add(r * ldd + q * 16));
+                    }
+                }
+            }
+            for k in 0..kc {
+                let bp = b.add(k * ldb);
+                let mut bv = [_mm512_setzero_ps(); NV];
+                for (q, v) in bv.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_ps(m[q], bp.add(q * 16));
+                }
+                let ap = a.add(k * MR);
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*ap.add(r));
+                    for (q, v) in ar.iter_mut().enumerate() {
+                        *v = _mm512_fmadd_ps(av, bv[q], *v);
+                    }
+                }
+            }
+            for (r, ar) in acc.iter().enumerate().take(rows) {
+                let bias = if t.last {
+                    _mm512_set1_ps(t.bias.map_or(0.0, |b| b[row0 + r]))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                for (q, v) in ar.iter().enumerate() {
+                    let mut v = *v;
+                    if t.last {
+                        v = _mm512_add_ps(v, bias);
+                        if let Some(res) = t.residual {
+                            let rv = _mm512_maskz_loadu_ps(m[q], res.add(r * ldd + q * 16));
+                            v = _mm512_add_ps(v, rv);
+                        }
+                        v = activate(v, t.act);
+                    }
+                    _mm512_mask_storeu_ps(dst.add(r * ldd + q * 16), m[q], v);
+                }
+            }
+        }
+    }
+
+    /// One image: `out [O, P]` rows of `panels` only.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn image(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        act: Activation,
+        (c, o, p): (usize, usize, usize),
+        op: *mut f32,
+        panels: Range<usize>,
+    ) {
+        // SAFETY: every tile lies inside `x`, `w`, `residual` and the `O x P` output.
+        unsafe {
+            let (xp, wp) = (x.as_ptr(), w.as_ptr());
+            let rp = residual.map(|r| r.as_ptr());
+            let mut k0 = 0;
+            while k0 < c {
+                let kc = KC.min(c - k0);
+                let mut j = 0;
+                while j < p {
+                    let cols = NR.min(p - j);
+                    for pi in panels.clone() {
+                        let row0 = pi * MR;
+                        let rows = MR.min(o - row0);
+                        let t = Tail {
+                            bias,
+                            residual: rp.map(|r| r.add(row0 * p + j)),
+                            act,
+                            first: k0 == 0,
+                            last: k0 + kc == c,
+                        };
+                        let a = wp.add(pi * MR * c + k0 * MR);
+                        let b = xp.add(k0 * p + j);
+                        let d = op.add(row0 * p + j);
+                        if cols > 16 {
+                            tile::<2>(kc, a, b, p, d, p, rows, cols, &t, row0);
+                        } else {
+                            tile::<1>(kc, a, b, p, d, p, rows, cols, &t, row0);
+                        }
+                    }
+                    j += NR;
+                }
+                k0 += kc;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Conv2dParams;
+
+    /// Every kernel level this CPU runs agrees with the portable loop (the tests against
+    /// candle run only the widest).
+    #[test]
+    fn levels_agree() {
+        let mut seed = 5u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect()
+        };
+        let levels: Vec<Isa> = [Isa::Portable, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|l| *l <= isa())
+            .collect();
+        for (n, c, o, h, w) in [
+            (1, 3, 5, 7, 7),
+            (2, 300, 13, 4, 5),
+            (1, 17, 6, 14, 14),
+            (1, 8, 7, 1, 33),
+            (1, 40, 12, 6, 8),
+        ] {
+            let g = Geom::new((n, c, h, w), (o, c, 1, 1), &Conv2dParams::default()).unwrap();
+            let x = rnd(n * c * h * w);
+            let wt = pack(&rnd(o * c), o, c);
+            let bias = rnd(o);
+            let res = rnd(n * o * h * w);
+            let op = Pointwise {
+                x: &x,
+                w: &wt,
+                bias: Some(&bias),
+                residual: Some(&res),
+                act: Activation::Relu6,
+            };
+            let run = |level: Isa| {
+                let mut out = vec![MaybeUninit::new(f32::NAN); n * o * h * w];
+                forward_with(&op, &g, &mut out, level);
+                // SAFETY: every element written (checked finite below).
+                out.iter()
+                    .map(|v| unsafe { v.assume_init() })
+                    .collect::<Vec<f32>>()
+            };
+            let want = run(Isa::Portable);
+            assert!(want.iter().all(|v| v.is_finite()));
+            for &l in &levels[1..] {
+                let got = run(l);
+                for (i, (p, q)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (p - q).abs() <= 1e-5,
+                        "{l:?} {n}x{c}x{h}x{w}->{o} [{i}] {p} vs {q}"
+                    );
+                }
             }
         }
     }
