@@ -2,7 +2,7 @@
 //! runs one fused conv + bias + activation kernel per layer instead of three passes.
 //!
 //! Folded [`Params`] drop the BN tensors and gain `{conv}.bias` and the micro-kernel-packed
-//! weight `{conv}.packed` (see [`packed_name`]); the forward functions notice the missing BN
+//! weight `{conv}.packed` (see [`packed_name`]; a head's classifier gets `fc.packed`); the forward functions notice the missing BN
 //! and take the fused path (a 1x1 conv the pointwise GEMM, any other one-group conv the
 //! direct conv, both with bias, activation and residual add in the epilogue), so folded and
 //! unfolded modules share one forward implementation (and the folded oracle equals the
@@ -80,6 +80,11 @@ pub fn fold_params(p: &Params, eps: f64) -> Result<Params> {
         for part in super::spec::BN_PARTS {
             out.remove(&format!("{bn}.{part}"));
         }
+    }
+    // The classifier (`fc`, `[classes, features]`) runs as a packed 1x1 GEMM on the pooled
+    // features too: on one pixel per image its vectors run over the classes.
+    if let (Some(w), true) = (p.get("fc.weight"), p.contains_key("fc.bias")) {
+        out.insert(packed_name("fc"), adaptivenet_kernels::pack_pointwise(w)?);
     }
     Ok(out)
 }
