@@ -8,7 +8,10 @@
 //! activation applied before the single store. The older path ran one axpy pass over the
 //! whole output plane per tap (K*K reads and writes of the plane; a scalar gather for
 //! stride 2). Where the CPU has AVX-512F the rows run 16 lanes per vector (the last vector of
-//! a row stored under a lane mask).
+//! a row stored under a lane mask), and the copy goes: stride 1 reads the input rows in
+//! place (lane masks stand in for the zero padding: masked-off lanes are neither loaded nor
+//! counted), stride 2 de-interleaves each padded row with two permutes per 16 outputs. The
+//! per-row `memset` / `memcpy` calls of the copy cost as much as the taps on a 112×112 map.
 
 use crate::cpu::{has_avx2_fma, isa, Isa};
 use crate::geom::Geom;
@@ -126,20 +129,32 @@ fn fwd_plane_with(
 ) {
     assert!(supported(g) && buf.len() >= scratch_len(g) && out.len() >= g.p());
     assert!(level >= Isa::Avx2 && level <= isa());
+    assert!(x.len() >= g.h * g.w);
     let p = Pad::new(g);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `isa` checked avx512f; `plane_s1` bounds its loads by masks, `fill_s2` its
+    // stores by `Pad`, and the scratch bounds every load of `rows`.
+    if level == Isa::Avx512 {
+        unsafe {
+            match (g.kh, g.sh) {
+                (3, 1) => avx512::plane_s1::<3>(x, w, b, act, g, out),
+                (5, 1) => avx512::plane_s1::<5>(x, w, b, act, g, out),
+                (3, 2) => {
+                    avx512::fill_s2(x, g, &p, buf);
+                    avx512::rows::<3, 2>(w, b, act, g, &p, out, buf)
+                }
+                _ => {
+                    avx512::fill_s2(x, g, &p, buf);
+                    avx512::rows::<5, 2>(w, b, act, g, &p, out, buf)
+                }
+            }
+        }
+        return;
+    }
     fill(x, g, &p, buf);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `supported` checked avx2 + fma, `isa` avx512f for that level; the scratch
-    // bounds every load (see `Pad`).
+    // SAFETY: `supported` checked avx2 + fma; the scratch bounds every load (see `Pad`).
     unsafe {
-        if level == Isa::Avx512 {
-            return match (g.kh, g.sh) {
-                (3, 1) => avx512::rows::<3, 1>(w, b, act, g, &p, out, buf),
-                (3, 2) => avx512::rows::<3, 2>(w, b, act, g, &p, out, buf),
-                (5, 1) => avx512::rows::<5, 1>(w, b, act, g, &p, out, buf),
-                _ => avx512::rows::<5, 2>(w, b, act, g, &p, out, buf),
-            };
-        }
         match (g.kh, g.sh) {
             (3, 1) => avx::rows::<3, 1>(w, b, act, g, &p, out, buf),
             (3, 2) => avx::rows::<3, 2>(w, b, act, g, &p, out, buf),
@@ -296,6 +311,159 @@ mod avx512 {
         }
     }
 
+    /// Mask of lanes `lo..hi` (clamped to `0..16`).
+    #[inline(always)]
+    fn range_mask(lo: isize, hi: isize) -> __mmask16 {
+        let (lo, hi) = (lo.clamp(0, 16) as u32, hi.clamp(0, 16) as u32);
+        if hi <= lo {
+            0
+        } else {
+            (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as __mmask16
+        }
+    }
+
+    /// `NV` vectors of stride-1 outputs at column `o` of one output row, read in place:
+    /// `rows[i]` is input row `oh + i - pt` (`None` in the padding). `MASKED`: lanes whose
+    /// input column lies outside `0..wd` are masked off (zero padding), else every load is
+    /// inside its row.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn lanes_s1<const K: usize, const NV: usize, const MASKED: bool>(
+        rows: &[Option<*const f32>; 5],
+        o: usize,
+        pl: usize,
+        wd: usize,
+        wv: &[f32],
+        b: __m512,
+    ) -> [__m512; NV] {
+        // SAFETY: callers run with avx512f; unmasked loads lie inside the row (caller's
+        // check), masked ones only touch lanes inside it.
+        unsafe {
+            let mut m = [0 as __mmask16; 5];
+            if MASKED {
+                for (j, mj) in m.iter_mut().enumerate().take(K) {
+                    let s = o as isize + j as isize - pl as isize;
+                    *mj = range_mask(-s, wd as isize - s);
+                }
+            }
+            let mut acc = [b; NV];
+            for (i, row) in rows.iter().enumerate().take(K) {
+                let Some(rp) = *row else { continue };
+                for j in 0..K {
+                    let wt = _mm512_set1_ps(wv[i * K + j]);
+                    let s = o as isize + j as isize - pl as isize;
+                    for (q, a) in acc.iter_mut().enumerate() {
+                        let src = rp.wrapping_offset(s + (q * L16) as isize);
+                        let v = if MASKED {
+                            _mm512_maskz_loadu_ps(m[j], src)
+                        } else {
+                            _mm512_loadu_ps(src)
+                        };
+                        *a = _mm512_fmadd_ps(v, wt, *a);
+                    }
+                }
+            }
+            acc
+        }
+    }
+
+    /// Stride-1 `K×K` depthwise of one plane straight from `x [H, W]` (no scratch): blocks
+    /// of 4 or 1 unmasked vectors where every tap is inside the row, masked vectors at the
+    /// borders; the last vector of a row stored under a mask.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn plane_s1<const K: usize>(
+        x: &[f32],
+        w: &[f32],
+        b: f32,
+        act: Activation,
+        g: &Geom,
+        out: &mut [f32],
+    ) {
+        assert!(w.len() >= K * K && x.len() >= g.h * g.w && out.len() >= g.oh * g.ow);
+        let (wd, ow, pl) = (g.w, g.ow, g.pl);
+        // Whether `nv` vectors at `o` read and write inside their rows.
+        let inside = |o: usize, nv: usize| o >= pl && o + nv * L16 + K - 1 <= wd + pl;
+        // SAFETY: row pointers are rows of `x`; see `lanes_s1` for the loads; stores lie in
+        // output row `oh` (the last one masked to `OW`).
+        unsafe {
+            let bv = _mm512_set1_ps(b);
+            for oh in 0..g.oh {
+                let mut rows = [None; 5];
+                for (i, r) in rows.iter_mut().enumerate().take(K) {
+                    let ih = (oh + i) as isize - g.pt as isize;
+                    if ih >= 0 && (ih as usize) < g.h {
+                        *r = Some(x.as_ptr().add(ih as usize * wd));
+                    }
+                }
+                let dst = out.as_mut_ptr().add(oh * ow);
+                let mut o = 0;
+                while o < ow {
+                    if o + 4 * L16 <= ow && inside(o, 4) {
+                        let acc = lanes_s1::<K, 4, false>(&rows, o, pl, wd, w, bv);
+                        for (q, a) in acc.iter().enumerate() {
+                            _mm512_storeu_ps(dst.add(o + q * L16), activate(*a, act));
+                        }
+                        o += 4 * L16;
+                        continue;
+                    }
+                    let [a] = if inside(o, 1) {
+                        lanes_s1::<K, 1, false>(&rows, o, pl, wd, w, bv)
+                    } else {
+                        lanes_s1::<K, 1, true>(&rows, o, pl, wd, w, bv)
+                    };
+                    let m = crate::pointwise::lane_mask(ow - o);
+                    _mm512_mask_storeu_ps(dst.add(o), m, activate(a, act));
+                    o += L16;
+                }
+            }
+        }
+    }
+
+    /// The stride-2 scratch of one plane (as `super::fill`): each padded row's even and odd
+    /// columns, 16 at a time from two masked loads and two permutes.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fill_s2(x: &[f32], g: &Geom, p: &Pad, buf: &mut [f32]) {
+        assert!(buf.len() >= p.hp * p.rp && x.len() >= g.h * g.w);
+        // SAFETY: loads are masked to columns `0..W` of a row of `x`; stores to the first
+        // `half` elements of each half row (the last masked), inside the scratch.
+        unsafe {
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            let (wd, pl) = (g.w as isize, g.pl as isize);
+            for r in 0..p.hp {
+                let ih = r as isize - g.pt as isize;
+                let dst = buf.as_mut_ptr().add(r * p.rp);
+                let valid = ih >= 0 && ih < g.h as isize;
+                let row = x.as_ptr().wrapping_offset(ih * wd);
+                let mut q = 0;
+                while q < p.half {
+                    let m = crate::pointwise::lane_mask(p.half - q);
+                    let (e, o) = if valid {
+                        let c0 = 2 * q as isize - pl;
+                        let a = _mm512_maskz_loadu_ps(
+                            range_mask(-c0, wd - c0),
+                            row.wrapping_offset(c0),
+                        );
+                        let c1 = c0 + L16 as isize;
+                        let b = _mm512_maskz_loadu_ps(
+                            range_mask(-c1, wd - c1),
+                            row.wrapping_offset(c1),
+                        );
+                        (
+                            _mm512_permutex2var_ps(a, even, b),
+                            _mm512_permutex2var_ps(a, odd, b),
+                        )
+                    } else {
+                        (_mm512_setzero_ps(), _mm512_setzero_ps())
+                    };
+                    _mm512_mask_storeu_ps(dst.add(q), m, e);
+                    _mm512_mask_storeu_ps(dst.add(p.half + q), m, o);
+                    q += L16;
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn rows<const K: usize, const S: usize>(
         w: &[f32],
@@ -378,6 +546,9 @@ mod tests {
             (9, 70, 3, 2),
             (5, 33, 5, 1),
             (1, 1, 3, 1),
+            (6, 100, 3, 1),
+            (4, 90, 5, 1),
+            (3, 112, 3, 2),
         ] {
             let pad = Conv2dParams::same((h, w), (k, k), (s, s)).padding;
             let p = Conv2dParams {
