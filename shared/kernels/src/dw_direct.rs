@@ -424,8 +424,9 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn fill_s2(x: &[f32], g: &Geom, p: &Pad, buf: &mut [f32]) {
         assert!(buf.len() >= p.hp * p.rp && x.len() >= g.h * g.w);
-        // SAFETY: loads are masked to columns `0..W` of a row of `x`; stores to the first
-        // `half` elements of each half row (the last masked), inside the scratch.
+        // SAFETY: loads lie in columns `0..W` of a row of `x` (checked, or masked to them);
+        // stores in the first `half` elements of each half row (the last masked), inside
+        // the scratch.
         unsafe {
             let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
             let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
@@ -437,9 +438,19 @@ mod avx512 {
                 let row = x.as_ptr().wrapping_offset(ih * wd);
                 let mut q = 0;
                 while q < p.half {
+                    let c0 = 2 * q as isize - pl;
+                    if valid && q + L16 <= p.half && c0 >= 0 && c0 + 2 * L16 as isize <= wd {
+                        // Interior: both loads inside the row, both stores inside the half
+                        // rows; no masks.
+                        let a = _mm512_loadu_ps(row.offset(c0));
+                        let b = _mm512_loadu_ps(row.offset(c0 + L16 as isize));
+                        _mm512_storeu_ps(dst.add(q), _mm512_permutex2var_ps(a, even, b));
+                        _mm512_storeu_ps(dst.add(p.half + q), _mm512_permutex2var_ps(a, odd, b));
+                        q += L16;
+                        continue;
+                    }
                     let m = crate::pointwise::lane_mask(p.half - q);
                     let (e, o) = if valid {
-                        let c0 = 2 * q as isize - pl;
                         let a = _mm512_maskz_loadu_ps(
                             range_mask(-c0, wd - c0),
                             row.wrapping_offset(c0),

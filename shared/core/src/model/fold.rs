@@ -36,8 +36,12 @@ pub fn packed_name(conv: &str) -> String {
 /// Reductions (`C * KH * KW`) below which a KxK conv keeps the im2col + GEMM path: with so
 /// few steps per tile the direct conv's per-tile epilogue and per-call scratch outweigh
 /// the im2col it saves (measured, `cargo bench --bench packed`: a 3x3 1->16 stem at 28x28
-/// ran 0.66x, 4->16 0.94x, 16->16 1.18x). 1x1 convs always pack (the pointwise GEMM).
-const MIN_PACKED_REDUCTION: usize = 64;
+/// ran 0.66x, 4->16 0.94x, 16->16 1.18x). The RGB stems of MobileNetV2 and EfficientNet
+/// (3x3, 3->32, stride 2 at 224: reduction 27) are on the packed side: there the im2col
+/// path (im2col, a zeroed output, the GEMM) cost ~10 % of a Lite0 forward, for 3 % of its
+/// MACs, and the packed conv took ~1.5-2 ms off Lite0 and MobileNetV2 1.0 at 224 (thread
+/// CPU time, 1 thread). 1x1 convs always pack (the pointwise GEMM).
+const MIN_PACKED_REDUCTION: usize = 27;
 
 /// Whether a folded conv weight `[O, C, KH, KW]` gets a packed form.
 fn packs(w: &candle_core::Tensor) -> Result<bool> {
