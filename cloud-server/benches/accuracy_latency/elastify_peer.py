@@ -13,7 +13,8 @@ steps trained; this script runs the same steps in PyTorch on CPU, as
 - one backward pass and one AdamW step over the branches' parameters.
 The blocks are built by the chain interpreter of `shared/core/benches/kernels_peers.py`. The
 batch is random (no data loading or augmentation, which the Rust side includes, so the ratio
-errs against us). Prints progress and, last, one line `PEER {json}` with the per-step times.
+errs against us). Prints progress and, last, one line `PEER {json}` with the per-step wall
+and process CPU times.
 """
 import contextlib
 import io
@@ -74,9 +75,9 @@ def main():
     out = {"torch": torch.__version__, "threads": THREADS, "stages": []}
     for stage, st in enumerate(CFG["stages"]):
         opt = torch.optim.AdamW(train_vars, lr=float(st["lr"]), weight_decay=float(CFG["weight_decay"]))
-        times = []
+        times, cpu = [], []
         for path in st["paths"]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             steps = [modules[k] | {"key": k} for k in path]
             first = next(i for i, m in enumerate(steps) if m["branch"])
             last_end = max(m["pos"] + m["span"] for m in steps if m["branch"])
@@ -114,11 +115,12 @@ def main():
             loss.backward()
             opt.step()
             times.append(time.perf_counter() - t0)
-        out["stages"].append({"step_s": times})
+            cpu.append(time.process_time() - c0)
+        out["stages"].append({"step_s": times, "step_cpu_s": cpu})
         warm = int(CFG["warmup"])
-        timed = sorted(times[warm:])
-        print(f"stage {stage}: torch {1e3 * timed[len(timed) // 2]:.1f} ms/step median of {len(timed)} "
-              f"(after {warm} warm-up), batch {batch}, {THREADS} thread(s)", flush=True)
+        med = lambda v: sorted(v[warm:])[len(v[warm:]) // 2]  # noqa: E731
+        print(f"stage {stage}: torch {1e3 * med(cpu):.1f} ms/step CPU ({1e3 * med(times):.1f} wall), median of "
+              f"{len(times) - warm} (after {warm} warm-up), batch {batch}, {THREADS} thread(s)", flush=True)
     print("PEER " + json.dumps(out))
 
 

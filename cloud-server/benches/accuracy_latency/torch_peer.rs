@@ -6,7 +6,9 @@
 //! `python3`) repeats exactly the paths those steps trained, read from the progress events,
 //! on the same supernet weights, batch size and thread count, in the same run. Both sides
 //! discard their first [`WARMUP`] steps per stage and compare medians of time per step, i.e.
-//! per sample. Without torch the comparison is skipped with the reason printed.
+//! per sample: the process's CPU time (the headline: on a shared host other processes' time
+//! slices move wall time, and the two sides run one after the other) and wall time. Without
+//! torch the comparison is skipped with the reason printed.
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
@@ -27,25 +29,42 @@ pub const WARMUP: usize = 3;
 /// Timed steps per stage.
 pub const TIMED: usize = 20;
 
-/// Each step's wall time and the paths it trained, per stage.
-#[derive(Default)]
+/// CPU time of this process (every thread), seconds.
+fn process_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_PROCESS_CPUTIME_ID exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// One step: wall and CPU seconds, and the path it trained.
+struct Step {
+    wall: f64,
+    cpu: f64,
+    path: Vec<String>,
+}
+
+/// Each step's times and path, per stage.
 struct StepClock {
-    last: Option<Instant>,
-    stages: [Vec<(f64, Vec<String>)>; 2],
+    last: (Instant, f64),
+    stages: [Vec<Step>; 2],
 }
 
 impl ProgressSink for StepClock {
     fn report(&mut self, e: &ProgressEvent) {
-        let now = Instant::now();
-        let dt = self.last.map_or(f64::NAN, |t| (now - t).as_secs_f64());
-        self.last = Some(now);
+        let now = (Instant::now(), process_cpu_s());
+        let (wall, cpu) = ((now.0 - self.last.0).as_secs_f64(), now.1 - self.last.1);
+        self.last = now;
         let stage = usize::from(e.stage == "stage1");
         let path = e
             .paths
             .iter()
             .flat_map(|p| p.subnet.steps().map(|k| k.name()))
             .collect();
-        self.stages[stage].push((dt, path));
+        self.stages[stage].push(Step { wall, cpu, path });
     }
 }
 
@@ -75,8 +94,8 @@ pub fn elastify_ratio(
         cfg.batch
     );
     let mut clock = StepClock {
-        last: Some(Instant::now()),
-        ..StepClock::default()
+        last: (Instant::now(), process_cpu_s()),
+        stages: [Vec::new(), Vec::new()],
     };
     let out = elastify(
         oracle,
@@ -89,15 +108,18 @@ pub fn elastify_ratio(
     let sn = &out.supernet;
     // The first event of stage 1 also timed the end of stage 0 (its report), so each stage's
     // first steps are discarded.
-    let ours: Vec<f64> = clock
-        .stages
-        .iter()
-        .map(|s| median(s.iter().skip(WARMUP).map(|(t, _)| *t).collect()))
-        .collect();
+    let ours = |f: fn(&Step) -> f64| -> Vec<f64> {
+        clock
+            .stages
+            .iter()
+            .map(|s| median(s.iter().skip(WARMUP).map(f).collect()))
+            .collect()
+    };
+    let (ours_cpu, ours_wall) = (ours(|s| s.cpu), ours(|s| s.wall));
     if clock
         .stages
         .iter()
-        .any(|s| s.iter().any(|(_, p)| p.is_empty()))
+        .any(|s| s.iter().any(|st| st.path.is_empty()))
     {
         bail!("a progress event named no trained path");
     }
@@ -148,8 +170,8 @@ pub fn elastify_ratio(
         "stage0_detach_inputs": cfg.stage0_detach_inputs,
         "warmup": WARMUP,
         "stages": [
-            {"lr": cfg.lr_stage0, "paths": clock.stages[0].iter().map(|(_, p)| p).collect::<Vec<_>>()},
-            {"lr": cfg.lr_stage1, "paths": clock.stages[1].iter().map(|(_, p)| p).collect::<Vec<_>>()},
+            {"lr": cfg.lr_stage0, "paths": clock.stages[0].iter().map(|s| &s.path).collect::<Vec<_>>()},
+            {"lr": cfg.lr_stage1, "paths": clock.stages[1].iter().map(|s| &s.path).collect::<Vec<_>>()},
         ],
     });
     let cfg_path = work.join("peer.json");
@@ -191,43 +213,60 @@ pub fn elastify_ratio(
         eprintln!("torch comparison: skipped (no torch for {py}; set BENCH_PYTHON)");
         return Ok(None);
     }
-    let theirs: Vec<f64> = (0..2)
-        .map(|s| {
-            let v: Vec<f64> = peer["stages"][s]["step_s"]
-                .as_array()
-                .map(|a| a.iter().skip(WARMUP).filter_map(Value::as_f64).collect())
-                .unwrap_or_default();
-            if v.is_empty() {
-                bail!("the peer timed no step of stage {s}");
-            }
-            Ok(median(v))
-        })
-        .collect::<Result<_>>()?;
-    let ratio = (ours[0] + ours[1]) / (theirs[0] + theirs[1]);
+    let theirs = |key: &str| -> Result<Vec<f64>> {
+        (0..2)
+            .map(|s| {
+                let v: Vec<f64> = peer["stages"][s][key]
+                    .as_array()
+                    .map(|a| a.iter().skip(WARMUP).filter_map(Value::as_f64).collect())
+                    .unwrap_or_default();
+                if v.is_empty() {
+                    bail!("the peer timed no step of stage {s}");
+                }
+                Ok(median(v))
+            })
+            .collect()
+    };
+    let (theirs_cpu, theirs_wall) = (theirs("step_cpu_s")?, theirs("step_s")?);
+    let ratio = |a: &[f64], b: &[f64]| (a[0] + a[1]) / (b[0] + b[1]);
     println!(
-        "\n## elastification speed against PyTorch {} on this host ({} thread(s), batch {}, the same {TIMED} paths per stage after {WARMUP} warm-up steps; medians)",
+        "\n## elastification speed against PyTorch {} on this host ({} thread(s), batch {}, the same {TIMED} paths per stage after {WARMUP} warm-up steps; medians of CPU time per step, wall time in brackets)",
         peer["torch"].as_str().unwrap_or("?"),
         threads::max_threads(),
         cfg.batch
     );
     println!("| stage | ours ms/step | PyTorch ms/step | ours / PyTorch |\n|---|---|---|---|");
-    for s in 0..2 {
+    let row = |name: &str, o: [f64; 2], t: [f64; 2]| {
         println!(
-            "| {s} | {:.1} | {:.1} | {:.2} |",
-            1e3 * ours[s],
-            1e3 * theirs[s],
-            ours[s] / theirs[s]
+            "| {name} | {:.1} ({:.1}) | {:.1} ({:.1}) | {:.2} ({:.2}) |",
+            1e3 * o[0],
+            1e3 * o[1],
+            1e3 * t[0],
+            1e3 * t[1],
+            o[0] / t[0],
+            o[1] / t[1]
+        );
+    };
+    for s in 0..2 {
+        row(
+            &s.to_string(),
+            [ours_cpu[s], ours_wall[s]],
+            [theirs_cpu[s], theirs_wall[s]],
         );
     }
-    println!(
-        "| both | {:.1} | {:.1} | **{ratio:.2}** |",
-        1e3 * (ours[0] + ours[1]),
-        1e3 * (theirs[0] + theirs[1])
+    row(
+        "both",
+        [ours_cpu[0] + ours_cpu[1], ours_wall[0] + ours_wall[1]],
+        [
+            theirs_cpu[0] + theirs_cpu[1],
+            theirs_wall[0] + theirs_wall[1],
+        ],
     );
     Ok(Some(json!({
-        "elastify_ratio_torch": ratio,
-        "elastify_ratio_torch_stage0": ours[0] / theirs[0],
-        "elastify_ratio_torch_stage1": ours[1] / theirs[1],
+        "elastify_ratio_torch": ratio(&ours_cpu, &theirs_cpu),
+        "elastify_ratio_torch_wall": ratio(&ours_wall, &theirs_wall),
+        "elastify_ratio_torch_stage0": ours_cpu[0] / theirs_cpu[0],
+        "elastify_ratio_torch_stage1": ours_cpu[1] / theirs_cpu[1],
         "torch_version": peer["torch"],
     })))
 }
