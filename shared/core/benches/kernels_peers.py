@@ -23,7 +23,7 @@ CFG = json.load(open(sys.argv[1]))
 THREADS = int(CFG["threads"])
 for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[var] = str(THREADS)
-DIR = CFG["dir"]
+DIR = CFG.get("dir")  # absent when another peer script imports this one for its interpreter
 WARMUP = int(CFG.get("warmup", 2))
 
 try:
@@ -79,41 +79,51 @@ def out_size(i, k, s, p0, p1):
     return (i + p0 + p1 - k) // s + 1
 
 
+def block(emit, b, p, x, hw, act):
+    """One block of a chain (`p` its parameter prefix, `act` the numerics' activation)."""
+    t = b["type"]
+    inp, in_hw = x, hw
+    if t == "basic":
+        y, hw2 = emit.conv_bn(x, hw, p, "conv1", "bn1", b["stride"], 1, act)
+        y, hw2 = emit.conv_bn(y, hw2, p, "conv2", "bn2", 1, 1, None)
+        sc = emit.conv_bn(inp, in_hw, p, "downsample.0", "downsample.1", b["stride"], 1, None)[0] if b["proj"] else inp
+        return emit.act(emit.add(y, sc), act), hw2
+    if t == "bottleneck":
+        y, hw2 = emit.conv_bn(x, hw, p, "conv1", "bn1", 1, 1, act)
+        y, hw2 = emit.conv_bn(y, hw2, p, "conv2", "bn2", b["stride"], 1, act)
+        y, hw2 = emit.conv_bn(y, hw2, p, "conv3", "bn3", 1, 1, None)
+        sc = emit.conv_bn(inp, in_hw, p, "downsample.0", "downsample.1", b["stride"], 1, None)[0] if b["proj"] else inp
+        return emit.act(emit.add(y, sc), act), hw2
+    if t == "mb_conv":
+        h, hw2 = (emit.conv_bn(x, hw, p, "expand.conv", "expand.bn", 1, 1, act) if b["expand"] else (x, hw))
+        h, hw2 = emit.conv_bn(h, hw2, p, "dw.conv", "dw.bn", b["stride"], b["hidden"], act)
+        y, hw2 = emit.conv_bn(h, hw2, p, "project.conv", "project.bn", 1, 1, None)
+        return (emit.add(y, inp) if b["residual"] else y), hw2
+    raise ValueError(f"unknown block type {t}")
+
+
+def stem(spec, emit, x, hw):
+    st = spec["stem"]
+    x, hw = emit.conv_bn(x, hw, "stem.", "conv", "bn", st["stride"], 1, spec["numerics"]["act"])
+    if st["maxpool"]:
+        x, hw = emit.maxpool(x, hw)
+    return x, hw
+
+
+def head(spec, emit, x, hw):
+    if spec["head"].get("conv"):
+        x, hw = emit.conv_bn(x, hw, "head.", "conv", "bn", 1, 1, spec["numerics"]["act"])
+    return emit.head(x)
+
+
 def walk(spec, emit, x, hw):
     """Generic chain interpreter. `emit` supplies conv_bn(x, hw, prefix, conv, bn, stride,
     groups, act) -> (y, hw), add, act, maxpool, head; mirrors the Rust forward functions."""
-    num = spec["numerics"]
-    act = num["act"]
-    st = spec["stem"]
-    x, hw = emit.conv_bn(x, hw, "stem.", "conv", "bn", st["stride"], 1, act)
-    if st["maxpool"]:
-        x, hw = emit.maxpool(x, hw)
+    act = spec["numerics"]["act"]
+    x, hw = stem(spec, emit, x, hw)
     for i, b in enumerate(spec["blocks"]):
-        p = f"blocks.{i}."
-        t = b["type"]
-        inp, in_hw = x, hw
-        if t == "basic":
-            y, hw2 = emit.conv_bn(x, hw, p, "conv1", "bn1", b["stride"], 1, act)
-            y, hw2 = emit.conv_bn(y, hw2, p, "conv2", "bn2", 1, 1, None)
-            sc = emit.conv_bn(inp, in_hw, p, "downsample.0", "downsample.1", b["stride"], 1, None)[0] if b["proj"] else inp
-            x, hw = emit.act(emit.add(y, sc), act), hw2
-        elif t == "bottleneck":
-            y, hw2 = emit.conv_bn(x, hw, p, "conv1", "bn1", 1, 1, act)
-            y, hw2 = emit.conv_bn(y, hw2, p, "conv2", "bn2", b["stride"], 1, act)
-            y, hw2 = emit.conv_bn(y, hw2, p, "conv3", "bn3", 1, 1, None)
-            sc = emit.conv_bn(inp, in_hw, p, "downsample.0", "downsample.1", b["stride"], 1, None)[0] if b["proj"] else inp
-            x, hw = emit.act(emit.add(y, sc), act), hw2
-        elif t == "mb_conv":
-            h, hw2 = (emit.conv_bn(x, hw, p, "expand.conv", "expand.bn", 1, 1, act) if b["expand"] else (x, hw))
-            h, hw2 = emit.conv_bn(h, hw2, p, "dw.conv", "dw.bn", b["stride"], b["hidden"], act)
-            y, hw2 = emit.conv_bn(h, hw2, p, "project.conv", "project.bn", 1, 1, None)
-            x, hw = (emit.add(y, inp) if b["residual"] else y), hw2
-        else:
-            raise ValueError(f"unknown block type {t}")
-    hd = spec["head"]
-    if hd.get("conv"):
-        x, hw = emit.conv_bn(x, hw, "head.", "conv", "bn", 1, 1, act)
-    return emit.head(x)
+        x, hw = block(emit, b, f"blocks.{i}.", x, hw, act)
+    return head(spec, emit, x, hw)
 
 
 # ---------------------------------------------------------------- PyTorch
