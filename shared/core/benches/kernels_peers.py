@@ -11,7 +11,8 @@ helper API (no torch needed for the ORT column). It checks both against our logi
 times them with the bench's protocol (warm-up, interleaved rounds, the bench's thread count).
 
 Prints progress lines and, last, one line `PEERS {json}`:
-`{"threads", "versions": {"torch", "onnxruntime"}, "torch": {KEY: {"ms": [...]}}, "ort": {...},
+`{"threads", "versions": {"torch", "onnxruntime"}, "torch": {KEY: {"ms": [...], "cpu_ms": [...]}},
+"ort": {...},
 "check": {...}}`. A peer that is not installed is `null`; nothing here is required.
 """
 import json
@@ -282,19 +283,22 @@ def onnx_session(spec, w, shape, threads=THREADS):
 
 
 def bench(cols, runs):
-    """cols: {name: fn}. Warm-up, then `runs` interleaved rounds (rotating order)."""
+    """cols: {name: fn}. Warm-up, then `runs` interleaved rounds (rotating order). Returns
+    ({name: wall ms per run}, {name: process CPU ms per run})."""
     names = list(cols)
     for n in names:
         for _ in range(WARMUP):
             cols[n]()
     out = {n: [] for n in names}
+    cpu = {n: [] for n in names}
     for r in range(runs):
         for j in range(len(names)):
             n = names[(j + r) % len(names)]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             cols[n]()
             out[n].append((time.perf_counter() - t) * 1e3)
-    return out
+            cpu[n].append((time.process_time() - c) * 1e3)
+    return out, cpu
 
 
 def med(v):
@@ -350,9 +354,9 @@ def main():
             continue
         if len(cols) == 2:
             res["check"][f"{key}_torch_vs_ort"] = float(np.abs(np.asarray(cols["torch"]()) - cols["ort"]()).max())
-        t = bench(cols, int(m["runs"]))
+        t, cpu = bench(cols, int(m["runs"]))
         for n, v in t.items():
-            res[n][key] = {"ms": v}
+            res[n][key] = {"ms": v, "cpu_ms": cpu[n]}
         print(f"{key} ({th} threads): " + ", ".join(f"{n} {med(v):.2f} ms (n={len(v)})" for n, v in t.items()), flush=True)
     if torch is not None:
         torch.set_num_threads(THREADS)
@@ -379,7 +383,7 @@ def main():
                         t.grad = None
             return loss
 
-        t = bench({"torch": step}, int(tr["runs"]))
+        t, _ = bench({"torch": step}, int(tr["runs"]))
         res["torch"]["train_step"] = {"ms": t["torch"]}
         print(f"train_step: torch {med(t['torch']):.2f} ms (n={len(t['torch'])})", flush=True)
 
@@ -396,7 +400,7 @@ def main():
             gx.grad = None
             gw.grad = None
 
-        t = bench({"torch": dw}, int(d["runs"]))
+        t, _ = bench({"torch": dw}, int(d["runs"]))
         res["torch"]["dw"] = {"ms": t["torch"]}
         print(f"dw: torch {med(t['torch']):.2f} ms (n={len(t['torch'])})", flush=True)
 

@@ -639,8 +639,8 @@ mod avx512 {
     }
 
     /// One image on a small map: `out [O, P]` rows of `panels` only, vectors over output
-    /// channels (see [`super::vector_over_o`]). Pixels in tiles of 12, 4 and 1 (24, 8 and
-    /// 4 accumulators), panels two at a time (four for single pixels, so the reduction has
+    /// channels (see [`super::vector_over_o`]). Pixels in tiles of at most 12, panels two at
+    /// a time (up to 24 accumulators; four panels for a single pixel, so the reduction has
     /// enough independent accumulators).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
@@ -658,16 +658,13 @@ mod avx512 {
         unsafe {
             let (xp, wp) = (x.as_ptr(), w.as_ptr());
             let lda = MR * c;
+            // Pixel tiles of near-equal size, at most 12 (49 pixels: 10, 10, 10, 10, 9), so no
+            // tile of one or two pixels streams the weights again for a few multiply-adds.
+            let mut tiles = p.div_ceil(12);
             let mut p0 = 0;
             while p0 < p {
-                let left = p - p0;
-                let px = if left >= 12 {
-                    12
-                } else if left >= 4 {
-                    4
-                } else {
-                    1
-                };
+                let px = (p - p0).div_ceil(tiles);
+                tiles -= 1;
                 let np = if px == 1 { 4 } else { 2 };
                 let mut pi = panels.start;
                 while pi < panels.end {
@@ -682,15 +679,30 @@ mod avx512 {
                             tile_small::<$np, $px>(c, a, lda, xs, p, o0, o, bias, r, act, d)
                         };
                     }
+                    macro_rules! by_px {
+                        ($np:literal) => {
+                            match px {
+                                12 => run!($np, 12),
+                                11 => run!($np, 11),
+                                10 => run!($np, 10),
+                                9 => run!($np, 9),
+                                8 => run!($np, 8),
+                                7 => run!($np, 7),
+                                6 => run!($np, 6),
+                                5 => run!($np, 5),
+                                4 => run!($np, 4),
+                                3 => run!($np, 3),
+                                _ => run!($np, 2),
+                            }
+                        };
+                    }
                     match (n, px) {
-                        (2, 12) => run!(2, 12),
-                        (_, 12) => run!(1, 12),
-                        (2, 4) => run!(2, 4),
-                        (_, 4) => run!(1, 4),
-                        (4, _) => run!(4, 1),
-                        (3, _) => run!(3, 1),
-                        (2, _) => run!(2, 1),
-                        _ => run!(1, 1),
+                        (4, 1) => run!(4, 1),
+                        (3, 1) => run!(3, 1),
+                        (2, 1) => run!(2, 1),
+                        (_, 1) => run!(1, 1),
+                        (2, _) => by_px!(2),
+                        _ => by_px!(1),
                     }
                     pi += n;
                 }
