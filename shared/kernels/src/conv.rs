@@ -41,6 +41,10 @@ impl ConvOp {
             }
             None => None,
         };
+        if self.train && direct_1x1(&g) {
+            let out = pointwise_1x1(xs, ws, bs, &g, self.act);
+            return Ok((CpuStorage::F32(out), Shape::from(g.out_dims())));
+        }
         let mut out = vec![0f32; g.n * g.out_img()];
         if g.is_depthwise() {
             depthwise::forward(xs, ws, bs, &g, self.act, self.train, &mut out);
@@ -152,6 +156,34 @@ impl CustomOp3 for ConvOp {
     }
 }
 
+/// Whether a 1x1 conv (stride 1, unpadded, one group) of training runs on the direct
+/// pointwise kernels of inference (weight packed per call): on Lite0's training shapes at
+/// batch 32 they took 18 ms per step for the forwards against 44 ms with im2col-free GEMMs
+/// (`gemm` crate, small maps stacked), and 37 against 56 ms for the grad-inputs.
+fn direct_1x1(g: &Geom) -> bool {
+    g.identity_1x1 && g.groups == 1 && crate::cpu::isa() >= crate::cpu::Isa::Avx2
+}
+
+/// `act(W x + b)` of a 1x1 conv on [`crate::pointwise`]'s direct kernels: `W` packed for
+/// this call (`O * C` copies against `N * O * C * P` multiply-adds), the output written once
+/// with no zero-fill and no stacking copy of small maps.
+fn pointwise_1x1(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &Geom, act: Activation) -> Vec<f32> {
+    let packed = crate::pointwise::pack(w, g.o, g.c);
+    let op = crate::pointwise::Pointwise {
+        x,
+        w: &packed,
+        bias: b,
+        residual: None,
+        act,
+    };
+    let n = g.n * g.out_img();
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    crate::pointwise::forward(&op, g, &mut out.spare_capacity_mut()[..n]);
+    // SAFETY: `pointwise::forward` writes every element of `[N, O, P]`.
+    unsafe { out.set_len(n) };
+    out
+}
+
 /// `(grad_out, w) -> grad_x`.
 struct ConvBwdData {
     p: Conv2dParams,
@@ -175,6 +207,13 @@ impl CustomOp2 for ConvBwdData {
         let g = Geom::new(self.x_dims, dims4(l2, "conv2d backward")?, &self.p)?;
         if dims4(l1, "conv2d backward")? != g.out_dims() {
             return Err(KernelError::Shape("conv2d backward: grad shape mismatch".into()).into());
+        }
+        if direct_1x1(&g) {
+            // The forward with `W^T` (see `transposed_as_forward`).
+            if let Some((gt, wt)) = transposed_as_forward(&g, w) {
+                let gx = pointwise_1x1(go, &wt, None, &gt, Activation::None);
+                return Ok((CpuStorage::F32(gx), Shape::from(self.x_dims)));
+            }
         }
         let mut gx = vec![0f32; g.n * g.in_img()];
         if g.is_depthwise() {

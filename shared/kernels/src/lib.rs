@@ -43,7 +43,9 @@
 //!   odd number of cache lines (4 KiB-multiple pitches alias in L1). The grad-weight GEMM
 //!   reads a pixel-major im2col (`[P, K]`), so neither operand needs a transposing pack.
 //!   The grad-input of a stride-1 conv runs as the forward conv with the flipped,
-//!   transposed kernel (for a 1x1 conv: the forward with `W^T`).
+//!   transposed kernel (for a 1x1 conv: the forward with `W^T`). Training's 1x1 convs
+//!   (stride 1, unpadded) run forward and grad-input on `src/pointwise.rs`'s direct kernels
+//!   instead, the weight packed per call.
 //! * `src/pw_train.rs`: the weight gradient of a 1x1 conv as direct dot products on NCHW
 //!   (4x3 register tiles over blocks of images, small maps packed into contiguous rows).
 //! * `src/depthwise.rs`: direct depthwise forward per plane (run-time AVX2+FMA dispatch,
