@@ -168,10 +168,36 @@ fn direct_1x1(g: &Geom) -> bool {
 /// this call (`O * C` copies against `N * O * C * P` multiply-adds), the output written once
 /// with no zero-fill and no stacking copy of small maps.
 fn pointwise_1x1(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &Geom, act: Activation) -> Vec<f32> {
-    let packed = crate::pointwise::pack(w, g.o, g.c);
+    pointwise_packed_1x1(x, &crate::pointwise::pack(w, g.o, g.c), b, g, act)
+}
+
+/// The packed form ([`crate::pointwise::pack`]) of `W^T [C, O]` for `w [O, C]`: a panel's
+/// row `r` at reduction step `k` is `w[k][panel * MR + r]`, so each step copies a contiguous
+/// run of `w`'s row `k` (no transposed copy of `w` first).
+fn pack_transposed(w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    use crate::pointwise::{packed_len, MR};
+    assert_eq!(w.len(), o * c, "pack_transposed: weight length");
+    let mut out = vec![0f32; packed_len(c, o)];
+    for (pi, panel) in out.chunks_exact_mut(MR * o).enumerate() {
+        let (c0, rows) = (pi * MR, MR.min(c - pi * MR));
+        for (k, step) in panel.chunks_exact_mut(MR).enumerate() {
+            step[..rows].copy_from_slice(&w[k * c + c0..][..rows]);
+        }
+    }
+    out
+}
+
+/// [`pointwise_1x1`] on a weight already packed for `g`.
+fn pointwise_packed_1x1(
+    x: &[f32],
+    packed: &[f32],
+    b: Option<&[f32]>,
+    g: &Geom,
+    act: Activation,
+) -> Vec<f32> {
     let op = crate::pointwise::Pointwise {
         x,
-        w: &packed,
+        w: packed,
         bias: b,
         residual: None,
         act,
@@ -209,11 +235,15 @@ impl CustomOp2 for ConvBwdData {
             return Err(KernelError::Shape("conv2d backward: grad shape mismatch".into()).into());
         }
         if direct_1x1(&g) {
-            // The forward with `W^T` (see `transposed_as_forward`).
-            if let Some((gt, wt)) = transposed_as_forward(&g, w) {
-                let gx = pointwise_1x1(go, &wt, None, &gt, Activation::None);
-                return Ok((CpuStorage::F32(gx), Shape::from(self.x_dims)));
-            }
+            // The forward with `W^T` (see `transposed_as_forward`), packed from `W` directly.
+            let gt = Geom::new(
+                (g.n, g.o, g.oh, g.ow),
+                (g.c, g.o, 1, 1),
+                &Conv2dParams::default(),
+            )?;
+            let packed = pack_transposed(w, g.o, g.c);
+            let gx = pointwise_packed_1x1(go, &packed, None, &gt, Activation::None);
+            return Ok((CpuStorage::F32(gx), Shape::from(self.x_dims)));
         }
         let mut gx = vec![0f32; g.n * g.in_img()];
         if g.is_depthwise() {
@@ -332,5 +362,29 @@ impl CustomOp1 for BiasGrad {
         }
         let gb: Vec<f32> = gb.into_iter().map(|v| v as f32).collect();
         Ok((CpuStorage::F32(gb), Shape::from(o)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pack_transposed;
+
+    /// Packing `W^T` straight from `W` is the pack of the transposed matrix.
+    #[test]
+    fn pack_transposed_is_the_pack_of_the_transpose() {
+        for (o, c) in [(3, 5), (16, 16), (20, 33), (1, 17), (40, 1)] {
+            let w: Vec<f32> = (0..o * c).map(|i| i as f32 * 0.5 - 7.0).collect();
+            let mut wt = vec![0f32; o * c];
+            for oi in 0..o {
+                for ci in 0..c {
+                    wt[ci * o + oi] = w[oi * c + ci];
+                }
+            }
+            assert_eq!(
+                pack_transposed(&w, o, c),
+                crate::pointwise::pack(&wt, c, o),
+                "{o}x{c}"
+            );
+        }
     }
 }
