@@ -3,8 +3,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use crate::geom::Geom;
-use crate::storage::{dims4, f32_slice};
-use crate::{depthwise, gemm_path, Activation, Conv2dParams, KernelError};
+use crate::storage::{dims4, f32_slice, filled};
+use crate::{depthwise, dw_lanes, gemm_path, Activation, Conv2dParams, KernelError};
 
 type Dims4 = (usize, usize, usize, usize);
 
@@ -45,9 +45,18 @@ impl ConvOp {
             let out = pointwise_1x1(xs, ws, bs, &g, self.act);
             return Ok((CpuStorage::F32(out), Shape::from(g.out_dims())));
         }
+        if self.train && g.is_depthwise() && depthwise::lanes_forward(&g) {
+            // SAFETY: `dw_lanes::forward` writes every element of `[N, C, OH, OW]`.
+            let out = unsafe {
+                filled(g.n * g.out_img(), |o| {
+                    dw_lanes::forward(xs, ws, bs, &g, self.act, o)
+                })
+            };
+            return Ok((CpuStorage::F32(out), Shape::from(g.out_dims())));
+        }
         let mut out = vec![0f32; g.n * g.out_img()];
         if g.is_depthwise() {
-            depthwise::forward(xs, ws, bs, &g, self.act, self.train, &mut out);
+            depthwise::forward(xs, ws, bs, &g, self.act, &mut out);
         } else {
             gemm_path::forward(xs, ws, bs, &g, self.act, &mut out);
         }
@@ -245,10 +254,17 @@ impl CustomOp2 for ConvBwdData {
             let gx = pointwise_packed_1x1(go, &packed, None, &gt, Activation::None);
             return Ok((CpuStorage::F32(gx), Shape::from(self.x_dims)));
         }
-        let mut gx = vec![0f32; g.n * g.in_img()];
         if g.is_depthwise() {
-            depthwise::backward_data(go, w, &g, &mut gx);
-        } else if let Some((gt, wt)) = transposed_as_forward(&g, w) {
+            // SAFETY: `dw_lanes::backward_data` writes every element of `[N, C, H, W]`.
+            let gx = unsafe {
+                filled(g.n * g.in_img(), |gx| {
+                    dw_lanes::backward_data(go, w, &g, gx)
+                })
+            };
+            return Ok((CpuStorage::F32(gx), Shape::from(self.x_dims)));
+        }
+        let mut gx = vec![0f32; g.n * g.in_img()];
+        if let Some((gt, wt)) = transposed_as_forward(&g, w) {
             gemm_path::forward(go, &wt, None, &gt, Activation::None, &mut gx);
         } else {
             gemm_path::backward_data(go, w, &g, &mut gx);
@@ -334,7 +350,7 @@ impl CustomOp2 for ConvBwdFilter {
             return Err(KernelError::Shape("conv2d backward: grad shape mismatch".into()).into());
         }
         let gw = if g.is_depthwise() {
-            depthwise::backward_filter(x, go, &g)
+            dw_lanes::backward_filter(x, go, &g)
         } else {
             gemm_path::backward_filter(x, go, &g)
         };

@@ -214,28 +214,24 @@ fn plane_threads(g: &Geom) -> usize {
     threads::for_flops(g.flops())
 }
 
-/// Whether a training forward takes the channel-lane kernel: everywhere but on planes whose
-/// output rows are long enough for the register-blocked kernel's row vectors at stride 1
-/// (measured on Lite0's layers at batch 32: 32x32 and 16x16 planes at stride 1 ran faster
-/// there, every strided or smaller plane 1.5-8x faster in lanes).
-fn lanes_forward(g: &Geom) -> bool {
+/// Whether a training forward takes the channel-lane kernel ([`crate::dw_lanes`]):
+/// everywhere but on planes whose output rows are long enough for the register-blocked
+/// kernel's row vectors at stride 1 (measured on Lite0's layers at batch 32: 32x32 and 16x16
+/// planes at stride 1 ran faster there, every strided or smaller plane 1.5-8x faster in
+/// lanes).
+pub(crate) fn lanes_forward(g: &Geom) -> bool {
     !(crate::dw_direct::supported(g) && g.sh == 1 && g.sw == 1 && g.ow >= 16)
 }
 
-/// Depthwise forward; `out` is `[N, C, OH, OW]`. `train`: the forward of a training step
-/// (see [`lanes_forward`]); inference keeps the plane kernels.
+/// Depthwise forward of the plane kernels; `out` is `[N, C, OH, OW]`.
 pub(crate) fn forward(
     x: &[f32],
     w: &[f32],
     b: Option<&[f32]>,
     g: &Geom,
     act: Activation,
-    train: bool,
     out: &mut [f32],
 ) {
-    if train && lanes_forward(g) {
-        return crate::dw_lanes::forward(x, w, b, g, act, out);
-    }
     let (hw, kk) = (g.h * g.w, g.kh * g.kw);
     let direct = crate::dw_direct::supported(g);
     let blen = if direct {
@@ -255,14 +251,4 @@ pub(crate) fn forward(
             }
         });
     });
-}
-
-/// Depthwise gradient w.r.t. the input; every element of `gx` (`[N, C, H, W]`) is written.
-pub(crate) fn backward_data(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32]) {
-    crate::dw_lanes::backward_data(go, w, g, gx)
-}
-
-/// Depthwise gradient w.r.t. the weight `[C, 1, KH, KW]`.
-pub(crate) fn backward_filter(x: &[f32], go: &[f32], g: &Geom) -> Vec<f32> {
-    crate::dw_lanes::backward_filter(x, go, g)
 }

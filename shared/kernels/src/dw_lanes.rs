@@ -15,6 +15,8 @@
 //! do not depend on the thread count. Summation orders differ from the plane-wise kernels:
 //! results agree with them (and with candle) to f32 rounding, not bit for bit.
 
+use std::mem::MaybeUninit;
+
 use crate::cpu::has_avx2_fma;
 use crate::gemm_path::with_col;
 use crate::geom::{valid_range, Geom};
@@ -82,20 +84,29 @@ fn to_lanes(src: &[f32], lanes: usize, p: usize, dst: &mut [f32]) {
     }
 }
 
-/// `dst [lanes][p] = act(src [p][L])` (the first `lanes` lanes).
+/// `dst [lanes][p] = act(src [p][L])` (the first `lanes` lanes; every element of `dst`'s
+/// first `lanes * p` written).
 #[inline(always)]
-fn from_lanes(src: &[f32], lanes: usize, p: usize, dst: &mut [f32], act: Activation) {
+fn from_lanes(src: &[f32], lanes: usize, p: usize, dst: &mut [MaybeUninit<f32>], act: Activation) {
     for l in 0..lanes {
         let d = &mut dst[l * p..][..p];
         for (q, v) in d.iter_mut().enumerate() {
             let x = src[q * L + l];
-            *v = match act {
+            v.write(match act {
                 Activation::None => x,
                 Activation::Relu => x.max(0.0),
                 Activation::Relu6 => x.clamp(0.0, 6.0),
-            };
+            });
         }
     }
+}
+
+/// `v` as a slice of possibly uninitialised floats, for [`from_lanes`] (same layout; only
+/// initialised values are written through it).
+fn as_uninit(v: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and writing initialised floats
+    // through the result keeps `v` initialised.
+    unsafe { &mut *(v as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }
 
 /// The vector operations the kernels are written in: one `L`-lane f32 vector.
@@ -118,7 +129,13 @@ trait Vector: Copy {
     }
     /// [`from_lanes`] with `act` applied to each value.
     #[inline(always)]
-    fn from_lanes(src: &[f32], lanes: usize, p: usize, dst: &mut [f32], act: Activation) {
+    fn from_lanes(
+        src: &[f32],
+        lanes: usize,
+        p: usize,
+        dst: &mut [MaybeUninit<f32>],
+        act: Activation,
+    ) {
         from_lanes(src, lanes, p, dst, act)
     }
 }
@@ -164,6 +181,8 @@ impl Vector for Portable {
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use std::arch::x86_64::*;
+
+    use std::mem::MaybeUninit;
 
     use super::{Activation, Vector, L};
 
@@ -233,11 +252,16 @@ mod avx {
     /// # Safety
     /// avx enabled; `src` holds `p * L` floats, `dst` `L * p`.
     #[inline(always)]
-    pub(super) unsafe fn from_lanes_full(src: &[f32], p: usize, dst: &mut [f32], act: Activation) {
+    pub(super) unsafe fn from_lanes_full(
+        src: &[f32],
+        p: usize,
+        dst: &mut [MaybeUninit<f32>],
+        act: Activation,
+    ) {
         assert!(src.len() >= p * L && dst.len() >= L * p);
         // SAFETY: every load and store below is inside the asserted lengths.
         unsafe {
-            let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+            let (s, d) = (src.as_ptr(), dst.as_mut_ptr().cast::<f32>());
             let mut q = 0;
             while q + 8 <= p {
                 let r =
@@ -307,7 +331,13 @@ mod avx {
             }
         }
         #[inline(always)]
-        fn from_lanes(src: &[f32], lanes: usize, p: usize, dst: &mut [f32], act: Activation) {
+        fn from_lanes(
+            src: &[f32],
+            lanes: usize,
+            p: usize,
+            dst: &mut [MaybeUninit<f32>],
+            act: Activation,
+        ) {
             if lanes == L {
                 unsafe { from_lanes_full(src, p, dst, act) }
             } else {
@@ -448,7 +478,7 @@ fn fwd_image<V: Vector>(
     w: &[f32],
     b: Option<&[f32]>,
     act: Activation,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     buf: &mut [f32],
 ) {
     let (g, hw, kk, p) = (pl.g, pl.hw(), pl.kk(), pl.g.p());
@@ -475,7 +505,7 @@ fn bwd_data_image<V: Vector>(
     pl: &Plan<'_>,
     go: &[f32],
     w: &[f32],
-    gx: &mut [f32],
+    gx: &mut [MaybeUninit<f32>],
     buf: &mut [f32],
 ) {
     let (g, hw, kk, p) = (pl.g, pl.hw(), pl.kk(), pl.g.p());
@@ -514,7 +544,7 @@ fn bwd_filter_channels<V: Vector>(
         // SAFETY: runs of `g`; blocks sized for whole planes of `L` lanes.
         unsafe { bwd_filter_block::<V>(pl.runs, g.sw, xb, gb, acc) };
     }
-    V::from_lanes(acc, lanes, kk, gw, Activation::None);
+    V::from_lanes(acc, lanes, kk, as_uninit(gw), Activation::None);
 }
 
 /// The image-level kernels instantiated for one vector type (the AVX2 copy compiled with
@@ -531,7 +561,7 @@ macro_rules! kernels {
             w: &[f32],
             b: Option<&[f32]>,
             act: Activation,
-            out: &mut [f32],
+            out: &mut [MaybeUninit<f32>],
             buf: &mut [f32],
         ) {
             fwd_image::<$v>(pl, x, w, b, act, out, buf)
@@ -543,7 +573,7 @@ macro_rules! kernels {
             pl: &Plan<'_>,
             go: &[f32],
             w: &[f32],
-            gx: &mut [f32],
+            gx: &mut [MaybeUninit<f32>],
             buf: &mut [f32],
         ) {
             bwd_data_image::<$v>(pl, go, w, gx, buf)
@@ -587,7 +617,7 @@ pub(crate) fn forward(
     b: Option<&[f32]>,
     g: &Geom,
     act: Activation,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     let runs = runs(g);
     let pl = Plan { g, runs: &runs };
@@ -609,7 +639,7 @@ pub(crate) fn forward(
 }
 
 /// Depthwise gradient w.r.t. the input; every element of `gx` (`[N, C, H, W]`) is written.
-pub(crate) fn backward_data(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32]) {
+pub(crate) fn backward_data(go: &[f32], w: &[f32], g: &Geom, gx: &mut [MaybeUninit<f32>]) {
     let runs = runs(g);
     let pl = Plan { g, runs: &runs };
     let (hw, p, kk, c) = (pl.hw(), g.p(), pl.kk(), g.c);
