@@ -49,12 +49,13 @@
 //! * `src/pw_train.rs`: the weight gradient of a 1x1 conv as direct dot products on NCHW
 //!   (4x3 register tiles over blocks of images, small maps packed into contiguous rows).
 //! * `src/depthwise.rs`: direct depthwise forward per plane (run-time AVX2+FMA dispatch,
-//!   parallel over planes), and the routing of training to `src/dw_lanes.rs`: forward (but
-//!   on large stride-1 planes), grad-input and grad-weight with 8 channels in the SIMD lanes
-//!   and every valid (output, input, tap) triple one vector multiply-add, no padding or
-//!   partial vectors (parallel over images; grad-weight over channel blocks).
+//!   parallel over planes) and which training forwards it keeps (large stride-1 planes);
+//!   `src/conv.rs` sends the other training forwards and both gradients to
+//!   `src/dw_lanes.rs`: 8 channels in the SIMD lanes and every valid (output, input, tap)
+//!   triple one vector multiply-add, no padding or partial vectors (parallel over images;
+//!   grad-weight over channel blocks).
 //! * `src/dw_direct.rs`: register-blocked depthwise forward (3x3 / 5x5, stride 1 / 2, bias +
-//!   activation fused), used by every depthwise forward it supports.
+//!   activation fused), used by every inference depthwise forward it supports.
 //! * `src/pointwise.rs`, `src/infer.rs`: [`pack_pointwise`] and [`pointwise_packed`], the
 //!   inference 1x1 conv as a direct GEMM on a pre-packed weight with bias, activation and
 //!   residual add fused (`tests/mbconv.rs` checks both against candle).
