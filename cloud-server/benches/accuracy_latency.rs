@@ -62,6 +62,12 @@
 //!   compares, for the 4- and 5-block subnets, choosing after recalibration too; a third,
 //!   the subnets chosen at 0.50 and 0.60 on a device that sees all classes and on one that
 //!   sees footwear only (`off` / `branches` / `all` / `auto`).
+//! * `ACC_TORCH=0` skips the same-host comparison with PyTorch, which runs by default when
+//!   `$BENCH_PYTHON` (default `python3`) has torch: a short run of the same recipe is timed
+//!   step by step, and `accuracy_latency/elastify_peer.py` repeats exactly the paths those
+//!   steps trained in PyTorch, on the same weights, batch and thread count (code in
+//!   `accuracy_latency/torch_peer.rs`). BENCH keys `elastify_ratio_torch` (ours / PyTorch,
+//!   time per sample over both stages) and `_stage0` / `_stage1`.
 //! * `ACC_ALL_SUBNETS=1`: also evaluate every subnet on the test set and print, per block
 //!   count, the search-chosen and the best test accuracy (a diagnostic of the search split).
 //! * `ADAPTIVENET_THREADS` is not read: training and accuracy evaluation run on every hardware
@@ -111,6 +117,8 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "accuracy_latency/lite0.rs"]
 mod lite0;
+#[path = "accuracy_latency/torch_peer.rs"]
+mod torch_peer;
 
 const BUDGETS: [f64; 10] = [0.50, 0.55, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90, 0.95];
 const SEARCH_IMAGES: usize = 1000;
@@ -423,6 +431,28 @@ impl Variant {
     }
 }
 
+/// The bench's elastification recipe for variant `v` of preset `p`.
+fn elastify_config(p: &Preset, v: &Variant) -> ElastifyConfig {
+    let steps = v.stage_steps(p);
+    ElastifyConfig {
+        branches: vec!["merge2".into(), "merge3".into()],
+        seed: SEED,
+        stage0_steps: steps[0],
+        stage1_steps: steps[1],
+        batch: p.elastify_batch,
+        // From the preset's steps, so that every variant's stage 0 is the same run.
+        warmup_steps: (p.stage_steps[0].min(p.stage_steps[1]) / 30).clamp(1, 100),
+        checkpoint_every: 200,
+        original_weight: v.original_weight,
+        sandwich: v.sandwich,
+        sandwich_random: SANDWICH_RANDOM,
+        inplace_distill: v.inplace,
+        normalize: fashion_normalize(),
+        augment: fashion_augment(),
+        ..ElastifyConfig::default()
+    }
+}
+
 /// Elastifies (or reuses) the merge-only supernet with schedule `v`; returns it with its
 /// timing report.
 fn trained_supernet(
@@ -463,23 +493,7 @@ fn trained_supernet(
             );
         }
     }
-    let cfg = ElastifyConfig {
-        branches: vec!["merge2".into(), "merge3".into()],
-        seed: SEED,
-        stage0_steps: steps[0],
-        stage1_steps: steps[1],
-        batch: p.elastify_batch,
-        // From the preset's steps, so that every variant's stage 0 is the same run.
-        warmup_steps: (p.stage_steps[0].min(p.stage_steps[1]) / 30).clamp(1, 100),
-        checkpoint_every: 200,
-        original_weight: v.original_weight,
-        sandwich: v.sandwich,
-        sandwich_random: SANDWICH_RANDOM,
-        inplace_distill: v.inplace,
-        normalize: fashion_normalize(),
-        augment: fashion_augment(),
-        ..ElastifyConfig::default()
-    };
+    let cfg = elastify_config(p, v);
     let ck = checkpoints(dir)?;
     eprintln!(
         "supernet {}: elastifying, {} + {} steps of batch {} ({} path(s) per stage-1 step), original weight {} ...",
@@ -1127,6 +1141,17 @@ fn main() -> Result<()> {
     };
     let paper = Variant::paper(&p);
     let (mut trained, el_report) = trained_supernet(&paper.dir(&wd), &p, &paper, &oracle, &train)?;
+    // Same-host speed against PyTorch on the same recipe and paths (skipped without torch).
+    let torch_ratio = if env_flag("ACC_TORCH", true) {
+        torch_peer::elastify_ratio(
+            &oracle,
+            &elastify_config(&p, &paper),
+            &train,
+            &wd.join("torch-peer"),
+        )?
+    } else {
+        None
+    };
     let mut untrained = build_supernet(&oracle, &SupernetConfig::merge_only())?;
     let scratch_steps = p.elastify_samples() / p.oracle_batch as u64;
     let mut scratch = Vec::new();
@@ -1493,6 +1518,10 @@ fn main() -> Result<()> {
         // ACC_ABLATION only: each schedule's retained accuracy per budget and its time.
         "ablation": ablation,
     });
+    let mut bench = bench;
+    if let Some(Value::Object(t)) = torch_ratio {
+        bench.as_object_mut().expect("an object").extend(t);
+    }
     println!();
     println!("BENCH {bench}");
     Ok(())

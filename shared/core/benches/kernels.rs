@@ -23,6 +23,12 @@
 //! `adaptivenet_kernels::alloc::retain_freed_memory`, which the binaries call: for A/B runs;
 //! `"retain_freed_memory"` in the BENCH line says which ran).
 //!
+//! Every run is also timed by the process's CPU clock (here and in the peers' script). On a
+//! shared host other processes' time slices land in the wall-clock times of whichever side
+//! runs while they do (ours and the peers run one after the other, not interleaved), so the
+//! 1-thread rows also print the folded / ONNX Runtime ratio of the CPU-time medians, the
+//! steadier figure there (`{key}_folded_cpu_ms`, `{key}_ort_cpu_ms`, `{key}_ratio_ort_cpu`).
+//!
 //! Ends with one line `BENCH {json}` (medians in ms, `null` where a column did not run).
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -44,6 +50,8 @@ type Res<T> = anyhow::Result<T>;
 #[derive(Clone, Debug)]
 struct Stats {
     ms: Vec<f64>,
+    /// Process CPU time of each run (ms; empty where not recorded).
+    cpu: Vec<f64>,
 }
 
 impl Stats {
@@ -67,10 +75,26 @@ impl Stats {
             (v[n / 2 - 1] + v[n / 2]) / 2.0
         }
     }
+    /// Median process CPU time per run, if recorded.
+    fn cpu_median(&self) -> Option<f64> {
+        let mut v = self.cpu.clone();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        match n {
+            0 => None,
+            _ if n % 2 == 1 => Some(v[n / 2]),
+            _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+        }
+    }
     fn from_json(v: &Value) -> Option<Stats> {
-        let ms = v.get("ms")?.as_array()?;
-        let ms: Vec<f64> = ms.iter().filter_map(Value::as_f64).collect();
-        (!ms.is_empty()).then_some(Stats { ms })
+        let list = |k: &str| -> Vec<f64> {
+            v.get(k)
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default()
+        };
+        let (ms, cpu) = (list("ms"), list("cpu_ms"));
+        (!ms.is_empty()).then_some(Stats { ms, cpu })
     }
 }
 
@@ -91,13 +115,26 @@ fn scale() -> f64 {
         .unwrap_or(1.0)
 }
 
-fn time_one(c: &mut Col) -> Res<f64> {
+/// CPU time of the whole process (all threads), ms.
+fn process_cpu_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_PROCESS_CPUTIME_ID exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
+}
+
+/// One run: (wall ms, process CPU ms).
+fn time_one(c: &mut Col) -> Res<(f64, f64)> {
     ops::set_stock_candle(c.stock);
-    let t = Instant::now();
+    let (t, c0) = (Instant::now(), process_cpu_ms());
     (c.run)()?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
+    let cpu = process_cpu_ms() - c0;
     ops::set_stock_candle(false);
-    Ok(ms)
+    Ok((ms, cpu))
 }
 
 /// Warm-up, then interleaved timed rounds. `budget_s`: time per column aimed at.
@@ -107,7 +144,7 @@ fn bench_row(cols: &mut [Col], warmup: usize, budget_s: f64) -> Res<Vec<Stats>> 
     for c in cols.iter_mut() {
         let mut last = f64::INFINITY;
         for _ in 0..warmup.max(1) {
-            last = last.min(time_one(c)?);
+            last = last.min(time_one(c)?.0);
         }
         est.push(last);
     }
@@ -124,13 +161,21 @@ fn bench_row(cols: &mut [Col], warmup: usize, budget_s: f64) -> Res<Vec<Stats>> 
         })
         .collect();
     let rounds = *runs.iter().max().unwrap();
-    let mut out = vec![Stats { ms: Vec::new() }; cols.len()];
+    let mut out = vec![
+        Stats {
+            ms: Vec::new(),
+            cpu: Vec::new(),
+        };
+        cols.len()
+    ];
     let k = cols.len();
     for r in 0..rounds {
         for j in 0..k {
             let i = (j + r) % k;
             if r < runs[i] {
-                out[i].ms.push(time_one(&mut cols[i])?);
+                let (ms, cpu) = time_one(&mut cols[i])?;
+                out[i].ms.push(ms);
+                out[i].cpu.push(cpu);
             }
         }
     }
@@ -825,6 +870,22 @@ fn main() -> Res<()> {
         };
         if r.key != "train_step" && r.key != "dw" {
             bench.insert(format!("{k}_ratio_ort"), rat(&ort));
+        }
+        // CPU-time ratio of the deployed path to ONNX Runtime, on rows that ran at 1 thread
+        // (at 2 threads CPU time is not the latency).
+        let one_thread = row_threads.get(r.key) == Some(&1);
+        let cpu = |s: &Option<Stats>| s.as_ref().and_then(Stats::cpu_median);
+        if let (true, Some(a), Some(b)) = (one_thread, cpu(best), cpu(&ort)) {
+            println!(
+                "{:<36} process CPU time (median): folded {a:.2} ms, ORT {b:.2} ms, \
+                 folded/ORT {:.2}",
+                "",
+                a / b
+            );
+            let r3 = |v: f64| json!((v * 1000.0).round() / 1000.0);
+            bench.insert(format!("{k}_folded_cpu_ms"), r3(a));
+            bench.insert(format!("{k}_ort_cpu_ms"), r3(b));
+            bench.insert(format!("{k}_ratio_ort_cpu"), r3(a / b));
         }
         bench.insert(format!("{k}_ratio_torch"), rat(&torch));
     }

@@ -11,7 +11,8 @@ helper API (no torch needed for the ORT column). It checks both against our logi
 times them with the bench's protocol (warm-up, interleaved rounds, the bench's thread count).
 
 Prints progress lines and, last, one line `PEERS {json}`:
-`{"threads", "versions": {"torch", "onnxruntime"}, "torch": {KEY: {"ms": [...]}}, "ort": {...},
+`{"threads", "versions": {"torch", "onnxruntime"}, "torch": {KEY: {"ms": [...], "cpu_ms": [...]}},
+"ort": {...},
 "check": {...}}`. A peer that is not installed is `null`; nothing here is required.
 """
 import json
@@ -23,7 +24,7 @@ CFG = json.load(open(sys.argv[1]))
 THREADS = int(CFG["threads"])
 for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[var] = str(THREADS)
-DIR = CFG["dir"]
+DIR = CFG.get("dir")  # absent when another peer script imports this one for its interpreter
 WARMUP = int(CFG.get("warmup", 2))
 
 try:
@@ -79,41 +80,51 @@ def out_size(i, k, s, p0, p1):
     return (i + p0 + p1 - k) // s + 1
 
 
+def block(emit, b, p, x, hw, act):
+    """One block of a chain (`p` its parameter prefix, `act` the numerics' activation)."""
+    t = b["type"]
+    inp, in_hw = x, hw
+    if t == "basic":
+        y, hw2 = emit.conv_bn(x, hw, p, "conv1", "bn1", b["stride"], 1, act)
+        y, hw2 = emit.conv_bn(y, hw2, p, "conv2", "bn2", 1, 1, None)
+        sc = emit.conv_bn(inp, in_hw, p, "downsample.0", "downsample.1", b["stride"], 1, None)[0] if b["proj"] else inp
+        return emit.act(emit.add(y, sc), act), hw2
+    if t == "bottleneck":
+        y, hw2 = emit.conv_bn(x, hw, p, "conv1", "bn1", 1, 1, act)
+        y, hw2 = emit.conv_bn(y, hw2, p, "conv2", "bn2", b["stride"], 1, act)
+        y, hw2 = emit.conv_bn(y, hw2, p, "conv3", "bn3", 1, 1, None)
+        sc = emit.conv_bn(inp, in_hw, p, "downsample.0", "downsample.1", b["stride"], 1, None)[0] if b["proj"] else inp
+        return emit.act(emit.add(y, sc), act), hw2
+    if t == "mb_conv":
+        h, hw2 = (emit.conv_bn(x, hw, p, "expand.conv", "expand.bn", 1, 1, act) if b["expand"] else (x, hw))
+        h, hw2 = emit.conv_bn(h, hw2, p, "dw.conv", "dw.bn", b["stride"], b["hidden"], act)
+        y, hw2 = emit.conv_bn(h, hw2, p, "project.conv", "project.bn", 1, 1, None)
+        return (emit.add(y, inp) if b["residual"] else y), hw2
+    raise ValueError(f"unknown block type {t}")
+
+
+def stem(spec, emit, x, hw):
+    st = spec["stem"]
+    x, hw = emit.conv_bn(x, hw, "stem.", "conv", "bn", st["stride"], 1, spec["numerics"]["act"])
+    if st["maxpool"]:
+        x, hw = emit.maxpool(x, hw)
+    return x, hw
+
+
+def head(spec, emit, x, hw):
+    if spec["head"].get("conv"):
+        x, hw = emit.conv_bn(x, hw, "head.", "conv", "bn", 1, 1, spec["numerics"]["act"])
+    return emit.head(x)
+
+
 def walk(spec, emit, x, hw):
     """Generic chain interpreter. `emit` supplies conv_bn(x, hw, prefix, conv, bn, stride,
     groups, act) -> (y, hw), add, act, maxpool, head; mirrors the Rust forward functions."""
-    num = spec["numerics"]
-    act = num["act"]
-    st = spec["stem"]
-    x, hw = emit.conv_bn(x, hw, "stem.", "conv", "bn", st["stride"], 1, act)
-    if st["maxpool"]:
-        x, hw = emit.maxpool(x, hw)
+    act = spec["numerics"]["act"]
+    x, hw = stem(spec, emit, x, hw)
     for i, b in enumerate(spec["blocks"]):
-        p = f"blocks.{i}."
-        t = b["type"]
-        inp, in_hw = x, hw
-        if t == "basic":
-            y, hw2 = emit.conv_bn(x, hw, p, "conv1", "bn1", b["stride"], 1, act)
-            y, hw2 = emit.conv_bn(y, hw2, p, "conv2", "bn2", 1, 1, None)
-            sc = emit.conv_bn(inp, in_hw, p, "downsample.0", "downsample.1", b["stride"], 1, None)[0] if b["proj"] else inp
-            x, hw = emit.act(emit.add(y, sc), act), hw2
-        elif t == "bottleneck":
-            y, hw2 = emit.conv_bn(x, hw, p, "conv1", "bn1", 1, 1, act)
-            y, hw2 = emit.conv_bn(y, hw2, p, "conv2", "bn2", b["stride"], 1, act)
-            y, hw2 = emit.conv_bn(y, hw2, p, "conv3", "bn3", 1, 1, None)
-            sc = emit.conv_bn(inp, in_hw, p, "downsample.0", "downsample.1", b["stride"], 1, None)[0] if b["proj"] else inp
-            x, hw = emit.act(emit.add(y, sc), act), hw2
-        elif t == "mb_conv":
-            h, hw2 = (emit.conv_bn(x, hw, p, "expand.conv", "expand.bn", 1, 1, act) if b["expand"] else (x, hw))
-            h, hw2 = emit.conv_bn(h, hw2, p, "dw.conv", "dw.bn", b["stride"], b["hidden"], act)
-            y, hw2 = emit.conv_bn(h, hw2, p, "project.conv", "project.bn", 1, 1, None)
-            x, hw = (emit.add(y, inp) if b["residual"] else y), hw2
-        else:
-            raise ValueError(f"unknown block type {t}")
-    hd = spec["head"]
-    if hd.get("conv"):
-        x, hw = emit.conv_bn(x, hw, "head.", "conv", "bn", 1, 1, act)
-    return emit.head(x)
+        x, hw = block(emit, b, f"blocks.{i}.", x, hw, act)
+    return head(spec, emit, x, hw)
 
 
 # ---------------------------------------------------------------- PyTorch
@@ -272,19 +283,22 @@ def onnx_session(spec, w, shape, threads=THREADS):
 
 
 def bench(cols, runs):
-    """cols: {name: fn}. Warm-up, then `runs` interleaved rounds (rotating order)."""
+    """cols: {name: fn}. Warm-up, then `runs` interleaved rounds (rotating order). Returns
+    ({name: wall ms per run}, {name: process CPU ms per run})."""
     names = list(cols)
     for n in names:
         for _ in range(WARMUP):
             cols[n]()
     out = {n: [] for n in names}
+    cpu = {n: [] for n in names}
     for r in range(runs):
         for j in range(len(names)):
             n = names[(j + r) % len(names)]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             cols[n]()
             out[n].append((time.perf_counter() - t) * 1e3)
-    return out
+            cpu[n].append((time.process_time() - c) * 1e3)
+    return out, cpu
 
 
 def med(v):
@@ -340,9 +354,9 @@ def main():
             continue
         if len(cols) == 2:
             res["check"][f"{key}_torch_vs_ort"] = float(np.abs(np.asarray(cols["torch"]()) - cols["ort"]()).max())
-        t = bench(cols, int(m["runs"]))
+        t, cpu = bench(cols, int(m["runs"]))
         for n, v in t.items():
-            res[n][key] = {"ms": v}
+            res[n][key] = {"ms": v, "cpu_ms": cpu[n]}
         print(f"{key} ({th} threads): " + ", ".join(f"{n} {med(v):.2f} ms (n={len(v)})" for n, v in t.items()), flush=True)
     if torch is not None:
         torch.set_num_threads(THREADS)
@@ -369,7 +383,7 @@ def main():
                         t.grad = None
             return loss
 
-        t = bench({"torch": step}, int(tr["runs"]))
+        t, _ = bench({"torch": step}, int(tr["runs"]))
         res["torch"]["train_step"] = {"ms": t["torch"]}
         print(f"train_step: torch {med(t['torch']):.2f} ms (n={len(t['torch'])})", flush=True)
 
@@ -386,7 +400,7 @@ def main():
             gx.grad = None
             gw.grad = None
 
-        t = bench({"torch": dw}, int(d["runs"]))
+        t, _ = bench({"torch": dw}, int(d["runs"]))
         res["torch"]["dw"] = {"ms": t["torch"]}
         print(f"dw: torch {med(t['torch']):.2f} ms (n={len(t['torch'])})", flush=True)
 

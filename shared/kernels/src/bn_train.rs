@@ -8,12 +8,24 @@
 //! `dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`,
 //! `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)` over `N, H, W`.
 //! Sums accumulate per plane in f32 lanes and across planes in f64.
+//!
+//! [`batch_norm_train_act`] also applies the activation that follows BN in every conv block
+//! (ReLU, ReLU6) in the same op: the forward writes only `act(bn(x))`, and the backward
+//! recomputes the pre-activation `z = x * a + b` (the forward's arithmetic, so the same bits)
+//! for the activation's gradient mask instead of reading a stored `z`. The BN output and its
+//! gradient, each a full activation-sized tensor with candle's zero-fill and add of the
+//! gradient, are gone; values and gradients are bit-identical to BN followed by [`relu`] /
+//! [`relu6`] (the masks are theirs, sums are over the same values in the same order).
+//!
+//! [`relu`]: crate::relu
+//! [`relu6`]: crate::relu6
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
+use crate::eltwise::{relu6_grad, relu_grad};
 use crate::pool::sum8;
-use crate::storage::{dims4, f32_slice};
-use crate::{check_f32, threads, KernelError};
+use crate::storage::{dims4, f32_slice, filled};
+use crate::{check_f32, threads, Activation, KernelError};
 
 /// `sum((a - m) * b)` in f32 lanes.
 #[inline(always)]
@@ -90,10 +102,42 @@ impl CustomOp1 for BnStats {
     }
 }
 
-/// `(x, gamma, beta) -> gamma * (x - mean) * invstd + beta`, the statistics fixed.
+/// `(x, gamma, beta) -> act(gamma * (x - mean) * invstd + beta)`, the statistics fixed.
 struct BnApply {
     mean: Vec<f32>,
     invstd: Vec<f32>,
+    act: Activation,
+}
+
+/// Per-channel `(a, b)` with `bn(x) = x * a + b`: one multiply and one add per element, the
+/// same in the forward and in the backward's recomputation.
+fn affine(gamma: &[f32], beta: &[f32], mean: &[f32], invstd: &[f32]) -> Vec<(f32, f32)> {
+    (0..gamma.len())
+        .map(|c| {
+            let a = gamma[c] * invstd[c];
+            (a, beta[c] - mean[c] * a)
+        })
+        .collect()
+}
+
+#[inline(always)]
+fn activate(z: f32, act: Activation) -> f32 {
+    match act {
+        Activation::None => z,
+        Activation::Relu => z.max(0.0),
+        Activation::Relu6 => z.clamp(0.0, 6.0),
+    }
+}
+
+/// The gradient at the pre-activation `z` of an upstream gradient `g` (the masks of
+/// [`crate::relu`] and [`crate::relu6`]).
+#[inline(always)]
+fn act_grad(z: f32, g: f32, act: Activation) -> f32 {
+    match act {
+        Activation::None => g,
+        Activation::Relu => relu_grad(z, g),
+        Activation::Relu6 => relu6_grad(z, g),
+    }
 }
 
 fn vec_arg<'a>(
@@ -132,15 +176,19 @@ impl CustomOp3 for BnApply {
         let gamma = vec_arg(s2, l2, c, "gamma")?;
         let beta = vec_arg(s3, l3, c, "beta")?;
         let hw = h * w;
-        let mut y = vec![0f32; x.len()];
-        threads::for_each_item(&mut y, hw, threads_for(x.len()), |pi, yp| {
-            let ci = pi % c;
-            let a = gamma[ci] * self.invstd[ci];
-            let b = beta[ci] - self.mean[ci] * a;
-            for (o, v) in yp.iter_mut().zip(&x[pi * hw..][..hw]) {
-                *o = v * a + b;
-            }
-        });
+        let ab = affine(gamma, beta, &self.mean, &self.invstd);
+        let act = self.act;
+        // SAFETY: the items cover `y`, each loop writes its whole item (`x` is as long).
+        let y = unsafe {
+            filled(x.len(), |y| {
+                threads::for_each_item(y, hw, threads_for(x.len()), |pi, yp| {
+                    let (a, b) = ab[pi % c];
+                    for (o, v) in yp.iter_mut().zip(&x[pi * hw..][..hw]) {
+                        o.write(activate(v * a + b, act));
+                    }
+                })
+            })
+        };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -153,11 +201,18 @@ impl CustomOp3 for BnApply {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        let gv = gamma.to_vec1::<f32>()?;
+        let ab = match self.act {
+            Activation::None => Vec::new(),
+            _ => affine(&gv, &beta.to_vec1::<f32>()?, &self.mean, &self.invstd),
+        };
         let sums = x.apply_op2_no_bwd(
             &grad,
             &BnBwdSums {
                 mean: self.mean.clone(),
                 invstd: self.invstd.clone(),
+                act: self.act,
+                ab: ab.clone(),
             },
         )?;
         let gx = if x.track_op() {
@@ -167,9 +222,11 @@ impl CustomOp3 for BnApply {
                 &BnBwdData {
                     mean: self.mean.clone(),
                     invstd: self.invstd.clone(),
-                    gamma: gamma.to_vec1::<f32>()?,
+                    gamma: gv,
                     sum_dy: s[0].clone(),
                     sum_dy_xhat: s[1].clone(),
+                    act: self.act,
+                    ab,
                 },
             )?)
         } else {
@@ -181,10 +238,22 @@ impl CustomOp3 for BnApply {
     }
 }
 
-/// `(x, dy) -> [2, C]`: `sum(dy)` and `sum(dy * xhat)` per channel.
+/// `(x, dy) -> [2, C]`: `sum(dz)` and `sum(dz * xhat)` per channel, `dz` the gradient at
+/// the pre-activation (`dy` itself without an activation).
 struct BnBwdSums {
     mean: Vec<f32>,
     invstd: Vec<f32>,
+    act: Activation,
+    /// Per-channel `(a, b)` of the pre-activation (empty without an activation).
+    ab: Vec<(f32, f32)>,
+}
+
+/// `dz` of one plane into `out` (the activation's mask at `z = x * a + b`).
+#[inline(always)]
+fn plane_dz(x: &[f32], dy: &[f32], (a, b): (f32, f32), act: Activation, out: &mut [f32]) {
+    for ((o, xv), g) in out.iter_mut().zip(x).zip(dy) {
+        *o = act_grad(xv * a + b, *g, act);
+    }
 }
 
 impl CustomOp2 for BnBwdSums {
@@ -210,11 +279,17 @@ impl CustomOp2 for BnBwdSums {
         }
         let hw = h * w;
         let parts = threads::map_ranges(c, threads_for(2 * x.len()), |r| {
+            // The plane's `dz` (with an activation), summed exactly as `dy` is without one.
+            let mut dz = vec![0f32; if self.act == Activation::None { 0 } else { hw }];
             r.map(|ci| {
                 let (mut sdy, mut sdyx) = (0f64, 0f64);
                 for ni in 0..n {
                     let off = (ni * c + ci) * hw;
-                    let (xp, gp) = (&x[off..][..hw], &dy[off..][..hw]);
+                    let (xp, mut gp) = (&x[off..][..hw], &dy[off..][..hw]);
+                    if self.act != Activation::None {
+                        plane_dz(xp, gp, self.ab[ci], self.act, &mut dz);
+                        gp = &dz;
+                    }
                     sdy += sum8(gp) as f64;
                     sdyx += sum_centered_mul(xp, self.mean[ci], gp) as f64;
                 }
@@ -236,6 +311,8 @@ struct BnBwdData {
     gamma: Vec<f32>,
     sum_dy: Vec<f32>,
     sum_dy_xhat: Vec<f32>,
+    act: Activation,
+    ab: Vec<(f32, f32)>,
 }
 
 impl CustomOp2 for BnBwdData {
@@ -255,20 +332,35 @@ impl CustomOp2 for BnBwdData {
         let (n, c, h, w) = dims4(l1, "batch_norm_train backward")?;
         let hw = h * w;
         let m = (n * hw) as f32;
-        let mut dx = vec![0f32; x.len()];
-        threads::for_each_item(&mut dx, hw, threads_for(2 * x.len()), |pi, dxp| {
-            let ci = pi % c;
-            let inv = self.invstd[ci];
-            // dx = k * (dy - a - (x - mean) * inv * b), a = mean(dy), b = mean(dy * xhat)
-            let k = self.gamma[ci] * inv;
-            let a = self.sum_dy[ci] / m;
-            let b = self.sum_dy_xhat[ci] / m * inv;
-            let mean = self.mean[ci];
-            let off = pi * hw;
-            for ((o, xv), g) in dxp.iter_mut().zip(&x[off..][..hw]).zip(&dy[off..][..hw]) {
-                *o = k * (g - a - (xv - mean) * b);
-            }
-        });
+        let act = self.act;
+        // SAFETY: the items cover `dx`, each loop writes its whole item (`x` and `dy` are as
+        // long).
+        let dx = unsafe {
+            filled(x.len(), |dx| {
+                threads::for_each_item(dx, hw, threads_for(2 * x.len()), |pi, dxp| {
+                    let ci = pi % c;
+                    let inv = self.invstd[ci];
+                    // dx = k * (dz - a - (x - mean) * inv * b), a = mean(dz), b = mean(dz * xhat)
+                    let k = self.gamma[ci] * inv;
+                    let a = self.sum_dy[ci] / m;
+                    let b = self.sum_dy_xhat[ci] / m * inv;
+                    let mean = self.mean[ci];
+                    let off = pi * hw;
+                    let (xs, gs) = (&x[off..][..hw], &dy[off..][..hw]);
+                    if act == Activation::None {
+                        for ((o, xv), g) in dxp.iter_mut().zip(xs).zip(gs) {
+                            o.write(k * (g - a - (xv - mean) * b));
+                        }
+                    } else {
+                        let (za, zb) = self.ab[ci];
+                        for ((o, xv), g) in dxp.iter_mut().zip(xs).zip(gs) {
+                            let dz = act_grad(xv * za + zb, *g, act);
+                            o.write(k * (dz - a - (xv - mean) * b));
+                        }
+                    }
+                })
+            })
+        };
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -282,6 +374,19 @@ pub fn batch_norm_train(
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    batch_norm_train_act(x, gamma, beta, eps, Activation::None)
+}
+
+/// [`batch_norm_train`] followed by `act` in one op: `y = act(bn(x))`, differentiable
+/// w.r.t. `x`, `gamma` and `beta`, bit-identical to [`batch_norm_train`] then [`crate::relu`]
+/// or [`crate::relu6`] (see the module docs), one activation-sized tensor less each way.
+pub fn batch_norm_train_act(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    act: Activation,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     check_f32(x, "batch_norm_train", "x")?;
     check_f32(gamma, "batch_norm_train", "gamma")?;
@@ -299,6 +404,7 @@ pub fn batch_norm_train(
     let op = BnApply {
         mean: st[0].clone(),
         invstd,
+        act,
     };
     let y = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
     Ok((y, stats.get(0)?, stats.get(1)?))

@@ -14,3 +14,27 @@ pub(crate) fn has_avx2_fma() -> bool {
         false
     }
 }
+
+/// The widest instruction set an inference kernel may use on this CPU. The 16-lane
+/// AVX-512 kernels matter where the peers use them too: on a host with AVX-512, ONNX
+/// Runtime's kernels are, and an 8-lane kernel caps at half their multiply-add rate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Isa {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+/// [`Isa`] of this CPU (AVX-512F on top of AVX2 + FMA for the widest).
+#[inline]
+pub(crate) fn isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        return if std::arch::is_x86_feature_detected!("avx512f") {
+            Isa::Avx512
+        } else {
+            Isa::Avx2
+        };
+    }
+    Isa::Portable
+}

@@ -1,10 +1,13 @@
 //! Direct depthwise kernels (groups == C == O): no im2col, no per-group GEMM.
 //!
-//! Per plane `(n, c)` and per tap `(i, j)` the kernel runs an axpy over the valid part of each
-//! output row. Stride 1 (the common case) instead works on a zero-padded copy of the plane
-//! with the output at the padded row pitch, so that every tap is one long contiguous
-//! axpy (forward, grad-input) or dot product (grad-weight). On x86_64 the plane kernels are
-//! compiled twice and the AVX2+FMA copy is picked at run time.
+//! Forward: [`crate::dw_direct`] (register-blocked 3x3 / 5x5) where it applies; otherwise, per
+//! plane `(n, c)` and per tap `(i, j)`, an axpy over the valid part of each output row
+//! (stride 1: on a zero-padded copy of the plane with the output at the padded row pitch, so
+//! that every tap is one long contiguous axpy). Training (the autograd forward) takes the
+//! channel-lane kernels of [`crate::dw_lanes`] instead except on large stride-1 planes, and
+//! both gradients always do: on the small planes of a MobileNet-style network they are
+//! several times faster than any per-plane kernel. On x86_64 the plane kernels are compiled
+//! twice and the AVX2+FMA copy is picked at run time.
 
 use crate::cpu::has_avx2_fma;
 use crate::gemm_path::with_col;
@@ -18,25 +21,7 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s = 0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    acc.iter().sum::<f32>() + s
-}
-
-/// Taps loop shared by the three kernels: calls `f(i, j, oh, ih, lo, hi, s)` for every tap
+/// Taps loop of the plane forward: calls `f(i, j, oh, ih, lo, hi, s)` for every tap
 /// `(i, j)` and output row `oh` with a non-empty valid column range `lo..hi`, where input row
 /// `ih` and input column `s + (ow - lo) * sw` correspond to output column `ow`.
 #[inline(always)]
@@ -81,43 +66,9 @@ fn fwd_plane_impl(x: &[f32], w: &[f32], b: f32, act: Activation, g: &Geom, out: 
     }
 }
 
-#[inline(always)]
-fn bwd_data_plane_impl(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32]) {
-    for_taps(g, |i, j, oh, ih, lo, hi, s| {
-        let wv = w[i * g.kw + j];
-        let gr = &go[oh * g.ow..][..g.ow];
-        let xr = &mut gx[ih * g.w..][..g.w];
-        if g.sw == 1 {
-            axpy(&mut xr[s..s + hi - lo], wv, &gr[lo..hi]);
-        } else {
-            for (k, v) in gr[lo..hi].iter().enumerate() {
-                xr[s + k * g.sw] += wv * *v;
-            }
-        }
-    });
-}
-
-#[inline(always)]
-fn bwd_filter_plane_impl(x: &[f32], go: &[f32], g: &Geom, gw: &mut [f32]) {
-    for_taps(g, |i, j, oh, ih, lo, hi, s| {
-        let gr = &go[oh * g.ow..][..g.ow];
-        let xr = &x[ih * g.w..][..g.w];
-        let acc = if g.sw == 1 {
-            dot(&gr[lo..hi], &xr[s..s + hi - lo])
-        } else {
-            gr[lo..hi]
-                .iter()
-                .enumerate()
-                .map(|(k, v)| *v * xr[s + k * g.sw])
-                .sum()
-        };
-        gw[i * g.kw + j] += acc;
-    });
-}
-
-/// Stride-1 kernels on a zero-padded copy of the plane: with the output computed at the padded
+/// Stride-1 forward on a zero-padded copy of the plane: with the output computed at the padded
 /// row pitch `Wp` ("wide" rows, the `Wp - OW` extra columns are scratch), every tap is one long
-/// contiguous axpy/dot with a constant offset `i*dh*Wp + j*dw`.
+/// contiguous axpy with a constant offset `i*dh*Wp + j*dw`.
 struct Wide {
     hp: usize,
     wp: usize,
@@ -153,16 +104,6 @@ impl Wide {
         let cols = g.w.min(self.wp.saturating_sub(g.pl));
         for ih in 0..rows {
             xpad[(ih + g.pt) * self.wp + g.pl..][..cols].copy_from_slice(&x[ih * g.w..][..cols]);
-        }
-    }
-
-    /// `go [OH, OW]` into the wide layout with zero scratch columns.
-    #[inline(always)]
-    fn widen(&self, g: &Geom, go: &[f32], wide: &mut [f32]) {
-        for oh in 0..g.oh {
-            let row = &mut wide[oh * self.wp..][..self.wp];
-            row[..g.ow].copy_from_slice(&go[oh * g.ow..][..g.ow]);
-            row[g.ow..].fill(0.0);
         }
     }
 }
@@ -202,41 +143,6 @@ fn fwd_plane_wide_impl(
     }
 }
 
-#[inline(always)]
-fn bwd_data_plane_wide_impl(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32], buf: &mut [f32]) {
-    let wd = Wide::new(g);
-    let (gxpad, wide) = buf.split_at_mut(wd.pad_len);
-    let wide = &mut wide[..wd.out_len];
-    wd.widen(g, go, wide);
-    gxpad.fill(0.0);
-    for i in 0..g.kh {
-        for j in 0..g.kw {
-            let off = wd.off(g, i, j);
-            axpy(&mut gxpad[off..off + wd.out_len], w[i * g.kw + j], wide);
-        }
-    }
-    let rows = g.h.min(wd.hp.saturating_sub(g.pt));
-    let cols = g.w.min(wd.wp.saturating_sub(g.pl));
-    for ih in 0..rows {
-        gx[ih * g.w..][..cols].copy_from_slice(&gxpad[(ih + g.pt) * wd.wp + g.pl..][..cols]);
-    }
-}
-
-#[inline(always)]
-fn bwd_filter_plane_wide_impl(x: &[f32], go: &[f32], g: &Geom, gw: &mut [f32], buf: &mut [f32]) {
-    let wd = Wide::new(g);
-    let (xpad, wide) = buf.split_at_mut(wd.pad_len);
-    let wide = &mut wide[..wd.out_len];
-    wd.pad(g, x, xpad);
-    wd.widen(g, go, wide);
-    for i in 0..g.kh {
-        for j in 0..g.kw {
-            let off = wd.off(g, i, j);
-            gw[i * g.kw + j] += dot(wide, &xpad[off..off + wd.out_len]);
-        }
-    }
-}
-
 fn use_wide(g: &Geom) -> bool {
     g.sh == 1 && g.sw == 1
 }
@@ -266,10 +172,6 @@ mod avx {
         fwd_plane_impl(x, w, b, act, g, out)
     }
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn bwd_data_plane(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32]) {
-        bwd_data_plane_impl(go, w, g, gx)
-    }
-    #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn fwd_plane_wide(
         x: &[f32],
         w: &[f32],
@@ -280,30 +182,6 @@ mod avx {
         buf: &mut [f32],
     ) {
         fwd_plane_wide_impl(x, w, b, act, g, out, buf)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn bwd_data_plane_wide(
-        go: &[f32],
-        w: &[f32],
-        g: &Geom,
-        gx: &mut [f32],
-        buf: &mut [f32],
-    ) {
-        bwd_data_plane_wide_impl(go, w, g, gx, buf)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn bwd_filter_plane_wide(
-        x: &[f32],
-        go: &[f32],
-        g: &Geom,
-        gw: &mut [f32],
-        buf: &mut [f32],
-    ) {
-        bwd_filter_plane_wide_impl(x, go, g, gw, buf)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn bwd_filter_plane(x: &[f32], go: &[f32], g: &Geom, gw: &mut [f32]) {
-        bwd_filter_plane_impl(x, go, g, gw)
     }
 }
 
@@ -332,53 +210,32 @@ fn fwd_plane(
     fwd_plane_impl(x, w, b, act, g, out)
 }
 
-fn bwd_data_plane(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32], buf: &mut [f32]) {
-    if use_wide(g) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: the CPU supports avx2 and fma (checked at run time).
-            return unsafe { avx::bwd_data_plane_wide(go, w, g, gx, buf) };
-        }
-        return bwd_data_plane_wide_impl(go, w, g, gx, buf);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports avx2 and fma (checked at run time).
-        return unsafe { avx::bwd_data_plane(go, w, g, gx) };
-    }
-    bwd_data_plane_impl(go, w, g, gx)
-}
-
-fn bwd_filter_plane(x: &[f32], go: &[f32], g: &Geom, gw: &mut [f32], buf: &mut [f32]) {
-    if use_wide(g) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: the CPU supports avx2 and fma (checked at run time).
-            return unsafe { avx::bwd_filter_plane_wide(x, go, g, gw, buf) };
-        }
-        return bwd_filter_plane_wide_impl(x, go, g, gw, buf);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports avx2 and fma (checked at run time).
-        return unsafe { avx::bwd_filter_plane(x, go, g, gw) };
-    }
-    bwd_filter_plane_impl(x, go, g, gw)
-}
-
 fn plane_threads(g: &Geom) -> usize {
     threads::for_flops(g.flops())
 }
 
-/// Depthwise forward; `out` is `[N, C, OH, OW]`.
+/// Whether a training forward takes the channel-lane kernel: everywhere but on planes whose
+/// output rows are long enough for the register-blocked kernel's row vectors at stride 1
+/// (measured on Lite0's layers at batch 32: 32x32 and 16x16 planes at stride 1 ran faster
+/// there, every strided or smaller plane 1.5-8x faster in lanes).
+fn lanes_forward(g: &Geom) -> bool {
+    !(crate::dw_direct::supported(g) && g.sh == 1 && g.sw == 1 && g.ow >= 16)
+}
+
+/// Depthwise forward; `out` is `[N, C, OH, OW]`. `train`: the forward of a training step
+/// (see [`lanes_forward`]); inference keeps the plane kernels.
 pub(crate) fn forward(
     x: &[f32],
     w: &[f32],
     b: Option<&[f32]>,
     g: &Geom,
     act: Activation,
+    train: bool,
     out: &mut [f32],
 ) {
+    if train && lanes_forward(g) {
+        return crate::dw_lanes::forward(x, w, b, g, act, out);
+    }
     let (hw, kk) = (g.h * g.w, g.kh * g.kw);
     let direct = crate::dw_direct::supported(g);
     let blen = if direct {
@@ -400,28 +257,12 @@ pub(crate) fn forward(
     });
 }
 
-/// Depthwise gradient w.r.t. the input; `gx` must be zero on entry.
+/// Depthwise gradient w.r.t. the input; every element of `gx` (`[N, C, H, W]`) is written.
 pub(crate) fn backward_data(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32]) {
-    let (p, kk, blen) = (g.p(), g.kh * g.kw, wide_buf_len(g));
-    threads::for_each_item(gx, g.h * g.w, plane_threads(g), |pi, gxp| {
-        let c = pi % g.c;
-        with_col(blen, |buf| {
-            bwd_data_plane(&go[pi * p..][..p], &w[c * kk..][..kk], g, gxp, buf)
-        });
-    });
+    crate::dw_lanes::backward_data(go, w, g, gx)
 }
 
-/// Depthwise gradient w.r.t. the weight `[C, 1, KH, KW]` (parallel over channels).
+/// Depthwise gradient w.r.t. the weight `[C, 1, KH, KW]`.
 pub(crate) fn backward_filter(x: &[f32], go: &[f32], g: &Geom) -> Vec<f32> {
-    let (hw, p, kk, blen) = (g.h * g.w, g.p(), g.kh * g.kw, wide_buf_len(g));
-    let mut gw = vec![0f32; g.c * kk];
-    threads::for_each_item(&mut gw, kk, plane_threads(g), |c, gwc| {
-        with_col(blen, |buf| {
-            for n in 0..g.n {
-                let pi = n * g.c + c;
-                bwd_filter_plane(&x[pi * hw..][..hw], &go[pi * p..][..p], g, gwc, buf);
-            }
-        });
-    });
-    gw
+    crate::dw_lanes::backward_filter(x, go, g)
 }

@@ -13,7 +13,7 @@
 //!
 //! The reduction runs over `C * KH * KW` (input channel, tap) steps against the weight packed
 //! like [`crate::pointwise`]'s (panels of [`MR`] output channels, `[O/MR][C*KH*KW][MR]`; a
-//! 1×1 weight packs identically), so the 6×16 micro-kernel and its epilogue (bias, residual
+//! 1×1 weight packs identically), so the 6×16 micro-kernel (in passes of 6, 6 and 4 rows of a 16-row panel) and its epilogue (bias, residual
 //! add, activation on the tile in registers, one store) are the pointwise GEMM's. Compared
 //! with im2col + GEMM, the only copy is the padded input (1× the input instead of KH*KW×),
 //! and nothing is zero-filled, copied back or re-read for the epilogue.
@@ -542,13 +542,20 @@ mod avx {
                     }
                     let segs = &segs[..n];
                     for pi in p0..p1 {
-                        let row0 = pi * MR;
-                        let rows = MR.min(o - row0);
-                        let a = w.w.as_ptr().add(pi * MR * k);
-                        match rows {
-                            5 | 6 => tile::<6, T>(w, pl, a, q0, rows, row0, segs, out),
-                            3 | 4 => tile::<4, T>(w, pl, a, q0, rows, row0, segs, out),
-                            _ => tile::<2, T>(w, pl, a, q0, rows, row0, segs, out),
+                        // Passes of at most 6 panel rows (12 accumulators: 16 registers);
+                        // a pass at row `sub` reads rows `sub..sub + R <= MR` of each step.
+                        for sub in [0, 6, 12] {
+                            let row0 = pi * MR + sub;
+                            if row0 >= o {
+                                break;
+                            }
+                            let rows = (MR - sub).min(6).min(o - row0);
+                            let a = w.w.as_ptr().add(pi * MR * k + sub);
+                            match rows {
+                                5 | 6 => tile::<6, T>(w, pl, a, q0, rows, row0, segs, out),
+                                3 | 4 => tile::<4, T>(w, pl, a, q0, rows, row0, segs, out),
+                                _ => tile::<2, T>(w, pl, a, q0, rows, row0, segs, out),
+                            }
                         }
                     }
                 }

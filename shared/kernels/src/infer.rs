@@ -39,7 +39,7 @@ fn with_opt<R>(
 }
 
 /// Packs a 1×1 conv weight `[O, C, 1, 1]` (or a matrix `[O, C]`) for [`pointwise_packed`]:
-/// panels of 6 output channels, channel-major (`[ceil(O/6), C, 6]`, zero-padded). Done once
+/// panels of 16 output channels, channel-major (`[ceil(O/16), C, 16]`, zero-padded). Done once
 /// per module when it is installed, not per call. Equal to [`pack_conv`] of the 1×1 weight.
 pub fn pack_pointwise(w: &Tensor) -> candle_core::Result<Tensor> {
     match *w.dims() {
@@ -52,9 +52,9 @@ pub fn pack_pointwise(w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// Packs a conv weight `[O, C, KH, KW]` (one group) for [`conv_packed`]: panels of 6 output
-/// channels, (input channel, tap)-major (`[ceil(O/6), C*KH*KW, 6]`, zero-padded), the
-/// layout the 6×16 micro-kernel streams. Done once per module when it is installed.
+/// Packs a conv weight `[O, C, KH, KW]` (one group) for [`conv_packed`]: panels of 16 output
+/// channels, (input channel, tap)-major (`[ceil(O/16), C*KH*KW, 16]`, zero-padded), the
+/// layout the micro-kernels stream. Done once per module when it is installed.
 pub fn pack_conv(w: &Tensor) -> candle_core::Result<Tensor> {
     let (o, c, kh, kw) = w.dims4()?;
     let k = c * kh * kw;

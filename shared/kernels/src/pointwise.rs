@@ -2,21 +2,30 @@
 //! `out[n] [O, P] = act(W [O, C] · x[n] [C, P] + bias + residual[n])`.
 //!
 //! The weight is packed once ([`pack`], when a module is installed) into panels of [`MR`]
-//! output channels, channel-major inside a panel, so the micro-kernel reads it as one
+//! (16) output channels, channel-major inside a panel, so a micro-kernel reads it as one
 //! contiguous stream. The input needs no packing: in NCHW each input channel is a contiguous
-//! row of `P` pixels, and the 6×16 AVX2 micro-kernel (12 accumulators; the shape of MLAS's
-//! SGEMM kernels) loads 16 pixels of a row and broadcasts 6 weights per reduction step.
-//! Bias, activation and the residual add are applied to the tile in registers before its only
-//! store: no zero-fill, no second pass over the output.
+//! row of `P` pixels, and the AVX2 micro-kernel (6×16, 12 accumulators; the shape of MLAS's
+//! SGEMM kernels) loads 16 pixels of a row and broadcasts 6 weights of a panel per reduction
+//! step, in passes of 6, 6 and 4 rows over a panel. Bias, activation and the residual add are
+//! applied to the tile in registers before its only store: no zero-fill, no second pass over
+//! the output.
+//!
+//! Where the CPU has AVX-512F: 8×32 tiles of 16-lane vectors (two passes per panel; lane
+//! masks for the last pixels of a row) while a row fills most of its vectors; on small maps
+//! (7×7, 2×2, and the classifier's single pixel) the roles swap ([`vector_over_o`]): a vector
+//! holds the 16 output channels of one panel, the input pixel is broadcast, and each output
+//! vector is scattered into its channels' rows, so no lane computes a pixel that is not
+//! there.
 
 use std::mem::MaybeUninit;
 
-use crate::cpu::has_avx2_fma;
+use crate::cpu::{isa, Isa};
 use crate::geom::Geom;
 use crate::{threads, Activation};
 
-/// Output channels per weight panel (rows of the micro-kernel).
-pub const MR: usize = 6;
+/// Output channels per weight panel: one 16-lane vector for the small-map kernel, two or
+/// three row passes for the others.
+pub const MR: usize = 16;
 /// Pixels per micro-kernel tile.
 const NR: usize = 16;
 /// Reduction block: at most this many input channels per pass over a tile, so the input
@@ -53,12 +62,62 @@ pub(crate) struct Pointwise<'a> {
     pub act: Activation,
 }
 
+/// The loop that runs a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    Portable,
+    Avx2,
+    Avx512,
+    /// AVX-512, vectors over output channels (see [`vector_over_o`]).
+    Avx512Small,
+}
+
+impl Kernel {
+    /// The widest loop of `level` for maps of `p` pixels.
+    pub(crate) fn for_level(level: Isa, p: usize) -> Self {
+        match level {
+            Isa::Portable => Kernel::Portable,
+            Isa::Avx2 => Kernel::Avx2,
+            Isa::Avx512 if vector_over_o(p) => Kernel::Avx512Small,
+            Isa::Avx512 => Kernel::Avx512,
+        }
+    }
+
+    fn level(self) -> Isa {
+        match self {
+            Kernel::Portable => Isa::Portable,
+            Kernel::Avx2 => Isa::Avx2,
+            Kernel::Avx512 | Kernel::Avx512Small => Isa::Avx512,
+        }
+    }
+}
+
+/// Whether a map of `p` pixels runs with vectors over output channels: when pixel vectors
+/// would leave more than a tenth of their lanes empty (`p` = 49: 64 lanes, 23 % idle; 4:
+/// 75 %; 196: 208 lanes, 6 %).
+pub(crate) fn vector_over_o(p: usize) -> bool {
+    10 * p < 9 * p.div_ceil(16) * 16
+}
+
 /// Runs the conv of geometry `g` (1×1, stride 1, unpadded, one group) into `out [N, O, P]`,
-/// writing every element (a portable loop where [`has_avx2_fma`] is false).
+/// writing every element, with the widest kernel this CPU runs (see [`isa`]).
 pub(crate) fn forward(op: &Pointwise<'_>, g: &Geom, out: &mut [MaybeUninit<f32>]) {
+    forward_with(op, g, out, Kernel::for_level(isa(), g.p()));
+}
+
+/// [`forward`] on `kernel` (of a level at most [`isa`]; tests compare the kernels).
+pub(crate) fn forward_with(
+    op: &Pointwise<'_>,
+    g: &Geom,
+    out: &mut [MaybeUninit<f32>],
+    kernel: Kernel,
+) {
     let (c, o, p) = (g.c, g.o, g.p());
     assert!(g.identity_1x1 && g.groups == 1);
-    let fast = has_avx2_fma();
+    assert!(
+        kernel.level() <= isa(),
+        "pointwise: {kernel:?} not available"
+    );
     assert!(op.x.len() >= g.n * c * p && out.len() >= g.n * o * p);
     assert!(op.w.len() >= packed_len(o, c));
     assert!(op.bias.is_none_or(|b| b.len() >= o));
@@ -73,15 +132,27 @@ pub(crate) fn forward(op: &Pointwise<'_>, g: &Geom, out: &mut [MaybeUninit<f32>]
         let ri = op.residual.map(|r| &r[i * o * p..][..o * p]);
         let dims = (c, o, p);
         let dst = outp.get().wrapping_add(i * o * p);
-        if !fast {
+        match kernel {
             // SAFETY: operand lengths asserted above; rows of `panels` only.
-            return unsafe { image_portable(xi, op.w, op.bias, ri, op.act, dims, dst, panels) };
+            Kernel::Portable => unsafe {
+                image_portable(xi, op.w, op.bias, ri, op.act, dims, dst, panels)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` checked avx2 + fma; operand lengths asserted above.
+            Kernel::Avx2 => unsafe { avx::image(xi, op.w, op.bias, ri, op.act, dims, dst, panels) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` checked avx512f; operand lengths asserted above.
+            Kernel::Avx512 => unsafe {
+                avx512::image(xi, op.w, op.bias, ri, op.act, dims, dst, panels)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` checked avx512f; operand lengths asserted above.
+            Kernel::Avx512Small => unsafe {
+                avx512::image_small(xi, op.w, op.bias, ri, op.act, dims, dst, panels)
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("SIMD level on a non-x86 CPU"),
         }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `has_avx2_fma` checked avx2 + fma; operand lengths asserted above.
-        unsafe {
-            avx::image(xi, op.w, op.bias, ri, op.act, dims, dst, panels)
-        };
     };
     if t <= 1 || (g.n == 1 && np == 1) {
         (0..g.n).for_each(|i| image(i, 0..np));
@@ -148,12 +219,23 @@ impl SendPtr {
     }
 }
 
+/// The epilogue of one tile.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Tail<'a> {
+    bias: Option<&'a [f32]>,
+    residual: Option<*const f32>,
+    act: Activation,
+    /// Whether this k-block is the first (start from zero) and the last (finish).
+    first: bool,
+    last: bool,
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{KC, MR, NR};
+    use super::{Tail, KC, MR, NR};
     use crate::Activation;
 
     #[inline(always)]
@@ -180,22 +262,12 @@ mod avx {
         }
     }
 
-    /// The epilogue of one tile.
-    struct Tail<'a> {
-        bias: Option<&'a [f32]>,
-        residual: Option<*const f32>,
-        act: Activation,
-        /// Whether this k-block is the first (start from zero) and the last (finish).
-        first: bool,
-        last: bool,
-    }
-
-    /// One `MR × (NV*8)` tile over `kc` reduction steps: `a` the panel (`[kc][MR]`), `b` the
-    /// input at row pitch `ldb`, `dst` the output at pitch `ldd`; `rows` valid output rows,
-    /// `cols` valid columns (masked when < NV*8).
+    /// One `R × (NV*8)` tile over `kc` reduction steps: `a` the panel at this pass's first
+    /// row (step pitch [`MR`]), `b` the input at row pitch `ldb`, `dst` the output at pitch
+    /// `ldd`; `rows` valid output rows, `cols` valid columns (masked when < NV*8).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const NV: usize>(
+    unsafe fn tile<const NV: usize, const R: usize>(
         kc: usize,
         a: *const f32,
         b: *const f32,
@@ -212,7 +284,7 @@ mod avx {
         unsafe {
             let full = cols == NV * 8;
             let m = [mask(cols.min(8)), mask(cols.saturating_sub(8))];
-            let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+            let mut acc = [[_mm256_setzero_ps(); NV]; R];
             if !t.first {
                 for (r, ar) in acc.iter_mut().enumerate().take(rows) {
                     for (q, v) in ar.iter_mut().enumerate() {
@@ -288,7 +360,8 @@ mod avx {
         op: *mut f32,
         panels: Range<usize>,
     ) {
-        // SAFETY: every tile lies inside `x`, `w`, `residual` and the `O x P` output.
+        // SAFETY: every tile lies inside `x`, `w`, `residual` and the `O x P` output; a
+        // pass of `R` rows at panel row `sub` reads rows `sub..sub + R <= MR` of each step.
         unsafe {
             let (xp, wp) = (x.as_ptr(), w.as_ptr());
             let rp = residual.map(|r| r.as_ptr());
@@ -299,27 +372,417 @@ mod avx {
                 while j < p {
                     let cols = NR.min(p - j);
                     for pi in panels.clone() {
-                        let row0 = pi * MR;
-                        let rows = MR.min(o - row0);
-                        let t = Tail {
-                            bias,
-                            residual: rp.map(|r| r.add(row0 * p + j)),
-                            act,
-                            first: k0 == 0,
-                            last: k0 + kc == c,
-                        };
-                        let a = wp.add(pi * MR * c + k0 * MR);
-                        let b = xp.add(k0 * p + j);
-                        let d = op.add(row0 * p + j);
-                        if cols > 8 {
-                            tile::<2>(kc, a, b, p, d, p, rows, cols, &t, row0);
-                        } else {
-                            tile::<1>(kc, a, b, p, d, p, rows, cols, &t, row0);
+                        // Passes of 6, 6 and 4 rows (12 accumulators at most: 16 registers).
+                        for sub in [0, 6, 12] {
+                            let row0 = pi * MR + sub;
+                            if row0 >= o {
+                                break;
+                            }
+                            let rows = (MR - sub).min(6).min(o - row0);
+                            let t = Tail {
+                                bias,
+                                residual: rp.map(|r| r.add(row0 * p + j)),
+                                act,
+                                first: k0 == 0,
+                                last: k0 + kc == c,
+                            };
+                            let a = wp.add(pi * MR * c + k0 * MR + sub);
+                            let b = xp.add(k0 * p + j);
+                            let d = op.add(row0 * p + j);
+                            match (cols > 8, sub < 12) {
+                                (true, true) => {
+                                    tile::<2, 6>(kc, a, b, p, d, p, rows, cols, &t, row0)
+                                }
+                                (true, false) => {
+                                    tile::<2, 4>(kc, a, b, p, d, p, rows, cols, &t, row0)
+                                }
+                                (false, true) => {
+                                    tile::<1, 6>(kc, a, b, p, d, p, rows, cols, &t, row0)
+                                }
+                                (false, false) => {
+                                    tile::<1, 4>(kc, a, b, p, d, p, rows, cols, &t, row0)
+                                }
+                            }
                         }
                     }
                     j += NR;
                 }
                 k0 += kc;
+            }
+        }
+    }
+}
+
+/// AVX-512 mask of the first `n` lanes (all 16 for `n >= 16`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn lane_mask(n: usize) -> u16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
+}
+
+/// The AVX-512F forms: [`avx`]'s loop with 16-lane vectors (tiles of 8 panel rows × 32
+/// pixels, lane masks for the last columns of a row), and the small-map loop with vectors
+/// over output channels.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{lane_mask as mask, Tail, KC, MR};
+    use crate::Activation;
+
+    /// Pixels per tile (two 16-lane vectors).
+    const NR: usize = 32;
+    /// Panel rows per pass (two passes per panel; 16 accumulators).
+    const RP: usize = 8;
+
+    #[inline(always)]
+    unsafe fn activate(v: __m512, act: Activation) -> __m512 {
+        // SAFETY: callers run with avx512f enabled.
+        unsafe {
+            match act {
+                Activation::None => v,
+                Activation::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
+                Activation::Relu6 => {
+                    _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(6.0))
+                }
+            }
+        }
+    }
+
+    /// One `RP × (NV*16)` tile over `kc` reduction steps (see [`super::avx`]'s `tile`);
+    /// `cols` valid columns, the rest masked off in every load and store.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const NV: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        dst: *mut f32,
+        ldd: usize,
+        rows: usize,
+        cols: usize,
+        t: &Tail<'_>,
+        row0: usize,
+    ) {
+        // SAFETY: callers pass pointers valid for `rows` x `cols` and `kc` reduction steps
+        // (masked lanes are not accessed), with avx512f enabled.
+        unsafe {
+            let m = [mask(cols.min(16)), mask(cols.saturating_sub(16))];
+            let mut acc = [[_mm512_setzero_ps(); NV]; RP];
+            if !t.first {
+                for (r, ar) in acc.iter_mut().enumerate().take(rows) {
+                    for (q, v) in ar.iter_mut().enumerate() {
+                        *v = _mm512_maskz_loadu_ps(m[q], dst.add(r * ldd + q * 16));
+                    }
+                }
+            }
+            for k in 0..kc {
+                let bp = b.add(k * ldb);
+                let mut bv = [_mm512_setzero_ps(); NV];
+                for (q, v) in bv.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_ps(m[q], bp.add(q * 16));
+                }
+                let ap = a.add(k * MR);
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*ap.add(r));
+                    for (q, v) in ar.iter_mut().enumerate() {
+                        *v = _mm512_fmadd_ps(av, bv[q], *v);
+                    }
+                }
+            }
+            for (r, ar) in acc.iter().enumerate().take(rows) {
+                let bias = if t.last {
+                    _mm512_set1_ps(t.bias.map_or(0.0, |b| b[row0 + r]))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                for (q, v) in ar.iter().enumerate() {
+                    let mut v = *v;
+                    if t.last {
+                        v = _mm512_add_ps(v, bias);
+                        if let Some(res) = t.residual {
+                            let rv = _mm512_maskz_loadu_ps(m[q], res.add(r * ldd + q * 16));
+                            v = _mm512_add_ps(v, rv);
+                        }
+                        v = activate(v, t.act);
+                    }
+                    _mm512_mask_storeu_ps(dst.add(r * ldd + q * 16), m[q], v);
+                }
+            }
+        }
+    }
+
+    /// One image: `out [O, P]` rows of `panels` only.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn image(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        act: Activation,
+        (c, o, p): (usize, usize, usize),
+        op: *mut f32,
+        panels: Range<usize>,
+    ) {
+        // SAFETY: every tile lies inside `x`, `w`, `residual` and the `O x P` output; a
+        // pass reads panel rows `sub..sub + RP <= MR` of each step.
+        unsafe {
+            let (xp, wp) = (x.as_ptr(), w.as_ptr());
+            let rp = residual.map(|r| r.as_ptr());
+            let mut k0 = 0;
+            while k0 < c {
+                let kc = KC.min(c - k0);
+                let mut j = 0;
+                while j < p {
+                    let cols = NR.min(p - j);
+                    for pi in panels.clone() {
+                        for sub in (0..MR).step_by(RP) {
+                            let row0 = pi * MR + sub;
+                            if row0 >= o {
+                                break;
+                            }
+                            let rows = RP.min(o - row0);
+                            let t = Tail {
+                                bias,
+                                residual: rp.map(|r| r.add(row0 * p + j)),
+                                act,
+                                first: k0 == 0,
+                                last: k0 + kc == c,
+                            };
+                            let a = wp.add(pi * MR * c + k0 * MR + sub);
+                            let b = xp.add(k0 * p + j);
+                            let d = op.add(row0 * p + j);
+                            if cols > 16 {
+                                tile::<2>(kc, a, b, p, d, p, rows, cols, &t, row0);
+                            } else {
+                                tile::<1>(kc, a, b, p, d, p, rows, cols, &t, row0);
+                            }
+                        }
+                    }
+                    j += NR;
+                }
+                k0 += kc;
+            }
+        }
+    }
+
+    /// `PX` pixels × `NP` panels with vectors over output channels: `a` the first panel
+    /// (panels `lda` apart, `[c][MR]` each), `x` the input at the first pixel (channel
+    /// pitch `p`); output vector `(px, j)` holds channels `o0 + 16 j ..` of pixel `px` and is
+    /// scattered into their rows (`o_valid[j]` lanes valid).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_small<const NP: usize, const PX: usize>(
+        c: usize,
+        a: *const f32,
+        lda: usize,
+        x: *const f32,
+        p: usize,
+        o0: usize,
+        o: usize,
+        bias: Option<&[f32]>,
+        residual: Option<*const f32>,
+        act: Activation,
+        dst: *mut f32,
+    ) {
+        // SAFETY: `NP` panels of `c` steps at `a`, `PX` pixels at `x` for every channel, the
+        // output (and residual) rows of channels `o0..o` at pixels `0..PX` from `dst`; lanes
+        // past `o` are masked off; avx512f enabled.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NP]; PX];
+            for k in 0..c {
+                let mut wv = [_mm512_setzero_ps(); NP];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(a.add(j * lda + k * MR));
+                }
+                let xk = x.add(k * p);
+                for (px, ap) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*xk.add(px));
+                    for (j, v) in ap.iter_mut().enumerate() {
+                        *v = _mm512_fmadd_ps(xv, wv[j], *v);
+                    }
+                }
+            }
+            // Lane `l` of panel `j` is channel `o0 + 16 j + l`, at `(16 j + l) * p` from
+            // the channel-`o0` row.
+            let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            let idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(p as i32));
+            for j in 0..NP {
+                let oj = o0 + 16 * j;
+                let m = mask(o.saturating_sub(oj));
+                if m == 0 {
+                    break;
+                }
+                let b = match bias {
+                    Some(b) => _mm512_maskz_loadu_ps(m, b.as_ptr().add(oj)),
+                    None => _mm512_setzero_ps(),
+                };
+                for (px, ap) in acc.iter().enumerate() {
+                    let mut v = _mm512_add_ps(ap[j], b);
+                    let at = oj * p + px;
+                    if let Some(r) = residual {
+                        let rv =
+                            _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, idx, r.add(at));
+                        v = _mm512_add_ps(v, rv);
+                    }
+                    _mm512_mask_i32scatter_ps::<4>(dst.add(at), m, idx, activate(v, act));
+                }
+            }
+        }
+    }
+
+    /// One image on a small map: `out [O, P]` rows of `panels` only, vectors over output
+    /// channels (see [`super::vector_over_o`]). Pixels in tiles of at most 12, panels two at
+    /// a time (up to 24 accumulators; four panels for a single pixel, so the reduction has
+    /// enough independent accumulators).
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn image_small(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        act: Activation,
+        (c, o, p): (usize, usize, usize),
+        op: *mut f32,
+        panels: Range<usize>,
+    ) {
+        // SAFETY: every tile lies inside `x`, `w`, `residual` and the `O x P` output.
+        unsafe {
+            let (xp, wp) = (x.as_ptr(), w.as_ptr());
+            let lda = MR * c;
+            // Pixel tiles of near-equal size, at most 12 (49 pixels: 10, 10, 10, 10, 9), so no
+            // tile of one or two pixels streams the weights again for a few multiply-adds.
+            let mut tiles = p.div_ceil(12);
+            let mut p0 = 0;
+            while p0 < p {
+                let px = (p - p0).div_ceil(tiles);
+                tiles -= 1;
+                let np = if px == 1 { 4 } else { 2 };
+                let mut pi = panels.start;
+                while pi < panels.end {
+                    let n = np.min(panels.end - pi);
+                    let a = wp.add(pi * lda);
+                    let xs = xp.add(p0);
+                    let o0 = pi * MR;
+                    let r = residual.map(|r| r.as_ptr().add(p0));
+                    let d = op.add(p0);
+                    macro_rules! run {
+                        ($np:literal, $px:literal) => {
+                            tile_small::<$np, $px>(c, a, lda, xs, p, o0, o, bias, r, act, d)
+                        };
+                    }
+                    macro_rules! by_px {
+                        ($np:literal) => {
+                            match px {
+                                12 => run!($np, 12),
+                                11 => run!($np, 11),
+                                10 => run!($np, 10),
+                                9 => run!($np, 9),
+                                8 => run!($np, 8),
+                                7 => run!($np, 7),
+                                6 => run!($np, 6),
+                                5 => run!($np, 5),
+                                4 => run!($np, 4),
+                                3 => run!($np, 3),
+                                _ => run!($np, 2),
+                            }
+                        };
+                    }
+                    match (n, px) {
+                        (4, 1) => run!(4, 1),
+                        (3, 1) => run!(3, 1),
+                        (2, 1) => run!(2, 1),
+                        (_, 1) => run!(1, 1),
+                        (2, _) => by_px!(2),
+                        _ => by_px!(1),
+                    }
+                    pi += n;
+                }
+                p0 += px;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Conv2dParams;
+
+    /// Every kernel this CPU runs agrees with the portable loop (the tests against candle
+    /// run only the one each map size picks).
+    #[test]
+    fn levels_agree() {
+        let mut seed = 5u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect()
+        };
+        let kernels: Vec<Kernel> = [
+            Kernel::Portable,
+            Kernel::Avx2,
+            Kernel::Avx512,
+            Kernel::Avx512Small,
+        ]
+        .into_iter()
+        .filter(|k| k.level() <= isa())
+        .collect();
+        // Maps of one pixel to 14x14, output channels in one, two and three panels (the
+        // last partial), reductions shorter and longer than one k-block.
+        for (n, c, o, h, w) in [
+            (1, 3, 5, 7, 7),
+            (2, 300, 13, 4, 5),
+            (1, 17, 6, 14, 14),
+            (1, 8, 7, 1, 33),
+            (1, 40, 40, 6, 8),
+            (1, 64, 37, 1, 1),
+            (2, 9, 100, 2, 2),
+            (1, 5, 16, 3, 1),
+        ] {
+            let g = Geom::new((n, c, h, w), (o, c, 1, 1), &Conv2dParams::default()).unwrap();
+            let x = rnd(n * c * h * w);
+            let wt = pack(&rnd(o * c), o, c);
+            let bias = rnd(o);
+            let res = rnd(n * o * h * w);
+            let op = Pointwise {
+                x: &x,
+                w: &wt,
+                bias: Some(&bias),
+                residual: Some(&res),
+                act: Activation::Relu6,
+            };
+            let run = |kernel: Kernel| {
+                let mut out = vec![MaybeUninit::new(f32::NAN); n * o * h * w];
+                forward_with(&op, &g, &mut out, kernel);
+                // SAFETY: every element written (checked finite below).
+                out.iter()
+                    .map(|v| unsafe { v.assume_init() })
+                    .collect::<Vec<f32>>()
+            };
+            let want = run(Kernel::Portable);
+            assert!(want.iter().all(|v| v.is_finite()));
+            for &l in &kernels[1..] {
+                let got = run(l);
+                for (i, (p, q)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (p - q).abs() <= 1e-5,
+                        "{l:?} {n}x{c}x{h}x{w}->{o} [{i}] {p} vs {q}"
+                    );
+                }
             }
         }
     }

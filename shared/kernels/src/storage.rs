@@ -1,4 +1,6 @@
-//! Access to candle CPU storage.
+//! Access to candle CPU storage, and output buffers that are written once.
+
+use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, Layout};
 
@@ -42,4 +44,17 @@ pub(crate) fn dims4(
             "{op}: expected a rank-4 tensor, got shape {d:?}"
         ))),
     }
+}
+
+/// A vector of `n` floats that `fill` writes completely, without zeroing it first (a
+/// `vec![0; n]` of a reused heap block is a memset: an extra pass over every output).
+///
+/// # Safety
+/// `fill` must write every element of the slice it is given.
+pub(crate) unsafe fn filled(n: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    fill(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: `fill` wrote all `n` elements (the caller's contract).
+    unsafe { v.set_len(n) };
+    v
 }

@@ -180,11 +180,14 @@ fn conv_packed_rejects_bad_shapes() {
     let packed = pack_conv(&z(&[5, 4, 3, 3])).unwrap();
     let p = Conv2dParams::new(1, 1);
     let act = Activation::None;
-    // Packed for another kernel size or channel count.
+    // Packed for another kernel size or channel count (a count in another number of
+    // 16-channel panels: the packed shape does not tell 5 from 7, the bias does).
     let err = conv_packed(&x, &packed, 5, (1, 1), None, &p, act, None).unwrap_err();
     assert!(err.to_string().contains("packed weight"), "{err}");
-    let err = conv_packed(&x, &packed, 7, (3, 3), None, &p, act, None).unwrap_err();
+    let err = conv_packed(&x, &packed, 21, (3, 3), None, &p, act, None).unwrap_err();
     assert!(err.to_string().contains("packed weight"), "{err}");
+    let err = conv_packed(&x, &packed, 7, (3, 3), Some(&z(&[5])), &p, act, None).unwrap_err();
+    assert!(err.to_string().contains("bias"), "{err}");
     // Residual not shaped like the output; a bias of the wrong length.
     let err = conv_packed(
         &x,

@@ -150,8 +150,12 @@ fn pointwise_packed_rejects_bad_shapes() {
     let x = Tensor::zeros((1, 4, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
     let w = Tensor::zeros((5, 4, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap();
     let packed = pack_pointwise(&w).unwrap();
-    let err = pointwise_packed(&x, &packed, 7, None, Activation::None, None).unwrap_err();
+    // Out channels in another number of 16-channel panels; within the panel, the bias.
+    let err = pointwise_packed(&x, &packed, 17, None, Activation::None, None).unwrap_err();
     assert!(err.to_string().contains("packed weight"), "{err}");
+    let b5 = Tensor::zeros(5, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let err = pointwise_packed(&x, &packed, 7, Some(&b5), Activation::None, None).unwrap_err();
+    assert!(err.to_string().contains("bias"), "{err}");
     let r = Tensor::zeros((1, 5, 3, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
     let err = pointwise_packed(&x, &packed, 5, None, Activation::None, Some(&r)).unwrap_err();
     assert!(err.to_string().contains("residual"), "{err}");

@@ -4,7 +4,8 @@
 mod common;
 
 use adaptivenet_kernels::{
-    add_relu, batch_norm_train, relu, relu6, sgd_update, threads, SgdParams,
+    add_relu, batch_norm_train, batch_norm_train_act, relu, relu6, sgd_update, threads, Activation,
+    SgdParams,
 };
 use candle_core::{DType, Device, Tensor, Var, D};
 use common::*;
@@ -126,6 +127,87 @@ fn bn_train_grads_match_finite_differences() {
     assert!(
         ex <= 2e-3 && eg <= 1e-3 && eb <= 1e-3,
         "x {ex} gamma {eg} beta {eb}"
+    );
+}
+
+#[test]
+fn bn_with_activation_is_bit_identical_to_bn_then_activation() {
+    let mut rng = Rng::new(31);
+    let dims = [3, 5, 7, 6];
+    let x = (rng.tensor(&dims, 2.0) + 0.3).unwrap();
+    // Channel 0 has gamma = beta = 0 (every pre-activation exactly 0, ReLU6's tie at the
+    // lower bound), channel 1 gamma = 0, beta = 6 (the tie at the upper bound); the others
+    // are scaled so that both bounds clip.
+    let gamma = Tensor::new(&[0f32, 0.0, 2.5, 4.0, 1.0], &Device::Cpu).unwrap();
+    let beta = Tensor::new(&[0f32, 6.0, 3.0, 0.5, -0.2], &Device::Cpu).unwrap();
+    let r = rng.tensor(&dims, 1.0);
+    for (act, name) in [(Activation::Relu, "relu"), (Activation::Relu6, "relu6")] {
+        let run = |fused: bool| {
+            let (xv, gv, bv) = (
+                Var::from_tensor(&x).unwrap(),
+                Var::from_tensor(&gamma).unwrap(),
+                Var::from_tensor(&beta).unwrap(),
+            );
+            let (y, m, v) = if fused {
+                batch_norm_train_act(xv.as_tensor(), gv.as_tensor(), bv.as_tensor(), 1e-3, act)
+                    .unwrap()
+            } else {
+                let (z, m, v) =
+                    batch_norm_train(xv.as_tensor(), gv.as_tensor(), bv.as_tensor(), 1e-3).unwrap();
+                let y = match act {
+                    Activation::Relu => relu(&z).unwrap(),
+                    _ => relu6(&z).unwrap(),
+                };
+                (y, m, v)
+            };
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gx = g.get(xv.as_tensor()).unwrap().clone();
+            let gg = g.get(gv.as_tensor()).unwrap().clone();
+            let gb = g.get(bv.as_tensor()).unwrap().clone();
+            [y, m, v, gx, gg, gb]
+        };
+        let (fused, composed) = (run(true), run(false));
+        for (what, (a, b)) in ["y", "mean", "var", "grad x", "grad gamma", "grad beta"]
+            .iter()
+            .zip(fused.iter().zip(&composed))
+        {
+            assert_eq!(bits(a), bits(b), "{name}: {what}");
+        }
+        let y = fused[0].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(
+            y.contains(&0.0) && y.iter().any(|&v| v > 0.0 && v < 6.0),
+            "{name}"
+        );
+        if act == Activation::Relu6 {
+            assert!(y.contains(&6.0), "{name}: the upper bound clips");
+        }
+    }
+    // The tie rule is exercised: channel 0's pre-activations are all exactly 0, where ReLU6
+    // passes half the upstream gradient, so its beta gradient is half the sum of `r`.
+    let xv = Var::from_tensor(&x).unwrap();
+    let bv = Var::from_tensor(&beta).unwrap();
+    let (y, _, _) = batch_norm_train_act(
+        xv.as_tensor(),
+        &gamma,
+        bv.as_tensor(),
+        1e-3,
+        Activation::Relu6,
+    )
+    .unwrap();
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = g.get(bv.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    let r0: f32 = r
+        .narrow(1, 0, 1)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(
+        (gb[0] - r0 / 2.0).abs() <= 1e-4 * r0.abs().max(1.0),
+        "{} vs {}",
+        gb[0],
+        r0 / 2.0
     );
 }
 

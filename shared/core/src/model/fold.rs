@@ -2,7 +2,7 @@
 //! runs one fused conv + bias + activation kernel per layer instead of three passes.
 //!
 //! Folded [`Params`] drop the BN tensors and gain `{conv}.bias` and the micro-kernel-packed
-//! weight `{conv}.packed` (see [`packed_name`]); the forward functions notice the missing BN
+//! weight `{conv}.packed` (see [`packed_name`]; a head's classifier gets `fc.packed`); the forward functions notice the missing BN
 //! and take the fused path (a 1x1 conv the pointwise GEMM, any other one-group conv the
 //! direct conv, both with bias, activation and residual add in the epilogue), so folded and
 //! unfolded modules share one forward implementation (and the folded oracle equals the
@@ -36,8 +36,12 @@ pub fn packed_name(conv: &str) -> String {
 /// Reductions (`C * KH * KW`) below which a KxK conv keeps the im2col + GEMM path: with so
 /// few steps per tile the direct conv's per-tile epilogue and per-call scratch outweigh
 /// the im2col it saves (measured, `cargo bench --bench packed`: a 3x3 1->16 stem at 28x28
-/// ran 0.66x, 4->16 0.94x, 16->16 1.18x). 1x1 convs always pack (the pointwise GEMM).
-const MIN_PACKED_REDUCTION: usize = 64;
+/// ran 0.66x, 4->16 0.94x, 16->16 1.18x). The RGB stems of MobileNetV2 and EfficientNet
+/// (3x3, 3->32, stride 2 at 224: reduction 27) are on the packed side: there the im2col
+/// path (im2col, a zeroed output, the GEMM) cost ~10 % of a Lite0 forward, for 3 % of its
+/// MACs, and the packed conv took ~1.5-2 ms off Lite0 and MobileNetV2 1.0 at 224 (thread
+/// CPU time, 1 thread). 1x1 convs always pack (the pointwise GEMM).
+const MIN_PACKED_REDUCTION: usize = 27;
 
 /// Whether a folded conv weight `[O, C, KH, KW]` gets a packed form.
 fn packs(w: &candle_core::Tensor) -> Result<bool> {
@@ -80,6 +84,11 @@ pub fn fold_params(p: &Params, eps: f64) -> Result<Params> {
         for part in super::spec::BN_PARTS {
             out.remove(&format!("{bn}.{part}"));
         }
+    }
+    // The classifier (`fc`, `[classes, features]`) runs as a packed 1x1 GEMM on the pooled
+    // features too: on one pixel per image its vectors run over the classes.
+    if let (Some(w), true) = (p.get("fc.weight"), p.contains_key("fc.bias")) {
+        out.insert(packed_name("fc"), adaptivenet_kernels::pack_pointwise(w)?);
     }
     Ok(out)
 }

@@ -105,9 +105,10 @@ fn conv_bn(
     );
     let y = match train {
         Some(ctx) => {
-            let (y, nm, nv) = ops::batch_norm_train(&y, g, b, m, v, num.bn_eps, ctx.momentum)?;
+            // The activation runs inside the train-mode BN op (one tensor less each way).
+            let (y, nm, nv) = ops::batch_norm_train(&y, g, b, m, v, num.bn_eps, ctx.momentum, act)?;
             ctx.bn_updates.push((bn.to_string(), nm, nv));
-            y
+            return Ok(y);
         }
         None => ops::batch_norm_eval(&y, g, b, m, v, num.bn_eps)?,
     };
@@ -342,6 +343,17 @@ pub fn head_forward(
         None => x.clone(),
     };
     let f = ops::global_avg_pool(&x)?;
+    let packed = p.get(&fold::packed_name("fc"));
+    if let Some(packed) =
+        packed.filter(|_| train.is_none() && !f.track_op() && !ops::stock_candle())
+    {
+        // Folded inference: the classifier as the packed 1x1 GEMM on one pixel per image.
+        let (n, feat) = f.dims2()?;
+        let classes = get(p, "fc.weight")?.dim(0)?;
+        let f = f.reshape((n, feat, 1, 1))?;
+        let y = ops::pointwise_packed(&f, packed, classes, get(p, "fc.bias")?, None, None)?;
+        return Ok(y.reshape((n, classes))?);
+    }
     ops::linear(&f, get(p, "fc.weight")?, get(p, "fc.bias")?)
 }
 
@@ -481,6 +493,8 @@ impl Model {
         spec.head.classes = classes;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut head = self.head.clone();
+        // A folded head's packed classifier belongs to the old weights.
+        head.remove(&fold::packed_name("fc"));
         for (n, s) in spec.head.param_shapes() {
             if n.starts_with("fc.") {
                 let t = init::fresh_tensor(&n, &s, &mut rng)?;

@@ -189,10 +189,12 @@ pub fn batch_norm_eval(
         .broadcast_add(&per_channel(&shift)?)?)
 }
 
-/// Train-mode batch norm: normalises with batch statistics and returns the updated running
-/// statistics (PyTorch semantics: unbiased variance in the running estimate). One fused
-/// kernel with its own backward ([`adaptivenet_kernels::batch_norm_train`]); the candle
-/// composition under [`set_stock_candle`] is the reference it is tested against.
+/// Train-mode batch norm followed by `act`: normalises with batch statistics and returns
+/// the updated running statistics (PyTorch semantics: unbiased variance in the running
+/// estimate). One fused kernel with its own backward, the activation included
+/// ([`adaptivenet_kernels::batch_norm_train_act`]: no BN-output tensor and gradient between
+/// them, bit-identical to BN then [`activation`]); the candle composition under
+/// [`set_stock_candle`] is the reference it is tested against.
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_train(
     x: &Tensor,
@@ -202,13 +204,20 @@ pub fn batch_norm_train(
     var: &Tensor,
     eps: f64,
     momentum: f64,
+    act: Option<Act>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     if stock_candle() {
-        return batch_norm_train_stock(x, gamma, beta, mean, var, eps, momentum);
+        let (y, m, v) = batch_norm_train_stock(x, gamma, beta, mean, var, eps, momentum)?;
+        let y = match act {
+            Some(a) => activation(&y, a)?,
+            None => y,
+        };
+        return Ok((y, m, v));
     }
     let (n, _, h, w) = x.dims4()?;
     let count = (n * h * w) as f64;
-    let (y, bmean, bvar) = adaptivenet_kernels::batch_norm_train(x, gamma, beta, eps)?;
+    let (y, bmean, bvar) =
+        adaptivenet_kernels::batch_norm_train_act(x, gamma, beta, eps, kernel_act(act))?;
     let unbiased = if count > 1.0 {
         (bvar * (count / (count - 1.0)))?
     } else {
