@@ -36,7 +36,8 @@
 //! `SEARCH_BENCH_POPULATION`, `SEARCH_BENCH_GENERATIONS`, `SEARCH_BENCH_IMAGES` (a smaller
 //! search), `SEARCH_BENCH_SEARCH_ONLY=1` (stop after the search table: no gap, ranking,
 //! switching, memory or BN sections), `SEARCH_BENCH_REUSE_MB` (cross-generation prefix cache
-//! bound, default the agent's), `SEARCH_BENCH_RACE_IMAGES` (images of racing's first round,
+//! bound; default the agent's decision when it profiles this host, printed with its reason),
+//! `SEARCH_BENCH_RACE_IMAGES` (images of racing's first round,
 //! default the agent's), `SEARCH_BENCH_RACE_SEED_EVERY` (racing's seeding stride, default the
 //! agent's), `SEARCH_BENCH_TABLE=FILE` (save the latency table and budget there, or reuse
 //! them if FILE exists), `SEARCH_BENCH_ORACLE_STEPS` (train the oracle from scratch for this
@@ -717,6 +718,12 @@ fn main() -> Res<()> {
     table.supernet_id = Some(src.manifest.supernet_id.to_string());
     table.conditions.threads = kernel_threads;
     let profile_s = t0.elapsed().as_secs_f64();
+    // The agent's profiling-time decision on cross-generation reuse, made on this host now
+    // (kept aside: a saved table below fixes the search path, not the memory it may use).
+    let decided = table
+        .reuse
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("profiling made no reuse decision"))?;
     let subnets = random_subnets(spec, 70, 11)?;
     let rounds = 20;
     let t0 = Instant::now();
@@ -818,10 +825,15 @@ fn main() -> Res<()> {
     )?;
 
     // --- Searches: every configuration in interleaved rounds after a warm-up run.
-    let reuse = env_usize(
-        "SEARCH_BENCH_REUSE_MB",
-        SearchConfig::default().reuse_cache_bytes >> 20,
-    ) << 20;
+    let reuse = match std::env::var_os("SEARCH_BENCH_REUSE_MB") {
+        Some(_) => env_usize("SEARCH_BENCH_REUSE_MB", 0) << 20,
+        None => decided.bytes,
+    };
+    println!(
+        "\ncross-generation reuse bound: {} MiB (the agent's decision at profiling time: {})",
+        reuse >> 20,
+        decided.reason
+    );
     let load_before = load_average();
     let rows = run_rounds(
         &sn,
@@ -931,6 +943,7 @@ fn main() -> Res<()> {
         "plain_module_passes": plain.result.stats.module_applications,
         "peak_reuse_mb": full.stats.peak_reuse_bytes as f64 / (1 << 20) as f64,
         "reuse_cache_mb": reuse >> 20,
+        "reuse_decision": decided.reason,
         "evaluations": full.stats.evaluations,
         "plain_evaluations": plain.result.stats.evaluations,
         "raced_out": full.stats.raced_out,
