@@ -17,6 +17,9 @@
 //!    order rotates (each configuration early, mid and late, never always cold); the table
 //!    gives the median and the min-max of each, and every ratio is a ratio of medians. The
 //!    rounds of one configuration must find the same subnets (a seed fixes the search).
+//!    Each round also records the process's CPU seconds and the table gives their median:
+//!    on a host shared with other jobs the wall time measures their load as much as the
+//!    search (the host's 1-minute load average is printed before and after).
 //! 4. the gap to the exhaustive optimum of the merge-only space (all 149 evaluated).
 //! 5. label-free quality: Spearman rank correlation between agreement with the oracle on
 //!    1,000 local images and accuracy on the other 9,000 test images, over the merge-only
@@ -33,7 +36,8 @@
 //! `SEARCH_BENCH_POPULATION`, `SEARCH_BENCH_GENERATIONS`, `SEARCH_BENCH_IMAGES` (a smaller
 //! search), `SEARCH_BENCH_SEARCH_ONLY=1` (stop after the search table: no gap, ranking,
 //! switching, memory or BN sections), `SEARCH_BENCH_REUSE_MB` (cross-generation prefix cache
-//! bound, default the agent's), `SEARCH_BENCH_RACE_IMAGES` (images of racing's first round,
+//! bound; default the agent's decision when it profiles this host, printed with its reason),
+//! `SEARCH_BENCH_RACE_IMAGES` (images of racing's first round,
 //! default the agent's), `SEARCH_BENCH_RACE_SEED_EVERY` (racing's seeding stride, default the
 //! agent's), `SEARCH_BENCH_TABLE=FILE` (save the latency table and budget there, or reuse
 //! them if FILE exists), `SEARCH_BENCH_ORACLE_STEPS` (train the oracle from scratch for this
@@ -411,6 +415,9 @@ struct Row {
     result: SearchResult,
     /// Wall seconds of each timed round, in round order.
     seconds: Vec<f64>,
+    /// CPU seconds (user + system, all threads) of each timed round: on a host shared with
+    /// other jobs, wall time measures the load as much as the search, CPU time much less so.
+    cpu: Vec<f64>,
 }
 
 impl Row {
@@ -426,10 +433,41 @@ impl Row {
         self.seconds.iter().copied().fold(0.0, f64::max)
     }
 
+    fn median_cpu_s(&self) -> f64 {
+        median(&self.cpu)
+    }
+
     /// Median seconds per distinct subnet scored.
     fn per_eval_s(&self) -> f64 {
         self.median_s() / self.result.stats.evaluations.max(1) as f64
     }
+}
+
+/// CPU seconds (user + system) this process has used, over all its threads, exited ones
+/// included (`/proc/self/stat`, in the kernel's fixed 100 Hz user ticks).
+fn process_cpu_s() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces) in parentheses.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let (u, k) = (
+                f.get(11)?.parse::<f64>().ok()?,
+                f.get(12)?.parse::<f64>().ok()?,
+            );
+            Some((u + k) / 100.0)
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// The host's 1-minute load average (`/proc/loadavg`): the other work competing for the
+/// cores while the searches ran.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -465,6 +503,7 @@ fn run_rounds(
     let k = variants.len();
     let mut results: Vec<Option<SearchResult>> = vec![None; k];
     let mut seconds: Vec<Vec<f64>> = vec![Vec::new(); k];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); k];
     // The warm-up: the default once, discarded (page cache, allocator arenas, CPU clocks).
     let warm = &variants[0];
     let t = run_search(
@@ -481,15 +520,19 @@ fn run_rounds(
     for round in 0..knobs.rounds {
         for i in round_order(k, round, knobs.rounds) {
             let v = &variants[i];
+            let c0 = process_cpu_s();
             let r = run_search(sn, table, set, budget, knobs, v.speedups, v.reuse, threads)?;
+            let c = process_cpu_s() - c0;
             eprintln!(
-                "round {}/{}: {} {:.1} s",
+                "round {}/{}: {} {:.1} s (CPU {c:.1} s, load {:.1})",
                 round + 1,
                 knobs.rounds,
                 v.name,
-                r.stats.seconds
+                r.stats.seconds,
+                load_average()
             );
             seconds[i].push(r.stats.seconds);
+            cpu[i].push(c);
             match &results[i] {
                 None => results[i] = Some(r),
                 Some(first) => {
@@ -504,12 +547,13 @@ fn run_rounds(
     Ok(variants
         .iter()
         .zip(results)
-        .zip(seconds)
-        .map(|((v, r), seconds)| Row {
+        .zip(seconds.into_iter().zip(cpu))
+        .map(|((v, r), (seconds, cpu))| Row {
             key: v.key,
             name: v.name,
             result: r.expect("at least one round"),
             seconds,
+            cpu,
         })
         .collect())
 }
@@ -674,6 +718,12 @@ fn main() -> Res<()> {
     table.supernet_id = Some(src.manifest.supernet_id.to_string());
     table.conditions.threads = kernel_threads;
     let profile_s = t0.elapsed().as_secs_f64();
+    // The agent's profiling-time decision on cross-generation reuse, made on this host now
+    // (kept aside: a saved table below fixes the search path, not the memory it may use).
+    let decided = table
+        .reuse
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("profiling made no reuse decision"))?;
     let subnets = random_subnets(spec, 70, 11)?;
     let rounds = 20;
     let t0 = Instant::now();
@@ -775,10 +825,16 @@ fn main() -> Res<()> {
     )?;
 
     // --- Searches: every configuration in interleaved rounds after a warm-up run.
-    let reuse = env_usize(
-        "SEARCH_BENCH_REUSE_MB",
-        SearchConfig::default().reuse_cache_bytes >> 20,
-    ) << 20;
+    let reuse = match std::env::var_os("SEARCH_BENCH_REUSE_MB") {
+        Some(_) => env_usize("SEARCH_BENCH_REUSE_MB", 0) << 20,
+        None => decided.bytes,
+    };
+    println!(
+        "\ncross-generation reuse bound: {} MiB (the agent's decision at profiling time: {})",
+        reuse >> 20,
+        decided.reason
+    );
+    let load_before = load_average();
     let rows = run_rounds(
         &sn,
         &table,
@@ -800,17 +856,18 @@ fn main() -> Res<()> {
         knobs.population, knobs.generations, set.len, knobs.rounds
     );
     println!("x vs plain = plain EA's median time per evaluation / the run's (same seed; wall-time ratio of medians in brackets); vs default = default's median / the run's");
-    println!("| run | s median | s min-max | vs default | x vs plain | evals | raced out (later rounds) | rescored | module passes | reuse MiB | best % | best ms | front |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| run | s median | s min-max | CPU s median | vs default | x vs plain | evals | raced out (later rounds) | rescored | module passes | reuse MiB | best % | best ms | front |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let s = &r.result.stats;
         let b = &r.result.best[0].best;
         println!(
-            "| {} | {:.1} | {:.1}-{:.1} | {:.2} | {:.2} ({:.2}) | {} | {} ({}) | {} | {} | {:.0} | {:.2} | {:.3} | {} |",
+            "| {} | {:.1} | {:.1}-{:.1} | {:.1} | {:.2} | {:.2} ({:.2}) | {} | {} ({}) | {} | {} | {:.0} | {:.2} | {:.3} | {} |",
             r.name,
             r.median_s(),
             r.min_s(),
             r.max_s(),
+            r.median_cpu_s(),
             default.median_s() / r.median_s(),
             speedup(r),
             plain.median_s() / r.median_s(),
@@ -825,6 +882,11 @@ fn main() -> Res<()> {
             r.result.front.len()
         );
     }
+    println!(
+        "host load (1-minute average) {load_before:.1} before the searches, {:.1} after, on {} logical CPUs",
+        load_average(),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
     // Faster beyond noise: every round of the row beat every round of the default.
     let faster: Vec<&str> = rows[1..]
         .iter()
@@ -865,6 +927,9 @@ fn main() -> Res<()> {
         "search_s": default.median_s(),
         "search_s_median": default.median_s(),
         "search_s_spread": [default.min_s(), default.max_s()],
+        "search_cpu_s_median": default.median_cpu_s(),
+        "plain_ea_cpu_s_median": plain.median_cpu_s(),
+        "load_average": [load_before, load_average()],
         "plain_ea_s": plain.median_s(),
         "speedup_vs_plain": speedup(default),
         "speedup_vs_plain_median": speedup(default),
@@ -878,6 +943,7 @@ fn main() -> Res<()> {
         "plain_module_passes": plain.result.stats.module_applications,
         "peak_reuse_mb": full.stats.peak_reuse_bytes as f64 / (1 << 20) as f64,
         "reuse_cache_mb": reuse >> 20,
+        "reuse_decision": decided.reason,
         "evaluations": full.stats.evaluations,
         "plain_evaluations": plain.result.stats.evaluations,
         "raced_out": full.stats.raced_out,
@@ -888,6 +954,7 @@ fn main() -> Res<()> {
             "key": r.key,
             "s": r.median_s(),
             "s_runs": r.seconds,
+            "cpu_s_runs": r.cpu,
             "evaluations": r.result.stats.evaluations,
             "module_passes": r.result.stats.module_applications,
             "best_quality": r.result.best[0].best.quality,

@@ -235,6 +235,12 @@ fn profile_table_covers_every_module_and_validation_reports_errors() {
     };
     let mut t = profile::profile(&sn, &cfg, |_, _| {}).unwrap();
     t.check(&sn.spec).unwrap();
+    // Profiling also decides how much the search may keep across generations.
+    let reuse = t.reuse.as_ref().unwrap();
+    assert!(
+        reuse.read_gb_s > 0.0 && reuse.hit_cost_ratio > 0.0,
+        "{reuse:?}"
+    );
     assert_eq!(
         t.modules.len(),
         sn.spec.positions.iter().map(Vec::len).sum::<usize>()

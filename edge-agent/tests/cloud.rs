@@ -642,6 +642,7 @@ async fn heartbeat_and_report_carry_aggregates_only() {
             applied_generation: desired.generation,
             serving: Default::default(),
             started_unix_ms: 0,
+            search_reuse: None,
         })
         .await
         .unwrap();
@@ -984,6 +985,7 @@ async fn new_generation_resyncs_only_changed_blobs_and_switches_atomically() {
                 generations: 1,
                 ..SearchConfig::default()
             },
+            reuse_from_profile: true,
             budgets: policy_budgets(rep.budget.as_ref()),
             data: data.clone(),
             images: 40,
@@ -1030,6 +1032,7 @@ async fn new_generation_resyncs_only_changed_blobs_and_switches_atomically() {
             applied_generation: applied.generation,
             serving: Default::default(),
             started_unix_ms: 0,
+            search_reuse: None,
         })
         .await
         .unwrap();
@@ -1177,6 +1180,7 @@ async fn a_kept_plan_survives_a_restart_and_a_rollback_installs_it_from_the_cach
                 generations: 1,
                 ..SearchConfig::default()
             },
+            reuse_from_profile: true,
             budgets: policy_budgets(rep.budget.as_ref()),
             data: data.clone(),
             images: 40,

@@ -125,6 +125,7 @@ fn a_full_disk_keeps_the_previous_state_and_the_agent_going() {
             generations: 1,
             ..SearchConfig::default()
         },
+        reuse_from_profile: true,
         budgets: vec!["0.8".into()],
         data,
         images: 0,

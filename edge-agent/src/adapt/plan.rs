@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use adaptivenet_core::data::Dataset;
 
-use crate::profile::{self, LatencyTable, ProfileConfig};
+use crate::profile::{self, LatencyTable, ProfileConfig, ReusePlan};
 use crate::quality::{load_local_data, EvalSet, QualityMode};
 use crate::search::{self, Budget, SearchConfig};
 use crate::serve::ArtifactSource;
@@ -25,6 +25,9 @@ pub struct PlanConfig {
     /// Re-profile even if a stored table matches.
     pub force_profile: bool,
     pub search: SearchConfig,
+    /// The search's cross-generation bound is the one decided when the device was profiled
+    /// (`LatencyTable::reuse`), not `search.reuse_cache_bytes` (which an operator set).
+    pub reuse_from_profile: bool,
     /// Budget specs (`0.6`, `12ms`); the first one is served.
     pub budgets: Vec<String>,
     /// Local data directory (read only when a search is needed).
@@ -47,6 +50,30 @@ pub struct Plan {
     /// Whether a stored table / search result was reused.
     pub reused_table: bool,
     pub reused_search: bool,
+    /// The cross-generation bound a search under this plan runs with, and why.
+    pub reuse: ReusePlan,
+}
+
+/// The cross-generation bound of a plan's search: the profiling-time decision stored with
+/// `table`, unless `cfg` fixes one (or the table predates the decision).
+pub fn search_reuse(table: &LatencyTable, cfg: &PlanConfig) -> ReusePlan {
+    match &table.reuse {
+        Some(r) if cfg.reuse_from_profile => r.clone(),
+        measured => {
+            let reason = if cfg.reuse_from_profile {
+                "the search's default: the latency table predates the decision"
+            } else {
+                "set by --reuse-cache-mb"
+            };
+            ReusePlan {
+                bytes: cfg.search.reuse_cache_bytes,
+                reason: format!("{} MiB, {reason}", cfg.search.reuse_cache_bytes >> 20),
+                ..measured
+                    .clone()
+                    .unwrap_or_else(|| ReusePlan::decide(None, 0.0, 0.0))
+            }
+        }
+    }
 }
 
 /// Progress of the long stages: (stage, done, total).
@@ -168,6 +195,11 @@ pub fn plan(
     progress: Progress,
 ) -> Result<Plan> {
     let (table, reused_table) = ensure_table(src, state, cfg, progress)?;
+    let reuse = search_reuse(&table, cfg);
+    let search_cfg = SearchConfig {
+        reuse_cache_bytes: reuse.bytes,
+        ..cfg.search.clone()
+    };
     let id = src.manifest.supernet_id.to_string();
     let spec = src.manifest.supernet_spec();
     let mut budgets = resolve_budgets(&cfg.budgets, &table, spec.num_positions())?;
@@ -187,9 +219,9 @@ pub fn plan(
                     .all(|(r, b)| (r.budget_ms - b).abs() < 1e-9);
             // The cache bound changes the speed of a search, not its result.
             let same_config = SearchConfig {
-                reuse_cache_bytes: cfg.search.reuse_cache_bytes,
+                reuse_cache_bytes: search_cfg.reuse_cache_bytes,
                 ..rec.config.clone()
-            } == cfg.search;
+            } == search_cfg;
             if same_config && same_budgets && !rec.result.front.is_empty() {
                 tracing::info!(
                     "using the stored search result ({})",
@@ -201,6 +233,7 @@ pub fn plan(
                     budget_ms,
                     reused_table,
                     reused_search: true,
+                    reuse,
                 });
             }
         }
@@ -216,7 +249,7 @@ pub fn plan(
         cfg.mode,
         cfg.search.seed,
     )?;
-    let total = budgets.len() * (cfg.search.generations + 1);
+    let total = budgets.len() * (search_cfg.generations + 1);
     // Conditions changed (new table, budget or settings): warm-start from the last front of
     // this supernet, re-scored under the current table and data.
     let warm: Vec<_> = previous
@@ -228,18 +261,22 @@ pub fn plan(
             warm.len()
         );
     }
+    tracing::info!("search reuse cache: {}", reuse.reason);
     let result = search::search_from(
         &supernet,
         &table,
         &set,
         &budgets,
-        &cfg.search,
+        &search_cfg,
         &warm,
         |d, _| progress("search", d, total),
-    )?;
+    );
+    // The activations the search kept are freed; give their pages back to the OS rather
+    // than hold them while serving.
+    adaptivenet_kernels::alloc::release_freed_memory();
     let record = SearchRecord {
-        config: cfg.search.clone(),
-        result,
+        config: search_cfg,
+        result: result?,
     };
     persist("search result", state.save_search(&id, &record));
     Ok(Plan {
@@ -248,5 +285,54 @@ pub fn plan(
         budget_ms,
         reused_table,
         reused_search: false,
+        reuse,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adaptivenet_core::supernet::{branches::build_supernet, SupernetConfig};
+
+    fn cfg(reuse_from_profile: bool) -> PlanConfig {
+        PlanConfig {
+            threads: 1,
+            batch: 1,
+            rounds: 1,
+            validate: 0,
+            force_profile: false,
+            search: SearchConfig {
+                reuse_cache_bytes: 64 << 20,
+                ..SearchConfig::default()
+            },
+            reuse_from_profile,
+            budgets: Vec::new(),
+            data: PathBuf::new(),
+            images: 0,
+            mode: QualityMode::Labelled,
+            research: false,
+            clamp_budgets: false,
+        }
+    }
+
+    #[test]
+    fn the_search_runs_with_the_profiled_reuse_bound_unless_one_is_set() {
+        let arch = adaptivenet_core::model::ArchDescriptor::from_json(
+            br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[1,1,1],"widths":[4,8,16],"in_channels":1,"num_classes":10}"#,
+        )
+        .unwrap();
+        let oracle = adaptivenet_core::model::Model::init(&arch.spec, 5).unwrap();
+        let sn = build_supernet(&oracle, &SupernetConfig::merge_only()).unwrap();
+        let mut table = LatencyTable::from_macs(&sn.spec, 1.0);
+        // A table stored before the decision existed: the configured bound.
+        assert_eq!(search_reuse(&table, &cfg(true)).bytes, 64 << 20);
+        let decided = ReusePlan::decide(Some(4 << 30), 10.0, 0.1);
+        table.reuse = Some(decided.clone());
+        assert_eq!(search_reuse(&table, &cfg(true)), decided);
+        // An operator's bound wins, and says so.
+        let set = search_reuse(&table, &cfg(false));
+        assert_eq!(set.bytes, 64 << 20);
+        assert!(set.reason.contains("--reuse-cache-mb"), "{}", set.reason);
+        assert_eq!(set.read_gb_s, decided.read_gb_s);
+    }
 }

@@ -51,6 +51,7 @@ pub(super) async fn run(agent: Arc<Agent>, client: Arc<CloudClient>) {
             applied_generation: cur.generation,
             serving: agent.serving(),
             started_unix_ms,
+            search_reuse: Some(cur.plan.reuse.clone()),
         };
         // Rotate a credential nearing expiry before using it again; a failure is retried at
         // the next heartbeat (the old one works until it expires).

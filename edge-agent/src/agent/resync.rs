@@ -48,6 +48,7 @@ use crate::client::{
     BlobSelection, BudgetPolicy, CloudClient, DesiredState, InstallFailure, Serving, ServingReason,
     SyncOptions, SyncReport,
 };
+use crate::profile::ReusePlan;
 use crate::serve::{ArtifactSource, Server, SwitchReport};
 use crate::state::{ActiveRecord, StandbyRecord, StateDir};
 use crate::{EdgeError, Result};
@@ -90,6 +91,11 @@ impl Standby {
                 supernet_id,
                 generation: r.generation,
                 plan: Plan {
+                    reuse: r.table.reuse.clone().unwrap_or_else(|| ReusePlan {
+                        bytes: r.search.config.reuse_cache_bytes,
+                        reason: "the bound of the kept search".into(),
+                        ..ReusePlan::decide(None, 0.0, 0.0)
+                    }),
                     table: r.table,
                     record: r.search,
                     budget_ms: r.budget_ms,

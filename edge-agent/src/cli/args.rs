@@ -122,9 +122,11 @@ pub struct SearchArgs {
     pub search_threads: usize,
     /// Memory (MiB) for activations kept between generations of the search, so a child does
     /// not recompute the prefix it shares with its parent. Changes the speed, never the
-    /// result; 0 turns it off.
-    #[arg(long, default_value_t = 256)]
-    pub reuse_cache_mb: usize,
+    /// result; 0 turns it off. Default: decided when the device is profiled (a quarter of
+    /// the memory available then, if reading an activation back is cheaper than
+    /// recomputing it; logged and sent in heartbeats).
+    #[arg(long)]
+    pub reuse_cache_mb: Option<usize>,
     /// Search again even if a stored result matches.
     #[arg(long)]
     pub research: bool,
@@ -255,6 +257,7 @@ pub fn profile_config(a: &ProfileArgs) -> PlanConfig {
         validate: a.validate,
         force_profile: a.force,
         search: SearchConfig::default(),
+        reuse_from_profile: true,
         budgets: Vec::new(),
         data: PathBuf::new(),
         images: 0,
@@ -279,9 +282,12 @@ pub fn plan_config(a: &SearchArgs) -> PlanConfig {
                 }
             },
             threads: a.search_threads,
-            reuse_cache_bytes: a.reuse_cache_mb << 20,
+            reuse_cache_bytes: a
+                .reuse_cache_mb
+                .map_or(SearchConfig::default().reuse_cache_bytes, |mb| mb << 20),
             ..SearchConfig::default()
         },
+        reuse_from_profile: a.reuse_cache_mb.is_none(),
         budgets: a.budget.clone(),
         data: a.data.clone(),
         images: a.images,

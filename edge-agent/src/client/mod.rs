@@ -465,32 +465,7 @@ impl CloudClient {
 
     /// Sends a heartbeat.
     pub async fn heartbeat(&self, h: &HeartbeatInput) -> Result<pb::HeartbeatResponse> {
-        let req = self.request(
-            pb::HeartbeatRequest {
-                agent_version: env!("CARGO_PKG_VERSION").to_string(),
-                active_supernet_id: h.supernet_id.clone(),
-                active_subnet: h.active_subnet.to_string(),
-                latency_p50_ms: h.latency_p50_ms,
-                latency_p95_ms: h.latency_p95_ms.max(h.latency_p50_ms),
-                last_adaptation_reason: h.reason as i32,
-                applied_generation: h.applied_generation,
-                serving_reason: pb::ServingReason::from(h.serving.reason) as i32,
-                failed_supernet_id: h
-                    .serving
-                    .failed
-                    .as_ref()
-                    .map(|(s, _)| s.clone())
-                    .unwrap_or_default(),
-                install_failure: h
-                    .serving
-                    .failed
-                    .as_ref()
-                    .map_or(0, |(_, f)| pb::InstallFailure::from(*f) as i32),
-                agent_started_unix_ms: h.started_unix_ms,
-            },
-            true,
-            self.deadline,
-        )?;
+        let req = self.request(h.to_request(), true, self.deadline)?;
         let mut c = self.inner.clone();
         let r = self.unary("Heartbeat", c.heartbeat(req)).await?;
         self.learn_min_samples(r.min_quality_samples);

@@ -137,6 +137,40 @@ pub struct HeartbeatInput {
     pub serving: super::Serving,
     /// When this agent process started (a new value tells the cloud it restarted).
     pub started_unix_ms: i64,
+    /// The search's cross-generation bound and why (decided when the device was profiled).
+    pub search_reuse: Option<crate::profile::ReusePlan>,
+}
+
+impl HeartbeatInput {
+    /// The wire form (the latency p95 never below the p50).
+    pub fn to_request(&self) -> pb::HeartbeatRequest {
+        pb::HeartbeatRequest {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            active_supernet_id: self.supernet_id.clone(),
+            active_subnet: self.active_subnet.to_string(),
+            latency_p50_ms: self.latency_p50_ms,
+            latency_p95_ms: self.latency_p95_ms.max(self.latency_p50_ms),
+            last_adaptation_reason: self.reason as i32,
+            applied_generation: self.applied_generation,
+            serving_reason: pb::ServingReason::from(self.serving.reason) as i32,
+            failed_supernet_id: self
+                .serving
+                .failed
+                .as_ref()
+                .map(|(s, _)| s.clone())
+                .unwrap_or_default(),
+            install_failure: self
+                .serving
+                .failed
+                .as_ref()
+                .map_or(0, |(_, f)| pb::InstallFailure::from(*f) as i32),
+            agent_started_unix_ms: self.started_unix_ms,
+            search_reuse: self.search_reuse.as_ref().map(|r| pb::SearchReuse {
+                cache_mb: (r.bytes >> 20) as u64,
+                reason: r.reason.clone(),
+            }),
+        }
+    }
 }
 
 impl From<AdaptationReason> for pb::AdaptationReason {
@@ -148,5 +182,39 @@ impl From<AdaptationReason> for pb::AdaptationReason {
             AdaptationReason::Research => pb::AdaptationReason::Research,
             AdaptationReason::NewSupernet => pb::AdaptationReason::NewSupernet,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::ReusePlan;
+
+    #[test]
+    fn heartbeats_carry_the_search_reuse_decision() {
+        let mut h = HeartbeatInput {
+            supernet_id: "s".into(),
+            active_subnet: Subnet::original(3),
+            latency_p50_ms: 2.0,
+            latency_p95_ms: 1.0,
+            reason: pb::AdaptationReason::Initial,
+            applied_generation: 4,
+            serving: Default::default(),
+            started_unix_ms: 7,
+            search_reuse: None,
+        };
+        let r = h.to_request();
+        assert_eq!((r.latency_p95_ms, r.applied_generation), (2.0, 4));
+        assert_eq!(
+            r.search_reuse, None,
+            "an agent that does not say sends nothing"
+        );
+        let decided = ReusePlan::decide(Some(8 << 30), 12.0, 0.05);
+        h.search_reuse = Some(decided.clone());
+        let sent = h.to_request().search_reuse.unwrap();
+        assert_eq!(sent.cache_mb, 2048);
+        assert_eq!(sent.reason, decided.reason);
+        h.search_reuse = Some(ReusePlan::decide(Some(8 << 30), 12.0, 2.0));
+        assert_eq!(h.to_request().search_reuse.unwrap().cache_mb, 0);
     }
 }

@@ -6,6 +6,7 @@
 //! drifts (frequency, other processes) spread over all modules instead of biasing a few.
 pub mod calibrate;
 pub mod conditions;
+pub mod memory;
 
 use std::time::Instant;
 
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use calibrate::{Calibration, CalibrationModel, Observation};
 pub use conditions::{current_threads, pin_threads, Conditions};
+pub use memory::ReusePlan;
 
 use crate::{EdgeError, Result};
 
@@ -115,6 +117,10 @@ pub struct LatencyTable {
     pub calibration: Calibration,
     #[serde(default)]
     pub validation: Option<Validation>,
+    /// How much the search may keep across generations on this device, decided when the
+    /// table was profiled (absent in tables stored before it was).
+    #[serde(default)]
+    pub reuse: Option<ReusePlan>,
 }
 
 impl LatencyTable {
@@ -224,6 +230,7 @@ impl LatencyTable {
             modules,
             calibration: Calibration::default(),
             validation: None,
+            reuse: None,
         }
     }
 }
@@ -328,6 +335,21 @@ pub fn profile(
     // Lookups binary-search by module key; spec order puts the pruned choices after the
     // merges, key order before the original.
     modules.sort_by_key(|m| (m.position, m.choice));
+    // What a cross-generation cache hit at each position reads back (the activation one
+    // image leaves there) against what it saves at least (the fastest module there).
+    let per_image = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes() / cfg.batch;
+    let out_bytes: Vec<usize> = feats[1..].iter().map(per_image).collect();
+    let fastest_ms: Vec<f64> = (0..spec.num_positions())
+        .map(|i| {
+            modules
+                .iter()
+                .filter(|m| m.position == i)
+                .map(|m| m.stat.median_ms / cfg.batch as f64)
+                .fold(f64::INFINITY, f64::min)
+        })
+        .collect();
+    let reuse = ReusePlan::measure(&out_bytes, &fastest_ms);
+    tracing::info!("search reuse cache: {}", reuse.reason);
     Ok(LatencyTable {
         format_version: TABLE_FORMAT,
         supernet_id: None,
@@ -337,6 +359,7 @@ pub fn profile(
         modules,
         calibration: Calibration::default(),
         validation: None,
+        reuse: Some(reuse),
     })
 }
 

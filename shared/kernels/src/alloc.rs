@@ -28,3 +28,19 @@ pub fn retain_freed_memory() -> bool {
         false
     }
 }
+
+/// Gives freed memory back to the OS (glibc `malloc_trim`): for the end of a phase that held
+/// far more than what follows, such as the edge agent's search (its cross-generation cache
+/// may hold GBs of activations) before serving, since [`retain_freed_memory`] keeps freed
+/// memory in the process otherwise. A no-op elsewhere; returns whether memory was released.
+pub fn release_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only returns free heap memory to the OS.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}

@@ -24,7 +24,9 @@
 //!   the candle composition.
 //! * [`threads`]: thread policy; [`threads::current`] must be recorded with every latency.
 //! * [`alloc::retain_freed_memory`]: glibc setting that binaries call at start (freed
-//!   feature maps are reused instead of being unmapped and faulted in again).
+//!   feature maps are reused instead of being unmapped and faulted in again), and
+//!   [`alloc::release_freed_memory`] at the end of a phase that held far more than what
+//!   follows.
 //!
 //! Inputs may be non-contiguous (they are made contiguous first). Only f32 is implemented;
 //! other dtypes return an error naming the dtype. Only the CPU device is implemented.
