@@ -85,21 +85,33 @@ impl CustomOp1 for BnStats {
                 KernelError::Shape("batch_norm_train: no values per channel".into()).into(),
             );
         }
-        let parts = threads::map_ranges(c, threads_for(x.len()), |r| {
-            r.map(|ci| {
-                let planes = (0..n).map(|ni| &x[(ni * c + ci) * hw..][..hw]);
-                let mean = planes.clone().map(|p| sum8(p) as f64).sum::<f64>() / count as f64;
-                let m = mean as f32;
-                let var = planes.map(|p| sum_sq_centered(p, m) as f64).sum::<f64>() / count as f64;
-                (m, var as f32)
-            })
-            .collect::<Vec<_>>()
-        });
-        let st: Vec<(f32, f32)> = parts.into_iter().flatten().collect();
-        let mut out: Vec<f32> = st.iter().map(|s| s.0).collect();
-        out.extend(st.iter().map(|s| s.1));
+        let (mut out, var) = stats(x, (n, c, hw));
+        out.extend(var);
         Ok((CpuStorage::F32(out), Shape::from((2, c))))
     }
+}
+
+/// Batch mean and biased variance per channel of `x [N, C, HW]` (`N * HW > 0`).
+pub(crate) fn stats(x: &[f32], (n, c, hw): (usize, usize, usize)) -> (Vec<f32>, Vec<f32>) {
+    let count = n * hw;
+    let parts = threads::map_ranges(c, threads_for(x.len()), |r| {
+        r.map(|ci| {
+            let planes = (0..n).map(|ni| &x[(ni * c + ci) * hw..][..hw]);
+            let mean = planes.clone().map(|p| sum8(p) as f64).sum::<f64>() / count as f64;
+            let m = mean as f32;
+            let var = planes.map(|p| sum_sq_centered(p, m) as f64).sum::<f64>() / count as f64;
+            (m, var as f32)
+        })
+        .collect::<Vec<_>>()
+    });
+    parts.into_iter().flatten().unzip()
+}
+
+/// `1 / sqrt(var + eps)` per channel (computed in f64).
+pub(crate) fn invstd(var: &[f32], eps: f64) -> Vec<f32> {
+    var.iter()
+        .map(|v| (1.0 / (*v as f64 + eps).sqrt()) as f32)
+        .collect()
 }
 
 /// `(x, gamma, beta) -> act(gamma * (x - mean) * invstd + beta)`, the statistics fixed.
@@ -111,7 +123,7 @@ struct BnApply {
 
 /// Per-channel `(a, b)` with `bn(x) = x * a + b`: one multiply and one add per element, the
 /// same in the forward and in the backward's recomputation.
-fn affine(gamma: &[f32], beta: &[f32], mean: &[f32], invstd: &[f32]) -> Vec<(f32, f32)> {
+pub(crate) fn affine(gamma: &[f32], beta: &[f32], mean: &[f32], invstd: &[f32]) -> Vec<(f32, f32)> {
     (0..gamma.len())
         .map(|c| {
             let a = gamma[c] * invstd[c];
@@ -137,6 +149,26 @@ fn act_grad(z: f32, g: f32, act: Activation) -> f32 {
         Activation::None => g,
         Activation::Relu => relu_grad(z, g),
         Activation::Relu6 => relu6_grad(z, g),
+    }
+}
+
+/// `act(x * a + b)` with the per-channel `(a, b)` of [`affine`], `x [N, C, HW]`.
+pub(crate) fn apply(
+    x: &[f32],
+    (c, hw): (usize, usize),
+    ab: &[(f32, f32)],
+    act: Activation,
+) -> Vec<f32> {
+    // SAFETY: the items cover `y`, each loop writes its whole item (`x` is as long).
+    unsafe {
+        filled(x.len(), |y| {
+            threads::for_each_item(y, hw, threads_for(x.len()), |pi, yp| {
+                let (a, b) = ab[pi % c];
+                for (o, v) in yp.iter_mut().zip(&x[pi * hw..][..hw]) {
+                    o.write(activate(v * a + b, act));
+                }
+            })
+        })
     }
 }
 
@@ -175,20 +207,8 @@ impl CustomOp3 for BnApply {
         let (_, c, h, w) = dims4(l1, "batch_norm_train")?;
         let gamma = vec_arg(s2, l2, c, "gamma")?;
         let beta = vec_arg(s3, l3, c, "beta")?;
-        let hw = h * w;
         let ab = affine(gamma, beta, &self.mean, &self.invstd);
-        let act = self.act;
-        // SAFETY: the items cover `y`, each loop writes its whole item (`x` is as long).
-        let y = unsafe {
-            filled(x.len(), |y| {
-                threads::for_each_item(y, hw, threads_for(x.len()), |pi, yp| {
-                    let (a, b) = ab[pi % c];
-                    for (o, v) in yp.iter_mut().zip(&x[pi * hw..][..hw]) {
-                        o.write(activate(v * a + b, act));
-                    }
-                })
-            })
-        };
+        let y = apply(x, (c, h * w), &ab, self.act);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -277,7 +297,36 @@ impl CustomOp2 for BnBwdSums {
             )
             .into());
         }
-        let hw = h * w;
+        let bn = BnBwd {
+            mean: &self.mean,
+            invstd: &self.invstd,
+            act: self.act,
+            ab: &self.ab,
+        };
+        let (mut out, sdyx) = bn.sums(x, dy, (n, c, h * w));
+        out.extend(sdyx);
+        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+    }
+}
+
+/// The saved state of a train-mode BN (+ activation) that its backward needs.
+pub(crate) struct BnBwd<'a> {
+    pub mean: &'a [f32],
+    pub invstd: &'a [f32],
+    pub act: Activation,
+    /// Per-channel `(a, b)` of the pre-activation (empty without an activation).
+    pub ab: &'a [(f32, f32)],
+}
+
+impl BnBwd<'_> {
+    /// `(sum(dz), sum(dz * xhat))` per channel of `x, dy [N, C, HW]`, `dz` the gradient at
+    /// the pre-activation (`dy` itself without an activation).
+    pub(crate) fn sums(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        (n, c, hw): (usize, usize, usize),
+    ) -> (Vec<f32>, Vec<f32>) {
         let parts = threads::map_ranges(c, threads_for(2 * x.len()), |r| {
             // The plane's `dz` (with an activation), summed exactly as `dy` is without one.
             let mut dz = vec![0f32; if self.act == Activation::None { 0 } else { hw }];
@@ -297,10 +346,48 @@ impl CustomOp2 for BnBwdSums {
             })
             .collect::<Vec<_>>()
         });
-        let st: Vec<(f32, f32)> = parts.into_iter().flatten().collect();
-        let mut out: Vec<f32> = st.iter().map(|s| s.0).collect();
-        out.extend(st.iter().map(|s| s.1));
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+        parts.into_iter().flatten().unzip()
+    }
+
+    /// `dx` of `x, dy [N, C, HW]` given `gamma` and the per-channel [`BnBwd::sums`].
+    pub(crate) fn dx(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        (n, c, hw): (usize, usize, usize),
+        gamma: &[f32],
+        (sum_dy, sum_dy_xhat): (&[f32], &[f32]),
+    ) -> Vec<f32> {
+        let m = (n * hw) as f32;
+        let act = self.act;
+        // SAFETY: the items cover `dx`, each loop writes its whole item (`x` and `dy` are as
+        // long).
+        unsafe {
+            filled(x.len(), |dx| {
+                threads::for_each_item(dx, hw, threads_for(2 * x.len()), |pi, dxp| {
+                    let ci = pi % c;
+                    let inv = self.invstd[ci];
+                    // dx = k * (dz - a - (x - mean) * inv * b), a = mean(dz), b = mean(dz * xhat)
+                    let k = gamma[ci] * inv;
+                    let a = sum_dy[ci] / m;
+                    let b = sum_dy_xhat[ci] / m * inv;
+                    let mean = self.mean[ci];
+                    let off = pi * hw;
+                    let (xs, gs) = (&x[off..][..hw], &dy[off..][..hw]);
+                    if act == Activation::None {
+                        for ((o, xv), g) in dxp.iter_mut().zip(xs).zip(gs) {
+                            o.write(k * (g - a - (xv - mean) * b));
+                        }
+                    } else {
+                        let (za, zb) = self.ab[ci];
+                        for ((o, xv), g) in dxp.iter_mut().zip(xs).zip(gs) {
+                            let dz = act_grad(xv * za + zb, *g, act);
+                            o.write(k * (dz - a - (xv - mean) * b));
+                        }
+                    }
+                })
+            })
+        }
     }
 }
 
@@ -330,37 +417,19 @@ impl CustomOp2 for BnBwdData {
         let x = f32_slice(s1, l1, "batch_norm_train backward", "x")?;
         let dy = f32_slice(s2, l2, "batch_norm_train backward", "grad")?;
         let (n, c, h, w) = dims4(l1, "batch_norm_train backward")?;
-        let hw = h * w;
-        let m = (n * hw) as f32;
-        let act = self.act;
-        // SAFETY: the items cover `dx`, each loop writes its whole item (`x` and `dy` are as
-        // long).
-        let dx = unsafe {
-            filled(x.len(), |dx| {
-                threads::for_each_item(dx, hw, threads_for(2 * x.len()), |pi, dxp| {
-                    let ci = pi % c;
-                    let inv = self.invstd[ci];
-                    // dx = k * (dz - a - (x - mean) * inv * b), a = mean(dz), b = mean(dz * xhat)
-                    let k = self.gamma[ci] * inv;
-                    let a = self.sum_dy[ci] / m;
-                    let b = self.sum_dy_xhat[ci] / m * inv;
-                    let mean = self.mean[ci];
-                    let off = pi * hw;
-                    let (xs, gs) = (&x[off..][..hw], &dy[off..][..hw]);
-                    if act == Activation::None {
-                        for ((o, xv), g) in dxp.iter_mut().zip(xs).zip(gs) {
-                            o.write(k * (g - a - (xv - mean) * b));
-                        }
-                    } else {
-                        let (za, zb) = self.ab[ci];
-                        for ((o, xv), g) in dxp.iter_mut().zip(xs).zip(gs) {
-                            let dz = act_grad(xv * za + zb, *g, act);
-                            o.write(k * (dz - a - (xv - mean) * b));
-                        }
-                    }
-                })
-            })
+        let bn = BnBwd {
+            mean: &self.mean,
+            invstd: &self.invstd,
+            act: self.act,
+            ab: &self.ab,
         };
+        let dx = bn.dx(
+            x,
+            dy,
+            (n, c, h * w),
+            &self.gamma,
+            (&self.sum_dy, &self.sum_dy_xhat),
+        );
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -397,13 +466,9 @@ pub fn batch_norm_train_act(
     let x = x.contiguous()?;
     let stats = x.apply_op1_no_bwd(&BnStats)?;
     let st = stats.to_vec2::<f32>()?;
-    let invstd: Vec<f32> = st[1]
-        .iter()
-        .map(|v| (1.0 / (*v as f64 + eps).sqrt()) as f32)
-        .collect();
     let op = BnApply {
         mean: st[0].clone(),
-        invstd,
+        invstd: invstd(&st[1], eps),
         act,
     };
     let y = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;

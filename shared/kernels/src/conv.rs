@@ -41,27 +41,39 @@ impl ConvOp {
             }
             None => None,
         };
-        if self.train && direct_1x1(&g) {
-            let out = pointwise_1x1(xs, ws, bs, &g, self.act);
-            return Ok((CpuStorage::F32(out), Shape::from(g.out_dims())));
-        }
-        if self.train && g.is_depthwise() && depthwise::lanes_forward(&g) {
-            // SAFETY: `dw_lanes::forward` writes every element of `[N, C, OH, OW]`.
-            let out = unsafe {
-                filled(g.n * g.out_img(), |o| {
-                    dw_lanes::forward(xs, ws, bs, &g, self.act, o)
-                })
-            };
-            return Ok((CpuStorage::F32(out), Shape::from(g.out_dims())));
-        }
-        let mut out = vec![0f32; g.n * g.out_img()];
-        if g.is_depthwise() {
-            depthwise::forward(xs, ws, bs, &g, self.act, &mut out);
-        } else {
-            gemm_path::forward(xs, ws, bs, &g, self.act, &mut out);
-        }
+        let out = forward(xs, ws, bs, &g, self.act, self.train);
         Ok((CpuStorage::F32(out), Shape::from(g.out_dims())))
     }
+}
+
+/// The conv of `g` (+ bias + activation) into a new `[N, O, OH, OW]`. `train`: the forward
+/// of a training step (or any differentiable call), which takes the training kernels.
+pub(crate) fn forward(
+    xs: &[f32],
+    ws: &[f32],
+    bs: Option<&[f32]>,
+    g: &Geom,
+    act: Activation,
+    train: bool,
+) -> Vec<f32> {
+    if train && direct_1x1(g) {
+        return pointwise_1x1(xs, ws, bs, g, act);
+    }
+    if train && g.is_depthwise() && depthwise::lanes_forward(g) {
+        // SAFETY: `dw_lanes::forward` writes every element of `[N, C, OH, OW]`.
+        return unsafe {
+            filled(g.n * g.out_img(), |o| {
+                dw_lanes::forward(xs, ws, bs, g, act, o)
+            })
+        };
+    }
+    let mut out = vec![0f32; g.n * g.out_img()];
+    if g.is_depthwise() {
+        depthwise::forward(xs, ws, bs, g, act, &mut out);
+    } else {
+        gemm_path::forward(xs, ws, bs, g, act, &mut out);
+    }
+    out
 }
 
 fn conv_grads(
@@ -243,34 +255,41 @@ impl CustomOp2 for ConvBwdData {
         if dims4(l1, "conv2d backward")? != g.out_dims() {
             return Err(KernelError::Shape("conv2d backward: grad shape mismatch".into()).into());
         }
-        if direct_1x1(&g) {
-            // The forward with `W^T` (see `transposed_as_forward`), packed from `W` directly.
-            let gt = Geom::new(
-                (g.n, g.o, g.oh, g.ow),
-                (g.c, g.o, 1, 1),
-                &Conv2dParams::default(),
-            )?;
-            let packed = pack_transposed(w, g.o, g.c);
-            let gx = pointwise_packed_1x1(go, &packed, None, &gt, Activation::None);
-            return Ok((CpuStorage::F32(gx), Shape::from(self.x_dims)));
-        }
-        if g.is_depthwise() {
-            // SAFETY: `dw_lanes::backward_data` writes every element of `[N, C, H, W]`.
-            let gx = unsafe {
-                filled(g.n * g.in_img(), |gx| {
-                    dw_lanes::backward_data(go, w, &g, gx)
-                })
-            };
-            return Ok((CpuStorage::F32(gx), Shape::from(self.x_dims)));
-        }
-        let mut gx = vec![0f32; g.n * g.in_img()];
-        if let Some((gt, wt)) = transposed_as_forward(&g, w) {
-            gemm_path::forward(go, &wt, None, &gt, Activation::None, &mut gx);
-        } else {
-            gemm_path::backward_data(go, w, &g, &mut gx);
-        }
+        let gx = backward_data(go, w, &g)?;
         Ok((CpuStorage::F32(gx), Shape::from(self.x_dims)))
     }
+}
+
+/// The gradient w.r.t. the input `[N, C, H, W]` of the conv of `g`, from `go`
+/// (`[N, O, OH, OW]`).
+pub(crate) fn backward_data(go: &[f32], w: &[f32], g: &Geom) -> candle_core::Result<Vec<f32>> {
+    if direct_1x1(g) {
+        // The forward with `W^T` (see `transposed_as_forward`), packed from `W` directly.
+        let gt = Geom::new(
+            (g.n, g.o, g.oh, g.ow),
+            (g.c, g.o, 1, 1),
+            &Conv2dParams::default(),
+        )?;
+        let packed = pack_transposed(w, g.o, g.c);
+        return Ok(pointwise_packed_1x1(
+            go,
+            &packed,
+            None,
+            &gt,
+            Activation::None,
+        ));
+    }
+    if g.is_depthwise() {
+        // SAFETY: `dw_lanes::backward_data` writes every element of `[N, C, H, W]`.
+        return Ok(unsafe { filled(g.n * g.in_img(), |gx| dw_lanes::backward_data(go, w, g, gx)) });
+    }
+    let mut gx = vec![0f32; g.n * g.in_img()];
+    if let Some((gt, wt)) = transposed_as_forward(g, w) {
+        gemm_path::forward(go, &wt, None, &gt, Activation::None, &mut gx);
+    } else {
+        gemm_path::backward_data(go, w, g, &mut gx);
+    }
+    Ok(gx)
 }
 
 /// For a stride-1, undilated, ungrouped conv, the input gradient is itself a stride-1 conv
@@ -349,12 +368,19 @@ impl CustomOp2 for ConvBwdFilter {
         if dims4(l2, "conv2d backward")? != g.out_dims() {
             return Err(KernelError::Shape("conv2d backward: grad shape mismatch".into()).into());
         }
-        let gw = if g.is_depthwise() {
-            dw_lanes::backward_filter(x, go, &g)
-        } else {
-            gemm_path::backward_filter(x, go, &g)
-        };
-        Ok((CpuStorage::F32(gw), Shape::from(self.w_dims)))
+        Ok((
+            CpuStorage::F32(backward_filter(x, go, &g)),
+            Shape::from(self.w_dims),
+        ))
+    }
+}
+
+/// The gradient w.r.t. the weight `[O, C/groups, KH, KW]` of the conv of `g`.
+pub(crate) fn backward_filter(x: &[f32], go: &[f32], g: &Geom) -> Vec<f32> {
+    if g.is_depthwise() {
+        dw_lanes::backward_filter(x, go, g)
+    } else {
+        gemm_path::backward_filter(x, go, g)
     }
 }
 

@@ -20,6 +20,8 @@
 //! * [`batch_norm_train`]: train-mode BatchNorm (batch statistics) as one op with a fused
 //!   backward, and [`batch_norm_train_act`] with the following ReLU / ReLU6 in the same op;
 //!   [`relu`], [`relu6`] and [`add_relu`] (residual join) with one-pass backward.
+//! * [`conv_bn_train`]: conv + train-mode BN (+ activation) as one op for training (the conv
+//!   output never becomes a graph tensor, so candle does not zero-fill and add its gradient).
 //! * [`sgd_update`]: in-place SGD step (momentum, Nesterov, weight decay), bit-identical to
 //!   the candle composition.
 //! * [`threads`]: thread policy; [`threads::current`] must be recorded with every latency.
@@ -67,7 +69,8 @@
 //!   no im2col, bias, activation and residual add fused (`tests/direct.rs`).
 //! * `src/cpu.rs`: the one run-time AVX2 + FMA check every SIMD kernel dispatches on.
 //! * `src/pool.rs`: max-pool and global average pool ops.
-//! * `src/bn.rs`: BatchNorm folding (computed in f64); `src/bn_train.rs`: train-mode BN.
+//! * `src/bn.rs`: BatchNorm folding (computed in f64); `src/bn_train.rs`: train-mode BN;
+//!   `src/conv_bn.rs`: conv + train-mode BN in one op on the same kernels.
 //! * `src/eltwise.rs`: ReLU and add + ReLU with their backward.
 //! * `src/optim.rs`: in-place SGD update.
 //! * `tests/parity.rs`: forward parity against candle's reference ops (≤ 1e-4), backward
@@ -148,6 +151,7 @@ pub mod alloc;
 mod bn;
 mod bn_train;
 mod conv;
+mod conv_bn;
 mod cpu;
 mod depthwise;
 mod direct;
@@ -168,6 +172,7 @@ use candle_core::{DType, Tensor};
 
 pub use bn::fold_bn;
 pub use bn_train::{batch_norm_train, batch_norm_train_act};
+pub use conv_bn::conv_bn_train;
 pub use eltwise::{add_relu, relu, relu6};
 pub use infer::{conv_packed, pack_conv, pack_pointwise, pointwise_packed};
 pub use optim::{sgd_update, SgdParams};

@@ -429,3 +429,90 @@ fn sgd_update_is_bit_identical_to_the_candle_composition() {
     assert!(sgd_update(var.as_tensor(), &rng.tensor(&[5], 1.0), None, &hp).is_err());
     assert_eq!(bits(var.as_tensor()), before);
 }
+
+/// Values equal as floats (`0.0 == -0.0`): the fused op's gradients may differ from the
+/// two-op graph only in the sign of exact zeros (candle adds `+0.0` to the first gradient).
+fn same_values(a: &Tensor, b: &Tensor) -> bool {
+    let (x, y) = (
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    x.len() == y.len() && x.iter().zip(&y).all(|(p, q)| p == q)
+}
+
+#[test]
+fn conv_bn_is_bit_identical_to_conv_then_bn() {
+    use adaptivenet_kernels::{conv2d, conv_bn_train, Conv2dParams};
+    let mut rng = Rng::new(61);
+    // (x dims, out channels, kernel, stride, groups): 1x1 (pointwise), depthwise on a small
+    // map (channel lanes) and a large stride-1 one (plane kernel), a dense 3x3 and a strided
+    // 1x1 (GEMM paths).
+    let cases = [
+        ([4, 8, 4, 4], 24, 1, 1, 1),
+        ([3, 16, 5, 5], 16, 5, 2, 16),
+        ([2, 8, 16, 16], 8, 3, 1, 8),
+        ([2, 5, 9, 7], 6, 3, 1, 1),
+        ([3, 6, 8, 8], 10, 1, 2, 1),
+    ];
+    for (xd, o, k, s, groups) in cases {
+        let x = rng.tensor(&xd, 1.0);
+        let w = rng.tensor(&[o, xd[1] / groups, k, k], 0.5);
+        let gamma = (rng.tensor(&[o], 0.5) + 1.0).unwrap();
+        let beta = rng.tensor(&[o], 1.0);
+        let p = Conv2dParams::same((xd[2], xd[3]), (k, k), (s, s)).with_groups(groups);
+        for act in [Activation::None, Activation::Relu, Activation::Relu6] {
+            for frozen in [false, true] {
+                let run = |fused: bool| {
+                    let (xv, wv, gv, bv) = (
+                        Var::from_tensor(&x).unwrap(),
+                        Var::from_tensor(&w).unwrap(),
+                        Var::from_tensor(&gamma).unwrap(),
+                        Var::from_tensor(&beta).unwrap(),
+                    );
+                    // Frozen: weight and BN affine constants (a frozen block on a path that
+                    // carries a gradient), only the input gradient flows.
+                    let (wt, gt, bt) = if frozen {
+                        (w.clone(), gamma.clone(), beta.clone())
+                    } else {
+                        (
+                            wv.as_tensor().clone(),
+                            gv.as_tensor().clone(),
+                            bv.as_tensor().clone(),
+                        )
+                    };
+                    let (y, m, v) = if fused {
+                        conv_bn_train(xv.as_tensor(), &wt, &gt, &bt, &p, 1e-3, act).unwrap()
+                    } else {
+                        let z = conv2d(xv.as_tensor(), &wt, None, &p).unwrap();
+                        batch_norm_train_act(&z, &gt, &bt, 1e-3, act).unwrap()
+                    };
+                    let r = Tensor::ones(y.dims(), DType::F32, &Device::Cpu)
+                        .unwrap()
+                        .affine(0.5, 0.25)
+                        .unwrap();
+                    let g = (&y * &r * &y)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    let mut out = vec![y, m, v, g.get(xv.as_tensor()).unwrap().clone()];
+                    if !frozen {
+                        for t in [&wv, &gv, &bv] {
+                            out.push(g.get(t.as_tensor()).unwrap().clone());
+                        }
+                    }
+                    out
+                };
+                let (a, b) = (run(true), run(false));
+                assert_eq!(a.len(), b.len());
+                for (i, (p1, p2)) in a.iter().zip(&b).enumerate() {
+                    assert!(
+                        same_values(p1, p2),
+                        "x{xd:?} o{o} k{k} s{s} g{groups} {act:?} frozen {frozen}: output {i}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -97,21 +97,33 @@ fn conv_bn(
         }
         return ops::conv2d_fused(x, w, bias, stride, pad, groups, act);
     };
-    let y = ops::conv2d(x, w, stride, pad, groups)?;
     let b = get(p, &format!("{bn}.bias"))?;
     let (m, v) = (
         get(p, &format!("{bn}.running_mean"))?,
         get(p, &format!("{bn}.running_var"))?,
     );
-    let y = match train {
-        Some(ctx) => {
-            // The activation runs inside the train-mode BN op (one tensor less each way).
-            let (y, nm, nv) = ops::batch_norm_train(&y, g, b, m, v, num.bn_eps, ctx.momentum, act)?;
-            ctx.bn_updates.push((bn.to_string(), nm, nv));
-            return Ok(y);
-        }
-        None => ops::batch_norm_eval(&y, g, b, m, v, num.bn_eps)?,
-    };
+    if let Some(ctx) = train {
+        // Conv, train-mode BN and the activation as one kernel op (no conv-output tensor
+        // and gradient between them).
+        let (y, nm, nv) = ops::conv_bn_train(
+            x,
+            w,
+            stride,
+            pad,
+            groups,
+            g,
+            b,
+            m,
+            v,
+            num.bn_eps,
+            ctx.momentum,
+            act,
+        )?;
+        ctx.bn_updates.push((bn.to_string(), nm, nv));
+        return Ok(y);
+    }
+    let y = ops::conv2d(x, w, stride, pad, groups)?;
+    let y = ops::batch_norm_eval(&y, g, b, m, v, num.bn_eps)?;
     match act {
         Some(a) => ops::activation(&y, a),
         None => Ok(y),

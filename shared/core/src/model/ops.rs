@@ -214,10 +214,23 @@ pub fn batch_norm_train(
         };
         return Ok((y, m, v));
     }
-    let (n, _, h, w) = x.dims4()?;
-    let count = (n * h * w) as f64;
     let (y, bmean, bvar) =
         adaptivenet_kernels::batch_norm_train_act(x, gamma, beta, eps, kernel_act(act))?;
+    running_stats(&y, bmean, bvar, mean, var, momentum)
+}
+
+/// `y` with the running statistics updated from the batch's (PyTorch semantics: unbiased
+/// variance in the running estimate).
+fn running_stats(
+    y: &Tensor,
+    bmean: Tensor,
+    bvar: Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    momentum: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, _, h, w) = y.dims4()?;
+    let count = (n * h * w) as f64;
     let unbiased = if count > 1.0 {
         (bvar * (count / (count - 1.0)))?
     } else {
@@ -225,7 +238,36 @@ pub fn batch_norm_train(
     };
     let new_mean = ((mean * (1.0 - momentum))? + (bmean * momentum)?)?;
     let new_var = ((var * (1.0 - momentum))? + (unbiased * momentum)?)?;
-    Ok((y, new_mean, new_var))
+    Ok((y.clone(), new_mean, new_var))
+}
+
+/// [`conv2d`] (no bias) then [`batch_norm_train`] with `act`, as one kernel op for training
+/// ([`adaptivenet_kernels::conv_bn_train`]: the conv output is not a tensor of the autograd
+/// graph, so the backward does not zero-fill and add its gradient; same values and
+/// gradients). Under [`set_stock_candle`] the two stock compositions.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bn_train(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: (usize, usize, usize, usize),
+    groups: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+    momentum: f64,
+    act: Option<Act>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if stock_candle() {
+        let z = conv2d_stock(x, w, stride, pad, groups)?;
+        return batch_norm_train(&z, gamma, beta, mean, var, eps, momentum, act);
+    }
+    let p = kernel_params(stride, pad, groups);
+    let (y, bmean, bvar) =
+        adaptivenet_kernels::conv_bn_train(x, w, gamma, beta, &p, eps, kernel_act(act))?;
+    running_stats(&y, bmean, bvar, mean, var, momentum)
 }
 
 /// [`batch_norm_train`] composed of stock candle ops (the reference).
