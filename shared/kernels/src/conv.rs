@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 
 use crate::geom::Geom;
 use crate::storage::{dims4, f32_slice, filled};
-use crate::{depthwise, dw_lanes, gemm_path, Activation, Conv2dParams, KernelError};
+use crate::{depthwise, dw_lanes, gemm_path, pw_train, Activation, Conv2dParams, KernelError};
 
 type Dims4 = (usize, usize, usize, usize);
 
@@ -379,6 +379,8 @@ impl CustomOp2 for ConvBwdFilter {
 pub(crate) fn backward_filter(x: &[f32], go: &[f32], g: &Geom) -> Vec<f32> {
     if g.is_depthwise() {
         dw_lanes::backward_filter(x, go, g)
+    } else if pw_train::supported(g) {
+        pw_train::backward_filter(x, go, g)
     } else {
         gemm_path::backward_filter(x, go, g)
     }

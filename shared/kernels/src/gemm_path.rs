@@ -701,9 +701,6 @@ pub(crate) fn backward_data(go: &[f32], w: &[f32], g: &Geom, gx: &mut [f32]) {
 
 /// Gradient w.r.t. the weight, `[O, Cg, KH, KW]`.
 pub(crate) fn backward_filter(x: &[f32], go: &[f32], g: &Geom) -> Vec<f32> {
-    if crate::pw_train::supported(g) {
-        return crate::pw_train::backward_filter(x, go, g);
-    }
     let (t, batch_par) = plan(g);
     if batch_par {
         let mut parts =
