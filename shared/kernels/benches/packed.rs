@@ -13,7 +13,8 @@
 use std::time::Instant;
 
 use adaptivenet_kernels::{
-    add_relu, conv2d_fused, conv_packed, pack_conv, threads, Activation, Conv2dParams,
+    add_relu, conv2d_fused, conv_packed, pack_conv, pack_winograd, threads, winograd_packed,
+    winograd_wins, Activation, Conv2dParams,
 };
 use candle_core::{Device, Tensor};
 
@@ -179,5 +180,83 @@ fn main() {
                 "ratio": im2col.0 / direct.0}),
         );
     }
+    winograd_rows(filter.as_deref(), &mut bench);
     println!("BENCH {}", serde_json::Value::Object(bench));
+}
+
+/// The stride-1 3x3 convs (pad 1, bias, fused ReLU, `+res` the residual join too): the
+/// packed direct conv ([`conv_packed`]) against Winograd F(2x2, 3x3) ([`winograd_packed`]),
+/// interleaved. ResNet-20's at 28x28 input (batch 1 as served, 50 as the search evaluates),
+/// ResNet-18's at 224 (batch 1), and off-model shapes that bound [`winograd_wins`]. BENCH
+/// keys (and filter names) `wino {name}`: `direct_ms`, `winograd_ms`, `ratio` (direct /
+/// Winograd), `routed` (what [`winograd_wins`] picks).
+fn winograd_rows(filter: Option<&str>, bench: &mut serde_json::Map<String, serde_json::Value>) {
+    // (name, batch, channels in = out, map, residual)
+    let shapes: [(&str, usize, usize, usize, bool); 19] = [
+        ("r20 16->16 @28", 1, 16, 28, false),
+        ("r20 16->16 @28 +res", 1, 16, 28, true),
+        ("r20 32->32 @14 +res", 1, 32, 14, true),
+        ("r20 64->64 @7 +res", 1, 64, 7, true),
+        ("r20 16->16 @28 b50", 50, 16, 28, false),
+        ("r20 16->16 @28 +res b50", 50, 16, 28, true),
+        ("r20 32->32 @14 +res b50", 50, 32, 14, true),
+        ("r20 64->64 @7 +res b50", 50, 64, 7, true),
+        ("r18 64->64 @56 +res", 1, 64, 56, true),
+        ("r18 128->128 @28 +res", 1, 128, 28, true),
+        ("r18 256->256 @14 +res", 1, 256, 14, true),
+        ("r18 512->512 @7 +res", 1, 512, 7, true),
+        ("8->8 @28 b50", 50, 8, 28, false),
+        ("8->8 @14 b50", 50, 8, 14, false),
+        ("16->16 @7 b50", 50, 16, 7, false),
+        ("32->32 @7 b50", 50, 32, 7, false),
+        ("64->64 @4 b50", 50, 64, 4, false),
+        ("128->128 @7 b50", 50, 128, 7, false),
+        ("16->16 @14 b1", 1, 16, 14, false),
+    ];
+    println!();
+    println!(
+        "one thread; CPU-time medians (wall in brackets), ms; stride-1 3x3 pad 1, bias + ReLU"
+    );
+    println!("| conv (batch 1 unless bN) | packed direct | Winograd F(2,3) | direct / Winograd | routed |");
+    println!("|---|---|---|---|---|");
+    for (name, n, c, hw, residual) in shapes {
+        if filter.is_some_and(|f| !format!("wino {name}").contains(f)) {
+            continue;
+        }
+        let p = Conv2dParams::new(1, 1);
+        let x = Tensor::randn(0f32, 1f32, (n, c, hw, hw), &Device::Cpu).unwrap();
+        let w = (Tensor::randn(0f32, 1f32, (c, c, 3, 3), &Device::Cpu).unwrap()
+            * (1.0 / ((c * 9) as f64).sqrt()))
+        .unwrap();
+        let b = Tensor::randn(0f32, 1f32, c, &Device::Cpu).unwrap();
+        let res = Tensor::randn(0f32, 1f32, (n, c, hw, hw), &Device::Cpu).unwrap();
+        let res = residual.then_some(&res);
+        let packed = pack_conv(&w).unwrap();
+        let wino = pack_winograd(&w).unwrap();
+        let act = Activation::Relu;
+        let [direct, winograd] = time_pair(
+            || {
+                conv_packed(&x, &packed, c, (3, 3), Some(&b), &p, act, res).unwrap();
+            },
+            || {
+                winograd_packed(&x, &wino, c, Some(&b), &p, act, res).unwrap();
+            },
+            1000.0,
+        );
+        let ratio = direct.0 / winograd.0;
+        let routed = if winograd_wins(c, c, hw, hw) {
+            "Winograd"
+        } else {
+            "direct"
+        };
+        println!(
+            "| {name} | {:.3} ({:.3}) | {:.3} ({:.3}) | {ratio:.2} | {routed} |",
+            direct.0, direct.1, winograd.0, winograd.1
+        );
+        bench.insert(
+            format!("wino {name}"),
+            serde_json::json!({"direct_ms": direct.0, "winograd_ms": winograd.0, "ratio": ratio,
+                "routed": routed}),
+        );
+    }
 }

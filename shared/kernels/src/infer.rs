@@ -5,10 +5,12 @@ use std::mem::MaybeUninit;
 
 use candle_core::{Device, Storage, Tensor};
 
+use crate::cpu::{isa, Isa};
 use crate::direct::{self, Direct};
 use crate::geom::Geom;
 use crate::pointwise::{self, Pointwise, MR};
 use crate::storage::f32_slice;
+use crate::winograd::{self, Winograd};
 use crate::{check_f32, Activation, Conv2dParams, KernelError};
 
 /// Runs `f` on the contiguous f32 data of a CPU tensor.
@@ -63,22 +65,65 @@ pub fn pack_conv(w: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::from_vec(packed, (o.div_ceil(MR), k, MR), &Device::Cpu)
 }
 
-/// Checks the packed weight, bias and residual against the geometry.
-fn check_packed(
+/// Packs a 3x3 conv weight `[O, C, 3, 3]` (one group) for [`winograd_packed`]: the
+/// Winograd F(2x2, 3x3) transform `U = G g G^T` of every (output, input) pair, computed in
+/// f64, as one `[O x C]` matrix per transform position in panels of 16 output channels
+/// (`[16, ceil(O/16), C, 16]`, zero-padded). Done once per module when it is installed.
+pub fn pack_winograd(w: &Tensor) -> candle_core::Result<Tensor> {
+    let (o, c, kh, kw) = w.dims4()?;
+    if (kh, kw) != (3, 3) {
+        return Err(
+            KernelError::Shape(format!("pack_winograd: kernel {kh}x{kw}, expected 3x3")).into(),
+        );
+    }
+    let w = w.contiguous()?;
+    let packed = with_f32(&w, "pack_winograd", "weight", |s| {
+        Ok(winograd::pack(s, o, c))
+    })?;
+    Tensor::from_vec(
+        packed,
+        (16, o.div_ceil(winograd::PANEL), c, winograd::PANEL),
+        &Device::Cpu,
+    )
+}
+
+/// Whether a 3x3 conv of `c` inputs and `o` outputs can gain from Winograd on some map
+/// (the channel part of [`winograd_wins`], all that is known when a module is packed).
+pub fn winograd_channels(c: usize, o: usize) -> bool {
+    let least = if isa() == Isa::Avx512 { 8 } else { 32 };
+    c.min(o) >= least
+}
+
+/// Whether [`winograd_packed`] beats [`conv_packed`]'s direct conv on a stride-1 3x3 conv of
+/// `c` inputs, `o` outputs and an `h x w` input (padded by 1). Measured with `cargo bench
+/// --bench packed -- wino` (one thread, thread CPU time, direct / Winograd, C = O):
+///
+/// * AVX-512 (Winograd's transforms and GEMM 16 lanes wide, the direct conv AVX2): 8 and
+///   16 channels win from 14x14 up (8@28 1.55, 8@14 1.19, 16@28 1.31 at batch 1 and 2.16
+///   at 50; 16@14 batch 1 1.00) but lose at 7x7 (16@7 0.72: a quarter of each 4x4 tile
+///   grid is padding); 32 win from 7x7 (1.12; 32@14 1.7), 64 and more from 4x4 (1.9-3.0).
+/// * AVX2 + FMA / portable (the transforms compiler-vectorised; measured with the AVX-512
+///   GEMM, so an upper bound): 16 channels lose (0.69 at 28x28 batch 1, 0.82 at 50),
+///   32 win at 14x14 (1.16) and lose at 7x7 (0.80), 64 and more win from 4x4 (1.4-2.5).
+pub fn winograd_wins(c: usize, o: usize, h: usize, w: usize) -> bool {
+    let (m, ch) = (h.min(w), c.min(o));
+    if !winograd_channels(c, o) || m < 4 {
+        return false;
+    }
+    match isa() {
+        Isa::Avx512 => m >= 14 || (m >= 7 && ch >= 32) || ch >= 64,
+        _ => m >= 14 || ch >= 64,
+    }
+}
+
+/// Checks the bias and residual against the geometry.
+fn check_epilogue(
     op: &'static str,
     g: &Geom,
-    packed: &Tensor,
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> candle_core::Result<()> {
-    let (o, k) = (g.o, g.k());
-    if packed.dims() != [o.div_ceil(MR), k, MR] {
-        return Err(KernelError::Shape(format!(
-            "{op}: packed weight shape {:?} does not fit {o} outputs x {k} inputs",
-            packed.dims()
-        ))
-        .into());
-    }
+    let o = g.o;
     if let Some(b) = bias {
         if b.dims() != [o] {
             return Err(KernelError::Shape(format!(
@@ -99,6 +144,25 @@ fn check_packed(
         }
     }
     Ok(())
+}
+
+/// Checks the packed weight, bias and residual against the geometry.
+fn check_packed(
+    op: &'static str,
+    g: &Geom,
+    packed: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<()> {
+    let (o, k) = (g.o, g.k());
+    if packed.dims() != [o.div_ceil(MR), k, MR] {
+        return Err(KernelError::Shape(format!(
+            "{op}: packed weight shape {:?} does not fit {o} outputs x {k} inputs",
+            packed.dims()
+        ))
+        .into());
+    }
+    check_epilogue(op, g, bias, residual)
 }
 
 /// Runs `f(x, packed, bias, residual, out)` on the f32 data of the operands into a new
@@ -211,5 +275,50 @@ pub fn pointwise_packed(
             act,
         };
         pointwise::forward(&op, &g, out);
+    })
+}
+
+/// Inference 3x3 stride-1 conv (one group, no dilation, any per-side padding) on a
+/// [`pack_winograd`]ed weight, by Winograd F(2x2, 3x3): `act(conv(x) + bias + residual)`,
+/// `x [N, C, H, W]`, `residual` shaped like the output, fused into the output transform.
+/// Within about 1e-5 relative to the output's magnitude of [`conv_packed`] (the transforms
+/// round differently). `out_channels` is `O` of the unpacked weight.
+pub fn winograd_packed(
+    x: &Tensor,
+    packed: &Tensor,
+    out_channels: usize,
+    bias: Option<&Tensor>,
+    p: &Conv2dParams,
+    act: Activation,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    const OP: &str = "winograd_packed";
+    let (n, c, h, w) = x.dims4()?;
+    let g = Geom::new((n, c, h, w), (out_channels, c, 3, 3), p)?;
+    if !winograd::supports(&g) {
+        return Err(KernelError::Shape(format!(
+            "{OP}: stride {:?} / groups {} / dilation {:?}: only stride 1, one group, no dilation",
+            p.stride, p.groups, p.dilation
+        ))
+        .into());
+    }
+    let (o, pw) = (out_channels, winograd::PANEL);
+    if packed.dims() != [16, o.div_ceil(pw), c, pw] {
+        return Err(KernelError::Shape(format!(
+            "{OP}: packed weight shape {:?} does not fit {o} outputs x {c} inputs",
+            packed.dims()
+        ))
+        .into());
+    }
+    check_epilogue(OP, &g, bias, residual)?;
+    run_packed(OP, &g, x, packed, bias, residual, |xs, us, bs, rs, out| {
+        let op = Winograd {
+            x: xs,
+            u: us,
+            bias: bs,
+            residual: rs,
+            act,
+        };
+        winograd::forward(&op, &g, out);
     })
 }

@@ -14,6 +14,8 @@
 //! * [`pack_conv`] + [`conv_packed`] (and the 1x1 [`pack_pointwise`] + [`pointwise_packed`]):
 //!   inference on a weight packed once when a module is installed, with bias, activation and
 //!   a residual add fused into the micro-kernel's epilogue.
+//! * [`pack_winograd`] + [`winograd_packed`]: the same for stride-1 3x3 convs by Winograd
+//!   F(2x2, 3x3), where [`winograd_wins`] (measured per shape).
 //! * [`fold_bn`]: folds eval-mode BatchNorm into the preceding conv's weight and bias.
 //! * [`max_pool2d`]: any kernel/stride, `-inf` padding like PyTorch, with backward.
 //! * [`global_avg_pool`]: `[N, C, H, W] -> [N, C]`, with backward.
@@ -67,6 +69,11 @@
 //!   for any kernel size and stride (ResNet's 3x3, strided 1x1 shortcuts, stems) on the same
 //!   packed layout and micro-kernel: the input copied once into zero-padded stride phases,
 //!   no im2col, bias, activation and residual add fused (`tests/direct.rs`).
+//! * `src/winograd.rs`, `src/infer.rs`: [`pack_winograd`] and [`winograd_packed`], Winograd
+//!   F(2x2, 3x3) for stride-1 3x3 inference convs (any padding): the weight transformed once
+//!   at pack time, per chunk of tile rows an input transform, 16 GEMMs `[O x C] x [C x
+//!   tiles]` and an output transform with bias, residual add and activation fused;
+//!   [`winograd_wins`] says on which shapes it beats the direct conv (`tests/winograd.rs`).
 //! * `src/cpu.rs`: the one run-time AVX2 + FMA check every SIMD kernel dispatches on.
 //! * `src/pool.rs`: max-pool and global average pool ops.
 //! * `src/bn.rs`: BatchNorm folding (computed in f64); `src/bn_train.rs`: train-mode BN;
@@ -86,7 +93,8 @@
 //! * `benches/train_layers.rs`: every conv, BN and ReLU6 of an EfficientNet-Lite0 training
 //!   step at 64x64, batch 32, timed alone per layer and summed per kind.
 //! * `benches/packed.rs`: `cargo bench --bench packed`, the packed direct conv vs im2col +
-//!   GEMM per conv shape of ResNet-20 (batch 1 and 100) and ResNet-18, by thread CPU time.
+//!   GEMM per conv shape of ResNet-20 (batch 1 and 100) and ResNet-18, by thread CPU time;
+//!   then the direct conv vs Winograd per stride-1 3x3 shape (keys `wino ...`).
 //!
 //! # Thread policy
 //!
@@ -167,6 +175,7 @@ mod pool;
 mod pw_train;
 mod storage;
 pub mod threads;
+mod winograd;
 
 use candle_core::{DType, Tensor};
 
@@ -174,7 +183,10 @@ pub use bn::fold_bn;
 pub use bn_train::{batch_norm_train, batch_norm_train_act};
 pub use conv_bn::conv_bn_train;
 pub use eltwise::{add_relu, relu, relu6};
-pub use infer::{conv_packed, pack_conv, pack_pointwise, pointwise_packed};
+pub use infer::{
+    conv_packed, pack_conv, pack_pointwise, pack_winograd, pointwise_packed, winograd_channels,
+    winograd_packed, winograd_wins,
+};
 pub use optim::{sgd_update, SgdParams};
 
 /// Activation fused into [`conv2d_fused`].

@@ -3,8 +3,9 @@
 //!
 //! Folded [`Params`] drop the BN tensors and gain `{conv}.bias` and the micro-kernel-packed
 //! weight `{conv}.packed` (see [`packed_name`]; a head's classifier gets `fc.packed`); the forward functions notice the missing BN
-//! and take the fused path (a 1x1 conv the pointwise GEMM, any other one-group conv the
-//! direct conv, both with bias, activation and residual add in the epilogue), so folded and
+//! and take the fused path (a 1x1 conv the pointwise GEMM, a stride-1 3x3 one Winograd
+//! F(2x2, 3x3) where it wins (`{conv}.wino`, see [`winograd_name`]), any other one-group conv
+//! the direct conv, all with bias, activation and residual add in the epilogue), so folded and
 //! unfolded modules share one forward implementation (and the folded oracle equals the
 //! folded all-original subnet bit for bit).
 use super::Params;
@@ -31,6 +32,23 @@ pub fn conv_of_bn(bn: &str) -> Option<String> {
 /// (`[C, 1, K, K]`) fall below [`MIN_PACKED_REDUCTION`] and are not packed.
 pub fn packed_name(conv: &str) -> String {
     format!("{conv}.packed")
+}
+
+/// Name of the Winograd F(2x2, 3x3) form of a folded 3x3 conv's weight (`{conv}.wino`, see
+/// [`adaptivenet_kernels::pack_winograd`]), packed here beside `{conv}.packed` when the
+/// conv's channel counts are ones where Winograd beats the direct conv
+/// ([`adaptivenet_kernels::winograd_channels`]). The stride is not known here (a module's
+/// params do not record it) and neither is the map size, so both forms are kept (the
+/// Winograd one is 16/9 of the weight): the forward takes the Winograd one for a stride-1
+/// call on a map where [`adaptivenet_kernels::winograd_wins`], the direct one otherwise.
+pub fn winograd_name(conv: &str) -> String {
+    format!("{conv}.wino")
+}
+
+/// Whether a folded conv weight `[O, C, KH, KW]` gets a Winograd form too.
+fn winograd_packs(w: &candle_core::Tensor) -> Result<bool> {
+    let (o, c, kh, kw) = w.dims4()?;
+    Ok((kh, kw) == (3, 3) && adaptivenet_kernels::winograd_channels(c, o))
 }
 
 /// Reductions (`C * KH * KW`) below which a KxK conv keeps the im2col + GEMM path: with so
@@ -78,6 +96,10 @@ pub fn fold_params(p: &Params, eps: f64) -> Result<Params> {
         let (wf, bf) = adaptivenet_kernels::fold_bn(w, None, g, b, m, v, eps)?;
         if packs(&wf)? {
             out.insert(packed_name(&conv), adaptivenet_kernels::pack_conv(&wf)?);
+            if winograd_packs(&wf)? {
+                let u = adaptivenet_kernels::pack_winograd(&wf)?;
+                out.insert(winograd_name(&conv), u);
+            }
         }
         out.insert(w_name, wf);
         out.insert(format!("{conv}.bias"), bf);

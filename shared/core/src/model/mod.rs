@@ -149,7 +149,9 @@ fn packed_applies(
 
 /// The inference fast path of a folded, pre-packed conv (see [`fold::packed_name`]):
 /// `act(conv(x) + bias + residual)` in one kernel with the bias, activation and residual add
-/// in its epilogue (1x1 stride 1: the pointwise GEMM; else the direct conv, no im2col).
+/// in its epilogue (1x1 stride 1: the pointwise GEMM; a stride-1 3x3 with a Winograd form
+/// (see [`fold::winograd_name`]) on a map where it wins: Winograd F(2x2, 3x3); else the
+/// direct conv, no im2col).
 /// `None` when it does not apply (see [`packed_applies`]; a residual that carries a
 /// gradient): the caller then takes the general path.
 #[allow(clippy::too_many_arguments)]
@@ -169,11 +171,16 @@ fn packed_folded(
     }
     let packed = get(p, &fold::packed_name(conv))?;
     let bias = get(p, &format!("{conv}.bias"))?;
-    let (o, _, kh, kw) = get(p, &format!("{conv}.weight"))?.dims4()?;
+    let (o, c, kh, kw) = get(p, &format!("{conv}.weight"))?.dims4()?;
     let (_, _, h, w) = x.dims4()?;
     let pad = num.pad(h, w, kh, stride);
     if kh == 1 && kw == 1 && stride == 1 && pad == (0, 0, 0, 0) {
         return ops::pointwise_packed(x, packed, o, bias, act, residual).map(Some);
+    }
+    if stride == 1 && adaptivenet_kernels::winograd_wins(c, o, h, w) {
+        if let Some(u) = p.get(&fold::winograd_name(conv)) {
+            return ops::winograd_packed(x, u, o, bias, pad, act, residual).map(Some);
+        }
     }
     ops::conv_packed(x, packed, o, (kh, kw), bias, stride, pad, act, residual).map(Some)
 }

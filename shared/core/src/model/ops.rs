@@ -160,6 +160,30 @@ pub fn conv_packed(
     )?)
 }
 
+/// Inference stride-1 3x3 conv on a weight packed by
+/// [`adaptivenet_kernels::pack_winograd`] (BN folded), by Winograd F(2x2, 3x3):
+/// `act(conv(x) + bias + residual)` with the bias, residual add and activation in the output
+/// transform. Not differentiable.
+pub fn winograd_packed(
+    x: &Tensor,
+    packed: &Tensor,
+    out_channels: usize,
+    bias: &Tensor,
+    pad: (usize, usize, usize, usize),
+    act: Option<Act>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    Ok(adaptivenet_kernels::winograd_packed(
+        x,
+        packed,
+        out_channels,
+        Some(bias),
+        &kernel_params(1, pad, 1),
+        kernel_act(act),
+        residual,
+    )?)
+}
+
 fn kernel_act(act: Option<Act>) -> adaptivenet_kernels::Activation {
     use adaptivenet_kernels::Activation;
     match act {

@@ -1,0 +1,972 @@
+//! Winograd F(2x2, 3x3) convolution for inference: 3x3, stride 1, any per-side padding, no
+//! dilation, one group, NCHW, with a weight transformed once at pack time:
+//! `out[n] = act(conv(x[n], W) + bias + residual[n])`.
+//!
+//! Each 2x2 output tile costs 16 multiply-adds per (output, input) channel pair instead of
+//! the direct conv's 36. Per chunk of tile rows (whole rows of 2x2 tiles, across images, so
+//! a 7x7 map's 4-tile rows fill the vector lanes):
+//!
+//! 1. input transform `V = B^T d B` of every 4x4 input patch `d` (zero outside the padded
+//!    image), stored as 16 matrices `V[xi] [C x tiles]` (tiles in the lanes);
+//! 2. 16 GEMMs `M[xi] [O x tiles] = U[xi] [O x C] * V[xi]`, `U = G g G^T` packed at pack
+//!    time in panels of 16 output channels (like [`crate::pointwise`]'s), on an 8x32
+//!    (AVX-512) or 6x16 (AVX2 + FMA) register-tile micro-kernel;
+//! 3. output transform `Y = A^T M A` per tile, with bias, residual add and activation applied
+//!    before the one store of each output row.
+//!
+//! `V` and `M` of a chunk stay in L2 (see [`CHUNK_BYTES`]). With AVX-512 the transforms run
+//! 16 tiles per vector, deinterleaving the patches' columns (and interleaving the outputs')
+//! with lane permutes; elsewhere they are plain loops over a tile row that the compiler
+//! vectorises (short rows leave them largely scalar: 16 channels then lose to the direct
+//! conv, see [`crate::winograd_wins`]). In f32 the transforms' sums of
+//! up to 9 terms cost about one extra rounding step over the direct conv (tests: within
+//! 1e-4 of the outputs' largest magnitude).
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use crate::cpu::{isa, Isa};
+use crate::gemm_path::with_col;
+use crate::geom::Geom;
+use crate::{threads, Activation};
+
+/// Output channels per packed panel of `U`.
+pub(crate) const PANEL: usize = 16;
+/// Tiles per micro-kernel column unit: `V` and `M` rows are padded to a multiple of it.
+const LANES: usize = 16;
+/// Bytes of `V` + `M` per chunk: both stay in L2 between the transforms and the GEMMs.
+const CHUNK_BYTES: usize = 256 << 10;
+
+/// Length of the packed weight of `o` outputs and `c` inputs: `[16][ceil(O/16)][C][16]`.
+pub(crate) fn packed_len(o: usize, c: usize) -> usize {
+    16 * o.div_ceil(PANEL) * c * PANEL
+}
+
+/// Whether [`forward`] runs geometry `g`.
+pub(crate) fn supports(g: &Geom) -> bool {
+    (g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.groups) == (3, 3, 1, 1, 1, 1, 1)
+}
+
+/// Transforms a 3x3 weight `w [O, C, 3, 3]` into `U = G g G^T` per (output, input) pair
+/// (in f64, rounded once), packed as `[16][ceil(O/16)][C][16]` (zero-padded rows): for each
+/// transform position `xi`, the `[O x C]` matrix in 16-row panels, input-channel-major.
+pub(crate) fn pack(w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    assert!(w.len() >= o * c * 9);
+    let op = o.div_ceil(PANEL);
+    let mut u = vec![0f32; packed_len(o, c)];
+    for oi in 0..o {
+        for ci in 0..c {
+            let g: Vec<f64> = w[(oi * c + ci) * 9..][..9]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            // t = G g (4x3), G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]].
+            let mut t = [[0f64; 3]; 4];
+            for j in 0..3 {
+                let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
+                t[0][j] = g0;
+                t[1][j] = 0.5 * (g0 + g1 + g2);
+                t[2][j] = 0.5 * (g0 - g1 + g2);
+                t[3][j] = g2;
+            }
+            for (i, ti) in t.iter().enumerate() {
+                let (a, b, d) = (ti[0], ti[1], ti[2]);
+                let row = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
+                for (j, v) in row.iter().enumerate() {
+                    let xi = i * 4 + j;
+                    u[((xi * op + oi / PANEL) * c + ci) * PANEL + oi % PANEL] = *v as f32;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// The tiling of one geometry.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    /// Tile rows per image and tiles per tile row.
+    th: usize,
+    tw: usize,
+    /// Tile rows over the batch (`N * th`).
+    rows: usize,
+    /// Tile rows per chunk.
+    r: usize,
+    /// Lanes per `V` / `M` row (`r * tw` rounded up to [`LANES`]).
+    pitch: usize,
+    /// Panels of output channels.
+    op: usize,
+}
+
+impl Plan {
+    /// Chunks as large as [`CHUNK_BYTES`] allows, at least `threads` of them where there are
+    /// enough rows, with the fewest padded lanes over the whole batch (larger on ties).
+    fn new(g: &Geom, threads: usize) -> Self {
+        let (th, tw) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+        let rows = g.n * th;
+        let op = g.o.div_ceil(PANEL);
+        let per_tile = 16 * (g.c + op * PANEL) * 4;
+        let max_tiles = (CHUNK_BYTES / per_tile / LANES * LANES).max(LANES);
+        let rmax = (max_tiles / tw)
+            .max(1)
+            .min(rows.div_ceil(threads.max(1)))
+            .max(1);
+        let lanes = |r: usize| (r * tw).next_multiple_of(LANES);
+        let cost = |r: usize| {
+            (rows / r) * lanes(r)
+                + if rows.is_multiple_of(r) {
+                    0
+                } else {
+                    lanes(rows % r)
+                }
+        };
+        let r = (1..=rmax)
+            .min_by_key(|&r| (cost(r), std::cmp::Reverse(r)))
+            .unwrap_or(1);
+        Self {
+            th,
+            tw,
+            rows,
+            r,
+            pitch: lanes(r),
+            op,
+        }
+    }
+
+    fn chunks(&self) -> usize {
+        self.rows.div_ceil(self.r)
+    }
+
+    fn v_len(&self, c: usize) -> usize {
+        16 * c * self.pitch
+    }
+
+    fn m_len(&self) -> usize {
+        16 * self.op * PANEL * self.pitch
+    }
+
+    /// Padded input row: the last tile's 4x4 patch ends at column `2 * (tw + 1)`; the
+    /// AVX-512 transform reads whole 16-tile segments, up to `2 * ceil16(tw) + 2`.
+    fn lp(&self) -> usize {
+        2 * self.tw.next_multiple_of(16) + 2
+    }
+
+    /// `V`, `M`, 4 padded rows, 8 deinterleaved rows (even / odd columns of the patch's 4
+    /// rows) and 2 output rows.
+    fn scratch_len(&self, c: usize) -> usize {
+        self.v_len(c) + self.m_len() + 4 * self.lp() + 8 * (self.tw + 1) + 4 * self.tw
+    }
+}
+
+/// The operands of one Winograd conv call.
+pub(crate) struct Winograd<'a> {
+    pub x: &'a [f32],
+    /// Weight packed by [`pack`].
+    pub u: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub residual: Option<&'a [f32]>,
+    pub act: Activation,
+}
+
+/// A raw output pointer handed to workers that write disjoint output rows.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut MaybeUninit<f32>);
+// SAFETY: only used for disjoint writes inside one scoped parallel call.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut MaybeUninit<f32> {
+        self.0
+    }
+}
+
+/// Runs the conv of geometry `g` ([`supports`]) into `out [N, O, OH, OW]`; every element is
+/// written.
+pub(crate) fn forward(op: &Winograd<'_>, g: &Geom, out: &mut [MaybeUninit<f32>]) {
+    forward_with(op, g, out, isa());
+}
+
+fn forward_with(op: &Winograd<'_>, g: &Geom, out: &mut [MaybeUninit<f32>], level: Isa) {
+    assert!(supports(g) && level <= isa());
+    let (in_img, out_img) = (g.in_img(), g.out_img());
+    assert!(op.x.len() >= g.n * in_img && out.len() >= g.n * out_img);
+    assert!(op.u.len() >= packed_len(g.o, g.c));
+    assert!(op.bias.is_none_or(|b| b.len() >= g.o));
+    assert!(op.residual.is_none_or(|r| r.len() >= g.n * out_img));
+    if g.n * out_img == 0 {
+        return;
+    }
+    let t = threads::for_flops(g.flops());
+    let pl = Plan::new(g, t);
+    let outp = SendPtr(out.as_mut_ptr());
+    let run = |chunks: Range<usize>| {
+        with_col(pl.scratch_len(g.c), |buf| {
+            for ci in chunks {
+                let rows = ci * pl.r..((ci + 1) * pl.r).min(pl.rows);
+                // SAFETY: lengths asserted above; chunks write disjoint output rows.
+                unsafe { chunk(level, op, g, &pl, rows, buf, outp.get()) };
+            }
+        })
+    };
+    let n = pl.chunks();
+    if t <= 1 || n <= 1 {
+        run(0..n);
+    } else {
+        threads::map_ranges(n, t, run);
+    }
+}
+
+/// One chunk on the widest kernels `level` allows.
+///
+/// # Safety
+/// Operand lengths as asserted by [`forward_with`], `level <= isa()`; `out` writable for
+/// the output rows of tile rows `rows`, which nobody else accesses.
+unsafe fn chunk(
+    level: Isa,
+    op: &Winograd<'_>,
+    g: &Geom,
+    pl: &Plan,
+    rows: Range<usize>,
+    buf: &mut [f32],
+    out: *mut MaybeUninit<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `level <= isa()` (caller) enables the instruction sets; forwarded contract.
+    unsafe {
+        match level {
+            Isa::Avx512 => return x86::chunk_avx512(op, g, pl, rows, buf, out),
+            Isa::Avx2 => return x86::chunk_avx2(op, g, pl, rows, buf, out),
+            Isa::Portable => {}
+        }
+    }
+    // SAFETY: forwarded contract.
+    unsafe { chunk_body::<0>(op, g, pl, rows, buf, out) }
+}
+
+/// The three steps of one chunk; `L` picks the GEMM kernel (0 portable, 1 AVX2 + FMA,
+/// 2 AVX-512), the transforms take the instruction set of the function this is inlined in.
+///
+/// # Safety
+/// As [`chunk`], and the instruction set of `L` enabled.
+#[inline(always)]
+unsafe fn chunk_body<const L: u8>(
+    op: &Winograd<'_>,
+    g: &Geom,
+    pl: &Plan,
+    rows: Range<usize>,
+    buf: &mut [f32],
+    out: *mut MaybeUninit<f32>,
+) {
+    let (v, rest) = buf.split_at_mut(pl.v_len(g.c));
+    let (m, rest) = rest.split_at_mut(pl.m_len());
+    let (prow, rest) = rest.split_at_mut(4 * pl.lp());
+    let (eo, orow) = rest.split_at_mut(8 * (pl.tw + 1));
+    match L {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx512f enabled (caller).
+        2 => unsafe { x86::transform_in512(op.x, g, pl, rows.clone(), v, prow) },
+        _ => transform_in(op.x, g, pl, rows.clone(), v, &mut prow[..pl.lp()], eo),
+    }
+    let (c, pitch) = (g.c, pl.pitch);
+    for xi in 0..16 {
+        let b = &v[xi * c * pitch..][..c * pitch];
+        for p in 0..pl.op {
+            let a = &op.u[((xi * pl.op + p) * c) * PANEL..][..c * PANEL];
+            let mp = &mut m[(xi * pl.op + p) * PANEL * pitch..][..PANEL * pitch];
+            let live = (g.o - p * PANEL).min(PANEL);
+            match L {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: avx512f enabled (caller); slice lengths checked inside.
+                2 => unsafe { x86::gemm512(a, b, mp, c, pitch, live) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: avx2 + fma enabled (caller); slice lengths checked inside.
+                1 => unsafe { x86::gemm256(a, b, mp, c, pitch, live) },
+                _ => gemm_portable(a, b, mp, c, pitch, live),
+            }
+        }
+    }
+    match L {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx512f enabled (caller); forwarded contract.
+        2 => unsafe { x86::transform_out512(op, g, pl, rows, m, out) },
+        // SAFETY: forwarded contract.
+        _ => unsafe { transform_out(op, g, pl, rows, m, &mut orow[..4 * pl.tw], out) },
+    }
+}
+
+/// `V[xi][c][lane]` for the tile rows `rows` (lanes `lr * tw + tx`); lanes past the last
+/// tile are zeroed.
+#[inline(always)]
+fn transform_in(
+    x: &[f32],
+    g: &Geom,
+    pl: &Plan,
+    rows: Range<usize>,
+    v: &mut [f32],
+    prow: &mut [f32],
+    eo: &mut [f32],
+) {
+    let (tw, k, pitch) = (pl.tw, pl.tw + 1, pl.pitch);
+    let hw = g.h * g.w;
+    let live = rows.len() * tw;
+    if live < pitch {
+        for r in v.chunks_exact_mut(pitch) {
+            r[live..].fill(0.0);
+        }
+    }
+    // Columns outside `pl..pl + W` stay zero: the left and right padding (and the columns
+    // past the right padding that only dropped outputs read).
+    prow.fill(0.0);
+    let (ev, ov) = eo.split_at_mut(4 * k);
+    for c in 0..g.c {
+        for (lr, gr) in rows.clone().enumerate() {
+            let (n, ty) = (gr / pl.th, gr % pl.th);
+            let xc = &x[(n * g.c + c) * hw..][..hw];
+            for i in 0..4 {
+                let (e, o) = (&mut ev[i * k..][..k], &mut ov[i * k..][..k]);
+                let iy = (2 * ty + i) as isize - g.pt as isize;
+                if iy < 0 || iy >= g.h as isize {
+                    e.fill(0.0);
+                    o.fill(0.0);
+                    continue;
+                }
+                prow[g.pl..g.pl + g.w].copy_from_slice(&xc[iy as usize * g.w..][..g.w]);
+                for (kk, pair) in prow[..2 * k].chunks_exact(2).enumerate() {
+                    e[kk] = pair[0];
+                    o[kk] = pair[1];
+                }
+            }
+            bt_rows(ev, k);
+            bt_rows(ov, k);
+            let base = lr * tw;
+            for i in 0..4 {
+                let (e, o) = (&ev[i * k..][..k], &ov[i * k..][..k]);
+                let at = |j: usize| ((i * 4 + j) * g.c + c) * pitch + base;
+                let (v0, rest) = v[at(0)..].split_at_mut(at(1) - at(0));
+                let (v1, rest) = rest.split_at_mut(at(2) - at(1));
+                let (v2, v3) = rest.split_at_mut(at(3) - at(2));
+                let (v0, v1, v2, v3) = (&mut v0[..tw], &mut v1[..tw], &mut v2[..tw], &mut v3[..tw]);
+                for tx in 0..tw {
+                    let (e0, o0, e1, o1) = (e[tx], o[tx], e[tx + 1], o[tx + 1]);
+                    v0[tx] = e0 - e1;
+                    v1[tx] = o0 + e1;
+                    v2[tx] = e1 - o0;
+                    v3[tx] = o0 - o1;
+                }
+            }
+        }
+    }
+}
+
+/// `B^T d` down the columns of 4 rows of `k` values, in place.
+#[inline(always)]
+fn bt_rows(d: &mut [f32], k: usize) {
+    let (r0, rest) = d.split_at_mut(k);
+    let (r1, rest) = rest.split_at_mut(k);
+    let (r2, r3) = rest.split_at_mut(k);
+    let r3 = &mut r3[..k];
+    for i in 0..k {
+        let (a, b, c, d) = (r0[i], r1[i], r2[i], r3[i]);
+        r0[i] = a - c;
+        r1[i] = b + c;
+        r2[i] = c - b;
+        r3[i] = b - d;
+    }
+}
+
+/// `Y = A^T M A` per tile of `rows`, plus bias and residual, activated, into `out`.
+///
+/// # Safety
+/// `out` holds the `[N, O, OH, OW]` output; the rows of tile rows `rows` are this caller's.
+#[inline(always)]
+unsafe fn transform_out(
+    op: &Winograd<'_>,
+    g: &Geom,
+    pl: &Plan,
+    rows: Range<usize>,
+    m: &[f32],
+    orow: &mut [f32],
+    out: *mut MaybeUninit<f32>,
+) {
+    let (tw, pitch) = (pl.tw, pl.pitch);
+    let (r0, r1) = orow.split_at_mut(2 * tw);
+    for o in 0..g.o {
+        let bias = op.bias.map_or(0.0, |b| b[o]);
+        let mrow = |xi: usize| (xi * pl.op * PANEL + o) * pitch;
+        for (lr, gr) in rows.clone().enumerate() {
+            let (n, ty) = (gr / pl.th, gr % pl.th);
+            let base = lr * tw;
+            let q: [&[f32]; 16] = std::array::from_fn(|xi| &m[mrow(xi) + base..][..tw]);
+            for tx in 0..tw {
+                let s = |j: usize| q[j][tx] + q[4 + j][tx] + q[8 + j][tx];
+                let d = |j: usize| q[4 + j][tx] - q[8 + j][tx] - q[12 + j][tx];
+                let (s0, s1, s2, s3) = (s(0), s(1), s(2), s(3));
+                let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
+                r0[2 * tx] = s0 + s1 + s2;
+                r0[2 * tx + 1] = s1 - s2 - s3;
+                r1[2 * tx] = d0 + d1 + d2;
+                r1[2 * tx + 1] = d1 - d2 - d3;
+            }
+            for (a, src) in [&*r0, &*r1].into_iter().enumerate() {
+                let oy = 2 * ty + a;
+                if oy >= g.oh {
+                    break;
+                }
+                let off = ((n * g.o + o) * g.oh + oy) * g.ow;
+                // SAFETY: row `oy` of plane `(n, o)` lies in `out` and belongs to this chunk.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.add(off), g.ow) };
+                let src = &src[..g.ow];
+                match op.residual {
+                    Some(res) => {
+                        let res = &res[off..][..g.ow];
+                        for ((d, &s), &r) in dst.iter_mut().zip(src).zip(res) {
+                            d.write(activate(s + bias + r, op.act));
+                        }
+                    }
+                    None => {
+                        for (d, &s) in dst.iter_mut().zip(src) {
+                            d.write(activate(s + bias, op.act));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn activate(v: f32, act: Activation) -> f32 {
+    match act {
+        Activation::None => v,
+        Activation::Relu => v.max(0.0),
+        Activation::Relu6 => v.clamp(0.0, 6.0),
+    }
+}
+
+/// `m[r][t] = sum_c a[c][r] * b[c][t]` for rows `r < live` of one panel.
+fn gemm_portable(a: &[f32], b: &[f32], m: &mut [f32], c: usize, pitch: usize, live: usize) {
+    for r in 0..live {
+        let mr = &mut m[r * pitch..][..pitch];
+        mr.fill(0.0);
+        for ci in 0..c {
+            let av = a[ci * PANEL + r];
+            for (d, &bv) in mr.iter_mut().zip(&b[ci * pitch..][..pitch]) {
+                *d += av * bv;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+    use std::ops::Range;
+
+    use super::{chunk_body, Plan, Winograd, LANES, PANEL};
+    use crate::geom::Geom;
+    use crate::Activation;
+
+    /// Lanes `0..n` (`n` clamped to 0..=16).
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn idx(v: [i32; 16]) -> __m512i {
+        // SAFETY: reads 64 bytes of `v`; avx512f enabled by callers.
+        unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
+    }
+
+    /// `V` of the tile rows `rows` with AVX-512: per (channel, tile row, segment of 16
+    /// tiles) the 4x4 patches' columns are deinterleaved from 4 padded rows by lane
+    /// permutes, transformed in registers and stored with the segment's lane mask. Lanes
+    /// past the last tile are zeroed.
+    ///
+    /// # Safety
+    /// avx512f enabled; `v` and `prow` as laid out by [`Plan`] (`prow`: 4 rows of
+    /// `pl.lp()`).
+    #[inline(always)]
+    pub(super) unsafe fn transform_in512(
+        x: &[f32],
+        g: &Geom,
+        pl: &Plan,
+        rows: Range<usize>,
+        v: &mut [f32],
+        prow: &mut [f32],
+    ) {
+        let (tw, pitch, lp) = (pl.tw, pl.pitch, pl.lp());
+        assert!(v.len() >= 16 * g.c * pitch && prow.len() >= 4 * lp && g.pl + g.w <= lp);
+        let hw = g.h * g.w;
+        let live = rows.len() * tw;
+        if live < pitch {
+            for r in v.chunks_exact_mut(pitch) {
+                r[live..].fill(0.0);
+            }
+        }
+        prow.fill(0.0);
+        let vp = v.as_mut_ptr();
+        // SAFETY: loads stay inside `prow` (segments end at `lp`), stores inside `v` (lane
+        // masks keep each row's `tw` lanes); avx512f enabled.
+        unsafe {
+            let even = idx([0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30]);
+            let odd = idx([1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31]);
+            for c in 0..g.c {
+                for (lr, gr) in rows.clone().enumerate() {
+                    let (n, ty) = (gr / pl.th, gr % pl.th);
+                    let xc = &x[(n * g.c + c) * hw..][..hw];
+                    let mut valid = [false; 4];
+                    for (i, ok) in valid.iter_mut().enumerate() {
+                        let iy = (2 * ty + i) as isize - g.pt as isize;
+                        if iy >= 0 && iy < g.h as isize {
+                            *ok = true;
+                            prow[i * lp + g.pl..][..g.w]
+                                .copy_from_slice(&xc[iy as usize * g.w..][..g.w]);
+                        }
+                    }
+                    let base = lr * tw;
+                    for tx0 in (0..tw).step_by(16) {
+                        let mask = lanes(tw - tx0);
+                        let mut d = [[_mm512_setzero_ps(); 4]; 4];
+                        for i in 0..4 {
+                            if !valid[i] {
+                                continue;
+                            }
+                            let p = prow.as_ptr().add(i * lp + 2 * tx0);
+                            let (a, b) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+                            let (a2, b2) = (_mm512_loadu_ps(p.add(2)), _mm512_loadu_ps(p.add(18)));
+                            d[i] = [
+                                _mm512_permutex2var_ps(a, even, b),
+                                _mm512_permutex2var_ps(a, odd, b),
+                                _mm512_permutex2var_ps(a2, even, b2),
+                                _mm512_permutex2var_ps(a2, odd, b2),
+                            ];
+                        }
+                        // B^T d: down the columns.
+                        let mut t = [[_mm512_setzero_ps(); 4]; 4];
+                        for j in 0..4 {
+                            t[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
+                            t[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
+                            t[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
+                            t[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+                        }
+                        // (B^T d) B: along the rows, stored per transform position.
+                        for (i, ti) in t.iter().enumerate() {
+                            let r = [
+                                _mm512_sub_ps(ti[0], ti[2]),
+                                _mm512_add_ps(ti[1], ti[2]),
+                                _mm512_sub_ps(ti[2], ti[1]),
+                                _mm512_sub_ps(ti[1], ti[3]),
+                            ];
+                            for (j, rj) in r.into_iter().enumerate() {
+                                let at = ((i * 4 + j) * g.c + c) * pitch + base + tx0;
+                                _mm512_mask_storeu_ps(vp.add(at), mask, rj);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn activate(v: __m512, act: Activation) -> __m512 {
+        // SAFETY: callers run with avx512f enabled.
+        unsafe {
+            match act {
+                Activation::None => v,
+                Activation::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
+                Activation::Relu6 => {
+                    _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(6.0))
+                }
+            }
+        }
+    }
+
+    /// `Y = A^T M A` of the tile rows `rows` with AVX-512, 16 tiles per step: the two output
+    /// rows' even and odd columns are interleaved by lane permutes, then bias, residual and
+    /// activation, one masked store per 16 outputs.
+    ///
+    /// # Safety
+    /// avx512f enabled; `m` as laid out by [`Plan`]; `out` as [`super::transform_out`].
+    #[inline(always)]
+    pub(super) unsafe fn transform_out512(
+        op: &Winograd<'_>,
+        g: &Geom,
+        pl: &Plan,
+        rows: Range<usize>,
+        m: &[f32],
+        out: *mut MaybeUninit<f32>,
+    ) {
+        let (tw, pitch) = (pl.tw, pl.pitch);
+        assert!(m.len() >= pl.m_len());
+        let out = out.cast::<f32>();
+        // SAFETY: masked loads read lanes `< tw` of rows of `m`; output and residual
+        // accesses are masked to the row's `OW` columns; avx512f enabled.
+        unsafe {
+            let lo = idx([0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23]);
+            let hi = idx([8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31]);
+            for o in 0..g.o {
+                let bias = _mm512_set1_ps(op.bias.map_or(0.0, |b| b[o]));
+                let mrow = |xi: usize| m.as_ptr().add((xi * pl.op * PANEL + o) * pitch);
+                let mp: [*const f32; 16] = std::array::from_fn(mrow);
+                for (lr, gr) in rows.clone().enumerate() {
+                    let (n, ty) = (gr / pl.th, gr % pl.th);
+                    let base = lr * tw;
+                    for tx0 in (0..tw).step_by(16) {
+                        let mask = lanes(tw - tx0);
+                        let q: [__m512; 16] = std::array::from_fn(|xi| {
+                            _mm512_maskz_loadu_ps(mask, mp[xi].add(base + tx0))
+                        });
+                        let s = |j: usize| _mm512_add_ps(_mm512_add_ps(q[j], q[4 + j]), q[8 + j]);
+                        let d =
+                            |j: usize| _mm512_sub_ps(_mm512_sub_ps(q[4 + j], q[8 + j]), q[12 + j]);
+                        let (s0, s1, s2, s3) = (s(0), s(1), s(2), s(3));
+                        let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
+                        let y = [
+                            (
+                                _mm512_add_ps(_mm512_add_ps(s0, s1), s2),
+                                _mm512_sub_ps(_mm512_sub_ps(s1, s2), s3),
+                            ),
+                            (
+                                _mm512_add_ps(_mm512_add_ps(d0, d1), d2),
+                                _mm512_sub_ps(_mm512_sub_ps(d1, d2), d3),
+                            ),
+                        ];
+                        for (a, (ye, yo)) in y.into_iter().enumerate() {
+                            let oy = 2 * ty + a;
+                            if oy >= g.oh {
+                                break;
+                            }
+                            let off = ((n * g.o + o) * g.oh + oy) * g.ow + 2 * tx0;
+                            let rem = g.ow - 2 * tx0;
+                            let halves = [
+                                (_mm512_permutex2var_ps(ye, lo, yo), lanes(rem)),
+                                (
+                                    _mm512_permutex2var_ps(ye, hi, yo),
+                                    lanes(rem.saturating_sub(16)),
+                                ),
+                            ];
+                            for (h, (v, k)) in halves.into_iter().enumerate() {
+                                if k == 0 {
+                                    break;
+                                }
+                                let at = off + 16 * h;
+                                let mut v = _mm512_add_ps(v, bias);
+                                if let Some(r) = op.residual {
+                                    let rv = _mm512_maskz_loadu_ps(k, r.as_ptr().add(at));
+                                    v = _mm512_add_ps(v, rv);
+                                }
+                                _mm512_mask_storeu_ps(out.add(at), k, activate(v, op.act));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// avx512f available; as [`super::chunk`].
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn chunk_avx512(
+        op: &Winograd<'_>,
+        g: &Geom,
+        pl: &Plan,
+        rows: Range<usize>,
+        buf: &mut [f32],
+        out: *mut MaybeUninit<f32>,
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe { chunk_body::<2>(op, g, pl, rows, buf, out) }
+    }
+
+    /// # Safety
+    /// avx2 + fma available; as [`super::chunk`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn chunk_avx2(
+        op: &Winograd<'_>,
+        g: &Geom,
+        pl: &Plan,
+        rows: Range<usize>,
+        buf: &mut [f32],
+        out: *mut MaybeUninit<f32>,
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe { chunk_body::<1>(op, g, pl, rows, buf, out) }
+    }
+
+    fn check(a: &[f32], b: &[f32], m: &[f32], c: usize, pitch: usize) {
+        assert!(a.len() >= c * PANEL && b.len() >= c * pitch && m.len() >= PANEL * pitch);
+        assert!(pitch.is_multiple_of(LANES));
+    }
+
+    /// `R` rows x 16 lanes (two 8-lane vectors) of one panel.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile256<const R: usize>(
+        a: *const f32,
+        b: *const f32,
+        m: *mut f32,
+        c: usize,
+        pitch: usize,
+    ) {
+        // SAFETY: callers pass a panel of `c` steps at row offset `<= PANEL - R`, `b` a
+        // column unit of `c` rows of `pitch`, `m` rows `R` of `pitch`; avx2 + fma enabled.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for ci in 0..c {
+                let bp = b.add(ci * pitch);
+                let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
+                let ap = a.add(ci * PANEL);
+                for r in 0..R {
+                    let av = _mm256_broadcast_ss(&*ap.add(r));
+                    acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+                }
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(m.add(r * pitch), acc[r][0]);
+                _mm256_storeu_ps(m.add(r * pitch + 8), acc[r][1]);
+            }
+        }
+    }
+
+    /// One panel's GEMM (rows `< live`, in passes of 6, 6 and 4) with AVX2 + FMA.
+    ///
+    /// # Safety
+    /// avx2 + fma enabled.
+    #[inline(always)]
+    pub(super) unsafe fn gemm256(
+        a: &[f32],
+        b: &[f32],
+        m: &mut [f32],
+        c: usize,
+        pitch: usize,
+        live: usize,
+    ) {
+        check(a, b, m, c, pitch);
+        let (a, b, m) = (a.as_ptr(), b.as_ptr(), m.as_mut_ptr());
+        // SAFETY: lengths checked above; passes stay inside the 16-row panel.
+        unsafe {
+            for u in (0..pitch).step_by(LANES) {
+                tile256::<6>(a, b.add(u), m.add(u), c, pitch);
+                if live > 6 {
+                    tile256::<6>(a.add(6), b.add(u), m.add(6 * pitch + u), c, pitch);
+                }
+                if live > 12 {
+                    tile256::<4>(a.add(12), b.add(u), m.add(12 * pitch + u), c, pitch);
+                }
+            }
+        }
+    }
+
+    /// 8 rows x `V` 16-lane vectors of one panel.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile512<const V: usize>(
+        a: *const f32,
+        b: *const f32,
+        m: *mut f32,
+        c: usize,
+        pitch: usize,
+    ) {
+        // SAFETY: as `tile256`, with avx512f enabled.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); V]; 8];
+            for ci in 0..c {
+                let bp = b.add(ci * pitch);
+                let bv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(16 * v)));
+                let ap = a.add(ci * PANEL);
+                for r in 0..8 {
+                    let av = _mm512_set1_ps(*ap.add(r));
+                    for v in 0..V {
+                        acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+                    }
+                }
+            }
+            for r in 0..8 {
+                for v in 0..V {
+                    _mm512_storeu_ps(m.add(r * pitch + 16 * v), acc[r][v]);
+                }
+            }
+        }
+    }
+
+    /// One panel's GEMM (rows `< live`, in passes of 8) with AVX-512: 8x32 tiles, an 8x16
+    /// one for an odd unit.
+    ///
+    /// # Safety
+    /// avx512f enabled.
+    #[inline(always)]
+    pub(super) unsafe fn gemm512(
+        a: &[f32],
+        b: &[f32],
+        m: &mut [f32],
+        c: usize,
+        pitch: usize,
+        live: usize,
+    ) {
+        check(a, b, m, c, pitch);
+        let (a, b, m) = (a.as_ptr(), b.as_ptr(), m.as_mut_ptr());
+        // SAFETY: lengths checked above; passes stay inside the 16-row panel.
+        unsafe {
+            for sub in [0, 8] {
+                if sub >= live {
+                    break;
+                }
+                let (a, m) = (a.add(sub), m.add(sub * pitch));
+                let mut u = 0;
+                while u + 2 * LANES <= pitch {
+                    tile512::<2>(a, b.add(u), m.add(u), c, pitch);
+                    u += 2 * LANES;
+                }
+                if u < pitch {
+                    tile512::<1>(a, b.add(u), m.add(u), c, pitch);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Conv2dParams;
+
+    fn rnd(seed: &mut u64, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// f64 direct conv with bias, residual and activation.
+    fn reference(
+        g: &Geom,
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        res: &[f32],
+        act: Activation,
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; g.n * g.out_img()];
+        for n in 0..g.n {
+            for o in 0..g.o {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        let mut s = f64::from(b[o]);
+                        for c in 0..g.c {
+                            for i in 0..3 {
+                                for j in 0..3 {
+                                    let iy = (oy + i) as isize - g.pt as isize;
+                                    let ix = (ox + j) as isize - g.pl as isize;
+                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xv =
+                                        x[((n * g.c + c) * g.h + iy as usize) * g.w + ix as usize];
+                                    s += f64::from(xv)
+                                        * f64::from(w[((o * g.c + c) * 3 + i) * 3 + j]);
+                                }
+                            }
+                        }
+                        let e = ((n * g.o + o) * g.oh + oy) * g.ow + ox;
+                        s += f64::from(res[e]);
+                        out[e] = match act {
+                            Activation::None => s,
+                            Activation::Relu => s.max(0.0),
+                            Activation::Relu6 => s.clamp(0.0, 6.0),
+                        };
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every instruction set this CPU has (and the portable one) against an f64 direct
+    /// conv, on odd sizes, asymmetric padding, channel counts off the panel and lane
+    /// multiples: within 1e-5 of the output's largest magnitude (values of O(1)).
+    #[test]
+    fn every_isa_matches_f64() {
+        let mut seed = 11u64;
+        for (n, c, o, h, w, pad) in [
+            (2, 5, 13, 9, 11, (1, 1, 1, 1)),
+            (1, 3, 20, 7, 7, (1, 1, 1, 1)),
+            (3, 4, 6, 5, 8, (0, 0, 0, 0)),
+            (1, 17, 33, 6, 3, (2, 0, 1, 2)),
+            (2, 16, 16, 1, 1, (1, 1, 1, 1)),
+            (5, 8, 8, 4, 4, (1, 1, 1, 1)),
+        ] {
+            let p = Conv2dParams {
+                padding: pad,
+                ..Conv2dParams::default()
+            };
+            let g = Geom::new((n, c, h, w), (o, c, 3, 3), &p).unwrap();
+            let x = rnd(&mut seed, g.n * g.in_img());
+            let wt = rnd(&mut seed, o * c * 9);
+            let b = rnd(&mut seed, o);
+            let res = rnd(&mut seed, g.n * g.out_img());
+            let u = pack(&wt, o, c);
+            for act in [Activation::None, Activation::Relu6] {
+                let want = reference(&g, &x, &wt, &b, &res, act);
+                let max = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1.0);
+                let op = Winograd {
+                    x: &x,
+                    u: &u,
+                    bias: Some(&b),
+                    residual: Some(&res),
+                    act,
+                };
+                for level in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+                    if level > isa() {
+                        continue;
+                    }
+                    let mut out = vec![MaybeUninit::new(f32::NAN); g.n * g.out_img()];
+                    forward_with(&op, &g, &mut out, level);
+                    for (i, (got, want)) in out.iter().zip(&want).enumerate() {
+                        // SAFETY: initialised above.
+                        let got = f64::from(unsafe { got.assume_init() });
+                        assert!(
+                            (got - want).abs() <= 1e-5 * max,
+                            "{level:?} {n}x{c}x{h}x{w}->{o} pad {pad:?}: [{i}] {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Chunks cover every tile row once, within the cache budget unless one lane unit exceeds it.
+    #[test]
+    fn plan_chunks() {
+        for (n, c, o, hw, t) in [
+            (50, 16, 16, 28, 1),
+            (1, 64, 64, 7, 2),
+            (50, 64, 64, 7, 1),
+            (1, 512, 512, 7, 1),
+            (3, 32, 32, 14, 2),
+        ] {
+            let g = Geom::new((n, c, hw, hw), (o, c, 3, 3), &Conv2dParams::new(1, 1)).unwrap();
+            let pl = Plan::new(&g, t);
+            assert!(pl.pitch >= pl.r * pl.tw && pl.pitch.is_multiple_of(LANES));
+            assert_eq!(pl.chunks(), pl.rows.div_ceil(pl.r));
+            assert!(pl.chunks() >= t.min(pl.rows));
+            if pl.pitch > LANES {
+                assert!((pl.v_len(c) + pl.m_len()) * 4 <= CHUNK_BYTES);
+            }
+        }
+    }
+}
