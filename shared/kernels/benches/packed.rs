@@ -4,16 +4,22 @@
 //! batch 1). Both with bias + ReLU; the packed one also with the residual add it fuses
 //! (`+res`), which the im2col path does as a separate add + ReLU pass (`add_relu`).
 //!
-//! `cargo bench -p adaptivenet-kernels --bench packed [-- filter]`. One thread. The two
+//! The packed conv is timed twice: forced to its AVX2 kernel ([`conv_packed_on`]) and on
+//! the kernel this CPU picks (AVX-512 where it has avx512f), so the two ISAs compare in one
+//! run; ResNet-20's convs also at batch 50, the search's evaluation batch.
+//!
+//! `cargo bench -p adaptivenet-kernels --bench packed [-- filter]`. One thread. The
 //! columns run interleaved, run by run, and each run is timed by the thread's CPU clock as
 //! well as the wall clock: on a shared machine the CPU time is the steadier figure (a
 //! preempted run's wall time counts the other process). Median of at least 9 runs per
-//! column. Ends with one line `BENCH {json}` (per row: CPU-time medians in ms and the ratio).
+//! column. Ends with one line `BENCH {json}` (per row: CPU-time medians in ms, `im2col_ms`,
+//! `avx2_ms`, `packed_ms`, and the ratios `ratio` = im2col / packed and `avx2_over_packed`).
 
 use std::time::Instant;
 
 use adaptivenet_kernels::{
-    add_relu, conv2d_fused, conv_packed, pack_conv, threads, Activation, Conv2dParams,
+    add_relu, conv2d_fused, conv_packed, conv_packed_on, isa, pack_conv, threads, Activation,
+    Conv2dParams, Isa,
 };
 use candle_core::{Device, Tensor};
 
@@ -44,21 +50,16 @@ struct Shape {
 }
 
 /// (cpu ms, wall ms) medians of each column, interleaved.
-fn time_pair(mut a: impl FnMut(), mut b: impl FnMut(), budget_ms: f64) -> [(f64, f64); 2] {
-    a();
-    b();
-    let mut t = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+fn time_cols<const N: usize>(mut cols: [&mut dyn FnMut(); N], budget_ms: f64) -> [(f64, f64); N] {
+    cols.iter_mut().for_each(|f| f());
+    let mut t: [(Vec<f64>, Vec<f64>); N] = std::array::from_fn(|_| (Vec::new(), Vec::new()));
     let start = Instant::now();
     while t[0].0.len() < 9
         || (start.elapsed().as_secs_f64() * 1e3 < budget_ms && t[0].0.len() < 200)
     {
-        for (i, col) in t.iter_mut().enumerate() {
+        for (f, col) in cols.iter_mut().zip(t.iter_mut()) {
             let (c0, w0) = (cpu_ms(), Instant::now());
-            if i == 0 {
-                a()
-            } else {
-                b()
-            }
+            f();
             col.0.push(cpu_ms() - c0);
             col.1.push(w0.elapsed().as_secs_f64() * 1e3);
         }
@@ -85,11 +86,18 @@ fn main() {
         sh("r20 3x3 16->16 @28 +res", 1, 16, 16, 28, 3, 1, true),
         sh("r20 3x3/2 16->32 @28", 1, 16, 32, 28, 3, 2, false),
         sh("r20 3x3 32->32 @14 +res", 1, 32, 32, 14, 3, 1, true),
+        sh("r20 3x3/2 32->64 @14", 1, 32, 64, 14, 3, 2, false),
         sh("r20 3x3 64->64 @7 +res", 1, 64, 64, 7, 3, 1, true),
         sh("r20 1x1/2 16->32 @28", 1, 16, 32, 28, 1, 2, false),
         sh("r20 3x3 16->16 @28 +res b100", 100, 16, 16, 28, 3, 1, true),
         sh("r20 3x3/2 32->64 @14 b100", 100, 32, 64, 14, 3, 2, false),
         sh("r20 3x3 64->64 @7 +res b100", 100, 64, 64, 7, 3, 1, true),
+        sh("r20 3x3 16->16 @28 +res b50", 50, 16, 16, 28, 3, 1, true),
+        sh("r20 3x3/2 16->32 @28 b50", 50, 16, 32, 28, 3, 2, false),
+        sh("r20 3x3 32->32 @14 +res b50", 50, 32, 32, 14, 3, 1, true),
+        sh("r20 3x3/2 32->64 @14 b50", 50, 32, 64, 14, 3, 2, false),
+        sh("r20 3x3 64->64 @7 +res b50", 50, 64, 64, 7, 3, 1, true),
+        sh("r20 1x1/2 16->32 @28 b50", 50, 16, 32, 28, 1, 2, false),
         sh("r18 stem 7x7/2 3->64 @224", 1, 3, 64, 224, 7, 2, false),
         sh("mbv2 stem 3x3/2 3->32 @224", 1, 3, 32, 224, 3, 2, false),
         sh("3x3 2->16 @28 (K=18)", 1, 2, 16, 28, 3, 1, false),
@@ -100,9 +108,15 @@ fn main() {
         sh("r18 3x3 256->256 @14 +res", 1, 256, 256, 14, 3, 1, true),
         sh("r18 3x3 512->512 @7 +res", 1, 512, 512, 7, 3, 1, true),
     ];
-    println!("one thread; CPU-time medians (wall in brackets), ms; im2col = conv2d_fused (+ add_relu for +res)");
-    println!("| conv (batch 1 unless bN) | im2col + GEMM | packed direct | im2col / packed |");
-    println!("|---|---|---|---|");
+    // The AVX2 column is the direct conv forced to its AVX2 kernel (`conv_packed_on`), the
+    // packed column the kernel this CPU picks (AVX-512 where it has it), same process.
+    let avx2 = isa() >= Isa::Avx2;
+    println!(
+        "one thread; CPU-time medians (wall in brackets), ms; im2col = conv2d_fused (+ add_relu for +res); CPU runs {:?}",
+        isa()
+    );
+    println!("| conv (batch 1 unless bN) | im2col + GEMM | packed AVX2 | packed ({:?}) | im2col / packed | AVX2 / packed |", isa());
+    println!("|---|---|---|---|---|---|");
     let mut bench = serde_json::Map::new();
     for s in &shapes {
         if filter
@@ -121,62 +135,52 @@ fn main() {
         let packed = pack_conv(&w).unwrap();
         let oh = (s.hw + 2 * pad - s.k) / s.s + 1;
         let res = Tensor::randn(0f32, 1f32, (s.n, s.o, oh, oh), &Device::Cpu).unwrap();
+        let res = s.residual.then_some(&res);
         let budget = 1500.0;
-        let [im2col, direct] = if s.residual {
-            time_pair(
-                || {
-                    let y = conv2d_fused(&x, &w, Some(&b), &p, Activation::None).unwrap();
-                    add_relu(&y, &res).unwrap();
-                },
-                || {
-                    conv_packed(
-                        &x,
-                        &packed,
-                        s.o,
-                        (s.k, s.k),
-                        Some(&b),
-                        &p,
-                        Activation::Relu,
-                        Some(&res),
-                    )
-                    .unwrap();
-                },
-                budget,
-            )
-        } else {
-            time_pair(
-                || {
-                    conv2d_fused(&x, &w, Some(&b), &p, Activation::Relu).unwrap();
-                },
-                || {
-                    conv_packed(
-                        &x,
-                        &packed,
-                        s.o,
-                        (s.k, s.k),
-                        Some(&b),
-                        &p,
-                        Activation::Relu,
-                        None,
-                    )
-                    .unwrap();
-                },
-                budget,
-            )
+        let mut im2col = || {
+            let act = if res.is_some() {
+                Activation::None
+            } else {
+                Activation::Relu
+            };
+            let y = conv2d_fused(&x, &w, Some(&b), &p, act).unwrap();
+            if let Some(r) = res {
+                add_relu(&y, r).unwrap();
+            }
         };
+        let packed_at = |level: Option<Isa>| {
+            let k = (s.k, s.k);
+            let act = Activation::Relu;
+            match level {
+                Some(l) => conv_packed_on(l, &x, &packed, s.o, k, Some(&b), &p, act, res),
+                None => conv_packed(&x, &packed, s.o, k, Some(&b), &p, act, res),
+            }
+            .unwrap();
+        };
+        let mut old = || {
+            if avx2 {
+                packed_at(Some(Isa::Avx2))
+            }
+        };
+        let mut new = || packed_at(None);
+        let [im2col, old, direct] = time_cols([&mut im2col, &mut old, &mut new], budget);
         println!(
-            "| {} | {:.3} ({:.3}) | {:.3} ({:.3}) | {:.2} |",
+            "| {} | {:.3} ({:.3}) | {:.3} ({:.3}) | {:.3} ({:.3}) | {:.2} | {:.2} |",
             s.name,
             im2col.0,
             im2col.1,
+            old.0,
+            old.1,
             direct.0,
             direct.1,
-            im2col.0 / direct.0
+            im2col.0 / direct.0,
+            old.0 / direct.0
         );
         bench.insert(
             s.name.to_string(),
             serde_json::json!({"im2col_ms": im2col.0, "packed_ms": direct.0,
-                "ratio": im2col.0 / direct.0}),
+                "ratio": im2col.0 / direct.0, "avx2_ms": old.0,
+                "avx2_over_packed": old.0 / direct.0}),
         );
     }
     println!("BENCH {}", serde_json::Value::Object(bench));

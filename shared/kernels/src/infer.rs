@@ -5,9 +5,10 @@ use std::mem::MaybeUninit;
 
 use candle_core::{Device, Storage, Tensor};
 
+use crate::cpu::{isa, Isa};
 use crate::direct::{self, Direct};
 use crate::geom::Geom;
-use crate::pointwise::{self, Pointwise, MR};
+use crate::pointwise::{self, Kernel, Pointwise, MR};
 use crate::storage::f32_slice;
 use crate::{check_f32, Activation, Conv2dParams, KernelError};
 
@@ -149,6 +150,67 @@ pub fn conv_packed(
     act: Activation,
     residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
+    conv_packed_at(
+        None,
+        x,
+        packed,
+        out_channels,
+        kernel,
+        bias,
+        p,
+        act,
+        residual,
+    )
+}
+
+/// [`conv_packed`] on the kernels of instruction set `level` instead of the widest this CPU
+/// runs, so tests and benches can compare the paths in one process. Errors when the CPU
+/// lacks `level` (see [`isa`](crate::isa)).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_packed_on(
+    level: Isa,
+    x: &Tensor,
+    packed: &Tensor,
+    out_channels: usize,
+    kernel: (usize, usize),
+    bias: Option<&Tensor>,
+    p: &Conv2dParams,
+    act: Activation,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    if level > isa() {
+        return Err(KernelError::Shape(format!(
+            "conv_packed_on: this CPU lacks {level:?} (it runs {:?})",
+            isa()
+        ))
+        .into());
+    }
+    conv_packed_at(
+        Some(level),
+        x,
+        packed,
+        out_channels,
+        kernel,
+        bias,
+        p,
+        act,
+        residual,
+    )
+}
+
+/// [`conv_packed`] at `level` (`None`: each kernel's default).
+#[allow(clippy::too_many_arguments)]
+fn conv_packed_at(
+    level: Option<Isa>,
+    x: &Tensor,
+    packed: &Tensor,
+    out_channels: usize,
+    kernel: (usize, usize),
+    bias: Option<&Tensor>,
+    p: &Conv2dParams,
+    act: Activation,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     const OP: &str = "conv_packed";
     if p.groups != 1 || p.dilation != (1, 1) {
         return Err(KernelError::Shape(format!(
@@ -169,7 +231,10 @@ pub fn conv_packed(
                 residual: rs,
                 act,
             };
-            pointwise::forward(&op, &g, out);
+            match level {
+                Some(l) => pointwise::forward_with(&op, &g, out, Kernel::for_level(l, g.p())),
+                None => pointwise::forward(&op, &g, out),
+            }
         } else {
             let op = Direct {
                 x: xs,
@@ -178,7 +243,10 @@ pub fn conv_packed(
                 residual: rs,
                 act,
             };
-            direct::forward(&op, &g, out);
+            match level {
+                Some(l) => direct::forward_with(&op, &g, out, l),
+                None => direct::forward(&op, &g, out),
+            }
         }
     })
 }

@@ -66,8 +66,10 @@
 //! * `src/direct.rs`, `src/infer.rs`: [`pack_conv`] and [`conv_packed`], the inference conv
 //!   for any kernel size and stride (ResNet's 3x3, strided 1x1 shortcuts, stems) on the same
 //!   packed layout and micro-kernel: the input copied once into zero-padded stride phases,
-//!   no im2col, bias, activation and residual add fused (`tests/direct.rs`).
-//! * `src/cpu.rs`: the one run-time AVX2 + FMA check every SIMD kernel dispatches on.
+//!   no im2col, bias, activation and residual add fused (AVX-512 32-position tiles where
+//!   the CPU has avx512f, AVX2 6x16 otherwise; [`conv_packed_on`] forces a level for tests
+//!   and benches; `tests/direct.rs`).
+//! * `src/cpu.rs`: the one run-time CPU check every SIMD kernel dispatches on ([`isa`]).
 //! * `src/pool.rs`: max-pool and global average pool ops.
 //! * `src/bn.rs`: BatchNorm folding (computed in f64); `src/bn_train.rs`: train-mode BN;
 //!   `src/conv_bn.rs`: conv + train-mode BN in one op on the same kernels.
@@ -173,8 +175,9 @@ use candle_core::{DType, Tensor};
 pub use bn::fold_bn;
 pub use bn_train::{batch_norm_train, batch_norm_train_act};
 pub use conv_bn::conv_bn_train;
+pub use cpu::{isa, Isa};
 pub use eltwise::{add_relu, relu, relu6};
-pub use infer::{conv_packed, pack_conv, pack_pointwise, pointwise_packed};
+pub use infer::{conv_packed, conv_packed_on, pack_conv, pack_pointwise, pointwise_packed};
 pub use optim::{sgd_update, SgdParams};
 
 /// Activation fused into [`conv2d_fused`].
