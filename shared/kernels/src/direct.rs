@@ -120,9 +120,28 @@ impl Plan {
 fn fill(x: &[f32], g: &Geom, pl: &Plan, buf: &mut [f32]) {
     let plane = pl.hq * pl.wq;
     let hw = g.h * g.w;
+    let sw = pl.sw;
+    // Per phase: the plane columns `lo..hi` that hold image columns (`xx = q * sw + pc`
+    // inside the read extent and `pl <= xx < pl + W`), from image column `first`; the rest
+    // of a row is padding. Computed once, not per row (two divisions per row cost as much
+    // as the copy of a 15-column row).
+    let cols: Vec<(usize, usize, usize)> = pl
+        .phases
+        .iter()
+        .map(|&(_, pc)| {
+            let lo = g.pl.saturating_sub(pc).div_ceil(sw).min(pl.wq);
+            let hi = (pl.wp - pc)
+                .div_ceil(sw)
+                .min((g.w + g.pl).saturating_sub(pc).div_ceil(sw))
+                .clamp(lo, pl.wq);
+            let first = if lo < hi { lo * sw + pc - g.pl } else { 0 };
+            (lo, hi, first)
+        })
+        .collect();
     for c in 0..g.c {
         let xc = &x[c * hw..][..hw];
-        for (si, &(pr, pc)) in pl.phases.iter().enumerate() {
+        for (si, &(pr, _)) in pl.phases.iter().enumerate() {
+            let (lo, hi, first) = cols[si];
             let dstp = &mut buf[c * pl.cs + si * plane..][..plane];
             for (r, dst) in dstp.chunks_exact_mut(pl.wq).enumerate() {
                 let y = r * pl.sh + pr;
@@ -132,23 +151,21 @@ fn fill(x: &[f32], g: &Geom, pl: &Plan, buf: &mut [f32]) {
                     continue;
                 }
                 let row = &xc[ih as usize * g.w..][..g.w];
-                if pl.sw == 1 {
-                    let lead = g.pl.min(pl.wq);
-                    let n = g.w.min(pl.wq - lead);
-                    dst[..lead].fill(0.0);
-                    dst[lead..lead + n].copy_from_slice(&row[..n]);
-                    dst[lead + n..].fill(0.0);
-                } else {
-                    for (q, v) in dst.iter_mut().enumerate() {
-                        let xx = q * pl.sw + pc;
-                        let iw = xx as isize - g.pl as isize;
-                        *v = if xx < pl.wp && iw >= 0 && iw < g.w as isize {
-                            row[iw as usize]
-                        } else {
-                            0.0
-                        };
+                dst[..lo].fill(0.0);
+                if sw == 1 {
+                    dst[lo..hi].copy_from_slice(&row[first..first + hi - lo]);
+                } else if sw == 2 {
+                    // Every other column (a loop LLVM vectorises with shuffles).
+                    for (v, pair) in dst[lo..hi].iter_mut().zip(row[first..].chunks(2)) {
+                        *v = pair[0];
+                    }
+                } else if lo < hi {
+                    let src = &row[first..first + (hi - lo - 1) * sw + 1];
+                    for (t, v) in dst[lo..hi].iter_mut().enumerate() {
+                        *v = src[t * sw];
                     }
                 }
+                dst[hi..].fill(0.0);
             }
         }
     }
