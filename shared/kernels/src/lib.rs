@@ -144,6 +144,24 @@
 //! candle ratios (2-36x on convs) but showed ±40% between two medians of the very same
 //! configuration: treat single-row thread comparisons on this box as noise-level.
 //!
+//! Direct inference conv ([`conv_packed`]), AVX2 vs AVX-512 kernel: `cargo bench --bench
+//! packed` on an Intel Xeon with AVX-512 (2 vCPUs, shared, load 6-7), one thread, CPU-time
+//! medians, both kernels interleaved in one run ([`conv_packed_on`] forces AVX2):
+//!
+//! | conv (batch) | AVX2 | AVX-512 | ratio |
+//! |---|---|---|---|
+//! | ResNet-20 3x3 16→16 @28 +res (1 / 50) | 0.068 / 3.18 ms | 0.034 / 1.80 ms | 2.01 / 1.77x |
+//! | ResNet-20 3x3/2 16→32 @28 (1 / 50) | 0.042 / 1.94 ms | 0.025 / 1.20 ms | 1.71 / 1.61x |
+//! | ResNet-20 3x3 32→32 @14 +res (1 / 50) | 0.073 / 3.34 ms | 0.032 / 1.63 ms | 2.29 / 2.05x |
+//! | ResNet-20 3x3/2 32→64 @14 (1 / 50) | 0.051 / 2.22 ms | 0.025 / 1.20 ms | 2.06 / 1.84x |
+//! | ResNet-20 3x3 64→64 @7 +res (1 / 50) | 0.087 / 3.82 ms | 0.036 / 1.78 ms | 2.40 / 2.14x |
+//! | ResNet-18 3x3 64→64 @56 +res (1) | 3.74 ms | 1.58 ms | 2.36x |
+//! | ResNet-18 3x3 512→512 @7 +res (1) | 4.94 ms | 2.13 ms | 2.32x |
+//!
+//! Whole folded models (`adaptivenet-core` bench `kernels`, 1 thread, wall medians, two runs
+//! each of `ADAPTIVENET_DIRECT_ISA=avx2` and the default): ResNet-18 224 70.7-71.5 → 30.3-31.1
+//! ms, ResNet-20 oracle 28x28 1.09-1.10 → 0.49-0.53 ms.
+//!
 //! Notes on stock candle 0.11.1 found on the way: its max-pool backward scales gradients by
 //! `1/(kh*kw)` (see `tests/parity.rs`; ours is checked against finite differences), and
 //! `candle_core::utils::get_num_threads` reads `/proc/cpuinfo` on each call (per op) unless
