@@ -4,17 +4,22 @@
 //! batch 1). Both with bias + ReLU; the packed one also with the residual add it fuses
 //! (`+res`), which the im2col path does as a separate add + ReLU pass (`add_relu`).
 //!
-//! `cargo bench -p adaptivenet-kernels --bench packed [-- filter]`. One thread. The two
+//! The packed conv is timed twice: forced to its AVX2 kernel ([`conv_packed_on`]) and on
+//! the kernel this CPU picks (AVX-512 where it has avx512f), so the two ISAs compare in one
+//! run; ResNet-20's convs also at batch 50, the search's evaluation batch.
+//!
+//! `cargo bench -p adaptivenet-kernels --bench packed [-- filter]`. One thread. The
 //! columns run interleaved, run by run, and each run is timed by the thread's CPU clock as
 //! well as the wall clock: on a shared machine the CPU time is the steadier figure (a
 //! preempted run's wall time counts the other process). Median of at least 9 runs per
-//! column. Ends with one line `BENCH {json}` (per row: CPU-time medians in ms and the ratio).
+//! column. Ends with one line `BENCH {json}` (per row: CPU-time medians in ms, `im2col_ms`,
+//! `avx2_ms`, `packed_ms`, and the ratios `ratio` = im2col / packed and `avx2_over_packed`).
 
 use std::time::Instant;
 
 use adaptivenet_kernels::{
-    add_relu, conv2d_fused, conv_packed, pack_conv, pack_winograd, threads, winograd_packed,
-    winograd_wins, Activation, Conv2dParams,
+    add_relu, conv2d_fused, conv_packed, conv_packed_on, isa, pack_conv, pack_winograd, threads,
+    winograd_packed_on, winograd_wins, Activation, Conv2dParams, Isa,
 };
 use candle_core::{Device, Tensor};
 
@@ -45,21 +50,16 @@ struct Shape {
 }
 
 /// (cpu ms, wall ms) medians of each column, interleaved.
-fn time_pair(mut a: impl FnMut(), mut b: impl FnMut(), budget_ms: f64) -> [(f64, f64); 2] {
-    a();
-    b();
-    let mut t = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+fn time_cols<const N: usize>(mut cols: [&mut dyn FnMut(); N], budget_ms: f64) -> [(f64, f64); N] {
+    cols.iter_mut().for_each(|f| f());
+    let mut t: [(Vec<f64>, Vec<f64>); N] = std::array::from_fn(|_| (Vec::new(), Vec::new()));
     let start = Instant::now();
     while t[0].0.len() < 9
         || (start.elapsed().as_secs_f64() * 1e3 < budget_ms && t[0].0.len() < 200)
     {
-        for (i, col) in t.iter_mut().enumerate() {
+        for (f, col) in cols.iter_mut().zip(t.iter_mut()) {
             let (c0, w0) = (cpu_ms(), Instant::now());
-            if i == 0 {
-                a()
-            } else {
-                b()
-            }
+            f();
             col.0.push(cpu_ms() - c0);
             col.1.push(w0.elapsed().as_secs_f64() * 1e3);
         }
@@ -86,11 +86,18 @@ fn main() {
         sh("r20 3x3 16->16 @28 +res", 1, 16, 16, 28, 3, 1, true),
         sh("r20 3x3/2 16->32 @28", 1, 16, 32, 28, 3, 2, false),
         sh("r20 3x3 32->32 @14 +res", 1, 32, 32, 14, 3, 1, true),
+        sh("r20 3x3/2 32->64 @14", 1, 32, 64, 14, 3, 2, false),
         sh("r20 3x3 64->64 @7 +res", 1, 64, 64, 7, 3, 1, true),
         sh("r20 1x1/2 16->32 @28", 1, 16, 32, 28, 1, 2, false),
         sh("r20 3x3 16->16 @28 +res b100", 100, 16, 16, 28, 3, 1, true),
         sh("r20 3x3/2 32->64 @14 b100", 100, 32, 64, 14, 3, 2, false),
         sh("r20 3x3 64->64 @7 +res b100", 100, 64, 64, 7, 3, 1, true),
+        sh("r20 3x3 16->16 @28 +res b50", 50, 16, 16, 28, 3, 1, true),
+        sh("r20 3x3/2 16->32 @28 b50", 50, 16, 32, 28, 3, 2, false),
+        sh("r20 3x3 32->32 @14 +res b50", 50, 32, 32, 14, 3, 1, true),
+        sh("r20 3x3/2 32->64 @14 b50", 50, 32, 64, 14, 3, 2, false),
+        sh("r20 3x3 64->64 @7 +res b50", 50, 64, 64, 7, 3, 1, true),
+        sh("r20 1x1/2 16->32 @28 b50", 50, 16, 32, 28, 1, 2, false),
         sh("r18 stem 7x7/2 3->64 @224", 1, 3, 64, 224, 7, 2, false),
         sh("mbv2 stem 3x3/2 3->32 @224", 1, 3, 32, 224, 3, 2, false),
         sh("3x3 2->16 @28 (K=18)", 1, 2, 16, 28, 3, 1, false),
@@ -101,9 +108,15 @@ fn main() {
         sh("r18 3x3 256->256 @14 +res", 1, 256, 256, 14, 3, 1, true),
         sh("r18 3x3 512->512 @7 +res", 1, 512, 512, 7, 3, 1, true),
     ];
-    println!("one thread; CPU-time medians (wall in brackets), ms; im2col = conv2d_fused (+ add_relu for +res)");
-    println!("| conv (batch 1 unless bN) | im2col + GEMM | packed direct | im2col / packed |");
-    println!("|---|---|---|---|");
+    // The AVX2 column is the direct conv forced to its AVX2 kernel (`conv_packed_on`), the
+    // packed column the kernel this CPU picks (AVX-512 where it has it), same process.
+    let avx2 = isa() >= Isa::Avx2;
+    println!(
+        "one thread; CPU-time medians (wall in brackets), ms; im2col = conv2d_fused (+ add_relu for +res); CPU runs {:?}",
+        isa()
+    );
+    println!("| conv (batch 1 unless bN) | im2col + GEMM | packed AVX2 | packed ({:?}) | im2col / packed | AVX2 / packed |", isa());
+    println!("|---|---|---|---|---|---|");
     let mut bench = serde_json::Map::new();
     for s in &shapes {
         if filter
@@ -122,62 +135,52 @@ fn main() {
         let packed = pack_conv(&w).unwrap();
         let oh = (s.hw + 2 * pad - s.k) / s.s + 1;
         let res = Tensor::randn(0f32, 1f32, (s.n, s.o, oh, oh), &Device::Cpu).unwrap();
+        let res = s.residual.then_some(&res);
         let budget = 1500.0;
-        let [im2col, direct] = if s.residual {
-            time_pair(
-                || {
-                    let y = conv2d_fused(&x, &w, Some(&b), &p, Activation::None).unwrap();
-                    add_relu(&y, &res).unwrap();
-                },
-                || {
-                    conv_packed(
-                        &x,
-                        &packed,
-                        s.o,
-                        (s.k, s.k),
-                        Some(&b),
-                        &p,
-                        Activation::Relu,
-                        Some(&res),
-                    )
-                    .unwrap();
-                },
-                budget,
-            )
-        } else {
-            time_pair(
-                || {
-                    conv2d_fused(&x, &w, Some(&b), &p, Activation::Relu).unwrap();
-                },
-                || {
-                    conv_packed(
-                        &x,
-                        &packed,
-                        s.o,
-                        (s.k, s.k),
-                        Some(&b),
-                        &p,
-                        Activation::Relu,
-                        None,
-                    )
-                    .unwrap();
-                },
-                budget,
-            )
+        let mut im2col = || {
+            let act = if res.is_some() {
+                Activation::None
+            } else {
+                Activation::Relu
+            };
+            let y = conv2d_fused(&x, &w, Some(&b), &p, act).unwrap();
+            if let Some(r) = res {
+                add_relu(&y, r).unwrap();
+            }
         };
+        let packed_at = |level: Option<Isa>| {
+            let k = (s.k, s.k);
+            let act = Activation::Relu;
+            match level {
+                Some(l) => conv_packed_on(l, &x, &packed, s.o, k, Some(&b), &p, act, res),
+                None => conv_packed(&x, &packed, s.o, k, Some(&b), &p, act, res),
+            }
+            .unwrap();
+        };
+        let mut old = || {
+            if avx2 {
+                packed_at(Some(Isa::Avx2))
+            }
+        };
+        let mut new = || packed_at(None);
+        let [im2col, old, direct] = time_cols([&mut im2col, &mut old, &mut new], budget);
         println!(
-            "| {} | {:.3} ({:.3}) | {:.3} ({:.3}) | {:.2} |",
+            "| {} | {:.3} ({:.3}) | {:.3} ({:.3}) | {:.3} ({:.3}) | {:.2} | {:.2} |",
             s.name,
             im2col.0,
             im2col.1,
+            old.0,
+            old.1,
             direct.0,
             direct.1,
-            im2col.0 / direct.0
+            im2col.0 / direct.0,
+            old.0 / direct.0
         );
         bench.insert(
             s.name.to_string(),
             serde_json::json!({"im2col_ms": im2col.0, "packed_ms": direct.0,
-                "ratio": im2col.0 / direct.0}),
+                "ratio": im2col.0 / direct.0, "avx2_ms": old.0,
+                "avx2_over_packed": old.0 / direct.0}),
         );
     }
     winograd_rows(filter.as_deref(), &mut bench);
@@ -185,14 +188,15 @@ fn main() {
 }
 
 /// The stride-1 3x3 convs (pad 1, bias, fused ReLU, `+res` the residual join too): the
-/// packed direct conv ([`conv_packed`]) against Winograd F(2x2, 3x3) ([`winograd_packed`]),
-/// interleaved. ResNet-20's at 28x28 input (batch 1 as served, 50 as the search evaluates),
+/// packed direct conv ([`conv_packed_on`]) against Winograd F(2x2, 3x3)
+/// ([`winograd_packed_on`]), at this CPU's widest level and at AVX2, the four interleaved. ResNet-20's at 28x28 input (batch 1 as served, 50 as the search evaluates),
 /// ResNet-18's at 224 (batch 1), and off-model shapes that bound [`winograd_wins`]. BENCH
 /// keys (and filter names) `wino {name}`: `direct_ms`, `winograd_ms`, `ratio` (direct /
-/// Winograd), `routed` (what [`winograd_wins`] picks).
+/// Winograd), the same at AVX2 (`avx2_direct_ms`, `avx2_winograd_ms`, `avx2_ratio`: the
+/// same kernels again when the CPU's widest level is AVX2) and `routed` (what [`winograd_wins`] picks).
 fn winograd_rows(filter: Option<&str>, bench: &mut serde_json::Map<String, serde_json::Value>) {
     // (name, batch, channels in = out, map, residual)
-    let shapes: [(&str, usize, usize, usize, bool); 19] = [
+    let shapes: [(&str, usize, usize, usize, bool); 21] = [
         ("r20 16->16 @28", 1, 16, 28, false),
         ("r20 16->16 @28 +res", 1, 16, 28, true),
         ("r20 32->32 @14 +res", 1, 32, 14, true),
@@ -212,13 +216,17 @@ fn winograd_rows(filter: Option<&str>, bench: &mut serde_json::Map<String, serde
         ("64->64 @4 b50", 50, 64, 4, false),
         ("128->128 @7 b50", 50, 128, 7, false),
         ("16->16 @14 b1", 1, 16, 14, false),
+        ("r20 16->16 @28 b16", 16, 16, 28, false),
+        ("16->16 @14 b16", 16, 16, 14, false),
     ];
     println!();
     println!(
-        "one thread; CPU-time medians (wall in brackets), ms; stride-1 3x3 pad 1, bias + ReLU"
+        "one thread; CPU-time medians (wall in brackets), ms; stride-1 3x3 pad 1, bias + ReLU; \
+         both at {:?}, then both at AVX2",
+        isa()
     );
-    println!("| conv (batch 1 unless bN) | packed direct | Winograd F(2,3) | direct / Winograd | routed |");
-    println!("|---|---|---|---|---|");
+    println!("| conv (batch 1 unless bN) | packed direct | Winograd F(2,3) | direct / Winograd | AVX2 direct | AVX2 Winograd | AVX2 ratio | routed |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (name, n, c, hw, residual) in shapes {
         if filter.is_some_and(|f| !format!("wino {name}").contains(f)) {
             continue;
@@ -234,28 +242,35 @@ fn winograd_rows(filter: Option<&str>, bench: &mut serde_json::Map<String, serde
         let packed = pack_conv(&w).unwrap();
         let wino = pack_winograd(&w).unwrap();
         let act = Activation::Relu;
-        let [direct, winograd] = time_pair(
-            || {
-                conv_packed(&x, &packed, c, (3, 3), Some(&b), &p, act, res).unwrap();
-            },
-            || {
-                winograd_packed(&x, &wino, c, Some(&b), &p, act, res).unwrap();
-            },
-            1000.0,
-        );
+        let avx2 = Isa::Avx2.min(isa());
+        let (x, b, packed, wino, p) = (&x, &b, &packed, &wino, &p);
+        let d = |level: Isa| {
+            move || {
+                conv_packed_on(level, x, packed, c, (3, 3), Some(b), p, act, res).unwrap();
+            }
+        };
+        let wg = |level: Isa| {
+            move || {
+                winograd_packed_on(level, x, wino, c, Some(b), p, act, res).unwrap();
+            }
+        };
+        let (mut d1, mut w1, mut d2c, mut w2c) = (d(isa()), wg(isa()), d(avx2), wg(avx2));
+        let [direct, winograd, d2, w2] = time_cols([&mut d1, &mut w1, &mut d2c, &mut w2c], 1000.0);
         let ratio = direct.0 / winograd.0;
-        let routed = if winograd_wins(c, c, hw, hw) {
+        let ratio2 = d2.0 / w2.0;
+        let routed = if winograd_wins(n, c, c, hw, hw) {
             "Winograd"
         } else {
             "direct"
         };
         println!(
-            "| {name} | {:.3} ({:.3}) | {:.3} ({:.3}) | {ratio:.2} | {routed} |",
-            direct.0, direct.1, winograd.0, winograd.1
+            "| {name} | {:.3} ({:.3}) | {:.3} ({:.3}) | {ratio:.2} | {:.3} | {:.3} | {ratio2:.2} | {routed} |",
+            direct.0, direct.1, winograd.0, winograd.1, d2.0, w2.0
         );
         bench.insert(
             format!("wino {name}"),
             serde_json::json!({"direct_ms": direct.0, "winograd_ms": winograd.0, "ratio": ratio,
+                "avx2_direct_ms": d2.0, "avx2_winograd_ms": w2.0, "avx2_ratio": ratio2,
                 "routed": routed}),
         );
     }

@@ -19,15 +19,18 @@ pub(crate) fn has_avx2_fma() -> bool {
 /// AVX-512 kernels matter where the peers use them too: on a host with AVX-512, ONNX
 /// Runtime's kernels are, and an 8-lane kernel caps at half their multiply-add rate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Isa {
+pub enum Isa {
+    /// Plain Rust loops (any CPU).
     Portable,
+    /// AVX2 + FMA, 8-lane vectors.
     Avx2,
+    /// AVX-512F (with AVX2 + FMA), 16-lane vectors.
     Avx512,
 }
 
 /// [`Isa`] of this CPU (AVX-512F on top of AVX2 + FMA for the widest).
 #[inline]
-pub(crate) fn isa() -> Isa {
+pub fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         return if std::arch::is_x86_feature_detected!("avx512f") {

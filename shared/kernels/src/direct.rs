@@ -17,11 +17,18 @@
 //! add, activation on the tile in registers, one store) are the pointwise GEMM's. Compared
 //! with im2col + GEMM, the only copy is the padded input (1× the input instead of KH*KW×),
 //! and nothing is zero-filled, copied back or re-read for the epilogue.
+//!
+//! Where the CPU has AVX-512F the same loop runs on 16-lane vectors: tiles of [`NR512`] (32)
+//! positions × 8 panel rows (two passes per panel, 16 accumulators), the row segments of
+//! the epilogue as lane masks. Vectors over the 16 output channels of a panel (broadcast
+//! input, no dropped lanes, the pointwise small-map kernel's form) were measured too and
+//! lost on every ResNet-20 shape, 7×7 included (1.4-1.9x slower than position vectors:
+//! one broadcast load per PX multiply-adds and a scattered store per output vector).
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use crate::cpu::has_avx2_fma;
+use crate::cpu::{isa, Isa};
 use crate::gemm_path::with_col;
 use crate::geom::Geom;
 use crate::pointwise::MR;
@@ -33,9 +40,11 @@ const NR: usize = 16;
 /// image passes over them, and each tile's input (a few rows per channel) stays in L1 while
 /// the block's panels pass over it.
 const BLOCK_BYTES: usize = 96 << 10;
-/// Row segments one tile can span: a tile of [`NR`] lanes covers at most `NR / 2 + 1` rows
+/// Output positions per tile of the AVX-512 path (two 16-lane vectors).
+const NR512: usize = 32;
+/// Row segments one tile can span: a tile of `nr` lanes covers at most `nr / 2 + 1` rows
 /// when rows carry dropped positions (`Wq >= OW + 1 >= 2`), and one segment otherwise.
-const MAX_SEGS: usize = NR / 2 + 2;
+const MAX_SEGS: usize = NR512 / 2 + 2;
 
 /// The scratch layout of one conv geometry.
 #[derive(Clone, Debug)]
@@ -87,7 +96,8 @@ impl Plan {
         let d = g.oh * wq;
         let tiles = d.div_ceil(NR);
         let max_tap = taps.iter().copied().max().unwrap_or(0);
-        let len = (g.c * cs).max((g.c - 1) * cs + max_tap + tiles * NR);
+        // Room for the loads of either tile width past the domain's end.
+        let len = (g.c * cs).max((g.c - 1) * cs + max_tap + d.div_ceil(NR512) * NR512);
         Self {
             hq,
             wq,
@@ -110,9 +120,28 @@ impl Plan {
 fn fill(x: &[f32], g: &Geom, pl: &Plan, buf: &mut [f32]) {
     let plane = pl.hq * pl.wq;
     let hw = g.h * g.w;
+    let sw = pl.sw;
+    // Per phase: the plane columns `lo..hi` that hold image columns (`xx = q * sw + pc`
+    // inside the read extent and `pl <= xx < pl + W`), from image column `first`; the rest
+    // of a row is padding. Computed once, not per row (two divisions per row cost as much
+    // as the copy of a 15-column row).
+    let cols: Vec<(usize, usize, usize)> = pl
+        .phases
+        .iter()
+        .map(|&(_, pc)| {
+            let lo = g.pl.saturating_sub(pc).div_ceil(sw).min(pl.wq);
+            let hi = (pl.wp - pc)
+                .div_ceil(sw)
+                .min((g.w + g.pl).saturating_sub(pc).div_ceil(sw))
+                .clamp(lo, pl.wq);
+            let first = if lo < hi { lo * sw + pc - g.pl } else { 0 };
+            (lo, hi, first)
+        })
+        .collect();
     for c in 0..g.c {
         let xc = &x[c * hw..][..hw];
-        for (si, &(pr, pc)) in pl.phases.iter().enumerate() {
+        for (si, &(pr, _)) in pl.phases.iter().enumerate() {
+            let (lo, hi, first) = cols[si];
             let dstp = &mut buf[c * pl.cs + si * plane..][..plane];
             for (r, dst) in dstp.chunks_exact_mut(pl.wq).enumerate() {
                 let y = r * pl.sh + pr;
@@ -122,23 +151,21 @@ fn fill(x: &[f32], g: &Geom, pl: &Plan, buf: &mut [f32]) {
                     continue;
                 }
                 let row = &xc[ih as usize * g.w..][..g.w];
-                if pl.sw == 1 {
-                    let lead = g.pl.min(pl.wq);
-                    let n = g.w.min(pl.wq - lead);
-                    dst[..lead].fill(0.0);
-                    dst[lead..lead + n].copy_from_slice(&row[..n]);
-                    dst[lead + n..].fill(0.0);
-                } else {
-                    for (q, v) in dst.iter_mut().enumerate() {
-                        let xx = q * pl.sw + pc;
-                        let iw = xx as isize - g.pl as isize;
-                        *v = if xx < pl.wp && iw >= 0 && iw < g.w as isize {
-                            row[iw as usize]
-                        } else {
-                            0.0
-                        };
+                dst[..lo].fill(0.0);
+                if sw == 1 {
+                    dst[lo..hi].copy_from_slice(&row[first..first + hi - lo]);
+                } else if sw == 2 {
+                    // Every other column (a loop LLVM vectorises with shuffles).
+                    for (v, pair) in dst[lo..hi].iter_mut().zip(row[first..].chunks(2)) {
+                        *v = pair[0];
+                    }
+                } else if lo < hi {
+                    let src = &row[first..first + (hi - lo - 1) * sw + 1];
+                    for (t, v) in dst[lo..hi].iter_mut().enumerate() {
+                        *v = src[t * sw];
                     }
                 }
+                dst[hi..].fill(0.0);
             }
         }
     }
@@ -154,10 +181,11 @@ struct Seg {
     shift: usize,
 }
 
-/// The output segments of the tile starting at domain position `q0`.
-fn segments(q0: usize, g: &Geom, pl: &Plan) -> ([Seg; MAX_SEGS], usize) {
+/// The output segments of the tile of `nr` lanes (at most [`NR512`]) starting at domain
+/// position `q0`.
+fn segments(q0: usize, nr: usize, g: &Geom, pl: &Plan) -> ([Seg; MAX_SEGS], usize) {
     let mut segs = [Seg::default(); MAX_SEGS];
-    let end = (q0 + NR).min(pl.d);
+    let end = (q0 + nr).min(pl.d);
     if pl.wq == g.ow {
         segs[0] = Seg {
             lo: 0,
@@ -220,14 +248,30 @@ struct Dims {
 }
 
 /// Runs the conv of geometry `g` (`groups == 1`, no dilation) into `out [N, O, OH, OW]`;
-/// every element of `out` is written. AVX2 + FMA where the CPU has them, else a portable
-/// loop.
+/// every element of `out` is written. The widest kernel this CPU runs ([`level`]).
 pub(crate) fn forward(op: &Direct<'_>, g: &Geom, out: &mut [MaybeUninit<f32>]) {
-    forward_with(op, g, out, has_avx2_fma());
+    forward_with(op, g, out, level());
 }
 
-fn forward_with(op: &Direct<'_>, g: &Geom, out: &mut [MaybeUninit<f32>], fast: bool) {
+/// The level [`forward`] runs: [`isa`], capped by env `ADAPTIVENET_DIRECT_ISA`
+/// (`portable`, `avx2` or `avx512`, read once) so a whole-model bench can time the older
+/// paths in the same binary.
+pub(crate) fn level() -> Isa {
+    static CAP: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    let cap = *CAP.get_or_init(
+        || match std::env::var("ADAPTIVENET_DIRECT_ISA").as_deref() {
+            Ok("portable") => Isa::Portable,
+            Ok("avx2") => Isa::Avx2,
+            _ => Isa::Avx512,
+        },
+    );
+    isa().min(cap)
+}
+
+/// [`forward`] on the kernel of `level` (at most [`isa`]; tests and benches compare them).
+pub(crate) fn forward_with(op: &Direct<'_>, g: &Geom, out: &mut [MaybeUninit<f32>], level: Isa) {
     assert!(g.groups == 1 && (g.dh, g.dw) == (1, 1));
+    assert!(level <= isa(), "direct: {level:?} not available");
     let pl = Plan::new(g);
     let dims = Dims {
         c: g.c,
@@ -257,16 +301,19 @@ fn forward_with(op: &Direct<'_>, g: &Geom, out: &mut [MaybeUninit<f32>], fast: b
             act: op.act,
             dims,
         };
-        if !fast {
+        match level {
             // SAFETY: operand lengths asserted above; rows of `panels` only.
-            return unsafe { image_portable(&w, g, &pl, dst, panels) };
+            Isa::Portable => unsafe { image_portable(&w, g, &pl, dst, panels) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` checked avx2 + fma; operand lengths asserted above; the scratch
+            // holds `pl.len` elements, which bounds every tap load.
+            Isa::Avx2 => unsafe { avx::image(&w, g, &pl, dst, panels) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` checked avx512f; as above.
+            Isa::Avx512 => unsafe { avx512::image(&w, g, &pl, dst, panels) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("SIMD level on a non-x86 CPU"),
         }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `has_avx2_fma` checked avx2 + fma; operand lengths asserted above; the
-        // scratch holds `pl.len` elements, which bounds every tap load.
-        unsafe {
-            avx::image(&w, g, &pl, dst, panels)
-        };
     };
     let one = |i: usize, buf: &mut [f32]| {
         fill(&op.x[i * in_img..][..in_img], g, &pl, buf);
@@ -328,7 +375,7 @@ unsafe fn image_portable(w: &Work<'_>, g: &Geom, pl: &Plan, out: *mut f32, panel
                         }
                     }
                 }
-                let (segs, n) = segments(q0, g, pl);
+                let (segs, n) = segments(q0, NR, g, pl);
                 for s in &segs[..n] {
                     for (l, v) in acc.iter().enumerate().take(s.hi).skip(s.lo) {
                         let e = row * p + q0 + l - s.shift;
@@ -355,7 +402,7 @@ mod avx {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{panels_per_block, segments, Dims, Plan, Seg, Work, MAX_SEGS, MR, NR};
+    use super::{panels_per_block, segments, Dims, Plan, Seg, Work, MR, NR};
     use crate::geom::Geom;
     use crate::Activation;
 
@@ -535,8 +582,8 @@ mod avx {
                 let p1 = (p0 + pb).min(panels.end);
                 for ti in 0..pl.tiles {
                     let q0 = ti * NR;
-                    let (raw, n) = segments(q0, g, pl);
-                    let mut segs = [seg_mask(&raw[0]); MAX_SEGS];
+                    let (raw, n) = segments(q0, NR, g, pl);
+                    let mut segs = [seg_mask(&raw[0]); NR / 2 + 2];
                     for (m, s) in segs.iter_mut().zip(&raw[..n]).skip(1) {
                         *m = seg_mask(s);
                     }
@@ -590,6 +637,222 @@ mod avx {
     }
 }
 
+/// The AVX-512F form of [`avx`]: tiles of [`NR512`] positions (two 16-lane vectors) × 8
+/// panel rows (two passes per panel, 16 accumulators), the row segments of the epilogue as
+/// lane masks.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{panels_per_block, segments, Dims, Plan, Work, MAX_SEGS, MR, NR512};
+    use crate::geom::Geom;
+    use crate::Activation;
+
+    /// Panel rows per pass.
+    const RP: usize = 8;
+    /// Vectors per tile.
+    const NV: usize = NR512 / 16;
+
+    #[inline(always)]
+    unsafe fn activate(v: __m512, act: Activation) -> __m512 {
+        // SAFETY: callers run with avx512f enabled.
+        unsafe {
+            match act {
+                Activation::None => v,
+                Activation::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
+                Activation::Relu6 => {
+                    _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(6.0))
+                }
+            }
+        }
+    }
+
+    /// One row segment of a tile as lane masks (one per vector) and its shift (see `Seg`).
+    #[derive(Clone, Copy, Default)]
+    struct SegMask {
+        m: [u16; NV],
+        shift: usize,
+    }
+
+    /// The reduction of one `R × NR512` tile: `a` the panel at its first step and first row
+    /// of the pass (`[k][MR]`), `b` the scratch at the tile's first position; `T` taps per
+    /// channel (`0`: `taps.len()`).
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn reduce<const R: usize, const T: usize>(
+        c: usize,
+        cs: usize,
+        taps: &[usize],
+        a: *const f32,
+        b: *const f32,
+    ) -> [[__m512; NV]; R] {
+        // SAFETY: callers pass a panel of `c * taps.len()` steps and a scratch whose every
+        // tap load (`NR512` lanes from `b + ci * cs + tap`) is in bounds; avx512f enabled.
+        unsafe {
+            let nt = if T == 0 { taps.len() } else { T };
+            let taps = &taps[..nt];
+            let mut acc = [[_mm512_setzero_ps(); NV]; R];
+            let mut ap = a;
+            for ci in 0..c {
+                let bc = b.add(ci * cs);
+                for &off in taps {
+                    let bp = bc.add(off);
+                    let mut bv = [_mm512_setzero_ps(); NV];
+                    for (q, v) in bv.iter_mut().enumerate() {
+                        *v = _mm512_loadu_ps(bp.add(16 * q));
+                    }
+                    for r in 0..R {
+                        let av = _mm512_set1_ps(*ap.add(r));
+                        for q in 0..NV {
+                            acc[r][q] = _mm512_fmadd_ps(av, bv[q], acc[r][q]);
+                        }
+                    }
+                    ap = ap.add(MR);
+                }
+            }
+            acc
+        }
+    }
+
+    /// Bias, residual, activation and the stores of `rows` rows of a tile: plain loads and
+    /// stores when the tile is one whole segment, else the residual gathered by one masked
+    /// load per segment and one masked store per segment.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    unsafe fn store<const R: usize>(
+        acc: [[__m512; NV]; R],
+        rows: usize,
+        row0: usize,
+        q0: usize,
+        w: &Work<'_>,
+        segs: &[SegMask],
+        whole: bool,
+        out: *mut f32,
+    ) {
+        let p = w.dims.p;
+        // SAFETY: segment lanes map to valid pixels of rows `row0..row0 + rows` (see
+        // `segments`); masked-off lanes are neither read nor written.
+        unsafe {
+            for r in 0..R {
+                if r >= rows {
+                    break;
+                }
+                let row = row0 + r;
+                let bias = _mm512_set1_ps(w.bias.map_or(0.0, |b| b[row]));
+                let mut v = [_mm512_setzero_ps(); NV];
+                for q in 0..NV {
+                    v[q] = _mm512_add_ps(acc[r][q], bias);
+                }
+                if let Some(res) = w.residual {
+                    let rp = res.as_ptr().wrapping_add(row * p + q0);
+                    for q in 0..NV {
+                        let rv = if whole {
+                            _mm512_loadu_ps(rp.wrapping_sub(segs[0].shift).add(16 * q))
+                        } else {
+                            let mut rv = _mm512_setzero_ps();
+                            for s in segs {
+                                let base = rp.wrapping_sub(s.shift).wrapping_add(16 * q);
+                                rv = _mm512_mask_loadu_ps(rv, s.m[q], base);
+                            }
+                            rv
+                        };
+                        v[q] = _mm512_add_ps(v[q], rv);
+                    }
+                }
+                let op = out.wrapping_add(row * p + q0);
+                for q in 0..NV {
+                    let vq = activate(v[q], w.act);
+                    if whole {
+                        _mm512_storeu_ps(op.wrapping_sub(segs[0].shift).add(16 * q), vq);
+                    } else {
+                        for s in segs {
+                            let base = op.wrapping_sub(s.shift).wrapping_add(16 * q);
+                            _mm512_mask_storeu_ps(base, s.m[q], vq);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn image_taps<const T: usize>(
+        w: &Work<'_>,
+        g: &Geom,
+        pl: &Plan,
+        out: *mut f32,
+        panels: Range<usize>,
+    ) {
+        let Dims { c, o, k, .. } = w.dims;
+        let pb = panels_per_block(k);
+        let tiles = pl.d.div_ceil(NR512);
+        // SAFETY: see `image`.
+        unsafe {
+            let mut p0 = panels.start;
+            while p0 < panels.end {
+                let p1 = (p0 + pb).min(panels.end);
+                for ti in 0..tiles {
+                    let q0 = ti * NR512;
+                    let (raw, n) = segments(q0, NR512, g, pl);
+                    let mut segs = [SegMask::default(); MAX_SEGS];
+                    for (m, s) in segs.iter_mut().zip(&raw[..n]) {
+                        let bits = ((1u64 << s.hi) - (1u64 << s.lo)) as u32;
+                        for (q, mq) in m.m.iter_mut().enumerate() {
+                            *mq = (bits >> (16 * q)) as u16;
+                        }
+                        m.shift = s.shift;
+                    }
+                    let whole = n == 1 && raw[0].lo == 0 && raw[0].hi == NR512;
+                    let segs = &segs[..n];
+                    let b = w.buf.as_ptr().add(q0);
+                    for pi in p0..p1 {
+                        for sub in (0..MR).step_by(RP) {
+                            let row0 = pi * MR + sub;
+                            if row0 >= o {
+                                break;
+                            }
+                            let rows = RP.min(o - row0);
+                            let a = w.w.as_ptr().add(pi * MR * k + sub);
+                            if rows > 4 {
+                                let acc = reduce::<RP, T>(c, pl.cs, &pl.taps, a, b);
+                                store::<RP>(acc, rows, row0, q0, w, segs, whole, out);
+                            } else {
+                                let acc = reduce::<4, T>(c, pl.cs, &pl.taps, a, b);
+                                store::<4>(acc, rows, row0, q0, w, segs, whole, out);
+                            }
+                        }
+                    }
+                }
+                p0 = p1;
+            }
+        }
+    }
+
+    /// One image: `out [O, OH*OW]` rows of `panels` only.
+    ///
+    /// # Safety
+    /// avx512f available; otherwise as [`super::avx::image`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn image(
+        w: &Work<'_>,
+        g: &Geom,
+        pl: &Plan,
+        out: *mut f32,
+        panels: Range<usize>,
+    ) {
+        assert!(w.buf.len() >= pl.len);
+        // SAFETY: forwarded contract.
+        unsafe {
+            match pl.taps.len() {
+                9 => image_taps::<9>(w, g, pl, out, panels),
+                1 => image_taps::<1>(w, g, pl, out, panels),
+                _ => image_taps::<0>(w, g, pl, out, panels),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -615,31 +878,35 @@ mod tests {
         ] {
             let g = geom(1, 2, (h, w), 3, k, &Conv2dParams::new(s, pad));
             let pl = Plan::new(&g);
-            let mut hits = vec![0u32; g.p()];
-            for tile in 0..pl.tiles {
-                let q0 = tile * NR;
-                let (segs, n) = segments(q0, &g, &pl);
-                for sg in &segs[..n] {
-                    assert!(sg.lo < sg.hi && sg.hi <= NR);
-                    for l in sg.lo..sg.hi {
-                        let q = q0 + l;
-                        assert!(q < pl.d && q % pl.wq < g.ow, "{h}x{w} k{k} s{s}: lane {q}");
-                        let e = q - sg.shift;
-                        assert_eq!(e, (q / pl.wq) * g.ow + q % pl.wq);
-                        hits[e] += 1;
+            for nr in [NR, NR512] {
+                let mut hits = vec![0u32; g.p()];
+                for tile in 0..pl.d.div_ceil(nr) {
+                    let q0 = tile * nr;
+                    let (segs, n) = segments(q0, nr, &g, &pl);
+                    for sg in &segs[..n] {
+                        assert!(sg.lo < sg.hi && sg.hi <= nr);
+                        for l in sg.lo..sg.hi {
+                            let q = q0 + l;
+                            assert!(q < pl.d && q % pl.wq < g.ow, "{h}x{w} k{k} s{s}: lane {q}");
+                            let e = q - sg.shift;
+                            assert_eq!(e, (q / pl.wq) * g.ow + q % pl.wq);
+                            hits[e] += 1;
+                        }
                     }
                 }
+                assert!(hits.iter().all(|&n| n == 1), "{h}x{w} k{k} s{s}: {hits:?}");
             }
-            assert!(hits.iter().all(|&n| n == 1), "{h}x{w} k{k} s{s}: {hits:?}");
         }
     }
 
-    /// The portable path and the AVX2 one agree (the tests against candle run the latter).
+    /// Every level this CPU runs agrees with the portable loop (the tests against candle
+    /// run the widest).
     #[test]
-    fn portable_matches_simd() {
-        if !has_avx2_fma() {
-            return;
-        }
+    fn levels_agree() {
+        let levels: Vec<Isa> = [Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&l| l <= isa())
+            .collect();
         let mut seed = 7u64;
         let mut rnd = |n: usize| -> Vec<f32> {
             (0..n)
@@ -656,6 +923,9 @@ mod tests {
             (1, 3, 8, 12, 7, 3, 2, 1),
             (3, 4, 6, 5, 5, 1, 2, 0),
             (1, 2, 4, 10, 9, 5, 2, 2),
+            (1, 6, 37, 7, 7, 3, 1, 1),
+            (2, 3, 20, 1, 1, 3, 1, 1),
+            (1, 4, 16, 3, 40, 3, 1, 1),
         ] {
             let g = geom(n, c, (h, w), o, k, &Conv2dParams::new(s, pad));
             let x = rnd(g.n * g.in_img());
@@ -669,20 +939,24 @@ mod tests {
                 residual: Some(&res),
                 act: Activation::Relu,
             };
-            let run = |fast: bool| {
+            let run = |level: Isa| {
                 let mut out = vec![MaybeUninit::new(f32::NAN); g.n * g.out_img()];
-                forward_with(&op, &g, &mut out, fast);
+                forward_with(&op, &g, &mut out, level);
                 // SAFETY: initialised above.
                 out.iter()
                     .map(|v| unsafe { v.assume_init() })
                     .collect::<Vec<f32>>()
             };
-            let (a, b) = (run(true), run(false));
-            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
-                assert!(
-                    (p - q).abs() <= 1e-5,
-                    "case {n}x{c}x{h}x{w} k{k} s{s}: [{i}] {p} vs {q}"
-                );
+            let want = run(Isa::Portable);
+            assert!(want.iter().all(|v| v.is_finite()));
+            for &l in &levels {
+                let got = run(l);
+                for (i, (p, q)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (p - q).abs() <= 1e-5,
+                        "{l:?} {n}x{c}x{h}x{w} k{k} s{s}: [{i}] {p} vs {q}"
+                    );
+                }
             }
         }
     }

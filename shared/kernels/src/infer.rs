@@ -8,7 +8,7 @@ use candle_core::{Device, Storage, Tensor};
 use crate::cpu::{isa, Isa};
 use crate::direct::{self, Direct};
 use crate::geom::Geom;
-use crate::pointwise::{self, Pointwise, MR};
+use crate::pointwise::{self, Kernel, Pointwise, MR};
 use crate::storage::f32_slice;
 use crate::winograd::{self, Winograd};
 use crate::{check_f32, Activation, Conv2dParams, KernelError};
@@ -87,31 +87,33 @@ pub fn pack_winograd(w: &Tensor) -> candle_core::Result<Tensor> {
     )
 }
 
-/// Whether a 3x3 conv of `c` inputs and `o` outputs can gain from Winograd on some map
+/// Whether a 3x3 conv of `c` inputs and `o` outputs can gain from Winograd on some input
 /// (the channel part of [`winograd_wins`], all that is known when a module is packed).
 pub fn winograd_channels(c: usize, o: usize) -> bool {
-    let least = if isa() == Isa::Avx512 { 8 } else { 32 };
+    let least = if isa() == Isa::Avx512 { 16 } else { 32 };
     c.min(o) >= least
 }
 
 /// Whether [`winograd_packed`] beats [`conv_packed`]'s direct conv on a stride-1 3x3 conv of
-/// `c` inputs, `o` outputs and an `h x w` input (padded by 1). Measured with `cargo bench
-/// --bench packed -- wino` (one thread, thread CPU time, direct / Winograd, C = O):
+/// `c` inputs and `o` outputs on `n` images of `h x w` (padded by 1). Measured with `cargo
+/// bench --bench packed -- wino` (one thread, thread CPU time, direct / Winograd, C = O,
+/// both on the same instruction set):
 ///
-/// * AVX-512 (Winograd's transforms and GEMM 16 lanes wide, the direct conv AVX2): 8 and
-///   16 channels win from 14x14 up (8@28 1.55, 8@14 1.19, 16@28 1.31 at batch 1 and 2.16
-///   at 50; 16@14 batch 1 1.00) but lose at 7x7 (16@7 0.72: a quarter of each 4x4 tile
-///   grid is padding); 32 win from 7x7 (1.12; 32@14 1.7), 64 and more from 4x4 (1.9-3.0).
-/// * AVX2 + FMA / portable (the transforms compiler-vectorised; measured with the AVX-512
-///   GEMM, so an upper bound): 16 channels lose (0.69 at 28x28 batch 1, 0.82 at 50),
-///   32 win at 14x14 (1.16) and lose at 7x7 (0.80), 64 and more win from 4x4 (1.4-2.5).
-pub fn winograd_wins(c: usize, o: usize, h: usize, w: usize) -> bool {
+/// * AVX-512: 32 to 256 channels win on every map from 4x4 up (32@14 1.11 at batch 1,
+///   1.34 at 50; 32@7 1.35; 64@7 1.39 / 1.63; 64@4 3.09; 128@28 1.38; 256@14 1.23); 512
+///   at 7x7 loses at batch 1 (0.90: its 16 MB transformed weight streams from memory for 16
+///   tiles). 16 channels win on batches (16@28 1.12-1.15 and 16@7 1.13 at 50; 16@28 1.11
+///   and 16@14 1.22 at 16) but not on one image (0.88 at 28x28, 0.86 at 14x14); 8 lose
+///   (0.77-0.88).
+/// * AVX2 + FMA: 32 channels win at 14x14 (1.08-1.16) but lose at 7x7 (0.87), 64 and more
+///   win from 4x4 up (1.34-2.04); 16 and 8 lose (0.56-0.98).
+pub fn winograd_wins(n: usize, c: usize, o: usize, h: usize, w: usize) -> bool {
     let (m, ch) = (h.min(w), c.min(o));
     if !winograd_channels(c, o) || m < 4 {
         return false;
     }
     match isa() {
-        Isa::Avx512 => m >= 14 || (m >= 7 && ch >= 32) || ch >= 64,
+        Isa::Avx512 => (ch >= 32 || n >= 16) && (ch < 512 || m >= 14),
         _ => m >= 14 || ch >= 64,
     }
 }
@@ -213,6 +215,67 @@ pub fn conv_packed(
     act: Activation,
     residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
+    conv_packed_at(
+        None,
+        x,
+        packed,
+        out_channels,
+        kernel,
+        bias,
+        p,
+        act,
+        residual,
+    )
+}
+
+/// [`conv_packed`] on the kernels of instruction set `level` instead of the widest this CPU
+/// runs, so tests and benches can compare the paths in one process. Errors when the CPU
+/// lacks `level` (see [`isa`](crate::isa)).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_packed_on(
+    level: Isa,
+    x: &Tensor,
+    packed: &Tensor,
+    out_channels: usize,
+    kernel: (usize, usize),
+    bias: Option<&Tensor>,
+    p: &Conv2dParams,
+    act: Activation,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    if level > isa() {
+        return Err(KernelError::Shape(format!(
+            "conv_packed_on: this CPU lacks {level:?} (it runs {:?})",
+            isa()
+        ))
+        .into());
+    }
+    conv_packed_at(
+        Some(level),
+        x,
+        packed,
+        out_channels,
+        kernel,
+        bias,
+        p,
+        act,
+        residual,
+    )
+}
+
+/// [`conv_packed`] at `level` (`None`: each kernel's default).
+#[allow(clippy::too_many_arguments)]
+fn conv_packed_at(
+    level: Option<Isa>,
+    x: &Tensor,
+    packed: &Tensor,
+    out_channels: usize,
+    kernel: (usize, usize),
+    bias: Option<&Tensor>,
+    p: &Conv2dParams,
+    act: Activation,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     const OP: &str = "conv_packed";
     if p.groups != 1 || p.dilation != (1, 1) {
         return Err(KernelError::Shape(format!(
@@ -233,7 +296,10 @@ pub fn conv_packed(
                 residual: rs,
                 act,
             };
-            pointwise::forward(&op, &g, out);
+            match level {
+                Some(l) => pointwise::forward_with(&op, &g, out, Kernel::for_level(l, g.p())),
+                None => pointwise::forward(&op, &g, out),
+            }
         } else {
             let op = Direct {
                 x: xs,
@@ -242,7 +308,10 @@ pub fn conv_packed(
                 residual: rs,
                 act,
             };
-            direct::forward(&op, &g, out);
+            match level {
+                Some(l) => direct::forward_with(&op, &g, out, l),
+                None => direct::forward(&op, &g, out),
+            }
         }
     })
 }
@@ -292,7 +361,31 @@ pub fn winograd_packed(
     act: Activation,
     residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
+    winograd_packed_on(isa(), x, packed, out_channels, bias, p, act, residual)
+}
+
+/// [`winograd_packed`] on the kernels of instruction set `level` instead of the widest this
+/// CPU runs (tests and benches compare the paths in one process). Errors when the CPU lacks
+/// `level`.
+#[allow(clippy::too_many_arguments)]
+pub fn winograd_packed_on(
+    level: Isa,
+    x: &Tensor,
+    packed: &Tensor,
+    out_channels: usize,
+    bias: Option<&Tensor>,
+    p: &Conv2dParams,
+    act: Activation,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     const OP: &str = "winograd_packed";
+    if level > isa() {
+        return Err(KernelError::Shape(format!(
+            "{OP}: this CPU lacks {level:?} (it runs {:?})",
+            isa()
+        ))
+        .into());
+    }
     let (n, c, h, w) = x.dims4()?;
     let g = Geom::new((n, c, h, w), (out_channels, c, 3, 3), p)?;
     if !winograd::supports(&g) {
@@ -319,6 +412,6 @@ pub fn winograd_packed(
             residual: rs,
             act,
         };
-        winograd::forward(&op, &g, out);
+        winograd::forward_with(&op, &g, out, level);
     })
 }

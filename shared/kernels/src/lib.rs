@@ -68,13 +68,15 @@
 //! * `src/direct.rs`, `src/infer.rs`: [`pack_conv`] and [`conv_packed`], the inference conv
 //!   for any kernel size and stride (ResNet's 3x3, strided 1x1 shortcuts, stems) on the same
 //!   packed layout and micro-kernel: the input copied once into zero-padded stride phases,
-//!   no im2col, bias, activation and residual add fused (`tests/direct.rs`).
+//!   no im2col, bias, activation and residual add fused (AVX-512 32-position tiles where
+//!   the CPU has avx512f, AVX2 6x16 otherwise; [`conv_packed_on`] forces a level for tests
+//!   and benches; `tests/direct.rs`).
 //! * `src/winograd.rs`, `src/infer.rs`: [`pack_winograd`] and [`winograd_packed`], Winograd
 //!   F(2x2, 3x3) for stride-1 3x3 inference convs (any padding): the weight transformed once
 //!   at pack time, per chunk of tile rows an input transform, 16 GEMMs `[O x C] x [C x
 //!   tiles]` and an output transform with bias, residual add and activation fused;
 //!   [`winograd_wins`] says on which shapes it beats the direct conv (`tests/winograd.rs`).
-//! * `src/cpu.rs`: the one run-time AVX2 + FMA check every SIMD kernel dispatches on.
+//! * `src/cpu.rs`: the one run-time CPU check every SIMD kernel dispatches on ([`isa`]).
 //! * `src/pool.rs`: max-pool and global average pool ops.
 //! * `src/bn.rs`: BatchNorm folding (computed in f64); `src/bn_train.rs`: train-mode BN;
 //!   `src/conv_bn.rs`: conv + train-mode BN in one op on the same kernels.
@@ -150,6 +152,24 @@
 //! candle ratios (2-36x on convs) but showed ±40% between two medians of the very same
 //! configuration: treat single-row thread comparisons on this box as noise-level.
 //!
+//! Direct inference conv ([`conv_packed`]), AVX2 vs AVX-512 kernel: `cargo bench --bench
+//! packed` on an Intel Xeon with AVX-512 (2 vCPUs, shared, load 6-7), one thread, CPU-time
+//! medians, both kernels interleaved in one run ([`conv_packed_on`] forces AVX2):
+//!
+//! | conv (batch) | AVX2 | AVX-512 | ratio |
+//! |---|---|---|---|
+//! | ResNet-20 3x3 16→16 @28 +res (1 / 50) | 0.068 / 3.18 ms | 0.034 / 1.80 ms | 2.01 / 1.77x |
+//! | ResNet-20 3x3/2 16→32 @28 (1 / 50) | 0.042 / 1.94 ms | 0.025 / 1.20 ms | 1.71 / 1.61x |
+//! | ResNet-20 3x3 32→32 @14 +res (1 / 50) | 0.073 / 3.34 ms | 0.032 / 1.63 ms | 2.29 / 2.05x |
+//! | ResNet-20 3x3/2 32→64 @14 (1 / 50) | 0.051 / 2.22 ms | 0.025 / 1.20 ms | 2.06 / 1.84x |
+//! | ResNet-20 3x3 64→64 @7 +res (1 / 50) | 0.087 / 3.82 ms | 0.036 / 1.78 ms | 2.40 / 2.14x |
+//! | ResNet-18 3x3 64→64 @56 +res (1) | 3.74 ms | 1.58 ms | 2.36x |
+//! | ResNet-18 3x3 512→512 @7 +res (1) | 4.94 ms | 2.13 ms | 2.32x |
+//!
+//! Whole folded models (`adaptivenet-core` bench `kernels`, 1 thread, wall medians, two runs
+//! each of `ADAPTIVENET_DIRECT_ISA=avx2` and the default): ResNet-18 224 70.7-71.5 → 30.3-31.1
+//! ms, ResNet-20 oracle 28x28 1.09-1.10 → 0.49-0.53 ms.
+//!
 //! Notes on stock candle 0.11.1 found on the way: its max-pool backward scales gradients by
 //! `1/(kh*kw)` (see `tests/parity.rs`; ours is checked against finite differences), and
 //! `candle_core::utils::get_num_threads` reads `/proc/cpuinfo` on each call (per op) unless
@@ -182,10 +202,11 @@ use candle_core::{DType, Tensor};
 pub use bn::fold_bn;
 pub use bn_train::{batch_norm_train, batch_norm_train_act};
 pub use conv_bn::conv_bn_train;
+pub use cpu::{isa, Isa};
 pub use eltwise::{add_relu, relu, relu6};
 pub use infer::{
-    conv_packed, pack_conv, pack_pointwise, pack_winograd, pointwise_packed, winograd_channels,
-    winograd_packed, winograd_wins,
+    conv_packed, conv_packed_on, pack_conv, pack_pointwise, pack_winograd, pointwise_packed,
+    winograd_channels, winograd_packed, winograd_packed_on, winograd_wins,
 };
 pub use optim::{sgd_update, SgdParams};
 

@@ -15,8 +15,9 @@
 //!    before the one store of each output row.
 //!
 //! `V` and `M` of a chunk stay in L2 (see [`CHUNK_BYTES`]). With AVX-512 the transforms run
-//! 16 tiles per vector, deinterleaving the patches' columns (and interleaving the outputs')
-//! with lane permutes; elsewhere they are plain loops over a tile row that the compiler
+//! 16 tiles of the chunk per vector whatever the row length (masked loads gather each tile
+//! row's run of patches straight from `x`, lane permutes deinterleave the columns and
+//! interleave the outputs'); elsewhere they are plain loops over a tile row that the compiler
 //! vectorises (short rows leave them largely scalar: 16 channels then lose to the direct
 //! conv, see [`crate::winograd_wins`]). In f32 the transforms' sums of
 //! up to 9 terms cost about one extra rounding step over the direct conv (tests: within
@@ -133,6 +134,11 @@ impl Plan {
         }
     }
 
+    /// Lanes of `V` / `M` a chunk of `rows` tile rows uses.
+    fn width(&self, rows: usize) -> usize {
+        (rows * self.tw).next_multiple_of(LANES)
+    }
+
     fn chunks(&self) -> usize {
         self.rows.div_ceil(self.r)
     }
@@ -145,16 +151,16 @@ impl Plan {
         16 * self.op * PANEL * self.pitch
     }
 
-    /// Padded input row: the last tile's 4x4 patch ends at column `2 * (tw + 1)`; the
-    /// AVX-512 transform reads whole 16-tile segments, up to `2 * ceil16(tw) + 2`.
+    /// Padded input row of the portable / AVX2 transform: the last tile's 4x4 patch ends at
+    /// column `2 * (tw + 1)`.
     fn lp(&self) -> usize {
-        2 * self.tw.next_multiple_of(16) + 2
+        2 * (self.tw + 1)
     }
 
-    /// `V`, `M`, 4 padded rows, 8 deinterleaved rows (even / odd columns of the patch's 4
+    /// `V`, `M`, a padded row, 8 deinterleaved rows (even / odd columns of the patch's 4
     /// rows) and 2 output rows.
     fn scratch_len(&self, c: usize) -> usize {
-        self.v_len(c) + self.m_len() + 4 * self.lp() + 8 * (self.tw + 1) + 4 * self.tw
+        self.v_len(c) + self.m_len() + self.lp() + 8 * (self.tw + 1) + 4 * self.tw
     }
 }
 
@@ -181,13 +187,9 @@ impl SendPtr {
     }
 }
 
-/// Runs the conv of geometry `g` ([`supports`]) into `out [N, O, OH, OW]`; every element is
-/// written.
-pub(crate) fn forward(op: &Winograd<'_>, g: &Geom, out: &mut [MaybeUninit<f32>]) {
-    forward_with(op, g, out, isa());
-}
-
-fn forward_with(op: &Winograd<'_>, g: &Geom, out: &mut [MaybeUninit<f32>], level: Isa) {
+/// Runs the conv of geometry `g` ([`supports`]) into `out [N, O, OH, OW]` on the kernels of
+/// `level` (at most [`isa`]); every element is written.
+pub(crate) fn forward_with(op: &Winograd<'_>, g: &Geom, out: &mut [MaybeUninit<f32>], level: Isa) {
     assert!(supports(g) && level <= isa());
     let (in_img, out_img) = (g.in_img(), g.out_img());
     assert!(op.x.len() >= g.n * in_img && out.len() >= g.n * out_img);
@@ -260,15 +262,16 @@ unsafe fn chunk_body<const L: u8>(
 ) {
     let (v, rest) = buf.split_at_mut(pl.v_len(g.c));
     let (m, rest) = rest.split_at_mut(pl.m_len());
-    let (prow, rest) = rest.split_at_mut(4 * pl.lp());
+    let (prow, rest) = rest.split_at_mut(pl.lp());
     let (eo, orow) = rest.split_at_mut(8 * (pl.tw + 1));
     match L {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: avx512f enabled (caller).
-        2 => unsafe { x86::transform_in512(op.x, g, pl, rows.clone(), v, prow) },
-        _ => transform_in(op.x, g, pl, rows.clone(), v, &mut prow[..pl.lp()], eo),
+        2 => unsafe { x86::transform_in512(op.x, g, pl, rows.clone(), v) },
+        _ => transform_in(op.x, g, pl, rows.clone(), v, prow, eo),
     }
-    let (c, pitch) = (g.c, pl.pitch);
+    // Lanes the GEMMs run: the last chunk may hold fewer tile rows than the others.
+    let (c, pitch, width) = (g.c, pl.pitch, pl.width(rows.len()));
     for xi in 0..16 {
         let b = &v[xi * c * pitch..][..c * pitch];
         for p in 0..pl.op {
@@ -278,11 +281,11 @@ unsafe fn chunk_body<const L: u8>(
             match L {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: avx512f enabled (caller); slice lengths checked inside.
-                2 => unsafe { x86::gemm512(a, b, mp, c, pitch, live) },
+                2 => unsafe { x86::gemm512(a, b, mp, c, pitch, width, live) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: avx2 + fma enabled (caller); slice lengths checked inside.
-                1 => unsafe { x86::gemm256(a, b, mp, c, pitch, live) },
-                _ => gemm_portable(a, b, mp, c, pitch, live),
+                1 => unsafe { x86::gemm256(a, b, mp, c, pitch, width, live) },
+                _ => gemm_portable(a, b, mp, c, pitch, width, live),
             }
         }
     }
@@ -309,10 +312,10 @@ fn transform_in(
 ) {
     let (tw, k, pitch) = (pl.tw, pl.tw + 1, pl.pitch);
     let hw = g.h * g.w;
-    let live = rows.len() * tw;
-    if live < pitch {
+    let (live, width) = (rows.len() * tw, pl.width(rows.len()));
+    if live < width {
         for r in v.chunks_exact_mut(pitch) {
-            r[live..].fill(0.0);
+            r[live..width].fill(0.0);
         }
     }
     // Columns outside `pl..pl + W` stay zero: the left and right padding (and the columns
@@ -444,14 +447,22 @@ fn activate(v: f32, act: Activation) -> f32 {
     }
 }
 
-/// `m[r][t] = sum_c a[c][r] * b[c][t]` for rows `r < live` of one panel.
-fn gemm_portable(a: &[f32], b: &[f32], m: &mut [f32], c: usize, pitch: usize, live: usize) {
+/// `m[r][t] = sum_c a[c][r] * b[c][t]` for rows `r < live` and lanes `t < width` of one panel.
+fn gemm_portable(
+    a: &[f32],
+    b: &[f32],
+    m: &mut [f32],
+    c: usize,
+    pitch: usize,
+    width: usize,
+    live: usize,
+) {
     for r in 0..live {
-        let mr = &mut m[r * pitch..][..pitch];
+        let mr = &mut m[r * pitch..][..width];
         mr.fill(0.0);
         for ci in 0..c {
             let av = a[ci * PANEL + r];
-            for (d, &bv) in mr.iter_mut().zip(&b[ci * pitch..][..pitch]) {
+            for (d, &bv) in mr.iter_mut().zip(&b[ci * pitch..][..width]) {
                 *d += av * bv;
             }
         }
@@ -484,14 +495,60 @@ mod x86 {
         unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
     }
 
-    /// `V` of the tile rows `rows` with AVX-512: per (channel, tile row, segment of 16
-    /// tiles) the 4x4 patches' columns are deinterleaved from 4 padded rows by lane
-    /// permutes, transformed in registers and stored with the segment's lane mask. Lanes
-    /// past the last tile are zeroed.
+    /// The tiles of half a 16-tile group (8 tiles, 2 lanes each in a "pair" vector) that lie
+    /// in one tile row: lanes `lo..hi` hold that row's tiles from `tx` on.
+    #[derive(Clone, Copy, Default)]
+    struct Run {
+        lo: usize,
+        hi: usize,
+        /// Image offset `n * C * H * W` (input) and tile row `ty` in the image.
+        n: usize,
+        ty: usize,
+        tx: usize,
+    }
+
+    /// Runs of both halves of the group of 16 tiles at chunk lane `t0` (tiles `< live`
+    /// only; lanes of no run stay zero / unstored).
+    fn runs(t0: usize, live: usize, pl: &Plan, row0: usize) -> [([Run; 8], usize); 2] {
+        let mut out = [([Run::default(); 8], 0); 2];
+        for (h, (rs, n)) in out.iter_mut().enumerate() {
+            let start = t0 + 8 * h;
+            let end = (start + 8).min(live);
+            let mut t = start;
+            while t < end {
+                let (lr, tx) = (t / pl.tw, t % pl.tw);
+                let stop = ((lr + 1) * pl.tw).min(end);
+                let gr = row0 + lr;
+                rs[*n] = Run {
+                    lo: 2 * (t - start),
+                    hi: 2 * (stop - start),
+                    n: gr / pl.th,
+                    ty: gr % pl.th,
+                    tx,
+                };
+                *n += 1;
+                t = stop;
+            }
+        }
+        out
+    }
+
+    /// Mask of lanes `lo..hi` (empty when `hi <= lo`).
+    #[inline(always)]
+    fn span(lo: isize, hi: isize) -> __mmask16 {
+        let (lo, hi) = (lo.clamp(0, 16) as usize, hi.clamp(0, 16) as usize);
+        lanes(hi) & !lanes(lo)
+    }
+
+    /// `V` of the tile rows `rows` with AVX-512, 16 tiles of the chunk (across tile rows) per
+    /// vector: per (channel, patch row, group) each half's "pair" vectors (columns `2tx,
+    /// 2tx+1` and `2tx+2, 2tx+3` of 8 tiles) are assembled by masked loads straight from
+    /// `x` (the masks drop the padding), deinterleaved by lane permutes and transformed in
+    /// registers. No padded copy: a copy's narrow stores followed by wide loads of the same
+    /// bytes stalled store forwarding (40 % of the kernel's time at 16 channels, 14x14).
     ///
     /// # Safety
-    /// avx512f enabled; `v` and `prow` as laid out by [`Plan`] (`prow`: 4 rows of
-    /// `pl.lp()`).
+    /// avx512f enabled; `v` as laid out by [`Plan`].
     #[inline(always)]
     pub(super) unsafe fn transform_in512(
         x: &[f32],
@@ -499,75 +556,78 @@ mod x86 {
         pl: &Plan,
         rows: Range<usize>,
         v: &mut [f32],
-        prow: &mut [f32],
     ) {
-        let (tw, pitch, lp) = (pl.tw, pl.pitch, pl.lp());
-        assert!(v.len() >= 16 * g.c * pitch && prow.len() >= 4 * lp && g.pl + g.w <= lp);
-        let hw = g.h * g.w;
-        let live = rows.len() * tw;
-        if live < pitch {
-            for r in v.chunks_exact_mut(pitch) {
-                r[live..].fill(0.0);
-            }
-        }
-        prow.fill(0.0);
+        let (pitch, hw) = (pl.pitch, g.h * g.w);
+        assert!(v.len() >= 16 * g.c * pitch && x.len() >= g.n * g.c * hw);
+        let live = rows.len() * pl.tw;
         let vp = v.as_mut_ptr();
-        // SAFETY: loads stay inside `prow` (segments end at `lp`), stores inside `v` (lane
-        // masks keep each row's `tw` lanes); avx512f enabled.
+        // SAFETY: every masked load reads only lanes whose column lies in `0..W` of an
+        // input row that exists (row checked); stores stay inside `v` (`t0 + 16 <= pitch`);
+        // avx512f enabled.
         unsafe {
             let even = idx([0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30]);
             let odd = idx([1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31]);
-            for c in 0..g.c {
-                for (lr, gr) in rows.clone().enumerate() {
-                    let (n, ty) = (gr / pl.th, gr % pl.th);
-                    let xc = &x[(n * g.c + c) * hw..][..hw];
-                    let mut valid = [false; 4];
-                    for (i, ok) in valid.iter_mut().enumerate() {
-                        let iy = (2 * ty + i) as isize - g.pt as isize;
-                        if iy >= 0 && iy < g.h as isize {
-                            *ok = true;
-                            prow[i * lp + g.pl..][..g.w]
-                                .copy_from_slice(&xc[iy as usize * g.w..][..g.w]);
+            for t0 in (0..pl.width(rows.len())).step_by(16) {
+                let rs = runs(t0, live, pl, rows.start);
+                // Per half, shift (0: columns 2tx, 2tx+1; 1: 2tx+2, 2tx+3) and run: the
+                // masked lanes and the column offset of lane 0.
+                let mut lm = [[[(0 as __mmask16, 0isize); 8]; 2]; 2];
+                for (h, (r, n)) in rs.iter().enumerate() {
+                    for (sh, m) in lm[h].iter_mut().enumerate() {
+                        for (k, run) in r[..*n].iter().enumerate() {
+                            // Input column of lane `run.lo`, and of lane 0.
+                            let col = (2 * run.tx + 2 * sh) as isize - g.pl as isize;
+                            let c0 = col - run.lo as isize;
+                            let mask = span(run.lo as isize, run.hi as isize)
+                                & span(-c0, g.w as isize - c0);
+                            m[k] = (mask, c0);
                         }
                     }
-                    let base = lr * tw;
-                    for tx0 in (0..tw).step_by(16) {
-                        let mask = lanes(tw - tx0);
-                        let mut d = [[_mm512_setzero_ps(); 4]; 4];
-                        for i in 0..4 {
-                            if !valid[i] {
-                                continue;
+                }
+                for c in 0..g.c {
+                    let mut d = [[_mm512_setzero_ps(); 4]; 4];
+                    for (i, di) in d.iter_mut().enumerate() {
+                        let mut pv = [[_mm512_setzero_ps(); 2]; 2];
+                        for (h, (r, n)) in rs.iter().enumerate() {
+                            for (k, run) in r[..*n].iter().enumerate() {
+                                let iy = (2 * run.ty + i) as isize - g.pt as isize;
+                                if iy < 0 || iy >= g.h as isize {
+                                    continue;
+                                }
+                                let row =
+                                    x.as_ptr().add((run.n * g.c + c) * hw + iy as usize * g.w);
+                                for (sh, p) in pv[h].iter_mut().enumerate() {
+                                    let (mask, c0) = lm[h][sh][k];
+                                    *p = _mm512_mask_loadu_ps(*p, mask, row.wrapping_offset(c0));
+                                }
                             }
-                            let p = prow.as_ptr().add(i * lp + 2 * tx0);
-                            let (a, b) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
-                            let (a2, b2) = (_mm512_loadu_ps(p.add(2)), _mm512_loadu_ps(p.add(18)));
-                            d[i] = [
-                                _mm512_permutex2var_ps(a, even, b),
-                                _mm512_permutex2var_ps(a, odd, b),
-                                _mm512_permutex2var_ps(a2, even, b2),
-                                _mm512_permutex2var_ps(a2, odd, b2),
-                            ];
                         }
-                        // B^T d: down the columns.
-                        let mut t = [[_mm512_setzero_ps(); 4]; 4];
-                        for j in 0..4 {
-                            t[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
-                            t[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
-                            t[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
-                            t[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
-                        }
-                        // (B^T d) B: along the rows, stored per transform position.
-                        for (i, ti) in t.iter().enumerate() {
-                            let r = [
-                                _mm512_sub_ps(ti[0], ti[2]),
-                                _mm512_add_ps(ti[1], ti[2]),
-                                _mm512_sub_ps(ti[2], ti[1]),
-                                _mm512_sub_ps(ti[1], ti[3]),
-                            ];
-                            for (j, rj) in r.into_iter().enumerate() {
-                                let at = ((i * 4 + j) * g.c + c) * pitch + base + tx0;
-                                _mm512_mask_storeu_ps(vp.add(at), mask, rj);
-                            }
+                        *di = [
+                            _mm512_permutex2var_ps(pv[0][0], even, pv[1][0]),
+                            _mm512_permutex2var_ps(pv[0][0], odd, pv[1][0]),
+                            _mm512_permutex2var_ps(pv[0][1], even, pv[1][1]),
+                            _mm512_permutex2var_ps(pv[0][1], odd, pv[1][1]),
+                        ];
+                    }
+                    // B^T d: down the columns.
+                    let mut t = [[_mm512_setzero_ps(); 4]; 4];
+                    for j in 0..4 {
+                        t[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
+                        t[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
+                        t[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
+                        t[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+                    }
+                    // (B^T d) B: along the rows, stored per transform position.
+                    for (i, ti) in t.iter().enumerate() {
+                        let r = [
+                            _mm512_sub_ps(ti[0], ti[2]),
+                            _mm512_add_ps(ti[1], ti[2]),
+                            _mm512_sub_ps(ti[2], ti[1]),
+                            _mm512_sub_ps(ti[1], ti[3]),
+                        ];
+                        for (j, rj) in r.into_iter().enumerate() {
+                            let at = ((i * 4 + j) * g.c + c) * pitch + t0;
+                            _mm512_storeu_ps(vp.add(at), rj);
                         }
                     }
                 }
@@ -589,9 +649,10 @@ mod x86 {
         }
     }
 
-    /// `Y = A^T M A` of the tile rows `rows` with AVX-512, 16 tiles per step: the two output
-    /// rows' even and odd columns are interleaved by lane permutes, then bias, residual and
-    /// activation, one masked store per 16 outputs.
+    /// `Y = A^T M A` of the tile rows `rows` with AVX-512, 16 tiles of the chunk per vector:
+    /// each output row's even and odd columns are interleaved by lane permutes into two
+    /// vectors of 8 tiles, then bias, residual and activation, one masked store per run of
+    /// tiles in one tile row.
     ///
     /// # Safety
     /// avx512f enabled; `m` as laid out by [`Plan`]; `out` as [`super::transform_out`].
@@ -604,66 +665,68 @@ mod x86 {
         m: &[f32],
         out: *mut MaybeUninit<f32>,
     ) {
-        let (tw, pitch) = (pl.tw, pl.pitch);
+        let pitch = pl.pitch;
         assert!(m.len() >= pl.m_len());
+        let live = rows.len() * pl.tw;
         let out = out.cast::<f32>();
-        // SAFETY: masked loads read lanes `< tw` of rows of `m`; output and residual
-        // accesses are masked to the row's `OW` columns; avx512f enabled.
+        let plane = g.oh * g.ow;
+        // SAFETY: loads of `m` stay in its rows (`t0 + 16 <= pitch`); output and residual
+        // accesses are masked to the run's columns `< OW` of an existing output row;
+        // avx512f enabled.
         unsafe {
             let lo = idx([0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23]);
             let hi = idx([8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31]);
-            for o in 0..g.o {
-                let bias = _mm512_set1_ps(op.bias.map_or(0.0, |b| b[o]));
-                let mrow = |xi: usize| m.as_ptr().add((xi * pl.op * PANEL + o) * pitch);
-                let mp: [*const f32; 16] = std::array::from_fn(mrow);
-                for (lr, gr) in rows.clone().enumerate() {
-                    let (n, ty) = (gr / pl.th, gr % pl.th);
-                    let base = lr * tw;
-                    for tx0 in (0..tw).step_by(16) {
-                        let mask = lanes(tw - tx0);
-                        let q: [__m512; 16] = std::array::from_fn(|xi| {
-                            _mm512_maskz_loadu_ps(mask, mp[xi].add(base + tx0))
-                        });
-                        let s = |j: usize| _mm512_add_ps(_mm512_add_ps(q[j], q[4 + j]), q[8 + j]);
-                        let d =
-                            |j: usize| _mm512_sub_ps(_mm512_sub_ps(q[4 + j], q[8 + j]), q[12 + j]);
-                        let (s0, s1, s2, s3) = (s(0), s(1), s(2), s(3));
-                        let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
-                        let y = [
-                            (
-                                _mm512_add_ps(_mm512_add_ps(s0, s1), s2),
-                                _mm512_sub_ps(_mm512_sub_ps(s1, s2), s3),
-                            ),
-                            (
-                                _mm512_add_ps(_mm512_add_ps(d0, d1), d2),
-                                _mm512_sub_ps(_mm512_sub_ps(d1, d2), d3),
-                            ),
+            for t0 in (0..live).step_by(16) {
+                let rs = runs(t0, live, pl, rows.start);
+                // Per half and run: masked lanes and the output column of lane 0.
+                let mut lm = [[(0 as __mmask16, 0isize); 8]; 2];
+                for (h, (r, n)) in rs.iter().enumerate() {
+                    for (k, run) in r[..*n].iter().enumerate() {
+                        let c0 = (2 * run.tx) as isize - run.lo as isize;
+                        let mask =
+                            span(run.lo as isize, run.hi as isize) & span(-c0, g.ow as isize - c0);
+                        lm[h][k] = (mask, c0);
+                    }
+                }
+                for o in 0..g.o {
+                    let bias = _mm512_set1_ps(op.bias.map_or(0.0, |b| b[o]));
+                    let q: [__m512; 16] = std::array::from_fn(|xi| {
+                        _mm512_loadu_ps(m.as_ptr().add((xi * pl.op * PANEL + o) * pitch + t0))
+                    });
+                    let s = |j: usize| _mm512_add_ps(_mm512_add_ps(q[j], q[4 + j]), q[8 + j]);
+                    let d = |j: usize| _mm512_sub_ps(_mm512_sub_ps(q[4 + j], q[8 + j]), q[12 + j]);
+                    let (s0, s1, s2, s3) = (s(0), s(1), s(2), s(3));
+                    let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
+                    let y = [
+                        (
+                            _mm512_add_ps(_mm512_add_ps(s0, s1), s2),
+                            _mm512_sub_ps(_mm512_sub_ps(s1, s2), s3),
+                        ),
+                        (
+                            _mm512_add_ps(_mm512_add_ps(d0, d1), d2),
+                            _mm512_sub_ps(_mm512_sub_ps(d1, d2), d3),
+                        ),
+                    ];
+                    for (a, (ye, yo)) in y.into_iter().enumerate() {
+                        let halves = [
+                            _mm512_add_ps(_mm512_permutex2var_ps(ye, lo, yo), bias),
+                            _mm512_add_ps(_mm512_permutex2var_ps(ye, hi, yo), bias),
                         ];
-                        for (a, (ye, yo)) in y.into_iter().enumerate() {
-                            let oy = 2 * ty + a;
-                            if oy >= g.oh {
-                                break;
-                            }
-                            let off = ((n * g.o + o) * g.oh + oy) * g.ow + 2 * tx0;
-                            let rem = g.ow - 2 * tx0;
-                            let halves = [
-                                (_mm512_permutex2var_ps(ye, lo, yo), lanes(rem)),
-                                (
-                                    _mm512_permutex2var_ps(ye, hi, yo),
-                                    lanes(rem.saturating_sub(16)),
-                                ),
-                            ];
-                            for (h, (v, k)) in halves.into_iter().enumerate() {
-                                if k == 0 {
-                                    break;
+                        for (h, (r, n)) in rs.iter().enumerate() {
+                            for (k, run) in r[..*n].iter().enumerate() {
+                                let oy = 2 * run.ty + a;
+                                if oy >= g.oh {
+                                    continue;
                                 }
-                                let at = off + 16 * h;
-                                let mut v = _mm512_add_ps(v, bias);
-                                if let Some(r) = op.residual {
-                                    let rv = _mm512_maskz_loadu_ps(k, r.as_ptr().add(at));
-                                    v = _mm512_add_ps(v, rv);
+                                let (mask, c0) = lm[h][k];
+                                let base = ((run.n * g.o + o) * plane + oy * g.ow) as isize + c0;
+                                let mut v = halves[h];
+                                if let Some(res) = op.residual {
+                                    let rp = res.as_ptr().wrapping_offset(base);
+                                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, rp));
                                 }
-                                _mm512_mask_storeu_ps(out.add(at), k, activate(v, op.act));
+                                let dst = out.wrapping_offset(base);
+                                _mm512_mask_storeu_ps(dst, mask, activate(v, op.act));
                             }
                         }
                     }
@@ -702,9 +765,9 @@ mod x86 {
         unsafe { chunk_body::<1>(op, g, pl, rows, buf, out) }
     }
 
-    fn check(a: &[f32], b: &[f32], m: &[f32], c: usize, pitch: usize) {
+    fn check(a: &[f32], b: &[f32], m: &[f32], c: usize, pitch: usize, width: usize) {
         assert!(a.len() >= c * PANEL && b.len() >= c * pitch && m.len() >= PANEL * pitch);
-        assert!(pitch.is_multiple_of(LANES));
+        assert!(pitch.is_multiple_of(LANES) && width.is_multiple_of(LANES) && width <= pitch);
     }
 
     /// `R` rows x 16 lanes (two 8-lane vectors) of one panel.
@@ -738,7 +801,7 @@ mod x86 {
         }
     }
 
-    /// One panel's GEMM (rows `< live`, in passes of 6, 6 and 4) with AVX2 + FMA.
+    /// One panel's GEMM (rows `< live`, lanes `< width`, in passes of 6, 6 and 4) with AVX2 + FMA.
     ///
     /// # Safety
     /// avx2 + fma enabled.
@@ -749,13 +812,14 @@ mod x86 {
         m: &mut [f32],
         c: usize,
         pitch: usize,
+        width: usize,
         live: usize,
     ) {
-        check(a, b, m, c, pitch);
+        check(a, b, m, c, pitch, width);
         let (a, b, m) = (a.as_ptr(), b.as_ptr(), m.as_mut_ptr());
         // SAFETY: lengths checked above; passes stay inside the 16-row panel.
         unsafe {
-            for u in (0..pitch).step_by(LANES) {
+            for u in (0..width).step_by(LANES) {
                 tile256::<6>(a, b.add(u), m.add(u), c, pitch);
                 if live > 6 {
                     tile256::<6>(a.add(6), b.add(u), m.add(6 * pitch + u), c, pitch);
@@ -799,7 +863,7 @@ mod x86 {
         }
     }
 
-    /// One panel's GEMM (rows `< live`, in passes of 8) with AVX-512: 8x32 tiles, an 8x16
+    /// One panel's GEMM (rows `< live`, lanes `< width`, in passes of 8) with AVX-512: 8x32 tiles, an 8x16
     /// one for an odd unit.
     ///
     /// # Safety
@@ -811,9 +875,10 @@ mod x86 {
         m: &mut [f32],
         c: usize,
         pitch: usize,
+        width: usize,
         live: usize,
     ) {
-        check(a, b, m, c, pitch);
+        check(a, b, m, c, pitch, width);
         let (a, b, m) = (a.as_ptr(), b.as_ptr(), m.as_mut_ptr());
         // SAFETY: lengths checked above; passes stay inside the 16-row panel.
         unsafe {
@@ -823,11 +888,11 @@ mod x86 {
                 }
                 let (a, m) = (a.add(sub), m.add(sub * pitch));
                 let mut u = 0;
-                while u + 2 * LANES <= pitch {
+                while u + 2 * LANES <= width {
                     tile512::<2>(a, b.add(u), m.add(u), c, pitch);
                     u += 2 * LANES;
                 }
-                if u < pitch {
+                if u < width {
                     tile512::<1>(a, b.add(u), m.add(u), c, pitch);
                 }
             }

@@ -7,10 +7,18 @@
 //!
 //! Tolerance: 1e-4 relative to the reference output's largest magnitude (at least 1): the
 //! data are scaled so outputs are O(1), and only the summation order differs.
+//!
+//! `resnet_shapes_avx512_match`: the AVX-512 kernel (forced with [`conv_packed_on`], and
+//! the default where the CPU has avx512f) on every conv shape of ResNet-20 and ResNet-18
+//! against candle (1e-4 as above) and the portable loop and the AVX2 kernel (2e-5: the same
+//! products, summed in the same order, differing only by fused vs separate rounding), on 1
+//! and 2 threads. Skipped, with a printed reason, on a CPU without AVX-512F.
 
 mod common;
 
-use adaptivenet_kernels::{conv_packed, pack_conv, threads, Activation, Conv2dParams};
+use adaptivenet_kernels::{
+    conv_packed, conv_packed_on, isa, pack_conv, threads, Activation, Conv2dParams, Isa,
+};
 use candle_core::{DType, Device, Tensor};
 use common::*;
 
@@ -170,6 +178,123 @@ fn conv_packed_threads_agree() {
         threads::set_max_threads(0);
         assert_eq!(max_abs_diff(&one, &two), 0.0, "stride {s}");
         assert_eq!(max_abs_diff(&one1, &two1), 0.0, "stride {s}");
+    }
+}
+
+/// `(n, c, o, hw, k, stride, pad, residual)` of each conv of ResNet-20 (28x28, widths
+/// 16 / 32 / 64, batch 2 so two threads split images) and ResNet-18 (224, batch 1 so two
+/// threads split output channels); each 3x3 stride-1 conv with the residual it fuses.
+type Layer = (usize, usize, usize, usize, usize, usize, usize, bool);
+const RESNET: [Layer; 19] = [
+    (2, 1, 16, 28, 3, 1, 1, false),
+    (2, 16, 16, 28, 3, 1, 1, true),
+    (2, 16, 32, 28, 3, 2, 1, false),
+    (2, 16, 32, 28, 1, 2, 0, false),
+    (2, 32, 32, 14, 3, 1, 1, true),
+    (2, 32, 64, 14, 3, 2, 1, false),
+    (2, 32, 64, 14, 1, 2, 0, false),
+    (2, 64, 64, 7, 3, 1, 1, true),
+    (1, 3, 64, 224, 7, 2, 3, false),
+    (1, 64, 64, 56, 3, 1, 1, true),
+    (1, 64, 128, 56, 3, 2, 1, false),
+    (1, 64, 128, 56, 1, 2, 0, false),
+    (1, 128, 128, 28, 3, 1, 1, true),
+    (1, 128, 256, 28, 3, 2, 1, false),
+    (1, 128, 256, 28, 1, 2, 0, false),
+    (1, 256, 256, 14, 3, 1, 1, true),
+    (1, 256, 512, 14, 3, 2, 1, false),
+    (1, 256, 512, 14, 1, 2, 0, false),
+    (1, 512, 512, 7, 3, 1, 1, true),
+];
+
+#[test]
+fn resnet_shapes_avx512_match() {
+    if isa() < Isa::Avx512 {
+        println!("skipped: this CPU has no AVX-512F ({:?})", isa());
+        return;
+    }
+    println!("running the AVX-512 direct conv ({:?} CPU)", isa());
+    let mut rng = Rng::new(24);
+    for (i, &(n, c, o, hw, k, s, pad, with_res)) in RESNET.iter().enumerate() {
+        let p = Conv2dParams::new(s, pad);
+        let x = rng.tensor(&[n, c, hw, hw], 1.0);
+        let wt = rng.tensor(&[o, c, k, k], 1.7 / ((c * k * k) as f32).sqrt());
+        let b = rng.tensor(&[o], 0.5);
+        let packed = pack_conv(&wt).unwrap();
+        let conv = candle_conv(&x, &wt, Some(&b), &p).unwrap();
+        let res = with_res.then(|| rng.tensor(conv.dims(), 1.0));
+        let act = ACTS[i % 3];
+        let want = match &res {
+            Some(r) => reference_act((&conv + r).unwrap(), act),
+            None => reference_act(conv, act),
+        };
+        let run = |level: Isa| {
+            conv_packed_on(
+                level,
+                &x,
+                &packed,
+                o,
+                (k, k),
+                Some(&b),
+                &p,
+                act,
+                res.as_ref(),
+            )
+            .unwrap()
+        };
+        let what = format!("n{n} c{c} o{o} {hw} k{k} s{s} {act:?} res {with_res}");
+        let portable = run(Isa::Portable);
+        let avx2 = run(Isa::Avx2);
+        for t in [1, 2] {
+            threads::set_max_threads(t);
+            threads::set_flop_threshold(if t == 1 {
+                threads::DEFAULT_FLOP_THRESHOLD
+            } else {
+                0
+            });
+            let got = run(Isa::Avx512);
+            let dflt = conv_packed(&x, &packed, o, (k, k), Some(&b), &p, act, res.as_ref());
+            threads::set_flop_threshold(threads::DEFAULT_FLOP_THRESHOLD);
+            threads::set_max_threads(0);
+            assert_eq!(
+                max_abs_diff(&got, &dflt.unwrap()),
+                0.0,
+                "{what}: default path"
+            );
+            let d = rel_diff(&got, &want);
+            assert!(d <= TOL, "{what} {t} threads vs candle: {d}");
+            for (name, other) in [("portable", &portable), ("AVX2", &avx2)] {
+                let d = rel_diff(&got, other);
+                assert!(d <= 2e-5, "{what} {t} threads vs {name}: {d}");
+            }
+        }
+    }
+}
+
+/// A level the CPU lacks is an error, not a fault.
+#[test]
+fn conv_packed_on_checks_the_cpu() {
+    let x = Tensor::zeros((1, 2, 5, 5), DType::F32, &Device::Cpu).unwrap();
+    let packed =
+        pack_conv(&Tensor::zeros((3, 2, 3, 3), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let p = Conv2dParams::new(1, 1);
+    for level in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+        let r = conv_packed_on(
+            level,
+            &x,
+            &packed,
+            3,
+            (3, 3),
+            None,
+            &p,
+            Activation::Relu,
+            None,
+        );
+        if level <= isa() {
+            assert_eq!(r.unwrap().dims(), [1, 3, 5, 5]);
+        } else {
+            assert!(r.unwrap_err().to_string().contains("lacks"));
+        }
     }
 }
 

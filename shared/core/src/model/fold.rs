@@ -40,7 +40,8 @@ pub fn packed_name(conv: &str) -> String {
 /// ([`adaptivenet_kernels::winograd_channels`]). The stride is not known here (a module's
 /// params do not record it) and neither is the map size, so both forms are kept (the
 /// Winograd one is 16/9 of the weight): the forward takes the Winograd one for a stride-1
-/// call on a map where [`adaptivenet_kernels::winograd_wins`], the direct one otherwise.
+/// call where [`adaptivenet_kernels::winograd_wins`] (batch, channels, map), the direct one
+/// otherwise.
 pub fn winograd_name(conv: &str) -> String {
     format!("{conv}.wino")
 }

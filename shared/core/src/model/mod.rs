@@ -172,12 +172,12 @@ fn packed_folded(
     let packed = get(p, &fold::packed_name(conv))?;
     let bias = get(p, &format!("{conv}.bias"))?;
     let (o, c, kh, kw) = get(p, &format!("{conv}.weight"))?.dims4()?;
-    let (_, _, h, w) = x.dims4()?;
+    let (n, _, h, w) = x.dims4()?;
     let pad = num.pad(h, w, kh, stride);
     if kh == 1 && kw == 1 && stride == 1 && pad == (0, 0, 0, 0) {
         return ops::pointwise_packed(x, packed, o, bias, act, residual).map(Some);
     }
-    if stride == 1 && adaptivenet_kernels::winograd_wins(c, o, h, w) {
+    if stride == 1 && adaptivenet_kernels::winograd_wins(n, c, o, h, w) {
         if let Some(u) = p.get(&fold::winograd_name(conv)) {
             return ops::winograd_packed(x, u, o, bias, pad, act, residual).map(Some);
         }
