@@ -107,9 +107,14 @@ pub fn winograd_channels(c: usize, o: usize) -> bool {
 ///   (0.77-0.88).
 /// * AVX2 + FMA: 32 channels win at 14x14 (1.08-1.16) but lose at 7x7 (0.87), 64 and more
 ///   win from 4x4 up (1.34-2.04); 16 and 8 lose (0.56-0.98).
+///
+/// Env `ADAPTIVENET_WINOGRAD=0` (read once) makes it always false, for whole-model A/B runs
+/// of one binary.
 pub fn winograd_wins(n: usize, c: usize, o: usize, h: usize, w: usize) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("ADAPTIVENET_WINOGRAD").is_ok_and(|v| v == "0"));
     let (m, ch) = (h.min(w), c.min(o));
-    if !winograd_channels(c, o) || m < 4 {
+    if off || !winograd_channels(c, o) || m < 4 {
         return false;
     }
     match isa() {

@@ -569,37 +569,39 @@ mod x86 {
             let odd = idx([1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31]);
             for t0 in (0..pl.width(rows.len())).step_by(16) {
                 let rs = runs(t0, live, pl, rows.start);
-                // Per half, shift (0: columns 2tx, 2tx+1; 1: 2tx+2, 2tx+3) and run: the
-                // masked lanes and the column offset of lane 0.
-                let mut lm = [[[(0 as __mmask16, 0isize); 8]; 2]; 2];
+                // Per patch row and half, the loads of each run whose input row exists: the
+                // lanes of shift 0 (columns 2tx, 2tx+1) and 1 (2tx+2, 2tx+3), and the offset
+                // in channel 0 of lane 0 at shift 0 (shift 1 reads 2 further).
+                let mut ld = [[[(0 as __mmask16, 0 as __mmask16, 0isize); 8]; 2]; 4];
+                let mut nld = [[0usize; 2]; 4];
                 for (h, (r, n)) in rs.iter().enumerate() {
-                    for (sh, m) in lm[h].iter_mut().enumerate() {
-                        for (k, run) in r[..*n].iter().enumerate() {
-                            // Input column of lane `run.lo`, and of lane 0.
-                            let col = (2 * run.tx + 2 * sh) as isize - g.pl as isize;
-                            let c0 = col - run.lo as isize;
-                            let mask = span(run.lo as isize, run.hi as isize)
-                                & span(-c0, g.w as isize - c0);
-                            m[k] = (mask, c0);
+                    for run in &r[..*n] {
+                        // Input column of lane 0 at shift 0.
+                        let c0 = (2 * run.tx) as isize - g.pl as isize - run.lo as isize;
+                        let lanes = span(run.lo as isize, run.hi as isize);
+                        let m0 = lanes & span(-c0, g.w as isize - c0);
+                        let m1 = lanes & span(-c0 - 2, g.w as isize - c0 - 2);
+                        for i in 0..4 {
+                            let iy = (2 * run.ty + i) as isize - g.pt as isize;
+                            if iy < 0 || iy >= g.h as isize {
+                                continue;
+                            }
+                            let off = (run.n * g.c * hw) as isize + iy * g.w as isize + c0;
+                            ld[i][h][nld[i][h]] = (m0, m1, off);
+                            nld[i][h] += 1;
                         }
                     }
                 }
                 for c in 0..g.c {
+                    let xc = x.as_ptr().add(c * hw);
                     let mut d = [[_mm512_setzero_ps(); 4]; 4];
                     for (i, di) in d.iter_mut().enumerate() {
                         let mut pv = [[_mm512_setzero_ps(); 2]; 2];
-                        for (h, (r, n)) in rs.iter().enumerate() {
-                            for (k, run) in r[..*n].iter().enumerate() {
-                                let iy = (2 * run.ty + i) as isize - g.pt as isize;
-                                if iy < 0 || iy >= g.h as isize {
-                                    continue;
-                                }
-                                let row =
-                                    x.as_ptr().add((run.n * g.c + c) * hw + iy as usize * g.w);
-                                for (sh, p) in pv[h].iter_mut().enumerate() {
-                                    let (mask, c0) = lm[h][sh][k];
-                                    *p = _mm512_mask_loadu_ps(*p, mask, row.wrapping_offset(c0));
-                                }
+                        for (h, p) in pv.iter_mut().enumerate() {
+                            for &(m0, m1, off) in &ld[i][h][..nld[i][h]] {
+                                let src = xc.wrapping_offset(off);
+                                p[0] = _mm512_mask_loadu_ps(p[0], m0, src);
+                                p[1] = _mm512_mask_loadu_ps(p[1], m1, src.wrapping_add(2));
                             }
                         }
                         *di = [
@@ -678,14 +680,23 @@ mod x86 {
             let hi = idx([8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31]);
             for t0 in (0..live).step_by(16) {
                 let rs = runs(t0, live, pl, rows.start);
-                // Per half and run: masked lanes and the output column of lane 0.
-                let mut lm = [[(0 as __mmask16, 0isize); 8]; 2];
+                // Per output row of the tiles and half, the stores of each run whose output
+                // row exists: masked lanes and the offset in output channel 0 of lane 0.
+                let mut st = [[[(0 as __mmask16, 0isize); 8]; 2]; 2];
+                let mut nst = [[0usize; 2]; 2];
                 for (h, (r, n)) in rs.iter().enumerate() {
-                    for (k, run) in r[..*n].iter().enumerate() {
+                    for run in &r[..*n] {
                         let c0 = (2 * run.tx) as isize - run.lo as isize;
                         let mask =
                             span(run.lo as isize, run.hi as isize) & span(-c0, g.ow as isize - c0);
-                        lm[h][k] = (mask, c0);
+                        for a in 0..2 {
+                            let oy = 2 * run.ty + a;
+                            if oy < g.oh {
+                                let off = (run.n * g.o * plane + oy * g.ow) as isize + c0;
+                                st[a][h][nst[a][h]] = (mask, off);
+                                nst[a][h] += 1;
+                            }
+                        }
                     }
                 }
                 for o in 0..g.o {
@@ -712,20 +723,15 @@ mod x86 {
                             _mm512_add_ps(_mm512_permutex2var_ps(ye, lo, yo), bias),
                             _mm512_add_ps(_mm512_permutex2var_ps(ye, hi, yo), bias),
                         ];
-                        for (h, (r, n)) in rs.iter().enumerate() {
-                            for (k, run) in r[..*n].iter().enumerate() {
-                                let oy = 2 * run.ty + a;
-                                if oy >= g.oh {
-                                    continue;
-                                }
-                                let (mask, c0) = lm[h][k];
-                                let base = ((run.n * g.o + o) * plane + oy * g.ow) as isize + c0;
-                                let mut v = halves[h];
+                        for (h, &v) in halves.iter().enumerate() {
+                            for &(mask, off) in &st[a][h][..nst[a][h]] {
+                                let at = off + (o * plane) as isize;
+                                let mut v = v;
                                 if let Some(res) = op.residual {
-                                    let rp = res.as_ptr().wrapping_offset(base);
+                                    let rp = res.as_ptr().wrapping_offset(at);
                                     v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, rp));
                                 }
-                                let dst = out.wrapping_offset(base);
+                                let dst = out.wrapping_offset(at);
                                 _mm512_mask_storeu_ps(dst, mask, activate(v, op.act));
                             }
                         }
