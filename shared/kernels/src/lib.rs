@@ -170,6 +170,17 @@
 //! each of `ADAPTIVENET_DIRECT_ISA=avx2` and the default): ResNet-18 224 70.7-71.5 → 30.3-31.1
 //! ms, ResNet-20 oracle 28x28 1.09-1.10 → 0.49-0.53 ms.
 //!
+//! Winograd F(2x2, 3x3) on the stride-1 3x3 convs where [`winograd_wins`] (per layer: `cargo
+//! bench --bench packed -- wino`), whole folded models in the same bench and binary, two
+//! rounds each of `ADAPTIVENET_WINOGRAD=0` and the default (1 thread, AVX-512, wall
+//! medians): ResNet-18 224 35.5-35.6 → 31.8-32.7 ms, ResNet-20 oracle 28x28 batch 1
+//! 0.61-0.62 → 0.52-0.57 ms (its 16-channel convs stay direct at batch 1). The on-device
+//! search (`adaptivenet-edge` bench `search`, quick configuration: population 32, 4
+//! generations, 500 images, 2x20 elastification steps, same binary, two rounds each):
+//! plain EA (700 module passes, batches of 50) 23.4 / 25.4 → 19.2 / 19.4 CPU s, the default
+//! with racing 8.3 / 8.9 → 5.8 / 6.8 CPU s (246-261 passes; the budget follows the measured
+//! latencies, so the subnets found differ).
+//!
 //! Notes on stock candle 0.11.1 found on the way: its max-pool backward scales gradients by
 //! `1/(kh*kw)` (see `tests/parity.rs`; ours is checked against finite differences), and
 //! `candle_core::utils::get_num_threads` reads `/proc/cpuinfo` on each call (per op) unless
