@@ -15,16 +15,6 @@ use common::*;
 
 const TOL: f32 = 1e-4;
 
-fn reference_act(y: Tensor, act: Activation) -> Tensor {
-    match act {
-        Activation::None => y,
-        Activation::Relu => y.relu().unwrap(),
-        Activation::Relu6 => y.clamp(0f32, 6f32).unwrap(),
-    }
-}
-
-const ACTS: [Activation; 3] = [Activation::None, Activation::Relu, Activation::Relu6];
-
 #[test]
 fn depthwise_forward_matches_candle() {
     let mut rng = Rng::new(11);

@@ -18,30 +18,6 @@ use candle_core::Tensor;
 use common::*;
 
 const TOL: f32 = 1e-4;
-const ACTS: [Activation; 3] = [Activation::None, Activation::Relu, Activation::Relu6];
-
-fn reference_act(y: Tensor, act: Activation) -> Tensor {
-    match act {
-        Activation::None => y,
-        Activation::Relu => y.relu().unwrap(),
-        Activation::Relu6 => y.clamp(0f32, 6f32).unwrap(),
-    }
-}
-
-fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
-    let scale = want
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1.0);
-    max_abs_diff(got, want) / scale
-}
-
 /// Checks one shape with and without a residual, against candle and the direct conv.
 fn check(
     rng: &mut Rng,

@@ -186,3 +186,34 @@ pub fn sample_idx(n: usize, max: usize) -> Vec<usize> {
         (0..max).map(|i| i * (n - 1) / (max - 1)).collect()
     }
 }
+
+/// The inference kernels' activations, for tests that rotate through them.
+pub const ACTS: [adaptivenet_kernels::Activation; 3] = [
+    adaptivenet_kernels::Activation::None,
+    adaptivenet_kernels::Activation::Relu,
+    adaptivenet_kernels::Activation::Relu6,
+];
+
+/// `act` applied with candle's ops: the reference for fused epilogues.
+pub fn reference_act(y: Tensor, act: adaptivenet_kernels::Activation) -> Tensor {
+    match act {
+        adaptivenet_kernels::Activation::None => y,
+        adaptivenet_kernels::Activation::Relu => y.relu().unwrap(),
+        adaptivenet_kernels::Activation::Relu6 => y.clamp(0f32, 6f32).unwrap(),
+    }
+}
+
+/// Largest absolute difference relative to the largest magnitude of `want` (at least 1).
+pub fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
+    let scale = want
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
+    max_abs_diff(got, want) / scale
+}
