@@ -67,12 +67,16 @@ pub(crate) fn forward(
             })
         };
     }
-    let mut out = vec![0f32; g.n * g.out_img()];
     if g.is_depthwise() {
-        depthwise::forward(xs, ws, bs, g, act, &mut out);
-    } else {
-        gemm_path::forward(xs, ws, bs, g, act, &mut out);
+        // SAFETY: `depthwise::forward` writes every element of `[N, C, OH, OW]`.
+        return unsafe {
+            filled(g.n * g.out_img(), |o| {
+                depthwise::forward(xs, ws, bs, g, act, o)
+            })
+        };
     }
+    let mut out = vec![0f32; g.n * g.out_img()];
+    gemm_path::forward(xs, ws, bs, g, act, &mut out);
     out
 }
 

@@ -9,6 +9,8 @@
 //! several times faster than any per-plane kernel. On x86_64 the plane kernels are compiled
 //! twice and the AVX2+FMA copy is picked at run time.
 
+use std::mem::MaybeUninit;
+
 use crate::cpu::has_avx2_fma;
 use crate::gemm_path::with_col;
 use crate::geom::{valid_range, Geom};
@@ -223,17 +225,19 @@ pub(crate) fn lanes_forward(g: &Geom) -> bool {
     !(crate::dw_direct::supported(g) && g.sh == 1 && g.sw == 1 && g.ow >= 16)
 }
 
-/// Depthwise forward of the plane kernels; `out` is `[N, C, OH, OW]`.
+/// Depthwise forward of the plane kernels into `out [N, C, OH, OW]`, every element written
+/// (`out` need not be initialised: no zero-fill of a map the kernel overwrites).
 pub(crate) fn forward(
     x: &[f32],
     w: &[f32],
     b: Option<&[f32]>,
     g: &Geom,
     act: Activation,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     let (hw, kk) = (g.h * g.w, g.kh * g.kw);
     let direct = crate::dw_direct::supported(g);
+    let plan = direct.then(|| crate::dw_direct::Plan::new(g));
     let blen = if direct {
         crate::dw_direct::scratch_len(g)
     } else {
@@ -244,9 +248,12 @@ pub(crate) fn forward(
         let bv = b.map_or(0.0, |b| b[c]);
         let (xp, wc) = (&x[pi * hw..][..hw], &w[c * kk..][..kk]);
         with_col(blen, |buf| {
-            if direct {
-                crate::dw_direct::fwd_plane(xp, wc, bv, act, g, op, buf)
+            if let Some(plan) = &plan {
+                crate::dw_direct::fwd_plane(xp, wc, bv, act, g, plan, op, buf)
             } else {
+                op.fill(MaybeUninit::new(0.0));
+                // SAFETY: every element initialised on the line above.
+                let op = unsafe { &mut *(op as *mut [MaybeUninit<f32>] as *mut [f32]) };
                 fwd_plane(xp, wc, bv, act, g, op, buf)
             }
         });

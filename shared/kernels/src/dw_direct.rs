@@ -1,17 +1,25 @@
 //! Register-blocked depthwise forward for K×K kernels (K = 3 or 5), stride 1 or 2, no
 //! dilation, any per-side padding (TF-SAME or symmetric), bias and activation fused.
 //!
-//! The approach of ONNX Runtime's direct depthwise kernels, on NCHW: each plane is copied
-//! once into a zero-padded scratch (for stride 2 with its even and odd columns split into two
-//! half rows, so every tap of every output lane is a contiguous load); then each output row is
-//! computed 32 or 8 lanes at a time with all K*K taps accumulated in registers, and bias +
-//! activation applied before the single store. The older path ran one axpy pass over the
-//! whole output plane per tap (K*K reads and writes of the plane; a scalar gather for
-//! stride 2). Where the CPU has AVX-512F the rows run 16 lanes per vector (the last vector of
-//! a row stored under a lane mask), and the copy goes: stride 1 reads the input rows in
-//! place (lane masks stand in for the zero padding: masked-off lanes are neither loaded nor
-//! counted), stride 2 de-interleaves each padded row with two permutes per 16 outputs. The
-//! per-row `memset` / `memcpy` calls of the copy cost as much as the taps on a 112×112 map.
+//! The approach of ONNX Runtime's direct depthwise kernels, on NCHW: all K*K taps of an
+//! output vector accumulate in registers, and bias + activation are applied before the
+//! single store. The older path ran one axpy pass over the whole output plane per tap.
+//!
+//! AVX2 + FMA: each plane is copied once into a zero-padded scratch (for stride 2 with its
+//! even and odd columns split into two half rows, so every tap of every output lane is a
+//! contiguous load), then each output row is computed 32 or 8 lanes at a time.
+//!
+//! AVX-512F: blocks of 4 output rows × 32 (or 16) lanes, each input vector loaded once per
+//! block and used by every output row it feeds, 4-8 independent accumulator chains (one row
+//! of one vector was a chain of K*K dependent multiply-adds: latency-bound on every map
+//! narrower than 64 columns, 1.5-2.4x slower on Lite0's 28x28 / 14x14 / 7x7 layers).
+//! Stride 1 reads the input rows in place (lane masks stand in for the zero padding:
+//! masked-off lanes are neither loaded nor counted); stride 2 de-interleaves each padded row
+//! into the scratch with two permutes per 16 outputs. Small stride-1 maps whose row vectors
+//! would be mostly empty (7x7 and smaller) run as one flat run of pixels instead, 16 per
+//! vector across rows, with per-tap lane masks computed once per call ([`Plan`]).
+
+use std::mem::MaybeUninit;
 
 use crate::cpu::{has_avx2_fma, isa, Isa};
 use crate::geom::Geom;
@@ -22,6 +30,8 @@ const L: usize = 8;
 /// Output lanes per AVX-512 vector: the scratch rows are padded to a multiple of this, so
 /// both widths' loads stay inside it.
 const L16: usize = 16;
+/// Output rows per AVX-512 block (see `avx512::block`).
+const RB: usize = 4;
 
 /// Whether this kernel handles `g` on this CPU.
 pub(crate) fn supported(g: &Geom) -> bool {
@@ -101,18 +111,76 @@ fn fill(x: &[f32], g: &Geom, p: &Pad, buf: &mut [f32]) {
     }
 }
 
-/// Forward of one plane: `out [OH, OW] = act(b + dwconv(x [H, W], w [K, K]))`; `buf` has
+/// What every plane of one depthwise call shares, computed once per call ([`Plan::new`]).
+pub(crate) struct Plan {
+    /// Small stride-1 "same" maps on AVX-512: per 16-pixel vector of the flattened plane, the
+    /// lanes each tap loads (see `avx512::plane_flat`); empty: the row-blocked kernel.
+    flat: Vec<[u16; 25]>,
+}
+
+impl Plan {
+    pub(crate) fn new(g: &Geom) -> Self {
+        Self {
+            flat: if flat_wins(g) {
+                flat_masks(g)
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// Whether a plane runs as one flat run of pixels (16 per vector, rows back to back) instead
+/// of row blocks (16 lanes of one row per vector): stride 1 with the output the input's size
+/// (every tap one constant offset in the flattened plane), on AVX-512, when rows blocks would
+/// run at least 1.5 times the vectors (7x7: 4 flat vectors instead of 8 of 7 lanes; 14x14:
+/// 13 instead of 16, not worth the per-tap masks).
+fn flat_wins(g: &Geom) -> bool {
+    let blocked = g.oh.div_ceil(RB) * RB * g.ow.div_ceil(L16);
+    isa() == Isa::Avx512
+        && g.sh == 1
+        && (g.oh, g.ow) == (g.h, g.w)
+        && 3 * g.p().div_ceil(L16) <= 2 * blocked
+}
+
+/// Per flat vector `v` (pixels `16 v ..`) and tap `i * K + j`: the lanes whose output pixel
+/// exists and whose input pixel lies inside the plane (the others are the zero padding).
+fn flat_masks(g: &Geom) -> Vec<[u16; 25]> {
+    let (h, w, k) = (g.h as isize, g.w as isize, g.kh);
+    (0..g.p().div_ceil(L16))
+        .map(|v| {
+            let mut m = [0u16; 25];
+            for (t, mt) in m.iter_mut().enumerate().take(k * k) {
+                let (i, j) = ((t / k) as isize, (t % k) as isize);
+                for l in 0..L16 {
+                    let f = v * L16 + l;
+                    let (oh, ow) = ((f / g.w) as isize, (f % g.w) as isize);
+                    let (ih, iw) = (oh + i - g.pt as isize, ow + j - g.pl as isize);
+                    if f < g.p() && (0..h).contains(&ih) && (0..w).contains(&iw) {
+                        *mt |= 1 << l;
+                    }
+                }
+            }
+            m
+        })
+        .collect()
+}
+
+/// Forward of one plane: `out [OH, OW] = act(b + dwconv(x [H, W], w [K, K]))`, every element
+/// written (`out` need not be initialised); `plan` is [`Plan::new`] of `g`, `buf` has
 /// [`scratch_len`] elements. Only call when [`supported`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn fwd_plane(
     x: &[f32],
     w: &[f32],
     b: f32,
     act: Activation,
     g: &Geom,
-    out: &mut [f32],
+    plan: &Plan,
+    out: &mut [MaybeUninit<f32>],
     buf: &mut [f32],
 ) {
-    fwd_plane_with(x, w, b, act, g, out, buf, isa());
+    fwd_plane_with(x, w, b, act, g, plan, out, buf, isa());
 }
 
 /// [`fwd_plane`] on the kernel of `level` (AVX2 or AVX-512, at most [`isa`]).
@@ -123,7 +191,8 @@ fn fwd_plane_with(
     b: f32,
     act: Activation,
     g: &Geom,
-    out: &mut [f32],
+    plan: &Plan,
+    out: &mut [MaybeUninit<f32>],
     buf: &mut [f32],
     level: Isa,
 ) {
@@ -132,20 +201,30 @@ fn fwd_plane_with(
     assert!(x.len() >= g.h * g.w);
     let p = Pad::new(g);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `isa` checked avx512f; `plane_s1` bounds its loads by masks, `fill_s2` its
-    // stores by `Pad`, and the scratch bounds every load of `rows`.
+    // SAFETY: `isa` checked avx512f; `plane` bounds its loads by masks (in place) or `Pad`
+    // (scratch, whose stores `fill_s2` bounds by `Pad`); `plane_flat` by its masks.
     if level == Isa::Avx512 {
         unsafe {
-            match (g.kh, g.sh) {
-                (3, 1) => avx512::plane_s1::<3>(x, w, b, act, g, out),
-                (5, 1) => avx512::plane_s1::<5>(x, w, b, act, g, out),
-                (3, 2) => {
-                    avx512::fill_s2(x, g, &p, buf);
-                    avx512::rows::<3, 2>(w, b, act, g, &p, out, buf)
+            use avx512::Src;
+            if !plan.flat.is_empty() {
+                assert!(plan.flat.len() == g.p().div_ceil(L16) && flat_wins(g));
+                match g.kh {
+                    3 => avx512::plane_flat::<3>(x, w, b, act, g, &plan.flat, out),
+                    _ => avx512::plane_flat::<5>(x, w, b, act, g, &plan.flat, out),
                 }
-                _ => {
+                return;
+            }
+            match (g.kh, g.sh) {
+                (3, 1) => avx512::plane::<3, 1>(Src::InPlace(x), w, b, act, g, out),
+                (5, 1) => avx512::plane::<5, 1>(Src::InPlace(x), w, b, act, g, out),
+                (k, _) => {
                     avx512::fill_s2(x, g, &p, buf);
-                    avx512::rows::<5, 2>(w, b, act, g, &p, out, buf)
+                    let src = Src::Scratch(buf, p);
+                    if k == 3 {
+                        avx512::plane::<3, 2>(src, w, b, act, g, out)
+                    } else {
+                        avx512::plane::<5, 2>(src, w, b, act, g, out)
+                    }
                 }
             }
         }
@@ -167,6 +246,8 @@ fn fwd_plane_with(
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use std::arch::x86_64::*;
+
+    use std::mem::MaybeUninit;
 
     use super::{Pad, L};
     use crate::geom::Geom;
@@ -215,7 +296,7 @@ mod avx {
         act: Activation,
         g: &Geom,
         p: &Pad,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
         buf: &[f32],
     ) {
         assert!(w.len() >= K * K);
@@ -232,7 +313,7 @@ mod avx {
             let ow = g.ow;
             for oh in 0..g.oh {
                 let row = buf.as_ptr().add(oh * S * p.rp);
-                let dst = out.as_mut_ptr().add(oh * ow);
+                let dst = out.as_mut_ptr().cast::<f32>().add(oh * ow);
                 let mut o = 0;
                 while o + 4 * L <= ow {
                     let acc = if K == 3 {
@@ -272,7 +353,9 @@ mod avx {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Pad, L16};
+    use std::mem::MaybeUninit;
+
+    use super::{Pad, L16, RB};
     use crate::geom::Geom;
     use crate::Activation;
 
@@ -290,27 +373,6 @@ mod avx512 {
         }
     }
 
-    #[inline(always)]
-    unsafe fn lanes<const NV: usize, const KK: usize>(
-        base: *const f32,
-        off: &[usize; 25],
-        wv: &[f32],
-        b: __m512,
-    ) -> [__m512; NV] {
-        // SAFETY: callers run with avx512f and keep every tap load inside the scratch.
-        unsafe {
-            let mut acc = [b; NV];
-            for (&o, &w) in off[..KK].iter().zip(&wv[..KK]) {
-                let wt = _mm512_set1_ps(w);
-                let src = base.add(o);
-                for (q, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(src.add(q * L16)), wt, *a);
-                }
-            }
-            acc
-        }
-    }
-
     /// Mask of lanes `lo..hi` (clamped to `0..16`).
     #[inline(always)]
     fn range_mask(lo: isize, hi: isize) -> __mmask16 {
@@ -322,99 +384,257 @@ mod avx512 {
         }
     }
 
-    /// `NV` vectors of stride-1 outputs at column `o` of one output row, read in place:
-    /// `rows[i]` is input row `oh + i - pt` (`None` in the padding). `MASKED`: lanes whose
-    /// input column lies outside `0..wd` are masked off (zero padding), else every load is
-    /// inside its row.
+    /// Input rows one block of [`RB`] output rows reads: `(RB - 1) * S + K` (11 at most).
+    const TR: usize = 11;
+
+    /// Where a plane's taps are read from.
+    #[derive(Clone, Copy)]
+    pub(super) enum Src<'a> {
+        /// Stride 1, the input `x [H, W]` in place: lanes whose input column lies outside
+        /// `0..W` are masked off (zero padding), rows outside `0..H` skipped.
+        InPlace(&'a [f32]),
+        /// Stride 2, the de-interleaved zero-padded scratch of [`fill_s2`].
+        Scratch(&'a [f32], Pad),
+    }
+
+    /// Tap row `T` of a block: input row `rows[T]` (null: zero padding, skipped) feeds
+    /// output row `r` of the block through kernel row `T - r * S`; each of its `K` column
+    /// loads (`col[j]` from the row pointer, lanes `m[j]`) is shared by those rows.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn lanes_s1<const K: usize, const NV: usize, const MASKED: bool>(
-        rows: &[Option<*const f32>; 5],
-        o: usize,
-        pl: usize,
-        wd: usize,
-        wv: &[f32],
-        b: __m512,
-    ) -> [__m512; NV] {
-        // SAFETY: callers run with avx512f; unmasked loads lie inside the row (caller's
-        // check), masked ones only touch lanes inside it.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tap_row<const K: usize, const S: usize, const NV: usize, const T: usize>(
+        rows: &[*const f32; TR],
+        col: &[isize; 5],
+        m: &[[__mmask16; NV]; 5],
+        w: &[f32],
+        acc: &mut [[__m512; NV]; RB],
+    ) {
+        // SAFETY: callers run with avx512f; non-null rows with masks `m` keep every loaded
+        // lane inside its row; `w` has `K * K` taps.
         unsafe {
-            let mut m = [0 as __mmask16; 5];
-            if MASKED {
-                for (j, mj) in m.iter_mut().enumerate().take(K) {
-                    let s = o as isize + j as isize - pl as isize;
-                    *mj = range_mask(-s, wd as isize - s);
+            if T >= (RB - 1) * S + K {
+                return;
+            }
+            let rp = rows[T];
+            if rp.is_null() {
+                return;
+            }
+            for j in 0..K {
+                let mut v = [_mm512_setzero_ps(); NV];
+                for q in 0..NV {
+                    v[q] = _mm512_maskz_loadu_ps(
+                        m[j][q],
+                        rp.wrapping_offset(col[j] + (q * L16) as isize),
+                    );
+                }
+                for r in 0..RB {
+                    if T >= r * S && T - r * S < K {
+                        let wt = _mm512_set1_ps(*w.get_unchecked((T - r * S) * K + j));
+                        for q in 0..NV {
+                            acc[r][q] = _mm512_fmadd_ps(v[q], wt, acc[r][q]);
+                        }
+                    }
                 }
             }
-            let mut acc = [b; NV];
-            for (i, row) in rows.iter().enumerate().take(K) {
-                let Some(rp) = *row else { continue };
-                for j in 0..K {
-                    let wt = _mm512_set1_ps(wv[i * K + j]);
-                    let s = o as isize + j as isize - pl as isize;
-                    for (q, a) in acc.iter_mut().enumerate() {
-                        let src = rp.wrapping_offset(s + (q * L16) as isize);
-                        let v = if MASKED {
-                            _mm512_maskz_loadu_ps(m[j], src)
-                        } else {
-                            _mm512_loadu_ps(src)
-                        };
-                        *a = _mm512_fmadd_ps(v, wt, *a);
+        }
+    }
+
+    /// [`RB`] output rows × `NV` vectors at one column block, every tap in registers: each
+    /// input vector is loaded once per block and used by every output row it feeds (up to
+    /// `K` for stride 1), and the `RB * NV` accumulators are independent chains (one row of
+    /// one vector was a chain of `K * K` dependent multiply-adds).
+    #[inline(always)]
+    unsafe fn block<const K: usize, const S: usize, const NV: usize>(
+        rows: &[*const f32; TR],
+        col: &[isize; 5],
+        m: &[[__mmask16; NV]; 5],
+        w: &[f32],
+        b: __m512,
+    ) -> [[__m512; NV]; RB] {
+        // SAFETY: see `tap_row`.
+        unsafe {
+            let mut acc = [[b; NV]; RB];
+            macro_rules! taps {
+                ($($t:literal)*) => {
+                    $(tap_row::<K, S, NV, $t>(rows, col, m, w, &mut acc);)*
+                };
+            }
+            taps!(0 1 2 3 4 5 6 7 8 9 10);
+            acc
+        }
+    }
+
+    /// `K×K` depthwise of one plane at stride `S` into `out [OH, OW]`: blocks of [`RB`]
+    /// output rows (rows past `OH` computed from padding and not stored) by columns of 32
+    /// lanes (the last of 16 when at most 16 remain), every store under the `OW` lane mask.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn plane<const K: usize, const S: usize>(
+        src: Src<'_>,
+        w: &[f32],
+        b: f32,
+        act: Activation,
+        g: &Geom,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        assert!(w.len() >= K * K && out.len() >= g.oh * g.ow);
+        assert!((RB - 1) * S + K <= TR);
+        // Rows of the source, its pitch, and the source row of tap row 0 of output row 0.
+        let (base, n_rows, pitch, first) = match src {
+            Src::InPlace(x) => {
+                assert!(S == 1 && x.len() >= g.h * g.w);
+                (x.as_ptr(), g.h, g.w, -(g.pt as isize))
+            }
+            Src::Scratch(buf, p) => {
+                assert!(S == 2 && buf.len() >= p.hp * p.rp);
+                (buf.as_ptr(), p.hp, p.rp, 0)
+            }
+        };
+        let ow = g.ow;
+        // Column offset of tap `j` at output column `o`, and its loaded lanes per vector.
+        let cols = |o: usize, nv: usize| {
+            let mut col = [0isize; 5];
+            let mut m = [[0 as __mmask16; 2]; 5];
+            for j in 0..K {
+                match src {
+                    Src::InPlace(_) => {
+                        let s = o as isize + j as isize - g.pl as isize;
+                        col[j] = s;
+                        for (q, mq) in m[j].iter_mut().enumerate().take(nv) {
+                            let s = s + (q * L16) as isize;
+                            *mq = range_mask(-s, g.w as isize - s);
+                        }
                     }
+                    Src::Scratch(_, p) => {
+                        // Inside the padded half rows (see `Pad`): no mask needed.
+                        col[j] = ((j & 1) * p.half + j / 2 + o) as isize;
+                        m[j] = [0xffff; 2];
+                    }
+                }
+            }
+            (col, m)
+        };
+        // SAFETY: row pointers are rows `0..n_rows` of the source; `cols` masks (in place)
+        // or `Pad` (scratch) keep loads inside them; stores lie in output rows `< OH`,
+        // masked to `OW`.
+        unsafe {
+            let bv = _mm512_set1_ps(b);
+            let mut oh0 = 0;
+            while oh0 < g.oh {
+                let mut rows = [std::ptr::null::<f32>(); TR];
+                for (t, r) in rows.iter_mut().enumerate().take((RB - 1) * S + K) {
+                    let ih = (oh0 * S + t) as isize + first;
+                    if ih >= 0 && (ih as usize) < n_rows {
+                        *r = base.add(ih as usize * pitch);
+                    }
+                }
+                let nr = RB.min(g.oh - oh0);
+                let mut o = 0;
+                while o < ow {
+                    let nv = if ow - o > L16 { 2 } else { 1 };
+                    let (col, m2) = cols(o, nv);
+                    let mut store = |r: usize, q: usize, v: __m512| {
+                        let at = (oh0 + r) * ow + o + q * L16;
+                        let lanes = crate::pointwise::lane_mask(ow - o - q * L16);
+                        let p = out.as_mut_ptr().cast::<f32>().add(at);
+                        _mm512_mask_storeu_ps(p, lanes, activate(v, act));
+                    };
+                    if nv == 2 {
+                        let acc = block::<K, S, 2>(&rows, &col, &m2, w, bv);
+                        for (r, a) in acc.iter().enumerate().take(nr) {
+                            store(r, 0, a[0]);
+                            store(r, 1, a[1]);
+                        }
+                    } else {
+                        let m1 = m2.map(|m| [m[0]]);
+                        let acc = block::<K, S, 1>(&rows, &col, &m1, w, bv);
+                        for (r, a) in acc.iter().enumerate().take(nr) {
+                            store(r, 0, a[0]);
+                        }
+                    }
+                    o += nv * L16;
+                }
+                oh0 += RB;
+            }
+        }
+    }
+
+    /// `G` flat vectors (pixels `16 v0 ..` of the flattened plane): every tap is the input at
+    /// one constant offset from the output pixel, its lanes `masks[v][tap]`.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn flat_group<const K: usize, const G: usize>(
+        x: *const f32,
+        off: &[isize; 25],
+        masks: &[[u16; 25]],
+        v0: usize,
+        w: &[f32],
+        b: __m512,
+    ) -> [__m512; G] {
+        // SAFETY: callers run with avx512f; masked-off lanes are not accessed and the others
+        // lie inside the plane (`flat_masks`); `masks` has `v0 + G` entries.
+        unsafe {
+            let mut acc = [b; G];
+            for t in 0..K * K {
+                let wt = _mm512_set1_ps(*w.get_unchecked(t));
+                for (q, a) in acc.iter_mut().enumerate() {
+                    let v = v0 + q;
+                    let m = masks.get_unchecked(v)[t];
+                    let src = x.wrapping_offset((v * L16) as isize + off[t]);
+                    *a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, src), wt, *a);
                 }
             }
             acc
         }
     }
 
-    /// Stride-1 `K×K` depthwise of one plane straight from `x [H, W]` (no scratch): blocks
-    /// of 4 or 1 unmasked vectors where every tap is inside the row, masked vectors at the
-    /// borders; the last vector of a row stored under a mask.
+    /// Stride-1 `K×K` depthwise of a small "same" plane as one flat run of pixels (see
+    /// `super::flat_wins`): up to 4 vectors at a time, stored under the plane's lane mask.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn plane_s1<const K: usize>(
+    pub(super) unsafe fn plane_flat<const K: usize>(
         x: &[f32],
         w: &[f32],
         b: f32,
         act: Activation,
         g: &Geom,
-        out: &mut [f32],
+        masks: &[[u16; 25]],
+        out: &mut [MaybeUninit<f32>],
     ) {
-        assert!(w.len() >= K * K && x.len() >= g.h * g.w && out.len() >= g.oh * g.ow);
-        let (wd, ow, pl) = (g.w, g.ow, g.pl);
-        // Whether `nv` vectors at `o` read and write inside their rows.
-        let inside = |o: usize, nv: usize| o >= pl && o + nv * L16 + K - 1 <= wd + pl;
-        // SAFETY: row pointers are rows of `x`; see `lanes_s1` for the loads; stores lie in
-        // output row `oh` (the last one masked to `OW`).
+        let p = g.p();
+        assert!(w.len() >= K * K && x.len() >= p && out.len() >= p);
+        assert!(masks.len() == p.div_ceil(L16));
+        let mut off = [0isize; 25];
+        for (t, o) in off.iter_mut().enumerate().take(K * K) {
+            let (i, j) = ((t / K) as isize, (t % K) as isize);
+            *o = (i - g.pt as isize) * g.w as isize + j - g.pl as isize;
+        }
+        // SAFETY: see `flat_group`; stores lie in `out`'s first `p` elements (masked).
         unsafe {
             let bv = _mm512_set1_ps(b);
-            for oh in 0..g.oh {
-                let mut rows = [None; 5];
-                for (i, r) in rows.iter_mut().enumerate().take(K) {
-                    let ih = (oh + i) as isize - g.pt as isize;
-                    if ih >= 0 && (ih as usize) < g.h {
-                        *r = Some(x.as_ptr().add(ih as usize * wd));
-                    }
-                }
-                let dst = out.as_mut_ptr().add(oh * ow);
-                let mut o = 0;
-                while o < ow {
-                    if o + 4 * L16 <= ow && inside(o, 4) {
-                        let acc = lanes_s1::<K, 4, false>(&rows, o, pl, wd, w, bv);
-                        for (q, a) in acc.iter().enumerate() {
-                            _mm512_storeu_ps(dst.add(o + q * L16), activate(*a, act));
+            let (xp, op) = (x.as_ptr(), out.as_mut_ptr().cast::<f32>());
+            let store = |v: usize, a: __m512| {
+                let m = crate::pointwise::lane_mask(p - v * L16);
+                _mm512_mask_storeu_ps(op.add(v * L16), m, activate(a, act));
+            };
+            let mut v0 = 0;
+            while v0 < masks.len() {
+                let n = (masks.len() - v0).min(4);
+                macro_rules! run {
+                    ($g:literal) => {
+                        for (q, a) in flat_group::<K, $g>(xp, &off, masks, v0, w, bv)
+                            .into_iter()
+                            .enumerate()
+                        {
+                            store(v0 + q, a);
                         }
-                        o += 4 * L16;
-                        continue;
-                    }
-                    let [a] = if inside(o, 1) {
-                        lanes_s1::<K, 1, false>(&rows, o, pl, wd, w, bv)
-                    } else {
-                        lanes_s1::<K, 1, true>(&rows, o, pl, wd, w, bv)
                     };
-                    let m = crate::pointwise::lane_mask(ow - o);
-                    _mm512_mask_storeu_ps(dst.add(o), m, activate(a, act));
-                    o += L16;
                 }
+                match n {
+                    4 => run!(4),
+                    3 => run!(3),
+                    2 => run!(2),
+                    _ => run!(1),
+                }
+                v0 += n;
             }
         }
     }
@@ -474,58 +694,6 @@ mod avx512 {
             }
         }
     }
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn rows<const K: usize, const S: usize>(
-        w: &[f32],
-        b: f32,
-        act: Activation,
-        g: &Geom,
-        p: &Pad,
-        out: &mut [f32],
-        buf: &[f32],
-    ) {
-        assert!(w.len() >= K * K);
-        // SAFETY: loads stay inside the scratch (rows padded to 16 lanes, see `Pad`),
-        // stores inside `out` rows (the last vector masked to `OW`).
-        unsafe {
-            let mut off = [0usize; 25];
-            for i in 0..K {
-                for j in 0..K {
-                    let col = if S == 1 { j } else { (j & 1) * p.half + j / 2 };
-                    off[i * K + j] = i * p.rp + col;
-                }
-            }
-            let bv = _mm512_set1_ps(b);
-            let ow = g.ow;
-            for oh in 0..g.oh {
-                let row = buf.as_ptr().add(oh * S * p.rp);
-                let dst = out.as_mut_ptr().add(oh * ow);
-                let mut o = 0;
-                while o + 4 * L16 <= ow {
-                    let acc = if K == 3 {
-                        lanes::<4, 9>(row.add(o), &off, w, bv)
-                    } else {
-                        lanes::<4, 25>(row.add(o), &off, w, bv)
-                    };
-                    for (q, a) in acc.iter().enumerate() {
-                        _mm512_storeu_ps(dst.add(o + q * L16), activate(*a, act));
-                    }
-                    o += 4 * L16;
-                }
-                while o < ow {
-                    let [a] = if K == 3 {
-                        lanes::<1, 9>(row.add(o), &off, w, bv)
-                    } else {
-                        lanes::<1, 25>(row.add(o), &off, w, bv)
-                    };
-                    let m = crate::pointwise::lane_mask(ow - o);
-                    _mm512_mask_storeu_ps(dst.add(o), m, activate(a, act));
-                    o += L16;
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -571,19 +739,25 @@ mod tests {
             let g = Geom::new((1, 1, h, w), (1, 1, k, k), &p).unwrap();
             let (x, wt) = (rnd(h * w), rnd(k * k));
             let run = |level: Isa| {
-                let mut out = vec![f32::NAN; g.p() + 16];
+                let mut out = vec![MaybeUninit::new(f32::NAN); g.p() + 16];
                 let mut buf = vec![0f32; scratch_len(&g)];
+                // AVX2 has no flat form: the AVX-512 run takes it where it applies.
+                let plan = Plan::new(&g);
                 fwd_plane_with(
                     &x,
                     &wt,
                     0.25,
                     Activation::Relu6,
                     &g,
+                    &plan,
                     &mut out,
                     &mut buf,
                     level,
                 );
-                out
+                // SAFETY: initialised to NaN above.
+                out.iter()
+                    .map(|v| unsafe { v.assume_init() })
+                    .collect::<Vec<f32>>()
             };
             let (a, b) = (run(Isa::Avx2), run(Isa::Avx512));
             assert!(a[..g.p()].iter().all(|v| v.is_finite()));
