@@ -124,6 +124,18 @@ fn mobilenet_v2_logits_match_under_both_backends() {
     check_eval("mobilenet_v2", MOBILENET_V2, (1, 3, 96, 96));
 }
 
+/// At 160x160 the first expanded maps (48 channels at 80x80) are large enough for the
+/// folded forward's fused expand + depthwise kernel.
+#[test]
+fn mobilenet_v2_fused_expand_dw_matches_both_backends() {
+    assert!(
+        adaptivenet_kernels::isa() == adaptivenet_kernels::Isa::Portable
+            || adaptivenet_kernels::expand_dw_fuses(48, 80, 80, 3, 2),
+        "the fused kernel must run on this map"
+    );
+    check_eval("mobilenet_v2 160", MOBILENET_V2, (1, 3, 160, 160));
+}
+
 #[test]
 fn tiny_torchvision_resnet_logits_match_under_both_backends() {
     check_eval("tv resnet [1,1,1,1]", TINY_TV_RESNET, (2, 3, 64, 64));

@@ -7,6 +7,7 @@ use candle_core::{Device, Storage, Tensor};
 
 use crate::cpu::{isa, Isa};
 use crate::direct::{self, Direct};
+use crate::expand_dw::{self, ExpandDw};
 use crate::geom::Geom;
 use crate::pointwise::{self, Kernel, Pointwise, MR};
 use crate::storage::f32_slice;
@@ -419,4 +420,93 @@ pub fn winograd_packed_on(
         };
         winograd::forward_with(&op, &g, out, level);
     })
+}
+
+/// Whether [`expand_dw_packed`] beats the expand conv ([`pointwise_packed`]) followed by the
+/// depthwise ([`conv2d_fused`](crate::conv2d_fused)) for an expanded map of `hidden`
+/// channels of `h x w` with a `k x k` depthwise at `stride`: where the register-blocked
+/// depthwise runs and the expanded map is larger than L2 holds comfortably (1 MiB),
+/// measured per block on EfficientNet-Lite0 and MobileNetV2 (see the crate docs).
+pub fn expand_dw_fuses(hidden: usize, h: usize, w: usize, k: usize, stride: usize) -> bool {
+    let shape_ok = matches!(k, 3 | 5) && matches!(stride, 1 | 2);
+    shape_ok && crate::cpu::has_avx2_fma() && hidden * h * w >= expand_dw_min()
+}
+
+/// The smallest expanded map (elements) [`expand_dw_fuses`] fuses; env
+/// `ADAPTIVENET_EXPAND_DW_MIN` (read once) overrides it for whole-model A/B runs (`0`: every
+/// map, a huge value: none).
+fn expand_dw_min() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("ADAPTIVENET_EXPAND_DW_MIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1 << 18)
+    })
+}
+
+/// Inference MBConv expand + depthwise, fused: `act(dw(act(conv1x1(x) + eb)) + db)` with
+/// `x [N, C, H, W]`, the expand weight [`pack_pointwise`]ed (`hidden` outputs), the
+/// depthwise weight `[hidden, 1, K, K]` (K = 3 or 5, stride 1 or 2, `dw` its parameters
+/// with `groups == hidden`). The hidden map is computed 16 channels at a time and consumed
+/// by the depthwise while in cache; it is never stored whole. Same numerics as the two ops
+/// in sequence (the same kernels).
+#[allow(clippy::too_many_arguments)]
+pub fn expand_dw_packed(
+    x: &Tensor,
+    expand_packed: &Tensor,
+    hidden: usize,
+    expand_bias: Option<&Tensor>,
+    dw_weight: &Tensor,
+    dw_bias: Option<&Tensor>,
+    dw: &Conv2dParams,
+    act: Activation,
+) -> candle_core::Result<Tensor> {
+    const OP: &str = "expand_dw_packed";
+    let (n, c, h, w) = x.dims4()?;
+    let ge = Geom::new((n, c, h, w), (hidden, c, 1, 1), &Conv2dParams::default())?;
+    check_packed(OP, &ge, expand_packed, expand_bias, None)?;
+    let (wo, wc, kh, kw) = dw_weight.dims4()?;
+    let gd = Geom::new((n, hidden, h, w), (wo, wc, kh, kw), dw)?;
+    if !(gd.is_depthwise() && wo == hidden && expand_dw::supported(&gd)) {
+        return Err(KernelError::Shape(format!(
+            "{OP}: depthwise weight {:?} / {dw:?} on {hidden} channels: only depthwise 3x3 / \
+             5x5 at stride 1 / 2 without dilation, on an AVX2 + FMA CPU",
+            dw_weight.dims()
+        ))
+        .into());
+    }
+    check_epilogue(OP, &gd, dw_bias, None)?;
+    let x = x.contiguous()?;
+    let dw_weight = dw_weight.contiguous()?;
+    let len = gd.n * gd.out_img();
+    let out = with_f32(&x, OP, "x", |xs| {
+        with_f32(expand_packed, OP, "packed weight", |ws| {
+            with_opt(expand_bias, OP, "expand bias", |ebs| {
+                with_f32(&dw_weight, OP, "depthwise weight", |dws| {
+                    with_opt(dw_bias, OP, "depthwise bias", |dbs| {
+                        let op = ExpandDw {
+                            expand: Pointwise {
+                                x: xs,
+                                w: ws,
+                                bias: ebs,
+                                residual: None,
+                                act,
+                            },
+                            dw_w: dws,
+                            dw_b: dbs,
+                            dw_act: act,
+                        };
+                        // No zero-fill: the kernel stores every element exactly once.
+                        let mut out = Vec::with_capacity(len);
+                        expand_dw::forward(&op, &ge, &gd, &mut out.spare_capacity_mut()[..len]);
+                        // SAFETY: `forward` initialised all `len` elements.
+                        unsafe { out.set_len(len) };
+                        Ok(out)
+                    })
+                })
+            })
+        })
+    })?;
+    Tensor::from_vec(out, gd.out_dims(), &Device::Cpu)
 }

@@ -62,6 +62,9 @@
 //!   grad-weight over channel blocks).
 //! * `src/dw_direct.rs`: register-blocked depthwise forward (3x3 / 5x5, stride 1 / 2, bias +
 //!   activation fused), used by every inference depthwise forward it supports.
+//! * `src/expand_dw.rs`, `src/infer.rs`: [`expand_dw_packed`], an MBConv block's expand 1x1
+//!   conv and depthwise fused (the hidden map made 16 channels at a time and consumed while
+//!   in cache), where [`expand_dw_fuses`] (expanded maps of 1 MiB and more).
 //! * `src/pointwise.rs`, `src/infer.rs`: [`pack_pointwise`] and [`pointwise_packed`], the
 //!   inference 1x1 conv as a direct GEMM on a pre-packed weight with bias, activation and
 //!   residual add fused (`tests/mbconv.rs` checks both against candle).
@@ -197,6 +200,7 @@ mod direct;
 mod dw_direct;
 mod dw_lanes;
 mod eltwise;
+mod expand_dw;
 mod gemm_path;
 mod geom;
 mod infer;
@@ -216,8 +220,9 @@ pub use conv_bn::conv_bn_train;
 pub use cpu::{isa, Isa};
 pub use eltwise::{add_relu, relu, relu6};
 pub use infer::{
-    conv_packed, conv_packed_on, pack_conv, pack_pointwise, pack_winograd, pointwise_packed,
-    winograd_channels, winograd_packed, winograd_packed_on, winograd_wins,
+    conv_packed, conv_packed_on, expand_dw_fuses, expand_dw_packed, pack_conv, pack_pointwise,
+    pack_winograd, pointwise_packed, winograd_channels, winograd_packed, winograd_packed_on,
+    winograd_wins,
 };
 pub use optim::{sgd_update, SgdParams};
 

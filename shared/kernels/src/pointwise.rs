@@ -131,7 +131,9 @@ pub(crate) fn forward_with(
         let xi = &op.x[i * c * p..][..c * p];
         let ri = op.residual.map(|r| &r[i * o * p..][..o * p]);
         let dims = (c, o, p);
-        let dst = outp.get().wrapping_add(i * o * p);
+        // Output row `panels.start * MR` of image `i`: each image loop stores rows relative to
+        // its first panel (see `panel_into`, which writes one panel into a scratch).
+        let dst = outp.get().wrapping_add(i * o * p + panels.start * MR * p);
         match kernel {
             // SAFETY: operand lengths asserted above; rows of `panels` only.
             Kernel::Portable => unsafe {
@@ -166,10 +168,50 @@ pub(crate) fn forward_with(
     }
 }
 
+/// Output channels `pi * MR ..` (one panel, at most [`MR`] rows) of image `i` into `dst
+/// [rows, P]`, on the kernel [`forward`] picks; one thread. The fused expand + depthwise of
+/// an MBConv block ([`crate::expand_dw`]) computes its hidden map one panel at a time.
+pub(crate) fn panel_into(
+    op: &Pointwise<'_>,
+    g: &Geom,
+    i: usize,
+    pi: usize,
+    dst: &mut [MaybeUninit<f32>],
+) {
+    let (c, o, p) = (g.c, g.o, g.p());
+    assert!(g.identity_1x1 && g.groups == 1 && op.residual.is_none());
+    assert!(i < g.n && pi < o.div_ceil(MR));
+    assert!(op.x.len() >= g.n * c * p && op.w.len() >= packed_len(o, c));
+    assert!(op.bias.is_none_or(|b| b.len() >= o));
+    assert!(dst.len() >= MR.min(o - pi * MR) * p);
+    let xi = &op.x[i * c * p..][..c * p];
+    let d = dst.as_mut_ptr().cast::<f32>();
+    let (w, b, act) = (op.w, op.bias, op.act);
+    let panels = pi..pi + 1;
+    match Kernel::for_level(isa(), p) {
+        // SAFETY: lengths asserted above; the one panel's rows lie in `dst`.
+        Kernel::Portable => unsafe { image_portable(xi, w, b, None, act, (c, o, p), d, panels) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` checked avx2 + fma; lengths asserted above.
+        Kernel::Avx2 => unsafe { avx::image(xi, w, b, None, act, (c, o, p), d, panels) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` checked avx512f; lengths asserted above.
+        Kernel::Avx512 => unsafe { avx512::image(xi, w, b, None, act, (c, o, p), d, panels) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` checked avx512f; lengths asserted above.
+        Kernel::Avx512Small => unsafe {
+            avx512::image_small(xi, w, b, None, act, (c, o, p), d, panels)
+        },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("SIMD level on a non-x86 CPU"),
+    }
+}
+
 /// [`forward`]'s image without SIMD (CPUs without AVX2 + FMA).
 ///
 /// # Safety
-/// `out` must hold `O * P` writable elements not accessed elsewhere for the rows of `panels`.
+/// `out` (output row `panels.start * MR`) must hold the rows of `panels` (`P` writable
+/// elements each, not accessed elsewhere).
 #[allow(clippy::too_many_arguments)]
 unsafe fn image_portable(
     x: &[f32],
@@ -181,6 +223,7 @@ unsafe fn image_portable(
     out: *mut f32,
     panels: std::ops::Range<usize>,
 ) {
+    let first = panels.start;
     for pi in panels {
         for row in pi * MR..(pi * MR + MR).min(o) {
             let mut dst = vec![bias.map_or(0.0, |b| b[row]); p];
@@ -201,7 +244,8 @@ unsafe fn image_portable(
                 Activation::Relu6 => dst.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
             }
             // SAFETY: row `row` of the `O x P` output (caller's contract).
-            unsafe { std::ptr::copy_nonoverlapping(dst.as_ptr(), out.add(row * p), p) };
+            let at = (row - first * MR) * p;
+            unsafe { std::ptr::copy_nonoverlapping(dst.as_ptr(), out.add(at), p) };
         }
     }
 }
@@ -347,7 +391,7 @@ mod avx {
         }
     }
 
-    /// One image: `out [O, P]` rows of `panels` only.
+    /// One image: rows of `panels` only, `op` at output row `panels.start * MR`.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn image(
@@ -388,7 +432,7 @@ mod avx {
                             };
                             let a = wp.add(pi * MR * c + k0 * MR + sub);
                             let b = xp.add(k0 * p + j);
-                            let d = op.add(row0 * p + j);
+                            let d = op.add((row0 - panels.start * MR) * p + j);
                             match (cols > 8, sub < 12) {
                                 (true, true) => {
                                     tile::<2, 6>(kc, a, b, p, d, p, rows, cols, &t, row0)
@@ -518,7 +562,7 @@ mod avx512 {
         }
     }
 
-    /// One image: `out [O, P]` rows of `panels` only.
+    /// One image: rows of `panels` only, `op` at output row `panels.start * MR`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn image(
@@ -558,7 +602,7 @@ mod avx512 {
                             };
                             let a = wp.add(pi * MR * c + k0 * MR + sub);
                             let b = xp.add(k0 * p + j);
-                            let d = op.add(row0 * p + j);
+                            let d = op.add((row0 - panels.start * MR) * p + j);
                             if cols > 16 {
                                 tile::<2>(kc, a, b, p, d, p, rows, cols, &t, row0);
                             } else {
@@ -576,7 +620,8 @@ mod avx512 {
     /// `PX` pixels × `NP` panels with vectors over output channels: `a` the first panel
     /// (panels `lda` apart, `[c][MR]` each), `x` the input at the first pixel (channel
     /// pitch `p`); output vector `(px, j)` holds channels `o0 + 16 j ..` of pixel `px` and is
-    /// scattered into their rows (`o_valid[j]` lanes valid).
+    /// scattered into their rows (`dst`: row `o0` at the tile's first pixel; lanes past `o`
+    /// masked off).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile_small<const NP: usize, const PX: usize>(
@@ -632,13 +677,15 @@ mod avx512 {
                             _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, idx, r.add(at));
                         v = _mm512_add_ps(v, rv);
                     }
-                    _mm512_mask_i32scatter_ps::<4>(dst.add(at), m, idx, activate(v, act));
+                    let d = dst.add((oj - o0) * p + px);
+                    _mm512_mask_i32scatter_ps::<4>(d, m, idx, activate(v, act));
                 }
             }
         }
     }
 
-    /// One image on a small map: `out [O, P]` rows of `panels` only, vectors over output
+    /// One image on a small map: rows of `panels` only (`op` at output row `panels.start *
+    /// MR`), vectors over output
     /// channels (see [`super::vector_over_o`]). Pixels in tiles of at most 12, panels two at
     /// a time (up to 24 accumulators; four panels for a single pixel, so the reduction has
     /// enough independent accumulators).
@@ -673,7 +720,7 @@ mod avx512 {
                     let xs = xp.add(p0);
                     let o0 = pi * MR;
                     let r = residual.map(|r| r.as_ptr().add(p0));
-                    let d = op.add(p0);
+                    let d = op.add((o0 - panels.start * MR) * p + p0);
                     macro_rules! run {
                         ($np:literal, $px:literal) => {
                             tile_small::<$np, $px>(c, a, lda, xs, p, o0, o, bias, r, act, d)

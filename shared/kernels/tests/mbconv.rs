@@ -3,12 +3,14 @@
 //! padding, bias + ReLU / ReLU6) and the pre-packed pointwise GEMM (bias, activation and
 //! residual add fused), on random shapes including odd sizes, widths that are not multiples
 //! of the 8 / 16 / 32-lane tiles, reductions longer than one k-block, and 1 and 2 threads.
-//! Tolerance: 1e-4 absolute with data scaled so outputs are O(1).
+//! The fused expand + depthwise against candle's two convs in sequence. Tolerance: 1e-4
+//! absolute with data scaled so outputs are O(1).
 
 mod common;
 
 use adaptivenet_kernels::{
-    conv2d, conv2d_fused, pack_pointwise, pointwise_packed, threads, Activation, Conv2dParams,
+    conv2d, conv2d_fused, expand_dw_packed, pack_pointwise, pointwise_packed, threads, Activation,
+    Conv2dParams,
 };
 use candle_core::{Device, Tensor};
 use common::*;
@@ -29,6 +31,10 @@ fn depthwise_forward_matches_candle() {
                 (40, 33),
                 (1, 70),
                 (5, 8),
+                (3, 2),
+                (28, 28),
+                (56, 57),
+                (12, 112),
             ] {
                 let pads = [
                     (k / 2, k / 2, k / 2, k / 2),
@@ -152,4 +158,86 @@ fn pointwise_packed_rejects_bad_shapes() {
     let w3 = Tensor::zeros((5, 4, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
     let err = pack_pointwise(&w3).unwrap_err();
     assert!(err.to_string().contains("[O, C, 1, 1]"), "{err}");
+}
+
+/// The fused expand + depthwise equals the expand conv then the depthwise (candle's convs,
+/// bias and activation after each), on maps narrower and wider than one 32-lane column
+/// block, hidden channels in one and several 16-channel panels (the last partial), both
+/// kernel sizes and strides, symmetric and TF-SAME padding, and 1 and 2 threads.
+#[test]
+fn expand_dw_matches_candle() {
+    let mut rng = Rng::new(14);
+    let mut i = 0;
+    for (n, c, hidden, h, w) in [
+        (1, 16, 96, 20, 23),
+        (2, 5, 7, 9, 40),
+        (1, 24, 40, 33, 9),
+        (1, 3, 17, 6, 6),
+    ] {
+        for k in [3usize, 5] {
+            for s in [1usize, 2] {
+                let x = rng.tensor(&[n, c, h, w], 1.0);
+                let we = rng.tensor(&[hidden, c, 1, 1], 1.7 / (c as f32).sqrt());
+                let be = rng.tensor(&[hidden], 0.5);
+                let wd = rng.tensor(&[hidden, 1, k, k], 1.7 / k as f32);
+                let bd = rng.tensor(&[hidden], 0.5);
+                let act = ACTS[i % 3];
+                let pad = if i % 2 == 0 {
+                    (k / 2, k / 2, k / 2, k / 2)
+                } else {
+                    Conv2dParams::same((h, w), (k, k), (s, s)).padding
+                };
+                let dw = Conv2dParams {
+                    stride: (s, s),
+                    padding: pad,
+                    dilation: (1, 1),
+                    groups: hidden,
+                };
+                let e = candle_conv(&x, &we, Some(&be), &Conv2dParams::default()).unwrap();
+                let e = reference_act(e, act);
+                let want = reference_act(candle_conv(&e, &wd, Some(&bd), &dw).unwrap(), act);
+                let packed = pack_pointwise(&we).unwrap();
+                let run = || {
+                    expand_dw_packed(&x, &packed, hidden, Some(&be), &wd, Some(&bd), &dw, act)
+                        .unwrap()
+                };
+                let got = run();
+                let d = max_abs_diff(&got, &want);
+                assert!(
+                    d <= TOL,
+                    "n{n} c{c} h{hidden} {h}x{w} k{k} s{s} {act:?}: {d}"
+                );
+                threads::set_max_threads(2);
+                threads::set_flop_threshold(0);
+                let two = run();
+                threads::set_flop_threshold(threads::DEFAULT_FLOP_THRESHOLD);
+                threads::set_max_threads(0);
+                assert_eq!(max_abs_diff(&got, &two), 0.0, "threads");
+                i += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn expand_dw_rejects_bad_shapes() {
+    let z = |d: &[usize]| Tensor::zeros(d, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let x = z(&[1, 4, 8, 8]);
+    let packed = pack_pointwise(&z(&[8, 4, 1, 1])).unwrap();
+    let dw = Conv2dParams {
+        stride: (1, 1),
+        padding: (1, 1, 1, 1),
+        dilation: (1, 1),
+        groups: 8,
+    };
+    let act = Activation::Relu6;
+    // A 7x7 depthwise is not one the fused kernel runs; a weight of other channels.
+    let err = expand_dw_packed(&x, &packed, 8, None, &z(&[8, 1, 7, 7]), None, &dw, act);
+    assert!(err.unwrap_err().to_string().contains("depthwise"));
+    let err = expand_dw_packed(&x, &packed, 8, None, &z(&[6, 1, 3, 3]), None, &dw, act);
+    assert!(err.is_err());
+    // Hidden channels in another number of 16-channel panels than the packed weight.
+    let dw17 = Conv2dParams { groups: 17, ..dw };
+    let err = expand_dw_packed(&x, &packed, 17, None, &z(&[17, 1, 3, 3]), None, &dw17, act);
+    assert!(err.unwrap_err().to_string().contains("packed weight"));
 }

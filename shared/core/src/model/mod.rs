@@ -206,6 +206,66 @@ fn join_folded(
     packed_folded(y, p, conv, 1, 1, num, Some(num.act), Some(&sc), t)
 }
 
+/// An MBConv block's depthwise conv + BN + activation.
+fn dw_bn(
+    x: &Tensor,
+    p: &Params,
+    stride: usize,
+    hidden: usize,
+    num: &Numerics,
+    t: &mut Option<&mut TrainCtx>,
+) -> Result<Tensor> {
+    conv_bn(
+        x,
+        p,
+        "dw.conv",
+        "dw.bn",
+        stride,
+        hidden,
+        num,
+        Some(num.act),
+        t,
+    )
+}
+
+/// Folded inference of an MBConv block's expand conv and depthwise as one kernel, on the
+/// large maps where the expanded map would not stay in cache between the two (see
+/// [`adaptivenet_kernels::expand_dw_fuses`]). `None` when it does not apply: the caller
+/// then runs the two convs.
+fn expand_dw_folded(
+    x: &Tensor,
+    p: &Params,
+    stride: usize,
+    hidden: usize,
+    num: &Numerics,
+    t: &Option<&mut TrainCtx>,
+) -> Result<Option<Tensor>> {
+    let dw_folded = p.contains_key("dw.conv.bias") && !p.contains_key("dw.bn.weight");
+    if !dw_folded || !packed_applies(x, p, "expand.conv", 1, t) {
+        return Ok(None);
+    }
+    let dw_w = get(p, "dw.conv.weight")?;
+    let (_, _, h, w) = x.dims4()?;
+    let k = dw_w.dim(2)?;
+    if dw_w.dims4()? != (hidden, 1, k, k)
+        || !adaptivenet_kernels::expand_dw_fuses(hidden, h, w, k, stride)
+    {
+        return Ok(None);
+    }
+    ops::expand_dw_packed(
+        x,
+        get(p, &fold::packed_name("expand.conv"))?,
+        hidden,
+        get(p, "expand.conv.bias")?,
+        dw_w,
+        get(p, "dw.conv.bias")?,
+        stride,
+        num.pad(h, w, k, stride),
+        Some(num.act),
+    )
+    .map(Some)
+}
+
 /// Runs the stem.
 pub fn stem_forward(
     spec: &StemSpec,
@@ -266,8 +326,16 @@ pub fn block_forward(
             residual,
             ..
         } => {
-            let h = if expand {
-                conv_bn(
+            // Folded inference on a large map: expand and depthwise as one kernel.
+            let fused = if expand {
+                expand_dw_folded(x, p, stride, hidden, num, t)?
+            } else {
+                None
+            };
+            let h = if let Some(h) = fused {
+                h
+            } else if expand {
+                let h = conv_bn(
                     x,
                     p,
                     "expand.conv",
@@ -277,21 +345,11 @@ pub fn block_forward(
                     num,
                     Some(num.act),
                     t,
-                )?
+                )?;
+                dw_bn(&h, p, stride, hidden, num, t)?
             } else {
-                x.clone()
+                dw_bn(x, p, stride, hidden, num, t)?
             };
-            let h = conv_bn(
-                &h,
-                p,
-                "dw.conv",
-                "dw.bn",
-                stride,
-                hidden,
-                num,
-                Some(num.act),
-                t,
-            )?;
             if residual {
                 // Folded inference: the residual add runs in the projection's epilogue.
                 if let Some(y) = packed_folded(&h, p, "project.conv", 1, 1, num, None, Some(x), t)?

@@ -132,6 +132,34 @@ pub fn pointwise_packed(
     )?)
 }
 
+/// Inference MBConv expand 1x1 conv (weight packed by
+/// [`adaptivenet_kernels::pack_pointwise`]) and depthwise conv (`dw_weight [hidden, 1, K,
+/// K]`), BN folded into both, fused: `act(dw(act(expand(x) + eb)) + db)` without storing the
+/// expanded map (see [`adaptivenet_kernels::expand_dw_packed`]). Not differentiable.
+#[allow(clippy::too_many_arguments)]
+pub fn expand_dw_packed(
+    x: &Tensor,
+    expand_packed: &Tensor,
+    hidden: usize,
+    expand_bias: &Tensor,
+    dw_weight: &Tensor,
+    dw_bias: &Tensor,
+    stride: usize,
+    pad: (usize, usize, usize, usize),
+    act: Option<Act>,
+) -> Result<Tensor> {
+    Ok(adaptivenet_kernels::expand_dw_packed(
+        x,
+        expand_packed,
+        hidden,
+        Some(expand_bias),
+        dw_weight,
+        Some(dw_bias),
+        &kernel_params(stride, pad, hidden),
+        kernel_act(act),
+    )?)
+}
+
 /// Inference conv (one group, any kernel, stride and per-side padding) on a weight packed
 /// by [`adaptivenet_kernels::pack_conv`] (BN folded): `act(conv(x) + bias + residual)` in
 /// one kernel, no im2col. `out_channels` and `kernel` are the unpacked weight's. Not
