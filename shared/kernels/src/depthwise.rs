@@ -237,25 +237,45 @@ pub(crate) fn forward(
 ) {
     let (hw, kk) = (g.h * g.w, g.kh * g.kw);
     let direct = crate::dw_direct::supported(g);
-    let plan = direct.then(|| crate::dw_direct::Plan::new(g));
-    let blen = if direct {
-        crate::dw_direct::scratch_len(g)
-    } else {
-        wide_buf_len(g)
-    };
+    if direct {
+        // Runs of planes per worker, one scratch and one dispatch per run.
+        let plan = crate::dw_direct::Plan::new(g);
+        let (planes, p) = (g.n * g.c, g.p());
+        let outp = SendPtr(out.as_mut_ptr());
+        threads::map_ranges(planes, plane_threads(g), |r| {
+            // SAFETY: planes `r` of `out`, written by this worker only.
+            let o =
+                unsafe { std::slice::from_raw_parts_mut(outp.get().add(r.start * p), r.len() * p) };
+            let xs = &x[r.start * hw..r.end * hw];
+            with_col(crate::dw_direct::scratch_len(g), |buf| {
+                crate::dw_direct::fwd_planes(xs, w, b, act, g, &plan, r, o, buf)
+            });
+        });
+        return;
+    }
+    let blen = wide_buf_len(g);
     threads::for_each_item(out, g.p(), plane_threads(g), |pi, op| {
         let c = pi % g.c;
         let bv = b.map_or(0.0, |b| b[c]);
         let (xp, wc) = (&x[pi * hw..][..hw], &w[c * kk..][..kk]);
         with_col(blen, |buf| {
-            if let Some(plan) = &plan {
-                crate::dw_direct::fwd_plane(xp, wc, bv, act, g, plan, op, buf)
-            } else {
-                op.fill(MaybeUninit::new(0.0));
-                // SAFETY: every element initialised on the line above.
-                let op = unsafe { &mut *(op as *mut [MaybeUninit<f32>] as *mut [f32]) };
-                fwd_plane(xp, wc, bv, act, g, op, buf)
-            }
+            op.fill(MaybeUninit::new(0.0));
+            // SAFETY: every element initialised on the line above.
+            let op = unsafe { &mut *(op as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            fwd_plane(xp, wc, bv, act, g, op, buf)
         });
     });
+}
+
+/// A raw output pointer handed to workers that write disjoint planes.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut MaybeUninit<f32>);
+// SAFETY: only used for disjoint writes inside one scoped parallel call.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut MaybeUninit<f32> {
+        self.0
+    }
 }

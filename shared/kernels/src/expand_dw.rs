@@ -51,23 +51,14 @@ pub(crate) fn forward(op: &ExpandDw<'_>, ge: &Geom, gd: &Geom, out: &mut [MaybeU
             // SAFETY: an initialised f32 slice viewed as possibly-uninitialised.
             let hid_u = unsafe { &mut *(hid as *mut [f32] as *mut [MaybeUninit<f32>]) };
             pointwise::panel_into(&op.expand, ge, i, pi, hid_u);
-            for r in 0..rows {
-                let ch = pi * MR + r;
-                let plane = (i * hidden + ch) * gd.p();
-                // SAFETY: plane `(i, ch)` of `out` (length asserted above), written by this
-                // panel's worker only.
-                let dst = unsafe { std::slice::from_raw_parts_mut(outp.get().add(plane), gd.p()) };
-                dw_direct::fwd_plane(
-                    &hid[r * p..][..p],
-                    &op.dw_w[ch * kk..][..kk],
-                    op.dw_b.map_or(0.0, |b| b[ch]),
-                    op.dw_act,
-                    gd,
-                    &plan,
-                    dst,
-                    dwbuf,
-                );
-            }
+            let first = i * hidden + pi * MR;
+            // SAFETY: planes `first..first + rows` of `out` (length asserted above), written
+            // by this panel's worker only.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(outp.get().add(first * gd.p()), rows * gd.p())
+            };
+            let (w, b, act) = (op.dw_w, op.dw_b, op.dw_act);
+            dw_direct::fwd_planes(hid, w, b, act, gd, &plan, first..first + rows, dst, dwbuf);
         });
     };
     for i in 0..gd.n {
