@@ -13,9 +13,10 @@
 //! block and used by every output row it feeds, 4-8 independent accumulator chains (one row
 //! of one vector was a chain of K*K dependent multiply-adds: latency-bound on every map
 //! narrower than 64 columns, 1.5-2.4x slower on Lite0's 28x28 / 14x14 / 7x7 layers).
-//! Stride 1 reads the input rows in place (lane masks stand in for the zero padding:
-//! masked-off lanes are neither loaded nor counted); stride 2 de-interleaves each padded row
-//! into the scratch with two permutes per 16 outputs. Small stride-1 maps whose row vectors
+//! Both strides read the input rows in place (lane masks stand in for the zero padding:
+//! masked-off lanes are neither loaded nor counted; at stride 2 a tap's 16 lanes are the even
+//! lanes of two loads, one permute, where a de-interleaved copy of each plane cost as much as
+//! the taps: Lite0's 14x14 5x5/2 0.137 -> 0.078 ms). Small stride-1 maps whose row vectors
 //! would be mostly empty (7x7 and smaller) run as one flat run of pixels instead, 16 per
 //! vector across rows, with per-tap lane masks computed once per call ([`Plan`]).
 
@@ -123,13 +124,15 @@ pub(crate) struct Plan {
 }
 
 /// One column block of the AVX-512 row-block kernel: output columns `o .. o + 16 nv`, tap
-/// column `j` read at `col[j]` from its source row pointer, lanes `m[j][q]` of vector `q`.
+/// column `j` read from its input row at `col[j]`; stride 1: lanes `m[j][q]` of vector `q`,
+/// stride 2: lanes `m[j][2 q + h]` of the two loads (16 `h` apart) whose even lanes make
+/// vector `q`.
 #[derive(Clone, Copy)]
 pub(crate) struct ColBlock {
     o: usize,
     nv: usize,
     col: [isize; 5],
-    m: [[u16; 2]; 5],
+    m: [[u16; 4]; 5],
 }
 
 /// Mask of lanes `lo..hi` (clamped to `0..16`).
@@ -143,10 +146,9 @@ fn range_mask(lo: isize, hi: isize) -> u16 {
 }
 
 /// The column blocks of `g`'s output rows: 32 lanes, the last 16 when at most 16 remain.
-/// Stride 1 reads the input in place (lanes outside `0..W` masked off: the zero padding),
-/// stride 2 the de-interleaved scratch (inside its padded half rows, see `Pad`: no mask).
+/// The input is read in place, lanes whose column lies outside `0..W` masked off (the zero
+/// padding).
 fn col_blocks(g: &Geom) -> Vec<ColBlock> {
-    let p = Pad::new(g);
     let mut out = Vec::new();
     let mut o = 0;
     while o < g.ow {
@@ -155,19 +157,16 @@ fn col_blocks(g: &Geom) -> Vec<ColBlock> {
             o,
             nv,
             col: [0; 5],
-            m: [[0; 2]; 5],
+            m: [[0; 4]; 5],
         };
         for j in 0..g.kw {
-            if g.sw == 1 {
-                let s = o as isize + j as isize - g.pl as isize;
-                b.col[j] = s;
-                for (q, mq) in b.m[j].iter_mut().enumerate().take(nv) {
-                    let s = s + (q * L16) as isize;
-                    *mq = range_mask(-s, g.w as isize - s);
-                }
-            } else {
-                b.col[j] = ((j & 1) * p.half + j / 2 + o) as isize;
-                b.m[j] = [0xffff; 2];
+            let s = (o * g.sw) as isize + j as isize - g.pl as isize;
+            b.col[j] = s;
+            // Stride 1: one load of 16 per vector; stride 2: two (32 columns, even lanes).
+            let loads = if g.sw == 1 { nv } else { 2 * nv };
+            for (l, ml) in b.m[j].iter_mut().enumerate().take(loads) {
+                let s = s + (l * L16) as isize;
+                *ml = range_mask(-s, g.w as isize - s);
             }
         }
         out.push(b);
@@ -295,11 +294,10 @@ fn fwd_plane_with(
     assert!(x.len() >= g.h * g.w);
     let p = Pad::new(g);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `isa` checked avx512f; `plane` bounds its loads by masks (in place) or `Pad`
-    // (scratch, whose stores `fill_s2` bounds by `Pad`); `plane_flat` by its masks.
+    // SAFETY: `isa` checked avx512f; `plane` and `plane_flat` bound their loads by the
+    // plan's masks.
     if level == Isa::Avx512 {
         unsafe {
-            use avx512::Src;
             if !plan.flat.is_empty() {
                 // The plan is `g`'s (its masks cover exactly the plane's vectors).
                 assert!(plan.flat.len() == g.p().div_ceil(L16) && g.sh == 1);
@@ -310,18 +308,12 @@ fn fwd_plane_with(
                 }
                 return;
             }
+            let cols = &plan.cols;
             match (g.kh, g.sh) {
-                (3, 1) => avx512::plane::<3, 1>(Src::InPlace(x), w, b, act, g, &plan.cols, out),
-                (5, 1) => avx512::plane::<5, 1>(Src::InPlace(x), w, b, act, g, &plan.cols, out),
-                (k, _) => {
-                    avx512::fill_s2(x, g, &p, buf);
-                    let src = Src::Scratch(buf, p);
-                    if k == 3 {
-                        avx512::plane::<3, 2>(src, w, b, act, g, &plan.cols, out)
-                    } else {
-                        avx512::plane::<5, 2>(src, w, b, act, g, &plan.cols, out)
-                    }
-                }
+                (3, 1) => avx512::plane::<3, 1>(x, w, b, act, g, cols, out),
+                (5, 1) => avx512::plane::<5, 1>(x, w, b, act, g, cols, out),
+                (3, _) => avx512::plane::<3, 2>(x, w, b, act, g, cols, out),
+                _ => avx512::plane::<5, 2>(x, w, b, act, g, cols, out),
             }
         }
         return;
@@ -451,7 +443,7 @@ mod avx512 {
 
     use std::mem::MaybeUninit;
 
-    use super::{range_mask, ColBlock, Pad, L16, RB};
+    use super::{ColBlock, L16, RB};
     use crate::geom::Geom;
     use crate::Activation;
 
@@ -472,25 +464,17 @@ mod avx512 {
     /// Input rows one block of [`RB`] output rows reads: `(RB - 1) * S + K` (11 at most).
     const TR: usize = 11;
 
-    /// Where a plane's taps are read from.
-    #[derive(Clone, Copy)]
-    pub(super) enum Src<'a> {
-        /// Stride 1, the input `x [H, W]` in place: lanes whose input column lies outside
-        /// `0..W` are masked off (zero padding), rows outside `0..H` skipped.
-        InPlace(&'a [f32]),
-        /// Stride 2, the de-interleaved zero-padded scratch of [`fill_s2`].
-        Scratch(&'a [f32], Pad),
-    }
-
     /// Tap row `T` of a block: input row `rows[T]` (null: zero padding, skipped) feeds
     /// output row `r` of the block through kernel row `T - r * S`; each of its `K` column
-    /// loads (`col[j]` from the row pointer, lanes `m[j]`) is shared by those rows.
+    /// vectors (from `col[j]`, lanes `m[j]`, see `ColBlock`) is shared by those rows. At
+    /// stride 2 a vector is the even lanes of two loads, one permute, so the input is read
+    /// in place (a de-interleaved copy of each plane cost as much as the taps).
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
     unsafe fn tap_row<const K: usize, const S: usize, const NV: usize, const T: usize>(
         rows: &[*const f32; TR],
         col: &[isize; 5],
-        m: &[[__mmask16; NV]; 5],
+        m: &[[__mmask16; 4]; 5],
         w: &[f32],
         acc: &mut [[__m512; NV]; RB],
     ) {
@@ -504,13 +488,20 @@ mod avx512 {
             if rp.is_null() {
                 return;
             }
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
             for j in 0..K {
                 let mut v = [_mm512_setzero_ps(); NV];
                 for q in 0..NV {
-                    v[q] = _mm512_maskz_loadu_ps(
-                        m[j][q],
-                        rp.wrapping_offset(col[j] + (q * L16) as isize),
-                    );
+                    v[q] = if S == 1 {
+                        let at = col[j] + (q * L16) as isize;
+                        _mm512_maskz_loadu_ps(m[j][q], rp.wrapping_offset(at))
+                    } else {
+                        let at = col[j] + (2 * q * L16) as isize;
+                        let a = _mm512_maskz_loadu_ps(m[j][2 * q], rp.wrapping_offset(at));
+                        let at = at + L16 as isize;
+                        let b = _mm512_maskz_loadu_ps(m[j][2 * q + 1], rp.wrapping_offset(at));
+                        _mm512_permutex2var_ps(a, even, b)
+                    };
                 }
                 for r in 0..RB {
                     if T >= r * S && T - r * S < K {
@@ -532,7 +523,7 @@ mod avx512 {
     unsafe fn block<const K: usize, const S: usize, const NV: usize>(
         rows: &[*const f32; TR],
         col: &[isize; 5],
-        m: &[[__mmask16; NV]; 5],
+        m: &[[__mmask16; 4]; 5],
         w: &[f32],
         b: __m512,
     ) -> [[__m512; NV]; RB] {
@@ -556,7 +547,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn plane<const K: usize, const S: usize>(
-        src: Src<'_>,
+        x: &[f32],
         w: &[f32],
         b: f32,
         act: Activation,
@@ -567,21 +558,12 @@ mod avx512 {
         assert!(w.len() >= K * K && out.len() >= g.oh * g.ow);
         assert!((RB - 1) * S + K <= TR);
         assert!(cols.last().is_some_and(|c| c.o + c.nv * L16 >= g.ow));
-        // Rows of the source, its pitch, and the source row of tap row 0 of output row 0.
-        let (base, n_rows, pitch, first) = match src {
-            Src::InPlace(x) => {
-                assert!(S == 1 && x.len() >= g.h * g.w);
-                (x.as_ptr(), g.h, g.w, -(g.pt as isize))
-            }
-            Src::Scratch(buf, p) => {
-                assert!(S == 2 && buf.len() >= p.hp * p.rp);
-                (buf.as_ptr(), p.hp, p.rp, 0)
-            }
-        };
+        assert!(x.len() >= g.h * g.w && g.sh == S);
+        // The input row of tap row 0 of output row 0.
+        let (base, n_rows, pitch, first) = (x.as_ptr(), g.h, g.w, -(g.pt as isize));
         let ow = g.ow;
-        // SAFETY: row pointers are rows `0..n_rows` of the source; the column blocks' masks
-        // (in place) or `Pad` (scratch) keep loads inside them; stores lie in output rows
-        // `< OH`, masked to `OW`.
+        // SAFETY: row pointers are rows `0..n_rows` of the input; the column blocks' masks
+        // keep loads inside them; stores lie in output rows `< OH`, masked to `OW`.
         unsafe {
             let bv = _mm512_set1_ps(b);
             let mut oh0 = 0;
@@ -609,8 +591,7 @@ mod avx512 {
                             store(r, 1, a[1]);
                         }
                     } else {
-                        let m1 = cb.m.map(|m| [m[0]]);
-                        let acc = block::<K, S, 1>(&rows, &cb.col, &m1, w, bv);
+                        let acc = block::<K, S, 1>(&rows, &cb.col, &cb.m, w, bv);
                         for (r, a) in acc.iter().enumerate().take(nr) {
                             store(r, 0, a[0]);
                         }
@@ -695,62 +676,6 @@ mod avx512 {
                     _ => run!(1),
                 }
                 v0 += n;
-            }
-        }
-    }
-
-    /// The stride-2 scratch of one plane (as `super::fill`): each padded row's even and odd
-    /// columns, 16 at a time from two masked loads and two permutes.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn fill_s2(x: &[f32], g: &Geom, p: &Pad, buf: &mut [f32]) {
-        assert!(buf.len() >= p.hp * p.rp && x.len() >= g.h * g.w);
-        // SAFETY: loads lie in columns `0..W` of a row of `x` (checked, or masked to them);
-        // stores in the first `half` elements of each half row (the last masked), inside
-        // the scratch.
-        unsafe {
-            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-            let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-            let (wd, pl) = (g.w as isize, g.pl as isize);
-            for r in 0..p.hp {
-                let ih = r as isize - g.pt as isize;
-                let dst = buf.as_mut_ptr().add(r * p.rp);
-                let valid = ih >= 0 && ih < g.h as isize;
-                let row = x.as_ptr().wrapping_offset(ih * wd);
-                let mut q = 0;
-                while q < p.half {
-                    let c0 = 2 * q as isize - pl;
-                    if valid && q + L16 <= p.half && c0 >= 0 && c0 + 2 * L16 as isize <= wd {
-                        // Interior: both loads inside the row, both stores inside the half
-                        // rows; no masks.
-                        let a = _mm512_loadu_ps(row.offset(c0));
-                        let b = _mm512_loadu_ps(row.offset(c0 + L16 as isize));
-                        _mm512_storeu_ps(dst.add(q), _mm512_permutex2var_ps(a, even, b));
-                        _mm512_storeu_ps(dst.add(p.half + q), _mm512_permutex2var_ps(a, odd, b));
-                        q += L16;
-                        continue;
-                    }
-                    let m = crate::pointwise::lane_mask(p.half - q);
-                    let (e, o) = if valid {
-                        let a = _mm512_maskz_loadu_ps(
-                            range_mask(-c0, wd - c0),
-                            row.wrapping_offset(c0),
-                        );
-                        let c1 = c0 + L16 as isize;
-                        let b = _mm512_maskz_loadu_ps(
-                            range_mask(-c1, wd - c1),
-                            row.wrapping_offset(c1),
-                        );
-                        (
-                            _mm512_permutex2var_ps(a, even, b),
-                            _mm512_permutex2var_ps(a, odd, b),
-                        )
-                    } else {
-                        (_mm512_setzero_ps(), _mm512_setzero_ps())
-                    };
-                    _mm512_mask_storeu_ps(dst.add(q), m, e);
-                    _mm512_mask_storeu_ps(dst.add(p.half + q), m, o);
-                    q += L16;
-                }
             }
         }
     }
