@@ -156,7 +156,7 @@ pub fn winograd_wins(n: usize, c: usize, o: usize, h: usize, w: usize) -> bool {
 /// ceil(W/4)). Measured on AVX-512 (`cargo bench --bench packed -- wino`, one thread, thread
 /// CPU time, F(2x2) / F(4x4)): batch 1 16@28 1.54-1.58 (and 1.24 over the direct conv
 /// F(2x2) lost to), 32@14 1.39, 16@14 1.45, but 64@7 (4 tiles) 0.36; batch 50 32@14
-/// 1.37-1.53, 16@28 1.10-1.18, 16@7 1.67, 32@7 1.21, 64@7 0.93-1.12, 128@7 1.26; ResNet-18
+/// 1.22-1.53, 16@28 1.06-1.09, 16@7 1.67, 32@7 1.21, 64@7 0.93-1.12, 128@7 1.26; ResNet-18
 /// batch 1 64@56 1.07, 128@28 1.19, 256@14 1.20. `ADAPTIVENET_WINOGRAD=2` keeps F(2x2) only.
 pub fn winograd_tile(n: usize, c: usize, o: usize, h: usize, w: usize) -> Option<usize> {
     let tiles = n * h.div_ceil(4) * w.div_ceil(4);

@@ -40,11 +40,6 @@ pub(crate) const PANEL: usize = 16;
 const LANES: usize = 16;
 /// Bytes of `V` + `M` per chunk: both stay in L2 between the transforms and the GEMMs.
 const CHUNK_BYTES: usize = 256 << 10;
-/// [`CHUNK_BYTES`] of F(4x4): 36 positions per tile make a 256 KB chunk at 16 channels only
-/// 48 tiles (a third of them in a half-width GEMM tile); 512 KB holds 16 rows of 7 tiles
-/// (28x28 maps, no padded lane) and still fits a 1 MB L2 (measured at 16 channels, 28x28,
-/// batch 50: F(2x2) / F(4x4) 0.95-0.97 with 256 KB chunks, 1.10-1.18 with 512 KB).
-const CHUNK_BYTES_F4: usize = 512 << 10;
 
 /// Output tile side of F(2x2, 3x3) and F(4x4, 3x3).
 pub(crate) const TILES: [usize; 2] = [2, 4];
@@ -143,8 +138,7 @@ impl Plan {
         let rows = g.n * th;
         let op = g.o.div_ceil(PANEL);
         let per_tile = np * (g.c + op * PANEL) * 4;
-        let budget = if m == 4 { CHUNK_BYTES_F4 } else { CHUNK_BYTES };
-        let max_tiles = (budget / per_tile / LANES * LANES).max(LANES);
+        let max_tiles = (CHUNK_BYTES / per_tile / LANES * LANES).max(LANES);
         let rmax = (max_tiles / tw)
             .max(1)
             .min(rows.div_ceil(threads.max(1)))
@@ -1463,8 +1457,7 @@ mod tests {
             assert_eq!(pl.chunks(), pl.rows.div_ceil(pl.r));
             assert!(pl.chunks() >= t.min(pl.rows));
             if pl.pitch > LANES {
-                let budget = if m == 4 { CHUNK_BYTES_F4 } else { CHUNK_BYTES };
-                assert!((pl.v_len(c) + pl.m_len()) * 4 <= budget);
+                assert!((pl.v_len(c) + pl.m_len()) * 4 <= CHUNK_BYTES);
             }
         }
     }
