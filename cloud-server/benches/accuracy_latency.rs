@@ -20,7 +20,9 @@
 //!   candidates), `full` (all 60,000 / 10,000, 2,800 steps of 64 and 2,000 + 2,000, 160
 //!   candidates). `ACC_FINETUNE_STEPS=N` and `ACC_CANDIDATES=K` override the preset;
 //!   `ACC_STAGE_STEPS`, `ACC_ROUNDS`, `ACC_TRAIN_THREADS` and `ACC_FRESH` apply as below;
-//!   `ACC_WORK_DIR` is the root holding `lite0-<preset>/` and the rendered images. BENCH keys:
+//!   `ACC_PARAMS='{"branch_bn":"frozen"}'` sets elastification job params (the keys of
+//!   `client elastify --params`) over the preset's recipe (the cached supernet is reused only
+//!   for the same steps and params); `ACC_WORK_DIR` is the root holding `lite0-<preset>/` and the rendered images. BENCH keys:
 //!   `lite0_oracle_acc`, `lite0_retained_at_0_5` … `_0_9`, `lite0_untrained_at_0_6` / `_0_8`,
 //!   `lite0_finetune_samples_per_s`, `lite0_elastify_samples_per_s`. With `ACC_BN_RECAL=1`
 //!   a `recal` column shows each chosen subnet with its branches' BN statistics re-estimated

@@ -7,13 +7,15 @@ use adaptivenet_cloud::CloudError;
 use adaptivenet_core::data::Dataset;
 use adaptivenet_core::data::{AugmentPolicy, Normalize};
 use adaptivenet_core::model::{ArchDescriptor, Model, ModelSpec};
-use adaptivenet_core::supernet::{branches::build_supernet, Choice, Subnet, SupernetConfig};
+use adaptivenet_core::supernet::{
+    branches::build_supernet, Choice, ModuleKey, Subnet, SupernetConfig,
+};
 use adaptivenet_train::supernet::{feature_mse, oracle_digest, sandwich_ends};
 use adaptivenet_train::train::{accuracy, eval_transform};
 use adaptivenet_train::TrainError;
 use adaptivenet_train::{
     elastify, evaluate_priors, priors::prior_subnets, train_oracle, train_oracle_resumable,
-    DirCheckpoints, ElastifyConfig, InplaceDistill, NoProgress, PathRole, ProgressEvent,
+    BranchBn, DirCheckpoints, ElastifyConfig, InplaceDistill, NoProgress, PathRole, ProgressEvent,
     TrainOracleConfig,
 };
 use candle_core::{Device, Tensor};
@@ -524,6 +526,13 @@ fn each_schedule_option_changes_the_trained_weights_deterministically() {
             },
         ),
         (
+            "frozen branch BN",
+            ElastifyConfig {
+                branch_bn: BranchBn::Frozen,
+                ..base.clone()
+            },
+        ),
+        (
             "paper, other seed",
             ElastifyConfig {
                 seed: 4,
@@ -549,9 +558,146 @@ fn each_schedule_option_changes_the_trained_weights_deterministically() {
     }
 }
 
+/// The subnet that runs `key` and the original blocks everywhere else.
+fn one_branch(n: usize, key: ModuleKey) -> Subnet {
+    let mut code = vec!['0'; n];
+    code[key.pos] = key.choice.symbol();
+    for c in code
+        .iter_mut()
+        .skip(key.pos + 1)
+        .take(key.choice.span() - 1)
+    {
+        *c = 'x';
+    }
+    Subnet::parse(&code.into_iter().collect::<String>()).unwrap()
+}
+
+/// BN statistics of every branch, by module and name.
+fn branch_bn_stats(sn: &adaptivenet_core::supernet::Supernet) -> Tensors {
+    branch_tensors(sn)
+        .into_iter()
+        .filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var"))
+        .collect()
+}
+
+#[test]
+fn frozen_branch_bn_trains_on_statistics_estimated_on_oracle_features() {
+    let quick = TrainOracleConfig {
+        steps: 15,
+        batch: 32,
+        lr: 0.05,
+        warmup_steps: 2,
+        augment: AugmentPolicy::default(),
+        ..TrainOracleConfig::default()
+    };
+    let never = CancellationToken::new();
+    let (oracle, _) = train_oracle(
+        &spec("[2,1]"),
+        &quick,
+        &synthetic(160),
+        None,
+        &mut NoProgress,
+        &never,
+    )
+    .unwrap();
+    // As many images as a batch: every calibration batch holds all of them, so the
+    // estimate is the statistics of these images.
+    let data = synthetic(16);
+    let frozen = |s0: u64, s1: u64| ElastifyConfig {
+        branch_bn: BranchBn::Frozen,
+        stage0_steps: s0,
+        stage1_steps: s1,
+        batch: 16,
+        checkpoint_every: 0,
+        ..tiny_config()
+    };
+    let run = |c: &ElastifyConfig| {
+        elastify(&oracle, c, &data, &mut NoProgress, None, &never)
+            .unwrap()
+            .supernet
+    };
+    let short = run(&frozen(1, 0));
+    let long = run(&frozen(3, 4));
+    // Training never moves the statistics; it does move the weights.
+    assert_eq!(branch_bn_stats(&short), branch_bn_stats(&long));
+    assert_ne!(branch_tensors(&short), branch_tensors(&long));
+    // In batch mode the statistics move with every step.
+    let batch = run(&ElastifyConfig {
+        branch_bn: BranchBn::Batch,
+        ..frozen(3, 4)
+    });
+    assert_ne!(branch_bn_stats(&batch), branch_bn_stats(&long));
+
+    // The estimate is each branch's statistics on the oracle's features at its position:
+    // what recalibrating the initial branch along the one-branch path gives.
+    let init = build_supernet(&oracle, &frozen(1, 0).validate().unwrap()).unwrap();
+    let t = eval_transform(&Normalize::UnitRange);
+    let all: Vec<usize> = (0..data.len()).collect();
+    let (x, _) = data.batch_tensor(&all, &t, &Device::Cpu).unwrap();
+    let n = init.spec.num_positions();
+    let mut checked = 0;
+    for &key in short
+        .modules
+        .keys()
+        .filter(|k| k.choice != Choice::Original)
+    {
+        let want = init
+            .recalibrate_bn(&one_branch(n, key), [&x], |c| c != Choice::Original)
+            .unwrap();
+        for (name, t) in &want[&key] {
+            if !(name.ends_with("running_mean") || name.ends_with("running_var")) {
+                continue;
+            }
+            let want: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let got: Vec<f32> = short.modules[&key][name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            // The estimate runs the original blocks BN-folded (~1e-6 apart).
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{key}.{name}: {g} vs {w}"
+                );
+            }
+            checked += 1;
+        }
+        // Not the oracle block's copied statistics: they were re-estimated.
+        assert_ne!(
+            branch_bn_stats(&init)
+                .into_iter()
+                .filter(|(n, _)| n.starts_with(&format!("{key}.")))
+                .collect::<Vec<_>>(),
+            branch_bn_stats(&short)
+                .into_iter()
+                .filter(|(n, _)| n.starts_with(&format!("{key}.")))
+                .collect::<Vec<_>>(),
+            "{key}"
+        );
+    }
+    assert!(checked >= 4, "{checked} statistics checked");
+}
+
+#[test]
+fn auto_branch_bn_is_frozen_for_mbconv_oracles_only() {
+    let lite0 = ArchDescriptor::from_json(br#"{"family":"efficientnet_lite"}"#)
+        .unwrap()
+        .spec;
+    assert_eq!(BranchBn::Auto.resolve(&lite0), BranchBn::Frozen);
+    assert_eq!(BranchBn::Auto.resolve(&spec("[2,1]")), BranchBn::Batch);
+    assert_eq!(BranchBn::Batch.resolve(&lite0), BranchBn::Batch);
+    assert_eq!(BranchBn::Frozen.resolve(&spec("[2,1]")), BranchBn::Frozen);
+    assert_eq!(ElastifyConfig::default().branch_bn, BranchBn::Auto);
+}
+
 #[test]
 fn resume_after_cancel_or_kill_ends_bit_identical() {
-    for config in [tiny_config(), sandwich_config()] {
+    let frozen = ElastifyConfig {
+        branch_bn: BranchBn::Frozen,
+        ..tiny_config()
+    };
+    for config in [tiny_config(), sandwich_config(), frozen] {
         resume_ends_bit_identical(config);
     }
 }

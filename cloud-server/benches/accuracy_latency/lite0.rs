@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use adaptivenet_cloud::elastify::params::JobParams;
 use adaptivenet_core::artifact::{load_supernet, read_manifest, write_artifact};
 use adaptivenet_core::data::{fashion_mnist, shuffled_indices, AugmentPolicy, Dataset, Normalize};
 use adaptivenet_core::model::{ArchDescriptor, Model};
@@ -243,25 +244,46 @@ fn elastified(
     train: &Dataset,
 ) -> Result<(Supernet, Value)> {
     let report = dir.join("elastify-report.json");
+    // `ACC_PARAMS`: a JSON object of elastification job params (the keys of
+    // `client elastify --params`) over the preset's recipe, e.g. `{"branch_bn":"frozen"}`.
+    let extra = std::env::var("ACC_PARAMS").unwrap_or_default();
+    let same_recipe =
+        |r: &Value| r["stage_steps"] == json!(p.stage_steps) && r["params"] == json!(extra);
     if !fresh() {
         if let (Ok(m), Some(r)) = (read_manifest(dir), read_json(&report)) {
-            if r["stage_steps"] == json!(p.stage_steps) {
+            if same_recipe(&r) {
                 eprintln!("lite0 supernet: reusing {}", dir.display());
                 return Ok((load_supernet(dir, &m, None)?, r));
             }
         }
     }
-    let cfg = ElastifyConfig {
+    let preset = JobParams {
         branches: BRANCHES.map(String::from).to_vec(),
         seed: SEED,
         stage0_steps: p.stage_steps[0],
         stage1_steps: p.stage_steps[1],
         batch: p.elastify_batch,
-        warmup_steps: (p.stage_steps[0].min(p.stage_steps[1]) / 30).clamp(1, 100),
+        ..JobParams::default()
+    };
+    let mut merged = serde_json::to_value(&preset)?;
+    if !extra.is_empty() {
+        let Value::Object(over) = serde_json::from_str::<Value>(&extra)
+            .with_context(|| format!("ACC_PARAMS={extra}: not JSON"))?
+        else {
+            bail!("ACC_PARAMS={extra}: expected a JSON object");
+        };
+        for (k, v) in over {
+            merged[k] = v;
+        }
+    }
+    let params = JobParams::parse(&merged.to_string())
+        .map_err(|e| anyhow::anyhow!("ACC_PARAMS={extra}: {e}"))?;
+    let cfg = ElastifyConfig {
         checkpoint_every: 100,
         normalize: data.spec.normalize(),
         augment: data.augment,
-        ..ElastifyConfig::default()
+        warmup_steps: (p.stage_steps[0].min(p.stage_steps[1]) / 30).clamp(1, 100),
+        ..params.config()
     };
     eprintln!(
         "lite0 supernet: elastifying, {} + {} steps of batch {} ...",
@@ -269,7 +291,7 @@ fn elastified(
     );
     let ck = checkpoints(dir)?;
     // A checkpoint of another recipe (other step counts) cannot be resumed: start afresh.
-    if fresh() || read_json(&report).is_some_and(|r| r["stage_steps"] != json!(p.stage_steps)) {
+    if fresh() || read_json(&report).is_some_and(|r| !same_recipe(&r)) {
         std::fs::remove_file(ck.path()).or_else(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Ok(())
@@ -303,6 +325,7 @@ fn elastified(
         "samples_per_sec": (run * p.elastify_batch as u64) as f64 / t.max(1e-9),
         "stages": stages,
         "stage_steps": p.stage_steps,
+        "params": extra,
         "threads": threads::max_threads(),
         "positions": out.supernet.spec.num_positions(),
         "modules": out.supernet.modules.len(),
@@ -812,6 +835,7 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
         "train_threads": train_threads,
         "finetune_steps": p.finetune_steps,
         "stage_steps": p.stage_steps,
+        "elastify_params": el_report["params"],
         "rounds": p.rounds,
     });
     println!();

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use super::fit::DataShape;
 use crate::error::{CloudError, Result};
-use adaptivenet_train::{ElastifyConfig, InplaceDistill};
+use adaptivenet_train::{BranchBn, ElastifyConfig, InplaceDistill};
 
 /// Largest `params_json` accepted (bytes).
 pub const MAX_PARAMS_JSON: usize = 64 << 10;
@@ -47,6 +47,10 @@ pub struct JobParams {
     /// With `sandwich`: `off`, `oracle` or `largest` (the teacher of the paths other than the
     /// largest, which then learn from soft labels only).
     pub inplace_distill: InplaceDistill,
+    /// `batch` (train-mode BN in branches, the paper), `frozen` (branch BN on statistics
+    /// estimated on the oracle's features before training, then fixed) or `auto` (frozen
+    /// for MBConv oracles, batch otherwise).
+    pub branch_bn: BranchBn,
     /// Checkpoint every this many steps (0: only on cancel and at the end).
     pub checkpoint_every: u64,
     /// Images held out of training for the cloud-side priors.
@@ -73,6 +77,7 @@ impl Default for JobParams {
             sandwich: c.sandwich,
             sandwich_random: c.sandwich_random,
             inplace_distill: c.inplace_distill,
+            branch_bn: c.branch_bn,
             checkpoint_every: 50,
             val_size: 1000,
             priors: 160,
@@ -261,6 +266,7 @@ impl JobParams {
             sandwich: self.sandwich,
             sandwich_random: self.sandwich_random,
             inplace_distill: self.inplace_distill,
+            branch_bn: self.branch_bn,
             checkpoint_every: self.checkpoint_every,
             ..ElastifyConfig::default()
         }

@@ -367,6 +367,81 @@ fn folded_modules_pass_gradients_to_a_tracked_input() {
     );
 }
 
+#[test]
+fn inference_mode_bn_passes_gradients_to_trainable_weights() {
+    // A branch training on fixed BN statistics (`forward_module_with` on variables): its
+    // gradients for the conv weights and the BN affine match central finite differences.
+    use adaptivenet_core::model::Params;
+    let oracle = Model::init(&resnet20().spec, 7).unwrap();
+    let sn = build_supernet(&oracle, &SupernetConfig::merge_only()).unwrap();
+    // Merge-2 at block 2: it spans into the second stage (stride 2, a fresh projection).
+    let key = ModuleKey::new(2, Choice::Merge2);
+    let base = sn.module(key).unwrap().clone();
+    let x = sn.forward_stem(&seeded_batch(2, 9)).unwrap();
+    let h = (0..2).try_fold(x, |h, pos| {
+        sn.forward_module(ModuleKey::new(pos, Choice::Original), &h)
+    });
+    let x = h.unwrap();
+    let out = sn.forward_module_with(key, &base, &x).unwrap();
+    let r = seeded_batch(out.elem_count() / (28 * 28), 4)
+        .reshape(out.dims())
+        .unwrap();
+    let loss_of = |p: &Params| -> f64 {
+        let y = sn.forward_module_with(key, p, &x).unwrap();
+        f64::from(
+            (y * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+        )
+    };
+    let mut vars = Params::new();
+    let mut handles = Vec::new();
+    for (n, t) in &base {
+        if n.ends_with("running_mean") || n.ends_with("running_var") {
+            vars.insert(n.clone(), t.clone());
+        } else {
+            let v = candle_core::Var::from_tensor(t).unwrap();
+            vars.insert(n.clone(), v.as_tensor().clone());
+            handles.push((n.clone(), v));
+        }
+    }
+    let y = sn.forward_module_with(key, &vars, &x).unwrap();
+    let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut checked = 0;
+    for (n, v) in &handles {
+        let g: Vec<f32> = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {n}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let w: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for i in [0, w.len() / 2] {
+            let eps = 1e-2f32 * w[i].abs().max(0.1);
+            let at = |d: f32| {
+                let mut e = w.clone();
+                e[i] += d;
+                let mut p = base.clone();
+                let t = Tensor::from_vec(e, v.as_tensor().dims(), &Device::Cpu).unwrap();
+                p.insert(n.clone(), t);
+                loss_of(&p)
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * f64::from(eps));
+            let an = f64::from(g[i]);
+            assert!(
+                (fd - an).abs() <= 2e-2 * fd.abs().max(an.abs()) + 2e-2,
+                "{n}[{i}]: autograd {an} vs finite difference {fd}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "{checked} gradients checked");
+}
+
 /// A seeded `(n, 1, 28, 28)` batch, uniform in [-1, 2) (shifted and wider than the
 /// freshly initialised BN statistics expect).
 fn seeded_batch(n: usize, seed: u64) -> Tensor {

@@ -38,5 +38,6 @@ pub use priors::evaluate_priors;
 pub use progress::{NoProgress, ProgressEvent, ProgressSink};
 pub use progress::{PathRole, SizeLoss, TrainedPath};
 pub use supernet::{
-    elastify, ElastifyConfig, ElastifyOutcome, ElastifyReport, InplaceDistill, StageReport,
+    elastify, BranchBn, ElastifyConfig, ElastifyOutcome, ElastifyReport, InplaceDistill,
+    StageReport,
 };

@@ -13,7 +13,9 @@
 //!   ([`InplaceDistill`]).
 //!
 //! Only branch weights train (AdamW, warm-up + cosine per stage, a fresh optimizer per stage);
-//! branch BN layers run in train mode and their running statistics are kept. Checkpoints hold
+//! branch BN layers run in train mode and their running statistics are kept, or
+//! ([`BranchBn::Frozen`]) run in inference mode on statistics estimated once, before the first
+//! step, on the oracle's own features. Checkpoints hold
 //! branch tensors, optimizer state, stage, step and sample position (the RNG of a step is
 //! derived from `(seed, stage, step)`), so a resumed run ends bit-identical to an
 //! uninterrupted one.
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use adaptivenet_core::artifact::{params_to_safetensors, sha256_hex};
 use adaptivenet_core::data::{AugmentPolicy, Dataset, Normalize};
-use adaptivenet_core::model::{Model, ModelSpec, Params, TrainCtx};
+use adaptivenet_core::model::{BlockSpec, Model, ModelSpec, Params, TrainCtx};
 use adaptivenet_core::supernet::{
     branches::{build_supernet, check_kinds_fit, keep_fitting_kinds},
     Choice, ModuleKey, Subnet, Supernet, SupernetConfig, SupernetSpec,
@@ -37,12 +39,55 @@ use crate::optim::{AdamW, OptimState, Optimizer, WarmupCosine};
 use crate::oracle::check_data;
 use crate::progress::{LossWindows, PathRole, ProgressEvent, ProgressSink, SizeLoss, TrainedPath};
 use crate::train::{
-    cross_entropy, kd_loss, mse, step_rng, train_transform, BatchSampler, TrainModule, BN_MOMENTUM,
+    cross_entropy, eval_transform, kd_loss, mse, step_rng, train_transform, BatchSampler,
+    TrainModule, BN_MOMENTUM,
 };
 
 const CHECKPOINT_FORMAT: &str = "adaptivenet.elastify.checkpoint/1";
 /// Most random paths of a sandwich step.
 pub const MAX_SANDWICH_RANDOM: u32 = 16;
+
+/// How branch BatchNorm layers run during elastification.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BranchBn {
+    /// [`BranchBn::Frozen`] for an oracle of inverted-residual (MBConv) blocks, else
+    /// [`BranchBn::Batch`]. On EfficientNet-Lite0 at 64x64 (batches of 32, feature maps down
+    /// to 2x2) batch statistics were noisy and the shipped running averages fit no path:
+    /// frozen statistics kept more accuracy at generous budgets in the same-host A/B.
+    #[default]
+    Auto,
+    /// Train mode: batch statistics in the forward, running statistics kept with momentum
+    /// 0.1 (the paper). A branch's shipped statistics then average the inputs of whatever
+    /// paths trained it last, and small batches of small feature maps make batch statistics
+    /// noisy.
+    Batch,
+    /// Inference mode: before the first step every branch's statistics are estimated on the
+    /// oracle's own feature at its position (the input it gets on the near-original paths that
+    /// generous budgets choose), then kept fixed while the weights and BN affine train against
+    /// exactly the computation the device serves.
+    Frozen,
+}
+
+impl BranchBn {
+    /// The mode `self` means for `oracle` ([`BranchBn::Auto`] resolved).
+    pub fn resolve(self, oracle: &ModelSpec) -> BranchBn {
+        match self {
+            BranchBn::Auto => {
+                let mbconv = |b: &BlockSpec| matches!(b, BlockSpec::MbConv { .. });
+                if oracle.blocks.iter().any(mbconv) {
+                    BranchBn::Frozen
+                } else {
+                    BranchBn::Batch
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Batches of the [`BranchBn::Frozen`] statistics estimate.
+pub const BN_CALIBRATION_BATCHES: usize = 8;
 
 /// In-place distillation (BigNAS): in a sandwich step the largest path learns the task as
 /// every path does without it (`ce_weight` CE + KD against the oracle), while the other paths
@@ -110,6 +155,8 @@ pub struct ElastifyConfig {
     pub sandwich_random: u32,
     /// Stage 1 with `sandwich`: the loss of the paths other than the largest.
     pub inplace_distill: InplaceDistill,
+    /// How branch BN layers run while they train.
+    pub branch_bn: BranchBn,
 }
 
 impl ElastifyConfig {
@@ -163,6 +210,7 @@ impl Default for ElastifyConfig {
             sandwich: false,
             sandwich_random: 2,
             inplace_distill: InplaceDistill::Off,
+            branch_bn: BranchBn::Auto,
         }
     }
 }
@@ -345,6 +393,10 @@ pub fn elastify(
 ) -> Result<ElastifyOutcome> {
     let sn_cfg = config.validate()?;
     check_data(&oracle.spec, data, "data")?;
+    let config = &ElastifyConfig {
+        branch_bn: config.branch_bn.resolve(&oracle.spec),
+        ..config.clone()
+    };
     let sn_cfg = config.kinds_for(&oracle.spec, sn_cfg)?;
     let mut supernet = build_supernet(oracle, &sn_cfg)?;
     if supernet.spec.count() <= 1 {
@@ -382,6 +434,9 @@ pub fn elastify(
         None
     };
     let frozen = frozen_folded(&supernet)?;
+    if config.branch_bn == BranchBn::Frozen && cur.stage == 0 && cur.step == 0 {
+        calibrate_branch_bn(&frozen, &mut branches, data, config)?;
+    }
     let total_steps = config.stage0_steps + config.stage1_steps;
     let transform = train_transform(&config.normalize, &config.augment);
     let mut sampler = BatchSampler::new(data.len(), config.seed);
@@ -492,6 +547,39 @@ pub fn elastify(
         supernet.modules.insert(*key, m.snapshot()?);
     }
     Ok(ElastifyOutcome { supernet, report })
+}
+
+/// [`BranchBn::Frozen`]: sets every branch's BN running statistics to their mean over
+/// [`BN_CALIBRATION_BATCHES`] batches (unaugmented images of a seeded draw) of the branch run
+/// in train mode on the oracle's own feature at its position, as
+/// [`Supernet::recalibrate_bn`] does along one path. Copied statistics of a pruned or merged
+/// block's reshaped layers, and fresh layers' unit statistics, become those of the inputs the
+/// branch gets on near-original paths.
+fn calibrate_branch_bn(
+    sn: &Supernet,
+    branches: &mut BTreeMap<ModuleKey, TrainModule>,
+    data: &Dataset,
+    config: &ElastifyConfig,
+) -> Result<()> {
+    let transform = eval_transform(&config.normalize);
+    let mut sampler = BatchSampler::new(data.len(), config.seed ^ 0xb4_ca1b);
+    let n = sn.spec.num_positions();
+    for b in 0..BN_CALIBRATION_BATCHES {
+        let idx = sampler.batch((b * config.batch) as u64, config.batch);
+        let (x, _) = data.batch_tensor(&idx, &transform, &Device::Cpu)?;
+        let mut feats = vec![sn.forward_stem(&x)?];
+        for i in 0..n {
+            let f = sn.forward_module(ModuleKey::new(i, Choice::Original), &feats[i])?;
+            feats.push(f);
+        }
+        for (key, m) in branches.iter_mut() {
+            // Momentum 1/(b+1): the running value becomes the mean of the batch values.
+            let mut ctx = TrainCtx::new(1.0 / (b + 1) as f64);
+            sn.forward_module_train(*key, &m.snapshot()?, &feats[key.pos], &mut ctx)?;
+            m.apply(&mut ctx);
+        }
+    }
+    Ok(())
 }
 
 /// The frozen part of `sn` (stem, head and original blocks, no branches) with BN folded into
@@ -765,7 +853,13 @@ fn forward_path(
             h
         };
         let mut ctx = TrainCtx::new(BN_MOMENTUM);
-        h = sn.forward_module_train(key, &m.params(), &input, &mut ctx)?;
+        h = match config.branch_bn {
+            BranchBn::Frozen => sn.forward_module_with(key, &m.params(), &input)?,
+            // `elastify` resolved `Auto` before the first step.
+            BranchBn::Batch | BranchBn::Auto => {
+                sn.forward_module_train(key, &m.params(), &input, &mut ctx)?
+            }
+        };
         used.push((key, ctx));
         if stage == 0 {
             terms.push(mse(&h, &teacher[key.pos + span])?);

@@ -122,8 +122,18 @@ fn conv_bn(
         ctx.bn_updates.push((bn.to_string(), nm, nv));
         return Ok(y);
     }
-    let y = ops::conv2d(x, w, stride, pad, groups)?;
-    let y = ops::batch_norm_eval(&y, g, b, m, v, num.bn_eps)?;
+    let y = if w.track_op() || g.track_op() {
+        // Training through inference-mode BN (a branch on fixed statistics): the BN folded
+        // into the conv as differentiable ops on the small parameters, so the backward
+        // passes over the feature map once (conv + bias) instead of three times.
+        let scale = (g / (v + num.bn_eps)?.sqrt()?)?;
+        let wf = w.broadcast_mul(&scale.reshape((w.dim(0)?, 1, 1, 1))?)?;
+        let bf = (b - (m * &scale)?)?;
+        ops::conv2d_bias(x, &wf, &bf, stride, pad, groups)?
+    } else {
+        let y = ops::conv2d(x, w, stride, pad, groups)?;
+        ops::batch_norm_eval(&y, g, b, m, v, num.bn_eps)?
+    };
     match act {
         Some(a) => ops::activation(&y, a),
         None => Ok(y),

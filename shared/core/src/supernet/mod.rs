@@ -419,6 +419,19 @@ impl Supernet {
         Ok(out)
     }
 
+    /// Runs one module in inference mode (BN on its running statistics) with explicitly given
+    /// weights: differentiable in them when they are variables, e.g. a branch training with
+    /// its BN statistics fixed.
+    pub fn forward_module_with(
+        &self,
+        key: ModuleKey,
+        params: &Params,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let choice = self.choice_spec(key)?;
+        block_forward(&choice.block, &self.spec.oracle.numerics, params, x, None)
+    }
+
     /// Runs one module in train mode (batch-statistics BN; updates recorded in `ctx`), with
     /// explicitly given weights (e.g. trainable variables).
     pub fn forward_module_train(
