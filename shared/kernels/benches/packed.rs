@@ -18,8 +18,8 @@
 use std::time::Instant;
 
 use adaptivenet_kernels::{
-    add_relu, conv2d_fused, conv_packed, conv_packed_on, isa, pack_conv, pack_winograd, threads,
-    winograd_packed_on, winograd_wins, Activation, Conv2dParams, Isa,
+    add_relu, conv2d_fused, conv_packed, conv_packed_on, isa, pack_conv, pack_winograd,
+    pack_winograd_tile, threads, winograd_packed_on, winograd_wins, Activation, Conv2dParams, Isa,
 };
 use candle_core::{Device, Tensor};
 
@@ -69,6 +69,9 @@ fn time_cols<const N: usize>(mut cols: [&mut dyn FnMut(); N], budget_ms: f64) ->
 
 fn main() {
     threads::set_max_threads(1);
+    // As the binaries do: freed outputs are reused, not unmapped, so the batch-50 rows time
+    // the kernels rather than the page faults of a fresh multi-MB output per call.
+    adaptivenet_kernels::alloc::retain_freed_memory();
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let sh = |name, n, c, o, hw, k, s, residual| Shape {
         name,
@@ -189,35 +192,44 @@ fn main() {
 
 /// The stride-1 3x3 convs (pad 1, bias, fused ReLU, `+res` the residual join too): the
 /// packed direct conv ([`conv_packed_on`]) against Winograd F(2x2, 3x3)
-/// ([`winograd_packed_on`]), at this CPU's widest level and at AVX2, the four interleaved. ResNet-20's at 28x28 input (batch 1 as served, 50 as the search evaluates),
+/// ([`winograd_packed_on`]), at this CPU's widest level and at AVX2, and F(4x4, 3x3)
+/// ([`pack_winograd_tile`]) at the widest level, the five interleaved. ResNet-20's at 28x28 input (batch 1 as served, 50 as the search evaluates),
 /// ResNet-18's at 224 (batch 1), and off-model shapes that bound [`winograd_wins`]. BENCH
 /// keys (and filter names) `wino {name}`: `direct_ms`, `winograd_ms`, `ratio` (direct /
 /// Winograd), the same at AVX2 (`avx2_direct_ms`, `avx2_winograd_ms`, `avx2_ratio`: the
-/// same kernels again when the CPU's widest level is AVX2) and `routed` (what [`winograd_wins`] picks).
+/// same kernels again when the CPU's widest level is AVX2), `f4_ms` and `f2_over_f4` (F(2x2)
+/// / F(4x4) at the widest level) and `routed` (what [`winograd_wins`] picks).
 fn winograd_rows(filter: Option<&str>, bench: &mut serde_json::Map<String, serde_json::Value>) {
-    // (name, batch, channels in = out, map, residual)
-    let shapes: [(&str, usize, usize, usize, bool); 21] = [
-        ("r20 16->16 @28", 1, 16, 28, false),
-        ("r20 16->16 @28 +res", 1, 16, 28, true),
-        ("r20 32->32 @14 +res", 1, 32, 14, true),
-        ("r20 64->64 @7 +res", 1, 64, 7, true),
-        ("r20 16->16 @28 b50", 50, 16, 28, false),
-        ("r20 16->16 @28 +res b50", 50, 16, 28, true),
-        ("r20 32->32 @14 +res b50", 50, 32, 14, true),
-        ("r20 64->64 @7 +res b50", 50, 64, 7, true),
-        ("r18 64->64 @56 +res", 1, 64, 56, true),
-        ("r18 128->128 @28 +res", 1, 128, 28, true),
-        ("r18 256->256 @14 +res", 1, 256, 14, true),
-        ("r18 512->512 @7 +res", 1, 512, 7, true),
-        ("8->8 @28 b50", 50, 8, 28, false),
-        ("8->8 @14 b50", 50, 8, 14, false),
-        ("16->16 @7 b50", 50, 16, 7, false),
-        ("32->32 @7 b50", 50, 32, 7, false),
-        ("64->64 @4 b50", 50, 64, 4, false),
-        ("128->128 @7 b50", 50, 128, 7, false),
-        ("16->16 @14 b1", 1, 16, 14, false),
-        ("r20 16->16 @28 b16", 16, 16, 28, false),
-        ("16->16 @14 b16", 16, 16, 14, false),
+    // (name, batch, channels in, out, map, residual)
+    let shapes: [(&str, usize, usize, usize, usize, bool); 27] = [
+        ("r20 16->16 @28", 1, 16, 16, 28, false),
+        ("r20 16->16 @28 +res", 1, 16, 16, 28, true),
+        ("r20 32->32 @14 +res", 1, 32, 32, 14, true),
+        ("r20 64->64 @7 +res", 1, 64, 64, 7, true),
+        ("r20 16->16 @28 b50", 50, 16, 16, 28, false),
+        ("r20 16->16 @28 +res b50", 50, 16, 16, 28, true),
+        ("r20 32->32 @14 +res b50", 50, 32, 32, 14, true),
+        ("r20 64->64 @7 +res b50", 50, 64, 64, 7, true),
+        ("r18 64->64 @56 +res", 1, 64, 64, 56, true),
+        ("r18 128->128 @28 +res", 1, 128, 128, 28, true),
+        ("r18 256->256 @14 +res", 1, 256, 256, 14, true),
+        ("r18 512->512 @7 +res", 1, 512, 512, 7, true),
+        ("8->8 @28 b50", 50, 8, 8, 28, false),
+        ("8->8 @14 b50", 50, 8, 8, 14, false),
+        ("16->16 @7 b50", 50, 16, 16, 7, false),
+        ("32->32 @7 b50", 50, 32, 32, 7, false),
+        ("64->64 @4 b50", 50, 64, 64, 4, false),
+        ("128->128 @7 b50", 50, 128, 128, 7, false),
+        ("16->16 @14 b1", 1, 16, 16, 14, false),
+        ("r20 16->16 @28 b16", 16, 16, 16, 28, false),
+        ("16->16 @14 b16", 16, 16, 16, 14, false),
+        // The pruned ResNet-20 blocks the search evaluates (inner widths 0.8 and 0.6).
+        ("r20 16->13 @28 b100", 100, 16, 13, 28, false),
+        ("r20 13->16 @28 +res b100", 100, 13, 16, 28, true),
+        ("r20 16->10 @28 b100", 100, 16, 10, 28, false),
+        ("r20 10->16 @28 +res b100", 100, 10, 16, 28, true),
+        ("r20 32->26 @14 b100", 100, 32, 26, 14, false),
+        ("r20 64->38 @7 b100", 100, 64, 38, 7, false),
     ];
     println!();
     println!(
@@ -225,52 +237,59 @@ fn winograd_rows(filter: Option<&str>, bench: &mut serde_json::Map<String, serde
          both at {:?}, then both at AVX2",
         isa()
     );
-    println!("| conv (batch 1 unless bN) | packed direct | Winograd F(2,3) | direct / Winograd | AVX2 direct | AVX2 Winograd | AVX2 ratio | routed |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for (name, n, c, hw, residual) in shapes {
+    println!("| conv (batch 1 unless bN) | packed direct | Winograd F(2,3) | direct / Winograd | Winograd F(4,3) | F(2,3) / F(4,3) | AVX2 direct | AVX2 Winograd | AVX2 ratio | routed |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (name, n, c, o, hw, residual) in shapes {
         if filter.is_some_and(|f| !format!("wino {name}").contains(f)) {
             continue;
         }
         let p = Conv2dParams::new(1, 1);
         let x = Tensor::randn(0f32, 1f32, (n, c, hw, hw), &Device::Cpu).unwrap();
-        let w = (Tensor::randn(0f32, 1f32, (c, c, 3, 3), &Device::Cpu).unwrap()
+        let w = (Tensor::randn(0f32, 1f32, (o, c, 3, 3), &Device::Cpu).unwrap()
             * (1.0 / ((c * 9) as f64).sqrt()))
         .unwrap();
-        let b = Tensor::randn(0f32, 1f32, c, &Device::Cpu).unwrap();
-        let res = Tensor::randn(0f32, 1f32, (n, c, hw, hw), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1f32, o, &Device::Cpu).unwrap();
+        let res = Tensor::randn(0f32, 1f32, (n, o, hw, hw), &Device::Cpu).unwrap();
         let res = residual.then_some(&res);
         let packed = pack_conv(&w).unwrap();
         let wino = pack_winograd(&w).unwrap();
+        let wino4 = pack_winograd_tile(&w, 4).unwrap();
         let act = Activation::Relu;
         let avx2 = Isa::Avx2.min(isa());
-        let (x, b, packed, wino, p) = (&x, &b, &packed, &wino, &p);
+        let (x, b, packed, wino, wino4, p) = (&x, &b, &packed, &wino, &wino4, &p);
         let d = |level: Isa| {
             move || {
-                conv_packed_on(level, x, packed, c, (3, 3), Some(b), p, act, res).unwrap();
+                conv_packed_on(level, x, packed, o, (3, 3), Some(b), p, act, res).unwrap();
             }
         };
         let wg = |level: Isa| {
             move || {
-                winograd_packed_on(level, x, wino, c, Some(b), p, act, res).unwrap();
+                winograd_packed_on(level, x, wino, o, Some(b), p, act, res).unwrap();
             }
         };
+        let mut w4 = || {
+            winograd_packed_on(isa(), x, wino4, o, Some(b), p, act, res).unwrap();
+        };
         let (mut d1, mut w1, mut d2c, mut w2c) = (d(isa()), wg(isa()), d(avx2), wg(avx2));
-        let [direct, winograd, d2, w2] = time_cols([&mut d1, &mut w1, &mut d2c, &mut w2c], 1000.0);
+        let [direct, winograd, f4, d2, w2] =
+            time_cols([&mut d1, &mut w1, &mut w4, &mut d2c, &mut w2c], 1000.0);
+        let f2_over_f4 = winograd.0 / f4.0;
         let ratio = direct.0 / winograd.0;
         let ratio2 = d2.0 / w2.0;
-        let routed = if winograd_wins(n, c, c, hw, hw) {
+        let routed = if winograd_wins(n, c, o, hw, hw) {
             "Winograd"
         } else {
             "direct"
         };
         println!(
-            "| {name} | {:.3} ({:.3}) | {:.3} ({:.3}) | {ratio:.2} | {:.3} | {:.3} | {ratio2:.2} | {routed} |",
-            direct.0, direct.1, winograd.0, winograd.1, d2.0, w2.0
+            "| {name} | {:.3} ({:.3}) | {:.3} ({:.3}) | {ratio:.2} | {:.3} ({:.3}) | {f2_over_f4:.2} | {:.3} | {:.3} | {ratio2:.2} | {routed} |",
+            direct.0, direct.1, winograd.0, winograd.1, f4.0, f4.1, d2.0, w2.0
         );
         bench.insert(
             format!("wino {name}"),
             serde_json::json!({"direct_ms": direct.0, "winograd_ms": winograd.0, "ratio": ratio,
                 "avx2_direct_ms": d2.0, "avx2_winograd_ms": w2.0, "avx2_ratio": ratio2,
+                "f4_ms": f4.0, "f2_over_f4": f2_over_f4,
                 "routed": routed}),
         );
     }

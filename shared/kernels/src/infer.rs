@@ -71,19 +71,32 @@ pub fn pack_conv(w: &Tensor) -> candle_core::Result<Tensor> {
 /// f64, as one `[O x C]` matrix per transform position in panels of 16 output channels
 /// (`[16, ceil(O/16), C, 16]`, zero-padded). Done once per module when it is installed.
 pub fn pack_winograd(w: &Tensor) -> candle_core::Result<Tensor> {
+    pack_winograd_tile(w, 2)
+}
+
+/// [`pack_winograd`] for output tiles of side `tile`: 2 (F(2x2, 3x3), 16 transform
+/// positions) or 4 (F(4x4, 3x3), 36 positions, `[36, ceil(O/16), C, 16]`). The packed
+/// weight's first dimension tells [`winograd_packed`] which one it runs.
+pub fn pack_winograd_tile(w: &Tensor, tile: usize) -> candle_core::Result<Tensor> {
     let (o, c, kh, kw) = w.dims4()?;
-    if (kh, kw) != (3, 3) {
-        return Err(
-            KernelError::Shape(format!("pack_winograd: kernel {kh}x{kw}, expected 3x3")).into(),
-        );
+    if (kh, kw) != (3, 3) || !winograd::TILES.contains(&tile) {
+        return Err(KernelError::Shape(format!(
+            "pack_winograd: kernel {kh}x{kw}, tile {tile}; expected 3x3 and tile 2 or 4"
+        ))
+        .into());
     }
     let w = w.contiguous()?;
     let packed = with_f32(&w, "pack_winograd", "weight", |s| {
-        Ok(winograd::pack(s, o, c))
+        Ok(winograd::pack(s, o, c, tile))
     })?;
     Tensor::from_vec(
         packed,
-        (16, o.div_ceil(winograd::PANEL), c, winograd::PANEL),
+        (
+            winograd::positions(tile),
+            o.div_ceil(winograd::PANEL),
+            c,
+            winograd::PANEL,
+        ),
         &Device::Cpu,
     )
 }
@@ -95,10 +108,26 @@ pub fn winograd_channels(c: usize, o: usize) -> bool {
     c.min(o) >= least
 }
 
-/// Whether [`winograd_packed`] beats [`conv_packed`]'s direct conv on a stride-1 3x3 conv of
-/// `c` inputs and `o` outputs on `n` images of `h x w` (padded by 1). Measured with `cargo
-/// bench --bench packed -- wino` (one thread, thread CPU time, direct / Winograd, C = O,
-/// both on the same instruction set):
+/// Whether a 3x3 conv of `c` inputs and `o` outputs can run F(4x4, 3x3) on some input
+/// ([`winograd_tile`]; at pack time the map is not known): AVX-512 only (the other levels
+/// run its transforms unvectorised), 16 to 256 channels (a 512x512 F(4x4) weight is 38 MB,
+/// and it loses at 7x7 anyway).
+pub fn winograd4_channels(c: usize, o: usize) -> bool {
+    isa() == Isa::Avx512 && c.min(o) >= 16 && c.max(o) <= 256
+}
+
+/// Env `ADAPTIVENET_WINOGRAD` (read once): `0` no Winograd, `2` F(2x2, 3x3) only (the
+/// routing before F(4x4)), anything else both; for whole-model A/B runs of one binary.
+fn winograd_env() -> Option<&'static str> {
+    static MODE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    MODE.get_or_init(|| std::env::var("ADAPTIVENET_WINOGRAD").ok())
+        .as_deref()
+}
+
+/// Whether [`winograd_packed`] (F(2x2, 3x3)) beats [`conv_packed`]'s direct conv on a
+/// stride-1 3x3 conv of `c` inputs and `o` outputs on `n` images of `h x w` (padded by 1).
+/// Measured with `cargo bench --bench packed -- wino` (one thread, thread CPU time,
+/// direct / Winograd, C = O, both on the same instruction set):
 ///
 /// * AVX-512: 32 to 256 channels win on every map from 4x4 up (32@14 1.11 at batch 1,
 ///   1.34 at 50; 32@7 1.35; 64@7 1.39 / 1.63; 64@4 3.09; 128@28 1.38; 256@14 1.23); 512
@@ -109,19 +138,37 @@ pub fn winograd_channels(c: usize, o: usize) -> bool {
 /// * AVX2 + FMA: 32 channels win at 14x14 (1.08-1.16) but lose at 7x7 (0.87), 64 and more
 ///   win from 4x4 up (1.34-2.04); 16 and 8 lose (0.56-0.98).
 ///
-/// Env `ADAPTIVENET_WINOGRAD=0` (read once) makes it always false, for whole-model A/B runs
-/// of one binary.
+/// Env `ADAPTIVENET_WINOGRAD=0` makes it always false. [`winograd_tile`] is the routing.
 pub fn winograd_wins(n: usize, c: usize, o: usize, h: usize, w: usize) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("ADAPTIVENET_WINOGRAD").is_ok_and(|v| v == "0"));
     let (m, ch) = (h.min(w), c.min(o));
-    if off || !winograd_channels(c, o) || m < 4 {
+    if winograd_env() == Some("0") || !winograd_channels(c, o) || m < 4 {
         return false;
     }
     match isa() {
         Isa::Avx512 => (ch >= 32 || n >= 16) && (ch < 512 || m >= 14),
         _ => m >= 14 || ch >= 64,
     }
+}
+
+/// The Winograd form a stride-1 3x3 conv (pad 1) runs: `Some(4)` F(4x4, 3x3)
+/// ([`pack_winograd_tile`] with tile 4), `Some(2)` F(2x2, 3x3) ([`winograd_wins`]), `None`
+/// the direct conv. F(4x4) multiplies 2.25 times per output against F(2x2)'s 4, but its
+/// 4x4 tiles fill the 16 lanes of a vector only from 16 tiles per call (n * ceil(H/4) *
+/// ceil(W/4)). Measured on AVX-512 (`cargo bench --bench packed -- wino`, one thread, thread
+/// CPU time, F(2x2) / F(4x4)): batch 1 16@28 1.54-1.58 (and 1.24 over the direct conv
+/// F(2x2) lost to), 32@14 1.39, 16@14 1.45, but 64@7 (4 tiles) 0.36; batch 50 32@14
+/// 1.22-1.53, 16@28 1.06-1.09, 16@7 1.67, 32@7 1.21, 64@7 0.93-1.12, 128@7 1.26; ResNet-18
+/// batch 1 64@56 1.07, 128@28 1.19, 256@14 1.20. `ADAPTIVENET_WINOGRAD=2` keeps F(2x2) only.
+pub fn winograd_tile(n: usize, c: usize, o: usize, h: usize, w: usize) -> Option<usize> {
+    let tiles = n * h.div_ceil(4) * w.div_ceil(4);
+    let env = winograd_env();
+    if env == Some("0") {
+        return None;
+    }
+    if env != Some("2") && winograd4_channels(c, o) && h.min(w) >= 4 && tiles >= 16 {
+        return Some(4);
+    }
+    winograd_wins(n, c, o, h, w).then_some(2)
 }
 
 /// Checks the bias and residual against the geometry.
@@ -402,7 +449,10 @@ pub fn winograd_packed_on(
         .into());
     }
     let (o, pw) = (out_channels, winograd::PANEL);
-    if packed.dims() != [16, o.div_ceil(pw), c, pw] {
+    let m = winograd::TILES
+        .into_iter()
+        .find(|&m| packed.dim(0).ok() == Some(winograd::positions(m)));
+    if m.is_none() || packed.dims().get(1..) != Some(&[o.div_ceil(pw), c, pw][..]) {
         return Err(KernelError::Shape(format!(
             "{OP}: packed weight shape {:?} does not fit {o} outputs x {c} inputs",
             packed.dims()
@@ -414,6 +464,7 @@ pub fn winograd_packed_on(
         let op = Winograd {
             x: xs,
             u: us,
+            m: m.unwrap_or(2),
             bias: bs,
             residual: rs,
             act,

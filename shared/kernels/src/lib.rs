@@ -14,8 +14,9 @@
 //! * [`pack_conv`] + [`conv_packed`] (and the 1x1 [`pack_pointwise`] + [`pointwise_packed`]):
 //!   inference on a weight packed once when a module is installed, with bias, activation and
 //!   a residual add fused into the micro-kernel's epilogue.
-//! * [`pack_winograd`] + [`winograd_packed`]: the same for stride-1 3x3 convs by Winograd
-//!   F(2x2, 3x3), where [`winograd_wins`] (measured per shape).
+//! * [`pack_winograd`] / [`pack_winograd_tile`] + [`winograd_packed`]: the same for stride-1
+//!   3x3 convs by Winograd F(2x2, 3x3) or F(4x4, 3x3), as [`winograd_tile`] picks (measured
+//!   per shape).
 //! * [`fold_bn`]: folds eval-mode BatchNorm into the preceding conv's weight and bias.
 //! * [`max_pool2d`]: any kernel/stride, `-inf` padding like PyTorch, with backward.
 //! * [`global_avg_pool`]: `[N, C, H, W] -> [N, C]`, with backward.
@@ -74,11 +75,12 @@
 //!   no im2col, bias, activation and residual add fused (AVX-512 32-position tiles where
 //!   the CPU has avx512f, AVX2 6x16 otherwise; [`conv_packed_on`] forces a level for tests
 //!   and benches; `tests/direct.rs`).
-//! * `src/winograd.rs`, `src/infer.rs`: [`pack_winograd`] and [`winograd_packed`], Winograd
-//!   F(2x2, 3x3) for stride-1 3x3 inference convs (any padding): the weight transformed once
-//!   at pack time, per chunk of tile rows an input transform, 16 GEMMs `[O x C] x [C x
-//!   tiles]` and an output transform with bias, residual add and activation fused;
-//!   [`winograd_wins`] says on which shapes it beats the direct conv (`tests/winograd.rs`).
+//! * `src/winograd.rs`, `src/infer.rs`: [`pack_winograd`], [`pack_winograd_tile`] and
+//!   [`winograd_packed`], Winograd F(2x2, 3x3) and F(4x4, 3x3) for stride-1 3x3 inference
+//!   convs (any padding): the weight transformed once at pack time, per chunk of tile rows
+//!   an input transform, 16 (36) GEMMs `[O x C] x [C x tiles]` and an output transform
+//!   with bias, residual add and activation fused; [`winograd_tile`] says on which shapes
+//!   which form beats the direct conv (`tests/winograd.rs`).
 //! * `src/cpu.rs`: the one run-time CPU check every SIMD kernel dispatches on ([`isa`]).
 //! * `src/pool.rs`: max-pool and global average pool ops.
 //! * `src/bn.rs`: BatchNorm folding (computed in f64); `src/bn_train.rs`: train-mode BN;
@@ -229,8 +231,8 @@ pub use cpu::{isa, Isa};
 pub use eltwise::{add_relu, relu, relu6};
 pub use infer::{
     conv_packed, conv_packed_on, expand_dw_fuses, expand_dw_packed, pack_conv, pack_pointwise,
-    pack_winograd, pointwise_packed, winograd_channels, winograd_packed, winograd_packed_on,
-    winograd_wins,
+    pack_winograd, pack_winograd_tile, pointwise_packed, winograd4_channels, winograd_channels,
+    winograd_packed, winograd_packed_on, winograd_tile, winograd_wins,
 };
 pub use optim::{sgd_update, SgdParams};
 

@@ -4,7 +4,8 @@
 //! Folded [`Params`] drop the BN tensors and gain `{conv}.bias` and the micro-kernel-packed
 //! weight `{conv}.packed` (see [`packed_name`]; a head's classifier gets `fc.packed`); the forward functions notice the missing BN
 //! and take the fused path (a 1x1 conv the pointwise GEMM, a stride-1 3x3 one Winograd
-//! F(2x2, 3x3) where it wins (`{conv}.wino`, see [`winograd_name`]), any other one-group conv
+//! F(4x4, 3x3) or F(2x2, 3x3) where it wins (`{conv}.wino4` / `{conv}.wino`, see
+//! [`winograd4_name`], [`winograd_name`]), any other one-group conv
 //! the direct conv, all with bias, activation and residual add in the epilogue), so folded and
 //! unfolded modules share one forward implementation (and the folded oracle equals the
 //! folded all-original subnet bit for bit).
@@ -46,10 +47,25 @@ pub fn winograd_name(conv: &str) -> String {
     format!("{conv}.wino")
 }
 
-/// Whether a folded conv weight `[O, C, KH, KW]` gets a Winograd form too.
-fn winograd_packs(w: &candle_core::Tensor) -> Result<bool> {
+/// Name of the Winograd F(4x4, 3x3) form (`{conv}.wino4`, see
+/// [`adaptivenet_kernels::pack_winograd_tile`]), packed beside the others where
+/// [`adaptivenet_kernels::winograd4_channels`] (36/9 of the weight); the forward takes it
+/// where [`adaptivenet_kernels::winograd_tile`] picks tile 4.
+pub fn winograd4_name(conv: &str) -> String {
+    format!("{conv}.wino4")
+}
+
+/// The Winograd forms (tile sides) a folded conv weight `[O, C, KH, KW]` gets too.
+fn winograd_packs(w: &candle_core::Tensor) -> Result<Vec<usize>> {
     let (o, c, kh, kw) = w.dims4()?;
-    Ok((kh, kw) == (3, 3) && adaptivenet_kernels::winograd_channels(c, o))
+    let mut tiles = Vec::new();
+    if (kh, kw) == (3, 3) && adaptivenet_kernels::winograd_channels(c, o) {
+        tiles.push(2);
+    }
+    if (kh, kw) == (3, 3) && adaptivenet_kernels::winograd4_channels(c, o) {
+        tiles.push(4);
+    }
+    Ok(tiles)
 }
 
 /// Reductions (`C * KH * KW`) below which a KxK conv keeps the im2col + GEMM path: with so
@@ -97,9 +113,14 @@ pub fn fold_params(p: &Params, eps: f64) -> Result<Params> {
         let (wf, bf) = adaptivenet_kernels::fold_bn(w, None, g, b, m, v, eps)?;
         if packs(&wf)? {
             out.insert(packed_name(&conv), adaptivenet_kernels::pack_conv(&wf)?);
-            if winograd_packs(&wf)? {
-                let u = adaptivenet_kernels::pack_winograd(&wf)?;
-                out.insert(winograd_name(&conv), u);
+            for tile in winograd_packs(&wf)? {
+                let u = adaptivenet_kernels::pack_winograd_tile(&wf, tile)?;
+                let name = if tile == 4 {
+                    winograd4_name(&conv)
+                } else {
+                    winograd_name(&conv)
+                };
+                out.insert(name, u);
             }
         }
         out.insert(w_name, wf);

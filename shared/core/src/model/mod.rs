@@ -160,7 +160,8 @@ fn packed_applies(
 /// The inference fast path of a folded, pre-packed conv (see [`fold::packed_name`]):
 /// `act(conv(x) + bias + residual)` in one kernel with the bias, activation and residual add
 /// in its epilogue (1x1 stride 1: the pointwise GEMM; a stride-1 3x3 with a Winograd form
-/// (see [`fold::winograd_name`]) on a map where it wins: Winograd F(2x2, 3x3); else the
+/// (see [`fold::winograd_name`], [`fold::winograd4_name`]) on a map where it wins: Winograd
+/// F(4x4, 3x3) or F(2x2, 3x3) as [`adaptivenet_kernels::winograd_tile`] picks; else the
 /// direct conv, no im2col).
 /// `None` when it does not apply (see [`packed_applies`]; a residual that carries a
 /// gradient): the caller then takes the general path.
@@ -187,8 +188,13 @@ fn packed_folded(
     if kh == 1 && kw == 1 && stride == 1 && pad == (0, 0, 0, 0) {
         return ops::pointwise_packed(x, packed, o, bias, act, residual).map(Some);
     }
-    if stride == 1 && adaptivenet_kernels::winograd_wins(n, c, o, h, w) {
-        if let Some(u) = p.get(&fold::winograd_name(conv)) {
+    if stride == 1 {
+        let name = match adaptivenet_kernels::winograd_tile(n, c, o, h, w) {
+            Some(4) => Some(fold::winograd4_name(conv)),
+            Some(_) => Some(fold::winograd_name(conv)),
+            None => None,
+        };
+        if let Some(u) = name.and_then(|name| p.get(&name)) {
             return ops::winograd_packed(x, u, o, bias, pad, act, residual).map(Some);
         }
     }

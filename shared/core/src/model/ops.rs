@@ -189,7 +189,8 @@ pub fn conv_packed(
 }
 
 /// Inference stride-1 3x3 conv on a weight packed by
-/// [`adaptivenet_kernels::pack_winograd`] (BN folded), by Winograd F(2x2, 3x3):
+/// [`adaptivenet_kernels::pack_winograd`] or `pack_winograd_tile` (BN folded), by Winograd
+/// F(2x2, 3x3) or F(4x4, 3x3) (the packed shape says which):
 /// `act(conv(x) + bias + residual)` with the bias, residual add and activation in the output
 /// transform. Not differentiable.
 pub fn winograd_packed(
