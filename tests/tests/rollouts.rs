@@ -30,8 +30,9 @@ use adaptivenet_tests::{
 /// Heartbeat interval of the agents and the engine's tick (ms).
 const HEARTBEAT_MS: u64 = 300;
 const TICK_MS: u64 = 200;
-/// The fleet's latency budget: the small supernets meet it, the slow one cannot.
-const BUDGET_MS: f64 = 8.0;
+/// The fleet's latency budget: the small supernets (well under 1 ms) meet it, the slow one
+/// cannot.
+const BUDGET_MS: f64 = 5.0;
 const BLOB_BYTES: &str = "adaptivenet_blob_bytes_sent_total";
 
 struct Device {
@@ -84,11 +85,13 @@ impl Rig {
             "token:",
         );
         // A and a good B: small, within the budget. The slow B: wide stages whose cheapest
-        // subnet is far above it on any machine.
+        // subnet is far above it on any machine (192 channels from the 28x28 stage on: about
+        // 0.65 GMAC for its cheapest path; at 96 channels the Winograd F(4x4) kernels brought
+        // it under an 8 ms budget).
         let arts = [
             ("a", [4, 8, 8], 1),
             ("good", [4, 8, 8], 2),
-            ("slow", [96, 192, 192], 3),
+            ("slow", [192, 192, 192], 3),
         ];
         let ids: Vec<String> = rt.block_on(async {
             let mut cfg = Config::for_data_dir(&cloud.data_dir);

@@ -294,7 +294,7 @@ mod tests {
         assert_eq!(JobParams::parse(" {} ").unwrap(), JobParams::default());
         let all = serde_json::to_string(&JobParams::default()).unwrap();
         assert_eq!(JobParams::parse(&all).unwrap(), JobParams::default());
-        assert_eq!(JobParams::keys().len(), 16);
+        assert_eq!(JobParams::keys().len(), 17);
     }
 
     #[test]
