@@ -198,12 +198,8 @@ fn bad_configs_fail_before_work_naming_the_field() {
     assert_eq!(field_of(e.err().unwrap()), "lr");
 }
 
-#[test]
-fn elastify_keeps_the_oracle_exact_and_trains_branches() {
-    // Two blocks and merge-2 only: one branch, so every step trains the same module and the
-    // stage-0 loss must go down.
-    // A briefly trained oracle: its BN statistics describe the data, as a real oracle's do.
-    let data = synthetic(160);
+/// A briefly trained oracle: its BN statistics describe the data, as a real oracle's do.
+fn briefly_trained(spec: &ModelSpec, data: &Dataset) -> Model {
     let quick = TrainOracleConfig {
         steps: 15,
         batch: 32,
@@ -213,8 +209,17 @@ fn elastify_keeps_the_oracle_exact_and_trains_branches() {
         ..TrainOracleConfig::default()
     };
     let never = CancellationToken::new();
-    let (oracle, _) =
-        train_oracle(&spec("[1,1]"), &quick, &data, None, &mut NoProgress, &never).unwrap();
+    train_oracle(spec, &quick, data, None, &mut NoProgress, &never)
+        .unwrap()
+        .0
+}
+
+#[test]
+fn elastify_keeps_the_oracle_exact_and_trains_branches() {
+    // Two blocks and merge-2 only: one branch, so every step trains the same module and the
+    // stage-0 loss must go down.
+    let data = synthetic(160);
+    let oracle = briefly_trained(&spec("[1,1]"), &data);
     let config = ElastifyConfig {
         branches: vec!["merge2".into()],
         stage0_steps: 30,
@@ -582,24 +587,8 @@ fn branch_bn_stats(sn: &adaptivenet_core::supernet::Supernet) -> Tensors {
 
 #[test]
 fn frozen_branch_bn_trains_on_statistics_estimated_on_oracle_features() {
-    let quick = TrainOracleConfig {
-        steps: 15,
-        batch: 32,
-        lr: 0.05,
-        warmup_steps: 2,
-        augment: AugmentPolicy::default(),
-        ..TrainOracleConfig::default()
-    };
     let never = CancellationToken::new();
-    let (oracle, _) = train_oracle(
-        &spec("[2,1]"),
-        &quick,
-        &synthetic(160),
-        None,
-        &mut NoProgress,
-        &never,
-    )
-    .unwrap();
+    let oracle = briefly_trained(&spec("[2,1]"), &synthetic(160));
     // As many images as a batch: every calibration batch holds all of them, so the
     // estimate is the statistics of these images.
     let data = synthetic(16);
