@@ -18,20 +18,6 @@ use common::*;
 const FWD_TOL: f32 = 1e-4;
 const BWD_TOL: f32 = 1e-4;
 
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let scale = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1.0);
-    max_abs_diff(a, b) / scale
-}
-
 #[derive(Clone, Copy, Debug)]
 struct Case {
     n: usize,

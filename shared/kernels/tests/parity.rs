@@ -169,20 +169,6 @@ fn conv_fused_activations() {
     }
 }
 
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let scale = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1.0);
-    max_abs_diff(a, b) / scale
-}
-
 #[test]
 fn conv_backward_matches_candle_autograd() {
     let mut rng = Rng::new(5);

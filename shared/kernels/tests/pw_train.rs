@@ -19,20 +19,6 @@ fn f64s(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let scale = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1.0);
-    max_abs_diff(a, b) / scale
-}
-
 /// `(gx, gw)` of `sum(conv1x1(x, w) * r)` in f64.
 fn naive(x: &Tensor, w: &Tensor, r: &Tensor) -> (Tensor, Tensor) {
     let (n, c, h, wd) = x.dims4().unwrap();
