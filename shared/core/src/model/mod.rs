@@ -126,10 +126,9 @@ fn conv_bn(
         // Training through inference-mode BN (a branch on fixed statistics): the BN folded
         // into the conv as differentiable ops on the small parameters, so the backward
         // passes over the feature map once (conv + bias) instead of three times.
-        let scale = (g / (v + num.bn_eps)?.sqrt()?)?;
+        let (scale, shift) = ops::bn_scale_shift(g, b, m, v, num.bn_eps)?;
         let wf = w.broadcast_mul(&scale.reshape((w.dim(0)?, 1, 1, 1))?)?;
-        let bf = (b - (m * &scale)?)?;
-        ops::conv2d_bias(x, &wf, &bf, stride, pad, groups)?
+        ops::conv2d_bias(x, &wf, &shift, stride, pad, groups)?
     } else {
         let y = ops::conv2d(x, w, stride, pad, groups)?;
         ops::batch_norm_eval(&y, g, b, m, v, num.bn_eps)?

@@ -236,10 +236,23 @@ pub fn batch_norm_eval(
     var: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    let scale = (gamma / (var + eps)?.sqrt()?)?;
-    let shift = (beta - (mean * &scale)?)?;
+    let (scale, shift) = bn_scale_shift(gamma, beta, mean, var, eps)?;
     Ok(x.broadcast_mul(&per_channel(&scale)?)?
         .broadcast_add(&per_channel(&shift)?)?)
+}
+
+/// Inference-mode BN as a per-channel `(scale, shift)`: `y = x * scale + shift`. Candle ops,
+/// so differentiable in the BN's parameters.
+pub fn bn_scale_shift(
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let scale = (gamma / (var + eps)?.sqrt()?)?;
+    let shift = (beta - (mean * &scale)?)?;
+    Ok((scale, shift))
 }
 
 /// Train-mode batch norm followed by `act`: normalises with batch statistics and returns
