@@ -19,6 +19,10 @@
 //! mobilenet_v2_100_96,mobilenet_v2_050_224,lite0,lite0_64,mobilenet_v2_2t,lite0_2t,train_step,dw`;
 //! the `_2t` rows run the folded model and the peers at 2 threads),
 //! `KBENCH_NO_STOCK=1` (skip the stock-candle columns, e.g. under a profiler),
+//! `KBENCH_LAYERS=1` (per inference row, also the folded model's stem, every block and the
+//! head timed alone: CPU-time medians, to find the layers that lag a peer's profile),
+//! `KBENCH_DIR=path` (write the peers' model files there and keep them, e.g. to profile ONNX
+//! Runtime per node on the very same graphs; default: a temporary directory),
 //! `KBENCH_GLIBC_ALLOC=1` (leave glibc's allocator at its defaults instead of
 //! `adaptivenet_kernels::alloc::retain_freed_memory`, which the binaries call: for A/B runs;
 //! `"retain_freed_memory"` in the BENCH line says which ran).
@@ -380,6 +384,9 @@ fn infer_row_at(r: &Infer, peers_dir: &Path) -> Res<Row> {
     .into_iter()
     .collect();
     candle_core::safetensors::save(&check, peers_dir.join(format!("{key}.check.safetensors")))?;
+    if std::env::var("KBENCH_LAYERS").is_ok_and(|v| v == "1") {
+        layer_profile(label, &folded, &x, budget_s)?;
+    }
 
     let mut cols = vec![
         Col {
@@ -426,6 +433,77 @@ fn infer_row_at(r: &Infer, peers_dir: &Path) -> Res<Row> {
         label,
         stats: [stats[0].clone(), stats[1].clone(), stats[2].clone()],
     })
+}
+
+/// `KBENCH_LAYERS=1`: the folded model's stem, each block and the head timed alone on the
+/// input it sees in the model (interleaved rounds, process CPU time medians), printed one
+/// line per layer with its shape, so a slow layer can be matched against a peer's profile.
+fn layer_profile(label: &str, m: &Model, x: &Tensor, budget_s: f64) -> Res<()> {
+    let num = &m.spec.numerics;
+    let mut inputs = vec![x.clone()];
+    let mut h = stem_forward(&m.spec.stem, num, &m.stem, x, None)?;
+    for (b, p) in m.spec.blocks.iter().zip(&m.blocks) {
+        inputs.push(h.clone());
+        h = block_forward(b, num, p, &h, None)?;
+    }
+    inputs.push(h);
+    let nb = m.spec.blocks.len();
+    let run = |i: usize| -> Res<()> {
+        if i == 0 {
+            stem_forward(&m.spec.stem, num, &m.stem, &inputs[0], None)?;
+        } else if i <= nb {
+            block_forward(
+                &m.spec.blocks[i - 1],
+                num,
+                &m.blocks[i - 1],
+                &inputs[i],
+                None,
+            )?;
+        } else {
+            head_forward(&m.spec.head, num, &m.head, &inputs[i], None)?;
+        }
+        Ok(())
+    };
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); nb + 2];
+    let start = Instant::now();
+    let budget = budget_s * scale();
+    while times[0].len() < MIN_RUNS
+        || (start.elapsed().as_secs_f64() < budget && times[0].len() < 500)
+    {
+        for (i, t) in times.iter_mut().enumerate() {
+            let c0 = process_cpu_ms();
+            run(i)?;
+            t.push(process_cpu_ms() - c0);
+        }
+    }
+    let med = |v: &Vec<f64>| {
+        let mut v = v.clone();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "{label}: folded layers alone, process CPU ms (median of {})",
+        times[0].len()
+    );
+    let mut total = 0.0;
+    for (i, t) in times.iter().enumerate() {
+        let what = if i == 0 {
+            format!("stem {:?}", inputs[0].dims())
+        } else if i <= nb {
+            format!(
+                "block {} {:?} on {:?}",
+                i - 1,
+                m.spec.blocks[i - 1],
+                inputs[i].dims()
+            )
+        } else {
+            format!("head on {:?}", inputs[i].dims())
+        };
+        total += med(t);
+        println!("  {:>8.4}  {what}", med(t));
+    }
+    println!("  {total:>8.4}  sum");
+    Ok(())
 }
 
 /// Whether `KBENCH_NO_STOCK=1` drops the stock-candle columns (profiling our kernels).
@@ -623,7 +701,12 @@ fn main() -> Res<()> {
         adaptivenet_kernels::threads::describe(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
-    let dir = tempfile::tempdir()?;
+    let tmp = tempfile::tempdir()?;
+    let kept = std::env::var_os("KBENCH_DIR").map(std::path::PathBuf::from);
+    if let Some(k) = &kept {
+        std::fs::create_dir_all(k)?;
+    }
+    let dir = kept.as_deref().unwrap_or(tmp.path());
     let resnet18 =
         r#"{"family":"torchvision.resnet","block":"basic","layers":[2,2,2,2],"num_classes":1000}"#;
     let oracle = r#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[3,3,3],
@@ -744,12 +827,12 @@ fn main() -> Res<()> {
     let mut row_threads = HashMap::new();
     for r in &infer {
         if want(r.key) {
-            rows.push(infer_row(r, dir.path())?);
+            rows.push(infer_row(r, dir)?);
             row_threads.insert(r.key, r.threads.unwrap_or(threads));
         }
     }
     if want("train_step") {
-        rows.push(train_row(20.0, dir.path())?);
+        rows.push(train_row(20.0, dir)?);
     }
     if want("dw") {
         rows.push(dw_row(3.0)?);
@@ -773,14 +856,14 @@ fn main() -> Res<()> {
     let has = |k: &str| rows.iter().any(|r| r.key == k);
     let cfg = json!({
         "threads": threads,
-        "dir": dir.path(),
+        "dir": dir,
         "warmup": 2,
         "models": models,
         "train": has("train_step").then(|| json!(
             {"key": "train_step", "batch": 64, "runs": runs_of("train_step"), "lr": 0.01})),
         "dw": has("dw").then(|| json!({"shape": [32, 96, 28, 28], "runs": runs_of("dw")})),
     });
-    let peers = run_peers(dir.path(), &cfg);
+    let peers = run_peers(dir, &cfg);
     let peer_names = |which: &str| -> String {
         peers
             .as_ref()
