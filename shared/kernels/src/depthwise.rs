@@ -238,7 +238,7 @@ pub(crate) fn forward(
     let (hw, kk) = (g.h * g.w, g.kh * g.kw);
     let direct = crate::dw_direct::supported(g);
     if direct {
-        // Runs of planes per worker, one scratch and one dispatch per run.
+        // Runs of planes per worker, one dispatch per run.
         let plan = crate::dw_direct::Plan::new(g);
         let (planes, p) = (g.n * g.c, g.p());
         let outp = SendPtr(out.as_mut_ptr());
@@ -247,9 +247,7 @@ pub(crate) fn forward(
             let o =
                 unsafe { std::slice::from_raw_parts_mut(outp.get().add(r.start * p), r.len() * p) };
             let xs = &x[r.start * hw..r.end * hw];
-            with_col(crate::dw_direct::scratch_len(g), |buf| {
-                crate::dw_direct::fwd_planes(xs, w, b, act, g, &plan, r, o, buf)
-            });
+            crate::dw_direct::fwd_planes(xs, w, b, act, g, &plan, r, o);
         });
         return;
     }

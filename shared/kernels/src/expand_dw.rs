@@ -41,13 +41,11 @@ pub(crate) fn forward(op: &ExpandDw<'_>, ge: &Geom, gd: &Geom, out: &mut [MaybeU
     assert!(out.len() >= gd.n * hidden * gd.p());
     let np = hidden.div_ceil(MR);
     let t = threads::for_flops(ge.flops() + gd.flops());
-    let scratch = dw_direct::scratch_len(gd);
     let outp = SendPtr(out.as_mut_ptr());
     let plan = dw_direct::Plan::new(gd);
     let panel = |i: usize, pi: usize| {
         let rows = MR.min(hidden - pi * MR);
-        with_col(MR * p + scratch, |buf| {
-            let (hid, dwbuf) = buf.split_at_mut(MR * p);
+        with_col(MR * p, |hid| {
             // SAFETY: an initialised f32 slice viewed as possibly-uninitialised.
             let hid_u = unsafe { &mut *(hid as *mut [f32] as *mut [MaybeUninit<f32>]) };
             pointwise::panel_into(&op.expand, ge, i, pi, hid_u);
@@ -58,7 +56,7 @@ pub(crate) fn forward(op: &ExpandDw<'_>, ge: &Geom, gd: &Geom, out: &mut [MaybeU
                 std::slice::from_raw_parts_mut(outp.get().add(first * gd.p()), rows * gd.p())
             };
             let (w, b, act) = (op.dw_w, op.dw_b, op.dw_act);
-            dw_direct::fwd_planes(hid, w, b, act, gd, &plan, first..first + rows, dst, dwbuf);
+            dw_direct::fwd_planes(hid, w, b, act, gd, &plan, first..first + rows, dst);
         });
     };
     for i in 0..gd.n {

@@ -75,6 +75,48 @@ fn depthwise_forward_matches_candle() {
     assert!(cases > 80, "{cases} cases");
 }
 
+/// The depthwise forward on every width 1-40 (narrower than one 8- or 16-lane vector,
+/// partial last vectors, interior and edge column blocks) and Lite0's 56 and 112, at both
+/// kernel sizes and strides, TF-SAME or symmetric padding, heights giving each count of
+/// rows in a last row block.
+#[test]
+fn depthwise_forward_matches_candle_all_widths() {
+    let mut rng = Rng::new(12);
+    let mut cases = 0;
+    for w in (1..=40).chain([56, 112]) {
+        for k in [3usize, 5] {
+            for s in [1usize, 2] {
+                let h = 1 + (w + k + s) % 8;
+                let pad = if (w + s) % 2 == 0 {
+                    Conv2dParams::same((h, w), (k, k), (s, s)).padding
+                } else {
+                    (k / 2, k / 2, k / 2, k / 2)
+                };
+                if h + pad.0 + pad.1 < k || w + pad.2 + pad.3 < k {
+                    continue;
+                }
+                let c = 2 + cases % 3;
+                let p = Conv2dParams {
+                    stride: (s, s),
+                    padding: pad,
+                    dilation: (1, 1),
+                    groups: c,
+                };
+                let x = rng.tensor(&[1, c, h, w], 1.0);
+                let wt = rng.tensor(&[c, 1, k, k], 1.7 / k as f32);
+                let b = rng.tensor(&[c], 0.5);
+                let act = ACTS[cases % 3];
+                let want = reference_act(candle_conv(&x, &wt, Some(&b), &p).unwrap(), act);
+                let got = conv2d_fused(&x, &wt, Some(&b), &p, act).unwrap();
+                let d = max_abs_diff(&got, &want);
+                assert!(d <= TOL, "k{k} s{s} {h}x{w} pad {pad:?} {act:?}: {d}");
+                cases += 1;
+            }
+        }
+    }
+    assert!(cases > 150, "{cases} cases");
+}
+
 fn pointwise_case(rng: &mut Rng, n: usize, c: usize, o: usize, (h, w): (usize, usize), i: usize) {
     let x = rng.tensor(&[n, c, h, w], 1.0);
     let wt = rng.tensor(&[o, c, 1, 1], 1.7 / (c as f32).sqrt());
