@@ -278,7 +278,7 @@ pub(crate) fn forward_with(op: &Direct<'_>, g: &Geom, out: &mut [MaybeUninit<f32
     assert!(g.groups == 1 && (g.dh, g.dw) == (1, 1));
     assert!(level <= isa(), "direct: {level:?} not available");
     #[cfg(target_arch = "x86_64")]
-    if level == Isa::Avx2 {
+    if level == Isa::Avx2 && im2col_on_avx2() {
         return forward_im2col_avx2(op, g, out);
     }
     let pl = Plan::new(g);
@@ -344,6 +344,13 @@ pub(crate) fn forward_with(op: &Direct<'_>, g: &Geom, out: &mut [MaybeUninit<f32
             }
         });
     }
+}
+
+/// Whether the AVX2 level runs [`forward_im2col_avx2`]; env `ADAPTIVENET_DIRECT_IM2COL=0`
+/// (read once) runs the stride-phase loop instead, for whole-model A/B runs.
+fn im2col_on_avx2() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ADAPTIVENET_DIRECT_IM2COL").as_deref() != Ok("0"))
 }
 
 /// im2col columns per band: a band's `[C*KH*KW, rows * OW]` block stays within this (in L2
