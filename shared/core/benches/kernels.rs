@@ -29,7 +29,8 @@
 //!
 //! Every run is also timed by the process's CPU clock (here and in the peers' script). On a
 //! shared host other processes' time slices land in the wall-clock times of whichever side
-//! runs while they do (ours and the peers run one after the other, not interleaved), so the
+//! runs while they do (ours and the peers run one after the other, not interleaved: each
+//! inference row's peers right after it, in one short stretch of the host's load), so the
 //! 1-thread rows also print the folded / ONNX Runtime ratio of the CPU-time medians, the
 //! steadier figure there (`{key}_folded_cpu_ms`, `{key}_ort_cpu_ms`, `{key}_ratio_ort_cpu`).
 //!
@@ -647,6 +648,24 @@ fn run_peers(dir: &Path, cfg: &Value) -> Option<Value> {
         .and_then(|j| serde_json::from_str(j).ok())
 }
 
+/// Merges one peers' run into the results so far: the per-key maps of each peer (and the
+/// checks) are unions; versions and threads are the latest run's.
+fn merge_peers(acc: &mut Option<Value>, run: Option<Value>) {
+    let Some(run) = run else { return };
+    let Some(Value::Object(a)) = acc.as_mut() else {
+        *acc = Some(run);
+        return;
+    };
+    let Value::Object(r) = run else { return };
+    for (k, v) in r {
+        if let (Some(Value::Object(old)), Value::Object(new)) = (a.get_mut(&k), &v) {
+            old.extend(new.clone());
+        } else if !v.is_null() || !a.contains_key(&k) {
+            a.insert(k, v);
+        }
+    }
+}
+
 fn peer(peers: &Option<Value>, which: &str, key: &str) -> Option<Stats> {
     peers
         .as_ref()?
@@ -825,10 +844,25 @@ fn main() -> Res<()> {
     ];
     let mut rows = Vec::new();
     let mut row_threads = HashMap::new();
+    // Each inference row's peers run right after it, so both sides are timed in the same
+    // stretch of a shared host's load (a whole-bench pass apart, the same model's times
+    // moved up to 2x between stretches on the 2-vCPU VM).
+    let mut peers: Option<Value> = None;
     for r in &infer {
         if want(r.key) {
-            rows.push(infer_row(r, dir)?);
-            row_threads.insert(r.key, r.threads.unwrap_or(threads));
+            let row = infer_row(r, dir)?;
+            let t = r.threads.unwrap_or(threads);
+            if row.stats[2].is_some() {
+                let runs = row.stats[1]
+                    .as_ref()
+                    .or(row.stats[2].as_ref())
+                    .map_or(MIN_RUNS, |s| s.ms.len().clamp(MIN_RUNS, 100));
+                let cfg = json!({"threads": threads, "dir": dir, "warmup": 2,
+                    "models": [{"key": r.key, "runs": runs, "threads": t}]});
+                merge_peers(&mut peers, run_peers(dir, &cfg));
+            }
+            rows.push(row);
+            row_threads.insert(r.key, t);
         }
     }
     if want("train_step") {
@@ -845,25 +879,19 @@ fn main() -> Res<()> {
             .and_then(|r| r.stats[1].as_ref().or(r.stats[2].as_ref()))
             .map_or(MIN_RUNS, |s| s.ms.len().clamp(MIN_RUNS, 100))
     };
-    let models: Vec<Value> = rows
-        .iter()
-        .filter(|r| r.stats[2].is_some())
-        .map(|r| {
-            json!({"key": r.key, "runs": runs_of(r.key),
-                "threads": row_threads.get(r.key).copied().unwrap_or(threads)})
-        })
-        .collect();
     let has = |k: &str| rows.iter().any(|r| r.key == k);
-    let cfg = json!({
-        "threads": threads,
-        "dir": dir,
-        "warmup": 2,
-        "models": models,
-        "train": has("train_step").then(|| json!(
-            {"key": "train_step", "batch": 64, "runs": runs_of("train_step"), "lr": 0.01})),
-        "dw": has("dw").then(|| json!({"shape": [32, 96, 28, 28], "runs": runs_of("dw")})),
-    });
-    let peers = run_peers(dir, &cfg);
+    if has("train_step") || has("dw") || peers.is_none() {
+        let cfg = json!({
+            "threads": threads,
+            "dir": dir,
+            "warmup": 2,
+            "models": [],
+            "train": has("train_step").then(|| json!(
+                {"key": "train_step", "batch": 64, "runs": runs_of("train_step"), "lr": 0.01})),
+            "dw": has("dw").then(|| json!({"shape": [32, 96, 28, 28], "runs": runs_of("dw")})),
+        });
+        merge_peers(&mut peers, run_peers(dir, &cfg));
+    }
     let peer_names = |which: &str| -> String {
         peers
             .as_ref()

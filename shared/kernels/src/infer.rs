@@ -350,7 +350,7 @@ fn conv_packed_at(
                 act,
             };
             match level {
-                Some(l) => pointwise::forward_with(&op, &g, out, Kernel::for_level(l, g.p())),
+                Some(l) => pointwise::forward_with(&op, &g, out, Kernel::for_level(l, g.p(), g.c)),
                 None => pointwise::forward(&op, &g, out),
             }
         } else {

@@ -73,8 +73,9 @@
 //!   for any kernel size and stride (ResNet's 3x3, strided 1x1 shortcuts, stems) on the same
 //!   packed layout and micro-kernel: the input copied once into zero-padded stride phases,
 //!   no im2col, bias, activation and residual add fused (AVX-512 32-position tiles where
-//!   the CPU has avx512f, AVX2 6x16 otherwise; [`conv_packed_on`] forces a level for tests
-//!   and benches; `tests/direct.rs`).
+//!   the CPU has avx512f; on AVX2-only CPUs bands of im2col columns through the pointwise
+//!   GEMM, which beat the stride-phase loop there on every shape; [`conv_packed_on`] forces
+//!   a level for tests and benches; `tests/direct.rs`).
 //! * `src/winograd.rs`, `src/infer.rs`: [`pack_winograd`], [`pack_winograd_tile`] and
 //!   [`winograd_packed`], Winograd F(2x2, 3x3) and F(4x4, 3x3) for stride-1 3x3 inference
 //!   convs (any padding): the weight transformed once at pack time, per chunk of tile rows
