@@ -135,8 +135,9 @@ fn winograd_env() -> Option<&'static str> {
 ///   tiles). 16 channels win on batches (16@28 1.12-1.15 and 16@7 1.13 at 50; 16@28 1.11
 ///   and 16@14 1.22 at 16) but not on one image (0.88 at 28x28, 0.86 at 14x14); 8 lose
 ///   (0.77-0.88).
-/// * AVX2 + FMA: 32 channels win at 14x14 (1.08-1.16) but lose at 7x7 (0.87), 64 and more
-///   win from 4x4 up (1.34-2.04); 16 and 8 lose (0.56-0.98).
+/// * AVX2 + FMA (against the banded im2col conv of AVX2-only CPUs, Zen 3): 64 channels and
+///   more win from 4x4 up (64@7 1.03-1.10, 64@4 1.37, ResNet-18 1.31-1.47); 32 tie or lose
+///   (32@14 0.89-1.00), 16 and 8 lose (0.61-0.92).
 ///
 /// Env `ADAPTIVENET_WINOGRAD=0` makes it always false. [`winograd_tile`] is the routing.
 pub fn winograd_wins(n: usize, c: usize, o: usize, h: usize, w: usize) -> bool {
@@ -146,7 +147,7 @@ pub fn winograd_wins(n: usize, c: usize, o: usize, h: usize, w: usize) -> bool {
     }
     match isa() {
         Isa::Avx512 => (ch >= 32 || n >= 16) && (ch < 512 || m >= 14),
-        _ => m >= 14 || ch >= 64,
+        _ => ch >= 64,
     }
 }
 

@@ -82,11 +82,15 @@ impl Kernel {
     /// The widest loop of `level` for maps of `p` pixels and `c` input channels. On AVX2 the
     /// small-map loop stores lane by lane, so it pays only with a reduction long enough to
     /// hide that (Zen 3: a 1x1 1280 -> 1000 on one pixel 0.54 -> 0.13 ms, 480 -> 80 on 3x3
-    /// 0.024 -> 0.015 ms, 16 -> 96 on 6x6 1.4x slower).
+    /// 0.024 -> 0.015 ms, 16 -> 96 on 6x6 1.4x slower), and it streams each panel's whole
+    /// reduction once per tile of 6 pixels, so not beyond 768 KB of weights per panel (a
+    /// 3x3 512 -> 512 on 7x7 as im2col, 4608 steps x 9 tiles: 1.8x slower).
     pub(crate) fn for_level(level: Isa, p: usize, c: usize) -> Self {
         match level {
             Isa::Portable => Kernel::Portable,
-            Isa::Avx2 if c >= 48 && vector_over_o(p) => Kernel::Avx2Small,
+            Isa::Avx2 if c >= 48 && vector_over_o(p) && c * p.div_ceil(6) <= 12_288 => {
+                Kernel::Avx2Small
+            }
             Isa::Avx2 => Kernel::Avx2,
             Isa::Avx512 if vector_over_o(p) => Kernel::Avx512Small,
             Isa::Avx512 => Kernel::Avx512,
