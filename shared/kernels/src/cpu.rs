@@ -1,18 +1,11 @@
 //! Run-time CPU feature detection shared by every SIMD kernel of this crate.
 
-/// Whether this CPU runs the AVX2 + FMA kernels (x86-64 only; elsewhere every kernel takes
-/// its portable path). `is_x86_feature_detected!` caches its answer, so this is cheap enough
-/// to call per op.
+/// Whether the AVX2 + FMA kernels run (x86-64 with both, and not capped below AVX2 by
+/// [`isa`]'s env; elsewhere every kernel takes its portable path). Cached: cheap enough to
+/// call per op.
 #[inline]
 pub(crate) fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    isa() >= Isa::Avx2
 }
 
 /// The widest instruction set an inference kernel may use on this CPU. The 16-lane
@@ -28,11 +21,27 @@ pub enum Isa {
     Avx512,
 }
 
-/// [`Isa`] of this CPU (AVX-512F on top of AVX2 + FMA for the widest).
+/// [`Isa`] of this CPU (AVX-512F on top of AVX2 + FMA for the widest), capped by env
+/// `ADAPTIVENET_MAX_ISA` (`portable`, `avx2`; read once): to run and compare the narrower
+/// kernels on a wider CPU (the AVX2 routes on an AVX-512 host), or to sidestep a kernel; it
+/// caps the training kernels too ([`has_avx2_fma`]).
 #[inline]
 pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        let cap = match std::env::var("ADAPTIVENET_MAX_ISA").as_deref() {
+            Ok("portable") => Isa::Portable,
+            Ok("avx2") => Isa::Avx2,
+            _ => Isa::Avx512,
+        };
+        detected().min(cap)
+    })
+}
+
+/// The widest [`Isa`] this CPU has.
+fn detected() -> Isa {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         return if std::arch::is_x86_feature_detected!("avx512f") {
             Isa::Avx512
         } else {
