@@ -282,22 +282,30 @@ def onnx_session(spec, w, shape, threads=THREADS):
 # ---------------------------------------------------------------- timing
 
 
+# Consecutive runs of one column per round, as the Rust side's BURST.
+BURST = 5
+
+
 def bench(cols, runs):
-    """cols: {name: fn}. Warm-up, then `runs` interleaved rounds (rotating order). Returns
-    ({name: wall ms per run}, {name: process CPU ms per run})."""
+    """cols: {name: fn}. Warm-up, then interleaved rounds (rotating order) of BURST runs of
+    each column, `runs` per column. Returns ({name: wall ms per run}, {name: process CPU ms
+    per run})."""
     names = list(cols)
     for n in names:
         for _ in range(WARMUP):
             cols[n]()
     out = {n: [] for n in names}
     cpu = {n: [] for n in names}
-    for r in range(runs):
+    for r in range((runs + BURST - 1) // BURST):
         for j in range(len(names)):
             n = names[(j + r) % len(names)]
-            t, c = time.perf_counter(), time.process_time()
-            cols[n]()
-            out[n].append((time.perf_counter() - t) * 1e3)
-            cpu[n].append((time.process_time() - c) * 1e3)
+            for _ in range(BURST):
+                if len(out[n]) >= runs:
+                    break
+                t, c = time.perf_counter(), time.process_time()
+                cols[n]()
+                out[n].append((time.perf_counter() - t) * 1e3)
+                cpu[n].append((time.process_time() - c) * 1e3)
     return out, cpu
 
 
