@@ -125,7 +125,8 @@ pub(crate) fn gemm_par(t: usize) -> Parallelism {
 
 /// Thread plan: (threads, parallelise over the batch instead of inside each GEMM).
 pub(crate) fn plan(g: &Geom) -> (usize, bool) {
-    let t = threads::for_flops(g.flops());
+    // Inside the GEMM the split runs on rayon (the `gemm` crate's), not the spinning workers.
+    let t = threads::for_flops(g.flops() / threads::RAYON_FLOP_FACTOR);
     if t <= 1 {
         (1, false)
     } else {

@@ -107,8 +107,9 @@
 //! # Thread policy
 //!
 //! [`threads`]: a global cap ([`threads::set_max_threads`], env `ADAPTIVENET_THREADS`) and a
-//! per-op FLOP threshold ([`threads::DEFAULT_FLOP_THRESHOLD`] = 20 MFLOP) below which an op
-//! runs on one thread. Default cap: **1 on machines with <= 2 hardware threads** (measured,
+//! per-op FLOP threshold ([`threads::DEFAULT_FLOP_THRESHOLD`] = 1 MFLOP; 20x that for GEMMs
+//! split over rayon) below which an op runs on one thread; per-op splits run on a few
+//! persistent workers that spin between ops (`spin.rs`). Default cap: **1 on machines with <= 2 hardware threads** (measured,
 //! below), else all. Convs parallelise over the batch when `N` is large enough, else inside
 //! the GEMM; depthwise and pooling over planes. Record [`threads::current`] (or
 //! [`threads::describe`]) with every latency figure.
@@ -219,6 +220,7 @@ mod optim;
 mod pointwise;
 mod pool;
 mod pw_train;
+mod spin;
 mod storage;
 pub mod threads;
 mod winograd;

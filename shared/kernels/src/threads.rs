@@ -9,7 +9,9 @@
 //!   (see [`describe`] for a one-line summary).
 //!
 //! Parallel work is run on rayon's global pool (the one `gemm` uses), never on more than
-//! [`max_threads`] workers, and never on more workers than the pool has.
+//! [`max_threads`] workers, and never on more workers than the pool has; the per-op splits of
+//! [`map_ranges`] (one image's output channels, ...) on a few spinning workers instead (see
+//! `spin.rs`: rayon's wake-up per op cost more than a 1x1 conv on a 14x14 map gained).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,9 +19,16 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 /// Environment variable read on first use: the maximum number of threads (`>= 1`).
 pub const ENV_VAR: &str = "ADAPTIVENET_THREADS";
 
-/// Default per-op FLOP threshold below which an op runs on one thread (see crate docs for the
-/// measurements behind it).
-pub const DEFAULT_FLOP_THRESHOLD: u64 = 20_000_000;
+/// Default per-op FLOP threshold below which an op runs on one thread. A split on the
+/// spinning workers costs about 2 µs (see `spin.rs`), so 1 MFLOP (~10 µs of work) is where it
+/// starts to pay; it was 20 MFLOP while every split woke rayon's workers. Batch-1 inference
+/// at 2 threads (Xeon KVM guest, 2 vCPUs): Lite0 224 1 thread 9.4 ms; 2 threads at 20 MFLOP
+/// 7.5, at 1 MFLOP 5.9; MobileNetV2 1.0 224 7.4 / 6.2 / 5.2-5.6.
+pub const DEFAULT_FLOP_THRESHOLD: u64 = 1_000_000;
+
+/// How much more work than [`flop_threshold`] a GEMM split by the `gemm` crate over rayon
+/// needs to run on several threads: rayon wakes its workers per call (6-37 µs on a VM).
+pub const RAYON_FLOP_FACTOR: u64 = 20;
 
 static MAX_THREADS: AtomicUsize = AtomicUsize::new(0); // 0 = not initialised yet
 static FLOP_THRESHOLD: AtomicU64 = AtomicU64::new(DEFAULT_FLOP_THRESHOLD);
@@ -129,7 +138,7 @@ pub fn for_flops(flops: u64) -> usize {
     }
 }
 
-/// One-line description of the policy, e.g. `threads=2 threshold=20000000flop`.
+/// One-line description of the policy, e.g. `threads=2 threshold=1000000flop`.
 pub fn describe() -> String {
     format!("threads={} threshold={}flop", current(), flop_threshold())
 }
@@ -166,8 +175,30 @@ where
         }
         return;
     }
-    use rayon::prelude::*;
     let per = n_items.div_ceil(threads.min(n_items));
+    if use_spin() {
+        // As `par_chunks_mut` below: a last, shorter item is one more item.
+        let len = out.len();
+        let parts = len.div_ceil(per * item_len);
+        let base = SendMut(out.as_mut_ptr());
+        let job = |part: usize| {
+            let first = part * per;
+            let start = first * item_len;
+            let end = ((first + per) * item_len).min(len);
+            // SAFETY: parts cover disjoint element ranges `start..end` of `out` (within
+            // `len`), and `spin::run` returns only after every part finished, while `out` is
+            // still mutably borrowed here.
+            let chunk =
+                unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
+            for (j, item) in chunk.chunks_mut(item_len).enumerate() {
+                f(first + j, item);
+            }
+        };
+        if crate::spin::run(parts, &job) {
+            return;
+        }
+    }
+    use rayon::prelude::*;
     out.par_chunks_mut(per * item_len)
         .enumerate()
         .for_each(|(ci, chunk)| {
@@ -188,8 +219,45 @@ where
     if ranges.len() <= 1 {
         return ranges.into_iter().map(f).collect();
     }
+    if use_spin() {
+        // On the spinning workers (see `spin`): part 0 on this thread, no wake-up per op.
+        let slots: Vec<std::sync::Mutex<Option<R>>> =
+            ranges.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        let job = |i: usize| {
+            let r = f(ranges[i].clone());
+            *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        };
+        if crate::spin::run(ranges.len(), &job) {
+            return slots
+                .into_iter()
+                .map(|s| {
+                    s.into_inner()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .expect("every part ran")
+                })
+                .collect();
+        }
+    }
     use rayon::prelude::*;
     ranges.into_par_iter().map(&f).collect()
+}
+
+/// A pointer to disjoint parts of one slice, handed to the workers of [`for_each_item`].
+struct SendMut<T>(*mut T);
+// SAFETY: each worker touches only its own part of the slice (see `for_each_item`).
+unsafe impl<T: Send> Sync for SendMut<T> {}
+impl<T> SendMut<T> {
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// Whether [`map_ranges`] and [`for_each_item`] run on the spinning workers (default) or on
+/// rayon's pool (env
+/// `ADAPTIVENET_SPIN_US=off`, read once; for A/B runs).
+fn use_spin() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ADAPTIVENET_SPIN_US").as_deref() != Ok("off"))
 }
 
 #[cfg(test)]
@@ -207,6 +275,28 @@ mod tests {
         set_flop_threshold(DEFAULT_FLOP_THRESHOLD);
         set_max_threads(0);
         assert!(current() >= 1);
+    }
+
+    #[test]
+    fn parallel_helpers_cover_every_item_once_with_a_short_last_item() {
+        for len in [0usize, 1, 5, 16, 17, 1000, 1001] {
+            for item in [1usize, 4, 16] {
+                let mut out = vec![0u32; len];
+                for_each_item(&mut out, item, 2, |i, chunk| {
+                    assert!(chunk.len() <= item);
+                    for (j, v) in chunk.iter_mut().enumerate() {
+                        *v += (i * item + j) as u32 + 1;
+                    }
+                });
+                assert!(
+                    out.iter().enumerate().all(|(k, &v)| v == k as u32 + 1),
+                    "len {len} item {item}"
+                );
+            }
+            let parts = map_ranges(len, 2, |r| r);
+            let flat: Vec<usize> = parts.into_iter().flatten().collect();
+            assert_eq!(flat, (0..len).collect::<Vec<_>>());
+        }
     }
 
     #[test]
