@@ -11,11 +11,13 @@
 //! so within one forward pass no wake-up is paid, and an idle process burns at most that
 //! long per worker.
 //!
-//! The caller runs part 0 itself and waits (spinning) for the workers' parts. One job at a
+//! The caller runs part 0 itself, then runs any part no worker has started yet (a worker
+//! whose core another process holds may wait milliseconds for a time slice; spinning for it
+//! made 2 threads 5x slower than 1 on a busy host), and waits for the rest. One job at a
 //! time: a call from a worker, or while another thread's job runs, gets `false` from [`run`]
 //! and runs its parts elsewhere (the caller falls back to rayon).
 
-use std::cell::{Cell, UnsafeCell};
+use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -25,22 +27,42 @@ use std::time::{Duration, Instant};
 /// A job: a borrowed closure with its lifetime erased (see the safety note in [`run`]).
 type Job = *const (dyn Fn(usize) + Sync + 'static);
 
+/// One part of one call: run by whoever claims it first, the worker it was posted to or the
+/// caller (which takes back the parts no worker started: on a host whose other cores are
+/// busy a worker may wait milliseconds for a time slice, and the caller must not).
+struct Part {
+    job: Job,
+    index: usize,
+    taken: AtomicBool,
+    done: AtomicBool,
+}
+
+// SAFETY: `job` is dereferenced only by the claimant of `taken`, and the caller of `run`
+// waits for `done` of every part a worker claimed before the closure's borrow ends.
+unsafe impl Sync for Part {}
+unsafe impl Send for Part {}
+
+impl Part {
+    /// Runs the part if nobody claimed it yet; a panic is caught and reported as `true`.
+    fn claim_and_run(&self) -> Option<bool> {
+        if self.taken.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        // SAFETY: see the Sync impl; the closure outlives this call.
+        let r = catch_unwind(AssertUnwindSafe(|| unsafe { (*self.job)(self.index) }));
+        self.done.store(true, Ordering::Release);
+        Some(r.is_err())
+    }
+}
+
 struct Worker {
-    /// Bumped by the caller once `job` holds the next job.
+    /// Bumped by the caller once `part` holds the next part.
     posted: AtomicUsize,
-    /// Set to `posted` by the worker when that job finished.
-    done: AtomicUsize,
-    job: UnsafeCell<Option<(Job, usize)>>,
+    part: Mutex<Option<Arc<Part>>>,
     sleeping: AtomicBool,
     panicked: AtomicBool,
     thread: OnceLock<Thread>,
 }
-
-// SAFETY: `job` is written only by the caller holding the pool (`BUSY`) while the worker is
-// idle (its `done == posted`), and read by the worker only after it observed a new `posted`
-// (Release/Acquire on `posted` orders the write before the read).
-unsafe impl Sync for Worker {}
-unsafe impl Send for Worker {}
 
 static WORKERS: Mutex<Vec<Arc<Worker>>> = Mutex::new(Vec::new());
 static BUSY: AtomicBool = AtomicBool::new(false);
@@ -62,6 +84,10 @@ pub(crate) fn spin_for() -> Duration {
     })
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn worker_loop(w: Arc<Worker>) {
     IN_WORKER.with(|c| c.set(true));
     let mut seen = 0;
@@ -77,7 +103,7 @@ fn worker_loop(w: Arc<Worker>) {
             spins = spins.wrapping_add(1);
             if spins % 256 == 0 && since.elapsed() >= spin_for() {
                 // Sleeping is announced before the last check of `posted`, and the caller
-                // posts before it reads `sleeping` (both SeqCst): either this sees the job or
+                // posts before it reads `sleeping` (both SeqCst): either this sees the part or
                 // the caller unparks (a token that makes `park` return at once).
                 w.sleeping.store(true, Ordering::SeqCst);
                 if w.posted.load(Ordering::SeqCst) == seen {
@@ -85,29 +111,32 @@ fn worker_loop(w: Arc<Worker>) {
                 }
                 w.sleeping.store(false, Ordering::SeqCst);
                 since = Instant::now();
+            } else if spins % 8 == 0 {
+                // Lets a thread that shares this core run (the caller, when other processes
+                // hold the other cores): a spinning worker that kept its time slice made 2
+                // threads slower than 1 on a busy host.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
             }
-            std::hint::spin_loop();
         }
-        // SAFETY: see `Worker`'s Sync impl; the caller keeps the closure alive until `done`.
-        let (job, part) = unsafe { (*w.job.get()).expect("a posted job") };
-        // SAFETY: the closure outlives this call (the caller waits for `done`).
-        let r = catch_unwind(AssertUnwindSafe(|| unsafe { (*job)(part) }));
-        if r.is_err() {
-            w.panicked.store(true, Ordering::Relaxed);
+        let part = lock(&w.part).clone();
+        if let Some(part) = part {
+            if part.claim_and_run() == Some(true) {
+                w.panicked.store(true, Ordering::Relaxed);
+            }
         }
-        w.done.store(seen, Ordering::Release);
     }
 }
 
 /// At least `n` workers (started on first use, kept for the process). `None` if a thread
 /// could not be started.
 fn workers(n: usize) -> Option<Vec<Arc<Worker>>> {
-    let mut ws = WORKERS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut ws = lock(&WORKERS);
     while ws.len() < n {
         let w = Arc::new(Worker {
             posted: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
-            job: UnsafeCell::new(None),
+            part: Mutex::new(None),
             sleeping: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
             thread: OnceLock::new(),
@@ -123,20 +152,25 @@ fn workers(n: usize) -> Option<Vec<Arc<Worker>>> {
     Some(ws[..n].to_vec())
 }
 
-/// Waits for the posted jobs of `ws` even if the caller's own part panics (the workers
-/// borrow the caller's closure), then frees the pool.
-struct Wait<'a> {
-    ws: &'a [Arc<Worker>],
+/// Takes back the parts no worker started and waits for the ones they did, even if the
+/// caller's own part panics (the workers borrow the caller's closure); then frees the pool.
+struct Finish<'a> {
+    parts: &'a [Arc<Part>],
+    panicked: &'a Cell<bool>,
 }
 
-impl Drop for Wait<'_> {
+impl Drop for Finish<'_> {
     fn drop(&mut self) {
-        for w in self.ws {
-            let p = w.posted.load(Ordering::Relaxed);
+        for p in self.parts {
+            if p.claim_and_run() == Some(true) {
+                self.panicked.set(true);
+            }
+        }
+        for p in self.parts {
             let mut spins = 0u32;
-            while w.done.load(Ordering::Acquire) != p {
+            while !p.done.load(Ordering::Acquire) {
                 spins = spins.wrapping_add(1);
-                if spins % 4096 == 0 {
+                if spins % 64 == 0 {
                     std::thread::yield_now();
                 } else {
                     std::hint::spin_loop();
@@ -148,10 +182,11 @@ impl Drop for Wait<'_> {
 }
 
 /// Runs `f(0) .. f(parts - 1)`, part 0 on the calling thread and the others on spinning
-/// workers, and returns once all are done (`true`). Returns `false` without running anything
-/// when the pool is in use (by another thread, or this is a worker) or a worker could not be
-/// started: the caller then runs the parts another way. A part that panics panics here after
-/// every part has finished.
+/// workers (or on the caller, for those no worker started by the time its own part is done),
+/// and returns once all are done (`true`). Returns `false` without running anything when the
+/// pool is in use (by another thread, or this is a worker) or a worker could not be started:
+/// the caller then runs the parts another way. A part that panics panics here after every
+/// part has finished.
 pub(crate) fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
     if parts <= 1 {
         if parts == 1 {
@@ -166,14 +201,23 @@ pub(crate) fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
         BUSY.store(false, Ordering::Release);
         return false;
     };
-    // SAFETY: only the lifetime is erased; `Wait` (dropped before this function returns,
-    // also on unwind) waits until every worker finished its part, so no worker uses `f`
+    // SAFETY: only the lifetime is erased; `Finish` (dropped before this function returns,
+    // also on unwind) waits until every part a worker claimed is done, so no worker uses `f`
     // after this call.
     let job: Job =
         unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), Job>(f as *const _) };
-    for (i, w) in ws.iter().enumerate() {
-        // SAFETY: the worker is idle (the last job's `Wait` saw it done) and we hold BUSY.
-        unsafe { *w.job.get() = Some((job, i + 1)) };
+    let posted: Vec<Arc<Part>> = (1..parts)
+        .map(|index| {
+            Arc::new(Part {
+                job,
+                index,
+                taken: AtomicBool::new(false),
+                done: AtomicBool::new(false),
+            })
+        })
+        .collect();
+    for (w, p) in ws.iter().zip(&posted) {
+        *lock(&w.part) = Some(p.clone());
         w.posted.fetch_add(1, Ordering::SeqCst);
         if w.sleeping.load(Ordering::SeqCst) {
             if let Some(t) = w.thread.get() {
@@ -181,12 +225,19 @@ pub(crate) fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
             }
         }
     }
+    let panicked = Cell::new(false);
     {
-        let _wait = Wait { ws: &ws };
+        let _finish = Finish {
+            parts: &posted,
+            panicked: &panicked,
+        };
         f(0);
     }
-    let panicked = ws.iter().any(|w| w.panicked.swap(false, Ordering::Relaxed));
-    assert!(!panicked, "a kernel worker panicked");
+    let worker_panicked = ws.iter().any(|w| w.panicked.swap(false, Ordering::Relaxed));
+    assert!(
+        !(panicked.get() || worker_panicked),
+        "a kernel worker panicked"
+    );
     true
 }
 
