@@ -101,7 +101,7 @@ fn worker_loop(w: Arc<Worker>) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && since.elapsed() >= spin_for() {
+            if spins.is_multiple_of(256) && since.elapsed() >= spin_for() {
                 // Sleeping is announced before the last check of `posted`, and the caller
                 // posts before it reads `sleeping` (both SeqCst): either this sees the part or
                 // the caller unparks (a token that makes `park` return at once).
@@ -111,7 +111,7 @@ fn worker_loop(w: Arc<Worker>) {
                 }
                 w.sleeping.store(false, Ordering::SeqCst);
                 since = Instant::now();
-            } else if spins % 8 == 0 {
+            } else if spins.is_multiple_of(8) {
                 // Lets a thread that shares this core run (the caller, when other processes
                 // hold the other cores): a spinning worker that kept its time slice made 2
                 // threads slower than 1 on a busy host.
@@ -170,7 +170,7 @@ impl Drop for Finish<'_> {
             let mut spins = 0u32;
             while !p.done.load(Ordering::Acquire) {
                 spins = spins.wrapping_add(1);
-                if spins % 64 == 0 {
+                if spins.is_multiple_of(64) {
                     std::thread::yield_now();
                 } else {
                     std::hint::spin_loop();
