@@ -27,7 +27,16 @@
 //!   `lite0_finetune_samples_per_s`, `lite0_elastify_samples_per_s`. With `ACC_BN_RECAL=1`
 //!   a `recal` column shows each chosen subnet with its branches' BN statistics re-estimated
 //!   on the search split, as `edge-agent --bn-recal branches` serves it
-//!   (`lite0_retained_at_0_6_bn_recal`, `lite0_retained_at_0_8_bn_recal`).
+//!   (`lite0_retained_at_0_6_bn_recal`, `lite0_retained_at_0_8_bn_recal`), and a `pick`
+//!   column, `edge-agent run --bn-recal branches --recal-pick K` (`ACC_RECAL_PICK=K`, default
+//!   4): per budget the K best fitting candidates by search-split accuracy (pooled over the
+//!   budgets of a pass), their branches' BN recalibrated and re-scored on the search split,
+//!   the best re-scored one reported on test images (`lite0_retained_at_0_5_recal_pick` …
+//!   `_0_9_recal_pick`). `ACC_LATENCY_CACHE=FILE`: the per-module latency table, the
+//!   candidate list and both latency passes are read from FILE (JSON) if it exists, else
+//!   measured and written there, so recipes (`ACC_PARAMS`, `ACC_BN_RECAL`, …) are compared
+//!   on one candidate set: a fresh draw of candidates moves the 0.5-0.7 columns more than
+//!   most recipe changes (the supernet must have the same modules; `lite0_latency_cached`).
 //! * `ACC_PRESET=full|quick` (default `full`): `full` is the reference recipe (17-epoch
 //!   ResNet-20 oracle; 3,450 + 4,730 elastification steps of batch 128, the sample budget of
 //!   the PyTorch reference run in issue #4; 100 timed rounds);

@@ -87,3 +87,48 @@ fn bad_inputs_exit_non_zero_with_a_message() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn bad_recal_pick_values_are_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("state");
+    let run = |extra: &[&str]| {
+        let mut v = vec![
+            "run",
+            "--artifact",
+            "/nonexistent",
+            "--state",
+            s.to_str().unwrap(),
+            "--data",
+            "/nonexistent",
+        ];
+        v.extend_from_slice(extra);
+        agent(&v)
+    };
+    for bad in ["many", "-1", "2.5"] {
+        let flag = format!("--recal-pick={bad}");
+        let (code, err) = run(&["--bn-recal", "branches", &flag]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(
+            err.contains(&format!("invalid value '{bad}' for '--recal-pick <K>'")),
+            "{bad}: {err}"
+        );
+    }
+    // Re-scoring with recalibrated statistics means nothing without recalibration.
+    let (code, err) = run(&["--recal-pick", "3"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--recal-pick 3") && err.contains("needs --bn-recal"),
+        "{err}"
+    );
+    assert!(!s.exists(), "nothing was started: {err}");
+    // Accepted values get as far as the artifact.
+    for ok in [
+        &["--bn-recal", "auto", "--recal-pick", "0"][..],
+        &["--bn-recal", "all"],
+    ] {
+        let (code, err) = run(ok);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("opening the artifact"), "{err}");
+    }
+}

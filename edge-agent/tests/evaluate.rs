@@ -339,7 +339,8 @@ fn evaluate_command_scores_the_stored_search_and_explains_what_is_missing() {
     assert!(err.contains("no synced supernet"), "{err}");
 
     // The agent serves with BN recalibration guarded by agreement; evaluate must rebuild the
-    // same modules: its guard sees the same counts on the same images.
+    // same modules: its guard sees the same counts on the same images. (The run's recal
+    // pick checks its candidates first: the served subnet's check is the run's last.)
     let (code, out, err) = agent(&[
         "run",
         "--artifact",
@@ -367,18 +368,24 @@ fn evaluate_command_scores_the_stored_search_and_explains_what_is_missing() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("BN recalibration (all modules) of"), "{out}");
-    let guard_line = |log: &str| {
-        log.lines()
+    let guard_line = |log: &str, last: bool| {
+        let mut lines: Vec<&str> = log.lines().collect();
+        if last {
+            lines.reverse();
+        }
+        lines
+            .into_iter()
             .find_map(|l| {
                 l.split_once("BN recalibration guard for ")
                     .map(|(_, r)| r.to_string())
             })
             .unwrap_or_else(|| panic!("no guard line in {log}"))
     };
-    let served_guard = guard_line(&err);
+    assert!(err.contains("recal pick at "), "{err}");
+    let served_guard = guard_line(&err, true);
     let (code, out, err) = eval(&["--bn-recal", "auto", "--json"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(guard_line(&err), served_guard);
+    assert_eq!(guard_line(&err, false), served_guard);
     let e: PlanEval = serde_json::from_str(out.trim()).unwrap();
     let stored: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state.join("search.json")).unwrap()).unwrap();

@@ -10,6 +10,15 @@
 //! values of its predicted latency (a measured batch-1 table of every module, as a device
 //! profiles one) is taken, plus the all-original path. Both columns choose among the same candidates by search-split accuracy (the
 //! ResNet table's protocol) and report on the test images.
+//!
+//! With `ACC_BN_RECAL=1`, the `pick` column is `edge-agent run --bn-recal branches
+//! --recal-pick K` (`ACC_RECAL_PICK=K`, default 4): per budget the K best fitting candidates
+//! by search-split accuracy, each with its branches' BN re-estimated on the search split and
+//! re-scored there, the best re-scored one reported on the test images.
+//! `ACC_LATENCY_CACHE=FILE` keeps the module table, the candidates and both latency passes
+//! in FILE (JSON; measured and written when FILE is absent, read when present), so that
+//! recipes are compared on one candidate set: a fresh draw moves the 0.5-0.7 columns more
+//! than most recipe changes do.
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -17,7 +26,7 @@ use std::time::Instant;
 use adaptivenet_cloud::elastify::params::JobParams;
 use adaptivenet_core::artifact::{load_supernet, read_manifest, write_artifact};
 use adaptivenet_core::data::{fashion_mnist, shuffled_indices, AugmentPolicy, Dataset, Normalize};
-use adaptivenet_core::model::{ArchDescriptor, Model};
+use adaptivenet_core::model::{ArchDescriptor, Model, Params};
 use adaptivenet_core::supernet::branches::build_supernet;
 use adaptivenet_core::supernet::{Choice, ModuleKey, Subnet, Supernet, SupernetConfig};
 use adaptivenet_kernels::threads;
@@ -412,6 +421,134 @@ impl ModuleTable {
     }
 }
 
+/// `ACC_LATENCY_CACHE`: the module table, the candidates (the oracle path first) and the
+/// latency passes of one run, reused by later ones on a supernet of the same shape.
+struct LatencyCache {
+    table: ModuleTable,
+    cands: Vec<Subnet>,
+    passes: Vec<Vec<f64>>,
+}
+
+impl LatencyCache {
+    fn save(path: &Path, table: &ModuleTable, cands: &[Subnet], passes: &[Vec<f64>]) -> Result<()> {
+        let modules: BTreeMap<String, f64> = table
+            .module_ms
+            .iter()
+            .map(|(k, ms)| (k.name(), *ms))
+            .collect();
+        let v = json!({
+            "fixed_ms": table.fixed_ms,
+            "module_ms": modules,
+            "candidates": cands.iter().map(Subnet::to_string).collect::<Vec<_>>(),
+            "passes": passes,
+        });
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, serde_json::to_vec_pretty(&v)?)
+            .with_context(|| format!("ACC_LATENCY_CACHE={}: writing", path.display()))
+    }
+
+    /// Reads `path`, checked against `sn`: every module timed, every candidate a valid
+    /// path (the first the oracle's), every pass timing every candidate.
+    fn load(path: &Path, sn: &Supernet) -> Result<LatencyCache> {
+        let what = || format!("ACC_LATENCY_CACHE={}", path.display());
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(path).with_context(what)?).with_context(what)?;
+        let num = |x: &Value| {
+            x.as_f64()
+                .with_context(|| format!("{}: {x} is not a number", what()))
+        };
+        let mut module_ms = BTreeMap::new();
+        for key in sn.modules.keys() {
+            let ms = v["module_ms"].get(key.name()).with_context(|| {
+                format!(
+                    "{}: no time for module {}: another supernet?",
+                    what(),
+                    key.name()
+                )
+            })?;
+            module_ms.insert(*key, num(ms)?);
+        }
+        let cands = v["candidates"]
+            .as_array()
+            .with_context(|| format!("{}: no candidate list", what()))?
+            .iter()
+            .map(|c| {
+                let s = Subnet::parse(c.as_str().unwrap_or_default())?;
+                sn.spec.validate(&s)?;
+                Ok(s)
+            })
+            .collect::<Result<Vec<Subnet>>>()
+            .with_context(what)?;
+        let n = sn.spec.num_positions();
+        if cands.first() != Some(&Subnet::original(n)) {
+            bail!("{}: the first candidate is not the oracle path", what());
+        }
+        let passes = v["passes"]
+            .as_array()
+            .with_context(|| format!("{}: no latency passes", what()))?
+            .iter()
+            .map(|p| {
+                p.as_array()
+                    .filter(|p| p.len() == cands.len())
+                    .with_context(|| format!("{}: a pass does not time every candidate", what()))?
+                    .iter()
+                    .map(num)
+                    .collect::<Result<Vec<f64>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if passes.len() != 2 {
+            bail!(
+                "{}: expected 2 latency passes, found {}",
+                what(),
+                passes.len()
+            );
+        }
+        Ok(LatencyCache {
+            table: ModuleTable {
+                fixed_ms: num(&v["fixed_ms"])?,
+                module_ms,
+            },
+            cands,
+            passes,
+        })
+    }
+}
+
+/// `subnet`'s stem, head and modules with its branches' BN statistics re-estimated on
+/// `batches` (as `edge-agent --bn-recal branches` does), folded for inference. `un` holds
+/// unfolded weights.
+fn recalibrated(un: &Supernet, subnet: &Subnet, batches: &[Tensor]) -> Result<Supernet> {
+    let mut modules: BTreeMap<ModuleKey, Params> = subnet
+        .steps()
+        .map(|k| Ok((k, un.module(k)?.clone())))
+        .collect::<Result<_>>()?;
+    modules.extend(un.recalibrate_bn(subnet, batches, |c| c != Choice::Original)?);
+    let mut r = Supernet {
+        spec: un.spec.clone(),
+        stem: un.stem.clone(),
+        head: un.head.clone(),
+        modules,
+    };
+    r.fold()?;
+    Ok(r)
+}
+
+/// The `k` best candidates within `limit` ms by search accuracy, best first (ties: the
+/// faster, then the lower index), as the agent's recal pick shortlists them.
+fn shortlist(lat: &[f64], search_acc: &[f64], limit: f64, k: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..lat.len()).filter(|&i| lat[i] <= limit).collect();
+    v.sort_by(|&a, &b| {
+        search_acc[b]
+            .total_cmp(&search_acc[a])
+            .then(lat[a].total_cmp(&lat[b]))
+            .then(a.cmp(&b))
+    });
+    v.truncate(k);
+    v
+}
+
 /// The stratified candidate subnets (see the module docs); the all-original path first.
 /// The stratification key is the path's latency predicted by a measured per-module table
 /// (a MAC or block-count proxy put 12 of 13 candidates above 0.9 of the oracle's measured
@@ -629,10 +766,35 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
     untrained.fold()?;
     let sns = [&trained, &untrained];
 
-    threads::set_max_threads(1);
-    let table = ModuleTable::measure(&trained, p.rounds)?;
-    threads::set_max_threads(train_threads);
-    let cands = candidates(&trained, &table, p.candidates)?;
+    let cache_file = std::env::var_os("ACC_LATENCY_CACHE").map(PathBuf::from);
+    let cached = match cache_file.as_deref().filter(|f| f.exists()) {
+        Some(f) => {
+            let c = LatencyCache::load(f, &trained)?;
+            eprintln!(
+                "module table, {} candidates and latency passes from {}",
+                c.cands.len(),
+                f.display()
+            );
+            Some(c)
+        }
+        None => None,
+    };
+    let (table, cands) = match &cached {
+        Some(c) => (
+            ModuleTable {
+                fixed_ms: c.table.fixed_ms,
+                module_ms: c.table.module_ms.clone(),
+            },
+            c.cands.clone(),
+        ),
+        None => {
+            threads::set_max_threads(1);
+            let table = ModuleTable::measure(&trained, p.rounds)?;
+            threads::set_max_threads(train_threads);
+            let cands = candidates(&trained, &table, p.candidates)?;
+            (table, cands)
+        }
+    };
     eprintln!(
         "{} candidates of {} subnets; search-split accuracy ...",
         cands.len(),
@@ -646,18 +808,29 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
     let (an_search, un_search) = search_acc.split_at(cands.len());
     eprintln!("  {:.0} s", t0.elapsed().as_secs_f64());
 
-    threads::set_max_threads(1);
-    let mut passes = Vec::new();
-    for pass in 0..2u64 {
-        eprintln!(
-            "latency: 1 thread, pass {}: {} subnets x {} rounds ...",
-            pass + 1,
-            cands.len(),
-            p.rounds
-        );
-        passes.push(latency_pass(&trained, &cands, &p, 31 + pass)?);
-    }
-    threads::set_max_threads(train_threads);
+    let from_cache = cached.is_some();
+    let passes = match cached {
+        Some(c) => c.passes,
+        None => {
+            threads::set_max_threads(1);
+            let mut passes = Vec::new();
+            for pass in 0..2u64 {
+                eprintln!(
+                    "latency: 1 thread, pass {}: {} subnets x {} rounds ...",
+                    pass + 1,
+                    cands.len(),
+                    p.rounds
+                );
+                passes.push(latency_pass(&trained, &cands, &p, 31 + pass)?);
+            }
+            threads::set_max_threads(train_threads);
+            if let Some(f) = &cache_file {
+                LatencyCache::save(f, &table, &cands, &passes)?;
+                eprintln!("latency cache written to {}", f.display());
+            }
+            passes
+        }
+    };
     // How well the table predicted the measured latencies, and how the candidates spread
     // over the budgets (a budget with no candidate under it reports `-`).
     let rel_err: Vec<f64> = cands
@@ -692,6 +865,86 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
             chosen.insert((pass, "untrained", bi), choose(lat, un_search, limit));
         }
     }
+    // `ACC_BN_RECAL=1`: the search split as recalibration batches (no labels), and the
+    // recal pick: per pass, the shortlists of every budget pooled, as the agent pools them.
+    let recal_k: usize = match std::env::var("ACC_RECAL_PICK") {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|&k: &usize| k >= 1)
+            .with_context(|| format!("ACC_RECAL_PICK={v}: expected an integer >= 1"))?,
+        Err(_) => 4,
+    };
+    let batches: Vec<Tensor> = match &trained_unfolded {
+        Some(_) => {
+            let t = eval_transform(&normalize);
+            let idx: Vec<usize> = (0..search.len()).collect();
+            idx.chunks(100)
+                .map(|c| Ok(search.batch_tensor(c, &t, &Device::Cpu)?.0))
+                .collect::<Result<_>>()?
+        }
+        None => Vec::new(),
+    };
+    let mut picked: BTreeMap<(usize, usize), Option<usize>> = BTreeMap::new();
+    if let Some(un) = &trained_unfolded {
+        let lists: Vec<Vec<usize>> = passes
+            .iter()
+            .map(|lat| {
+                let pool: BTreeSet<usize> = BUDGETS
+                    .iter()
+                    .flat_map(|b| shortlist(lat, an_search, b * lat[0], recal_k))
+                    .collect();
+                pool.into_iter().collect()
+            })
+            .collect();
+        let all: BTreeSet<usize> = lists.iter().flatten().copied().collect();
+        eprintln!(
+            "recal pick (K = {recal_k}): BN recalibration and search-split accuracy of {} shortlisted subnets ...",
+            all.len()
+        );
+        let t0 = Instant::now();
+        // The oracle path has no branch to recalibrate: its score stands.
+        let mut rescored: BTreeMap<usize, f64> = BTreeMap::new();
+        for i in all {
+            let acc = if cands[i].uses_branch() {
+                let r = recalibrated(un, &cands[i], &batches)?;
+                accuracies(&[(0, cands[i].clone())], &[&r], &search, &normalize)?[0]
+            } else {
+                an_search[i]
+            };
+            rescored.insert(i, acc);
+        }
+        eprintln!("  {:.0} s", t0.elapsed().as_secs_f64());
+        for (pass, lat) in passes.iter().enumerate() {
+            for (bi, b) in BUDGETS.iter().enumerate() {
+                let limit = b * lat[0];
+                // Best re-scored within the budget; ties: the faster, then the lower index.
+                let w = lists[pass]
+                    .iter()
+                    .copied()
+                    .filter(|&i| lat[i] <= limit)
+                    .min_by(|&x, &y| {
+                        rescored[&y]
+                            .total_cmp(&rescored[&x])
+                            .then(lat[x].total_cmp(&lat[y]))
+                            .then(x.cmp(&y))
+                    });
+                if let (Some(w), Some(c)) = (w, chosen[&(pass, "trained", bi)]) {
+                    eprintln!(
+                        "  pass {} budget {b:.2}: {} search {:.1}% -> {:.1}% recalibrated (search's choice {}: {:.1}% -> {:.1}%)",
+                        pass + 1,
+                        cands[w],
+                        100.0 * an_search[w],
+                        100.0 * rescored[&w],
+                        cands[c],
+                        100.0 * an_search[c],
+                        100.0 * rescored.get(&c).copied().unwrap_or(an_search[c])
+                    );
+                }
+                picked.insert((pass, bi), w);
+            }
+        }
+    }
     let mut need: BTreeSet<(usize, usize)> = BTreeSet::new();
     need.insert((0, 0));
     for ((_, m, _), c) in &chosen {
@@ -699,6 +952,7 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
             need.insert((usize::from(*m == "untrained"), *i));
         }
     }
+    need.extend(picked.values().flatten().map(|&i| (0, i)));
     let need: Vec<(usize, usize)> = need.into_iter().collect();
     eprintln!("test accuracy of {} chosen subnets ...", need.len());
     let test_nets: Vec<(usize, Subnet)> =
@@ -706,20 +960,16 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
     let accs = accuracies(&test_nets, &sns, &test, &normalize)?;
     let test_acc: BTreeMap<(usize, usize), f64> = need.iter().copied().zip(accs).collect();
     let oracle_acc = test_acc[&(0, 0)];
-    // As `edge-agent --bn-recal branches` serves them: each chosen trained subnet with its
-    // branches' BN statistics re-estimated on the search images (no labels), on test images.
+    // As `edge-agent --bn-recal branches` serves them: each chosen (and recal-picked)
+    // trained subnet with its branches' BN statistics re-estimated on the search images,
+    // on test images.
     let mut recal_acc: BTreeMap<usize, f64> = BTreeMap::new();
     if let Some(un) = &trained_unfolded {
-        let t = eval_transform(&normalize);
-        let idx: Vec<usize> = (0..search.len()).collect();
-        let batches: Vec<Tensor> = idx
-            .chunks(100)
-            .map(|c| Ok(search.batch_tensor(c, &t, &Device::Cpu)?.0))
-            .collect::<Result<_>>()?;
         let picks: BTreeSet<usize> = chosen
             .iter()
             .filter(|((_, m, _), _)| *m == "trained")
             .filter_map(|(_, c)| *c)
+            .chain(picked.values().flatten().copied())
             .filter(|&i| cands[i].uses_branch())
             .collect();
         eprintln!(
@@ -727,10 +977,7 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
             picks.len()
         );
         for i in picks {
-            let mut r = un.clone();
-            r.modules
-                .extend(un.recalibrate_bn(&cands[i], &batches, |c| c != Choice::Original)?);
-            r.fold()?;
+            let r = recalibrated(un, &cands[i], &batches)?;
             recal_acc.insert(
                 i,
                 accuracies(&[(0, cands[i].clone())], &[&r], &test, &normalize)?[0],
@@ -757,7 +1004,7 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
         el_report["samples_per_sec"].as_f64().unwrap_or(f64::NAN),
         el_report["modules"],
     );
-    type Retained = (Option<f64>, Option<f64>, Option<f64>);
+    type Retained = (Option<f64>, Option<f64>, Option<f64>, Option<f64>);
     let mut retained: BTreeMap<(usize, usize), Retained> = BTreeMap::new();
     for (pass, lat) in passes.iter().enumerate() {
         println!();
@@ -768,7 +1015,7 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
             p.rounds
         );
         println!(
-            "{:>6} {:>8} | {:>18} {:>7} {:>7} {:>8} {:>8} | {:>18} {:>8}",
+            "{:>6} {:>8} | {:>18} {:>7} {:>7} {:>8} {:>8} | {:>18} {:>8} | {:>18} {:>8}",
             "budget",
             "limit ms",
             "subnet",
@@ -776,6 +1023,8 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
             "search",
             "retained",
             "recal",
+            "recal pick subnet",
+            "pick",
             "untrained subnet",
             "retained"
         );
@@ -788,10 +1037,13 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
             let r_r = t
                 .filter(|_| trained_unfolded.is_some())
                 .map(|i| recal_acc.get(&i).copied().unwrap_or(test_acc[&(0, i)]) / oracle_acc);
-            retained.insert((pass, bi), (r_t, r_u, r_r));
+            let w = picked.get(&(pass, bi)).copied().flatten();
+            let r_p =
+                w.map(|i| recal_acc.get(&i).copied().unwrap_or(test_acc[&(0, i)]) / oracle_acc);
+            retained.insert((pass, bi), (r_t, r_u, r_r, r_p));
             let pct = |r: Option<f64>| r.map_or("-".into(), |r| format!("{:.2}%", 100.0 * r));
             println!(
-                "{:>6.2} {:>8.3} | {:>18} {:>7} {:>7} {:>8} {:>8} | {:>18} {:>8}",
+                "{:>6.2} {:>8.3} | {:>18} {:>7} {:>7} {:>8} {:>8} | {:>18} {:>8} | {:>18} {:>8}",
                 b,
                 b * lat[0],
                 t.map_or("-".into(), |i| cands[i].to_string()),
@@ -799,6 +1051,8 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
                 t.map_or("-".into(), |i| format!("{:.1}%", 100.0 * an_search[i])),
                 pct(r_t),
                 pct(r_r),
+                w.map_or("-".into(), |i| cands[i].to_string()),
+                pct(r_p),
                 u.map_or("-".into(), |i| cands[i].to_string()),
                 pct(r_u),
             );
@@ -826,6 +1080,13 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
         "lite0_untrained_at_0_8": at(0.8).1,
         "lite0_retained_at_0_6_bn_recal": at(0.6).2,
         "lite0_retained_at_0_8_bn_recal": at(0.8).2,
+        "lite0_retained_at_0_5_recal_pick": at(0.5).3,
+        "lite0_retained_at_0_6_recal_pick": at(0.6).3,
+        "lite0_retained_at_0_7_recal_pick": at(0.7).3,
+        "lite0_retained_at_0_8_recal_pick": at(0.8).3,
+        "lite0_retained_at_0_9_recal_pick": at(0.9).3,
+        "lite0_recal_pick_k": trained_unfolded.as_ref().map(|_| recal_k),
+        "lite0_latency_cached": from_cache,
         "lite0_finetune_samples_per_s": ft_report["images_per_sec"],
         "lite0_elastify_samples_per_s": el_report["samples_per_sec"],
         "lite0_elastify_stage0_samples_per_s": el_report["stages"][0]["samples_per_sec"],

@@ -9,6 +9,7 @@ use adaptivenet_core::data::Dataset;
 use crate::profile::{self, LatencyTable, ProfileConfig, ReusePlan};
 use crate::quality::{load_local_data, EvalSet, QualityMode};
 use crate::search::{self, Budget, SearchConfig};
+use crate::serve::bn::{local_recalibration, served_quality};
 use crate::serve::ArtifactSource;
 use crate::state::{SearchRecord, StateDir};
 use crate::{EdgeError, Result};
@@ -262,7 +263,7 @@ pub fn plan(
         );
     }
     tracing::info!("search reuse cache: {}", reuse.reason);
-    let result = search::search_from(
+    let searched = search::search_keeping(
         &supernet,
         &table,
         &set,
@@ -271,12 +272,24 @@ pub fn plan(
         &warm,
         |d, _| progress("search", d, total),
     );
+    drop(supernet);
     // The activations the search kept are freed; give their pages back to the OS rather
     // than hold them while serving.
     adaptivenet_kernels::alloc::release_freed_memory();
+    let (mut result, evaluated) = searched?;
+    if let Some(pick) = search_cfg.recal_pick.filter(|p| p.k >= 2) {
+        // The images and recalibration `edge-agent run --bn-recal` serves with.
+        let recal = local_recalibration(src, &data, cfg.images, cfg.search.seed, pick.setting)?;
+        result = search::recal_pick(
+            result,
+            &evaluated,
+            pick.k,
+            served_quality(src, recal, &set)?,
+        )?;
+    }
     let record = SearchRecord {
         config: search_cfg,
-        result: result?,
+        result,
     };
     persist("search result", state.save_search(&id, &record));
     Ok(Plan {

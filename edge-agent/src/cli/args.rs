@@ -7,7 +7,7 @@ use adaptivenet_edge::adapt::plan::PlanConfig;
 use adaptivenet_edge::agent::policy_budgets;
 use adaptivenet_edge::client::BudgetPolicy;
 use adaptivenet_edge::quality::QualityMode;
-use adaptivenet_edge::search::{SearchConfig, Speedups};
+use adaptivenet_edge::search::{RecalPick, SearchConfig, Speedups};
 use adaptivenet_edge::serve::bn::{RecalScope, RecalSetting};
 use clap::Args;
 
@@ -193,7 +193,38 @@ pub struct RunArgs {
     /// recalibrates (and checks) its target too.
     #[arg(long, value_enum, default_value_t = BnRecal::Off)]
     pub bn_recal: BnRecal,
+    /// With --bn-recal: re-score the search's best K candidates per budget with their BN
+    /// recalibrated as they will serve, and serve the best re-scored one (default 4; 0 or 1
+    /// serves the search's pick). The search ranks by the shipped statistics, which fit some
+    /// paths far worse than others, so its pick is not the best subnet once recalibrated.
+    /// Costs one recalibration and one scoring pass over the search images per candidate.
+    #[arg(long, value_name = "K")]
+    pub recal_pick: Option<usize>,
 }
+
+impl RunArgs {
+    /// `--recal-pick` for the plan: `None` without --bn-recal (the search's result is
+    /// then what it always was); refused when set explicitly without --bn-recal.
+    pub fn recal_pick(&self, mode: QualityMode) -> anyhow::Result<Option<RecalPick>> {
+        let setting = self.bn_recal.setting(mode);
+        match (self.recal_pick, setting) {
+            (Some(k), None) => anyhow::bail!(
+                "--recal-pick {k} re-scores candidates with recalibrated BN statistics: it \
+                 needs --bn-recal branches, all or auto"
+            ),
+            (k, Some(setting)) => Ok(Some(RecalPick {
+                k: k.unwrap_or(DEFAULT_RECAL_PICK),
+                setting,
+            })
+            .filter(|p| p.k >= 2)),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// `--recal-pick`'s default: a few candidates, since each costs a recalibration and a
+/// scoring pass over the search images.
+pub const DEFAULT_RECAL_PICK: usize = 4;
 
 /// `--bn-recal`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -25,6 +25,7 @@ use super::source::open_source;
 
 pub fn run(a: RunArgs) -> Result<()> {
     let common = &a.search.profile.common;
+    let recal_pick = a.recal_pick(plan_config(&a.search).mode)?;
     let rt = crate::runtime()?;
     let (src, cloud) = open_source(common, &rt)?;
     let id = src.manifest.supernet_id.to_string();
@@ -32,10 +33,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     let explicit_budgets = !a.search.budget.is_empty();
     let mut s = a.search.clone();
     s.budget = budget_specs(&s, cloud.as_ref().and_then(|c| c.budget.as_ref()));
-    let pcfg = PlanConfig {
+    let mut pcfg = PlanConfig {
         clamp_budgets: true,
         ..plan_config(&s)
     };
+    pcfg.search.recal_pick = recal_pick;
     // A plan kept for a rollback: restored into the state's slots when the cloud sends this
     // device back to it, so the plan below needs no profile and no search.
     let standby = cloud.as_ref().and_then(|c| {

@@ -8,6 +8,7 @@ use adaptivenet_core::supernet::Subnet;
 use serde::{Deserialize, Serialize};
 
 use crate::profile::LatencyTable;
+use crate::serve::bn::RecalSetting;
 use crate::{EdgeError, Result};
 
 /// Which speed-ups are on: the paper's four, and racing.
@@ -129,6 +130,22 @@ pub struct SearchConfig {
     /// against those; 1 scores them all fully.
     #[serde(default = "default_race_seed_every")]
     pub race_seed_every: usize,
+    /// Re-ranking of each budget's best candidates with BN recalibrated as the agent will
+    /// serve them (`edge-agent run --bn-recal --recal-pick`). Applied by the plan after the
+    /// search (it needs the artifact's unfolded weights), recorded here so that a stored
+    /// result is reused only under the same pick. Absent (and not written) without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recal_pick: Option<RecalPick>,
+}
+
+/// The recal pick's settings ([`super::recal_pick`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecalPick {
+    /// Candidates per budget re-scored (the best by search quality); below 2 nothing is
+    /// re-ranked.
+    pub k: usize,
+    /// The recalibration the agent serves with, hence re-scores with.
+    pub setting: RecalSetting,
 }
 
 fn one() -> usize {
@@ -169,6 +186,7 @@ impl Default for SearchConfig {
             race_images: default_race_images(),
             race_z: default_race_z(),
             race_seed_every: default_race_seed_every(),
+            recal_pick: None,
         }
     }
 }

@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use super::archive::Archive;
 use super::pareto::{best_within, pareto_front};
 use super::prefix::ReuseCache;
-use super::{ops, BudgetResult, SearchConfig, SearchResult};
+use super::{ops, BudgetResult, Candidate, SearchConfig, SearchResult};
 use crate::profile::LatencyTable;
 use crate::quality::EvalSet;
 use crate::{EdgeError, Result};
@@ -49,8 +49,22 @@ pub fn search_from(
     budgets_ms: &[f64],
     cfg: &SearchConfig,
     warm: &[Subnet],
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<SearchResult> {
+    Ok(search_keeping(supernet, table, set, budgets_ms, cfg, warm, progress)?.0)
+}
+
+/// [`search_from`], also returning every fully scored subnet of the run (in code order): the
+/// shortlists of [`super::recal_pick`] come from all of them, not only the front.
+pub fn search_keeping(
+    supernet: &Supernet,
+    table: &LatencyTable,
+    set: &EvalSet,
+    budgets_ms: &[f64],
+    cfg: &SearchConfig,
+    warm: &[Subnet],
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(SearchResult, Vec<Candidate>)> {
     let spec = &supernet.spec;
     let warm: Vec<Subnet> = warm
         .iter()
@@ -209,13 +223,14 @@ fn mutant(arch: &Archive, parent: &Subnet, budget: f64, rng: &mut ChaCha8Rng) ->
 }
 
 /// The best fully scored subnet per budget and the front, after guaranteeing a feasible answer
-/// for every budget: the cheapest subnet fits any budget that passed [`check_budgets`].
+/// for every budget: the cheapest subnet fits any budget that passed [`check_budgets`]; and
+/// every fully scored subnet.
 fn answer(
     mut arch: Archive,
     budgets_ms: &[f64],
     cheapest: f64,
     start: Instant,
-) -> Result<SearchResult> {
+) -> Result<(SearchResult, Vec<Candidate>)> {
     if budgets_ms
         .iter()
         .any(|&b| best_within(&arch.candidates(), b).is_none())
@@ -239,11 +254,12 @@ fn answer(
     stats.images = arch.set.len;
     stats.seconds = start.elapsed().as_secs_f64();
     stats.evals_per_s = stats.evaluations as f64 / stats.seconds.max(1e-9);
-    Ok(SearchResult {
+    let result = SearchResult {
         best,
         front: pareto_front(&all),
         stats,
-    })
+    };
+    Ok((result, all))
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@
 //! - `racing.rs`: scoring on doubling image subsets and dropping what cannot reach the front,
 //!   without steering the search;
 //! - `pareto.rs`: fitness, the Pareto front and the best subnet per budget;
+//! - `recal.rs`: the recal pick, each budget's best few re-scored with BN recalibrated as
+//!   they would serve;
 //! - [`prefix`]: evaluating many subnets as a prefix tree, on workers, with the
 //!   cross-generation cache; [`ops`]: mutation, crossover, repair, compensation.
 //!
@@ -22,20 +24,22 @@ pub mod ops;
 mod pareto;
 pub mod prefix;
 mod racing;
+mod recal;
 #[cfg(test)]
 mod testing;
 
 use adaptivenet_core::supernet::Subnet;
 use serde::{Deserialize, Serialize};
 
-pub use config::{Budget, SearchConfig, Speedups};
-pub use evolve::{search, search_from};
-pub use pareto::{best_within, fitness, pareto_front};
+pub use config::{Budget, RecalPick, SearchConfig, Speedups};
+pub use evolve::{search, search_from, search_keeping};
+pub use pareto::{best_within, fitness, pareto_front, top_within};
 pub use prefix::{
     evaluate_each, evaluate_masks, evaluate_masks_reusing, evaluate_prefix, EvalStats, Masks,
     Method, ReuseCache,
 };
 pub use racing::race_keeps;
+pub use recal::recal_pick;
 
 /// An evaluated subnet.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

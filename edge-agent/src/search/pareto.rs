@@ -45,3 +45,16 @@ pub fn best_within(all: &[Candidate], budget_ms: f64) -> Option<Candidate> {
         })
         .cloned()
 }
+
+/// The `k` most accurate candidates within a budget, best first, in [`best_within`]'s order
+/// (so the first is its answer).
+pub fn top_within(all: &[Candidate], budget_ms: f64, k: usize) -> Vec<Candidate> {
+    let mut v: Vec<&Candidate> = all.iter().filter(|c| c.latency_ms <= budget_ms).collect();
+    v.sort_by(|a, b| {
+        b.quality
+            .total_cmp(&a.quality)
+            .then(a.latency_ms.total_cmp(&b.latency_ms))
+            .then(a.subnet.cmp(&b.subnet))
+    });
+    v.into_iter().take(k).cloned().collect()
+}

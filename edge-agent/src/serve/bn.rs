@@ -20,16 +20,18 @@ use adaptivenet_core::data::Dataset;
 use adaptivenet_core::model::{fold::fold_params, Params};
 use adaptivenet_core::supernet::{Choice, ModuleKey, Subnet, Supernet};
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
-use super::{ArtifactSource, Recalibration};
-use crate::quality::{search_batches, top1, QualityMode};
+use super::{ArtifactSource, Recalibration, Server};
+use crate::quality::{search_batches, top1, EvalSet, QualityMode};
 use crate::{EdgeError, Result};
 
 /// Module weights by module, as [`super::Server::switch_with`] takes them.
 pub type Modules = BTreeMap<ModuleKey, Params>;
 
 /// Which modules of the subnet to recalibrate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RecalScope {
     /// Branch modules only (not [`Choice::Original`]): the original blocks are the oracle's.
     Branches,
@@ -38,7 +40,7 @@ pub enum RecalScope {
 }
 
 /// BN recalibration as an agent serves with it (`edge-agent run --bn-recal`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecalSetting {
     pub scope: RecalScope,
     /// `auto`: recalibrated statistics are kept only where they meet these targets at least
@@ -78,6 +80,28 @@ pub fn local_recalibration(
         inputs,
         scope: setting.scope,
         guard,
+    })
+}
+
+/// Scores subnets as an agent recalibrating with `recal` would serve them, for the search's
+/// recal pick ([`crate::search::recal_pick`]): each subnet is installed by a scratch
+/// [`Server`]'s switch, so the recalibrated modules, the `auto` guard's verdict and the
+/// modules out of scope are exactly what serving installs (a score of anything else would
+/// rank subnets by statistics they never serve with); then it is scored on `set` by the
+/// search's own quality function, from the cached stem outputs (the stem is never
+/// recalibrated).
+pub fn served_quality<'a>(
+    src: &ArtifactSource,
+    recal: Recalibration,
+    set: &'a EvalSet,
+) -> Result<impl FnMut(&Subnet) -> Result<f64> + 'a> {
+    let oracle = Subnet::original(src.manifest.supernet_spec().num_positions());
+    let server = Server::start(src.clone(), &oracle, 1)?;
+    server.set_recalibration(recal);
+    Ok(move |s: &Subnet| {
+        server.switch(s)?;
+        let m = server.active();
+        set.evaluate(&m.supernet, &m.subnet, true)
     })
 }
 
