@@ -46,8 +46,11 @@ echo "== tests"
 cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/adaptivenet-test.log
 echo "operator console screenshots (cloud-server/tests/console.rs): $CARGO_TARGET_DIR/console-screenshots/"
 echo "== AVX2 routes (ADAPTIVENET_MAX_ISA=avx2: the kernels' tests and the folded-model parity tests again on the kernels an AVX2-only CPU runs; a no-op on such a CPU)"
-ADAPTIVENET_MAX_ISA=avx2 cargo test -p adaptivenet-kernels 2>&1 | tee -a /tmp/adaptivenet-test.log
-ADAPTIVENET_MAX_ISA=avx2 cargo test -p adaptivenet-core --test parity --test backends 2>&1 | tee -a /tmp/adaptivenet-test.log
+# `--workspace` with named targets: the test binaries built above, with the workspace's
+# features (a `-p` run resolves features per package and rebuilds candle).
+ADAPTIVENET_MAX_ISA=avx2 cargo test --workspace --test parity --test backends --test direct \
+  --test winograd --test mbconv --test dw_train --test pw_train --test grads --test train_ops \
+  2>&1 | tee -a /tmp/adaptivenet-test.log
 echo "== hostile-client suite: attack | expected | observed"
 cargo test -p adaptivenet-tests --test hostile -- --nocapture 2>&1 | grep -E '^\|' | awk '!seen[$0]++'
 echo "== TLS (cargo feature tls: real gRPC over rustls; server, CLI client, edge agent, mutual TLS)"
