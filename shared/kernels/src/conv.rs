@@ -59,7 +59,7 @@ pub(crate) fn forward(
     if train && direct_1x1(g) {
         return pointwise_1x1(xs, ws, bs, g, act);
     }
-    if train && g.is_depthwise() && depthwise::lanes_forward(g) {
+    if g.is_depthwise() && (train || depthwise::lanes_infer(g)) && depthwise::lanes_forward(g) {
         // SAFETY: `dw_lanes::forward` writes every element of `[N, C, OH, OW]`.
         return unsafe {
             filled(g.n * g.out_img(), |o| {

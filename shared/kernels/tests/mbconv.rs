@@ -75,6 +75,31 @@ fn depthwise_forward_matches_candle() {
     assert!(cases > 80, "{cases} cases");
 }
 
+/// The inference depthwise on the tiny maps that run in channel lanes (outputs of at most 4
+/// pixels: Lite0's last stage at 64x64), with full and partial channel blocks.
+#[test]
+fn depthwise_forward_on_tiny_maps_matches_candle() {
+    let mut rng = Rng::new(21);
+    for (c, h, k, s) in [
+        (40, 2, 5, 1),
+        (40, 2, 3, 1),
+        (19, 4, 3, 2),
+        (33, 4, 5, 2),
+        (8, 1, 3, 1),
+    ] {
+        let p = Conv2dParams::same((h, h), (k, k), (s, s)).with_groups(c);
+        let x = rng.tensor(&[2, c, h, h], 1.0);
+        let wt = rng.tensor(&[c, 1, k, k], 1.7 / k as f32);
+        let b = rng.tensor(&[c], 0.5);
+        for act in ACTS {
+            let want = reference_act(candle_conv(&x, &wt, Some(&b), &p).unwrap(), act);
+            let got = conv2d_fused(&x, &wt, Some(&b), &p, act).unwrap();
+            let d = max_abs_diff(&got, &want);
+            assert!(d <= TOL, "c{c} {h}x{h} k{k} s{s} {act:?}: {d}");
+        }
+    }
+}
+
 /// The depthwise forward on every width 1-40 (narrower than one 8- or 16-lane vector,
 /// partial last vectors, interior and edge column blocks) and Lite0's 56 and 112, at both
 /// kernel sizes and strides, TF-SAME or symmetric padding, heights giving each count of
