@@ -106,13 +106,17 @@ fn bad_recal_pick_values_are_refused_before_anything_runs() {
         agent(&v)
     };
     for bad in ["many", "-1", "2.5"] {
-        let flag = format!("--recal-pick={bad}");
-        let (code, err) = run(&["--bn-recal", "branches", &flag]);
-        assert_eq!(code, 2, "{bad}: {err}");
-        assert!(
-            err.contains(&format!("invalid value '{bad}' for '--recal-pick <K>'")),
-            "{bad}: {err}"
-        );
+        let joined = format!("--recal-pick={bad}");
+        for args in [vec![joined.as_str()], vec!["--recal-pick", bad]] {
+            let mut a = vec!["--bn-recal", "branches"];
+            a.extend(args);
+            let (code, err) = run(&a);
+            assert_eq!(code, 2, "{a:?}: {err}");
+            assert!(
+                err.contains(&format!("invalid value '{bad}' for '--recal-pick <K>'")),
+                "{a:?}: {err}"
+            );
+        }
     }
     // Re-scoring with recalibrated statistics means nothing without recalibration.
     let (code, err) = run(&["--recal-pick", "3"]);

@@ -198,7 +198,8 @@ pub struct RunArgs {
     /// serves the search's pick). The search ranks by the shipped statistics, which fit some
     /// paths far worse than others, so its pick is not the best subnet once recalibrated.
     /// Costs one recalibration and one scoring pass over the search images per candidate.
-    #[arg(long, value_name = "K")]
+    // Hyphen values are taken as the value, so `--recal-pick -1` is refused naming the flag.
+    #[arg(long, value_name = "K", allow_hyphen_values = true)]
     pub recal_pick: Option<usize>,
 }
 
