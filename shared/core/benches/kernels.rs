@@ -375,11 +375,14 @@ fn infer_row_at(r: &Infer, peers_dir: &Path) -> Res<Row> {
         .flatten_all()?
         .max(0)?
         .to_scalar::<f32>()?;
+    // At this row's input size (the spec's own is the family's default, 224 for Lite0).
+    let mut at_input = m.spec.clone();
+    at_input.input = [input[1], input[2], input[3]];
     println!(
         "{label}: {} params, {:.3} GMAC at batch 1; max |ours - stock| = {diff_stock:.2e}, \
          max |ours - folded| = {diff_fold:.2e}",
         m.num_params(),
-        m.spec.macs() as f64 / 1e9
+        at_input.macs() as f64 / 1e9
     );
     m.save(
         &peers_dir.join(format!("{key}.json")),
