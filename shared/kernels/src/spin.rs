@@ -34,6 +34,8 @@ struct Part {
     job: Job,
     index: usize,
     taken: AtomicBool,
+    /// Set before `done` when the part panicked, so whoever waits on `done` sees it.
+    panicked: AtomicBool,
     done: AtomicBool,
 }
 
@@ -43,15 +45,15 @@ unsafe impl Sync for Part {}
 unsafe impl Send for Part {}
 
 impl Part {
-    /// Runs the part if nobody claimed it yet; a panic is caught and reported as `true`.
-    fn claim_and_run(&self) -> Option<bool> {
+    /// Runs the part if nobody claimed it yet; a panic is caught and recorded in `panicked`.
+    fn claim_and_run(&self) {
         if self.taken.swap(true, Ordering::AcqRel) {
-            return None;
+            return;
         }
         // SAFETY: see the Sync impl; the closure outlives this call.
         let r = catch_unwind(AssertUnwindSafe(|| unsafe { (*self.job)(self.index) }));
+        self.panicked.store(r.is_err(), Ordering::Relaxed);
         self.done.store(true, Ordering::Release);
-        Some(r.is_err())
     }
 }
 
@@ -60,7 +62,6 @@ struct Worker {
     posted: AtomicUsize,
     part: Mutex<Option<Arc<Part>>>,
     sleeping: AtomicBool,
-    panicked: AtomicBool,
     thread: OnceLock<Thread>,
 }
 
@@ -71,17 +72,25 @@ thread_local! {
     static IN_WORKER: Cell<bool> = const { Cell::new(false) };
 }
 
-/// How long an idle worker spins before it parks: env `ADAPTIVENET_SPIN_US` (read once;
-/// `off` there routes the splits to rayon instead, see [`crate::threads`]).
-pub(crate) fn spin_for() -> Duration {
-    static D: OnceLock<Duration> = OnceLock::new();
-    *D.get_or_init(|| {
-        let us = std::env::var("ADAPTIVENET_SPIN_US")
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(500);
-        Duration::from_micros(us)
+/// Env `ADAPTIVENET_SPIN_US` (read once): how long an idle worker spins before it parks
+/// (default 500 µs), or `off`: no spinning workers, the splits run on rayon (`None`).
+fn setting() -> Option<Duration> {
+    static S: OnceLock<Option<Duration>> = OnceLock::new();
+    *S.get_or_init(|| match std::env::var("ADAPTIVENET_SPIN_US").as_deref() {
+        Ok("off") => None,
+        Ok(v) => Some(Duration::from_micros(v.trim().parse().unwrap_or(500))),
+        Err(_) => Some(Duration::from_micros(500)),
     })
+}
+
+/// Whether the splits use the spinning workers at all (not with `ADAPTIVENET_SPIN_US=off`).
+pub(crate) fn enabled() -> bool {
+    setting().is_some()
+}
+
+/// How long an idle worker spins before it parks.
+fn spin_for() -> Duration {
+    setting().unwrap_or_default()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -122,9 +131,7 @@ fn worker_loop(w: Arc<Worker>) {
         }
         let part = lock(&w.part).clone();
         if let Some(part) = part {
-            if part.claim_and_run() == Some(true) {
-                w.panicked.store(true, Ordering::Relaxed);
-            }
+            part.claim_and_run();
         }
     }
 }
@@ -138,7 +145,6 @@ fn workers(n: usize) -> Option<Vec<Arc<Worker>>> {
             posted: AtomicUsize::new(0),
             part: Mutex::new(None),
             sleeping: AtomicBool::new(false),
-            panicked: AtomicBool::new(false),
             thread: OnceLock::new(),
         });
         let w2 = w.clone();
@@ -156,15 +162,12 @@ fn workers(n: usize) -> Option<Vec<Arc<Worker>>> {
 /// caller's own part panics (the workers borrow the caller's closure); then frees the pool.
 struct Finish<'a> {
     parts: &'a [Arc<Part>],
-    panicked: &'a Cell<bool>,
 }
 
 impl Drop for Finish<'_> {
     fn drop(&mut self) {
         for p in self.parts {
-            if p.claim_and_run() == Some(true) {
-                self.panicked.set(true);
-            }
+            p.claim_and_run();
         }
         for p in self.parts {
             let mut spins = 0u32;
@@ -212,6 +215,7 @@ pub(crate) fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
                 job,
                 index,
                 taken: AtomicBool::new(false),
+                panicked: AtomicBool::new(false),
                 done: AtomicBool::new(false),
             })
         })
@@ -225,17 +229,13 @@ pub(crate) fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
             }
         }
     }
-    let panicked = Cell::new(false);
     {
-        let _finish = Finish {
-            parts: &posted,
-            panicked: &panicked,
-        };
+        let _finish = Finish { parts: &posted };
         f(0);
     }
-    let worker_panicked = ws.iter().any(|w| w.panicked.swap(false, Ordering::Relaxed));
+    // Every part is done (`Finish` waited), and its panic flag was set before `done`.
     assert!(
-        !(panicked.get() || worker_panicked),
+        !posted.iter().any(|p| p.panicked.load(Ordering::Relaxed)),
         "a kernel worker panicked"
     );
     true

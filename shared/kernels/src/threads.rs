@@ -176,7 +176,7 @@ where
         return;
     }
     let per = n_items.div_ceil(threads.min(n_items));
-    if use_spin() {
+    if crate::spin::enabled() {
         // As `par_chunks_mut` below: a last, shorter item is one more item.
         let len = out.len();
         let parts = len.div_ceil(per * item_len);
@@ -219,7 +219,7 @@ where
     if ranges.len() <= 1 {
         return ranges.into_iter().map(f).collect();
     }
-    if use_spin() {
+    if crate::spin::enabled() {
         // On the spinning workers (see `spin`): part 0 on this thread, no wake-up per op.
         let slots: Vec<std::sync::Mutex<Option<R>>> =
             ranges.iter().map(|_| std::sync::Mutex::new(None)).collect();
@@ -250,14 +250,6 @@ impl<T> SendMut<T> {
     fn get(&self) -> *mut T {
         self.0
     }
-}
-
-/// Whether [`map_ranges`] and [`for_each_item`] run on the spinning workers (default) or on
-/// rayon's pool (env
-/// `ADAPTIVENET_SPIN_US=off`, read once; for A/B runs).
-fn use_spin() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ADAPTIVENET_SPIN_US").as_deref() != Ok("off"))
 }
 
 #[cfg(test)]
