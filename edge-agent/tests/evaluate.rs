@@ -1,13 +1,12 @@
 //! `edge-agent evaluate` and the library check behind it: the plan scored against labels on
 //! the device, on a narrow ResNet-20 supernet (widths 4/8/16, merge-only) with synthetic
 //! images whose labels are set to one model's predictions, so every expected score is known.
-use std::path::Path;
+mod common;
+
 use std::process::Command;
 
-use adaptivenet_core::artifact::{write_artifact, InputSpec};
 use adaptivenet_core::data::Dataset;
-use adaptivenet_core::model::{ArchDescriptor, Model};
-use adaptivenet_core::supernet::{branches::build_supernet, Subnet, SupernetConfig};
+use adaptivenet_core::supernet::Subnet;
 use adaptivenet_edge::evaluate::{evaluate_plan, labels_for_model, PlanEval};
 use adaptivenet_edge::profile::LatencyTable;
 use adaptivenet_edge::quality::{top1, transform_for, EvalSet, QualityMode};
@@ -16,51 +15,16 @@ use adaptivenet_edge::serve::bn::{RecalScope, RecalSetting};
 use adaptivenet_edge::serve::ArtifactSource;
 use adaptivenet_edge::state::SearchRecord;
 use candle_core::Device;
-use rand::{Rng, SeedableRng};
+use common::{artifact, Stripes, CLASSES};
 
-const CLASSES: usize = 10;
 /// Images the search scores, of `IMAGES` local ones.
 const SEARCH_IMAGES: usize = 60;
 const IMAGES: usize = 150;
 
-/// An untrained supernet whose init (seed 6) predicts two classes on [`dataset`] and whose
-/// label-free front has several points.
-fn artifact(dir: &Path) -> ArtifactSource {
-    let arch = ArchDescriptor::from_json(
-        br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[3,3,3],"widths":[4,8,16],"in_channels":1,"num_classes":10}"#,
-    )
-    .unwrap();
-    let oracle = Model::init(&arch.spec, 6).unwrap();
-    let sn = build_supernet(&oracle, &SupernetConfig::merge_only()).unwrap();
-    let input = InputSpec {
-        shape: [1, 28, 28],
-        mean: vec![0.5],
-        std: vec![0.5],
-        class_names: (0..CLASSES).map(|i| format!("class{i}")).collect(),
-    };
-    write_artifact(dir, &sn, input, &"0".repeat(64), vec![]).unwrap();
-    ArtifactSource::open(dir).unwrap()
-}
-
-/// Seeded images of stripes at random frequencies, angles and contrasts (an untrained
-/// network then predicts several classes, and its subnets disagree on some images), labels 0.
+/// [`Stripes`] (seed 11), all labelled 0.
 fn dataset() -> Dataset {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-    let mut images = Vec::with_capacity(IMAGES * 784);
-    for _ in 0..IMAGES {
-        let (fx, fy): (f32, f32) = (rng.random_range(-0.8..0.8), rng.random_range(-0.8..0.8));
-        let (phase, contrast, base): (f32, f32, f32) = (
-            rng.random_range(0.0..6.3),
-            rng.random_range(10.0..127.0),
-            rng.random_range(60.0..190.0),
-        );
-        for y in 0..28 {
-            for x in 0..28 {
-                let v = base + contrast * (fx * x as f32 + fy * y as f32 + phase).sin();
-                images.push(v.clamp(0.0, 255.0) as u8);
-            }
-        }
-    }
+    let mut stripes = Stripes::new(11);
+    let images: Vec<u8> = (0..IMAGES).flat_map(|_| stripes.next_image()).collect();
     Dataset::new(
         images,
         vec![0; IMAGES],

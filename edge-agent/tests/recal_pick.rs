@@ -4,11 +4,10 @@
 //! every run is deterministic. The expected pick is recomputed here from the library's parts
 //! (the search's candidates, `bn::recalibrate` on the search images, the search's quality
 //! function), not through the pick's own code.
+mod common;
+
 use std::path::Path;
 
-use adaptivenet_core::artifact::{write_artifact, InputSpec};
-use adaptivenet_core::model::{ArchDescriptor, Model};
-use adaptivenet_core::supernet::{branches::build_supernet, SupernetConfig};
 use adaptivenet_edge::adapt::plan::{plan, resolve_budgets, Plan, PlanConfig};
 use adaptivenet_edge::adapt::Controller;
 use adaptivenet_edge::profile::LatencyTable;
@@ -17,7 +16,7 @@ use adaptivenet_edge::search::{self, best_within, top_within, Candidate, RecalPi
 use adaptivenet_edge::serve::bn::{recalibrate, RecalScope, RecalSetting, RECAL_BATCH};
 use adaptivenet_edge::serve::ArtifactSource;
 use adaptivenet_edge::state::StateDir;
-use rand::{Rng, SeedableRng};
+use common::{artifact, Stripes};
 
 /// Local images, and of those the ones the search scores (and recalibration uses).
 const IMAGES: usize = 90;
@@ -25,40 +24,13 @@ const SEARCH_IMAGES: usize = 60;
 const K: usize = 4;
 const MODE: QualityMode = QualityMode::OracleAgreement;
 
-fn artifact(dir: &Path) -> ArtifactSource {
-    let arch = ArchDescriptor::from_json(
-        br#"{"family":"adaptivenet.resnet_small","block":"basic","layers":[3,3,3],"widths":[4,8,16],"in_channels":1,"num_classes":10}"#,
-    )
-    .unwrap();
-    let oracle = Model::init(&arch.spec, 6).unwrap();
-    let sn = build_supernet(&oracle, &SupernetConfig::merge_only()).unwrap();
-    let input = InputSpec {
-        shape: [1, 28, 28],
-        mean: vec![0.5],
-        std: vec![0.5],
-        class_names: (0..10).map(|i| format!("class{i}")).collect(),
-    };
-    write_artifact(dir, &sn, input, &"0".repeat(64), vec![]).unwrap();
-    ArtifactSource::open(dir).unwrap()
-}
-
-/// An ImageFolder of seeded stripes at random frequencies, angles and contrasts (an untrained
-/// network then predicts several classes, and its subnets disagree on some images).
+/// An ImageFolder of [`Stripes`] in three classes.
 fn image_folder(dir: &Path) {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mut stripes = Stripes::new(11);
     for i in 0..IMAGES {
         let d = dir.join((i % 3).to_string());
         std::fs::create_dir_all(&d).unwrap();
-        let (fx, fy): (f32, f32) = (rng.random_range(-0.8..0.8), rng.random_range(-0.8..0.8));
-        let (phase, contrast, base): (f32, f32, f32) = (
-            rng.random_range(0.0..6.3),
-            rng.random_range(10.0..127.0),
-            rng.random_range(60.0..190.0),
-        );
-        let img = image::GrayImage::from_fn(28, 28, |x, y| {
-            let v = base + contrast * (fx * x as f32 + fy * y as f32 + phase).sin();
-            image::Luma([v.clamp(0.0, 255.0) as u8])
-        });
+        let img = image::GrayImage::from_raw(28, 28, stripes.next_image()).unwrap();
         img.save(d.join(format!("{i:03}.png"))).unwrap();
     }
 }

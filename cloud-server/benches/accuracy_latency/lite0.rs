@@ -355,6 +355,7 @@ fn elastified(
 /// Batch-1 latency table of a supernet, as an edge device profiles one: the stem plus head
 /// and every module on its input shape, each the median of interleaved rounds (1 thread).
 /// A path's predicted latency is the stem-and-head time plus its modules' times.
+#[derive(Clone)]
 struct ModuleTable {
     fixed_ms: f64,
     module_ms: BTreeMap<ModuleKey, f64>,
@@ -780,13 +781,7 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
         None => None,
     };
     let (table, cands) = match &cached {
-        Some(c) => (
-            ModuleTable {
-                fixed_ms: c.table.fixed_ms,
-                module_ms: c.table.module_ms.clone(),
-            },
-            c.cands.clone(),
-        ),
+        Some(c) => (c.table.clone(), c.cands.clone()),
         None => {
             threads::set_max_threads(1);
             let table = ModuleTable::measure(&trained, p.rounds)?;
