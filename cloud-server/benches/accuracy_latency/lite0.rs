@@ -852,6 +852,52 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
         under.join(", ")
     );
 
+    // `ACC_VERBOSE=1`: every candidate with its latency and search-split accuracies, to see
+    // where along the latency axis the branches stop working.
+    if env_flag("ACC_VERBOSE", false) {
+        let mut order: Vec<usize> = (0..cands.len()).collect();
+        order.sort_by(|&a, &b| passes[0][a].total_cmp(&passes[0][b]));
+        eprintln!("  latency  predicted  trained  untrained  subnet");
+        for i in order {
+            eprintln!(
+                "  {:>6.3}  {:>9.3}  {:>6.1}%  {:>8.1}%  {}",
+                passes[0][i] / passes[0][0],
+                table.predict_ms(&cands[i]) / table.predict_ms(&cands[0]),
+                100.0 * an_search[i],
+                100.0 * un_search[i],
+                cands[i]
+            );
+        }
+        // Each branch alone on the oracle path: which branches work, trained and untrained.
+        let n = trained.spec.num_positions();
+        let singles: Vec<Subnet> = (0..n)
+            .flat_map(|pos| {
+                trained.spec.positions[pos]
+                    .iter()
+                    .filter(move |c| c.id != Choice::Original && pos + c.span <= n)
+                    .map(move |c| {
+                        let mut v = vec![Choice::Original; n];
+                        v[pos] = c.id;
+                        for slot in v.iter_mut().skip(pos + 1).take(c.span - 1) {
+                            *slot = Choice::Covered;
+                        }
+                        Subnet(v)
+                    })
+            })
+            .collect();
+        let nets: Vec<(usize, Subnet)> = (0..2)
+            .flat_map(|sn| singles.iter().map(move |s| (sn, s.clone())))
+            .collect();
+        let acc = accuracies(&nets, &sns, &search, &normalize)?;
+        eprintln!("  single branches: trained  untrained  subnet");
+        for (i, s) in singles.iter().enumerate() {
+            eprintln!(
+                "  {:>6.1}%  {:>8.1}%  {s}",
+                100.0 * acc[i],
+                100.0 * acc[singles.len() + i]
+            );
+        }
+    }
     let mut chosen: BTreeMap<(usize, &str, usize), Option<usize>> = BTreeMap::new();
     for (pass, lat) in passes.iter().enumerate() {
         for (bi, b) in BUDGETS.iter().enumerate() {

@@ -2,7 +2,7 @@
 mod common;
 
 use adaptivenet_core::model::{ArchDescriptor, BlockSpec, Model};
-use adaptivenet_core::supernet::branches::{build_supernet, supernet_spec};
+use adaptivenet_core::supernet::branches::{build_supernet, merge_source, supernet_spec};
 use adaptivenet_core::supernet::{BranchKind, Choice, ModuleKey, Subnet, SupernetConfig};
 use adaptivenet_core::CoreError;
 use candle_core::{Device, Tensor};
@@ -291,6 +291,59 @@ fn mbconv_rules_hold_for_efficientnet_lite0() {
     assert!(spec.choice(ModuleKey::new(1, Choice::Merge3)).is_none());
     assert!(spec.choice(ModuleKey::new(1, Choice::Merge2)).is_some());
     println!("EfficientNet-Lite0 subnets (merge+prune): {}", spec.count());
+}
+
+/// An MBConv merge whose span crosses a stage boundary starts as the span's one reshaping
+/// block, copied whole (the span with its residual blocks dropped), not as its first block
+/// with a random projection; a span with two reshaping blocks keeps the paper's rule.
+#[test]
+fn mbconv_stage_crossing_merges_copy_the_reshaping_block() {
+    let arch = ArchDescriptor::from_json(br#"{"family":"efficientnet_lite"}"#).unwrap();
+    let oracle = Model::init(&arch.spec, 5).unwrap();
+    let sn = build_supernet(&oracle, &SupernetConfig::merge_only()).unwrap();
+    let blocks = &arch.spec.blocks;
+    let shapes = arch.spec.block_shapes(64, 64);
+    let reshapes = |b: &BlockSpec| b.stride() != 1 || b.cin() != b.cout();
+    let eq = |a: &Tensor, b: &Tensor| common::max_abs_diff(a, b) == 0.0;
+    let mut copied = 0;
+    for (i, cs) in sn.spec.positions.iter().enumerate() {
+        for c in cs.iter().filter(|c| c.span > 1) {
+            let src = merge_source(blocks, i, c.span);
+            let r: Vec<usize> = (i..i + c.span).filter(|&j| reshapes(&blocks[j])).collect();
+            let key = ModuleKey::new(i, c.id);
+            if r.len() == 1 && r[0] != i {
+                assert_eq!(src, r[0], "position {i} {}", c.id);
+                assert_eq!(c.block, blocks[src], "position {i} {}: spec", c.id);
+                let m = sn.module(key).unwrap();
+                for (name, t) in &oracle.blocks[src] {
+                    assert!(eq(&m[name], t), "position {i} {}: {name} not copied", c.id);
+                }
+                let [ch, h, w] = shapes[i];
+                let x = Tensor::randn(0f32, 1.0, (2, ch, h, w), &Device::Cpu).unwrap();
+                let want = sn
+                    .forward_module(ModuleKey::new(src, Choice::Original), &x)
+                    .unwrap();
+                let got = sn.forward_module(key, &x).unwrap();
+                assert_eq!(common::max_abs_diff(&want, &got), 0.0);
+                copied += 1;
+            } else {
+                assert_eq!(src, i, "position {i} {}", c.id);
+            }
+        }
+    }
+    // Lite0's boundaries: 2->3, 4->5, 7->8, 10->11, 14->15 by merge-2 and merge-3 (minus the
+    // spans past the end or over two strides).
+    assert!(copied >= 8, "only {copied} stage-crossing merges");
+    // Blocks 0 (32 -> 16, no expansion) and 1 (16 -> 24, stride 2) both reshape: block 0's
+    // copy with a fresh projection, as the paper builds it.
+    assert_eq!(merge_source(blocks, 0, 2), 0);
+    let m0 = sn.module(ModuleKey::new(0, Choice::Merge2)).unwrap();
+    assert_eq!(m0["project.conv.weight"].dims(), &[24, 32, 1, 1]);
+    // ResNet keeps the paper's rule everywhere.
+    let r = resnet20().spec;
+    for i in 0..r.blocks.len() - 1 {
+        assert_eq!(merge_source(&r.blocks, i, 2), i);
+    }
 }
 
 #[test]

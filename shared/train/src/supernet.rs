@@ -298,12 +298,14 @@ impl ElastifyConfig {
     }
 
     /// What a checkpoint must agree with to be resumed (everything but `checkpoint_every`).
-    fn fingerprint(&self, oracle_digest: &str) -> String {
+    /// What a checkpoint must match to be resumed: the recipe, the oracle and the branches'
+    /// shapes (so a checkpoint written under another branch-construction rule is refused).
+    fn fingerprint(&self, oracle_digest: &str, spec: &SupernetSpec) -> String {
         let c = ElastifyConfig {
             checkpoint_every: 0,
             ..self.clone()
         };
-        sha256_hex(format!("{c:?}|{oracle_digest}").as_bytes())
+        sha256_hex(format!("{c:?}|{oracle_digest}|{:?}", spec.positions).as_bytes())
     }
 }
 
@@ -411,7 +413,7 @@ pub fn elastify(
             branches.insert(key, TrainModule::new(p)?);
         }
     }
-    let fingerprint = config.fingerprint(&oracle_digest(oracle)?);
+    let fingerprint = config.fingerprint(&oracle_digest(oracle)?, &supernet.spec);
     let mut cur = Cursor::default();
     let mut opt = AdamW::new(config.weight_decay);
     let mut report = ElastifyReport::default();

@@ -3,7 +3,8 @@
 //! A merge branch is a copy of the first block of its span with the span's largest stride and
 //! the span's output channels; every tensor whose shape matches block i's is copied (convs, BN
 //! affine and running statistics), re-shaped ones start fresh (Kaiming-normal convs, identity
-//! BN). A pruned branch keeps the inner channels with the largest L2 filter norms, with their
+//! BN). In an MBConv chain a span whose one reshaping block is not its first copies that block
+//! whole instead ([`merge_source`]). A pruned branch keeps the inner channels with the largest L2 filter norms, with their
 //! pretrained weights.
 use std::collections::BTreeMap;
 
@@ -62,6 +63,11 @@ pub fn branch_fit(
                     "blocks {i}..={} hold {strided} strided blocks; a merge may hold at most one",
                     i + span - 1
                 ));
+            }
+            let src = merge_source(blocks, i, span);
+            if src != i {
+                // The span's one reshaping block, copied whole (see `merge_source`).
+                return Ok(blocks[src].clone());
             }
             let stride = strides.into_iter().max().unwrap_or(1);
             let cout = blocks[i + span - 1].cout();
@@ -123,6 +129,33 @@ pub fn branch_fit(
             }
             Ok(b)
         }
+    }
+}
+
+/// The block of the span `i..i + span` whose weights a merge branch there starts from.
+///
+/// The paper copies the first block (`i`) and starts every re-shaped tensor fresh. In an
+/// MBConv chain a span that crosses a stage boundary holds exactly one block that changes the
+/// feature's shape (the stage's strided or widening first block), and every other block of
+/// the span is a residual block `x + f(x)` of unchanged shape. The reshaping block alone then
+/// has the merged branch's exact shape, so it is copied whole (kernel size and width
+/// included): the branch starts as the span with its residual blocks dropped, a working
+/// approximation, instead of a block whose random projection makes every path through it
+/// guess (on EfficientNet-Lite0 such paths stayed at chance after elastification). ResNet
+/// blocks keep the paper's rule. Returns `i` when the span has no single reshaping block.
+pub fn merge_source(blocks: &[BlockSpec], i: usize, span: usize) -> usize {
+    let Some(span_blocks) = blocks.get(i..i + span) else {
+        return i;
+    };
+    if !span_blocks.iter().all(BlockSpec::is_mbconv) {
+        return i;
+    }
+    let reshaping: Vec<usize> = (i..i + span)
+        .filter(|&j| blocks[j].stride() != 1 || blocks[j].cin() != blocks[j].cout())
+        .collect();
+    match reshaping.as_slice() {
+        [t] => *t,
+        _ => i,
     }
 }
 
@@ -206,7 +239,10 @@ pub fn build_supernet(oracle: &Model, config: &SupernetConfig) -> Result<Superne
         for c in choices {
             let params = match c.id.kind() {
                 None => oracle.blocks[i].clone(),
-                Some(k) if k.span() > 1 => inherit(&oracle.blocks[i], &c.block, &mut rng)?,
+                Some(k) if k.span() > 1 => {
+                    let src = merge_source(&oracle.spec.blocks, i, k.span());
+                    inherit(&oracle.blocks[src], &c.block, &mut rng)?
+                }
                 Some(_) => prune(&oracle.spec.blocks[i], &oracle.blocks[i], &c.block)?,
             };
             modules.insert(ModuleKey::new(i, c.id), params);
