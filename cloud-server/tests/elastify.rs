@@ -668,12 +668,78 @@ fn frozen_branch_bn_trains_on_statistics_estimated_on_oracle_features() {
     assert!(checked >= 4, "{checked} statistics checked");
 }
 
+/// `calibrated` trains exactly as `batch` (same weights), then ships each branch's statistics
+/// estimated, with the trained weights, on the oracle's features at its position.
 #[test]
-fn auto_branch_bn_is_frozen_for_mbconv_oracles_only() {
+fn calibrated_branch_bn_ships_statistics_of_the_trained_branch_on_oracle_features() {
+    let never = CancellationToken::new();
+    let oracle = briefly_trained(&spec("[2,1]"), &synthetic(160));
+    // As many images as a batch: every calibration batch holds all of them.
+    let data = synthetic(16);
+    let config = |bn: BranchBn| ElastifyConfig {
+        branch_bn: bn,
+        stage0_steps: 3,
+        stage1_steps: 4,
+        batch: 16,
+        checkpoint_every: 0,
+        ..tiny_config()
+    };
+    let run = |c: &ElastifyConfig| {
+        elastify(&oracle, c, &data, &mut NoProgress, None, &never)
+            .unwrap()
+            .supernet
+    };
+    let batch = run(&config(BranchBn::Batch));
+    let calibrated = run(&config(BranchBn::Calibrated));
+    let weights = |sn| {
+        let mut v = branch_tensors(sn);
+        v.retain(|(n, _)| !(n.ends_with("running_mean") || n.ends_with("running_var")));
+        v
+    };
+    assert_eq!(weights(&batch), weights(&calibrated));
+    assert_ne!(branch_bn_stats(&batch), branch_bn_stats(&calibrated));
+
+    let t = eval_transform(&Normalize::UnitRange);
+    let all: Vec<usize> = (0..data.len()).collect();
+    let (x, _) = data.batch_tensor(&all, &t, &Device::Cpu).unwrap();
+    let n = batch.spec.num_positions();
+    let mut checked = 0;
+    for &key in batch
+        .modules
+        .keys()
+        .filter(|k| k.choice != Choice::Original)
+    {
+        let want = batch
+            .recalibrate_bn(&one_branch(n, key), [&x], |c| c != Choice::Original)
+            .unwrap();
+        for (name, t) in &want[&key] {
+            if !(name.ends_with("running_mean") || name.ends_with("running_var")) {
+                continue;
+            }
+            let want: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let got: Vec<f32> = calibrated.modules[&key][name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{key}.{name}: {g} vs {w}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "{checked} statistics checked");
+}
+
+#[test]
+fn auto_branch_bn_is_calibrated_for_mbconv_oracles_only() {
     let lite0 = ArchDescriptor::from_json(br#"{"family":"efficientnet_lite"}"#)
         .unwrap()
         .spec;
-    assert_eq!(BranchBn::Auto.resolve(&lite0), BranchBn::Frozen);
+    assert_eq!(BranchBn::Auto.resolve(&lite0), BranchBn::Calibrated);
     assert_eq!(BranchBn::Auto.resolve(&spec("[2,1]")), BranchBn::Batch);
     assert_eq!(BranchBn::Batch.resolve(&lite0), BranchBn::Batch);
     assert_eq!(BranchBn::Frozen.resolve(&spec("[2,1]")), BranchBn::Frozen);

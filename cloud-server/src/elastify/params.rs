@@ -48,8 +48,9 @@ pub struct JobParams {
     /// largest, which then learn from soft labels only).
     pub inplace_distill: InplaceDistill,
     /// `batch` (train-mode BN in branches, the paper), `frozen` (branch BN on statistics
-    /// estimated on the oracle's features before training, then fixed) or `auto` (frozen
-    /// for MBConv oracles, batch otherwise).
+    /// estimated on the oracle's features before training, then fixed), `calibrated` (batch
+    /// training, then statistics estimated on the oracle's features with the trained weights)
+    /// or `auto` (calibrated for MBConv oracles, batch otherwise).
     pub branch_bn: BranchBn,
     /// Checkpoint every this many steps (0: only on cancel and at the end).
     pub checkpoint_every: u64,
