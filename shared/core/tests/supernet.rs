@@ -346,6 +346,37 @@ fn mbconv_stage_crossing_merges_copy_the_reshaping_block() {
     }
 }
 
+/// Every EfficientNet-Lite0 module, branches included (a merge at block 0 is a stride-2
+/// MBConv block without expansion, a shape no oracle block has), computes the same folded
+/// for inference as unfolded.
+#[test]
+fn folded_lite0_modules_match_unfolded() {
+    let arch = ArchDescriptor::from_json(br#"{"family":"efficientnet_lite"}"#).unwrap();
+    let oracle = Model::init(&arch.spec, 8).unwrap();
+    let sn = build_supernet(&oracle, &all_branches()).unwrap();
+    let mut folded = sn.clone();
+    folded.fold().unwrap();
+    let shapes = arch.spec.block_shapes(64, 64);
+    for (&key, _) in &sn.modules {
+        let [c, h, w] = shapes[key.pos];
+        let x = Tensor::randn(0f32, 1.0, (2, c, h, w), &Device::Cpu).unwrap();
+        let want = sn.forward_module(key, &x).unwrap();
+        let got = folded.forward_module(key, &x).unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = common::max_abs_diff(&want, &got);
+        assert!(
+            d <= 1e-4 * (1.0 + scale),
+            "{key}: folded differs by {d} (scale {scale})"
+        );
+    }
+}
+
 #[test]
 fn folded_supernet_matches_unfolded_and_keeps_the_oracle_exact() {
     let oracle = Model::init(&resnet20().spec, 21).unwrap();
