@@ -26,7 +26,7 @@ use adaptivenet_core::artifact::{params_to_safetensors, sha256_hex};
 use adaptivenet_core::data::{AugmentPolicy, Dataset, Normalize};
 use adaptivenet_core::model::{BlockSpec, Model, ModelSpec, Params, TrainCtx};
 use adaptivenet_core::supernet::{
-    branches::{build_supernet, check_kinds_fit, keep_fitting_kinds},
+    branches::{build_supernet, check_kinds_fit, fresh_names, keep_fitting_kinds},
     Choice, ModuleKey, Subnet, Supernet, SupernetConfig, SupernetSpec,
 };
 use candle_core::{Device, Tensor};
@@ -443,8 +443,11 @@ pub fn elastify(
         None
     };
     let frozen = frozen_folded(&supernet)?;
-    if config.branch_bn == BranchBn::Frozen && cur.stage == 0 && cur.step == 0 {
-        calibrate_branch_bn(&frozen, &mut branches, data, config)?;
+    if cur.stage == 0 && cur.step == 0 {
+        scale_fresh_outputs(&frozen, &oracle.spec, &mut branches, data, config)?;
+        if config.branch_bn == BranchBn::Frozen {
+            calibrate_branch_bn(&frozen, &mut branches, data, config)?;
+        }
     }
     let total_steps = config.stage0_steps + config.stage1_steps;
     let transform = train_transform(&config.normalize, &config.augment);
@@ -560,6 +563,86 @@ pub fn elastify(
         supernet.modules.insert(*key, m.snapshot()?);
     }
     Ok(ElastifyOutcome { supernet, report })
+}
+
+/// Gives each fresh output BN of an MBConv merge branch (`project.bn` of a span whose blocks
+/// all reshape, e.g. Lite0's blocks 0-1) the per-channel mean (bias) and standard deviation
+/// (weight) of the oracle's feature at the span's end, over [`BN_CALIBRATION_BATCHES`]
+/// unaugmented batches. An identity-initialised BN emits unit-variance features where the
+/// oracle's have a standard deviation above 10 (Lite0 at block 2): AdamW moves the BN weight
+/// about `lr` per step, so the branch could not reach the feature's scale within any
+/// schedule, and every path through it stayed at chance.
+fn scale_fresh_outputs(
+    sn: &Supernet,
+    oracle: &ModelSpec,
+    branches: &mut BTreeMap<ModuleKey, TrainModule>,
+    data: &Dataset,
+    config: &ElastifyConfig,
+) -> Result<()> {
+    let targets: Vec<(ModuleKey, usize)> = branches
+        .keys()
+        .filter_map(|&key| {
+            let kind = key.choice.kind()?;
+            let c = sn.spec.choice(key)?;
+            let fresh = fresh_names(oracle, key.pos, kind);
+            (c.block.is_mbconv()
+                && fresh.iter().any(|n| n == "project.bn.weight")
+                && fresh.iter().any(|n| n == "project.bn.bias"))
+            .then_some((key, key.pos + c.span))
+        })
+        .collect();
+    if targets.is_empty() {
+        return Ok(());
+    }
+    let transform = eval_transform(&config.normalize);
+    let mut sampler = BatchSampler::new(data.len(), config.seed ^ 0xb4_ca1b);
+    let n = sn.spec.num_positions();
+    // Per boundary: sums of the per-channel batch means and mean squares.
+    let mut sums: BTreeMap<usize, (Tensor, Tensor)> = BTreeMap::new();
+    for b in 0..BN_CALIBRATION_BATCHES {
+        let idx = sampler.batch((b * config.batch) as u64, config.batch);
+        let (x, _) = data.batch_tensor(&idx, &transform, &Device::Cpu)?;
+        let mut feats = vec![sn.forward_stem(&x)?];
+        for i in 0..n {
+            let f = sn.forward_module(ModuleKey::new(i, Choice::Original), &feats[i])?;
+            feats.push(f);
+        }
+        for &(_, end) in &targets {
+            let f = &feats[end];
+            let mean = f
+                .mean_keepdim(0)?
+                .mean_keepdim(2)?
+                .mean_keepdim(3)?
+                .flatten_all()?;
+            let sq = f
+                .sqr()?
+                .mean_keepdim(0)?
+                .mean_keepdim(2)?
+                .mean_keepdim(3)?
+                .flatten_all()?;
+            let e = sums
+                .entry(end)
+                .or_insert((mean.zeros_like()?, sq.zeros_like()?));
+            *e = ((&e.0 + &mean)?, (&e.1 + &sq)?);
+        }
+    }
+    let k = BN_CALIBRATION_BATCHES as f64;
+    for (key, end) in targets {
+        let (m, sq) = &sums[&end];
+        let mean = m.affine(1.0 / k, 0.0)?;
+        let std = (sq.affine(1.0 / k, 0.0)? - mean.sqr()?)?.relu()?.sqrt()?;
+        let module = branches
+            .get_mut(&key)
+            .ok_or_else(|| TrainError::Internal(format!("branch {key} missing")))?;
+        for (name, v) in &module.vars {
+            match name.as_str() {
+                "project.bn.weight" => v.set(&std.to_dtype(v.dtype())?)?,
+                "project.bn.bias" => v.set(&mean.to_dtype(v.dtype())?)?,
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// [`BranchBn::Frozen`]: sets every branch's BN running statistics to their mean over

@@ -159,6 +159,25 @@ pub fn merge_source(blocks: &[BlockSpec], i: usize, span: usize) -> usize {
     }
 }
 
+/// Names of the tensors a merge branch of `kind` at `i` starts fresh: those its source block
+/// ([`merge_source`]) has no tensor of the same name and shape for. Empty for a prune branch
+/// or a branch that does not fit.
+pub fn fresh_names(oracle: &ModelSpec, i: usize, kind: BranchKind) -> Vec<String> {
+    let Ok(target) = branch_fit(oracle, i, kind) else {
+        return Vec::new();
+    };
+    if kind.span() < 2 {
+        return Vec::new();
+    }
+    let source = oracle.blocks[merge_source(&oracle.blocks, i, kind.span())].param_shapes();
+    target
+        .param_shapes()
+        .into_iter()
+        .filter(|t| !source.contains(t))
+        .map(|(name, _)| name)
+        .collect()
+}
+
 /// Refuses a config that asks for a branch kind fitting no position of `oracle`'s chain (so
 /// the request could only be silently ignored), naming the kind and why each block refuses
 /// it. Kinds that fit some positions are built there and skipped elsewhere, as the method's
