@@ -594,19 +594,9 @@ fn scale_fresh_outputs(
     if targets.is_empty() {
         return Ok(());
     }
-    let transform = eval_transform(&config.normalize);
-    let mut sampler = BatchSampler::new(data.len(), config.seed ^ 0xb4_ca1b);
-    let n = sn.spec.num_positions();
     // Per boundary: sums of the per-channel batch means and mean squares.
     let mut sums: BTreeMap<usize, (Tensor, Tensor)> = BTreeMap::new();
-    for b in 0..BN_CALIBRATION_BATCHES {
-        let idx = sampler.batch((b * config.batch) as u64, config.batch);
-        let (x, _) = data.batch_tensor(&idx, &transform, &Device::Cpu)?;
-        let mut feats = vec![sn.forward_stem(&x)?];
-        for i in 0..n {
-            let f = sn.forward_module(ModuleKey::new(i, Choice::Original), &feats[i])?;
-            feats.push(f);
-        }
+    for_calibration_batches(sn, data, config, |_, feats| {
         for &(_, end) in &targets {
             let f = &feats[end];
             let mean = f
@@ -625,7 +615,8 @@ fn scale_fresh_outputs(
                 .or_insert((mean.zeros_like()?, sq.zeros_like()?));
             *e = ((&e.0 + &mean)?, (&e.1 + &sq)?);
         }
-    }
+        Ok(())
+    })?;
     let k = BN_CALIBRATION_BATCHES as f64;
     for (key, end) in targets {
         let (m, sq) = &sums[&end];
@@ -657,6 +648,26 @@ fn calibrate_branch_bn(
     data: &Dataset,
     config: &ElastifyConfig,
 ) -> Result<()> {
+    for_calibration_batches(sn, data, config, |b, feats| {
+        for (key, m) in branches.iter_mut() {
+            // Momentum 1/(b+1): the running value becomes the mean of the batch values.
+            let mut ctx = TrainCtx::new(1.0 / (b + 1) as f64);
+            sn.forward_module_train(*key, &m.snapshot()?, &feats[key.pos], &mut ctx)?;
+            m.apply(&mut ctx);
+        }
+        Ok(())
+    })
+}
+
+/// Runs `f(b, features)` for each of the [`BN_CALIBRATION_BATCHES`] calibration batches
+/// (unaugmented images of a seeded draw): `features[i]` is the oracle's feature at block
+/// boundary `i` (0: the stem's output), computed on `sn`'s original blocks.
+fn for_calibration_batches(
+    sn: &Supernet,
+    data: &Dataset,
+    config: &ElastifyConfig,
+    mut f: impl FnMut(usize, &[Tensor]) -> Result<()>,
+) -> Result<()> {
     let transform = eval_transform(&config.normalize);
     let mut sampler = BatchSampler::new(data.len(), config.seed ^ 0xb4_ca1b);
     let n = sn.spec.num_positions();
@@ -665,15 +676,10 @@ fn calibrate_branch_bn(
         let (x, _) = data.batch_tensor(&idx, &transform, &Device::Cpu)?;
         let mut feats = vec![sn.forward_stem(&x)?];
         for i in 0..n {
-            let f = sn.forward_module(ModuleKey::new(i, Choice::Original), &feats[i])?;
-            feats.push(f);
+            let next = sn.forward_module(ModuleKey::new(i, Choice::Original), &feats[i])?;
+            feats.push(next);
         }
-        for (key, m) in branches.iter_mut() {
-            // Momentum 1/(b+1): the running value becomes the mean of the batch values.
-            let mut ctx = TrainCtx::new(1.0 / (b + 1) as f64);
-            sn.forward_module_train(*key, &m.snapshot()?, &feats[key.pos], &mut ctx)?;
-            m.apply(&mut ctx);
-        }
+        f(b, &feats)?;
     }
     Ok(())
 }
