@@ -37,6 +37,9 @@
 //!   measured and written there, so recipes (`ACC_PARAMS`, `ACC_BN_RECAL`, …) are compared
 //!   on one candidate set: a fresh draw of candidates moves the 0.5-0.7 columns more than
 //!   most recipe changes (the supernet must have the same modules; `lite0_latency_cached`).
+//!   `ACC_VERBOSE=1` prints every candidate's latency and search-split accuracy (trained and
+//!   untrained branches) and each branch alone on the oracle path, to see which branches
+//!   work.
 //! * `ACC_PRESET=full|quick` (default `full`): `full` is the reference recipe (17-epoch
 //!   ResNet-20 oracle; 3,450 + 4,730 elastification steps of batch 128, the sample budget of
 //!   the PyTorch reference run in issue #4; 100 timed rounds);
