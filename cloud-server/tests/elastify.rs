@@ -8,7 +8,7 @@ use adaptivenet_core::data::Dataset;
 use adaptivenet_core::data::{AugmentPolicy, Normalize};
 use adaptivenet_core::model::{ArchDescriptor, Model, ModelSpec};
 use adaptivenet_core::supernet::{
-    branches::build_supernet, Choice, ModuleKey, Subnet, SupernetConfig,
+    branches::build_supernet, Choice, ModuleKey, Subnet, Supernet, SupernetConfig,
 };
 use adaptivenet_train::supernet::{feature_mse, oracle_digest, sandwich_ends};
 use adaptivenet_train::train::{accuracy, eval_transform};
@@ -620,38 +620,13 @@ fn frozen_branch_bn_trains_on_statistics_estimated_on_oracle_features() {
     // The estimate is each branch's statistics on the oracle's features at its position:
     // what recalibrating the initial branch along the one-branch path gives.
     let init = build_supernet(&oracle, &frozen(1, 0).validate().unwrap()).unwrap();
-    let t = eval_transform(&Normalize::UnitRange);
-    let all: Vec<usize> = (0..data.len()).collect();
-    let (x, _) = data.batch_tensor(&all, &t, &Device::Cpu).unwrap();
-    let n = init.spec.num_positions();
-    let mut checked = 0;
+    let checked = assert_one_branch_estimates(&init, &short, &data);
+    assert!(checked >= 4, "{checked} statistics checked");
     for &key in short
         .modules
         .keys()
         .filter(|k| k.choice != Choice::Original)
     {
-        let want = init
-            .recalibrate_bn(&one_branch(n, key), [&x], |c| c != Choice::Original)
-            .unwrap();
-        for (name, t) in &want[&key] {
-            if !(name.ends_with("running_mean") || name.ends_with("running_var")) {
-                continue;
-            }
-            let want: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            let got: Vec<f32> = short.modules[&key][name]
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            // The estimate runs the original blocks BN-folded (~1e-6 apart).
-            for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                    "{key}.{name}: {g} vs {w}"
-                );
-            }
-            checked += 1;
-        }
         // Not the oracle block's copied statistics: they were re-estimated.
         assert_ne!(
             branch_bn_stats(&init)
@@ -665,7 +640,6 @@ fn frozen_branch_bn_trains_on_statistics_estimated_on_oracle_features() {
             "{key}"
         );
     }
-    assert!(checked >= 4, "{checked} statistics checked");
 }
 
 /// `calibrated` trains exactly as `batch` (same weights), then ships each branch's statistics
@@ -699,17 +673,21 @@ fn calibrated_branch_bn_ships_statistics_of_the_trained_branch_on_oracle_feature
     assert_eq!(weights(&batch), weights(&calibrated));
     assert_ne!(branch_bn_stats(&batch), branch_bn_stats(&calibrated));
 
+    let checked = assert_one_branch_estimates(&batch, &calibrated, &data);
+    assert!(checked >= 4, "{checked} statistics checked");
+}
+
+/// Asserts that every branch's BN running statistics in `got` are those recalibrating
+/// `reference`'s branch along its one-branch path on all of `data` gives (to 1e-4: the
+/// estimate runs the original blocks BN-folded, ~1e-6 apart); returns how many were checked.
+fn assert_one_branch_estimates(reference: &Supernet, got: &Supernet, data: &Dataset) -> usize {
     let t = eval_transform(&Normalize::UnitRange);
     let all: Vec<usize> = (0..data.len()).collect();
     let (x, _) = data.batch_tensor(&all, &t, &Device::Cpu).unwrap();
-    let n = batch.spec.num_positions();
+    let n = reference.spec.num_positions();
     let mut checked = 0;
-    for &key in batch
-        .modules
-        .keys()
-        .filter(|k| k.choice != Choice::Original)
-    {
-        let want = batch
+    for &key in got.modules.keys().filter(|k| k.choice != Choice::Original) {
+        let want = reference
             .recalibrate_bn(&one_branch(n, key), [&x], |c| c != Choice::Original)
             .unwrap();
         for (name, t) in &want[&key] {
@@ -717,12 +695,12 @@ fn calibrated_branch_bn_ships_statistics_of_the_trained_branch_on_oracle_feature
                 continue;
             }
             let want: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            let got: Vec<f32> = calibrated.modules[&key][name]
+            let have: Vec<f32> = got.modules[&key][name]
                 .flatten_all()
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            for (g, w) in got.iter().zip(&want) {
+            for (g, w) in have.iter().zip(&want) {
                 assert!(
                     (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
                     "{key}.{name}: {g} vs {w}"
@@ -731,7 +709,7 @@ fn calibrated_branch_bn_ships_statistics_of_the_trained_branch_on_oracle_feature
             checked += 1;
         }
     }
-    assert!(checked >= 4, "{checked} statistics checked");
+    checked
 }
 
 #[test]
