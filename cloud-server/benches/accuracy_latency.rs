@@ -14,7 +14,9 @@
 //!   search split and reported on test images at budgets 0.5 to 0.9 of the oracle's batch-1
 //!   latency (1 thread, two passes), beside the same candidates with untrained branches.
 //!   Lite0's space is too large to enumerate: the candidates are a seeded sample
-//!   stratified by latency predicted from a measured per-module table, plus the oracle path. Its presets (`ACC_PRESET`):
+//!   stratified by latency predicted from a measured per-module table, the oracle path, and
+//!   the 4 best per budget of the edge agent's own evolutionary search on the search split
+//!   (`ACC_SEARCH=sample` leaves these out). Its presets (`ACC_PRESET`):
 //!   `quick` (2,300 train / 500 test images, 60 fine-tuning and 25 + 25 elastification
 //!   steps of batch 32, 12 candidates; minutes), `medium` (12,000 / 2,000, 700 and 500 + 500 steps, 60
 //!   candidates), `full` (all 60,000 / 10,000, 2,800 steps of 64 and 2,000 + 2,000, 160

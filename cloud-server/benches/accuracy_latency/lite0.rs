@@ -4,12 +4,17 @@
 //! untrained-branch baseline (see the header of `accuracy_latency.rs` for the knobs).
 //!
 //! Lite0's space (16 positions, merge-2/3 and two prune levels) is far too large to
-//! enumerate, so the candidates are a fixed, stratified sample of it: a seeded pool of
-//! random paths (sampled with several original-block weights so that short and long
-//! paths are common), from which the path closest to each of `candidates` evenly spaced
-//! values of its predicted latency (a measured batch-1 table of every module, as a device
-//! profiles one) is taken, plus the all-original path. Both columns choose among the same candidates by search-split accuracy (the
-//! ResNet table's protocol) and report on the test images.
+//! enumerate. The candidates are the all-original path, a stratified sample of the space,
+//! and what the edge's own search finds: the sample is a seeded pool of random paths
+//! (sampled with several original-block weights so that short and long paths are common),
+//! from which the path closest to each of `candidates` evenly spaced values of its predicted
+//! latency (a measured batch-1 table of every module, as a device profiles one) is taken;
+//! then `edge-agent run`'s evolutionary search runs on the trained supernet with that table
+//! and the search split, and its 4 best subnets per budget join (`ACC_SEARCH=sample` leaves
+//! them out; population and generations per preset: 64 x 8 as the agent's default, 32 x 6,
+//! 8 x 2). Both columns choose among the same candidates by search-split accuracy (the
+//! ResNet table's protocol) and report on the test images; the untrained column thus scores
+//! paths found for the trained branches.
 //!
 //! With `ACC_BN_RECAL=1`, the `pick` column is `edge-agent run --bn-recal branches
 //! --recal-pick K` (`ACC_RECAL_PICK=K`, default 4): per budget the K best fitting candidates
@@ -29,6 +34,9 @@ use adaptivenet_core::data::{fashion_mnist, shuffled_indices, AugmentPolicy, Dat
 use adaptivenet_core::model::{ArchDescriptor, Model, Params};
 use adaptivenet_core::supernet::branches::build_supernet;
 use adaptivenet_core::supernet::{Choice, ModuleKey, Subnet, Supernet, SupernetConfig};
+use adaptivenet_edge::profile::{LatencyTable, Stat};
+use adaptivenet_edge::quality::{EvalSet, QualityMode};
+use adaptivenet_edge::search::{search_keeping, top_within, SearchConfig};
 use adaptivenet_kernels::threads;
 use adaptivenet_train::pipeline::split_validation;
 use adaptivenet_train::pipeline::TrainingData;
@@ -48,6 +56,9 @@ use super::{checkpoints, env_flag, fresh, read_json, Log, SEED};
 const LITE0: &str = "efficientnet-lite0/efficientnet-lite0-57934424.pth";
 const BUDGETS: [f64; 5] = [0.5, 0.6, 0.7, 0.8, 0.9];
 const BRANCHES: [&str; 4] = ["merge2", "merge3", "prune1", "prune2"];
+/// Candidates per budget taken from the edge's search ([`evolved`]): the best few, since the
+/// measured latency of the one at the table's limit may land just over the budget.
+const EVOLVED_PER_BUDGET: usize = 4;
 /// Side of the rendered RGB images.
 const SIDE: u32 = 64;
 
@@ -64,6 +75,9 @@ struct LitePreset {
     stage_steps: [u64; 2],
     elastify_batch: usize,
     candidates: usize,
+    /// The edge's evolutionary search (population, generations) whose best subnets per budget
+    /// join the candidates; `None` with `ACC_SEARCH=sample`.
+    search: Option<(usize, usize)>,
     rounds: usize,
     warmup_runs: usize,
 }
@@ -83,6 +97,7 @@ impl LitePreset {
                 stage_steps: [2000, 2000],
                 elastify_batch: 64,
                 candidates: 160,
+                search: Some((64, 8)),
                 rounds: 30,
                 warmup_runs: 3,
             },
@@ -97,6 +112,7 @@ impl LitePreset {
                 stage_steps: [500, 500],
                 elastify_batch: 32,
                 candidates: 60,
+                search: Some((32, 6)),
                 rounds: 15,
                 warmup_runs: 2,
             },
@@ -111,6 +127,7 @@ impl LitePreset {
                 stage_steps: [25, 25],
                 elastify_batch: 32,
                 candidates: 12,
+                search: Some((8, 2)),
                 rounds: 5,
                 warmup_runs: 1,
             },
@@ -146,6 +163,11 @@ impl LitePreset {
                 .ok()
                 .filter(|&s: &usize| s >= 2)
                 .with_context(|| format!("ACC_CANDIDATES={v}: expected an integer >= 2"))?;
+        }
+        match std::env::var("ACC_SEARCH").as_deref() {
+            Err(_) | Ok("evolve") => {}
+            Ok("sample") => p.search = None,
+            Ok(v) => bail!("ACC_SEARCH={v}: expected `evolve` or `sample`"),
         }
         Ok(p)
     }
@@ -427,11 +449,19 @@ impl ModuleTable {
 struct LatencyCache {
     table: ModuleTable,
     cands: Vec<Subnet>,
+    /// How many of `cands` (the last ones) came from the edge's search.
+    evolved: usize,
     passes: Vec<Vec<f64>>,
 }
 
 impl LatencyCache {
-    fn save(path: &Path, table: &ModuleTable, cands: &[Subnet], passes: &[Vec<f64>]) -> Result<()> {
+    fn save(
+        path: &Path,
+        table: &ModuleTable,
+        cands: &[Subnet],
+        evolved: usize,
+        passes: &[Vec<f64>],
+    ) -> Result<()> {
         let modules: BTreeMap<String, f64> = table
             .module_ms
             .iter()
@@ -441,6 +471,7 @@ impl LatencyCache {
             "fixed_ms": table.fixed_ms,
             "module_ms": modules,
             "candidates": cands.iter().map(Subnet::to_string).collect::<Vec<_>>(),
+            "evolved": evolved,
             "passes": passes,
         });
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -511,6 +542,7 @@ impl LatencyCache {
                 fixed_ms: num(&v["fixed_ms"])?,
                 module_ms,
             },
+            evolved: v["evolved"].as_u64().unwrap_or(0) as usize,
             cands,
             passes,
         })
@@ -585,6 +617,60 @@ fn candidates(sn: &Supernet, table: &ModuleTable, k: usize) -> Result<Vec<Subnet
             break;
         };
         out.push(pool.swap_remove(best).0);
+    }
+    Ok(out)
+}
+
+/// Subnets the edge's evolutionary search (`edge-agent run`'s: guided initial population,
+/// mutation, crossover, racing; population and generations `pg`) ranks best on the search
+/// split, [`EVOLVED_PER_BUDGET`] per budget under `table`'s predicted latency, that are not
+/// in `have` yet. The stratified sample alone puts about 20 candidates under 0.6 of the
+/// oracle; a device searches its whole space. Kernels run on the caller's thread cap (1, as
+/// the agent's search does), `workers` evaluation workers.
+fn evolved(
+    sn: &Supernet,
+    table: &ModuleTable,
+    search: &Dataset,
+    normalize: &Normalize,
+    (population, generations): (usize, usize),
+    workers: usize,
+    have: &[Subnet],
+) -> Result<Vec<Subnet>> {
+    // The bench's measured table in the agent's form (stem and head as one fixed part).
+    let mut lt = LatencyTable::from_macs(&sn.spec, 0.0);
+    lt.stem = Stat::fixed(table.fixed_ms);
+    lt.head = Stat::fixed(0.0);
+    for m in &mut lt.modules {
+        m.stat = Stat::fixed(table.module_ms[&ModuleKey::new(m.position, m.choice)]);
+    }
+    let t = eval_transform(normalize);
+    let idx: Vec<usize> = (0..search.len()).collect();
+    let mut inputs = Vec::new();
+    let mut labels = Vec::new();
+    for c in idx.chunks(100) {
+        let (x, y) = search.batch_tensor(c, &t, &Device::Cpu)?;
+        inputs.push(x);
+        labels.push(y.to_vec1::<u32>()?);
+    }
+    let set = EvalSet::from_batches(sn, inputs, Some(labels), QualityMode::Labelled)?;
+    let oracle_ms = table.predict_ms(&Subnet::original(sn.spec.num_positions()));
+    let budgets: Vec<f64> = BUDGETS.iter().map(|b| b * oracle_ms).collect();
+    let cfg = SearchConfig {
+        population,
+        generations,
+        seed: SEED,
+        threads: workers,
+        ..SearchConfig::default()
+    };
+    let (_, all) = search_keeping(sn, &lt, &set, &budgets, &cfg, &[], |_, _| {})?;
+    let mut seen: BTreeSet<Subnet> = have.iter().cloned().collect();
+    let mut out = Vec::new();
+    for b in budgets {
+        for c in top_within(&all, b, EVOLVED_PER_BUDGET) {
+            if seen.insert(c.subnet.clone()) {
+                out.push(c.subnet);
+            }
+        }
     }
     Ok(out)
 }
@@ -780,14 +866,36 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
         }
         None => None,
     };
-    let (table, cands) = match &cached {
-        Some(c) => (c.table.clone(), c.cands.clone()),
+    let (table, cands, n_evolved) = match &cached {
+        Some(c) => (c.table.clone(), c.cands.clone(), c.evolved),
         None => {
             threads::set_max_threads(1);
             let table = ModuleTable::measure(&trained, p.rounds)?;
+            let mut cands = candidates(&trained, &table, p.candidates)?;
+            let mut n_evolved = 0;
+            if let Some(pg) = p.search {
+                let t0 = Instant::now();
+                let more = evolved(
+                    &trained,
+                    &table,
+                    &search,
+                    &normalize,
+                    pg,
+                    train_threads,
+                    &cands,
+                )?;
+                eprintln!(
+                    "the edge's search (population {}, {} generations) added {} candidates ({:.0} s)",
+                    pg.0,
+                    pg.1,
+                    more.len(),
+                    t0.elapsed().as_secs_f64()
+                );
+                n_evolved = more.len();
+                cands.extend(more);
+            }
             threads::set_max_threads(train_threads);
-            let cands = candidates(&trained, &table, p.candidates)?;
-            (table, cands)
+            (table, cands, n_evolved)
         }
     };
     eprintln!(
@@ -820,7 +928,7 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
             }
             threads::set_max_threads(train_threads);
             if let Some(f) = &cache_file {
-                LatencyCache::save(f, &table, &cands, &passes)?;
+                LatencyCache::save(f, &table, &cands, n_evolved, &passes)?;
                 eprintln!("latency cache written to {}", f.display());
             }
             passes
@@ -1028,10 +1136,12 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
 
     println!();
     println!(
-        "EfficientNet-Lite0 on Fashion-MNIST as 3x64x64 RGB, preset {} (fine-tuned from ImageNet; choice on {} search images among {} stratified candidates of {} subnets, report on {} test images)",
+        "EfficientNet-Lite0 on Fashion-MNIST as 3x64x64 RGB, preset {} (fine-tuned from ImageNet; choice on {} search images among {} candidates ({} stratified, {} from the edge's search) of {} subnets, report on {} test images)",
         p.name,
         search.len(),
         cands.len(),
+        cands.len() - n_evolved,
+        n_evolved,
         trained.spec.count(),
         test.len()
     );
@@ -1133,6 +1243,7 @@ pub fn run(work_root: &Path, train_threads: usize, dataset: &str) -> Result<()> 
         "lite0_elastify_stage0_samples_per_s": el_report["stages"][0]["samples_per_sec"],
         "lite0_elastify_stage1_samples_per_s": el_report["stages"][1]["samples_per_sec"],
         "lite0_candidates": cands.len(),
+        "lite0_candidates_evolved": n_evolved,
         "lite0_subnets": trained.spec.count() as f64,
         "train_threads": train_threads,
         "finetune_steps": p.finetune_steps,
