@@ -662,7 +662,17 @@ fn evolved(
         threads: workers,
         ..SearchConfig::default()
     };
-    let (_, all) = search_keeping(sn, &lt, &set, &budgets, &cfg, &[], |_, _| {})?;
+    // Minutes on the full preset: one line per budget's finished generations.
+    let t0 = Instant::now();
+    let progress = |done: usize, total: usize| {
+        if done.is_multiple_of(generations + 1) {
+            eprintln!(
+                "  the edge's search: {done}/{total} generations ({:.0} s)",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    };
+    let (_, all) = search_keeping(sn, &lt, &set, &budgets, &cfg, &[], progress)?;
     let mut seen: BTreeSet<Subnet> = have.iter().cloned().collect();
     let mut out = Vec::new();
     for b in budgets {
