@@ -339,11 +339,54 @@ fn mbconv_stage_crossing_merges_copy_the_reshaping_block() {
     assert_eq!(merge_source(blocks, 0, 2), 0);
     let m0 = sn.module(ModuleKey::new(0, Choice::Merge2)).unwrap();
     assert_eq!(m0["project.conv.weight"].dims(), &[24, 32, 1, 1]);
-    // ResNet keeps the paper's rule everywhere.
-    let r = resnet20().spec;
-    for i in 0..r.blocks.len() - 1 {
-        assert_eq!(merge_source(&r.blocks, i, 2), i);
+}
+
+/// A ResNet merge whose span crosses a stage boundary keeps the paper's shape (the first
+/// block's inner width) but starts as the span's strided block width-pruned to it: its conv1
+/// filters are that block's largest ones, conv2 reads exactly those channels, and its output
+/// BN and shortcut projection are that block's. Other merges copy their first block.
+#[test]
+fn resnet_stage_crossing_merges_start_from_the_strided_block() {
+    let arch = resnet20();
+    let oracle = Model::init(&arch.spec, 6).unwrap();
+    let sn = build_supernet(&oracle, &SupernetConfig::merge_only()).unwrap();
+    let blocks = &arch.spec.blocks;
+    let eq = |a: &Tensor, b: &Tensor| a.dims() == b.dims() && common::max_abs_diff(a, b) == 0.0;
+    let mut crossing = 0;
+    for (i, cs) in sn.spec.positions.iter().enumerate() {
+        for c in cs.iter().filter(|c| c.span > 1) {
+            let src = merge_source(blocks, i, c.span);
+            let m = sn.module(ModuleKey::new(i, c.id)).unwrap();
+            // The paper's shape either way.
+            assert_eq!(c.block.inner(), blocks[i].inner(), "position {i} {}", c.id);
+            if src == i {
+                assert!(eq(&m["conv1.weight"], &oracle.blocks[i]["conv1.weight"]));
+                continue;
+            }
+            crossing += 1;
+            assert!(blocks[src].stride() == 2 && src > i, "position {i} {}", c.id);
+            let s = &oracle.blocks[src];
+            assert!(c.block.inner() < blocks[src].inner());
+            for name in ["bn2.weight", "bn2.running_var", "downsample.0.weight"] {
+                assert!(eq(&m[name], &s[name]), "position {i} {}: {name}", c.id);
+            }
+            // conv1's filters and conv2's input channels are the same subset of the source's.
+            let w1 = s["conv1.weight"].flatten_from(1).unwrap();
+            let kept = m["conv1.weight"].flatten_from(1).unwrap();
+            let w2 = &s["conv2.weight"];
+            for k in 0..c.block.inner() {
+                let row = kept.get(k).unwrap();
+                let j = (0..blocks[src].inner())
+                    .find(|&j| eq(&w1.get(j).unwrap(), &row))
+                    .unwrap_or_else(|| panic!("position {i}: filter {k} is not the source's"));
+                let want = w2.narrow(1, j, 1).unwrap();
+                let got = m["conv2.weight"].narrow(1, k, 1).unwrap();
+                assert!(eq(&want, &got), "position {i}: conv2 input {k} is not source's {j}");
+            }
+        }
     }
+    // Merge-2 at 2 and 5, merge-3 at 1, 2, 4 and 5.
+    assert_eq!(crossing, 6);
 }
 
 /// Every EfficientNet-Lite0 module, branches included (a merge at block 0 is a stride-2

@@ -3,9 +3,10 @@
 //! A merge branch is a copy of the first block of its span with the span's largest stride and
 //! the span's output channels; every tensor whose shape matches block i's is copied (convs, BN
 //! affine and running statistics), re-shaped ones start fresh (Kaiming-normal convs, identity
-//! BN). In an MBConv chain a span whose one reshaping block is not its first copies that block
-//! whole instead ([`merge_source`]). A pruned branch keeps the inner channels with the largest L2 filter norms, with their
-//! pretrained weights.
+//! BN). A span whose one reshaping block is not its first starts from that block instead
+//! ([`merge_source`]): an MBConv chain copies it whole, a ResNet chain width-prunes it to the
+//! paper's shape. A pruned branch keeps the inner channels with the largest L2 filter norms,
+//! with their pretrained weights.
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
@@ -65,7 +66,7 @@ pub fn branch_fit(
                 ));
             }
             let src = merge_source(blocks, i, span);
-            if src != i {
+            if src != i && first.is_mbconv() {
                 // The span's one reshaping block, copied whole (see `merge_source`).
                 return Ok(blocks[src].clone());
             }
@@ -134,20 +135,19 @@ pub fn branch_fit(
 
 /// The block of the span `i..i + span` whose weights a merge branch there starts from.
 ///
-/// The paper copies the first block (`i`) and starts every re-shaped tensor fresh. In an
-/// MBConv chain a span that crosses a stage boundary holds exactly one block that changes the
-/// feature's shape (the stage's strided or widening first block), and every other block of
-/// the span is a residual block `x + f(x)` of unchanged shape. The reshaping block alone then
-/// has the merged branch's exact shape, so it is copied whole (kernel size and width
-/// included): the branch starts as the span with its residual blocks dropped, a working
-/// approximation, instead of a block whose random projection makes every path through it
-/// guess (on EfficientNet-Lite0 such paths stayed at chance after elastification). ResNet
-/// blocks keep the paper's rule. Returns `i` when the span has no single reshaping block.
+/// The paper copies the first block (`i`) and starts every re-shaped tensor fresh. A span
+/// that crosses a stage boundary holds exactly one block that changes the feature's shape
+/// (the stage's strided or widening first block), and every other block of the span is a
+/// residual block `x + f(x)` of unchanged shape. The reshaping block alone then has the merged
+/// branch's input and output shapes: the branch starts as the span with its residual blocks
+/// dropped, a working approximation, instead of a block whose random projection makes every
+/// path through it guess (on EfficientNet-Lite0 such paths stayed at chance after
+/// elastification). An MBConv branch copies that block whole (kernel size and width
+/// included); a ResNet branch keeps the paper's cheaper shape (the first block's inner width)
+/// and starts as the reshaping block width-pruned to it, its shortcut projection and output
+/// BN copied. Returns `i` when the span has no single reshaping block.
 pub fn merge_source(blocks: &[BlockSpec], i: usize, span: usize) -> usize {
-    let Some(span_blocks) = blocks.get(i..i + span) else {
-        return i;
-    };
-    if !span_blocks.iter().all(BlockSpec::is_mbconv) {
+    if blocks.get(i..i + span).is_none() {
         return i;
     }
     let reshaping: Vec<usize> = (i..i + span)
@@ -169,7 +169,11 @@ pub fn fresh_names(oracle: &ModelSpec, i: usize, kind: BranchKind) -> Vec<String
     if kind.span() < 2 {
         return Vec::new();
     }
-    let source = oracle.blocks[merge_source(&oracle.blocks, i, kind.span())].param_shapes();
+    let src = merge_source(&oracle.blocks, i, kind.span());
+    if src != i && prunes_to(&oracle.blocks[src], &target) {
+        return Vec::new();
+    }
+    let source = oracle.blocks[src].param_shapes();
     target
         .param_shapes()
         .into_iter()
@@ -260,7 +264,12 @@ pub fn build_supernet(oracle: &Model, config: &SupernetConfig) -> Result<Superne
                 None => oracle.blocks[i].clone(),
                 Some(k) if k.span() > 1 => {
                     let src = merge_source(&oracle.spec.blocks, i, k.span());
-                    inherit(&oracle.blocks[src], &c.block, &mut rng)?
+                    let src_spec = &oracle.spec.blocks[src];
+                    if src != i && prunes_to(src_spec, &c.block) {
+                        prune(src_spec, &oracle.blocks[src], &c.block)?
+                    } else {
+                        inherit(&oracle.blocks[src], &c.block, &mut rng)?
+                    }
                 }
                 Some(_) => prune(&oracle.spec.blocks[i], &oracle.blocks[i], &c.block)?,
             };
@@ -273,6 +282,21 @@ pub fn build_supernet(oracle: &Model, config: &SupernetConfig) -> Result<Superne
         head: oracle.head.clone(),
         modules,
     })
+}
+
+/// Whether a ResNet merge branch `target` starts as `src` width-pruned (see [`merge_source`]):
+/// same block type, input, output and stride, and no more inner channels.
+fn prunes_to(src: &BlockSpec, target: &BlockSpec) -> bool {
+    let same_type = matches!(
+        (src, target),
+        (BlockSpec::Basic { .. }, BlockSpec::Basic { .. })
+            | (BlockSpec::Bottleneck { .. }, BlockSpec::Bottleneck { .. })
+    );
+    same_type
+        && src.cin() == target.cin()
+        && src.cout() == target.cout()
+        && src.stride() == target.stride()
+        && target.inner() <= src.inner()
 }
 
 /// Copies every tensor whose name and shape match the source block; fresh otherwise.
