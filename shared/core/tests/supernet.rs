@@ -5,7 +5,7 @@ use adaptivenet_core::model::{ArchDescriptor, BlockSpec, Model};
 use adaptivenet_core::supernet::branches::{build_supernet, merge_source, supernet_spec};
 use adaptivenet_core::supernet::{BranchKind, Choice, ModuleKey, Subnet, SupernetConfig};
 use adaptivenet_core::CoreError;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 
 fn resnet20() -> ArchDescriptor {
@@ -196,19 +196,14 @@ fn branches_inherit_matching_tensors_and_prune_by_magnitude() {
     for (n, t) in &oracle.blocks[0] {
         assert!(eq(t, &m[n]), "{n} copied");
     }
-    // Merge-2 at 2 spans 16→32 (crosses the stage): conv1/bn1 copied, conv2/bn2 re-shaped
-    // (fresh, identity BN), projection added fresh.
+    // Merge-2 at 2 spans 16→32 (crosses the stage): the paper's shape (block 2's inner width
+    // 16) started from block 3 width-pruned: its output BN and projection copied whole.
     let m = sn.module(ModuleKey::new(2, Choice::Merge2)).unwrap();
-    assert!(eq(&oracle.blocks[2]["conv1.weight"], &m["conv1.weight"]));
-    assert!(eq(
-        &oracle.blocks[2]["bn1.running_var"],
-        &m["bn1.running_var"]
-    ));
+    assert_eq!(m["conv1.weight"].dims(), &[16, 16, 3, 3]);
     assert_eq!(m["conv2.weight"].dims(), &[32, 16, 3, 3]);
-    assert_eq!(
-        m["bn2.running_var"].to_vec1::<f32>().unwrap(),
-        vec![1.0; 32]
-    );
+    for name in ["bn2.running_var", "bn2.weight", "downsample.0.weight"] {
+        assert!(eq(&oracle.blocks[3][name], &m[name]), "{name}");
+    }
     assert!(m.contains_key("downsample.0.weight"));
     match &sn
         .spec
@@ -364,7 +359,11 @@ fn resnet_stage_crossing_merges_start_from_the_strided_block() {
                 continue;
             }
             crossing += 1;
-            assert!(blocks[src].stride() == 2 && src > i, "position {i} {}", c.id);
+            assert!(
+                blocks[src].stride() == 2 && src > i,
+                "position {i} {}",
+                c.id
+            );
             let s = &oracle.blocks[src];
             assert!(c.block.inner() < blocks[src].inner());
             for name in ["bn2.weight", "bn2.running_var", "downsample.0.weight"] {
@@ -381,7 +380,10 @@ fn resnet_stage_crossing_merges_start_from_the_strided_block() {
                     .unwrap_or_else(|| panic!("position {i}: filter {k} is not the source's"));
                 let want = w2.narrow(1, j, 1).unwrap();
                 let got = m["conv2.weight"].narrow(1, k, 1).unwrap();
-                assert!(eq(&want, &got), "position {i}: conv2 input {k} is not source's {j}");
+                assert!(
+                    eq(&want, &got),
+                    "position {i}: conv2 input {k} is not source's {j}"
+                );
             }
         }
     }
@@ -501,7 +503,7 @@ fn inference_mode_bn_passes_gradients_to_trainable_weights() {
     use adaptivenet_core::model::Params;
     let oracle = Model::init(&resnet20().spec, 7).unwrap();
     let sn = build_supernet(&oracle, &SupernetConfig::merge_only()).unwrap();
-    // Merge-2 at block 2: it spans into the second stage (stride 2, a fresh projection).
+    // Merge-2 at block 2: it spans into the second stage (stride 2, a projection).
     let key = ModuleKey::new(2, Choice::Merge2);
     let base = sn.module(key).unwrap().clone();
     let x = sn.forward_stem(&seeded_batch(2, 9)).unwrap();
@@ -513,16 +515,17 @@ fn inference_mode_bn_passes_gradients_to_trainable_weights() {
     let r = seeded_batch(out.elem_count() / (28 * 28), 4)
         .reshape(out.dims())
         .unwrap();
+    // The loss is summed in f64: an f32 sum's rounding, divided by a small step, swamps the
+    // finite differences.
+    let r64 = r.to_dtype(DType::F64).unwrap();
     let loss_of = |p: &Params| -> f64 {
         let y = sn.forward_module_with(key, p, &x).unwrap();
-        f64::from(
-            (y * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-        )
+        (y.to_dtype(DType::F64).unwrap() * &r64)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     };
     let mut vars = Params::new();
     let mut handles = Vec::new();
@@ -547,23 +550,36 @@ fn inference_mode_bn_passes_gradients_to_trainable_weights() {
             .to_vec1()
             .unwrap();
         let w: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        for i in [0, w.len() / 2] {
-            let eps = 1e-2f32 * w[i].abs().max(0.1);
-            let at = |d: f32| {
-                let mut e = w.clone();
-                e[i] += d;
-                let mut p = base.clone();
-                let t = Tensor::from_vec(e, v.as_tensor().dims(), &Device::Cpu).unwrap();
-                p.insert(n.clone(), t);
-                loss_of(&p)
+        // A central difference across a ReLU kink is not a derivative: probe points until
+        // two per tensor are smooth, i.e. steps of eps and eps / 2 agree within 0.5 %.
+        let mut here = 0;
+        for i in (0..w.len()).step_by((w.len() / 13).max(1)) {
+            let fd = |eps: f32| {
+                let at = |d: f32| {
+                    let mut e = w.clone();
+                    e[i] += d;
+                    let mut p = base.clone();
+                    let t = Tensor::from_vec(e, v.as_tensor().dims(), &Device::Cpu).unwrap();
+                    p.insert(n.clone(), t);
+                    loss_of(&p)
+                };
+                (at(eps) - at(-eps)) / (2.0 * f64::from(eps))
             };
-            let fd = (at(eps) - at(-eps)) / (2.0 * f64::from(eps));
+            let eps = 1e-2f32 * w[i].abs().max(0.1);
+            let (fd, fd_half) = (fd(eps), fd(eps / 2.0));
+            if (fd - fd_half).abs() > 5e-3 * fd.abs().max(fd_half.abs()) + 5e-3 {
+                continue;
+            }
             let an = f64::from(g[i]);
             assert!(
                 (fd - an).abs() <= 2e-2 * fd.abs().max(an.abs()) + 2e-2,
                 "{n}[{i}]: autograd {an} vs finite difference {fd}"
             );
             checked += 1;
+            here += 1;
+            if here == 2 {
+                break;
+            }
         }
     }
     assert!(checked >= 8, "{checked} gradients checked");
