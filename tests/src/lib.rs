@@ -87,11 +87,18 @@ impl Drop for KillOnDrop {
 
 /// A free TCP port on 127.0.0.1 (bound and released; a tiny race is acceptable in tests).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct free TCP ports on 127.0.0.1, all bound at once and then released: two
+/// [`free_port`] calls in a row can return the same port (the first is free again when the
+/// second binds), and a server given it twice fails with "address already in use".
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("addr").port())
 }
 
 /// Writes a small learnable IDX data set in the Fashion-MNIST file layout (un-gzipped):
@@ -272,11 +279,12 @@ pub struct CloudProcess {
 
 impl CloudProcess {
     pub fn new(data_dir: &Path, database_url: Option<String>) -> Self {
+        let [port, metrics_port] = free_ports();
         CloudProcess {
             data_dir: data_dir.to_path_buf(),
             database_url,
-            port: free_port(),
-            metrics_port: free_port(),
+            port,
+            metrics_port,
             log: data_dir.join("cloud.log"),
             child: None,
         }
