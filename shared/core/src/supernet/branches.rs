@@ -169,11 +169,10 @@ pub fn fresh_names(oracle: &ModelSpec, i: usize, kind: BranchKind) -> Vec<String
     if kind.span() < 2 {
         return Vec::new();
     }
-    let src = merge_source(&oracle.blocks, i, kind.span());
-    if src != i && prunes_to(&oracle.blocks[src], &target) {
+    if pruned_source(&oracle.blocks, i, kind.span(), &target).is_some() {
         return Vec::new();
     }
-    let source = oracle.blocks[src].param_shapes();
+    let source = oracle.blocks[merge_source(&oracle.blocks, i, kind.span())].param_shapes();
     target
         .param_shapes()
         .into_iter()
@@ -263,12 +262,13 @@ pub fn build_supernet(oracle: &Model, config: &SupernetConfig) -> Result<Superne
             let params = match c.id.kind() {
                 None => oracle.blocks[i].clone(),
                 Some(k) if k.span() > 1 => {
-                    let src = merge_source(&oracle.spec.blocks, i, k.span());
-                    let src_spec = &oracle.spec.blocks[src];
-                    if src != i && prunes_to(src_spec, &c.block) {
-                        prune(src_spec, &oracle.blocks[src], &c.block)?
-                    } else {
-                        inherit(&oracle.blocks[src], &c.block, &mut rng)?
+                    let blocks = &oracle.spec.blocks;
+                    match pruned_source(blocks, i, k.span(), &c.block) {
+                        Some(src) => prune(&blocks[src], &oracle.blocks[src], &c.block)?,
+                        None => {
+                            let src = merge_source(blocks, i, k.span());
+                            inherit(&oracle.blocks[src], &c.block, &mut rng)?
+                        }
                     }
                 }
                 Some(_) => prune(&oracle.spec.blocks[i], &oracle.blocks[i], &c.block)?,
@@ -284,8 +284,14 @@ pub fn build_supernet(oracle: &Model, config: &SupernetConfig) -> Result<Superne
     })
 }
 
-/// Whether a ResNet merge branch `target` starts as `src` width-pruned (see [`merge_source`]):
-/// same block type, input, output and stride, and no more inner channels.
+/// The block a ResNet merge branch `target` over `i..i + span` starts from width-pruned (see
+/// [`merge_source`]), if it does: a reshaping source other than `i` of the same block type,
+/// input, output and stride, and no fewer inner channels.
+fn pruned_source(blocks: &[BlockSpec], i: usize, span: usize, target: &BlockSpec) -> Option<usize> {
+    let src = merge_source(blocks, i, span);
+    (src != i && prunes_to(&blocks[src], target)).then_some(src)
+}
+
 fn prunes_to(src: &BlockSpec, target: &BlockSpec) -> bool {
     let same_type = matches!(
         (src, target),
